@@ -1,0 +1,96 @@
+"""The `ray-calib` command line: a click group whose commands load on first use.
+
+Each pipeline stage owns a `commands.py` with thin click commands (parse flags, call one library
+function, render the result). `COMMANDS` below maps a command name to where it lives, so that
+`ray-calib --help` and `ray-calib unify` never import torch, vLLM or Ray.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import logging
+import os
+import sys
+
+import click
+
+from ray_calib import __version__
+from ray_calib.errors import RayCalibError
+
+# name -> "module:attribute"; each stage package registers its commands here (and only here).
+COMMANDS: dict[str, str] = {
+    "unify": "ray_calib.measurements.commands:unify",
+    "expand": "ray_calib.measurements.commands:expand",
+    "inspect": "ray_calib.measurements.commands:inspect",
+}
+
+# OS errors a user causes (full disk, no permission) -> the fix. Everything else is a bug: traceback.
+_OS_ERRORS = {
+    errno.ENOSPC: "free some disk space or choose another --out",
+    errno.EACCES: "check the permissions of that path or choose another one",
+    errno.EROFS: "that file system is read-only; choose another path",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module only when that command is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ray-calib")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Calibrate very large LLMs for FP8 inference across a Ray cluster.
+
+    \b
+    Typical run:
+      ray-calib up && ray-calib measure --fp8-kv
+      ray-calib unify --to-tp 8
+      ray-calib quantize --low-cpu-mem
+      ray-calib infer --one-node
+      ray-calib push --repo ORG/NAME
+    """
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user mistakes become one line on stderr and a non-zero exit code."""
+    debug = os.environ.get("RAY_CALIB_DEBUG") == "1"
+    try:
+        code = cli.main(args=argv, prog_name="ray-calib", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        code = 130
+    except click.ClickException as err:
+        err.show()
+        code = err.exit_code
+    except RayCalibError as err:
+        if debug:
+            raise
+        click.echo(f"error: {err}", err=True)
+        code = err.exit_code
+    except OSError as err:
+        if debug or err.errno not in _OS_ERRORS:
+            raise
+        click.echo(f"error: {err.filename or ''}: {err.strerror}; {_OS_ERRORS[err.errno]}", err=True)
+        code = 1
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        code = 130
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Every error a user can cause, each with the fix in its message.
+
+    RayCalibError                 base; `cli` prints `str(err)` on one line and exits with `exit_code`
+    ├── MeasurementError          an INC measurement/scale file or set is wrong (names the file or rank)
+    ├── UnifyError                a unify/expand request that cannot be met (names the sizes)
+    ├── ConfigError               a QUANT_CONFIG, devices.conf or CLI value is wrong (names file/key/line)
+    ├── ModelError                a model directory or checkpoint is unusable (names the path)
+    ├── DataError                 a calibration dataset is unusable (names the file and field)
+    ├── ClusterError              a host, node or Ray cluster problem (names the host)
+    ├── EngineError               vLLM could not run the request
+    ├── HubError                  the Hugging Face hub refused or could not be reached
+    └── OutputExistsError         --out already holds something else (use --force)
+
+The CLI shows a traceback only with RAY_CALIB_DEBUG=1: a user mistake is never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class RayCalibError(Exception):
+    exit_code = 1
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        self.message = message
+        self.fix = fix
+        super().__init__(f"{message} {fix}" if fix else message)
+
+
+class MeasurementError(RayCalibError):
+    def __init__(self, path: object, message: str, *, fix: str | None = None) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {message}", fix=fix)
+
+
+class UnifyError(RayCalibError):
+    exit_code = 2
+
+
+class ConfigError(RayCalibError):
+    exit_code = 2
+
+
+class ModelError(RayCalibError):
+    pass
+
+
+class DataError(RayCalibError):
+    pass
+
+
+class ClusterError(RayCalibError):
+    def __init__(self, host: str, message: str, *, fix: str | None = None) -> None:
+        self.host = host
+        super().__init__(f"{host}: {message}", fix=fix)
+
+
+class EngineError(RayCalibError):
+    pass
+
+
+class HubError(RayCalibError):
+    pass
+
+
+class OutputExistsError(RayCalibError):
+    exit_code = 3
