@@ -1,0 +1,65 @@
+"""Writes that are all-or-nothing: a reader never sees a half-written file.
+
+Everything is first written next to its destination (same file system) under a hidden temporary
+name and then moved into place with `os.replace`, which is atomic on POSIX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temp file in the same directory, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
+    return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging directory; on success move each file in it into `final`.
+
+    Files are moved one by one (each move atomic), only after the caller's block finished without
+    error, so a failure leaves `final` exactly as it was. Existing files of the same name are replaced;
+    other files already in `final` are left alone.
+    """
+    final = Path(final)
+    final.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".ray-calib-stage-", dir=final))
+    try:
+        yield stage
+        for src in sorted(stage.rglob("*")):
+            dest = final / src.relative_to(stage)
+            if src.is_dir():
+                dest.mkdir(exist_ok=True)
+            else:
+                os.replace(src, dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
