@@ -1,0 +1,57 @@
+"""`coverage.json`: how many tokens each routed expert saw during a measurement.
+
+Experts that saw no tokens get no activation range (their scales would be guesses), so the file lists
+them explicitly. Format: `{"schema": 1, "num_tokens": int, "experts": {moe_module: [count per global
+expert]}, "never_hit": {moe_module: [expert, ...]}}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray_calib import atomic
+from ray_calib.errors import MeasurementError
+from ray_calib.measurements import jsonio
+
+COVERAGE_FILE = "coverage.json"
+
+
+@dataclass
+class ExpertCoverage:
+    experts: dict[str, list[int]] = field(default_factory=dict)  # MoE module -> token count per expert
+    num_tokens: int = 0
+
+    def never_hit(self) -> dict[str, list[int]]:
+        return {module: [e for e, n in enumerate(counts) if n == 0] for module, counts in self.experts.items()
+                if 0 in counts}
+
+    def below(self, min_tokens: int) -> list[tuple[str, int, int]]:
+        """(module, expert, tokens) for every expert that saw fewer than `min_tokens` tokens."""
+        return [(module, e, n) for module, counts in self.experts.items() for e, n in enumerate(counts) if n < min_tokens]
+
+    def merge(self, other: ExpertCoverage) -> ExpertCoverage:
+        """Counts add up (chunks of one run); a module missing on one side counts as zeros."""
+        modules = list(dict.fromkeys([*self.experts, *other.experts]))
+        merged = {}
+        for module in modules:
+            a, b = self.experts.get(module, []), other.experts.get(module, [])
+            size = max(len(a), len(b))
+            merged[module] = [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(size)]
+        return ExpertCoverage(experts=merged, num_tokens=self.num_tokens + other.num_tokens)
+
+
+def write_coverage(directory: str | Path, coverage: ExpertCoverage) -> Path:
+    data = {"schema": 1, "num_tokens": coverage.num_tokens, "experts": coverage.experts,
+            "never_hit": coverage.never_hit()}
+    return atomic.write_bytes(Path(directory) / COVERAGE_FILE, jsonio.dumps(data, indent=2))
+
+
+def read_coverage(directory: str | Path) -> ExpertCoverage | None:
+    path = Path(directory) / COVERAGE_FILE
+    if not path.exists():
+        return None
+    data = jsonio.load(path)
+    if not isinstance(data, dict) or not isinstance(data.get("experts"), dict):
+        raise MeasurementError(path, "has no 'experts' object", fix="delete it and re-run `ray-calib measure`.")
+    return ExpertCoverage(experts=data["experts"], num_tokens=int(data.get("num_tokens", 0)))

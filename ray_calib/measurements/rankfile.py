@@ -1,0 +1,150 @@
+"""One rank's stats: the JSON + NPZ + `_mod_list.json` triple INC reads and writes.
+
+JSON: `{"GlobalRank": null, "LocalRank": r, "Mode": "DynamicRange"|"Scale", "Nodes": {...}}`, each node
+`{"inputs": [leaf, ...], "outputs": [leaf, ...]?, "params": {"weight": leaf}?}`. Leaves are kept in
+memory exactly as JSON has them (nested lists of floats: `[[v]]` per tensor, `[[v0], [v1]]` per channel,
+plain floats in scale files). INC's QUANTIZE reads only the NPZ, so every write rewrites all three.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray_calib import atomic
+from ray_calib.errors import MeasurementError
+from ray_calib.measurements import jsonio, npz
+from ray_calib.measurements.naming import JSON, MOD_LIST, NPZ, StatsName
+
+MODE_RANGE = "DynamicRange"
+MODE_SCALE = "Scale"
+_HEADER_KEYS = ("GlobalRank", "LocalRank", "Mode", "Nodes")
+_NODE_FIELDS = frozenset({"inputs", "outputs", "params"})
+
+Node = dict[str, Any]
+
+
+@dataclass
+class RankFile:
+    name: StatsName
+    nodes: dict[str, Node]
+    mode: str = MODE_RANGE
+    mod_list: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. INC's "NumSamples", kept as-is
+
+    @property
+    def rank(self) -> int | None:
+        return self.name.rank
+
+    def to_stats(self) -> dict[str, Any]:
+        # INC writes -1 for LocalRank of a non-distributed file; it never reads the field back.
+        local_rank = -1 if self.name.rank is None else self.name.rank
+        return {"GlobalRank": None, "LocalRank": local_rank, "Mode": self.mode, **self.extra, "Nodes": self.nodes}
+
+
+def read_rank_file(directory: str | Path, name: StatsName, *, check_npz: bool = True,
+                   strict: bool = True) -> RankFile:
+    """Read and validate one rank's triple; with `check_npz` the NPZ must hold what the JSON holds.
+
+    `strict=False` lets NaN/inf values through (for `inspect`, which counts them).
+    """
+    json_path = name.file(directory, JSON)
+    stats = _validated(json_path, jsonio.load(json_path), name, strict=strict)
+    if check_npz:
+        npz_path = name.file(directory, NPZ)
+        if not npz_path.exists():
+            raise MeasurementError(npz_path, "is missing (INC's QUANTIZE reads only the NPZ)",
+                                   fix="re-copy it from the node that wrote it, or rewrite the set with `ray-calib unify`.")
+        _check_same(json_path, stats, npz_path, npz.load(npz_path))
+    mod_list_path = name.file(directory, MOD_LIST)
+    mod_list = jsonio.load(mod_list_path) if mod_list_path.exists() else sorted(stats["Nodes"])
+    if not isinstance(mod_list, list) or not all(isinstance(m, str) for m in mod_list):
+        raise MeasurementError(mod_list_path, "must be a JSON list of module names", fix="re-copy or regenerate it.")
+    extra = {k: v for k, v in stats.items() if k not in _HEADER_KEYS}
+    return RankFile(name=name, nodes=stats["Nodes"], mode=stats["Mode"], mod_list=mod_list, extra=extra)
+
+
+def write_rank_file(rank_file: RankFile, directory: str | Path) -> list[Path]:
+    """Write JSON, NPZ and mod_list, each atomically; the JSON is indented like INC's."""
+    stats = rank_file.to_stats()
+    name = rank_file.name
+    return [
+        atomic.write_bytes(name.file(directory, JSON), jsonio.dumps(stats, indent=4)),
+        npz.save(name.file(directory, NPZ), stats),
+        atomic.write_bytes(name.file(directory, MOD_LIST), jsonio.dumps(rank_file.mod_list, indent=4)),
+    ]
+
+
+def _validated(path: Path, stats: Any, name: StatsName, *, strict: bool) -> dict[str, Any]:
+    fix = "re-copy it from the node that wrote it or re-run the measurement."
+    if not isinstance(stats, dict) or not isinstance(stats.get("Nodes"), dict):
+        raise MeasurementError(path, "has no 'Nodes' object; not an INC stats file", fix=fix)
+    if stats.get("Mode") not in (MODE_RANGE, MODE_SCALE):
+        raise MeasurementError(path, f"has Mode {stats.get('Mode')!r}, expected 'DynamicRange' or 'Scale'", fix=fix)
+    local_rank = stats.get("LocalRank")
+    if name.rank is not None and local_rank not in (None, -1, name.rank):
+        raise MeasurementError(path, f"says LocalRank {local_rank} but its name says rank {name.rank}",
+                               fix="a file was renamed by hand: restore its original name.")
+    for module, node in stats["Nodes"].items():
+        if not isinstance(node, dict) or not set(node) <= _NODE_FIELDS:
+            raise MeasurementError(path, f"node '{module}' is not an inputs/outputs/params object", fix=fix)
+        bad = _first_non_finite(node) if strict else None
+        if bad is not None:
+            raise MeasurementError(path, f"node '{module}' holds {bad[1]} in its {bad[0]}",
+                                   fix="the measurement overflowed or was corrupted: re-measure (check the model for inf activations).")
+    return stats
+
+
+def _leaves(node: Node):
+    for field_name in ("inputs", "outputs"):
+        for index, leaf in enumerate(node.get(field_name, ())):
+            yield f"{field_name}[{index}]", leaf
+    for key, leaf in node.get("params", {}).items():
+        yield f"params.{key}", leaf
+
+
+def _flat(leaf: Any):
+    if isinstance(leaf, list):
+        for item in leaf:
+            yield from _flat(item)
+    else:
+        yield leaf
+
+
+def _first_non_finite(node: Node) -> tuple[str, Any] | None:
+    """(where, value) of the first leaf value that is not a finite number, else None."""
+    for where, leaf in _leaves(node):
+        for value in _flat(leaf):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                return where, value
+    return None
+
+
+def _check_same(json_path: Path, stats: dict, npz_path: Path, npz_stats: Any) -> None:
+    """The NPZ must equal the JSON: exact for INC's output, else within float32 rounding."""
+    if not isinstance(npz_stats, dict) or not isinstance(npz_stats.get("Nodes"), dict):
+        raise MeasurementError(npz_path, "has no 'Nodes'; not an INC stats file", fix="regenerate it.")
+    json_nodes, npz_nodes = stats["Nodes"], npz_stats["Nodes"]
+    if json_nodes == npz_nodes:
+        return
+    fix = f"one of the pair is stale: re-copy both from the same run (INC's QUANTIZE would use {npz_path.name})."
+    only = sorted(set(json_nodes) ^ set(npz_nodes))
+    if only:
+        side = json_path.name if only[0] in json_nodes else npz_path.name
+        raise MeasurementError(npz_path, f"disagrees with {json_path.name}: node '{only[0]}' is only in {side}"
+                               f" ({len(only)} such nodes)", fix=fix)
+    for module, node in json_nodes.items():
+        if not _close(node, npz_nodes[module]):
+            raise MeasurementError(npz_path, f"disagrees with {json_path.name} at node '{module}'", fix=fix)
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return (a != a and b != b) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-30)
+    return a == b

@@ -1,0 +1,87 @@
+""""The N rank files of one run": found in a directory, checked complete, read on demand."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray_calib.errors import MeasurementError
+from ray_calib.measurements.meta import RunMeta, read_meta
+from ray_calib.measurements.naming import JSON, StatsName, parse_name
+from ray_calib.measurements.rankfile import RankFile, read_rank_file
+
+
+@dataclass
+class MeasurementSet:
+    directory: Path
+    names: list[StatsName]  # sorted by rank, exactly ranks 0..world_size-1 (or one unranked file)
+    meta: RunMeta | None
+
+    @property
+    def prefix(self) -> str:
+        return self.names[0].prefix
+
+    @property
+    def method(self) -> str | None:
+        return self.names[0].method
+
+    @property
+    def world_size(self) -> int:
+        return self.names[0].world_size or 1
+
+    @classmethod
+    def discover(cls, directory: str | Path, *, method: str | None = None) -> MeasurementSet:
+        """Find the one complete run in `directory`: range files by default, scale files with `method`."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise MeasurementError(directory, "is not a directory",
+                                   fix="pass the directory of dump_stats_path (the one holding *_hooks_maxabs_*.json).")
+        groups: dict[tuple, list[StatsName]] = defaultdict(list)
+        for path in directory.iterdir():
+            parsed = parse_name(path)
+            if parsed and parsed[1] == JSON and parsed[0].method == method:
+                groups[parsed[0].run_key].append(parsed[0])
+        if not groups:
+            kind = f"{method} scale" if method else "measurement"
+            raise MeasurementError(directory, f"holds no INC {kind} files (<prefix>_hooks_maxabs_"
+                                   f"{method + '_' if method else ''}<rank>_<world>.json)",
+                                   fix="point --in at the directory of QUANT_CONFIG's dump_stats_path.")
+        if len(groups) > 1:
+            raise MeasurementError(directory, f"mixes {len(groups)} runs: {_describe(groups)}",
+                                   fix="move the files of the other run out of this directory.")
+        names = sorted(next(iter(groups.values())), key=lambda n: -1 if n.rank is None else n.rank)
+        _check_complete(directory, names)
+        return cls(directory=directory, names=names, meta=read_meta(directory))
+
+    def read(self, rank_index: int, *, check_npz: bool = True, strict: bool = True) -> RankFile:
+        return read_rank_file(self.directory, self.names[rank_index], check_npz=check_npz, strict=strict)
+
+    def read_all(self, *, check_npz: bool = True, strict: bool = True) -> list[RankFile]:
+        return [self.read(i, check_npz=check_npz, strict=strict) for i in range(len(self.names))]
+
+
+def _describe(groups: dict[tuple, list[StatsName]]) -> str:
+    parts = []
+    for (prefix, _, world), names in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        size = f"world size {world}" if world else "unranked"
+        parts.append(f"'{prefix}' {size} ({len(names)} files, e.g. {names[0].stem}.json)")
+    return "; ".join(parts)
+
+
+def _check_complete(directory: Path, names: list[StatsName]) -> None:
+    if names[0].rank is None:
+        return
+    world_size = names[0].world_size
+    have = {n.rank for n in names}
+    missing = [r for r in range(world_size) if r not in have]
+    extra = sorted(r for r in have if r >= world_size)
+    if extra:
+        raise MeasurementError(directory / names[0].with_rank(extra[0], world_size).stem,
+                               f"rank {extra[0]} is out of range for world size {world_size}",
+                               fix="the file was renamed by hand or belongs to another run: remove it.")
+    if missing:
+        example = names[0].with_rank(missing[0], world_size).stem + JSON
+        listed = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise MeasurementError(directory, f"rank(s) {listed} of {world_size} missing (e.g. {example})",
+                               fix="copy them from the node that ran those ranks, or re-run the measurement.")

@@ -1,0 +1,214 @@
+"""Re-shard per-rank stats from TP=N to TP=M (DESIGN §4), and expand a TP1 file for expert parallelism.
+
+Target rank i takes the contiguous source group [i*g, ..., i*g+g-1], g = N/M; every leaf becomes the
+element-wise max over the group. Under expert parallelism each rank holds different experts, so the
+group's experts are concatenated instead: child `<op>.w13_list.K` of member j becomes `K + E*j`, and the
+fused op's per-expert entries (`outputs[1:]` in range files, `inputs[1:]` in scale files) are joined in
+group order while its first entry is max-reduced.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ray_calib.errors import MeasurementError, UnifyError
+from ray_calib.measurements.rankfile import MODE_SCALE, Node, RankFile
+
+_EXPERT_CHILD_RE = re.compile(r"^(?P<op>.+)\.(?P<kind>w13_list|w2_list)\.(?P<expert>\d+)$")
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Fused MoE ops and how many experts each rank holds (0 when the model has none)."""
+
+    ops: frozenset[str]
+    local_experts: int
+
+    @property
+    def has_experts(self) -> bool:
+        return self.local_experts > 0
+
+
+def expert_layout(rank_file: RankFile) -> ExpertLayout:
+    """Find fused MoE ops by their `<op>.w13_list.K` children; all ops must hold the same expert count."""
+    experts: dict[str, set[int]] = {}
+    for module in rank_file.nodes:
+        match = _EXPERT_CHILD_RE.match(module)
+        if match:
+            experts.setdefault(match["op"], set()).add(int(match["expert"]))
+    counts = {len(ids) for ids in experts.values()}
+    if len(counts) > 1:
+        raise MeasurementError(rank_file.name.stem, f"MoE ops hold different expert counts {sorted(counts)}",
+                               fix="the file mixes runs; re-measure.")
+    return ExpertLayout(ops=frozenset(experts), local_experts=counts.pop() if counts else 0)
+
+
+def unify_ranks(rank_files: list[RankFile], to_world_size: int, *, expert_parallel: bool | None = None,
+                ) -> list[RankFile]:
+    """Merge N rank files into `to_world_size` ones. `expert_parallel=None` detects it from the files."""
+    world_size = len(rank_files)
+    _check_sizes(world_size, to_world_size)
+    check_same_nodes(rank_files)
+    layout = expert_layout(rank_files[0])
+    if expert_parallel is None:
+        expert_parallel = layout.has_experts
+    group = world_size // to_world_size
+    return [
+        _merge_group(rank_files[i * group:(i + 1) * group], i, to_world_size, layout if expert_parallel else None)
+        for i in range(to_world_size)
+    ]
+
+
+def _check_sizes(world_size: int, to_world_size: int) -> None:
+    if to_world_size < 1 or to_world_size >= world_size:
+        raise UnifyError(f"cannot unify {world_size} ranks to {to_world_size}: the target must be smaller "
+                         f"(1 <= M < {world_size})", fix=f"use --to-tp with a divisor of {world_size} below it.")
+    if world_size % to_world_size:
+        divisors = [m for m in range(1, world_size) if world_size % m == 0]
+        raise UnifyError(f"cannot unify {world_size} ranks to {to_world_size}: {world_size} % {to_world_size} = "
+                         f"{world_size % to_world_size}", fix=f"use --to-tp {' | '.join(map(str, divisors))}.")
+
+
+def check_same_nodes(rank_files: list[RankFile]) -> None:
+    reference = rank_files[0]
+    names = reference.nodes.keys()
+    for other in rank_files[1:]:
+        if other.nodes.keys() != names:
+            diff = sorted(names ^ other.nodes.keys())
+            where = f"rank {reference.rank}" if diff[0] in names else f"rank {other.rank}"
+            raise MeasurementError(other.name.stem + ".json", f"rank {other.rank} and rank {reference.rank} "
+                                   f"measured different modules: '{diff[0]}' only on {where} ({len(diff)} differ)",
+                                   fix="all ranks must come from one run with one QUANT_CONFIG; re-measure.")
+
+
+def _merge_group(members: list[RankFile], target_rank: int, to_world_size: int,
+                 layout: ExpertLayout | None) -> RankFile:
+    first = members[0]
+    scale = first.mode == MODE_SCALE
+    nodes: dict[str, Node] = {}
+    for module in first.nodes:
+        match = _EXPERT_CHILD_RE.match(module) if layout else None
+        if match:
+            new_index = int(match["expert"])
+            for j, member in enumerate(members):
+                nodes[f"{match['op']}.{match['kind']}.{new_index + layout.local_experts * j}"] = member.nodes[module]
+        elif layout and module in layout.ops:
+            nodes[module] = _merge_fused_op([m.nodes[module] for m in members], module, first.name.stem,
+                                            "inputs" if scale else "outputs")
+        else:
+            nodes[module] = _merge_nodes([m.nodes[module] for m in members], module, first.name.stem)
+    if layout:
+        nodes = _experts_in_order(nodes, layout)
+    return RankFile(name=first.name.with_rank(target_rank, to_world_size), nodes=nodes, mode=first.mode,
+                    mod_list=_merge_mod_lists(members, layout), extra=dict(first.extra))
+
+
+def _merge_nodes(nodes: list[Node], module: str, stem: str) -> Node:
+    merged: Node = {}
+    for field, value in nodes[0].items():
+        if field == "params":
+            merged[field] = {key: _max_leaves([n[field][key] for n in nodes], module) for key in value}
+        else:
+            merged[field] = [_max_leaves([n[field][i] for n in nodes], module) for i in range(len(value))]
+            if any(len(n[field]) != len(value) for n in nodes):
+                raise MeasurementError(stem + ".json", f"node '{module}' has a different number of "
+                                       f"{field} on another rank", fix="the ranks come from different runs; re-measure.")
+    return merged
+
+
+def _merge_fused_op(nodes: list[Node], module: str, stem: str, per_expert_field: str) -> Node:
+    """First entry of `per_expert_field` max-reduced, the per-expert rest concatenated in group order."""
+    merged = _merge_nodes([{k: v for k, v in n.items() if k != per_expert_field} for n in nodes], module, stem)
+    if per_expert_field in nodes[0]:
+        head = _max_leaves([n[per_expert_field][0] for n in nodes], module)
+        merged[per_expert_field] = [head] + [leaf for n in nodes for leaf in n[per_expert_field][1:]]
+    return {field: merged[field] for field in nodes[0]}  # keep INC's field order
+
+
+def _max_leaves(leaves: list[Any], module: str) -> Any:
+    """Element-wise max of equally shaped nested lists (Python's max() on lists would be lexicographic)."""
+    first = leaves[0]
+    if not isinstance(first, list):
+        return max(leaves)
+    if any(len(leaf) != len(first) for leaf in leaves):
+        raise UnifyError(f"node '{module}': per-channel ranges of different lengths across ranks",
+                         fix="the ranks come from different runs or models; re-measure.")
+    return [_max_leaves([leaf[i] for leaf in leaves], module) for i in range(len(first))]
+
+
+def _experts_in_order(nodes: dict[str, Node], layout: ExpertLayout) -> dict[str, Node]:
+    """Place renumbered expert children right after their op, sorted by kind then expert."""
+    children = {name for name in nodes if _EXPERT_CHILD_RE.match(name)}
+    ordered: dict[str, Node] = {}
+    for name, node in nodes.items():
+        if name in children:
+            continue
+        ordered[name] = node
+        if name in layout.ops:
+            for child in sorted((c for c in children if c.startswith(name + ".")), key=_child_sort_key):
+                ordered[child] = nodes[child]
+    for child in sorted(children - ordered.keys(), key=_child_sort_key):  # ops that were never called
+        ordered[child] = nodes[child]
+    return ordered
+
+
+def _child_sort_key(name: str) -> tuple[str, str, int]:
+    match = _EXPERT_CHILD_RE.match(name)
+    return (match["op"], match["kind"], int(match["expert"]))
+
+
+def _merge_mod_lists(members: list[RankFile], layout: ExpertLayout | None) -> list[str]:
+    merged: dict[str, None] = {}
+    for j, member in enumerate(members):
+        for module in member.mod_list:
+            match = _EXPERT_CHILD_RE.match(module) if layout else None
+            if match:
+                module = f"{match['op']}.{match['kind']}.{int(match['expert']) + layout.local_experts * j}"
+            merged[module] = None
+    return list(merged)
+
+
+def expand_rank(rank_file: RankFile, to_world_size: int) -> list[RankFile]:
+    """Split a TP1 file into `to_world_size` rank files for expert-parallel serving (reference step 6).
+
+    Rank j keeps every non-expert node, the fused op's first entry and its slice of the per-expert
+    entries, and the expert children of its slice renumbered from 0, so `unify(expand(x))` gives `x` back.
+    """
+    layout = expert_layout(rank_file)
+    if not layout.has_experts:
+        raise UnifyError(f"{rank_file.name.stem}: no expert nodes (<op>.w13_list.K) to expand",
+                         fix="expand is for MoE models served with expert parallelism; use the file as is.")
+    total = layout.local_experts
+    if to_world_size < 2 or total % to_world_size:
+        raise UnifyError(f"cannot split {total} experts over {to_world_size} ranks",
+                         fix=f"use --to-ranks with a divisor of {total} (at least 2).")
+    per_rank = total // to_world_size
+    per_expert_field = "inputs" if rank_file.mode == MODE_SCALE else "outputs"
+    return [_expand_one(rank_file, layout, j, per_rank, to_world_size, per_expert_field) for j in range(to_world_size)]
+
+
+def _expand_one(rank_file: RankFile, layout: ExpertLayout, j: int, per_rank: int, to_world_size: int,
+                per_expert_field: str) -> RankFile:
+    low, high = j * per_rank, (j + 1) * per_rank
+
+    def local(module: str) -> str | None:
+        match = _EXPERT_CHILD_RE.match(module)
+        if not match:
+            return module
+        expert = int(match["expert"])
+        return f"{match['op']}.{match['kind']}.{expert - low}" if low <= expert < high else None
+
+    nodes: dict[str, Node] = {}
+    for module, node in rank_file.nodes.items():
+        new_name = local(module)
+        if new_name is None:
+            continue
+        if module in layout.ops and per_expert_field in node:
+            entries = node[per_expert_field]
+            node = {**node, per_expert_field: [entries[0], *entries[1 + low:1 + high]]}
+        nodes[new_name] = node
+    mod_list = [name for name in map(local, rank_file.mod_list) if name is not None]
+    return RankFile(name=rank_file.name.with_rank(j, to_world_size), nodes=nodes, mode=rank_file.mode,
+                    mod_list=mod_list, extra=dict(rank_file.extra))
