@@ -1,0 +1,71 @@
+"""Where one calibration run keeps its artefacts, so that commands chain without path arguments.
+
+    <run dir>/                 --run-dir, env RAY_CALIB_RUN_DIR, default ./calib-run
+      measure/                 ray-calib measure: INC rank files at TP=N, ray_calib_meta.json, coverage.json
+      unified-tp<M>/           ray-calib unify --to-tp M
+      configs/                 QUANT_CONFIG files (ray-calib configs)
+      scales/                  INC scale files (ray-calib scales)
+      fp8/                     the FP8 checkpoint (ray-calib quantize)
+      eval.json                ray-calib eval
+      report/                  ray-calib report: PNG plots and summary
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+DEFAULT_RUN_DIR = "calib-run"
+MEASURE_PREFIX = "inc_measure_output"  # the seeds' dump_stats_path basename
+_UNIFIED_RE = re.compile(r"^unified-tp(\d+)$")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @classmethod
+    def resolve(cls, path: str | os.PathLike | None = None) -> RunDir:
+        return cls(Path(path or os.environ.get("RAY_CALIB_RUN_DIR") or DEFAULT_RUN_DIR).absolute())
+
+    @property
+    def measure(self) -> Path:
+        return self.root / "measure"
+
+    def unified(self, tp: int) -> Path:
+        return self.root / f"unified-tp{tp}"
+
+    def latest_unified(self) -> Path | None:
+        """The unified directory with the smallest TP (the one a one-node server uses), if any."""
+        found = sorted((int(m[1]), p) for p in self.root.glob("unified-tp*") if (m := _UNIFIED_RE.match(p.name)))
+        return found[0][1] if found else None
+
+    @property
+    def configs(self) -> Path:
+        return self.root / "configs"
+
+    @property
+    def scales(self) -> Path:
+        return self.root / "scales"
+
+    @property
+    def fp8(self) -> Path:
+        return self.root / "fp8"
+
+    @property
+    def eval_json(self) -> Path:
+        return self.root / "eval.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+
+run_dir_option = click.option(
+    "--run-dir", type=click.Path(file_okay=False), default=None, envvar="RAY_CALIB_RUN_DIR",
+    help=f"Directory of this calibration run [env RAY_CALIB_RUN_DIR; default ./{DEFAULT_RUN_DIR}].",
+)
