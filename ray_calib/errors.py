@@ -23,7 +23,18 @@ class RayCalibError(Exception):
     def __init__(self, message: str, *, fix: str | None = None) -> None:
         self.message = message
         self.fix = fix
-        super().__init__(f"{message} {fix}" if fix else message)
+        super().__init__(f"{message}; {fix}" if fix else message)
+
+    def __reduce__(self):
+        # Subclasses take extra constructor fields; rebuild from state so errors cross process pools.
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls: type[RayCalibError], args: tuple, state: dict) -> RayCalibError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class MeasurementError(RayCalibError):

@@ -44,14 +44,14 @@ class ExpertCoverage:
 def write_coverage(directory: str | Path, coverage: ExpertCoverage) -> Path:
     data = {"schema": 1, "num_tokens": coverage.num_tokens, "experts": coverage.experts,
             "never_hit": coverage.never_hit()}
-    return atomic.write_bytes(Path(directory) / COVERAGE_FILE, jsonio.dumps(data, indent=2))
+    return atomic.write_bytes(Path(directory) / COVERAGE_FILE, jsonio.dumps(data))
 
 
 def read_coverage(directory: str | Path) -> ExpertCoverage | None:
     path = Path(directory) / COVERAGE_FILE
     if not path.exists():
         return None
-    data = jsonio.load(path)
+    data, _ = jsonio.load(path)
     if not isinstance(data, dict) or not isinstance(data.get("experts"), dict):
         raise MeasurementError(path, "has no 'experts' object", fix="delete it and re-run `ray-calib measure`.")
     return ExpertCoverage(experts=data["experts"], num_tokens=int(data.get("num_tokens", 0)))

@@ -1,124 +1,278 @@
 """INC's NPZ container: one zip member `arr_0.npy`, a 0-d object array holding the stats dict.
 
-Loading an object array means unpickling, and unpickling runs code. `load` therefore never calls
-`np.load(allow_pickle=True)`: it reads the .npy header itself and unpickles the payload with an
-Unpickler that resolves only the globals numpy needs to rebuild plain arrays (`ALLOWED_GLOBALS`).
-Anything else (os.system, builtins.eval, ...) is refused before it can run.
+An object array is a pickle, and unpickling runs code. This module therefore never calls
+`np.load(allow_pickle=True)`. Reading: the .npy header is parsed here and the pickle is loaded by an
+Unpickler whose `find_class` resolves only the numpy globals an array pickle uses (`ALLOWED_GLOBALS`),
+each to a small pure-Python decoder; anything else (os.system, builtins.eval, ...) is refused before it
+can run. Writing: the same pickle numpy would write (protocol 3, float32 leaves) is emitted opcode by
+opcode. Neither direction imports numpy, which keeps `ray-calib unify` fast.
 """
 
 from __future__ import annotations
 
+import ast
 import io
 import pickle
+import struct
+import sys
 import zipfile
+from array import array
 from pathlib import Path
 from typing import Any
 
 from ray_calib import atomic
 from ray_calib.errors import MeasurementError
 
-# (module, name) pairs an INC stats pickle may reference; numpy 1.x and 2.x spell the core module differently.
-ALLOWED_GLOBALS = frozenset(
-    {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("_codecs", "encode"),  # numpy scalars pickled with protocol 2 carry latin-1 encoded bytes
-    }
-)
 _MEMBER = "arr_0.npy"
+_MAGIC = b"\x93NUMPY"
+_unpack_f4 = struct.Struct("<f").unpack
+_TYPECODES = {"f4": "f", "f8": "d", "i4": "i", "i8": "q", "u1": "B", "b1": "B"}
+
+
+class _DType:
+    """Stand-in for numpy.dtype: remembers the type string and byte order."""
+
+    def __init__(self, spec: str, align: bool = False, copy: bool = True) -> None:
+        self.spec, self.byteorder = spec, "="
+
+    def __setstate__(self, state: tuple) -> None:
+        self.byteorder = state[1]
+
+
+class Leaf(list):
+    """A decoded array: nested lists shaped like the array (so it compares equal to its JSON form)."""
+
+    def __setstate__(self, state: tuple) -> None:
+        _, shape, dtype, _, payload = state
+        if shape == (1, 1) and dtype.spec == "f4" and dtype.byteorder == "<":  # INC's per-tensor leaf
+            self.append([_unpack_f4(payload)[0]])
+            return
+        if dtype.spec.startswith("O"):
+            self.append(payload[0] if not shape else payload)  # the outer 0-d object array
+            return
+        if not shape:
+            raise _ScalarArray
+        values = array(_TYPECODES[dtype.spec], payload)
+        if dtype.byteorder == ">" or (dtype.byteorder == "<" and sys.byteorder == "big"):
+            values.byteswap()
+        self.extend(_nest(values.tolist(), shape))
+
+
+class _ScalarArray(Exception):
+    """A 0-d numeric array; only scale files hold these."""
+
+
+def _nest(flat: list, shape: tuple[int, ...]) -> list:
+    for size in reversed(shape[1:]):
+        flat = [flat[i:i + size] for i in range(0, len(flat), size)]
+    return flat
+
+
+def _reconstruct(cls: type[Leaf], shape: tuple, typecode: bytes) -> Leaf:
+    return cls()
+
+
+def _scalar(dtype: _DType, data: bytes | str) -> float:
+    raw = data.encode("latin-1") if isinstance(data, str) else data
+    return array(_TYPECODES[dtype.spec], raw).tolist()[0]
+
+
+def _encode(text: str, encoding: str) -> bytes:
+    return text.encode(encoding)
+
+
+# (module, name) -> decoder; numpy 1.x and 2.x spell the core module differently.
+ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"): Leaf,
+    ("numpy", "dtype"): _DType,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
+    ("_codecs", "encode"): _encode,  # protocol-2 pickles carry bytes as latin-1 text
+}
 
 
 class _AllowListUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, path: Path) -> None:
-        super().__init__(io.BytesIO(data))
-        self._path = path
+    def __init__(self, stream: io.BytesIO, path: Path, leaf_class: type[Leaf] = Leaf) -> None:
+        super().__init__(stream)
+        self._path, self._leaf_class = path, leaf_class
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in ALLOWED_GLOBALS:
+        try:
+            found = ALLOWED_GLOBALS[(module, name)]
+            return self._leaf_class if found is Leaf else found
+        except KeyError:
             raise MeasurementError(
-                self._path,
-                f"holds a pickled '{module}.{name}', which a stats file never needs; refused without loading",
-                fix="regenerate the file with INC or ray-calib; do not load files of unknown origin.",
-            )
-        return super().find_class(module, name)
+                self._path, f"holds a pickled '{module}.{name}', which a stats file never needs; refused unloaded",
+                fix="regenerate the file with INC or ray-calib; never load stats files of unknown origin.",
+            ) from None
 
 
 def load(path: str | Path) -> Any:
-    """Return the object stored in an INC stats NPZ, leaves as nested lists of floats."""
-    import numpy as np
-
+    """Return the object stored in an INC stats NPZ; array leaves come back as nested lists (`Leaf`)."""
     path = Path(path)
+    fix = "re-copy it from the node that wrote it or regenerate it."
     try:
         with zipfile.ZipFile(path) as archive:
             raw = archive.read(_MEMBER)
-        stream = io.BytesIO(raw)
-        version = np.lib.format.read_magic(stream)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        _, _, dtype = read_header(stream)
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as err:
-        raise MeasurementError(path, f"is not a readable NPZ stats file ({err})", fix="re-copy or regenerate it.")
-    if not dtype.hasobject:
-        raise MeasurementError(path, f"holds a {dtype} array, not INC's object array", fix="regenerate it.")
+        header_end, descr = _parse_header(raw)
+    except (zipfile.BadZipFile, KeyError, ValueError, SyntaxError, OSError) as err:
+        raise MeasurementError(path, f"is not a readable INC NPZ ({err})", fix=fix) from None
+    if descr != "|O":
+        raise MeasurementError(path, f"holds a '{descr}' array, not INC's object array", fix=fix)
     try:
-        array = _AllowListUnpickler(raw[stream.tell():], path).load()
+        holder = _AllowListUnpickler(io.BytesIO(raw[header_end:]), path).load()
     except MeasurementError:
         raise
+    except _ScalarArray:
+        return _load_with_scalars(raw[header_end:], path)
     except Exception as err:  # a corrupt pickle can raise almost anything
-        raise MeasurementError(path, f"has a corrupt pickle payload ({err})", fix="re-copy or regenerate it.")
-    return _to_lists(array.item() if isinstance(array, np.ndarray) and array.shape == () else array)
+        raise MeasurementError(path, f"has a corrupt pickle payload ({type(err).__name__}: {err})", fix=fix) from None
+    return holder[0] if isinstance(holder, Leaf) and len(holder) == 1 else holder
 
 
-def _to_lists(value: Any) -> Any:
-    import numpy as np
+def _load_with_scalars(payload: bytes, path: Path) -> Any:
+    """Scale files may hold 0-d arrays: decode those to plain floats (slower path, small files)."""
 
-    if isinstance(value, dict):
-        return {key: _to_lists(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_lists(item) for item in value]
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    return value
+    class ScalarLeaf(Leaf):
+        def __setstate__(self, state: tuple) -> None:
+            try:
+                super().__setstate__(state)
+            except _ScalarArray:
+                self.append(array(_TYPECODES[state[2].spec], state[4]).tolist()[0])
+                self.scalar = True
 
+    def unwrap(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: unwrap(item) for key, item in value.items()}
+        if getattr(value, "scalar", False):
+            return value[0]
+        if isinstance(value, list):
+            return [unwrap(item) for item in value]
+        return value
 
-def _leaf_array(leaf: Any) -> Any:
-    import numpy as np
-
-    return np.asarray(leaf, dtype=np.float32)
-
-
-def _to_arrays(stats: dict[str, Any]) -> dict[str, Any]:
-    """Stats dict with list leaves -> the same dict with float32 array leaves, as INC stores it.
-
-    A node is `{"inputs": [leaf, ...], "outputs": [leaf, ...], "params": {"weight": leaf}}`.
-    """
-    nodes = {}
-    for name, node in stats["Nodes"].items():
-        out = {}
-        for field, value in node.items():
-            if field == "params":
-                out[field] = {key: _leaf_array(leaf) for key, leaf in value.items()}
-            elif isinstance(value, list):
-                out[field] = [_leaf_array(leaf) for leaf in value]
-            else:
-                out[field] = _leaf_array(value)
-        nodes[name] = out
-    return {**stats, "Nodes": nodes}
+    return unwrap(_AllowListUnpickler(io.BytesIO(payload), path, ScalarLeaf).load()[0])
 
 
-def dumps(obj: Any) -> bytes:
-    """Serialize `obj` (list leaves) the way INC does: np.savez of a 0-d object array."""
-    import numpy as np
+def _parse_header(raw: bytes) -> tuple[int, str]:
+    if not raw.startswith(_MAGIC):
+        raise ValueError("no .npy magic")
+    major = raw[6]
+    if major == 1:
+        size, start = struct.unpack_from("<H", raw, 8)[0], 10
+    else:
+        size, start = struct.unpack_from("<I", raw, 8)[0], 12
+    header = ast.literal_eval(raw[start:start + size].decode("latin-1"))
+    if header.get("shape") != () or header.get("fortran_order"):
+        raise ValueError(f"unexpected array header {header}")
+    return start + size, header["descr"]
 
-    holder = np.empty((), dtype=object)
-    holder[()] = _to_arrays(obj)
+
+# ---- writing ------------------------------------------------------------------------------------------
+
+def dumps(stats: dict[str, Any]) -> bytes:
+    """NPZ bytes for `stats` (list leaves), as `np.savez(f, np.array(stats_with_float32_arrays))` writes."""
+    body = _Emitter().stats(stats)
+    header = b"{'descr': '|O', 'fortran_order': False, 'shape': (), }"
+    header += b" " * (63 - (len(_MAGIC) + 4 + len(header)) % 64) + b"\n"
+    npy = _MAGIC + b"\x01\x00" + struct.pack("<H", len(header)) + header + body
     buffer = io.BytesIO()
-    np.savez(buffer, holder)
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(_MEMBER, npy)
     return buffer.getvalue()
 
 
-def save(path: str | Path, obj: Any) -> Path:
-    return atomic.write_bytes(path, dumps(obj))
+def save(path: str | Path, stats: dict[str, Any]) -> Path:
+    return atomic.write_bytes(path, dumps(stats))
+
+
+class _Emitter:
+    """Protocol-3 pickle opcodes for a 0-d object array whose item is the stats dict.
+
+    Memo slots: 0 `_reconstruct`, 1 `ndarray`, 2 float32 dtype, 3 object dtype, 4 `dtype`. `numpy.core` is used
+    because both numpy 1.x (Gaudi images) and numpy 2.x resolve it.
+    """
+
+    _PREAMBLE = (
+        b"\x80\x03"
+        b"cnumpy.core.multiarray\n_reconstruct\nq\x000"
+        b"cnumpy\nndarray\nq\x010"
+        b"cnumpy\ndtype\nq\x04X\x02\x00\x00\x00f4\x89\x88\x87R"
+        b"(K\x03X\x01\x00\x00\x00<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tbq\x020"
+        b"h\x04X\x02\x00\x00\x00O8\x89\x88\x87R"
+        b"(K\x03X\x01\x00\x00\x00|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tbq\x030"
+    )
+    _NEW_ARRAY = b"h\x00h\x01K\x00\x85C\x01b\x87R"  # _reconstruct(ndarray, (0,), b'b')
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+
+    def stats(self, stats: dict[str, Any]) -> bytes:
+        self.out = [self._PREAMBLE, self._NEW_ARRAY, b"(K\x01)h\x03\x89]("]
+        self.dict_of(stats, self.top_level)
+        self.out.append(b"etb.")  # APPENDS, TUPLE, BUILD, STOP
+        return b"".join(self.out)
+
+    def top_level(self, key: str, value: Any) -> None:
+        if key == "Nodes":
+            self.dict_of(value, lambda _, node: self.dict_of(node, self.node_field))
+        else:
+            self.plain(value)
+
+    def node_field(self, key: str, value: Any) -> None:
+        if key == "params":
+            self.dict_of(value, lambda _, leaf: self.leaf(leaf))
+        else:
+            self.out.append(b"](")
+            for leaf in value:
+                self.leaf(leaf)
+            self.out.append(b"e")
+
+    def dict_of(self, mapping: dict[str, Any], emit_value) -> None:
+        self.out.append(b"}(")
+        for key, value in mapping.items():
+            self.string(key)
+            emit_value(key, value)
+        self.out.append(b"u")
+
+    def leaf(self, value: Any) -> None:
+        shape, flat = _shape_and_flat(value)
+        raw = struct.pack(f"<{len(flat)}f", *flat)
+        dims = b"".join(b"J" + struct.pack("<i", d) for d in shape)
+        shape_op = {0: b")", 1: b"\x85", 2: b"\x86", 3: b"\x87"}.get(len(shape))
+        if shape_op is None:
+            shape_op = b"(" + dims + b"t"
+            dims = b""
+        data = b"C" + bytes([len(raw)]) + raw if len(raw) < 256 else b"B" + struct.pack("<I", len(raw)) + raw
+        self.out += [self._NEW_ARRAY, b"(K\x01", dims, shape_op, b"h\x02\x89", data, b"tb"]
+
+    def string(self, text: str) -> None:
+        encoded = text.encode()
+        self.out += [b"X", struct.pack("<I", len(encoded)), encoded]
+
+    def plain(self, value: Any) -> None:
+        if value is None:
+            self.out.append(b"N")
+        elif isinstance(value, bool):
+            self.out.append(b"\x88" if value else b"\x89")
+        elif isinstance(value, int) and -2**31 <= value < 2**31:
+            self.out += [b"J", struct.pack("<i", value)]
+        elif isinstance(value, float):
+            self.out += [b"G", struct.pack(">d", value)]
+        elif isinstance(value, str):
+            self.string(value)
+        else:
+            raise TypeError(f"cannot store {type(value).__name__} in a stats NPZ header field")
+
+
+def _shape_and_flat(value: Any) -> tuple[tuple[int, ...], list[float]]:
+    shape: list[int] = []
+    probe = value
+    while isinstance(probe, list):
+        shape.append(len(probe))
+        probe = probe[0] if probe else None
+    flat = value
+    for _ in range(len(shape) - 1):
+        flat = [x for row in flat for x in row]
+    return tuple(shape), (flat if shape else [value])

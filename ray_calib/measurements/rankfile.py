@@ -4,6 +4,7 @@ JSON: `{"GlobalRank": null, "LocalRank": r, "Mode": "DynamicRange"|"Scale", "Nod
 `{"inputs": [leaf, ...], "outputs": [leaf, ...]?, "params": {"weight": leaf}?}`. Leaves are kept in
 memory exactly as JSON has them (nested lists of floats: `[[v]]` per tensor, `[[v0], [v1]]` per channel,
 plain floats in scale files). INC's QUANTIZE reads only the NPZ, so every write rewrites all three.
+INC indents its JSON by 4 or not at all; readers don't care, so we write orjson's 2.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def read_rank_file(directory: str | Path, name: StatsName, *, check_npz: bool = 
     `strict=False` lets NaN/inf values through (for `inspect`, which counts them).
     """
     json_path = name.file(directory, JSON)
-    stats = _validated(json_path, jsonio.load(json_path), name, strict=strict)
+    stats, non_finite = jsonio.load(json_path)
+    stats = _validated(json_path, stats, name, check_finite=strict and non_finite)
     if check_npz:
         npz_path = name.file(directory, NPZ)
         if not npz_path.exists():
@@ -59,7 +61,7 @@ def read_rank_file(directory: str | Path, name: StatsName, *, check_npz: bool = 
                                    fix="re-copy it from the node that wrote it, or rewrite the set with `ray-calib unify`.")
         _check_same(json_path, stats, npz_path, npz.load(npz_path))
     mod_list_path = name.file(directory, MOD_LIST)
-    mod_list = jsonio.load(mod_list_path) if mod_list_path.exists() else sorted(stats["Nodes"])
+    mod_list = jsonio.load(mod_list_path)[0] if mod_list_path.exists() else list(stats["Nodes"])
     if not isinstance(mod_list, list) or not all(isinstance(m, str) for m in mod_list):
         raise MeasurementError(mod_list_path, "must be a JSON list of module names", fix="re-copy or regenerate it.")
     extra = {k: v for k, v in stats.items() if k not in _HEADER_KEYS}
@@ -71,13 +73,13 @@ def write_rank_file(rank_file: RankFile, directory: str | Path) -> list[Path]:
     stats = rank_file.to_stats()
     name = rank_file.name
     return [
-        atomic.write_bytes(name.file(directory, JSON), jsonio.dumps(stats, indent=4)),
+        atomic.write_bytes(name.file(directory, JSON), jsonio.dumps(stats)),
         npz.save(name.file(directory, NPZ), stats),
-        atomic.write_bytes(name.file(directory, MOD_LIST), jsonio.dumps(rank_file.mod_list, indent=4)),
+        atomic.write_bytes(name.file(directory, MOD_LIST), jsonio.dumps(rank_file.mod_list)),
     ]
 
 
-def _validated(path: Path, stats: Any, name: StatsName, *, strict: bool) -> dict[str, Any]:
+def _validated(path: Path, stats: Any, name: StatsName, *, check_finite: bool) -> dict[str, Any]:
     fix = "re-copy it from the node that wrote it or re-run the measurement."
     if not isinstance(stats, dict) or not isinstance(stats.get("Nodes"), dict):
         raise MeasurementError(path, "has no 'Nodes' object; not an INC stats file", fix=fix)
@@ -90,7 +92,7 @@ def _validated(path: Path, stats: Any, name: StatsName, *, strict: bool) -> dict
     for module, node in stats["Nodes"].items():
         if not isinstance(node, dict) or not set(node) <= _NODE_FIELDS:
             raise MeasurementError(path, f"node '{module}' is not an inputs/outputs/params object", fix=fix)
-        bad = _first_non_finite(node) if strict else None
+        bad = _first_non_finite(node) if check_finite else None
         if bad is not None:
             raise MeasurementError(path, f"node '{module}' holds {bad[1]} in its {bad[0]}",
                                    fix="the measurement overflowed or was corrupted: re-measure (check the model for inf activations).")

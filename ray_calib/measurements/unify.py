@@ -49,19 +49,21 @@ def unify_ranks(rank_files: list[RankFile], to_world_size: int, *, expert_parall
                 ) -> list[RankFile]:
     """Merge N rank files into `to_world_size` ones. `expert_parallel=None` detects it from the files."""
     world_size = len(rank_files)
-    _check_sizes(world_size, to_world_size)
+    check_sizes(world_size, to_world_size)
     check_same_nodes(rank_files)
-    layout = expert_layout(rank_files[0])
-    if expert_parallel is None:
-        expert_parallel = layout.has_experts
     group = world_size // to_world_size
-    return [
-        _merge_group(rank_files[i * group:(i + 1) * group], i, to_world_size, layout if expert_parallel else None)
-        for i in range(to_world_size)
-    ]
+    return [merge_group(rank_files[i * group:(i + 1) * group], i, to_world_size, expert_parallel=expert_parallel)
+            for i in range(to_world_size)]
 
 
-def _check_sizes(world_size: int, to_world_size: int) -> None:
+def merge_group(members: list[RankFile], target_rank: int, to_world_size: int, *,
+                expert_parallel: bool | None = None) -> RankFile:
+    """Target rank `target_rank` from its contiguous source ranks `members` (same node sets)."""
+    layout = expert_layout(members[0]) if expert_parallel is not False else None
+    return _merge_group(members, target_rank, to_world_size, layout if layout and layout.has_experts else None)
+
+
+def check_sizes(world_size: int, to_world_size: int) -> None:
     if to_world_size < 1 or to_world_size >= world_size:
         raise UnifyError(f"cannot unify {world_size} ranks to {to_world_size}: the target must be smaller "
                          f"(1 <= M < {world_size})", fix=f"use --to-tp with a divisor of {world_size} below it.")
@@ -140,17 +142,20 @@ def _max_leaves(leaves: list[Any], module: str) -> Any:
 
 def _experts_in_order(nodes: dict[str, Node], layout: ExpertLayout) -> dict[str, Node]:
     """Place renumbered expert children right after their op, sorted by kind then expert."""
-    children = {name for name in nodes if _EXPERT_CHILD_RE.match(name)}
+    children: dict[str, list[str]] = {}
+    for name in nodes:
+        match = _EXPERT_CHILD_RE.match(name)
+        if match:
+            children.setdefault(match["op"], []).append(name)
     ordered: dict[str, Node] = {}
     for name, node in nodes.items():
-        if name in children:
-            continue
-        ordered[name] = node
         if name in layout.ops:
-            for child in sorted((c for c in children if c.startswith(name + ".")), key=_child_sort_key):
-                ordered[child] = nodes[child]
-    for child in sorted(children - ordered.keys(), key=_child_sort_key):  # ops that were never called
-        ordered[child] = nodes[child]
+            ordered[name] = node
+            ordered.update((child, nodes[child]) for child in sorted(children.pop(name, []), key=_child_sort_key))
+        elif not _EXPERT_CHILD_RE.match(name):
+            ordered[name] = node
+    for op_children in children.values():  # children of ops that were never called
+        ordered.update((child, nodes[child]) for child in sorted(op_children, key=_child_sort_key))
     return ordered
 
 

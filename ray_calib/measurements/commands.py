@@ -1,0 +1,99 @@
+"""`ray-calib unify`, `expand` and `inspect`: thin commands over `measurements.pipeline`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ray_calib.rundir import RunDir, run_dir_option
+
+_dir = click.Path(file_okay=False, path_type=Path)
+
+
+@click.command()
+@click.option("--to-tp", "to_tp", type=int, required=True, help="Target tensor-parallel size M (divides N).")
+@click.option("--in", "in_dir", type=_dir, help="Measurement directory at TP=N [default: <run-dir>/measure].")
+@click.option("--out", "out_dir", type=_dir, help="Output directory [default: <run-dir>/unified-tp<M>].")
+@click.option("--force", is_flag=True, help="Replace another run's stats files in --out.")
+@run_dir_option
+def unify(to_tp: int, in_dir: Path | None, out_dir: Path | None, force: bool, run_dir: str | None) -> None:
+    """Re-shard per-rank measurements from TP=N to TP=M (e.g. 16 -> 8 for one 8-card node).
+
+    \b
+    Example:
+      ray-calib unify --to-tp 8 --in runs/r1/measure --out runs/r1/unified-tp8
+    """
+    from ray_calib.measurements.pipeline import unify_dir
+
+    run = RunDir.resolve(run_dir)
+    summary = unify_dir(in_dir or run.measure, out_dir or run.unified(to_tp), to_tp, force=force)
+    rows = [
+        ("ranks", summary.ranks_in, summary.ranks_out),
+        ("nodes per rank", summary.nodes_in, summary.nodes_out),
+        ("experts per layer and rank", summary.experts_in, summary.experts_out),
+    ]
+    _table(f"unify {summary.in_dir} -> {summary.out_dir}", ("", "in", "out"), rows)
+    mode = "expert-parallel (experts concatenated)" if summary.expert_parallel else "element-wise max"
+    extra = f"; scale files unified too: {', '.join(summary.scale_methods)}" if summary.scale_methods else ""
+    click.echo(f"{mode}{extra}; {summary.seconds:.2f} s")
+
+
+@click.command()
+@click.option("--to-ranks", "to_ranks", type=int, required=True, help="Number of expert-parallel ranks W.")
+@click.option("--in", "in_dir", type=_dir, help="TP1 unified directory [default: <run-dir>/unified-tp1].")
+@click.option("--out", "out_dir", type=_dir, help="Output directory [default: <run-dir>/expanded-ep<W>].")
+@click.option("--force", is_flag=True, help="Replace another run's stats files in --out.")
+@run_dir_option
+def expand(to_ranks: int, in_dir: Path | None, out_dir: Path | None, force: bool, run_dir: str | None) -> None:
+    """Split a TP1 measurement into W rank files for expert-parallel serving.
+
+    \b
+    Example:
+      ray-calib expand --to-ranks 8 --in runs/r1/unified-tp1 --out runs/r1/ep8
+    """
+    from ray_calib.measurements.pipeline import expand_dir
+
+    run = RunDir.resolve(run_dir)
+    out = out_dir or run.root / f"expanded-ep{to_ranks}"
+    outputs = expand_dir(in_dir or run.unified(1), out, to_ranks, force=force)
+    click.echo(f"wrote {len(outputs)} rank files of {len(outputs[0].nodes)} nodes each to {out}")
+
+
+@click.command()
+@click.argument("directory", type=_dir)
+def inspect(directory: Path) -> None:
+    """Show what a measurement directory holds: ranks, nodes, module families, bad values, device meta.
+
+    \b
+    Example:
+      ray-calib inspect runs/r1/measure
+    """
+    from ray_calib.measurements.pipeline import inspect_dir
+
+    report = inspect_dir(directory)
+    nodes = sorted(set(report.nodes_per_rank))
+    click.echo(f"{report.directory}: prefix '{report.prefix}', world size {report.world_size}, "
+               f"nodes per rank {'/'.join(map(str, nodes))}, routed experts per rank {report.experts_per_rank}")
+    if report.scale_methods:
+        click.echo(f"scale files: {', '.join(report.scale_methods)}")
+    values = report.values
+    click.echo(f"values: {values['finite']} finite, {values['zero']} zero, {values['nan']} NaN, {values['inf']} inf")
+    _table("module families (rank 0)", ("family", "nodes"), report.families.most_common())
+    if report.meta:
+        shown = {k: v for k, v in report.meta.to_json().items() if v not in (None, [], {})}
+        _table("ray_calib_meta.json", ("field", "value"), sorted(shown.items()))
+    else:
+        click.echo("no ray_calib_meta.json (plain INC output: device and dataset unknown)")
+
+
+def _table(title: str, header: tuple[str, ...], rows: list[tuple]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*map(str, row))
+    Console().print(table)

@@ -1,0 +1,230 @@
+"""Directory-level unify / expand / inspect: read a run, check it, transform it, write it atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray_calib.atomic import staged_dir
+from ray_calib.errors import MeasurementError, OutputExistsError, UnifyError
+from ray_calib.measurements.coverage import COVERAGE_FILE
+from ray_calib.measurements.meta import RunMeta, write_meta
+from ray_calib.measurements.naming import JSON, StatsName, parse_name
+from ray_calib.measurements.rankfile import RankFile, read_rank_file, write_rank_file
+from ray_calib.measurements.runset import MeasurementSet
+from ray_calib.measurements.unify import check_same_nodes, check_sizes, expand_rank, expert_layout, merge_group
+
+
+@dataclass
+class UnifySummary:
+    in_dir: Path
+    out_dir: Path
+    ranks_in: int
+    ranks_out: int
+    nodes_in: int
+    nodes_out: int
+    experts_in: int  # routed experts per MoE layer held by one rank (0: dense model)
+    experts_out: int
+    expert_parallel: bool
+    scale_methods: list[str]
+    seconds: float
+
+
+def unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, *, force: bool = False) -> UnifySummary:
+    """Unify the measurement set in `in_dir` (and any scale sets beside it) to `to_world_size` ranks.
+
+    Target ranks are independent, so their groups are read, merged and written by a pool of processes
+    (one per core); the parent only checks that all groups saw the same modules and commits the result.
+    """
+    start = time.perf_counter()
+    measurement = MeasurementSet.discover(in_dir)
+    check_sizes(measurement.world_size, to_world_size)
+    _check_output(in_dir, out_dir, measurement, to_world_size, force)
+    sets = [measurement] + [MeasurementSet.discover(in_dir, method=m) for m in scale_methods(in_dir)]
+    for run in sets[1:]:
+        if run.world_size != measurement.world_size:
+            raise MeasurementError(in_dir, f"{run.method} scale files have world size {run.world_size}, the "
+                                   f"measurements {measurement.world_size}", fix="remove the stale scale files.")
+    meta = dataclasses.replace(measurement.meta or RunMeta(), tp_size=to_world_size,
+                               unified_from=measurement.world_size)
+    with staged_dir(out_dir) as stage:
+        task = functools.partial(_unify_group, stage=stage, to_world_size=to_world_size,
+                                 expert_parallel=_expert_parallel(measurement))
+        results = _parallel_map(task, [(run, i) for run in sets for i in range(to_world_size)])
+        _check_groups_agree(results)
+        write_meta(stage, meta)
+        if (in_dir / COVERAGE_FILE).exists():
+            shutil.copy2(in_dir / COVERAGE_FILE, stage / COVERAGE_FILE)
+        _remove_stale(out_dir, {r.stem for r in results})
+    first = results[0]
+    return UnifySummary(in_dir=in_dir, out_dir=out_dir, ranks_in=measurement.world_size, ranks_out=to_world_size,
+                        nodes_in=first.nodes_in, nodes_out=first.nodes_out, experts_in=first.experts_in,
+                        experts_out=first.experts_out, expert_parallel=first.expert_parallel,
+                        scale_methods=[s.method for s in sets[1:]], seconds=time.perf_counter() - start)
+
+
+@dataclass
+class _GroupResult:
+    stem: str  # of the written file
+    source: tuple[Path, StatsName]  # the group's first source rank, for error messages
+    digest: str  # of the source node names: equal for every group of a consistent run
+    nodes_in: int
+    nodes_out: int
+    experts_in: int
+    experts_out: int
+    expert_parallel: bool
+
+
+def _unify_group(task: tuple[MeasurementSet, int], *, stage: Path, to_world_size: int,
+                 expert_parallel: bool | None) -> _GroupResult:
+    run, target_rank = task
+    group = run.world_size // to_world_size
+    members = [run.read(j) for j in range(target_rank * group, (target_rank + 1) * group)]
+    check_same_nodes(members)
+    merged = merge_group(members, target_rank, to_world_size, expert_parallel=expert_parallel)
+    write_rank_file(merged, stage)
+    digest = hashlib.blake2b("\n".join(sorted(members[0].nodes)).encode(), digest_size=16).hexdigest()
+    layout_in, layout_out = expert_layout(members[0]), expert_layout(merged)
+    return _GroupResult(stem=merged.name.stem, source=(run.directory, members[0].name), digest=digest,
+                        nodes_in=len(members[0].nodes), nodes_out=len(merged.nodes),
+                        experts_in=layout_in.local_experts, experts_out=layout_out.local_experts,
+                        expert_parallel=layout_out.local_experts > layout_in.local_experts)
+
+
+def _parallel_map(function, tasks: list) -> list:
+    workers = min(os.cpu_count() or 1, len(tasks))
+    if workers < 2:
+        return [function(task) for task in tasks]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(function, tasks, chunksize=-(-len(tasks) // workers))
+
+
+def _check_groups_agree(results: list[_GroupResult]) -> None:
+    """Groups check their own members; across groups compare digests, and explain a mismatch in full."""
+    reference = results[0]
+    for result in results[1:]:
+        if result.digest != reference.digest and result.source[1].method == reference.source[1].method:
+            pair = [read_rank_file(directory, name, check_npz=False) for directory, name in (reference.source,
+                                                                                              result.source)]
+            check_same_nodes(pair)
+
+
+def expand_dir(in_dir: Path, out_dir: Path, to_world_size: int, *, force: bool = False) -> list[RankFile]:
+    """Expand a TP1 (unified) measurement into `to_world_size` expert-parallel rank files."""
+    measurement = MeasurementSet.discover(in_dir)
+    if measurement.world_size != 1:
+        raise UnifyError(f"{in_dir} holds {measurement.world_size} ranks; expand starts from one",
+                         fix=f"run `ray-calib unify --to-tp 1 --in {in_dir}` first.")
+    _check_output(in_dir, out_dir, measurement, to_world_size, force)
+    outputs = expand_rank(measurement.read(0), to_world_size)
+    meta = dataclasses.replace(measurement.meta or RunMeta(), tp_size=to_world_size, ep_size=to_world_size)
+    _write(out_dir, outputs, meta, in_dir)
+    return outputs
+
+
+def scale_methods(directory: Path) -> list[str]:
+    """The scale methods (e.g. MAXABS_HW) whose files sit in `directory`."""
+    found = {parsed[0].method for p in directory.iterdir() if (parsed := parse_name(p)) and parsed[0].method}
+    return sorted(found)
+
+
+def _expert_parallel(measurement: MeasurementSet) -> bool | None:
+    """The sidecar knows (ray-calib runs); INC's own files don't have one, so unify detects from the layout."""
+    ep_size = measurement.meta.ep_size if measurement.meta else None
+    return None if ep_size is None else ep_size > 1
+
+
+def _check_output(in_dir: Path, out_dir: Path, measurement: MeasurementSet, to_world_size: int,
+                  force: bool) -> None:
+    if out_dir.resolve() == in_dir.resolve():
+        raise UnifyError(f"--out {out_dir} is the input directory", fix="write the result to another directory.")
+    if not out_dir.exists() or force:
+        return
+    expected = {(measurement.prefix, to_world_size)}
+    found = {(parsed[0].prefix, parsed[0].world_size) for p in out_dir.iterdir()
+             if (parsed := parse_name(p)) and parsed[1] == JSON}
+    if found - expected:
+        prefix, world_size = sorted(found - expected, key=str)[0]
+        raise OutputExistsError(f"{out_dir} already holds another run ('{prefix}', world size {world_size})",
+                                fix="choose another --out, or pass --force to replace its stats files.")
+
+
+def _write(out_dir: Path, outputs: list[RankFile], meta: RunMeta, in_dir: Path) -> None:
+    """Everything lands in a staging directory first: a failure leaves `out_dir` untouched."""
+    with staged_dir(out_dir) as stage:
+        for rank_file in outputs:
+            write_rank_file(rank_file, stage)
+        write_meta(stage, meta)
+        if (in_dir / COVERAGE_FILE).exists():
+            shutil.copy2(in_dir / COVERAGE_FILE, stage / COVERAGE_FILE)
+        _remove_stale(out_dir, {rank_file.name.stem for rank_file in outputs})
+
+
+def _remove_stale(out_dir: Path, keep: set[str]) -> None:
+    """With --force, stats files of another run in `out_dir` must go, or the next reader sees two runs."""
+    for path in out_dir.iterdir():
+        parsed = parse_name(path)
+        if parsed and parsed[0].stem not in keep:
+            path.unlink()
+
+
+# ---- inspect ------------------------------------------------------------------------------------------
+
+_INDEX_RE = re.compile(r"\.\d+(?=\.|$)")
+
+
+@dataclass
+class Inspection:
+    directory: Path
+    prefix: str
+    world_size: int
+    nodes_per_rank: list[int]
+    families: Counter = field(default_factory=Counter)  # module family (indices as *) -> nodes on rank 0
+    values: Counter = field(default_factory=Counter)  # "finite", "zero", "nan", "inf" over all leaves
+    experts_per_rank: int = 0
+    scale_methods: list[str] = field(default_factory=list)
+    meta: RunMeta | None = None
+
+
+def inspect_dir(directory: Path) -> Inspection:
+    """Summarize what a measurement directory holds, counting NaN/inf/zero instead of refusing them."""
+    measurement = MeasurementSet.discover(directory)
+    rank_files = measurement.read_all(strict=False)
+    report = Inspection(directory=directory, prefix=measurement.prefix, world_size=measurement.world_size,
+                        nodes_per_rank=[len(r.nodes) for r in rank_files], meta=measurement.meta,
+                        experts_per_rank=expert_layout(rank_files[0]).local_experts,
+                        scale_methods=scale_methods(directory))
+    report.families.update(_INDEX_RE.sub(".*", module) for module in rank_files[0].nodes)
+    for rank_file in rank_files:
+        for node in rank_file.nodes.values():
+            for value in _values(node):
+                report.values[_classify(value)] += 1
+    return report
+
+
+def _values(node: dict):
+    stack = [*node.get("inputs", ()), *node.get("outputs", ()), *node.get("params", {}).values()]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        else:
+            yield item
+
+
+def _classify(value: float) -> str:
+    if value != value:
+        return "nan"
+    if math.isinf(value):
+        return "inf"
+    return "zero" if value == 0 else "finite"
