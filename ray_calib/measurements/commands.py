@@ -88,12 +88,11 @@ def inspect(directory: Path) -> None:
 
 
 def _table(title: str, header: tuple[str, ...], rows: list[tuple]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for column in header:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*map(str, row))
-    Console().print(table)
+    """A plain aligned table: rich would add ~0.1 s of import time to every unify."""
+    cells = [tuple(map(str, header))] + [tuple(map(str, row)) for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    click.echo(title)
+    for index, row in enumerate(cells):
+        click.echo("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if index == 0:
+            click.echo("  " + "  ".join("-" * width for width in widths))

@@ -26,6 +26,7 @@ from ray_calib.errors import MeasurementError
 _MEMBER = "arr_0.npy"
 _MAGIC = b"\x93NUMPY"
 _unpack_f4 = struct.Struct("<f").unpack
+_pack_f4 = struct.Struct("<f").pack
 _TYPECODES = {"f4": "f", "f8": "d", "i4": "i", "i8": "q", "u1": "B", "b1": "B"}
 
 
@@ -204,6 +205,7 @@ class _Emitter:
         b"(K\x03X\x01\x00\x00\x00|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tbq\x030"
     )
     _NEW_ARRAY = b"h\x00h\x01K\x00\x85C\x01b\x87R"  # _reconstruct(ndarray, (0,), b'b')
+    _LEAF_1X1 = _NEW_ARRAY + b"(K\x01J\x01\x00\x00\x00J\x01\x00\x00\x00\x86h\x02\x89C\x04"  # ..., shape (1, 1)
 
     def __init__(self) -> None:
         self.out: list[bytes] = []
@@ -237,6 +239,9 @@ class _Emitter:
         self.out.append(b"u")
 
     def leaf(self, value: Any) -> None:
+        if type(value) is list and len(value) == 1 and type(value[0]) is list and len(value[0]) == 1:
+            self.out += [self._LEAF_1X1, _pack_f4(value[0][0]), b"tb"]  # INC's per-tensor [[v]]
+            return
         shape, flat = _shape_and_flat(value)
         raw = struct.pack(f"<{len(flat)}f", *flat)
         dims = b"".join(b"J" + struct.pack("<i", d) for d in shape)

@@ -9,6 +9,7 @@ group order while its first entry is max-reduced.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -16,15 +17,26 @@ from typing import Any
 from ray_calib.errors import MeasurementError, UnifyError
 from ray_calib.measurements.rankfile import MODE_SCALE, Node, RankFile
 
-_EXPERT_CHILD_RE = re.compile(r"^(?P<op>.+)\.(?P<kind>w13_list|w2_list)\.(?P<expert>\d+)$")
+_EXPERT_CHILD_RE = re.compile(r"^(.+)\.(w13_list|w2_list)\.(\d+)$")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def expert_child(module: str) -> tuple[str, str, int] | None:
+    """`(op, kind, expert)` for `<op>.w13_list.K` / `<op>.w2_list.K`, else None (cached: names repeat per rank)."""
+    match = _EXPERT_CHILD_RE.match(module)
+    return (match[1], match[2], int(match[3])) if match else None
 
 
 @dataclass(frozen=True)
 class ExpertLayout:
     """Fused MoE ops and how many experts each rank holds (0 when the model has none)."""
 
-    ops: frozenset[str]
+    children: dict[str, list[tuple[str, int]]]  # op -> its (kind, expert) children, sorted
     local_experts: int
+
+    @property
+    def ops(self) -> frozenset[str]:
+        return frozenset(self.children)
 
     @property
     def has_experts(self) -> bool:
@@ -33,16 +45,17 @@ class ExpertLayout:
 
 def expert_layout(rank_file: RankFile) -> ExpertLayout:
     """Find fused MoE ops by their `<op>.w13_list.K` children; all ops must hold the same expert count."""
-    experts: dict[str, set[int]] = {}
+    children: dict[str, list[tuple[str, int]]] = {}
     for module in rank_file.nodes:
-        match = _EXPERT_CHILD_RE.match(module)
-        if match:
-            experts.setdefault(match["op"], set()).add(int(match["expert"]))
-    counts = {len(ids) for ids in experts.values()}
+        child = expert_child(module)
+        if child:
+            children.setdefault(child[0], []).append(child[1:])
+    counts = {len({expert for _, expert in kids}) for kids in children.values()}
     if len(counts) > 1:
         raise MeasurementError(rank_file.name.stem, f"MoE ops hold different expert counts {sorted(counts)}",
                                fix="the file mixes runs; re-measure.")
-    return ExpertLayout(ops=frozenset(experts), local_experts=counts.pop() if counts else 0)
+    return ExpertLayout(children={op: sorted(kids) for op, kids in children.items()},
+                        local_experts=counts.pop() if counts else 0)
 
 
 def unify_ranks(rank_files: list[RankFile], to_world_size: int, *, expert_parallel: bool | None = None,
@@ -88,23 +101,33 @@ def check_same_nodes(rank_files: list[RankFile]) -> None:
 def _merge_group(members: list[RankFile], target_rank: int, to_world_size: int,
                  layout: ExpertLayout | None) -> RankFile:
     first = members[0]
-    scale = first.mode == MODE_SCALE
+    per_expert_field = "inputs" if first.mode == MODE_SCALE else "outputs"
     nodes: dict[str, Node] = {}
     for module in first.nodes:
-        match = _EXPERT_CHILD_RE.match(module) if layout else None
-        if match:
-            new_index = int(match["expert"])
-            for j, member in enumerate(members):
-                nodes[f"{match['op']}.{match['kind']}.{new_index + layout.local_experts * j}"] = member.nodes[module]
-        elif layout and module in layout.ops:
+        child = expert_child(module) if layout else None
+        if child:
+            if child[0] not in layout.children or child[0] in nodes:
+                continue  # emitted with its op (below), in group order
+            nodes.update(_group_children(members, child[0], layout))  # the op itself was never called
+        elif layout and module in layout.children:
             nodes[module] = _merge_fused_op([m.nodes[module] for m in members], module, first.name.stem,
-                                            "inputs" if scale else "outputs")
+                                            per_expert_field)
+            nodes.update(_group_children(members, module, layout))
         else:
             nodes[module] = _merge_nodes([m.nodes[module] for m in members], module, first.name.stem)
-    if layout:
-        nodes = _experts_in_order(nodes, layout)
     return RankFile(name=first.name.with_rank(target_rank, to_world_size), nodes=nodes, mode=first.mode,
                     mod_list=_merge_mod_lists(members, layout), extra=dict(first.extra))
+
+
+def _group_children(members: list[RankFile], op: str, layout: ExpertLayout):
+    """Member j's expert K becomes expert K + E*j; yields (new name, node) by kind, then new index."""
+    kinds = sorted({kind for kind, _ in layout.children[op]})
+    for kind in kinds:
+        for j, member in enumerate(members):
+            for child_kind, expert in layout.children[op]:
+                if child_kind == kind:
+                    yield (f"{op}.{kind}.{expert + layout.local_experts * j}",
+                           member.nodes[f"{op}.{kind}.{expert}"])
 
 
 def _merge_nodes(nodes: list[Node], module: str, stem: str) -> Node:
@@ -134,43 +157,24 @@ def _max_leaves(leaves: list[Any], module: str) -> Any:
     first = leaves[0]
     if not isinstance(first, list):
         return max(leaves)
+    if len(first) == 1 and isinstance(first[0], list) and len(first[0]) == 1:  # per-tensor [[v]]: the hot path
+        try:
+            return [[max([leaf[0][0] for leaf in leaves])]]
+        except (IndexError, TypeError):
+            pass  # differently shaped leaves: the general path below names the problem
     if any(len(leaf) != len(first) for leaf in leaves):
         raise UnifyError(f"node '{module}': per-channel ranges of different lengths across ranks",
                          fix="the ranks come from different runs or models; re-measure.")
     return [_max_leaves([leaf[i] for leaf in leaves], module) for i in range(len(first))]
 
 
-def _experts_in_order(nodes: dict[str, Node], layout: ExpertLayout) -> dict[str, Node]:
-    """Place renumbered expert children right after their op, sorted by kind then expert."""
-    children: dict[str, list[str]] = {}
-    for name in nodes:
-        match = _EXPERT_CHILD_RE.match(name)
-        if match:
-            children.setdefault(match["op"], []).append(name)
-    ordered: dict[str, Node] = {}
-    for name, node in nodes.items():
-        if name in layout.ops:
-            ordered[name] = node
-            ordered.update((child, nodes[child]) for child in sorted(children.pop(name, []), key=_child_sort_key))
-        elif not _EXPERT_CHILD_RE.match(name):
-            ordered[name] = node
-    for op_children in children.values():  # children of ops that were never called
-        ordered.update((child, nodes[child]) for child in sorted(op_children, key=_child_sort_key))
-    return ordered
-
-
-def _child_sort_key(name: str) -> tuple[str, str, int]:
-    match = _EXPERT_CHILD_RE.match(name)
-    return (match["op"], match["kind"], int(match["expert"]))
-
-
 def _merge_mod_lists(members: list[RankFile], layout: ExpertLayout | None) -> list[str]:
     merged: dict[str, None] = {}
     for j, member in enumerate(members):
         for module in member.mod_list:
-            match = _EXPERT_CHILD_RE.match(module) if layout else None
-            if match:
-                module = f"{match['op']}.{match['kind']}.{int(match['expert']) + layout.local_experts * j}"
+            child = expert_child(module) if layout and j else None
+            if child:
+                module = f"{child[0]}.{child[1]}.{child[2] + layout.local_experts * j}"
             merged[module] = None
     return list(merged)
 
@@ -199,18 +203,18 @@ def _expand_one(rank_file: RankFile, layout: ExpertLayout, j: int, per_rank: int
     low, high = j * per_rank, (j + 1) * per_rank
 
     def local(module: str) -> str | None:
-        match = _EXPERT_CHILD_RE.match(module)
-        if not match:
+        child = expert_child(module)
+        if not child:
             return module
-        expert = int(match["expert"])
-        return f"{match['op']}.{match['kind']}.{expert - low}" if low <= expert < high else None
+        op, kind, expert = child
+        return f"{op}.{kind}.{expert - low}" if low <= expert < high else None
 
     nodes: dict[str, Node] = {}
     for module, node in rank_file.nodes.items():
         new_name = local(module)
         if new_name is None:
             continue
-        if module in layout.ops and per_expert_field in node:
+        if module in layout.children and per_expert_field in node:
             entries = node[per_expert_field]
             node = {**node, per_expert_field: [entries[0], *entries[1 + low:1 + high]]}
         nodes[new_name] = node
