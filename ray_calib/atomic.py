@@ -46,15 +46,17 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> 
 def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty staging directory; on success move each file in it into `final`.
 
-    Files are moved one by one (each move atomic), only after the caller's block finished without
-    error, so a failure leaves `final` exactly as it was. Existing files of the same name are replaced;
+    The stage sits beside `final` (same file system). Files are moved one by one (each move atomic),
+    only after the caller's block finished without error, so a failure leaves `final` exactly as it
+    was (not even created). Existing files of the same name are replaced;
     other files already in `final` are left alone.
     """
     final = Path(final)
-    final.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".ray-calib-stage-", dir=final))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.stage-", dir=final.parent))
     try:
         yield stage
+        final.mkdir(exist_ok=True)
         for src in sorted(stage.rglob("*")):
             dest = final / src.relative_to(stage)
             if src.is_dir():

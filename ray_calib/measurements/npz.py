@@ -165,7 +165,7 @@ def _parse_header(raw: bytes) -> tuple[int, str]:
     else:
         size, start = struct.unpack_from("<I", raw, 8)[0], 12
     header = ast.literal_eval(raw[start:start + size].decode("latin-1"))
-    if header.get("shape") != () or header.get("fortran_order"):
+    if header.get("descr") == "|O" and header.get("shape") != ():
         raise ValueError(f"unexpected array header {header}")
     return start + size, header["descr"]
 
@@ -239,7 +239,8 @@ class _Emitter:
         self.out.append(b"u")
 
     def leaf(self, value: Any) -> None:
-        if type(value) is list and len(value) == 1 and type(value[0]) is list and len(value[0]) == 1:
+        if (type(value) is list and len(value) == 1 and type(value[0]) is list and len(value[0]) == 1
+                and type(value[0][0]) is not list):
             self.out += [self._LEAF_1X1, _pack_f4(value[0][0]), b"tb"]  # INC's per-tensor [[v]]
             return
         shape, flat = _shape_and_flat(value)

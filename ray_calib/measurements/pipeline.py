@@ -172,7 +172,7 @@ def _write(out_dir: Path, outputs: list[RankFile], meta: RunMeta, in_dir: Path) 
 
 def _remove_stale(out_dir: Path, keep: set[str]) -> None:
     """With --force, stats files of another run in `out_dir` must go, or the next reader sees two runs."""
-    for path in out_dir.iterdir():
+    for path in out_dir.iterdir() if out_dir.is_dir() else ():
         parsed = parse_name(path)
         if parsed and parsed[0].stem not in keep:
             path.unlink()

@@ -1,0 +1,78 @@
+"""The NPZ codec: byte-compatible with numpy both ways, and a pickle that runs code is refused."""
+
+import io
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from ray_calib.errors import MeasurementError
+from ray_calib.measurements import npz
+
+STATS = {
+    "GlobalRank": None, "LocalRank": 3, "Mode": "DynamicRange",
+    "Nodes": {
+        "a.qkv_proj": {"inputs": [[[1.5]]], "params": {"weight": [[0.25], [0.5], [2.0]]}},
+        "a.o_proj": {"inputs": [[[0.09375]]], "outputs": [[[3.0]], [[4.0]]]},
+        "a.sdpa": {"inputs": [[[1.0]], [[2.0]], [[3.0]]], "outputs": [[[[1.0, 2.0]]]]},
+    },
+}
+
+
+def _numpy_savez(obj) -> bytes:
+    holder = np.empty((), dtype=object)
+    holder[()] = obj
+    buffer = io.BytesIO()
+    np.savez(buffer, holder)
+    return buffer.getvalue()
+
+
+def test_numpy_reads_what_we_write(tmp_path):
+    path = npz.save(tmp_path / "s.npz", STATS)
+    loaded = np.load(path, allow_pickle=True)["arr_0"].item()
+    weight = loaded["Nodes"]["a.qkv_proj"]["params"]["weight"]
+    assert weight.dtype == np.float32 and weight.shape == (3, 1)
+    assert loaded["Nodes"]["a.sdpa"]["outputs"][0].shape == (1, 1, 2)
+    assert loaded["LocalRank"] == 3 and loaded["GlobalRank"] is None
+    assert npz.load(path) == STATS
+
+
+def test_we_read_what_numpy_writes_including_scalars(tmp_path):
+    arrays = {"Nodes": {"m": {"inputs": [np.array([[1.5]], dtype=np.float32), np.float32(0.5),
+                                         np.array(0.25, dtype=np.float64)],
+                              "params": {"weight": np.array([[1.0], [2.0]], dtype=np.float32)}}}}
+    (tmp_path / "n.npz").write_bytes(_numpy_savez(arrays))
+    assert npz.load(tmp_path / "n.npz") == {"Nodes": {"m": {"inputs": [[[1.5]], 0.5, 0.25],
+                                                            "params": {"weight": [[1.0], [2.0]]}}}}
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil_hooks_maxabs_0_1.npz"
+    path.write_bytes(_numpy_savez({"Nodes": {"x": {"inputs": [_Exploit(marker)]}}}))
+    with pytest.raises(MeasurementError, match=r"evil_hooks_maxabs_0_1\.npz.*(posix|os)\.system"):
+        npz.load(path)
+    assert not marker.exists()
+    # the same payload does run under plain pickle: the test would catch an allow-list that lets it through
+    raw = zipfile.ZipFile(path).read("arr_0.npy")
+    pickle.loads(raw[raw.index(b"\n") + 1:])
+    assert marker.exists()
+
+
+def test_not_an_npz_and_plain_arrays_are_refused(tmp_path):
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(MeasurementError, match="junk.npz: is not a readable INC NPZ"):
+        npz.load(tmp_path / "junk.npz")
+    np.savez(tmp_path / "plain.npz", np.ones(3))
+    with pytest.raises(MeasurementError, match="not INC's object array"):
+        npz.load(tmp_path / "plain.npz")
