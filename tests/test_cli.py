@@ -1,0 +1,59 @@
+"""The command line itself: help everywhere, version, and no heavy imports on the fast paths."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ray_calib.cli import COMMANDS, cli
+
+HEAVY = ("torch", "vllm", "ray", "transformers", "safetensors", "huggingface_hub", "paramiko", "matplotlib",
+         "pandas", "numpy")
+
+
+def test_version(run_cli):
+    from ray_calib import __version__
+
+    result = run_cli("--version")
+    assert result.exit_code == 0 and __version__ in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help(run_cli, name):
+    result = run_cli(name, "--help")
+    assert result.exit_code == 0, result.stderr
+    assert "Usage: ray-calib" in result.stdout and name in result.stdout
+
+
+def test_group_help_lists_every_command(run_cli):
+    result = run_cli("--help")
+    assert result.exit_code == 0
+    for name in COMMANDS:
+        assert name in result.stdout
+    assert set(cli.list_commands(None)) == set(COMMANDS)
+
+
+def test_unknown_option_is_one_line_usage_error(run_cli):
+    result = run_cli("unify", "--to-tp", "two")
+    assert result.exit_code == 2 and "Invalid value for '--to-tp'" in result.stderr
+
+
+def _imported_after(code: str) -> set[str]:
+    probe = f"{code}\nimport sys\nprint(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_help_and_unify_import_nothing_heavy(tmp_path):
+    from tests.measurements.synthetic import write_set
+
+    write_set(tmp_path / "in", 2)
+    loaded = _imported_after(
+        "from ray_calib.cli import main\n"
+        "for args in (['--help'], ['unify', '--help'], "
+        f"['unify', '--to-tp', '1', '--in', r'{tmp_path / 'in'}', '--out', r'{tmp_path / 'out'}']):\n"
+        "    try: main(args)\n"
+        "    except SystemExit as e: assert e.code == 0, e.code\n"
+    )
+    assert (tmp_path / "out").is_dir()
+    assert not loaded & set(HEAVY), loaded & set(HEAVY)
