@@ -11,6 +11,7 @@ opcode. Neither direction imports numpy, which keeps `ray-calib unify` fast.
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import pickle
 import struct
@@ -174,7 +175,7 @@ def _parse_header(raw: bytes) -> tuple[int, str]:
 
 def dumps(stats: dict[str, Any]) -> bytes:
     """NPZ bytes for `stats` (list leaves), as `np.savez(f, np.array(stats_with_float32_arrays))` writes."""
-    body = _Emitter().stats(stats)
+    body = _pickle_stats(stats)
     header = b"{'descr': '|O', 'fortran_order': False, 'shape': (), }"
     header += b" " * (63 - (len(_MAGIC) + 4 + len(header)) % 64) + b"\n"
     npy = _MAGIC + b"\x01\x00" + struct.pack("<H", len(header)) + header + body
@@ -188,88 +189,93 @@ def save(path: str | Path, stats: dict[str, Any]) -> Path:
     return atomic.write_bytes(path, dumps(stats))
 
 
-class _Emitter:
-    """Protocol-3 pickle opcodes for a 0-d object array whose item is the stats dict.
+# Protocol-3 pickle opcodes of a 0-d object array holding the stats dict, as numpy writes it. Memo slots:
+# 0 `_reconstruct`, 1 `ndarray`, 2 the float32 dtype, 3 the object dtype, 4 `dtype`. `numpy.core` is
+# spelled so that both numpy 1.x (Gaudi images) and numpy 2.x resolve it.
+_PREAMBLE = (
+    b"\x80\x03"
+    b"cnumpy.core.multiarray\n_reconstruct\nq\x000"
+    b"cnumpy\nndarray\nq\x010"
+    b"cnumpy\ndtype\nq\x04X\x02\x00\x00\x00f4\x89\x88\x87R"
+    b"(K\x03X\x01\x00\x00\x00<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tbq\x020"
+    b"h\x04X\x02\x00\x00\x00O8\x89\x88\x87R"
+    b"(K\x03X\x01\x00\x00\x00|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tbq\x030"
+)
+_NEW_ARRAY = b"h\x00h\x01K\x00\x85C\x01b\x87R"  # _reconstruct(ndarray, (0,), b'b')
+_LEAF_1X1 = _NEW_ARRAY + b"(K\x01J\x01\x00\x00\x00J\x01\x00\x00\x00\x86h\x02\x89C\x04"  # ... shape (1, 1), 4 bytes
+_SHAPE_OPS = {0: b")", 1: b"\x85", 2: b"\x86", 3: b"\x87"}  # EMPTY_TUPLE, TUPLE1..3
 
-    Memo slots: 0 `_reconstruct`, 1 `ndarray`, 2 float32 dtype, 3 object dtype, 4 `dtype`. `numpy.core` is used
-    because both numpy 1.x (Gaudi images) and numpy 2.x resolve it.
-    """
 
-    _PREAMBLE = (
-        b"\x80\x03"
-        b"cnumpy.core.multiarray\n_reconstruct\nq\x000"
-        b"cnumpy\nndarray\nq\x010"
-        b"cnumpy\ndtype\nq\x04X\x02\x00\x00\x00f4\x89\x88\x87R"
-        b"(K\x03X\x01\x00\x00\x00<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tbq\x020"
-        b"h\x04X\x02\x00\x00\x00O8\x89\x88\x87R"
-        b"(K\x03X\x01\x00\x00\x00|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tbq\x030"
-    )
-    _NEW_ARRAY = b"h\x00h\x01K\x00\x85C\x01b\x87R"  # _reconstruct(ndarray, (0,), b'b')
-    _LEAF_1X1 = _NEW_ARRAY + b"(K\x01J\x01\x00\x00\x00J\x01\x00\x00\x00\x86h\x02\x89C\x04"  # ..., shape (1, 1)
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-
-    def stats(self, stats: dict[str, Any]) -> bytes:
-        self.out = [self._PREAMBLE, self._NEW_ARRAY, b"(K\x01)h\x03\x89]("]
-        self.dict_of(stats, self.top_level)
-        self.out.append(b"etb.")  # APPENDS, TUPLE, BUILD, STOP
-        return b"".join(self.out)
-
-    def top_level(self, key: str, value: Any) -> None:
+def _pickle_stats(stats: dict[str, Any]) -> bytes:
+    out = [_PREAMBLE, _NEW_ARRAY, b"(K\x01)h\x03\x89](}("]  # object array state: (1, (), O8, False, [dict
+    for key, value in stats.items():
+        out.append(_string(key))
         if key == "Nodes":
-            self.dict_of(value, lambda _, node: self.dict_of(node, self.node_field))
+            _pickle_nodes(value, out)
         else:
-            self.plain(value)
+            out.append(_plain(value))
+    out.append(b"uetb.")  # SETITEMS, APPENDS, TUPLE, BUILD, STOP
+    return b"".join(out)
 
-    def node_field(self, key: str, value: Any) -> None:
-        if key == "params":
-            self.dict_of(value, lambda _, leaf: self.leaf(leaf))
-        else:
-            self.out.append(b"](")
-            for leaf in value:
-                self.leaf(leaf)
-            self.out.append(b"e")
 
-    def dict_of(self, mapping: dict[str, Any], emit_value) -> None:
-        self.out.append(b"}(")
-        for key, value in mapping.items():
-            self.string(key)
-            emit_value(key, value)
-        self.out.append(b"u")
+def _pickle_nodes(nodes: dict[str, Any], out: list[bytes]) -> None:
+    append = out.append
+    append(b"}(")
+    for module, node in nodes.items():
+        append(_string(module))
+        append(b"}(")
+        for field, value in node.items():
+            append(_string(field))
+            if field == "params":
+                append(b"}(")
+                for key, leaf in value.items():
+                    append(_string(key))
+                    append(_leaf(leaf))
+                append(b"u")
+            else:
+                append(b"](")
+                for leaf in value:
+                    append(_leaf(leaf))
+                append(b"e")
+        append(b"u")
+    append(b"u")
 
-    def leaf(self, value: Any) -> None:
-        if (type(value) is list and len(value) == 1 and type(value[0]) is list and len(value[0]) == 1
-                and type(value[0][0]) is not list):
-            self.out += [self._LEAF_1X1, _pack_f4(value[0][0]), b"tb"]  # INC's per-tensor [[v]]
-            return
-        shape, flat = _shape_and_flat(value)
-        raw = struct.pack(f"<{len(flat)}f", *flat)
-        dims = b"".join(b"J" + struct.pack("<i", d) for d in shape)
-        shape_op = {0: b")", 1: b"\x85", 2: b"\x86", 3: b"\x87"}.get(len(shape))
-        if shape_op is None:
-            shape_op = b"(" + dims + b"t"
-            dims = b""
-        data = b"C" + bytes([len(raw)]) + raw if len(raw) < 256 else b"B" + struct.pack("<I", len(raw)) + raw
-        self.out += [self._NEW_ARRAY, b"(K\x01", dims, shape_op, b"h\x02\x89", data, b"tb"]
 
-    def string(self, text: str) -> None:
-        encoded = text.encode()
-        self.out += [b"X", struct.pack("<I", len(encoded)), encoded]
+@functools.lru_cache(maxsize=1 << 16)
+def _string(text: str) -> bytes:
+    """BINUNICODE; cached because every rank file repeats the same module names."""
+    encoded = text.encode()
+    return b"X" + struct.pack("<I", len(encoded)) + encoded
 
-    def plain(self, value: Any) -> None:
-        if value is None:
-            self.out.append(b"N")
-        elif isinstance(value, bool):
-            self.out.append(b"\x88" if value else b"\x89")
-        elif isinstance(value, int) and -2**31 <= value < 2**31:
-            self.out += [b"J", struct.pack("<i", value)]
-        elif isinstance(value, float):
-            self.out += [b"G", struct.pack(">d", value)]
-        elif isinstance(value, str):
-            self.string(value)
-        else:
-            raise TypeError(f"cannot store {type(value).__name__} in a stats NPZ header field")
+
+def _leaf(value: Any) -> bytes:
+    """A float32 array: INC's per-tensor `[[v]]` on a fast path, any other shape in general."""
+    if type(value) is list and len(value) == 1:
+        inner = value[0]
+        if type(inner) is list and len(inner) == 1 and type(inner[0]) is not list:
+            return _LEAF_1X1 + _pack_f4(inner[0]) + b"tb"
+    shape, flat = _shape_and_flat(value)
+    raw = struct.pack(f"<{len(flat)}f", *flat)
+    dims = b"".join(b"J" + struct.pack("<i", d) for d in shape)
+    shape_op = _SHAPE_OPS.get(len(shape)) or b"t"
+    if len(shape) > 3:
+        dims = b"(" + dims
+    data = b"C" + bytes([len(raw)]) + raw if len(raw) < 256 else b"B" + struct.pack("<I", len(raw)) + raw
+    return b"".join([_NEW_ARRAY, b"(K\x01", dims, shape_op, b"h\x02\x89", data, b"tb"])
+
+
+def _plain(value: Any) -> bytes:
+    if value is None:
+        return b"N"
+    if isinstance(value, bool):
+        return b"\x88" if value else b"\x89"
+    if isinstance(value, int) and -2**31 <= value < 2**31:
+        return b"J" + struct.pack("<i", value)
+    if isinstance(value, float):
+        return b"G" + struct.pack(">d", value)
+    if isinstance(value, str):
+        return _string(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a stats NPZ header field")
 
 
 def _shape_and_flat(value: Any) -> tuple[tuple[int, ...], list[float]]:
