@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "unify": "ray_calib.measurements.commands:unify",
     "expand": "ray_calib.measurements.commands:expand",
     "inspect": "ray_calib.measurements.commands:inspect",
+    "infer": "ray_calib.infer.commands:infer",
+    "eval": "ray_calib.infer.commands:eval_command",
 }
 
 # OS errors a user causes (full disk, no permission) -> the fix. Everything else is a bug: traceback.

@@ -1,0 +1,143 @@
+"""`ray-calib infer` and `ray-calib eval`: thin commands over `infer.runner` and `infer.fidelity`."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import click
+
+from ray_calib.errors import EngineError
+from ray_calib.rundir import RunDir, run_dir_option
+
+_dir = click.Path(file_okay=False, path_type=Path)
+_file = click.Path(dir_okay=False, path_type=Path)
+
+
+def _run_meta(run: RunDir, model: Path):
+    """The sidecar that describes the scales in use: next to the checkpoint, else the run's measurements."""
+    from ray_calib.measurements import read_meta
+
+    for directory in (model, run.latest_unified(), run.measure):
+        if directory is not None and (meta := read_meta(directory)) is not None:
+            return meta, directory
+    return None, model
+
+
+@click.command()
+@click.option("--one-node", is_flag=True, help="Serve on this node alone at its TP (the default).")
+@click.option("--cluster", "use_cluster", is_flag=True, help="Spread the ranks over the cluster `up` started.")
+@click.option("--model", type=_dir, help="Model directory [default: <run-dir>/fp8].")
+@click.option("--tp", type=int, help="Tensor-parallel size [default: the unified TP of the run, else 8; 1 on CPU].")
+@click.option("--prompts", type=_file, help="One prompt per line (or JSONL with 'prompt').")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--fp8-kv/--no-fp8-kv", default=None, help="FP8 KV cache [default: as measured].")
+@click.option("--serve", is_flag=True, help="Start an OpenAI-compatible server (vllm serve) instead.")
+@click.option("--detach", is_flag=True, help="With --serve: return once healthy, leaving the server running.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--quant-config", type=_file, help="Gaudi: the QUANTIZE QUANT_CONFIG INC applies at load.")
+@click.option("--timeout", "timeout_s", type=int, default=1800, show_default=True,
+              help="Seconds for long FP8 compiles (sets VLLM_ENGINE_ITERATION_TIMEOUT_S and VLLM_RPC_TIMEOUT).")
+@click.option("--allow-device-mismatch", is_flag=True, help="Use scales measured on another device type.")
+@run_dir_option
+def infer(one_node: bool, use_cluster: bool, model: Path | None, tp: int | None, prompts: Path | None,
+          max_new_tokens: int, fp8_kv: bool | None, serve: bool, detach: bool, host: str, port: int,
+          quant_config: Path | None, timeout_s: int, allow_device_mismatch: bool, run_dir: str | None) -> None:
+    """Run the quantized model with vLLM: offline generation, or `--serve` an OpenAI API.
+
+    \b
+    Examples:
+      ray-calib infer --one-node --prompts prompts.txt
+      ray-calib infer --one-node --serve --port 8000
+    """
+    from ray_calib.engine.device import detect_device, device_type
+    from ray_calib.infer import runner
+
+    if one_node and use_cluster:
+        raise click.UsageError("--one-node and --cluster exclude each other.")
+    run = RunDir.resolve(run_dir)
+    model = model or run.fp8
+    device = detect_device()
+    meta, meta_dir = _run_meta(run, model)
+    runner.check_device_type(meta, device_type(device), allow_mismatch=allow_device_mismatch, where=meta_dir)
+    tp_size = tp or (meta.tp_size if meta and meta.tp_size and meta.unified_from else (1 if device == "cpu" else 8))
+    extra_env = {}
+    if use_cluster:
+        from ray_calib.cluster import connect
+
+        extra_env["RAY_ADDRESS"] = connect()
+    config = runner.InferConfig(model=model, tp_size=tp_size, device=device,
+                                fp8_kv=fp8_kv if fp8_kv is not None else bool(meta and meta.fp8_kv),
+                                quant_config=quant_config, timeout_s=timeout_s, extra_env=extra_env)
+    click.echo(f"vLLM on {device}, TP={tp_size}, FP8 KV {'on' if config.fp8_kv else 'off'}; "
+               f"VLLM_ENGINE_ITERATION_TIMEOUT_S={timeout_s}, VLLM_RPC_TIMEOUT={timeout_s * 1000} (ms)")
+    if serve:
+        _serve(runner, config, host, port, detach, run)
+        return
+    completions = runner.generate(config, runner.load_prompts(prompts), max_new_tokens=max_new_tokens)
+    for completion in completions:
+        click.echo(f"> {completion.prompt}\n  {completion.text.strip()!r} ({completion.num_tokens} tokens)")
+    from ray_calib import atomic
+
+    out = atomic.write_json(run.root / "infer" / "completions.json",
+                            [completion.__dict__ for completion in completions])
+    click.echo(f"completions saved to {out}")
+
+
+def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> None:
+    import os
+
+    server = runner.serve(config, host=host, port=port, log=run.root / "infer" / "vllm-serve.log")
+    reply = runner.complete(server, "Hello")
+    click.echo(f"serving {config.model} at {server.url}/v1 (model '{server.model_name}', pid {server.pid}); "
+               f"smoke test completion: {reply.strip()!r}; log {server.log}")
+    if detach:
+        click.echo(f"stop it with: kill {server.pid}")
+        return
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+
+
+@click.command(name="eval")
+@click.option("--baseline", type=_dir, help="The BF16 model [default: the model in the run's meta].")
+@click.option("--candidate", type=_dir, help="The FP8 model [default: <run-dir>/fp8].")
+@click.option("--texts", type=_file, help="Held-out texts, one per line (or JSONL with 'text').")
+@click.option("--tp", type=int, default=1, show_default=True)
+@click.option("--fp8-kv/--no-fp8-kv", "with_fp8_kv", default=True, show_default=True,
+              help="Also score the candidate with an FP8 KV cache.")
+@click.option("--min-agreement", type=float, help="Fail when top-1 agreement falls below this (0-1).")
+@click.option("--out", type=_file, help="Results JSON [default: <run-dir>/eval.json].")
+@run_dir_option
+def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | None, tp: int, with_fp8_kv: bool,
+                 min_agreement: float | None, out: Path | None, run_dir: str | None) -> None:
+    """Compare the FP8 model with its BF16 baseline: top-1 agreement, KL, perplexity.
+
+    \b
+    Example:
+      ray-calib eval --baseline models/r1-bf16 --candidate calib-run/fp8 --min-agreement 0.9
+    """
+    from ray_calib.engine.device import detect_device
+    from ray_calib.infer import fidelity, runner
+
+    run = RunDir.resolve(run_dir)
+    candidate = candidate or run.fp8
+    if baseline is None:
+        meta, _ = _run_meta(run, candidate)
+        if not (meta and meta.model):
+            raise click.UsageError("no --baseline and no model recorded in the run's meta; pass --baseline.")
+        baseline = Path(meta.model)
+    for model in (baseline, candidate):
+        runner.check_model_dir(model)
+    report = fidelity.evaluate(baseline, candidate, runner.load_prompts(texts), tp_size=tp, device=detect_device(),
+                               with_fp8_kv=with_fp8_kv)
+    path = fidelity.write_report(report, out or run.eval_json)
+    for name, agreement in report.top1_agreement.items():
+        click.echo(f"{name}: top-1 agreement {agreement:.3f}, mean KL {report.mean_kl[name]:.4f}, "
+                   f"perplexity {report.perplexity[name]:.2f} (baseline {report.perplexity['baseline']:.2f})")
+    click.echo(f"{report.num_positions} positions over {report.num_texts} texts; saved {path}")
+    if min_agreement is not None and report.worst_agreement() < min_agreement:
+        raise EngineError(f"top-1 agreement {report.worst_agreement():.3f} is below --min-agreement {min_agreement}",
+                          fix="inspect the ranges (`ray-calib report`), try another --scale-method, or measure more samples.")

@@ -1,0 +1,182 @@
+"""Run the quantized model on one node: offline generation, or an OpenAI-compatible `vllm serve`.
+
+On CUDA/CPU the FP8 checkpoint written by `quantize` carries its own quantization config; `--fp8-kv`
+adds `kv_cache_dtype="fp8"` (the checkpoint's k/v scales are used). On Gaudi the weights stay BF16 and
+INC quantizes them at load: `--quantization inc`, `--kv-cache-dtype fp8_inc` and QUANT_CONFIG in the env.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray_calib.errors import EngineError, ModelError
+from ray_calib.measurements import RunMeta
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "Tensor parallelism splits each layer across devices so that",
+    "Write a short poem about the sea.",
+    "In FP8 inference the activation scale is computed from",
+)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    model: Path
+    tp_size: int
+    device: str  # hpu / cuda / cpu (engine.device.detect_device)
+    fp8_kv: bool = False
+    quant_config: Path | None = None  # Gaudi only: the QUANTIZE QUANT_CONFIG INC reads at load
+    timeout_s: int = 1800  # FP8 graph compiles on Gaudi take long
+    max_model_len: int = 1024
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def timeout_env(self) -> dict[str, str]:
+        """vLLM aborts long first iterations (FP8 compiles) unless these are raised."""
+        return {"VLLM_ENGINE_ITERATION_TIMEOUT_S": str(self.timeout_s), "VLLM_RPC_TIMEOUT": str(self.timeout_s * 1000)}
+
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str
+    num_tokens: int
+
+
+def check_device_type(meta: RunMeta | None, device_type: str, *, allow_mismatch: bool, where: Path) -> None:
+    """Scales measured on one device type are wrong on another (Gaudi2 fullscale 240 vs 448 elsewhere)."""
+    if meta is None or meta.device_type is None or meta.device_type == device_type:
+        return
+    if allow_mismatch:
+        logger.warning("measurements from %s used on %s (--allow-device-mismatch)", meta.device_type, device_type)
+        return
+    raise ModelError(f"{where}: measured on {meta.device_type} but this node is {device_type}",
+                     fix="measure on this device type, or pass --allow-device-mismatch if you know the scales carry over.")
+
+
+def engine_config(config: InferConfig):
+    from ray_calib.engine.launch import EngineConfig
+
+    env = {**config.timeout_env(), **config.extra_env}
+    if config.device == "hpu":
+        if config.quant_config is None:
+            raise ModelError("Gaudi inference needs the QUANTIZE QUANT_CONFIG", fix="pass --quant-config FILE.")
+        env["QUANT_CONFIG"] = str(config.quant_config.absolute())
+        return EngineConfig(model=str(config.model), tp_size=config.tp_size, device="hpu", quantization="inc",
+                            kv_cache_dtype="fp8_inc" if config.fp8_kv else "auto",
+                            max_model_len=config.max_model_len, extra_env=env)
+    return EngineConfig(model=str(config.model), tp_size=config.tp_size, device=config.device,
+                        kv_cache_dtype="fp8" if config.fp8_kv else "auto", max_model_len=config.max_model_len,
+                        extra_env=env)
+
+
+def check_model_dir(model: Path) -> None:
+    if not (model / "config.json").is_file():
+        raise ModelError(f"{model}: no config.json; not a model directory",
+                         fix="pass the directory `ray-calib quantize` wrote (default <run-dir>/fp8).")
+
+
+def generate(config: InferConfig, prompts: list[str], *, max_new_tokens: int = 32) -> list[Completion]:
+    """Greedy generation over `prompts` with the engine built for this run."""
+    check_model_dir(config.model)
+    from vllm import SamplingParams
+
+    from ray_calib.engine.launch import build_llm
+
+    llm = build_llm(engine_config(config))
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
+    return [Completion(prompt=o.prompt, text=o.outputs[0].text, num_tokens=len(o.outputs[0].token_ids))
+            for o in outputs]
+
+
+@dataclass
+class Server:
+    url: str
+    pid: int
+    log: Path
+    model_name: str
+
+
+def serve(config: InferConfig, *, host: str = "127.0.0.1", port: int = 8000, log: Path) -> Server:
+    """Start `vllm serve` with the run's engine settings and wait until /health answers."""
+    check_model_dir(config.model)
+    from ray_calib.engine.launch import worker_env
+
+    engine = engine_config(config)
+    env = {**os.environ, **worker_env(engine)}
+    args = [str(Path(sys.executable).with_name("vllm")), "serve", str(config.model), "--host", host, "--port",
+            str(port), "--tensor-parallel-size", str(config.tp_size), "--max-model-len", str(config.max_model_len),
+            "--enforce-eager", "--served-model-name", config.model.name]
+    if engine.kv_cache_dtype != "auto":
+        args += ["--kv-cache-dtype", engine.kv_cache_dtype]
+    if engine.quantization:
+        args += ["--quantization", engine.quantization]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://{host}:{port}"
+    _wait_healthy(process, url, log, config.timeout_s)
+    return Server(url=url, pid=process.pid, log=log, model_name=config.model.name)
+
+
+def _wait_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s: int) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
+            raise EngineError(f"vllm serve exited with code {process.returncode}: {tail[0][:300]}",
+                              fix=f"see the full log at {log}.")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    process.terminate()
+    raise EngineError(f"vllm serve did not become healthy within {timeout_s} s", fix=f"see {log}; raise --timeout.")
+
+
+def complete(server: Server, prompt: str, *, max_tokens: int = 16) -> str:
+    """One completion through the OpenAI API: the smoke test that the server really serves."""
+    body = json.dumps({"model": server.model_name, "prompt": prompt, "max_tokens": max_tokens,
+                       "temperature": 0}).encode()
+    request = urllib.request.Request(f"{server.url}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())["choices"][0]["text"]
+
+
+def load_prompts(path: Path | None) -> list[str]:
+    """One prompt per line, or JSONL objects with "prompt" or "text"; the built-in four without a file."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such prompts file", fix="pass a text file with one prompt per line.")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+                prompts.append(str(record.get("prompt") or record["text"]))
+            except (ValueError, KeyError):
+                raise ModelError(f"{path}:{number}: JSON line without a 'prompt' or 'text' field",
+                                 fix="write one prompt per line, or JSONL with a 'prompt' field.") from None
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise ModelError(f"{path}: holds no prompts", fix="write one prompt per line.")
+    return prompts
