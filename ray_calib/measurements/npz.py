@@ -42,7 +42,13 @@ class _DType:
 
 
 class Leaf(list):
-    """A decoded array: nested lists shaped like the array (so it compares equal to its JSON form)."""
+    """A decoded array: nested lists shaped like the array (so it compares equal to its JSON form).
+
+    The pickle calls `_reconstruct(ndarray, (0,), b'b')`; the allow-list maps `_reconstruct` to this class,
+    and `object.__init__` lets it be called with those arguments without a Python-level call.
+    """
+
+    __init__ = object.__init__
 
     def __setstate__(self, state: tuple) -> None:
         _, shape, dtype, _, payload = state
@@ -60,6 +66,10 @@ class Leaf(list):
         self.extend(_nest(values.tolist(), shape))
 
 
+class _ArrayType:
+    """Stand-in for numpy.ndarray: only ever the (ignored) first argument of `_reconstruct`."""
+
+
 class _ScalarArray(Exception):
     """A 0-d numeric array; only scale files hold these."""
 
@@ -68,10 +78,6 @@ def _nest(flat: list, shape: tuple[int, ...]) -> list:
     for size in reversed(shape[1:]):
         flat = [flat[i:i + size] for i in range(0, len(flat), size)]
     return flat
-
-
-def _reconstruct(cls: type[Leaf], shape: tuple, typecode: bytes) -> Leaf:
-    return cls()
 
 
 def _scalar(dtype: _DType, data: bytes | str) -> float:
@@ -85,10 +91,10 @@ def _encode(text: str, encoding: str) -> bytes:
 
 # (module, name) -> decoder; numpy 1.x and 2.x spell the core module differently.
 ALLOWED_GLOBALS = {
-    ("numpy", "ndarray"): Leaf,
+    ("numpy", "ndarray"): _ArrayType,
     ("numpy", "dtype"): _DType,
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): Leaf,
+    ("numpy._core.multiarray", "_reconstruct"): Leaf,
     ("numpy.core.multiarray", "scalar"): _scalar,
     ("numpy._core.multiarray", "scalar"): _scalar,
     ("_codecs", "encode"): _encode,  # protocol-2 pickles carry bytes as latin-1 text
