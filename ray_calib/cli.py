@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "unify": "ray_calib.measurements.commands:unify",
     "expand": "ray_calib.measurements.commands:expand",
     "inspect": "ray_calib.measurements.commands:inspect",
+    "make-tiny-model": "ray_calib.tiny.commands:make_tiny_model",
+    "make-calib-set": "ray_calib.tiny.commands:make_calib_set",
     "infer": "ray_calib.infer.commands:infer",
     "eval": "ray_calib.infer.commands:eval_command",
 }

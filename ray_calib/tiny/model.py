@@ -5,7 +5,7 @@ Both keep what makes the real models hard to calibrate, at toy size (DESIGN §9)
                  dense first layer (`first_k_dense_replace`), 8 routed experts top-2
     llama        GQA-free MHA (4 query and 4 KV heads), SwiGLU MLP
 4 attention and 4 KV heads so TP=1/2/4 all shard evenly; head_dim 64 (vLLM CPU attention needs >= 64);
-MLA's cached width kv_lora_rank + qk_rope_head_dim = 320, one of the sizes vLLM's MLA accepts (320/512/576).
+MLA keeps the real latent width kv_lora_rank 512 + rope 64 = 576: the only one vLLM's CPU MLA decode kernel has.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "deepseek_v3": {
         **_COMMON, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
         "num_hidden_layers": 4, "first_k_dense_replace": 1, "intermediate_size": 512,
-        "q_lora_rank": 128, "kv_lora_rank": 256, "qk_nope_head_dim": 64, "qk_rope_head_dim": 64,
+        "q_lora_rank": 128, "kv_lora_rank": 512, "qk_nope_head_dim": 64, "qk_rope_head_dim": 64,
         "v_head_dim": 64, "head_dim": 64,
         "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 256,
         "n_group": 1, "topk_group": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
