@@ -23,8 +23,13 @@ COMMANDS: dict[str, str] = {
     "unify": "ray_calib.measurements.commands:unify",
     "expand": "ray_calib.measurements.commands:expand",
     "inspect": "ray_calib.measurements.commands:inspect",
+    "config": "ray_calib.cluster.commands:config",
+    "up": "ray_calib.cluster.commands:up",
+    "status": "ray_calib.cluster.commands:status",
+    "down": "ray_calib.cluster.commands:down",
     "make-tiny-model": "ray_calib.tiny.commands:make_tiny_model",
     "make-calib-set": "ray_calib.tiny.commands:make_calib_set",
+    "dataset-info": "ray_calib.data.commands:dataset_info",
     "infer": "ray_calib.infer.commands:infer",
     "eval": "ray_calib.infer.commands:eval_command",
 }

@@ -27,6 +27,9 @@ from ray_calib.errors import ConfigError
 
 DEFAULT_CONF = "devices.conf"
 DEVICE_KINDS = ("hpu", "cuda", "cpu")
+# Ray resource each device kind is scheduled with. CPU nodes use "HPU": vLLM's CPU platform plugin in this
+# project declares ray_device_key "HPU" (DESIGN §9), a resource name Ray accepts as custom.
+DEVICE_KEYS_BY_KIND = {"hpu": "HPU", "cuda": "GPU", "cpu": "HPU"}
 
 # Cluster-wide keys -> (kind, default). kind: str, int, path, size (bytes, with K/M/G suffix).
 GLOBAL_KEYS: dict[str, tuple[str, object]] = {
@@ -238,6 +241,9 @@ def _build(path: Path, p: _Parsed) -> ClusterConfig | None:
     nodes = [_node(p, i, groups[i], defaults, base) for i in sorted(groups)]
     nodes = [n for n in nodes if n is not None]
     _check_duplicates(p, nodes)
+    kinds = {n.device_kind for n in nodes}
+    if len({DEVICE_KEYS_BY_KIND[k] for k in kinds}) > 1:
+        p.problems.append((nodes[-1].line, f"nodes mix device kinds {sorted(kinds)}: one TP group needs one kind"))
     for key in ("INC_MEASURE_CONFIG_FILENAME", "INC_QUANT_CONFIG_FILENAME"):
         _check_file(p, key, cluster[key])
     total = sum(n.devices for n in nodes)

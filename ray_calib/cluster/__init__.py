@@ -1,0 +1,52 @@
+"""Cluster bring-up from devices.conf over SSH: `ray-calib config check / up / status / down`.
+
+Other stages use one function, `connect()`, to run on the cluster `up` started.
+Importing this package loads neither Ray nor paramiko.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ray_calib.errors import ClusterError
+
+__all__ = ["connect"]
+
+
+def connect(conf_path: Path | str | None = None) -> str:
+    """Make this process a client of the cluster `ray-calib up` started, and return its address.
+
+    Contract:
+      - `conf_path`: the devices.conf given to `up` (default: env RAY_CALIB_DEVICES_CONF, else
+        ./devices.conf). The state file is found from it (under env RAY_CALIB_STATE_DIR, default
+        ~/.ray-calib).
+      - Raises `ClusterError` (a user-facing one-line error, no traceback) when: no cluster was started
+        for that config; devices.conf or a node env file changed since `up` (Ray still runs with the old
+        env: `up --restart`); or any configured node is not alive in Ray -- the message names the node
+        (e.g. "worker1 (127.0.0.2)") and its log paths (local up log and the node's Ray log dir).
+      - On success sets in `os.environ`: RAY_ADDRESS=<head ip>:<port>, RAY_AUTH_MODE=token and
+        RAY_AUTH_TOKEN_PATH=<the token file>, so `ray.init()` here and in processes started from here
+        (vLLM's engine core calls `ray.init()` itself) join this cluster with token auth.
+      - Does not call `ray.init()` and imports only Ray's GCS client, so callers keep control of
+        `ray.init` arguments (runtime_env, namespace). The token value is never printed.
+    """
+    from ray_calib.cluster import devices, health, lifecycle, state
+
+    config = devices.load(conf_path)
+    record = state.read(config.path)
+    if record is None or record.get("status") != "up":
+        raise ClusterError(config.head.label, f"no cluster is up for {config.path}",
+                           fix=f"run `ray-calib up --conf {config.path}` first")
+    changed = state.changed_inputs(record.get("inputs", {}), state.input_hashes(config))
+    if changed:
+        raise ClusterError(config.head.label, f"cluster was started with other inputs (changed: "
+                           f"{', '.join(changed)}); Ray keeps the environment it was started with",
+                           fix="run `ray-calib up --restart`")
+    _, rows = lifecycle.status(config)
+    error = lifecycle.dead_node_error(config, rows)
+    if error is not None:
+        raise error
+    health.use_token(record["token_path"])
+    os.environ["RAY_ADDRESS"] = record["address"]
+    return record["address"]

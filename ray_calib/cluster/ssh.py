@@ -1,0 +1,251 @@
+"""Every remote command goes through `SSHRunner`: paramiko, host keys verified, (rc, stdout, stderr).
+
+Host keys are checked against known_hosts: an unknown key is refused (naming the host and the
+fingerprint) unless `accept_new_host_keys` records it; a changed key is always refused. Only key
+authentication is used and nothing secret is logged: the token travels by SFTP, never on a command line.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from ray_calib.cluster.devices import ClusterConfig, NodeConfig
+from ray_calib.errors import ClusterError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_KNOWN_HOSTS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Result:
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+    def tail(self, lines: int = 3) -> str:
+        text = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        return " | ".join(text[-lines:]) or f"exit code {self.rc}"
+
+
+def fingerprint(key) -> str:
+    """OpenSSH-style SHA256 fingerprint, the form `ssh-keygen -lf` prints."""
+    digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+    return f"SHA256:{digest}"
+
+
+def _host_entry(node: NodeConfig) -> str:
+    return node.ssh_host if node.ssh_port == 22 else f"[{node.ssh_host}]:{node.ssh_port}"
+
+
+def _host_key_policy(node: NodeConfig, known_hosts: str, accept_new: bool):
+    import paramiko
+
+    class Policy(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client, hostname, key) -> None:
+            fp = fingerprint(key)
+            if not accept_new:
+                raise ClusterError(node.label, f"unknown SSH host key {key.get_name()} {fp} for "
+                                   f"{_host_entry(node)} (not in {known_hosts})",
+                                   fix="check the fingerprint with the host's admin, then rerun with "
+                                       "--accept-new-host-keys")
+            line = f"{_host_entry(node)} {key.get_name()} {key.get_base64()}\n"
+            with _KNOWN_HOSTS_LOCK:
+                Path(known_hosts).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                with open(known_hosts, "a") as handle:
+                    handle.write(line)
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            log.warning("%s: recorded new host key %s %s in %s", node.label, key.get_name(), fp, known_hosts)
+
+    return Policy()
+
+
+class SSHRunner:
+    """One SSH connection per node, opened on first use, reused, and closed by `close()`."""
+
+    def __init__(self, config: ClusterConfig, *, accept_new_host_keys: bool = False,
+                 log_dir: Path | None = None) -> None:
+        self.config = config
+        self.accept_new = accept_new_host_keys
+        self.log_dir = log_dir
+        self._clients: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> SSHRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
+    def log_path(self, node: NodeConfig) -> Path | None:
+        return self.log_dir / f"{node.name}.log" if self.log_dir else None
+
+    def connect(self, node: NodeConfig):
+        """Open (or reuse) the connection; retry network errors, never auth or host-key errors."""
+        with self._lock:
+            if node.name in self._clients:
+                return self._clients[node.name]
+        client = self._open(node)
+        with self._lock:
+            self._clients[node.name] = client
+        return client
+
+    def _open(self, node: NodeConfig):
+        import paramiko
+
+        attempts = self.config.retries + 1
+        for attempt in range(1, attempts + 1):
+            client = paramiko.SSHClient()
+            if os.path.isfile(self.config.known_hosts):
+                client.load_host_keys(self.config.known_hosts)
+            client.set_missing_host_key_policy(_host_key_policy(node, self.config.known_hosts, self.accept_new))
+            try:
+                client.connect(
+                    node.ssh_host, port=node.ssh_port, username=node.ssh_user,
+                    key_filename=node.ssh_key, look_for_keys=node.ssh_key is None,
+                    allow_agent=node.ssh_key is None, timeout=self.config.connect_timeout,
+                    banner_timeout=self.config.connect_timeout, auth_timeout=self.config.connect_timeout,
+                )
+                return client
+            except paramiko.BadHostKeyException as err:
+                client.close()
+                raise ClusterError(
+                    node.label, f"SSH host key CHANGED for {_host_entry(node)}: got {fingerprint(err.key)}, "
+                    f"known_hosts has {fingerprint(err.expected_key)} (possible man-in-the-middle)",
+                    fix=f"if the host was reinstalled: ssh-keygen -R '{_host_entry(node)}' -f "
+                        f"{self.config.known_hosts}, then rerun with --accept-new-host-keys") from None
+            except paramiko.AuthenticationException as err:
+                client.close()
+                key = node.ssh_key or "your default keys/agent"
+                raise ClusterError(node.label, f"SSH authentication failed for {node.ssh_user} with {key} ({err})",
+                                   fix=f"authorise the key (ssh-copy-id) and check by hand: {node.ssh_command()}")
+            except ClusterError:
+                client.close()
+                raise
+            except (OSError, socket.timeout, paramiko.SSHException) as err:
+                client.close()
+                if attempt == attempts:
+                    raise ClusterError(node.label, f"cannot reach sshd at {node.ssh_host}:{node.ssh_port} after "
+                                       f"{attempts} attempt(s): {err}",
+                                       fix=f"check the host and port; try: {node.ssh_command()}") from None
+                time.sleep(min(2.0, 0.5 * attempt))
+        raise AssertionError("unreachable")
+
+    def run(self, node: NodeConfig, script: str, *, timeout: float = 300, what: str = "") -> Result:
+        """Run `script` with bash on the node; rc 124 when it outlives `timeout` seconds."""
+        import paramiko
+
+        client = self.connect(node)
+        try:
+            channel = client.get_transport().open_session()
+            channel.settimeout(1.0)
+            channel.exec_command(f"bash -c {shlex.quote(script)}")
+        except paramiko.SSHException as err:
+            raise ClusterError(node.label, f"SSH session refused ({err})",
+                               fix=f"check sshd on that host; try: {node.ssh_command()}") from None
+        out, err = bytearray(), bytearray()
+        deadline = time.monotonic() + timeout
+        rc = None
+        while rc is None:
+            drained = False
+            while channel.recv_ready():
+                out += channel.recv(65536)
+                drained = True
+            while channel.recv_stderr_ready():
+                err += channel.recv_stderr(65536)
+                drained = True
+            if channel.exit_status_ready() and not channel.recv_ready() and not channel.recv_stderr_ready():
+                rc = channel.recv_exit_status()
+            elif time.monotonic() > deadline:
+                rc = 124
+                err += f"\n[ray-calib] timed out after {timeout:.0f} s\n".encode()
+            elif not drained:
+                time.sleep(0.02)
+        channel.close()
+        result = Result(rc, out.decode(errors="replace"), err.decode(errors="replace"))
+        self._log(node, what or script.splitlines()[-1][:200], result)
+        return result
+
+    def put(self, node: NodeConfig, data: bytes, remote_path: str, *, mode: int = 0o600) -> None:
+        """Write `data` to `remote_path` over SFTP: created with `mode`, then renamed into place."""
+        import paramiko
+
+        try:
+            sftp = self.connect(node).open_sftp()
+        except paramiko.SSHException as err:
+            raise ClusterError(node.label, f"SFTP refused ({err})",
+                               fix="enable the sftp subsystem in that host's sshd_config") from None
+        try:
+            path = remote_path
+            if path.startswith("~/"):
+                path = sftp.normalize(".") + path[1:]
+            parent = os.path.dirname(path)
+            self._mkdirs(sftp, parent)
+            tmp = f"{path}.ray-calib-tmp"
+            with sftp.open(tmp, "wb") as handle:
+                handle.chmod(mode)
+                handle.write(data)
+            sftp.posix_rename(tmp, path)
+        finally:
+            sftp.close()
+        self._log(node, f"sftp put {remote_path} (mode {mode:o}, {len(data)} bytes)", Result(0, "", ""))
+
+    @staticmethod
+    def _mkdirs(sftp, path: str) -> None:
+        parts, probe = [], path
+        while probe not in ("", "/"):
+            try:
+                sftp.stat(probe)
+                break
+            except FileNotFoundError:
+                parts.append(probe)
+                probe = os.path.dirname(probe)
+        for part in reversed(parts):
+            sftp.mkdir(part, mode=0o700)
+
+    def map(self, nodes: Iterable[NodeConfig], fn: Callable[[NodeConfig], T]) -> dict[str, T | ClusterError]:
+        """Run `fn(node)` on every node in parallel; a node's ClusterError is its result, not a crash."""
+        nodes = list(nodes)
+
+        def guarded(node: NodeConfig) -> T | ClusterError:
+            try:
+                return fn(node)
+            except ClusterError as err:
+                self._log(node, "error", Result(1, "", str(err)))
+                return err
+
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(nodes)))) as pool:
+            return dict(zip([n.name for n in nodes], pool.map(guarded, nodes)))
+
+    def _log(self, node: NodeConfig, what: str, result: Result) -> None:
+        path = self.log_path(node)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(path, "a") as handle:
+            handle.write(f"--- {time.strftime('%H:%M:%S')} {what} -> rc {result.rc}\n")
+            for chunk in (result.stdout, result.stderr):
+                if chunk.strip():
+                    handle.write(chunk if chunk.endswith("\n") else chunk + "\n")
