@@ -115,7 +115,7 @@ def serve(config: InferConfig, *, host: str = "127.0.0.1", port: int = 8000, log
 
     engine = engine_config(config)
     env = {**os.environ, **worker_env(engine)}
-    args = [str(Path(sys.executable).with_name("vllm")), "serve", str(config.model), "--host", host, "--port",
+    args = [sys.executable, "-m", "ray_calib.infer.vllm_cli", "serve", str(config.model), "--host", host, "--port",
             str(port), "--tensor-parallel-size", str(config.tp_size), "--max-model-len", str(config.max_model_len),
             "--enforce-eager", "--served-model-name", config.model.name]
     if engine.kv_cache_dtype != "auto":

@@ -1,0 +1,88 @@
+"""infer and eval: the device guard and bad inputs quickly; real vLLM runs on a tiny model (slow)."""
+
+import json
+import os
+import signal
+
+import pytest
+
+from ray_calib.errors import ModelError
+from ray_calib.infer.runner import check_device_type, load_prompts
+from ray_calib.measurements import RunMeta
+
+
+def test_device_guard(tmp_path):
+    with pytest.raises(ModelError, match="measured on gaudi2 but this node is gaudi3.*--allow-device-mismatch"):
+        check_device_type(RunMeta(device_type="gaudi2"), "gaudi3", allow_mismatch=False, where=tmp_path)
+    check_device_type(RunMeta(device_type="gaudi2"), "gaudi3", allow_mismatch=True, where=tmp_path)
+    check_device_type(RunMeta(device_type="cpu"), "cpu", allow_mismatch=False, where=tmp_path)
+    check_device_type(None, "cpu", allow_mismatch=False, where=tmp_path)
+
+
+def test_prompt_files(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text('first prompt\n\n{"prompt": "second"}\n{"text": "third"}\n')
+    assert load_prompts(path) == ["first prompt", "second", "third"]
+    path.write_text('{"other": 1}\n')
+    with pytest.raises(ModelError, match=r"p.txt:1: JSON line without a 'prompt'"):
+        load_prompts(path)
+    with pytest.raises(ModelError, match="no such prompts file"):
+        load_prompts(tmp_path / "missing.txt")
+
+
+def test_infer_refuses_measurements_from_another_device(tmp_path, run_cli):
+    from ray_calib.measurements import write_meta
+
+    model = tmp_path / "fp8"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    write_meta(model, RunMeta(device_type="gaudi2", tp_size=1))
+    result = run_cli("infer", "--model", model, "--run-dir", tmp_path)
+    assert result.exit_code != 0
+    assert "measured on gaudi2 but this node is cpu" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_infer_without_a_model_dir(tmp_path, run_cli):
+    result = run_cli("infer", "--model", tmp_path / "nothing", "--run-dir", tmp_path)
+    assert result.exit_code != 0 and "no config.json" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from ray_calib.tiny.model import make_tiny_model
+
+    return make_tiny_model("llama", tmp_path_factory.mktemp("models") / "llama").path
+
+
+@pytest.mark.slow
+def test_infer_generates_and_saves(tiny_llama, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    result = run_cli("infer", "--model", tiny_llama, "--tp", 1, "--max-new-tokens", 4, "--run-dir", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    completions = json.loads((tmp_path / "infer" / "completions.json").read_text())
+    assert len(completions) == 4 and all(c["num_tokens"] == 4 for c in completions)
+
+
+@pytest.mark.slow
+def test_serve_answers_openai_completions(tiny_llama, tmp_path, run_cli):
+    result = run_cli("infer", "--model", tiny_llama, "--tp", 1, "--serve", "--detach", "--port", 8731,
+                     "--run-dir", tmp_path, "--timeout", 300)
+    assert result.exit_code == 0, result.stderr
+    pid = int(result.stdout.split("kill ")[-1].split()[0])
+    try:
+        assert "http://127.0.0.1:8731/v1" in result.stdout and "smoke test completion" in result.stdout
+    finally:
+        os.killpg(pid, signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_eval_of_a_model_against_itself(tiny_llama, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    result = run_cli("eval", "--baseline", tiny_llama, "--candidate", tiny_llama, "--no-fp8-kv",
+                     "--min-agreement", 0.99, "--run-dir", tmp_path)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["top1_agreement"] == {"candidate": 1.0}
+    assert report["mean_kl"]["candidate"] == pytest.approx(0.0, abs=1e-9)
+    assert report["perplexity"]["candidate"] == pytest.approx(report["perplexity"]["baseline"])
+    assert report["num_positions"] > 20
