@@ -1,7 +1,7 @@
 """The calibration-set formats ray-calib reads, and the one place their field names are spelled out.
 
-    pile        pile-style raw text, field `text`: JSONL, Parquet, plain text (one sample per line) or a
-                `datasets` directory saved with `save_to_disk`
+    pile        pile-style raw text, field `text`: JSONL, a JSON array, Parquet, plain text (one sample per
+                line) or a `datasets` directory saved with `save_to_disk`
     mlcommons   MLCommons-style pandas DataFrame pickle with `system_prompt` and `question`
     tc          JSONL, each line a list of chat messages `{"role": ..., "content": ...}`
 """
@@ -25,14 +25,14 @@ _TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".text")
 def detect_format(path: Path) -> str:
     """Guess the format from the path: a pickle is MLCommons, a `datasets` dir or text file is pile.
 
-    `tc` JSONL looks like pile JSONL from the outside; it is recognised from its first line.
+    `tc` JSONL looks like pile JSONL from the outside; it is recognised from its first line (a list).
     """
     if path.is_dir():
         return PILE
     suffix = path.suffix.lower()
     if suffix in _PICKLE_SUFFIXES:
         return MLCOMMONS
-    if suffix in (".jsonl", ".json") and _first_line_is_list(path):
+    if suffix == ".jsonl" and _first_line_is_list(path):
         return TC
     if suffix in _TEXT_SUFFIXES:
         return PILE

@@ -1,0 +1,37 @@
+"""`ray-calib dataset-info`: what `measure` would run from a calibration file, before starting a cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ray_calib.data.formats import FORMATS
+
+
+@click.command("dataset-info")
+@click.option("-d", "--dataset", type=click.Path(path_type=Path), required=True, help="Calibration file or directory.")
+@click.option("-m", "--model", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Model directory whose tokenizer (and chat template) renders the prompts.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Dataset format [default: from the path].")
+@click.option("-l", "--num-samples", "--limit", "num_samples", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("-t", "--least-tokens", type=click.IntRange(min=1), default=None,
+              help="Pile text: drop samples shorter than this many tokens, truncate longer ones.")
+@click.option("--show", type=click.IntRange(min=0), default=2, show_default=True, help="Print the first N prompts.")
+def dataset_info(dataset: Path, model: Path, fmt: str | None, num_samples: int, least_tokens: int | None,
+                 show: int) -> None:
+    """Load a calibration set the way `measure` does and report samples read, dropped, kept and tokens.
+
+    \b
+    Example:
+      ray-calib dataset-info -d data/pile.jsonl -m models/tiny-ds3 -t 64 -l 128
+    """
+    from ray_calib.data.prompts import load_prompts
+
+    calib = load_prompts(dataset, model, fmt, num_samples=num_samples, least_tokens=least_tokens)
+    click.echo(calib.report.summary())
+    lengths = [len(ids) for ids in calib.token_ids]
+    click.echo(f"prompt tokens min/mean/max {min(lengths)}/{sum(lengths) / len(lengths):.1f}/{max(lengths)}; "
+               f"dataset hash {calib.dataset_hash[:16]}")
+    for prompt in calib.prompts[:show]:
+        click.echo(f"--- {len(prompt.token_ids)} tokens\n{prompt.text}")
