@@ -1,0 +1,126 @@
+"""A Hugging Face model directory seen as shards of tensors: index, headers, config, free disk space.
+
+Only `convert/` reads and writes safetensors indexes (STYLE: one owner per format).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray_calib import atomic
+from ray_calib.convert.safetensors_io import TensorInfo, read_header
+from ray_calib.errors import ModelError
+
+INDEX_FILE = "model.safetensors.index.json"
+# Small files a server or tokenizer needs besides the weights; copied as they are.
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict[str, Any]
+    shards: list[str]  # file names, in order
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)  # every tensor, shard order then file order
+    shard_of: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Checkpoint:
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelError(f"{path}: model directory not found", fix="pass the directory holding config.json "
+                             "and *.safetensors (download it first, e.g. `huggingface-cli download ORG/NAME`).")
+        shards = _shard_names(path)
+        config_path = path / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        checkpoint = cls(path=path, config=config, shards=shards)
+        for shard in shards:
+            tensors, _ = read_header(path / shard)
+            for name, info in tensors.items():
+                checkpoint.tensors[name] = info
+                checkpoint.shard_of[name] = shard
+        return checkpoint
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", ""))
+
+    def tensors_in(self, shard: str) -> list[TensorInfo]:
+        return [info for name, info in self.tensors.items() if self.shard_of[name] == shard]
+
+    def fp8_evidence(self) -> str | None:
+        """Why this looks already quantized (FP8), or None for a BF16/FP16/FP32 checkpoint."""
+        quant = self.config.get("quantization_config")
+        if isinstance(quant, dict):
+            return f"config.json has quantization_config (quant_method '{quant.get('quant_method')}')"
+        for name, info in self.tensors.items():
+            if info.dtype.startswith("F8") or name.endswith("weight_scale_inv"):
+                return f"tensor '{name}' is {info.dtype}"
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+
+def _shard_names(path: Path) -> list[str]:
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        shards = list(dict.fromkeys(weight_map.values()))
+        missing = [s for s in shards if not (path / s).exists()]
+        if missing:
+            raise ModelError(f"{path}: {INDEX_FILE} lists {missing[0]}, which is missing ({len(missing)} missing)",
+                             fix="finish the download (the index names every shard).")
+        return shards
+    shards = sorted(p.name for p in path.glob("*.safetensors"))
+    if not shards:
+        found = sorted(p.name for p in path.iterdir())[:5]
+        raise ModelError(f"{path}: no *.safetensors files (found: {', '.join(found) or 'nothing'})",
+                         fix="point --model at a Hugging Face checkpoint saved as safetensors "
+                         "(convert .bin weights with save_pretrained(safe_serialization=True)).")
+    return shards
+
+
+def write_index(out: Path, weight_map: dict[str, str], total_size: int) -> Path:
+    ordered = dict(sorted(weight_map.items()))
+    return atomic.write_json(out / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": ordered})
+
+
+def copy_side_files(src: Path, out: Path) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        if (src / name).exists():
+            atomic.write_bytes(out / name, (src / name).read_bytes())
+            copied.append(name)
+    return copied
+
+
+FreeSpace = Callable[[Path], int]
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that will hold `path` (its nearest existing parent)."""
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_free_space(out: Path, needed: int, free: FreeSpace = free_bytes) -> None:
+    available = free(out)
+    margin = 64 << 20  # headers, index, temp-file slack
+    if needed + margin > available:
+        raise ModelError(f"{out}: needs {_gb(needed + margin)} free for the output but the disk has {_gb(available)}",
+                         fix="free some space or choose --out on a larger disk; nothing was written.")
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"

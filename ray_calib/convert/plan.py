@@ -1,0 +1,148 @@
+"""Which checkpoint tensors become FP8, in which fused groups, with which activation ranges.
+
+Built from the model's tensor table and one TP1 measurement file, before any byte is written, so a
+mismatch between the two fails in a second with both sides listed (DESIGN §5, issue 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ray_calib.convert import names
+from ray_calib.convert.checkpoint import Checkpoint
+from ray_calib.errors import ModelError
+from ray_calib.measurements import RankFile
+from ray_calib.scales.methods import leaf_max
+
+_SHOWN = 4
+
+
+@dataclass
+class QuantGroup:
+    """Checkpoint weights that vLLM runs as one layer: one input range, one weight scale per tensor."""
+
+    module: str  # vLLM module name (or expert child) the ranges come from
+    members: list[str]  # checkpoint tensor names (`....weight`)
+    input_maxabs: float
+
+
+@dataclass
+class QuantPlan:
+    groups: list[QuantGroup]
+    group_of: dict[str, int]  # member tensor -> index into groups
+    kv_maxabs: dict[str, tuple[float, float]] = field(default_factory=dict)  # layer -> (k, v)
+    filled_experts: list[str] = field(default_factory=list)  # experts without tokens, given the layer max
+
+    def is_quantized(self, tensor: str) -> bool:
+        return tensor in self.group_of
+
+
+def build_plan(checkpoint: Checkpoint, measurement: RankFile, *, fp8_kv: bool) -> QuantPlan:
+    nodes = measurement.nodes
+    groups: list[QuantGroup] = []
+    missing: list[str] = []
+    for module, node in nodes.items():
+        if "weight" not in node.get("params", {}):
+            continue
+        members = [f"{prefix}.weight" for prefix in names.checkpoint_modules(module)]
+        if all(names.keeps_bf16(m) for m in members):  # e.g. a measured router gate: stays BF16
+            continue
+        absent = [m for m in members if m not in checkpoint.tensors]
+        if absent:
+            missing.append(module)
+            continue
+        groups.append(QuantGroup(module, members, _input_maxabs(module, node, nodes)))
+    unmeasured = [t for t, info in checkpoint.tensors.items() if names.is_linear_weight(t, len(info.shape))
+                  and not any(t in g.members for g in groups)]
+    if missing or unmeasured:
+        raise ModelError(_mismatch(missing, unmeasured, measurement), fix="quantize the model that was measured "
+                         "(same --model as `ray-calib measure`), or point --measurements at that model's run.")
+    plan = QuantPlan(groups, {member: i for i, g in enumerate(groups) for member in g.members})
+    plan.filled_experts = _fill_idle_experts(groups)
+    if fp8_kv:
+        plan.kv_maxabs = kv_ranges(nodes)
+        if not plan.kv_maxabs:
+            raise ModelError(f"{measurement.name.stem}.json: no KV-cache ranges (attention nodes) for --fp8-kv",
+                             fix="measure with `ray-calib measure --fp8-kv`, or quantize without --fp8-kv.")
+    return plan
+
+
+def _input_maxabs(module: str, node: dict, nodes: dict) -> float:
+    """The layer's input range; expert children take theirs from the fused MoE op when they have none."""
+    own = leaf_max(node.get("inputs", [])[:1])
+    child = names.expert_child(module)
+    if child is None:
+        return own
+    op, kind, expert = child
+    op_node = nodes.get(op, {})
+    if kind == "w13_list":  # every expert reads the MoE input
+        return max(own, leaf_max(op_node.get("inputs", [])[:1]))
+    per_expert = op_node.get("outputs", [])[1:]  # INC: amax of each expert's intermediate
+    return max(own, leaf_max(per_expert[expert]) if expert < len(per_expert) else 0.0)
+
+
+def _fill_idle_experts(groups: list[QuantGroup]) -> list[str]:
+    """Experts no calibration token reached have no range: give them the largest of their layer's."""
+    by_op: dict[tuple[str, str], list[QuantGroup]] = {}
+    for group in groups:
+        child = names.expert_child(group.module)
+        if child:
+            by_op.setdefault((child[0], child[1]), []).append(group)
+    filled = []
+    for members in by_op.values():
+        layer_max = max(g.input_maxabs for g in members)
+        for group in members:
+            if group.input_maxabs == 0.0 and layer_max > 0.0:
+                group.input_maxabs = layer_max
+                filled.append(group.module)
+    return filled
+
+
+def kv_ranges(nodes: dict) -> dict[str, tuple[float, float]]:
+    """(k maxabs, v maxabs) per attention layer from whichever KV nodes the measurement has."""
+    ranges: dict[str, list[float]] = {}
+    for module, node in nodes.items():
+        kv = names.kv_node(module)
+        if kv is None:
+            continue
+        inputs = node.get("inputs", [])
+        k, v = ranges.setdefault(kv.layer, [0.0, 0.0])
+        if kv.role == "kv" and len(inputs) >= 3:  # Attention(q, k, v) or MLAAttention(q, kv_c, k_pe)
+            k, v = max(k, leaf_max(inputs[1])), max(v, leaf_max(inputs[2]))
+            if "mla" in module:  # one latent cache holds [kv_c | k_pe]: one range for both
+                k = v = max(k, v)
+        elif kv.role in ("k", "latent") and inputs:
+            k = max(k, leaf_max(inputs[0]))
+            v = k if kv.role == "latent" else v
+        elif kv.role == "v" and inputs:
+            v = max(v, leaf_max(inputs[0]))
+        ranges[kv.layer] = [k, v]
+    return {layer: (k, v) for layer, (k, v) in ranges.items() if k > 0 or v > 0}
+
+
+def _mismatch(missing: list[str], unmeasured: list[str], measurement: RankFile) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} measured module(s) have no weights in the model (first: "
+                     f"{', '.join(missing[:_SHOWN])})")
+    if unmeasured:
+        parts.append(f"{len(unmeasured)} model weight(s) have no measurement (first: "
+                     f"{', '.join(unmeasured[:_SHOWN])})")
+    return f"measurements {measurement.name.stem} do not match the model: " + "; ".join(parts)
+
+
+def load_measurement(directory) -> tuple[RankFile, object]:
+    """The run in `directory` merged to one TP1 file (ranks' element-wise max), and its meta sidecar.
+
+    Experts are concatenated only under expert parallelism: the sidecar's ep_size says so for our
+    runs; plain INC output without a sidecar is left to unify's detection.
+    """
+    from ray_calib.measurements import MeasurementSet, unify_ranks
+
+    measurements = MeasurementSet.discover(directory)
+    files = measurements.read_all()
+    if len(files) == 1:
+        return files[0], measurements.meta
+    meta = measurements.meta
+    expert_parallel = None if meta is None or meta.ep_size is None else meta.ep_size > 1
+    return unify_ranks(files, 1, expert_parallel=expert_parallel)[0], meta

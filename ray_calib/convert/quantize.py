@@ -1,0 +1,261 @@
+"""`ray-calib quantize`: a BF16 checkpoint + measurements -> an FP8 checkpoint vLLM loads.
+
+    1. check    model is BF16 safetensors, measurements complete, names match, disk has room
+    2. scales   weight scale per fused group (streamed, one tensor at a time), input/KV scales
+    3. write    output shard i = input shard i with FP8 weights + weight_scale/input_scale, written
+                by a streaming writer; each finished shard's sha256 goes into the manifest
+    4. finish   config.json (quantization_config), model.safetensors.index.json, tokenizer files
+A rerun with the same inputs skips shards whose file still has the recorded checksum (resumable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray_calib import atomic
+from ray_calib.convert import names
+from ray_calib.convert.checkpoint import Checkpoint, FreeSpace, check_free_space, copy_side_files, free_bytes, write_index
+from ray_calib.convert.plan import QuantPlan, build_plan
+from ray_calib.convert.qconfig import compressed_tensors_config
+from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter, file_sha256
+from ray_calib.errors import ModelError, OutputExistsError
+from ray_calib.scales.devices import DeviceScales
+from ray_calib.scales.methods import ScaleMethod, WeightScaleSearch, activation_scale, channel_scales
+
+MANIFEST = ".ray-calib-quantize.json"
+KV_SHARD = "model-kv-scales.safetensors"
+_FORMAT_VERSION = 1
+_CHUNK_ELEMENTS = 1 << 22  # cast in row chunks of ~4M elements: float32 scratch stays ~16 MB
+
+
+@dataclass
+class QuantizeJob:
+    model: Path
+    measurement: object  # measurements.RankFile at TP1
+    out: Path
+    method: ScaleMethod
+    device: DeviceScales
+    fp8_kv: bool = False
+    low_cpu_mem: bool = False
+    force: bool = False
+    free_space: FreeSpace = free_bytes
+    on_shard_done: Callable[[str], None] | None = None  # progress hook (tests interrupt here)
+
+
+@dataclass
+class QuantizeSummary:
+    out: Path
+    shards_written: list[str] = field(default_factory=list)
+    shards_skipped: list[str] = field(default_factory=list)
+    quantized: int = 0
+    kept: int = 0
+    input_bytes: int = 0
+    output_bytes: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "amax": 0.0, "cast": 0.0, "write": 0.0})
+    filled_experts: list[str] = field(default_factory=list)
+
+
+def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
+    checkpoint = Checkpoint.open(job.model)
+    evidence = checkpoint.fp8_evidence()
+    if evidence:
+        raise ModelError(f"{job.model}: is already quantized ({evidence})",
+                         fix=f"convert it first: ray-calib convert-bf16 --in {job.model} --out {job.model}-bf16")
+    plan = build_plan(checkpoint, job.measurement, fp8_kv=job.fp8_kv)
+    summary = QuantizeSummary(out=job.out, filled_experts=plan.filled_experts, input_bytes=checkpoint.nbytes)
+    fingerprint = _fingerprint(checkpoint, job)
+    manifest = _open_manifest(job.out, fingerprint, job.force)
+    done = _verified_shards(job.out, manifest)
+    shard_names = [*checkpoint.shards, *([KV_SHARD] if plan.kv_maxabs else [])]
+    layouts = {shard: _layout(checkpoint, shard, plan, job) for shard in shard_names}
+    todo = [s for s in shard_names if s not in done]
+    check_free_space(job.out, sum(sum(t.nbytes for t in layouts[s]) for s in todo), job.free_space)
+    job.out.mkdir(parents=True, exist_ok=True)
+    scales = manifest.setdefault("weight_scales", {})
+    if not job.method.per_channel_weights and len(scales) < len(plan.groups):
+        scales.update(_group_weight_scales(checkpoint, plan, job, summary))
+        atomic.write_json(job.out / MANIFEST, manifest)
+    for shard in shard_names:
+        if shard in done:
+            summary.shards_skipped.append(shard)
+            continue
+        manifest["shards"][shard] = _write_shard(checkpoint, shard, layouts[shard], plan, scales, job, summary)
+        atomic.write_json(job.out / MANIFEST, manifest)
+        summary.shards_written.append(shard)
+        if job.on_shard_done:
+            job.on_shard_done(shard)
+    _finish(checkpoint, layouts, job)
+    summary.quantized = len(plan.group_of)
+    summary.kept = len(checkpoint.tensors) - summary.quantized
+    summary.output_bytes = sum((job.out / s).stat().st_size for s in shard_names)
+    return summary
+
+
+# ---- manifest (resume) ------------------------------------------------------------------------------------
+
+def _fingerprint(checkpoint: Checkpoint, job: QuantizeJob) -> str:
+    digest = hashlib.sha256()
+    for name, info in checkpoint.tensors.items():
+        digest.update(f"{name}:{info.dtype}:{info.shape}:{checkpoint.shard_of[name]};".encode())
+    for shard in checkpoint.shards:
+        stat = (checkpoint.path / shard).stat()
+        digest.update(f"{shard}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    digest.update(json.dumps(job.measurement.nodes, sort_keys=True).encode())
+    digest.update(repr((job.method, job.device, job.fp8_kv, _FORMAT_VERSION)).encode())
+    return digest.hexdigest()
+
+
+def _open_manifest(out: Path, fingerprint: str, force: bool) -> dict:
+    path = out / MANIFEST
+    if path.exists():
+        manifest = json.loads(path.read_text())
+        if manifest.get("fingerprint") == fingerprint:
+            return manifest
+        if not force:
+            raise OutputExistsError(f"{out}: holds a quantize run of other inputs (model, measurements or method "
+                                    "changed)", fix="pass --force to redo it, or choose another --out.")
+    elif out.exists() and any(out.glob("*.safetensors")) and not force:
+        raise OutputExistsError(f"{out}: already holds safetensors files", fix="pass --force or choose another --out.")
+    return {"fingerprint": fingerprint, "shards": {}}
+
+
+def _verified_shards(out: Path, manifest: dict) -> set[str]:
+    """Shards whose file on disk still has the checksum recorded when it was finished."""
+    return {shard for shard, digest in manifest["shards"].items()
+            if (out / shard).exists() and file_sha256(out / shard) == digest}
+
+
+# ---- layout and scales ------------------------------------------------------------------------------------
+
+def _layout(checkpoint: Checkpoint, shard: str, plan: QuantPlan, job: QuantizeJob) -> list[PlannedTensor]:
+    if shard == KV_SHARD:
+        return [PlannedTensor(name, "F32", (1,)) for layer in plan.kv_maxabs for name in names.kv_scale_names(layer)]
+    layout = []
+    for info in checkpoint.tensors_in(shard):
+        if not plan.is_quantized(info.name):
+            layout.append(PlannedTensor(info.name, info.dtype, info.shape))
+            continue
+        prefix = info.name.removesuffix(".weight")
+        scale_shape = (info.shape[0], 1) if job.method.per_channel_weights else (1,)
+        layout += [PlannedTensor(info.name, "F8_E4M3", info.shape),
+                   PlannedTensor(f"{prefix}.weight_scale", "F32", scale_shape)]
+        if not job.method.dynamic_only:
+            layout.append(PlannedTensor(f"{prefix}.input_scale", "F32", (1,)))
+    return layout
+
+
+def _group_weight_scales(checkpoint: Checkpoint, plan: QuantPlan, job: QuantizeJob,
+                         summary: QuantizeSummary) -> dict[str, float]:
+    """Pass 1: one per-tensor weight scale per fused group, reading one tensor at a time."""
+    from ray_calib.convert.progress import bar
+
+    searches = [WeightScaleSearch(job.method, job.device) for _ in plan.groups]
+    readers: dict[str, ShardReader] = {}
+    try:
+        with bar("weight scales", total=len(plan.group_of)) as advance:
+            for tensor, index in sorted(plan.group_of.items(), key=lambda kv: checkpoint.tensors[kv[0]].offset):
+                shard = checkpoint.shard_of[tensor]
+                reader = readers.setdefault(shard, ShardReader(checkpoint.path / shard))
+                started = time.perf_counter()
+                weight = reader.read(tensor)
+                summary.seconds["read"] += time.perf_counter() - started
+                started = time.perf_counter()
+                searches[index].add(weight)
+                summary.seconds["amax"] += time.perf_counter() - started
+                del weight
+                advance()
+    finally:
+        for reader in readers.values():
+            reader.__exit__(None)
+    return {member: searches[i].scale() for member, i in plan.group_of.items()}
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+
+def _write_shard(checkpoint: Checkpoint, shard: str, layout: list[PlannedTensor], plan: QuantPlan,
+                 scales: dict[str, float], job: QuantizeJob, summary: QuantizeSummary) -> str:
+    import torch
+
+    from ray_calib.convert.progress import bar
+
+    out_path = job.out / shard
+    if shard == KV_SHARD:
+        with ShardWriter(out_path, layout) as writer:
+            for layer, (k, v) in plan.kv_maxabs.items():
+                for name, maxabs in zip(names.kv_scale_names(layer), (k, v)):
+                    writer.write(name, torch.tensor([activation_scale(maxabs, job.method, job.device)]))
+            return writer.close()
+    infos = checkpoint.tensors_in(shard)
+    with ShardReader(checkpoint.path / shard) as reader, ShardWriter(out_path, layout) as writer, \
+            bar(f"write {shard}", total=len(infos)) as advance:
+        preloaded = {} if job.low_cpu_mem else {i.name: reader.read(i.name) for i in infos}
+        for info in infos:
+            started = time.perf_counter()
+            tensor = preloaded.pop(info.name) if preloaded else reader.read(info.name)
+            summary.seconds["read"] += time.perf_counter() - started
+            for name, value in _output_tensors(info.name, tensor, plan, scales, job, summary):
+                started = time.perf_counter()
+                writer.write(name, value)
+                summary.seconds["write"] += time.perf_counter() - started
+            del tensor
+            advance()
+        started = time.perf_counter()
+        digest = writer.close()
+        summary.seconds["write"] += time.perf_counter() - started
+        return digest
+
+
+def _output_tensors(name: str, tensor, plan: QuantPlan, scales: dict[str, float], job: QuantizeJob,
+                    summary: QuantizeSummary):
+    """What one input tensor becomes: itself, or FP8 weight + weight_scale (+ input_scale)."""
+    import torch
+
+    if not plan.is_quantized(name):
+        yield name, tensor
+        return
+    started = time.perf_counter()
+    if job.method.per_channel_weights:
+        scale = channel_scales(tensor, job.method, job.device).reshape(-1, 1)
+    else:
+        scale = torch.tensor([scales[name]], dtype=torch.float32)
+    fp8 = cast_to_fp8(tensor, scale)
+    summary.seconds["cast"] += time.perf_counter() - started
+    prefix = name.removesuffix(".weight")
+    yield name, fp8
+    del fp8
+    yield f"{prefix}.weight_scale", scale.to(torch.float32)
+    if not job.method.dynamic_only:
+        group = plan.groups[plan.group_of[name]]
+        yield f"{prefix}.input_scale", torch.tensor([activation_scale(group.input_maxabs, job.method, job.device)])
+
+
+def cast_to_fp8(weight, scale):
+    """float8_e4m3fn(weight / scale), saturating, in row chunks so float32 scratch stays small."""
+    import torch
+
+    out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[-1]))
+    per_row = scale.numel() > 1
+    for start in range(0, weight.shape[0], rows):
+        chunk = weight[start:start + rows].to(torch.float32)
+        chunk /= scale[start:start + rows] if per_row else scale
+        out[start:start + rows] = chunk.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return out
+
+
+def _finish(checkpoint: Checkpoint, layouts: dict[str, list[PlannedTensor]], job: QuantizeJob) -> None:
+    weight_map = {t.name: shard for shard, layout in layouts.items() for t in layout}
+    total = sum(t.nbytes for layout in layouts.values() for t in layout)
+    copy_side_files(checkpoint.path, job.out)
+    config = dict(checkpoint.config)
+    config["quantization_config"] = compressed_tensors_config(
+        per_channel=job.method.per_channel_weights, dynamic_activations=job.method.dynamic_only, fp8_kv=job.fp8_kv)
+    config.pop("torch_dtype", None)
+    config["dtype"] = "bfloat16"
+    atomic.write_json(job.out / "config.json", config)
+    write_index(job.out, weight_map, total)

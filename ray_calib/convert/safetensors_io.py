@@ -1,0 +1,179 @@
+"""Read and write safetensors one tensor at a time, with memory the caller controls.
+
+The format is `u64 header length | JSON header {name: {dtype, shape, data_offsets}, "__metadata__"} |
+tensor bytes`. Reading uses positioned `readinto` instead of `safe_open`'s mmap: mapped pages stay
+counted in the process RSS until the file is closed, so a 40 GB shard would look like 40 GB of memory.
+Writing lays out the header from the planned shapes first, then streams each tensor's bytes and hashes
+them on the way (the checksum that makes `quantize` resumable needs no second read).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray_calib.errors import ModelError
+
+# safetensors dtype -> (torch dtype name, bytes per element)
+DTYPES = {
+    "BF16": ("bfloat16", 2), "F16": ("float16", 2), "F32": ("float32", 4), "F64": ("float64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1), "I64": ("int64", 8), "I32": ("int32", 4),
+    "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1), "BOOL": ("bool", 1),
+}
+_BY_TORCH_NAME = {torch_name: code for code, (torch_name, _) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int  # absolute file offset of the first byte
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor table (in file order) and `__metadata__` of one shard, without reading tensor data."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > 100_000_000:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(handle.read(size))
+    except (struct.error, ValueError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path}: not a safetensors file ({err})", fix="re-download that shard.") from None
+    metadata = header.pop("__metadata__", None) or {}
+    start = 8 + size
+    tensors = {}
+    for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        begin, end = entry["data_offsets"]
+        tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), start + begin, end - begin)
+    return tensors, metadata
+
+
+class ShardReader:
+    """Read single tensors from one shard into fresh buffers (nothing else of the file stays in memory)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.tensors, self.metadata = read_header(self.path)
+        self._handle = open(self.path, "rb")
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+
+    def read(self, name: str):
+        import torch
+
+        info = self.tensors[name]
+        buffer = bytearray(info.nbytes)
+        self._handle.seek(info.offset)
+        if self._handle.readinto(buffer) != info.nbytes:
+            raise ModelError(f"{self.path}: tensor '{name}' is truncated", fix="re-download that shard.")
+        dtype = getattr(torch, DTYPES[info.dtype][0])
+        if not buffer:
+            return torch.empty(info.shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(info.shape)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * DTYPES[self.dtype][1]
+
+
+def dtype_code(torch_dtype) -> str:
+    return _BY_TORCH_NAME[str(torch_dtype).removeprefix("torch.")]
+
+
+class ShardWriter:
+    """Write a shard whose tensor list is known up front; tensors arrive one by one, in plan order.
+
+    Bytes go to a hidden temp file next to `path`; `close()` fsyncs and renames it into place and
+    returns the sha256 of the whole file. Leaving the `with` block on an error removes the temp file.
+    """
+
+    def __init__(self, path: str | os.PathLike, plan: list[PlannedTensor], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.plan = plan
+        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        for item in plan:
+            header[item.name] = {"dtype": item.dtype, "shape": list(item.shape),
+                                 "data_offsets": [offset, offset + item.nbytes]}
+            offset += item.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.size = 8 + len(raw) + offset
+        self._next = 0
+        self._hash = hashlib.sha256()
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._handle = os.fdopen(fd, "wb")
+        self._write(struct.pack("<Q", len(raw)) + raw)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _write(self, data) -> None:
+        self._handle.write(data)
+        self._hash.update(data)
+
+    def write(self, name: str, tensor) -> None:
+        import torch
+
+        item = self.plan[self._next]
+        if name != item.name or dtype_code(tensor.dtype) != item.dtype or tuple(tensor.shape) != item.shape:
+            raise AssertionError(f"tensor {name} {tensor.dtype} {tuple(tensor.shape)} does not match plan {item}")
+        tensor = tensor.contiguous()
+        if tensor.numel():
+            self._write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> str:
+        if self._next != len(self.plan):
+            raise AssertionError(f"{self.path.name}: {len(self.plan) - self._next} planned tensors not written")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(self._tmp, self.path)
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._handle.close()
+        Path(self._tmp).unlink(missing_ok=True)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
