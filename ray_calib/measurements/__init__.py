@@ -14,11 +14,11 @@ from ray_calib.measurements.coverage import ExpertCoverage, read_coverage, write
 from ray_calib.measurements.meta import META_FILE, RunMeta, read_meta, write_meta
 from ray_calib.measurements.naming import StatsName, parse_name
 from ray_calib.measurements.rankfile import MODE_RANGE, MODE_SCALE, RankFile, read_rank_file, write_rank_file
-from ray_calib.measurements.runset import MeasurementSet
+from ray_calib.measurements.runset import MeasurementSet, scale_methods
 from ray_calib.measurements.unify import expand_rank, expert_layout, unify_ranks
 
 __all__ = [
     "META_FILE", "MODE_RANGE", "MODE_SCALE", "ExpertCoverage", "MeasurementSet", "RankFile", "RunMeta",
     "StatsName", "expand_rank", "expert_layout", "parse_name", "read_coverage", "read_meta", "read_rank_file",
-    "unify_ranks", "write_coverage", "write_meta", "write_rank_file",
+    "scale_methods", "unify_ranks", "write_coverage", "write_meta", "write_rank_file",
 ]

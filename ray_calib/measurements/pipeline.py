@@ -21,7 +21,7 @@ from ray_calib.measurements.coverage import COVERAGE_FILE
 from ray_calib.measurements.meta import RunMeta, write_meta
 from ray_calib.measurements.naming import JSON, StatsName, parse_name
 from ray_calib.measurements.rankfile import RankFile, read_rank_file, write_rank_file
-from ray_calib.measurements.runset import MeasurementSet
+from ray_calib.measurements.runset import MeasurementSet, scale_methods
 from ray_calib.measurements.unify import check_same_nodes, check_sizes, expand_rank, expert_layout, merge_group
 
 
@@ -130,12 +130,6 @@ def expand_dir(in_dir: Path, out_dir: Path, to_world_size: int, *, force: bool =
     meta = dataclasses.replace(measurement.meta or RunMeta(), tp_size=to_world_size, ep_size=to_world_size)
     _write(out_dir, outputs, meta, in_dir)
     return outputs
-
-
-def scale_methods(directory: Path) -> list[str]:
-    """The scale methods (e.g. MAXABS_HW) whose files sit in `directory`."""
-    found = {parsed[0].method for p in directory.iterdir() if (parsed := parse_name(p)) and parsed[0].method}
-    return sorted(found)
 
 
 def _expert_parallel(measurement: MeasurementSet) -> bool | None:

@@ -85,3 +85,9 @@ def _check_complete(directory: Path, names: list[StatsName]) -> None:
         listed = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
         raise MeasurementError(directory, f"rank(s) {listed} of {world_size} missing (e.g. {example})",
                                fix="copy them from the node that ran those ranks, or re-run the measurement.")
+
+
+def scale_methods(directory: Path) -> list[str]:
+    """The scale methods (e.g. MAXABS_HW) whose files sit in `directory`."""
+    found = {parsed[0].method for p in directory.iterdir() if (parsed := parse_name(p)) and parsed[0].method}
+    return sorted(found)

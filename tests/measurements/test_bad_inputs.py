@@ -82,14 +82,17 @@ def test_npz_disagrees_with_json(run_cli, run_dir):
     _fails(run_cli, run_dir, "hooks_maxabs_1_4.npz", "disagrees with", "model.layers.1.self_attn.qkv_proj")
 
 
-def test_nan_and_inf_are_refused(run_cli, run_dir):
+def test_nan_and_inf_are_refused_but_inspect_counts_them(run_cli, run_dir):
     path = _stem(run_dir, 0).with_suffix(".json")
     stats = json.loads(path.read_text())
     stats["Nodes"]["model.layers.0.self_attn.o_proj"]["outputs"][1] = [[float("inf")]]
-    path.write_text(json.dumps(stats))
+    stats["Nodes"]["model.layers.1.self_attn.qkv_proj"]["inputs"] = [[[float("nan")]]]
+    path.write_text(json.dumps(stats))  # Python's json writes Infinity / NaN, as INC would
+    npz.save(path.with_suffix(".npz"), stats)
     _fails(run_cli, run_dir, "hooks_maxabs_0_4.json", "model.layers.0.self_attn.o_proj", "inf", "outputs[1]")
     result = run_cli("inspect", run_dir / "in")
-    assert result.exit_code != 0 or "1 inf" in result.stdout
+    assert result.exit_code == 0, result.stderr
+    assert "1 NaN, 1 inf" in result.stdout
 
 
 def test_output_holding_another_run_needs_force(run_cli, run_dir):
