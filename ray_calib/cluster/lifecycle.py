@@ -130,8 +130,9 @@ def _require_preflight(reporter: Reporter, reports: list[HostReport]) -> None:
     bad = [r for r in reports if not r.ok]
     if bad:
         reporter.table("preflight", rows)
-        names = ", ".join(r.node.label for r in bad)
-        raise ClusterError(bad[0].node.label, f"preflight failed on {names}: {bad[0].verdict}",
+        diagnosis = " | ".join(f"{r.node.label}: {r.verdict}" for r in bad[1:])
+        raise ClusterError(bad[0].node.label, f"preflight failed: {bad[0].verdict}"
+                           + (f" | {diagnosis}" if diagnosis else ""),
                            fix="fix those hosts (the seeds need an identical stack everywhere), then rerun up")
 
 

@@ -1,0 +1,52 @@
+"""Preflight stops `up` before any Ray process starts, naming the host and what differs."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from tests.cluster.realparts import ray_pids, write_conf
+
+pytestmark = pytest.mark.cluster
+
+
+def _other_python(workdir):
+    """A bin dir whose python3 is the system interpreter (no Ray, another patch version)."""
+    alt = workdir / "altbin"
+    alt.mkdir()
+    os.symlink("/usr/bin/python3", alt / "python3")
+    return alt
+
+
+def test_version_mismatch_stops_up_and_names_the_node(workdir, sshd, state_dir, run_cli):
+    if not os.path.exists("/usr/bin/python3") or os.path.realpath("/usr/bin/python3") == os.path.realpath(sys.executable):
+        pytest.skip("needs a second Python interpreter at /usr/bin/python3")
+    alt = _other_python(workdir)
+    conf = write_conf(workdir, sshd, worker_env=f'export PATH="{alt}:$PATH"\n')
+    result = run_cli("up", "--conf", conf)
+    assert result.exit_code == 1
+    error = result.stderr.strip()
+    assert error.startswith("error: worker1 (127.0.0.2): preflight failed: ")
+    assert f"ray not installed for {alt}/python3" in error and "torch missing != head 2.13.0" in error
+    system_python = subprocess.run(["/usr/bin/python3", "-c", "import platform; print(platform.python_version())"],
+                                   capture_output=True, text=True).stdout.strip()
+    if system_python != platform.python_version():
+        assert f"python {system_python} != head {platform.python_version()}" in error
+    assert "(2/5 preflight)" in result.stdout and "(3/5" not in result.stdout
+    assert "head (127.0.0.1)" in result.stdout and "ok" in result.stdout  # the table has a row per host
+    assert ray_pids(workdir) == []  # nothing was started
+
+
+def test_wrong_ifname_and_missing_work_dir(workdir, sshd, state_dir, run_cli):
+    conf = write_conf(workdir, sshd, extra=f"WORK_DIR={workdir}/nowhere\n")
+    conf.write_text(conf.read_text().replace("WORKER_NODE_IFNAME=lo", "WORKER_NODE_IFNAME=eth0"))
+    result = run_cli("up", "--conf", conf)
+    assert result.exit_code == 1
+    error = result.stderr
+    assert error.startswith(f"error: head (127.0.0.1): preflight failed: work dir {workdir}/nowhere missing")
+    assert "| worker1 (127.0.0.2): eth0 does not hold 127.0.0.2" in error
+    assert ray_pids(workdir) == []
