@@ -39,9 +39,9 @@ def test_unknown_option_is_one_line_usage_error(run_cli):
 
 
 def _imported_after(code: str) -> set[str]:
-    probe = f"{code}\nimport sys\nprint(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    probe = f"{code}\nimport sys\nprint('MODULES', *sorted({{m.split('.')[0] for m in sys.modules}}))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    return set(out.split())
+    return set(out.rsplit("MODULES", 1)[1].split())
 
 
 def test_help_and_unify_import_nothing_heavy(tmp_path):
