@@ -5,7 +5,8 @@
     1/5 ssh        connect to every host, host keys verified against known_hosts
     2/5 preflight  same stack as the head, devices, IFNAME holds the IP, work dir, free disk
     3/5 token      create or reuse the Ray auth token, copy it to every node (SFTP, mode 0600)
-    4/5 ray start  per node: stop its old Ray, start with the node env; head first, then workers
+    4/5 ray start  stop old Ray on every node (only its temp dir's processes), then start it with the
+                   node env: head first, then the workers in parallel
     5/5 health     every node alive in the GCS and enough devices for the tensor-parallel size
 
 Any failing stage stops `up` and ends with one table of host, verdict and log path. When the inputs
@@ -81,8 +82,10 @@ def up(config: ClusterConfig, *, restart: bool = False, accept_new_host_keys: bo
                 config.nodes, lambda n: runner.put(n, token, config.token_path, mode=0o600)), runner)
             health_mod.use_token(config.token_path)
             state.write(config.path, _record(config, hashes, reports, "starting"))
-            _stage(reporter, 4, f"head {config.head.label}, then {len(config.workers)} worker(s)")
-            _require(reporter, "ray start", config, {config.head.name: _start(runner, config.head)}, runner)
+            _stage(reporter, 4, f"stop old Ray everywhere, start head {config.head.label}, "
+                                f"then {len(config.workers)} worker(s)")
+            _require(reporter, "ray stop", config, runner.map(config.nodes, lambda n: _stop(runner, n)), runner)
+            _require(reporter, "ray start", config, runner.map((config.head,), lambda n: _start(runner, n)), runner)
             _require(reporter, "ray start", config, runner.map(config.workers, lambda n: _start(runner, n)), runner)
             _stage(reporter, 5, f"waiting up to {config.health_timeout} s for {len(config.nodes)} nodes")
             rows = _health_gate(config, runner, reporter)
@@ -156,6 +159,15 @@ def _start(runner: SSHRunner, node: NodeConfig) -> None:
                            fix=f"see {runner.log_path(node)} and {node.ssh_host}:{ray_log_dir(node)}")
 
 
+def _stop(runner: SSHRunner, node: NodeConfig) -> str:
+    """Stop the node's Ray (scoped to its temp dir); return the probe's JSON line."""
+    result = runner.run(node, stop_script(node, runner.config), timeout=120, what="stop ray")
+    if not result.ok:
+        raise ClusterError(node.label, f"stopping Ray failed: {result.tail()}",
+                           fix=f"see {runner.log_path(node)}; stop it there by hand")
+    return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+
+
 def _health_gate(config: ClusterConfig, runner: SSHRunner, reporter: Reporter) -> list[Row]:
     key = DEVICE_KEYS[config.head.device_kind]
     health = health_mod.wait_healthy(config, key, config.health_timeout)
@@ -203,13 +215,7 @@ def down(config: ClusterConfig, *, accept_new_host_keys: bool = False, reporter:
     reporter = reporter or Reporter()
     with state.locked(config.path), SSHRunner(config, accept_new_host_keys=accept_new_host_keys,
                                               log_dir=state.log_dir(config.path)) as runner:
-        def stop(node: NodeConfig) -> str:
-            result = runner.run(node, stop_script(node, config), timeout=120, what="stop ray")
-            if not result.ok:
-                raise ClusterError(node.label, f"stop failed: {result.tail()}")
-            return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-
-        results = runner.map(config.nodes, stop)
+        results = runner.map(config.nodes, lambda n: _stop(runner, n))
         rows = [(n.label, results[n.name].message if isinstance(results[n.name], ClusterError)
                  else f"stopped ({_count(results[n.name])} processes)", str(runner.log_path(n)))
                 for n in config.nodes]

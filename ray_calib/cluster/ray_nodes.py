@@ -71,11 +71,10 @@ def start_args(node: NodeConfig, config: ClusterConfig) -> list[str]:
 
 
 def start_script(node: NodeConfig, config: ClusterConfig) -> str:
-    """Stop this node's old Ray, then start it with the node env, from the work directory."""
+    """Start Ray on the node with the node env, from the work directory (old Ray stopped before)."""
     ray = " ".join(shlex.quote(a) for a in start_args(node, config))
     return "\n".join([
         node_prelude(node, config.token_path),
-        stop_script(node, config),
         f"cd {shlex.quote(config.work_dir)}",
         f"exec {shlex.quote(node.python)} -m ray.scripts.scripts {ray} </dev/null",
     ])

@@ -1,0 +1,132 @@
+"""`up` -> `status` -> connect -> restart -> a node dies -> `down`, with real sshd and real Ray.
+
+One two-node cluster (head 127.0.0.1, worker 127.0.0.2, one "HPU" each) is shared by the tests of this
+module, which run in order; the module fixture takes it down and kills leftovers by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_calib.cluster import connect, devices, lifecycle, state
+from ray_calib.errors import ClusterError
+from tests.cluster.realparts import kill_leftovers, ray_pids, raylet_pid, write_conf
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster(sshd):
+    root = Path(tempfile.mkdtemp(prefix="rc-cluster-", dir="/tmp"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_CALIB_STATE_DIR", str(root / "state"))
+        conf = write_conf(root, sshd)
+        try:
+            yield conf
+        finally:
+            try:
+                lifecycle.down(devices.load(conf))
+            except ClusterError:
+                pass
+            kill_leftovers(root)
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def clean_env():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_up_then_status(cluster, run_cli):
+    result = run_cli("up", "--conf", cluster)
+    assert result.exit_code == 0, result.stderr
+    for index, name in enumerate(lifecycle.STAGES, start=1):
+        assert f"({index}/5 {name})" in result.stdout
+    assert "cluster up at 127.0.0.1:6380 (2 nodes)" in result.stdout
+    worker_env = _environ(raylet_pid(cluster.parent / "ray" / "worker"))
+    assert worker_env["VLLM_HOST_IP"] == "127.0.0.2" and worker_env["GLOO_SOCKET_IFNAME"] == "lo"
+    assert worker_env["RAY_AUTH_MODE"] == "token"
+    token = (cluster.parent / "auth_token").read_text()
+    assert len(token) == 64 and stat.S_IMODE((cluster.parent / "auth_token").stat().st_mode) == 0o600
+    logs = "".join(p.read_text() for p in state.log_dir(cluster).glob("*.log"))
+    assert token not in logs and token not in result.stdout + result.stderr
+
+    shown = run_cli("status", "--conf", cluster)
+    assert shown.exit_code == 0, shown.stderr
+    record, rows = lifecycle.status(devices.load(cluster))
+    assert record["status"] == "up" and [r.alive for r in rows] == [True, True]
+    assert rows[1].ray_ip == "127.0.0.2" and rows[0].devices == "cpu x1"
+    assert record["nodes"][0]["packages"]["ray"] == "2.60.0"
+
+
+def test_up_again_is_a_noop(cluster, run_cli):
+    before = raylet_pid(cluster.parent / "ray" / "head")
+    result = run_cli("up", "--conf", cluster)
+    assert result.exit_code == 0 and "nothing to do" in result.stdout
+    assert raylet_pid(cluster.parent / "ray" / "head") == before
+
+
+def test_connect_gives_a_working_authenticated_address(cluster, clean_env):
+    address = connect(cluster)
+    assert address == "127.0.0.1:6380" and os.environ["RAY_ADDRESS"] == address
+    probe = "import json, ray; ray.init(); print(json.dumps(ray.cluster_resources()))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["HPU"] == 2.0
+
+
+def test_env_change_needs_restart(cluster, run_cli, clean_env):
+    env_file = cluster.parent / "worker_env.sh"
+    env_file.write_text(env_file.read_text() + "export RC_CLUSTER_MARK=second\n")
+    refused = run_cli("up", "--conf", cluster)
+    assert refused.exit_code == 1
+    assert f"changed: worker1 env file {env_file}" in refused.stderr and "up --restart" in refused.stderr
+    with pytest.raises(ClusterError, match="up --restart"):
+        connect(cluster)
+    restarted = run_cli("up", "--conf", cluster, "--restart")
+    assert restarted.exit_code == 0, restarted.stderr
+    assert _environ(raylet_pid(cluster.parent / "ray" / "worker"))["RC_CLUSTER_MARK"] == "second"
+    assert connect(cluster) == "127.0.0.1:6380"
+
+
+def test_dead_node_is_named_by_status_and_connect(cluster, run_cli, clean_env):
+    os.kill(raylet_pid(cluster.parent / "ray" / "worker"), signal.SIGKILL)
+    config = devices.load(cluster)
+    deadline = time.monotonic() + 60
+    while lifecycle.status(config)[1][1].alive:
+        assert time.monotonic() < deadline, "GCS never marked the killed worker dead"
+        time.sleep(1)
+    shown = run_cli("status", "--conf", cluster)
+    assert shown.exit_code == 1 and "worker1 (127.0.0.2)" in shown.stderr and "not alive" in shown.stderr
+    with pytest.raises(ClusterError) as err:
+        connect(cluster)
+    assert str(err.value).startswith("worker1 (127.0.0.2): Ray node(s) not alive")
+    assert f"127.0.0.2:{cluster.parent}/ray/worker/session_latest/logs" in str(err.value)
+
+
+def test_down_stops_every_process(cluster, run_cli):
+    assert ray_pids(cluster.parent / "ray")  # the head (and worker leftovers) still run
+    result = run_cli("down", "--conf", cluster)
+    assert result.exit_code == 0, result.stderr
+    assert ray_pids(cluster.parent / "ray") == []
+    assert not state.state_path(cluster).exists()
+    assert "no cluster started" in run_cli("status", "--conf", cluster).stdout
