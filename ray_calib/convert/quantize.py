@@ -58,16 +58,23 @@ class QuantizeSummary:
     output_bytes: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "amax": 0.0, "cast": 0.0, "write": 0.0})
     filled_experts: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
+    import torch  # noqa: F401 - imported before the stage timers start
+
     checkpoint = Checkpoint.open(job.model)
     evidence = checkpoint.fp8_evidence()
     if evidence:
         raise ModelError(f"{job.model}: is already quantized ({evidence})",
                          fix=f"convert it first: ray-calib convert-bf16 --in {job.model} --out {job.model}-bf16")
-    plan = build_plan(checkpoint, job.measurement, fp8_kv=job.fp8_kv)
+    mla = "kv_lora_rank" in checkpoint.config
+    plan = build_plan(checkpoint, job.measurement, fp8_kv=job.fp8_kv and not mla)
     summary = QuantizeSummary(out=job.out, filled_experts=plan.filled_experts, input_bytes=checkpoint.nbytes)
+    if job.fp8_kv and mla:
+        summary.notes.append("MLA model: vLLM 0.32 loads no KV-cache scales for MLA from a checkpoint, so none were "
+                             "written (serve with --kv-cache-dtype fp8 and scale 1.0 on CUDA, or use INC on Gaudi)")
     fingerprint = _fingerprint(checkpoint, job)
     manifest = _open_manifest(job.out, fingerprint, job.force)
     done = _verified_shards(job.out, manifest)
@@ -89,7 +96,7 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
         summary.shards_written.append(shard)
         if job.on_shard_done:
             job.on_shard_done(shard)
-    _finish(checkpoint, layouts, job)
+    _finish(checkpoint, layouts, job, fp8_kv=bool(plan.kv_maxabs))
     summary.quantized = len(plan.group_of)
     summary.kept = len(checkpoint.tensors) - summary.quantized
     summary.output_bytes = sum((job.out / s).stat().st_size for s in shard_names)
@@ -248,13 +255,13 @@ def cast_to_fp8(weight, scale):
     return out
 
 
-def _finish(checkpoint: Checkpoint, layouts: dict[str, list[PlannedTensor]], job: QuantizeJob) -> None:
+def _finish(checkpoint: Checkpoint, layouts: dict[str, list[PlannedTensor]], job: QuantizeJob, *, fp8_kv: bool) -> None:
     weight_map = {t.name: shard for shard, layout in layouts.items() for t in layout}
     total = sum(t.nbytes for layout in layouts.values() for t in layout)
     copy_side_files(checkpoint.path, job.out)
     config = dict(checkpoint.config)
     config["quantization_config"] = compressed_tensors_config(
-        per_channel=job.method.per_channel_weights, dynamic_activations=job.method.dynamic_only, fp8_kv=job.fp8_kv)
+        per_channel=job.method.per_channel_weights, dynamic_activations=job.method.dynamic_only, fp8_kv=fp8_kv)
     config.pop("torch_dtype", None)
     config["dtype"] = "bfloat16"
     atomic.write_json(job.out / "config.json", config)

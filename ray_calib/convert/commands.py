@@ -1,0 +1,73 @@
+"""`ray-calib quantize` and `convert-bf16`: thin commands over `convert.pipeline` and `convert.bf16`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ray_calib.rundir import RunDir, run_dir_option
+
+_dir = click.Path(file_okay=False, path_type=Path)
+
+
+@click.command()
+@click.option("--model", type=_dir, help="BF16 model directory [default: the model named in the measurements' meta].")
+@click.option("--measurements", type=_dir, help="Measurement dir [default: <run-dir>/unified-tp<smallest>, else measure].")
+@click.option("--out", type=_dir, help="Output directory [default: <run-dir>/fp8; on Gaudi <run-dir>/configs].")
+@click.option("--scale-method", help="INC scale method [default: maxabs_hw on Gaudi, maxabs_arbitrary elsewhere].")
+@click.option("--device", type=click.Choice(["gaudi2", "gaudi3", "cuda", "cpu"]), help="Target [default: from meta].")
+@click.option("--fp8-kv", is_flag=True, help="Also write k/v scales for an FP8 KV cache.")
+@click.option("--low-cpu-mem", is_flag=True, help="Hold at most one tensor (and its FP8 copy) in memory.")
+@click.option("--input-backoff", type=float, help="Activation backoff (INC scale_params.input_backoff, default 0.25).")
+@click.option("--weight-backoff", type=float, help="Weight backoff (INC scale_params.weight_backoff, default 0.5).")
+@click.option("--clean-stale-scales", is_flag=True, help="Delete old *_MAXABS* scale files next to the measurements.")
+@click.option("--force", is_flag=True, help="Redo an --out that holds another run's output.")
+@run_dir_option
+def quantize(run_dir: str | None, **options) -> None:
+    """Write an FP8 checkpoint vLLM loads (or, on Gaudi, the QUANT_CONFIG for --quantization inc).
+
+    \b
+    Examples:
+      ray-calib quantize --low-cpu-mem                     # after measure/unify in ./calib-run
+      ray-calib quantize --model M --measurements DIR --out OUT --scale-method maxabs_pow2 --fp8-kv
+    """
+    from ray_calib.convert.pipeline import QuantizeRequest, quantize_run
+
+    result = quantize_run(QuantizeRequest(run=RunDir.resolve(run_dir), **options))
+    if result.stale and not result.cleaned:
+        click.echo(f"warning: {len(result.stale)} stale scale file(s) next to the measurements (e.g. "
+                   f"{result.stale[0].name}) would override them in INC; rerun with --clean-stale-scales", err=True)
+    if result.inc_config:
+        click.echo(f"{result.device}: weights stay BF16, INC quantizes at load with {result.method}. Serve with:\n"
+                   f"  QUANT_CONFIG={result.inc_config} vllm serve {result.model} --quantization inc"
+                   f"{' --kv-cache-dtype fp8_inc' if options['fp8_kv'] else ''}")
+        return
+    s = result.summary
+    took = sum(s.seconds.values())
+    click.echo(f"wrote {s.out}: {s.quantized} FP8 tensors, {s.kept} kept, {len(s.shards_written)} shard(s) written, "
+               f"{len(s.shards_skipped)} already done (checksum verified); {s.input_bytes / 1e9:.2f} GB -> "
+               f"{s.output_bytes / 1e9:.2f} GB, method {result.method}")
+    click.echo("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.seconds.items()) + f" (total {took:.1f} s)")
+    for note in s.notes + ([f"{len(s.filled_experts)} expert(s) saw no tokens: given their layer's largest range"]
+                           if s.filled_experts else []):
+        click.echo(f"note: {note}")
+    click.echo(f"serve: vllm serve {s.out}{' --kv-cache-dtype fp8' if options['fp8_kv'] else ''}")
+
+
+@click.command("convert-bf16")
+@click.option("--in", "src", type=_dir, required=True, help="Block-FP8 checkpoint (e.g. DeepSeek-R1).")
+@click.option("--out", type=_dir, required=True, help="Where the BF16 checkpoint goes.")
+@click.option("--force", is_flag=True, help="Redo an --out that holds another conversion.")
+def convert_bf16(src: Path, out: Path, force: bool) -> None:
+    """Dequantize DeepSeek's block-FP8 weights (128x128, weight_scale_inv) to BF16, shard by shard.
+
+    \b
+    Example:
+      ray-calib convert-bf16 --in DeepSeek-R1 --out DeepSeek-R1-bf16
+    """
+    from ray_calib.convert.bf16 import convert_to_bf16
+
+    s = convert_to_bf16(src, out, force=force)
+    click.echo(f"wrote {s.out}: {s.converted} tensors dequantized, {len(s.shards_written)} shard(s) written, "
+               f"{len(s.shards_skipped)} already done; {s.output_bytes / 1e9:.2f} GB")

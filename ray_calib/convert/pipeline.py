@@ -1,0 +1,103 @@
+"""`ray-calib quantize` end to end: resolve paths from the run directory, pick the device's path.
+
+Gaudi (INC quantizes at load): write the QUANT_CONFIG for `vllm serve --quantization inc` pointing at
+the measurements, weights stay BF16. Everything else: write the FP8 checkpoint (`convert.quantize`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray_calib.convert.checkpoint import FreeSpace, free_bytes
+from ray_calib.errors import ConfigError, MeasurementError
+from ray_calib.rundir import RunDir
+
+
+@dataclass
+class QuantizeRequest:
+    run: RunDir
+    model: Path | None = None
+    measurements: Path | None = None
+    out: Path | None = None
+    scale_method: str | None = None
+    device: str | None = None
+    fp8_kv: bool = False
+    low_cpu_mem: bool = False
+    force: bool = False
+    clean_stale_scales: bool = False
+    input_backoff: float | None = None
+    weight_backoff: float | None = None
+    free_space: FreeSpace = free_bytes
+
+
+@dataclass
+class QuantizeResult:
+    device: str
+    method: str
+    model: Path
+    measurements: Path
+    summary: object | None = None  # convert.quantize.QuantizeSummary (FP8 checkpoint path)
+    inc_config: Path | None = None  # Gaudi path
+    stale: list[Path] = field(default_factory=list)
+    cleaned: bool = False
+
+
+def quantize_run(request: QuantizeRequest) -> QuantizeResult:
+    from ray_calib.convert.plan import load_measurement
+    from ray_calib.scales.devices import get_device
+    from ray_calib.scales.methods import check_method_for_device, get_method
+    from ray_calib.scales.quant_config import stale_scale_files
+
+    measurements = request.measurements or request.run.latest_unified() or request.run.measure
+    stale = stale_scale_files(measurements)
+    if stale and request.clean_stale_scales:
+        for path in stale:
+            path.unlink()
+    measurement, meta = load_measurement(measurements)
+    model = request.model or (Path(meta.model) if meta and meta.model else None)
+    if model is None:
+        raise MeasurementError(measurements, "has no ray_calib_meta.json naming the model", fix="pass --model BF16_DIR.")
+    device = (request.device or (meta.device_type if meta else None) or "cpu").lower()
+    method_name = request.scale_method or ("maxabs_hw" if device.startswith("gaudi") else "maxabs_arbitrary")
+    method = get_method(method_name, input_backoff=request.input_backoff, weight_backoff=request.weight_backoff)
+    check_method_for_device(method, get_device(device))
+    result = QuantizeResult(device=device, method=method.name, model=Path(model), measurements=Path(measurements),
+                            stale=stale, cleaned=bool(stale and request.clean_stale_scales))
+    if device.startswith("gaudi"):
+        result.inc_config = _write_inc_config(request, measurements, method.name, model, measurement.name.prefix)
+        return result
+    from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
+
+    job = QuantizeJob(model=Path(model), measurement=measurement, out=request.out or request.run.fp8, method=method,
+                      device=get_device(device), fp8_kv=request.fp8_kv, low_cpu_mem=request.low_cpu_mem,
+                      force=request.force, free_space=request.free_space)
+    result.summary = quantize_checkpoint(job)
+    return result
+
+
+def _write_inc_config(request: QuantizeRequest, measurements: Path, method: str, model: str | Path,
+                      prefix: str) -> Path:
+    """Gaudi: INC computes scales from the measurements when vLLM loads the BF16 model."""
+    from ray_calib.scales.quant_config import build_config, config_name, is_moe, write_configs
+
+    if request.out and any(Path(request.out).glob("*.safetensors")):
+        raise ConfigError(f"{request.out}: on Gaudi quantize writes a QUANT_CONFIG, not weights",
+                          fix="drop --out (configs go to <run-dir>/configs) or pass a directory for the config.")
+    one_node = measurements != request.run.measure
+    config = build_config(measure=False, fp8_kv=request.fp8_kv, one_node=one_node, scale_method=method,
+                          dump_stats_path=str(Path(measurements).absolute() / prefix),
+                          moe=is_moe(_model_type(model), str(model)))
+    if request.input_backoff or request.weight_backoff:
+        config["scale_params"] = {k: v for k, v in (("input_backoff", request.input_backoff),
+                                                     ("weight_backoff", request.weight_backoff)) if v}
+    out = Path(request.out) if request.out else request.run.configs
+    name = config_name(measure=False, fp8_kv=request.fp8_kv, one_node=one_node)
+    return write_configs(out, {name: config})[0]
+
+
+def _model_type(model: str | Path) -> str:
+    import json
+
+    config = Path(model) / "config.json"
+    return json.loads(config.read_text()).get("model_type", "") if config.exists() else ""

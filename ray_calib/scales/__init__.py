@@ -1,0 +1,13 @@
+"""INC's scale methods, device scale tables and QUANT_CONFIG files (DESIGN §5, §6).
+
+    devices       full scale and HW scale table per device; device_for_scales rules
+    methods       the scale methods as data + pure functions (maxabs -> scale, weight -> scale)
+    files         range files -> INC scale files per rank (`ray-calib scales`)
+    quant_config  the six QUANT_CONFIGs of the seeds' flow, validation, stale scale files
+"""
+
+from ray_calib.scales.devices import DEVICES, DeviceScales, device_for_scales, get_device
+from ray_calib.scales.methods import METHODS, ScaleMethod, activation_scale, get_method, round_scale, scale_from_maxabs
+
+__all__ = ["DEVICES", "METHODS", "DeviceScales", "ScaleMethod", "activation_scale", "device_for_scales", "get_device",
+           "get_method", "round_scale", "scale_from_maxabs"]
