@@ -113,7 +113,9 @@ def validate(config: Any, source: str = "QUANT_CONFIG", *, device: str | None = 
             config[new] = config.pop(old)
     unknown = sorted(set(config) - KNOWN_KEYS)
     if unknown:
-        close = [k for k in KNOWN_KEYS if k.replace("_", "") in unknown[0].replace("_", "")]
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(KNOWN_KEYS), n=1)
         raise ConfigError(f"{source}: unknown key '{unknown[0]}'", fix=f"did you mean '{close[0]}'?" if close else
                           "remove it; INC would reject it.")
     _check_choice(config, "mode", MODES, source)

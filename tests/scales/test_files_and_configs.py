@@ -1,0 +1,120 @@
+"""INC scale files from real and synthetic ranges; QUANT_CONFIG templates, validation and stale scales."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ray_calib.errors import ConfigError
+from ray_calib.measurements import MODE_SCALE, MeasurementSet
+from ray_calib.scales.devices import DEVICES
+from ray_calib.scales.files import write_scale_files
+from ray_calib.scales.methods import get_method
+from ray_calib.scales.quant_config import read_config, stale_scale_files, template_set, validate
+from tests.conftest import LLAMA70B_TP4, fixture_dir
+from tests.measurements.synthetic import write_set
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.fixtures
+def test_gaudi2_scale_files_from_real_llama70b_ranges(tmp_path):
+    run = write_scale_files(fixture_dir(LLAMA70B_TP4), tmp_path, get_method("maxabs_hw"), DEVICES["gaudi2"])
+    assert run.ranks == 4
+    scales = MeasurementSet.discover(tmp_path, method="MAXABS_HW")
+    assert [n.stem for n in scales.names][1] == "inc_output_hooks_maxabs_MAXABS_HW_1_4"
+    rank0 = scales.read(0)
+    assert rank0.mode == MODE_SCALE
+    o_proj = rank0.nodes["model.layers.0.self_attn.o_proj"]  # DESIGN §5 worked example, from the real file
+    assert o_proj["inputs"] == [0.00390625] and o_proj["params"]["weight"] == 0.0625
+    assert o_proj["outputs"] == [0.00390625 * 0.0625]
+    qk = rank0.nodes["model.layers.0.self_attn.attn.impl.matmul_qk"]
+    assert qk["outputs"] == [qk["inputs"][0] * qk["inputs"][1]]
+
+
+def test_moe_op_scales_go_to_inputs(tmp_path):
+    write_set(tmp_path / "in", 2, experts=4)
+    write_scale_files(tmp_path / "in", tmp_path / "out", get_method("maxabs_pow2"), DEVICES["gaudi3"])
+    ranges = MeasurementSet.discover(tmp_path / "in").read(0)
+    scaled = MeasurementSet.discover(tmp_path / "out", method="MAXABS_POW2").read(0)
+    op = "model.layers.0.mlp.experts.moe_op"
+    assert len(scaled.nodes[op]["inputs"]) == 1 + 4 and len(scaled.nodes[op]["outputs"]) == 1
+    expected = [get_method("maxabs_pow2").activation.backoff]
+    amax = ranges.nodes[op]["outputs"][2][0][0]
+    assert scaled.nodes[op]["inputs"][2] >= amax / (448 * expected[0])
+
+
+def test_pcs_without_weights_needs_per_channel_ranges(tmp_path):
+    write_set(tmp_path / "in", 1)
+    with pytest.raises(ConfigError, match="needs per-channel weight ranges.*--weights"):
+        write_scale_files(tmp_path / "in", tmp_path / "out", get_method("act_maxabs_pow2_weights_pcs_maxabs_pow2"),
+                          DEVICES["cpu"])
+
+
+def test_shipped_templates_are_the_generated_ones():
+    generated = template_set("./calib-run/measure", "./calib-run/unified-tp8", moe=True)
+    shipped = {p.name: json.loads(p.read_text()) for p in (REPO / "configs").glob("*.json")}
+    assert shipped == generated and len(shipped) == 6
+    measure = shipped["inc_measure_config.json"]
+    assert measure["blocklist"] == {"types": ["KVCache", "VLLMKVCache"], "names": ["lm_head", r"mlp\.gate\b"]}
+    assert shipped["inc_measure_with_fp8kv_config.json"]["blocklist"]["types"] == []
+    assert shipped["inc_quant_with_fp8kv_one_node_config.json"]["blocklist"]["names"] == ["lm_head"]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"scale_methd": "maxabs_hw"}, "unknown key 'scale_methd'.*did you mean 'scale_method'"),
+    ({"mode": "CALIBRATE"}, "'mode' is 'CALIBRATE'"),
+    ({"observer": "minmax"}, "'observer' is 'minmax'"),
+    ({"scale_method": "maxabs_fast"}, "'scale_method' is 'maxabs_fast'"),
+    ({"scale_method": "act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw"}, "needs 'dynamic_quantization': true"),
+    ({"blocklist": {"types": [], "names": ["mlp\\.gate("]}}, r"'blocklist.names\[0\]'.*not a valid regex"),
+    ({"blocklist": {"names": [], "kinds": []}}, "'blocklist' must be an object"),
+    ({"whitelist": {"types": [], "names": []}}, "both 'whitelist' and 'allowlist'"),
+    ({"scale_params": {"input_backof": 0.25}}, "unknown key 'scale_params.input_backof'"),
+    ({"dump_stats_path": ""}, "'dump_stats_path' is missing"),
+])
+def test_config_errors_name_the_key(change, message):
+    config = {**template_set("/m", "/u", moe=True)["inc_quant_config.json"], **change}
+    with pytest.raises(ConfigError, match=message):
+        validate(config, "q.json")
+
+
+def test_legacy_keys_are_mapped(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"mode": "QUANTIZE", "blacklist": {"names": ["lm_head"]}, "whitelist": {"types": []},
+                                "dump_stats_path": "/x/inc"}))
+    config = read_config(path)
+    assert config["blocklist"] == {"names": ["lm_head"]} and "blacklist" not in config and "allowlist" in config
+
+
+def test_stale_scale_files_and_cli_warning(tmp_path, run_cli):
+    measure = tmp_path / "run" / "measure"
+    write_set(measure, 2)
+    stale = measure / "inc_measure_output_hooks_maxabs_MAXABS_HW_0_2.npz"
+    stale.write_bytes(b"old")
+    old = os.stat(measure / "inc_measure_output_hooks_maxabs_0_2.json").st_mtime - 100
+    os.utime(stale, (old, old))
+    assert stale_scale_files(measure) == [stale]
+    result = run_cli("configs", "--model", "deepseek-ai/DeepSeek-R1", "--run-dir", tmp_path / "run", "--fp8-kv")
+    assert result.exit_code == 0, result.stderr
+    assert "stale scale file" in result.stderr and "--clean-stale-scales" in result.stderr
+    written = json.loads((tmp_path / "run/configs/inc_quant_with_fp8kv_config.json").read_text())
+    assert written["dump_stats_path"] == str(measure / "inc_measure_output")
+    assert written["blocklist"]["names"] == ["lm_head", r"mlp\.gate\b"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"mode": "QUANTIZE", "dump_stats_path": "/x", "scale_mehtod": "maxabs_hw"}))
+    result = run_cli("configs", "--model", "m", "--check", bad)
+    assert result.exit_code == 2 and "unknown key 'scale_mehtod'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_scales_cli_writes_scale_files(tmp_path, run_cli):
+    write_set(tmp_path / "in", 2)
+    result = run_cli("scales", "--method", "maxabs_hw", "--device", "gaudi2", "--in", tmp_path / "in", "--out",
+                     tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    assert "wrote 2 MAXABS_HW scale file(s)" in result.stdout
+    result = run_cli("scales", "--method", "maxabs_hw", "--device", "cpu", "--in", tmp_path / "in", "--out", tmp_path / "o2")
+    assert result.exit_code == 2 and "Gaudi HW scales" in result.stderr

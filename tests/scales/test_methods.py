@@ -1,0 +1,134 @@
+"""INC scale semantics: the worked Gaudi2 example, device tables, rounding properties, method errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ray_calib.errors import ConfigError
+from ray_calib.scales.devices import DEVICES, device_for_scales, get_device
+from ray_calib.scales.methods import (METHODS, activation_scale, check_method_for_device, get_method, round_scale,
+                                      scale_from_maxabs)
+
+GAUDI2, GAUDI3, CPU = DEVICES["gaudi2"], DEVICES["gaudi3"], DEVICES["cpu"]
+
+
+def test_worked_gaudi2_example_design_section_5():
+    method = get_method("maxabs_hw")
+    # o_proj input maxabs 0.0918 -> /60 -> pow2 2^-9 -> HW 2^-8
+    assert 0.091796875 / (240 * 0.25) == pytest.approx(0.00153, rel=1e-2)
+    assert round_scale(0.091796875 / 60, "pow2", GAUDI2) == 2.0 ** -9
+    assert activation_scale([[0.091796875]], method, GAUDI2) == 0.00390625
+    # o_proj weight 0.625 -> /120 -> 2^-7 -> HW 2^-4
+    assert round_scale(0.625 / 120, "pow2", GAUDI2) == 2.0 ** -7
+    assert scale_from_maxabs(0.625, method.weight, GAUDI2) == 0.0625
+
+
+def test_device_tables():
+    assert GAUDI2.fullscale == 240 and GAUDI2.hw_scales == (16.0, 1.0, 1 / 16, 1 / 256)
+    assert GAUDI3.fullscale == 448 and GAUDI3.hw_scales[0] == 2.0 ** 7 and GAUDI3.hw_scales[-1] == 2.0 ** -55
+    assert len(GAUDI3.hw_scales) == 63
+    assert DEVICES["cuda"].fullscale == CPU.fullscale == 448 and not CPU.has_hw_scales
+
+
+def test_backoffs_default_and_override():
+    method = get_method("maxabs_arbitrary")
+    assert method.activation.backoff == 0.25 and method.weight.backoff == 0.5
+    assert activation_scale(448.0, method, CPU) == pytest.approx(4.0)
+    custom = get_method("MAXABS_ARBITRARY", input_backoff=1.0, weight_backoff=1.0)
+    assert activation_scale(448.0, custom, CPU) == pytest.approx(1.0)
+    assert scale_from_maxabs(448.0, custom.weight, CPU) == pytest.approx(1.0)
+
+
+def test_unit_and_single_hw_scale():
+    assert activation_scale(123.0, get_method("unit_scale"), CPU) == 1.0
+    assert activation_scale(123.0, get_method("hw_aligned_single_scale"), GAUDI2) == 16.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(maxabs=st.floats(min_value=1e-30, max_value=1e6, allow_nan=False),
+       name=st.sampled_from(["maxabs_pow2", "maxabs_hw", "maxabs_arbitrary"]),
+       device=st.sampled_from(["gaudi2", "gaudi3", "cpu"]))
+def test_scales_cover_maxabs_and_are_pow2_where_they_must_be(maxabs, name, device):
+    dev = get_device(device)
+    method = get_method(name)
+    if method.needs_hw_table and not dev.has_hw_scales:
+        return
+    for rule in (method.activation, method.weight):
+        scale = scale_from_maxabs(maxabs, rule, dev)
+        exact = maxabs / (dev.fullscale * rule.backoff)
+        if rule.rounding in ("pow2", "hw"):
+            assert math.log2(scale) == int(math.log2(scale))  # a power of two
+        if rule.rounding == "hw":
+            exponent = int(math.log2(scale))
+            assert exponent % dev.hw_factor == 0 and dev.min_exponent <= exponent <= dev.max_exponent
+            clamped = exponent == dev.max_exponent and exact > scale
+            if not clamped:
+                assert scale >= exact * (1 - 1e-12)
+        else:
+            assert scale >= exact * (1 - 1e-12)  # never under-covers maxabs / backoff
+        if rule.rounding == "pow2":
+            assert scale < 2 * exact * (1 + 1e-12) or exact < 1e-37
+
+
+def test_hw_methods_need_gaudi():
+    with pytest.raises(ConfigError, match="maxabs_hw.*cpu does not have"):
+        check_method_for_device(get_method("maxabs_hw"), CPU)
+
+
+def test_dynamic_method_needs_dynamic_quantization():
+    method = get_method("act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw")
+    with pytest.raises(ConfigError, match="only with dynamic quantization"):
+        check_method_for_device(method, GAUDI2)
+    check_method_for_device(method, GAUDI2, dynamic=True)
+
+
+def test_unknown_method_and_bad_backoff():
+    with pytest.raises(ConfigError, match="unknown scale_method 'maxabs_fast'"):
+        get_method("maxabs_fast")
+    with pytest.raises(ConfigError, match="scale_params.input_backoff is 1.5"):
+        get_method("maxabs_hw", input_backoff=1.5)
+
+
+def test_device_for_scales_rules():
+    assert device_for_scales("gaudi3", "gaudi2", "maxabs_hw").name == "gaudi2"
+    assert device_for_scales("gaudi2", None, "maxabs_pow2").name == "gaudi2"
+    with pytest.raises(ConfigError, match="needs scale_method maxabs_hw"):
+        device_for_scales("gaudi3", "gaudi2", "maxabs_pow2")
+    with pytest.raises(ConfigError, match="cannot be used on 'gaudi2'"):
+        device_for_scales("gaudi2", "gaudi3", "maxabs_hw")
+
+
+def test_every_issue_method_is_known():
+    for name in ("unit_scale", "maxabs_arbitrary", "maxabs_pow2", "maxabs_hw", "maxabs_hw_opt_weight",
+                 "maxabs_pow2_opt_weight", "act_maxabs_hw_weights_pcs_maxabs_pow2",
+                 "act_maxabs_pow2_weights_pcs_maxabs_pow2", "act_maxabs_hw_weights_pcs_opt_pow2",
+                 "act_maxabs_pow2_weights_pcs_opt_pow2", "act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw"):
+        assert name in METHODS
+
+
+def test_weight_scales_from_tensors():
+    torch = pytest.importorskip("torch")
+    from ray_calib.scales.methods import WeightScaleSearch, channel_scales, fp8_round_trip
+
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(64, 128, generator=gen) * torch.linspace(0.01, 2, 64)[:, None]).to(torch.bfloat16)
+    pow2 = WeightScaleSearch(get_method("maxabs_pow2"), CPU)
+    pow2.add(weight)
+    assert pow2.scale() == round_scale(float(weight.abs().max().float()) / 224, "pow2", CPU)
+    opt = WeightScaleSearch(get_method("maxabs_pow2_opt_weight"), CPU)
+    opt.add(weight)
+    err = lambda s: float(((weight.float() - fp8_round_trip(weight, s)) ** 2).sum())  # noqa: E731
+    assert err(opt.scale()) <= min(err(2.0 ** e) for e in range(-10, 10)) + 1e-9
+    hw_opt = WeightScaleSearch(get_method("maxabs_hw_opt_weight"), GAUDI2)
+    hw_opt.add(weight)
+    assert hw_opt.scale() in GAUDI2.hw_scales
+    per_channel = channel_scales(weight, get_method("act_maxabs_pow2_weights_pcs_maxabs_pow2"), CPU)
+    assert per_channel.shape == (64,) and bool((per_channel >= weight.abs().amax(1).float() / 224).all())
+    opt_pc = channel_scales(weight, get_method("act_maxabs_pow2_weights_pcs_opt_pow2"), CPU)
+    rows_err = ((weight.float() - fp8_round_trip(weight, opt_pc[:, None])) ** 2).sum(1)
+    base_err = ((weight.float() - fp8_round_trip(weight, per_channel[:, None])) ** 2).sum(1)
+    assert bool((rows_err <= base_err + 1e-9).all())
