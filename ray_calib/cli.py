@@ -34,6 +34,8 @@ COMMANDS: dict[str, str] = {
     "make-tiny-model": "ray_calib.tiny.commands:make_tiny_model",
     "make-calib-set": "ray_calib.tiny.commands:make_calib_set",
     "dataset-info": "ray_calib.data.commands:dataset_info",
+    "push": "ray_calib.hub.commands:push",
+    "pull": "ray_calib.hub.commands:pull",
     "infer": "ray_calib.infer.commands:infer",
     "eval": "ray_calib.infer.commands:eval_command",
 }

@@ -1,0 +1,117 @@
+"""The model card (README.md of the hub repo): what was measured, how, and how well the FP8 model does.
+
+Everything comes from the run directory: the meta sidecar of the measurement (via
+`ray_calib.measurements.read_meta`), the QUANT_CONFIGs (scale method), the unified directories
+(serving TP) and `eval.json` (read defensively: any dict of figures). Missing pieces show as "n/a".
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from pathlib import Path
+
+from ray_calib.measurements import RunMeta, read_meta
+from ray_calib.rundir import RunDir
+
+_NA = "n/a"
+
+
+def build_card(run: RunDir, repo_id: str, *, include_checkpoint: bool = False) -> str:
+    meta = read_meta(run.measure) if run.measure.is_dir() else None
+    meta = meta or RunMeta()
+    rows = [
+        ("Model", meta.model), ("Revision", meta.revision), ("Device", meta.device_type),
+        ("Dataset", meta.dataset), ("Dataset hash", (meta.dataset_hash or "")[:16] or None),
+        ("Samples", meta.num_samples), ("Tokens", meta.num_tokens),
+        ("Measured at TP / EP", f"{meta.tp_size or _NA} / {meta.ep_size or _NA}"),
+        ("Unified to TP", ", ".join(str(tp) for tp in _unified_tps(run)) or None),
+        ("Observer", meta.observer), ("FP8 KV cache measured", meta.fp8_kv),
+        ("Scale method", ", ".join(_scale_methods(run)) or None),
+        ("Tool versions", ", ".join(f"{k} {v}" for k, v in sorted(meta.versions.items())) or None),
+    ]
+    lines = [_front_matter(meta), f"# {repo_id.split('/')[-1]}: FP8 calibration by ray-calib", "",
+             "Static FP8 calibration results (INC max-abs measurement files, unified sets, QUANT_CONFIGs"
+             " and reports) produced by [ray-calib](https://github.com/ray-calib/ray-calib).", "",
+             "## Calibration", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {_NA if value is None else value} |" for name, value in rows]
+    lines += ["", "## Evaluation (FP8 vs BF16)", "", *_eval_section(run.eval_json), "",
+              "## Files", "", *_file_section(run, include_checkpoint), "", "## Use", "", "```bash",
+              f"ray-calib pull --repo {repo_id} --to calib-run",
+              "ray-calib infer --one-node --run-dir calib-run", "```", ""]
+    return "\n".join(lines)
+
+
+def _front_matter(meta: RunMeta) -> str:
+    tags = ["fp8", "calibration", "ray-calib", "intel-neural-compressor"]
+    base = f"base_model: {meta.model}\n" if meta.model and "/" in meta.model and not meta.model.startswith("/") else ""
+    return "---\n" + base + "tags:\n" + "".join(f"- {t}\n" for t in tags) + "---\n"
+
+
+def _unified_tps(run: RunDir) -> list[int]:
+    tps = []
+    for path in run.root.glob("unified-tp*"):
+        suffix = path.name[len("unified-tp"):]
+        if path.is_dir() and suffix.isdigit():
+            tps.append(int(suffix))
+    return sorted(tps)
+
+
+def _scale_methods(run: RunDir) -> list[str]:
+    from ray_calib.errors import ConfigError
+    from ray_calib.scales.quant_config import read_config
+
+    methods = set()
+    for path in sorted(run.configs.glob("*.json")):
+        try:
+            config = read_config(path)
+        except ConfigError:
+            continue
+        if str(config.get("mode", "")).upper() == "QUANTIZE" and config.get("scale_method"):
+            methods.add(str(config["scale_method"]))
+    return sorted(methods)
+
+
+def eval_figures(path: Path) -> list[tuple[str, float]] | None:
+    """(figure, value) pairs from eval.json: top-level numbers and one level of nested dicts of numbers."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    figures = []
+    for key, value in data.items():
+        if isinstance(value, numbers.Number) and not isinstance(value, bool):
+            figures.append((key, float(value)))
+        elif isinstance(value, dict):
+            figures += [(f"{key} ({sub})", float(v)) for sub, v in value.items()
+                        if isinstance(v, numbers.Number) and not isinstance(v, bool)]
+    return figures
+
+
+def _eval_section(path: Path) -> list[str]:
+    figures = eval_figures(path) if path.exists() else None
+    if not figures:
+        return ["No evaluation was recorded for this run (`ray-calib eval` writes eval.json)."]
+    return ["| Figure | Value |", "|---|---|", *(f"| {name} | {_fmt(value)} |" for name, value in figures)]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.0f}" if value == int(value) and abs(value) >= 1 else f"{value:.4g}"
+
+
+def _file_section(run: RunDir, include_checkpoint: bool) -> list[str]:
+    described = {"measure": "INC range files per rank at the measured TP, meta sidecar, coverage.json",
+                 "configs": "QUANT_CONFIG files (measure / quantize, one-node variants)",
+                 "scales": "INC scale files", "report": "PNG plots and summary.txt",
+                 "fp8": "the FP8 checkpoint", "eval.json": "FP8 vs BF16 fidelity figures"}
+    lines = []
+    for path in sorted(run.root.iterdir()) if run.root.is_dir() else []:
+        if path.name.startswith(".") or path.name == "README.md" or (path.name == "fp8" and not include_checkpoint):
+            continue
+        text = described.get(path.name) or ("range files re-sharded to TP " + path.name[len("unified-tp"):]
+                                            if path.name.startswith("unified-tp") else "")
+        lines.append(f"- `{path.name}{'/' if path.is_dir() else ''}`" + (f": {text}" if text else ""))
+    return lines or ["(empty run directory)"]
+

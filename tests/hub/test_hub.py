@@ -1,0 +1,163 @@
+"""push/pull through the real huggingface_hub client against the local Hub stand-in (a TEST STAND-IN)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ray_calib.cli import cli
+from ray_calib.errors import HubError
+from ray_calib.hub.standin import DEFAULT_TOKEN, StandinHub
+from ray_calib.hub.transfer import pull, push
+from ray_calib.measurements import RankFile, RunMeta, StatsName, write_meta, write_rank_file
+from ray_calib.rundir import MEASURE_PREFIX, RunDir
+from ray_calib.scales.quant_config import read_config, template_set, write_configs
+
+REPO = "standin/tiny-ds3-calib"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    server = StandinHub(tmp_path_factory.mktemp("hub")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub_env(hub, monkeypatch, tmp_path):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", DEFAULT_TOKEN)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the stand-in does not speak Xet
+    return hub
+
+
+def _make_run(root: Path) -> RunDir:
+    run = RunDir(root)
+    for rank in range(2):
+        nodes = {"model.layers.0.self_attn.o_proj": {"inputs": [[[0.5 + rank]]], "params": {"weight": [[0.25]]}}}
+        write_rank_file(RankFile(name=StatsName(MEASURE_PREFIX, rank=rank, world_size=2), nodes=nodes), run.measure)
+    write_meta(run.measure, RunMeta(device_type="cpu", model="tiny/ds3", revision="abc123", dataset="pile.jsonl",
+                                    dataset_hash="f" * 64, num_samples=32, num_tokens=2048, tp_size=2, ep_size=1,
+                                    observer="maxabs", fp8_kv=True))
+    write_rank_file(RankFile(name=StatsName(MEASURE_PREFIX, rank=0, world_size=1),
+                             nodes={"x": {"inputs": [[[1.5]]]}}), run.unified(1))
+    write_configs(run.configs, template_set(str(run.measure), str(run.unified(1)), moe=True))
+    (run.root / "eval.json").write_text(json.dumps({"num_texts": 8, "top1_agreement": {"candidate": 0.9375},
+                                                    "mean_kl": {"candidate": 0.0123}, "baseline": "bf16"}))
+    run.report.mkdir()
+    (run.report / "plot.png").write_bytes(bytes(range(256)) * 400)  # binary and > 64 KiB: goes through LFS
+    (run.fp8).mkdir()
+    (run.fp8 / "model.safetensors").write_bytes(b"\0" * 1000)
+    (run.root / ".ray-calib-stage-x").mkdir()
+    return run
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.relative_to(root).parts[0].startswith(".")}
+
+
+def test_push_then_pull_round_trips_every_file(hub_env, tmp_path):
+    run = _make_run(tmp_path / "run")
+    result = push(run, REPO)
+    assert "fp8/model.safetensors" not in result.files and "report/plot.png" in result.files
+    pulled = pull(REPO, tmp_path / "pulled")
+    sent = {k: v for k, v in _tree(run.root).items() if not k.startswith("fp8/")}
+    got = _tree(pulled.directory)
+    configs = {k for k in sent if k.startswith("configs/")}
+    assert {k: v for k, v in got.items() if k not in configs} == {k: v for k, v in sent.items() if k not in configs}
+    assert set(got) == set(sent)
+    # configs come back pointing at the pulled directories
+    one_node = read_config(pulled.directory / "configs" / "inc_quant_with_fp8kv_one_node_config.json")
+    assert one_node["dump_stats_path"] == str(pulled.directory / "unified-tp1" / MEASURE_PREFIX)
+    assert "inc_quant_with_fp8kv_one_node_config.json" in pulled.configs_rewritten
+    stored = json.loads(hub_env.repo_file("model", REPO).read_text())
+    assert stored["files"]["report/plot.png"]["lfs"] and not stored["files"]["eval.json"]["lfs"]
+
+
+def test_checkpoint_only_with_the_flag_and_unchanged_push_is_a_no_op(hub_env, tmp_path):
+    run = _make_run(tmp_path / "run")
+    push(run, "standin/with-ckpt", include_checkpoint=True)
+    sha = json.loads(hub_env.repo_file("model", "standin/with-ckpt").read_text())["sha"]
+    push(run, "standin/with-ckpt", include_checkpoint=True)
+    stored = json.loads(hub_env.repo_file("model", "standin/with-ckpt").read_text())
+    assert "fp8/model.safetensors" in stored["files"] and stored["sha"] == sha
+
+
+def test_model_card_states_the_run(hub_env, tmp_path):
+    run = _make_run(tmp_path / "run")
+    push(run, REPO)
+    card = (pull(REPO, tmp_path / "p").directory / "README.md").read_text()
+    for row in ("| Model | tiny/ds3 |", "| Revision | abc123 |", "| Device | cpu |", "| Dataset | pile.jsonl |",
+                "| Samples | 32 |", "| Tokens | 2048 |", "| Measured at TP / EP | 2 / 1 |", "| Unified to TP | 1 |",
+                "| Scale method | maxabs_hw |", "| top1_agreement (candidate) | 0.9375 |",
+                "| mean_kl (candidate) | 0.0123 |", "| num_texts | 8 |"):
+        assert row in card, row
+    assert card.startswith("---\nbase_model: tiny/ds3\n") and "`fp8/`" not in card
+
+
+def test_model_card_survives_missing_meta_and_garbage_eval(tmp_path):
+    from ray_calib.hub.card import build_card
+
+    run = RunDir(tmp_path)
+    (tmp_path / "eval.json").write_text("[1, 2")
+    card = build_card(run, "org/x")
+    assert "| Model | n/a |" in card and "No evaluation was recorded" in card
+
+
+def test_no_token_is_one_line(hub_env, monkeypatch, tmp_path, capsys):
+    from ray_calib.cli import main
+
+    monkeypatch.delenv("HF_TOKEN")
+    run = _make_run(tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["push", "--repo", REPO, "--run-dir", str(run.root)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("error: no Hugging Face token found") and "HF_TOKEN" in err
+
+
+def test_wrong_token_is_rejected_without_printing_it(hub_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_secret_value")
+    with pytest.raises(HubError, match="rejected the token") as info:
+        push(_make_run(tmp_path / "run"), REPO)
+    assert "hf_wrong_secret_value" not in str(info.value)
+
+
+def test_repo_not_found_is_one_line(hub_env, tmp_path):
+    with pytest.raises(HubError, match=r"^repo standin/does-not-exist not found at http://127\.0\.0\.1:\d+") as info:
+        pull("standin/does-not-exist", tmp_path / "p")
+    assert "\n" not in str(info.value)
+    assert not any((tmp_path / "p").iterdir())  # nothing half-pulled
+
+
+def test_no_network_is_one_line(hub_env, monkeypatch, tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed}")
+    with pytest.raises(HubError, match=r"cannot reach the hub at http://127\.0\.0\.1:\d+ \(ConnectError\)"):
+        push(_make_run(tmp_path / "run"), REPO)
+    with pytest.raises(HubError, match="cannot reach the hub"):
+        pull(REPO, tmp_path / "p")
+
+
+def test_cli_push_pull_and_nothing_to_push(hub_env, tmp_path):
+    run = _make_run(tmp_path / "run")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["push", "--repo", "standin/cli", "--run-dir", str(run.root), "--private"])
+    assert result.exit_code == 0, result.output
+    assert "pushed" in result.output and DEFAULT_TOKEN not in result.output
+    assert json.loads(hub_env.repo_file("model", "standin/cli").read_text())["private"] is True
+    result = runner.invoke(cli, ["pull", "--repo", "standin/cli", "--to", str(tmp_path / "back")])
+    assert result.exit_code == 0 and (tmp_path / "back" / "measure" / "ray_calib_meta.json").exists()
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(cli, ["push", "--repo", "standin/cli", "--run-dir", str(tmp_path / "empty")])
+    assert result.exit_code != 0 and "nothing to push" in str(result.exception)
