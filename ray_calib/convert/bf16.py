@@ -48,11 +48,12 @@ def convert_to_bf16(src: Path, out: Path, *, force: bool = False, free_space: Fr
     check_free_space(out, sum(t.nbytes for s, lay in layouts.items() if s not in done for t in lay), free_space)
     out.mkdir(parents=True, exist_ok=True)
     summary = Bf16Summary(out=out, converted=len(fp8))
+    block = tuple((checkpoint.config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
     for shard, layout in layouts.items():
         if shard in done:
             summary.shards_skipped.append(shard)
             continue
-        manifest["shards"][shard] = _convert_shard(checkpoint, out / shard, layout, fp8)
+        manifest["shards"][shard] = _convert_shard(checkpoint, out / shard, layout, fp8, block)
         atomic.write_json(out / MANIFEST, manifest)
         summary.shards_written.append(shard)
     copy_side_files(src, out)
@@ -77,7 +78,8 @@ def _manifest(out: Path, src: Path, checkpoint: Checkpoint, force: bool) -> dict
     return {"source": key, "shards": {}}
 
 
-def _convert_shard(checkpoint: Checkpoint, out_path: Path, layout: list[PlannedTensor], fp8: set[str]) -> str:
+def _convert_shard(checkpoint: Checkpoint, out_path: Path, layout: list[PlannedTensor], fp8: set[str],
+                   block: tuple[int, int]) -> str:
     readers: dict[str, ShardReader] = {}
 
     def read(name: str):
@@ -90,7 +92,7 @@ def _convert_shard(checkpoint: Checkpoint, out_path: Path, layout: list[PlannedT
             for item in layout:
                 tensor = read(item.name)
                 if item.name in fp8:
-                    tensor = dequantize_blocks(tensor, read(item.name + SCALE_SUFFIX))
+                    tensor = dequantize_blocks(tensor, read(item.name + SCALE_SUFFIX), block)
                 writer.write(item.name, tensor)
                 del tensor
             return writer.close()
@@ -99,13 +101,12 @@ def _convert_shard(checkpoint: Checkpoint, out_path: Path, layout: list[PlannedT
             reader.__exit__(None)
 
 
-def dequantize_blocks(weight, scale_inv, block: tuple[int, int] | None = None):
+def dequantize_blocks(weight, scale_inv, block: tuple[int, int] = (128, 128)):
     """BF16 from FP8 `weight` [M, N] and per-block `scale_inv` [ceil(M/bm), ceil(N/bn)] (edge blocks cropped)."""
     import torch
 
     rows, cols = weight.shape
-    block_m = block[0] if block else -(-rows // scale_inv.shape[0])
-    block_n = block[1] if block else -(-cols // scale_inv.shape[1])
+    block_m, block_n = block
     out = torch.empty((rows, cols), dtype=torch.bfloat16)
     for start in range(0, rows, block_m):  # one block row at a time: float32 scratch of block_m x N
         stop = min(start + block_m, rows)

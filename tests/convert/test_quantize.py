@@ -1,0 +1,182 @@
+"""`quantize` on tiny real checkpoints: FP8 within rounding, fused groups, resumability, every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ray_calib.convert.checkpoint import Checkpoint  # noqa: E402
+from ray_calib.convert.pipeline import QuantizeRequest, quantize_run  # noqa: E402
+from ray_calib.convert.quantize import MANIFEST  # noqa: E402
+from ray_calib.convert.safetensors_io import ShardReader, file_sha256  # noqa: E402
+from ray_calib.errors import MeasurementError, ModelError  # noqa: E402
+from ray_calib.rundir import RunDir  # noqa: E402
+from tests.convert.synthetic import write_measurements  # noqa: E402
+
+
+def run_quantize(tmp_path: Path, model: Path, **options):
+    meas = tmp_path / "run" / "measure"
+    if not meas.exists():
+        write_measurements(meas, model, world_size=2)
+    options.setdefault("model", model)
+    request = QuantizeRequest(run=RunDir.resolve(tmp_path / "run"), **options)
+    return quantize_run(request)
+
+
+def tensors(directory: Path) -> dict:
+    checkpoint = Checkpoint.open(directory)
+    out = {}
+    for shard in checkpoint.shards:
+        with ShardReader(directory / shard) as reader:
+            out.update({name: reader.read(name) for name in reader.tensors})
+    return out
+
+
+@pytest.mark.parametrize("method", ["maxabs_arbitrary", "maxabs_pow2", "act_maxabs_pow2_weights_pcs_maxabs_pow2"])
+def test_fp8_checkpoint_dequantizes_within_fp8_rounding(tmp_path, tiny_llama, method):
+    result = run_quantize(tmp_path, tiny_llama, scale_method=method, fp8_kv=True, low_cpu_mem=True)
+    out = result.summary.out
+    assert out == tmp_path / "run" / "fp8"
+    fp8, bf16 = tensors(out), tensors(tiny_llama)
+    quantized = [n for n, t in fp8.items() if t.dtype == torch.float8_e4m3fn]
+    assert len(quantized) == 4 * 7  # q, k, v, o, gate, up, down per layer
+    for name in quantized:
+        scale = fp8[name.replace(".weight", ".weight_scale")]
+        restored = fp8[name].float() * scale
+        reference = bf16[name].float()
+        # e4m3 has 3 mantissa bits: relative error <= 2^-4 for normal values, plus the subnormal floor
+        assert bool(((restored - reference).abs() <= reference.abs() / 16 + scale * 2.0 ** -9).all()), name
+        assert fp8[name.replace(".weight", ".input_scale")].shape == (1,)
+    for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        assert fp8[name].dtype == torch.bfloat16 and torch.equal(fp8[name], bf16[name])
+    layer = "model.layers.1.self_attn"
+    if "pcs" not in method:  # a fused group (q/k/v) shares one weight scale and one input scale
+        assert fp8[f"{layer}.q_proj.weight_scale"] == fp8[f"{layer}.k_proj.weight_scale"] == fp8[f"{layer}.v_proj.weight_scale"]
+    else:
+        assert fp8[f"{layer}.q_proj.weight_scale"].shape == (256, 1)
+    assert fp8[f"{layer}.q_proj.input_scale"] == fp8[f"{layer}.v_proj.input_scale"]
+    assert fp8[f"{layer}.k_proj.k_scale"].dtype == torch.float32
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == set(fp8)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["kv_cache_scheme"]["type"] == "float"
+    strategy = config["config_groups"]["group_0"]["weights"]["strategy"]
+    assert strategy == ("channel" if "pcs" in method else "tensor")
+
+
+def test_deepseek_fused_names_and_experts(tmp_path, tiny_deepseek):
+    result = run_quantize(tmp_path, tiny_deepseek, scale_method="maxabs_pow2", fp8_kv=True)
+    fp8 = tensors(result.summary.out)
+    e = "model.layers.1.mlp.experts.3"
+    assert fp8[f"{e}.gate_proj.weight"].dtype == torch.float8_e4m3fn
+    assert fp8[f"{e}.gate_proj.weight_scale"] == fp8[f"{e}.up_proj.weight_scale"]
+    a = "model.layers.0.self_attn"
+    assert fp8[f"{a}.q_a_proj.weight_scale"] == fp8[f"{a}.kv_a_proj_with_mqa.weight_scale"]
+    assert fp8["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16  # the router stays BF16
+    assert not any(n.endswith("k_scale") for n in fp8)  # MLA: vLLM loads no KV scales from checkpoints
+    assert any("MLA" in note for note in result.summary.notes)
+
+
+def test_resume_skips_finished_shards_verified_by_checksum(tmp_path, tiny_llama):
+    model = tmp_path / "sharded"
+    shutil.copytree(tiny_llama, model)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(model, max_shard_size="2MB")
+    (model / "model.safetensors").unlink(missing_ok=True)
+    shards = Checkpoint.open(model).shards
+    assert len(shards) >= 3
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(shard):
+        raise Interrupt(shard)
+
+    meas = tmp_path / "run" / "measure"
+    write_measurements(meas, model, world_size=1)
+    out = RunDir.resolve(tmp_path / "run").fp8
+    from ray_calib.convert.plan import load_measurement
+    from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
+    from ray_calib.scales.devices import get_device
+    from ray_calib.scales.methods import get_method
+
+    job = QuantizeJob(model=model, measurement=load_measurement(meas)[0], out=out,
+                      method=get_method("maxabs_pow2"), device=get_device("cpu"), on_shard_done=stop_after_first)
+    with pytest.raises(Interrupt):
+        quantize_checkpoint(job)
+    assert (out / shards[0]).exists() and not (out / shards[1]).exists()
+    assert not (out / "model.safetensors.index.json").exists()
+    (out / f".{shards[1]}.partial.tmp").write_bytes(b"half a shard")  # what a kill leaves behind
+    job.on_shard_done = None
+    summary = quantize_checkpoint(job)
+    assert summary.shards_skipped == [shards[0]] and summary.shards_written == shards[1:]
+    digests = {s: file_sha256(out / s) for s in shards}
+    (out / shards[1]).write_bytes(b"corrupted")  # a finished shard that no longer matches its checksum
+    summary = quantize_checkpoint(job)
+    assert summary.shards_written == [shards[1]] and file_sha256(out / shards[1]) == digests[shards[1]]
+    assert json.loads((out / MANIFEST).read_text())["shards"] == digests
+
+
+def test_name_mismatch_lists_both_sides(tmp_path, tiny_llama, tiny_deepseek):
+    write_measurements(tmp_path / "run" / "measure", tiny_deepseek, world_size=1)
+    with pytest.raises(ModelError) as err:
+        run_quantize(tmp_path, tiny_llama)
+    message = str(err.value)
+    assert "measured module(s) have no weights in the model (first: model.layers.0.self_attn.fused_qkv_a_proj" in message
+    assert "model weight(s) have no measurement (first: model.layers.0.self_attn.k_proj.weight" in message
+    assert not (tmp_path / "run" / "fp8").exists()
+
+
+def test_missing_rank(tmp_path, tiny_llama):
+    meas = tmp_path / "run" / "measure"
+    write_measurements(meas, tiny_llama, world_size=4)
+    (meas / "inc_measure_output_hooks_maxabs_2_4.json").unlink()
+    with pytest.raises(MeasurementError, match="rank\\(s\\) 2 of 4 missing"):
+        run_quantize(tmp_path, tiny_llama)
+
+
+def test_model_without_safetensors_and_fp8_model(tmp_path, tiny_llama):
+    empty = tmp_path / "bin-model"
+    empty.mkdir()
+    (empty / "pytorch_model.bin").write_bytes(b"x")
+    write_measurements(tmp_path / "run" / "measure", tiny_llama)
+    with pytest.raises(ModelError, match="no \\*.safetensors files \\(found: pytorch_model.bin\\)"):
+        run_quantize(tmp_path, empty)
+    done = run_quantize(tmp_path, tiny_llama, out=tmp_path / "fp8").summary.out
+    with pytest.raises(ModelError, match="already quantized.*ray-calib convert-bf16 --in"):
+        run_quantize(tmp_path, done, out=tmp_path / "again")
+
+
+def test_not_enough_disk_is_checked_before_writing(tmp_path, tiny_llama):
+    with pytest.raises(ModelError, match="needs .* free for the output but the disk has 1.0 MB.*nothing was written"):
+        run_quantize(tmp_path, tiny_llama, free_space=lambda path: 1_000_000)
+    assert not (tmp_path / "run" / "fp8").exists()
+
+
+def test_cli_quantize_from_run_dir_without_paths(tmp_path, tiny_llama, run_cli):
+    write_measurements(tmp_path / "run" / "measure", tiny_llama, world_size=2)
+    result = run_cli("quantize", "--run-dir", tmp_path / "run", "--low-cpu-mem", "--scale-method", "maxabs_pow2")
+    assert result.exit_code == 0, result.stderr
+    assert "28 FP8 tensors" in result.stdout and "vllm serve" in result.stdout
+    result = run_cli("quantize", "--run-dir", tmp_path / "run", "--low-cpu-mem", "--scale-method", "maxabs_pow2")
+    assert "0 shard(s) written, 1 already done" in result.stdout
+    result = run_cli("quantize", "--run-dir", tmp_path / "run", "--scale-method", "maxabs_hw")
+    assert result.exit_code == 2 and "Gaudi HW scales" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gaudi_writes_inc_quant_config_and_keeps_weights(tmp_path, tiny_llama, run_cli):
+    meas = tmp_path / "run" / "unified-tp8"
+    write_measurements(meas, tiny_llama, world_size=1, device_type="gaudi2")
+    result = run_cli("quantize", "--run-dir", tmp_path / "run", "--fp8-kv")
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((tmp_path / "run/configs/inc_quant_with_fp8kv_one_node_config.json").read_text())
+    assert config["mode"] == "QUANTIZE" and config["scale_method"] == "maxabs_hw"
+    assert config["dump_stats_path"] == str(meas / "inc_measure_output")
+    assert "--quantization inc --kv-cache-dtype fp8_inc" in result.stdout
+    assert not (tmp_path / "run" / "fp8").exists()
