@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "dataset-info": "ray_calib.data.commands:dataset_info",
     "push": "ray_calib.hub.commands:push",
     "pull": "ray_calib.hub.commands:pull",
+    "report": "ray_calib.report.commands:report",
     "infer": "ray_calib.infer.commands:infer",
     "eval": "ray_calib.infer.commands:eval_command",
 }
