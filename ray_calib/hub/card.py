@@ -32,7 +32,7 @@ def build_card(run: RunDir, repo_id: str, *, include_checkpoint: bool = False) -
     ]
     lines = [_front_matter(meta), f"# {repo_id.split('/')[-1]}: FP8 calibration by ray-calib", "",
              "Static FP8 calibration results (INC max-abs measurement files, unified sets, QUANT_CONFIGs"
-             " and reports) produced by [ray-calib](https://github.com/ray-calib/ray-calib).", "",
+             " and reports) produced by ray-calib.", "",
              "## Calibration", "", "| | |", "|---|---|"]
     lines += [f"| {name} | {_NA if value is None else value} |" for name, value in rows]
     lines += ["", "## Evaluation (FP8 vs BF16)", "", *_eval_section(run.eval_json), "",

@@ -12,8 +12,9 @@ machine, so the real `huggingface_hub` client calls of `ray-calib push/pull` are
     POST /api/{type}s/{id}/commit/{rev}                  NDJSON commit (file, lfsFile, deletedFile)
     HEAD/GET /[{type}s/]{id}/resolve/{rev}/{path}        file download (Range supported)
 
-One branch (`main`), no history. It does not speak the Xet protocol: clients must run with
-`HF_HUB_DISABLE_XET=1` (its Xet token route answers 501 saying so). Start it with
+One branch (`main`), no history. It does not speak the Xet protocol: its whoami answer carries
+`"rayCalibStandin": true`, on which `ray-calib push` uploads through plain LFS; other clients must run
+with `HF_HUB_DISABLE_XET=1` (its Xet token route answers 501 saying so). Start it with
 `python -m ray_calib.hub.standin --port P --root DIR [--token T]`, or `StandinHub(root).start()` in tests.
 """
 
@@ -196,7 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
         user = self._user()
         if user is None:
             return self._error(401, "Invalid credentials in Authorization header")
-        self._send(200, {"type": "user", "name": user, "fullname": user, "orgs": [],
+        self._send(200, {"type": "user", "name": user, "fullname": user, "orgs": [], "rayCalibStandin": True,
                          "auth": {"type": "access_token", "accessToken": {"displayName": "standin", "role": "write"}}})
 
     def _create(self, payload: dict[str, Any]) -> None:
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     hub = StandinHub(args.root, {t: args.user for t in args.token or [DEFAULT_TOKEN]}, host=args.host, port=args.port)
     hub.start()
     print(f"ray-calib Hub TEST STAND-IN (not the Hugging Face Hub) serving {args.root} at {hub.url}\n"
-          f"use it with: export HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1 HF_TOKEN=<one of the --token values>",
+          f"use it with: export HF_ENDPOINT={hub.url} HF_TOKEN=<one of the --token values>",
           flush=True)
     try:
         threading.Event().wait()

@@ -34,7 +34,7 @@ def hub_env(hub, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("HF_TOKEN", DEFAULT_TOKEN)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the stand-in does not speak Xet
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # as on a machine with hf_xet: push must cope
     return hub
 
 
@@ -122,6 +122,17 @@ def test_no_token_is_one_line(hub_env, monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.count("\n") == 1
     assert err.startswith("error: no Hugging Face token found") and "HF_TOKEN" in err
+
+
+def test_other_clients_get_a_clear_xet_refusal(hub_env, tmp_path):
+    pytest.importorskip("hf_xet", reason="without hf_xet huggingface_hub uses plain LFS, which the stand-in speaks")
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub_env.url, token=DEFAULT_TOKEN)
+    api.create_repo("standin/xet", exist_ok=True)
+    run = _make_run(tmp_path / "run")
+    with pytest.raises(Exception, match="501"):  # plain huggingface_hub with hf_xet installed
+        api.upload_folder(repo_id="standin/xet", folder_path=str(run.report))
 
 
 def test_wrong_token_is_rejected_without_printing_it(hub_env, monkeypatch, tmp_path):
