@@ -1,0 +1,109 @@
+"""Benchmark `ray-calib quantize`: wall time vs `cp -r` + sync of the same checkpoint, peak RSS with and
+without --low-cpu-mem, at two checkpoint sizes (the low-cpu-mem peak must not grow with the size).
+
+    python benchmarks/bench_quantize.py [--sizes-gb 0.5 1.0] [--tmp DIR]
+
+Each run is its own child process, so its peak RSS (ru_maxrss) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HIDDEN, INTER = 2048, 5632  # Llama-ish layer: largest tensor 2048 x 5632 bf16 = 23 MB
+
+
+def make_checkpoint(path: Path, size_gb: float) -> int:
+    """A Llama-shaped BF16 checkpoint of about `size_gb`, 2 layers per shard; returns the largest tensor's bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    layer_bytes = 2 * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTER)
+    layers = max(2, round(size_gb * 1e9 / layer_bytes))
+    path.mkdir(parents=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+              "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": 16,
+              "num_key_value_heads": 16, "vocab_size": 256, "torch_dtype": "bfloat16"}
+    (path / "config.json").write_text(json.dumps(config))
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
+              "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
+              "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER)}
+    for first in range(0, layers, 2):
+        tensors = {}
+        for layer in range(first, min(first + 2, layers)):
+            for name, shape in shapes.items():
+                tensors[f"model.layers.{layer}.{name}.weight"] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        save_file(tensors, str(path / f"model-{first // 2:05d}.safetensors"), metadata={"format": "pt"})
+    return 2 * HIDDEN * INTER
+
+
+_WRAPPER = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
+
+
+def child(args: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS MB, stdout) of one command, measured by a fresh wrapper process of its own."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *args], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - started
+    peak = int(proc.stdout.rsplit("PEAK_KB", 1)[1].split()[0])
+    return wall, peak / 1024, proc.stdout.rsplit("PEAK_KB", 1)[0]
+
+
+def bench(size_gb: float, tmp: Path) -> dict:
+    model, meas = tmp / f"bf16-{size_gb}", tmp / f"meas-{size_gb}"
+    largest = make_checkpoint(model, size_gb)
+    sys.path.insert(0, str(REPO))
+    from tests.convert.synthetic import write_measurements
+
+    write_measurements(meas, model, world_size=1)
+    nbytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    subprocess.run(["sync"], check=True)
+    copy_wall, _, _ = child(["sh", "-c", f"cp -r {model} {tmp}/copy && sync"])
+    shutil.rmtree(tmp / "copy")
+    result = {"size_gb": nbytes / 1e9, "largest_tensor_mb": largest / 1e6, "copy_s": copy_wall}
+    for mode in ("default", "low_cpu_mem"):
+        out = tmp / f"fp8-{size_gb}-{mode}"
+        args = [sys.executable, "-m", "ray_calib.cli", "quantize", "--model", str(model), "--measurements", str(meas),
+                "--out", str(out), "--scale-method", "maxabs_pow2"] + (["--low-cpu-mem"] if mode != "default" else [])
+        wall, peak, stdout = child(["sh", "-c", " ".join(args) + " && sync"])
+        result[mode] = {"wall_s": wall, "peak_rss_mb": peak, "ratio_vs_copy": wall / copy_wall,
+                        "gb_per_s": nbytes / 1e9 / wall, "stages": stdout.strip().splitlines()[1]}
+        shutil.rmtree(out)
+    shutil.rmtree(model)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes-gb", type=float, nargs="+", default=[0.5, 1.0])
+    parser.add_argument("--tmp", type=Path, default=None)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-quantize-", dir=args.tmp))
+    try:
+        for size in args.sizes_gb:
+            r = bench(size, tmp)
+            budget = 3 * r["largest_tensor_mb"] + 300
+            print(f"checkpoint {r['size_gb']:.2f} GB (largest tensor {r['largest_tensor_mb']:.0f} MB): "
+                  f"cp -r + sync {r['copy_s']:.1f} s")
+            for mode in ("default", "low_cpu_mem"):
+                m = r[mode]
+                print(f"  {mode:12s} {m['wall_s']:6.1f} s  {m['ratio_vs_copy']:.2f}x copy  {m['gb_per_s']:.2f} GB/s  "
+                      f"peak RSS {m['peak_rss_mb']:.0f} MB  ({m['stages']})")
+            print(f"  low-cpu-mem RSS target <= 3 x largest + 300 MB = {budget:.0f} MB: "
+                  f"{'met' if r['low_cpu_mem']['peak_rss_mb'] <= budget else 'MISSED'}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
