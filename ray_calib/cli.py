@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "unify": "ray_calib.measurements.commands:unify",
     "expand": "ray_calib.measurements.commands:expand",
     "inspect": "ray_calib.measurements.commands:inspect",
+    "measure": "ray_calib.measure.commands:measure",
     "scales": "ray_calib.scales.commands:scales",
     "configs": "ray_calib.scales.commands:configs",
     "quantize": "ray_calib.convert.commands:quantize",

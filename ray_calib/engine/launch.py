@@ -1,0 +1,152 @@
+"""The one place that builds the vLLM `LLM` for a run.
+
+    executor   uni (TP=1, no extra process) | mp (one node, one process per rank) | ray (across nodes)
+    env        set before vLLM starts so every worker inherits it: thread binding and KV space on CPU,
+               the CPU-on-Ray platform plugin, VLLM_HOST_IP / *_SOCKET_IFNAME of the driver's node
+    ray        the job's runtime_env carries our variables to Ray workers on every node (the engine core
+               calls `ray.init` itself; we connect first so it reuses our connection and runtime_env)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray_calib.engine.device import GiB
+from ray_calib.engine.plugins import CPU_RAY_ENV, OBSERVE_ENV, RAY_DEVICE_KEY
+from ray_calib.errors import EngineError
+
+EXECUTORS = ("auto", "uni", "mp", "ray")
+_IFNAME_VARS = {"cpu": ("GLOO_SOCKET_IFNAME",), "cuda": ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"),
+                "hpu": ("GLOO_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME")}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    tp_size: int = 1
+    device: str = "cpu"
+    executor: str = "auto"
+    ray_address: str | None = None  # set: run the ranks as Ray actors of that cluster
+    max_model_len: int = 1024
+    max_num_seqs: int = 16
+    dtype: str = "bfloat16"
+    seed: int = 0
+    kv_cache_dtype: str = "auto"  # "fp8" for FP8 KV (fp8_inc on Gaudi)
+    quantization: str | None = None  # None: from the checkpoint's config; "inc" on Gaudi
+    kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE per rank
+    worker_extension_cls: str | None = None
+    observe_weights: bool = False  # install the pre-repack weight capture plugin in workers
+    host_ip: str | None = None  # VLLM_HOST_IP of the driver's node
+    socket_ifname: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def resolved_executor(self) -> str:
+        if self.executor != "auto":
+            return self.executor
+        if self.ray_address:
+            return "ray"
+        return "uni" if self.tp_size == 1 else "mp"
+
+
+def worker_env(config: EngineConfig) -> dict[str, str]:
+    """Variables every rank needs, whatever process or node it runs in."""
+    env: dict[str, str] = {}
+    if config.device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
+        if config.tp_size > 1 or config.resolved_executor == "ray":
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # "auto" asserts on one NUMA node
+        if config.resolved_executor == "ray":
+            env[CPU_RAY_ENV] = "1"
+    if config.observe_weights:
+        env[OBSERVE_ENV] = "1"
+    if config.socket_ifname:
+        env.update({name: config.socket_ifname for name in _IFNAME_VARS[config.device]})
+    env.update(config.extra_env)
+    return env
+
+
+def llm_kwargs(config: EngineConfig) -> dict[str, Any]:
+    executor = config.resolved_executor
+    kwargs: dict[str, Any] = dict(
+        model=config.model, tensor_parallel_size=config.tp_size, dtype=config.dtype, seed=config.seed,
+        max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
+        enforce_eager=True,  # observers are forward hooks: graphs and torch.compile would skip them
+        enable_prefix_caching=False,  # cached prefixes are not recomputed, so they would not be observed
+        distributed_executor_backend=None if executor == "uni" else executor,
+    )
+    if config.worker_extension_cls:
+        kwargs["worker_extension_cls"] = config.worker_extension_cls
+    if config.kv_cache_dtype != "auto":
+        kwargs["kv_cache_dtype"] = config.kv_cache_dtype
+    if config.quantization:
+        kwargs["quantization"] = config.quantization
+    return kwargs
+
+
+def build_llm(config: EngineConfig):
+    """Set the env, connect to Ray if asked, and start vLLM. Returns the `vllm.LLM`."""
+    if config.executor not in EXECUTORS:
+        raise EngineError(f"unknown executor {config.executor!r}", fix=f"use one of {', '.join(EXECUTORS)}.")
+    if config.resolved_executor == "uni" and config.tp_size > 1:
+        raise EngineError(f"executor 'uni' runs one rank but --tp is {config.tp_size}", fix="use --executor mp or ray.")
+    env = worker_env(config)
+    os.environ.update(env)
+    if config.host_ip:
+        os.environ["VLLM_HOST_IP"] = config.host_ip
+    if config.resolved_executor == "ray":
+        _connect_ray(config, env)
+    from vllm import LLM
+
+    try:
+        return LLM(**llm_kwargs(config))
+    except (ValueError, RuntimeError) as err:
+        message = _reason(err)
+        raise EngineError(f"vLLM could not start {config.model} at TP {config.tp_size}: {message}",
+                          fix="check the model directory and --tp; rerun with RAY_CALIB_DEBUG=1 for the traceback.") from err
+
+
+def _connect_ray(config: EngineConfig, env: dict[str, str]) -> None:
+    """Join the cluster with a runtime_env that carries our env and makes the project importable."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    project_root = str(Path(__file__).resolve().parents[2])
+    python_path = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH", "")) if p)
+    runtime_env = {"env_vars": {**env, "PYTHONPATH": python_path}}
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    except (ConnectionError, RuntimeError) as err:
+        raise EngineError(f"cannot join the Ray cluster at {address}: {err}",
+                          fix="check `ray status` on the head, or run `ray-calib up`.") from err
+    if not config.host_ip and "VLLM_HOST_IP" not in os.environ:
+        # vLLM compares the driver's IP with its workers' node IPs: use the one Ray knows for this node.
+        os.environ["VLLM_HOST_IP"] = ray.util.get_node_ip_address()
+    _check_ray_devices(config)
+
+
+def _check_ray_devices(config: EngineConfig) -> None:
+    """Fail fast instead of waiting forever on a placement group the cluster cannot satisfy."""
+    import ray
+
+    key = RAY_DEVICE_KEY if config.device == "cpu" else {"cuda": "GPU", "hpu": "HPU"}[config.device]
+    have = int(ray.cluster_resources().get(key, 0))
+    if have < config.tp_size:
+        raise EngineError(f"the Ray cluster offers {have} '{key}' devices but --tp is {config.tp_size}",
+                          fix=f"use --tp {max(have, 1)} or start nodes with more devices (ray start --resources='{{\"{key}\": N}}').")
+
+
+def kv_cache_bytes(config: EngineConfig) -> int:
+    return config.kv_cache_gib * GiB if config.device == "cpu" else 0
+
+
+def _reason(err: BaseException) -> str:
+    """The line of a vLLM/pydantic error that says what is wrong (not the trailing doc link)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("For further information")]
+    return (lines[-1] if lines else type(err).__name__)[:400]

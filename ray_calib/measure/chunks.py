@@ -1,0 +1,107 @@
+"""Per-chunk checkpoints of a measurement, so a crash or a killed worker costs one chunk, not the run.
+
+    <out>/.chunks/run.json            what the run is (model, dataset hash, TP, ...): resume must match it
+    <out>/.chunks/chunk-00003/        one finished chunk: every rank's range file + chunk.json
+
+A chunk directory is written under a temporary name and renamed into place, so it either exists
+complete or not at all. Chunks merge by element-wise max (exact) and by adding token counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray_calib import atomic
+from ray_calib.errors import ConfigError, MeasurementError, OutputExistsError
+from ray_calib.measurements import RankFile, StatsName, read_rank_file, write_rank_file
+
+CHUNKS_DIR = ".chunks"
+_RUN_FILE = "run.json"
+_CHUNK_FILE = "chunk.json"
+
+
+@dataclass
+class ChunkResult:
+    index: int
+    rank_files: list[RankFile]  # ordered by rank
+    experts: dict[str, list[int]] = field(default_factory=dict)  # MoE op -> tokens per expert (rank 0)
+    num_tokens: int = 0  # tokens through the model (prompt + generated)
+    num_prompts: int = 0
+    generated_tokens: int = 0
+
+
+def rank_file_from_result(result: dict[str, Any], prefix: str) -> RankFile:
+    """A worker's `ray_calib_collect` dict -> INC range file of that rank."""
+    name = StatsName(prefix=prefix, rank=result["rank"], world_size=result["world_size"])
+    return RankFile(name=name, nodes=result["nodes"], mod_list=result["mod_list"])
+
+
+class ChunkStore:
+    def __init__(self, out_dir: Path, fingerprint: dict[str, Any]) -> None:
+        self.root = Path(out_dir) / CHUNKS_DIR
+        self.fingerprint = fingerprint
+
+    def prepare(self, *, resume: bool) -> list[int]:
+        """Check existing checkpoints against this run; returns the indices of finished chunks to reuse."""
+        run_file = self.root / _RUN_FILE
+        if not run_file.exists():
+            if resume and not self.root.exists():
+                raise ConfigError(f"--resume: {self.root.parent} holds no checkpoints of an unfinished run",
+                                  fix="drop --resume to start a new measurement.")
+            atomic.write_json(run_file, self.fingerprint)
+            return []
+        previous = json.loads(run_file.read_text())
+        if not resume:
+            raise OutputExistsError(f"{self.root.parent} holds checkpoints of an unfinished measurement",
+                                    fix=f"pass --resume to continue it, or delete {self.root} to start over.")
+        changed = sorted(k for k in set(previous) | set(self.fingerprint) if previous.get(k) != self.fingerprint.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {previous.get(k)!r} -> {self.fingerprint.get(k)!r}" for k in changed[:3])
+            raise ConfigError(f"--resume: the checkpoints in {self.root} come from another run ({detail})",
+                              fix=f"use the same options as that run, or delete {self.root} to start over.")
+        return self.done()
+
+    def done(self) -> list[int]:
+        if not self.root.exists():
+            return []
+        return sorted(int(p.name.split("-")[1]) for p in self.root.glob("chunk-*") if (p / _CHUNK_FILE).exists())
+
+    def write(self, chunk: ChunkResult) -> Path:
+        final = self.root / f"chunk-{chunk.index:05d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.root))
+        try:
+            for rank_file in chunk.rank_files:
+                write_rank_file(rank_file, tmp)
+            info = {"index": chunk.index, "experts": chunk.experts, "num_tokens": chunk.num_tokens,
+                    "num_prompts": chunk.num_prompts, "generated_tokens": chunk.generated_tokens,
+                    "names": [rf.name.stem for rf in chunk.rank_files]}
+            atomic.write_json(tmp / _CHUNK_FILE, info)
+            if final.exists():  # a stale partial chunk cannot exist (rename is atomic); a complete one is replaced
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def read(self, index: int, prefix: str) -> ChunkResult:
+        directory = self.root / f"chunk-{index:05d}"
+        info = json.loads((directory / _CHUNK_FILE).read_text())
+        rank_files = []
+        for stem in info["names"]:
+            parsed = StatsName(prefix=prefix, rank=int(stem.rsplit("_", 2)[1]), world_size=int(stem.rsplit("_", 1)[1]))
+            if parsed.stem != stem:
+                raise MeasurementError(directory / _CHUNK_FILE, f"names {stem}, expected prefix {prefix}",
+                                       fix=f"delete {self.root} and re-measure.")
+            rank_files.append(read_rank_file(directory, parsed))
+        return ChunkResult(index=index, rank_files=rank_files, experts=info["experts"], num_tokens=info["num_tokens"],
+                           num_prompts=info["num_prompts"], generated_tokens=info["generated_tokens"])
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,117 @@
+"""Everything checked before a process starts: model directory, TP vs heads, memory, blocklist, cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray_calib.errors import ConfigError, ModelError
+
+DEFAULT_BLOCK_NAMES = ("lm_head", r"mlp\.gate\b")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    model_id: str  # what the user passed (hub id or path)
+    revision: str | None
+    num_heads: int
+    num_kv_heads: int
+    moe: bool
+    model_type: str
+    max_positions: int | None  # config.json max_position_embeddings
+
+
+def resolve_model(model: str) -> ModelInfo:
+    """A local HF directory, or a hub id ("org/name") fetched into the HF cache."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        if _looks_like_hub_id(model):
+            path = _download(model)
+        else:
+            raise ModelError(f"model directory {model} does not exist",
+                             fix="pass a local Hugging Face model directory (with config.json) or a hub id ORG/NAME.")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{path}: no config.json, not a Hugging Face model directory",
+                         fix="pass the directory that holds config.json and the *.safetensors files.")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise ModelError(f"{config_path}: not valid JSON ({err})", fix="restore config.json from the model's source.") from None
+    heads = config.get("num_attention_heads")
+    if not isinstance(heads, int):
+        raise ModelError(f"{config_path}: no integer 'num_attention_heads'", fix="restore config.json from the model's source.")
+    experts = config.get("n_routed_experts") or config.get("num_local_experts") or config.get("num_experts") or 0
+    return ModelInfo(path=path, model_id=model, revision=_revision(path), num_heads=heads,
+                     num_kv_heads=config.get("num_key_value_heads", heads), moe=bool(experts),
+                     model_type=str(config.get("model_type", "")), max_positions=config.get("max_position_embeddings"))
+
+
+def valid_tp_sizes(info: ModelInfo, limit: int = 64) -> list[int]:
+    return [tp for tp in range(1, min(info.num_heads, limit) + 1) if info.num_heads % tp == 0]
+
+
+def check_tp(info: ModelInfo, tp_size: int) -> None:
+    if tp_size < 1:
+        raise ConfigError(f"--tp must be at least 1, got {tp_size}", fix="pass --tp 1 or more.")
+    if info.num_heads % tp_size:
+        choices = " | ".join(map(str, valid_tp_sizes(info)))
+        raise ConfigError(f"--tp {tp_size} does not divide the {info.num_heads} attention heads of {info.model_id} "
+                          f"({info.num_heads} % {tp_size} = {info.num_heads % tp_size})", fix=f"use --tp {choices}.")
+
+
+def blocklist(quant_config: Path | None, *, fp8_kv: bool, moe: bool) -> tuple[list[str], list[str]]:
+    """(names, types) the observers skip: the run's QUANT_CONFIG, else the seeds' measure defaults."""
+    if quant_config is None:
+        from ray_calib.scales.quant_config import build_config
+
+        config = build_config(measure=True, fp8_kv=fp8_kv, one_node=False, dump_stats_path="unused", moe=moe)
+    else:
+        from ray_calib.scales.quant_config import read_config
+
+        config = read_config(quant_config)
+    section = config.get("blocklist") or {}
+    return list(section.get("names", [])), list(section.get("types", []))
+
+
+def cluster_address(conf: Path | None) -> str | None:
+    """The address of the cluster `ray-calib up` started for `conf` (or ./devices.conf), else RAY_ADDRESS, else None.
+
+    An explicit --cluster must be up (connect() raises a one-line error naming the dead node);
+    an implicit ./devices.conf is used only when its cluster is up.
+    """
+    from ray_calib.cluster import connect
+
+    explicit = conf or os.environ.get("RAY_CALIB_DEVICES_CONF")
+    if explicit:
+        return connect(explicit)
+    if Path("devices.conf").is_file():
+        from ray_calib.cluster import devices, state
+
+        record = state.read(devices.load("devices.conf").path)
+        if record and record.get("status") == "up":
+            return connect("devices.conf")
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "~", "/"))
+
+
+def _download(model: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # network, auth, missing repo: all one line for the user
+        raise ModelError(f"cannot fetch {model} from the Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0]})",
+                         fix="check the id and HF_TOKEN, or pass a local model directory.") from None
+
+
+def _revision(path: Path) -> str | None:
+    """The hub commit when the directory is a snapshot in the HF cache (.../snapshots/<sha>)."""
+    return path.name if path.parent.name == "snapshots" else None

