@@ -94,7 +94,10 @@ def _estimate_from_config(config_path: Path) -> int:
     moe_inter = config.get("moe_intermediate_size", inter)
     dense_layers = min(config.get("first_k_dense_replace", layers if not experts else 0), layers)
     shared = config.get("n_shared_experts") or 0
-    attention = 4 * hidden * hidden
+    heads = config.get("num_attention_heads", 1)
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads", heads)
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim  # q, o + k, v (GQA)
     dense_mlp = 3 * hidden * inter
     moe_mlp = 3 * hidden * moe_inter * (experts + shared) + hidden * experts
     params = layers * attention + dense_layers * dense_mlp + (layers - dense_layers) * moe_mlp + 2 * vocab * hidden

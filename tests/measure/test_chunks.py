@@ -1,0 +1,76 @@
+"""Chunk checkpoints and their max-merge, without vLLM."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_calib.errors import ConfigError, MeasurementError, OutputExistsError
+from ray_calib.measurements import RankFile, StatsName
+from ray_calib.measurements.merge import merge_chunks
+from ray_calib.measure.chunks import ChunkResult, ChunkStore, rank_file_from_result
+
+
+def rank(r: int, nodes: dict, world: int = 2, mod_list=None) -> RankFile:
+    return RankFile(name=StatsName("inc_measure_output", rank=r, world_size=world), nodes=nodes,
+                    mod_list=mod_list or list(nodes))
+
+
+def test_merge_is_element_wise_max_and_keeps_modules_seen_once():
+    a = rank(0, {"x": {"inputs": [[[1.0]]], "outputs": [[[5.0]], [[2.0]]], "params": {"weight": [[0.5]]}}})
+    b = rank(0, {"x": {"inputs": [[[3.0]]], "outputs": [[[4.0]], [[2.5]]], "params": {"weight": [[0.5]]}},
+                 "y": {"inputs": [[[7.0]]]}}, mod_list=["x", "y", "z"])
+    merged = merge_chunks(a, b)
+    assert merged.nodes == {"x": {"inputs": [[[3.0]]], "outputs": [[[5.0]], [[2.5]]], "params": {"weight": [[0.5]]}},
+                            "y": {"inputs": [[[7.0]]]}}
+    assert merged.mod_list == ["x", "y", "z"]
+    assert a.nodes["x"]["inputs"] == [[[1.0]]], "inputs are not modified"
+    assert merge_chunks(b, a).nodes == merged.nodes
+
+
+def test_merge_refuses_other_ranks_and_shapes():
+    with pytest.raises(MeasurementError, match="cannot merge rank 1/2 into rank 0/2"):
+        merge_chunks(rank(0, {}), rank(1, {}))
+    with pytest.raises(MeasurementError, match="outputs count differs"):
+        merge_chunks(rank(0, {"x": {"inputs": [[[1.0]]], "outputs": [[[1.0]]]}}),
+                     rank(0, {"x": {"inputs": [[[1.0]]], "outputs": [[[1.0]], [[1.0]]]}}))
+
+
+def chunk(index: int, value: float) -> ChunkResult:
+    results = [{"rank": r, "world_size": 2, "nodes": {"a": {"inputs": [[[value + r]]]}}, "mod_list": ["a"]}
+               for r in range(2)]
+    return ChunkResult(index=index, rank_files=[rank_file_from_result(x, "inc_measure_output") for x in results],
+                       experts={"moe": [1, 0]}, num_tokens=10, num_prompts=2, generated_tokens=3)
+
+
+def test_checkpoints_round_trip_and_resume_rules(tmp_path):
+    fingerprint = {"model": "m", "tp_size": 2}
+    store = ChunkStore(tmp_path, fingerprint)
+    assert store.prepare(resume=False) == []
+    store.write(chunk(0, 1.0))
+    store.write(chunk(2, 5.0))
+    assert sorted(p.name for p in store.root.iterdir()) == ["chunk-00000", "chunk-00002", "run.json"]
+    back = store.read(2, "inc_measure_output")
+    assert [rf.nodes for rf in back.rank_files] == [{"a": {"inputs": [[[5.0]]]}}, {"a": {"inputs": [[[6.0]]]}}]
+    assert (back.experts, back.num_tokens, back.generated_tokens) == ({"moe": [1, 0]}, 10, 3)
+    with pytest.raises(OutputExistsError, match="pass --resume"):
+        ChunkStore(tmp_path, fingerprint).prepare(resume=False)
+    assert ChunkStore(tmp_path, fingerprint).prepare(resume=True) == [0, 2]
+    with pytest.raises(ConfigError, match="tp_size: 2 -> 4"):
+        ChunkStore(tmp_path, {"model": "m", "tp_size": 4}).prepare(resume=True)
+    store.clear()
+    with pytest.raises(ConfigError, match="no checkpoints"):
+        ChunkStore(tmp_path, fingerprint).prepare(resume=True)
+
+
+def test_a_chunk_that_fails_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    store = ChunkStore(tmp_path, {})
+    store.prepare(resume=False)
+    import ray_calib.measure.chunks as chunks
+
+    def broken(rank_file, directory):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(chunks, "write_rank_file", broken)
+    with pytest.raises(OSError):
+        store.write(chunk(0, 1.0))
+    assert store.done() == [] and [p.name for p in store.root.iterdir()] == ["run.json"]

@@ -1,0 +1,65 @@
+"""Bad inputs to `ray-calib measure` end in one `error:` line naming the problem and the fix, before vLLM starts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]
+
+
+def test_missing_model_dir(run_cli, calib_set, tmp_path):
+    line = one_error_line(run_cli("measure", "-m", tmp_path / "nope", "-d", calib_set, "-o", tmp_path / "out"))
+    assert "nope does not exist" in line and "config.json" in line
+
+
+def test_tp_not_dividing_heads(run_cli, tiny_models, calib_set, tmp_path):
+    line = one_error_line(run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "-t", 3, "-o", tmp_path / "o"))
+    assert "--tp 3 does not divide the 4 attention heads" in line and "use --tp 1 | 2 | 4" in line
+
+
+def test_tp_too_small_for_memory(run_cli, tiny_models, calib_set, tmp_path):
+    """A 405B-sized config (no weights needed: the pre-check sizes it from config.json) on this host."""
+    big = tmp_path / "big"
+    shutil.copytree(tiny_models["llama"], big, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((big / "config.json").read_text())
+    config.update(hidden_size=16384, num_hidden_layers=126, intermediate_size=53248, num_attention_heads=128,
+                  num_key_value_heads=8, head_dim=128)
+    (big / "config.json").write_text(json.dumps(config))
+    line = one_error_line(run_cli("measure", "-m", big, "-d", calib_set, "-t", 2, "-o", tmp_path / "o"))
+    assert "TP 2 needs" in line and "GiB per rank" in line and ("--tp" in line or "add nodes" in line)
+    assert not (tmp_path / "o").exists(), "nothing is written before the checks pass"
+
+
+def test_empty_dataset_after_filtering(run_cli, tiny_models, calib_set, tmp_path):
+    line = one_error_line(run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "-l", 100000,
+                                  "-o", tmp_path / "o"))
+    assert "no samples left" in line
+
+
+def test_refuses_to_overwrite_a_finished_measurement(run_cli, tiny_models, calib_set, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "inc_measure_output_hooks_maxabs_0_1.json").write_text("{}")
+    line = one_error_line(run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "-o", out))
+    assert "already holds a measurement" in line and "--force" in line
+
+
+def test_resume_without_checkpoints(run_cli, tiny_models, calib_set, tmp_path):
+    line = one_error_line(run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "-o", tmp_path / "o",
+                                  "--resume"))
+    assert "no checkpoints" in line
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--chunk-size", "--max-new-tokens"])
+def test_non_positive_sizes(run_cli, tiny_models, calib_set, tmp_path, flag):
+    line = one_error_line(run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, flag, 0))
+    assert flag in line
