@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 BATCH = 8
-CHUNK = 16
+CHUNK = 64  # measure's default --chunk-size
 
 
 def child(mode: str, model: str, dataset: str, tp: int, prompts: int, new_tokens: int, out: str) -> dict:

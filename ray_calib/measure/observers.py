@@ -28,6 +28,7 @@ import torch
 
 from ray_calib.engine.weights import EXPERT_WEIGHTS_ATTR, WEIGHT_AMAX_ATTR
 
+_DENSE_ELEMENTS = 1 << 22  # tokens x experts x 2I up to this: one GEMM over all experts beats a loop
 KV_TYPES = frozenset({"KVCache", "VLLMKVCache"})  # INC's KV module types, as QUANT_CONFIG names them
 
 
@@ -126,13 +127,37 @@ class MoEStats:
             self._observe_intermediate(x, ids, tokens)
 
     def _observe_intermediate(self, x: torch.Tensor, ids: torch.Tensor, tokens: torch.Tensor) -> None:
-        """The routed kernel is fused, so recompute act(x W13^T) for each expert that got tokens."""
-        for expert in torch.unique(ids).tolist():
-            h = x[tokens[ids == expert]] @ self.w13[expert].t()
-            gate, up = h[:, :self.intermediate], h[:, self.intermediate:]
-            act = torch.nn.functional.gelu(gate) if self.activation.startswith("gelu") else torch.nn.functional.silu(gate)
-            amax = _amax(act * up)
+        """The routed kernel is fused, so recompute act(x W13^T) for the routed (token, expert) slots.
+
+        Few tokens (decode steps): one GEMM of all tokens against all experts, masked to the routed
+        slots -- cheaper than gathering weights. Many (prefill): one GEMM per expert that got tokens,
+        over its contiguous slice of the slots sorted by expert.
+        """
+        if ids.numel() == 0:
+            return
+        experts, width = self.w13.shape[0], self.w13.shape[1]
+        if x.shape[0] * experts * width <= _DENSE_ELEMENTS:
+            h = (x @ self.w13.reshape(experts * width, -1).t()).view(x.shape[0], experts, width)
+            per_slot = self._act_amax(h)  # [tokens, experts]
+            routed = torch.zeros_like(per_slot, dtype=torch.bool)
+            routed[tokens, ids] = True
+            amax = torch.where(routed, per_slot, torch.zeros_like(per_slot)).amax(dim=0)
+            torch.maximum(self.expert_inter, amax.cpu(), out=self.expert_inter)
+            return
+        order = torch.argsort(ids)
+        hit, counts = torch.unique_consecutive(ids[order], return_counts=True)
+        start = 0
+        for expert, count in zip(hit.tolist(), counts.tolist()):
+            rows = tokens[order[start:start + count]]
+            start += count
+            amax = self._act_amax(x[rows] @ self.w13[expert].t()).max()
             self.expert_inter[expert] = torch.maximum(self.expert_inter[expert], amax.cpu())
+
+    def _act_amax(self, h: torch.Tensor) -> torch.Tensor:
+        """Max |act(gate) * up| over the last dim of `h = x W13^T` (gate first, as vLLM loads w13)."""
+        gate, up = h[..., :self.intermediate], h[..., self.intermediate:]
+        act = torch.nn.functional.gelu(gate) if self.activation.startswith("gelu") else torch.nn.functional.silu(gate)
+        return torch.linalg.vector_norm(act * up, ord=float("inf"), dim=-1).float()
 
     def observe_output(self, out: Any) -> None:
         if isinstance(out, torch.Tensor):
