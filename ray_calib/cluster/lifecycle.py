@@ -6,7 +6,7 @@
     2/5 preflight  same stack as the head, devices, IFNAME holds the IP, work dir, free disk
     3/5 token      create or reuse the Ray auth token, copy it to every node (SFTP, mode 0600)
     4/5 ray start  stop old Ray on every node (only its temp dir's processes), then start it with the
-                   node env: head first, then the workers in parallel
+                   node env: head first, the workers in parallel once the head's GCS listens
     5/5 health     every node alive in the GCS and enough devices for the tensor-parallel size
 
 Any failing stage stops `up` and ends with one table of host, verdict and log path. When the inputs
@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,8 +86,7 @@ def up(config: ClusterConfig, *, restart: bool = False, accept_new_host_keys: bo
             _stage(reporter, 4, f"stop old Ray everywhere, start head {config.head.label}, "
                                 f"then {len(config.workers)} worker(s)")
             _require(reporter, "ray stop", config, runner.map(config.nodes, lambda n: _stop(runner, n)), runner)
-            _require(reporter, "ray start", config, runner.map((config.head,), lambda n: _start(runner, n)), runner)
-            _require(reporter, "ray start", config, runner.map(config.workers, lambda n: _start(runner, n)), runner)
+            _require(reporter, "ray start", config, _start_all(runner), runner)
             _stage(reporter, 5, f"waiting up to {config.health_timeout} s for {len(config.nodes)} nodes")
             rows = _health_gate(config, runner, reporter)
         record = _record(config, hashes, reports, "up")
@@ -150,6 +150,23 @@ def ensure_token(token_path: str) -> bytes:
     os.chmod(path, 0o600)
     log.info("created a new Ray auth token at %s", path)
     return token
+
+
+def _start_all(runner: SSHRunner) -> dict[str, None | ClusterError]:
+    """Start the head; start the workers as soon as its GCS port accepts connections.
+
+    The head's `ray start` goes on for seconds after the GCS listens (dashboard, client server);
+    workers only need the GCS, so they join meanwhile instead of after it.
+    """
+    config = runner.config
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        head = pool.submit(runner.map, (config.head,), lambda n: _start(runner, n))
+        while not head.done() and not health_mod.gcs_reachable(config.address, timeout=0.5):
+            time.sleep(0.1)
+        if head.done() and isinstance(head.result()[config.head.name], ClusterError):
+            return head.result()
+        workers = runner.map(config.workers, lambda n: _start(runner, n))
+        return {**head.result(), **workers}
 
 
 def _start(runner: SSHRunner, node: NodeConfig) -> None:

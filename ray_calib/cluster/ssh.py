@@ -166,7 +166,8 @@ class SSHRunner:
             raise ClusterError(node.label, f"SSH session refused ({err})",
                                fix=f"check sshd on that host; try: {node.ssh_command()}") from None
         out, err = bytearray(), bytearray()
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
         rc = None
         while rc is None:
             drained = False
@@ -185,7 +186,7 @@ class SSHRunner:
                 time.sleep(0.02)
         channel.close()
         result = Result(rc, out.decode(errors="replace"), err.decode(errors="replace"))
-        self._log(node, what or script.splitlines()[-1][:200], result)
+        self._log(node, what or script.splitlines()[-1][:200], result, time.monotonic() - began)
         return result
 
     def put(self, node: NodeConfig, data: bytes, remote_path: str, *, mode: int = 0o600) -> None:
@@ -239,13 +240,13 @@ class SSHRunner:
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(nodes)))) as pool:
             return dict(zip([n.name for n in nodes], pool.map(guarded, nodes)))
 
-    def _log(self, node: NodeConfig, what: str, result: Result) -> None:
+    def _log(self, node: NodeConfig, what: str, result: Result, seconds: float = 0.0) -> None:
         path = self.log_path(node)
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock, open(path, "a") as handle:
-            handle.write(f"--- {time.strftime('%H:%M:%S')} {what} -> rc {result.rc}\n")
+            handle.write(f"--- {time.strftime('%H:%M:%S')} {what} -> rc {result.rc} ({seconds:.1f} s)\n")
             for chunk in (result.stdout, result.stderr):
                 if chunk.strip():
                     handle.write(chunk if chunk.endswith("\n") else chunk + "\n")
