@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from ray_calib.convert import names
 from ray_calib.convert.checkpoint import Checkpoint, FreeSpace, check_free_space, copy_side_files, free_bytes, write_index
 from ray_calib.convert.plan import QuantPlan, build_plan
 from ray_calib.convert.qconfig import compressed_tensors_config
+from ray_calib.convert.cast import Scratch, fp8_weight, stream, to_torch, weight_maxabs
 from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter, file_sha256
 from ray_calib.errors import ModelError, OutputExistsError
 from ray_calib.scales.devices import DeviceScales
@@ -30,7 +33,6 @@ from ray_calib.scales.methods import ScaleMethod, WeightScaleSearch, activation_
 MANIFEST = ".ray-calib-quantize.json"
 KV_SHARD = "model-kv-scales.safetensors"
 _FORMAT_VERSION = 1
-_CHUNK_ELEMENTS = 1 << 22  # cast in row chunks of ~4M elements: float32 scratch stays ~16 MB
 
 
 @dataclass
@@ -62,8 +64,6 @@ class QuantizeSummary:
 
 
 def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
-    import torch  # noqa: F401 - imported before the stage timers start
-
     checkpoint = Checkpoint.open(job.model)
     evidence = checkpoint.fp8_evidence()
     if evidence:
@@ -84,14 +84,16 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
     check_free_space(job.out, sum(sum(t.nbytes for t in layouts[s]) for s in todo), job.free_space)
     job.out.mkdir(parents=True, exist_ok=True)
     scales = manifest.setdefault("weight_scales", {})
-    if not job.method.per_channel_weights and len(scales) < len(plan.groups):
-        scales.update(_group_weight_scales(checkpoint, plan, job, summary))
+    scratch = _scratch(checkpoint, plan, read_ahead=not job.low_cpu_mem)
+    if not job.method.per_channel_weights and len(scales) < len(plan.group_of):
+        scales.update(_group_weight_scales(checkpoint, plan, job, summary, scratch))
         atomic.write_json(job.out / MANIFEST, manifest)
     for shard in shard_names:
         if shard in done:
             summary.shards_skipped.append(shard)
             continue
-        manifest["shards"][shard] = _write_shard(checkpoint, shard, layouts[shard], plan, scales, job, summary)
+        manifest["shards"][shard] = _write_shard(checkpoint, shard, layouts[shard], plan, scales, job, summary,
+                                                 scratch)
         atomic.write_json(job.out / MANIFEST, manifest)
         summary.shards_written.append(shard)
         if job.on_shard_done:
@@ -156,38 +158,49 @@ def _layout(checkpoint: Checkpoint, shard: str, plan: QuantPlan, job: QuantizeJo
     return layout
 
 
-def _group_weight_scales(checkpoint: Checkpoint, plan: QuantPlan, job: QuantizeJob,
-                         summary: QuantizeSummary) -> dict[str, float]:
+def _scratch(checkpoint: Checkpoint, plan: QuantPlan, *, read_ahead: bool) -> Scratch:
+    largest = max((info.nbytes for info in checkpoint.tensors.values()), default=0)
+    largest_weight = max((checkpoint.tensors[name].numel for name in plan.group_of), default=0)
+    return Scratch(largest, largest_weight, read_ahead=read_ahead)
+
+
+def _group_weight_scales(checkpoint: Checkpoint, plan: QuantPlan, job: QuantizeJob, summary: QuantizeSummary,
+                         scratch: Scratch) -> dict[str, float]:
     """Pass 1: one per-tensor weight scale per fused group, reading one tensor at a time."""
     from ray_calib.convert.progress import bar
 
     searches = [WeightScaleSearch(job.method, job.device) for _ in plan.groups]
-    readers: dict[str, ShardReader] = {}
-    try:
-        with bar("weight scales", total=len(plan.group_of)) as advance:
-            for tensor, index in sorted(plan.group_of.items(), key=lambda kv: checkpoint.tensors[kv[0]].offset):
-                shard = checkpoint.shard_of[tensor]
-                reader = readers.setdefault(shard, ShardReader(checkpoint.path / shard))
+    with bar("weight scales", total=len(plan.group_of)) as advance:
+        for shard in checkpoint.shards:
+            members = [i.name for i in checkpoint.tensors_in(shard) if plan.is_quantized(i.name)]
+            with ShardReader(checkpoint.path / shard) as reader, closing(stream(reader, members, scratch)) as tensors:
                 started = time.perf_counter()
-                weight = reader.read(tensor)
-                summary.seconds["read"] += time.perf_counter() - started
-                started = time.perf_counter()
-                searches[index].add(weight)
-                summary.seconds["amax"] += time.perf_counter() - started
-                del weight
-                advance()
-    finally:
-        for reader in readers.values():
-            reader.__exit__(None)
+                for name, raw in tensors:
+                    summary.seconds["read"] += time.perf_counter() - started
+                    started = time.perf_counter()
+                    search, info = searches[plan.group_of[name]], checkpoint.tensors[name]
+                    if search.needs_tensor:
+                        search.add(to_torch(raw, info))
+                    else:
+                        search.add_maxabs(_finite_maxabs(raw, info, checkpoint))
+                    summary.seconds["amax"] += time.perf_counter() - started
+                    advance()
+                    started = time.perf_counter()
     return {member: searches[i].scale() for member, i in plan.group_of.items()}
+
+
+def _finite_maxabs(raw, info, checkpoint: Checkpoint) -> float:
+    value = weight_maxabs(raw, info)
+    if not math.isfinite(value):
+        raise ModelError(f"{checkpoint.path / checkpoint.shard_of[info.name]}: tensor '{info.name}' holds inf/NaN "
+                         f"(max |x| = {value})", fix="fix or re-download that checkpoint; no FP8 scale covers it.")
+    return value
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
 
 def _write_shard(checkpoint: Checkpoint, shard: str, layout: list[PlannedTensor], plan: QuantPlan,
-                 scales: dict[str, float], job: QuantizeJob, summary: QuantizeSummary) -> str:
-    import torch
-
+                 scales: dict[str, float], job: QuantizeJob, summary: QuantizeSummary, scratch: Scratch) -> str:
     from ray_calib.convert.progress import bar
 
     out_path = job.out / shard
@@ -195,64 +208,51 @@ def _write_shard(checkpoint: Checkpoint, shard: str, layout: list[PlannedTensor]
         with ShardWriter(out_path, layout) as writer:
             for layer, (k, v) in plan.kv_maxabs.items():
                 for name, maxabs in zip(names.kv_scale_names(layer), (k, v)):
-                    writer.write(name, torch.tensor([activation_scale(maxabs, job.method, job.device)]))
+                    writer.write_raw(name, _f32(activation_scale(maxabs, job.method, job.device)))
             return writer.close()
     infos = checkpoint.tensors_in(shard)
     with ShardReader(checkpoint.path / shard) as reader, ShardWriter(out_path, layout) as writer, \
+            closing(stream(reader, [i.name for i in infos], scratch)) as tensors, \
             bar(f"write {shard}", total=len(infos)) as advance:
-        preloaded = {} if job.low_cpu_mem else {i.name: reader.read(i.name) for i in infos}
-        for info in infos:
-            started = time.perf_counter()
-            tensor = preloaded.pop(info.name) if preloaded else reader.read(info.name)
+        started = time.perf_counter()
+        for name, raw in tensors:
             summary.seconds["read"] += time.perf_counter() - started
-            for name, value in _output_tensors(info.name, tensor, plan, scales, job, summary):
+            for out_name, value in _output_tensors(checkpoint.tensors[name], raw, plan, scales, job, summary,
+                                                   scratch):
                 started = time.perf_counter()
-                writer.write(name, value)
+                writer.write_raw(out_name, value)
                 summary.seconds["write"] += time.perf_counter() - started
-            del tensor
             advance()
+            started = time.perf_counter()
         started = time.perf_counter()
         digest = writer.close()
         summary.seconds["write"] += time.perf_counter() - started
         return digest
 
 
-def _output_tensors(name: str, tensor, plan: QuantPlan, scales: dict[str, float], job: QuantizeJob,
-                    summary: QuantizeSummary):
-    """What one input tensor becomes: itself, or FP8 weight + weight_scale (+ input_scale)."""
-    import torch
-
-    if not plan.is_quantized(name):
-        yield name, tensor
+def _output_tensors(info, raw, plan: QuantPlan, scales: dict[str, float], job: QuantizeJob,
+                    summary: QuantizeSummary, scratch: Scratch):
+    """What one input tensor becomes: itself, or FP8 weight + weight_scale (+ input_scale), as raw bytes."""
+    if not plan.is_quantized(info.name):
+        yield info.name, raw
         return
     started = time.perf_counter()
-    if job.method.per_channel_weights:
-        scale = channel_scales(tensor, job.method, job.device).reshape(-1, 1)
-    else:
-        scale = torch.tensor([scales[name]], dtype=torch.float32)
-    fp8 = cast_to_fp8(tensor, scale)
+    per_channel = job.method.per_channel_weights
+    channel = (lambda weight: channel_scales(weight, job.method, job.device)) if per_channel else None
+    weight, scale = fp8_weight(raw, info, None if per_channel else scales[info.name], scratch, channel)
     summary.seconds["cast"] += time.perf_counter() - started
-    prefix = name.removesuffix(".weight")
-    yield name, fp8
-    del fp8
-    yield f"{prefix}.weight_scale", scale.to(torch.float32)
+    prefix = info.name.removesuffix(".weight")
+    yield info.name, weight
+    yield f"{prefix}.weight_scale", scale
     if not job.method.dynamic_only:
-        group = plan.groups[plan.group_of[name]]
-        yield f"{prefix}.input_scale", torch.tensor([activation_scale(group.input_maxabs, job.method, job.device)])
+        group = plan.groups[plan.group_of[info.name]]
+        yield f"{prefix}.input_scale", _f32(activation_scale(group.input_maxabs, job.method, job.device))
 
 
-def cast_to_fp8(weight, scale):
-    """float8_e4m3fn(weight / scale), saturating, in row chunks so float32 scratch stays small."""
-    import torch
+def _f32(value: float):
+    import numpy as np
 
-    out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn)
-    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[-1]))
-    per_row = scale.numel() > 1
-    for start in range(0, weight.shape[0], rows):
-        chunk = weight[start:start + rows].to(torch.float32)
-        chunk /= scale[start:start + rows] if per_row else scale
-        out[start:start + rows] = chunk.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
-    return out
+    return np.array([value], dtype=np.float32)
 
 
 def _finish(checkpoint: Checkpoint, layouts: dict[str, list[PlannedTensor]], job: QuantizeJob, *, fp8_kv: bool) -> None:

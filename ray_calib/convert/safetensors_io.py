@@ -1,10 +1,11 @@
 """Read and write safetensors one tensor at a time, with memory the caller controls.
 
 The format is `u64 header length | JSON header {name: {dtype, shape, data_offsets}, "__metadata__"} |
-tensor bytes`. Reading uses positioned `readinto` instead of `safe_open`'s mmap: mapped pages stay
-counted in the process RSS until the file is closed, so a 40 GB shard would look like 40 GB of memory.
-Writing lays out the header from the planned shapes first, then streams each tensor's bytes and hashes
-them on the way (the checksum that makes `quantize` resumable needs no second read).
+tensor bytes`. Reading uses positioned reads (`preadv`) into a buffer the caller reuses, instead of
+`safe_open`'s mmap: mapped pages stay counted in the process RSS until the file is closed, so a 40 GB
+shard would look like 40 GB of memory. Writing lays out the header from the planned shapes first, then
+streams each tensor's bytes and hashes them on the way (the checksum that makes `quantize` resumable
+needs no second read); numpy suffices for both, torch is imported only for torch tensors.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ DTYPES = {
     "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1), "I64": ("int64", 8), "I32": ("int32", 4),
     "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1), "BOOL": ("bool", 1),
 }
+_OVERLAP_BYTES = 1 << 20
 _BY_TORCH_NAME = {torch_name: code for code, (torch_name, _) in DTYPES.items()}
 
 
@@ -70,26 +72,44 @@ class ShardReader:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.tensors, self.metadata = read_header(self.path)
-        self._handle = open(self.path, "rb")
+        self._fd = os.open(self.path, os.O_RDONLY)
 
     def __enter__(self) -> ShardReader:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.close()
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def read(self, name: str):
+        """A fresh torch tensor holding `name` (for callers that keep it)."""
         import torch
 
         info = self.tensors[name]
-        buffer = bytearray(info.nbytes)
-        self._handle.seek(info.offset)
-        if self._handle.readinto(buffer) != info.nbytes:
-            raise ModelError(f"{self.path}: tensor '{name}' is truncated", fix="re-download that shard.")
-        dtype = getattr(torch, DTYPES[info.dtype][0])
-        if not buffer:
-            return torch.empty(info.shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(info.shape)
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            self.read_raw(name, data.numpy())
+        return data.view(getattr(torch, DTYPES[info.dtype][0])).reshape(info.shape)
+
+    def read_raw(self, name: str, buffer=None):
+        """The bytes of `name` as a uint8 numpy array, read into `buffer` (reused by the caller) if given."""
+        import numpy as np
+
+        info = self.tensors[name]
+        if buffer is None or buffer.size < info.nbytes:
+            buffer = np.empty(info.nbytes, dtype=np.uint8)
+        view = buffer[:info.nbytes]
+        done, target = 0, memoryview(view)
+        while done < info.nbytes:  # one read() returns at most ~2 GB on Linux
+            got = os.preadv(self._fd, [target[done:]], info.offset + done)
+            if got <= 0:
+                raise ModelError(f"{self.path}: tensor '{name}' is truncated", fix="re-download that shard.")
+            done += got
+        return view
 
 
 @dataclass(frozen=True)
@@ -131,6 +151,7 @@ class ShardWriter:
         self.size = 8 + len(raw) + offset
         self._next = 0
         self._hash = hashlib.sha256()
+        self._hasher = None
         fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         self._handle = os.fdopen(fd, "wb")
         self._write(struct.pack("<Q", len(raw)) + raw)
@@ -143,19 +164,48 @@ class ShardWriter:
             self.abort()
 
     def _write(self, data) -> None:
-        self._handle.write(data)
-        self._hash.update(data)
+        """Append bytes; a large block is hashed on a second thread while the file write runs (both drop the GIL)."""
+        if len(data) < _OVERLAP_BYTES:
+            self._handle.write(data)
+            self._hash.update(data)
+            return
+        if self._hasher is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        hashed = self._hasher.submit(self._hash.update, data)
+        try:
+            self._handle.write(data)
+        finally:
+            hashed.result()
 
     def write(self, name: str, tensor) -> None:
+        """Write the next planned tensor from a torch tensor."""
         import torch
 
-        item = self.plan[self._next]
-        if name != item.name or dtype_code(tensor.dtype) != item.dtype or tuple(tensor.shape) != item.shape:
+        item = self._expect(name)
+        if dtype_code(tensor.dtype) != item.dtype or tuple(tensor.shape) != item.shape:
             raise AssertionError(f"tensor {name} {tensor.dtype} {tuple(tensor.shape)} does not match plan {item}")
         tensor = tensor.contiguous()
         if tensor.numel():
             self._write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
         self._next += 1
+
+    def write_raw(self, name: str, data) -> None:
+        """Write the next planned tensor from its bytes (a contiguous numpy array of the planned dtype's layout)."""
+        item = self._expect(name)
+        view = memoryview(data).cast("B")
+        if view.nbytes != item.nbytes:
+            raise AssertionError(f"tensor {name}: {view.nbytes} bytes do not match plan {item}")
+        if view.nbytes:
+            self._write(view)
+        self._next += 1
+
+    def _expect(self, name: str) -> PlannedTensor:
+        item = self.plan[self._next]
+        if name != item.name:
+            raise AssertionError(f"tensor {name} written where the plan has {item.name}")
+        return item
 
     def close(self) -> str:
         if self._next != len(self.plan):
@@ -164,11 +214,19 @@ class ShardWriter:
         os.fsync(self._handle.fileno())
         self._handle.close()
         os.replace(self._tmp, self.path)
+        self._stop_hasher()
         return self._hash.hexdigest()
 
     def abort(self) -> None:
+        self._stop_hasher()
         self._handle.close()
         Path(self._tmp).unlink(missing_ok=True)
+
+
+    def _stop_hasher(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown()
+            self._hasher = None
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 16 << 20) -> str:

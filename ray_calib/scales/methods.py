@@ -171,9 +171,17 @@ class WeightScaleSearch:
     def candidates(self) -> tuple[float, ...]:
         return self.device.hw_scales if self.method.hw_candidates else self.method.weight.candidates
 
+    @property
+    def needs_tensor(self) -> bool:
+        """opt methods search over the weight itself; the others only need its max-abs (`add_maxabs`)."""
+        return self.method.weight.value == "opt"
+
+    def add_maxabs(self, maxabs: float) -> None:
+        self.maxabs = max(self.maxabs, maxabs)
+
     def add(self, weight) -> None:
-        self.maxabs = max(self.maxabs, float(weight.abs().max().float()) if weight.numel() else 0.0)
-        if self.method.weight.value == "opt":
+        self.add_maxabs(float(weight.abs().max().float()) if weight.numel() else 0.0)
+        if self.needs_tensor:
             full = self.device.fullscale
             errors = [float(((weight.float() - fp8_round_trip(weight, s, full)) ** 2).sum()) for s in self.candidates()]
             self.errors = errors if not self.errors else [a + b for a, b in zip(self.errors, errors)]
