@@ -180,3 +180,32 @@ def test_gaudi_writes_inc_quant_config_and_keeps_weights(tmp_path, tiny_llama, r
     assert config["dump_stats_path"] == str(meas / "inc_measure_output")
     assert "--quantization inc --kv-cache-dtype fp8_inc" in result.stdout
     assert not (tmp_path / "run" / "fp8").exists()
+
+
+def test_read_ahead_and_low_cpu_mem_write_identical_shards(tmp_path, tiny_llama):
+    streamed = run_quantize(tmp_path, tiny_llama, scale_method="maxabs_arbitrary", low_cpu_mem=True)
+    ahead = run_quantize(tmp_path, tiny_llama, scale_method="maxabs_arbitrary", out=tmp_path / "ahead")
+    for shard in Checkpoint.open(tiny_llama).shards:
+        assert file_sha256(streamed.summary.out / shard) == file_sha256(ahead.summary.out / shard)
+
+
+def test_opt_weight_method_picks_a_candidate_scale(tmp_path, tiny_llama):
+    result = run_quantize(tmp_path, tiny_llama, scale_method="maxabs_pow2_opt_weight", low_cpu_mem=True)
+    fp8 = tensors(result.summary.out)
+    scale = float(fp8["model.layers.0.mlp.down_proj.weight_scale"])
+    assert scale in [2.0 ** s for s in range(-10, 10)]
+
+
+def test_nan_weight_is_refused_before_writing(tmp_path, tiny_llama):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "nan-model"
+    shutil.copytree(tiny_llama, model)
+    shard = next(model.glob("*.safetensors"))
+    weights = load_file(shard)
+    name = next(n for n in weights if n.endswith("o_proj.weight"))
+    weights[name][0, 0] = float("nan")
+    save_file(weights, shard, metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=f"'{name}' holds inf/NaN"):
+        run_quantize(tmp_path, model, scale_method="maxabs_pow2")
+    assert not list((tmp_path / "run" / "fp8").glob("*.safetensors"))
