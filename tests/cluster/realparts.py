@@ -107,7 +107,8 @@ def running_sshd() -> Iterator[Sshd]:
 
 
 def write_conf(directory: Path, sshd: Sshd, *, gcs_port: int = 6380, dashboard_port: int = 8270,
-               extra: str = "", head_env: str = "", worker_env: str = "", known_hosts: Path | None = None) -> Path:
+               extra: str = "", head_env: str = "", worker_env: str = "", known_hosts: Path | None = None,
+               memory: str = "1G") -> Path:
     """Two CPU nodes (head 127.0.0.1, worker 127.0.0.2) on this box, one HPU each, capped memory."""
     directory.mkdir(parents=True, exist_ok=True)
     path_line = f'export PATH="{VENV_BIN}:$PATH"\n'
@@ -133,7 +134,7 @@ WORKER_NODE_RAY_TEMP_DIR={temp}/worker
 DEVICE_KIND=cpu
 DEVICES_PER_NODE=1
 RAY_NUM_CPUS=1
-RAY_MEMORY=1G
+RAY_MEMORY={memory}
 RAY_OBJECT_STORE_MEMORY=200M
 MIN_FREE_DISK_GB=1
 HEALTH_TIMEOUT=90

@@ -31,7 +31,7 @@ def cluster(sshd):
     root = Path(tempfile.mkdtemp(prefix="rc-cluster-", dir="/tmp"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_CALIB_STATE_DIR", str(root / "state"))
-        conf = write_conf(root, sshd)
+        conf = write_conf(root, sshd, memory="3G")  # vLLM ranks ask Ray for memory
         try:
             yield conf
         finally:
@@ -94,6 +94,37 @@ def test_connect_gives_a_working_authenticated_address(cluster, clean_env):
     assert json.loads(out.stdout.strip().splitlines()[-1])["HPU"] == 2.0
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from ray_calib.tiny.calibset import make_calib_set
+    from ray_calib.tiny.model import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_model("llama", root / "llama").path, make_calib_set("pile", root / "pile.jsonl", num_samples=8)
+
+
+def _measure(conf: Path, model: Path, dataset: Path, out: Path) -> subprocess.CompletedProcess:
+    """`ray-calib measure --cluster conf` at TP=2 as a user runs it after `up` (fresh process env)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VLLM_"))}
+    env.update(RAY_CALIB_STATE_DIR=os.environ["RAY_CALIB_STATE_DIR"], VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               RAY_CALIB_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    args = [sys.executable, "-m", "ray_calib.cli", "measure", "--cluster", str(conf), "-m", str(model), "-d",
+            str(dataset), "-t", "2", "-n", "4", "-l", "16", "-b", "2", "--chunk-size", "4", "--max-new-tokens", "1",
+            "-o", str(out), "--fp8-kv"]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=480)
+
+
+def test_measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path):
+    from ray_calib.measurements import MeasurementSet, read_meta
+
+    model, dataset = tiny_llama
+    run = _measure(cluster, model, dataset, tmp_path / "measure")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "[ray]" in run.stdout and read_meta(tmp_path / "measure").extra["executor"] == "ray"
+    ranks = MeasurementSet.discover(tmp_path / "measure").read_all()
+    assert [r.rank for r in ranks] == [0, 1] and all(r.nodes for r in ranks)
+
+
 def test_env_change_needs_restart(cluster, run_cli, clean_env):
     env_file = cluster.parent / "worker_env.sh"
     env_file.write_text(env_file.read_text() + "export RC_CLUSTER_MARK=second\n")
@@ -108,7 +139,7 @@ def test_env_change_needs_restart(cluster, run_cli, clean_env):
     assert connect(cluster) == "127.0.0.1:6380"
 
 
-def test_dead_node_is_named_by_status_and_connect(cluster, run_cli, clean_env):
+def test_dead_node_is_named_by_status_connect_and_measure(cluster, run_cli, clean_env, tiny_llama, tmp_path):
     os.kill(raylet_pid(cluster.parent / "ray" / "worker"), signal.SIGKILL)
     config = devices.load(cluster)
     deadline = time.monotonic() + 60
@@ -121,6 +152,9 @@ def test_dead_node_is_named_by_status_and_connect(cluster, run_cli, clean_env):
         connect(cluster)
     assert str(err.value).startswith("worker1 (127.0.0.2): Ray node(s) not alive")
     assert f"127.0.0.2:{cluster.parent}/ray/worker/session_latest/logs" in str(err.value)
+    refused = _measure(cluster, *tiny_llama, tmp_path / "measure")
+    assert refused.returncode != 0 and "error: worker1 (127.0.0.2): Ray node(s) not alive" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def test_down_stops_every_process(cluster, run_cli):
