@@ -48,7 +48,7 @@ def quantize(run_dir: str | None, **options) -> None:
     click.echo(f"wrote {s.out}: {s.quantized} FP8 tensors, {s.kept} kept, {len(s.shards_written)} shard(s) written, "
                f"{len(s.shards_skipped)} already done (checksum verified); {s.input_bytes / 1e9:.2f} GB -> "
                f"{s.output_bytes / 1e9:.2f} GB, method {result.method}")
-    click.echo("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.seconds.items()) + f" (total {took:.1f} s)")
+    click.echo("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.seconds.items()) + f" (total {took:.2f} s)")
     for note in s.notes + ([f"{len(s.filled_experts)} expert(s) saw no tokens: given their layer's largest range"]
                            if s.filled_experts else []):
         click.echo(f"note: {note}")
