@@ -99,7 +99,7 @@ def status(conf: Path | None) -> None:
               "alive" if r.alive else f"DEAD: {r.detail}", f"{r.uptime_s / 60:.1f} min" if r.alive else "-",
               r.logs) for r in rows]
     _table(f"cluster {record['address']} ({record['status']})",
-           ("node", "ip", "devices", "versions", "state", "uptime", "logs"), table)
+           ("node", "ip", "devices", "python / ray / torch / vllm", "state", "uptime", "logs"), table)
     error = lifecycle.dead_node_error(cfg, rows)
     if error is not None:
         raise error

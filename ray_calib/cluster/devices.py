@@ -137,9 +137,14 @@ class ClusterConfig:
         return next(n for n in self.nodes if n.name == name)
 
     def fingerprint(self) -> str:
-        """Hash of everything Ray is started with (the env files' content is hashed by `state`)."""
-        data = asdict(self)
-        data["path"] = str(self.path)
+        """Hash of what Ray is started with (env files' content is hashed by `state`).
+
+        Calibration keys, SSH settings and timeouts are left out: changing them needs no restart.
+        """
+        ray_inputs = ("nodes", "port", "dashboard_port", "client_server_port", "token_path", "work_dir")
+        data = {k: v for k, v in asdict(self).items() if k in ray_inputs}
+        data["nodes"] = [{k: v for k, v in node.items() if not k.startswith("ssh_") and k != "line"}
+                         for node in data["nodes"]]
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -278,8 +278,8 @@ def status(config: ClusterConfig) -> tuple[dict | None, list[NodeStatus]]:
     for node in config.nodes:
         h, saved = health[node.name], by_name.get(node.name, {})
         packages = saved.get("packages", {})
-        versions = f"py {saved.get('python')}, ray {packages.get('ray')}, torch {packages.get('torch')}, " \
-                   f"vllm {packages.get('vllm')}"
+        versions = " / ".join(str(v) for v in (saved.get("python"), packages.get("ray"), packages.get("torch"),
+                                                packages.get("vllm")))
         count = (h.resources or {}).get(record.get("device_key", "HPU"), 0)
         rows.append(NodeStatus(node, h.alive, h.ray_ip, f"{node.device_kind} x{count:g}" if h.alive else
                                f"{node.device_kind} x{node.devices} (configured)", versions,

@@ -148,3 +148,11 @@ def test_cuda_nodes_use_gpus_and_nccl(tmp_path):
     args = start_args(cfg.head, cfg)
     assert args[args.index("--num-gpus") + 1] == "8" and "--resources" not in args
     assert node_env(cfg.head, cfg.token_path)["NCCL_SOCKET_IFNAME"] == "enp24s0f0np0"
+
+
+def test_fingerprint_changes_only_with_what_ray_is_started_with(tmp_path):
+    base = devices.load(_write(tmp_path, SEED)).fingerprint()
+    calib = SEED.replace("CALIBRATION_MAX_BATCH_SIZE=32", "CALIBRATION_MAX_BATCH_SIZE=8") + "SSH_CONNECT_TIMEOUT=3\n"
+    assert devices.load(_write(tmp_path, calib)).fingerprint() == base
+    moved = SEED.replace("WORKER_NODE_IFNAME=enp24s0f0np0", "WORKER_NODE_IFNAME=eth1")
+    assert devices.load(_write(tmp_path, moved)).fingerprint() != base
