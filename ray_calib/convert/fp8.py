@@ -93,3 +93,49 @@ def maxabs(raw: np.ndarray, dtype: str) -> float:
         values = raw.view(np.float32 if dtype == "F32" else np.float64)
         return max(float(np.abs(values[s:s + _CHUNK]).max()) for s in range(0, values.size, _CHUNK))
     raise ValueError(f"no maxabs for {dtype}")
+
+
+# ---- block FP8 -> BF16 (DeepSeek checkpoints) -------------------------------------------------------------
+
+def e4m3_decode_table() -> np.ndarray:
+    """float32[256]: the value of every e4m3fn code (0x7f/0xff are NaN)."""
+    values = np.concatenate([_MAGNITUDES, [np.nan]]).astype(np.float32)
+    return np.concatenate([values, -values])
+
+
+def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (nearest, ties to even, NaN -> 0x7fc0 like torch); returns uint16 bits."""
+    bits = np.asarray(values, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
+
+
+def as_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """A small tensor (e.g. scale_inv) as float32, from its raw bytes."""
+    if dtype == "F32":
+        return raw.view(np.float32)
+    if dtype == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    raise ValueError(f"no float32 view for {dtype}")
+
+
+def dequantize_blocks(codes: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int], out: np.ndarray) -> np.ndarray:
+    """BF16 bits of `e4m3(codes) * scale_inv[i // bm, j // bn]` (float32 product, rounded once), edge blocks cropped.
+
+    Each block's 256 possible products are one row of a small table, so the work per element is one
+    uint8 + int32 add and one table lookup, one block row at a time (int32 scratch of bm x N).
+    """
+    rows, cols = codes.shape
+    block_m, block_n = block
+    tables = float32_to_bf16_bits(scale_inv.reshape(-1, 1).astype(np.float32) * e4m3_decode_table()).reshape(-1)
+    column_blocks = -(-cols // block_n)
+    column_base = (np.arange(cols, dtype=np.int32) // block_n) * 256
+    scratch = np.empty((min(block_m, rows), cols), dtype=np.int32)
+    for start in range(0, rows, block_m):
+        stop = min(start + block_m, rows)
+        index = scratch[:stop - start]
+        np.add(codes[start:stop], column_base + (start // block_m) * column_blocks * 256, out=index)
+        np.take(tables, index, out=out[start:stop])
+    return out

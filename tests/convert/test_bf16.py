@@ -8,7 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ray_calib.convert.bf16 import MANIFEST, convert_to_bf16, dequantize_blocks  # noqa: E402
+from ray_calib.convert.bf16 import MANIFEST, convert_to_bf16  # noqa: E402
+from ray_calib.convert.fp8 import as_float32, dequantize_blocks  # noqa: E402
 from ray_calib.convert.safetensors_io import ShardReader, file_sha256  # noqa: E402
 from ray_calib.errors import ModelError  # noqa: E402
 
@@ -83,7 +84,23 @@ def test_errors(tmp_path, run_cli):
 
 
 def test_dequantize_blocks_handles_edge_blocks():
-    weight = torch.full((130, 129), 2.0).to(torch.float8_e4m3fn)
-    scale_inv = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
-    out = dequantize_blocks(weight, scale_inv)
-    assert out[0, 0] == 2 and out[0, 128] == 4 and out[129, 0] == 6 and out[129, 128] == 8
+    import numpy as np
+
+    codes = torch.full((130, 129), 2.0).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    out = dequantize_blocks(codes, np.array([[1.0, 2.0], [3.0, 4.0]], np.float32), (128, 128),
+                            np.empty((130, 129), np.uint16))
+    values = as_float32(out.reshape(-1).view(np.uint8), "BF16").reshape(130, 129)
+    assert values[0, 0] == 2 and values[0, 128] == 4 and values[129, 0] == 6 and values[129, 128] == 8
+
+
+def test_dequantize_blocks_equals_torch_float32_product():
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(1)
+    weight = (torch.randn(300, 520, generator=gen) * 200).to(torch.float8_e4m3fn)
+    scale_inv = torch.rand(3, 5, generator=gen) * 0.01
+    expanded = scale_inv.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :520]
+    expected = (weight.float() * expanded).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    out = dequantize_blocks(weight.view(torch.uint8).numpy(), scale_inv.numpy(), (128, 128),
+                            np.empty((300, 520), np.uint16))
+    assert np.array_equal(out, expected)
