@@ -1,35 +1,79 @@
-"""The main job on this machine (`make demo`): every stage of the pipeline, shown as it runs."""
+"""The main job on this machine (`make demo`): the whole mission, end to end, on a tiny DeepSeek-V3.
+
+    1  make a tiny DeepSeek-V3 and a calibration set
+    2  up: two Ray nodes on 127.0.0.1 and 127.0.0.2, over a local sshd started for the demo
+    3  measure --fp8-kv at TP=4 across both nodes
+    4  unify --to-tp 2
+    5  quantize --low-cpu-mem
+    6  infer --one-node at TP=2
+    7  eval against BF16
+    8  report
+    9  push to the local Hugging Face hub stand-in
+   10  down
+
+Every stage is the real `ray-calib` command in its own process, printed before it runs.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from ray_calib.cli import main as ray_calib
-
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "inc-ds-r1-0528-g2-tp16"
+REPO_ID = "standin/tiny-deepseek-v3-fp8"  # the stand-in's user namespace
 
 
-def stage(number: int, total: int, title: str, *args: object) -> None:
-    print(f"\n({number}/{total}) {title}\n    $ ray-calib {' '.join(map(str, args))}", flush=True)
+def _stage(number: int, title: str, args: list[object], env: dict[str, str], cwd: Path) -> None:
+    print(f"\n({number}/10) {title}\n    $ ray-calib {' '.join(map(str, args))}", flush=True)
     start = time.perf_counter()
-    try:
-        ray_calib([str(a) for a in args])
-    except SystemExit as exit_:
-        if exit_.code:
-            sys.exit(f"stage {number} ({title}) failed with exit code {exit_.code}")
-    print(f"    done in {time.perf_counter() - start:.1f} s", flush=True)
+    result = subprocess.run([sys.executable, "-m", "ray_calib.cli", *map(str, args)], env=env, cwd=cwd)
+    if result.returncode != 0:
+        sys.exit(f"demo stage {number} ({title}) failed with exit code {result.returncode}")
+    print(f"    ({number}/10) done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def run(root: Path) -> None:
+    from ray_calib.cluster.localnodes import running_sshd, write_conf
+    from ray_calib.hub.standin import DEFAULT_TOKEN, StandinHub
+
+    root = root.absolute()
+    model, data, run_dir = root / "models" / "tiny-deepseek-v3", root / "data" / "calib.jsonl", root / "run"
+    env = {**os.environ, "RAY_CALIB_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    _stage(1, "tiny DeepSeek-V3 + calibration set", ["make-tiny-model", "--arch", "deepseek_v3", "--out", model,
+                                                    "--force"], env, root)
+    _stage(1, "calibration set", ["make-calib-set", "--format", "pile", "--out", data, "--num-samples", 48], env, root)
+    hub = StandinHub(root / "hub").start()
+    env.update(HF_ENDPOINT=hub.url, HF_TOKEN=DEFAULT_TOKEN)
+    with running_sshd() as sshd:
+        conf = write_conf(root / "cluster", sshd, gcs_port=6400, dashboard_port=8290, devices_per_node=2, memory="4G")
+        _stage(2, "up: two Ray nodes (127.0.0.1, 127.0.0.2)", ["up", "--conf", conf, "--accept-new-host-keys"], env, root)
+        try:
+            _stage(3, "measure --fp8-kv at TP=4 across both nodes",
+                   ["measure", "--conf", conf, "--model", model, "--dataset", data, "--tp", 4, "--fp8-kv",
+                    "--num-samples", 32, "--max-new-tokens", 8], env, root)
+            _stage(4, "unify --to-tp 2", ["unify", "--to-tp", 2], env, root)
+            _stage(5, "quantize --low-cpu-mem", ["quantize", "--low-cpu-mem", "--fp8-kv"], env, root)
+            _stage(6, "infer --one-node at TP=2", ["infer", "--one-node", "--tp", 2, "--max-new-tokens", 8], env, root)
+            _stage(7, "eval against BF16", ["eval", "--baseline", model, "--tp", 1], env, root)
+            _stage(8, "report", ["report", run_dir], env, root)
+            _stage(9, "push to the local hub stand-in", ["push", "--repo", REPO_ID, "--include-checkpoint"], env, root)
+        finally:
+            _stage(10, "down", ["down", "--conf", conf], env, root)
+            hub.stop()
+    print(f"\nAll stages done in {time.perf_counter() - started:.0f} s. Artefacts:")
+    for label, path in [("tiny BF16 model", model), ("calibration set", data),
+                        ("measurements TP=4", run_dir / "measure"), ("unified TP=2", run_dir / "unified-tp2"),
+                        ("FP8 checkpoint", run_dir / "fp8"), ("completions", run_dir / "infer"),
+                        ("eval", run_dir / "eval.json"), ("report (PNG)", run_dir / "report"),
+                        ("hub stand-in repo", root / "hub")]:
+        print(f"  {label:<20} {path}")
 
 
 def main() -> None:
-    run = Path("calib-run/demo").absolute()
-    if not FIXTURE.is_dir():
-        sys.exit(f"the demo reads the DeepSeek-R1 TP16 measurements at {FIXTURE}; put ../shared beside the repo")
-    stage(1, 2, "unify DeepSeek-R1 TP16 -> TP8", "unify", "--to-tp", 8, "--in", FIXTURE, "--out",
-          run / "unified-tp8", "--force")
-    stage(2, 2, "inspect the result", "inspect", run / "unified-tp8")
-    print(f"\nartefacts: {run / 'unified-tp8'}")
+    run(Path(os.environ.get("RAY_CALIB_DEMO_DIR", "calib-run/demo")))
 
 
 if __name__ == "__main__":

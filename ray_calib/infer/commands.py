@@ -26,7 +26,7 @@ def _run_meta(run: RunDir, model: Path):
 
 @click.command()
 @click.option("--one-node", is_flag=True, help="Serve on this node alone at its TP (the default).")
-@click.option("--cluster", "use_cluster", is_flag=True, help="Spread the ranks over the cluster `up` started.")
+@click.option("--conf", type=_file, help="Spread the ranks over the cluster `up` started from this devices.conf.")
 @click.option("--model", type=_dir, help="Model directory [default: <run-dir>/fp8].")
 @click.option("--tp", type=int, help="Tensor-parallel size [default: the unified TP of the run, else 8; 1 on CPU].")
 @click.option("--prompts", type=_file, help="One prompt per line (or JSONL with 'prompt').")
@@ -41,7 +41,7 @@ def _run_meta(run: RunDir, model: Path):
               help="Seconds for long FP8 compiles (sets VLLM_ENGINE_ITERATION_TIMEOUT_S and VLLM_RPC_TIMEOUT).")
 @click.option("--allow-device-mismatch", is_flag=True, help="Use scales measured on another device type.")
 @run_dir_option
-def infer(one_node: bool, use_cluster: bool, model: Path | None, tp: int | None, prompts: Path | None,
+def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None, prompts: Path | None,
           max_new_tokens: int, fp8_kv: bool | None, serve: bool, detach: bool, host: str, port: int,
           quant_config: Path | None, timeout_s: int, allow_device_mismatch: bool, run_dir: str | None) -> None:
     """Run the quantized model with vLLM: offline generation, or `--serve` an OpenAI API.
@@ -54,8 +54,8 @@ def infer(one_node: bool, use_cluster: bool, model: Path | None, tp: int | None,
     from ray_calib.engine.device import detect_device, device_type
     from ray_calib.infer import runner
 
-    if one_node and use_cluster:
-        raise click.UsageError("--one-node and --cluster exclude each other.")
+    if one_node and conf:
+        raise click.UsageError("--one-node and --conf exclude each other.")
     run = RunDir.resolve(run_dir)
     model = model or run.fp8
     device = detect_device()
@@ -63,10 +63,10 @@ def infer(one_node: bool, use_cluster: bool, model: Path | None, tp: int | None,
     runner.check_device_type(meta, device_type(device), allow_mismatch=allow_device_mismatch, where=meta_dir)
     tp_size = tp or (meta.tp_size if meta and meta.tp_size and meta.unified_from else (1 if device == "cpu" else 8))
     extra_env = {}
-    if use_cluster:
+    if conf:
         from ray_calib.cluster import connect
 
-        extra_env["RAY_ADDRESS"] = connect()
+        extra_env["RAY_ADDRESS"] = connect(conf)
     config = runner.InferConfig(model=model, tp_size=tp_size, device=device,
                                 fp8_kv=fp8_kv if fp8_kv is not None else bool(meta and meta.fp8_kv),
                                 quant_config=quant_config, timeout_s=timeout_s, extra_env=extra_env)

@@ -26,7 +26,7 @@ from ray_calib.rundir import RunDir, run_dir_option
 @click.option("--min-expert-tokens", type=int, default=0, help="Fail when a routed expert saw fewer tokens.")
 @click.option("--quant-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="QUANT_CONFIG (measure) whose blocklist applies [default: lm_head and the MoE router].")
-@click.option("--cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--conf", "--cluster", "cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="devices.conf of a cluster started by `ray-calib up` [default: ./devices.conf when up].")
 @click.option("--executor", type=click.Choice(["auto", "uni", "mp", "ray"]), default="auto", show_default=True,
               help="How ranks run: one process, one node (mp) or Ray.")

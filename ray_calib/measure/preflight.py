@@ -80,7 +80,7 @@ def blocklist(quant_config: Path | None, *, fp8_kv: bool, moe: bool) -> tuple[li
 def cluster_address(conf: Path | None) -> str | None:
     """The address of the cluster `ray-calib up` started for `conf` (or ./devices.conf), else RAY_ADDRESS, else None.
 
-    An explicit --cluster must be up (connect() raises a one-line error naming the dead node);
+    An explicit --conf must be up (connect() raises a one-line error naming the dead node);
     an implicit ./devices.conf is used only when its cluster is up.
     """
     from ray_calib.cluster import connect

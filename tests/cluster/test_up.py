@@ -21,7 +21,7 @@ import pytest
 
 from ray_calib.cluster import connect, devices, lifecycle, state
 from ray_calib.errors import ClusterError
-from tests.cluster.realparts import kill_leftovers, ray_pids, raylet_pid, write_conf
+from ray_calib.cluster.localnodes import kill_leftovers, ray_pids, raylet_pid, write_conf
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -104,11 +104,11 @@ def tiny_llama(tmp_path_factory):
 
 
 def _measure(conf: Path, model: Path, dataset: Path, out: Path) -> subprocess.CompletedProcess:
-    """`ray-calib measure --cluster conf` at TP=2 as a user runs it after `up` (fresh process env)."""
+    """`ray-calib measure --conf conf` at TP=2 as a user runs it after `up` (fresh process env)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VLLM_"))}
     env.update(RAY_CALIB_STATE_DIR=os.environ["RAY_CALIB_STATE_DIR"], VLLM_ENABLE_V1_MULTIPROCESSING="0",
                RAY_CALIB_DEVICE="cpu", PYTHONUNBUFFERED="1")
-    args = [sys.executable, "-m", "ray_calib.cli", "measure", "--cluster", str(conf), "-m", str(model), "-d",
+    args = [sys.executable, "-m", "ray_calib.cli", "measure", "--conf", str(conf), "-m", str(model), "-d",
             str(dataset), "-t", "2", "-n", "4", "-l", "16", "-b", "2", "--chunk-size", "4", "--max-new-tokens", "1",
             "-o", str(out), "--fp8-kv"]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=480)

@@ -1,8 +1,9 @@
-"""Real parts for the cluster tests and benchmarks/bench_up.py: a real sshd on 127.0.0.1 and 127.0.0.2 with generated keys, and devices.conf files that use it.
+"""A two-node cluster on this one machine, for the demo, the cluster tests and benchmarks/bench_up.py.
 
-The sshd is installed from Debian (apt-get) when missing, listens on a free high port on both loopback
-addresses, and is killed by pid on exit. Ray nodes started through it use ports
-6380-6389 (GCS, client server), 8270-8279 (dashboard) and private temp dirs under /tmp/rc-cluster-*.
+A real sshd on 127.0.0.1 and 127.0.0.2 with generated host and client keys, and a devices.conf that
+uses it (two CPU nodes). The sshd is installed from Debian (apt-get) when missing, listens on a free high
+port on both loopback addresses, and is killed by pid on exit. By default the Ray nodes use ports
+6380-6389 (GCS, client server), 8270-8279 (dashboard) and private temp dirs beside the conf.
 """
 
 from __future__ import annotations
