@@ -39,6 +39,7 @@ def run(root: Path) -> None:
     from ray_calib.hub.standin import DEFAULT_TOKEN, StandinHub
 
     root = root.absolute()
+    root.mkdir(parents=True, exist_ok=True)
     model, data, run_dir = root / "models" / "tiny-deepseek-v3", root / "data" / "calib.jsonl", root / "run"
     env = {**os.environ, "RAY_CALIB_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()

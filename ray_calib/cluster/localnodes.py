@@ -109,8 +109,8 @@ def running_sshd() -> Iterator[Sshd]:
 
 def write_conf(directory: Path, sshd: Sshd, *, gcs_port: int = 6380, dashboard_port: int = 8270,
                extra: str = "", head_env: str = "", worker_env: str = "", known_hosts: Path | None = None,
-               memory: str = "1G") -> Path:
-    """Two CPU nodes (head 127.0.0.1, worker 127.0.0.2) on this box, one HPU each, capped memory."""
+               memory: str = "1G", devices_per_node: int = 1) -> Path:
+    """Two CPU nodes (head 127.0.0.1, worker 127.0.0.2) on this box, `devices_per_node` HPU each."""
     directory.mkdir(parents=True, exist_ok=True)
     path_line = f'export PATH="{VENV_BIN}:$PATH"\n'
     # Short GCS health checks so a killed node shows as dead within seconds.
@@ -133,8 +133,8 @@ WORKER_NODE_IFNAME=lo
 WORKER_NODE_SOURCE_FILENAME=worker_env.sh
 WORKER_NODE_RAY_TEMP_DIR={temp}/worker
 DEVICE_KIND=cpu
-DEVICES_PER_NODE=1
-RAY_NUM_CPUS=1
+DEVICES_PER_NODE={devices_per_node}
+RAY_NUM_CPUS={devices_per_node}
 RAY_MEMORY={memory}
 RAY_OBJECT_STORE_MEMORY=200M
 MIN_FREE_DISK_GB=1
