@@ -49,7 +49,8 @@ def run(root: Path) -> None:
     hub = StandinHub(root / "hub").start()
     env.update(HF_ENDPOINT=hub.url, HF_TOKEN=DEFAULT_TOKEN)
     with running_sshd() as sshd:
-        conf = write_conf(root / "cluster", sshd, gcs_port=6400, dashboard_port=8290, devices_per_node=2, memory="4G")
+        conf = write_conf(root / "cluster", sshd, gcs_port=6400, dashboard_port=8290, devices_per_node=2,
+                          memory="4G", fast_failure_detection=False)
         _stage(2, "up: two Ray nodes (127.0.0.1, 127.0.0.2)", ["up", "--conf", conf], env, root)
         try:
             _stage(3, "measure --fp8-kv at TP=4 across both nodes",

@@ -109,13 +109,16 @@ def running_sshd() -> Iterator[Sshd]:
 
 def write_conf(directory: Path, sshd: Sshd, *, gcs_port: int = 6380, dashboard_port: int = 8270,
                extra: str = "", head_env: str = "", worker_env: str = "", known_hosts: Path | None = None,
-               memory: str = "1G", devices_per_node: int = 1) -> Path:
-    """Two CPU nodes (head 127.0.0.1, worker 127.0.0.2) on this box, `devices_per_node` HPU each."""
+               memory: str = "1G", devices_per_node: int = 1, fast_failure_detection: bool = True) -> Path:
+    """Two CPU nodes (head 127.0.0.1, worker 127.0.0.2) on this box, `devices_per_node` HPU each.
+
+    `fast_failure_detection` shortens the GCS health checks so a killed node shows as dead within
+    seconds (the tests); a busy 2-core box running vLLM ranks needs Ray's defaults (the demo).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     path_line = f'export PATH="{VENV_BIN}:$PATH"\n'
-    # Short GCS health checks so a killed node shows as dead within seconds.
-    health = "export RAY_health_check_period_ms=500 RAY_health_check_failure_threshold=2 " \
-             "RAY_health_check_initial_delay_ms=0 RAY_health_check_timeout_ms=1000\n"
+    health = ("export RAY_health_check_period_ms=500 RAY_health_check_failure_threshold=2 "
+              "RAY_health_check_initial_delay_ms=0 RAY_health_check_timeout_ms=1000\n") if fast_failure_detection else ""
     (directory / "head_env.sh").write_text(path_line + health + head_env)
     (directory / "worker_env.sh").write_text(path_line + worker_env)
     temp = directory / "ray"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,6 +98,8 @@ def _score_in_subprocess(variant: Variant, texts: list[str], tp_size: int, devic
 
 
 def _score(model: str, fp8_kv: bool, texts: list[str], tp_size: int, device: str, out: str) -> None:
+    if tp_size == 1:  # one rank: run the engine in this process (DESIGN §9: ~3 s start, no nested workers)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import SamplingParams
 
     from ray_calib.engine.launch import build_llm
