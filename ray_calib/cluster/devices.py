@@ -30,6 +30,8 @@ DEVICE_KINDS = ("hpu", "cuda", "cpu")
 # Ray resource each device kind is scheduled with. CPU nodes use "HPU": vLLM's CPU platform plugin in this
 # project declares ray_device_key "HPU" (DESIGN §9), a resource name Ray accepts as custom.
 DEVICE_KEYS_BY_KIND = {"hpu": "HPU", "cuda": "GPU", "cpu": "HPU"}
+# 107-byte AF_UNIX limit minus Ray's "/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store" (64 bytes).
+MAX_RAY_TEMP_DIR_BYTES = 43
 
 # Cluster-wide keys -> (kind, default). kind: str, int, path, size (bytes, with K/M/G suffix).
 GLOBAL_KEYS: dict[str, tuple[str, object]] = {
@@ -288,6 +290,7 @@ def _node(p: _Parsed, index: int, keys: dict[str, str], defaults: dict[str, obje
     _check_file(p, keys.get("SOURCE_FILENAME"), v["SOURCE_FILENAME"])
     key_name = keys.get("SSH_KEY") or ("SSH_KEY" if "SSH_KEY" in p.values else None)
     _check_file(p, key_name, v["SSH_KEY"])
+    _check_temp_dir(p, keys.get("RAY_TEMP_DIR", "RAY_TEMP_DIR"), str(v["RAY_TEMP_DIR"]))
     if v["DEVICES"] is not None and v["DEVICES"] < 1:
         p.problems.append((p.lines.get(keys.get("DEVICES", "DEVICES"), 0), f"{name}: DEVICES must be >= 1"))
     return NodeConfig(
@@ -361,6 +364,14 @@ def _unknown(p: _Parsed, key: str, candidates: list[str]) -> None:
 def _check_file(p: _Parsed, key: str | None, value: object) -> None:
     if key and value and not Path(str(value)).is_file():
         p.problems.append((p.lines[key], f"{key}: file not found: {value}"))
+
+
+def _check_temp_dir(p: _Parsed, key: str, temp_dir: str) -> None:
+    """Ray puts AF_UNIX sockets at <dir>/session_<date>_<pid>/sockets/plasma_store: 107 bytes at most."""
+    if len(os.path.normpath(temp_dir).encode()) > MAX_RAY_TEMP_DIR_BYTES:
+        p.problems.append((p.lines.get(key, 0), f"{key}: {temp_dir} is longer than {MAX_RAY_TEMP_DIR_BYTES} bytes, "
+                           "so Ray's socket paths under it exceed the 107-byte AF_UNIX limit; use a short dir "
+                           "such as /tmp/ray"))
 
 
 def _check_duplicates(p: _Parsed, nodes: list[NodeConfig]) -> None:

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray_calib.cluster.devices import MAX_RAY_TEMP_DIR_BYTES
+
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -122,6 +124,8 @@ def write_conf(directory: Path, sshd: Sshd, *, gcs_port: int = 6380, dashboard_p
     (directory / "head_env.sh").write_text(path_line + health + head_env)
     (directory / "worker_env.sh").write_text(path_line + worker_env)
     temp = directory / "ray"
+    if len(f"{temp}/worker".encode()) > MAX_RAY_TEMP_DIR_BYTES:  # e.g. under pytest's tmp_path
+        temp = Path(tempfile.mkdtemp(prefix="rc-ray-", dir="/tmp"))
     conf = directory / "devices.conf"
     conf.write_text(f"""# two nodes on one box
 RAY_CLUSTER_PORT={gcs_port}

@@ -92,6 +92,8 @@ RAY_MEMORY=1G
     ("WORKER2_NODE_IFNAME=eth0", "line 12: WORKER2_NODE_IP is missing"),
     ("TENSOR_PARALLEL_SIZE=32", "line 12: TENSOR_PARALLEL_SIZE: tp(32) > devices(16)"),
     ('SSH_USER="a b', "line 12: SSH_USER: No closing quotation"),
+    ("WORKER_NODE_RAY_TEMP_DIR=/tmp/pytest-of-root/pytest-75/test_demo/cluster/ray",
+     "line 12: WORKER_NODE_RAY_TEMP_DIR: /tmp/pytest-of-root/pytest-75/test_demo/cluster/ray is longer than 43 bytes"),
 ])
 def test_mistakes_name_their_line(tmp_path, line, expect):
     assert expect in _problems(tmp_path, SEED + line + "\n")
