@@ -11,7 +11,6 @@ opcode. Neither direction imports numpy, which keeps `ray-calib unify` fast.
 from __future__ import annotations
 
 import ast
-import functools
 import io
 import pickle
 import struct
@@ -27,7 +26,6 @@ from ray_calib.errors import MeasurementError
 _MEMBER = "arr_0.npy"
 _MAGIC = b"\x93NUMPY"
 _unpack_f4 = struct.Struct("<f").unpack
-_pack_f4 = struct.Struct("<f").pack
 _TYPECODES = {"f4": "f", "f8": "d", "i4": "i", "i8": "q", "u1": "B", "b1": "B"}
 
 
@@ -178,16 +176,209 @@ def _parse_header(raw: bytes) -> tuple[int, str]:
 
 
 # ---- writing ------------------------------------------------------------------------------------------
+#
+# numpy stores an object array as `pickle.dump(array, protocol=3)`. `image()` emits exactly the bytes
+# CPython's pickler writes for INC's stats (memo puts and gets included), opcode by opcode and without
+# numpy. One function therefore serves both directions: `save` writes numpy's bytes, and `holds` checks
+# an NPZ against its JSON by comparing bytes instead of unpickling (the decode is most of unify's time).
 
-def dumps(stats: dict[str, Any]) -> bytes:
-    """NPZ bytes for `stats` (list leaves), as `np.savez(f, np.array(stats_with_float32_arrays))` writes."""
-    body = _pickle_stats(stats)
+_FIELD_NAMES = frozenset({"inputs", "outputs", "params", "weight"})  # code literals in INC: one object each
+_BATCH = 1000  # the pickler's SETITEMS / APPENDS batch size
+_CORE_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")  # numpy 1.x (Gaudi images) / 2.x
+
+
+def _preamble(core: str) -> bytes:
+    """Memo 0-12: `_reconstruct`, `ndarray`, (0,), b'b', the args, the 0-d object array, its O8 dtype."""
+    return (b"\x80\x03c" + core.encode() + b"\n_reconstruct\nq\x00cnumpy\nndarray\nq\x01K\x00\x85q\x02C\x01bq\x03"
+            b"\x87q\x04Rq\x05(K\x01)cnumpy\ndtype\nq\x06X\x02\x00\x00\x00O8q\x07\x89\x88\x87q\x08Rq\t"
+            b"(K\x03X\x01\x00\x00\x00|q\nNNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tq\x0bb\x89]q\x0c")
+
+
+class _Image:
+    """The pickler's output stream and memo counter for one stats dict."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.memo_size = 13  # after the preamble
+        self.field_names: dict[str, int] = {}
+        self.float32 = -1  # memo index of the float32 dtype once written
+
+    def put(self) -> int:
+        index = self.memo_size
+        self.memo_size += 1
+        self.out.append(_put(index))
+        return index
+
+    def string(self, text: str) -> None:
+        if text in _FIELD_NAMES:
+            if text in self.field_names:
+                return self.out.append(_get(self.field_names[text]))
+            self.field_names[text] = self.memo_size
+        raw = text.encode("utf-8", "surrogatepass")
+        self.out.append(b"X" + _U32(len(raw)) + raw)
+        self.put()
+
+    def plain(self, value: Any) -> None:
+        if value is None or type(value) is bool:
+            self.out.append({None: b"N", True: b"\x88", False: b"\x89"}[value])
+        elif type(value) is int:
+            self.out.append(_int(value))
+        elif type(value) is float:
+            self.out.append(b"G" + struct.pack(">d", value))
+        elif type(value) is str:
+            self.string(value)
+        else:
+            raise TypeError(f"cannot store {type(value).__name__} in a stats NPZ header field")
+
+    def container(self, items: list, write_item, *, is_dict: bool) -> None:
+        """EMPTY_DICT/LIST, then SETITEM/APPEND for one item, else MARK ... SETITEMS/APPENDS batches."""
+        self.out.append(b"}" if is_dict else b"]")
+        self.put()
+        if len(items) == 1:
+            write_item(items[0])
+            self.out.append(b"s" if is_dict else b"a")
+            return
+        for start in range(0, len(items), _BATCH):
+            self.out.append(b"(")
+            for item in items[start:start + _BATCH] if len(items) > _BATCH else items:
+                write_item(item)
+            self.out.append(b"u" if is_dict else b"e")
+        if is_dict and items and len(items) % _BATCH == 0:
+            self.out.append(b"(u")  # the pickler's do-while writes one empty batch after a full one
+
+    def stats(self, stats: dict[str, Any]) -> None:
+        self.container(list(stats.items()), self._header_item, is_dict=True)
+
+    def _header_item(self, item: tuple[str, Any]) -> None:
+        key, value = item
+        self.string(key)
+        if key == "Nodes":
+            self.container(list(value.items()), self._node, is_dict=True)
+        else:
+            self.plain(value)
+
+    def _node(self, item: tuple[str, dict[str, Any]]) -> None:
+        """Module name and its dict of 1-3 fields (no batching): ~all of a file, hence written inline."""
+        module, node = item
+        raw = module.encode("utf-8", "surrogatepass")
+        index = self.memo_size
+        self.memo_size = index + 2
+        out = self.out
+        out.append(b"X" + _U32(len(raw)) + raw + _put(index) + b"}" + _put(index + 1))
+        if len(node) > 1:
+            out.append(b"(")
+        for name, value in node.items():
+            self.string(name)
+            if len(value) != 1:
+                self.container(list(value.items()) if name == "params" else value,
+                               self._param if name == "params" else self.leaf, is_dict=name == "params")
+                continue
+            out.append((b"}" if name == "params" else b"]") + _put(self.memo_size))
+            self.memo_size += 1
+            if name == "params":
+                (key, value), = value.items()
+                self.string(key)
+                self.leaf(value)
+                out.append(b"s")
+            else:
+                self.leaf(value[0])
+                out.append(b"a")
+        out.append(b"u" if len(node) > 1 else b"s")
+
+    def _param(self, item: tuple[str, Any]) -> None:
+        self.string(item[0])
+        self.leaf(item[1])
+
+    def leaf(self, value: Any) -> None:
+        """A float32 array: `_reconstruct(ndarray, (0,), b'b')`, then BUILD with (1, shape, dtype, False, bytes)."""
+        out = self.out
+        index = self.memo_size
+        if index >= 256 and self.float32 >= 0 and type(value) is list and len(value) == 1:
+            inner = value[0]
+            if type(inner) is list and len(inner) == 1 and type(inner[0]) is float:  # INC's [[v]], ~all leaves
+                self.memo_size = index + 6
+                out.append(self.leaf_1x1(b"h\x00h\x01K\x00\x85r", index, b"h\x03\x87r", index + 1, b"Rr", index + 2,
+                                         b"(K\x01K\x01K\x01\x86r", index + 3, self.get_float32, inner[0], b"r",
+                                         index + 4, b"tr", index + 5, b"b"))
+                return
+        out.append(b"h\x00h\x01K\x00\x85")
+        self.put()
+        out.append(b"h\x03\x87")
+        self.put()
+        out.append(b"R")
+        self.put()
+        out.append(b"(K\x01")
+        shape, flat = _shape_and_flat(value)
+        if shape:
+            out.append(b"".join(map(_int, shape)) + (_TUPLE_OPS[len(shape)] if len(shape) <= 3 else b"t"))
+            if len(shape) > 3:
+                out[-1] = b"(" + out[-1]
+            self.put()
+        else:
+            out.append(b")")
+        self._float32()
+        raw = struct.pack(f"<{len(flat)}f", *flat)
+        out.append(b"\x89C" + bytes((len(raw),)) + raw if len(raw) < 256 else b"\x89B" + _U32(len(raw)) + raw)
+        self.put()
+        out.append(b"t")
+        self.put()
+        out.append(b"b")
+
+    def _float32(self) -> None:
+        if self.float32 >= 0:
+            return self.out.append(_get(self.float32))
+        self.out.append(b"h\x06X\x02\x00\x00\x00f4")
+        self.put()
+        self.out.append(b"\x89\x88\x87")
+        self.put()
+        self.out.append(b"R")
+        self.float32 = self.put()
+        # From here on a [[v]] leaf is one struct: six LONG_BINPUTs around the dtype GET and the value.
+        self.get_float32 = _get(self.float32) + b"\x89C\x04"
+        self.leaf_1x1 = struct.Struct(f"<8sI4sI2sI9sI{len(self.get_float32)}sf1sI2sI1s").pack
+        self.out.append(b"(K\x03X\x01\x00\x00\x00<")
+        self.put()
+        self.out.append(b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t")
+        self.put()
+        self.out.append(b"b")
+
+
+_TUPLE_OPS = {1: b"\x85", 2: b"\x86", 3: b"\x87"}
+_U32 = struct.Struct("<I").pack
+
+
+def _put(index: int) -> bytes:
+    return b"q" + bytes((index,)) if index < 256 else b"r" + _U32(index)
+
+
+def _get(index: int) -> bytes:
+    return b"h" + bytes((index,)) if index < 256 else b"j" + _U32(index)
+
+
+def _int(value: int) -> bytes:
+    if 0 <= value < 256:
+        return b"K" + bytes((value,))
+    if 0 <= value < 65536:
+        return b"M" + struct.pack("<H", value)
+    return b"J" + struct.pack("<i", value)
+
+
+def image(stats: dict[str, Any], core: str = _CORE_MODULES[0]) -> bytes:
+    """The .npy member numpy writes for `np.array(stats)` with float32 array leaves."""
+    pickler = _Image()
+    pickler.stats(stats)
+    body = b"".join([_preamble(core), *pickler.out, b"at"])
+    body += _put(pickler.memo_size) + b"b."
     header = b"{'descr': '|O', 'fortran_order': False, 'shape': (), }"
     header += b" " * (63 - (len(_MAGIC) + 4 + len(header)) % 64) + b"\n"
-    npy = _MAGIC + b"\x01\x00" + struct.pack("<H", len(header)) + header + body
+    return _MAGIC + b"\x01\x00" + struct.pack("<H", len(header)) + header + body
+
+
+def dumps(stats: dict[str, Any]) -> bytes:
+    """NPZ bytes for `stats` (list leaves): what `np.savez(f, np.array(stats_with_float32_arrays))` writes."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr(_MEMBER, npy)
+        archive.writestr(_MEMBER, image(stats))
     return buffer.getvalue()
 
 
@@ -195,96 +386,24 @@ def save(path: str | Path, stats: dict[str, Any]) -> Path:
     return atomic.write_bytes(path, dumps(stats))
 
 
-# Protocol-3 pickle opcodes of a 0-d object array holding the stats dict, as numpy writes it. Memo slots:
-# 0 `_reconstruct`, 1 `ndarray`, 2 the float32 dtype, 3 the object dtype, 4 `dtype`. `numpy.core` is
-# spelled so that both numpy 1.x (Gaudi images) and numpy 2.x resolve it.
-_PREAMBLE = (
-    b"\x80\x03"
-    b"cnumpy.core.multiarray\n_reconstruct\nq\x000"
-    b"cnumpy\nndarray\nq\x010"
-    b"cnumpy\ndtype\nq\x04X\x02\x00\x00\x00f4\x89\x88\x87R"
-    b"(K\x03X\x01\x00\x00\x00<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tbq\x020"
-    b"h\x04X\x02\x00\x00\x00O8\x89\x88\x87R"
-    b"(K\x03X\x01\x00\x00\x00|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tbq\x030"
-)
-_NEW_ARRAY = b"h\x00h\x01K\x00\x85C\x01b\x87R"  # _reconstruct(ndarray, (0,), b'b')
-_LEAF_1X1 = _NEW_ARRAY + b"(K\x01J\x01\x00\x00\x00J\x01\x00\x00\x00\x86h\x02\x89C\x04"  # ... shape (1, 1), 4 bytes
-_SHAPE_OPS = {0: b")", 1: b"\x85", 2: b"\x86", 3: b"\x87"}  # EMPTY_TUPLE, TUPLE1..3
+def holds(path: str | Path, stats: dict[str, Any]) -> bool:
+    """True when the NPZ is byte for byte what numpy writes for `stats` (so it loads to exactly `stats`).
 
-
-def _pickle_stats(stats: dict[str, Any]) -> bytes:
-    out = [_PREAMBLE, _NEW_ARRAY, b"(K\x01)h\x03\x89](}("]  # object array state: (1, (), O8, False, [dict
-    for key, value in stats.items():
-        out.append(_string(key))
-        if key == "Nodes":
-            _pickle_nodes(value, out)
-        else:
-            out.append(_plain(value))
-    out.append(b"uetb.")  # SETITEMS, APPENDS, TUPLE, BUILD, STOP
-    return b"".join(out)
-
-
-def _pickle_nodes(nodes: dict[str, Any], out: list[bytes]) -> None:
-    append = out.append
-    append(b"}(")
-    for module, node in nodes.items():
-        append(_string(module))
-        append(b"}(")
-        for field, value in node.items():
-            append(_string(field))
-            if field == "params":
-                append(b"}(")
-                for key, leaf in value.items():
-                    append(_string(key))
-                    append(_leaf(leaf))
-                append(b"u")
-            else:
-                append(b"](")
-                for leaf in value:
-                    append(_leaf(leaf))
-                append(b"e")
-        append(b"u")
-    append(b"u")
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _string(text: str) -> bytes:
-    """BINUNICODE; cached because every rank file repeats the same module names."""
-    encoded = text.encode()
-    return b"X" + struct.pack("<I", len(encoded)) + encoded
-
-
-def _leaf(value: Any) -> bytes:
-    """A float32 array: INC's per-tensor `[[v]]` on a fast path, any other shape in general."""
-    if type(value) is list and len(value) == 1:
-        inner = value[0]
-        if type(inner) is list and len(inner) == 1 and type(inner[0]) is not list:
-            return _LEAF_1X1 + _pack_f4(inner[0]) + b"tb"
-    shape, flat = _shape_and_flat(value)
-    raw = struct.pack(f"<{len(flat)}f", *flat)
-    dims = b"".join(b"J" + struct.pack("<i", d) for d in shape)
-    shape_op = _SHAPE_OPS.get(len(shape)) or b"t"
-    if len(shape) > 3:
-        dims = b"(" + dims
-    data = b"C" + bytes([len(raw)]) + raw if len(raw) < 256 else b"B" + struct.pack("<I", len(raw)) + raw
-    return b"".join([_NEW_ARRAY, b"(K\x01", dims, shape_op, b"h\x02\x89", data, b"tb"])
-
-
-def _plain(value: Any) -> bytes:
-    if value is None:
-        return b"N"
-    if isinstance(value, bool):
-        return b"\x88" if value else b"\x89"
-    if isinstance(value, int) and -2**31 <= value < 2**31:
-        return b"J" + struct.pack("<i", value)
-    if isinstance(value, float):
-        return b"G" + struct.pack(">d", value)
-    if isinstance(value, str):
-        return _string(value)
-    raise TypeError(f"cannot store {type(value).__name__} in a stats NPZ header field")
+    False means "not proven equal" (another writer, float64 leaves, a stale file): decode and compare.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            raw = archive.read(_MEMBER)
+        core = next(c for c in _CORE_MODULES if raw.find(b"c" + c.encode() + b"\n", 0, 200) > 0)
+        return raw == image(stats, core)
+    except (zipfile.BadZipFile, KeyError, OSError, StopIteration, TypeError, struct.error, OverflowError):
+        return False
 
 
 def _shape_and_flat(value: Any) -> tuple[tuple[int, ...], list[float]]:
+    if type(value) is list and len(value) == 1 and type(value[0]) is list and len(value[0]) == 1 \
+            and type(value[0][0]) is not list:
+        return (1, 1), value[0]  # INC's per-tensor [[v]]: the common case, kept fast
     shape: list[int] = []
     probe = value
     while isinstance(probe, list):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import math
 import multiprocessing
@@ -12,6 +14,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +49,23 @@ def unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, *, force: bool = 
     Target ranks are independent, so their groups are read, merged and written by a pool of processes
     (one per core); the parent only checks that all groups saw the same modules and commits the result.
     """
+    with _no_cycle_collection():
+        return _unify_dir(in_dir, out_dir, to_world_size, force)
+
+
+@contextlib.contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Stats are acyclic trees of small lists: CPython's cycle scans over them would cost half the run."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, force: bool) -> UnifySummary:
     start = time.perf_counter()
     measurement = MeasurementSet.discover(in_dir)
     check_sizes(measurement.world_size, to_world_size)

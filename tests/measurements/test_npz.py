@@ -1,6 +1,7 @@
 """The NPZ codec: byte-compatible with numpy both ways, and a pickle that runs code is refused."""
 
 import io
+import json
 import os
 import pickle
 import zipfile
@@ -76,3 +77,45 @@ def test_not_an_npz_and_plain_arrays_are_refused(tmp_path):
     np.savez(tmp_path / "plain.npz", np.ones(3))
     with pytest.raises(MeasurementError, match="not INC's object array"):
         npz.load(tmp_path / "plain.npz")
+
+
+def _as_arrays(stats: dict) -> dict:
+    """INC's in-memory form: float32 arrays at the leaves, field names shared (they are code literals)."""
+    def node(fields):
+        return {name: ({key: np.array(leaf, dtype=np.float32) for key, leaf in value.items()} if name == "params"
+                       else [np.array(leaf, dtype=np.float32) for leaf in value]) for name, value in fields.items()}
+    return {**stats, "Nodes": {module: node(fields) for module, fields in stats["Nodes"].items()}}
+
+
+def _numpy1_npz(stats: dict) -> bytes:
+    """What numpy 1.x's np.savez writes (a protocol-3 pickle; numpy 2.x uses 4); module spelled numpy._core here."""
+    holder = np.empty((), dtype=object)
+    holder[()] = _as_arrays(stats)
+    header = npz.image({})[:npz.image({}).index(b"\n") + 1]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("arr_0.npy", header + pickle.dumps(holder, protocol=3))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("node_count", [3, 1000, 1301])  # exactly one SETITEMS batch is a pickler edge case
+def test_we_write_numpys_pickle_byte_for_byte(tmp_path, node_count):
+    nodes = {f"model.layers.{i}.mlp": {"inputs": [[[i + 0.5]]], "params": {"weight": [[0.25], [float(i)]]}}
+             for i in range(node_count)}
+    nodes["model.layers.0.moe_op"] = {"inputs": [[[1.0]]], "outputs": [[[2.0]]] * 1002 + [[[[1.0, 2.0]]]]}
+    stats = {"GlobalRank": None, "LocalRank": 300, "Mode": "DynamicRange", "NumSamples": 7, "Nodes": nodes}
+    (tmp_path / "n.npz").write_bytes(_numpy1_npz(stats))
+    assert zipfile.ZipFile(tmp_path / "n.npz").read("arr_0.npy") == npz.image(stats, core="numpy._core.multiarray")
+
+
+def test_holds_proves_equality_by_bytes_and_falls_back_otherwise(tmp_path):
+    path = npz.save(tmp_path / "s.npz", STATS)
+    assert npz.holds(path, STATS)
+    changed = json.loads(json.dumps(STATS))
+    changed["Nodes"]["a.o_proj"]["inputs"] = [[[0.1]]]
+    assert not npz.holds(path, changed)
+    (tmp_path / "n.npz").write_bytes(_numpy1_npz(STATS))
+    assert npz.holds(tmp_path / "n.npz", STATS)
+    (tmp_path / "numpy2.npz").write_bytes(_numpy_savez(_as_arrays(STATS)))  # protocol 4: decoded instead
+    assert not npz.holds(tmp_path / "numpy2.npz", STATS) and npz.load(tmp_path / "numpy2.npz") == STATS
+    assert not npz.holds(tmp_path / "missing.npz", STATS)
