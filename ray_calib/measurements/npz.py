@@ -202,6 +202,7 @@ class _Image:
         self.memo_size = 13  # after the preamble
         self.field_names: dict[str, int] = {}
         self.float32 = -1  # memo index of the float32 dtype once written
+        self.weight_node = None  # packs the commonest node once its names and dtype are memoized
 
     def put(self) -> int:
         index = self.memo_size
@@ -265,29 +266,43 @@ class _Image:
         self.memo_size = index + 2
         out = self.out
         out.append(b"X" + _U32(len(raw)) + raw + _put(index) + b"}" + _put(index + 1))
+        if self.weight_node is None and index >= 256 and self.float32 >= 0 and len(self.field_names) == 4:
+            self.weight_node = self._weight_node_packer()
+        if self.weight_node and len(node) == 2 and "params" in node:
+            try:  # {"inputs": [[[x]]], "params": {"weight": [[w]]}}, ~85% of nodes
+                ((x,),), = node["inputs"]
+                (w,), = node["params"]["weight"]
+                if len(node["params"]) == 1 and type(x) is float and type(w) is float:
+                    self.memo_size += 14
+                    return out.append(self.weight_node(index + 2, x, w))
+            except (ValueError, TypeError, KeyError):
+                pass
         if len(node) > 1:
             out.append(b"(")
         for name, value in node.items():
             self.string(name)
-            if len(value) != 1:
-                self.container(list(value.items()) if name == "params" else value,
-                               self._param if name == "params" else self.leaf, is_dict=name == "params")
-                continue
-            out.append((b"}" if name == "params" else b"]") + _put(self.memo_size))
-            self.memo_size += 1
             if name == "params":
-                (key, value), = value.items()
-                self.string(key)
-                self.leaf(value)
-                out.append(b"s")
+                self.container(list(value.items()), self._param, is_dict=True)
             else:
-                self.leaf(value[0])
-                out.append(b"a")
+                self.container(value, self.leaf, is_dict=False)
         out.append(b"u" if len(node) > 1 else b"s")
 
     def _param(self, item: tuple[str, Any]) -> None:
         self.string(item[0])
         self.leaf(item[1])
+
+    def _weight_node_packer(self):
+        """One struct for `{"inputs": [[[x]]], "params": {"weight": [[w]]}}`: memo puts i..i+13, LONG_BINPUT."""
+        inputs, params, weight = (_get(self.field_names[n]) for n in ("inputs", "params", "weight"))
+        head, middle = b"(" + inputs + b"]r", b"a" + params + b"}r"
+        pack = struct.Struct(f"<{len(head)}sI{self.leaf_format}{len(middle)}sI{len(weight)}s{self.leaf_format}2s").pack
+        r0, r1, r2, r3, dtype = *_LEAF_OPS, self.get_float32
+
+        def pack_node(i: int, x: float, w: float) -> bytes:
+            return pack(head, i, r0, i + 1, r1, i + 2, r2, i + 3, r3, i + 4, dtype, x, b"r", i + 5, b"tr", i + 6, b"b",
+                        middle, i + 7, weight, r0, i + 8, r1, i + 9, r2, i + 10, r3, i + 11, dtype, w, b"r", i + 12,
+                        b"tr", i + 13, b"b", b"su")
+        return pack_node
 
     def leaf(self, value: Any) -> None:
         """A float32 array: `_reconstruct(ndarray, (0,), b'b')`, then BUILD with (1, shape, dtype, False, bytes)."""
@@ -297,9 +312,9 @@ class _Image:
             inner = value[0]
             if type(inner) is list and len(inner) == 1 and type(inner[0]) is float:  # INC's [[v]], ~all leaves
                 self.memo_size = index + 6
-                out.append(self.leaf_1x1(b"h\x00h\x01K\x00\x85r", index, b"h\x03\x87r", index + 1, b"Rr", index + 2,
-                                         b"(K\x01K\x01K\x01\x86r", index + 3, self.get_float32, inner[0], b"r",
-                                         index + 4, b"tr", index + 5, b"b"))
+                r0, r1, r2, r3 = _LEAF_OPS
+                out.append(self.leaf_1x1(r0, index, r1, index + 1, r2, index + 2, r3, index + 3, self.get_float32,
+                                         inner[0], b"r", index + 4, b"tr", index + 5, b"b"))
                 return
         out.append(b"h\x00h\x01K\x00\x85")
         self.put()
@@ -335,7 +350,8 @@ class _Image:
         self.float32 = self.put()
         # From here on a [[v]] leaf is one struct: six LONG_BINPUTs around the dtype GET and the value.
         self.get_float32 = _get(self.float32) + b"\x89C\x04"
-        self.leaf_1x1 = struct.Struct(f"<8sI4sI2sI9sI{len(self.get_float32)}sf1sI2sI1s").pack
+        self.leaf_format = f"8sI4sI2sI9sI{len(self.get_float32)}sf1sI2sI1s"
+        self.leaf_1x1 = struct.Struct("<" + self.leaf_format).pack
         self.out.append(b"(K\x03X\x01\x00\x00\x00<")
         self.put()
         self.out.append(b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t")
@@ -344,6 +360,8 @@ class _Image:
 
 
 _TUPLE_OPS = {1: b"\x85", 2: b"\x86", 3: b"\x87"}
+# A [[v]] leaf up to its dtype: _reconstruct(ndarray, (0,), b'b') with LONG_BINPUTs, BUILD state (1, (1, 1), ...
+_LEAF_OPS = (b"h\x00h\x01K\x00\x85r", b"h\x03\x87r", b"Rr", b"(K\x01K\x01K\x01\x86r")
 _U32 = struct.Struct("<I").pack
 
 

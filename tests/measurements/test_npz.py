@@ -100,8 +100,9 @@ def _numpy1_npz(stats: dict) -> bytes:
 
 @pytest.mark.parametrize("node_count", [3, 1000, 1301])  # exactly one SETITEMS batch is a pickler edge case
 def test_we_write_numpys_pickle_byte_for_byte(tmp_path, node_count):
-    nodes = {f"model.layers.{i}.mlp": {"inputs": [[[i + 0.5]]], "params": {"weight": [[0.25], [float(i)]]}}
-             for i in range(node_count)}
+    nodes = {f"model.layers.{i}.mlp": {"inputs": [[[i + 0.5]]],
+                                        "params": {"weight": [[0.25], [float(i)]] if i % 3 else [[float(i)]]}}
+             for i in range(node_count)}  # per-channel and (most common) per-tensor weights
     nodes["model.layers.0.moe_op"] = {"inputs": [[[1.0]]], "outputs": [[[2.0]]] * 1002 + [[[[1.0, 2.0]]]]}
     stats = {"GlobalRank": None, "LocalRank": 300, "Mode": "DynamicRange", "NumSamples": 7, "Nodes": nodes}
     (tmp_path / "n.npz").write_bytes(_numpy1_npz(stats))
