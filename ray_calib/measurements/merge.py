@@ -23,33 +23,49 @@ def merge_chunks(first: RankFile, *others: RankFile) -> RankFile:
                                    f"into rank {first.name.rank}/{first.name.world_size}",
                                    fix="merge chunks of one rank only.")
         for module, node in other.nodes.items():
-            nodes[module] = _merge_node(nodes[module], node, module) if module in nodes else _copy(node)
+            nodes[module] = (merge_nodes([nodes[module], node], module, module, "chunks") if module in nodes
+                             else _copy(node))
         mod_list.update(dict.fromkeys(other.mod_list))
     return RankFile(name=first.name, nodes=nodes, mode=first.mode, mod_list=list(mod_list), extra=dict(first.extra))
 
 
-def _merge_node(a: Node, b: Node, module: str) -> Node:
-    if a.keys() != b.keys():
-        raise MeasurementError(module, f"node fields differ between chunks ({sorted(a)} vs {sorted(b)})",
-                               fix="the chunks come from different runs; delete the checkpoints and re-measure.")
+def merge_nodes(nodes: list[Node], module: str, source: str, across: str) -> Node:
+    """Element-wise max of one module's node over ranks or chunks (`across` names which, for errors)."""
+    check_fields(nodes, module, source, across)
     merged: Node = {}
-    for field, value in a.items():
+    for field, value in nodes[0].items():
         if field == "params":
-            merged[field] = {key: _max(value[key], b[field][key], module) for key in value}
+            merged[field] = {key: max_leaves([n[field][key] for n in nodes], module, across) for key in value}
         else:
-            if len(value) != len(b[field]):
-                raise MeasurementError(module, f"{field} count differs between chunks",
-                                       fix="the chunks come from different runs; delete the checkpoints and re-measure.")
-            merged[field] = [_max(x, y, module) for x, y in zip(value, b[field])]
+            merged[field] = [max_leaves([n[field][i] for n in nodes], module, across) for i in range(len(value))]
     return merged
 
 
-def _max(a: Any, b: Any, module: str) -> Any:
-    if isinstance(a, list):
-        if not isinstance(b, list) or len(a) != len(b):
-            raise MeasurementError(module, "leaf shapes differ between chunks", fix="re-measure.")
-        return [_max(x, y, module) for x, y in zip(a, b)]
-    return max(a, b)
+def check_fields(nodes: list[Node], module: str, source: str, across: str) -> None:
+    """The same fields, the same number of entries in each and the same params on every rank or chunk."""
+    first, fix = nodes[0], f"the {across} come from different runs; re-measure."
+    for node in nodes[1:]:
+        if node.keys() != first.keys():
+            raise MeasurementError(source, f"node '{module}' fields differ between {across} ({sorted(first)} vs "
+                                   f"{sorted(node)})", fix=fix)
+        for field, value in first.items():
+            if len(node[field]) != len(value) or (field == "params" and node[field].keys() != value.keys()):
+                raise MeasurementError(source, f"node '{module}': {field} count differs between {across}", fix=fix)
+
+
+def max_leaves(leaves: list[Any], module: str, across: str) -> Any:
+    """Element-wise max of equally shaped nested lists (Python's max() on lists would be lexicographic)."""
+    first = leaves[0]
+    if not isinstance(first, list):
+        return max(leaves)
+    try:  # per-tensor [[v]] on every side: the hot path
+        return [[max([x for ((x,),) in leaves])]]
+    except (ValueError, TypeError):
+        pass
+    if any(not isinstance(leaf, list) or len(leaf) != len(first) for leaf in leaves):
+        raise MeasurementError(module, f"leaf shapes differ between {across}",
+                               fix="they come from different runs or models; re-measure.")
+    return [max_leaves([leaf[i] for leaf in leaves], module, across) for i in range(len(first))]
 
 
 def _copy(node: Node) -> Node:

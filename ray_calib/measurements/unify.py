@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_calib.errors import MeasurementError, UnifyError
+from ray_calib.measurements.merge import check_fields, merge_nodes, max_leaves
 from ray_calib.measurements.rankfile import MODE_SCALE, Node, RankFile
 
 _EXPERT_CHILD_RE = re.compile(r"^(.+)\.(w13_list|w2_list)\.(\d+)$")
@@ -114,7 +115,8 @@ def _merge_group(members: list[RankFile], target_rank: int, to_world_size: int,
                                             per_expert_field)
             nodes.update(_group_children(members, module, layout))
         else:
-            nodes[module] = _merge_nodes([m.nodes[module] for m in members], module, first.name.stem)
+            nodes[module] = merge_nodes([m.nodes[module] for m in members], module, first.name.stem + ".json",
+                                        "ranks")
     return RankFile(name=first.name.with_rank(target_rank, to_world_size), nodes=nodes, mode=first.mode,
                     mod_list=_merge_mod_lists(members, layout), extra=dict(first.extra))
 
@@ -130,42 +132,15 @@ def _group_children(members: list[RankFile], op: str, layout: ExpertLayout):
                            member.nodes[f"{op}.{kind}.{expert}"])
 
 
-def _merge_nodes(nodes: list[Node], module: str, stem: str) -> Node:
-    merged: Node = {}
-    for field, value in nodes[0].items():
-        if field == "params":
-            merged[field] = {key: _max_leaves([n[field][key] for n in nodes], module) for key in value}
-        else:
-            merged[field] = [_max_leaves([n[field][i] for n in nodes], module) for i in range(len(value))]
-            if any(len(n[field]) != len(value) for n in nodes):
-                raise MeasurementError(stem + ".json", f"node '{module}' has a different number of "
-                                       f"{field} on another rank", fix="the ranks come from different runs; re-measure.")
-    return merged
-
-
 def _merge_fused_op(nodes: list[Node], module: str, stem: str, per_expert_field: str) -> Node:
     """First entry of `per_expert_field` max-reduced, the per-expert rest concatenated in group order."""
-    merged = _merge_nodes([{k: v for k, v in n.items() if k != per_expert_field} for n in nodes], module, stem)
+    check_fields(nodes, module, stem + ".json", "ranks")
+    merged = merge_nodes([{k: v for k, v in n.items() if k != per_expert_field} for n in nodes], module,
+                         stem + ".json", "ranks")
     if per_expert_field in nodes[0]:
-        head = _max_leaves([n[per_expert_field][0] for n in nodes], module)
+        head = max_leaves([n[per_expert_field][0] for n in nodes], module, "ranks")
         merged[per_expert_field] = [head] + [leaf for n in nodes for leaf in n[per_expert_field][1:]]
     return {field: merged[field] for field in nodes[0]}  # keep INC's field order
-
-
-def _max_leaves(leaves: list[Any], module: str) -> Any:
-    """Element-wise max of equally shaped nested lists (Python's max() on lists would be lexicographic)."""
-    first = leaves[0]
-    if not isinstance(first, list):
-        return max(leaves)
-    if len(first) == 1 and isinstance(first[0], list) and len(first[0]) == 1:  # per-tensor [[v]]: the hot path
-        try:
-            return [[max([leaf[0][0] for leaf in leaves])]]
-        except (IndexError, TypeError):
-            pass  # differently shaped leaves: the general path below names the problem
-    if any(len(leaf) != len(first) for leaf in leaves):
-        raise UnifyError(f"node '{module}': per-channel ranges of different lengths across ranks",
-                         fix="the ranks come from different runs or models; re-measure.")
-    return [_max_leaves([leaf[i] for leaf in leaves], module) for i in range(len(first))]
 
 
 def _merge_mod_lists(members: list[RankFile], layout: ExpertLayout | None) -> list[str]:
