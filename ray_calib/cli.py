@@ -47,6 +47,8 @@ _OS_ERRORS = {
     errno.ENOSPC: "free some disk space or choose another --out",
     errno.EACCES: "check the permissions of that path or choose another one",
     errno.EROFS: "that file system is read-only; choose another path",
+    errno.EEXIST: "a part of that path is an existing file; choose another path",
+    errno.ENOTDIR: "a part of that path is a file, not a directory; choose another path",
 }
 
 

@@ -16,12 +16,11 @@ from ray_calib import atomic
 from ray_calib.errors import MeasurementError
 
 META_FILE = "ray_calib_meta.json"
-DEVICE_TYPES = ("gaudi2", "gaudi3", "cuda", "cpu")
 
 
 @dataclass
 class RunMeta:
-    device_type: str | None = None  # one of DEVICE_TYPES; infer refuses scales made on another type
+    device_type: str | None = None  # one of scales.devices.DEVICE_TYPES; infer refuses scales made on another type
     model: str | None = None  # hub id or path
     revision: str | None = None
     dataset: str | None = None
@@ -44,6 +43,9 @@ class RunMeta:
 
 
 _FIELDS = {f.name for f in dataclasses.fields(RunMeta)} - {"extra"}
+# field -> the JSON type it must have (from the annotations: "int | None" -> int, "dict[str, str]" -> dict)
+_TYPES = {f.name: {"str": str, "int": int, "bool": bool}.get(f.type.split(" |")[0], dict if "dict" in f.type else list)
+          for f in dataclasses.fields(RunMeta) if f.name in _FIELDS}
 
 
 def read_meta(directory: str | Path) -> RunMeta | None:
@@ -58,6 +60,11 @@ def read_meta(directory: str | Path) -> RunMeta | None:
     if not isinstance(data, dict):
         raise MeasurementError(path, "must hold a JSON object", fix="delete it or restore it.")
     known = {k: v for k, v in data.items() if k in _FIELDS}
+    for key, value in known.items():
+        expected = _TYPES[key]
+        if value is not None and (not isinstance(value, expected) or (type(value) is bool and expected is not bool)):
+            raise MeasurementError(path, f"field '{key}' is {value!r}, expected {expected.__name__}",
+                                   fix="delete the field (or the file) or restore it.")
     return RunMeta(**known, extra={k: v for k, v in data.items() if k not in _FIELDS})
 
 

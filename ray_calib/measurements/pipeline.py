@@ -130,10 +130,11 @@ def _parallel_map(function, tasks: list) -> list:
 
 
 def _check_groups_agree(results: list[_GroupResult]) -> None:
-    """Groups check their own members; across groups compare digests, and explain a mismatch in full."""
-    reference = results[0]
-    for result in results[1:]:
-        if result.digest != reference.digest and result.source[1].method == reference.source[1].method:
+    """Groups check their own members; across groups (per file set) compare digests, explain a mismatch in full."""
+    references: dict[str | None, _GroupResult] = {}
+    for result in results:
+        reference = references.setdefault(result.source[1].method, result)
+        if result.digest != reference.digest:
             pair = [read_rank_file(directory, name, check_npz=False) for directory, name in (reference.source,
                                                                                               result.source)]
             check_same_nodes(pair)

@@ -58,7 +58,7 @@ def read_rank_file(directory: str | Path, name: StatsName, *, check_npz: bool = 
         npz_path = name.file(directory, NPZ)
         if not npz_path.exists():
             raise MeasurementError(npz_path, "is missing (INC's QUANTIZE reads only the NPZ)",
-                                   fix="re-copy it from the node that wrote it, or rewrite the set with `ray-calib unify`.")
+                                   fix="re-copy it from the node that wrote it.")
         if not npz.holds(npz_path, stats):  # byte-identical to numpy's pickle of the JSON: equal, no decode
             _check_same(json_path, stats, npz_path, npz.load(npz_path))
     mod_list_path = name.file(directory, MOD_LIST)

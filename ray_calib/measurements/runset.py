@@ -46,7 +46,7 @@ class MeasurementSet:
             kind = f"{method} scale" if method else "measurement"
             raise MeasurementError(directory, f"holds no INC {kind} files (<prefix>_hooks_maxabs_"
                                    f"{method + '_' if method else ''}<rank>_<world>.json)",
-                                   fix="point --in at the directory of QUANT_CONFIG's dump_stats_path.")
+                                   fix="give the directory of QUANT_CONFIG's dump_stats_path (where INC wrote the stats).")
         if len(groups) > 1:
             raise MeasurementError(directory, f"mixes {len(groups)} runs: {_describe(groups)}",
                                    fix="move the files of the other run out of this directory.")

@@ -117,3 +117,44 @@ def test_empty_and_missing_input(run_cli, tmp_path):
     assert result.exit_code != 0 and "holds no INC measurement files" in result.stderr
     result = run_cli("unify", "--to-tp", 1, "--in", tmp_path / "nope", "--out", tmp_path / "out")
     assert result.exit_code != 0 and "is not a directory" in result.stderr
+
+
+def _edit_rank(run_dir, rank, edit):
+    """Change one rank's stats in JSON and NPZ alike (so only the new difference is tested)."""
+    path = _stem(run_dir, rank).with_suffix(".json")
+    stats = json.loads(path.read_text())
+    edit(stats["Nodes"])
+    path.write_text(json.dumps(stats))
+    npz.save(path.with_suffix(".npz"), stats)
+
+
+@pytest.mark.parametrize("edit, text", [
+    (lambda nodes: nodes["model.layers.0.self_attn.o_proj"]["outputs"].pop(), "outputs count differs between ranks"),
+    (lambda nodes: nodes["model.layers.1.self_attn.qkv_proj"].pop("params"), "fields differ between ranks"),
+    (lambda nodes: nodes["model.layers.1.self_attn.qkv_proj"]["params"].update(weight=[[1.0], [2.0]]),
+     "leaf shapes differ between ranks"),  # next to a per-tensor [[v]]: never silently cut to one channel
+])
+def test_nodes_that_differ_between_ranks_of_a_group(run_cli, run_dir, edit, text):
+    _edit_rank(run_dir, 1, edit)
+    _fails(run_cli, run_dir, "model.layers", text, "re-measure")
+
+
+def test_scale_files_with_different_modules_on_another_group(run_cli, run_dir):
+    for rank in range(4):
+        stats = json.loads(_stem(run_dir, rank).with_suffix(".json").read_text())
+        if rank >= 2:
+            del stats["Nodes"]["model.layers.0.self_attn.qkv_proj"]
+        write_rank_file(RankFile(name=StatsName(PREFIX, rank=rank, world_size=4, method="MAXABS_HW"),
+                                 nodes=stats["Nodes"], mode="Scale"), run_dir / "in")
+    _fails(run_cli, run_dir, "MAXABS_HW", "different modules")
+
+
+def test_sidecar_field_of_the_wrong_type(run_cli, run_dir):
+    (run_dir / "in" / "ray_calib_meta.json").write_text(json.dumps({"tp_size": 4, "ep_size": "x"}))
+    _fails(run_cli, run_dir, "ray_calib_meta.json", "'ep_size'", "expected int")
+
+
+def test_out_below_an_existing_file(run_cli, run_dir):
+    (run_dir / "a_file").write_text("x")
+    result = run_cli("unify", "--to-tp", 2, "--in", run_dir / "in", "--out", run_dir / "a_file" / "out")
+    assert result.exit_code != 0 and result.stderr.startswith("error: ") and "choose another path" in result.stderr
