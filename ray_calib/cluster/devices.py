@@ -70,7 +70,7 @@ NODE_FIELDS: dict[str, tuple[str, object]] = {
 }
 NODE_DEFAULTABLE = {f for f in NODE_FIELDS if f not in ("IP", "IFNAME", "SOURCE_FILENAME", "SSH_HOST")}
 _ALIASES = {"DEVICES_PER_NODE": "DEVICES"}
-_NODE_KEY = re.compile(r"^(HEAD|WORKER(\d*))_NODE_([A-Z_]+)$")
+_NODE_KEY = re.compile(r"^(HEAD|WORKER([1-9]\d*)?)_NODE_([A-Z_]+)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 _SIZE = re.compile(r"^(\d+)([KMGT]?)B?$", re.IGNORECASE)
@@ -181,7 +181,11 @@ def _read(path: Path) -> _Parsed:
     values: dict[str, str] = {}
     lines: dict[str, int] = {}
     problems: list[tuple[int, str]] = []
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text_lines = path.read_text().splitlines()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})", fix="save it as UTF-8.") from None
+    for number, raw in enumerate(text_lines, start=1):
         text = raw.strip()
         if not text or text.startswith("#"):
             continue
@@ -247,6 +251,8 @@ def _build(path: Path, p: _Parsed) -> ClusterConfig | None:
         p.problems.append((line, f"worker numbers must be consecutive: worker{first_gap} is missing"))
     nodes = [_node(p, i, groups[i], defaults, base) for i in sorted(groups)]
     nodes = [n for n in nodes if n is not None]
+    if not nodes or nodes[0].role != "head":
+        return None  # the head's problem is recorded; never promote a worker to head
     _check_duplicates(p, nodes)
     kinds = {n.device_kind for n in nodes}
     if len({DEVICE_KEYS_BY_KIND[k] for k in kinds}) > 1:
@@ -255,6 +261,11 @@ def _build(path: Path, p: _Parsed) -> ClusterConfig | None:
         _check_file(p, key, cluster[key])
     total = sum(n.devices for n in nodes)
     tp = cluster["TENSOR_PARALLEL_SIZE"] or total
+    if cluster["TENSOR_PARALLEL_SIZE"] is not None and cluster["TENSOR_PARALLEL_SIZE"] < 1:
+        p.problems.append((p.lines["TENSOR_PARALLEL_SIZE"], "TENSOR_PARALLEL_SIZE must be >= 1"))
+    if not cluster["RAY_AUTH_TOKEN_PATH"].startswith(("/", "~")):
+        p.problems.append((p.lines["RAY_AUTH_TOKEN_PATH"], "RAY_AUTH_TOKEN_PATH: give an absolute path or ~/... "
+                           "(a relative one means a different file on every host)"))
     if tp > total:
         p.problems.append((p.lines["TENSOR_PARALLEL_SIZE"], f"TENSOR_PARALLEL_SIZE: tp({tp}) > devices({total})"))
     extras = {k: cluster[k] for k in GLOBAL_KEYS if k.startswith(("INC_", "CALIBRATION_")) and cluster[k] is not None}
@@ -286,6 +297,8 @@ def _node(p: _Parsed, index: int, keys: dict[str, str], defaults: dict[str, obje
     v = {f: _value(p, keys[f], *NODE_FIELDS[f], base) if f in keys else defaults.get(f, NODE_FIELDS[f][1])
          for f in NODE_FIELDS}
     if v["IP"] is None:
+        if p.values.get(keys["IP"]) == "":
+            p.problems.append((p.lines[keys["IP"]], f"{keys['IP']} is empty (an unset $VARIABLE?)"))
         return None
     _check_file(p, keys.get("SOURCE_FILENAME"), v["SOURCE_FILENAME"])
     key_name = keys.get("SSH_KEY") or ("SSH_KEY" if "SSH_KEY" in p.values else None)

@@ -27,9 +27,17 @@ class NodeHealth:
 
 
 def use_token(token_path: str) -> None:
-    """Point this process (and what it spawns, e.g. vLLM's engine core) at the cluster's token."""
+    """Point this process (and what it spawns, e.g. vLLM's engine core) at the cluster's token.
+
+    Ray's C++ loader aborts with a stack trace on a missing or empty file, so that is checked here.
+    """
+    path = os.path.expanduser(token_path)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise ClusterError("this machine", f"Ray token file {path} is missing or empty",
+                           fix="run this on the machine that ran `ray-calib up` (or copy its token there), "
+                               "or `ray-calib up --restart`")
     os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.expanduser(token_path)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
 
 
 def gcs_reachable(address: str, timeout: float = 2.0) -> bool:

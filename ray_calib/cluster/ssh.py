@@ -82,6 +82,8 @@ class SSHRunner:
     def __init__(self, config: ClusterConfig, *, accept_new_host_keys: bool = False,
                  log_dir: Path | None = None) -> None:
         self.config = config
+        # paramiko logs whole tracebacks for e.g. a port that is not sshd; our errors say it in one line
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
         self.accept_new = accept_new_host_keys
         self.log_dir = log_dir
         self._clients: dict[str, object] = {}
@@ -204,11 +206,14 @@ class SSHRunner:
                 path = sftp.normalize(".") + path[1:]
             parent = os.path.dirname(path)
             self._mkdirs(sftp, parent)
-            tmp = f"{path}.ray-calib-tmp"
+            tmp = f"{path}.{node.name}.{os.getpid()}.ray-calib-tmp"  # two nodes may share one host and home
             with sftp.open(tmp, "wb") as handle:
                 handle.chmod(mode)
                 handle.write(data)
             sftp.posix_rename(tmp, path)
+        except OSError as err:  # paramiko's SFTP errors are IOErrors, often without an errno
+            raise ClusterError(node.label, f"cannot write {remote_path} over SFTP ({err or type(err).__name__})",
+                               fix="check that the directory is writable for the SSH user there") from None
         finally:
             sftp.close()
         self._log(node, f"sftp put {remote_path} (mode {mode:o}, {len(data)} bytes)", Result(0, "", ""))

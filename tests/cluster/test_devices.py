@@ -94,6 +94,10 @@ RAY_MEMORY=1G
     ('SSH_USER="a b', "line 12: SSH_USER: No closing quotation"),
     ("WORKER_NODE_RAY_TEMP_DIR=/tmp/pytest-of-root/pytest-75/test_demo/cluster/ray",
      "line 12: WORKER_NODE_RAY_TEMP_DIR: /tmp/pytest-of-root/pytest-75/test_demo/cluster/ray is longer than 43 bytes"),
+    ("TENSOR_PARALLEL_SIZE=0", "line 12: TENSOR_PARALLEL_SIZE must be >= 1"),
+    ("RAY_AUTH_TOKEN_PATH=tok", "line 12: RAY_AUTH_TOKEN_PATH: give an absolute path or ~/..."),
+    ("WORKER0_NODE_IP=10.10.1.9", "line 12: unknown key WORKER0_NODE_IP"),
+    ("WORKER2_NODE_IP=$NOT_SET_ANYWHERE", "line 12: WORKER2_NODE_IP is empty"),
 ])
 def test_mistakes_name_their_line(tmp_path, line, expect):
     assert expect in _problems(tmp_path, SEED + line + "\n")
@@ -158,3 +162,12 @@ def test_fingerprint_changes_only_with_what_ray_is_started_with(tmp_path):
     assert devices.load(_write(tmp_path, calib)).fingerprint() == base
     moved = SEED.replace("WORKER_NODE_IFNAME=enp24s0f0np0", "WORKER_NODE_IFNAME=eth1")
     assert devices.load(_write(tmp_path, moved)).fingerprint() != base
+
+
+def test_empty_head_ip_never_promotes_a_worker_and_non_utf8_is_one_line(tmp_path):
+    assert "line 2: HEAD_NODE_IP is empty" in _problems(tmp_path, SEED.replace("HEAD_NODE_IP=10.10.1.2",
+                                                                               "HEAD_NODE_IP=$NOPE"))
+    path = _write(tmp_path, SEED)
+    path.write_bytes(SEED.encode() + b"FOO=\xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        devices.load(path)
