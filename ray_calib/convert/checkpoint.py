@@ -38,9 +38,7 @@ class Checkpoint:
             raise ModelError(f"{path}: model directory not found", fix="pass the directory holding config.json "
                              "and *.safetensors (download it first, e.g. `huggingface-cli download ORG/NAME`).")
         shards = _shard_names(path)
-        config_path = path / "config.json"
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        checkpoint = cls(path=path, config=config, shards=shards)
+        checkpoint = cls(path=path, config=model_config(path), shards=shards)
         for shard in shards:
             tensors, _ = read_header(path / shard)
             for name, info in tensors.items():
@@ -70,10 +68,27 @@ class Checkpoint:
         return sum(info.nbytes for info in self.tensors.values())
 
 
+def read_json(path: Path, kind: type = dict):
+    """A model's JSON file (config, index); broken or of the wrong kind = one-line ModelError."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path}: not valid JSON ({err})", fix="restore it from the model's source.") from None
+    if not isinstance(data, kind):
+        raise ModelError(f"{path}: expected a JSON {kind.__name__}", fix="restore it from the model's source.")
+    return data
+
+
+def model_config(model_dir: str | os.PathLike) -> dict:
+    """config.json of a model directory ({} when it has none, e.g. a bare directory of shards)."""
+    path = Path(model_dir) / "config.json"
+    return read_json(path) if path.exists() else {}
+
+
 def _shard_names(path: Path) -> list[str]:
     index = path / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json(index, dict).get("weight_map", {})
         shards = list(dict.fromkeys(weight_map.values()))
         missing = [s for s in shards if not (path / s).exists()]
         if missing:

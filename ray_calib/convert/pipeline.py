@@ -97,7 +97,6 @@ def _write_inc_config(request: QuantizeRequest, measurements: Path, method: str,
 
 
 def _model_type(model: str | Path) -> str:
-    import json
+    from ray_calib.convert.checkpoint import model_config
 
-    config = Path(model) / "config.json"
-    return json.loads(config.read_text()).get("model_type", "") if config.exists() else ""
+    return str(model_config(model).get("model_type", ""))

@@ -57,12 +57,20 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             header = json.loads(handle.read(size))
     except (struct.error, ValueError, UnicodeDecodeError) as err:
         raise ModelError(f"{path}: not a safetensors file ({err})", fix="re-download that shard.") from None
-    metadata = header.pop("__metadata__", None) or {}
-    start = 8 + size
-    tensors = {}
-    for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        begin, end = entry["data_offsets"]
-        tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), start + begin, end - begin)
+    file_size = path.stat().st_size
+    try:
+        metadata = header.pop("__metadata__", None) or {}
+        start = 8 + size
+        tensors = {}
+        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), start + begin, end - begin)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise ModelError(f"{path}: not a safetensors file (bad header: {type(err).__name__} {err})",
+                         fix="re-download that shard.") from None
+    end = max((info.offset + info.nbytes for info in tensors.values()), default=start)
+    if end > file_size:
+        raise ModelError(f"{path}: truncated ({file_size} bytes, the header needs {end})", fix="re-download that shard.")
     return tensors, metadata
 
 

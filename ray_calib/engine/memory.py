@@ -9,7 +9,6 @@ or estimated from config.json when there are none.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,18 +68,11 @@ def check_fits(model_dir: Path, tp_size: int, candidates: list[int], *, device: 
 
 def weights_bytes(model_dir: Path) -> int:
     """Bytes of all tensors in the checkpoint's safetensors files (header only), else a config estimate."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if files:
-        return sum(_safetensors_bytes(f) for f in files)
+    if any(Path(model_dir).glob("*.safetensors")):
+        from ray_calib.convert.checkpoint import Checkpoint
+
+        return Checkpoint.open(model_dir).nbytes
     return _estimate_from_config(Path(model_dir) / "config.json")
-
-
-def _safetensors_bytes(path: Path) -> int:
-    with open(path, "rb") as handle:
-        (size,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(size))
-    return sum(end - start for key, meta in header.items() if key != "__metadata__"
-               for start, end in [meta["data_offsets"]])
 
 
 def _estimate_from_config(config_path: Path) -> int:

@@ -209,8 +209,9 @@ def stale_scale_files(directory: Path) -> list[Path]:
 def write_run_configs(run, model: str, out: Path, *, fp8_kv: bool, one_node: bool,
                       unified_tp: int = 8) -> tuple[list[Path], list[Path]]:
     """The measure config and the quantize config (two-node or one-node) of one run, plus stale scale files."""
-    config_path = Path(model) / "config.json"
-    model_type = json.loads(config_path.read_text()).get("model_type", "") if config_path.exists() else ""
+    from ray_calib.convert.checkpoint import model_config
+
+    model_type = str(model_config(model).get("model_type", ""))
     moe = is_moe(model_type, model)
     unified = run.unified(unified_tp)
     quant_dir = unified if one_node else run.measure

@@ -209,3 +209,20 @@ def test_nan_weight_is_refused_before_writing(tmp_path, tiny_llama):
     with pytest.raises(ModelError, match=f"'{name}' holds inf/NaN"):
         run_quantize(tmp_path, model, scale_method="maxabs_pow2")
     assert not list((tmp_path / "run" / "fp8").glob("*.safetensors"))
+
+
+def test_broken_config_truncated_shard_and_bad_header_are_one_line_errors(tmp_path, tiny_llama):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="config.json: not valid JSON"):
+        Checkpoint.open(broken)
+    (broken / "config.json").write_text((tiny_llama / "config.json").read_text())
+    shard = next(broken.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(ModelError, match="truncated .* re-download"):
+        Checkpoint.open(broken)
+    header = b"[1, 2, 3]"
+    shard.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ModelError, match="not a safetensors file \\(bad header"):
+        Checkpoint.open(broken)

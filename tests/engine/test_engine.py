@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -61,9 +62,10 @@ def test_cpu_ray_platform_has_a_ray_device_key():
 
 
 def _safetensors(path, nbytes: int) -> None:
-    """A safetensors header describing `nbytes` of weights (the payload is not needed to size them)."""
-    header = json.dumps({"w": {"dtype": "BF16", "shape": [nbytes // 2], "data_offsets": [0, nbytes]}}).encode()
+    """A shard of `nbytes` of zero weights (sized from the header; a shorter file is refused as truncated)."""
+    header = json.dumps({path.stem: {"dtype": "BF16", "shape": [nbytes // 2], "data_offsets": [0, nbytes]}}).encode()
     path.write_bytes(len(header).to_bytes(8, "little") + header)
+    os.truncate(path, 8 + len(header) + nbytes)  # sparse: 40 GiB "of weights" costs no disk
 
 
 def test_weights_from_safetensors_headers(tmp_path):
