@@ -86,19 +86,27 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None,
 
 
 def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> None:
-    import os
-
+    if not detach:
+        signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to us unwinds like Ctrl-C, through the `finally`
     server = runner.serve(config, host=host, port=port, log=run.root / "infer" / "vllm-serve.log")
-    reply = runner.complete(server, "Hello")
-    click.echo(f"serving {config.model} at {server.url}/v1 (model '{server.model_name}', pid {server.pid}); "
-               f"smoke test completion: {reply.strip()!r}; log {server.log}")
-    if detach:
-        click.echo(f"stop it with: kill {server.pid}")
-        return
+    stop_server = True
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        reply = runner.complete(server, "Hello")
+        click.echo(f"serving {config.model} at {server.url}/v1 (model '{server.model_name}', pid {server.pid}); "
+                   f"smoke test completion: {reply.strip()!r}; log {server.log}")
+        if detach:
+            click.echo(f"stop it with: kill {server.pid}")
+            stop_server = False
+            return
+        while True:
+            signal.pause()
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        if stop_server:
+            runner.stop(server.pid)
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 @click.command(name="eval")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -126,8 +127,20 @@ def serve(config: InferConfig, *, host: str = "127.0.0.1", port: int = 8000, log
     with open(log, "wb") as log_file:
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://{host}:{port}"
-    _wait_healthy(process, url, log, config.timeout_s)
+    try:
+        _wait_healthy(process, url, log, config.timeout_s)
+    except BaseException:  # not healthy in time, or Ctrl-C while waiting: stop vLLM's whole session
+        stop(process.pid)
+        raise
     return Server(url=url, pid=process.pid, log=log, model_name=config.model.name)
+
+
+def stop(pid: int) -> None:
+    """SIGTERM a server's whole session (vLLM's API server and its engine core), if it still runs."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
 
 
 def _wait_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s: int) -> None:
@@ -144,7 +157,6 @@ def _wait_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s: int
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(1)
-    process.terminate()
     raise EngineError(f"vllm serve did not become healthy within {timeout_s} s", fix=f"see {log}; raise --timeout.")
 
 
@@ -154,8 +166,12 @@ def complete(server: Server, prompt: str, *, max_tokens: int = 16) -> str:
                        "temperature": 0}).encode()
     request = urllib.request.Request(f"{server.url}/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())["choices"][0]["text"]
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())["choices"][0]["text"]
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError, IndexError) as err:
+        raise EngineError(f"vllm serve at {server.url} is healthy but its smoke-test completion failed ({err})",
+                          fix=f"see {server.log}") from None
 
 
 def load_prompts(path: Path | None) -> list[str]:
@@ -165,7 +181,11 @@ def load_prompts(path: Path | None) -> list[str]:
     if not path.is_file():
         raise ModelError(f"{path}: no such prompts file", fix="pass a text file with one prompt per line.")
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ModelError(f"{path}: not UTF-8 text (byte {err.start})", fix="save it as UTF-8.") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
