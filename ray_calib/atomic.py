@@ -15,12 +15,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: umask can only be read by setting it
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+
+def new_temp_file(path: Path, mode: int | None = None) -> tuple[int, str]:
+    """(fd, name) of a fresh temp file beside `path`, with the permissions a plain open() would give.
+
+    mkstemp creates 0600 whatever the umask; results (checkpoints, configs, stats) must be readable by
+    e.g. a vLLM server running as another user, so they get 0666 & ~umask unless `mode` says otherwise.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, mode if mode is not None else 0o666 & ~_UMASK)
+    return fd, tmp
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> Path:
     """Write `data` to `path` atomically (temp file in the same directory, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = new_temp_file(path, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -146,8 +146,7 @@ def ensure_token(token_path: str) -> bytes:
         return path.read_bytes().strip()
     token = secrets.token_hex(32).encode()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic.write_bytes(path, token)  # mkstemp creates it 0600
-    os.chmod(path, 0o600)
+    atomic.write_bytes(path, token, mode=0o600)
     log.info("created a new Ray auth token at %s", path)
     return token
 

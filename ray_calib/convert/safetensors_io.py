@@ -14,10 +14,10 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray_calib import atomic
 from ray_calib.errors import ModelError
 
 # safetensors dtype -> (torch dtype name, bytes per element)
@@ -27,7 +27,6 @@ DTYPES = {
     "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1), "BOOL": ("bool", 1),
 }
 _OVERLAP_BYTES = 1 << 20
-_BY_TORCH_NAME = {torch_name: code for code, (torch_name, _) in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -134,10 +133,6 @@ class PlannedTensor:
         return count * DTYPES[self.dtype][1]
 
 
-def dtype_code(torch_dtype) -> str:
-    return _BY_TORCH_NAME[str(torch_dtype).removeprefix("torch.")]
-
-
 class ShardWriter:
     """Write a shard whose tensor list is known up front; tensors arrive one by one, in plan order.
 
@@ -161,7 +156,7 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._hasher = None
         self._written_back = 0
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, self._tmp = atomic.new_temp_file(self.path)
         self._handle = os.fdopen(fd, "wb")
         self._write(struct.pack("<Q", len(raw)) + raw)
 
@@ -201,18 +196,6 @@ class ShardWriter:
         end = self._handle.tell()
         os.posix_fadvise(self._handle.fileno(), self._written_back, end - self._written_back, os.POSIX_FADV_DONTNEED)
         self._written_back = end
-
-    def write(self, name: str, tensor) -> None:
-        """Write the next planned tensor from a torch tensor."""
-        import torch
-
-        item = self._expect(name)
-        if dtype_code(tensor.dtype) != item.dtype or tuple(tensor.shape) != item.shape:
-            raise AssertionError(f"tensor {name} {tensor.dtype} {tuple(tensor.shape)} does not match plan {item}")
-        tensor = tensor.contiguous()
-        if tensor.numel():
-            self._write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
-        self._next += 1
 
     def write_raw(self, name: str, data) -> None:
         """Write the next planned tensor from its bytes (a contiguous numpy array of the planned dtype's layout)."""
