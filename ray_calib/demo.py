@@ -51,8 +51,8 @@ def run(root: Path) -> None:
     with running_sshd() as sshd:
         conf = write_conf(root / "cluster", sshd, gcs_port=6400, dashboard_port=8290, devices_per_node=2,
                           memory="4G", fast_failure_detection=False)
-        _stage(2, "up: two Ray nodes (127.0.0.1, 127.0.0.2)", ["up", "--conf", conf], env, root)
-        try:
+        try:  # `down` also cleans up after a partial `up`
+            _stage(2, "up: two Ray nodes (127.0.0.1, 127.0.0.2)", ["up", "--conf", conf], env, root)
             _stage(3, "measure --fp8-kv at TP=4 across both nodes",
                    ["measure", "--conf", conf, "--model", model, "--dataset", data, "--tp", 4, "--fp8-kv",
                     "--num-samples", 32, "--max-new-tokens", 8], env, root)

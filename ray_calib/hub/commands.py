@@ -34,7 +34,8 @@ def push(repo: str, private: bool, include_checkpoint: bool, run_dir: str | None
 @click.option("--to", "to", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run directory to download into (its configs then point at it).")
 @click.option("--revision", default=None, help="Branch, tag or commit [default: main].")
-def pull(repo: str, to: Path, revision: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace files of the same name already in --to.")
+def pull(repo: str, to: Path, revision: str | None, force: bool) -> None:
     """Download pre-measured results into a run directory, ready for `quantize` / `infer`.
 
     \b
@@ -43,7 +44,7 @@ def pull(repo: str, to: Path, revision: str | None) -> None:
     """
     from ray_calib.hub.transfer import pull as download
 
-    result = download(repo, to, revision=revision)
+    result = download(repo, to, revision=revision, force=force)
     click.echo(f"pulled {len(result.files)} files from {repo} into {result.directory}")
     if result.configs_rewritten:
         click.echo(f"dump_stats_path now points into {result.directory} in: {', '.join(result.configs_rewritten)}")

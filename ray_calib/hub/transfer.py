@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ray_calib import atomic
-from ray_calib.errors import ConfigError, HubError
+from ray_calib.errors import ConfigError, HubError, OutputExistsError
 from ray_calib.rundir import RunDir
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -52,6 +52,7 @@ def push(run: RunDir, repo_id: str, *, private: bool = False, include_checkpoint
 
     from ray_calib.hub.card import build_card
 
+    check_repo_id(repo_id)
     files = _files_to_push(run, include_checkpoint)
     token = get_token()
     if not token:
@@ -107,7 +108,7 @@ def _files_to_push(run: RunDir, include_checkpoint: bool) -> list[str]:
     return files
 
 
-def pull(repo_id: str, to: Path, *, revision: str | None = None) -> PullResult:
+def pull(repo_id: str, to: Path, *, revision: str | None = None, force: bool = False) -> PullResult:
     """Download the repo into `to` (a run directory), files moved in only once all arrived.
 
     QUANT_CONFIGs in `configs/` get their `dump_stats_path` pointed at the pulled directories, so
@@ -115,6 +116,7 @@ def pull(repo_id: str, to: Path, *, revision: str | None = None) -> PullResult:
     """
     from huggingface_hub import get_token, snapshot_download
 
+    check_repo_id(repo_id)
     to = Path(to).absolute()
     to.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".ray-calib-pull-", dir=to))
@@ -124,6 +126,10 @@ def pull(repo_id: str, to: Path, *, revision: str | None = None) -> PullResult:
                               token=get_token() or None)
         files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*")
                        if p.is_file() and not p.relative_to(stage).parts[0].startswith("."))
+        clashes = [rel for rel in files if (to / rel).exists()]
+        if clashes and not force:
+            raise OutputExistsError(f"{to}: already holds {clashes[0]} ({len(clashes)} of the {len(files)} files "
+                                    f"of {repo_id})", fix="pull into another --to, or pass --force to replace them.")
         for rel in files:
             (to / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / rel, to / rel)
@@ -151,6 +157,16 @@ def _rebase_configs(run_root: Path) -> list[str]:
             write_configs(path.parent, {path.name: {**config, "dump_stats_path": str(new)}})
             rewritten.append(path.name)
     return rewritten
+
+
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise HubError(f"--repo {repo_id!r} is not a valid repo id ({str(err).splitlines()[0]})",
+                       fix="use ORG/NAME with letters, digits, '-', '_' or '.'") from None
 
 
 @contextlib.contextmanager

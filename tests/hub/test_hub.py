@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from ray_calib.cli import cli
-from ray_calib.errors import HubError
+from ray_calib.errors import HubError, OutputExistsError
 from ray_calib.hub.standin import DEFAULT_TOKEN, StandinHub
 from ray_calib.hub.transfer import pull, push
 from ray_calib.measurements import RankFile, RunMeta, StatsName, write_meta, write_rank_file
@@ -73,6 +73,10 @@ def test_push_then_pull_round_trips_every_file(hub_env, tmp_path):
     got = _tree(pulled.directory)
     configs = {k for k in sent if k.startswith("configs/")}
     assert {k: v for k, v in got.items() if k not in configs} == {k: v for k, v in sent.items() if k not in configs}
+    # pulling again over those files needs --force (a pull must not silently mix two runs)
+    with pytest.raises(OutputExistsError, match="already holds .* pass --force"):
+        pull(REPO, tmp_path / "pulled")
+    assert pull(REPO, tmp_path / "pulled", force=True).files
     assert set(got) == set(sent)
     # configs come back pointing at the pulled directories
     one_node = read_config(pulled.directory / "configs" / "inc_quant_with_fp8kv_one_node_config.json")
@@ -172,3 +176,11 @@ def test_cli_push_pull_and_nothing_to_push(hub_env, tmp_path):
     (tmp_path / "empty").mkdir()
     result = runner.invoke(cli, ["push", "--repo", "standin/cli", "--run-dir", str(tmp_path / "empty")])
     assert result.exit_code != 0 and "nothing to push" in str(result.exception)
+
+
+def test_invalid_repo_id_is_one_line_and_writes_nothing(hub_env, tmp_path):
+    run = _make_run(tmp_path / "run")
+    for call in (lambda: push(run, "bad repo!!/x y"), lambda: pull("a/b/c", tmp_path / "p")):
+        with pytest.raises(HubError, match="is not a valid repo id.*ORG/NAME"):
+            call()
+    assert not (run.root / "README.md").exists() and not (tmp_path / "p").exists()
