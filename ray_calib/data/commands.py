@@ -11,7 +11,7 @@ from ray_calib.data.formats import FORMATS
 
 @click.command("dataset-info")
 @click.option("-d", "--dataset", type=click.Path(path_type=Path), required=True, help="Calibration file or directory.")
-@click.option("-m", "--model", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("-m", "--model", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Model directory whose tokenizer (and chat template) renders the prompts.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Dataset format [default: from the path].")
 @click.option("-l", "--num-samples", "--limit", "num_samples", type=click.IntRange(min=1), default=512, show_default=True)

@@ -77,11 +77,15 @@ def load_prompts(path: str | os.PathLike, tokenizer: Any, fmt: str | None = None
     it, so every prompt has the same length as in the seeds' calibration runs.
     """
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory", fix="check --dataset.")
     fmt = check_format(fmt) if fmt else detect_format(path)
     if num_samples < 1:
         raise DataError(f"--num-samples must be at least 1, got {num_samples}", fix="pass a positive count.")
-    if least_tokens is not None and (fmt != PILE or least_tokens < 1):
-        raise DataError(f"--least-tokens {least_tokens} applies to pile-style text only, with a positive count",
+    if least_tokens is not None and least_tokens < 1:
+        raise DataError(f"--least-tokens must be at least 1, got {least_tokens}", fix="pass a positive count.")
+    if least_tokens is not None and fmt != PILE:
+        raise DataError(f"--least-tokens {least_tokens} applies to pile-style text only",
                         fix="drop --least-tokens for chat formats (their prompts are never truncated).")
     tokenizer = _tokenizer(tokenizer)
     rows = read_rows(path, fmt)

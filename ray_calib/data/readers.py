@@ -38,7 +38,11 @@ def _pile(path: Path) -> list[str]:
     if suffix == ".parquet":
         import pandas as pd
 
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})",
+                            fix="re-export it, or pass JSONL/plain text.") from None
         if TEXT_FIELD not in frame.columns:
             raise _missing(path, [TEXT_FIELD], list(frame.columns))
         return list(frame[TEXT_FIELD])

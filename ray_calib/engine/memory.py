@@ -8,12 +8,11 @@ or estimated from config.json when there are none.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ray_calib.engine.device import GiB
-from ray_calib.errors import EngineError
+from ray_calib.errors import EngineError, ModelError
 
 CPU_RANK_OVERHEAD = int(0.6 * GiB)  # measured here: one vLLM CPU worker without weights or KV cache
 GPU_RESERVE = 1 * GiB  # activations, CUDA/HPU graphs, allocator slack
@@ -77,7 +76,13 @@ def weights_bytes(model_dir: Path) -> int:
 
 def _estimate_from_config(config_path: Path) -> int:
     """bf16 bytes of a decoder-only transformer described by config.json (attention + MLP/MoE + embeddings)."""
-    config = json.loads(config_path.read_text())
+    from ray_calib.convert.checkpoint import model_config
+
+    config = model_config(config_path.parent)
+    config = config.get("text_config", config)  # multimodal configs nest the language model's
+    if "hidden_size" not in config or "num_hidden_layers" not in config:
+        raise ModelError(f"{config_path}: has no safetensors beside it and no hidden_size/num_hidden_layers to "
+                         "estimate the weights from", fix="convert the checkpoint to safetensors.")
     hidden = config["hidden_size"]
     layers = config["num_hidden_layers"]
     vocab = config.get("vocab_size", 32000)

@@ -40,7 +40,9 @@ def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_si
     from ray_calib.measure.progress import RichProgress
     from ray_calib.measure.run import MeasureConfig, run_measure
 
-    for flag, value in (("--batch-size", batch_size), ("--chunk-size", chunk_size), ("--max-new-tokens", max_new_tokens)):
+    for flag, value in (("--batch-size", batch_size), ("--chunk-size", chunk_size), ("--max-new-tokens", max_new_tokens),
+                        ("--num-samples", num_samples), ("--least-tokens", least_tokens or 1),
+                        ("--max-model-len", max_model_len or 1)):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}", fix=f"pass a positive {flag}.")
     address = cluster_address(cluster) if executor in ("auto", "ray") else None

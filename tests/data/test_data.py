@@ -186,3 +186,14 @@ def test_cli_reports_counts_and_turns_errors_into_one_line(tmp_path, tokenizer, 
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "lower --least-tokens" in err
+
+
+def test_missing_file_corrupt_parquet_and_bad_counts_are_one_line(tmp_path, tokenizer):
+    with pytest.raises(DataError, match=r"missing\.jsonl: no such file or directory"):
+        load_prompts(tmp_path / "missing.jsonl", tokenizer)
+    (tmp_path / "bad.parquet").write_text("garbage")
+    with pytest.raises(DataError, match=r"bad\.parquet: not a readable Parquet file"):
+        load_prompts(tmp_path / "bad.parquet", tokenizer)
+    (tmp_path / "p.jsonl").write_text('{"text": "a b c"}\n')
+    with pytest.raises(DataError, match="--least-tokens must be at least 1"):
+        load_prompts(tmp_path / "p.jsonl", tokenizer, least_tokens=0)
