@@ -19,7 +19,9 @@ from ray_calib.atomic import staged_dir
 from ray_calib.errors import DataError, EngineError, OutputExistsError
 from ray_calib.measurements import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
 from ray_calib.measurements.merge import merge_chunks
+from ray_calib.measurements.coverage import COVERAGE_FILE
 from ray_calib.measurements.naming import JSON, parse_name
+from ray_calib.measurements.pipeline import remove_stale
 from ray_calib.measure.chunks import ChunkResult, ChunkStore, rank_file_from_result
 from ray_calib.measure.preflight import ModelInfo, blocklist, check_tp, resolve_model, valid_tp_sizes
 from ray_calib.rundir import MEASURE_PREFIX
@@ -227,6 +229,9 @@ def _write(config: MeasureConfig, info: ModelInfo, device: str, executor: str, c
         write_meta(stage, meta)
         if coverage.experts:
             write_coverage(stage, coverage)
+        if config.force:  # --force replaces the old run: its rank files and coverage must not stay beside ours
+            remove_stale(config.out, {rank_file.name.stem for rank_file in rank_files})
+            (config.out / COVERAGE_FILE).unlink(missing_ok=True)
     generated = sum(r.generated_tokens for r in results)
     return MeasureSummary(out=config.out, world_size=world_size, executor=executor, device=device,
                           num_prompts=len(calib.prompts), num_tokens=coverage.num_tokens, generated_tokens=generated,

@@ -85,7 +85,7 @@ def _unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, force: bool) -> 
         write_meta(stage, meta)
         if (in_dir / COVERAGE_FILE).exists():
             shutil.copy2(in_dir / COVERAGE_FILE, stage / COVERAGE_FILE)
-        _remove_stale(out_dir, {r.stem for r in results})
+        remove_stale(out_dir, {r.stem for r in results})
     first = results[0]
     return UnifySummary(in_dir=in_dir, out_dir=out_dir, ranks_in=measurement.world_size, ranks_out=to_world_size,
                         nodes_in=first.nodes_in, nodes_out=first.nodes_out, experts_in=first.experts_in,
@@ -182,10 +182,10 @@ def _write(out_dir: Path, outputs: list[RankFile], meta: RunMeta, in_dir: Path) 
         write_meta(stage, meta)
         if (in_dir / COVERAGE_FILE).exists():
             shutil.copy2(in_dir / COVERAGE_FILE, stage / COVERAGE_FILE)
-        _remove_stale(out_dir, {rank_file.name.stem for rank_file in outputs})
+        remove_stale(out_dir, {rank_file.name.stem for rank_file in outputs})
 
 
-def _remove_stale(out_dir: Path, keep: set[str]) -> None:
+def remove_stale(out_dir: Path, keep: set[str]) -> None:
     """With --force, stats files of another run in `out_dir` must go, or the next reader sees two runs."""
     for path in out_dir.iterdir() if out_dir.is_dir() else ():
         parsed = parse_name(path)

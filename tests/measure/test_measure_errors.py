@@ -63,3 +63,25 @@ def test_resume_without_checkpoints(run_cli, tiny_models, calib_set, tmp_path):
 def test_non_positive_sizes(run_cli, tiny_models, calib_set, tmp_path, flag):
     line = one_error_line(run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, flag, 0))
     assert flag in line
+
+
+def test_force_replaces_the_old_run_instead_of_mixing_two(tmp_path):
+    """A forced TP1 dense run over a TP2 MoE run leaves exactly one run (and no stale coverage.json)."""
+    from types import SimpleNamespace
+
+    from ray_calib.measure.chunks import ChunkResult
+    from ray_calib.measure.run import MeasureConfig, _check_out, _write
+    from ray_calib.measurements import MeasurementSet, RankFile, StatsName
+    from ray_calib.rundir import MEASURE_PREFIX
+
+    info = SimpleNamespace(model_id="m", revision=None)
+    calib = SimpleNamespace(dataset_hash="h", prompts=[1], report=SimpleNamespace(summary=lambda: "s"))
+    for world, experts in ((2, {"m": [3, 0]}), (1, {})):
+        config = MeasureConfig(model="m", dataset=tmp_path / "d.jsonl", out=tmp_path / "out", force=True)
+        _check_out(config)
+        rank_files = [RankFile(name=StatsName(MEASURE_PREFIX, rank=r, world_size=world),
+                               nodes={"a": {"inputs": [[[1.0]]]}}, mod_list=["a"]) for r in range(world)]
+        _write(config, info, "cpu", "uni", calib, [ChunkResult(index=0, rank_files=rank_files, experts=experts,
+                                                               num_tokens=10, num_prompts=1)], 0.0)
+    assert MeasurementSet.discover(tmp_path / "out").world_size == 1
+    assert not (tmp_path / "out" / "coverage.json").exists()
