@@ -85,6 +85,11 @@ def model_config(model_dir: str | os.PathLike) -> dict:
     return read_json(path) if path.exists() else {}
 
 
+def num_routed_experts(config: dict) -> int:
+    """Routed experts per MoE layer under any of the names model families use (0: a dense model)."""
+    return config.get("n_routed_experts") or config.get("num_local_experts") or config.get("num_experts") or 0
+
+
 def _shard_names(path: Path) -> list[str]:
     index = path / INDEX_FILE
     if index.exists():

@@ -76,7 +76,7 @@ def weights_bytes(model_dir: Path) -> int:
 
 def _estimate_from_config(config_path: Path) -> int:
     """bf16 bytes of a decoder-only transformer described by config.json (attention + MLP/MoE + embeddings)."""
-    from ray_calib.convert.checkpoint import model_config
+    from ray_calib.convert.checkpoint import model_config, num_routed_experts
 
     config = model_config(config_path.parent)
     config = config.get("text_config", config)  # multimodal configs nest the language model's
@@ -87,7 +87,7 @@ def _estimate_from_config(config_path: Path) -> int:
     layers = config["num_hidden_layers"]
     vocab = config.get("vocab_size", 32000)
     inter = config.get("intermediate_size", 4 * hidden)
-    experts = config.get("n_routed_experts") or config.get("num_local_experts") or 0
+    experts = num_routed_experts(config)
     moe_inter = config.get("moe_intermediate_size", inter)
     dense_layers = min(config.get("first_k_dense_replace", layers if not experts else 0), layers)
     shared = config.get("n_shared_experts") or 0

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray_calib.convert.checkpoint import num_routed_experts
 from ray_calib.errors import ConfigError, ModelError
 
 DEFAULT_BLOCK_NAMES = ("lm_head", r"mlp\.gate\b")
@@ -44,7 +45,7 @@ def resolve_model(model: str) -> ModelInfo:
     heads = config.get("num_attention_heads")
     if not isinstance(heads, int):
         raise ModelError(f"{config_path}: no integer 'num_attention_heads'", fix="restore config.json from the model's source.")
-    experts = config.get("n_routed_experts") or config.get("num_local_experts") or config.get("num_experts") or 0
+    experts = num_routed_experts(config)
     return ModelInfo(path=path, model_id=model, revision=_revision(path), num_heads=heads,
                      num_kv_heads=config.get("num_key_value_heads", heads), moe=bool(experts),
                      model_type=str(config.get("model_type", "")), max_positions=config.get("max_position_embeddings"))

@@ -24,7 +24,6 @@ from ray_calib.scales.methods import METHODS
 
 KV_TYPES = ["KVCache", "VLLMKVCache"]
 ROUTER = r"mlp\.gate\b"  # the MoE router; the \b keeps gate_up_proj quantized
-_MOE_TYPES = ("deepseek_v2", "deepseek_v3", "mixtral", "qwen2_moe", "qwen3_moe", "kimi_k2")
 
 MODES = ("MEASURE", "QUANTIZE", "LOAD", "SHAPE", "NONE")
 OBSERVERS = ("maxabs", "maxabs_per_channel", "save", "shape")
@@ -75,9 +74,14 @@ def template_set(measure_dir: str, unified_dir: str, *, moe: bool) -> dict[str, 
     return out
 
 
-def is_moe(model_type: str, model: str = "") -> bool:
-    """MoE families get their router (`mlp.gate`) blocked; a hub id is enough when no config.json is local."""
-    return model_type in _MOE_TYPES or any(key in model.lower() for key in ("deepseek-v", "deepseek-r1", "mixtral", "moe"))
+def is_moe(config: dict, model: str = "") -> bool:
+    """MoE models get their router (`mlp.gate`) blocked. Decided from config.json's expert count, the same
+    rule `measure` uses; only without a local config.json does the hub id decide."""
+    from ray_calib.convert.checkpoint import num_routed_experts
+
+    if config:
+        return bool(num_routed_experts(config))
+    return any(key in model.lower() for key in ("deepseek-v", "deepseek-r1", "mixtral", "moe"))
 
 
 def write_configs(out: Path, configs: dict[str, dict[str, Any]]) -> list[Path]:
@@ -211,8 +215,7 @@ def write_run_configs(run, model: str, out: Path, *, fp8_kv: bool, one_node: boo
     """The measure config and the quantize config (two-node or one-node) of one run, plus stale scale files."""
     from ray_calib.convert.checkpoint import model_config
 
-    model_type = str(model_config(model).get("model_type", ""))
-    moe = is_moe(model_type, model)
+    moe = is_moe(model_config(model), model)
     unified = run.unified(unified_tp)
     quant_dir = unified if one_node else run.measure
     configs = {

@@ -13,7 +13,7 @@ from ray_calib.measurements import MODE_SCALE, MeasurementSet
 from ray_calib.scales.devices import DEVICES
 from ray_calib.scales.files import write_scale_files
 from ray_calib.scales.methods import get_method
-from ray_calib.scales.quant_config import read_config, stale_scale_files, template_set, validate
+from ray_calib.scales.quant_config import is_moe, read_config, stale_scale_files, template_set, validate
 from tests.conftest import LLAMA70B_TP4, fixture_dir
 from tests.measurements.synthetic import write_set
 
@@ -118,3 +118,10 @@ def test_scales_cli_writes_scale_files(tmp_path, run_cli):
     assert "wrote 2 MAXABS_HW scale file(s)" in result.stdout
     result = run_cli("scales", "--method", "maxabs_hw", "--device", "cpu", "--in", tmp_path / "in", "--out", tmp_path / "o2")
     assert result.exit_code == 2 and "Gaudi HW scales" in result.stderr
+
+
+def test_moe_is_decided_by_the_expert_count_like_measure_does():
+    assert is_moe({"model_type": "glm4_moe", "n_routed_experts": 128}, "models/GLM-4.5-Air")
+    assert is_moe({"model_type": "mixtral", "num_local_experts": 8})
+    assert not is_moe({"model_type": "llama"}, "/data/not-moe-llama")  # a path never overrides config.json
+    assert is_moe({}, "deepseek-ai/DeepSeek-R1")  # no local config: the hub id decides
