@@ -39,7 +39,7 @@ def run_inc_measure(config, info: ModelInfo, calib, progress, started: float):
     import json
 
     from ray_calib.engine.launch import EngineConfig, build_llm
-    from ray_calib.measure.run import MeasureSummary, _versions
+    from ray_calib.measure.run import MeasureSummary, _versions, context_limit
 
     dump_dir = f"{NODE_DUMP_ROOT}/{os.getpid()}-{int(time.time())}"
     quant_config = inc_measure_config(config.fp8_kv, info.moe, dump_dir)
@@ -47,7 +47,7 @@ def run_inc_measure(config, info: ModelInfo, calib, progress, started: float):
     env = {"QUANT_CONFIG": str(config_path), "PT_HPU_WEIGHT_SHARING": "0"}
     _write_everywhere(config_path, json.dumps(quant_config), config.ray_address)
     engine = EngineConfig(model=str(info.path), tp_size=config.tp_size, device="hpu", executor=config.executor,
-                          ray_address=config.ray_address, max_model_len=config.max_model_len,
+                          ray_address=config.ray_address, max_model_len=context_limit(config, info),
                           max_num_seqs=config.batch_size, worker_extension_cls="ray_calib.measure.gaudi.IncExtension",
                           quantization="inc", kv_cache_dtype="fp8_inc" if config.fp8_kv else "auto", extra_env=env)
     llm = build_llm(engine)  # sets QUANT_CONFIG in this process and the Ray job env before vLLM starts

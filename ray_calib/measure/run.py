@@ -90,6 +90,7 @@ def run_measure(config: MeasureConfig, progress: Progress | None = None) -> Meas
     from ray_calib.data import load_prompts
 
     calib = load_prompts(config.dataset, info.path, num_samples=config.num_samples, least_tokens=config.least_tokens)
+    _check_prompt_lengths(config, info, calib.token_ids)
     _check_memory(config, info, device)
     names, types = blocklist(config.quant_config, fp8_kv=config.fp8_kv, moe=info.moe)
     if device == "hpu":
@@ -153,13 +154,27 @@ def _fingerprint(config: MeasureConfig, info: ModelInfo, dataset_hash: str, name
             "blocklist": {"names": names, "types": types}}
 
 
+def context_limit(config: MeasureConfig, info: ModelInfo) -> int:
+    """The engine's context: --max-model-len, capped by the model's max_position_embeddings."""
+    return min(config.max_model_len, info.max_positions or config.max_model_len)
+
+
+def _check_prompt_lengths(config: MeasureConfig, info: ModelInfo, token_ids: list[list[int]]) -> None:
+    """vLLM refuses a prompt that fills the context, but only after the model loaded: check before."""
+    limit, longest = context_limit(config, info), max(map(len, token_ids), default=0)
+    if longest >= limit:
+        raise DataError(f"{config.dataset}: the longest prompt has {longest} tokens, the engine's context is {limit} "
+                        "(--max-model-len, capped by the model's max_position_embeddings)",
+                        fix="pass --least-tokens N to truncate pile text, or a larger --max-model-len.")
+
+
 def _start(config: MeasureConfig, info: ModelInfo, device: str):
     from ray_calib.engine.launch import EngineConfig, build_llm
     from ray_calib.measure.extension import EXTENSION_CLS
 
     engine = EngineConfig(model=str(info.path), tp_size=config.tp_size, device=device, executor=config.executor,
                           ray_address=config.ray_address,
-                          max_model_len=min(config.max_model_len, info.max_positions or config.max_model_len),
+                          max_model_len=context_limit(config, info),
                           max_num_seqs=config.batch_size, kv_cache_gib=config.kv_cache_gib,
                           worker_extension_cls=EXTENSION_CLS, observe_weights=True)
     return build_llm(engine), engine.resolved_executor

@@ -85,3 +85,10 @@ def test_force_replaces_the_old_run_instead_of_mixing_two(tmp_path):
                                                                num_tokens=10, num_prompts=1)], 0.0)
     assert MeasurementSet.discover(tmp_path / "out").world_size == 1
     assert not (tmp_path / "out" / "coverage.json").exists()
+
+
+def test_prompts_longer_than_the_context_are_refused_before_the_engine(run_cli, tiny_models, calib_set, tmp_path):
+    result = run_cli("measure", "--model", tiny_models["llama"], "--dataset", calib_set, "--max-model-len", 4,
+                     "--out", tmp_path / "m")
+    line = one_error_line(result)
+    assert "the longest prompt has" in line and "--max-model-len" in line
