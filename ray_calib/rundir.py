@@ -3,6 +3,7 @@
     <run dir>/                 --run-dir, env RAY_CALIB_RUN_DIR, default ./calib-run
       measure/                 ray-calib measure: INC rank files at TP=N, ray_calib_meta.json, coverage.json
       unified-tp<M>/           ray-calib unify --to-tp M
+      expanded-ep<W>/          ray-calib expand --to-ranks W
       configs/                 QUANT_CONFIG files (ray-calib configs)
       scales/                  INC scale files (ray-calib scales)
       fp8/                     the FP8 checkpoint (ray-calib quantize)
@@ -38,6 +39,9 @@ class RunDir:
 
     def unified(self, tp: int) -> Path:
         return self.root / f"unified-tp{tp}"
+
+    def expanded(self, ranks: int) -> Path:
+        return self.root / f"expanded-ep{ranks}"
 
     def latest_unified(self) -> Path | None:
         """The unified directory with the smallest TP (the one a one-node server uses), if any."""

@@ -55,7 +55,7 @@ def expand(to_ranks: int, in_dir: Path | None, out_dir: Path | None, force: bool
     from ray_calib.measurements.pipeline import expand_dir
 
     run = RunDir.resolve(run_dir)
-    out = out_dir or run.root / f"expanded-ep{to_ranks}"
+    out = out_dir or run.expanded(to_ranks)
     outputs = expand_dir(in_dir or run.unified(1), out, to_ranks, force=force)
     click.echo(f"wrote {len(outputs)} rank files of {len(outputs[0].nodes)} nodes each to {out}")
 

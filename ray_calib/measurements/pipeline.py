@@ -23,7 +23,7 @@ from ray_calib.errors import MeasurementError, OutputExistsError, UnifyError
 from ray_calib.measurements.coverage import COVERAGE_FILE
 from ray_calib.measurements.meta import RunMeta, write_meta
 from ray_calib.measurements.naming import JSON, StatsName, parse_name
-from ray_calib.measurements.rankfile import RankFile, read_rank_file, write_rank_file
+from ray_calib.measurements.rankfile import RankFile, node_values, read_rank_file, write_rank_file
 from ray_calib.measurements.runset import MeasurementSet, scale_methods
 from ray_calib.measurements.unify import check_same_nodes, check_sizes, expand_rank, expert_layout, merge_group
 
@@ -82,10 +82,7 @@ def _unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, force: bool) -> 
                                  expert_parallel=_expert_parallel(measurement))
         results = _parallel_map(task, [(run, i) for run in sets for i in range(to_world_size)])
         _check_groups_agree(results)
-        write_meta(stage, meta)
-        if (in_dir / COVERAGE_FILE).exists():
-            shutil.copy2(in_dir / COVERAGE_FILE, stage / COVERAGE_FILE)
-        remove_stale(out_dir, {r.stem for r in results})
+        _finish_stage(stage, out_dir, meta, in_dir, {r.stem for r in results})
     first = results[0]
     return UnifySummary(in_dir=in_dir, out_dir=out_dir, ranks_in=measurement.world_size, ranks_out=to_world_size,
                         nodes_in=first.nodes_in, nodes_out=first.nodes_out, experts_in=first.experts_in,
@@ -179,10 +176,15 @@ def _write(out_dir: Path, outputs: list[RankFile], meta: RunMeta, in_dir: Path) 
     with staged_dir(out_dir) as stage:
         for rank_file in outputs:
             write_rank_file(rank_file, stage)
-        write_meta(stage, meta)
-        if (in_dir / COVERAGE_FILE).exists():
-            shutil.copy2(in_dir / COVERAGE_FILE, stage / COVERAGE_FILE)
-        remove_stale(out_dir, {rank_file.name.stem for rank_file in outputs})
+        _finish_stage(stage, out_dir, meta, in_dir, {rank_file.name.stem for rank_file in outputs})
+
+
+def _finish_stage(stage: Path, out_dir: Path, meta: RunMeta, in_dir: Path, keep: set[str]) -> None:
+    """Meta and the input's coverage beside the new rank files; another run's files in `out_dir` removed."""
+    write_meta(stage, meta)
+    if (in_dir / COVERAGE_FILE).exists():
+        shutil.copy2(in_dir / COVERAGE_FILE, stage / COVERAGE_FILE)
+    remove_stale(out_dir, keep)
 
 
 def remove_stale(out_dir: Path, keep: set[str]) -> None:
@@ -222,19 +224,9 @@ def inspect_dir(directory: Path) -> Inspection:
     report.families.update(_INDEX_RE.sub(".*", module) for module in rank_files[0].nodes)
     for rank_file in rank_files:
         for node in rank_file.nodes.values():
-            for value in _values(node):
+            for value in node_values(node):
                 report.values[_classify(value)] += 1
     return report
-
-
-def _values(node: dict):
-    stack = [*node.get("inputs", ()), *node.get("outputs", ()), *node.get("params", {}).values()]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        else:
-            yield item
 
 
 def _classify(value: float) -> str:

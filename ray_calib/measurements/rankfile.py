@@ -100,6 +100,12 @@ def _validated(path: Path, stats: Any, name: StatsName, *, check_finite: bool) -
     return stats
 
 
+def node_values(node: Node):
+    """Every number of a node: its input, output and param leaves flattened."""
+    for _, leaf in _leaves(node):
+        yield from _flat(leaf)
+
+
 def _leaves(node: Node):
     for field_name in ("inputs", "outputs"):
         for index, leaf in enumerate(node.get(field_name, ())):
