@@ -240,7 +240,7 @@ def down(config: ClusterConfig, *, accept_new_host_keys: bool = False, reporter:
     failed = [n for n in config.nodes if isinstance(results[n.name], ClusterError)]
     if failed:
         raise ClusterError(failed[0].label, f"Ray may still run on {', '.join(n.label for n in failed)}",
-                           fix=f"fix SSH to those hosts and rerun `ray-calib down`, or run `ray stop` there")
+                           fix="fix SSH to those hosts and rerun `ray-calib down`, or run `ray stop` there")
     return rows
 
 

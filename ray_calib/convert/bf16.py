@@ -9,7 +9,6 @@ entries, resumable per shard by checksum like `quantize`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +16,10 @@ from contextlib import closing
 
 from ray_calib import atomic
 from ray_calib.convert.cast import Scratch, stream
-from ray_calib.convert.checkpoint import Checkpoint, FreeSpace, check_free_space, copy_side_files, free_bytes, write_index
-from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter, file_sha256
-from ray_calib.errors import ModelError, OutputExistsError
+from ray_calib.convert.checkpoint import (Checkpoint, FreeSpace, check_free_space, copy_side_files, free_bytes,
+                                         open_manifest, source_fingerprint, verified_shards, write_index)
+from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter
+from ray_calib.errors import ModelError
 
 MANIFEST = ".ray-calib-bf16.json"
 SCALE_SUFFIX = "_scale_inv"
@@ -47,8 +47,8 @@ def convert_to_bf16(src: Path, out: Path, *, force: bool = False, free_space: Fr
     layouts = {shard: [PlannedTensor(i.name, "BF16" if i.name in fp8 else i.dtype, i.shape)
                        for i in checkpoint.tensors_in(shard) if not i.name.endswith(SCALE_SUFFIX)]
                for shard in checkpoint.shards}
-    manifest = _manifest(out, src, checkpoint, force)
-    done = {s for s, digest in manifest["shards"].items() if (out / s).exists() and file_sha256(out / s) == digest}
+    manifest = open_manifest(out, MANIFEST, source_fingerprint(checkpoint), force, "a BF16 conversion")
+    done = verified_shards(out, manifest)
     check_free_space(out, sum(t.nbytes for s, lay in layouts.items() if s not in done for t in lay), free_space)
     out.mkdir(parents=True, exist_ok=True)
     summary = Bf16Summary(out=out, converted=len(fp8))
@@ -75,19 +75,6 @@ def _empty_bf16(numel: int):
     import numpy as np
 
     return np.empty(numel, dtype=np.uint16)  # BF16 bits; pages are touched only as far as used
-
-
-def _manifest(out: Path, src: Path, checkpoint: Checkpoint, force: bool) -> dict:
-    key = f"{src.absolute()}:" + ",".join(f"{s}:{(src / s).stat().st_size}" for s in checkpoint.shards)
-    path = out / MANIFEST
-    if path.exists():
-        manifest = json.loads(path.read_text())
-        if manifest.get("source") == key or force:
-            return manifest if manifest.get("source") == key else {"source": key, "shards": {}}
-        raise OutputExistsError(f"{out}: holds a conversion of another checkpoint", fix="pass --force or another --out.")
-    if out.exists() and any(out.glob("*.safetensors")) and not force:
-        raise OutputExistsError(f"{out}: already holds safetensors files", fix="pass --force or choose another --out.")
-    return {"source": key, "shards": {}}
 
 
 def _convert_shard(checkpoint: Checkpoint, shard: str, out_path: Path, layout: list[PlannedTensor], fp8: set[str],

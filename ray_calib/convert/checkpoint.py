@@ -5,6 +5,7 @@ Only `convert/` reads and writes safetensors indexes (STYLE: one owner per forma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ray_calib import atomic
-from ray_calib.convert.safetensors_io import TensorInfo, read_header
-from ray_calib.errors import ModelError
+from ray_calib.convert.safetensors_io import TensorInfo, file_sha256, read_header
+from ray_calib.errors import ModelError, OutputExistsError
 
 INDEX_FILE = "model.safetensors.index.json"
 # Small files a server or tokenizer needs besides the weights; copied as they are.
@@ -83,6 +84,43 @@ def model_config(model_dir: str | os.PathLike) -> dict:
     """config.json of a model directory ({} when it has none, e.g. a bare directory of shards)."""
     path = Path(model_dir) / "config.json"
     return read_json(path) if path.exists() else {}
+
+
+def source_fingerprint(checkpoint: Checkpoint) -> str:
+    """What identifies the input of a conversion: every tensor's name, dtype, shape and shard, and each
+    shard's size and mtime (a re-downloaded shard is a new input)."""
+    digest = hashlib.sha256()
+    for name, info in checkpoint.tensors.items():
+        digest.update(f"{name}:{info.dtype}:{info.shape}:{checkpoint.shard_of[name]};".encode())
+    for shard in checkpoint.shards:
+        stat = (checkpoint.path / shard).stat()
+        digest.update(f"{shard}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
+def open_manifest(out: Path, name: str, fingerprint: str, force: bool, what: str) -> dict:
+    """The resume manifest in `out` (finished shards -> sha256) when it belongs to these inputs; an `out`
+    holding another run is refused unless `force`, which starts afresh."""
+    path = out / name
+    if path.exists():
+        try:
+            manifest = json.loads(path.read_text())
+        except ValueError:
+            manifest = {}
+        if manifest.get("fingerprint") == fingerprint:
+            return manifest
+        if not force:
+            raise OutputExistsError(f"{out}: holds {what} of other inputs (model, measurements or method changed)",
+                                    fix="pass --force to redo it, or choose another --out.")
+    elif out.exists() and any(out.glob("*.safetensors")) and not force:
+        raise OutputExistsError(f"{out}: already holds safetensors files", fix="pass --force or choose another --out.")
+    return {"fingerprint": fingerprint, "shards": {}}
+
+
+def verified_shards(out: Path, manifest: dict) -> set[str]:
+    """Shards whose file on disk still has the checksum recorded when it was finished."""
+    return {shard for shard, digest in manifest["shards"].items()
+            if (out / shard).exists() and file_sha256(out / shard) == digest}
 
 
 def num_routed_experts(config: dict) -> int:

@@ -21,12 +21,13 @@ from pathlib import Path
 
 from ray_calib import atomic
 from ray_calib.convert import names
-from ray_calib.convert.checkpoint import Checkpoint, FreeSpace, check_free_space, copy_side_files, free_bytes, write_index
+from ray_calib.convert.checkpoint import (Checkpoint, FreeSpace, check_free_space, copy_side_files, free_bytes,
+                                         open_manifest, source_fingerprint, verified_shards, write_index)
 from ray_calib.convert.plan import QuantPlan, build_plan
 from ray_calib.convert.qconfig import compressed_tensors_config
 from ray_calib.convert.cast import Scratch, fp8_weight, stream, to_torch, weight_maxabs
-from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter, file_sha256
-from ray_calib.errors import ModelError, OutputExistsError
+from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter
+from ray_calib.errors import ModelError
 from ray_calib.scales.devices import DeviceScales
 from ray_calib.scales.methods import ScaleMethod, WeightScaleSearch, activation_scale, channel_scales
 
@@ -76,8 +77,8 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
         summary.notes.append("MLA model: vLLM 0.32 loads no KV-cache scales for MLA from a checkpoint, so none were "
                              "written (serve with --kv-cache-dtype fp8 and scale 1.0 on CUDA, or use INC on Gaudi)")
     fingerprint = _fingerprint(checkpoint, job)
-    manifest = _open_manifest(job.out, fingerprint, job.force)
-    done = _verified_shards(job.out, manifest)
+    manifest = open_manifest(job.out, MANIFEST, fingerprint, job.force, "a quantize run")
+    done = verified_shards(job.out, manifest)
     shard_names = [*checkpoint.shards, *([KV_SHARD] if plan.kv_maxabs else [])]
     layouts = {shard: _layout(checkpoint, shard, plan, job) for shard in shard_names}
     todo = [s for s in shard_names if s not in done]
@@ -108,35 +109,10 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
 # ---- manifest (resume) ------------------------------------------------------------------------------------
 
 def _fingerprint(checkpoint: Checkpoint, job: QuantizeJob) -> str:
-    digest = hashlib.sha256()
-    for name, info in checkpoint.tensors.items():
-        digest.update(f"{name}:{info.dtype}:{info.shape}:{checkpoint.shard_of[name]};".encode())
-    for shard in checkpoint.shards:
-        stat = (checkpoint.path / shard).stat()
-        digest.update(f"{shard}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    digest = hashlib.sha256(source_fingerprint(checkpoint).encode())
     digest.update(json.dumps(job.measurement.nodes, sort_keys=True).encode())
     digest.update(repr((job.method, job.device, job.fp8_kv, _FORMAT_VERSION)).encode())
     return digest.hexdigest()
-
-
-def _open_manifest(out: Path, fingerprint: str, force: bool) -> dict:
-    path = out / MANIFEST
-    if path.exists():
-        manifest = json.loads(path.read_text())
-        if manifest.get("fingerprint") == fingerprint:
-            return manifest
-        if not force:
-            raise OutputExistsError(f"{out}: holds a quantize run of other inputs (model, measurements or method "
-                                    "changed)", fix="pass --force to redo it, or choose another --out.")
-    elif out.exists() and any(out.glob("*.safetensors")) and not force:
-        raise OutputExistsError(f"{out}: already holds safetensors files", fix="pass --force or choose another --out.")
-    return {"fingerprint": fingerprint, "shards": {}}
-
-
-def _verified_shards(out: Path, manifest: dict) -> set[str]:
-    """Shards whose file on disk still has the checksum recorded when it was finished."""
-    return {shard for shard, digest in manifest["shards"].items()
-            if (out / shard).exists() and file_sha256(out / shard) == digest}
 
 
 # ---- layout and scales ------------------------------------------------------------------------------------

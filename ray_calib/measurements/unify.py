@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from ray_calib.errors import MeasurementError, UnifyError
 from ray_calib.measurements.merge import check_fields, merge_nodes, max_leaves
