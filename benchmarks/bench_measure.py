@@ -30,7 +30,7 @@ def child(mode: str, model: str, dataset: str, tp: int, prompts: int, new_tokens
     from ray_calib.measure.chunks import ChunkStore
     from ray_calib.measure.extension import EXTENSION_CLS
     from ray_calib.measure.run import MeasureConfig, Progress, _run_chunk
-    from ray_calib.measure.preflight import DEFAULT_BLOCK_NAMES
+    from ray_calib.measure.preflight import blocklist
 
     token_ids = load_prompts(dataset, model, num_samples=prompts + BATCH, least_tokens=64).token_ids
     warmup, token_ids = token_ids[:BATCH], token_ids[BATCH:]
@@ -46,7 +46,7 @@ def child(mode: str, model: str, dataset: str, tp: int, prompts: int, new_tokens
     start = time.perf_counter()
     generated = 0
     if measure:
-        llm.collective_rpc("ray_calib_install", args=(False, list(DEFAULT_BLOCK_NAMES), []))
+        llm.collective_rpc("ray_calib_install", args=(False, blocklist(None, fp8_kv=False, moe=True)[0], []))
         store = ChunkStore(Path(out), {})
         store.prepare(resume=False)
         for index in range(0, len(token_ids), CHUNK):

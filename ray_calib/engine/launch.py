@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray_calib.engine.device import GiB
 from ray_calib.engine.plugins import CPU_RAY_ENV, OBSERVE_ENV, RAY_DEVICE_KEY
 from ray_calib.errors import EngineError
 
@@ -104,7 +103,7 @@ def build_llm(config: EngineConfig):
     try:
         return LLM(**llm_kwargs(config))
     except (ValueError, RuntimeError) as err:
-        message = _reason(err)
+        message = error_reason(err)
         raise EngineError(f"vLLM could not start {config.model} at TP {config.tp_size}: {message}",
                           fix="check the model directory and --tp; rerun with RAY_CALIB_DEBUG=1 for the traceback.") from err
 
@@ -141,11 +140,7 @@ def _check_ray_devices(config: EngineConfig) -> None:
                           fix=f"use --tp {max(have, 1)} or start nodes with more devices (ray start --resources='{{\"{key}\": N}}').")
 
 
-def kv_cache_bytes(config: EngineConfig) -> int:
-    return config.kv_cache_gib * GiB if config.device == "cpu" else 0
-
-
-def _reason(err: BaseException) -> str:
+def error_reason(err: BaseException) -> str:
     """The line of a vLLM/pydantic error that says what is wrong (not the trailing doc link)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith("For further information")]

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from ray_calib.engine.weights import EXPERT_WEIGHTS_ATTR, WEIGHT_AMAX_ATTR
+from ray_calib.scales.quant_config import KV_TYPES  # INC's KV module types, as QUANT_CONFIG names them
 
 _DENSE_ELEMENTS = 1 << 22  # tokens x experts x 2I up to this: one GEMM over all experts beats a loop
-KV_TYPES = frozenset({"KVCache", "VLLMKVCache"})  # INC's KV module types, as QUANT_CONFIG names them
 
 
 def _amax(t: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ class NodeStats:
 class Blocklist:
     """QUANT_CONFIG's blocklist: names are regexes (re.search), types are module class names."""
 
-    names: tuple[str, ...] = ("lm_head", r"mlp\.gate\b")
+    names: tuple[str, ...] = ()
     types: tuple[str, ...] = ()
 
     def blocks(self, name: str, type_name: str = "") -> bool:
@@ -271,7 +271,7 @@ class ModelObserver:
         routed.forward_modular = forward_modular
 
     def _install_kv(self, name: str, module, *, mla: bool) -> None:
-        if self.blocklist.types and KV_TYPES & set(self.blocklist.types):
+        if set(KV_TYPES) & set(self.blocklist.types):
             return
         if mla:  # forward(q, kv_c_normed, k_pe): the cache row is [kv_c_normed | k_pe]
             latent = NodeStats(inputs=[MaxAbs()])

@@ -10,7 +10,6 @@ from pathlib import Path
 from ray_calib.convert.checkpoint import num_routed_experts
 from ray_calib.errors import ConfigError, ModelError
 
-DEFAULT_BLOCK_NAMES = ("lm_head", r"mlp\.gate\b")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_calib.atomic import staged_dir
+from ray_calib.engine.launch import error_reason
 from ray_calib.errors import DataError, EngineError, OutputExistsError
 from ray_calib.measurements import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
 from ray_calib.measurements.merge import merge_chunks
@@ -190,7 +191,7 @@ def _run_chunk(llm, index: int, prompts: list[list[int]], config: MeasureConfig,
         try:
             outputs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
         except Exception as err:  # a dead worker surfaces as one of several vLLM/Ray exception types
-            raise EngineError(f"chunk {index}: vLLM failed ({type(err).__name__}: {_first_line(err)})",
+            raise EngineError(f"chunk {index}: vLLM failed ({type(err).__name__}: {error_reason(err)})",
                               fix="finished chunks are checkpointed: rerun the same command with --resume.") from err
         new = sum(len(o.outputs[0].token_ids) for o in outputs)
         generated += new
@@ -205,13 +206,8 @@ def _collect(llm, index: int) -> list[dict]:
     try:
         return llm.collective_rpc("ray_calib_collect")
     except Exception as err:
-        raise EngineError(f"chunk {index}: gathering the ranks' stats failed ({type(err).__name__}: {_first_line(err)})",
+        raise EngineError(f"chunk {index}: gathering the ranks' stats failed ({type(err).__name__}: {error_reason(err)})",
                           fix="finished chunks are checkpointed: rerun the same command with --resume.") from err
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[-1][:300] if text else "no message"
 
 
 def _shutdown(llm) -> None:

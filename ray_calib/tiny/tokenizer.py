@@ -6,7 +6,6 @@ models too. The chat template is deliberately simple: `<|role|>content<|end|>` p
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from ray_calib.tiny import corpus
 
@@ -39,6 +38,3 @@ def train_tokenizer(vocab_size: int, *, seed: int = 0, num_paragraphs: int = 400
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
-
-def save_tokenizer(tokenizer, out: Path) -> None:
-    tokenizer.save_pretrained(str(out))
