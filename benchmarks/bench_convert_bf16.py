@@ -18,8 +18,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _child import load_average, run_child  # benchmarks/ is on sys.path when run as a script
 
 SHAPES = ((7168, 2048), (2048, 7168))  # DeepSeek-V3 expert gate/up and down
 BASELINE = r'''
@@ -47,8 +48,7 @@ for shard in sorted(p.name for p in src.glob("*.safetensors")):
     weight_map.update(dict.fromkeys(result, shard))
 (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 '''
-_WRAPPER = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
-            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
+
 
 
 def make_checkpoint(path: Path, size_mb: float) -> int:
@@ -82,21 +82,10 @@ def make_checkpoint(path: Path, size_mb: float) -> int:
     return total
 
 
-def child(args: list[str]) -> tuple[float, float]:
-    """(wall seconds until sync returned, peak RSS MB) of one command in a fresh wrapper process."""
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _WRAPPER, "sh", "-c", " ".join(args) + " && sync"],
-                          capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return wall, int(proc.stdout.rsplit("PEAK_KB", 1)[1].split()[0]) / 1024
-
-
 def best(args: list[str], out: Path, repeat: int) -> tuple[float, float, list[float]]:
     runs = []
     for _ in range(repeat):
-        runs.append(child(args))
+        runs.append(run_child(["sh", "-c", " ".join(args) + " && sync"])[:2])
         shutil.rmtree(out)
         subprocess.run(["sync"], check=True)
     return min(r[0] for r in runs), max(r[1] for r in runs), [r[0] for r in runs]
@@ -114,7 +103,7 @@ def main() -> None:
         fp8_bytes = make_checkpoint(src, args.size_mb)
         (tmp / "baseline.py").write_text(BASELINE)
         subprocess.run(["sync"], check=True)
-        load = float(Path("/proc/loadavg").read_text().split()[0])
+        load = load_average()
         base = best([sys.executable, str(tmp / "baseline.py"), str(src), str(tmp / "out")], tmp / "out", args.repeat)
         ours = best([sys.executable, "-m", "ray_calib.cli", "convert-bf16", "--in", str(src), "--out", str(tmp / "out")],
                     tmp / "out", args.repeat)

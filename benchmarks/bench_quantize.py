@@ -16,8 +16,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _child import load_average, run_child  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN, INTER = 2048, 5632  # Llama-ish layer: largest tensor 2048 x 5632 bf16 = 23 MB
@@ -48,19 +49,6 @@ def make_checkpoint(path: Path, size_gb: float) -> int:
     return 2 * HIDDEN * INTER
 
 
-_WRAPPER = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
-            "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
-
-
-def child(args: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MB, stdout) of one command, measured by a fresh wrapper process of its own."""
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *args], capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - started
-    peak = int(proc.stdout.rsplit("PEAK_KB", 1)[1].split()[0])
-    return wall, peak / 1024, proc.stdout.rsplit("PEAK_KB", 1)[0]
-
-
 def bench(size_gb: float, tmp: Path, repeat: int) -> dict:
     model, meas = tmp / f"bf16-{size_gb}", tmp / f"meas-{size_gb}"
     largest = make_checkpoint(model, size_gb)
@@ -72,18 +60,18 @@ def bench(size_gb: float, tmp: Path, repeat: int) -> dict:
     subprocess.run(["sync"], check=True)
     copies = []
     for _ in range(repeat):
-        copies.append(child(["sh", "-c", f"cp -r {model} {tmp}/copy && sync"])[0])
+        copies.append(run_child(["sh", "-c", f"cp -r {model} {tmp}/copy && sync"])[0])
         shutil.rmtree(tmp / "copy")
         subprocess.run(["sync"], check=True)
     copy_wall = min(copies)
-    result = {"size_gb": nbytes / 1e9, "largest_tensor_mb": largest / 1e6, "copy_s": copy_wall, "load": _load()}
+    result = {"size_gb": nbytes / 1e9, "largest_tensor_mb": largest / 1e6, "copy_s": copy_wall, "load": load_average()}
     for mode in ("default", "low_cpu_mem"):
         out = tmp / f"fp8-{size_gb}-{mode}"
         args = [sys.executable, "-m", "ray_calib.cli", "quantize", "--model", str(model), "--measurements", str(meas),
                 "--out", str(out), "--scale-method", "maxabs_pow2"] + (["--low-cpu-mem"] if mode != "default" else [])
         runs = []
         for _ in range(repeat):
-            runs.append(child(["sh", "-c", " ".join(args) + " && sync"]))
+            runs.append(run_child(["sh", "-c", " ".join(args) + " && sync"]))
             shutil.rmtree(out)
             subprocess.run(["sync"], check=True)
         wall, _, stdout = min(runs)
@@ -100,10 +88,6 @@ def _stages(stdout: str) -> dict[str, float]:
     line = next(l for l in stdout.splitlines() if l.startswith("time: "))
     parts = line.removeprefix("time: ").split(" (total")[0].split(", ")
     return {p.split()[0]: float(p.split()[1]) for p in parts}
-
-
-def _load() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def main() -> None:

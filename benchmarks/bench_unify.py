@@ -13,11 +13,11 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _child import run_child  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "inc-ds-r1-0528-g2-tp16"
@@ -61,13 +61,7 @@ def run_once(command: list[str], out: Path, *, create_out: bool = False) -> tupl
     shutil.rmtree(out, ignore_errors=True)
     if create_out:
         out.mkdir(parents=True)
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"benchmark command failed: {' '.join(command)}")
-    return wall, usage.ru_maxrss / 1024
+    return run_child(command)[:2]
 
 
 def main() -> None:

@@ -17,8 +17,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _child import run_child  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,25 +32,12 @@ from ray_calib.cluster.localnodes import kill_leftovers, running_sshd, write_con
 CLI = [sys.executable, "-m", "ray_calib.cli"]
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (MiB) of one command; exits on failure."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{out[-3000:]}")
-    return seconds, usage.ru_maxrss // 1024
-
-
 def plain_start(config: devices.ClusterConfig, env: dict[str, str]) -> tuple[float, int]:
     """`ray start --head ...` then `ray start --address ...`: what the seeds type by hand."""
     total, peak = 0.0, 0
     for node in config.nodes:
         node_env = {**env, "VLLM_HOST_IP": node.ip, "GLOO_SOCKET_IFNAME": node.ifname or ""}
-        seconds, rss = timed([sys.executable, "-m", "ray.scripts.scripts", *start_args(node, config)], node_env)
+        seconds, rss, _ = run_child([sys.executable, "-m", "ray.scripts.scripts", *start_args(node, config)], env=node_env)
         total, peak = total + seconds, max(peak, rss)
     return total, peak
 
@@ -77,10 +65,10 @@ def main() -> None:
                 plain.append(seconds)
                 rss_plain = max(rss_plain, rss)
                 plain_stop(config)
-                seconds, rss = timed([*CLI, "up", "--conf", str(conf)], env)
+                seconds, rss, _ = run_child([*CLI, "up", "--conf", str(conf)], env=env)
                 ours.append(seconds)
                 rss_ours = max(rss_ours, rss)
-                timed([*CLI, "down", "--conf", str(conf)], env)
+                run_child([*CLI, "down", "--conf", str(conf)], env=env)
                 print(f"round {index + 1}: plain ray start {plain[-1]:.1f} s, ray-calib up {ours[-1]:.1f} s",
                       flush=True)
     finally:
