@@ -75,9 +75,9 @@ def main() -> None:
         kill_leftovers(work)
         shutil.rmtree(work, ignore_errors=True)
     base, mine = statistics.median(plain), statistics.median(ours)
-    print(f"plain `ray start` head+worker: median {base:.1f} s (min {min(plain):.1f}), peak RSS {rss_plain} MiB")
+    print(f"plain `ray start` head+worker: median {base:.1f} s (min {min(plain):.1f}), peak RSS {rss_plain:.0f} MiB")
     print(f"`ray-calib up` (ssh+preflight+token+start+health): median {mine:.1f} s (min {min(ours):.1f}), "
-          f"peak RSS {rss_ours} MiB")
+          f"peak RSS {rss_ours:.0f} MiB")
     print(f"ratio up / plain: {mine / base:.2f}x (target <= 1.3x)")
 
 
