@@ -61,7 +61,7 @@ class DataError(RayCalibError):
 
 class ClusterError(RayCalibError):
     def __init__(self, host: str, message: str, *, fix: str | None = None) -> None:
-        self.host = host
+        self.host, self.detail = host, message  # `detail`: the message without the host prefix
         super().__init__(f"{host}: {message}", fix=fix)
 
 

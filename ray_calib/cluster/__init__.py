@@ -38,11 +38,7 @@ def connect(conf_path: Path | str | None = None) -> str:
     if record is None or record.get("status") != "up":
         raise ClusterError(config.head.label, f"no cluster is up for {config.path}",
                            fix=f"run `ray-calib up --conf {config.path}` first")
-    changed = state.changed_inputs(record.get("inputs", {}), state.input_hashes(config))
-    if changed:
-        raise ClusterError(config.head.label, f"cluster was started with other inputs (changed: "
-                           f"{', '.join(changed)}); Ray keeps the environment it was started with",
-                           fix="run `ray-calib up --restart`")
+    state.check_same_inputs(config, record, state.input_hashes(config))
     _, rows = lifecycle.status(config)
     error = lifecycle.dead_node_error(config, rows)
     if error is not None:

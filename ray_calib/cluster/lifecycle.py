@@ -103,11 +103,7 @@ def _maybe_noop(config: ClusterConfig, old: dict, hashes: dict[str, str]) -> UpR
         dead = ", ".join(n for n, h in health.items() if not h.alive)
         log.warning("cluster recorded as up but %s not alive: starting it again", dead)
         return None
-    changed = state.changed_inputs(old.get("inputs", {}), hashes)
-    if changed:
-        raise ClusterError(config.head.label, f"running cluster was started with other inputs (changed: "
-                           f"{', '.join(changed)}); Ray keeps the environment it was started with",
-                           fix="run `ray-calib up --restart` to restart Ray on every node")
+    state.check_same_inputs(config, old, hashes)
     return UpResult(config.address, True, 0.0, message=f"cluster at {config.address} already up with "
                     f"this config ({len(config.nodes)} nodes alive): nothing to do")
 
@@ -120,12 +116,12 @@ def _require(reporter: Reporter, what: str, config: ClusterConfig, results: dict
     failed = {name: r for name, r in results.items() if isinstance(r, ClusterError)}
     if not failed:
         return
-    rows = [(node.label, failed[node.name].message if node.name in failed else "ok",
+    rows = [(node.label, failed[node.name].detail if node.name in failed else "ok",
              str(runner.log_path(node))) for node in config.nodes if node.name in results]
     reporter.table(what, rows)
     first = next(iter(failed.values()))
     more = f" (and {len(failed) - 1} more host(s), see the table)" if len(failed) > 1 else ""
-    raise ClusterError(first.host, f"{what} failed: {first.message.split(': ', 1)[-1]}{more}", fix=first.fix)
+    raise ClusterError(first.host, f"{what} failed: {first.detail}{more}", fix=first.fix)
 
 
 def _require_preflight(reporter: Reporter, reports: list[HostReport]) -> None:
@@ -232,7 +228,7 @@ def down(config: ClusterConfig, *, accept_new_host_keys: bool = False, reporter:
     with state.locked(config.path), SSHRunner(config, accept_new_host_keys=accept_new_host_keys,
                                               log_dir=state.log_dir(config.path)) as runner:
         results = runner.map(config.nodes, lambda n: _stop(runner, n))
-        rows = [(n.label, results[n.name].message if isinstance(results[n.name], ClusterError)
+        rows = [(n.label, results[n.name].detail if isinstance(results[n.name], ClusterError)
                  else f"stopped ({_count(results[n.name])} processes)", str(runner.log_path(n)))
                 for n in config.nodes]
         state.remove(config.path)

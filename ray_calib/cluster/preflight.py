@@ -106,7 +106,7 @@ def run_preflight(runner: SSHRunner) -> list[HostReport]:
         report = HostReport(node, log_path=str(runner.log_path(node) or ""))
         got = facts[node.name]
         if isinstance(got, ClusterError):
-            report.problems.append(got.message)
+            report.problems.append(got.detail)
         else:
             report.facts = got
         reports.append(report)

@@ -138,16 +138,19 @@ class SSHRunner:
                     f"known_hosts has {fingerprint(err.expected_key)} (possible man-in-the-middle)",
                     fix=f"if the host was reinstalled: ssh-keygen -R '{_host_entry(node)}' -f "
                         f"{self.config.known_hosts}, then rerun with --accept-new-host-keys") from None
-            except paramiko.AuthenticationException as err:
-                client.close()
-                key = node.ssh_key or "your default keys/agent"
-                raise ClusterError(node.label, f"SSH authentication failed for {node.ssh_user} with {key} ({err})",
-                                   fix=f"authorise the key (ssh-copy-id) and check by hand: {node.ssh_command()}")
             except ClusterError:
                 client.close()
                 raise
             except (OSError, socket.timeout, paramiko.SSHException) as err:
+                # After a completed handshake the failure is the login (wrong or unreadable key, e.g. a .pub
+                # file): say so at once; only network failures are retried.
+                handshake_done = client.get_transport() is not None and client.get_transport().is_active()
                 client.close()
+                if isinstance(err, paramiko.AuthenticationException) or handshake_done:
+                    key = node.ssh_key or "your default keys/agent"
+                    raise ClusterError(node.label, f"SSH authentication failed for {node.ssh_user} with {key} "
+                                       f"({err})", fix=f"give SSH_KEY a private key authorised there (ssh-copy-id) "
+                                                       f"and check by hand: {node.ssh_command()}") from None
                 if attempt == attempts:
                     raise ClusterError(node.label, f"cannot reach sshd at {node.ssh_host}:{node.ssh_port} after "
                                        f"{attempts} attempt(s): {err}",

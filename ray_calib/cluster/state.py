@@ -62,6 +62,15 @@ def changed_inputs(old: dict[str, str], new: dict[str, str]) -> list[str]:
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
+def check_same_inputs(config, record: dict, hashes: dict[str, str]) -> None:
+    """Ray keeps the environment it was started with: a changed devices.conf or env file needs --restart."""
+    changed = changed_inputs(record.get("inputs", {}), hashes)
+    if changed:
+        raise ClusterError(config.head.label, f"running cluster was started with other inputs (changed: "
+                           f"{', '.join(changed)}); Ray keeps the environment it was started with",
+                           fix="run `ray-calib up --restart` to restart Ray on every node")
+
+
 def read(conf_path: Path) -> dict | None:
     path = state_path(conf_path)
     try:

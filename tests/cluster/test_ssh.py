@@ -53,6 +53,12 @@ def test_wrong_key_is_refused(workdir, sshd, state_dir):
             runner.connect(cfg.workers[0])
 
 
+def test_public_key_given_as_ssh_key_is_a_login_error_not_unreachable(workdir, sshd, state_dir):
+    cfg = _config(workdir, sshd, extra=f"WORKER_NODE_SSH_KEY={sshd.root / 'client_key.pub'}\n")
+    with SSHRunner(cfg) as runner, pytest.raises(ClusterError, match=r"SSH authentication failed .*client_key\.pub"):
+        runner.connect(cfg.workers[0])
+
+
 def _fingerprint(pub) -> str:
     out = subprocess.run(["ssh-keygen", "-lf", str(pub)], capture_output=True, text=True, check=True).stdout
     return out.split()[1]
