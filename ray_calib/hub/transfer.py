@@ -53,7 +53,8 @@ def push(run: RunDir, repo_id: str, *, private: bool = False, include_checkpoint
     from ray_calib.hub.card import build_card
 
     check_repo_id(repo_id)
-    files = _files_to_push(run, include_checkpoint)
+    ignore = _SKIP + ([] if include_checkpoint else _CHECKPOINT)
+    files = _files_to_push(run, ignore + ["README.md"])  # the card is written below, from these files
     token = get_token()
     if not token:
         raise HubError(f"no Hugging Face token found for {endpoint()}",
@@ -62,7 +63,6 @@ def push(run: RunDir, repo_id: str, *, private: bool = False, include_checkpoint
     with hub_errors(repo_id, writing=True), _without_xet_for_standin(api.whoami()):
         atomic.write_text(run.root / "README.md", build_card(run, repo_id, include_checkpoint=include_checkpoint))
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        ignore = _SKIP + ([] if include_checkpoint else _CHECKPOINT)
         large = getattr(api, "upload_large_folder", None)  # huggingface_hub < 2: the resumable path
         if include_checkpoint and large is not None:
             large(repo_id=repo_id, folder_path=str(run.root), repo_type="model", ignore_patterns=ignore)
@@ -91,17 +91,14 @@ def _without_xet_for_standin(user: dict) -> Iterator[None]:
         constants.HF_HUB_DISABLE_XET = saved
 
 
-def _files_to_push(run: RunDir, include_checkpoint: bool) -> list[str]:
+def _files_to_push(run: RunDir, ignore: list[str]) -> list[str]:
+    """The files the upload will send: the hub client's own filter over the same patterns."""
+    from huggingface_hub.utils import filter_repo_objects
+
     if not run.root.is_dir():
         raise ConfigError(f"{run.root}: run directory not found", fix="pass --run-dir (the directory `measure` wrote to).")
-    files = []
-    for path in sorted(run.root.rglob("*")):
-        rel = path.relative_to(run.root)
-        if not path.is_file() or any(part.startswith(".") for part in rel.parts) or rel.suffix == ".tmp":
-            continue
-        if rel.parts[0] == "fp8" and not include_checkpoint or rel.as_posix() == "README.md":
-            continue
-        files.append(rel.as_posix())
+    every = sorted(p.relative_to(run.root).as_posix() for p in run.root.rglob("*") if p.is_file())
+    files = list(filter_repo_objects(every, ignore_patterns=ignore))
     if not files:
         raise ConfigError(f"{run.root}: nothing to push (no measurement, configs or report yet)",
                           fix="run `ray-calib measure` first, or pass the right --run-dir.")

@@ -66,8 +66,11 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 def test_push_then_pull_round_trips_every_file(hub_env, tmp_path):
     run = _make_run(tmp_path / "run")
+    (run.root / "report" / "__pycache__").mkdir()
+    (run.root / "report" / "__pycache__" / "x.pyc").write_bytes(b"x")  # skipped, and not counted as pushed
     result = push(run, REPO)
     assert "fp8/model.safetensors" not in result.files and "report/plot.png" in result.files
+    assert not any("__pycache__" in f for f in result.files)
     pulled = pull(REPO, tmp_path / "pulled")
     sent = {k: v for k, v in _tree(run.root).items() if not k.startswith("fp8/")}
     got = _tree(pulled.directory)
