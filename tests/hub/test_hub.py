@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def test_push_then_pull_round_trips_every_file(hub_env, tmp_path):
     result = push(run, REPO)
     assert "fp8/model.safetensors" not in result.files and "report/plot.png" in result.files
     assert not any("__pycache__" in f for f in result.files)
+    shutil.rmtree(run.root / "report" / "__pycache__")
     pulled = pull(REPO, tmp_path / "pulled")
     sent = {k: v for k, v in _tree(run.root).items() if not k.startswith("fp8/")}
     got = _tree(pulled.directory)
