@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ray_calib.rundir import RunDir, run_dir_option
+from ray_calib.scales.devices import DEVICE_TYPES
 
 _dir = click.Path(file_okay=False, path_type=Path)
 
@@ -16,7 +17,7 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--measurements", type=_dir, help="Measurement dir [default: <run-dir>/unified-tp<smallest>, else measure].")
 @click.option("--out", type=_dir, help="Output directory [default: <run-dir>/fp8; on Gaudi <run-dir>/configs].")
 @click.option("--scale-method", help="INC scale method [default: maxabs_hw on Gaudi, maxabs_arbitrary elsewhere].")
-@click.option("--device", type=click.Choice(["gaudi2", "gaudi3", "cuda", "cpu"]), help="Target [default: from meta].")
+@click.option("--device", type=click.Choice(DEVICE_TYPES), help="Target [default: from meta].")
 @click.option("--fp8-kv", is_flag=True, help="Also write k/v scales for an FP8 KV cache.")
 @click.option("--low-cpu-mem", is_flag=True, help="Hold at most one tensor (and its FP8 copy) in memory.")
 @click.option("--input-backoff", type=float, help="Activation backoff (INC scale_params.input_backoff, default 0.25).")

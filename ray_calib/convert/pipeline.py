@@ -45,7 +45,7 @@ class QuantizeResult:
 
 def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     from ray_calib.convert.plan import load_measurement
-    from ray_calib.scales.devices import get_device
+    from ray_calib.scales.devices import default_method, get_device
     from ray_calib.scales.methods import check_method_for_device, get_method
     from ray_calib.scales.quant_config import stale_scale_files
 
@@ -59,7 +59,7 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     if model is None:
         raise MeasurementError(measurements, "has no ray_calib_meta.json naming the model", fix="pass --model BF16_DIR.")
     device = (request.device or (meta.device_type if meta else None) or "cpu").lower()
-    method_name = request.scale_method or ("maxabs_hw" if device.startswith("gaudi") else "maxabs_arbitrary")
+    method_name = request.scale_method or default_method(device)
     method = get_method(method_name, input_backoff=request.input_backoff, weight_backoff=request.weight_backoff)
     check_method_for_device(method, get_device(device))
     result = QuantizeResult(device=device, method=method.name, model=Path(model), measurements=Path(measurements),

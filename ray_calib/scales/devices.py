@@ -15,6 +15,11 @@ from ray_calib.errors import ConfigError
 DEVICE_TYPES = ("gaudi2", "gaudi3", "cuda", "cpu")
 
 
+def default_method(device: str) -> str:
+    """Gaudi rounds scales to its HW table; elsewhere any scale works."""
+    return "maxabs_hw" if device.startswith("gaudi") else "maxabs_arbitrary"
+
+
 @dataclass(frozen=True)
 class DeviceScales:
     name: str

@@ -82,11 +82,11 @@ def write_scale_files(in_dir: Path, out_dir: Path, method: ScaleMethod, device: 
     return run
 
 
-def make_scales(in_dir: Path, out_dir: Path, method_name: str, device: str | None, *,
+def make_scales(in_dir: Path, out_dir: Path, method_name: str | None, device: str | None, *,
                 device_for: str | None = None, weights_dir: Path | None = None, input_backoff: float | None = None,
                 weight_backoff: float | None = None) -> ScaleRun:
     """`ray-calib scales`: resolve method and device (default: the sidecar's device), then write the files."""
-    from ray_calib.scales.devices import device_for_scales
+    from ray_calib.scales.devices import default_method, device_for_scales
     from ray_calib.scales.methods import check_method_for_device, get_method
 
     meta = MeasurementSet.discover(in_dir).meta
@@ -94,7 +94,8 @@ def make_scales(in_dir: Path, out_dir: Path, method_name: str, device: str | Non
     if device is None:
         raise ConfigError(f"{in_dir}: no ray_calib_meta.json says which device measured this",
                           fix="pass --device gaudi2|gaudi3|cuda|cpu.")
-    method = get_method(method_name, input_backoff=input_backoff, weight_backoff=weight_backoff)
+    method = get_method(method_name or default_method(device), input_backoff=input_backoff,
+                        weight_backoff=weight_backoff)
     scales_device = device_for_scales(device, device_for, method.name)
     check_method_for_device(method, scales_device)
     weight_scale = checkpoint_weight_scales(weights_dir, method, scales_device) if weights_dir else None
