@@ -27,11 +27,14 @@ from ray_calib.rundir import MEASURE_PREFIX
 NODE_DUMP_ROOT = "/tmp/ray-calib-inc"
 
 
-def inc_measure_config(fp8_kv: bool, moe: bool, dump_dir: str) -> dict:
-    from ray_calib.scales.quant_config import build_config
+def inc_measure_config(fp8_kv: bool, moe: bool, dump_dir: str, user_config: Path | None = None) -> dict:
+    """The seeds' measure config, or the user's --quant-config, writing its stats under `dump_dir`."""
+    from ray_calib.scales.quant_config import build_config, read_config
 
-    return build_config(measure=True, fp8_kv=fp8_kv, one_node=False, moe=moe,
-                        dump_stats_path=f"{dump_dir}/{MEASURE_PREFIX}")
+    dump_stats_path = f"{dump_dir}/{MEASURE_PREFIX}"
+    if user_config is not None:
+        return {**read_config(user_config), "mode": "MEASURE", "dump_stats_path": dump_stats_path}
+    return build_config(measure=True, fp8_kv=fp8_kv, one_node=False, moe=moe, dump_stats_path=dump_stats_path)
 
 
 def run_inc_measure(config, info: ModelInfo, calib, progress, started: float):
@@ -42,7 +45,7 @@ def run_inc_measure(config, info: ModelInfo, calib, progress, started: float):
     from ray_calib.measure.run import MeasureSummary, _versions, context_limit
 
     dump_dir = f"{NODE_DUMP_ROOT}/{os.getpid()}-{int(time.time())}"
-    quant_config = inc_measure_config(config.fp8_kv, info.moe, dump_dir)
+    quant_config = inc_measure_config(config.fp8_kv, info.moe, dump_dir, config.quant_config)
     config_path = Path(dump_dir) / "inc_measure_config.json"
     env = {"QUANT_CONFIG": str(config_path), "PT_HPU_WEIGHT_SHARING": "0"}
     _write_everywhere(config_path, json.dumps(quant_config), config.ray_address)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,16 @@ def test_prompts_longer_than_the_context_are_refused_before_the_engine(run_cli, 
                      "--out", tmp_path / "m")
     line = one_error_line(result)
     assert "the longest prompt has" in line and "--max-model-len" in line
+
+
+def test_gaudi_measure_uses_the_users_quant_config(tmp_path):
+    """--quant-config reaches INC on Gaudi too (its blocklist kept), writing stats where we gather them."""
+    from ray_calib.measure.gaudi import inc_measure_config
+
+    user = json.loads((Path(__file__).parents[2] / "configs" / "inc_measure_config.json").read_text())
+    user["blocklist"] = {"names": ["lm_head", "my_layer"], "types": []}
+    (tmp_path / "mine.json").write_text(json.dumps(user))
+    config = inc_measure_config(False, False, "/tmp/dump", tmp_path / "mine.json")
+    assert config["blocklist"]["names"] == ["lm_head", "my_layer"]
+    assert config["dump_stats_path"] == "/tmp/dump/inc_measure_output" and config["mode"] == "MEASURE"
+    assert "my_layer" not in inc_measure_config(False, False, "/tmp/dump")["blocklist"]["names"]
