@@ -17,12 +17,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ray_calib.measurements import expert_child
+
 _FUSED = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
     "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),
 }
-_EXPERT_RE = re.compile(r"^(?P<op>.+\.experts)\.(?P<kind>w13_list|w2_list)\.(?P<expert>\d+)$")
 _EXPERT_CKPT = {"w13_list": ("gate_proj", "up_proj"), "w2_list": ("down_proj",)}
 
 # Checkpoint weights that stay in BF16: the output head, embeddings, norms and MoE routers.
@@ -37,20 +38,14 @@ _KV_NODE_RE = re.compile(r"^(?P<attn>.+\.self_attn)\.(?P<rest>attn|mla_attn|mla_
 
 def checkpoint_modules(module: str) -> list[str]:
     """Checkpoint module prefixes (tensor name minus `.weight`) behind one vLLM module name."""
-    match = _EXPERT_RE.match(module)
-    if match:
-        base = f"{match['op']}.{match['expert']}"
-        return [f"{base}.{part}" for part in _EXPERT_CKPT[match["kind"]]]
+    child = expert_child(module)
+    if child:
+        op, kind, expert = child
+        return [f"{op}.{expert}.{part}" for part in _EXPERT_CKPT[kind]]
     head, _, leaf = module.rpartition(".")
     if leaf in _FUSED:
         return [f"{head}.{part}" for part in _FUSED[leaf]]
     return [module]
-
-
-def expert_child(module: str) -> tuple[str, str, int] | None:
-    """(fused op, w13_list|w2_list, expert) for an expert child node, else None."""
-    match = _EXPERT_RE.match(module)
-    return (match["op"], match["kind"], int(match["expert"])) if match else None
 
 
 def keeps_bf16(tensor_name: str) -> bool:

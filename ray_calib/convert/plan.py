@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ray_calib.convert import names
 from ray_calib.convert.checkpoint import Checkpoint
 from ray_calib.errors import ModelError
-from ray_calib.measurements import RankFile
+from ray_calib.measurements import RankFile, expert_child
 from ray_calib.scales.methods import leaf_max
 
 _SHOWN = 4
@@ -70,7 +70,7 @@ def build_plan(checkpoint: Checkpoint, measurement: RankFile, *, fp8_kv: bool) -
 def _input_maxabs(module: str, node: dict, nodes: dict) -> float:
     """The layer's input range; expert children take theirs from the fused MoE op when they have none."""
     own = leaf_max(node.get("inputs", [])[:1])
-    child = names.expert_child(module)
+    child = expert_child(module)
     if child is None:
         return own
     op, kind, expert = child
@@ -85,7 +85,7 @@ def _fill_idle_experts(groups: list[QuantGroup]) -> list[str]:
     """Experts no calibration token reached have no range: give them the largest of their layer's."""
     by_op: dict[tuple[str, str], list[QuantGroup]] = {}
     for group in groups:
-        child = names.expert_child(group.module)
+        child = expert_child(group.module)
         if child:
             by_op.setdefault((child[0], child[1]), []).append(group)
     filled = []

@@ -15,10 +15,10 @@ from ray_calib.measurements.meta import META_FILE, RunMeta, read_meta, write_met
 from ray_calib.measurements.naming import StatsName, parse_name
 from ray_calib.measurements.rankfile import MODE_RANGE, MODE_SCALE, RankFile, read_rank_file, write_rank_file
 from ray_calib.measurements.runset import MeasurementSet, scale_methods
-from ray_calib.measurements.unify import expand_rank, expert_layout, unify_ranks
+from ray_calib.measurements.unify import expand_rank, expert_child, expert_layout, unify_ranks
 
 __all__ = [
     "META_FILE", "MODE_RANGE", "MODE_SCALE", "ExpertCoverage", "MeasurementSet", "RankFile", "RunMeta",
-    "StatsName", "expand_rank", "expert_layout", "parse_name", "read_coverage", "read_meta", "read_rank_file",
+    "StatsName", "expand_rank", "expert_child", "expert_layout", "parse_name", "read_coverage", "read_meta", "read_rank_file",
     "scale_methods", "unify_ranks", "write_coverage", "write_meta", "write_rank_file",
 ]

@@ -10,12 +10,11 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ray_calib.measurements import RankFile
+from ray_calib.measurements import RankFile, expert_child
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # (kind, node-name suffix): INC's names, which ray-calib's own observers reuse (DESIGN §3)
 KV_KINDS: tuple[tuple[str, str], ...] = (("K", ".k_cache"), ("V", ".v_cache"), ("latent", ".latent_cache_k"))
-_EXPERT_CHILD = re.compile(r"\.(w13_list|w2_list)\.\d+$")
 
 
 @dataclass
@@ -76,7 +75,7 @@ def figures(rank_file: RankFile) -> RunFigures:
             kv.setdefault(kind, {})[layer] = max(kv.get(kind, {}).get(layer, 0.0), inputs[0])
         if weight is not None:
             weights.add(layer, module, weight_max)
-            if inputs and not (_EXPERT_CHILD.search(module) and inputs[0] == 0.0):  # INC's dummy expert input
+            if inputs and not (expert_child(module) and inputs[0] == 0.0):  # INC's dummy expert input
                 activations.add(layer, module, max(inputs))
     return RunFigures(kv=kv, activations=activations, weights=weights, num_nodes=len(rank_file.nodes),
                       non_finite=non_finite)
