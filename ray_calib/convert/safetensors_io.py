@@ -16,6 +16,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ray_calib import atomic
 from ray_calib.errors import ModelError
@@ -119,8 +120,9 @@ class ShardReader:
         return view
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
+class PlannedTensor(NamedTuple):
+    """One tensor of a shard to write (a tuple: a DeepSeek-R1 quantize plans ~135k of them up front)."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
