@@ -6,13 +6,15 @@ from pathlib import Path
 
 import click
 
+from ray_calib.engine.options import kv_cache_gib_option
 from ray_calib.rundir import RunDir, run_dir_option
 
 
 @click.command()
 @click.option("-m", "--model", required=True, help="Local HF model directory or hub id ORG/NAME.")
 @click.option("-d", "--dataset", required=True, type=click.Path(path_type=Path), help="Calibration set (pile/mlcommons/tc).")
-@click.option("-t", "--tp", "tp_size", type=int, default=1, show_default=True, help="Tensor-parallel size.")
+@click.option("-t", "--tp", "tp_size", type=int, default=None,
+              help="Tensor-parallel size [default: the smallest the model allows that fits in memory].")
 @click.option("--fp8-kv", is_flag=True, help="Also measure K/V as written to the KV cache (for FP8 KV serving).")
 @click.option("-n", "--num-samples", "--limit", "num_samples", type=int, default=512, show_default=True, help="Prompts to use.")
 @click.option("-l", "--least-tokens", type=int, default=None, help="Pile text: drop shorter samples, truncate longer ones.")
@@ -30,10 +32,13 @@ from ray_calib.rundir import RunDir, run_dir_option
               help="devices.conf of a cluster started by `ray-calib up` [default: ./devices.conf when up].")
 @click.option("--executor", type=click.Choice(["auto", "uni", "mp", "ray"]), default="auto", show_default=True,
               help="How ranks run: one process, one node (mp) or Ray.")
-@click.option("--max-model-len", type=int, default=2048, show_default=True, help="Longest prompt + generation.")
+@click.option("--max-model-len", type=int, default=None,
+              help="Longest prompt + generation [default: 2048, capped by the model's context].")
+@kv_cache_gib_option
 @run_dir_option
 def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_size, max_new_tokens, chunk_size, out,
-            resume, force, min_expert_tokens, quant_config, cluster, executor, max_model_len, run_dir) -> None:
+            resume, force, min_expert_tokens, quant_config, cluster, executor, max_model_len, kv_cache_gib,
+            run_dir) -> None:
     """Run the calibration prompts through vLLM at TP=N and write one INC range file per rank."""
     from ray_calib.errors import ConfigError
     from ray_calib.measure.preflight import cluster_address
@@ -42,7 +47,7 @@ def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_si
 
     for flag, value in (("--batch-size", batch_size), ("--chunk-size", chunk_size), ("--max-new-tokens", max_new_tokens),
                         ("--num-samples", num_samples), ("--least-tokens", least_tokens or 1),
-                        ("--max-model-len", max_model_len or 1)):
+                        ("--max-model-len", max_model_len or 1), ("--tp", tp_size or 1)):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}", fix=f"pass a positive {flag}.")
     address = cluster_address(cluster) if executor in ("auto", "ray") else None
@@ -50,7 +55,8 @@ def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_si
                            tp_size=tp_size, fp8_kv=fp8_kv, num_samples=num_samples, least_tokens=least_tokens,
                            batch_size=batch_size, max_new_tokens=max_new_tokens, chunk_size=chunk_size, resume=resume,
                            force=force, min_expert_tokens=min_expert_tokens, quant_config=quant_config,
-                           executor=executor, ray_address=address, max_model_len=max_model_len)
+                           executor=executor, ray_address=address, max_model_len=max_model_len,
+                           kv_cache_gib=kv_cache_gib)
     progress = RichProgress()
     try:
         summary = run_measure(config, progress)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_calib.convert.checkpoint import num_routed_experts
-from ray_calib.errors import ConfigError, ModelError
-
+from ray_calib.engine import sizing
+from ray_calib.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class ModelInfo:
     moe: bool
     model_type: str
     max_positions: int | None  # config.json max_position_embeddings
+    shape: sizing.ModelShape  # what decides the TP sizes it allows
 
 
 def resolve_model(model: str) -> ModelInfo:
@@ -47,20 +48,16 @@ def resolve_model(model: str) -> ModelInfo:
     experts = num_routed_experts(config)
     return ModelInfo(path=path, model_id=model, revision=_revision(path), num_heads=heads,
                      num_kv_heads=config.get("num_key_value_heads", heads), moe=bool(experts),
-                     model_type=str(config.get("model_type", "")), max_positions=config.get("max_position_embeddings"))
+                     model_type=str(config.get("model_type", "")), max_positions=config.get("max_position_embeddings"),
+                     shape=sizing.ModelShape.from_config(config))
 
 
-def valid_tp_sizes(info: ModelInfo, limit: int = 64) -> list[int]:
-    return [tp for tp in range(1, min(info.num_heads, limit) + 1) if info.num_heads % tp == 0]
+def valid_tp_sizes(info: ModelInfo, limit: int = sizing.MAX_TP) -> list[int]:
+    return sizing.valid_tp_sizes(info.shape, limit)
 
 
 def check_tp(info: ModelInfo, tp_size: int) -> None:
-    if tp_size < 1:
-        raise ConfigError(f"--tp must be at least 1, got {tp_size}", fix="pass --tp 1 or more.")
-    if info.num_heads % tp_size:
-        choices = " | ".join(map(str, valid_tp_sizes(info)))
-        raise ConfigError(f"--tp {tp_size} does not divide the {info.num_heads} attention heads of {info.model_id} "
-                          f"({info.num_heads} % {tp_size} = {info.num_heads % tp_size})", fix=f"use --tp {choices}.")
+    sizing.check_tp(info.shape, tp_size, info.model_id)
 
 
 def blocklist(quant_config: Path | None, *, fp8_kv: bool, moe: bool) -> tuple[list[str], list[str]]:

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_calib.atomic import staged_dir
+from ray_calib.engine import sizing
+from ray_calib.engine.device import local_device_count
+from ray_calib.engine.memory import memory_check
 from ray_calib.engine.launch import error_reason
 from ray_calib.errors import DataError, EngineError, OutputExistsError
 from ray_calib.measurements import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
@@ -28,6 +31,7 @@ from ray_calib.measure.preflight import ModelInfo, blocklist, check_tp, resolve_
 from ray_calib.rundir import MEASURE_PREFIX
 
 OBSERVER = "maxabs"
+DEFAULT_MAX_MODEL_LEN = 2048  # calibration prompts are short; a long context only costs KV cache
 
 
 @dataclass
@@ -35,7 +39,7 @@ class MeasureConfig:
     model: str
     dataset: Path
     out: Path
-    tp_size: int = 1
+    tp_size: int | None = 1  # None: the smallest TP the model allows that fits (set by run_measure)
     fp8_kv: bool = False
     num_samples: int = 512
     least_tokens: int | None = None
@@ -48,8 +52,8 @@ class MeasureConfig:
     quant_config: Path | None = None
     executor: str = "auto"
     ray_address: str | None = None
-    max_model_len: int = 2048
-    kv_cache_gib: int = 1
+    max_model_len: int | None = None  # None: DEFAULT_MAX_MODEL_LEN, capped by the model's context
+    kv_cache_gib: float = 1.0  # CPU: KV-cache bytes per rank
 
 
 @dataclass
@@ -81,18 +85,20 @@ class Progress:
 def run_measure(config: MeasureConfig, progress: Progress | None = None) -> MeasureSummary:
     progress = progress or Progress()
     started = time.perf_counter()
-    progress.stage("(1/4 check) model, TP, dataset, memory")
+    progress.stage("(1/4 check) model, TP, devices, memory, dataset")
     info = resolve_model(config.model)
-    check_tp(info, config.tp_size)
+    sizing.check_max_model_len(info.shape, config.max_model_len, info.model_id)
+    if config.tp_size is not None:
+        check_tp(info, config.tp_size)
     _check_out(config)
     from ray_calib.engine.device import detect_device
 
     device = detect_device()
+    config.tp_size = _choose_tp(config, info, device)
     from ray_calib.data import load_prompts
 
     calib = load_prompts(config.dataset, info.path, num_samples=config.num_samples, least_tokens=config.least_tokens)
     _check_prompt_lengths(config, info, calib.token_ids)
-    _check_memory(config, info, device)
     names, types = blocklist(config.quant_config, fp8_kv=config.fp8_kv, moe=info.moe)
     if device == "hpu":
         from ray_calib.measure.gaudi import run_inc_measure
@@ -137,15 +143,17 @@ def _check_out(config: MeasureConfig) -> None:
                                 fix="choose another --out / --run-dir, or pass --force to replace it.")
 
 
-def _check_memory(config: MeasureConfig, info: ModelInfo, device: str) -> None:
-    from ray_calib.engine.device import GiB, device_memory_bytes
-    from ray_calib.engine.memory import check_fits
+def _choose_tp(config: MeasureConfig, info: ModelInfo, device: str) -> int:
+    """--tp checked against the heads/experts, the devices (joining the Ray cluster now, so a cluster too
+    small fails before any prompt is read) and memory; without --tp the smallest TP that fits."""
+    from ray_calib.engine.launch import prepare
 
-    # CPU ranks of one node share its RAM; before Ray is joined we cannot see how vLLM will spread the
-    # ranks, so assume they all land on one node (conservative).
-    per_node = config.tp_size if device == "cpu" else None
-    check_fits(info.path, config.tp_size, valid_tp_sizes(info), device=device, device_bytes=device_memory_bytes(device),
-               kv_bytes=config.kv_cache_gib * GiB if device == "cpu" else 0, devices_per_node=per_node)
+    # Not on Gaudi: its engine carries QUANT_CONFIG into the Ray job env, which is fixed when the job joins.
+    devices = prepare(_engine_config(config, info, device, config.tp_size or 1)) if device != "hpu" else None
+    where = "the Ray cluster" if devices is not None else "this node"
+    return sizing.choose_tp(info.shape, config.tp_size, model_id=info.model_id,
+                            devices=sizing.Devices(devices if devices is not None else local_device_count(device), where),
+                            memory=memory_check(info.path, valid_tp_sizes(info), device, config.kv_cache_gib))
 
 
 def _fingerprint(config: MeasureConfig, info: ModelInfo, dataset_hash: str, names: list[str],
@@ -156,8 +164,10 @@ def _fingerprint(config: MeasureConfig, info: ModelInfo, dataset_hash: str, name
 
 
 def context_limit(config: MeasureConfig, info: ModelInfo) -> int:
-    """The engine's context: --max-model-len, capped by the model's max_position_embeddings."""
-    return min(config.max_model_len, info.max_positions or config.max_model_len)
+    """The engine's context: --max-model-len (checked against the model's context), else the default capped by it."""
+    if config.max_model_len is not None:
+        return config.max_model_len
+    return min(DEFAULT_MAX_MODEL_LEN, info.max_positions or DEFAULT_MAX_MODEL_LEN)
 
 
 def _check_prompt_lengths(config: MeasureConfig, info: ModelInfo, token_ids: list[list[int]]) -> None:
@@ -169,15 +179,20 @@ def _check_prompt_lengths(config: MeasureConfig, info: ModelInfo, token_ids: lis
                         fix="pass --least-tokens N to truncate pile text, or a larger --max-model-len.")
 
 
-def _start(config: MeasureConfig, info: ModelInfo, device: str):
-    from ray_calib.engine.launch import EngineConfig, build_llm
+def _engine_config(config: MeasureConfig, info: ModelInfo, device: str, tp_size: int):
+    from ray_calib.engine.launch import EngineConfig
     from ray_calib.measure.extension import EXTENSION_CLS
 
-    engine = EngineConfig(model=str(info.path), tp_size=config.tp_size, device=device, executor=config.executor,
-                          ray_address=config.ray_address,
-                          max_model_len=context_limit(config, info),
-                          max_num_seqs=config.batch_size, kv_cache_gib=config.kv_cache_gib,
-                          worker_extension_cls=EXTENSION_CLS, observe_weights=True)
+    return EngineConfig(model=str(info.path), tp_size=tp_size, device=device, executor=config.executor,
+                        ray_address=config.ray_address, max_model_len=context_limit(config, info),
+                        max_num_seqs=config.batch_size, kv_cache_gib=config.kv_cache_gib,
+                        worker_extension_cls=EXTENSION_CLS, observe_weights=True, profile="measure")
+
+
+def _start(config: MeasureConfig, info: ModelInfo, device: str):
+    from ray_calib.engine.launch import build_llm
+
+    engine = _engine_config(config, info, device, config.tp_size)
     return build_llm(engine), engine.resolved_executor
 
 
