@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ray_calib.engine.options import enforce_eager_option, kv_cache_gib_option, max_model_len_option
 from ray_calib.errors import EngineError
 from ray_calib.rundir import RunDir, run_dir_option
 
@@ -28,7 +29,8 @@ def _run_meta(run: RunDir, model: Path):
 @click.option("--one-node", is_flag=True, help="Serve on this node alone at its TP (the default).")
 @click.option("--conf", type=_file, help="Spread the ranks over the cluster `up` started from this devices.conf.")
 @click.option("--model", type=_dir, help="Model directory [default: <run-dir>/fp8].")
-@click.option("--tp", type=int, help="Tensor-parallel size [default: the unified TP of the run, else 8; 1 on CPU].")
+@click.option("--tp", type=int, help="Tensor-parallel size [default: the run's unified TP when it fits, else the "
+              "smallest the model allows that fits in memory].")
 @click.option("--prompts", type=_file, help="One prompt per line (or JSONL with 'prompt').")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--fp8-kv/--no-fp8-kv", default=None, help="FP8 KV cache [default: as measured].")
@@ -40,10 +42,14 @@ def _run_meta(run: RunDir, model: Path):
 @click.option("--timeout", "timeout_s", type=int, default=1800, show_default=True,
               help="Seconds for long FP8 compiles (sets VLLM_ENGINE_ITERATION_TIMEOUT_S and VLLM_RPC_TIMEOUT).")
 @click.option("--allow-device-mismatch", is_flag=True, help="Use scales measured on another device type.")
+@max_model_len_option
+@kv_cache_gib_option
+@enforce_eager_option
 @run_dir_option
 def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None, prompts: Path | None,
           max_new_tokens: int, fp8_kv: bool | None, serve: bool, detach: bool, host: str, port: int,
-          quant_config: Path | None, timeout_s: int, allow_device_mismatch: bool, run_dir: str | None) -> None:
+          quant_config: Path | None, timeout_s: int, allow_device_mismatch: bool, max_model_len: int | None,
+          kv_cache_gib: float, enforce_eager: bool, run_dir: str | None) -> None:
     """Run the quantized model with vLLM: offline generation, or `--serve` an OpenAI API.
 
     \b
@@ -61,7 +67,10 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None,
     device = detect_device()
     meta, meta_dir = _run_meta(run, model)
     runner.check_device_type(meta, device_type(device), allow_mismatch=allow_device_mismatch, where=meta_dir)
-    tp_size = tp or (meta.tp_size if meta and meta.tp_size and meta.unified_from else (1 if device == "cpu" else 8))
+    runner.check_model_dir(model)
+    unified_tp = meta.tp_size if meta and meta.tp_size and meta.unified_from else None
+    tp_size = runner.choose_tp(model, tp, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
+                               preferred=unified_tp)
     extra_env = {}
     if conf:
         from ray_calib.cluster import connect
@@ -69,7 +78,8 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None,
         extra_env["RAY_ADDRESS"] = connect(conf)
     config = runner.InferConfig(model=model, tp_size=tp_size, device=device,
                                 fp8_kv=fp8_kv if fp8_kv is not None else bool(meta and meta.fp8_kv),
-                                quant_config=quant_config, timeout_s=timeout_s, extra_env=extra_env)
+                                quant_config=quant_config, timeout_s=timeout_s, max_model_len=max_model_len,
+                                kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager, extra_env=extra_env)
     click.echo(f"vLLM on {device}, TP={tp_size}, FP8 KV {'on' if config.fp8_kv else 'off'}; "
                f"VLLM_ENGINE_ITERATION_TIMEOUT_S={timeout_s}, VLLM_RPC_TIMEOUT={timeout_s * 1000} (ms)")
     if serve:
@@ -88,9 +98,16 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None,
 def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> None:
     if not detach:
         signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to us unwinds like Ctrl-C, through the `finally`
+    shown = {k: v for k, v in runner.serve_env(config).items() if k in _SHOWN_ENV}
+    click.echo("serving with: vllm " + " ".join(runner.serve_args(config, host=host, port=port))
+               + "".join(f" {key}={value}" for key, value in shown.items()))
+    click.echo(f"  (everything else is vLLM's default: {runner.PROFILE_NOTE[config.device == 'cpu']})")
     server = runner.serve(config, host=host, port=port, log=run.root / "infer" / "vllm-serve.log")
     stop_server = True
     try:
+        reported = runner.served_settings(server)
+        if "max_model_len" in reported:
+            click.echo(f"  server reports max_model_len {reported['max_model_len']}")
         reply = runner.complete(server, "Hello")
         click.echo(f"serving {config.model} at {server.url}/v1 (model '{server.model_name}', pid {server.pid}); "
                    f"smoke test completion: {reply.strip()!r}; log {server.log}")
@@ -105,6 +122,9 @@ def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> N
             runner.stop(server.pid)
 
 
+_SHOWN_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "QUANT_CONFIG")
+
+
 def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
@@ -113,14 +133,18 @@ def _interrupt(signum: int, frame) -> None:
 @click.option("--baseline", type=_dir, help="The BF16 model [default: the model in the run's meta].")
 @click.option("--candidate", type=_dir, help="The FP8 model [default: <run-dir>/fp8].")
 @click.option("--texts", type=_file, help="Held-out texts, one per line (or JSONL with 'text').")
-@click.option("--tp", type=int, default=1, show_default=True)
+@click.option("--tp", type=int, help="Tensor-parallel size [default: the smallest the models allow that fits in memory].")
 @click.option("--fp8-kv/--no-fp8-kv", "with_fp8_kv", default=True, show_default=True,
               help="Also score the candidate with an FP8 KV cache.")
 @click.option("--min-agreement", type=float, help="Fail when top-1 agreement falls below this (0-1).")
 @click.option("--out", type=_file, help="Results JSON [default: <run-dir>/eval.json].")
+@max_model_len_option
+@kv_cache_gib_option
+@enforce_eager_option
 @run_dir_option
-def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | None, tp: int, with_fp8_kv: bool,
-                 min_agreement: float | None, out: Path | None, run_dir: str | None) -> None:
+def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | None, tp: int | None, with_fp8_kv: bool,
+                 min_agreement: float | None, out: Path | None, max_model_len: int | None, kv_cache_gib: float,
+                 enforce_eager: bool, run_dir: str | None) -> None:
     """Compare the FP8 model with its BF16 baseline: top-1 agreement, KL, perplexity.
 
     \b
@@ -137,10 +161,16 @@ def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | No
         if not (meta and meta.model):
             raise click.UsageError("no --baseline and no model recorded in the run's meta; pass --baseline.")
         baseline = Path(meta.model)
+    device = detect_device()
     for model in (baseline, candidate):
         runner.check_model_dir(model)
-    report = fidelity.evaluate(baseline, candidate, runner.load_prompts(texts), tp_size=tp, device=detect_device(),
-                               with_fp8_kv=with_fp8_kv)
+    # One engine at a time, so the larger (BF16) baseline decides; the candidate must allow the same TP.
+    tp_size = runner.choose_tp(baseline, tp, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
+    runner.choose_tp(candidate, tp_size, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
+    report = fidelity.evaluate(baseline, candidate, runner.load_prompts(texts), tp_size=tp_size, device=device,
+                               with_fp8_kv=with_fp8_kv,
+                               engine_options={"max_model_len": max_model_len, "kv_cache_gib": kv_cache_gib,
+                                               "enforce_eager": enforce_eager})
     path = fidelity.write_report(report, out or run.eval_json)
     for name, agreement in report.top1_agreement.items():
         click.echo(f"{name}: top-1 agreement {agreement:.3f}, mean KL {report.mean_kl[name]:.4f}, "

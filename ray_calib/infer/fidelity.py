@@ -46,11 +46,12 @@ class FidelityReport:
 
 
 def evaluate(baseline: Path, candidate: Path, texts: list[str], *, tp_size: int, device: str,
-             with_fp8_kv: bool = True) -> FidelityReport:
+             with_fp8_kv: bool = True, engine_options: dict | None = None) -> FidelityReport:
+    """`engine_options`: further `InferConfig` fields for every engine (e.g. max_model_len, kv_cache_gib)."""
     variants = [Variant("baseline", baseline), Variant("candidate", candidate)]
     if with_fp8_kv:
         variants.append(Variant("candidate_fp8_kv", candidate, fp8_kv=True))
-    scores = {v.name: _score_in_subprocess(v, texts, tp_size, device) for v in variants}
+    scores = {v.name: _score_in_subprocess(v, texts, tp_size, device, engine_options or {}) for v in variants}
     reference = scores["baseline"]
     report = FidelityReport(baseline=str(baseline), candidate=str(candidate), num_texts=len(texts),
                             num_positions=sum(len(positions) for positions in reference))
@@ -82,13 +83,14 @@ def _perplexity(positions: list[list[dict]]) -> float:
     return math.exp(-sum(logprobs) / max(len(logprobs), 1))
 
 
-def _score_in_subprocess(variant: Variant, texts: list[str], tp_size: int, device: str) -> list[list[dict]]:
+def _score_in_subprocess(variant: Variant, texts: list[str], tp_size: int, device: str,
+                         engine_options: dict) -> list[list[dict]]:
     """Score in a fresh process (spawned, not a daemon: vLLM starts its own workers)."""
     with tempfile.TemporaryDirectory(prefix="ray-calib-eval-") as tmp:
         out = Path(tmp) / "scores.json"
         context = multiprocessing.get_context("spawn")
         process = context.Process(target=_score, args=(str(variant.model), variant.fp8_kv, texts, tp_size, device,
-                                                       str(out)), daemon=False)
+                                                       str(out), engine_options), daemon=False)
         process.start()
         process.join()
         if process.exitcode != 0 or not out.exists():
@@ -97,7 +99,8 @@ def _score_in_subprocess(variant: Variant, texts: list[str], tp_size: int, devic
         return json.loads(out.read_text())
 
 
-def _score(model: str, fp8_kv: bool, texts: list[str], tp_size: int, device: str, out: str) -> None:
+def _score(model: str, fp8_kv: bool, texts: list[str], tp_size: int, device: str, out: str,
+           engine_options: dict) -> None:
     if tp_size == 1:  # one rank: run the engine in this process (DESIGN §9: ~3 s start, no nested workers)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import SamplingParams
@@ -105,7 +108,8 @@ def _score(model: str, fp8_kv: bool, texts: list[str], tp_size: int, device: str
     from ray_calib.engine.launch import build_llm
     from ray_calib.infer.runner import InferConfig, engine_config
 
-    llm = build_llm(engine_config(InferConfig(model=Path(model), tp_size=tp_size, device=device, fp8_kv=fp8_kv)))
+    llm = build_llm(engine_config(InferConfig(model=Path(model), tp_size=tp_size, device=device, fp8_kv=fp8_kv,
+                                              **engine_options)))
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=TOP_K)
     scored = []
     for output in llm.generate(texts, params, use_tqdm=False):
