@@ -106,3 +106,20 @@ def test_eval_of_a_model_against_itself(tiny_llama, tmp_path, run_cli, monkeypat
     assert report["mean_kl"]["candidate"] == pytest.approx(0.0, abs=1e-9)
     assert report["perplexity"]["candidate"] == pytest.approx(report["perplexity"]["baseline"])
     assert report["num_positions"] > 20
+
+
+def test_serve_args_are_vllms_defaults_plus_the_few_settings_we_own(tmp_path):
+    from pathlib import Path
+
+    from ray_calib.infer.runner import InferConfig, serve_args, serve_env
+
+    cuda = InferConfig(model=Path("/m/fp8"), tp_size=8, device="cuda", fp8_kv=True)
+    assert serve_args(cuda, host="0.0.0.0", port=8000) == [
+        "serve", "/m/fp8", "--host", "0.0.0.0", "--port", "8000", "--served-model-name", "fp8",
+        "--tensor-parallel-size", "8", "--max-model-len", "auto", "--kv-cache-dtype", "fp8"]
+    assert serve_env(cuda) == {"VLLM_ENGINE_ITERATION_TIMEOUT_S": "1800", "VLLM_RPC_TIMEOUT": "1800000"}
+    cpu = InferConfig(model=Path("/m/fp8"), tp_size=2, device="cpu", max_model_len=512, kv_cache_gib=0.5,
+                      enforce_eager=True)
+    assert serve_args(cpu, host="h", port=1)[8:] == ["--tensor-parallel-size", "2", "--enforce-eager",
+                                                      "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 29)]
+    assert serve_env(cpu)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
