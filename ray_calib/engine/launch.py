@@ -9,7 +9,7 @@
                         TP > 1, VLLM_CPU_OMP_THREADS_BIND=nobind (`auto` asserts on a single NUMA node).
                         `enforce_eager` is the user's choice (`--enforce-eager`: faster start).
     executor   uni (TP=1, no extra process) | mp (one node, one process per rank) | ray (across nodes)
-    env        set before vLLM starts so every worker inherits it: thread binding and KV space on CPU,
+    env        set before vLLM starts so every worker inherits it: thread binding on CPU,
                the CPU-on-Ray platform plugin, VLLM_HOST_IP / *_SOCKET_IFNAME of the driver's node
     ray        the job's runtime_env carries our variables to Ray workers on every node (the engine core
                calls `ray.init` itself; we connect first so it reuses our connection and runtime_env)
