@@ -1,7 +1,7 @@
 """Benchmark `ray-calib quantize`: wall time vs `cp -r` + sync of the same checkpoint, peak RSS with and
 without --low-cpu-mem, at two checkpoint sizes (the low-cpu-mem peak must not grow with the size).
 
-    python benchmarks/bench_quantize.py [--sizes-gb 0.5 2.0] [--repeat 5] [--tmp DIR]
+    python benchmarks/bench_quantize.py [--sizes-gb 0.5 2.0] [--repeat 7] [--tmp DIR]
 
 Each run is its own child process, so its peak RSS (ru_maxrss) is its own. The box is shared: the
 copy and the two quantize modes run interleaved, round after round, and each round's ratio is taken
@@ -65,13 +65,13 @@ def bench(size_gb: float, tmp: Path, repeat: int) -> dict:
     nbytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     subprocess.run(["sync"], check=True)
     copies, copy_cpu, runs = [], [], {mode: [] for mode in MODES}
-    for _ in range(repeat):  # interleaved: each round's figures share the box's state at that time
+    for round_ in range(repeat):  # interleaved: each round's figures share the box's state at that time
         copy = run_child(["sh", "-c", f"cp -r {model} {tmp}/copy && sync"], cpu=True)
         copies.append(copy[0])
         copy_cpu.append(copy[3])
         shutil.rmtree(tmp / "copy")
         subprocess.run(["sync"], check=True)
-        for mode in MODES:
+        for mode in MODES if round_ % 2 == 0 else reversed(MODES):  # neither mode always runs first
             out = tmp / f"fp8-{size_gb}-{mode}"
             args = [sys.executable, "-m", "ray_calib.cli", "quantize", "--model", str(model), "--measurements",
                     str(meas), "--out", str(out), "--scale-method", "maxabs_pow2"]
@@ -104,7 +104,7 @@ def _stages(stdout: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes-gb", type=float, nargs="+", default=[0.5, 2.0])
-    parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds of copy + both modes")
+    parser.add_argument("--repeat", type=int, default=7, help="interleaved rounds of copy + both modes")
     parser.add_argument("--tmp", type=Path, default=None)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-quantize-", dir=args.tmp))

@@ -99,8 +99,8 @@ def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> N
     if not detach:
         signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to us unwinds like Ctrl-C, through the `finally`
     shown = {k: v for k, v in runner.serve_env(config).items() if k in _SHOWN_ENV}
-    click.echo("serving with: vllm " + " ".join(runner.serve_args(config, host=host, port=port))
-               + "".join(f" {key}={value}" for key, value in shown.items()))
+    click.echo("serving with: " + "".join(f"{key}={value} " for key, value in shown.items())
+               + "vllm " + " ".join(runner.serve_args(config, host=host, port=port)))
     click.echo(f"  (everything else is vLLM's default: {runner.PROFILE_NOTE[config.device == 'cpu']})")
     server = runner.serve(config, host=host, port=port, log=run.root / "infer" / "vllm-serve.log")
     stop_server = True
