@@ -65,13 +65,14 @@ def test_platform_plugin_applies_only_when_asked():
 
 @pytest.mark.slow
 def test_cpu_ray_platform_has_a_ray_device_key():
-    code = "from vllm.platforms import current_platform as c; print(type(c).__name__, c.ray_device_key)"
+    code = ("from vllm.platforms import current_platform as c; "
+            "print(type(c).__name__, c.ray_device_key, c.get_device_communicator_cls().rsplit('.', 1)[1])")
     env = {"PATH": "/usr/bin", CPU_RAY_ENV: "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "CpuRayPlatform HPU"
+    assert out.strip().splitlines()[-1] == "CpuRayPlatform HPU CpuRayCommunicator"
     plain = subprocess.run([sys.executable, "-c", code], env={"PATH": "/usr/bin"}, capture_output=True, text=True,
                            check=True).stdout
-    assert plain.strip().splitlines()[-1].split() == ["CpuPlatform"]
+    assert plain.strip().splitlines()[-1].split() == ["CpuPlatform", "CpuCommunicator"]
 
 
 def _safetensors(path, nbytes: int) -> None:
