@@ -54,6 +54,25 @@ class MeasurementSet:
         _check_complete(directory, names)
         return cls(directory=directory, names=names, meta=read_meta(directory))
 
+    @classmethod
+    def discover_all(cls, directory: str | Path) -> list[MeasurementSet]:
+        """The range set (if any) first, then every scale set beside it; all must share one world size."""
+        directory = Path(directory)
+        methods = scale_methods(directory) if directory.is_dir() else []
+        try:
+            sets = [cls.discover(directory)]
+        except MeasurementError:
+            if not methods:
+                raise
+            sets = []
+        sets += [cls.discover(directory, method=m) for m in methods]
+        for other in sets[1:]:
+            if other.world_size != sets[0].world_size:
+                what = f"the {sets[0].method} scale files" if sets[0].method else "the measurements"
+                raise MeasurementError(directory, f"{other.method} scale files have world size {other.world_size}, "
+                                       f"{what} {sets[0].world_size}", fix="remove the stale scale files.")
+        return sets
+
     def read(self, rank_index: int, *, check_npz: bool = True, strict: bool = True) -> RankFile:
         return read_rank_file(self.directory, self.names[rank_index], check_npz=check_npz, strict=strict)
 
