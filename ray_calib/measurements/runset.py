@@ -42,6 +42,10 @@ class MeasurementSet:
             parsed = parse_name(path)
             if parsed and parsed[1] == JSON and parsed[0].method == method:
                 groups[parsed[0].run_key].append(parsed[0])
+        if not groups and method is None and scale_methods(directory):
+            raise MeasurementError(directory, f"holds INC scale files ({', '.join(scale_methods(directory))}) but no "
+                                   "range files (<prefix>_hooks_maxabs_<rank>_<world>.json)",
+                                   fix="scales are made from ranges: give the directory INC's MEASURE wrote them to.")
         if not groups:
             kind = f"{method} scale" if method else "measurement"
             raise MeasurementError(directory, f"holds no INC {kind} files (<prefix>_hooks_maxabs_"
