@@ -29,5 +29,5 @@ def load(path: Path) -> tuple[Any, bool]:
 
 
 def dumps(obj: Any) -> bytes:
-    """Indented JSON; int dict keys (INC's per-channel weight scales `{0: ..., 1: ...}`) become "0", "1" as json.dump writes them."""
+    """Indented JSON; int keys (per-channel weight scales `{0: ..., 1: ...}`) become "0", "1" as in json.dump."""
     return orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)

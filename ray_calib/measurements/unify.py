@@ -1,4 +1,4 @@
-"""Re-shard per-rank stats from TP=N to TP=M (DESIGN §4), and expand a TP1 file for expert parallelism.
+"""Re-shard per-rank stats from TP=N to TP=M, and expand a TP1 file for expert parallelism.
 
 Target rank i takes the contiguous source group [i*g, ..., i*g+g-1], g = N/M; every leaf becomes the
 element-wise max over the group. Under expert parallelism each rank holds different experts, so the
@@ -136,7 +136,7 @@ def _check_mergeable_scales(node: Node, module: str, stem: str) -> None:
     if any(isinstance(leaf, dict) for leaf in node.get("params", {}).values()):
         raise UnifyError(f"{stem}: node '{module}' has per-channel weight scales, which cannot be merged across "
                          "ranks (column-parallel shards hold different rows)",
-                         fix="unify the range files without these scale files, then run `ray-calib scales` on the result.")
+                         fix="unify the range files without these scale files, then run `ray-calib scales` on them.")
 
 
 _PRODUCTS = (lambda a, b: a * b, lambda a, b: bf16(a * b))  # float, and Gaudi's bf16 tensor product

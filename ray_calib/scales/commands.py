@@ -29,10 +29,11 @@ _DEVICES = click.Choice(DEVICE_TYPES)
 @click.option("--fp8-format", type=click.Choice(FP8_FORMATS, case_sensitive=False), default="E4M3", show_default=True,
               help="QUANT_CONFIG fp8_config (E5M2: Gaudi only).")
 @click.option("--allreduce-quantization", is_flag=True, help="QUANT_CONFIG row_parallel_linear_allreduce_quantization.")
-@click.option("--blocklist", multiple=True, help="Leave out modules matching this regex (QUANT_CONFIG blocklist.names).")
+@click.option("--blocklist", multiple=True, help="Leave out modules matching this regex (blocklist.names).")
 @run_dir_option
-def scales(method: str | None, device: str | None, device_for_scales: str | None, in_dir: Path | None, out_dir: Path | None,
-           weights: Path | None, input_backoff: float | None, weight_backoff: float | None, output_backoff: float | None,
+def scales(method: str | None, device: str | None, device_for_scales: str | None, in_dir: Path | None,
+           out_dir: Path | None, weights: Path | None, input_backoff: float | None, weight_backoff: float | None,
+           output_backoff: float | None,
            inc_version: str | None, fp8_format: str, allreduce_quantization: bool, blocklist: tuple[str, ...],
            run_dir: str | None) -> None:
     """Turn range files into INC scale files (<prefix>_hooks_maxabs_<METHOD>_<rank>_<world>.{json,npz}).

@@ -1,4 +1,4 @@
-"""What each device can represent: FP8 full scale and the hardware scale table (DESIGN §5).
+"""What each device can represent: FP8 full scale and the hardware scale table.
 
 Gaudi's FP8 cast applies a scale for free only when it is one of the exponent biases the hardware
 has: Gaudi2 has four (3/7/11/15, i.e. scales 16, 1, 1/16, 1/256; full scale 240 because its e4m3 is

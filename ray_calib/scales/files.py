@@ -115,7 +115,7 @@ def make_scales(request: ScaleRequest) -> ScaleRun:
             re.compile(pattern)
         except re.error as err:
             raise ConfigError(f"--blocklist {pattern!r} is not a valid regex ({err})",
-                              fix="names are Python regexes (re.search), as in QUANT_CONFIG's blocklist.names.") from None
+                              fix="names are Python regexes (re.search), as QUANT_CONFIG's blocklist.names.") from None
     target = IncTarget(parse_version(request.inc_version) if request.inc_version else IncTarget().version,
                        allreduce_quantization=request.allreduce_quantization)
     custom = any(b is not None for b in (request.input_backoff, request.weight_backoff, request.output_backoff))
@@ -124,7 +124,8 @@ def make_scales(request: ScaleRequest) -> ScaleRun:
     if request.weights_dir and not method.fixed:
         from ray_calib.scales.weights import CheckpointWeights
 
-        weights = CheckpointWeights(request.weights_dir, method, scales_device, search_device=get_device(device)).for_rank
+        checkpoint = CheckpointWeights(request.weights_dir, method, scales_device, search_device=get_device(device))
+        weights = checkpoint.for_rank
     run = write_scale_files(request.in_dir, request.out_dir, method, scales_device, weights, target=target,
                             blocklist=request.blocklist)
     if method.fixed:

@@ -1,4 +1,4 @@
-"""INC's scale methods as data plus pure functions: maxabs -> scale, weight tensor -> scale (DESIGN §5).
+"""INC's scale methods as data plus pure functions: maxabs -> scale, weight tensor -> scale.
 
 A method is two `TensorRule`s, one for weights and one for activations (INC's ScaleMethodConfig):
     value        maxabs | fixed | opt (MSE search over candidate scales)
@@ -201,7 +201,9 @@ class WeightScaleSearch:
     search_device: DeviceScales | None = None
 
     def candidates(self) -> tuple[float, ...]:
-        return (self.search_device or self.device).hw_scales if self.method.hw_candidates else self.method.weight.candidates
+        if self.method.hw_candidates:
+            return (self.search_device or self.device).hw_scales
+        return self.method.weight.candidates
 
     @property
     def needs_tensor(self) -> bool:

@@ -113,7 +113,7 @@ class CheckpointWeights:
             scale = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
         else:
             raise ModelError(f"{self.checkpoint.path}: FP8 tensor '{name}' has no weight_scale_inv or weight_scale",
-                             fix="pass the BF16 model (ray-calib convert-bf16) or a DeepSeek/compressed-tensors FP8 one.")
+                             fix="pass the BF16 model (ray-calib convert-bf16) or a block/compressed-tensors FP8 one.")
         return (weight.float() * scale).to(torch.bfloat16)
 
 
@@ -182,6 +182,6 @@ def _qkv_shards(members: list[str], config: dict, tensors: dict, rank: int, worl
 def _split(size: int, rank: int, world: int, tensor: str) -> tuple[int, int]:
     if size % world:
         raise ModelError(f"{tensor}: dimension {size} does not split over {world} ranks",
-                         fix="the measurement's TP size does not fit this checkpoint: pass the model that was measured.")
+                         fix="the run's TP size does not fit this checkpoint: pass the model that was measured.")
     per = size // world
     return rank * per, (rank + 1) * per

@@ -83,7 +83,7 @@ def test_pow2_and_hw_rounding_are_incs_own_round_functions(device, factor, lowes
 
 def test_torch_cpu_division_is_not_the_hpus():
     """Why raw scales multiply by the bf16 reciprocal: the published Gaudi3 v_cache scale (2^-7) needs it;
-    CPU torch's `bf16 / float` gives 2^-6 for the same range (INC_SCALES worked example)."""
+    CPU torch's `bf16 / float` gives 2^-6 for the same range."""
     maxabs, fsb = 0.88671875, 448.0 * 0.25
     cpu = torch.exp2(torch.ceil(torch.log2(_t(maxabs) / fsb))).item()
     hpu = pow2(GaudiMath.ceil_log2(GaudiMath.raw(maxabs, 448.0, 0.25)))

@@ -29,7 +29,7 @@ def test_gaudi2_scale_files_from_real_llama70b_ranges(tmp_path):
     assert [n.stem for n in scales.names][1] == "inc_output_hooks_maxabs_MAXABS_HW_1_4"
     rank0 = scales.read(0)
     assert rank0.mode == MODE_SCALE
-    o_proj = rank0.nodes["model.layers.0.self_attn.o_proj"]  # DESIGN §5 worked example, from the real file
+    o_proj = rank0.nodes["model.layers.0.self_attn.o_proj"]  # the Gaudi2 worked example, from the real file
     assert o_proj["inputs"] == [0.00390625] and o_proj["params"]["weight"] == 0.0625
     # INC >= 3.4: a RowParallelLinear's output scale comes from its measured pre-all-reduce max (0.1738)
     assert o_proj["outputs"] == (0.00390625,)
