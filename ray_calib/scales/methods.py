@@ -217,7 +217,8 @@ class WeightScaleSearch:
         self.add_maxabs(float(weight.abs().max().float()) if weight.numel() else 0.0)
         if self.needs_tensor:
             full = (self.search_device or self.device).fullscale
-            errors = [float(((weight.float() - fp8_round_trip(weight, s, full)) ** 2).sum()) for s in self.candidates()]
+            error = _bf16_error if self.device.is_gaudi else _float_error
+            errors = [error(weight, s, full) for s in self.candidates()]
             self.errors = errors if not self.errors else [a + b for a, b in zip(self.errors, errors)]
 
     def scale(self) -> float:
@@ -229,6 +230,19 @@ class WeightScaleSearch:
             errors = [bf16(math.sqrt(e)) for e in errors]
         best = min(range(len(errors)), key=lambda i: (errors[i], -i))  # ties: INC keeps the later one (<=)
         return round_scale(self.candidates()[best], rule.rounding, self.device)
+
+
+def _float_error(weight, scale: float, fullscale: float) -> float:
+    return float(((weight.float() - fp8_round_trip(weight, scale, fullscale)) ** 2).sum())
+
+
+def _bf16_error(weight, scale: float, fullscale: float) -> float:
+    """INC's mmse_scale: `x - y` of bf16 tensors (rounded to bf16), squares summed as torch.norm does (float32)."""
+    import torch
+
+    x = weight.to(torch.bfloat16)
+    y = (x / scale).clamp(-fullscale, fullscale).to(torch.float8_e4m3fn).to(torch.bfloat16) * scale
+    return float(((x - y).float() ** 2).sum())
 
 
 def fp8_round_trip(weight, scale, fullscale: float = 448.0):
@@ -264,8 +278,9 @@ def _gaudi_channel_scales(weight, method: ScaleMethod, device: DeviceScales):
     """INC's MaxAbsPcs / OptScalesPcs on bf16 tensors: every step rounded to bf16 as on the HPU.
 
     CPU torch computes a bf16 op in float32 and rounds once, which for these ops (a product of two bf16
-    values, log2, exp2 of an integer) is the HPU's result. The opt error sums are bf16 numbers on the HPU
-    whose accumulation order is unknown here, so near-ties between candidates may resolve differently.
+    values, log2, exp2 of an integer) is the HPU's result. The opt error is INC's `sum((x - y) ** 2)` with
+    each step rounded to bf16; the HPU's accumulation order inside the sum is unknown here, so near-ties
+    between candidates may resolve differently.
     """
     import torch
 
@@ -276,13 +291,14 @@ def _gaudi_channel_scales(weight, method: ScaleMethod, device: DeviceScales):
     scales = _bf16_round(raw, rule.rounding)
     if rule.value != "opt":
         return scales.float()
-    x = weight.to(torch.bfloat16)
+    # INC's mmse_scale_multi, op for op: x = w^T [in, out], errors summed over dim 0, strict < (first wins)
+    x = torch.transpose(weight.to(torch.bfloat16), 0, 1)
     best, best_err = torch.full_like(scales, -1.0), torch.full_like(scales, float("inf"))
     for factor in rule.candidates:
         factors = torch.full_like(scales, factor)
-        trial = (scales * factors)[:, None]
+        trial = scales[None, :] * factors
         y = (x / trial).clamp(-device.fullscale, device.fullscale).to(torch.float8_e4m3fn).to(torch.bfloat16) * trial
-        err = ((x.float() - y.float()) ** 2).sum(dim=1).to(torch.bfloat16)
+        err = torch.sum((x - y) ** 2, dim=0)
         better = err < best_err
         best, best_err = torch.where(better, factors, best), torch.where(better, err, best_err)
     return _bf16_round(best * scales, rule.rounding).float()

@@ -4,9 +4,11 @@
    CPU on the range file (read by INC's `load_file`) and the real weights compute the scale ModuleConfigs
    that INC's QUANTIZE saves. One HPU behaviour is put back in: a bf16 tensor divided by a Python float is
    `x * bf16(1 / c)` in the HPU graph, while CPU torch divides in float32 (`scales.arith` explains it).
-   Everything else (log2 in bf16, pow2/HW rounding, products, layouts) is INC's code as installed. Our
-   NPZ must be the pickle of INC's objects byte for byte. INC's opt-weight methods move weights to "hpu"
-   and cannot run here; their files are checked by the loader only.
+   For the opt-weight methods also: the weight's move to "hpu" is a no-op, the HPU's saturating FP8 cast
+   (`cast_to_fp8_v2`) is a clamp to the device's range plus torch's cast, and maxabs_hw_opt_weight's
+   candidates are the device's HW scales (INC reads them from the accelerator, which is the CPU here).
+   Everything else (log2 in bf16, pow2/HW rounding, products, the MSE searches, layouts) is INC's code as
+   installed. Our NPZ must be the pickle of INC's objects byte for byte.
 2. Loader: INC's `load_scales` + `convert_scales_to_tensors_dict` + each op quantizer's
    `scales_module_config_to_q_and_dq` (what QUANTIZE does with an existing scale file) accept our files and
    end up with our scales. Only the HPU cast kernels are stubbed: QuantInput/DequantOutput look them up
@@ -24,6 +26,7 @@ import numpy as np
 import pytest
 
 from ray_calib.measurements import MODE_SCALE, MeasurementSet, RankFile, StatsName, npz, write_rank_file
+from ray_calib.scales.devices import DEVICES
 from ray_calib.scales.files import ScaleRequest, make_scales
 from tests.scales import every_op
 
@@ -31,6 +34,7 @@ torch = pytest.importorskip("torch")
 fp8 = pytest.importorskip("neural_compressor.torch.algorithms.fp8_quant")
 
 from neural_compressor.torch.algorithms.fp8_quant._core import common as inc_common  # noqa: E402
+from neural_compressor.torch.algorithms.fp8_quant._core import fp_utils  # noqa: E402
 from neural_compressor.torch.algorithms.fp8_quant._core.quantized_func_wrappers import (  # noqa: E402
     quantized_func_wrapper as inc_wrappers)
 from neural_compressor.torch.algorithms.fp8_quant._core.scale_methods import ops_quantizer  # noqa: E402
@@ -55,6 +59,11 @@ CASES = [  # (method, device, device_for_scales, fp8 format, weights from checkp
     ("hw_aligned_single_scale", "gaudi3", None, "E4M3", False, None),
     ("act_maxabs_hw_weights_pcs_maxabs_pow2", "gaudi3", None, "E4M3", True, None),
     ("act_maxabs_pow2_weights_pcs_maxabs_pow2", "gaudi2", None, "E4M3", True, None),
+    ("maxabs_hw_opt_weight", "gaudi3", None, "E4M3", True, None),
+    ("maxabs_hw_opt_weight", "gaudi2", None, "E4M3", True, None),
+    ("maxabs_pow2_opt_weight", "gaudi3", None, "E4M3", True, None),
+    ("act_maxabs_hw_weights_pcs_opt_pow2", "gaudi3", None, "E4M3", True, None),
+    ("act_maxabs_pow2_weights_pcs_opt_pow2", "gaudi2", None, "E4M3", True, None),
 ]
 
 
@@ -74,6 +83,21 @@ def hpu_division():
         yield
 
 
+class OnHpu(torch.Tensor):
+    """A weight whose `.to("hpu")` (INC's mmse_scale moves the weight there) stays on the CPU."""
+
+    def to(self, *args, **kwargs):
+        if args and args[0] == "hpu":
+            return self.as_subclass(torch.Tensor)
+        return super().to(*args, **kwargs)
+
+
+def _hpu_fp8_cast(fullscale: float):
+    def cast_to_fp8(x, dtype, scale_inv=None):  # the HPU cast saturates at the device's largest value
+        return x.clamp(-fullscale, fullscale).to(dtype)
+    return cast_to_fp8
+
+
 def _hqt(device_for_scales: str, *, use_qdq: bool = False, per_channel: bool = False) -> SimpleNamespace:
     """The parsed QUANT_CONFIG a patched module carries (INC turns scale_format SCALAR into CONST for pcs)."""
     classes = {cls: kind for cls, kind, _ in every_op_classes()}
@@ -85,29 +109,32 @@ def _hqt(device_for_scales: str, *, use_qdq: bool = False, per_channel: bool = F
 
 
 def every_op_classes():
-    return [("QKVParallelLinear", "linear", None), ("RowParallelLinear", "row_parallel_linear", None),
+    return [("Linear", "linear", None), ("QKVParallelLinear", "linear", None),
+            ("RowParallelLinear", "row_parallel_linear", None),
             ("MergedColumnParallelLinear", "linear", None), ("MoeMatmul", "linear", None),
             ("Matmul", "matmul", None), ("B2BMatmul", "b2b_matmul", None), ("VLLMKVCache", "kv_cache", None),
             ("ModuleFusedSDPA", "fused_sdpa", None), ("BlockSoftmaxConstMax", "softmax", None),
             ("VllmMixtureOfExpertsOp", "dynamic_moe", None), ("EmbeddingBag", "embedding", None)]
 
 
-def _method_config(method: str, backoffs) -> dict:
+def _method_config(method: str, backoffs, device: str = "gaudi3") -> dict:
     configs = scale_method_config_mapping[ScaleMethodString[method.upper()]]
     config = {CfgStr.ACTIVATION: copy.copy(configs[CfgStr.ACTIVATION]), CfgStr.WEIGHT: copy.copy(configs[CfgStr.WEIGHT])}
+    if method == "maxabs_hw_opt_weight":
+        config[CfgStr.WEIGHT].params = {"weight_scales": list(DEVICES[device].hw_scales)}
     if backoffs:  # INC >= 3.5: a dict-form scale_method with "backoff" is the only way to change them
         config[CfgStr.ACTIVATION].backoff, config[CfgStr.WEIGHT].backoff = backoffs
     return config
 
 
-def _module(name: str, every: every_op.EveryOp, hqt) -> torch.nn.Module:
+def _module(name: str, every, hqt, experts: int = every_op.EXPERTS) -> torch.nn.Module:
     _, kind, weight = every.modules[name]
     mod = torch.nn.Module()
     mod.__hqt_config__ = hqt
     if weight is not None:
         mod.weight = torch.nn.Parameter(weight, requires_grad=False)
     if kind == "dynamic_moe":
-        mod.local_num_experts = every_op.EXPERTS
+        mod.local_num_experts = experts
     return mod
 
 
@@ -117,12 +144,17 @@ def inc_scale_stats(every: every_op.EveryOp, method: str, device_for_scales: str
     measurement = inc_common.load_file(str(range_npz), np.ndarray, False)
     params = {"lp_dtype": getattr(torch, f"float8_{fp8_format.lower()}" + ("fn" if fp8_format == "E4M3" else "")),
               "hp_dtype": torch.bfloat16}
-    config, hqt = _method_config(method, backoffs), _hqt(device_for_scales)
+    config, hqt = _method_config(method, backoffs, device_for_scales), _hqt(device_for_scales)
     nodes = {}
-    for name, (cls, _, _) in every.modules.items():
-        quantizer = ops_quantizer.get_op_quantizer(config, _module(name, every, hqt), measurement[name], params, cls)
-        scales = quantizer.get_scales_module_config()
-        nodes[name] = inc_common.format_functions_rec((torch.Tensor, np.ndarray))(scales.__dict__)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fp_utils, "cast_to_fp8_fcn", _hpu_fp8_cast(DEVICES[device_for_scales].fullscale))
+        for name, (cls, _, _) in every.modules.items():
+            module = _module(name, every, hqt)
+            if "weight" in module._parameters:
+                module.weight = torch.nn.Parameter(module.weight.as_subclass(OnHpu), requires_grad=False)
+            quantizer = ops_quantizer.get_op_quantizer(config, module, measurement[name], params, cls)
+            scales = quantizer.get_scales_module_config()
+            nodes[name] = inc_common.format_functions_rec((torch.Tensor, np.ndarray))(scales.__dict__)
     return {"GlobalRank": None, "LocalRank": 0, "Mode": "Scale", "Nodes": nodes}
 
 
@@ -181,7 +213,7 @@ def _same(a, b) -> bool:
     return torch.equal(torch.as_tensor(a, dtype=torch.float32).flatten(), torch.as_tensor(b).float().flatten())
 
 
-def inc_loads(every, path, method: str, device: str) -> dict[str, str]:
+def inc_loads(every, path, method: str, device: str, experts: int = every_op.EXPERTS) -> dict[str, str]:
     """Run QUANTIZE's scale-file path on `path`; return each node's op type once configured."""
     loaded = inc_common.load_scales(str(path), np.ndarray)
     scales = inc_common.convert_scales_to_tensors_dict(loaded, np.ndarray, torch.bfloat16, device="cpu")
@@ -192,7 +224,7 @@ def inc_loads(every, path, method: str, device: str) -> dict[str, str]:
         cls, kind, _ = every.modules[name]
         hqt = _hqt(device, use_qdq=kind == "embedding",  # INC's embedding quantizer has only the QDQ path
                    per_channel="pcs" in method)
-        quantizer = ops_quantizer.get_op_quantizer(config, _module(name, every, hqt), None, params, cls)
+        quantizer = ops_quantizer.get_op_quantizer(config, _module(name, every, hqt, experts), None, params, cls)
         q_dq = quantizer.scales_module_config_to_q_and_dq(module_scales)
         for scale, quant in zip(module_scales.inputs, q_dq.inputs):
             assert _same(quant.scale_inv, torch.reciprocal(scale)), name
@@ -277,3 +309,24 @@ def _write(data: bytes, path):
     target = Path(tempfile.mkdtemp()) / path.name
     target.write_bytes(data)
     return target
+
+
+@pytest.mark.fixtures
+def test_inc_loader_takes_our_files_of_a_real_expert_parallel_moe_run(stub_hpu_kernels, tmp_path):
+    """DeepSeek-R1 on Gaudi2 at TP16/EP16 (range files only): MLA latent cache, fused SDPA, 16 local experts."""
+    from ray_calib.measurements.optypes import op_type
+    from tests.conftest import DS_R1_TP16, fixture_dir
+
+    run = make_scales(ScaleRequest(in_dir=fixture_dir(DS_R1_TP16), out_dir=tmp_path, method="maxabs_hw",
+                                   device="gaudi2"))
+    assert run.ranks == 16
+    ranges = MeasurementSet.discover(DS_R1_TP16).read(5)
+    classes = {"linear": "Linear", "matmul": "Matmul", "b2b_matmul": "B2BMatmul", "kv_cache": "VLLMKVCache",
+               "fused_sdpa": "ModuleFusedSDPA", "dynamic_moe": "VllmMixtureOfExpertsOp"}
+    ops = frozenset(name.split(".w13_list.")[0] for name in ranges.nodes if ".w13_list." in name)
+    modules = {name: (classes[kind], kind, None) for name, node in ranges.nodes.items()
+               for kind in [op_type(name, node, ops)]}
+    configured = inc_loads(SimpleNamespace(modules=modules), tmp_path / "inc_measure_output_hooks_maxabs_MAXABS_HW_5_16.npz",
+                           "maxabs_hw", "gaudi2", experts=16)
+    assert len(configured) == len(ranges.nodes) == 2707
+    assert set(configured.values()) == set(classes)
