@@ -134,8 +134,8 @@ def _merge_group(members: list[RankFile], target_rank: int, to_world_size: int,
 
 def _check_mergeable_scales(node: Node, module: str, stem: str) -> None:
     if any(isinstance(leaf, dict) for leaf in node.get("params", {}).values()):
-        raise UnifyError(f"{stem}: node '{module}' has per-channel weight scales, which cannot be merged across "
-                         "ranks (column-parallel shards hold different rows)",
+        raise UnifyError(f"{stem}: node '{module}' has per-channel weight scales, which cannot be re-sharded "
+                         "(a column-parallel rank holds only its own rows)",
                          fix="unify the range files without these scale files, then run `ray-calib scales` on them.")
 
 
@@ -209,6 +209,9 @@ def expand_rank(rank_file: RankFile, to_world_size: int) -> list[RankFile]:
     """
     if to_world_size < 2:
         raise UnifyError(f"cannot expand to {to_world_size} rank(s)", fix="use --to-ranks 2 or more.")
+    if rank_file.mode == MODE_SCALE:  # a TP1 per-channel vector has every output channel, a rank's shard fewer
+        for module, node in rank_file.nodes.items():
+            _check_mergeable_scales(node, module, rank_file.name.stem)
     layout = expert_layout(rank_file)
     if not layout.has_experts:
         return [RankFile(name=rank_file.name.with_rank(j, to_world_size), nodes=dict(rank_file.nodes),
