@@ -57,7 +57,12 @@ def expand(to_ranks: int, in_dir: Path | None, out_dir: Path | None, force: bool
     run = RunDir.resolve(run_dir)
     out = out_dir or run.expanded(to_ranks)
     outputs = expand_dir(in_dir or run.unified(1), out, to_ranks, force=force)
-    click.echo(f"wrote {len(outputs)} rank files of {len(outputs[0].nodes)} nodes each to {out}")
+    first = outputs[0].name.method
+    same = [o for o in outputs if o.name.method == first]
+    methods = sorted({o.name.method for o in outputs if o.name.method and o.name.method != first})
+    kind = f"{first} scale" if first else "rank"
+    extra = f"; scale files expanded too: {', '.join(methods)}" if methods else ""
+    click.echo(f"wrote {len(same)} {kind} files of {len(same[0].nodes)} nodes each to {out}{extra}")
 
 
 @click.command()
@@ -73,12 +78,15 @@ def inspect(directory: Path) -> None:
 
     report = inspect_dir(directory)
     nodes = sorted(set(report.nodes_per_rank))
-    click.echo(f"{report.directory}: prefix '{report.prefix}', world size {report.world_size}, "
+    kind = "" if report.has_ranges else f" (no range files; {report.scale_methods[0]} scale files)"
+    click.echo(f"{report.directory}: prefix '{report.prefix}'{kind}, world size {report.world_size}, "
                f"nodes per rank {'/'.join(map(str, nodes))}, routed experts per rank {report.experts_per_rank}")
-    if report.scale_methods:
-        click.echo(f"scale files: {', '.join(report.scale_methods)}")
     values = report.values
     click.echo(f"values: {values['finite']} finite, {values['zero']} zero, {values['nan']} NaN, {values['inf']} inf")
+    for method, scale_set in report.scale_sets.items():
+        counts = scale_set.values
+        click.echo(f"scale files {method}: nodes per rank {'/'.join(map(str, sorted(set(scale_set.nodes_per_rank))))}, "
+                   f"values {counts['finite']} finite, {counts['zero']} zero, {counts['nan']} NaN, {counts['inf']} inf")
     _table("module families (rank 0)", ("family", "nodes"), report.families.most_common())
     if report.meta:
         shown = {k: v for k, v in report.meta.to_json().items() if v not in (None, [], {})}

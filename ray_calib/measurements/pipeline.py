@@ -67,14 +67,10 @@ def _no_cycle_collection() -> Iterator[None]:
 
 def _unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, force: bool) -> UnifySummary:
     start = time.perf_counter()
-    measurement = MeasurementSet.discover(in_dir)
+    sets = MeasurementSet.discover_all(in_dir)
+    measurement = sets[0]  # the range files, or the first scale set when the directory holds only scale files
     check_sizes(measurement.world_size, to_world_size)
     _check_output(in_dir, out_dir, measurement, to_world_size, force)
-    sets = [measurement] + [MeasurementSet.discover(in_dir, method=m) for m in scale_methods(in_dir)]
-    for run in sets[1:]:
-        if run.world_size != measurement.world_size:
-            raise MeasurementError(in_dir, f"{run.method} scale files have world size {run.world_size}, the "
-                                   f"measurements {measurement.world_size}", fix="remove the stale scale files.")
     meta = dataclasses.replace(measurement.meta or RunMeta(), tp_size=to_world_size,
                                unified_from=measurement.world_size)
     with staged_dir(out_dir) as stage:
@@ -87,7 +83,7 @@ def _unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, force: bool) -> 
     return UnifySummary(in_dir=in_dir, out_dir=out_dir, ranks_in=measurement.world_size, ranks_out=to_world_size,
                         nodes_in=first.nodes_in, nodes_out=first.nodes_out, experts_in=first.experts_in,
                         experts_out=first.experts_out, expert_parallel=first.expert_parallel,
-                        scale_methods=[s.method for s in sets[1:]], seconds=time.perf_counter() - start)
+                        scale_methods=[s.method for s in sets if s.method], seconds=time.perf_counter() - start)
 
 
 @dataclass
@@ -138,14 +134,18 @@ def _check_groups_agree(results: list[_GroupResult]) -> None:
 
 
 def expand_dir(in_dir: Path, out_dir: Path, to_world_size: int, *, force: bool = False) -> list[RankFile]:
-    """Expand a TP1 (unified) measurement into `to_world_size` expert-parallel rank files."""
-    measurement = MeasurementSet.discover(in_dir)
+    """Expand a TP1 (unified) measurement, and the scale files beside it, into `to_world_size` rank files."""
+    sets = MeasurementSet.discover_all(in_dir)
+    measurement = sets[0]
     if measurement.world_size != 1:
         raise UnifyError(f"{in_dir} holds {measurement.world_size} ranks; expand starts from one",
                          fix=f"run `ray-calib unify --to-tp 1 --in {in_dir}` first.")
     _check_output(in_dir, out_dir, measurement, to_world_size, force)
-    outputs = expand_rank(measurement.read(0), to_world_size)
-    meta = dataclasses.replace(measurement.meta or RunMeta(), tp_size=to_world_size, ep_size=to_world_size)
+    sources = [run.read(0) for run in sets]
+    outputs = [rank_file for source in sources for rank_file in expand_rank(source, to_world_size)]
+    meta = measurement.meta or RunMeta()
+    experts = expert_layout(sources[0]).has_experts
+    meta = dataclasses.replace(meta, tp_size=to_world_size, ep_size=to_world_size if experts else meta.ep_size)
     _write(out_dir, outputs, meta, in_dir)
     return outputs
 
@@ -211,16 +211,26 @@ class Inspection:
     experts_per_rank: int = 0
     scale_methods: list[str] = field(default_factory=list)
     meta: RunMeta | None = None
+    scale_sets: dict[str, Inspection] = field(default_factory=dict)  # METHOD -> the same figures for its files
+    has_ranges: bool = True
 
 
 def inspect_dir(directory: Path) -> Inspection:
-    """Summarize what a measurement directory holds, counting NaN/inf/zero instead of refusing them."""
-    measurement = MeasurementSet.discover(directory)
+    """Summarize what a measurement directory holds (range and scale files), counting NaN/inf/zero."""
+    sets = MeasurementSet.discover_all(directory)
+    reports = [_inspect_set(directory, run) for run in sets]
+    report = reports[0]
+    report.has_ranges = sets[0].method is None
+    report.scale_methods = [run.method for run in sets if run.method]
+    report.scale_sets = {run.method: one for run, one in zip(sets, reports) if run.method and one is not report}
+    return report
+
+
+def _inspect_set(directory: Path, measurement: MeasurementSet) -> Inspection:
     rank_files = measurement.read_all(strict=False)
     report = Inspection(directory=directory, prefix=measurement.prefix, world_size=measurement.world_size,
                         nodes_per_rank=[len(r.nodes) for r in rank_files], meta=measurement.meta,
-                        experts_per_rank=expert_layout(rank_files[0]).local_experts,
-                        scale_methods=scale_methods(directory))
+                        experts_per_rank=expert_layout(rank_files[0]).local_experts)
     report.families.update(_INDEX_RE.sub(".*", module) for module in rank_files[0].nodes)
     for rank_file in rank_files:
         for node in rank_file.nodes.values():
