@@ -105,6 +105,7 @@ def import_gguf(gguf: Path, out: Path, *, force: bool = False) -> ImportedModel:
     try:
         num_parameters = _convert(gguf, stage)
         atomic.write_json(stage / MARKER, source_stamp(gguf))
+        stage.chmod(0o755)  # mkdtemp made it private; a model directory is not
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)
@@ -122,7 +123,10 @@ def source_stamp(gguf: Path) -> dict:
 def _convert(gguf: Path, stage: Path) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # its per-tensor progress bars and dtype advice are noise here
+    hf_logging.disable_progress_bar()
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

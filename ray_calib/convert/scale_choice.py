@@ -1,0 +1,53 @@
+"""Which scales the FP8 checkpoint gets on CPU/CUDA when no --scale-method is given.
+
+Gaudi keeps INC's methods and their semantics exactly (`scales.methods`). On CPU/CUDA the checkpoint
+is compressed-tensors FP8, which takes any float scale: there the choice is ours, and it was made by
+measuring perplexity, KL and top-1 agreement against BF16 and against llm-compressor on a real model
+(SmolLM2-135M-Instruct, held-out text of three kinds; `benchmarks/bench_quality.py --search` reruns it).
+Each candidate below is one `ScaleChoice`; `DEFAULT` is the one that won.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ray_calib.scales.methods import ScaleMethod, TensorRule, get_method
+
+
+@dataclass(frozen=True)
+class ScaleChoice:
+    name: str
+    method: ScaleMethod  # weight and activation rules
+    kv_backoff: float  # k/v scale = maxabs / (fullscale * kv_backoff)
+
+    def kv_rule(self) -> TensorRule:
+        return TensorRule(backoff=self.kv_backoff)
+
+
+def _choice(name: str, weight: TensorRule, activation: TensorRule, kv_backoff: float) -> ScaleChoice:
+    return ScaleChoice(name, ScaleMethod(name, weight, activation), kv_backoff)
+
+
+CANDIDATES: dict[str, ScaleChoice] = {c.name: c for c in (
+    # INC's maxabs_arbitrary: weight backoff 0.5, activation (and KV) backoff 0.25
+    ScaleChoice("inc_backoffs", get_method("maxabs_arbitrary"), 0.25),
+    # the full FP8 range for everything: maxabs maps onto 448
+    _choice("full_range", TensorRule(), TensorRule(), 1.0),
+    _choice("full_range_kv_half", TensorRule(), TensorRule(), 0.5),
+    _choice("act_half", TensorRule(), TensorRule(backoff=0.5), 1.0),
+    # one weight scale per output channel (compressed-tensors `channel` strategy)
+    _choice("channel", TensorRule(granularity="pcs"), TensorRule(), 1.0),
+    _choice("channel_act_half", TensorRule(granularity="pcs"), TensorRule(backoff=0.5), 1.0),
+)}
+
+DEFAULT = CANDIDATES["channel"]
+
+
+def default_choice(*, input_backoff: float | None = None, weight_backoff: float | None = None) -> ScaleChoice:
+    """The CPU/CUDA default, with the user's backoffs applied on top."""
+    method = DEFAULT.method
+    if input_backoff is not None:
+        method = replace(method, activation=replace(method.activation, backoff=input_backoff))
+    if weight_backoff is not None:
+        method = replace(method, weight=replace(method.weight, backoff=weight_backoff))
+    return replace(DEFAULT, method=method)
