@@ -16,7 +16,8 @@ without an FP8 KV cache, on held-out text of three kinds; and the calibration wa
     5 report     one table per held-out source (perplexity, mean KL and top-1 agreement against BF16 with a
                  BF16 cache), the targets (KL <= 0.8x llm-compressor's, top-1 >= its, perplexity <= its),
                  results.json and quality.png in the work dir
-Each heavy phase takes --lock (a flock file) for itself only, so other users of the box get turns.
+Each heavy phase (vLLM, llm-compressor) takes --lock (a flock file) for itself only, so other users of the
+box get turns.
 """
 
 from __future__ import annotations
@@ -40,10 +41,20 @@ KL_RATIO = 0.8
 
 @dataclass
 class Model:
-    label: str  # row name
+    kind: str  # "BF16", "ray-calib", "llm-compressor"
     path: Path
     fp8_kv: bool  # run on an FP8 cache
     calib_seconds: float | None = None
+    choice: str | None = None  # ray-calib: the scale candidate (convert/scale_choice.py)
+
+    @property
+    def label(self) -> str:
+        """ray-calib's default is plain "ray-calib"; the other candidates carry their name."""
+        from ray_calib.convert.scale_choice import DEFAULT
+
+        if self.kind != "ray-calib" or self.choice == DEFAULT.name:
+            return self.kind
+        return f"ray-calib:{self.choice}"
 
 
 def main() -> None:
@@ -54,18 +65,27 @@ def main() -> None:
     parser.add_argument("--search", action="store_true", help="Score every scale candidate, not just the default.")
     parser.add_argument("--lock", type=Path, help="flock file taken around each heavy phase.")
     parser.add_argument("--work", type=Path, help="Work dir [default: <cache>/bench/quality].")
-    parser.add_argument("--reuse", action="store_true", help="Keep calibrated models found in --work.")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Keep calibrations in --work made from the same calibration texts.")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Print the table of the last run in --work again (e.g. after changing the default).")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from ray_calib.realmodel import smollm2, texts
 
     work = args.work or smollm2.cache_root() / "bench" / "quality"
     work.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        saved = json.loads((work / "results.json").read_text())
+        rows = [Model(r["kind"], Path(r["path"]), r["fp8_kv"], r["calib_seconds"], r["choice"]) for r in saved["rows"]]
+        vars(args).update({k: v for k, v in saved["args"].items() if k in ("heldout",)})
+        _report({int(k): v for k, v in saved["results"].items()}, rows, work, args)
+        return
     print("(1/5) prepare", flush=True)
-    with _locked(args.lock):
+    with _locked(args.lock if not smollm2.is_built(smollm2.default_dir(), smollm2.gguf_path()) else None):
         model, _ = smollm2.model_dir()
-    calib = texts.write_jsonl(texts.sample("pydoc", "calibration", args.calib_samples, min_chars=1200),
-                              work / "calibration.jsonl")
+    calib = texts.write_jsonl(_long_enough(model, texts.sample("pydoc", "calibration", 2 * args.calib_samples),
+                                           args.calib_tokens, args.calib_samples), work / "calibration.jsonl")
     heldout = {s: texts.sample(s, "heldout", args.heldout) for s in SOURCES}
     peer_python = _peer_venv(smollm2.cache_root() / "bench" / f"llmcompressor-{PEER_VERSION}")
 
@@ -76,7 +96,7 @@ def main() -> None:
 
     print("(4/5) score", flush=True)
     rows = [Model("BF16", model, False), Model("BF16", model, True), *ours, *peer]
-    results = _score_all(model, rows, heldout, args)
+    results = _score_all(model, rows, heldout, work, args)
     print("(5/5) report", flush=True)
     _report(results, rows, work, args)
 
@@ -94,6 +114,17 @@ def _locked(lock: Path | None):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _long_enough(model: Path, passages: list[str], tokens: int, count: int) -> list[str]:
+    """The first `count` passages of at least `tokens` tokens: both calibrations then see the same
+    `count` texts, each truncated to `tokens` (measure drops shorter ones, llm-compressor would not)."""
+    from ray_calib.infer.fidelity import tokenize
+
+    kept = [p for p, ids in zip(passages, tokenize(model, passages)) if len(ids) >= tokens][:count]
+    if len(kept) < count:
+        sys.exit(f"only {len(kept)} calibration passages have {tokens} tokens; ask for fewer --calib-samples")
+    return kept
 
 
 def _peer_venv(venv: Path) -> Path:
@@ -123,8 +154,7 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
     from ray_calib.scales.devices import get_device
 
     measure = work / "ray-calib" / "measure"
-    seconds = json.loads((work / "ray-calib" / "measure-seconds.json").read_text()) if args.reuse and \
-        (work / "ray-calib" / "measure-seconds.json").exists() else None
+    seconds = _reused(work / "ray-calib" / "measure-seconds.json", calib, args)
     if seconds is None:
         command = [sys.executable, "-m", "ray_calib.cli", "measure", "--model", str(model), "--dataset", str(calib),
                    "--tp", "1", "--fp8-kv", "--num-samples", str(args.calib_samples), "--least-tokens",
@@ -133,43 +163,68 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
             started = time.perf_counter()
             subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
             seconds = time.perf_counter() - started
-        (work / "ray-calib" / "measure-seconds.json").write_text(json.dumps(seconds))
+        _save_timing(work / "ray-calib" / "measure-seconds.json", calib, seconds)
     measurement, _ = load_measurement(measure)
     choices = list(CANDIDATES.values()) if args.search else [DEFAULT]
     models = []
-    for choice in choices:
-        for fp8_kv in (False, True):
-            out = work / "ray-calib" / f"{choice.name}{'-kv' if fp8_kv else ''}"
-            started = time.perf_counter()
-            job = QuantizeJob(model=model, measurement=measurement, out=out, method=choice.method,
-                              device=get_device("cpu"), fp8_kv=fp8_kv, kv_rule=choice.kv_rule(), force=True)
-            with _locked(args.lock):
+    with _locked(None):  # a 135M checkpoint quantizes in seconds: no need to queue for the heavy lock
+        for choice in choices:
+            for fp8_kv in (False, True):
+                out = work / "ray-calib" / f"{choice.name}{'-kv' if fp8_kv else ''}"
+                started = time.perf_counter()
+                job = QuantizeJob(model=model, measurement=measurement, out=out, method=choice.method,
+                                  device=get_device("cpu"), fp8_kv=fp8_kv, kv_rule=choice.kv_rule(), force=True)
                 quantize_checkpoint(job)
-            label = "ray-calib" if choice is DEFAULT else f"ray-calib:{choice.name}"
-            models.append(Model(label, out, fp8_kv, seconds + time.perf_counter() - started))
+                models.append(Model("ray-calib", out, fp8_kv, seconds + time.perf_counter() - started, choice.name))
     return models
 
 
 def _peer(python: Path, model: Path, calib: Path, work: Path, args) -> list[Model]:
     models = []
-    for fp8_kv in (False, True):
-        out = work / "llm-compressor" / ("fp8-kv" if fp8_kv else "fp8")
-        timing = out / "peer-seconds.json"
-        if not (args.reuse and timing.exists()):
-            command = [str(python), str(REPO / "benchmarks" / "_llmcompressor_peer.py"), str(model), str(calib),
-                       str(out), "--num-samples", str(args.calib_samples), "--max-tokens", str(args.calib_tokens)]
-            with _locked(args.lock):
+    with _locked(args.lock):
+        for fp8_kv in (False, True):
+            out = work / "llm-compressor" / ("fp8-kv" if fp8_kv else "fp8")
+            timing = out.parent / f"{out.name}-seconds.json"
+            wall = _reused(timing, calib, args)
+            if wall is None:
+                command = [str(python), str(REPO / "benchmarks" / "_llmcompressor_peer.py"), str(model), str(calib),
+                           str(out), "--num-samples", str(args.calib_samples), "--max-tokens", str(args.calib_tokens)]
                 started = time.perf_counter()
                 result = subprocess.run(command + (["--fp8-kv"] if fp8_kv else []), capture_output=True, text=True)
                 wall = time.perf_counter() - started
-            if result.returncode != 0:
-                sys.exit(f"llm-compressor failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
-            timing.write_text(json.dumps(wall))
-        models.append(Model("llm-compressor", out, fp8_kv, json.loads(timing.read_text())))
+                if result.returncode != 0:
+                    sys.exit(f"llm-compressor failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+                _save_timing(timing, calib, wall)
+            models.append(Model("llm-compressor", out, fp8_kv, wall))
     return models
 
 
-def _score_all(model: Path, rows: list[Model], heldout: dict[str, list[str]], args) -> dict:
+def _reused(timing: Path, calib: Path, args) -> float | None:
+    """The wall time of an earlier calibration on the same texts, when --reuse allows it."""
+    if not (args.reuse and timing.exists()):
+        return None
+    saved = json.loads(timing.read_text())
+    return saved["seconds"] if isinstance(saved, dict) and saved.get("texts") == _digest(calib) else None
+
+
+def _save_timing(timing: Path, calib: Path, seconds: float) -> None:
+    timing.parent.mkdir(parents=True, exist_ok=True)
+    timing.write_text(json.dumps({"seconds": seconds, "texts": _digest(calib)}))
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_windows(windows: list[list[int]]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(windows).encode()).hexdigest()
+
+
+def _score_all(model: Path, rows: list[Model], heldout: dict[str, list[str]], work: Path, args) -> dict:
     """{row index: {source: {"ppl", "kl", "top1"}}}, against BF16 on a BF16 cache."""
     from ray_calib.infer import fidelity
 
@@ -179,14 +234,20 @@ def _score_all(model: Path, rows: list[Model], heldout: dict[str, list[str]], ar
         spans[source] = (len(windows), len(windows) + len(source_windows))
         windows += source_windows
     scored = {}
-    for index, row in enumerate(rows):
-        variant = fidelity.Variant(row.label, row.path, fp8_kv=row.fp8_kv)
-        with _locked(args.lock):
+    with _locked(args.lock):
+        for index, row in enumerate(rows):
+            variant = fidelity.Variant(row.label, row.path, fp8_kv=row.fp8_kv)
             started = time.perf_counter()
-            result = fidelity.score(variant, windows, tp_size=1, device="cpu", max_model_len=1024)
-        print(f"    scored {row.label:<32} KV {result['kv_cache_dtype']:<9} in {time.perf_counter() - started:.0f} s",
-              flush=True)
-        scored[index] = result
+            saved = work / "scores" / f"{row.path.name}-{row.kind}-{'fp8' if row.fp8_kv else 'bf16'}-kv.json"
+            key = _digest_windows(windows)
+            if args.reuse and saved.exists() and json.loads(saved.read_text()).get("windows") == key:
+                scored[index] = json.loads(saved.read_text())
+            else:
+                scored[index] = fidelity.score(variant, windows, tp_size=1, device="cpu", max_model_len=1024)
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps({**scored[index], "windows": key}))
+            print(f"    scored {row.label:<32} KV {scored[index]['kv_cache_dtype']:<9} in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
     reference = scored[0]["positions"]
     results = {}
     for index in scored:
@@ -216,7 +277,7 @@ def _report(results: dict, rows: list[Model], work: Path, args) -> None:
     text = "\n".join(lines + ["", "targets (ray-calib vs llm-compressor, same source and KV cache):", *verdicts])
     print(text)
     (work / "results.txt").write_text(text + "\n")
-    (work / "results.json").write_text(json.dumps({"rows": [{"label": r.label, "path": str(r.path),
+    (work / "results.json").write_text(json.dumps({"rows": [{"kind": r.kind, "choice": r.choice, "path": str(r.path),
                                                              "fp8_kv": r.fp8_kv, "calib_seconds": r.calib_seconds}
                                                             for r in rows],
                                                    "results": results, "args": vars(args)}, indent=1, default=str))

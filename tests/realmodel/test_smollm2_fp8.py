@@ -2,10 +2,10 @@
 
 What is asserted, and why these bounds:
 - answers: the FP8 model (FP8 KV cache too) gives the BF16 model's factual answers to short prompts.
-- figures on held-out text of three kinds, against BF16: llm-compressor's FP8 on this model scores a mean
-  KL of about 0.02-0.03 and top-1 agreement of about 0.91 (benchmarks/bench_quality.py); ours must be at
-  least as good, so the bounds are the peer's figures with room for another machine's kernels:
-  KL <= 0.03, top-1 >= 0.90 and perplexity within 3 % of BF16 on a BF16 cache.
+- figures on held-out text of three kinds, against BF16 on a BF16 cache: llm-compressor's FP8 of this
+  model scores mean KL 0.028-0.066, top-1 0.857-0.890 and perplexity +2.7-3.5 % depending on the kind of
+  text (benchmarks/bench_quality.py); the bounds are the peer's worst source with a margin for fewer
+  passages and other kernels: KL <= 0.06, top-1 >= 0.85, perplexity within 8 % of BF16.
 - the KV cache: eval's plain variant runs "bfloat16", the FP8 one "fp8", as vLLM's resolved config
   says, and their figures differ (an FP8 cache rounds every cached k/v to 3 mantissa bits).
 - a text longer than the context is scored in windows, with one line saying so.
@@ -75,8 +75,8 @@ def test_eval_figures_and_the_kv_cache_it_names(smollm2, fp8_run, run_cli, tmp_p
     report = json.loads((fp8_run / "eval.json").read_text())
     assert report["kv_cache_dtype"] == {"baseline": "bfloat16", "candidate": "bfloat16", "candidate_fp8_kv": "fp8"}
     ppl, kl, top1 = report["perplexity"], report["mean_kl"], report["top1_agreement"]
-    assert kl["candidate"] <= 0.03 and top1["candidate"] >= 0.90
-    assert abs(ppl["candidate"] / ppl["baseline"] - 1) <= 0.03
+    assert kl["candidate"] <= 0.06 and top1["candidate"] >= 0.85
+    assert abs(ppl["candidate"] / ppl["baseline"] - 1) <= 0.08
     # the FP8 cache is really in use: other figures than the BF16 cache's, and not better ones
     assert kl["candidate_fp8_kv"] != pytest.approx(kl["candidate"], rel=0.02)
     assert kl["candidate_fp8_kv"] > kl["candidate"]
