@@ -31,7 +31,8 @@ from pathlib import Path
 
 REPO_ID = "standin/tiny-deepseek-v3-fp8"  # the stand-in's user namespace
 STAGES = 16
-# Questions SmolLM2-135M-Instruct answers right in BF16; the FP8 model must too.
+# Short factual prompts: the FP8 answers should be the BF16 ones (a 135M model is not always right:
+# it names John F. Kennedy as the first US president, in BF16 and FP8 alike).
 PROMPTS = ("The capital of France is", "The largest planet in the solar system is",
            "Water is made of hydrogen and", "The first president of the United States was")
 
