@@ -59,8 +59,15 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     if model is None:
         raise MeasurementError(measurements, "has no ray_calib_meta.json naming the model", fix="pass --model BF16_DIR.")
     device = (request.device or (meta.device_type if meta else None) or "cpu").lower()
-    method_name = request.scale_method or default_method(device)
-    method = get_method(method_name, input_backoff=request.input_backoff, weight_backoff=request.weight_backoff)
+    kv_rule = None
+    if request.scale_method is None and not device.startswith("gaudi"):
+        from ray_calib.convert.scale_choice import default_choice
+
+        choice = default_choice(input_backoff=request.input_backoff, weight_backoff=request.weight_backoff)
+        method, kv_rule = choice.method, choice.kv_rule()
+    else:
+        method = get_method(request.scale_method or default_method(device), input_backoff=request.input_backoff,
+                            weight_backoff=request.weight_backoff)
     check_method_for_device(method, get_device(device))
     result = QuantizeResult(device=device, method=method.name, model=Path(model), measurements=Path(measurements),
                             stale=stale, cleaned=bool(stale and request.clean_stale_scales))
@@ -70,7 +77,8 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
 
     job = QuantizeJob(model=Path(model), measurement=measurement, out=request.out or request.run.fp8, method=method,
-                      device=get_device(device), fp8_kv=request.fp8_kv, low_cpu_mem=request.low_cpu_mem,
+                      device=get_device(device), fp8_kv=request.fp8_kv, kv_rule=kv_rule,
+                      low_cpu_mem=request.low_cpu_mem,
                       force=request.force, free_space=request.free_space)
     result.summary = quantize_checkpoint(job)
     return result

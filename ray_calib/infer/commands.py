@@ -32,6 +32,7 @@ def _run_meta(run: RunDir, model: Path):
 @click.option("--prompts", type=_file, help="One prompt per line (or JSONL with 'prompt').")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--fp8-kv/--no-fp8-kv", default=None, help="FP8 KV cache [default: as measured].")
+@click.option("--baseline", type=_dir, help="Also run this BF16 model and print both answers side by side.")
 @click.option("--serve", is_flag=True, help="Start an OpenAI-compatible server (vllm serve) instead.")
 @click.option("--detach", is_flag=True, help="With --serve: return once healthy, leaving the server running.")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -42,7 +43,7 @@ def _run_meta(run: RunDir, model: Path):
 @click.option("--allow-device-mismatch", is_flag=True, help="Use scales measured on another device type.")
 @run_dir_option
 def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None, prompts: Path | None,
-          max_new_tokens: int, fp8_kv: bool | None, serve: bool, detach: bool, host: str, port: int,
+          max_new_tokens: int, fp8_kv: bool | None, baseline: Path | None, serve: bool, detach: bool, host: str, port: int,
           quant_config: Path | None, timeout_s: int, allow_device_mismatch: bool, run_dir: str | None) -> None:
     """Run the quantized model with vLLM: offline generation, or `--serve` an OpenAI API.
 
@@ -70,10 +71,13 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None,
     config = runner.InferConfig(model=model, tp_size=tp_size, device=device,
                                 fp8_kv=fp8_kv if fp8_kv is not None else bool(meta and meta.fp8_kv),
                                 quant_config=quant_config, timeout_s=timeout_s, extra_env=extra_env)
-    click.echo(f"vLLM on {device}, TP={tp_size}, FP8 KV {'on' if config.fp8_kv else 'off'}; "
+    click.echo(f"vLLM on {device}, TP={tp_size}, KV cache {runner.engine_config(config).kv_cache_dtype}; "
                f"VLLM_ENGINE_ITERATION_TIMEOUT_S={timeout_s}, VLLM_RPC_TIMEOUT={timeout_s * 1000} (ms)")
     if serve:
         _serve(runner, config, host, port, detach, run)
+        return
+    if baseline is not None:
+        _side_by_side(config, baseline, runner.load_prompts(prompts), max_new_tokens, run)
         return
     completions = runner.generate(config, runner.load_prompts(prompts), max_new_tokens=max_new_tokens)
     for completion in completions:
@@ -82,6 +86,19 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None,
 
     out = atomic.write_json(run.root / "infer" / "completions.json",
                             [completion.__dict__ for completion in completions])
+    click.echo(f"completions saved to {out}")
+
+
+def _side_by_side(config, baseline: Path, prompts: list[str], max_new_tokens: int, run: RunDir) -> None:
+    from ray_calib import atomic
+    from ray_calib.infer.compare import format_side_by_side, side_by_side
+    from ray_calib.infer.runner import check_model_dir
+
+    check_model_dir(baseline)
+    rows = side_by_side(config, baseline, prompts, max_new_tokens=max_new_tokens)
+    click.echo(format_side_by_side(rows))
+    click.echo(f"{sum(r.same for r in rows)} of {len(rows)} answers identical")
+    out = atomic.write_json(run.root / "infer" / "completions.json", [row.__dict__ for row in rows])
     click.echo(f"completions saved to {out}")
 
 
@@ -115,12 +132,14 @@ def _interrupt(signum: int, frame) -> None:
 @click.option("--texts", type=_file, help="Held-out texts, one per line (or JSONL with 'text').")
 @click.option("--tp", type=int, default=1, show_default=True)
 @click.option("--fp8-kv/--no-fp8-kv", "with_fp8_kv", default=True, show_default=True,
-              help="Also score the candidate with an FP8 KV cache.")
+              help="Also score the candidate with an FP8 KV cache (the others always run a BF16 one).")
+@click.option("--max-model-len", type=click.IntRange(min=16), default=1024, show_default=True,
+              help="Context of the scoring engines; longer texts are scored in consecutive windows.")
 @click.option("--min-agreement", type=float, help="Fail when top-1 agreement falls below this (0-1).")
 @click.option("--out", type=_file, help="Results JSON [default: <run-dir>/eval.json].")
 @run_dir_option
 def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | None, tp: int, with_fp8_kv: bool,
-                 min_agreement: float | None, out: Path | None, run_dir: str | None) -> None:
+                 max_model_len: int, min_agreement: float | None, out: Path | None, run_dir: str | None) -> None:
     """Compare the FP8 model with its BF16 baseline: top-1 agreement, KL, perplexity.
 
     \b
@@ -140,11 +159,11 @@ def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | No
     for model in (baseline, candidate):
         runner.check_model_dir(model)
     report = fidelity.evaluate(baseline, candidate, runner.load_prompts(texts), tp_size=tp, device=detect_device(),
-                               with_fp8_kv=with_fp8_kv)
+                               with_fp8_kv=with_fp8_kv, max_model_len=max_model_len)
     path = fidelity.write_report(report, out or run.eval_json)
-    for name, agreement in report.top1_agreement.items():
-        click.echo(f"{name}: top-1 agreement {agreement:.3f}, mean KL {report.mean_kl[name]:.4f}, "
-                   f"perplexity {report.perplexity[name]:.2f} (baseline {report.perplexity['baseline']:.2f})")
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo(fidelity.format_table(report))
     click.echo(f"{report.num_positions} positions over {report.num_texts} texts; saved {path}")
     if min_agreement is not None and report.worst_agreement() < min_agreement:
         raise EngineError(f"top-1 agreement {report.worst_agreement():.3f} is below --min-agreement {min_agreement}",

@@ -1,8 +1,8 @@
 """Run the quantized model on one node: offline generation, or an OpenAI-compatible `vllm serve`.
 
 On CUDA/CPU the FP8 checkpoint written by `quantize` carries its own quantization config; `--fp8-kv`
-adds `kv_cache_dtype="fp8"` (the checkpoint's k/v scales are used). On Gaudi the weights stay BF16 and
-INC quantizes them at load: `--quantization inc`, `--kv-cache-dtype fp8_inc` and QUANT_CONFIG in the env.
+adds `kv_cache_dtype="fp8"` (the checkpoint's k/v scales are used), `--no-fp8-kv` passes "bfloat16".
+On Gaudi the weights stay BF16 and INC quantizes them at load: `--quantization inc`, `--kv-cache-dtype fp8_inc` and QUANT_CONFIG in the env.
 """
 
 from __future__ import annotations
@@ -78,8 +78,14 @@ def engine_config(config: InferConfig):
                             kv_cache_dtype="fp8_inc" if config.fp8_kv else "auto",
                             max_model_len=config.max_model_len, extra_env=env)
     return EngineConfig(model=str(config.model), tp_size=config.tp_size, device=config.device,
-                        kv_cache_dtype="fp8" if config.fp8_kv else "auto", max_model_len=config.max_model_len,
+                        kv_cache_dtype=kv_cache_dtype(config.fp8_kv), max_model_len=config.max_model_len,
                         extra_env=env)
+
+
+def kv_cache_dtype(fp8_kv: bool) -> str:
+    """Always explicit on CPU/CUDA: vLLM resolves "auto" to the checkpoint's KV scheme, so a checkpoint
+    with k/v scales would run an FP8 cache even when BF16 was asked for (the engine's dtype is bfloat16)."""
+    return "fp8" if fp8_kv else "bfloat16"
 
 
 def check_model_dir(model: Path) -> None:
