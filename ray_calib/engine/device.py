@@ -30,6 +30,10 @@ class Target:
     def is_gaudi(self) -> bool:
         return self.device == "hpu"
 
+    @property
+    def forced(self) -> bool:
+        return self.source.startswith("forced")
+
 
 def detect_device(forced: str | None = None) -> str:
     """Gaudi when habana_frameworks is installed (not imported), CUDA when torch sees a GPU, else CPU."""

@@ -111,15 +111,38 @@ def _address(cluster: Path | None, executor: str) -> str | None:
 
 
 def _dry_run(config, conf, executor: str) -> None:
-    """The plan, with the cluster's address when devices.conf names one (nothing is joined or started)."""
+    """The plan; the nodes are probed too when they can be (a cluster `up` started, or this node alone)."""
     import dataclasses
 
+    from ray_calib.errors import RayCalibError
     from ray_calib.measure.plan import plan_measure
 
+    address = None
     if conf is not None and executor in ("auto", "ray"):
+        try:
+            address = _address(conf.path, executor)
+        except RayCalibError as err:
+            click.echo(f"note: nodes not probed ({err.message})", err=True)
         config = dataclasses.replace(config, ray_address=conf.address)
     plan = plan_measure(config, load_data=config.dataset is not None, dry_run=True)
+    if address or conf is None:
+        _probe(plan)
     click.echo(plan.engine_plan().render())
+
+
+def _probe(plan) -> None:
+    """Per-node checks for the dry run: problems become warnings instead of errors."""
+    from ray_calib.engine import nodes
+    from ray_calib.errors import RayCalibError
+
+    plan.probe_nodes(write=False)
+    try:
+        nodes.check_nodes(plan.node_facts, str(plan.info.path), gaudi=plan.target.is_gaudi and not plan.target.forced)
+        if plan.fit is not None:
+            plan.fit.hosts = {f"{f.node} ({f.hostname})": f.mem_available for f in plan.node_facts}
+            plan.warnings += [f"does not fit: {p}" for p in plan.fit.problems() if "host RAM" in p]
+    except RayCalibError as err:
+        plan.warnings.append(str(err))
 
 
 def _run(config) -> None:

@@ -147,15 +147,10 @@ class IncBackend:
     def before_start(self) -> None:
         """Join Ray with the job env first, then write QUANT_CONFIG and check every node (model, device, memory)."""
         from ray_calib.engine import nodes
-        from ray_calib.engine.launch import connect_ray
-        from ray_calib.measure.plan import quant_config_text
 
         plan = self.plan
-        if self.use_ray:
-            connect_ray(plan.engine)  # before any other Ray call: vLLM copies this job's env to every rank
-        files = {plan.quant_config_path: quant_config_text(plan)}
-        self.facts = nodes.probe(str(plan.info.path), files, gaudi=plan.target.is_gaudi, use_ray=self.use_ray)
-        nodes.check_nodes(self.facts, str(plan.info.path), gaudi=plan.target.is_gaudi)
+        self.facts = plan.probe_nodes(write=True)
+        nodes.check_nodes(self.facts, str(plan.info.path), gaudi=plan.target.is_gaudi and not plan.target.forced)
         if plan.target.is_gaudi:
             self._check_fit()
 

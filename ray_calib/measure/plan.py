@@ -46,6 +46,8 @@ class MeasurePlan:
     warnings: list[str] = field(default_factory=list)
     conf: Any = None  # cluster.devices.ClusterConfig when one is in use
     sampling: str = ""
+    node_facts: list = field(default_factory=list)  # engine.nodes.NodeFacts once the nodes were probed
+    checks: list[str] = field(default_factory=list)  # what the probe found, per node
 
     @property
     def quant_config_path(self) -> str | None:
@@ -73,9 +75,25 @@ class MeasurePlan:
             facts.append(("data", self.calib.report.summary()))
         if self.fit is not None:
             facts.append(("memory", "\n".join(self.fit.lines())))
+        if self.checks:
+            facts.append(("nodes", "\n".join(self.checks)))
         return EnginePlan(title="ray-calib measure --dry-run: nothing is started, no device is opened", facts=facts,
                           engine=self.engine, quant_config=self.quant_config,
                           quant_config_path=self.quant_config_path, nodes=self.nodes, warnings=self.warnings)
+
+    def probe_nodes(self, *, write: bool) -> list:
+        """Facts of every node of the run (Ray: joined with the run's job env first); `write` the QUANT_CONFIG."""
+        from ray_calib.engine import nodes
+        from ray_calib.engine.launch import connect_ray
+
+        use_ray = self.engine.resolved_executor == "ray"
+        if use_ray:
+            connect_ray(self.engine)  # the first Ray call: vLLM copies this job's env to every rank
+        files = {self.quant_config_path: quant_config_text(self)} if write and self.quant_config else {}
+        gaudi = self.target.is_gaudi and not self.target.forced
+        self.node_facts = nodes.probe(str(self.info.path), files, gaudi=gaudi, use_ray=use_ray)
+        self.checks = [_describe(f) for f in self.node_facts]
+        return self.node_facts
 
 
 def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> MeasurePlan:
@@ -212,6 +230,17 @@ def _warnings(plan: MeasurePlan) -> list[str]:
         warnings.append("INC runs in vLLM's CPU workers (RAY_CALIB_INC_ON_CPU=1): linear layers only, "
                         "quantize-dequantize mode; not a Gaudi run")
     return warnings
+
+
+def _describe(facts) -> str:
+    model = f"model found ({facts.model_digest})" if facts.model_found else "MODEL MISSING"
+    memory = f"{facts.mem_available / GiB:.0f} GiB host RAM available" if facts.mem_available else "host RAM unknown"
+    device = ""
+    if facts.device_type:
+        device = f", {facts.cards} x {facts.device_type} ({facts.card_bytes / GiB:.0f} GiB, driver {facts.driver})"
+    elif facts.device_error:
+        device = f", hl-smi: {facts.device_error}"
+    return f"{facts.node} ({facts.hostname}): {model}, {memory}{device}"
 
 
 def quant_config_text(plan: MeasurePlan) -> str:

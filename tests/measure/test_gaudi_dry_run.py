@@ -218,3 +218,16 @@ def test_infer_dry_run_matches_the_quickstart_server(tmp_path, run_cli):
     quant = run / "configs" / "inc_quant_with_fp8kv_one_node_config.json"
     assert f"QUANT_CONFIG={quant}" in out and not quant.exists()  # a dry run writes nothing
     assert f'"dump_stats_path": "{run / "unified-tp8" / "inc_measure_output"}"' in out
+
+
+def test_dry_run_probes_the_local_node(tmp_path, run_cli):
+    """Without devices.conf the ranks run here: the dry run checks this node (model, host RAM) and shows the fit."""
+    model = model_dir(tmp_path, "DeepSeek-R1", DEEPSEEK_R1)
+    result = run_cli("measure", "-m", model, "--device", "gaudi2", "-t", 8, "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    nodes_line = next(line for line in result.stdout.splitlines() if line.startswith("  nodes"))
+    assert "model found" in nodes_line and "GiB host RAM available" in nodes_line
+    assert "executor mp" in result.stdout
+    (model / "config.json").rename(model / "moved.json")
+    missing = run_cli("measure", "-m", model, "--device", "gaudi2", "-t", 8, "--dry-run")
+    assert missing.exit_code == 1 and "no config.json" in missing.stderr
