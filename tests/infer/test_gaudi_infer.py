@@ -114,3 +114,22 @@ def test_serving_deepseek_bf16_on_one_gaudi2_node_is_refused(tmp_path):
     fp8 = runner.InferConfig(model=model(tmp_path, fp8=True), tp_size=8, device="hpu", quant_config=tmp_path / "q.json")
     route, fit = gaudi.serve_fit(fp8, 96 << 30)
     assert route.name == "fp8-checkpoint" and fit.card_need < fit.card_budget
+
+
+def test_devices_conf_quant_config_is_the_default(tmp_path, run_cli):
+    """INC_QUANT_CONFIG_FILENAME of the reference flow's devices.conf is what infer loads, across the cluster."""
+    source = model(tmp_path, fp8=True)
+    run, _ = run_with(tmp_path, source, fp8_kv=True)
+    mine = tmp_path / "my_quant.json"
+    template = Path(__file__).parents[2] / "configs" / "inc_quant_with_fp8kv_one_node_config.json"
+    mine.write_text(json.dumps({**json.loads(template.read_text()),
+                                "dump_stats_path": str(run.unified(8) / "inc_measure_output")}))
+    conf = tmp_path / "devices.conf"
+    conf.write_text(f"HEAD_NODE_IP=10.0.0.1\nWORKER_NODE_IP=10.0.0.2\nDEVICE_KIND=hpu\nDEVICES_PER_NODE=4\n"
+                    f"INC_QUANT_CONFIG_FILENAME={mine}\n")
+    result = run_cli("infer", "--conf", conf, "--device", "gaudi2", "--run-dir", run.root, "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert f"QUANT_CONFIG={mine}" in out and "distributed_executor_backend='ray'" in out
+    assert "head 10.0.0.1 (driver): ranks 0-3 of 8" in out and "worker1 10.0.0.2: ranks 4-7 of 8" in out
+    assert "must be at the same paths on every node" in out
