@@ -43,7 +43,8 @@ class Route:
 
 def route_for(model_config: dict, model: str) -> Route:
     """How INC gets at this checkpoint on Gaudi; quantized formats INC cannot take are refused."""
-    quant = model_config.get("quantization_config") or (model_config.get("text_config") or {}).get("quantization_config")
+    text_config = model_config.get("text_config") or {}
+    quant = model_config.get("quantization_config") or text_config.get("quantization_config")
     if not quant:
         return Route("bf16", "inc", {}, "BF16 weights, INC quantizes at load (quantization='inc')")
     method = str(quant.get("quant_method", "")).lower()

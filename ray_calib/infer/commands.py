@@ -140,7 +140,7 @@ def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, 
                         + (f", {target.memory_bytes / GiB:.0f} GiB per device" if target.memory_bytes else "")
                         + f" ({target.source})"),
              ("parallel", f"TP {config.tp_size}{', expert parallel' if config.expert_parallel else ''}"),
-             ("KV cache", f"{engine.kv_cache_dtype}" + (" (from the QUANT_CONFIG's blocklist)" if target.is_gaudi else ""))]
+             ("KV cache", engine.kv_cache_dtype + (" (from the QUANT_CONFIG's blocklist)" if target.is_gaudi else ""))]
     quant = gaudi_plan.config if gaudi_plan else (read_config(config.quant_config) if config.quant_config else None)
     note = None
     if gaudi_plan is not None:
@@ -162,7 +162,8 @@ def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, 
     if conf and target.is_gaudi:
         warnings.append(f"the QUANT_CONFIG and the measurements it names must be at the same paths on every node "
                         f"(ranks on other nodes read {config.quant_config})")
-    return EnginePlan(warnings=warnings, title="ray-calib infer --dry-run: nothing is started, no device is opened", facts=facts,
+    return EnginePlan(warnings=warnings, title="ray-calib infer --dry-run: nothing is started, no device is opened",
+                      facts=facts,
                       engine=engine, quant_config=quant, quant_config_path=str(config.quant_config) if quant else None,
                       nodes=nodes, serve_args=args, quant_config_note=note)
 

@@ -89,7 +89,7 @@ def _one_node_config(run: RunDir, model: Path, measurements: Path | None, tp: in
     from ray_calib.scales.quant_config import build_config, config_name, is_mla, is_moe, read_config, write_configs
 
     if measurements is None:
-        raise MeasurementError(run.root, f"holds no measurements at TP {tp} (no unified-tp{tp}/ or measure/ at that TP)",
+        raise MeasurementError(run.root, f"holds no measurements at TP {tp} (no unified-tp{tp}/ or measure/ at it)",
                                fix=f"run `ray-calib unify --to-tp {tp}`, or pass --tp with the TP you have.")
     kv = fp8_kv if fp8_kv is not None else bool(meta and meta.fp8_kv)
     path = run.configs / config_name(measure=False, fp8_kv=kv, one_node=True)
