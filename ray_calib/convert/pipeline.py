@@ -88,7 +88,7 @@ def _write_inc_config(request: QuantizeRequest, measurements: Path, method: str,
                       prefix: str) -> Path:
     """Gaudi: INC computes scales from the measurements when vLLM loads the BF16 model."""
     from ray_calib.convert.checkpoint import model_config
-    from ray_calib.scales.quant_config import build_config, config_name, is_moe, write_configs
+    from ray_calib.scales.quant_config import build_config, config_name, is_mla, is_moe, write_configs
 
     if request.out and any(Path(request.out).glob("*.safetensors")):
         raise ConfigError(f"{request.out}: on Gaudi quantize writes a QUANT_CONFIG, not weights",
@@ -96,7 +96,7 @@ def _write_inc_config(request: QuantizeRequest, measurements: Path, method: str,
     one_node = Path(measurements).resolve() != request.run.measure.resolve()
     config = build_config(measure=False, fp8_kv=request.fp8_kv, one_node=one_node, scale_method=method,
                           dump_stats_path=str(Path(measurements).absolute() / prefix),
-                          moe=is_moe(model_config(model), str(model)))
+                          moe=is_moe(model_config(model), str(model)), mla=is_mla(model_config(model)))
     if request.input_backoff or request.weight_backoff:
         config["scale_params"] = {k: v for k, v in (("input_backoff", request.input_backoff),
                                                      ("weight_backoff", request.weight_backoff)) if v}

@@ -16,8 +16,12 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--in", "in_dir", type=_dir, help="Measurement directory at TP=N [default: <run-dir>/measure].")
 @click.option("--out", "out_dir", type=_dir, help="Output directory [default: <run-dir>/unified-tp<M>].")
 @click.option("--force", is_flag=True, help="Replace another run's stats files in --out.")
+@click.option("--expert-parallel/--no-expert-parallel", default=None,
+              help="Ranks hold different experts (concatenate) or shards of all (max) [default: the meta's ep_size, "
+                   "else the files checked against the model's config.json].")
 @run_dir_option
-def unify(to_tp: int, in_dir: Path | None, out_dir: Path | None, force: bool, run_dir: str | None) -> None:
+def unify(to_tp: int, in_dir: Path | None, out_dir: Path | None, force: bool, expert_parallel: bool | None,
+          run_dir: str | None) -> None:
     """Re-shard per-rank measurements from TP=N to TP=M (e.g. 16 -> 8 for one 8-card node).
 
     \b
@@ -27,7 +31,8 @@ def unify(to_tp: int, in_dir: Path | None, out_dir: Path | None, force: bool, ru
     from ray_calib.measurements.pipeline import unify_dir
 
     run = RunDir.resolve(run_dir)
-    summary = unify_dir(in_dir or run.measure, out_dir or run.unified(to_tp), to_tp, force=force)
+    summary = unify_dir(in_dir or run.measure, out_dir or run.unified(to_tp), to_tp, force=force,
+                        expert_parallel=expert_parallel)
     rows = [
         ("ranks", summary.ranks_in, summary.ranks_out),
         ("nodes per rank", summary.nodes_in, summary.nodes_out),
@@ -36,7 +41,7 @@ def unify(to_tp: int, in_dir: Path | None, out_dir: Path | None, force: bool, ru
     _table(f"unify {summary.in_dir} -> {summary.out_dir}", ("", "in", "out"), rows)
     mode = "expert-parallel (experts concatenated)" if summary.expert_parallel else "element-wise max"
     extra = f"; scale files unified too: {', '.join(summary.scale_methods)}" if summary.scale_methods else ""
-    click.echo(f"{mode}{extra}; {summary.seconds:.2f} s")
+    click.echo(f"{mode} ({summary.ep_reason}){extra}; {summary.seconds:.2f} s")
 
 
 @click.command()

@@ -13,7 +13,8 @@ from ray_calib.measurements import MODE_SCALE, MeasurementSet
 from ray_calib.scales.devices import DEVICES
 from ray_calib.scales.files import write_scale_files
 from ray_calib.scales.methods import get_method
-from ray_calib.scales.quant_config import is_moe, read_config, stale_scale_files, template_set, validate
+from ray_calib.scales.quant_config import (MLA_FP8_KV_BLOCK, is_moe, read_config, stale_scale_files,
+                                           template_set, validate)
 from ray_calib.scales.target import IncTarget, parse_version
 from tests.conftest import LLAMA70B_TP4, fixture_dir
 from tests.measurements.synthetic import write_set
@@ -65,13 +66,27 @@ def test_pcs_and_opt_without_weights_are_refused(tmp_path, run_cli, method):
 
 
 def test_shipped_templates_are_the_generated_ones():
-    generated = template_set("./calib-run/measure", "./calib-run/unified-tp8", moe=True)
+    generated = template_set("./calib-run/measure", "./calib-run/unified-tp8", moe=True, mla=True)
     shipped = {p.name: json.loads(p.read_text()) for p in (REPO / "configs").glob("*.json")}
     assert shipped == generated and len(shipped) == 6
     measure = shipped["inc_measure_config.json"]
     assert measure["blocklist"] == {"types": ["KVCache", "VLLMKVCache"], "names": ["lm_head", r"mlp\.gate\b"]}
     assert shipped["inc_measure_with_fp8kv_config.json"]["blocklist"]["types"] == []
-    assert shipped["inc_quant_with_fp8kv_one_node_config.json"]["blocklist"]["names"] == ["lm_head"]
+    # the router stays BF16 in the one-node configs too (an unmeasured patched router fails at load)
+    assert shipped["inc_quant_one_node_config.json"]["blocklist"]["names"] == ["lm_head", r"mlp\.gate\b"]
+    # FP8 KV with MLA: only the latent cache is FP8; attention matmuls and unused cache variants stay BF16
+    assert shipped["inc_quant_with_fp8kv_one_node_config.json"]["blocklist"]["names"] == [
+        "lm_head", r"mlp\.gate\b", "latent_cache_k_nodeq", "latent_cache_v_nodeq", "latent_cache_v", "matmul_qk",
+        "matmul_av", "block2batch_matmul"]
+
+
+def test_kv_cache_dtype_follows_the_quantize_config():
+    from ray_calib.scales.quant_config import quantizes_kv_cache
+
+    configs = template_set("/m", "/u", moe=True)
+    assert quantizes_kv_cache(configs["inc_quant_with_fp8kv_one_node_config.json"])
+    assert not quantizes_kv_cache(configs["inc_quant_one_node_config.json"])
+    assert template_set("/m", "/u", moe=False)["inc_quant_one_node_config.json"]["blocklist"]["names"] == ["lm_head"]
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -113,7 +128,7 @@ def test_stale_scale_files_and_cli_warning(tmp_path, run_cli):
     assert "stale scale file" in result.stderr and "--clean-stale-scales" in result.stderr
     written = json.loads((tmp_path / "run/configs/inc_quant_with_fp8kv_config.json").read_text())
     assert written["dump_stats_path"] == str(measure / "inc_measure_output")
-    assert written["blocklist"]["names"] == ["lm_head", r"mlp\.gate\b"]
+    assert written["blocklist"]["names"] == ["lm_head", r"mlp\.gate\b", *MLA_FP8_KV_BLOCK]  # DeepSeek: MLA
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"mode": "QUANTIZE", "dump_stats_path": "/x", "scale_mehtod": "maxabs_hw"}))
     result = run_cli("configs", "--model", "m", "--check", bad)
