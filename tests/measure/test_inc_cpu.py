@@ -95,30 +95,25 @@ def test_inc_measure_gather_unify_quantize(tiny_models, calib_set, tmp_path, two
 def compare_scales_with_ours(unified: Path, ours_dir: Path) -> None:
     """INC's own maxabs_pow2 scales from the unified files against `ray-calib scales` on the same files.
 
-    Inputs and weights must be equal. A row-parallel output INC scales from its measured pre-reduce max
-    (outputs[0]); that rule is checked on INC's file directly, and ray-calib's agreement is printed
-    (its `scales` used input x weight there, INC_SCALES D6).
+    Every node must be equal: inputs, weights and outputs (a row-parallel output scaled from its measured
+    pre-reduce max, outputs[0], as INC does), checked on INC's file against our rule and against our file.
     """
     from ray_calib.measurements.rankfile import node_values
     from ray_calib.scales.devices import get_device
-    from ray_calib.scales.files import make_scales
+    from ray_calib.scales.files import ScaleRequest, make_scales
     from ray_calib.scales.methods import get_method, scale_from_maxabs
 
     ranges = MeasurementSet.discover(unified).read(0)
     inc = MeasurementSet.discover(unified, method="MAXABS_POW2").read(0, check_npz=False)
-    make_scales(unified, ours_dir, "maxabs_pow2", "cpu")
+    make_scales(ScaleRequest(unified, ours_dir, method="maxabs_pow2", device="cpu"))
     ours = MeasurementSet.discover(ours_dir, method="MAXABS_POW2").read(0)
     rule, cpu = get_method("maxabs_pow2").activation, get_device("cpu")
-    row_parallel_agree = 0
+    row_parallel = 0
     for name, node in inc.nodes.items():
-        mine = ours.nodes[name]
-        assert node["inputs"] == mine["inputs"] and node["params"] == mine["params"], name
         measured = ranges.nodes[name]
         if len(measured.get("outputs", [])) == 2:  # row-parallel: [pre-reduce max, reduced]
             pre_reduce = max(node_values({"outputs": measured["outputs"][:1]}))
             assert list(node_values({"outputs": node["outputs"]})) == [scale_from_maxabs(pre_reduce, rule, cpu)], name
-            row_parallel_agree += node["outputs"] == mine["outputs"]
-        else:
-            assert node.get("outputs") == mine.get("outputs"), name
-    print(f"INC on CPU: {len(inc.nodes)} scale nodes; inputs and weights equal ray-calib's; row-parallel outputs "
-          f"agree on {row_parallel_agree} node(s)")
+            row_parallel += 1
+        assert node == ours.nodes[name], name
+    print(f"INC on CPU: {len(inc.nodes)} scale nodes ({row_parallel} row-parallel) equal ray-calib's")
