@@ -31,9 +31,12 @@ from ray_calib.rundir import RunDir, run_dir_option
 @click.option("--executor", type=click.Choice(["auto", "uni", "mp", "ray"]), default="auto", show_default=True,
               help="How ranks run: one process, one node (mp) or Ray.")
 @click.option("--max-model-len", type=int, default=2048, show_default=True, help="Longest prompt + generation.")
+@click.option("--attention-backend", default=None,
+              help="Force vLLM's attention backend (e.g. CPU_MLA or AMX_MLA) [default: vLLM's choice].")
 @run_dir_option
 def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_size, max_new_tokens, chunk_size, out,
-            resume, force, min_expert_tokens, quant_config, cluster, executor, max_model_len, run_dir) -> None:
+            resume, force, min_expert_tokens, quant_config, cluster, executor, max_model_len, attention_backend,
+            run_dir) -> None:
     """Run the calibration prompts through vLLM at TP=N and write one INC range file per rank."""
     from ray_calib.errors import ConfigError
     from ray_calib.measure.preflight import cluster_address
@@ -50,7 +53,8 @@ def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_si
                            tp_size=tp_size, fp8_kv=fp8_kv, num_samples=num_samples, least_tokens=least_tokens,
                            batch_size=batch_size, max_new_tokens=max_new_tokens, chunk_size=chunk_size, resume=resume,
                            force=force, min_expert_tokens=min_expert_tokens, quant_config=quant_config,
-                           executor=executor, ray_address=address, max_model_len=max_model_len)
+                           executor=executor, ray_address=address, max_model_len=max_model_len,
+                           attention_backend=attention_backend)
     progress = RichProgress()
     try:
         summary = run_measure(config, progress)
@@ -60,6 +64,10 @@ def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_si
     click.echo(f"measured {summary.num_prompts} prompts ({summary.num_tokens} tokens, {summary.generated_tokens} generated) "
                f"at TP {summary.world_size} on {summary.device} [{summary.executor}] in {summary.seconds:.1f} s; "
                f"{summary.chunks_reused}/{summary.chunks_total} chunks reused")
+    if summary.backends:
+        from ray_calib.measure.quantizable import describe_backends
+
+        click.echo(f"observed under {describe_backends(summary.backends)}")
     click.echo(f"wrote {summary.world_size} rank files ({summary.nodes_per_rank} nodes each) to {summary.out}")
     for module, experts in summary.never_hit.items():
         click.echo(f"warning: {module}: experts {experts} got no tokens (their ranges are 0)", err=True)

@@ -3,8 +3,10 @@
     1 check     model dir, TP vs heads, dataset -> prompts, memory at this TP, checkpoints vs --resume
     2 start     vLLM at TP=N (uni / mp / ray) with the observer extension in every rank
     3 measure   chunks of prompts; after each chunk every rank's stats come back to the head over
-              collective_rpc and are checkpointed atomically (a resumed run skips finished chunks)
-    4 write     max-merge of the chunks -> one INC range file per rank, ray_calib_meta.json, coverage.json
+              collective_rpc and are checkpointed atomically (a resumed run skips finished chunks); the
+              first chunk must already hold every range quantize needs (`quantizable`)
+    4 write     max-merge of the chunks, checked again -> one INC range file per rank,
+              ray_calib_meta.json, coverage.json
 
 On Gaudi (habana_frameworks importable) stages 2-4 run INC itself instead (see `gaudi`).
 """
@@ -12,19 +14,22 @@ On Gaudi (habana_frameworks importable) stages 2-4 run INC itself instead (see `
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_calib.atomic import staged_dir
 from ray_calib.engine.launch import error_reason
-from ray_calib.errors import DataError, EngineError, OutputExistsError
+from ray_calib.errors import DataError, EngineError, ModelError, OutputExistsError
 from ray_calib.measurements import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
 from ray_calib.measurements.merge import merge_chunks
 from ray_calib.measurements.coverage import COVERAGE_FILE
 from ray_calib.measurements.naming import JSON, parse_name
 from ray_calib.measurements.pipeline import remove_stale
 from ray_calib.measure.chunks import ChunkResult, ChunkStore, rank_file_from_result
-from ray_calib.measure.preflight import ModelInfo, blocklist, check_tp, resolve_model, valid_tp_sizes
+from ray_calib.measure.preflight import (ModelInfo, blocklist, check_attention_backend, check_tp, resolve_model,
+                                        valid_tp_sizes)
+from ray_calib.measure.quantizable import check_quantizable
 from ray_calib.rundir import MEASURE_PREFIX
 
 OBSERVER = "maxabs"
@@ -50,6 +55,7 @@ class MeasureConfig:
     ray_address: str | None = None
     max_model_len: int = 2048
     kv_cache_gib: int = 1
+    attention_backend: str | None = None  # None: vLLM's choice for this device and CPU
 
 
 @dataclass
@@ -68,6 +74,7 @@ class MeasureSummary:
     data_summary: str
     never_hit: dict[str, list[int]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    backends: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Progress:
@@ -93,6 +100,7 @@ def run_measure(config: MeasureConfig, progress: Progress | None = None) -> Meas
     calib = load_prompts(config.dataset, info.path, num_samples=config.num_samples, least_tokens=config.least_tokens)
     _check_prompt_lengths(config, info, calib.token_ids)
     _check_memory(config, info, device)
+    check_attention_backend(config.attention_backend)
     names, types = blocklist(config.quant_config, fp8_kv=config.fp8_kv, moe=info.moe)
     if device == "hpu":
         from ray_calib.measure.gaudi import run_inc_measure
@@ -106,21 +114,29 @@ def run_measure(config: MeasureConfig, progress: Progress | None = None) -> Meas
     done = set(store.prepare(resume=config.resume))
     results = {i: store.read(i, MEASURE_PREFIX) for i in sorted(done) if i < len(chunks)}
     executor = "reused"
+    backends = next((r.backends for r in results.values() if r.backends), {})
     if len(results) < len(chunks):
         progress.stage(f"(2/4 start) vLLM at TP {config.tp_size} on {device}")
         llm, executor = _start(config, info, device)
         try:
-            llm.collective_rpc("ray_calib_install", args=(config.fp8_kv, names, types))
+            backends = _install(llm, config, names, types)
             progress.stage("(3/4 measure) prompts through the observers")
             progress.start(len(token_ids), sum(len(chunks[i]) for i in results))
+            first = True
             for index, prompts in enumerate(chunks):
                 if index not in results:
                     results[index] = _run_chunk(llm, index, prompts, config, progress)
+                    results[index].backends = backends
+                    if first:  # fail on the first chunk, not after the whole calibration set
+                        check_quantizable(info.path, results[index].rank_files, backends, names)
+                        first = False
                     store.write(results[index])
         finally:
             _shutdown(llm)
     progress.stage("(4/4 write) rank files, meta, coverage")
-    summary = _write(config, info, device, executor, calib, [results[i] for i in range(len(chunks))], started)
+    summary = _write(config, info, device, executor, calib, [results[i] for i in range(len(chunks))], started,
+                     check=lambda rank_files: check_quantizable(info.path, rank_files, backends, names))
+    summary.backends = backends
     summary.chunks_reused = len(done)
     store.clear()
     _check_coverage(config, summary)
@@ -169,6 +185,17 @@ def _check_prompt_lengths(config: MeasureConfig, info: ModelInfo, token_ids: lis
                         fix="pass --least-tokens N to truncate pile text, or a larger --max-model-len.")
 
 
+def _install(llm, config: MeasureConfig, names: list[str], types: list[str]) -> dict[str, list[str]]:
+    """Observers into every rank; a module kind they cannot cover stops the run here, naming its class."""
+    installed = llm.collective_rpc("ray_calib_install", args=(config.fp8_kv, names, types))
+    for rank in installed:
+        for module, cls, kind in rank.get("uncovered", []):
+            raise ModelError(f"{module}: {cls} is an {kind} class the observers do not cover (they know vLLM's "
+                             "Attention, MLAAttention and MoERunner), so its ranges would be missing or wrong",
+                             fix="measure this model with INC on Gaudi, or report the class so observers learn it")
+    return installed[0].get("backends", {})
+
+
 def _start(config: MeasureConfig, info: ModelInfo, device: str):
     from ray_calib.engine.launch import EngineConfig, build_llm
     from ray_calib.measure.extension import EXTENSION_CLS
@@ -177,7 +204,8 @@ def _start(config: MeasureConfig, info: ModelInfo, device: str):
                           ray_address=config.ray_address,
                           max_model_len=context_limit(config, info),
                           max_num_seqs=config.batch_size, kv_cache_gib=config.kv_cache_gib,
-                          worker_extension_cls=EXTENSION_CLS, observe_weights=True)
+                          worker_extension_cls=EXTENSION_CLS, observe_weights=True,
+                          attention_backend=config.attention_backend)
     return build_llm(engine), engine.resolved_executor
 
 
@@ -218,9 +246,11 @@ def _shutdown(llm) -> None:
 
 
 def _write(config: MeasureConfig, info: ModelInfo, device: str, executor: str, calib, results: list[ChunkResult],
-           started: float) -> MeasureSummary:
+           started: float, check: Callable[[list], None] | None = None) -> MeasureSummary:
     world_size = len(results[0].rank_files)
     rank_files = [merge_chunks(*(r.rank_files[rank] for r in results)) for rank in range(world_size)]
+    if check is not None:
+        check(rank_files)
     coverage = ExpertCoverage()
     for result in results:
         coverage = coverage.merge(ExpertCoverage(experts=result.experts, num_tokens=result.num_tokens))
@@ -232,6 +262,7 @@ def _write(config: MeasureConfig, info: ModelInfo, device: str, executor: str, c
                    fp8_kv=config.fp8_kv, versions=_versions(), chunks_done=list(range(len(results))),
                    chunks_total=len(results),
                    extra={"max_new_tokens": config.max_new_tokens, "executor": executor,
+                          "backends": next((r.backends for r in results if r.backends), {}),
                           "expert_tokens": coverage.experts, "never_hit": coverage.never_hit()})
     files: list[Path] = []
     with staged_dir(config.out) as stage:
