@@ -39,6 +39,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "fp8" for FP8 KV (fp8_inc on Gaudi)
     quantization: str | None = None  # None: from the checkpoint's config; "inc" on Gaudi
     kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE per rank
+    attention_backend: str | None = None  # force a vLLM attention backend (AttentionBackendEnum name)
     worker_extension_cls: str | None = None
     observe_weights: bool = False  # install the pre-repack weight capture plugin in workers
     host_ip: str | None = None  # VLLM_HOST_IP of the driver's node
@@ -94,6 +95,8 @@ def llm_kwargs(config: EngineConfig) -> dict[str, Any]:
         kwargs["kv_cache_dtype"] = config.kv_cache_dtype
     if config.quantization:
         kwargs["quantization"] = config.quantization
+    if config.attention_backend:
+        kwargs["attention_backend"] = config.attention_backend
     return kwargs
 
 

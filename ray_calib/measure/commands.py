@@ -47,10 +47,12 @@ DEFAULTS = {"tp_size": 1, "batch_size": 16}  # without devices.conf
               help="Seconds for vLLM to start and for one step (large models load for a long time).")
 @click.option("--enforce-eager", is_flag=True, help="Gaudi: run without HPU graphs (CPU/CUDA always run eager).")
 @click.option("--dry-run", is_flag=True, help="Print per node the engine arguments, env and QUANT_CONFIG; start nothing.")
+@click.option("--attention-backend", default=None,
+              help="Force vLLM's attention backend (e.g. CPU_MLA or AMX_MLA) [default: vLLM's choice].")
 @run_dir_option
 def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_size, max_new_tokens, chunk_size, out,
             resume, force, min_expert_tokens, quant_config, cluster, executor, max_model_len, device, expert_parallel,
-            timeout_s, enforce_eager, dry_run, run_dir) -> None:
+            timeout_s, enforce_eager, dry_run, attention_backend, run_dir) -> None:
     """Run the calibration prompts through vLLM at TP=N and write one INC range file per rank.
 
     \b
@@ -85,7 +87,7 @@ def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_si
                            force=force, min_expert_tokens=min_expert_tokens, quant_config=quant_config,
                            executor=executor, ray_address=address, max_model_len=max_model_len, device=device,
                            expert_parallel=expert_parallel, timeout_s=timeout_s, enforce_eager=enforce_eager,
-                           cluster_conf=conf.path if conf else None)
+                           cluster_conf=conf.path if conf else None, attention_backend=attention_backend)
     if dry_run:
         _dry_run(config, conf, executor)
         return
@@ -158,6 +160,10 @@ def _run(config) -> None:
     click.echo(f"measured {summary.num_prompts} prompts ({summary.num_tokens} tokens, {summary.generated_tokens} generated) "
                f"at TP {summary.world_size} on {summary.device} [{summary.executor}] in {summary.seconds:.1f} s; "
                f"{summary.chunks_reused}/{summary.chunks_total} chunks reused")
+    if summary.backends:
+        from ray_calib.measure.quantizable import describe_backends
+
+        click.echo(f"observed under {describe_backends(summary.backends)}")
     click.echo(f"wrote {summary.world_size} rank files ({summary.nodes_per_rank} nodes each) to {summary.out}")
     for module, experts in summary.never_hit.items():
         click.echo(f"warning: {module}: experts {experts} got no tokens (their ranges are 0)", err=True)

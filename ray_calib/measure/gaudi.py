@@ -143,6 +143,7 @@ class IncBackend:
         self.plan = plan
         self.use_ray = plan.engine.resolved_executor == "ray"
         self.facts = []
+        self.backends: dict[str, list[str]] = {}  # INC patches vLLM's modules itself: nothing to report
 
     def before_start(self) -> None:
         """Join Ray with the job env first, then write QUANT_CONFIG and check every node (model, device, memory)."""
@@ -182,6 +183,9 @@ class IncBackend:
 
             raise EngineError(f"INC is not active in the ranks ({error_reason(err)})",
                               fix="check QUANT_CONFIG in the job env with `ray-calib measure --dry-run`.") from err
+
+    def check(self, rank_files: list) -> None:
+        """INC decides what it measures from QUANT_CONFIG; its files are post-processed in `finish_rank_files`."""
 
     def finish(self, llm) -> None:
         llm.collective_rpc("ray_calib_inc_finish")

@@ -178,7 +178,7 @@ def _engine(config, plan: MeasurePlan) -> EngineConfig:
         from ray_calib.measure.extension import EXTENSION_CLS
 
         return EngineConfig(**common, worker_extension_cls=EXTENSION_CLS, observe_weights=True,
-                            extra_env=timeout_env(config.timeout_s))
+                            extra_env=timeout_env(config.timeout_s), attention_backend=config.attention_backend)
     from ray_calib.measure.gaudi import EXTENSION_CLS
 
     if plan.target.is_gaudi:

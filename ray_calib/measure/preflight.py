@@ -67,6 +67,19 @@ def check_tp(info: ModelInfo, tp_size: int) -> None:
                           f"({info.num_heads} % {tp_size} = {info.num_heads % tp_size})", fix=f"use --tp {choices}.")
 
 
+def check_attention_backend(name: str | None) -> None:
+    """A forced attention backend must be one vLLM knows (it would otherwise fail after loading the model)."""
+    if name is None:
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    known = list(AttentionBackendEnum.__members__)
+    if name not in known:
+        cpu = " | ".join(k for k in known if k.startswith(("CPU_", "AMX_")))
+        raise ConfigError(f"--attention-backend {name} is not a vLLM attention backend",
+                          fix=f"use one of vLLM's AttentionBackendEnum names, e.g. {cpu} on CPU.")
+
+
 def blocklist(quant_config: Path | None, *, fp8_kv: bool, moe: bool) -> tuple[list[str], list[str]]:
     """(names, types) the observers skip: the run's QUANT_CONFIG, else the seeds' measure defaults."""
     if quant_config is None:

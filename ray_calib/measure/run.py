@@ -4,8 +4,10 @@
               checkpoints vs --resume (all decided in `plan.plan_measure`; `--dry-run` prints it)
     2 start     vLLM at TP=N (uni / mp / ray) with the backend's extension in every rank
     3 measure   chunks of prompts; after each chunk every rank's stats come back to the head over
-              collective_rpc and are checkpointed atomically (a resumed run skips finished chunks)
-    4 write     max-merge of the chunks -> one INC range file per rank, ray_calib_meta.json, coverage.json
+              collective_rpc and are checkpointed atomically (a resumed run skips finished chunks); the
+              first chunk must already hold every range quantize needs (`quantizable`)
+    4 write     max-merge of the chunks, checked again -> one INC range file per rank,
+              ray_calib_meta.json, coverage.json
 
 Two backends share these stages: our observers (CPU/CUDA) and INC's own MEASURE (Gaudi, see `gaudi`).
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from ray_calib.atomic import staged_dir
 from ray_calib.engine.launch import error_reason
-from ray_calib.errors import DataError, EngineError, OutputExistsError
+from ray_calib.errors import DataError, EngineError, ModelError, OutputExistsError
 from ray_calib.measurements import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
 from ray_calib.measurements.merge import merge_chunks
 from ray_calib.measurements.coverage import COVERAGE_FILE
@@ -56,6 +58,7 @@ class MeasureConfig:
     timeout_s: int = 1800  # vLLM engine start and per-step limits
     enforce_eager: bool = False  # Gaudi: no HPU graphs (the CPU/CUDA observers always run eager)
     cluster_conf: Path | None = None  # the devices.conf in use (node plan of --dry-run)
+    attention_backend: str | None = None  # None: vLLM's choice for this device and CPU
 
 
 @dataclass
@@ -74,6 +77,7 @@ class MeasureSummary:
     data_summary: str
     never_hit: dict[str, list[int]] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    backends: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Progress:
@@ -96,6 +100,9 @@ def run_measure(config: MeasureConfig, progress: Progress | None = None) -> Meas
     _check_prompt_lengths(config, info, calib.token_ids)
     if not plan.target.is_gaudi:  # Gaudi: HBM per card and host RAM per node, checked on the nodes at start
         _check_memory(config, info, device)
+        from ray_calib.measure.preflight import check_attention_backend
+
+        check_attention_backend(config.attention_backend)
     backend = make_backend(plan)
     token_ids = calib.token_ids
     chunks = [token_ids[i:i + config.chunk_size] for i in range(0, len(token_ids), config.chunk_size)]
@@ -105,6 +112,7 @@ def run_measure(config: MeasureConfig, progress: Progress | None = None) -> Meas
     done = set(store.prepare(resume=config.resume))
     results = {i: store.read(i, MEASURE_PREFIX) for i in sorted(done) if i < len(chunks)}
     executor = "reused"
+    backend.backends = next((r.backends for r in results.values() if r.backends), {})
     if len(results) < len(chunks):
         progress.stage(f"(2/4 start) vLLM at TP {config.tp_size} on {plan.target.device_type} [{backend.name}]")
         try:
@@ -114,9 +122,14 @@ def run_measure(config: MeasureConfig, progress: Progress | None = None) -> Meas
                 backend.install(llm)
                 progress.stage(f"(3/4 measure) prompts through {backend.label}")
                 progress.start(len(token_ids), sum(len(chunks[i]) for i in results))
+                checked = False
                 for index, prompts in enumerate(chunks):
                     if index not in results:
                         results[index] = _run_chunk(llm, index, prompts, config, progress)
+                        results[index].backends = backend.backends
+                        if not checked:  # fail on the first chunk, not after the whole calibration set
+                            backend.check(results[index].rank_files)
+                            checked = True
                         store.write(results[index])
                 backend.finish(llm)
             finally:
@@ -124,8 +137,9 @@ def run_measure(config: MeasureConfig, progress: Progress | None = None) -> Meas
         finally:
             backend.cleanup()
     progress.stage("(4/4 write) rank files, meta, coverage")
-    summary = _write(config, plan, executor, calib, [results[i] for i in range(len(chunks))], started)
+    summary = _write(config, plan, executor, calib, [results[i] for i in range(len(chunks))], started, backend)
     summary.chunks_reused = len(done)
+    summary.backends = backend.backends
     store.clear()
     _check_coverage(config, summary)
     return summary
@@ -138,11 +152,26 @@ class ObserverBackend:
 
     def __init__(self, plan) -> None:
         self.plan = plan
+        self.backends: dict[str, list[str]] = {}  # vLLM's attention/MoE classes the observers ran under
 
     def before_start(self) -> None: ...
 
     def install(self, llm) -> None:
-        llm.collective_rpc("ray_calib_install", args=(self.plan.fp8_kv, self.plan.block_names, self.plan.block_types))
+        """Observers into every rank; a module kind they cannot cover stops the run here, naming its class."""
+        plan = self.plan
+        installed = llm.collective_rpc("ray_calib_install", args=(plan.fp8_kv, plan.block_names, plan.block_types))
+        for rank in installed:
+            for module, cls, kind in rank.get("uncovered", []):
+                raise ModelError(f"{module}: {cls} is an {kind} class the observers do not cover (they know vLLM's "
+                                 "Attention, MLAAttention and MoERunner), so its ranges would be missing or wrong",
+                                 fix="measure this model with INC on Gaudi, or report the class so observers learn it")
+        self.backends = installed[0].get("backends", {})
+
+    def check(self, rank_files: list) -> None:
+        """Every module quantize will convert has an input range, or the run fails naming it and the backend."""
+        from ray_calib.measure.quantizable import check_quantizable
+
+        check_quantizable(self.plan.info.path, rank_files, self.backends, self.plan.block_names)
 
     def finish(self, llm) -> None: ...
 
@@ -245,14 +274,16 @@ def _shutdown(llm) -> None:
 
 
 def _write(config: MeasureConfig, plan, executor: str, calib, results: list[ChunkResult],
-           started: float) -> MeasureSummary:
+           started: float, backend) -> MeasureSummary:
     info, device = plan.info, plan.target.device
     world_size = len(results[0].rank_files)
     rank_files = [merge_chunks(*(r.rank_files[rank] for r in results)) for rank in range(world_size)]
+    backend.check(rank_files)
     coverage = ExpertCoverage()
     for result in results:
         coverage = coverage.merge(ExpertCoverage(experts=result.experts, num_tokens=result.num_tokens))
-    extra = {"max_new_tokens": config.max_new_tokens, "executor": executor, "backend": plan.backend}
+    extra = {"max_new_tokens": config.max_new_tokens, "executor": executor, "backend": plan.backend,
+             "backends": backend.backends}
     if plan.backend == "inc":
         from ray_calib.measure.gaudi import finish_rank_files
 

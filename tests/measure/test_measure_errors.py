@@ -85,7 +85,8 @@ def test_force_replaces_the_old_run_instead_of_mixing_two(tmp_path):
         rank_files = [RankFile(name=StatsName(MEASURE_PREFIX, rank=r, world_size=world),
                                nodes={"a": {"inputs": [[[1.0]]]}}, mod_list=["a"]) for r in range(world)]
         _write(config, plan, "uni", calib, [ChunkResult(index=0, rank_files=rank_files, experts=experts,
-                                                               num_tokens=10, num_prompts=1)], 0.0)
+                                                               num_tokens=10, num_prompts=1)], 0.0,
+               SimpleNamespace(backends={}, check=lambda rank_files: None))
     assert MeasurementSet.discover(tmp_path / "out").world_size == 1
     assert not (tmp_path / "out" / "coverage.json").exists()
 
