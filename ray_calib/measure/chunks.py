@@ -34,6 +34,7 @@ class ChunkResult:
     num_tokens: int = 0  # tokens through the model (prompt + generated)
     num_prompts: int = 0
     generated_tokens: int = 0
+    backends: dict[str, list[str]] = field(default_factory=dict)  # vLLM attention backend / MoE kernel names
 
 
 def rank_file_from_result(result: dict[str, Any], prefix: str) -> RankFile:
@@ -80,6 +81,7 @@ class ChunkStore:
                 write_rank_file(rank_file, tmp)
             info = {"index": chunk.index, "experts": chunk.experts, "num_tokens": chunk.num_tokens,
                     "num_prompts": chunk.num_prompts, "generated_tokens": chunk.generated_tokens,
+                    "backends": chunk.backends,
                     "names": [rf.name.stem for rf in chunk.rank_files]}
             atomic.write_json(tmp / _CHUNK_FILE, info)
             if final.exists():  # a stale partial chunk cannot exist (rename is atomic); a complete one is replaced
@@ -101,7 +103,8 @@ class ChunkStore:
                                        fix=f"delete {self.root} and re-measure.")
             rank_files.append(read_rank_file(directory, parsed))
         return ChunkResult(index=index, rank_files=rank_files, experts=info["experts"], num_tokens=info["num_tokens"],
-                           num_prompts=info["num_prompts"], generated_tokens=info["generated_tokens"])
+                           num_prompts=info["num_prompts"], generated_tokens=info["generated_tokens"],
+                           backends=info.get("backends", {}))
 
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -23,7 +23,16 @@ class MeasureExtension:
         observer = ModelObserver(self.model_runner.model, fp8_kv=fp8_kv,
                                  blocklist=Blocklist(names=tuple(block_names), types=tuple(block_types)))
         self._ray_calib_observer = observer
-        return {"rank": self._ray_calib_rank(), "modules": len(observer.mod_list), "moe_layers": len(observer.moe)}
+        return {"rank": self._ray_calib_rank(), "modules": len(observer.mod_list), "moe_layers": len(observer.moe),
+                "backends": observer.backends(),
+                "uncovered": [[u.module, u.cls, u.kind] for u in observer.uncovered]}
+
+    def ray_calib_remove(self) -> None:
+        """Take the observers out again: the engine then runs exactly as plain vLLM."""
+        observer = getattr(self, "_ray_calib_observer", None)
+        if observer is not None:
+            observer.remove()
+            self._ray_calib_observer = None
 
     def ray_calib_collect(self, reset: bool = True) -> dict[str, Any]:
         """This rank's stats since the last reset, as plain lists and floats."""

@@ -1,19 +1,45 @@
 """Maxabs observers installed on a vLLM model inside one worker (one TP rank).
 
-What is recorded, per node name (the vLLM module path), in INC's layout (DESIGN §3):
+What is recorded, per node name (the vLLM module path), in INC's layout:
 
     linear layer         inputs [x]; params.weight (this rank's shard, taken before the CPU repack)
     RowParallelLinear    outputs [pre-reduce partial output of this rank, post-reduce output]
-    <moe runner>         the fused MoE op: inputs [hidden], outputs [routed output (pre-reduce),
-                         amax of the intermediate act(x W13^T) of expert 0..E-1]
-    <moe>.w13_list.K     inputs [tokens routed to expert K], params.weight = max |W13[K]|
-    <moe>.w2_list.K      inputs [expert K's intermediate], params.weight = max |W2[K]|
+    <moe runner>         the fused MoE op and its per-expert children (see `moe`)
     <attn>.impl.k_cache / .impl.v_cache     (--fp8-kv) K and V as written to the cache (MHA/GQA)
     <mla>.impl.latent_cache_k               (--fp8-kv) [kv_c_normed | k_pe], the MLA latent cache
 
-Observers only accumulate (running max, token counts); merging across ranks/chunks and turning
-ranges into scales happen elsewhere. Each statistic is a 0-d float32 tensor updated in place, so the
-hot path is one reduction per tensor and no host sync until `collect`.
+Independent of the kernels vLLM picks. vLLM chooses attention and MoE kernels per device, build and
+CPU features (AMX_MLA or CPU_MLA on CPUs, FlashMLA / FlashInfer / Cutlass / Triton MLA on CUDA,
+modular or monolithic MoE kernels), and a kernel may skip a module's forward. So every range is
+taken where every backend passes, never inside a kernel:
+
+    linear layers        forward pre-hook: the model code calls the module (q/kv/o projections, MLPs,
+                         shared experts, fused_qkv_a_proj, q_b_proj) before or after attention and
+                         MoE, whatever kernel runs there.
+    MLA kv_b_proj        its input is the latent the MLA layer receives, MLAAttention.forward(q,
+                         kv_c_normed, k_pe), every token of every step. Backends call kv_b_proj itself
+                         only in prefill (CPU_MLA and the CUDA MLA backends, `forward_mha`), fold it
+                         into W_UK/W_UV for decode, or never call it (AMX_MLA); its weight range is
+                         the load-time capture, taken before AMX_MLA empties kv_b_proj.weight.
+    routed experts       MoERunner._apply_quant_method(hidden_states, router_logits): modular kernels
+                         (router.select_experts, then routed_experts.forward_modular) and monolithic
+                         ones (routing inside the kernel, e.g. FlashInfer TRT-LLM on CUDA) both pass
+                         there. Expert ids come from the router's select_experts when the kernel
+                         called it, else from calling it on the same logits.
+    KV caches            Attention.forward(q, k, v) / MLAAttention.forward(q, kv_c_normed, k_pe)
+                         arguments: the cache-update and attention custom ops run inside forward on
+                         every platform, so the pre-hook sees them on CPU and CUDA alike.
+
+On CUDA, measurement runs eager (the measure engine profile sets enforce_eager): a replayed CUDA
+graph or a compiled graph would run kernels without calling these Python hooks. On Gaudi, `measure`
+does not install these observers: INC's own patched modules measure there (see `gaudi`); the HPU
+MLA backend calls kv_b_proj for every step, which is why INC's kv_b_proj node holds the latent.
+
+A module of a kind the observers do not know -- an attention layer that is neither `Attention` nor
+`MLAAttention`, expert weights outside a `MoERunner`, or a runner class with its own
+`_apply_quant_method` -- is listed in `uncovered`; the head refuses the run with its class name.
+Observers only accumulate (running max, token counts) and `remove()` puts back every method they
+replaced, so the same engine runs exactly as before.
 """
 
 from __future__ import annotations
@@ -21,63 +47,15 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ray_calib.engine.weights import EXPERT_WEIGHTS_ATTR, WEIGHT_AMAX_ATTR
+from ray_calib.engine.weights import WEIGHT_AMAX_ATTR
+from ray_calib.measure.moe import MoEStats
+from ray_calib.measure.stats import MaxAbs, NodeStats, amax
 from ray_calib.scales.quant_config import KV_TYPES  # INC's KV module types, as QUANT_CONFIG names them
-
-_DENSE_ELEMENTS = 1 << 22  # tokens x experts x 2I up to this: one GEMM over all experts beats a loop
-
-
-def _amax(t: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(t.detach(), ord=float("inf")).float()
-
-
-class MaxAbs:
-    """Running max |x| of one tensor slot."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
-
-    def update(self, t: torch.Tensor) -> None:
-        if not isinstance(t, torch.Tensor) or t.numel() == 0:
-            return
-        self.update_amax(_amax(t))
-
-    def update_amax(self, amax: torch.Tensor) -> None:
-        if self.value is None:
-            self.value = amax.clone()
-        else:
-            torch.maximum(self.value, amax, out=self.value)
-
-    def get(self) -> float:
-        return 0.0 if self.value is None else float(self.value)
-
-
-@dataclass
-class NodeStats:
-    inputs: list[MaxAbs]
-    outputs: list[MaxAbs] = field(default_factory=list)
-    weight: float | None = None
-    called: bool = False
-
-    def to_node(self) -> dict[str, Any]:
-        node: dict[str, Any] = {"inputs": [[[m.get()]] for m in self.inputs]}
-        if self.outputs:
-            node["outputs"] = [[[m.get()]] for m in self.outputs]
-        if self.weight is not None:
-            node["params"] = {"weight": [[self.weight]]}
-        return node
-
-    def reset(self) -> None:
-        for m in (*self.inputs, *self.outputs):
-            m.value = None
-        self.called = False
 
 
 @dataclass
@@ -91,100 +69,11 @@ class Blocklist:
         return type_name in self.types or any(re.search(p, name) for p in self.names)
 
 
-class MoEStats:
-    """The fused op, its per-expert children and the per-expert token counts of one MoE layer."""
-
-    def __init__(self, name: str, layer: torch.nn.Module) -> None:
-        self.name = name
-        self.num_experts = int(layer.local_num_experts)
-        self.op = NodeStats(inputs=[MaxAbs()], outputs=[MaxAbs() for _ in range(1 + self.num_experts)])
-        self.expert_map = getattr(layer, "expert_map", None)
-        w13, w2 = getattr(layer, EXPERT_WEIGHTS_ATTR, (None, None))
-        self.w13 = w13
-        self.intermediate = w13.shape[1] // 2 if w13 is not None else 0
-        self.activation = str(getattr(getattr(layer, "activation", None), "value", "silu"))
-        w13_amax = w13.abs().amax(dim=(1, 2)).float().tolist() if w13 is not None else [None] * self.num_experts
-        w2_amax = w2.abs().amax(dim=(1, 2)).float().tolist() if w2 is not None else [None] * self.num_experts
-        self.w13_nodes = [NodeStats(inputs=[MaxAbs()], weight=w) for w in w13_amax]
-        self.w2_nodes = [NodeStats(inputs=[MaxAbs()], weight=w) for w in w2_amax]
-        self.counts = torch.zeros(self.num_experts, dtype=torch.int64)
-        self.expert_input = torch.zeros(self.num_experts, dtype=torch.float32)
-        self.expert_inter = torch.zeros(self.num_experts, dtype=torch.float32)
-
-    def observe(self, x: torch.Tensor, topk_ids: torch.Tensor) -> None:
-        self.op.called = True
-        self.op.inputs[0].update(x)
-        ids = topk_ids.reshape(-1).long()
-        if self.expert_map is not None:  # expert parallel: global ids -> this rank's, -1 = elsewhere
-            ids = self.expert_map[ids].long()
-        tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[-1])
-        local = ids >= 0
-        ids, tokens = ids[local], tokens[local]
-        self.counts += torch.bincount(ids, minlength=self.num_experts).cpu()
-        token_amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1).float()
-        self.expert_input.scatter_reduce_(0, ids.cpu(), token_amax[tokens].cpu(), "amax")
-        if self.w13 is not None:
-            self._observe_intermediate(x, ids, tokens)
-
-    def _observe_intermediate(self, x: torch.Tensor, ids: torch.Tensor, tokens: torch.Tensor) -> None:
-        """The routed kernel is fused, so recompute act(x W13^T) for the routed (token, expert) slots.
-
-        Few tokens (decode steps): one GEMM of all tokens against all experts, masked to the routed
-        slots -- cheaper than gathering weights. Many (prefill): one GEMM per expert that got tokens,
-        over its contiguous slice of the slots sorted by expert.
-        """
-        if ids.numel() == 0:
-            return
-        experts, width = self.w13.shape[0], self.w13.shape[1]
-        if x.shape[0] * experts * width <= _DENSE_ELEMENTS:
-            h = (x @ self.w13.reshape(experts * width, -1).t()).view(x.shape[0], experts, width)
-            per_slot = self._act_amax(h)  # [tokens, experts]
-            routed = torch.zeros_like(per_slot, dtype=torch.bool)
-            routed[tokens, ids] = True
-            amax = torch.where(routed, per_slot, torch.zeros_like(per_slot)).amax(dim=0)
-            torch.maximum(self.expert_inter, amax.cpu(), out=self.expert_inter)
-            return
-        order = torch.argsort(ids)
-        hit, counts = torch.unique_consecutive(ids[order], return_counts=True)
-        start = 0
-        for expert, count in zip(hit.tolist(), counts.tolist()):
-            rows = tokens[order[start:start + count]]
-            start += count
-            amax = self._act_amax(x[rows] @ self.w13[expert].t()).max()
-            self.expert_inter[expert] = torch.maximum(self.expert_inter[expert], amax.cpu())
-
-    def _act_amax(self, h: torch.Tensor) -> torch.Tensor:
-        """Max |act(gate) * up| over the last dim of `h = x W13^T` (gate first, as vLLM loads w13)."""
-        gate, up = h[..., :self.intermediate], h[..., self.intermediate:]
-        act = torch.nn.functional.gelu(gate) if self.activation.startswith("gelu") else torch.nn.functional.silu(gate)
-        return torch.linalg.vector_norm(act * up, ord=float("inf"), dim=-1).float()
-
-    def observe_output(self, out: Any) -> None:
-        if isinstance(out, torch.Tensor):
-            self.op.outputs[0].update(out)
-
-    def nodes(self) -> dict[str, dict[str, Any]]:
-        inter = self.expert_inter.tolist()
-        inputs = self.expert_input.tolist()
-        for k in range(self.num_experts):
-            self.op.outputs[1 + k].update_amax(torch.tensor(inter[k]))
-            self.w13_nodes[k].inputs[0].update_amax(torch.tensor(inputs[k]))
-            self.w2_nodes[k].inputs[0].update_amax(torch.tensor(inter[k]))
-        out = {self.name: self.op.to_node()}
-        out.update({f"{self.name}.w13_list.{k}": n.to_node() for k, n in enumerate(self.w13_nodes)})
-        out.update({f"{self.name}.w2_list.{k}": n.to_node() for k, n in enumerate(self.w2_nodes)})
-        return out
-
-    def child_names(self) -> list[str]:
-        return [f"{self.name}.{kind}.{k}" for kind in ("w13_list", "w2_list") for k in range(self.num_experts)]
-
-    def reset(self) -> None:
-        self.op.reset()
-        for n in (*self.w13_nodes, *self.w2_nodes):
-            n.reset()
-        self.counts.zero_()
-        self.expert_input.zero_()
-        self.expert_inter.zero_()
+@dataclass(frozen=True)
+class Uncovered:
+    module: str
+    cls: str  # module.qualname of the class
+    kind: str  # "attention" | "MoE"
 
 
 class ModelObserver:
@@ -197,21 +86,30 @@ class ModelObserver:
         self.nodes: dict[str, NodeStats] = {}  # in module order
         self.moe: dict[str, MoEStats] = {}
         self.mod_list: list[str] = []
+        self.uncovered: list[Uncovered] = []
         self.tokens = torch.zeros((), dtype=torch.int64)
+        self._attention: dict[str, torch.nn.Module] = {}
+        self._runners: dict[str, torch.nn.Module] = {}
         self._handles: list[Any] = []
+        self._patches: list[tuple[Any, str, bool, Any]] = []  # (object, attribute, had its own, old value)
         self._install()
 
     # ---- installation ----------------------------------------------------------------------------
     def _install(self) -> None:
         from vllm.model_executor.layers.attention.attention import Attention
         from vllm.model_executor.layers.attention.mla_attention import MLAAttention
+        from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
         from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
         from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-        seen_methods: set[int] = set()
+        modules = list(self.model.named_modules())
+        latent_of = {id(m.kv_b_proj): m for _, m in modules
+                     if isinstance(m, MLAAttention) and getattr(m, "kv_b_proj", None) is not None}
+        routed = {id(getattr(m, "routed_experts", None)) for _, m in modules if isinstance(m, MoERunner)}
+        latent_stats: dict[int, NodeStats] = {}  # id(MLAAttention) -> its kv_b_proj's node
         counting = False
-        for name, module in self.model.named_modules():
+        for name, module in modules:
             type_name = type(module).__name__
             if not counting and type(module) is VocabParallelEmbedding:  # the input embedding, not lm_head
                 self._handles.append(module.register_forward_pre_hook(self._count_tokens))
@@ -219,75 +117,112 @@ class ModelObserver:
             if self.blocklist.blocks(name, type_name):
                 continue
             if isinstance(module, LinearBase):
-                self._install_linear(name, module, isinstance(module, RowParallelLinear), seen_methods)
+                stats = self._add_linear(name, module, isinstance(module, RowParallelLinear))
+                if id(module) in latent_of:  # recorded from the MLA layer's latent, see the module docstring
+                    latent_stats[id(latent_of[id(module)])] = stats
+                else:
+                    self._hook_linear(module, stats)
             elif isinstance(module, MoERunner):
-                self._install_moe(name, module)
-            elif self.fp8_kv and isinstance(module, (Attention, MLAAttention)):
-                self._install_kv(name, module, mla=isinstance(module, MLAAttention))
+                if type(module)._apply_quant_method is not MoERunner._apply_quant_method:
+                    self.uncovered.append(Uncovered(name, _class_name(module), "MoE"))
+                else:
+                    self._runners[name] = module
+                    self._install_moe(name, module)
+            elif isinstance(module, (Attention, MLAAttention)):
+                self._attention[name] = module
+            elif isinstance(module, AttentionLayerBase):
+                self.uncovered.append(Uncovered(name, _class_name(module), "attention"))
+            elif _holds_experts(module) and id(module) not in routed:
+                self.uncovered.append(Uncovered(name, _class_name(module), "MoE"))
+        for name, module in self._attention.items():
+            self._install_attention(name, module, isinstance(module, MLAAttention), latent_stats.get(id(module)))
 
     def _count_tokens(self, module, args) -> None:
         self.tokens += args[0].numel()
 
-    def _install_linear(self, name: str, module, row_parallel: bool, seen_methods: set[int]) -> None:
+    def _add_linear(self, name: str, module, row_parallel: bool) -> NodeStats:
         weight = getattr(module, WEIGHT_AMAX_ATTR, None)
         if weight is None and getattr(module, "weight", None) is not None and module.weight.numel():
-            weight = _amax(module.weight)
+            weight = amax(module.weight)
         reduces = row_parallel and getattr(module, "reduce_results", True)
-        stats = NodeStats(inputs=[MaxAbs()], outputs=[MaxAbs() for _ in range(2 if reduces else 1)] if row_parallel else [],
-                          weight=None if weight is None else float(weight))
+        outputs = [MaxAbs() for _ in range(2 if reduces else 1)] if row_parallel else []
+        stats = NodeStats(inputs=[MaxAbs()], outputs=outputs, weight=None if weight is None else float(weight))
         self._add(name, stats)
+        return stats
 
+    def _hook_linear(self, module, stats: NodeStats) -> None:
         def pre_hook(mod, args):
             stats.called = True
             stats.inputs[0].update(args[0])
 
         self._handles.append(module.register_forward_pre_hook(pre_hook))
-        if not row_parallel:
+        if not stats.outputs:
             return
-        if id(module.quant_method) in seen_methods:  # a method object shared by layers: give this one its own
-            module.quant_method = copy.copy(module.quant_method)
-        seen_methods.add(id(module.quant_method))
-        module.quant_method.apply = _after(module.quant_method.apply, lambda out: stats.outputs[0].update(out))
-        if reduces:
+        # The partial output of this rank exists only between quant_method.apply and the all-reduce.
+        # A method object may be shared by layers: this layer gets its own copy.
+        method = copy.copy(module.quant_method)
+        self._patch(module, "quant_method", method)
+        self._patch(method, "apply", _after(method.apply, stats.outputs[0].update))
+        if len(stats.outputs) == 2:
             def hook(mod, args, output):
                 stats.outputs[1].update(output[0] if isinstance(output, tuple) else output)
 
             self._handles.append(module.register_forward_hook(hook))
 
     def _install_moe(self, name: str, runner) -> None:
-        routed = runner.routed_experts
-        stats = MoEStats(name, routed)
+        stats = MoEStats(name, runner.routed_experts)
         self.moe[name] = stats
         self.mod_list.append(name)
         self.mod_list.extend(stats.child_names())
-        original = routed.forward_modular
+        router = runner.router
+        select = router.select_experts
+        routing: dict[str, torch.Tensor] = {}  # the expert ids the kernel asked the router for, this call
 
-        def forward_modular(x, topk_weights, topk_ids, *args, **kwargs):
-            stats.observe(x, topk_ids)
-            out = original(x, topk_weights, topk_ids, *args, **kwargs)
-            stats.observe_output(out)
+        def select_experts(*args, **kwargs):
+            weights, ids = select(*args, **kwargs)
+            routing["ids"] = ids
+            return weights, ids
+
+        apply = runner._apply_quant_method
+
+        def apply_quant_method(*args, **kwargs):
+            hidden = _arg(args, kwargs, 0, "hidden_states")
+            routing.clear()
+            out = apply(*args, **kwargs)
+            ids = routing.get("ids")
+            if ids is None:  # a monolithic kernel routed inside itself: route the same logits here
+                _, ids = select(hidden_states=hidden, router_logits=_arg(args, kwargs, 1, "router_logits"),
+                                topk_indices_dtype=None, input_ids=_arg(args, kwargs, 3, "input_ids"))
+            stats.observe(hidden, ids, out[1] if isinstance(out, tuple) else out)
             return out
 
-        routed.forward_modular = forward_modular
+        self._patch(router, "select_experts", select_experts)
+        self._patch(runner, "_apply_quant_method", apply_quant_method)
 
-    def _install_kv(self, name: str, module, *, mla: bool) -> None:
-        if set(KV_TYPES) & set(self.blocklist.types):
-            return
-        if mla:  # forward(q, kv_c_normed, k_pe): the cache row is [kv_c_normed | k_pe]
-            latent = NodeStats(inputs=[MaxAbs()])
-            self._add(f"{name}.impl.latent_cache_k", latent)
+    def _install_attention(self, name: str, module, mla: bool, latent: NodeStats | None) -> None:
+        """One pre-hook per attention layer: the MLA latent (kv_b_proj's input) and, with --fp8-kv, the cache."""
+        kv = self.fp8_kv and not set(KV_TYPES) & set(self.blocklist.types)
+        if mla:
+            cache = self._add(f"{name}.impl.latent_cache_k", NodeStats(inputs=[MaxAbs()])) if kv else None
+            if latent is None and cache is None:
+                return
 
             def mla_hook(mod, args, kwargs):
                 kv_c, k_pe = _arg(args, kwargs, 1, "kv_c_normed"), _arg(args, kwargs, 2, "k_pe")
-                latent.called = True
-                latent.inputs[0].update(kv_c)
-                latent.inputs[0].update(k_pe)
+                if latent is not None:
+                    latent.called = True
+                    latent.inputs[0].update(kv_c)
+                if cache is not None:  # the cache row is [kv_c_normed | k_pe]
+                    cache.called = True
+                    cache.inputs[0].update(kv_c)
+                    cache.inputs[0].update(k_pe)
 
             self._handles.append(module.register_forward_pre_hook(mla_hook, with_kwargs=True))
             return
-        k_stats, v_stats = NodeStats(inputs=[MaxAbs()]), NodeStats(inputs=[MaxAbs()])
-        self._add(f"{name}.impl.k_cache", k_stats)
-        self._add(f"{name}.impl.v_cache", v_stats)
+        if not kv:
+            return
+        k_stats = self._add(f"{name}.impl.k_cache", NodeStats(inputs=[MaxAbs()]))
+        v_stats = self._add(f"{name}.impl.v_cache", NodeStats(inputs=[MaxAbs()]))
 
         def kv_hook(mod, args, kwargs):
             k_stats.called = v_stats.called = True
@@ -296,23 +231,36 @@ class ModelObserver:
 
         self._handles.append(module.register_forward_pre_hook(kv_hook, with_kwargs=True))
 
-    def _add(self, name: str, stats: NodeStats) -> None:
+    def _add(self, name: str, stats: NodeStats) -> NodeStats:
         self.nodes[name] = stats
         self.mod_list.append(name)
+        return stats
+
+    def _patch(self, owner: Any, attribute: str, value: Any) -> None:
+        """Set `owner.attribute`, remembering whether the instance had its own value (else the class's)."""
+        own = attribute in vars(owner) or attribute in getattr(owner, "_modules", {})
+        self._patches.append((owner, attribute, own, getattr(owner, attribute) if own else None))
+        setattr(owner, attribute, value)
+
+    # ---- what runs -------------------------------------------------------------------------------
+    def backends(self) -> dict[str, list[str]]:
+        """The attention backends and MoE kernels vLLM chose for this rank (for logs and errors)."""
+        attention = {m.attn_backend.get_name() for m in self._attention.values() if hasattr(m, "attn_backend")}
+        moe = {_moe_kernel(runner) for runner in self._runners.values()}
+        return {"attention": sorted(attention), "moe": sorted(moe)}
 
     # ---- results ---------------------------------------------------------------------------------
     def collect(self) -> dict[str, Any]:
         """Nodes of modules that ran (INC omits the others), in model order; counts per MoE layer."""
         nodes: dict[str, Any] = {}
-        order = [n for n in self.mod_list if n in self.nodes or n in self.moe]
-        for name in order:
+        for name in self.mod_list:
             if name in self.moe:
-                if self.moe[name].op.called:
+                if self.moe[name].called:
                     nodes.update(self.moe[name].nodes())
-            elif self.nodes[name].called:
+            elif name in self.nodes and self.nodes[name].called:
                 nodes[name] = self.nodes[name].to_node()
         return {"nodes": nodes, "mod_list": list(self.mod_list), "tokens": int(self.tokens),
-                "experts": {name: m.counts.tolist() for name, m in self.moe.items()}}
+                "experts": {name: m.token_counts() for name, m in self.moe.items()}}
 
     def reset(self) -> None:
         for stats in self.nodes.values():
@@ -322,9 +270,16 @@ class ModelObserver:
         self.tokens.zero_()
 
     def remove(self) -> None:
+        """Remove every hook and put back every replaced attribute, newest first."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for owner, attribute, own, old in reversed(self._patches):
+            if own:
+                setattr(owner, attribute, old)
+            else:
+                delattr(owner, attribute)
+        self._patches.clear()
 
 
 def _after(function: Callable, record: Callable[[Any], None]) -> Callable:
@@ -338,3 +293,19 @@ def _after(function: Callable, record: Callable[[Any], None]) -> Callable:
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     return args[index] if len(args) > index else kwargs.get(name)
+
+
+def _class_name(module: torch.nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _holds_experts(module: torch.nn.Module) -> bool:
+    """Stacked per-expert weights ([experts, out, in]) held by this module itself."""
+    weight = getattr(module, "w13_weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 3
+
+
+def _moe_kernel(runner) -> str:
+    method = runner.routed_experts.quant_method
+    experts = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
+    return type(experts).__name__ if experts is not None else type(method).__name__

@@ -23,14 +23,21 @@ class ModelInfo:
     model_type: str
     max_positions: int | None  # config.json max_position_embeddings
     shape: sizing.ModelShape  # what decides the TP sizes it allows
+    mla: bool = False  # multi-head latent attention (one latent KV cache)
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer (0: dense)."""
+        return self.shape.num_experts
 
 
-def resolve_model(model: str) -> ModelInfo:
-    """A local HF directory, or a hub id ("org/name") fetched into the HF cache."""
+def resolve_model(model: str, *, weights: bool = True) -> ModelInfo:
+    """A local HF directory, or a hub id ("org/name") fetched into the HF cache (without the weights when
+    `weights` is False, e.g. for a dry run)."""
     path = Path(model).expanduser()
     if not path.exists():
         if _looks_like_hub_id(model):
-            path = _download(model)
+            path = _download(model, weights=weights)
         else:
             raise ModelError(f"model directory {model} does not exist",
                              fix="pass a local Hugging Face model directory (with config.json) or a hub id ORG/NAME.")
@@ -49,7 +56,7 @@ def resolve_model(model: str) -> ModelInfo:
     return ModelInfo(path=path, model_id=model, revision=_revision(path), num_heads=heads,
                      num_kv_heads=config.get("num_key_value_heads", heads), moe=bool(experts),
                      model_type=str(config.get("model_type", "")), max_positions=config.get("max_position_embeddings"),
-                     shape=sizing.ModelShape.from_config(config))
+                     shape=sizing.ModelShape.from_config(config), mla=bool(config.get("kv_lora_rank")))
 
 
 def valid_tp_sizes(info: ModelInfo, limit: int = sizing.MAX_TP) -> list[int]:
@@ -58,6 +65,19 @@ def valid_tp_sizes(info: ModelInfo, limit: int = sizing.MAX_TP) -> list[int]:
 
 def check_tp(info: ModelInfo, tp_size: int) -> None:
     sizing.check_tp(info.shape, tp_size, info.model_id)
+
+
+def check_attention_backend(name: str | None) -> None:
+    """A forced attention backend must be one vLLM knows (it would otherwise fail after loading the model)."""
+    if name is None:
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    known = list(AttentionBackendEnum.__members__)
+    if name not in known:
+        cpu = " | ".join(k for k in known if k.startswith(("CPU_", "AMX_")))
+        raise ConfigError(f"--attention-backend {name} is not a vLLM attention backend",
+                          fix=f"use one of vLLM's AttentionBackendEnum names, e.g. {cpu} on CPU.")
 
 
 def blocklist(quant_config: Path | None, *, fp8_kv: bool, moe: bool) -> tuple[list[str], list[str]]:
@@ -99,11 +119,12 @@ def _looks_like_hub_id(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "~", "/"))
 
 
-def _download(model: str) -> Path:
+def _download(model: str, *, weights: bool = True) -> Path:
+    patterns = ["*.json", "*.model", "*.txt"] + (["*.safetensors"] if weights else [])
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        return Path(snapshot_download(model, allow_patterns=patterns))
     except Exception as err:  # network, auth, missing repo: all one line for the user
         raise ModelError(f"cannot fetch {model} from the Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0]})",
                          fix="check the id and HF_TOKEN, or pass a local model directory.") from None

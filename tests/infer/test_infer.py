@@ -118,9 +118,12 @@ def test_serve_args_are_vllms_defaults_plus_the_few_settings_we_own(tmp_path):
     assert serve_args(cuda, host="0.0.0.0", port=8000) == [
         "serve", "/m/fp8", "--host", "0.0.0.0", "--port", "8000", "--served-model-name", "fp8",
         "--tensor-parallel-size", "8", "--max-model-len", "auto", "--kv-cache-dtype", "fp8"]
-    assert serve_env(cuda) == {"VLLM_ENGINE_ITERATION_TIMEOUT_S": "1800", "VLLM_RPC_TIMEOUT": "1800000"}
+    from ray_calib.engine.launch import timeout_env
+
+    assert serve_env(cuda) == timeout_env(1800)
     cpu = InferConfig(model=Path("/m/fp8"), tp_size=2, device="cpu", max_model_len=512, kv_cache_gib=0.5,
                       enforce_eager=True)
     assert serve_args(cpu, host="h", port=1)[8:] == ["--tensor-parallel-size", "2", "--enforce-eager",
-                                                      "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 29)]
+                                                      "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 29),
+                                                      "--kv-cache-dtype", "bfloat16"]  # explicit: see kv_cache_dtype
     assert serve_env(cpu)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"

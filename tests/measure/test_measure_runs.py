@@ -1,4 +1,7 @@
-"""Real `ray-calib measure` runs of tiny Llama and tiny DeepSeek-V3 on vLLM/CPU at TP=1, 2 and 4."""
+"""Real `ray-calib measure` runs of tiny Llama and tiny DeepSeek-V3 on vLLM/CPU at TP=1, 2 and 4.
+
+DeepSeek runs on every MLA backend this CPU has (CPU_MLA; AMX_MLA where the CPU has AMX tiles).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import re
 import pytest
 
 from ray_calib.measurements import MeasurementSet, read_coverage, read_meta
+from tests.measure.conftest import ARCH_BACKENDS, MLA_BACKENDS
 
 pytestmark = pytest.mark.slow
 
@@ -19,11 +23,24 @@ def ranks(run):
     return MeasurementSet.discover(run.out).read_all()
 
 
-@pytest.mark.parametrize("arch,tp,fp8_kv", [("llama", 1, False), ("llama", 2, True), ("llama", 4, True),
-                                            ("deepseek_v3", 1, False), ("deepseek_v3", 2, True),
-                                            ("deepseek_v3", 4, True)])
-def test_one_file_per_rank_with_meta(measured, arch, tp, fp8_kv):
-    run = measured(arch, tp, fp8_kv)
+def with_backends(cases):
+    """(arch, tp, fp8_kv) cases -> (arch, tp, fp8_kv, backend) params, DeepSeek once per MLA backend."""
+    params = []
+    for arch, tp, fp8_kv in cases:
+        if arch != "deepseek_v3":
+            params.append(pytest.param(arch, tp, fp8_kv, None, id=f"{arch}-tp{tp}"))
+            continue
+        for backend in MLA_BACKENDS:
+            params.append(pytest.param(arch, tp, fp8_kv, backend.values[0], marks=backend.marks,
+                                       id=f"{arch}-tp{tp}-{backend.values[0]}"))
+    return params
+
+
+@pytest.mark.parametrize("arch,tp,fp8_kv,backend", with_backends([
+    ("llama", 1, False), ("llama", 2, True), ("llama", 4, True),
+    ("deepseek_v3", 1, False), ("deepseek_v3", 2, True), ("deepseek_v3", 4, True)]))
+def test_one_file_per_rank_with_meta(measured, arch, tp, fp8_kv, backend):
+    run = measured(arch, tp, fp8_kv, backend)
     files = ranks(run)
     assert [f.rank for f in files] == list(range(tp)) and {f.name.world_size for f in files} == {tp}
     assert all(f.nodes.keys() == files[0].nodes.keys() for f in files)
@@ -32,6 +49,8 @@ def test_one_file_per_rank_with_meta(measured, arch, tp, fp8_kv):
     assert meta.num_samples == 8 and meta.chunks_done == [0, 1, 2, 3] and meta.chunks_total == 4
     assert len(meta.dataset_hash) == 64 and meta.num_tokens == 8 * 24 + 0  # prefill only: 24 tokens per prompt
     assert not (run.out / ".chunks").exists()
+    assert meta.extra["backends"]["attention"] == [backend or "CPU_ATTN"], "the backend asked for is the one that ran"
+    assert f"observed under vLLM attention backend {backend or 'CPU_ATTN'}" in run.stdout
     for f in files:
         assert set(f.mod_list) >= set(f.nodes)
         for module, node in f.nodes.items():
@@ -104,3 +123,45 @@ def test_node_names_follow_inc_for_llama(measured):
     for name, node in ours.nodes.items():
         assert name in inc.nodes, f"{name} has no INC counterpart"
         assert {k: len(v) for k, v in node.items()} == {k: len(v) for k, v in inc.nodes[name].items()}, name
+
+
+@pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
+def test_every_weight_quantize_converts_has_an_input_range(measured, tiny_models, arch, backend):
+    """quantize's own matching rule finds nothing missing, on every backend; MLA's kv_b_proj holds the latent."""
+    from ray_calib.convert.checkpoint import Checkpoint
+    from ray_calib.convert.plan import match_measurement
+    from ray_calib.measurements import unify_ranks
+
+    files = ranks(measured(arch, 2, True, backend))
+    match = match_measurement(Checkpoint.open(tiny_models[arch]).tensors, unify_ranks(files, 1, expert_parallel=False)[0].nodes)
+    assert match.complete, (match.missing[:3], match.unmeasured[:3])
+    if arch != "deepseek_v3":
+        return
+    for f in files:
+        for layer in range(LAYERS):
+            kv_b = f.nodes[f"model.layers.{layer}.self_attn.kv_b_proj"]
+            latent = f.nodes[f"model.layers.{layer}.self_attn.mla_attn.mla_attn.impl.latent_cache_k"]
+            assert kv_b["params"]["weight"][0][0] > 0 and kv_b["inputs"][0][0][0] > 0
+            # the cache row is [kv_c_normed | k_pe]; kv_b_proj reads kv_c_normed alone
+            assert kv_b["inputs"][0][0][0] <= latent["inputs"][0][0][0]
+        assert f.nodes["model.layers.1.self_attn.kv_b_proj"]["inputs"] == files[0].nodes[
+            "model.layers.1.self_attn.kv_b_proj"]["inputs"], "the latent is replicated on every rank"
+
+
+def test_a_missing_range_fails_measure_naming_module_and_backend(measured, tiny_models):
+    """What AMX_MLA did before the latent capture: no kv_b_proj node. measure's own check names it in one line."""
+    from dataclasses import replace
+
+    from ray_calib.errors import ModelError
+    from ray_calib.measure.quantizable import check_quantizable
+
+    files = ranks(measured("deepseek_v3", 2, True))
+    gone = "model.layers.2.self_attn.kv_b_proj"
+    broken = [replace(f, nodes={n: v for n, v in f.nodes.items() if n != gone}) for f in files]
+    with pytest.raises(ModelError) as err:
+        check_quantizable(tiny_models["deepseek_v3"], broken, {"attention": ["AMX_MLA"], "moe": ["CPUUnquantizedExperts"]})
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"{gone} has no input range" in message and "vLLM attention backend AMX_MLA" in message
+    assert f"quantize converts {gone}.weight" in message and "--attention-backend" in message
+    check_quantizable(tiny_models["deepseek_v3"], files, {})  # the run as measured is complete

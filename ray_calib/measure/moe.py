@@ -1,0 +1,145 @@
+"""Statistics of one fused MoE layer: the fused op, its per-expert children and per-expert token counts.
+
+INC's layout (what unify and quantize read):
+
+    <op>               inputs [hidden], outputs [routed output (pre-reduce), amax of the intermediate
+                       act(x W13^T) of expert 0..E-1]
+    <op>.w13_list.K    inputs [tokens routed to expert K], params.weight = max |W13[K]|
+    <op>.w2_list.K     inputs [expert K's intermediate], params.weight = max |W2[K]|
+
+The routed kernel is fused (and differs per backend), so the intermediate is recomputed from the
+layer's input, the chosen expert ids and the expert weights as loaded (captured before any backend
+repacked them): one grouped GEMM over the routed (token, expert) slots sorted by expert, whose group
+offsets stay on the device. Every statistic is a device tensor updated in place; nothing is copied
+to the host until `nodes()` (one sync per collect, none per layer or step). Without
+`torch._grouped_mm` for the device/dtype, a loop per expert that got tokens is used instead (it
+reads the per-expert counts on the host: one sync per layer and step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ray_calib.engine.weights import EXPERT_WEIGHTS_ATTR
+from ray_calib.measure.stats import MaxAbs
+
+_GROUPED_MM: dict[tuple[str, torch.dtype], bool] = {}  # (device type, dtype) -> torch._grouped_mm works
+
+
+class MoEStats:
+    def __init__(self, name: str, routed: torch.nn.Module) -> None:
+        self.name = name
+        self.num_experts = int(routed.local_num_experts)
+        self.expert_map = getattr(routed, "expert_map", None)  # expert parallel: global id -> local id, -1 elsewhere
+        w13, w2 = getattr(routed, EXPERT_WEIGHTS_ATTR, (None, None))
+        self.w13 = w13
+        self.intermediate = w13.shape[1] // 2 if w13 is not None else 0
+        self.activation = str(getattr(getattr(routed, "activation", None), "value", "silu"))
+        self.called = False
+        self.op_input, self.op_output = MaxAbs(), MaxAbs()
+        experts = self.num_experts
+        self.weight_amax = [_per_expert_amax(w) for w in (w13, w2)]  # W13, W2: [E] on the device, or None
+        device = w13.device if w13 is not None else torch.device("cpu")
+        # One spare bucket at index E: slots routed to experts of other ranks (expert parallel).
+        self.counts = torch.zeros(experts + 1, dtype=torch.int64, device=device)
+        self.expert_input = torch.zeros(experts + 1, dtype=torch.float32, device=device)
+        self.expert_inter = torch.zeros(experts + 1, dtype=torch.float32, device=device)
+
+    def observe(self, x: torch.Tensor, topk_ids: torch.Tensor, out: Any) -> None:
+        """One call of the layer: its input, the expert ids each token was routed to, its routed output."""
+        self.called = True
+        x = x.detach()
+        self.op_input.update(x)
+        if isinstance(out, torch.Tensor):
+            self.op_output.update(out)
+        if self.counts.device != x.device:
+            self._move_to(x.device)
+        top_k = topk_ids.shape[-1]
+        ids = topk_ids.reshape(-1).long()
+        if self.expert_map is not None:
+            ids = self.expert_map[ids].long()
+            ids = torch.where(ids < 0, torch.full_like(ids, self.num_experts), ids)
+        # scatter_add, not bincount: bincount sizes its output from the data (a host sync on CUDA)
+        bins = torch.zeros_like(self.counts).scatter_add_(0, ids, torch.ones_like(ids))
+        self.counts += bins
+        token_amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1).float()
+        self.expert_input.scatter_reduce_(0, ids, token_amax.repeat_interleave(top_k), "amax")
+        if self.w13 is not None and ids.numel():
+            self._observe_intermediate(x, ids, bins, top_k)
+
+    def _observe_intermediate(self, x: torch.Tensor, ids: torch.Tensor, bins: torch.Tensor, top_k: int) -> None:
+        """max |act(gate) * up| per expert over the slots routed to it, `[gate | up] = x W13[expert]^T`."""
+        order = torch.argsort(ids, stable=True)
+        sorted_ids = ids[order]
+        rows = x.index_select(0, order // top_k)  # slots of other ranks' experts sort last and are dropped
+        h = self._routed_w13(rows, bins)
+        inter = self._act_amax(h)
+        inter = torch.where(sorted_ids < self.num_experts, inter, torch.zeros_like(inter))
+        self.expert_inter.scatter_reduce_(0, sorted_ids, inter, "amax")
+
+    def _routed_w13(self, rows: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+        key = (rows.device.type, rows.dtype)
+        if _GROUPED_MM.get(key, True):
+            offsets = torch.cumsum(bins[:self.num_experts], 0, dtype=torch.int32)
+            try:
+                h = torch._grouped_mm(rows, self.w13.transpose(-2, -1), offs=offsets)
+                _GROUPED_MM[key] = True
+                return h
+            except (RuntimeError, NotImplementedError, AttributeError):
+                _GROUPED_MM[key] = False
+        h = torch.zeros(rows.shape[0], self.w13.shape[1], dtype=rows.dtype, device=rows.device)
+        start = 0
+        for expert, count in enumerate(bins[:self.num_experts].tolist()):
+            if count:
+                h[start:start + count] = torch.nn.functional.linear(rows[start:start + count], self.w13[expert])
+            start += count
+        return h
+
+    def _act_amax(self, h: torch.Tensor) -> torch.Tensor:
+        """Max |act(gate) * up| over the last dim of `h = x W13^T` (gate first, as vLLM loads w13)."""
+        gate, up = h[..., :self.intermediate], h[..., self.intermediate:]
+        act = torch.nn.functional.gelu(gate) if self.activation.startswith("gelu") else torch.nn.functional.silu(gate)
+        return torch.linalg.vector_norm(act * up, ord=float("inf"), dim=-1).float()
+
+    def _move_to(self, device: torch.device) -> None:
+        self.counts, self.expert_input, self.expert_inter = (
+            t.to(device) for t in (self.counts, self.expert_input, self.expert_inter))
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        """INC nodes of the op and its children (the one host copy of this layer's statistics)."""
+        experts = self.num_experts
+        inter = self.expert_inter[:experts].tolist()
+        inputs = self.expert_input[:experts].tolist()
+        w13_amax, w2_amax = (amax.tolist() if amax is not None else [None] * experts for amax in self.weight_amax)
+        op = {"inputs": [[[self.op_input.get()]]], "outputs": [[[self.op_output.get()]]] + [[[v]] for v in inter]}
+        out = {self.name: op}
+        out.update({f"{self.name}.w13_list.{k}": _child(inputs[k], w13_amax[k]) for k in range(experts)})
+        out.update({f"{self.name}.w2_list.{k}": _child(inter[k], w2_amax[k]) for k in range(experts)})
+        return out
+
+    def token_counts(self) -> list[int]:
+        return self.counts[:self.num_experts].tolist()
+
+    def child_names(self) -> list[str]:
+        return [f"{self.name}.{kind}.{k}" for kind in ("w13_list", "w2_list") for k in range(self.num_experts)]
+
+    def reset(self) -> None:
+        self.called = False
+        self.op_input.reset()
+        self.op_output.reset()
+        self.counts.zero_()
+        self.expert_input.zero_()
+        self.expert_inter.zero_()
+
+
+def _per_expert_amax(weights: torch.Tensor | None) -> torch.Tensor | None:
+    return None if weights is None else weights.abs().amax(dim=(1, 2)).float()
+
+
+def _child(input_amax: float, weight: float | None) -> dict[str, Any]:
+    node: dict[str, Any] = {"inputs": [[[input_amax]]]}
+    if weight is not None:
+        node["params"] = {"weight": [[weight]]}
+    return node

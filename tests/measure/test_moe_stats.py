@@ -1,0 +1,119 @@
+"""MoE statistics against a plain per-slot reference, on the device, without reading values on the host.
+
+The routed layer here is a stand-in with the attributes `MoEStats` reads from vLLM's RoutedExperts
+(local_num_experts, expert_map, activation, and the expert weights captured before repacking).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ray_calib.engine.weights import EXPERT_WEIGHTS_ATTR
+from ray_calib.measure import moe
+from ray_calib.measure.moe import MoEStats
+
+EXPERTS, HIDDEN, INTER, TOP_K = 8, 64, 32, 2
+BF16_ULP = 2.0 ** -7  # largest relative spacing of bf16 numbers (8 significant bits)
+
+
+def routed_layer(device: str = "cpu", expert_map: torch.Tensor | None = None, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=generator).to(torch.bfloat16).to(device)
+    w2 = torch.randn(EXPERTS, HIDDEN, INTER, generator=generator).to(torch.bfloat16).to(device)
+    layer = SimpleNamespace(local_num_experts=EXPERTS, expert_map=expert_map, activation=SimpleNamespace(value="silu"))
+    setattr(layer, EXPERT_WEIGHTS_ATTR, (w13, w2))
+    return layer
+
+
+def batch(tokens: int, seed: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, HIDDEN, generator=generator).to(torch.bfloat16).to(device)
+    ids = torch.stack([torch.randperm(EXPERTS, generator=generator)[:TOP_K] for _ in range(tokens)]).to(device)
+    return x, ids
+
+
+def reference(layer, batches, local=None) -> tuple[list[int], list[float], list[float]]:
+    """Counts, input amax and intermediate amax per expert, slot by slot in float64."""
+    w13 = getattr(layer, EXPERT_WEIGHTS_ATTR)[0].double()
+    counts, inputs, inter = [0] * EXPERTS, [0.0] * EXPERTS, [0.0] * EXPERTS
+    for x, ids in batches:
+        for t in range(x.shape[0]):
+            for e in ids[t].tolist():
+                e = e if local is None else local[e]
+                if e < 0:
+                    continue
+                h = x[t].double() @ w13[e].t()
+                counts[e] += 1
+                inputs[e] = max(inputs[e], x[t].double().abs().max().item())
+                value = (torch.nn.functional.silu(h[:INTER]) * h[INTER:]).abs().max().item()
+                inter[e] = max(inter[e], value)
+    return counts, inputs, inter
+
+
+def check(stats: MoEStats, layer, batches, local=None) -> None:
+    counts, inputs, inter = reference(layer, batches, local)
+    nodes = stats.nodes()
+    assert stats.token_counts() == counts
+    op = nodes["moe"]
+    assert op["inputs"][0][0][0] == max(x.abs().max().float().item() for x, _ in batches)
+    for k in range(EXPERTS):
+        w13, w2 = nodes[f"moe.w13_list.{k}"], nodes[f"moe.w2_list.{k}"]
+        assert w13["inputs"][0][0][0] == inputs[k], "a routed token's amax, exactly"
+        got = w2["inputs"][0][0][0]
+        assert got == op["outputs"][1 + k][0][0]
+        # bf16 GEMM, activation and product: a few roundings of at most half a bf16 spacing each
+        assert abs(got - inter[k]) <= 4 * BF16_ULP * inter[k], (k, got, inter[k])
+        assert (got > 0) == (counts[k] > 0)
+        assert w13["params"]["weight"][0][0] == layer._ray_calib_expert_weights[0][k].abs().max().float().item()
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-gemm", "loop-per-expert"])
+def test_matches_a_per_slot_reference(grouped, monkeypatch):
+    if not grouped:
+        monkeypatch.setitem(moe._GROUPED_MM, ("cpu", torch.bfloat16), False)
+    layer = routed_layer()
+    stats = MoEStats("moe", layer)
+    batches = [batch(40, seed=1), batch(3, seed=2), batch(1, seed=3)]  # prefill-like, then decode-like steps
+    for x, ids in batches:
+        stats.observe(x, ids, x * 2)
+    check(stats, layer, batches)
+    assert stats.nodes()["moe"]["outputs"][0][0][0] == 2 * max(x.abs().max().float().item() for x, _ in batches)
+
+
+def test_expert_parallel_counts_only_this_ranks_experts():
+    """Global ids 0..15 over two ranks: this rank holds experts 8..15 as local 0..7."""
+    local = [-1] * EXPERTS + list(range(EXPERTS))
+    layer = routed_layer(expert_map=torch.tensor(local))
+    stats = MoEStats("moe", layer)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(30, HIDDEN, generator=generator).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(2 * EXPERTS, generator=generator)[:TOP_K] for _ in range(30)])
+    stats.observe(x, ids, x)
+    check(stats, layer, [(x, ids)], local)
+
+
+def test_reset_and_unrouted_experts():
+    layer = routed_layer()
+    stats = MoEStats("moe", layer)
+    x, _ = batch(4, seed=7)
+    stats.observe(x, torch.zeros(4, TOP_K, dtype=torch.int64), x)  # every slot to expert 0
+    assert stats.token_counts() == [8] + [0] * (EXPERTS - 1)
+    assert stats.nodes()["moe.w2_list.1"]["inputs"][0][0][0] == 0.0
+    stats.reset()
+    assert stats.token_counts() == [0] * EXPERTS and not stats.called
+
+
+def test_observe_never_reads_a_value_on_the_host():
+    """On the meta device every host read (.item(), .tolist(), bool()) raises: observe() must need none."""
+    layer = routed_layer(device="meta")
+    stats = MoEStats("moe", layer)
+    x = torch.empty(16, HIDDEN, dtype=torch.bfloat16, device="meta")
+    ids = torch.empty(16, TOP_K, dtype=torch.int64, device="meta")
+    stats.observe(x, ids, x)
+    stats.observe(x[:2], ids[:2], x[:2])
+    assert stats.counts.device.type == "meta" and stats.expert_inter.device.type == "meta"
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        stats.token_counts()  # the host copy happens here, at collect time
