@@ -11,12 +11,14 @@ from pathlib import Path
 # measured from the benchmark process itself, a forked child would inherit the benchmark's own
 # (torch-sized) RSS high-water mark. Timing inside the wrapper keeps its own start-up out of the figure.
 _WRAPPER = ("import resource, subprocess, sys, time; t = time.perf_counter(); p = subprocess.run(sys.argv[1:]); "
-            "print('MEASURED', time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+            "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+            "print('MEASURED', time.perf_counter() - t, u.ru_maxrss, u.ru_utime + u.ru_stime); "
             "sys.exit(p.returncode)")
 
 
-def run_child(command: list[str], *, env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MiB of the command or any process it waited for, its output).
+def run_child(command: list[str], *, env: dict[str, str] | None = None, cpu: bool = False):
+    """(wall seconds, peak RSS MiB of the command or any process it waited for, its output), plus with
+    `cpu` the CPU seconds (user + system) it and its children used.
 
     Exits with the output's tail when the command fails, so a broken run never yields a figure.
     """
@@ -25,7 +27,9 @@ def run_child(command: list[str], *, env: dict[str, str] | None = None) -> tuple
     output, _, measured = process.stdout.rpartition("MEASURED")
     if process.returncode != 0 or not measured:
         sys.exit(f"benchmark command failed: {' '.join(command)}\n{process.stdout[-3000:]}")
-    wall, peak_kb = measured.split()[:2]
+    wall, peak_kb, cpu_seconds = measured.split()[:3]
+    if cpu:
+        return float(wall), int(peak_kb) / 1024, output, float(cpu_seconds)
     return float(wall), int(peak_kb) / 1024, output
 
 

@@ -243,7 +243,7 @@ def _score_all(model: Path, rows: list[Model], heldout: dict[str, list[str]], wo
             if args.reuse and saved.exists() and json.loads(saved.read_text()).get("windows") == key:
                 scored[index] = json.loads(saved.read_text())
             else:
-                scored[index] = fidelity.score(variant, windows, tp_size=1, device="cpu", max_model_len=1024)
+                scored[index] = fidelity.score(variant, windows, tp_size=1, device="cpu", engine_options={"max_model_len": 1024})
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 saved.write_text(json.dumps({**scored[index], "windows": key}))
             print(f"    scored {row.label:<32} KV {scored[index]['kv_cache_dtype']:<9} in "

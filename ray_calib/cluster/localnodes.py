@@ -111,8 +111,12 @@ def running_sshd() -> Iterator[Sshd]:
 
 def write_conf(directory: Path, sshd: Sshd, *, gcs_port: int = 6380, dashboard_port: int = 8270,
                extra: str = "", head_env: str = "", worker_env: str = "", known_hosts: Path | None = None,
-               memory: str = "1G", devices_per_node: int = 1, fast_failure_detection: bool = True) -> Path:
+               memory: str = "1G", devices_per_node: int = 1, fast_failure_detection: bool = True,
+               num_cpus: int | None = None) -> Path:
     """Two CPU nodes (head 127.0.0.1, worker 127.0.0.2) on this box, `devices_per_node` HPU each.
+
+    `num_cpus` (default: `devices_per_node`) is Ray's CPU count per node; vLLM's rank actors ask for none,
+    and Ray starts that many idle worker processes per node, so many ranks on a small box want it low.
 
     `fast_failure_detection` shortens the GCS health checks so a killed node shows as dead within
     seconds (the tests); a busy 2-core box running vLLM ranks needs Ray's defaults (the demo).
@@ -141,7 +145,7 @@ WORKER_NODE_SOURCE_FILENAME=worker_env.sh
 WORKER_NODE_RAY_TEMP_DIR={temp}/worker
 DEVICE_KIND=cpu
 DEVICES_PER_NODE={devices_per_node}
-RAY_NUM_CPUS={devices_per_node}
+RAY_NUM_CPUS={devices_per_node if num_cpus is None else num_cpus}
 RAY_MEMORY={memory}
 RAY_OBJECT_STORE_MEMORY=200M
 MIN_FREE_DISK_GB=1

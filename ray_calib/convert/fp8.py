@@ -62,13 +62,32 @@ def has_table(dtype: str) -> bool:
     return dtype in _SOURCES
 
 
-def cast_with_table(source: np.ndarray, table: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out[i] = table[source[i]] for uint16 `source`, chunked so numpy's index scratch stays small."""
+def cast_with_table(source: np.ndarray, table: np.ndarray, out: np.ndarray, pool=None) -> np.ndarray:
+    """out[i] = table[source[i]] for uint16 `source`, in chunks that keep the index scratch in cache.
+
+    `np.take` wants intp indices: each chunk is widened into one reused buffer (a fresh conversion per
+    call would allocate, and fault in, 2 MB per chunk), and `mode="clip"` skips the bounds check that
+    16-bit indices into a 65536-entry table cannot fail. With a thread `pool` the second half runs
+    there; `np.take` releases the GIL, so two halves take two cores.
+    """
     flat_in, flat_out = source.reshape(-1), out.reshape(-1)
-    for start in range(0, flat_in.size, _CHUNK):
-        stop = start + _CHUNK
-        np.take(table, flat_in[start:stop], out=flat_out[start:stop])
+    if pool is None or flat_in.size < 4 * _CHUNK:
+        _take_range(flat_in, table, flat_out, 0, flat_in.size)
+        return out
+    middle = flat_in.size // 2
+    other = pool.submit(_take_range, flat_in, table, flat_out, middle, flat_in.size)
+    _take_range(flat_in, table, flat_out, 0, middle)
+    other.result()
     return out
+
+
+def _take_range(source: np.ndarray, table: np.ndarray, out: np.ndarray, begin: int, end: int) -> None:
+    index = np.empty(min(_CHUNK, max(end - begin, 0)), dtype=np.intp)
+    for start in range(begin, end, _CHUNK):
+        stop = min(start + _CHUNK, end)
+        wide = index[:stop - start]
+        np.copyto(wide, source[start:stop], casting="unsafe")
+        np.take(table, wide, out=out[start:stop], mode="clip")
 
 
 def maxabs(raw: np.ndarray, dtype: str) -> float:

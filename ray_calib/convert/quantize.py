@@ -25,7 +25,7 @@ from ray_calib.convert.checkpoint import (Checkpoint, FreeSpace, check_free_spac
                                          open_manifest, source_fingerprint, verified_shards, write_index)
 from ray_calib.convert.plan import QuantPlan, build_plan
 from ray_calib.convert.qconfig import compressed_tensors_config
-from ray_calib.convert.cast import Scratch, fp8_weight, stream, to_torch, weight_maxabs
+from ray_calib.convert.cast import Scratch, chunks, fp8_weight, stream, to_torch, weight_maxabs
 from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter
 from ray_calib.errors import ModelError
 from ray_calib.scales.devices import DeviceScales
@@ -87,20 +87,23 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
     check_free_space(job.out, sum(sum(t.nbytes for t in layouts[s]) for s in todo), job.free_space)
     job.out.mkdir(parents=True, exist_ok=True)
     scales = manifest.setdefault("weight_scales", {})
-    scratch = _scratch(checkpoint, plan, read_ahead=not job.low_cpu_mem)
-    if not job.method.per_channel_weights and len(scales) < len(plan.group_of):
-        scales.update(_group_weight_scales(checkpoint, plan, job, summary, scratch))
-        atomic.write_json(job.out / MANIFEST, manifest)
-    for shard in shard_names:
-        if shard in done:
-            summary.shards_skipped.append(shard)
-            continue
-        manifest["shards"][shard] = _write_shard(checkpoint, shard, layouts[shard], plan, scales, job, summary,
-                                                 scratch)
-        atomic.write_json(job.out / MANIFEST, manifest)
-        summary.shards_written.append(shard)
-        if job.on_shard_done:
-            job.on_shard_done(shard)
+    scratch = _scratch(checkpoint, plan, low_cpu_mem=job.low_cpu_mem)
+    try:
+        if not job.method.per_channel_weights and len(scales) < len(plan.group_of):
+            scales.update(_group_weight_scales(checkpoint, plan, job, summary, scratch))
+            atomic.write_json(job.out / MANIFEST, manifest)
+        for shard in shard_names:
+            if shard in done:
+                summary.shards_skipped.append(shard)
+                continue
+            manifest["shards"][shard] = _write_shard(checkpoint, shard, layouts[shard], plan, scales, job, summary,
+                                                     scratch)
+            atomic.write_json(job.out / MANIFEST, manifest)
+            summary.shards_written.append(shard)
+            if job.on_shard_done:
+                job.on_shard_done(shard)
+    finally:
+        scratch.close()
     _finish(checkpoint, layouts, job, fp8_kv=bool(plan.kv_maxabs))
     summary.quantized = len(plan.group_of)
     summary.kept = len(checkpoint.tensors) - summary.quantized
@@ -136,10 +139,18 @@ def _layout(checkpoint: Checkpoint, shard: str, plan: QuantPlan, job: QuantizeJo
     return layout
 
 
-def _scratch(checkpoint: Checkpoint, plan: QuantPlan, *, read_ahead: bool) -> Scratch:
+CAST_THREADS = 2  # np.take drops the GIL: the cast of one weight is split in two halves
+
+
+def _scratch(checkpoint: Checkpoint, plan: QuantPlan, *, low_cpu_mem: bool) -> Scratch:
+    """Inputs mapped from the page cache (no copy), FP8 outputs written behind. With `low_cpu_mem` no
+    tensor larger than the largest *quantized* weight is taken whole: larger unquantized ones (embeddings,
+    lm_head) are copied in blocks, so memory stays a few times one weight whatever the checkpoint."""
+    weights = [checkpoint.tensors[name] for name in plan.group_of]
+    largest_weight = max((info.nbytes for info in weights), default=0)
     largest = max((info.nbytes for info in checkpoint.tensors.values()), default=0)
-    largest_weight = max((checkpoint.tensors[name].numel for name in plan.group_of), default=0)
-    return Scratch(largest, largest_weight, read_ahead=read_ahead)
+    return Scratch(largest_weight if low_cpu_mem else largest, max((info.numel for info in weights), default=0),
+                   read_ahead=True, cast_threads=CAST_THREADS, mapped=True)
 
 
 def _group_weight_scales(checkpoint: Checkpoint, plan: QuantPlan, job: QuantizeJob, summary: QuantizeSummary,
@@ -189,42 +200,49 @@ def _write_shard(checkpoint: Checkpoint, shard: str, layout: list[PlannedTensor]
                     writer.write_raw(name, _f32(_kv_scale(maxabs, job)))
             return writer.close()
     infos = checkpoint.tensors_in(shard)
-    with ShardReader(checkpoint.path / shard) as reader, ShardWriter(out_path, layout) as writer, \
+    waited = scratch.write_wait
+    with ShardReader(checkpoint.path / shard) as reader, ShardWriter(out_path, layout, write_behind=True) as writer, \
             closing(stream(reader, [i.name for i in infos], scratch)) as tensors, \
             bar(f"write {shard}", total=len(infos)) as advance:
         started = time.perf_counter()
         for name, raw in tensors:
             summary.seconds["read"] += time.perf_counter() - started
-            for out_name, value in _output_tensors(checkpoint.tensors[name], raw, plan, scales, job, summary,
-                                                   scratch):
-                started = time.perf_counter()
-                writer.write_raw(out_name, value)
-                summary.seconds["write"] += time.perf_counter() - started
+            started = time.perf_counter()
+            if raw is None:  # larger than the buffers (--low-cpu-mem): copied block by block
+                writer.write_chunks(name, chunks(reader, name))
+            else:
+                _write_tensor(writer, checkpoint.tensors[name], raw, plan, scales, job, summary, scratch)
+            summary.seconds["write"] += time.perf_counter() - started
             advance()
             started = time.perf_counter()
         started = time.perf_counter()
         digest = writer.close()
-        summary.seconds["write"] += time.perf_counter() - started
+        summary.seconds["write"] += time.perf_counter() - started + scratch.write_wait - waited
+        summary.seconds["cast"] -= scratch.write_wait - waited
         return digest
 
 
-def _output_tensors(info, raw, plan: QuantPlan, scales: dict[str, float], job: QuantizeJob,
-                    summary: QuantizeSummary, scratch: Scratch):
-    """What one input tensor becomes: itself, or FP8 weight + weight_scale (+ input_scale), as raw bytes."""
+def _write_tensor(writer: ShardWriter, info, raw, plan: QuantPlan, scales: dict[str, float], job: QuantizeJob,
+                  summary: QuantizeSummary, scratch: Scratch) -> None:
+    """Hand one tensor's outputs to the writer thread; `summary.seconds["cast"]` is moved out of "write"."""
     if not plan.is_quantized(info.name):
-        yield info.name, raw
+        written = writer.write_raw(info.name, raw)
+        if written is not None:
+            written.result()  # a read buffer may be refilled next; a mapping should not pile up in the queue
         return
     started = time.perf_counter()
     per_channel = job.method.per_channel_weights
     channel = (lambda weight: channel_scales(weight, job.method, job.device)) if per_channel else None
-    weight, scale = fp8_weight(raw, info, None if per_channel else scales[info.name], scratch, channel)
-    summary.seconds["cast"] += time.perf_counter() - started
+    slot, weight, scale = fp8_weight(raw, info, None if per_channel else scales[info.name], scratch, channel)
+    cast = time.perf_counter() - started
+    summary.seconds["cast"] += cast
+    summary.seconds["write"] -= cast
     prefix = info.name.removesuffix(".weight")
-    yield info.name, weight
-    yield f"{prefix}.weight_scale", scale
+    scratch.busy_until(slot, writer.write_raw(info.name, weight))
+    writer.write_raw(f"{prefix}.weight_scale", scale)
     if not job.method.dynamic_only:
         group = plan.groups[plan.group_of[info.name]]
-        yield f"{prefix}.input_scale", _f32(activation_scale(group.input_maxabs, job.method, job.device))
+        writer.write_raw(f"{prefix}.input_scale", _f32(activation_scale(group.input_maxabs, job.method, job.device)))
 
 
 def _kv_scale(maxabs: float, job: QuantizeJob) -> float:

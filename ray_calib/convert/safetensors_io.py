@@ -16,6 +16,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ray_calib import atomic
 from ray_calib.errors import ModelError
@@ -109,18 +110,51 @@ class ShardReader:
         info = self.tensors[name]
         if buffer is None or buffer.size < info.nbytes:
             buffer = np.empty(info.nbytes, dtype=np.uint8)
-        view = buffer[:info.nbytes]
-        done, target = 0, memoryview(view)
-        while done < info.nbytes:  # one read() returns at most ~2 GB on Linux
-            got = os.preadv(self._fd, [target[done:]], info.offset + done)
+        return self.read_range(name, 0, buffer[:info.nbytes])
+
+    def map_raw(self, name: str):
+        """The bytes of `name` as a uint8 numpy array over a private mapping of the file: no copy.
+
+        Only the tensor's own pages are mapped, and only while the array lives (the mapping goes with
+        its last reference), so what counts in RSS is the tensors in hand, not the file. Pages are
+        faulted in on first touch, straight from the page cache. Writable copy-on-write: torch can
+        view it without a warning; nothing is ever written back.
+        """
+        import mmap
+
+        import numpy as np
+
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return np.empty(0, dtype=np.uint8)
+        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(self._fd, info.offset + info.nbytes - start, flags=mmap.MAP_PRIVATE,
+                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        return np.frombuffer(mapping, dtype=np.uint8, count=info.nbytes, offset=info.offset - start)
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading `name` into the page cache (returns at once)."""
+        info = self.tensors[name]
+        if hasattr(os, "posix_fadvise") and info.nbytes:
+            os.posix_fadvise(self._fd, info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+
+    def read_range(self, name: str, start: int, view):
+        """Fill `view` (a uint8 array) with the bytes of `name` from byte `start` on; returns `view`."""
+        info = self.tensors[name]
+        if start + view.nbytes > info.nbytes:
+            raise AssertionError(f"{name}: bytes {start}..{start + view.nbytes} beyond its {info.nbytes}")
+        done, target = 0, memoryview(view).cast("B")
+        while done < view.nbytes:  # one read() returns at most ~2 GB on Linux
+            got = os.preadv(self._fd, [target[done:]], info.offset + start + done)
             if got <= 0:
                 raise ModelError(f"{self.path}: tensor '{name}' is truncated", fix="re-download that shard.")
             done += got
         return view
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
+class PlannedTensor(NamedTuple):
+    """One tensor of a shard to write (a tuple: a DeepSeek-R1 quantize plans ~135k of them up front)."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -138,11 +172,21 @@ class ShardWriter:
 
     Bytes go to a hidden temp file next to `path`; `close()` fsyncs and renames it into place and
     returns the sha256 of the whole file. Leaving the `with` block on an error removes the temp file.
+    With `write_behind`, `write_raw` hands the bytes to a writer thread (file write and hashing drop the
+    GIL, so they run beside the caller's next cast) and returns a Future: the caller must not reuse the
+    buffer before it is done. Writes stay in plan order (one thread).
     """
 
-    def __init__(self, path: str | os.PathLike, plan: list[PlannedTensor], metadata: dict[str, str] | None = None):
+    def __init__(self, path: str | os.PathLike, plan: list[PlannedTensor], metadata: dict[str, str] | None = None,
+                 *, write_behind: bool = False):
         self.path = Path(path)
         self.plan = plan
+        self._writer = None
+        self._pending: list = []
+        if write_behind:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="write-behind")
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         for item in plan:
@@ -197,15 +241,48 @@ class ShardWriter:
         os.posix_fadvise(self._handle.fileno(), self._written_back, end - self._written_back, os.POSIX_FADV_DONTNEED)
         self._written_back = end
 
-    def write_raw(self, name: str, data) -> None:
-        """Write the next planned tensor from its bytes (a contiguous numpy array of the planned dtype's layout)."""
+    def write_raw(self, name: str, data):
+        """Write the next planned tensor from its bytes (a contiguous numpy array of the planned dtype's layout).
+
+        Returns None once written, or with `write_behind` a Future that is done once written.
+        """
         item = self._expect(name)
         view = memoryview(data).cast("B")
         if view.nbytes != item.nbytes:
             raise AssertionError(f"tensor {name}: {view.nbytes} bytes do not match plan {item}")
-        if view.nbytes:
-            self._write(view)
         self._next += 1
+        if self._writer is None:
+            if view.nbytes:
+                self._write(view)
+            return None
+        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
+        future = self._writer.submit(self._write, view) if view.nbytes else self._writer.submit(lambda: None)
+        self._pending.append(future)
+        return future
+
+    def write_chunks(self, name: str, chunks) -> None:
+        """Write the next planned tensor from an iterable of byte blocks (a large tensor in bounded memory).
+
+        Blocks are written as they come (each may be reused by the caller after the next one is asked for).
+        """
+        item = self._expect(name)
+        self.drain()
+        written = 0
+        for block in chunks:
+            view = memoryview(block).cast("B")
+            written += view.nbytes
+            if written > item.nbytes:
+                raise AssertionError(f"tensor {name}: more than the planned {item.nbytes} bytes")
+            self._write(view)
+        if written != item.nbytes:
+            raise AssertionError(f"tensor {name}: {written} bytes do not match plan {item}")
+        self._next += 1
+
+    def drain(self) -> None:
+        """Wait until every write handed to the writer thread is on file (re-raising its error)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def _expect(self, name: str) -> PlannedTensor:
         item = self.plan[self._next]
@@ -216,6 +293,8 @@ class ShardWriter:
     def close(self) -> str:
         if self._next != len(self.plan):
             raise AssertionError(f"{self.path.name}: {len(self.plan) - self._next} planned tensors not written")
+        self.drain()
+        self._stop_writer()
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
@@ -224,10 +303,15 @@ class ShardWriter:
         return self._hash.hexdigest()
 
     def abort(self) -> None:
+        self._stop_writer()  # waits for queued writes: the handle must outlive them
         self._stop_hasher()
         self._handle.close()
         Path(self._tmp).unlink(missing_ok=True)
 
+    def _stop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     def _stop_hasher(self) -> None:
         if self._hasher is not None:

@@ -91,6 +91,15 @@ def device_memory_bytes(device: str) -> int:
     return host_available_bytes()
 
 
+def local_device_count(device: str) -> int | None:
+    """Devices this node offers for ranks run without Ray; None on CPU (ranks are processes, memory bounds them)."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.device_count()
+    return None
+
+
 def host_available_bytes() -> int:
     """MemAvailable from /proc/meminfo (what the kernel can hand out without swapping)."""
     try:

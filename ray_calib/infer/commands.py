@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from ray_calib.engine.device import DEVICE_CHOICES
+from ray_calib.engine.options import enforce_eager_option, kv_cache_gib_option, max_model_len_option
 from ray_calib.errors import EngineError
 from ray_calib.rundir import RunDir, run_dir_option
 
@@ -29,7 +31,8 @@ def _run_meta(run: RunDir, model: Path):
 @click.option("--one-node", is_flag=True, help="Serve on this node alone at its TP (the default).")
 @click.option("--conf", type=_file, help="Spread the ranks over the cluster `up` started from this devices.conf.")
 @click.option("--model", type=_dir, help="Model directory [default: <run-dir>/fp8; on Gaudi the measured model].")
-@click.option("--tp", type=int, help="Tensor-parallel size [default: the unified TP of the run, else 8; 1 on CPU].")
+@click.option("--tp", type=int, help="Tensor-parallel size [default: the run's unified TP when it fits, else the "
+              "smallest the model allows that fits in memory; on Gaudi the run's unified TP].")
 @click.option("--prompts", type=_file, help="One prompt per line (or JSONL with 'prompt').")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--fp8-kv/--no-fp8-kv", default=None, help="FP8 KV cache [default: as measured].")
@@ -47,11 +50,15 @@ def _run_meta(run: RunDir, model: Path):
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
               help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).")
 @click.option("--dry-run", is_flag=True, help="Print the engine arguments, env and QUANT_CONFIG; start nothing.")
+@max_model_len_option
+@kv_cache_gib_option
+@enforce_eager_option
 @run_dir_option
 def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None, prompts: Path | None,
           max_new_tokens: int, fp8_kv: bool | None, baseline: Path | None, serve: bool, detach: bool, host: str,
           port: int, quant_config: Path | None, timeout_s: int, allow_device_mismatch: bool, device: str,
-          dry_run: bool, run_dir: str | None) -> None:
+          dry_run: bool, max_model_len: int | None, kv_cache_gib: float, enforce_eager: bool,
+          run_dir: str | None) -> None:
     """Run the quantized model with vLLM: offline generation, or `--serve` an OpenAI API.
 
     \b
@@ -81,13 +88,18 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None,
     if target.is_gaudi:
         config, serve_plan = _gaudi_config(run, meta, model, tp, quant_config, fp8_kv, conf, timeout_s, extra_env,
                                            write=not dry_run, card_bytes=target.memory_bytes)
+        config = replace(config, max_model_len=max_model_len, enforce_eager=enforce_eager)
     else:
         serve_plan = None
         model = model or run.fp8
-        tp_size = tp or (meta.tp_size if meta and meta.tp_size and meta.unified_from else (1 if device == "cpu" else 8))
+        runner.check_model_dir(model)
+        unified_tp = meta.tp_size if meta and meta.tp_size and meta.unified_from else None
+        tp_size = runner.choose_tp(model, tp, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
+                                   preferred=unified_tp)
         config = runner.InferConfig(model=model, tp_size=tp_size, device=device,
                                     fp8_kv=fp8_kv if fp8_kv is not None else bool(meta and meta.fp8_kv),
-                                    quant_config=quant_config, timeout_s=timeout_s, extra_env=extra_env)
+                                    quant_config=quant_config, timeout_s=timeout_s, max_model_len=max_model_len,
+                                    kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager, extra_env=extra_env)
     if dry_run:
         click.echo(_plan(config, target, serve, host, port, conf, serve_plan).render())
         return
@@ -168,7 +180,7 @@ def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, 
         from ray_calib.cluster import devices
 
         nodes = nodes_from_conf(devices.load(conf), config.tp_size)
-    args = runner.serve_args(config, engine, host, port) if serve else None
+    args = runner.serve_command(config, host=host, port=port) if serve else None
     warnings = []
     if target.is_gaudi:
         from ray_calib.infer import gaudi
@@ -188,9 +200,16 @@ def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, 
 def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> None:
     if not detach:
         signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to us unwinds like Ctrl-C, through the `finally`
+    shown = {k: v for k, v in runner.serve_env(config).items() if k in _SHOWN_ENV}
+    click.echo("serving with: " + "".join(f"{key}={value} " for key, value in shown.items())
+               + "vllm " + " ".join(runner.serve_args(config, host=host, port=port)))
+    click.echo(f"  (everything else is vLLM's default: {runner.PROFILE_NOTE[config.device == 'cpu']})")
     server = runner.serve(config, host=host, port=port, log=run.root / "infer" / "vllm-serve.log")
     stop_server = True
     try:
+        reported = runner.served_settings(server)
+        if "max_model_len" in reported:
+            click.echo(f"  server reports max_model_len {reported['max_model_len']}")
         reply = runner.complete(server, "Hello")
         click.echo(f"serving {config.model} at {server.url}/v1 (model '{server.model_name}', pid {server.pid}); "
                    f"smoke test completion: {reply.strip()!r}; log {server.log}")
@@ -205,6 +224,9 @@ def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> N
             runner.stop(server.pid)
 
 
+_SHOWN_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "QUANT_CONFIG")
+
+
 def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
@@ -213,16 +235,19 @@ def _interrupt(signum: int, frame) -> None:
 @click.option("--baseline", type=_dir, help="The BF16 model [default: the model in the run's meta].")
 @click.option("--candidate", type=_dir, help="The FP8 model [default: <run-dir>/fp8].")
 @click.option("--texts", type=_file, help="Held-out texts, one per line (or JSONL with 'text').")
-@click.option("--tp", type=int, default=1, show_default=True)
+@click.option("--tp", type=int, help="Tensor-parallel size [default: the smallest the models allow that fits in memory].")
 @click.option("--fp8-kv/--no-fp8-kv", "with_fp8_kv", default=True, show_default=True,
               help="Also score the candidate with an FP8 KV cache (the others always run a BF16 one).")
 @click.option("--max-model-len", type=click.IntRange(min=16), default=1024, show_default=True,
               help="Context of the scoring engines; longer texts are scored in consecutive windows.")
 @click.option("--min-agreement", type=float, help="Fail when top-1 agreement falls below this (0-1).")
 @click.option("--out", type=_file, help="Results JSON [default: <run-dir>/eval.json].")
+@kv_cache_gib_option
+@enforce_eager_option
 @run_dir_option
-def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | None, tp: int, with_fp8_kv: bool,
-                 max_model_len: int, min_agreement: float | None, out: Path | None, run_dir: str | None) -> None:
+def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | None, tp: int | None, with_fp8_kv: bool,
+                 max_model_len: int, min_agreement: float | None, out: Path | None, kv_cache_gib: float,
+                 enforce_eager: bool, run_dir: str | None) -> None:
     """Compare the FP8 model with its BF16 baseline: top-1 agreement, KL, perplexity.
 
     \b
@@ -241,8 +266,13 @@ def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | No
         baseline = Path(meta.model)
     for model in (baseline, candidate):
         runner.check_model_dir(model)
-    report = fidelity.evaluate(baseline, candidate, runner.load_prompts(texts), tp_size=tp, device=detect_device(),
-                               with_fp8_kv=with_fp8_kv, max_model_len=max_model_len)
+    device = detect_device()
+    # One engine at a time, so the larger (BF16) baseline decides; the candidate must allow the same TP.
+    tp_size = runner.choose_tp(baseline, tp, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
+    runner.choose_tp(candidate, tp_size, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
+    report = fidelity.evaluate(baseline, candidate, runner.load_prompts(texts), tp_size=tp_size, device=device,
+                               with_fp8_kv=with_fp8_kv, max_model_len=max_model_len,
+                               engine_options={"kv_cache_gib": kv_cache_gib, "enforce_eager": enforce_eager})
     path = fidelity.write_report(report, out or run.eval_json)
     for note in report.notes:
         click.echo(f"note: {note}")

@@ -122,15 +122,17 @@ def tokenize(model: Path, texts: list[str]) -> list[list[int]]:
 # ---- running the variants --------------------------------------------------------------------------------
 
 def evaluate(baseline: Path, candidate: Path, texts: list[str], *, tp_size: int, device: str,
-             with_fp8_kv: bool = True, max_model_len: int = 1024) -> FidelityReport:
+             with_fp8_kv: bool = True, max_model_len: int = 1024,
+             engine_options: dict | None = None) -> FidelityReport:
     """Score baseline and candidate (both on a BF16 cache) on the same token windows; `with_fp8_kv`
-    adds the candidate on an FP8 cache as a third variant."""
+    adds the candidate on an FP8 cache as a third variant. `engine_options`: further `InferConfig`
+    fields for every engine (e.g. kv_cache_gib, enforce_eager)."""
     windows, notice = token_windows(tokenize(baseline, texts), max_model_len)
     variants = [Variant("baseline", baseline), Variant("candidate", candidate)]
     if with_fp8_kv:
         variants.append(Variant("candidate_fp8_kv", candidate, fp8_kv=True))
-    scores = {v.name: score(v, windows, tp_size=tp_size, device=device, max_model_len=max_model_len)
-              for v in variants}
+    options = {**(engine_options or {}), "max_model_len": max_model_len}
+    scores = {v.name: score(v, windows, tp_size=tp_size, device=device, engine_options=options) for v in variants}
     reference = scores["baseline"]["positions"]
     report = FidelityReport(baseline=str(baseline), candidate=str(candidate), num_texts=len(texts),
                             num_positions=sum(len(p) for p in reference), num_windows=len(windows),
@@ -144,9 +146,9 @@ def evaluate(baseline: Path, candidate: Path, texts: list[str], *, tp_size: int,
     return report
 
 
-def score(variant: Variant, windows: list[list[int]], *, tp_size: int, device: str, max_model_len: int) -> dict:
+def score(variant: Variant, windows: list[list[int]], *, tp_size: int, device: str, engine_options: dict) -> dict:
     """{"positions": per-window scored positions, "kv_cache_dtype": what the engine ran}, in a fresh process."""
-    return run_isolated(_score, str(variant.model), variant.fp8_kv, windows, tp_size, device, max_model_len,
+    return run_isolated(_score, str(variant.model), variant.fp8_kv, windows, tp_size, device, engine_options,
                         what=f"scoring {variant.name} ({variant.model})")
 
 
@@ -165,7 +167,7 @@ def format_table(report: FidelityReport) -> str:
 
 
 def _score(model: str, fp8_kv: bool, windows: list[list[int]], tp_size: int, device: str,
-           max_model_len: int) -> dict:
+           engine_options: dict) -> dict:
     if tp_size == 1:  # one rank: run the engine in this process (~3 s start, no nested workers)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import SamplingParams
@@ -174,7 +176,7 @@ def _score(model: str, fp8_kv: bool, windows: list[list[int]], tp_size: int, dev
     from ray_calib.infer.runner import InferConfig, engine_config
 
     config = engine_config(InferConfig(model=Path(model), tp_size=tp_size, device=device, fp8_kv=fp8_kv,
-                                       max_model_len=max_model_len))
+                                       **engine_options))
     llm = build_llm(config)
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=TOP_K)
     scored = []

@@ -146,5 +146,6 @@ def engine_config(config):
     return EngineConfig(model=str(config.model), tp_size=config.tp_size, device="hpu", quantization=route.quantization,
                         ray_address=config.extra_env.get("RAY_ADDRESS"),
                         kv_cache_dtype="fp8_inc" if config.fp8_kv else "auto", max_model_len=config.max_model_len,
-                        extra_env=with_copy_list(env), enforce_eager=False, trust_remote_code=True,
+                        extra_env=with_copy_list(env), profile="serve", max_num_seqs=None,
+                        enforce_eager=config.enforce_eager, trust_remote_code=True,
                         enable_expert_parallel=config.expert_parallel)

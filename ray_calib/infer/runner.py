@@ -24,6 +24,13 @@ from ray_calib.measurements import RunMeta
 
 logger = logging.getLogger(__name__)
 
+AUTO_MAX_MODEL_LEN = -1  # vLLM: the model's context, lowered to what the KV cache can hold
+PROFILE_NOTE = {  # what a server gets from vLLM itself, by "is this CPU"
+    False: "CUDA graphs / torch.compile, prefix caching, the checkpoint's dtype, max_num_seqs",
+    True: "torch.compile (inductor), prefix caching where the attention backend has it, the checkpoint's dtype, "
+          "max_num_seqs; ours on CPU: the KV-cache size per rank and, for TP > 1, VLLM_CPU_OMP_THREADS_BIND=nobind",
+}
+
 DEFAULT_PROMPTS = (
     "The capital of France is",
     "Tensor parallelism splits each layer across devices so that",
@@ -40,7 +47,9 @@ class InferConfig:
     fp8_kv: bool = False
     quant_config: Path | None = None  # Gaudi only: the QUANTIZE QUANT_CONFIG INC reads at load
     timeout_s: int = 1800  # FP8 graph compiles on Gaudi take long
-    max_model_len: int = 1024
+    max_model_len: int | None = None  # None: vLLM's auto (the model's context, capped by the KV cache)
+    kv_cache_gib: float = 1.0  # CPU: KV-cache bytes per rank
+    enforce_eager: bool = False  # skip graphs/compilation: faster start, slower steps
     extra_env: dict[str, str] = field(default_factory=dict)
     expert_parallel: bool = False  # Gaudi: the measurements were expert parallel
 
@@ -80,14 +89,30 @@ def engine_config(config: InferConfig):
 
         return gaudi.engine_config(config)
     return EngineConfig(model=str(config.model), tp_size=config.tp_size, device=config.device,
-                        kv_cache_dtype=kv_cache_dtype(config.fp8_kv), max_model_len=config.max_model_len,
-                        extra_env=env)
+                        kv_cache_dtype=kv_cache_dtype(config.fp8_kv),
+                        max_model_len=config.max_model_len or AUTO_MAX_MODEL_LEN, kv_cache_gib=config.kv_cache_gib,
+                        extra_env=env, profile="serve", max_num_seqs=None, enforce_eager=config.enforce_eager)
 
 
 def kv_cache_dtype(fp8_kv: bool) -> str:
     """Always explicit on CPU/CUDA: vLLM resolves "auto" to the checkpoint's KV scheme, so a checkpoint
-    with k/v scales would run an FP8 cache even when BF16 was asked for (the engine's dtype is bfloat16)."""
+    with k/v scales would run an FP8 cache even when BF16 was asked for."""
     return "fp8" if fp8_kv else "bfloat16"
+
+
+def choose_tp(model: Path, requested: int | None, *, device: str, kv_cache_gib: float, max_model_len: int | None,
+              preferred: int | None = None) -> int:
+    """The same TP rules and memory pre-check as `measure`, for the model about to be served or scored."""
+    from ray_calib.convert.checkpoint import model_config
+    from ray_calib.engine import sizing
+    from ray_calib.engine.device import local_device_count
+    from ray_calib.engine.memory import memory_check
+
+    shape = sizing.ModelShape.from_config(model_config(model))
+    sizing.check_max_model_len(shape, max_model_len, str(model))
+    memory = memory_check(model, sizing.valid_tp_sizes(shape), device, kv_cache_gib)
+    return sizing.choose_tp(shape, requested, model_id=str(model), memory=memory, preferred=preferred,
+                            devices=sizing.Devices(local_device_count(device), "this node"))
 
 
 def check_model_dir(model: Path) -> None:
@@ -117,14 +142,45 @@ class Server:
     model_name: str
 
 
-def serve(config: InferConfig, *, host: str = "127.0.0.1", port: int = 8000, log: Path) -> Server:
-    """Start `vllm serve` with the run's engine settings and wait until /health answers."""
-    check_model_dir(config.model)
+def serve_args(config: InferConfig, *, host: str, port: int) -> list[str]:
+    """`vllm serve` arguments: the model, where to listen, and the serve profile's few settings.
+
+    Everything else is vLLM's default, so the server is what a plain `vllm serve` of the checkpoint gives.
+    """
+    from ray_calib.engine.launch import engine_settings
+
+    args = ["serve", str(config.model), "--host", host, "--port", str(port), "--served-model-name", config.model.name]
+    for key, value in engine_settings(engine_config(config)).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            args += [flag, "auto" if key == "max_model_len" and value == AUTO_MAX_MODEL_LEN else str(value)]
+    return args
+
+
+def serve_command(config: InferConfig, *, host: str, port: int) -> list[str]:
+    """The process `serve` starts: vLLM's CLI through `ray_calib.infer.vllm_cli` (it only fixes vllm-cpu's
+    version lookup)."""
+    return [sys.executable, "-m", "ray_calib.infer.vllm_cli", *serve_args(config, host=host, port=port)]
+
+
+def serve_env(config: InferConfig) -> dict[str, str]:
+    """The variables `serve` adds to the environment (shown to the user with the arguments)."""
     from ray_calib.engine.launch import worker_env
 
-    engine = engine_config(config)
-    env = {**os.environ, **worker_env(engine)}
-    args = serve_args(config, engine, host, port)
+    return worker_env(engine_config(config))
+
+
+def serve(config: InferConfig, *, host: str = "127.0.0.1", port: int = 8000, log: Path) -> Server:
+    """Start `vllm serve` with `serve_args` and wait until /health answers."""
+    check_model_dir(config.model)
+    from ray_calib.engine.launch import CPU_KV_ENV
+
+    env = {**os.environ, **serve_env(config)}
+    if config.device == "cpu":
+        env.pop(CPU_KV_ENV, None)  # it would override --kv-cache-memory-bytes
+    args = serve_command(config, host=host, port=port)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as log_file:
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -135,26 +191,6 @@ def serve(config: InferConfig, *, host: str = "127.0.0.1", port: int = 8000, log
         stop(process.pid)
         raise
     return Server(url=url, pid=process.pid, log=log, model_name=config.model.name)
-
-
-def serve_args(config: InferConfig, engine, host: str, port: int) -> list[str]:
-    """`vllm serve` with the engine's settings (the same as the offline LLM's)."""
-    args = [sys.executable, "-m", "ray_calib.infer.vllm_cli", "serve", str(config.model), "--host", host, "--port",
-            str(port), "--tensor-parallel-size", str(config.tp_size), "--max-model-len", str(config.max_model_len),
-            "--served-model-name", config.model.name]
-    if engine.enforce_eager:
-        args.append("--enforce-eager")
-    if engine.device == "hpu":
-        args += ["--dtype", engine.dtype]
-    if engine.kv_cache_dtype != "auto":
-        args += ["--kv-cache-dtype", engine.kv_cache_dtype]
-    if engine.quantization:
-        args += ["--quantization", engine.quantization]
-    if engine.trust_remote_code:
-        args.append("--trust-remote-code")
-    if engine.enable_expert_parallel:
-        args.append("--enable-expert-parallel")
-    return args
 
 
 def stop(pid: int) -> None:
@@ -180,6 +216,17 @@ def _wait_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s: int
             pass
         time.sleep(1)
     raise EngineError(f"vllm serve did not become healthy within {timeout_s} s", fix=f"see {log}; raise --timeout.")
+
+
+def served_settings(server: Server) -> dict[str, object]:
+    """What the running server reports about the model it serves (`/v1/models`), e.g. its resolved context."""
+    try:
+        with urllib.request.urlopen(f"{server.url}/v1/models", timeout=10) as response:
+            models = json.loads(response.read()).get("data", [])
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+        return {}
+    entry = next((m for m in models if m.get("id") == server.model_name), models[0] if models else {})
+    return {key: entry[key] for key in ("id", "max_model_len", "root") if key in entry}
 
 
 def complete(server: Server, prompt: str, *, max_tokens: int = 16) -> str:

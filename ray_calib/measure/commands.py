@@ -7,9 +7,10 @@ from pathlib import Path
 import click
 
 from ray_calib.engine.device import DEVICE_CHOICES
+from ray_calib.engine.options import kv_cache_gib_option
 from ray_calib.rundir import RunDir, run_dir_option
 
-DEFAULTS = {"tp_size": 1, "batch_size": 16}  # without devices.conf
+DEFAULTS = {"batch_size": 16}  # without devices.conf
 
 
 @click.command()
@@ -17,7 +18,8 @@ DEFAULTS = {"tp_size": 1, "batch_size": 16}  # without devices.conf
 @click.option("-d", "--dataset", type=click.Path(path_type=Path), default=None,
               help="Calibration set (pile/mlcommons/tc); optional with --dry-run.")
 @click.option("-t", "--tp", "tp_size", type=int, default=None,
-              help="Tensor-parallel size [default: devices.conf TENSOR_PARALLEL_SIZE (else all its devices), else 1].")
+              help="Tensor-parallel size [default: devices.conf TENSOR_PARALLEL_SIZE (else all its devices), else the "
+                   "smallest the model allows that fits in memory (1 on Gaudi)].")
 @click.option("--fp8-kv", is_flag=True, help="Also measure K/V as written to the KV cache (for FP8 KV serving).")
 @click.option("-n", "--num-samples", "--limit", "num_samples", type=int, default=512, show_default=True, help="Prompts to use.")
 @click.option("-l", "--least-tokens", type=int, default=None,
@@ -38,7 +40,9 @@ DEFAULTS = {"tp_size": 1, "batch_size": 16}  # without devices.conf
               help="devices.conf of a cluster started by `ray-calib up` [default: ./devices.conf when up].")
 @click.option("--executor", type=click.Choice(["auto", "uni", "mp", "ray"]), default="auto", show_default=True,
               help="How ranks run: one process, one node (mp) or Ray.")
-@click.option("--max-model-len", type=int, default=2048, show_default=True, help="Longest prompt + generation.")
+@click.option("--max-model-len", type=int, default=None,
+              help="Longest prompt + generation [default: 2048, capped by the model's context].")
+@kv_cache_gib_option
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
               help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).")
 @click.option("--expert-parallel/--no-expert-parallel", default=None,
@@ -52,7 +56,7 @@ DEFAULTS = {"tp_size": 1, "batch_size": 16}  # without devices.conf
 @run_dir_option
 def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_size, max_new_tokens, chunk_size, out,
             resume, force, min_expert_tokens, quant_config, cluster, executor, max_model_len, device, expert_parallel,
-            timeout_s, enforce_eager, dry_run, attention_backend, run_dir) -> None:
+            timeout_s, enforce_eager, dry_run, attention_backend, kv_cache_gib, run_dir) -> None:
     """Run the calibration prompts through vLLM at TP=N and write one INC range file per rank.
 
     \b
@@ -66,7 +70,7 @@ def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_si
 
     conf = _load_conf(resolve_conf_path(cluster, any_state=dry_run))
     if tp_size is None:
-        tp_size = conf.tensor_parallel_size if conf else DEFAULTS["tp_size"]
+        tp_size = conf.tensor_parallel_size if conf else None
     if batch_size is None:
         batch_size = _extra(conf, "CALIBRATION_MAX_BATCH_SIZE") or DEFAULTS["batch_size"]
     if least_tokens is None:
@@ -75,7 +79,7 @@ def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_si
         quant_config = Path(_extra(conf, "INC_MEASURE_CONFIG_FILENAME"))
     for flag, value in (("--batch-size", batch_size), ("--chunk-size", chunk_size), ("--max-new-tokens", max_new_tokens),
                         ("--num-samples", num_samples), ("--least-tokens", 1 if least_tokens is None else least_tokens),
-                        ("--max-model-len", max_model_len or 1), ("--timeout", timeout_s)):
+                        ("--max-model-len", max_model_len or 1), ("--timeout", timeout_s), ("--tp", tp_size or 1)):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}", fix=f"pass a positive {flag}.")
     if dataset is None and not dry_run:
@@ -87,7 +91,8 @@ def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_si
                            force=force, min_expert_tokens=min_expert_tokens, quant_config=quant_config,
                            executor=executor, ray_address=address, max_model_len=max_model_len, device=device,
                            expert_parallel=expert_parallel, timeout_s=timeout_s, enforce_eager=enforce_eager,
-                           cluster_conf=conf.path if conf else None, attention_backend=attention_backend)
+                           cluster_conf=conf.path if conf else None, attention_backend=attention_backend,
+                           kv_cache_gib=kv_cache_gib)
     if dry_run:
         _dry_run(config, conf, executor)
         return

@@ -100,12 +100,20 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
     """Decide everything for `config` (a run.MeasureConfig) without starting vLLM or opening a device."""
     from ray_calib.engine.device import detect_target
     from ray_calib.measure.gaudi import dump_dir_for_run, inc_on_cpu, measure_quant_config
-    from ray_calib.measure.preflight import blocklist, check_tp, resolve_model
+    from ray_calib.engine import sizing
+    from ray_calib.measure.preflight import blocklist, check_attention_backend, check_tp, resolve_model
 
     info = resolve_model(config.model, weights=not dry_run)
-    check_tp(info, config.tp_size)
+    sizing.check_max_model_len(info.shape, config.max_model_len, info.model_id)
+    if config.tp_size is not None:
+        check_tp(info, config.tp_size)
     target = detect_target(config.device)
     backend = INC if target.is_gaudi or inc_on_cpu() else OBSERVERS
+    if backend == OBSERVERS:
+        check_attention_backend(config.attention_backend)
+        config.tp_size = _choose_tp(config, info, target.device, join_ray=not dry_run)
+    elif config.tp_size is None:  # Gaudi: HBM per card and host RAM per node are checked on the nodes
+        config.tp_size = 1
     if backend == INC and config.min_expert_tokens > 1:
         raise ConfigError(f"--min-expert-tokens {config.min_expert_tokens}: INC counts no tokens per expert, only "
                           "whether an expert got any (a non-zero range)", fix="use --min-expert-tokens 1 (or 0).")
@@ -144,6 +152,30 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
         plan.calib = load_prompts(config.dataset, info.path, num_samples=config.num_samples,
                                   least_tokens=config.least_tokens)
     return plan
+
+
+def _choose_tp(config, info: ModelInfo, device: str, *, join_ray: bool) -> int:
+    """--tp checked against the heads/experts, the devices (joining the Ray cluster now, so a cluster too
+    small fails before any prompt is read) and memory; without --tp the smallest TP that fits."""
+    from ray_calib.engine import sizing
+    from ray_calib.engine.device import local_device_count
+    from ray_calib.engine.launch import prepare
+    from ray_calib.engine.memory import memory_check
+    from ray_calib.measure.preflight import valid_tp_sizes
+    from ray_calib.measure.run import context_limit
+
+    devices = None
+    if join_ray:
+        from ray_calib.measure.extension import EXTENSION_CLS
+
+        devices = prepare(EngineConfig(model=str(info.path), tp_size=config.tp_size or 1, device=device,
+                                       executor=config.executor, ray_address=config.ray_address,
+                                       max_model_len=context_limit(config, info), kv_cache_gib=config.kv_cache_gib,
+                                       worker_extension_cls=EXTENSION_CLS, observe_weights=True))
+    where = "the Ray cluster" if devices is not None else "this node"
+    return sizing.choose_tp(info.shape, config.tp_size, model_id=info.model_id,
+                            devices=sizing.Devices(devices if devices is not None else local_device_count(device), where),
+                            memory=memory_check(info.path, valid_tp_sizes(info), device, config.kv_cache_gib))
 
 
 def _ep_size(config, info: ModelInfo, backend: str) -> int:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_calib.convert.checkpoint import num_routed_experts
-from ray_calib.errors import ConfigError, ModelError
-
+from ray_calib.engine import sizing
+from ray_calib.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -22,8 +22,13 @@ class ModelInfo:
     moe: bool
     model_type: str
     max_positions: int | None  # config.json max_position_embeddings
-    num_experts: int = 0  # routed experts per MoE layer (0: dense)
+    shape: sizing.ModelShape  # what decides the TP sizes it allows
     mla: bool = False  # multi-head latent attention (one latent KV cache)
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer (0: dense)."""
+        return self.shape.num_experts
 
 
 def resolve_model(model: str, *, weights: bool = True) -> ModelInfo:
@@ -51,20 +56,15 @@ def resolve_model(model: str, *, weights: bool = True) -> ModelInfo:
     return ModelInfo(path=path, model_id=model, revision=_revision(path), num_heads=heads,
                      num_kv_heads=config.get("num_key_value_heads", heads), moe=bool(experts),
                      model_type=str(config.get("model_type", "")), max_positions=config.get("max_position_embeddings"),
-                     num_experts=experts or 0, mla=bool(config.get("kv_lora_rank")))
+                     shape=sizing.ModelShape.from_config(config), mla=bool(config.get("kv_lora_rank")))
 
 
-def valid_tp_sizes(info: ModelInfo, limit: int = 64) -> list[int]:
-    return [tp for tp in range(1, min(info.num_heads, limit) + 1) if info.num_heads % tp == 0]
+def valid_tp_sizes(info: ModelInfo, limit: int = sizing.MAX_TP) -> list[int]:
+    return sizing.valid_tp_sizes(info.shape, limit)
 
 
 def check_tp(info: ModelInfo, tp_size: int) -> None:
-    if tp_size < 1:
-        raise ConfigError(f"--tp must be at least 1, got {tp_size}", fix="pass --tp 1 or more.")
-    if info.num_heads % tp_size:
-        choices = " | ".join(map(str, valid_tp_sizes(info)))
-        raise ConfigError(f"--tp {tp_size} does not divide the {info.num_heads} attention heads of {info.model_id} "
-                          f"({info.num_heads} % {tp_size} = {info.num_heads % tp_size})", fix=f"use --tp {choices}.")
+    sizing.check_tp(info.shape, tp_size, info.model_id)
 
 
 def check_attention_backend(name: str | None) -> None:

@@ -27,10 +27,11 @@ from ray_calib.measurements.coverage import COVERAGE_FILE
 from ray_calib.measurements.naming import JSON, parse_name
 from ray_calib.measurements.pipeline import remove_stale
 from ray_calib.measure.chunks import ChunkResult, ChunkStore, rank_file_from_result
-from ray_calib.measure.preflight import ModelInfo, valid_tp_sizes
+from ray_calib.measure.preflight import ModelInfo
 from ray_calib.rundir import MEASURE_PREFIX
 
 OBSERVER = "maxabs"
+DEFAULT_MAX_MODEL_LEN = 2048  # calibration prompts are short; a long context only costs KV cache
 
 
 @dataclass
@@ -38,7 +39,7 @@ class MeasureConfig:
     model: str
     dataset: Path
     out: Path
-    tp_size: int = 1
+    tp_size: int | None = 1  # None: the smallest TP the model allows that fits (set by plan_measure)
     fp8_kv: bool = False
     num_samples: int = 512
     least_tokens: int | None = None
@@ -51,8 +52,8 @@ class MeasureConfig:
     quant_config: Path | None = None
     executor: str = "auto"
     ray_address: str | None = None
-    max_model_len: int = 2048
-    kv_cache_gib: int = 1
+    max_model_len: int | None = None  # None: DEFAULT_MAX_MODEL_LEN, capped by the model's context
+    kv_cache_gib: float = 1.0  # CPU: KV-cache bytes per rank
     expert_parallel: bool | None = None  # None: on for MoE models measured by INC (Gaudi), off elsewhere
     device: str | None = None  # force the target: hpu, gaudi2, gaudi3, cuda, cpu (default: detected)
     timeout_s: int = 1800  # vLLM engine start and per-step limits
@@ -91,18 +92,13 @@ class Progress:
 def run_measure(config: MeasureConfig, progress: Progress | None = None) -> MeasureSummary:
     progress = progress or Progress()
     started = time.perf_counter()
-    progress.stage("(1/4 check) model, TP, device, dataset, memory")
+    progress.stage("(1/4 check) model, TP, devices, memory, dataset")
     from ray_calib.measure.plan import plan_measure
 
     _check_out(config)
     plan = plan_measure(config)
     info, device, calib = plan.info, plan.target.device, plan.calib
     _check_prompt_lengths(config, info, calib.token_ids)
-    if not plan.target.is_gaudi:  # Gaudi: HBM per card and host RAM per node, checked on the nodes at start
-        _check_memory(config, info, device)
-        from ray_calib.measure.preflight import check_attention_backend
-
-        check_attention_backend(config.attention_backend)
     backend = make_backend(plan)
     token_ids = calib.token_ids
     chunks = [token_ids[i:i + config.chunk_size] for i in range(0, len(token_ids), config.chunk_size)]
@@ -196,17 +192,6 @@ def _check_out(config: MeasureConfig) -> None:
                                 fix="choose another --out / --run-dir, or pass --force to replace it.")
 
 
-def _check_memory(config: MeasureConfig, info: ModelInfo, device: str) -> None:
-    from ray_calib.engine.device import GiB, device_memory_bytes
-    from ray_calib.engine.memory import check_fits
-
-    # CPU ranks of one node share its RAM; before Ray is joined we cannot see how vLLM will spread the
-    # ranks, so assume they all land on one node (conservative).
-    per_node = config.tp_size if device == "cpu" else None
-    check_fits(info.path, config.tp_size, valid_tp_sizes(info), device=device, device_bytes=device_memory_bytes(device),
-               kv_bytes=config.kv_cache_gib * GiB if device == "cpu" else 0, devices_per_node=per_node)
-
-
 def _fingerprint(config: MeasureConfig, plan, dataset_hash: str) -> dict:
     fingerprint = {"model": str(plan.info.path), "dataset_hash": dataset_hash, "tp_size": config.tp_size,
                    "fp8_kv": plan.fp8_kv, "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
@@ -217,8 +202,10 @@ def _fingerprint(config: MeasureConfig, plan, dataset_hash: str) -> dict:
 
 
 def context_limit(config: MeasureConfig, info: ModelInfo) -> int:
-    """The engine's context: --max-model-len, capped by the model's max_position_embeddings."""
-    return min(config.max_model_len, info.max_positions or config.max_model_len)
+    """The engine's context: --max-model-len (checked against the model's context), else the default capped by it."""
+    if config.max_model_len is not None:
+        return config.max_model_len
+    return min(DEFAULT_MAX_MODEL_LEN, info.max_positions or DEFAULT_MAX_MODEL_LEN)
 
 
 def _check_prompt_lengths(config: MeasureConfig, info: ModelInfo, token_ids: list[list[int]]) -> None:

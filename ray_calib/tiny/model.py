@@ -1,11 +1,15 @@
 """Tiny random-weight models that vLLM on CPU loads in seconds: the test and demo stand-ins for the real ones.
 
-Both keep what makes the real models hard to calibrate, at toy size (DESIGN §9):
+All keep what makes the real models hard to calibrate, at toy size:
     deepseek_v3  MLA (q/kv LoRA, latent cache), MoE with a shared expert, sigmoid `noaux_tc` routing,
                  dense first layer (`first_k_dense_replace`), 8 routed experts top-2
+    deepseek_r1  DeepSeek-R1's routing and head count: 16 heads (TP=16 gives one per rank), 256 routed
+                 experts top-8 chosen within 4 of 8 expert groups (n_group 8, topk_group 4), a shared
+                 expert, the first 2 of 5 layers dense
     llama        GQA-free MHA (4 query and 4 KV heads), SwiGLU MLP
-4 attention and 4 KV heads so TP=1/2/4 all shard evenly; head_dim 64 (vLLM CPU attention needs >= 64);
-MLA keeps the real latent width kv_lora_rank 512 + rope 64 = 576: the only one vLLM's CPU MLA decode kernel has.
+deepseek_v3 and llama have 4 attention and 4 KV heads so TP=1/2/4 all shard evenly; head_dim 64 (vLLM CPU
+attention needs >= 64); MLA keeps the real latent width kv_lora_rank 512 + rope 64 = 576: the only one
+vLLM's CPU MLA decode kernel has.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 from ray_calib import atomic
 from ray_calib.errors import OutputExistsError
 
-ARCHS = ("deepseek_v3", "llama")
+ARCHS = ("deepseek_v3", "deepseek_r1", "llama")
 VOCAB_SIZE = 1024
 
 _COMMON: dict[str, Any] = {
@@ -34,6 +38,18 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "v_head_dim": 64, "head_dim": 64,
         "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 256,
         "n_group": 1, "topk_group": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 0,
+        "rope_interleave": True,
+    },
+    "deepseek_r1": {
+        **_COMMON, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "num_attention_heads": 16, "num_key_value_heads": 16,
+        "num_hidden_layers": 5, "first_k_dense_replace": 2, "intermediate_size": 512,
+        "q_lora_rank": 128, "kv_lora_rank": 512, "qk_nope_head_dim": 64, "qk_rope_head_dim": 64,
+        "v_head_dim": 64, "head_dim": 64,
+        # 128 / 16 ranks = 8 per rank; vLLM's CPU MoE kernel pads each rank's slice to 32 (zeros, no effect)
+        "n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1, "moe_intermediate_size": 128,
+        "n_group": 8, "topk_group": 4, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
         "norm_topk_prob": True, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 0,
         "rope_interleave": True,
     },
@@ -70,7 +86,7 @@ def make_tiny_model(arch: str, out: str | os.PathLike, *, seed: int = 0, force: 
     config = AutoConfig.for_model(**CONFIGS[arch])
     config.dtype = torch.bfloat16
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    if arch == "deepseek_v3":
+    if arch.startswith("deepseek"):
         _spread_router_bias(model, seed)
     tokenizer = train_tokenizer(VOCAB_SIZE, seed=seed)
     with atomic.staged_dir(out) as stage:

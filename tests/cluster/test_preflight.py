@@ -50,3 +50,20 @@ def test_wrong_ifname_and_missing_work_dir(workdir, sshd, state_dir, run_cli):
     assert error.startswith(f"error: head (127.0.0.1): preflight failed: work dir {workdir}/nowhere missing")
     assert "| worker1 (127.0.0.2): eth0 does not hold 127.0.0.2" in error
     assert ray_pids(workdir) == []
+
+
+@pytest.mark.parametrize("kind,present,problem", [("cpu", 2, None), ("hpu", 2, "8 hpu devices configured, 2 present")])
+def test_cpu_ranks_may_outnumber_cores_but_accelerators_must_be_there(kind, present, problem):
+    """A CPU 'device' is a rank process: TP=16 over two 2-core nodes runs (slowly); 8 missing Gaudis do not."""
+    from types import SimpleNamespace
+
+    from ray_calib.cluster.devices import NodeConfig
+    from ray_calib.cluster.preflight import judge
+
+    node = NodeConfig(name="head", role="head", ip="127.0.0.1", ifname=None, source_file=None, ssh_host="127.0.0.1",
+                      ssh_user="root", ssh_port=22, ssh_key=None, device_kind=kind, devices=8, python="python3",
+                      temp_dir="/tmp/x", num_cpus=None, memory=None, object_store_memory=None, line=1)
+    facts = {"packages": {"ray": "2.60.0", "ray-calib": "0.1.0"}, "devices": {kind: present}, "ifaces": {},
+             "work_dir": True, "free_gb": 100.0, "python": "3.11", "executable": "python3"}
+    problems = judge(node, facts, {}, SimpleNamespace(work_dir="/w", min_free_disk_gb=1))
+    assert problems == ([problem] if problem else [])

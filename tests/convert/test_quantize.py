@@ -189,6 +189,28 @@ def test_read_ahead_and_low_cpu_mem_write_identical_shards(tmp_path, tiny_llama)
         assert file_sha256(streamed.summary.out / shard) == file_sha256(ahead.summary.out / shard)
 
 
+def test_low_cpu_mem_copies_tensors_larger_than_its_buffers_in_blocks(tmp_path, tiny_llama, monkeypatch):
+    """The embeddings and lm_head (512 KB) exceed the largest quantized weight (256 KB): with 100 kB blocks
+    they are copied in 6 uneven pieces, and the shard is byte for byte the default mode's."""
+    from ray_calib.convert import cast, quantize
+
+    blocks = []
+    real_chunks = cast.chunks
+
+    def small_chunks(reader, name, buffer_bytes=cast.CHUNK_BYTES):
+        for block in real_chunks(reader, name, 100_000):
+            blocks.append((name, block.nbytes))
+            yield block
+
+    monkeypatch.setattr(quantize, "chunks", small_chunks)
+    streamed = run_quantize(tmp_path, tiny_llama, scale_method="maxabs_arbitrary", low_cpu_mem=True)
+    ahead = run_quantize(tmp_path, tiny_llama, scale_method="maxabs_arbitrary", out=tmp_path / "ahead")
+    assert sorted({name for name, _ in blocks}) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert [size for name, size in blocks if name == "lm_head.weight"] == [100_000] * 5 + [24_288]
+    for shard in Checkpoint.open(tiny_llama).shards:
+        assert file_sha256(streamed.summary.out / shard) == file_sha256(ahead.summary.out / shard)
+
+
 def test_opt_weight_method_picks_a_candidate_scale(tmp_path, tiny_llama):
     result = run_quantize(tmp_path, tiny_llama, scale_method="maxabs_pow2_opt_weight", low_cpu_mem=True)
     fp8 = tensors(result.summary.out)

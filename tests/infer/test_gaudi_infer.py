@@ -64,7 +64,7 @@ def test_bf16_weights_get_quantization_inc_and_bf16_kv(tmp_path):
                                                      quant_config=plan.quant_config))
     assert engine.quantization == "inc" and engine.kv_cache_dtype == "auto"
     args = runner.serve_args(runner.InferConfig(model=source, tp_size=8, device="hpu", quant_config=plan.quant_config),
-                             engine, "0.0.0.0", 8000)
+                             host="0.0.0.0", port=8000)
     assert "--quantization" in args and "--enforce-eager" not in args and "--dtype" in args
 
 

@@ -57,32 +57,73 @@ def tiny_llama(tmp_path_factory):
 @pytest.mark.slow
 def test_infer_generates_and_saves(tiny_llama, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    result = run_cli("infer", "--model", tiny_llama, "--tp", 1, "--max-new-tokens", 4, "--run-dir", tmp_path)
+    result = run_cli("infer", "--model", tiny_llama, "--tp", 1, "--max-new-tokens", 4, "--run-dir", tmp_path,
+                     "--enforce-eager")
     assert result.exit_code == 0, result.stderr
     completions = json.loads((tmp_path / "infer" / "completions.json").read_text())
     assert len(completions) == 4 and all(c["num_tokens"] == 4 for c in completions)
 
 
 @pytest.mark.slow
-def test_serve_answers_openai_completions(tiny_llama, tmp_path, run_cli):
-    result = run_cli("infer", "--model", tiny_llama, "--tp", 1, "--serve", "--detach", "--port", 8731,
-                     "--run-dir", tmp_path, "--timeout", 300)
+def test_serve_answers_openai_completions_with_vllms_own_defaults(tiny_llama, tmp_path, run_cli, monkeypatch):
+    """What plain `vllm serve` gives: no --enforce-eager, the model's whole context (1024, the KV cache holds it)."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    result = run_cli("infer", "--model", tiny_llama, "--serve", "--detach", "--port", 8731,
+                     "--run-dir", tmp_path, "--timeout", 600, "--kv-cache-gib", 0.25)
     assert result.exit_code == 0, result.stderr
     pid = int(result.stdout.split("kill ")[-1].split()[0])
     try:
         assert "http://127.0.0.1:8731/v1" in result.stdout and "smoke test completion" in result.stdout
+        shown = next(line for line in result.stdout.splitlines() if line.startswith("serving with: "))
+        assert shown.startswith("serving with: vllm serve ")  # TP 1 needs no thread-binding variable
+        assert shown.endswith(f"--served-model-name llama --tensor-parallel-size 1 --max-model-len auto "
+                              f"--kv-cache-memory-bytes {1 << 28}")
+        assert "server reports max_model_len 1024" in result.stdout
     finally:
         os.killpg(pid, signal.SIGTERM)
+
+
+def test_infer_refuses_a_context_beyond_the_models(tiny_llama, tmp_path, run_cli):
+    result = run_cli("infer", "--model", tiny_llama, "--max-model-len", 4096, "--run-dir", tmp_path)
+    assert result.exit_code != 0
+    assert "--max-model-len 4096 is beyond the 1024-token context" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_eval_refuses_a_tp_the_heads_do_not_allow(tiny_llama, tmp_path, run_cli):
+    result = run_cli("eval", "--baseline", tiny_llama, "--candidate", tiny_llama, "--tp", 3, "--run-dir", tmp_path)
+    assert result.exit_code != 0
+    assert "--tp 3 does not divide the 4 attention heads" in result.stderr and "use --tp 1 | 2 | 4" in result.stderr
 
 
 @pytest.mark.slow
 def test_eval_of_a_model_against_itself(tiny_llama, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     result = run_cli("eval", "--baseline", tiny_llama, "--candidate", tiny_llama, "--no-fp8-kv",
-                     "--min-agreement", 0.99, "--run-dir", tmp_path)
+                     "--min-agreement", 0.99, "--run-dir", tmp_path, "--enforce-eager")
     assert result.exit_code == 0, result.stderr
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["top1_agreement"] == {"candidate": 1.0}
     assert report["mean_kl"]["candidate"] == pytest.approx(0.0, abs=1e-9)
     assert report["perplexity"]["candidate"] == pytest.approx(report["perplexity"]["baseline"])
     assert report["num_positions"] > 20
+
+
+def test_serve_args_are_vllms_defaults_plus_the_few_settings_we_own(tmp_path):
+    from pathlib import Path
+
+    from ray_calib.infer.runner import InferConfig, serve_args, serve_env
+
+    cuda = InferConfig(model=Path("/m/fp8"), tp_size=8, device="cuda", fp8_kv=True)
+    assert serve_args(cuda, host="0.0.0.0", port=8000) == [
+        "serve", "/m/fp8", "--host", "0.0.0.0", "--port", "8000", "--served-model-name", "fp8",
+        "--tensor-parallel-size", "8", "--max-model-len", "auto", "--kv-cache-dtype", "fp8"]
+    from ray_calib.engine.launch import timeout_env
+
+    assert serve_env(cuda) == timeout_env(1800)
+    cpu = InferConfig(model=Path("/m/fp8"), tp_size=2, device="cpu", max_model_len=512, kv_cache_gib=0.5,
+                      enforce_eager=True)
+    assert serve_args(cpu, host="h", port=1)[8:] == ["--tensor-parallel-size", "2", "--enforce-eager",
+                                                      "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 29),
+                                                      "--kv-cache-dtype", "bfloat16"]  # explicit: see kv_cache_dtype
+    assert serve_env(cpu)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"

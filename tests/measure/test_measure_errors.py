@@ -115,3 +115,20 @@ def test_gaudi_measure_uses_the_users_quant_config(tmp_path):
     assert "my_layer" not in measure_quant_config(False, info, "/tmp/dump", None)["blocklist"]["names"]
     with pytest.raises(ConfigError, match="--fp8-kv, but its blocklist blocks the KV cache types"):
         measure_quant_config(True, info, "/tmp/dump", Path(__file__).parents[2] / "configs" / "inc_measure_config.json")
+
+
+def test_tp_16_on_a_model_with_4_heads_names_the_tps_that_would(run_cli, tiny_models, calib_set, tmp_path):
+    line = one_error_line(run_cli("measure", "-m", tiny_models["deepseek_v3"], "-d", calib_set, "-t", 16,
+                                  "-o", tmp_path / "o"))
+    assert "--tp 16 does not divide the 4 attention heads" in line and "use --tp 1 | 2 | 4" in line
+
+
+def test_max_model_len_beyond_the_models_context(run_cli, tiny_models, calib_set, tmp_path):
+    line = one_error_line(run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "--max-model-len", 4096,
+                                  "-o", tmp_path / "o"))
+    assert "--max-model-len 4096 is beyond the 1024-token context" in line and "--max-model-len 1024 or less" in line
+
+
+def test_kv_cache_gib_must_be_positive(run_cli, tiny_models, calib_set, tmp_path):
+    result = run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "--kv-cache-gib", 0, "-o", tmp_path / "o")
+    assert result.exit_code != 0 and "--kv-cache-gib" in result.stderr and "more than 0 GiB" in result.stderr

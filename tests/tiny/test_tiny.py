@@ -21,7 +21,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     from ray_calib.tiny.model import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: make_tiny_model(arch, root / arch).path for arch in ("deepseek_v3", "llama")}
+    return {arch: make_tiny_model(arch, root / arch).path for arch in CONFIGS}
 
 
 def _tensor_names(model_dir: Path) -> dict[str, list[int]]:
@@ -31,12 +31,13 @@ def _tensor_names(model_dir: Path) -> dict[str, list[int]]:
         return {k: handle.get_slice(k).get_shape() for k in handle.keys()}
 
 
-def test_deepseek_checkpoint_has_mla_moe_and_per_expert_weights(models):
-    config = json.loads((models["deepseek_v3"] / "config.json").read_text())
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_r1"])
+def test_deepseek_checkpoint_has_mla_moe_and_per_expert_weights(models, arch):
+    config = json.loads((models[arch] / "config.json").read_text())
     assert config["topk_method"] == "noaux_tc" and config["scoring_func"] == "sigmoid"
     assert config["num_attention_heads"] >= 4 and config["num_key_value_heads"] >= 4
     assert config["kv_lora_rank"] + config["qk_rope_head_dim"] == 576  # vLLM CPU MLA decode kernel
-    names = _tensor_names(models["deepseek_v3"])
+    names = _tensor_names(models[arch])
     dense, moe = config["first_k_dense_replace"], config["num_hidden_layers"]
     assert f"model.layers.{dense - 1}.mlp.gate_proj.weight" in names
     for layer in range(dense, moe):
@@ -47,6 +48,16 @@ def test_deepseek_checkpoint_has_mla_moe_and_per_expert_weights(models):
         assert f"model.layers.{layer}.mlp.gate.e_score_correction_bias" in names
     assert names["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"][0] == 576
     assert names["model.embed_tokens.weight"] == [VOCAB_SIZE, config["hidden_size"]]
+
+
+def test_deepseek_r1_stand_in_routes_like_r1_and_shards_at_tp16(models):
+    from ray_calib.engine.sizing import ModelShape, valid_tp_sizes
+
+    config = json.loads((models["deepseek_r1"] / "config.json").read_text())
+    assert (config["num_attention_heads"], config["n_routed_experts"], config["num_experts_per_tok"]) == (16, 256, 8)
+    assert (config["n_group"], config["topk_group"], config["n_shared_experts"]) == (8, 4, 1)
+    assert config["first_k_dense_replace"] >= 2 and config["num_hidden_layers"] > config["first_k_dense_replace"]
+    assert valid_tp_sizes(ModelShape.from_config(config)) == [1, 2, 4, 8, 16]
 
 
 def test_llama_checkpoint_is_bf16_with_tp4_divisible_heads(models):
