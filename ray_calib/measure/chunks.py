@@ -9,7 +9,6 @@ complete or not at all. Chunks merge by element-wise max (exact) and by adding t
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,7 +18,8 @@ from typing import Any
 
 from ray_calib import atomic
 from ray_calib.errors import ConfigError, MeasurementError, OutputExistsError
-from ray_calib.measurements import RankFile, StatsName, read_rank_file, write_rank_file
+from ray_calib.measurements import RankFile, StatsName, parse_name, read_rank_file, write_rank_file
+from ray_calib.measurements.jsonio import load as load_json
 
 CHUNKS_DIR = ".chunks"
 _RUN_FILE = "run.json"
@@ -57,7 +57,7 @@ class ChunkStore:
                                   fix="drop --resume to start a new measurement.")
             atomic.write_json(run_file, self.fingerprint)
             return []
-        previous = json.loads(run_file.read_text())
+        previous = self._load(run_file)
         if not resume:
             raise OutputExistsError(f"{self.root.parent} holds checkpoints of an unfinished measurement",
                                     fix=f"pass --resume to continue it, or delete {self.root} to start over.")
@@ -94,11 +94,11 @@ class ChunkStore:
 
     def read(self, index: int, prefix: str) -> ChunkResult:
         directory = self.root / f"chunk-{index:05d}"
-        info = json.loads((directory / _CHUNK_FILE).read_text())
+        info = self._load(directory / _CHUNK_FILE)
         rank_files = []
         for stem in info["names"]:
-            parsed = StatsName(prefix=prefix, rank=int(stem.rsplit("_", 2)[1]), world_size=int(stem.rsplit("_", 1)[1]))
-            if parsed.stem != stem:
+            parsed = _rank_name(stem)
+            if parsed is None or parsed.prefix != prefix or parsed.method is not None:
                 raise MeasurementError(directory / _CHUNK_FILE, f"names {stem}, expected prefix {prefix}",
                                        fix=f"delete {self.root} and re-measure.")
             rank_files.append(read_rank_file(directory, parsed))
@@ -106,5 +106,21 @@ class ChunkStore:
                            num_prompts=info["num_prompts"], generated_tokens=info["generated_tokens"],
                            backends=info.get("backends", {}))
 
+    def _load(self, path: Path) -> Any:
+        """A checkpoint file cut short by a crash: a one-line error that says how to start over."""
+        try:
+            return load_json(path)[0]
+        except MeasurementError as err:
+            raise MeasurementError(path, err.message.removeprefix(f"{path}: "),
+                                   fix=f"delete {self.root} and re-measure (or drop --resume).") from None
+
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _rank_name(stem: str) -> StatsName | None:
+    """The rank file name a chunk.json lists, parsed like every other INC name; None if it is not one."""
+    parsed = parse_name(stem + ".json")
+    if parsed is None or parsed[1] != ".json" or parsed[0].rank is None:
+        return None
+    return parsed[0]

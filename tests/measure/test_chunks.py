@@ -74,3 +74,38 @@ def test_a_chunk_that_fails_mid_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         store.write(chunk(0, 1.0))
     assert store.done() == [] and [p.name for p in store.root.iterdir()] == ["run.json"]
+
+
+def test_truncated_checkpoint_files_are_one_line_errors(tmp_path):
+    """A run.json or chunk.json cut short by a crash names the file and how to start over, not a traceback."""
+    store = ChunkStore(tmp_path, {"model": "m"})
+    store.prepare(resume=False)
+    store.write(chunk(0, 1.0))
+    chunk_file = store.root / "chunk-00000" / "chunk.json"
+    chunk_file.write_text(chunk_file.read_text()[:20])
+    with pytest.raises(MeasurementError, match=r"chunk\.json: is truncated.*") as err:
+        store.read(0, "inc_measure_output")
+    assert str(store.root) in (err.value.fix or "")
+    (store.root / "run.json").write_text('{"model": ')
+    with pytest.raises(MeasurementError, match=r"run\.json: is truncated") as err:
+        ChunkStore(tmp_path, {"model": "m"}).prepare(resume=True)
+    assert str(store.root) in (err.value.fix or "") and "re-copy" not in str(err.value)
+
+
+@pytest.mark.parametrize("prefix", ["inc_measure_output", "run_7_of_9", "x_hooks_maxabs_out"])
+def test_chunk_names_are_parsed_by_the_one_name_parser(tmp_path, prefix):
+    """Prefixes with digits and underscores read back; a name of another prefix or kind is refused."""
+    store = ChunkStore(tmp_path, {})
+    store.prepare(resume=False)
+    results = [{"rank": r, "world_size": 2, "nodes": {"a": {"inputs": [[[1.0 + r]]]}}, "mod_list": ["a"]}
+               for r in range(2)]
+    store.write(ChunkResult(index=0, rank_files=[rank_file_from_result(x, prefix) for x in results]))
+    assert [rf.name.rank for rf in store.read(0, prefix).rank_files] == [0, 1]
+    with pytest.raises(MeasurementError, match="expected prefix other"):
+        store.read(0, "other")
+    info = store.root / "chunk-00000" / "chunk.json"
+    original = info.read_text()
+    for wrong in (f"{prefix}_hooks_maxabs_MAXABS_0_2", f"{prefix}_hooks_maxabs_x_2", "notes"):
+        info.write_text(original.replace(f"{prefix}_hooks_maxabs_0_2", wrong))
+        with pytest.raises(MeasurementError, match=f"names {wrong}, expected"):
+            store.read(0, prefix)
