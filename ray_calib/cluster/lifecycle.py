@@ -223,7 +223,7 @@ def _record(config: ClusterConfig, hashes: dict, reports: list[HostReport], stat
 
 
 def down(config: ClusterConfig, *, accept_new_host_keys: bool = False, reporter: Reporter | None = None) -> list[Row]:
-    """Stop Ray on every node of the config (not only those `up` reached) and forget the cluster."""
+    """Stop Ray on every node of the config (not only those `up` reached); forget the cluster once all stopped."""
     reporter = reporter or Reporter()
     with state.locked(config.path), SSHRunner(config, accept_new_host_keys=accept_new_host_keys,
                                               log_dir=state.log_dir(config.path)) as runner:
@@ -231,9 +231,10 @@ def down(config: ClusterConfig, *, accept_new_host_keys: bool = False, reporter:
         rows = [(n.label, results[n.name].detail if isinstance(results[n.name], ClusterError)
                  else f"stopped ({_count(results[n.name])} processes)", str(runner.log_path(n)))
                 for n in config.nodes]
-        state.remove(config.path)
+        failed = [n for n in config.nodes if isinstance(results[n.name], ClusterError)]
+        if not failed:  # a node that may still run Ray keeps the state, so `status` and a rerun still see it
+            state.remove(config.path)
     reporter.table("down", rows)
-    failed = [n for n in config.nodes if isinstance(results[n.name], ClusterError)]
     if failed:
         raise ClusterError(failed[0].label, f"Ray may still run on {', '.join(n.label for n in failed)}",
                            fix="fix SSH to those hosts and rerun `ray-calib down`, or run `ray stop` there")
