@@ -49,7 +49,7 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     from ray_calib.scales.methods import check_method_for_device, get_method
     from ray_calib.scales.quant_config import stale_scale_files
 
-    measurements = request.measurements or request.run.latest_unified() or request.run.measure
+    measurements = request.measurements or _run_measurements(request.run)
     stale = stale_scale_files(measurements)
     if stale and request.clean_stale_scales:
         for path in stale:
@@ -58,7 +58,11 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     model = request.model or (Path(meta.model) if meta and meta.model else None)
     if model is None:
         raise MeasurementError(measurements, "has no ray_calib_meta.json naming the model", fix="pass --model BF16_DIR.")
-    device = (request.device or (meta.device_type if meta else None) or "cpu").lower()
+    device = request.device or (meta.device_type if meta else None)
+    if device is None:  # plain INC output may come from Gaudi, where quantize writes a QUANT_CONFIG instead
+        raise ConfigError(f"{measurements}: no ray_calib_meta.json says which device measured this",
+                          fix="pass --device gaudi2|gaudi3|cuda|cpu.")
+    device = device.lower()
     kv_rule = None
     if request.scale_method is None and not device.startswith("gaudi"):
         from ray_calib.convert.scale_choice import default_choice
@@ -82,6 +86,33 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
                       force=request.force, free_space=request.free_space)
     result.summary = quantize_checkpoint(job)
     return result
+
+
+# what a unified directory copies from the measurement it came from: any difference means it is older
+_SOURCE_FIELDS = ("model", "dataset_hash", "num_samples", "num_tokens", "chunks_done", "chunks_total", "observer")
+
+
+def _run_measurements(run: RunDir) -> Path:
+    """The run's unified directory with the smallest TP, else measure/; a unified one must come from measure/.
+
+    After a re-measure without a re-unify the unified directory still holds the old ranges: refused.
+    """
+    from ray_calib.measurements.meta import read_meta
+
+    unified = run.latest_unified()
+    if unified is None:
+        return run.measure
+    source, derived = read_meta(run.measure), read_meta(unified)
+    if source is None or derived is None:
+        return unified
+    changed = [f"{k}: {getattr(derived, k)!r} vs {getattr(source, k)!r}"
+               for k in _SOURCE_FIELDS if getattr(derived, k) != getattr(source, k)]
+    if changed:
+        raise ConfigError(f"{unified} was unified from another measurement than {run.measure} "
+                          f"({', '.join(changed[:3])})",
+                          fix=f"re-run `ray-calib unify --run-dir {run.root} --to-tp {derived.tp_size} --force`, "
+                              f"or pass --measurements {run.measure}.")
+    return unified
 
 
 def _write_inc_config(request: QuantizeRequest, measurements: Path, method: str, model: str | Path,

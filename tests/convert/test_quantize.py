@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ from ray_calib.convert.checkpoint import Checkpoint  # noqa: E402
 from ray_calib.convert.pipeline import QuantizeRequest, quantize_run  # noqa: E402
 from ray_calib.convert.quantize import MANIFEST  # noqa: E402
 from ray_calib.convert.safetensors_io import ShardReader, file_sha256  # noqa: E402
-from ray_calib.errors import MeasurementError, ModelError  # noqa: E402
+from ray_calib.errors import ConfigError, MeasurementError, ModelError  # noqa: E402
 from ray_calib.rundir import RunDir  # noqa: E402
 from tests.convert.synthetic import write_measurements  # noqa: E402
 
@@ -248,3 +249,35 @@ def test_broken_config_truncated_shard_and_bad_header_are_one_line_errors(tmp_pa
     shard.write_bytes(len(header).to_bytes(8, "little") + header)
     with pytest.raises(ModelError, match="not a safetensors file \\(bad header"):
         Checkpoint.open(broken)
+
+
+def test_a_unified_dir_older_than_the_measurement_is_refused(tmp_path, tiny_llama, run_cli):
+    """Re-measure without re-unify: quantize must not take the old ranges of unified-tp1 silently."""
+    from ray_calib.measurements.meta import read_meta, write_meta
+
+    run = tmp_path / "run"
+    write_measurements(run / "measure", tiny_llama, world_size=2, seed=1)
+    write_measurements(run / "unified-tp1", tiny_llama, world_size=1, seed=0)
+    old = read_meta(run / "unified-tp1")
+    write_meta(run / "unified-tp1", dataclasses.replace(old, num_tokens=100, dataset_hash="old", unified_from=2))
+    new = read_meta(run / "measure")
+    write_meta(run / "measure", dataclasses.replace(new, num_tokens=200, dataset_hash="new"))
+    result = run_cli("quantize", "--run-dir", run, "--scale-method", "maxabs_pow2")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "unified-tp1" in result.stderr and "dataset_hash" in result.stderr and "unify" in result.stderr
+    assert not (run / "fp8").exists()
+    # the same source (unify copies the measurement's meta): the unified dir is used
+    write_meta(run / "unified-tp1", dataclasses.replace(read_meta(run / "measure"), tp_size=1, unified_from=2))
+    result = quantize_run(QuantizeRequest(run=RunDir.resolve(run), scale_method="maxabs_pow2"))
+    assert result.measurements == run / "unified-tp1"
+
+
+def test_measurements_without_a_meta_need_an_explicit_device(tmp_path, tiny_llama):
+    """Plain INC output (no sidecar) may come from Gaudi: quantize does not guess `cpu`."""
+    meas = tmp_path / "run" / "measure"
+    write_measurements(meas, tiny_llama, world_size=2)
+    (meas / "ray_calib_meta.json").unlink()
+    with pytest.raises(ConfigError, match="says which device measured") as err:
+        run_quantize(tmp_path, tiny_llama, scale_method="maxabs_pow2")
+    assert "--device" in (err.value.fix or "") and not (tmp_path / "run" / "fp8").exists()
+    assert run_quantize(tmp_path, tiny_llama, scale_method="maxabs_pow2", device="cpu").device == "cpu"
