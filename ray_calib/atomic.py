@@ -64,6 +64,10 @@ def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
     only after the caller's block finished without error, so a failure leaves `final` exactly as it
     was (not even created). Existing files of the same name are replaced;
     other files already in `final` are left alone.
+
+    A crash during the moves would leave old and new files of the same names side by side, which no
+    reader can tell apart: a marker (`MOVING_MARK`, naming the files) sits in `final` while they move and
+    is removed after the last one, so `interrupted_move` tells a reader the directory is not one write.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -71,11 +75,29 @@ def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield stage
         final.mkdir(exist_ok=True)
-        for src in sorted(stage.rglob("*")):
+        sources = sorted(stage.rglob("*"))
+        files = [str(src.relative_to(stage)) for src in sources if not src.is_dir()]
+        write_json(final / MOVING_MARK, {"files": files})
+        for src in sources:
             dest = final / src.relative_to(stage)
             if src.is_dir():
                 dest.mkdir(exist_ok=True)
             else:
                 os.replace(src, dest)
+        (final / MOVING_MARK).unlink()
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+MOVING_MARK = ".ray_calib_moving.json"
+
+
+def interrupted_move(directory: str | os.PathLike) -> list[str] | None:
+    """The files of a `staged_dir` move into `directory` that stopped part way, or None if none did."""
+    path = Path(directory) / MOVING_MARK
+    try:
+        return list(json.loads(path.read_text()).get("files", []))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError):
+        return []  # the marker itself is damaged: the move it guarded did not finish either

@@ -3,6 +3,8 @@
 import os
 import stat
 
+import pytest
+
 from ray_calib import atomic
 
 
@@ -12,3 +14,45 @@ def test_results_follow_the_umask_and_secrets_stay_private(tmp_path):
     token = atomic.write_bytes(tmp_path / "token", b"secret", mode=0o600)
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
     assert sorted(os.listdir(tmp_path)) == ["config.json", "token"]  # no temp files left
+
+
+def _rank_files(value: float) -> list:
+    from ray_calib.measurements import RankFile, StatsName
+
+    return [RankFile(name=StatsName("inc_measure_output", rank=r, world_size=2), nodes={"a": {"inputs": [[[value + r]]]}},
+                     mod_list=["a"]) for r in range(2)]
+
+
+def test_a_crash_mid_move_is_seen_by_discover_not_read_as_one_run(tmp_path, monkeypatch):
+    """Old rank 1 beside new rank 0 (same prefix and world size) is refused until a complete rewrite."""
+    from ray_calib.errors import MeasurementError
+    from ray_calib.measurements import MeasurementSet, write_rank_file
+
+    out = tmp_path / "measure"
+    with atomic.staged_dir(out) as stage:
+        for rank_file in _rank_files(1.0):
+            write_rank_file(rank_file, stage)
+    assert MeasurementSet.discover(out).world_size == 2
+
+    real_replace, moved = os.replace, []
+
+    def crash_after_three(src, dst):  # rank 0's JSON, NPZ and mod_list arrive; then the process dies
+        if os.path.dirname(dst) == str(out) and "hooks_maxabs" in str(dst):
+            if len(moved) == 3:
+                raise KeyboardInterrupt
+            moved.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", crash_after_three)
+    with pytest.raises(KeyboardInterrupt), atomic.staged_dir(out) as stage:
+        for rank_file in _rank_files(5.0):
+            write_rank_file(rank_file, stage)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    with pytest.raises(MeasurementError, match="interrupted") as err:
+        MeasurementSet.discover(out)
+    assert "re-run" in (err.value.fix or "")
+
+    with atomic.staged_dir(out) as stage:  # a complete rewrite makes the directory one run again
+        for rank_file in _rank_files(5.0):
+            write_rank_file(rank_file, stage)
+    assert [rf.nodes["a"]["inputs"] for rf in MeasurementSet.discover(out).read_all()] == [[[[5.0]]], [[[6.0]]]]

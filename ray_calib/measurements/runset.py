@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray_calib.atomic import interrupted_move
 from ray_calib.errors import MeasurementError
 from ray_calib.measurements.meta import RunMeta, read_meta
 from ray_calib.measurements.naming import JSON, StatsName, parse_name
@@ -37,6 +38,11 @@ class MeasurementSet:
         if not directory.is_dir():
             raise MeasurementError(directory, "is not a directory",
                                    fix="pass the directory of dump_stats_path (the one holding *_hooks_maxabs_*.json).")
+        moving = interrupted_move(directory)
+        if moving is not None:
+            raise MeasurementError(directory, f"a write of {len(moving)} file(s) was interrupted part way, so files of "
+                                   "two runs may sit side by side under the same names",
+                                   fix="re-run the command that wrote this directory (with --force).")
         groups: dict[tuple, list[StatsName]] = defaultdict(list)
         for path in directory.iterdir():
             parsed = parse_name(path)
