@@ -5,10 +5,14 @@ vLLM's memory utilisation). On CPU all ranks of a node share its RAM, so the nod
     fixed (driver + engine core) + ranks x (worker + weights/TP + KV cache)
 within what the host has available. `worker` and `fixed` are measured, not guessed (table below).
 The weights are summed from the safetensors headers, or estimated from config.json when there are none.
+A measurement on CPU also holds a second copy of the routed experts' W13 (gate and up projections): the
+observers keep the unpacked tensor while vLLM's CPU MoE kernel works on its repacked one
+(`engine.weights`); that copy is added to the need per rank.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +54,7 @@ class MemoryPlan:
     need_per_rank: int  # on CPU: the node's need shared out over its ranks
     budget_per_rank: int
     overhead_per_rank: int = 0  # runtime memory besides weights and KV cache
+    held_bytes: int = 0  # the measurement's copy of the routed experts' W13 (all ranks together)
 
     @property
     def fits(self) -> bool:
@@ -57,25 +62,25 @@ class MemoryPlan:
 
 
 def plan(weights_bytes: int, tp_size: int, *, device: str, device_bytes: int, kv_bytes: int,
-         ranks_per_node: int) -> MemoryPlan:
+         ranks_per_node: int, held_bytes: int = 0) -> MemoryPlan:
     ranks = max(ranks_per_node, 1)
     if device == "cpu":
         overhead = cpu_worker_bytes(tp_size) + CPU_FIXED_PSS_MIB * MiB // ranks
-        need = weights_bytes // tp_size + kv_bytes + overhead
         budget = device_bytes // ranks
     else:
         overhead = GPU_RESERVE
-        need = weights_bytes // tp_size + kv_bytes + overhead
         budget = int(device_bytes * GPU_UTILIZATION)
-    return MemoryPlan(weights_bytes, tp_size, ranks, need, budget, overhead)
+    need = (weights_bytes + held_bytes) // tp_size + kv_bytes + overhead
+    return MemoryPlan(weights_bytes, tp_size, ranks, need, budget, overhead, held_bytes)
 
 
 class MemoryCheck:
     """The pre-check for one model on one kind of device, at any TP (weights are read once)."""
 
     def __init__(self, model_dir: Path, candidates: list[int], *, device: str, device_bytes: int, kv_bytes: int,
-                 devices_per_node: int | None) -> None:
+                 devices_per_node: int | None, held_bytes: int = 0) -> None:
         self.weights = weights_bytes(model_dir)
+        self.held = held_bytes
         self.candidates = sorted(candidates)
         self.device, self.device_bytes, self.kv_bytes = device, device_bytes, kv_bytes
         self.devices_per_node = devices_per_node
@@ -83,7 +88,7 @@ class MemoryCheck:
     def plan(self, tp: int) -> MemoryPlan:
         per_node = min(tp, self.devices_per_node) if self.devices_per_node else tp
         return plan(self.weights, tp, device=self.device, device_bytes=self.device_bytes, kv_bytes=self.kv_bytes,
-                    ranks_per_node=per_node)
+                    ranks_per_node=per_node, held_bytes=self.held)
 
     def fits(self, tp: int) -> bool:
         return self.plan(tp).fits
@@ -97,8 +102,9 @@ class MemoryCheck:
         where = ("of host memory per rank (available memory shared by the node's ranks)" if self.device == "cpu"
                  else f"of {self.device} memory per device")
         overhead = "measured vLLM CPU worker" if self.device == "cpu" else "runtime reserve"
+        held = f" + measured experts' W13 copy {self.held / GiB:.2f} GiB / {tp}" if self.held else ""
         head = (f"TP {tp} needs {chosen.need_per_rank / GiB:.2f} GiB per rank (weights {self.weights / GiB:.2f} GiB / "
-                f"{tp} + KV cache {self.kv_bytes / GiB:.2f} GiB + {overhead} {chosen.overhead_per_rank / GiB:.2f} GiB) "
+                f"{tp}{held} + KV cache {self.kv_bytes / GiB:.2f} GiB + {overhead} {chosen.overhead_per_rank / GiB:.2f} GiB) "
                 f"but has {chosen.budget_per_rank / GiB:.2f} GiB {where}")
         if fitting:
             raise EngineError(head, fix=f"use --tp {fitting[0]} (the smallest TP that fits)"
@@ -108,13 +114,39 @@ class MemoryCheck:
             else "add nodes/devices (ray-calib up) or a larger machine."))
 
 
-def memory_check(model_dir: Path, candidates: list[int], device: str, kv_cache_gib: float) -> MemoryCheck:
+def memory_check(model_dir: Path, candidates: list[int], device: str, kv_cache_gib: float, *,
+                 measure: bool = False) -> MemoryCheck:
     """The pre-check `measure`, `infer` and `eval` share. CPU ranks of one node share its RAM; before Ray
     places them we cannot see how they spread, so all are assumed on one node (conservative)."""
     from ray_calib.engine.device import device_memory_bytes
 
+    held = expert_w13_bytes(model_dir) if measure and device == "cpu" else 0
     return MemoryCheck(model_dir, candidates, device=device, device_bytes=device_memory_bytes(device),
-                       kv_bytes=int(kv_cache_gib * GiB) if device == "cpu" else 0, devices_per_node=None)
+                       kv_bytes=int(kv_cache_gib * GiB) if device == "cpu" else 0, devices_per_node=None,
+                       held_bytes=held)
+
+
+# routed experts' gate and up projections (DeepSeek/Qwen: gate_proj/up_proj, Mixtral: w1/w3)
+_EXPERT_W13 = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|w1|w3)\.weight$")
+
+
+def expert_w13_bytes(model_dir: Path) -> int:
+    """Bytes of the routed experts' W13 tensors (safetensors headers, else config.json); 0 for dense models."""
+    if any(Path(model_dir).glob("*.safetensors")):
+        from ray_calib.convert.checkpoint import Checkpoint
+
+        return sum(t.nbytes for name, t in Checkpoint.open(model_dir).tensors.items() if _EXPERT_W13.search(name))
+    from ray_calib.convert.checkpoint import model_config, num_routed_experts
+
+    config = model_config(Path(model_dir))
+    config = config.get("text_config", config)
+    experts = num_routed_experts(config)
+    if not experts:
+        return 0
+    layers = config["num_hidden_layers"]
+    moe_layers = layers - min(config.get("first_k_dense_replace", 0), layers)
+    moe_inter = config.get("moe_intermediate_size", config.get("intermediate_size", 4 * config["hidden_size"]))
+    return 2 * moe_layers * experts * 2 * config["hidden_size"] * moe_inter  # bf16
 
 
 def check_fits(model_dir: Path, tp_size: int, candidates: list[int], *, device: str, device_bytes: int,

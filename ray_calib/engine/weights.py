@@ -3,9 +3,10 @@
 vLLM on CPU repacks bf16 linear weights into its GEMM layout and leaves `layer.weight` empty, the CPU
 MoE kernel prepacks the expert weights, and the AMX_MLA attention backend derives its own W_UK/W_UV
 from MLA's kv_b_proj and then replaces kv_b_proj.weight by an empty tensor. The maxabs of a weight does
-not depend on its layout, so we record it (per tensor for linear layers; a reference to the unpacked
-expert tensors for MoE, whose per-expert ranges and intermediate activations the observers compute)
-just before that happens: vLLM's loader runs every linear layer's quant-method post-processing (where
+not depend on its layout, so we record it (per tensor for linear layers, per expert for MoE) just
+before that happens. MoE layers also keep a reference to the unpacked W13 (gate|up) tensor, which the
+observers need to recompute each expert's intermediate activation; W2 is not kept. On a backend that
+repacks the experts (vLLM CPU) that W13 is held twice, and `engine.memory` counts it for measurement: vLLM's loader runs every linear layer's quant-method post-processing (where
 the capture sits) before any attention layer's, so kv_b_proj is captured intact on every backend.
 Installed by the general plugin in each worker, only for measurement runs.
 """
@@ -15,7 +16,8 @@ from __future__ import annotations
 import functools
 
 WEIGHT_AMAX_ATTR = "_ray_calib_weight_amax"  # 0-d float32 tensor: max |W| of this rank's shard
-EXPERT_WEIGHTS_ATTR = "_ray_calib_expert_weights"  # (w13 [E, 2I, H], w2 [E, H, I]) before prepacking
+EXPERT_W13_ATTR = "_ray_calib_expert_w13"  # w13 [E, 2I, H] before prepacking (a reference, not a copy)
+EXPERT_AMAX_ATTR = "_ray_calib_expert_amax"  # (max |W13[e]|, max |W2[e]|): two float32 [E] tensors
 
 _INSTALLED = False
 
@@ -54,5 +56,6 @@ def _record_experts(layer) -> None:
     w13, w2 = getattr(layer, "w13_weight", None), getattr(layer, "w2_weight", None)
     if w13 is None or w2 is None or w13.is_meta or w13.dim() != 3:
         return
-    # References, not copies: the backend replaces the parameters, so these stay the unpacked tensors.
-    setattr(layer, EXPERT_WEIGHTS_ATTR, (w13.detach(), w2.detach()))
+    # A reference: the backend replaces the parameter, so this stays the unpacked tensor (held twice then).
+    setattr(layer, EXPERT_W13_ATTR, w13.detach())
+    setattr(layer, EXPERT_AMAX_ATTR, tuple(w.detach().abs().amax(dim=(1, 2)).float() for w in (w13, w2)))

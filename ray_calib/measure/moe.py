@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ray_calib.engine.weights import EXPERT_WEIGHTS_ATTR
+from ray_calib.engine.weights import EXPERT_AMAX_ATTR, EXPERT_W13_ATTR
 from ray_calib.measure.stats import MaxAbs
 
 _GROUPED_MM: dict[tuple[str, torch.dtype], bool] = {}  # (device type, dtype) -> torch._grouped_mm works
@@ -33,14 +33,14 @@ class MoEStats:
         self.name = name
         self.num_experts = int(routed.local_num_experts)
         self.expert_map = getattr(routed, "expert_map", None)  # expert parallel: global id -> local id, -1 elsewhere
-        w13, w2 = getattr(routed, EXPERT_WEIGHTS_ATTR, (None, None))
+        w13 = getattr(routed, EXPERT_W13_ATTR, None)
         self.w13 = w13
         self.intermediate = w13.shape[1] // 2 if w13 is not None else 0
         self.activation = str(getattr(getattr(routed, "activation", None), "value", "silu"))
         self.called = False
         self.op_input, self.op_output = MaxAbs(), MaxAbs()
         experts = self.num_experts
-        self.weight_amax = [_per_expert_amax(w) for w in (w13, w2)]  # W13, W2: [E] on the device, or None
+        self.weight_amax = list(getattr(routed, EXPERT_AMAX_ATTR, (None, None)))  # W13, W2: [E] on the device
         device = w13.device if w13 is not None else torch.device("cpu")
         # One spare bucket at index E: slots routed to experts of other ranks (expert parallel).
         self.counts = torch.zeros(experts + 1, dtype=torch.int64, device=device)
@@ -133,9 +133,6 @@ class MoEStats:
         self.expert_input.zero_()
         self.expert_inter.zero_()
 
-
-def _per_expert_amax(weights: torch.Tensor | None) -> torch.Tensor | None:
-    return None if weights is None else weights.abs().amax(dim=(1, 2)).float()
 
 
 def _child(input_amax: float, weight: float | None) -> dict[str, Any]:

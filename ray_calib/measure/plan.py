@@ -175,7 +175,8 @@ def _choose_tp(config, info: ModelInfo, device: str, *, join_ray: bool) -> int:
     where = "the Ray cluster" if devices is not None else "this node"
     return sizing.choose_tp(info.shape, config.tp_size, model_id=info.model_id,
                             devices=sizing.Devices(devices if devices is not None else local_device_count(device), where),
-                            memory=memory_check(info.path, valid_tp_sizes(info), device, config.kv_cache_gib))
+                            memory=memory_check(info.path, valid_tp_sizes(info), device, config.kv_cache_gib,
+                                                measure=True))
 
 
 def _ep_size(config, info: ModelInfo, backend: str) -> int:

@@ -9,7 +9,7 @@ import pytest
 
 from ray_calib.engine import sizing
 from ray_calib.engine.device import GiB
-from ray_calib.engine.memory import CPU_FIXED_PSS_MIB, MemoryCheck, MiB, cpu_worker_bytes
+from ray_calib.engine.memory import CPU_FIXED_PSS_MIB, MemoryCheck, MiB, cpu_worker_bytes, expert_w13_bytes, memory_check
 from ray_calib.errors import ConfigError, EngineError
 from ray_calib.tiny.model import CONFIGS
 
@@ -83,3 +83,38 @@ def test_default_tp_is_the_preferred_one_when_it_fits_else_the_smallest_that_fit
         sizing.choose_tp(shape, 2, model_id="m", devices=eight, memory=check)
     with pytest.raises(EngineError, match="no TP this model allows fits here"):
         sizing.choose_tp(shape, None, model_id="m", devices=sizing.Devices(2, "this node"), memory=check)
+
+
+def _moe_weights(tmp_path, expert_bytes: int, other_bytes: int):
+    tensors, offset = {}, 0
+    for name, nbytes in (("model.layers.1.mlp.experts.0.gate_proj.weight", expert_bytes),
+                         ("model.layers.1.mlp.experts.0.up_proj.weight", expert_bytes),
+                         ("model.layers.1.mlp.experts.0.down_proj.weight", expert_bytes),
+                         ("model.layers.1.mlp.gate.weight", other_bytes)):
+        tensors[name] = {"dtype": "BF16", "shape": [nbytes // 2], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header = json.dumps(tensors).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    os.truncate(path, 8 + len(header) + offset)
+    return tmp_path
+
+
+def test_a_cpu_measurement_counts_the_held_copy_of_the_experts_w13(tmp_path, monkeypatch):
+    """The observers keep the unpacked W13 while vLLM's CPU MoE kernel repacks it: measure needs that twice."""
+    model = _moe_weights(tmp_path, GiB, MiB)
+    assert expert_w13_bytes(model) == 2 * GiB
+    monkeypatch.setattr("ray_calib.engine.device.device_memory_bytes", lambda device: 64 * GiB)
+    serve = memory_check(model, [1, 2], "cpu", 0.25)
+    measure = memory_check(model, [1, 2], "cpu", 0.25, measure=True)
+    assert measure.plan(2).need_per_rank - serve.plan(2).need_per_rank == 2 * GiB // 2
+    assert memory_check(model, [1, 2], "cuda", 0.25, measure=True).held == 0  # kept in place there: no copy
+    dense = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128}
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "config.json").write_text(json.dumps(dense))
+    assert expert_w13_bytes(tmp_path / "dense") == 0
+    r1 = tmp_path / "r1"
+    r1.mkdir()
+    (r1 / "config.json").write_text(json.dumps({**R1, "hidden_size": 7168, "num_hidden_layers": 61,
+                                                 "first_k_dense_replace": 3}))
+    assert expert_w13_bytes(r1) == 2 * 58 * 256 * 2 * 7168 * 2048  # bf16 gate+up of every routed expert

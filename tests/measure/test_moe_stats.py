@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ray_calib.engine.weights import EXPERT_WEIGHTS_ATTR
+from ray_calib.engine import weights
+from ray_calib.engine.weights import EXPERT_AMAX_ATTR, EXPERT_W13_ATTR
 from ray_calib.measure import moe
 from ray_calib.measure.moe import MoEStats
 
@@ -23,8 +24,13 @@ def routed_layer(device: str = "cpu", expert_map: torch.Tensor | None = None, se
     generator = torch.Generator().manual_seed(seed)
     w13 = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=generator).to(torch.bfloat16).to(device)
     w2 = torch.randn(EXPERTS, HIDDEN, INTER, generator=generator).to(torch.bfloat16).to(device)
-    layer = SimpleNamespace(local_num_experts=EXPERTS, expert_map=expert_map, activation=SimpleNamespace(value="silu"))
-    setattr(layer, EXPERT_WEIGHTS_ATTR, (w13, w2))
+    layer = SimpleNamespace(local_num_experts=EXPERTS, expert_map=expert_map, activation=SimpleNamespace(value="silu"),
+                            w13_weight=w13, w2_weight=w2)
+    if device == "meta":  # the capture skips meta tensors (vLLM's dummy init): set what it would
+        setattr(layer, EXPERT_W13_ATTR, w13)
+        setattr(layer, EXPERT_AMAX_ATTR, (torch.empty(EXPERTS, device=device),) * 2)
+    else:
+        weights._record_experts(layer)  # what the loader hook records before the backend repacks
     return layer
 
 
@@ -37,7 +43,7 @@ def batch(tokens: int, seed: int, device: str = "cpu") -> tuple[torch.Tensor, to
 
 def reference(layer, batches, local=None) -> tuple[list[int], list[float], list[float]]:
     """Counts, input amax and intermediate amax per expert, slot by slot in float64."""
-    w13 = getattr(layer, EXPERT_WEIGHTS_ATTR)[0].double()
+    w13 = getattr(layer, EXPERT_W13_ATTR).double()
     counts, inputs, inter = [0] * EXPERTS, [0.0] * EXPERTS, [0.0] * EXPERTS
     for x, ids in batches:
         for t in range(x.shape[0]):
@@ -67,7 +73,8 @@ def check(stats: MoEStats, layer, batches, local=None) -> None:
         # bf16 GEMM, activation and product: a few roundings of at most half a bf16 spacing each
         assert abs(got - inter[k]) <= 4 * BF16_ULP * inter[k], (k, got, inter[k])
         assert (got > 0) == (counts[k] > 0)
-        assert w13["params"]["weight"][0][0] == layer._ray_calib_expert_weights[0][k].abs().max().float().item()
+        assert w13["params"]["weight"][0][0] == layer.w13_weight[k].abs().max().float().item()
+        assert w2["params"]["weight"][0][0] == layer.w2_weight[k].abs().max().float().item()
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped-gemm", "loop-per-expert"])
@@ -117,3 +124,21 @@ def test_observe_never_reads_a_value_on_the_host():
     assert stats.counts.device.type == "meta" and stats.expert_inter.device.type == "meta"
     with pytest.raises((RuntimeError, NotImplementedError)):
         stats.token_counts()  # the host copy happens here, at collect time
+
+
+def test_the_capture_keeps_no_reference_to_w2_and_records_its_per_expert_range():
+    """After the backend replaces w2 (repacking), the unpacked W2 must be freed: only its ranges stay."""
+    import gc
+    import weakref
+
+    layer = routed_layer()
+    w2 = layer.w2_weight
+    expected = w2.abs().amax(dim=(1, 2)).float()
+    gone = weakref.ref(w2)
+    layer.w2_weight = torch.empty(0)  # what a repacking backend leaves behind
+    del w2
+    gc.collect()
+    assert gone() is None, "the capture still holds the pre-repack W2"
+    assert torch.equal(getattr(layer, EXPERT_AMAX_ATTR)[1], expected)
+    stats = MoEStats("moe", layer)
+    assert [stats.nodes()[f"moe.w2_list.{k}"]["params"]["weight"][0][0] for k in range(EXPERTS)] == expected.tolist()
