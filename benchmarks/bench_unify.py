@@ -1,7 +1,7 @@
 """Wall time and peak RSS of `ray-calib unify --to-tp 8` on the DeepSeek-R1 TP16 fixture, as a whole process.
 
-Target (issue 2): <= 0.45 s wall and < 150 MB peak RSS on the 2-core CI box; the reference step-5 script
-takes ~1.8 s there. For a like-for-like baseline on the same box this script also times a straightforward
+Target: <= 0.45 s wall and < 150 MB peak RSS on the 2-core CI box; the hand-run Gaudi flow's unify script
+(vllm-hpu-extension step-5) takes ~1.8 s there. For a like-for-like baseline on the same box this script also times a straightforward
 re-implementation of the reference approach (json.load every rank, Python max, json.dump + np.savez).
 
     python benchmarks/bench_unify.py [--runs 5] [--fixture DIR]
@@ -21,7 +21,7 @@ from _child import run_child  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "inc-ds-r1-0528-g2-tp16"
-REFERENCE_SECONDS = 1.8  # the reference step-5 script on this machine (issue 2)
+REFERENCE_SECONDS = 1.8  # the upstream unify script on the 2-core CI box
 TARGET_SECONDS, TARGET_RSS_MB = 0.45, 150
 
 NAIVE = r"""
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--fixture", type=Path, default=FIXTURE)
     args = parser.parse_args()
     if not args.fixture.is_dir():
-        sys.exit(f"fixture not found: {args.fixture} (needs ../shared beside the repository)")
+        sys.exit(f"fixture not found: {args.fixture} (the real INC files beside the checkout, docs/design.md §10)")
     ray_calib = [str(Path(sys.executable).with_name("ray-calib"))]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
@@ -85,7 +85,7 @@ def main() -> None:
     print(f"  wall median {wall:.3f} s (min {min(w for w, _ in ours):.3f} s), peak RSS {rss:.0f} MB")
     print(f"  target: <= {TARGET_SECONDS} s, < {TARGET_RSS_MB} MB -> "
           f"{'MET' if wall <= TARGET_SECONDS and rss < TARGET_RSS_MB else 'MISSED'}")
-    print(f"  vs reference step-5 ({REFERENCE_SECONDS} s): {REFERENCE_SECONDS / wall:.1f}x faster")
+    print(f"  vs the upstream unify script ({REFERENCE_SECONDS} s): {REFERENCE_SECONDS / wall:.1f}x faster")
     print(f"  vs naive json+numpy re-implementation measured here ({naive_wall:.3f} s, "
           f"peak {max(r for _, r in naive):.0f} MB): {naive_wall / wall:.1f}x faster")
 

@@ -15,9 +15,9 @@ LLAMA31_G3_TP2 = FIXTURES / "inc-llama31-70b-g3-tp2"  # range files and INC's ow
 
 
 def fixture_dir(path: Path) -> Path:
-    """The fixture directory, or a clean skip when ../shared is not beside the repository."""
+    """The fixture directory, or a clean skip when the real INC files (docs/design.md §10) are absent."""
     if not path.is_dir():
-        pytest.skip(f"real INC fixtures not found at {path} (../shared is absent)")
+        pytest.skip(f"real INC fixtures not found at {path} (the shared directory beside the checkout is absent)")
     return path
 
 

@@ -1,4 +1,4 @@
-"""devices.conf: the only parser of the cluster description (DESIGN §7).
+"""devices.conf: the only parser of the cluster description (docs/design.md §7).
 
 The seeds' file is shell `KEY=VALUE` with `#` comments and is accepted as it is. Extensions:
 
@@ -28,7 +28,7 @@ from ray_calib.errors import ConfigError
 DEFAULT_CONF = "devices.conf"
 DEVICE_KINDS = ("hpu", "cuda", "cpu")
 # Ray resource each device kind is scheduled with. CPU nodes use "HPU": vLLM's CPU platform plugin in this
-# project declares ray_device_key "HPU" (DESIGN §9), a resource name Ray accepts as custom.
+# project declares ray_device_key "HPU" (docs/design.md §9), a resource name Ray accepts as custom.
 DEVICE_KEYS_BY_KIND = {"hpu": "HPU", "cuda": "GPU", "cpu": "HPU"}
 # 107-byte AF_UNIX limit minus Ray's "/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store" (64 bytes).
 MAX_RAY_TEMP_DIR_BYTES = 43

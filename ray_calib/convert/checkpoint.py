@@ -1,6 +1,6 @@
 """A Hugging Face model directory seen as shards of tensors: index, headers, config, free disk space.
 
-Only `convert/` reads and writes safetensors indexes (STYLE: one owner per format).
+Only `convert/` reads and writes safetensors indexes (docs/style.md: one owner per format).
 """
 
 from __future__ import annotations

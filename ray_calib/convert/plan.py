@@ -1,7 +1,7 @@
 """Which checkpoint tensors become FP8, in which fused groups, with which activation ranges.
 
 Built from the model's tensor table and one TP1 measurement file, before any byte is written, so a
-mismatch between the two fails in a second with both sides listed (DESIGN §5, issue 3).
+mismatch between the two fails in a second with both sides listed.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ loaded by vLLM in every process it starts) therefore
    weights at a time to BF16 and emulate the static input quantization (quantize-dequantize).
 
 Linear layers already run through `torch._scaled_mm` on CPU. The checkpoint stays what CUDA/ROCm
-vLLM loads natively; this only makes it runnable here. See DESIGN §9.
+vLLM loads natively; this only makes it runnable here. See docs/design.md §9.
 """
 
 from __future__ import annotations

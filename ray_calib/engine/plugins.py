@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-CPU_RAY_ENV = "RAY_CALIB_CPU_RAY"  # "1": schedule CPU workers through Ray (DESIGN §9)
+CPU_RAY_ENV = "RAY_CALIB_CPU_RAY"  # "1": schedule CPU workers through Ray (docs/design.md §9)
 OBSERVE_ENV = "RAY_CALIB_OBSERVE"  # "1": keep weight ranges from before vLLM repacks weights
 RAY_DEVICE_KEY = "HPU"  # the Ray resource CPU ranks ask for; nodes start with --resources='{"HPU": N}'
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ray_calib.measurements import RankFile, expert_child
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-# (kind, node-name suffix): INC's names, which ray-calib's own observers reuse (DESIGN §3)
+# (kind, node-name suffix): INC's names, which ray-calib's own observers reuse (docs/design.md §3)
 KV_KINDS: tuple[tuple[str, str], ...] = (("K", ".k_cache"), ("V", ".v_cache"), ("latent", ".latent_cache_k"))
 
 

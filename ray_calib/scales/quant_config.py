@@ -1,4 +1,4 @@
-"""INC QUANT_CONFIG files: the six of the seeds' DeepSeek flow, generated, validated, written (DESIGN §6).
+"""INC QUANT_CONFIG files: the six of the seeds' DeepSeek flow, generated, validated, written (docs/design.md §6).
 
     measure          BF16 KV (KV cache types blocked)   inc_measure_config.json
     measure fp8-kv   FP8 KV (KV cache measured)         inc_measure_with_fp8kv_config.json

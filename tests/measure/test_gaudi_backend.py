@@ -235,7 +235,7 @@ def test_dense_model_on_two_nodes(gaudi_world, tiny_models, calib_set, tmp_path)
     summary = run_measure(measure_config(tiny_models["llama"], calib_set, out, 2, fp8_kv=True))
     ray, llm = gaudi_world, FakeLLM.instances[0]
     assert "habana_frameworks.torch" not in sys.modules
-    # G4: the first Ray call is the job's init, with the env every rank needs; tasks only after it
+    # the first Ray call is the job's init, with the env every rank needs; tasks only after it
     assert ray.calls[0] == ("init", "10.0.0.1:6379")
     assert [c[0] for c in ray.calls].count("init") == 1
     env = ray.runtime_env["env_vars"]
@@ -246,14 +246,14 @@ def test_dense_model_on_two_nodes(gaudi_world, tiny_models, calib_set, tmp_path)
     assert ("task", "node_facts", "head") in ray.calls and ("task", "node_facts", "worker1") in ray.calls
     # the same env reached the ranks (through the runtime_env) and the driver
     assert llm.rank_env["QUANT_CONFIG"] == llm.driver_env["QUANT_CONFIG"] == env["QUANT_CONFIG"]
-    # G3: a BF16 KV cache while measuring, although the K/V ranges are recorded (--fp8-kv)
+    # a BF16 KV cache while measuring, although the K/V ranges are recorded (--fp8-kv)
     assert "kv_cache_dtype" not in llm.kwargs
     measure_cfg = json.loads(Path(env["QUANT_CONFIG"]).read_text()) if Path(env["QUANT_CONFIG"]).exists() else None
     assert measure_cfg is None, "the node dump directory (with its QUANT_CONFIG) is removed after the run"
-    # G7/G12: BF16 checkpoint -> quantization='inc'; graphs allowed; remote code trusted; dense -> no EP
+    # BF16 checkpoint -> quantization='inc'; graphs allowed; remote code trusted; dense -> no EP
     assert llm.kwargs["quantization"] == "inc" and llm.kwargs["enforce_eager"] is False
     assert llm.kwargs["trust_remote_code"] is True and "enable_expert_parallel" not in llm.kwargs
-    # G2: every rank finalized INC on the raw model (the adapter would have raised), once through shutdown_inc
+    # every rank finalized INC on the raw model (the adapter would have raised), once through shutdown_inc
     assert all(w.model_runner.finalized <= 1 for w in llm.workers) and FakeRunner.shutdown_called
     assert llm.shut_down
     # files gathered to the head, chunks checkpointed, stats cumulative -> max-merge is exact
@@ -262,7 +262,8 @@ def test_dense_model_on_two_nodes(gaudi_world, tiny_models, calib_set, tmp_path)
     assert [r.rank for r in ranks] == [0, 1]
     qkv = [r.nodes["model.layers.0.self_attn.qkv_proj"]["inputs"][0][0][0] for r in ranks]
     assert qkv[1] == pytest.approx(2 * qkv[0])
-    # G9: step-3 post-processing wrote matmul_qk's K input from the cache input (NPZ rewritten with it)
+    # post-processing (measurements/postprocess.py, upstream's step 3) wrote matmul_qk's K input from the cache
+    # input (NPZ rewritten with it)
     attn = "model.layers.0.self_attn.attn.impl"
     assert [r.nodes[f"{attn}.matmul_qk"]["inputs"][1] for r in ranks] == [[[2.0]], [[3.0]]]
     meta = read_meta(out)
@@ -323,7 +324,7 @@ def test_resume_and_force_work_on_gaudi_too(gaudi_world, tiny_models, calib_set,
 
 
 def test_rank_without_inc_is_a_clear_error(gaudi_world, tiny_models, calib_set, tmp_path, monkeypatch):
-    """QUANT_CONFIG missing from the ranks' env (the G4 failure) stops the run at install, naming the cause."""
+    """QUANT_CONFIG missing from the ranks' env (env not reaching the Ray workers) stops the run at install, naming the cause."""
     from ray_calib.measure.run import run_measure
 
     original = FakeLLM.__init__

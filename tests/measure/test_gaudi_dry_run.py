@@ -1,9 +1,9 @@
 """`measure --dry-run` / `infer --dry-run` for a Gaudi target, checked against the upstream scripts.
 
 The upstream calibration scripts (vllm-gaudi `calibration/`, the DeepSeek quickstart of the HabanaAI fork)
-are read from ../shared/reference: engine arguments and env parsed from their source, QUANT_CONFIGs
+are read from the shared reference directory beside the checkout (docs/design.md §10): engine arguments and env parsed from their source, QUANT_CONFIGs
 produced by running their own shell function. Our plan must use the same values, except the few
-differences named (and explained) here. Skipped without ../shared.
+differences named (and explained) here. Skipped when that directory is absent.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ LLAMA_405B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hid
 
 def reference(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"upstream reference not found at {path} (../shared is absent)")
+        pytest.skip(f"upstream reference not found at {path} (the shared directory beside the checkout is absent)")
     return path
 
 

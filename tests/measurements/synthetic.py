@@ -1,4 +1,4 @@
-"""Small generated measurement sets shaped like INC's, for tests that must not depend on ../shared."""
+"""Small generated measurement sets shaped like INC's, for tests that must not depend on the real INC files."""
 
 from __future__ import annotations
 

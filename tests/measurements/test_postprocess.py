@@ -1,7 +1,8 @@
 """Step-3 post-processing of INC's Gaudi measurements, checked against the upstream script itself.
 
-The upstream `step-3-postprocess-measure.py` (vllm-hpu-extension, in ../shared/reference) is run on a copy
-of the real fixture files; our `postprocess` must produce the same nodes. Skipped without ../shared.
+The upstream `step-3-postprocess-measure.py` (vllm-hpu-extension, from the shared reference directory beside the
+checkout, docs/design.md §10) is run on a copy of the real INC files; our `postprocess` must produce the same
+nodes. Skipped when that directory is absent.
 """
 
 from __future__ import annotations

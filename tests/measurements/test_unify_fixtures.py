@@ -1,4 +1,4 @@
-"""Unify on the real Gaudi measurement files (../shared/fixtures): the numbers DESIGN §4 promises."""
+"""Unify on the real Gaudi measurement files (docs/design.md §10): the numbers docs/design.md §4 gives."""
 
 import json
 
