@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ray_calib.convert.checkpoint import num_routed_experts
 from ray_calib.engine import sizing
-from ray_calib.errors import ModelError
+from ray_calib.errors import ConfigError, ModelError
 
 
 @dataclass(frozen=True)

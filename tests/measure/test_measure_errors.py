@@ -132,3 +132,15 @@ def test_max_model_len_beyond_the_models_context(run_cli, tiny_models, calib_set
 def test_kv_cache_gib_must_be_positive(run_cli, tiny_models, calib_set, tmp_path):
     result = run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "--kv-cache-gib", 0, "-o", tmp_path / "o")
     assert result.exit_code != 0 and "--kv-cache-gib" in result.stderr and "more than 0 GiB" in result.stderr
+
+
+def test_an_unknown_attention_backend_is_a_one_line_error():
+    """Found by pyflakes: the refusal named an error class the module never imported (a NameError traceback)."""
+    pytest.importorskip("vllm")
+    from ray_calib.errors import ConfigError
+    from ray_calib.measure.preflight import check_attention_backend
+
+    with pytest.raises(ConfigError, match="--attention-backend BOGUS is not a vLLM attention backend") as err:
+        check_attention_backend("BOGUS")
+    assert "CPU_" in (err.value.fix or "")
+    check_attention_backend(None)
