@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 # A small fresh interpreter runs the command and reports its wall time and its children's peak RSS:
 # measured from the benchmark process itself, a forked child would inherit the benchmark's own
 # (torch-sized) RSS high-water mark. Timing inside the wrapper keeps its own start-up out of the figure.

@@ -29,8 +29,8 @@ def child(mode: str, model: str, dataset: str, tp: int, prompts: int, new_tokens
     from ray_calib.engine.launch import EngineConfig, build_llm
     from ray_calib.measure.chunks import ChunkStore
     from ray_calib.measure.extension import EXTENSION_CLS
-    from ray_calib.measure.run import MeasureConfig, Progress, _run_chunk
     from ray_calib.measure.preflight import blocklist
+    from ray_calib.measure.run import MeasureConfig, Progress, _run_chunk
 
     token_ids = load_prompts(dataset, model, num_samples=prompts + BATCH, least_tokens=64).token_ids
     warmup, token_ids = token_ids[:BATCH], token_ids[BATCH:]

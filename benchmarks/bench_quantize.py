@@ -96,7 +96,7 @@ def bench(size_gb: float, tmp: Path, repeat: int) -> dict:
 
 def _stages(stdout: str) -> dict[str, float]:
     """Stage seconds from quantize's `time: read 0.3 s, amax 0.1 s, ...` line."""
-    line = next(l for l in stdout.splitlines() if l.startswith("time: "))
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("time: "))
     parts = line.removeprefix("time: ").split(" (total")[0].split(", ")
     return {p.split()[0]: float(p.split()[1]) for p in parts}
 

@@ -70,10 +70,10 @@ def _read(pid: int) -> tuple[str, float, float] | None:
     """(command line, PSS MiB, peak RSS MiB) of a live process."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        pss = next(int(l.split()[1]) for l in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-                   if l.startswith("Pss:"))
-        hwm = next(int(l.split()[1]) for l in Path(f"/proc/{pid}/status").read_text().splitlines()
-                   if l.startswith("VmHWM:"))
+        pss = next(int(ln.split()[1]) for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                   if ln.startswith("Pss:"))
+        hwm = next(int(ln.split()[1]) for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                   if ln.startswith("VmHWM:"))
     except (OSError, StopIteration, ValueError):
         return None
     return cmdline, pss / 1024, hwm / 1024
@@ -165,7 +165,7 @@ class Sampler:
 
 
 def _host_used_mib() -> float:
-    info = {l.split(":")[0]: int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()}
+    info = {ln.split(":")[0]: int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()}
     return (info["MemTotal"] - info["MemAvailable"]) / 1024
 
 
@@ -347,7 +347,7 @@ def print_report(result: dict, args: argparse.Namespace) -> None:
 
 
 def _host_total_gib() -> float:
-    line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal:"))
+    line = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal:"))
     return int(line.split()[1]) / (1 << 20)
 
 

@@ -87,7 +87,7 @@ def child(model: str, tp: int, kv_mib: int) -> None:
 def measure(model: Path, tp: int, kv_mib: int) -> list[dict]:
     proc = subprocess.run([sys.executable, __file__, "--child", str(model), str(tp), str(kv_mib)],
                           capture_output=True, text=True, timeout=900)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("ROWS ")), None)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS ")), None)
     if proc.returncode or line is None:
         sys.exit(f"TP {tp} failed:\n{proc.stderr[-3000:]}")
     return json.loads(line.removeprefix("ROWS "))

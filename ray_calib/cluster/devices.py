@@ -229,7 +229,7 @@ def _build(path: Path, p: _Parsed) -> ClusterConfig | None:
     base = path.parent
     known = set(GLOBAL_KEYS) | NODE_DEFAULTABLE
     groups: dict[int, dict[str, str]] = {}
-    for key, value in p.values.items():
+    for key in p.values:
         m = _NODE_KEY.match(key)
         if m:
             index = 0 if m[1] == "HEAD" else int(m[2] or 1)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from ray_calib.cluster.devices import MAX_RAY_TEMP_DIR_BYTES
 
-
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -93,7 +92,7 @@ def running_sshd() -> Iterator[Sshd]:
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"sshd did not start: {(root / 'sshd.log').read_text()}")
+                    raise RuntimeError(f"sshd did not start: {(root / 'sshd.log').read_text()}") from None
                 time.sleep(0.1)
         host_pub = " ".join((root / "host_key.pub").read_text().split()[:2])
         server = Sshd(port, root, root / "client_key", host_pub, root / "known_hosts")

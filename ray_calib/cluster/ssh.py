@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import shlex
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -141,7 +140,7 @@ class SSHRunner:
             except ClusterError:
                 client.close()
                 raise
-            except (OSError, socket.timeout, paramiko.SSHException) as err:
+            except (TimeoutError, OSError, paramiko.SSHException) as err:
                 # After a completed handshake the failure is the login (wrong or unreadable key, e.g. a .pub
                 # file): say so at once; only network failures are retried.
                 handshake_done = client.get_transport() is not None and client.get_transport().is_active()

@@ -9,15 +9,23 @@ entries, resumable per shard by checksum like `quantize`.
 
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from contextlib import closing
-
 from ray_calib import atomic
 from ray_calib.convert.cast import Scratch, stream
-from ray_calib.convert.checkpoint import (Checkpoint, FreeSpace, check_free_space, copy_side_files, free_bytes,
-                                         open_manifest, source_fingerprint, verified_shards, write_index)
+from ray_calib.convert.checkpoint import (
+    Checkpoint,
+    FreeSpace,
+    check_free_space,
+    copy_side_files,
+    free_bytes,
+    open_manifest,
+    source_fingerprint,
+    verified_shards,
+    write_index,
+)
 from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter
 from ray_calib.errors import ModelError
 

@@ -14,8 +14,7 @@ def bar(description: str, total: int) -> Iterator[Callable[..., None]]:
         yield lambda n=1: None
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
-        TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 
     class Rate(ProgressColumn):
         def render(self, task):

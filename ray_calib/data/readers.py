@@ -11,8 +11,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ray_calib.data.formats import (CONTENT_FIELD, MLCOMMONS, PILE, QUESTION_FIELD, ROLE_FIELD, SYSTEM_FIELD,
-                                    TC, TEXT_FIELD)
+from ray_calib.data.formats import (
+    CONTENT_FIELD,
+    MLCOMMONS,
+    PILE,
+    QUESTION_FIELD,
+    ROLE_FIELD,
+    SYSTEM_FIELD,
+    TC,
+    TEXT_FIELD,
+)
 from ray_calib.errors import DataError
 
 Messages = list[dict[str, str]]

@@ -99,7 +99,11 @@ def _emulated_experts_class():
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import TopKWeightAndReduceNoOP
     from vllm.model_executor.layers.quantization.utils.quant_utils import (
-        kFp8DynamicTensorSym, kFp8DynamicTokenSym, kFp8StaticChannelSym, kFp8StaticTensorSym)
+        kFp8DynamicTensorSym,
+        kFp8DynamicTokenSym,
+        kFp8StaticChannelSym,
+        kFp8StaticTensorSym,
+    )
 
     def dequant(weight, scale):
         scale = scale.to(torch.float32)

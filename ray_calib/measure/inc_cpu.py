@@ -90,8 +90,10 @@ def apply_inc(model, config_path: str):
 def extend_cpu_patch_table() -> None:
     """INC's own patched modules for vLLM's linear layers, registered for the CPU device too."""
     from neural_compressor.torch.algorithms.fp8_quant._core import patching_common
-    from neural_compressor.torch.algorithms.fp8_quant.model_configs import (get_patched_module_table,
-                                                                            get_patched_module_type_table)
+    from neural_compressor.torch.algorithms.fp8_quant.model_configs import (
+        get_patched_module_table,
+        get_patched_module_type_table,
+    )
 
     table, types = get_patched_module_table("cpu"), get_patched_module_type_table("cpu")
     for name in VLLM_LINEAR_TYPES:

@@ -98,9 +98,9 @@ class MeasurePlan:
 
 def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> MeasurePlan:
     """Decide everything for `config` (a run.MeasureConfig) without starting vLLM or opening a device."""
+    from ray_calib.engine import sizing
     from ray_calib.engine.device import detect_target
     from ray_calib.measure.gaudi import dump_dir_for_run, inc_on_cpu, measure_quant_config
-    from ray_calib.engine import sizing
     from ray_calib.measure.preflight import blocklist, check_attention_backend, check_tp, resolve_model
 
     info = resolve_model(config.model, weights=not dry_run)

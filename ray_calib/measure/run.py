@@ -21,13 +21,13 @@ from pathlib import Path
 from ray_calib.atomic import staged_dir
 from ray_calib.engine.launch import error_reason
 from ray_calib.errors import DataError, EngineError, ModelError, OutputExistsError
-from ray_calib.measurements import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
-from ray_calib.measurements.merge import merge_chunks
-from ray_calib.measurements.coverage import COVERAGE_FILE
-from ray_calib.measurements.naming import JSON, parse_name
-from ray_calib.measurements.pipeline import remove_stale
 from ray_calib.measure.chunks import ChunkResult, ChunkStore, rank_file_from_result
 from ray_calib.measure.preflight import ModelInfo
+from ray_calib.measurements import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
+from ray_calib.measurements.coverage import COVERAGE_FILE
+from ray_calib.measurements.merge import merge_chunks
+from ray_calib.measurements.naming import JSON, parse_name
+from ray_calib.measurements.pipeline import remove_stale
 from ray_calib.rundir import MEASURE_PREFIX
 
 OBSERVER = "maxabs"
@@ -97,7 +97,7 @@ def run_measure(config: MeasureConfig, progress: Progress | None = None) -> Meas
 
     _check_out(config)
     plan = plan_measure(config)
-    info, device, calib = plan.info, plan.target.device, plan.calib
+    info, calib = plan.info, plan.calib
     _check_prompt_lengths(config, info, calib.token_ids)
     backend = make_backend(plan)
     token_ids = calib.token_ids

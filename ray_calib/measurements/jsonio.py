@@ -11,6 +11,7 @@ import orjson
 
 from ray_calib.errors import MeasurementError
 
+
 def load(path: Path) -> tuple[Any, bool]:
     """Parse a JSON file; the flag says whether it held NaN/Infinity (Python's json writes those)."""
     try:

@@ -56,7 +56,7 @@ def read_meta(directory: str | Path) -> RunMeta | None:
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise MeasurementError(path, f"is not valid JSON ({err})", fix="delete it or restore it.")
+        raise MeasurementError(path, f"is not valid JSON ({err})", fix="delete it or restore it.") from None
     if not isinstance(data, dict):
         raise MeasurementError(path, "must hold a JSON object", fix="delete it or restore it.")
     known = {k: v for k, v in data.items() if k in _FIELDS}

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_calib.atomic import staged_dir
-from ray_calib.errors import MeasurementError, OutputExistsError, UnifyError
+from ray_calib.errors import OutputExistsError, UnifyError
 from ray_calib.measurements.coverage import COVERAGE_FILE
 from ray_calib.measurements.meta import RunMeta, write_meta
 from ray_calib.measurements.naming import JSON, StatsName, parse_name
 from ray_calib.measurements.rankfile import RankFile, node_values, read_rank_file, write_rank_file
-from ray_calib.measurements.runset import MeasurementSet, scale_methods
+from ray_calib.measurements.runset import MeasurementSet
 from ray_calib.measurements.unify import check_same_nodes, check_sizes, expand_rank, expert_layout, merge_group
 
 

@@ -42,7 +42,7 @@ def postprocess(rank_file: RankFile) -> tuple[RankFile, PostprocessReport]:
     if rank_file.mode != MODE_RANGE:
         return rank_file, report
     nodes = copy.deepcopy(rank_file.nodes)
-    for (block, attn), pieces in sorted(_attention_pieces(nodes).items()):
+    for (block, _attn), pieces in sorted(_attention_pieces(nodes).items()):
         report.attention_layers += 1
         mla = "latent_cache_k" in pieces
         report.mla |= mla

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ray_calib.errors import MeasurementError, UnifyError
 from ray_calib.measurements import optypes
-from ray_calib.measurements.merge import check_fields, merge_nodes, max_leaves
+from ray_calib.measurements.merge import check_fields, max_leaves, merge_nodes
 from ray_calib.measurements.rankfile import MODE_SCALE, Node, RankFile
 from ray_calib.scales.arith import bf16
 

@@ -110,7 +110,7 @@ def make_scales(request: ScaleRequest) -> ScaleRun:
                           fix="use a static method (maxabs_hw, maxabs_pow2, ...) for scale files.")
     scales_device = device_for_scales(device, request.device_for, method.name).with_fp8_format(request.fp8_format)
     check_method_for_device(method, scales_device)
-    for index, pattern in enumerate(request.blocklist):
+    for pattern in request.blocklist:
         try:
             re.compile(pattern)
         except re.error as err:

@@ -13,8 +13,17 @@ import random
 from pathlib import Path
 
 from ray_calib import atomic
-from ray_calib.data.formats import (CONTENT_FIELD, MLCOMMONS, PILE, QUESTION_FIELD, ROLE_FIELD, SYSTEM_FIELD,
-                                    TC, TEXT_FIELD, check_format)
+from ray_calib.data.formats import (
+    CONTENT_FIELD,
+    MLCOMMONS,
+    PILE,
+    QUESTION_FIELD,
+    ROLE_FIELD,
+    SYSTEM_FIELD,
+    TC,
+    TEXT_FIELD,
+    check_format,
+)
 from ray_calib.tiny import corpus
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from ray_calib.cluster import connect, devices, lifecycle, state
-from ray_calib.errors import ClusterError
 from ray_calib.cluster.localnodes import kill_leftovers, ray_pids, raylet_pid, write_conf
+from ray_calib.errors import ClusterError
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -9,7 +9,14 @@ import pytest
 
 from ray_calib.engine import sizing
 from ray_calib.engine.device import GiB
-from ray_calib.engine.memory import CPU_FIXED_PSS_MIB, MemoryCheck, MiB, cpu_worker_bytes, expert_w13_bytes, memory_check
+from ray_calib.engine.memory import (
+    CPU_FIXED_PSS_MIB,
+    MemoryCheck,
+    MiB,
+    cpu_worker_bytes,
+    expert_w13_bytes,
+    memory_check,
+)
 from ray_calib.errors import ConfigError, EngineError
 from ray_calib.tiny.model import CONFIGS
 

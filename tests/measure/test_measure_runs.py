@@ -113,9 +113,9 @@ def test_moe_nodes_and_coverage(measured):
 
 def test_node_names_follow_inc_for_llama(measured):
     """Our Llama nodes are named and shaped like INC's (Llama-70B fixture): unify/scales treat them alike."""
-    from tests.conftest import LLAMA70B_TP4, fixture_dir
     from ray_calib.measurements import read_rank_file
     from ray_calib.measurements.naming import parse_name
+    from tests.conftest import LLAMA70B_TP4, fixture_dir
 
     directory = fixture_dir(LLAMA70B_TP4)
     inc = read_rank_file(directory, parse_name(directory / "inc_output_hooks_maxabs_0_4.json")[0], check_npz=False)

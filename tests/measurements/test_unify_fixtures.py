@@ -81,7 +81,7 @@ def test_llama_70b_tp4_to_2_and_1():
     assert {len(r.nodes) for r in two + one} == {len(ranks[0].nodes)} == {881}
     o_proj = "model.layers.0.self_attn.o_proj"
     for field in ("inputs", "outputs"):
-        for i, leaf in enumerate(ranks[0].nodes[o_proj][field]):
+        for i in range(len(ranks[0].nodes[o_proj][field])):
             expected = max(r.nodes[o_proj][field][i][0][0] for r in ranks)
             assert one[0].nodes[o_proj][field][i] == [[expected]]
     assert unify_ranks(two, 1)[0].nodes == one[0].nodes

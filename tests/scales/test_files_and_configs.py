@@ -13,8 +13,14 @@ from ray_calib.measurements import MODE_SCALE, MeasurementSet
 from ray_calib.scales.devices import DEVICES
 from ray_calib.scales.files import write_scale_files
 from ray_calib.scales.methods import get_method
-from ray_calib.scales.quant_config import (MLA_FP8_KV_BLOCK, is_moe, read_config, stale_scale_files,
-                                           template_set, validate)
+from ray_calib.scales.quant_config import (
+    MLA_FP8_KV_BLOCK,
+    is_moe,
+    read_config,
+    stale_scale_files,
+    template_set,
+    validate,
+)
 from ray_calib.scales.target import IncTarget, parse_version
 from tests.conftest import LLAMA70B_TP4, fixture_dir
 from tests.measurements.synthetic import write_set

@@ -36,11 +36,17 @@ fp8 = pytest.importorskip("neural_compressor.torch.algorithms.fp8_quant")
 from neural_compressor.torch.algorithms.fp8_quant._core import common as inc_common  # noqa: E402
 from neural_compressor.torch.algorithms.fp8_quant._core import fp_utils  # noqa: E402
 from neural_compressor.torch.algorithms.fp8_quant._core.quantized_func_wrappers import (  # noqa: E402
-    quantized_func_wrapper as inc_wrappers)
-from neural_compressor.torch.algorithms.fp8_quant._core.scale_methods import ops_quantizer  # noqa: E402
-from neural_compressor.torch.algorithms.fp8_quant._core.scale_methods import scales_method  # noqa: E402
+    quantized_func_wrapper as inc_wrappers,
+)
+from neural_compressor.torch.algorithms.fp8_quant._core.scale_methods import (  # noqa: E402
+    ops_quantizer,
+    scales_method,
+)
 from neural_compressor.torch.algorithms.fp8_quant._core.scale_methods.scale_method_config import (  # noqa: E402
-    CfgStr, ScaleMethodString, scale_method_config_mapping)
+    CfgStr,
+    ScaleMethodString,
+    scale_method_config_mapping,
+)
 from neural_compressor.torch.algorithms.fp8_quant._quant_common.quant_config import ScaleFormat  # noqa: E402
 from neural_compressor.torch.utils.auto_accelerator import INCAcceleratorType  # noqa: E402
 

@@ -10,9 +10,15 @@ from hypothesis import strategies as st
 
 from ray_calib.errors import ConfigError
 from ray_calib.scales.devices import DEVICES, device_for_scales, get_device
-from ray_calib.scales.methods import (METHODS, MIN_SCALE, activation_scale, check_method_for_device, get_method,
-                                      round_scale,
-                                      scale_from_maxabs)
+from ray_calib.scales.methods import (
+    METHODS,
+    MIN_SCALE,
+    activation_scale,
+    check_method_for_device,
+    get_method,
+    round_scale,
+    scale_from_maxabs,
+)
 
 GAUDI2, GAUDI3, CPU = DEVICES["gaudi2"], DEVICES["gaudi3"], DEVICES["cpu"]
 
