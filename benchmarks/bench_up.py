@@ -56,7 +56,7 @@ def main() -> None:
     plain, ours, rss_plain, rss_ours = [], [], 0, 0
     try:
         with running_sshd() as sshd:
-            conf = write_conf(work, sshd, gcs_port=6382, dashboard_port=8271)
+            conf = write_conf(work, sshd)
             config = devices.load(conf)
             ensure_token(config.token_path)
             ray_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": config.token_path}

@@ -64,7 +64,7 @@ def run(root: Path) -> None:
     hub = StandinHub(root / "hub").start()
     env.update(HF_ENDPOINT=hub.url, HF_TOKEN=DEFAULT_TOKEN)
     with running_sshd() as sshd:
-        conf = write_conf(root / "cluster", sshd, gcs_port=6400, dashboard_port=8290, devices_per_node=2,
+        conf = write_conf(root / "cluster", sshd, devices_per_node=2,
                           memory="4G", fast_failure_detection=False)
         try:  # `down` also cleans up after a partial `up`
             _stage(2, "up: two Ray nodes (127.0.0.1, 127.0.0.2)", ["up", "--conf", conf], env, root)

@@ -2,8 +2,8 @@
 
 A real sshd on 127.0.0.1 and 127.0.0.2 with generated host and client keys, and a devices.conf that
 uses it (two CPU nodes). The sshd is installed from Debian (apt-get) when missing, listens on a free high
-port on both loopback addresses, and is killed by pid on exit. By default the Ray nodes use ports
-6380-6389 (GCS, client server), 8270-8279 (dashboard) and private temp dirs beside the conf.
+port on both loopback addresses, and is killed by pid on exit. By default the Ray nodes use free ports
+(GCS, client server, dashboard: two runs on one box do not collide) and private temp dirs beside the conf.
 """
 
 from __future__ import annotations
@@ -45,9 +45,16 @@ class SshdUnavailable(RuntimeError):
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on every local address right now (held open together while chosen)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def _ensure_sshd() -> str:
@@ -108,7 +115,7 @@ def running_sshd() -> Iterator[Sshd]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def write_conf(directory: Path, sshd: Sshd, *, gcs_port: int = 6380, dashboard_port: int = 8270,
+def write_conf(directory: Path, sshd: Sshd, *, gcs_port: int | None = None, dashboard_port: int | None = None,
                extra: str = "", head_env: str = "", worker_env: str = "", known_hosts: Path | None = None,
                memory: str = "1G", devices_per_node: int = 1, fast_failure_detection: bool = True,
                num_cpus: int | None = None) -> Path:
@@ -121,6 +128,8 @@ def write_conf(directory: Path, sshd: Sshd, *, gcs_port: int = 6380, dashboard_p
     seconds (the tests); a busy 2-core box running vLLM ranks needs Ray's defaults (the demo).
     """
     directory.mkdir(parents=True, exist_ok=True)
+    free = free_ports(3)
+    gcs_port, client_port, dashboard_port = gcs_port or free[0], free[1], dashboard_port or free[2]
     path_line = f'export PATH="{VENV_BIN}:$PATH"\n'
     health = ("export RAY_health_check_period_ms=500 RAY_health_check_failure_threshold=2 "
               "RAY_health_check_initial_delay_ms=0 RAY_health_check_timeout_ms=1000\n") if fast_failure_detection else ""
@@ -132,7 +141,7 @@ def write_conf(directory: Path, sshd: Sshd, *, gcs_port: int = 6380, dashboard_p
     conf = directory / "devices.conf"
     conf.write_text(f"""# two nodes on one box
 RAY_CLUSTER_PORT={gcs_port}
-RAY_CLIENT_SERVER_PORT={gcs_port + 1}
+RAY_CLIENT_SERVER_PORT={client_port}
 RAY_DASHBOARD_PORT={dashboard_port}
 HEAD_NODE_IP=127.0.0.1
 HEAD_NODE_IFNAME=lo

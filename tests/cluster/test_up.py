@@ -61,7 +61,7 @@ def test_up_then_status(cluster, run_cli):
     assert result.exit_code == 0, result.stderr
     for index, name in enumerate(lifecycle.STAGES, start=1):
         assert f"({index}/5 {name})" in result.stdout
-    assert "cluster up at 127.0.0.1:6380 (2 nodes)" in result.stdout
+    assert f"cluster up at {devices.load(cluster).address} (2 nodes)" in result.stdout
     worker_env = _environ(raylet_pid(cluster.parent / "ray" / "worker"))
     assert worker_env["VLLM_HOST_IP"] == "127.0.0.2" and worker_env["GLOO_SOCKET_IFNAME"] == "lo"
     assert worker_env["RAY_AUTH_MODE"] == "token"
@@ -87,7 +87,7 @@ def test_up_again_is_a_noop(cluster, run_cli):
 
 def test_connect_gives_a_working_authenticated_address(cluster, clean_env):
     address = connect(cluster)
-    assert address == "127.0.0.1:6380" and os.environ["RAY_ADDRESS"] == address
+    assert address == devices.load(cluster).address and os.environ["RAY_ADDRESS"] == address
     probe = "import json, ray; ray.init(); print(json.dumps(ray.cluster_resources()))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -136,7 +136,7 @@ def test_env_change_needs_restart(cluster, run_cli, clean_env):
     restarted = run_cli("up", "--conf", cluster, "--restart")
     assert restarted.exit_code == 0, restarted.stderr
     assert _environ(raylet_pid(cluster.parent / "ray" / "worker"))["RC_CLUSTER_MARK"] == "second"
-    assert connect(cluster) == "127.0.0.1:6380"
+    assert connect(cluster) == devices.load(cluster).address
 
 
 def test_dead_node_is_named_by_status_connect_and_measure(cluster, run_cli, clean_env, tiny_llama, tmp_path):

@@ -67,13 +67,16 @@ def test_infer_generates_and_saves(tiny_llama, tmp_path, run_cli, monkeypatch):
 @pytest.mark.slow
 def test_serve_answers_openai_completions_with_vllms_own_defaults(tiny_llama, tmp_path, run_cli, monkeypatch):
     """What plain `vllm serve` gives: no --enforce-eager, the model's whole context (1024, the KV cache holds it)."""
+    from ray_calib.cluster.localnodes import free_ports
+
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    result = run_cli("infer", "--model", tiny_llama, "--serve", "--detach", "--port", 8731,
+    port = free_ports(1)[0]
+    result = run_cli("infer", "--model", tiny_llama, "--serve", "--detach", "--port", port,
                      "--run-dir", tmp_path, "--timeout", 600, "--kv-cache-gib", 0.25)
     assert result.exit_code == 0, result.stderr
     pid = int(result.stdout.split("kill ")[-1].split()[0])
     try:
-        assert "http://127.0.0.1:8731/v1" in result.stdout and "smoke test completion" in result.stdout
+        assert f"http://127.0.0.1:{port}/v1" in result.stdout and "smoke test completion" in result.stdout
         shown = next(line for line in result.stdout.splitlines() if line.startswith("serving with: "))
         assert shown.startswith("serving with: vllm serve ")  # TP 1 needs no thread-binding variable
         assert shown.endswith(f"--served-model-name llama --tensor-parallel-size 1 --max-model-len auto "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ray_calib.cluster.localnodes import free_ports
 from ray_calib.measurements import MeasurementSet, read_meta
 from tests.measure.conftest import measure_args, measure_env, run_measure
 
@@ -79,18 +80,22 @@ def two_ray_nodes(tmp_path):
     env = {**measure_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     common = ["--num-cpus=1", "--resources={\"HPU\": 1}", "--memory=3000000000", "--object-store-memory=200000000",
               "--disable-usage-stats"]
-    head = [ray, "start", "--head", "--node-ip-address=127.0.0.1", "--port=6390", "--include-dashboard=false",
-            "--dashboard-host=127.0.0.1", "--dashboard-port=8280", "--node-manager-port=6391",
-            "--object-manager-port=6392", "--ray-client-server-port=6393", "--dashboard-agent-listen-port=8281",
-            "--dashboard-agent-grpc-port=8282", "--metrics-export-port=8283", "--runtime-env-agent-port=8284",
-            f"--temp-dir={temp / 'head'}", *common]
-    worker = [ray, "start", "--address=127.0.0.1:6390", "--node-ip-address=127.0.0.2", "--node-manager-port=6394",
-              "--object-manager-port=6395", "--dashboard-agent-listen-port=8285", "--dashboard-agent-grpc-port=8286",
-              "--metrics-export-port=8287", "--runtime-env-agent-port=8288", f"--temp-dir={temp / 'worker'}", *common]
+    port = free_ports(15)  # every port Ray would otherwise take from its fixed defaults
+    head = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port[0]}", "--include-dashboard=false",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={port[1]}", f"--node-manager-port={port[2]}",
+            f"--object-manager-port={port[3]}", f"--ray-client-server-port={port[4]}",
+            f"--dashboard-agent-listen-port={port[5]}", f"--dashboard-agent-grpc-port={port[6]}",
+            f"--metrics-export-port={port[7]}", f"--runtime-env-agent-port={port[8]}", f"--temp-dir={temp / 'head'}",
+            *common]
+    worker = [ray, "start", f"--address=127.0.0.1:{port[0]}", "--node-ip-address=127.0.0.2",
+              f"--node-manager-port={port[9]}", f"--object-manager-port={port[10]}",
+              f"--dashboard-agent-listen-port={port[11]}", f"--dashboard-agent-grpc-port={port[12]}",
+              f"--metrics-export-port={port[13]}", f"--runtime-env-agent-port={port[14]}",
+              f"--temp-dir={temp / 'worker'}", *common]
     try:
         subprocess.run(head, env={**env, "VLLM_HOST_IP": "127.0.0.1"}, check=True, capture_output=True, timeout=180)
         subprocess.run(worker, env={**env, "VLLM_HOST_IP": "127.0.0.2"}, check=True, capture_output=True, timeout=180)
-        yield {**env, "RAY_ADDRESS": "127.0.0.1:6390"}
+        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port[0]}"}
     finally:
         stop_processes_under(temp)
         shutil.rmtree(temp, ignore_errors=True)
