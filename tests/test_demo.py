@@ -10,6 +10,7 @@ import pytest
 
 @pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.timeout(2400)
 def test_demo_runs_the_whole_pipeline(tmp_path):
     env = {**os.environ, "RAY_CALIB_DEMO_DIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "-m", "ray_calib.demo"], env=env, capture_output=True, text=True,

@@ -95,12 +95,11 @@ def test_connect_gives_a_working_authenticated_address(cluster, clean_env):
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
+def tiny_llama(tmp_path_factory, tiny_model):
     from ray_calib.tiny.calibset import make_calib_set
-    from ray_calib.tiny.model import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
-    return make_tiny_model("llama", root / "llama").path, make_calib_set("pile", root / "pile.jsonl", num_samples=8)
+    return tiny_model("llama"), make_calib_set("pile", root / "pile.jsonl", num_samples=8)
 
 
 def _measure(conf: Path, model: Path, dataset: Path, out: Path) -> subprocess.CompletedProcess:

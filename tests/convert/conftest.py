@@ -6,14 +6,10 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory):
-    from ray_calib.tiny.model import make_tiny_model
-
-    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama").path
+def tiny_llama(tiny_model):
+    return tiny_model("llama")
 
 
 @pytest.fixture(scope="session")
-def tiny_deepseek(tmp_path_factory):
-    from ray_calib.tiny.model import make_tiny_model
-
-    return make_tiny_model("deepseek_v3", tmp_path_factory.mktemp("tiny") / "deepseek").path
+def tiny_deepseek(tiny_model):
+    return tiny_model("deepseek_v3")

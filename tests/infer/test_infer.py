@@ -48,10 +48,8 @@ def test_infer_without_a_model_dir(tmp_path, run_cli):
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    from ray_calib.tiny.model import make_tiny_model
-
-    return make_tiny_model("llama", tmp_path_factory.mktemp("models") / "llama").path
+def tiny_llama(tiny_model):
+    return tiny_model("llama")
 
 
 @pytest.mark.slow

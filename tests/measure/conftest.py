@@ -85,11 +85,8 @@ def run_measure(args: list[str], env: dict[str, str] | None = None, timeout: int
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from ray_calib.tiny.model import make_tiny_model
-
-    root = tmp_path_factory.mktemp("tiny-models")
-    return {arch: make_tiny_model(arch, root / arch).path for arch in ("llama", "deepseek_v3")}
+def tiny_models(tiny_model) -> dict[str, Path]:
+    return {arch: tiny_model(arch) for arch in ("llama", "deepseek_v3")}
 
 
 @pytest.fixture(scope="session")

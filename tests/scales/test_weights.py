@@ -98,15 +98,14 @@ def test_fp8_weights_are_dequantized_first(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
-def test_shards_are_what_vllm_holds_at_tp2(tmp_path_factory, run_cli, arch):
+def test_shards_are_what_vllm_holds_at_tp2(tmp_path_factory, run_cli, tiny_model, arch):
     """A real TP2 measurement records each rank's weight max from the shard vLLM loaded; the checkpoint shards
     must give the same scale for every weight node (run under the heavy-run lock: it starts vLLM)."""
     from ray_calib.tiny.calibset import make_calib_set
-    from ray_calib.tiny.model import make_tiny_model
     from tests.measure.conftest import measure_args, run_measure
 
     root = tmp_path_factory.mktemp(f"tp2-{arch}")
-    model = make_tiny_model(arch, root / "model").path
+    model = tiny_model(arch)
     calib = make_calib_set("pile", root / "pile.jsonl", num_samples=8)
     run = run_measure(measure_args(model, calib, root / "measure", 2, fp8_kv=False)).check()
     for weights in (False, True):

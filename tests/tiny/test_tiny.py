@@ -17,11 +17,9 @@ from ray_calib.tiny.model import CONFIGS, VOCAB_SIZE
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    from ray_calib.tiny.model import make_tiny_model
-
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: make_tiny_model(arch, root / arch).path for arch in CONFIGS}
+def models(tiny_model) -> dict[str, Path]:
+    """Built through the test cache; test_same_seed_same_bytes compares a fresh build with it."""
+    return {arch: tiny_model(arch) for arch in CONFIGS}
 
 
 def _tensor_names(model_dir: Path) -> dict[str, list[int]]:
