@@ -1,11 +1,13 @@
 """`up` -> `status` -> connect -> restart -> a node dies -> `down`, with real sshd and real Ray.
 
-One two-node cluster (head 127.0.0.1, worker 127.0.0.2, one "HPU" each) is shared by the tests of this
-module, which run in order; the module fixture takes it down and kills leftovers by pid.
+One two-node cluster (head 127.0.0.1, worker 127.0.0.2, one "HPU" each) goes through one scenario: each
+step needs the state the step before left, so they are the named steps of one test (no order between tests,
+any `-k` selection or random order works); the fixture takes the cluster down and kills leftovers by pid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,12 +45,15 @@ def cluster(sshd):
             shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
+@contextlib.contextmanager
 def clean_env():
+    """A step's changes to os.environ (connect sets RAY_ADDRESS) end with the step."""
     saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -56,7 +61,7 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
-def test_up_then_status(cluster, run_cli):
+def _up_then_status(cluster, run_cli):
     result = run_cli("up", "--conf", cluster)
     assert result.exit_code == 0, result.stderr
     for index, name in enumerate(lifecycle.STAGES, start=1):
@@ -78,14 +83,14 @@ def test_up_then_status(cluster, run_cli):
     assert record["nodes"][0]["packages"]["ray"] == "2.60.0"
 
 
-def test_up_again_is_a_noop(cluster, run_cli):
+def _up_again_is_a_noop(cluster, run_cli):
     before = raylet_pid(cluster.parent / "ray" / "head")
     result = run_cli("up", "--conf", cluster)
     assert result.exit_code == 0 and "nothing to do" in result.stdout
     assert raylet_pid(cluster.parent / "ray" / "head") == before
 
 
-def test_connect_gives_a_working_authenticated_address(cluster, clean_env):
+def _connect_gives_a_working_authenticated_address(cluster):
     address = connect(cluster)
     assert address == devices.load(cluster).address and os.environ["RAY_ADDRESS"] == address
     probe = "import json, ray; ray.init(); print(json.dumps(ray.cluster_resources()))"
@@ -113,7 +118,7 @@ def _measure(conf: Path, model: Path, dataset: Path, out: Path) -> subprocess.Co
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=480)
 
 
-def test_measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path):
+def _measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path):
     from ray_calib.measurements import MeasurementSet, read_meta
 
     model, dataset = tiny_llama
@@ -124,7 +129,7 @@ def test_measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path):
     assert [r.rank for r in ranks] == [0, 1] and all(r.nodes for r in ranks)
 
 
-def test_env_change_needs_restart(cluster, run_cli, clean_env):
+def _env_change_needs_restart(cluster, run_cli):
     env_file = cluster.parent / "worker_env.sh"
     env_file.write_text(env_file.read_text() + "export RC_CLUSTER_MARK=second\n")
     refused = run_cli("up", "--conf", cluster)
@@ -138,7 +143,7 @@ def test_env_change_needs_restart(cluster, run_cli, clean_env):
     assert connect(cluster) == devices.load(cluster).address
 
 
-def test_dead_node_is_named_by_status_connect_and_measure(cluster, run_cli, clean_env, tiny_llama, tmp_path):
+def _dead_node_is_named_by_status_connect_and_measure(cluster, run_cli, tiny_llama, tmp_path):
     os.kill(raylet_pid(cluster.parent / "ray" / "worker"), signal.SIGKILL)
     config = devices.load(cluster)
     deadline = time.monotonic() + 60
@@ -156,10 +161,26 @@ def test_dead_node_is_named_by_status_connect_and_measure(cluster, run_cli, clea
     assert "Traceback" not in refused.stderr
 
 
-def test_down_stops_every_process(cluster, run_cli):
+def _down_stops_every_process(cluster, run_cli):
     assert ray_pids(cluster.parent / "ray")  # the head (and worker leftovers) still run
     result = run_cli("down", "--conf", cluster)
     assert result.exit_code == 0, result.stderr
     assert ray_pids(cluster.parent / "ray") == []
     assert not state.state_path(cluster).exists()
     assert "no cluster started" in run_cli("status", "--conf", cluster).stdout
+
+
+@pytest.mark.timeout(1800)
+def test_up_status_connect_measure_restart_dead_node_down(cluster, run_cli, tiny_llama, tmp_path):
+    steps = [
+        lambda: _up_then_status(cluster, run_cli),
+        lambda: _up_again_is_a_noop(cluster, run_cli),
+        lambda: _connect_gives_a_working_authenticated_address(cluster),
+        lambda: _measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path / "measure-up"),
+        lambda: _env_change_needs_restart(cluster, run_cli),
+        lambda: _dead_node_is_named_by_status_connect_and_measure(cluster, run_cli, tiny_llama, tmp_path / "dead"),
+        lambda: _down_stops_every_process(cluster, run_cli),
+    ]
+    for step in steps:
+        with clean_env():
+            step()
