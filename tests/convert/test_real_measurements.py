@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.convert.test_vllm_load import generate
+from tests.convert.test_vllm_load import fp8_tracks_bf16, generate
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_measured_tiny_llama_quantizes_and_generates(tmp_path):
+def test_measured_tiny_llama_quantizes_and_generates(tmp_path, tiny_model):
     model, data, run = tmp_path / "tiny", tmp_path / "pile.jsonl", tmp_path / "run"
     cli("make-tiny-model", "--arch", "llama", "--out", str(model))
     cli("make-calib-set", "--format", "pile", "--out", str(data), "--num-samples", "8")
@@ -38,5 +38,6 @@ def test_measured_tiny_llama_quantizes_and_generates(tmp_path):
     scales = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert any(name.endswith("k_scale") for name in scales)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["kv_cache_scheme"]
-    tokens, log = generate(out, tp=1, kv_dtype="fp8")
-    assert len(tokens) == 6 and "not loaded" not in log
+    fp8 = generate(out, tp=1, kv_dtype="fp8")
+    assert "not loaded" not in fp8.log
+    fp8_tracks_bf16(fp8, generate(model, tp=1, kv_dtype="auto"), generate(tiny_model("llama", seed=1), tp=1))
