@@ -4,10 +4,12 @@ vLLM on CPU repacks bf16 linear weights into its GEMM layout and leaves `layer.w
 MoE kernel prepacks the expert weights, and the AMX_MLA attention backend derives its own W_UK/W_UV
 from MLA's kv_b_proj and then replaces kv_b_proj.weight by an empty tensor. The maxabs of a weight does
 not depend on its layout, so we record it (per tensor for linear layers, per expert for MoE) just
-before that happens. MoE layers also keep a reference to the unpacked W13 (gate|up) tensor, which the
-observers need to recompute each expert's intermediate activation; W2 is not kept. On a backend that
-repacks the experts (vLLM CPU) that W13 is held twice, and `engine.memory` counts it for measurement: vLLM's loader runs every linear layer's quant-method post-processing (where
-the capture sits) before any attention layer's, so kv_b_proj is captured intact on every backend.
+before that happens: vLLM's loader runs every linear layer's quant-method post-processing (where the
+capture sits) before any attention layer's, so kv_b_proj is captured intact on every backend.
+
+MoE layers also keep a reference to the unpacked W13 (gate|up) tensor, which the observers need to
+recompute each expert's intermediate activation; W2 is not kept. On a backend that repacks the experts
+(vLLM CPU) that W13 is then held twice, and `engine.memory` counts it in a measurement's memory check.
 Installed by the general plugin in each worker, only for measurement runs.
 """
 
