@@ -104,7 +104,8 @@ class MemoryCheck:
         overhead = "measured vLLM CPU worker" if self.device == "cpu" else "runtime reserve"
         held = f" + measured experts' W13 copy {self.held / GiB:.2f} GiB / {tp}" if self.held else ""
         head = (f"TP {tp} needs {chosen.need_per_rank / GiB:.2f} GiB per rank (weights {self.weights / GiB:.2f} GiB / "
-                f"{tp}{held} + KV cache {self.kv_bytes / GiB:.2f} GiB + {overhead} {chosen.overhead_per_rank / GiB:.2f} GiB) "
+                f"{tp}{held} + KV cache {self.kv_bytes / GiB:.2f} GiB + {overhead} "
+                f"{chosen.overhead_per_rank / GiB:.2f} GiB) "
                 f"but has {chosen.budget_per_rank / GiB:.2f} GiB {where}")
         if fitting:
             raise EngineError(head, fix=f"use --tp {fitting[0]} (the smallest TP that fits)"

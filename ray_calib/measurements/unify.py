@@ -200,7 +200,9 @@ def _merge_mod_lists(members: list[RankFile], layout: ExpertLayout | None) -> li
 
 
 def expand_rank(rank_file: RankFile, to_world_size: int) -> list[RankFile]:
-    """Split a TP1 file into `to_world_size` rank files (what the hand-run Gaudi flow's expand script does, docs/design.md §4), for expert-parallel serving.
+    """Split a TP1 file into `to_world_size` rank files, for expert-parallel serving.
+
+    What the hand-run Gaudi flow's expand script does (docs/design.md §4).
 
     Rank j keeps every non-expert node, the fused op's first entry and its slice of the per-expert
     entries, and the expert children of its slice renumbered from 0, so `unify(expand(x))` gives `x` back.
