@@ -77,7 +77,8 @@ def test_tiny_deepseek_fp8_loads_and_generates(tmp_path, tiny_deepseek):
 def test_tiny_llama_fp8_with_fp8_kv_scales_tp1_and_tp2(tmp_path, tiny_llama):
     out = quantized(tmp_path, tiny_llama, fp8_kv=True)
     tp1 = generate(out, tp=1, kv_dtype="fp8")
-    assert tp1.quantization == "compressed-tensors" and "not loaded" not in tp1.log  # vLLM warns "... k_scale is not loaded" on a bad name
+    # vLLM warns "... k_scale is not loaded" on a bad name
+    assert tp1.quantization == "compressed-tensors" and "not loaded" not in tp1.log
     tp2 = generate(out, tp=2, kv_dtype="fp8")
     assert "not loaded" not in tp2.log
     assert top1_agreement(tp1, tp2) >= 0.5  # the same checkpoint at TP 2: only all-reduce order differs

@@ -324,7 +324,8 @@ def test_resume_and_force_work_on_gaudi_too(gaudi_world, tiny_models, calib_set,
 
 
 def test_rank_without_inc_is_a_clear_error(gaudi_world, tiny_models, calib_set, tmp_path, monkeypatch):
-    """QUANT_CONFIG missing from the ranks' env (env not reaching the Ray workers) stops the run at install, naming the cause."""
+    """QUANT_CONFIG missing from the ranks' env (env not reaching the Ray workers) stops the run at install,
+    naming the cause."""
     from ray_calib.measure.run import run_measure
 
     original = FakeLLM.__init__

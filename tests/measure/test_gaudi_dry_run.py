@@ -1,8 +1,8 @@
 """`measure --dry-run` / `infer --dry-run` for a Gaudi target, checked against the upstream scripts.
 
 The upstream calibration scripts (vllm-gaudi `calibration/`, the DeepSeek quickstart of the HabanaAI fork)
-are read from the shared reference directory beside the checkout (docs/design.md §10): engine arguments and env parsed from their source, QUANT_CONFIGs
-produced by running their own shell function. Our plan must use the same values, except the few
+are read from the shared reference directory beside the checkout (docs/design.md §10): engine arguments and
+env parsed from their source, QUANT_CONFIGs produced by running their own shell function. Our plan must use the same values, except the few
 differences named (and explained) here. Skipped when that directory is absent.
 """
 
