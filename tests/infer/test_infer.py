@@ -77,7 +77,7 @@ def test_serve_answers_openai_completions_with_vllms_own_defaults(tiny_llama, tm
         shown = next(line for line in result.stdout.splitlines() if line.startswith("serving with: "))
         assert shown.startswith("serving with: vllm serve ")  # TP 1 needs no thread-binding variable
         assert shown.endswith(f"--served-model-name llama --tensor-parallel-size 1 --max-model-len auto "
-                              f"--kv-cache-memory-bytes {1 << 28}")
+                              f"--kv-cache-memory-bytes {1 << 28} --kv-cache-dtype bfloat16")
         assert "server reports max_model_len 1024" in result.stdout
     finally:
         os.killpg(pid, signal.SIGTERM)
