@@ -28,6 +28,7 @@ class QuantizeRequest:
     clean_stale_scales: bool = False
     input_backoff: float | None = None
     weight_backoff: float | None = None
+    inc_version: str | None = None  # Gaudi: the INC that reads the QUANT_CONFIG (default: the newest)
     free_space: FreeSpace = free_bytes
 
 
@@ -84,6 +85,19 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     return result
 
 
+def _backoff_config(request: QuantizeRequest, method: str) -> dict:
+    """Backoff overrides as the target INC reads them: scale_params up to 3.4, a dict-form scale_method after."""
+    from ray_calib.scales.methods import get_method, inc_scale_method
+    from ray_calib.scales.target import IncTarget, parse_version
+
+    target = IncTarget(parse_version(request.inc_version)) if request.inc_version else IncTarget()
+    if target.reads_scale_params:
+        return {"scale_params": {k: v for k, v in (("input_backoff", request.input_backoff),
+                                                   ("weight_backoff", request.weight_backoff)) if v}}
+    custom = get_method(method, input_backoff=request.input_backoff, weight_backoff=request.weight_backoff)
+    return {"scale_method": inc_scale_method(custom)}
+
+
 def _write_inc_config(request: QuantizeRequest, measurements: Path, method: str, model: str | Path,
                       prefix: str) -> Path:
     """Gaudi: INC computes scales from the measurements when vLLM loads the BF16 model."""
@@ -98,8 +112,7 @@ def _write_inc_config(request: QuantizeRequest, measurements: Path, method: str,
                           dump_stats_path=str(Path(measurements).absolute() / prefix),
                           moe=is_moe(model_config(model), str(model)), mla=is_mla(model_config(model)))
     if request.input_backoff or request.weight_backoff:
-        config["scale_params"] = {k: v for k, v in (("input_backoff", request.input_backoff),
-                                                     ("weight_backoff", request.weight_backoff)) if v}
+        config.update(_backoff_config(request, method))
     out = Path(request.out) if request.out else request.run.configs
     name = config_name(measure=False, fp8_kv=request.fp8_kv, one_node=one_node)
     return write_configs(out, {name: config})[0]

@@ -98,6 +98,44 @@ METHODS: dict[str, ScaleMethod] = {m.name: m for m in (
 )}
 
 
+_INC_VALUE = {"maxabs": "maxabs", "fixed": "fixed_value", "opt": "opt"}
+_INC_ROUNDING = {"identity": "identity", "pow2": "pow2", "hw": "hw_aligned", "hw_fixed": "hw_aligned_fixed",
+                 "unit": "scale_unit"}
+
+
+def inc_scale_method(method: ScaleMethod) -> dict:
+    """`method` as INC's dict-form scale_method (INC >= 3.5 reads backoffs only from this form).
+
+    INC maps the dict back onto its named method by (granularity, value type, rounding) and fills the
+    opt candidates from that method, so only the backoffs can differ from the named method's.
+    """
+    def rule(tensor: TensorRule) -> dict:
+        return {"granularity": tensor.granularity, "scale_value_type": _INC_VALUE[tensor.value],
+                "rounding_method": _INC_ROUNDING[tensor.rounding], "backoff": tensor.backoff}
+
+    return {"default": {"weight": rule(method.weight), "activation": rule(method.activation)}}
+
+
+def method_from_inc_dict(scale_method: dict) -> ScaleMethod | None:
+    """The named method a dict-form scale_method's "default" stands for, its backoffs applied (None: no match)."""
+    default = scale_method.get("default")
+    if not isinstance(default, dict):
+        return None
+    rules = [default.get(k) if isinstance(default.get(k), dict) else {} for k in ("weight", "activation")]
+
+    def key(rule: dict) -> tuple:
+        return (str(rule.get("granularity", "pts")).lower(), str(rule.get("scale_value_type", "maxabs")).lower(),
+                str(rule.get("rounding_method", "identity")).lower())
+
+    for method in METHODS.values():
+        named = inc_scale_method(method)["default"]
+        if all(key(rule) == key(named[k]) for rule, k in zip(rules, ("weight", "activation"))):
+            weight, activation = (rule.get("backoff", 1.0) for rule in rules)
+            return replace(method, weight=replace(method.weight, backoff=weight),
+                           activation=replace(method.activation, backoff=activation))
+    return None
+
+
 def get_method(name: str, *, input_backoff: float | None = None, weight_backoff: float | None = None,
                output_backoff: float | None = None) -> ScaleMethod:
     """The method called `name` (any case), with backoff overrides applied (see the module docstring)."""

@@ -25,7 +25,7 @@ from ray_calib import atomic
 from ray_calib.errors import ConfigError
 from ray_calib.rundir import MEASURE_PREFIX
 from ray_calib.scales.devices import device_for_scales
-from ray_calib.scales.methods import METHODS
+from ray_calib.scales.methods import METHODS, method_from_inc_dict
 
 KV_TYPES = ["KVCache", "VLLMKVCache"]
 ROUTER = r"mlp\.gate\b"  # the MoE router; the \b keeps gate_up_proj quantized
@@ -41,7 +41,7 @@ _BOOLS = ("quantize_weight", "use_qdq", "fake_quant", "recalc_scales", "ignore_m
 KNOWN_KEYS = frozenset({"method", "mode", "observer", "allowlist", "blocklist", "whitelist", "blacklist", "scale_method",
                         "scale_params", "dump_stats_path", "mod_dict", "local_rank", "global_rank", "world_size",
                         "device_type", "calibration_sample_interval", *_ENUMS, *_BOOLS})
-_SCALE_PARAMS = ("input_backoff", "weight_backoff")
+_SCALE_PARAMS = ("input_backoff", "weight_backoff", "output_backoff")  # output_backoff: INC 3.4
 
 
 def config_name(*, measure: bool, fp8_kv: bool, one_node: bool = False) -> str:
@@ -202,7 +202,13 @@ def _check_scale_method(config: dict, source: str) -> str:
     if isinstance(method, dict):
         if "default" not in method:
             raise ConfigError(f"{source}: 'scale_method' object has no 'default'", fix="add \"default\": {...}.")
-        return "maxabs_hw"
+        named = method_from_inc_dict(method)
+        if named is None:
+            raise ConfigError(f"{source}: 'scale_method.default' matches none of INC's scale methods (by granularity, "
+                              "scale_value_type and rounding_method of weight and activation)",
+                              fix="copy the fields of a named method (e.g. maxabs_hw: hw_aligned, maxabs) and change "
+                                  "only the backoffs.")
+        return named.name
     if str(method).lower() not in METHODS:
         raise ConfigError(f"{source}: 'scale_method' is '{method}'", fix=f"use one of {', '.join(METHODS)}.")
     dynamic = bool(config.get("dynamic_quantization", False))

@@ -248,3 +248,20 @@ def test_broken_config_truncated_shard_and_bad_header_are_one_line_errors(tmp_pa
     shard.write_bytes(len(header).to_bytes(8, "little") + header)
     with pytest.raises(ModelError, match="not a safetensors file \\(bad header"):
         Checkpoint.open(broken)
+
+
+@pytest.mark.parametrize("inc_version,key", [(None, "scale_method"), ("3.4", "scale_params")])
+def test_gaudi_backoffs_go_where_the_target_inc_reads_them(tmp_path, tiny_llama, run_cli, inc_version, key):
+    """INC <= 3.4 reads scale_params; 3.5+ ignores it and reads backoffs only from a dict-form scale_method."""
+    write_measurements(tmp_path / "run" / "unified-tp8", tiny_llama, world_size=1, device_type="gaudi2")
+    version = ["--inc-version", inc_version] if inc_version else []
+    result = run_cli("quantize", "--run-dir", tmp_path / "run", "--input-backoff", "0.5", *version)
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((tmp_path / "run/configs/inc_quant_one_node_config.json").read_text())
+    if key == "scale_params":
+        assert config["scale_method"] == "maxabs_hw" and config["scale_params"] == {"input_backoff": 0.5}
+    else:
+        assert "scale_params" not in config
+        assert config["scale_method"]["default"]["activation"] == {
+            "granularity": "pts", "scale_value_type": "maxabs", "rounding_method": "hw_aligned", "backoff": 0.5}
+        assert config["scale_method"]["default"]["weight"]["backoff"] == 0.5  # maxabs_hw's own

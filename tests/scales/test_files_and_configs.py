@@ -100,11 +100,20 @@ def test_kv_cache_dtype_follows_the_quantize_config():
     ({"whitelist": {"types": [], "names": []}}, "both 'whitelist' and 'allowlist'"),
     ({"scale_params": {"input_backof": 0.25}}, "unknown key 'scale_params.input_backof'"),
     ({"dump_stats_path": ""}, "'dump_stats_path' is missing"),
+    ({"scale_method": {"default": {"weight": {"rounding_method": "cubic"}}}}, "matches none of INC's scale methods"),
 ])
 def test_config_errors_name_the_key(change, message):
     config = {**template_set("/m", "/u", moe=True)["inc_quant_config.json"], **change}
     with pytest.raises(ConfigError, match=message):
         validate(config, "q.json")
+
+
+def test_inc_34_output_backoff_and_a_dict_form_scale_method_are_accepted():
+    base = template_set("/m", "/u", moe=True)["inc_quant_config.json"]
+    validate({**base, "scale_params": {"output_backoff": 0.5}}, "q.json")
+    dict_form = {"default": {"weight": {"rounding_method": "pow2", "backoff": 0.5},
+                             "activation": {"rounding_method": "pow2", "backoff": 0.75}}}
+    validate({**base, "scale_method": dict_form}, "q.json")  # maxabs_pow2 with another activation backoff
 
 
 def test_legacy_keys_are_mapped(tmp_path):

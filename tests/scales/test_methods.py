@@ -173,3 +173,27 @@ def test_e5m2_changes_only_the_full_scale():
     assert scale_from_maxabs(57344.0 * 0.5, get_method("maxabs_pow2").weight, e5m2) == 1.0
     with pytest.raises(ConfigError, match="E5M2 is for INC on Gaudi"):
         CPU.with_fp8_format("e5m2")
+
+
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if not m.dynamic_only])
+@pytest.mark.parametrize("backoffs", [None, (0.7, 0.9)])
+def test_dict_form_scale_method_is_read_by_inc_as_the_named_method(name, backoffs):
+    """INC's own parser (3.5+) maps our dict-form scale_method onto the same named method and keeps the backoffs."""
+    parser = pytest.importorskip("neural_compressor.torch.algorithms.fp8_quant._core.scale_methods.scale_method_parser")
+    from neural_compressor.torch.algorithms.fp8_quant._core.scale_methods.scale_method_config import (
+        CfgStr, ScaleMethodString, get_scale_method_from_config, scale_method_config_mapping)
+
+    from ray_calib.scales.methods import inc_scale_method, method_from_inc_dict
+
+    weight, activation = backoffs or (None, None)
+    ours = get_method(name, weight_backoff=weight, input_backoff=activation)
+    parsed = parser.parse_scale_method(parser.convert_scale_method_strings_to_enum(inc_scale_method(ours)))
+    parser.validate_and_populate_scale_method(parsed)
+    default = parsed[CfgStr.DEFAULT]
+    named = ScaleMethodString[name.upper()]
+    assert get_scale_method_from_config(default) == named
+    expected = scale_method_config_mapping[named]
+    want = (weight or expected[CfgStr.WEIGHT].backoff, activation or expected[CfgStr.ACTIVATION].backoff)
+    assert (default[CfgStr.WEIGHT].backoff, default[CfgStr.ACTIVATION].backoff) == want
+    assert default[CfgStr.WEIGHT].params == expected[CfgStr.WEIGHT].params  # opt candidates filled in by INC
+    assert method_from_inc_dict(inc_scale_method(ours)) == ours
