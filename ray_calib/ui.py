@@ -46,6 +46,8 @@ def set_verbosity(verbosity: int) -> None:
     if _state["verbosity"] < 1:
         for name in LIBRARY_LOGGERS:  # their warnings belong in the log file, not between our lines
             logging.getLogger(name).setLevel(max(level, logging.ERROR))
+        # paramiko logs whole tracebacks for e.g. a port that is not sshd; our errors say it in one line
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     os.environ["TRANSFORMERS_VERBOSITY"] = {-1: "error", 0: "error", 1: "info", 2: "debug"}[_state["verbosity"]]
 
 
