@@ -42,13 +42,19 @@ def set_verbosity(verbosity: int) -> None:
     end_library_logs()
     _state["verbosity"] = max(-1, min(verbosity, 2))
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}[_state["verbosity"]]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    if _state["verbosity"] < 1:
-        for name in LIBRARY_LOGGERS:  # their warnings belong in the log file, not between our lines
-            logging.getLogger(name).setLevel(max(level, logging.ERROR))
-        # paramiko logs whole tracebacks for e.g. a port that is not sshd; our errors say it in one line
-        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")  # no-op when a handler exists
+    logging.getLogger().setLevel(level)
+    _library_levels()
     os.environ["TRANSFORMERS_VERBOSITY"] = {-1: "error", 0: "error", 1: "info", 2: "debug"}[_state["verbosity"]]
+
+
+def _library_levels() -> None:
+    """Without -v the libraries' records stay out of our streams (they go to the log file when one is set)."""
+    quiet = _state["verbosity"] < 1
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.NOTSET)
+    # paramiko logs whole tracebacks for e.g. a port that is not sshd; our errors say it in one line
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL if quiet else logging.NOTSET)
 
 
 def verbosity() -> int:
@@ -250,6 +256,7 @@ def end_library_logs() -> None:
                 logger.removeHandler(handler)
                 handler.close()
             logger.propagate = True
+        _library_levels()
     _state["log_file"] = None
 
 

@@ -93,6 +93,9 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp_size: int | 
         config = replace(config, max_model_len=max_model_len, enforce_eager=enforce_eager)
     else:
         serve_plan = None
+        if conf and devices_conf_quant_config(conf):
+            ui.warn(f"{conf}: INC_QUANT_CONFIG_FILENAME applies to Gaudi only; {target.device_type} serves the FP8 "
+                    "checkpoint and ignores it (remove it there, or pass --device gaudi2/gaudi3)")
         model = model or run.fp8
         runner.check_model_dir(model)
         unified_tp = meta.tp_size if meta and meta.tp_size and meta.unified_from else None
@@ -137,16 +140,18 @@ def _side_by_side(config, baseline: Path, prompts: list[str], max_new_tokens: in
     click.echo(f"completions saved to {out}")
 
 
+def devices_conf_quant_config(conf: Path) -> str | None:
+    from ray_calib.cluster import devices
+
+    return devices.load(conf).extras.get("INC_QUANT_CONFIG_FILENAME")
+
+
 def _gaudi_config(run: RunDir, meta, model, tp, quant_config, fp8_kv, conf, timeout_s: int, extra_env: dict, *,
                   write: bool, card_bytes: int | None):
     """Gaudi defaults from the run: the measured model, its TP, the one-node QUANT_CONFIG, KV dtype and EP."""
     from ray_calib.infer import gaudi, runner
 
-    conf_quant = None
-    if conf:
-        from ray_calib.cluster import devices
-
-        conf_quant = devices.load(conf).extras.get("INC_QUANT_CONFIG_FILENAME")
+    conf_quant = devices_conf_quant_config(conf) if conf else None
     plan = gaudi.resolve(run, meta, model=model, tp=tp, quant_config=quant_config, fp8_kv=fp8_kv,
                          conf_quant_config=conf_quant, write=write)
     if plan.generated and write:
