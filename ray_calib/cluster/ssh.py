@@ -238,7 +238,7 @@ class SSHRunner:
         except ClusterError:
             client.close()
             raise
-        except (OSError, socket.timeout, paramiko.SSHException) as err:
+        except (OSError, EOFError, socket.timeout, paramiko.SSHException) as err:  # EOF: closed mid-handshake
             # After a completed handshake the failure is the login (wrong or unreadable key, e.g. a .pub
             # file): say so at once; only network failures are retried.
             handshake_done = client.get_transport() is not None and client.get_transport().is_active()

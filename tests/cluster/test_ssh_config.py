@@ -72,6 +72,7 @@ def test_jump_host_keys_are_verified_too(tmp_path):
     pytest.importorskip("paramiko")
     import socket
     import threading
+    import time
 
     import paramiko
 
@@ -89,6 +90,9 @@ def test_jump_host_keys_are_verified_too(tmp_path):
         transport.add_server_key(host_key)
         try:
             transport.start_server(server=paramiko.ServerInterface())
+            deadline = time.monotonic() + 30
+            while transport.is_active() and time.monotonic() < deadline:  # until the client hangs up
+                time.sleep(0.05)
         except Exception:
             pass
         transport.close()
@@ -96,9 +100,9 @@ def test_jump_host_keys_are_verified_too(tmp_path):
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     (tmp_path / "ssh_config").write_text(f"Host gaudi-*\n    ProxyJump 127.0.0.1:{port}\n")
-    cfg = _conf(tmp_path, f"SSH_KNOWN_HOSTS={tmp_path / 'known_hosts'}\nSSH_RETRIES=0\nSSH_CONNECT_TIMEOUT=5\n")
+    cfg = _conf(tmp_path, f"SSH_KNOWN_HOSTS={tmp_path / 'known_hosts'}\nSSH_RETRIES=0\nSSH_CONNECT_TIMEOUT=60\n")
     with SSHRunner(cfg) as runner, pytest.raises(ClusterError) as err:
         runner.connect(cfg.head)
-    assert f"unknown SSH host key" in str(err.value) and f"[127.0.0.1]:{port}" in str(err.value)
+    assert "unknown SSH host key" in str(err.value) and f"[127.0.0.1]:{port}" in str(err.value), str(err.value)
     assert "--accept-new-host-keys" in str(err.value)
     server.close()
