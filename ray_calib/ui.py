@@ -130,8 +130,9 @@ class Bar:
         self._done_here = 0
         self._started = time.monotonic()
         self._last_line = self._started
-        self._rich = None
+        self._rich = None  # the rich Progress on a terminal
         self._task = None
+        self._plain = False  # plain lines every `interval` s (stderr is not a terminal)
 
     def rates(self) -> str:
         elapsed = max(time.monotonic() - self._started, 1e-9)
@@ -161,8 +162,6 @@ class Bar:
         elif self._plain and time.monotonic() - self._last_line >= self.interval:
             self._last_line = time.monotonic()
             click.echo(self.line(), err=True)
-
-    _plain = False
 
 
 @contextlib.contextmanager
