@@ -29,7 +29,8 @@ def child(mode: str, model: str, dataset: str, tp: int, prompts: int, new_tokens
     from ray_calib.engine.launch import EngineConfig, build_llm
     from ray_calib.measure.chunks import ChunkStore
     from ray_calib.measure.extension import EXTENSION_CLS
-    from ray_calib.measure.run import MeasureConfig, Progress, _run_chunk
+    from ray_calib.measure.run import MeasureConfig, _run_chunk
+    from ray_calib.ui import Bar
     from ray_calib.measure.preflight import blocklist
 
     token_ids = load_prompts(dataset, model, num_samples=prompts + BATCH, least_tokens=64).token_ids
@@ -50,7 +51,7 @@ def child(mode: str, model: str, dataset: str, tp: int, prompts: int, new_tokens
         store = ChunkStore(Path(out), {})
         store.prepare(resume=False)
         for index in range(0, len(token_ids), CHUNK):
-            result = _run_chunk(llm, index // CHUNK, token_ids[index:index + CHUNK], config, Progress())
+            result = _run_chunk(llm, index // CHUNK, token_ids[index:index + CHUNK], config, Bar("measure", len(token_ids)))
             store.write(result)
             generated += result.generated_tokens
     else:

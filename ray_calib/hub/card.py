@@ -38,7 +38,7 @@ def build_card(run: RunDir, repo_id: str, *, include_checkpoint: bool = False) -
     lines += ["", "## Evaluation (FP8 vs BF16)", "", *_eval_section(run.eval_json), "",
               "## Files", "", *_file_section(run, include_checkpoint), "", "## Use", "", "```bash",
               f"ray-calib pull --repo {repo_id} --to calib-run",
-              "ray-calib infer --one-node --run-dir calib-run", "```", ""]
+              "ray-calib infer --run-dir calib-run", "```", ""]
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """`ray-calib infer` on Gaudi: INC quantizes the source model at load with the run's QUANTIZE config.
 
-Defaults come from the run, so `ray-calib infer --one-node` needs no path:
+Defaults come from the run, so `ray-calib infer` needs no path:
 
     model          the model the run measured (meta sidecar): BF16 weights, or the FP8 checkpoint itself
     TP             the unified TP of the run (else the measured TP)

@@ -9,7 +9,7 @@ Blocklists: `lm_head` always; the MoE router (`ROUTER`) in every config of a MoE
 quantize alike (a router INC can patch but never measured fails at the first forward); an FP8-KV quantize
 config of an MLA model also keeps the attention matmuls and the unused latent-cache variants in BF16, so
 only the latent cache itself is FP8 (`MLA_FP8_KV_BLOCK`).
-`configs/` in the repository holds these with relative paths; `ray-calib configs` writes them with
+`configs/` in the repository holds these with relative paths; `ray-calib quant-config write` writes them with
 absolute `dump_stats_path`s (INC resolves relative paths against each worker's cwd, which differs
 between Ray workers and nodes).
 """
@@ -130,9 +130,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: QUANT_CONFIG not found", fix="run `ray-calib configs` to write one.") from None
+        raise ConfigError(f"{path}: QUANT_CONFIG not found", fix="run `ray-calib quant-config write` to write one.") from None
     except ValueError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})", fix="fix the syntax or regenerate it with `ray-calib configs`.") from None
+        raise ConfigError(f"{path}: not valid JSON ({err})", fix="fix the syntax or regenerate it with `ray-calib quant-config write`.") from None
     return validate(data, str(path))
 
 

@@ -12,7 +12,7 @@ from ray_calib.tiny.model import ARCHS
 
 @click.command("make-tiny-model")
 @click.option("--arch", type=click.Choice(ARCHS), required=True, help="Model family to imitate.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model directory.")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model directory.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same weights and tokenizer.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
 def make_tiny_model(arch: str, out: Path, seed: int, force: bool) -> None:
@@ -32,9 +32,9 @@ def make_tiny_model(arch: str, out: Path, seed: int, force: bool) -> None:
 
 @click.command("make-calib-set")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True, help="Dataset format to write.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="File to write (.jsonl for pile/tc, .pkl for mlcommons).")
-@click.option("--num-samples", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("-n", "--num-samples", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_calib_set(fmt: str, out: Path, num_samples: int, seed: int) -> None:
     """Write a small synthetic calibration set in one of the formats `measure --dataset` reads.

@@ -176,7 +176,7 @@ def test_cli_push_pull_and_nothing_to_push(hub_env, tmp_path):
     assert result.exit_code == 0, result.output
     assert "pushed" in result.output and DEFAULT_TOKEN not in result.output
     assert json.loads(hub_env.repo_file("model", "standin/cli").read_text())["private"] is True
-    result = runner.invoke(cli, ["pull", "--repo", "standin/cli", "--to", str(tmp_path / "back")])
+    result = runner.invoke(cli, ["pull", "--repo", "standin/cli", "--out", str(tmp_path / "back")])
     assert result.exit_code == 0 and (tmp_path / "back" / "measure" / "ray_calib_meta.json").exists()
     (tmp_path / "empty").mkdir()
     result = runner.invoke(cli, ["push", "--repo", "standin/cli", "--run-dir", str(tmp_path / "empty")])

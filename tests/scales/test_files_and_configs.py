@@ -60,7 +60,7 @@ def test_moe_op_scales_go_to_inputs(tmp_path):
 def test_pcs_and_opt_without_weights_are_refused(tmp_path, run_cli, method):
     """INC computes these from the weight tensor itself: a measured max is not enough."""
     write_set(tmp_path / "in", 1)
-    result = run_cli("scales", "--method", method, "--device", "gaudi3", "--in", tmp_path / "in", "--out", tmp_path / "o")
+    result = run_cli("scales", "--scale-method", method, "--device", "gaudi3", "--in", tmp_path / "in", "--out", tmp_path / "o")
     assert result.exit_code != 0 and "--weights MODEL_DIR" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
@@ -132,7 +132,7 @@ def test_stale_scale_files_and_cli_warning(tmp_path, run_cli):
     old = os.stat(measure / "inc_measure_output_hooks_maxabs_0_2.json").st_mtime - 100
     os.utime(stale, (old, old))
     assert stale_scale_files(measure) == [stale]
-    result = run_cli("configs", "--model", "deepseek-ai/DeepSeek-R1", "--run-dir", tmp_path / "run", "--fp8-kv")
+    result = run_cli("quant-config", "write", "--model", "deepseek-ai/DeepSeek-R1", "--run-dir", tmp_path / "run", "--fp8-kv")
     assert result.exit_code == 0, result.stderr
     assert "stale scale file" in result.stderr and "--clean-stale-scales" in result.stderr
     written = json.loads((tmp_path / "run/configs/inc_quant_with_fp8kv_config.json").read_text())
@@ -140,17 +140,17 @@ def test_stale_scale_files_and_cli_warning(tmp_path, run_cli):
     assert written["blocklist"]["names"] == ["lm_head", r"mlp\.gate\b", *MLA_FP8_KV_BLOCK]  # DeepSeek: MLA
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"mode": "QUANTIZE", "dump_stats_path": "/x", "scale_mehtod": "maxabs_hw"}))
-    result = run_cli("configs", "--model", "m", "--check", bad)
+    result = run_cli("quant-config", "check", bad)
     assert result.exit_code == 2 and "unknown key 'scale_mehtod'" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_scales_cli_writes_scale_files(tmp_path, run_cli):
     write_set(tmp_path / "in", 2)
-    result = run_cli("scales", "--method", "maxabs_hw", "--device", "gaudi2", "--in", tmp_path / "in", "--out",
+    result = run_cli("scales", "--scale-method", "maxabs_hw", "--device", "gaudi2", "--in", tmp_path / "in", "--out",
                      tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     assert "wrote 2 MAXABS_HW scale file(s)" in result.stdout
-    result = run_cli("scales", "--method", "maxabs_hw", "--device", "cpu", "--in", tmp_path / "in", "--out", tmp_path / "o2")
+    result = run_cli("scales", "--scale-method", "maxabs_hw", "--device", "cpu", "--in", tmp_path / "in", "--out", tmp_path / "o2")
     assert result.exit_code == 2 and "Gaudi HW scales" in result.stderr
 
 

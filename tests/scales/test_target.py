@@ -36,7 +36,7 @@ def _scales(run_cli, tmp_path, *args, experts: int = 4, intermediates: int | Non
     result = run_cli("scales", "--device", "gaudi3", "--in", tmp_path / "in", "--out", tmp_path / "out", *args)
     if result.exit_code:
         return result, None
-    method = args[args.index("--method") + 1].upper() if "--method" in args else "MAXABS_HW"
+    method = args[args.index("--scale-method") + 1].upper() if "--scale-method" in args else "MAXABS_HW"
     return result, MeasurementSet.discover(tmp_path / "out", method=method).read(0).nodes
 
 
@@ -99,7 +99,7 @@ def test_custom_backoffs_note_what_inc_3_5_does_with_them(run_cli, tmp_path):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("--method", "act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw"), "INC writes and reads no scale file for it"),
+    (("--scale-method", "act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw"), "INC writes and reads no scale file for it"),
     (("--inc-version", "three"), "is not MAJOR.MINOR"),
     (("--blocklist", "lm_head("), "--blocklist 'lm_head(' is not a valid regex"),
 ])
@@ -119,7 +119,7 @@ def test_e5m2_on_gaudi_and_refused_elsewhere(run_cli, tmp_path):
 
 
 def test_fixed_methods_write_their_value_everywhere_but_matmul_products(run_cli, tmp_path):
-    _, nodes = _scales(run_cli, tmp_path, "--method", "hw_aligned_single_scale")
+    _, nodes = _scales(run_cli, tmp_path, "--scale-method", "hw_aligned_single_scale")
     assert nodes["model.layers.0.self_attn.o_proj"] == {"inputs": [128.0], "outputs": (128.0,),
                                                          "params": {"weight": 128.0}}
     assert nodes["model.layers.0.self_attn.attn.impl.batch2block_matmul"]["outputs"] == (128.0 * 128.0,)

@@ -110,7 +110,7 @@ def test_shards_are_what_vllm_holds_at_tp2(tmp_path_factory, run_cli, arch):
     calib = make_calib_set("pile", root / "pile.jsonl", num_samples=8)
     run = run_measure(measure_args(model, calib, root / "measure", 2, fp8_kv=False)).check()
     for weights in (False, True):
-        result = run_cli("scales", "--method", "maxabs_arbitrary", "--device", "gaudi3", "--in", run.out,
+        result = run_cli("scales", "--scale-method", "maxabs_arbitrary", "--device", "gaudi3", "--in", run.out,
                          "--out", root / f"scales-{weights}", *(("--weights", model) if weights else ()))
         assert result.exit_code == 0, result.stderr
     measured, sharded = (MeasurementSet.discover(root / f"scales-{w}", method="MAXABS_ARBITRARY").read_all()
