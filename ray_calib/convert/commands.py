@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ray_calib.rundir import RunDir, run_dir_option
-from ray_calib.scales.devices import DEVICE_TYPES
+from ray_calib.inc.devices import DEVICE_TYPES
 
 _dir = click.Path(file_okay=False, path_type=Path)
 

@@ -11,7 +11,7 @@ import json
 import numbers
 from pathlib import Path
 
-from ray_calib.measurements import RunMeta, read_meta
+from ray_calib.inc import RunMeta, read_meta
 from ray_calib.rundir import RunDir
 
 _NA = "n/a"
@@ -59,7 +59,7 @@ def _unified_tps(run: RunDir) -> list[int]:
 
 def _scale_methods(run: RunDir) -> list[str]:
     from ray_calib.errors import ConfigError
-    from ray_calib.scales.quant_config import read_config
+    from ray_calib.inc.quant_config import read_config
 
     methods = set()
     for path in sorted(run.configs.glob("*.json")):

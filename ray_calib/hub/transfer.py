@@ -137,7 +137,7 @@ def pull(repo_id: str, to: Path, *, revision: str | None = None, force: bool = F
 
 def _rebase_configs(run_root: Path) -> list[str]:
     """Point each config's dump_stats_path at `<run_root>/<its directory name>/<prefix>` when that exists."""
-    from ray_calib.scales.quant_config import read_config, write_configs
+    from ray_calib.inc.quant_config import read_config, write_configs
 
     rewritten = []
     for path in sorted((run_root / "configs").glob("*.json")):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ray_calib import atomic
 from ray_calib.errors import MeasurementError
-from ray_calib.measurements import ExpertCoverage, MeasurementSet, RunMeta, read_coverage, unify_ranks
+from ray_calib.inc import ExpertCoverage, MeasurementSet, RunMeta, read_coverage
+from ray_calib.measurements import unify_ranks
 from ray_calib.report import plots
 from ray_calib.report.extract import RunFigures, figures
 from ray_calib.rundir import RunDir

@@ -1,4 +1,4 @@
-"""`ray-calib scales` and `configs`: thin commands over `scales.files` and `scales.quant_config`."""
+"""`ray-calib scales` and `configs`: thin commands over `scales.files` and `inc.quant_config`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ray_calib.rundir import RunDir, run_dir_option
-from ray_calib.scales.devices import DEVICE_TYPES, FP8_FORMATS
+from ray_calib.inc.devices import DEVICE_TYPES, FP8_FORMATS
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _DEVICES = click.Choice(DEVICE_TYPES)
@@ -77,7 +77,7 @@ def configs(model: str | None, out: Path | None, fp8_kv: bool, one_node: bool, u
       ray-calib configs --model deepseek-ai/DeepSeek-R1 --fp8-kv --one-node
       ray-calib configs --check my_quant_config.json
     """
-    from ray_calib.scales.quant_config import read_config, write_run_configs
+    from ray_calib.inc.quant_config import read_config, write_run_configs
 
     if check:
         read_config(check)

@@ -115,7 +115,7 @@ def _measure(conf: Path, model: Path, dataset: Path, out: Path) -> subprocess.Co
 
 
 def test_measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path):
-    from ray_calib.measurements import MeasurementSet, read_meta
+    from ray_calib.inc import MeasurementSet, read_meta
 
     model, dataset = tiny_llama
     run = _measure(cluster, model, dataset, tmp_path / "measure")

@@ -14,9 +14,10 @@ from ray_calib.cli import cli
 from ray_calib.errors import HubError, OutputExistsError
 from ray_calib.hub.standin import DEFAULT_TOKEN, StandinHub
 from ray_calib.hub.transfer import pull, push
-from ray_calib.measurements import RankFile, RunMeta, StatsName, write_meta, write_rank_file
-from ray_calib.rundir import MEASURE_PREFIX, RunDir
-from ray_calib.scales.quant_config import read_config, template_set, write_configs
+from ray_calib.inc import RankFile, RunMeta, StatsName, write_meta, write_rank_file
+from ray_calib.inc.naming import MEASURE_PREFIX
+from ray_calib.rundir import RunDir
+from ray_calib.inc.quant_config import read_config, template_set, write_configs
 
 REPO = "standin/tiny-ds3-calib"
 

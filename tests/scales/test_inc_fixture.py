@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from ray_calib.measurements import MeasurementSet, npz
-from ray_calib.measurements.rankfile import same_values
+from ray_calib.inc import MeasurementSet, npz
+from ray_calib.inc.rankfile import same_values
 from tests.conftest import LLAMA31_G3_TP2, fixture_dir
 
 pytestmark = pytest.mark.fixtures
@@ -56,10 +56,10 @@ def test_float64_math_would_not_reproduce_them(tmp_path):
     """The bf16 emulation is what makes the difference (it is not a test that cannot fail)."""
     from dataclasses import replace
 
-    from ray_calib.scales.arith import FloatMath
-    from ray_calib.scales.devices import DEVICES
+    from ray_calib.inc.arith import FloatMath
+    from ray_calib.inc.devices import DEVICES
     from ray_calib.scales.files import write_scale_files
-    from ray_calib.scales.methods import get_method
+    from ray_calib.inc.methods import get_method
 
     class Float64Gaudi3(type(DEVICES["gaudi3"])):
         math = FloatMath

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ray_calib.errors import ConfigError
-from ray_calib.scales.devices import DEVICES, device_for_scales, get_device
-from ray_calib.scales.methods import (METHODS, MIN_SCALE, activation_scale, check_method_for_device, get_method,
+from ray_calib.inc.devices import DEVICES, device_for_scales, get_device
+from ray_calib.inc.methods import (METHODS, MIN_SCALE, activation_scale, check_method_for_device, get_method,
                                       round_scale,
                                       scale_from_maxabs)
 
@@ -125,7 +125,7 @@ def test_every_issue_method_is_known():
 
 def test_weight_scales_from_tensors():
     torch = pytest.importorskip("torch")
-    from ray_calib.scales.methods import WeightScaleSearch, channel_scales, fp8_round_trip
+    from ray_calib.inc.methods import WeightScaleSearch, channel_scales, fp8_round_trip
 
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(64, 128, generator=gen) * torch.linspace(0.01, 2, 64)[:, None]).to(torch.bfloat16)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ray_calib.errors import ModelError
-from ray_calib.measurements import MeasurementSet
+from ray_calib.inc import MeasurementSet
 from ray_calib.scales.weights import Shard, rank_shards
 
 torch = pytest.importorskip("torch")
@@ -72,8 +72,8 @@ def test_fp8_weights_are_dequantized_first(tmp_path):
     """INC's dequant_original_fp8_weight_if_needed: the scale comes from the BF16 values, not the FP8 codes."""
     from safetensors.torch import save_file
 
-    from ray_calib.scales.devices import DEVICES
-    from ray_calib.scales.methods import get_method, scale_from_maxabs
+    from ray_calib.inc.devices import DEVICES
+    from ray_calib.inc.methods import get_method, scale_from_maxabs
     from ray_calib.scales.weights import CheckpointWeights
 
     gen = torch.Generator().manual_seed(0)
