@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt excludes.txt
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m ray_calib.demo
+	$(PY) -m ray_calib.testing.demo
 
 test: setup
 	$(PY) -m pytest -q

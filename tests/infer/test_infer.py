@@ -49,7 +49,7 @@ def test_infer_without_a_model_dir(tmp_path, run_cli):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from ray_calib.tiny.model import make_tiny_model
+    from ray_calib.testing.tiny.model import make_tiny_model
 
     return make_tiny_model("llama", tmp_path_factory.mktemp("models") / "llama").path
 

@@ -101,8 +101,8 @@ def test_fp8_weights_are_dequantized_first(tmp_path):
 def test_shards_are_what_vllm_holds_at_tp2(tmp_path_factory, run_cli, arch):
     """A real TP2 measurement records each rank's weight max from the shard vLLM loaded; the checkpoint shards
     must give the same scale for every weight node (run under the heavy-run lock: it starts vLLM)."""
-    from ray_calib.tiny.calibset import make_calib_set
-    from ray_calib.tiny.model import make_tiny_model
+    from ray_calib.testing.tiny.calibset import make_calib_set
+    from ray_calib.testing.tiny.model import make_tiny_model
     from tests.measure.conftest import measure_args, run_measure
 
     root = tmp_path_factory.mktemp(f"tp2-{arch}")
