@@ -1,7 +1,7 @@
 """The model card (README.md of the hub repo): what was measured, how, and how well the FP8 model does.
 
 Everything comes from the run directory: the meta sidecar of the measurement (via
-`ray_calib.measurements.read_meta`), the QUANT_CONFIGs (scale method), the unified directories
+`ray_calib.inc.read_meta`), the QUANT_CONFIGs (scale method), the unified directories
 (serving TP) and `eval.json` (read defensively: any dict of figures). Missing pieces show as "n/a".
 """
 
