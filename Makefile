@@ -5,7 +5,7 @@ UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 export SSL_CERT_FILE ?= /etc/ssl/certs/ca-certificates.crt
 
-.PHONY: setup demo test test-quick bench clean
+.PHONY: setup demo test test-quick lint-imports bench clean
 
 setup: $(STAMP)
 
@@ -19,13 +19,17 @@ $(STAMP): pyproject.toml constraints.txt excludes.txt
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m ray_calib.demo
+	$(PY) -m ray_calib.testing.demo
 
-test: setup
+test: setup lint-imports
 	$(PY) -m pytest -q
 
-test-quick: setup
+test-quick: setup lint-imports
 	$(PY) -m pytest -q -m "not slow"
+
+# The layer contracts of pyproject.toml [tool.importlinter] (stages import only downward; nothing imports testing).
+lint-imports: setup
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

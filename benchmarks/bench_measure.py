@@ -88,8 +88,8 @@ def main() -> None:
         mode, model, dataset, tp, prompts, new_tokens, out = args.child
         print(json.dumps(child(mode, model, dataset, int(tp), int(prompts), int(new_tokens), out)))
         return
-    from ray_calib.tiny.calibset import make_calib_set
-    from ray_calib.tiny.model import make_tiny_model
+    from ray_calib.testing.tiny.calibset import make_calib_set
+    from ray_calib.testing.tiny.model import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="bench-measure-") as tmp:
         dataset = make_calib_set("pile", Path(tmp) / "pile.jsonl", num_samples=4 * (args.prompts + BATCH))

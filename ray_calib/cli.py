@@ -31,8 +31,9 @@ COMMANDS: dict[str, str] = {
     "up": "ray_calib.cluster.commands:up",
     "status": "ray_calib.cluster.commands:status",
     "down": "ray_calib.cluster.commands:down",
-    "make-tiny-model": "ray_calib.tiny.commands:make_tiny_model",
-    "make-calib-set": "ray_calib.tiny.commands:make_calib_set",
+    # test/demo support (ray_calib.testing): a tiny model and calibration set to try the pipeline without a download
+    "make-tiny-model": "ray_calib.testing.commands:make_tiny_model",
+    "make-calib-set": "ray_calib.testing.commands:make_calib_set",
     "dataset-info": "ray_calib.data.commands:dataset_info",
     "import-gguf": "ray_calib.realmodel.commands:import_gguf",
     "make-text-set": "ray_calib.realmodel.commands:make_text_set",

@@ -21,7 +21,6 @@ from pathlib import Path
 import click
 
 DEFAULT_RUN_DIR = "calib-run"
-MEASURE_PREFIX = "inc_measure_output"  # the seeds' dump_stats_path basename
 _UNIFIED_RE = re.compile(r"^unified-tp(\d+)$")
 
 

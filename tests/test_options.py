@@ -41,7 +41,7 @@ def test_shared_options_have_the_same_letters_everywhere():
 
 def test_device_vocabulary_is_the_engine_and_scales_one():
     from ray_calib.engine.device import DEVICE_CHOICES
-    from ray_calib.scales.devices import DEVICE_TYPES
+    from ray_calib.inc.devices import DEVICE_TYPES
 
     assert set(options.DEVICE_NAMES) == set(DEVICE_TYPES)
     assert set(options.RUNTIME_DEVICE_NAMES) == set(DEVICE_CHOICES)

@@ -16,9 +16,9 @@ from contextlib import closing
 
 from ray_calib import atomic
 from ray_calib.convert.cast import Scratch, stream
-from ray_calib.convert.checkpoint import (Checkpoint, FreeSpace, check_free_space, copy_side_files, free_bytes,
+from ray_calib.model.checkpoint import (Checkpoint, FreeSpace, check_free_space, copy_side_files, free_bytes,
                                          open_manifest, source_fingerprint, verified_shards, write_index)
-from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter
+from ray_calib.model.safetensors_io import PlannedTensor, ShardReader, ShardWriter
 from ray_calib.errors import ModelError
 
 MANIFEST = ".ray-calib-bf16.json"

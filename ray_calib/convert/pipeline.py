@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ray_calib.convert.checkpoint import FreeSpace, free_bytes
+from ray_calib.model.checkpoint import FreeSpace, free_bytes
 from ray_calib.errors import ConfigError, MeasurementError
 from ray_calib.rundir import RunDir
 
@@ -46,9 +46,9 @@ class QuantizeResult:
 
 def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     from ray_calib.convert.plan import load_measurement
-    from ray_calib.scales.devices import default_method, get_device
-    from ray_calib.scales.methods import check_method_for_device, get_method
-    from ray_calib.scales.quant_config import stale_scale_files
+    from ray_calib.inc.devices import default_method, get_device
+    from ray_calib.inc.methods import check_method_for_device, get_method
+    from ray_calib.inc.quant_config import stale_scale_files
 
     measurements = request.measurements or request.run.latest_unified() or request.run.measure
     stale = stale_scale_files(measurements)
@@ -87,8 +87,8 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
 
 def _backoff_config(request: QuantizeRequest, method: str) -> dict:
     """Backoff overrides as the target INC reads them: scale_params up to 3.4, a dict-form scale_method after."""
-    from ray_calib.scales.methods import get_method, inc_scale_method
-    from ray_calib.scales.target import IncTarget, parse_version
+    from ray_calib.inc.methods import get_method, inc_scale_method
+    from ray_calib.inc.target import IncTarget, parse_version
 
     target = IncTarget(parse_version(request.inc_version)) if request.inc_version else IncTarget()
     if target.reads_scale_params:
@@ -101,8 +101,9 @@ def _backoff_config(request: QuantizeRequest, method: str) -> dict:
 def _write_inc_config(request: QuantizeRequest, measurements: Path, method: str, model: str | Path,
                       prefix: str) -> Path:
     """Gaudi: INC computes scales from the measurements when vLLM loads the BF16 model."""
-    from ray_calib.convert.checkpoint import model_config
-    from ray_calib.scales.quant_config import build_config, config_name, is_mla, is_moe, write_configs
+    from ray_calib.model.config import model_config
+    from ray_calib.inc.quant_config import build_config, config_name, is_moe, write_configs
+    from ray_calib.model.config import is_mla
 
     if request.out and any(Path(request.out).glob("*.safetensors")):
         raise ConfigError(f"{request.out}: on Gaudi quantize writes a QUANT_CONFIG, not weights",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray_calib.convert.names import KEEP_MODULES
+from ray_calib.model.names import KEEP_MODULES
 
 
 def compressed_tensors_config(*, per_channel: bool, dynamic_activations: bool, fp8_kv: bool) -> dict[str, Any]:

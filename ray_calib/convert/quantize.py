@@ -20,16 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_calib import atomic
-from ray_calib.convert import names
-from ray_calib.convert.checkpoint import (Checkpoint, FreeSpace, check_free_space, copy_side_files, free_bytes,
+from ray_calib.model import names
+from ray_calib.model.checkpoint import (Checkpoint, FreeSpace, check_free_space, copy_side_files, free_bytes,
                                          open_manifest, source_fingerprint, verified_shards, write_index)
 from ray_calib.convert.plan import QuantPlan, build_plan
 from ray_calib.convert.qconfig import compressed_tensors_config
 from ray_calib.convert.cast import Scratch, chunks, fp8_weight, stream, to_torch, weight_maxabs
-from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter
+from ray_calib.model.safetensors_io import PlannedTensor, ShardReader, ShardWriter
 from ray_calib.errors import ModelError
-from ray_calib.scales.devices import DeviceScales
-from ray_calib.scales.methods import (ScaleMethod, TensorRule, WeightScaleSearch, activation_scale, channel_scales,
+from ray_calib.inc.devices import DeviceScales
+from ray_calib.inc.methods import (ScaleMethod, TensorRule, WeightScaleSearch, activation_scale, channel_scales,
                                      leaf_max, scale_from_maxabs)
 
 MANIFEST = ".ray-calib-quantize.json"

@@ -19,7 +19,7 @@ _file = click.Path(dir_okay=False, path_type=Path)
 
 def _run_meta(run: RunDir, model: Path):
     """The sidecar that describes the scales in use: next to the checkpoint, else the run's measurements."""
-    from ray_calib.measurements import read_meta
+    from ray_calib.inc import read_meta
 
     for directory in (model, run.latest_unified(), run.measure):
         if directory is not None and (meta := read_meta(directory)) is not None:
@@ -169,7 +169,7 @@ def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, 
     from ray_calib.engine.device import GiB
     from ray_calib.engine.plan import EnginePlan, local_node, nodes_from_conf
     from ray_calib.infer import runner
-    from ray_calib.scales.quant_config import read_config
+    from ray_calib.inc.quant_config import read_config
 
     engine = runner.engine_config(config)
     facts = [("model", str(config.model)),

@@ -19,7 +19,7 @@ from typing import Any
 
 from ray_calib import atomic
 from ray_calib.errors import ConfigError, MeasurementError, OutputExistsError
-from ray_calib.measurements import RankFile, StatsName, read_rank_file, write_rank_file
+from ray_calib.inc import RankFile, StatsName, read_rank_file, write_rank_file
 
 CHUNKS_DIR = ".chunks"
 _RUN_FILE = "run.json"

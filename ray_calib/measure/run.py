@@ -22,14 +22,14 @@ from ray_calib import ui
 from ray_calib.atomic import staged_dir
 from ray_calib.engine.launch import error_reason
 from ray_calib.errors import DataError, EngineError, ModelError, OutputExistsError
-from ray_calib.measurements import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
+from ray_calib.inc import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
 from ray_calib.measurements.merge import merge_chunks
-from ray_calib.measurements.coverage import COVERAGE_FILE
-from ray_calib.measurements.naming import JSON, parse_name
+from ray_calib.inc.coverage import COVERAGE_FILE
+from ray_calib.inc.naming import JSON, parse_name
 from ray_calib.measurements.pipeline import remove_stale
 from ray_calib.measure.chunks import ChunkResult, ChunkStore, rank_file_from_result
 from ray_calib.measure.preflight import ModelInfo
-from ray_calib.rundir import MEASURE_PREFIX
+from ray_calib.inc.naming import MEASURE_PREFIX
 
 OBSERVER = "maxabs"
 DEFAULT_MAX_MODEL_LEN = 2048  # calibration prompts are short; a long context only costs KV cache
@@ -318,7 +318,7 @@ def _versions() -> dict[str, str]:
 def _check_coverage(config: MeasureConfig, summary: MeasureSummary) -> None:
     if config.min_expert_tokens <= 0:
         return
-    from ray_calib.measurements import read_coverage
+    from ray_calib.inc import read_coverage
 
     coverage = read_coverage(config.out)
     low = coverage.below(config.min_expert_tokens) if coverage else []

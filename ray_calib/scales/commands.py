@@ -1,4 +1,4 @@
-"""`ray-calib scales` and `quant-config write|check`: thin commands over `scales.files` and `scales.quant_config`."""
+"""`ray-calib scales` and `quant-config write|check`: thin commands over `scales.files` and `inc.quant_config`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import click
 
 from ray_calib import options, ui
 from ray_calib.rundir import RunDir, run_dir_option
-from ray_calib.scales.devices import DEVICE_TYPES, FP8_FORMATS
+from ray_calib.inc.devices import DEVICE_TYPES, FP8_FORMATS
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _DEVICES = click.Choice(DEVICE_TYPES)
@@ -126,14 +126,14 @@ def configs(model: str | None, out: Path | None, fp8_kv: bool, one_node: bool, u
 
 
 def _check(path: Path) -> None:
-    from ray_calib.scales.quant_config import read_config
+    from ray_calib.inc.quant_config import read_config
 
     read_config(path)
     ui.result(f"{path}: valid")
 
 
 def _write(model: str, out: Path | None, fp8_kv: bool, one_node: bool, unified_tp: int, run_dir: str | None) -> None:
-    from ray_calib.scales.quant_config import write_run_configs
+    from ray_calib.inc.quant_config import write_run_configs
 
     run = RunDir.resolve(run_dir)
     written, stale = write_run_configs(run, model, out or run.configs, fp8_kv=fp8_kv, one_node=one_node,

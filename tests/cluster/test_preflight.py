@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ray_calib.cluster.localnodes import ray_pids, write_conf
+from ray_calib.testing.localnodes import ray_pids, write_conf
 
 pytestmark = pytest.mark.cluster
 

@@ -10,7 +10,7 @@ import pytest
 from ray_calib.cluster import devices
 from ray_calib.cluster.ssh import SSHRunner
 from ray_calib.errors import ClusterError
-from ray_calib.cluster.localnodes import write_conf
+from ray_calib.testing.localnodes import write_conf
 
 pytestmark = pytest.mark.cluster
 

@@ -21,7 +21,7 @@ import pytest
 
 from ray_calib.cluster import connect, devices, lifecycle, state
 from ray_calib.errors import ClusterError
-from ray_calib.cluster.localnodes import kill_leftovers, ray_pids, raylet_pid, write_conf
+from ray_calib.testing.localnodes import kill_leftovers, ray_pids, raylet_pid, write_conf
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -96,8 +96,8 @@ def test_connect_gives_a_working_authenticated_address(cluster, clean_env):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from ray_calib.tiny.calibset import make_calib_set
-    from ray_calib.tiny.model import make_tiny_model
+    from ray_calib.testing.tiny.calibset import make_calib_set
+    from ray_calib.testing.tiny.model import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     return make_tiny_model("llama", root / "llama").path, make_calib_set("pile", root / "pile.jsonl", num_samples=8)
@@ -115,7 +115,7 @@ def _measure(conf: Path, model: Path, dataset: Path, out: Path) -> subprocess.Co
 
 
 def test_measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path):
-    from ray_calib.measurements import MeasurementSet, read_meta
+    from ray_calib.inc import MeasurementSet, read_meta
 
     model, dataset = tiny_llama
     run = _measure(cluster, model, dataset, tmp_path / "measure")

@@ -10,10 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ray_calib.convert.checkpoint import Checkpoint  # noqa: E402
+from ray_calib.model.checkpoint import Checkpoint  # noqa: E402
 from ray_calib.convert.pipeline import QuantizeRequest, quantize_run  # noqa: E402
 from ray_calib.convert.quantize import MANIFEST  # noqa: E402
-from ray_calib.convert.safetensors_io import ShardReader, file_sha256  # noqa: E402
+from ray_calib.model.safetensors_io import ShardReader, file_sha256  # noqa: E402
 from ray_calib.errors import MeasurementError, ModelError  # noqa: E402
 from ray_calib.rundir import RunDir  # noqa: E402
 from tests.convert.synthetic import write_measurements  # noqa: E402
@@ -103,8 +103,8 @@ def test_resume_skips_finished_shards_verified_by_checksum(tmp_path, tiny_llama)
     out = RunDir.resolve(tmp_path / "run").fp8
     from ray_calib.convert.plan import load_measurement
     from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
-    from ray_calib.scales.devices import get_device
-    from ray_calib.scales.methods import get_method
+    from ray_calib.inc.devices import get_device
+    from ray_calib.inc.methods import get_method
 
     job = QuantizeJob(model=model, measurement=load_measurement(meas)[0], out=out,
                       method=get_method("maxabs_pow2"), device=get_device("cpu"), on_shard_done=stop_after_first)

@@ -12,15 +12,15 @@ from click.testing import CliRunner
 from ray_calib.cli import cli
 from ray_calib.data import load_prompts
 from ray_calib.errors import DataError
-from ray_calib.tiny import corpus
-from ray_calib.tiny.calibset import make_calib_set
+from ray_calib.testing.tiny import corpus
+from ray_calib.testing.tiny.calibset import make_calib_set
 
 TEXTS = [*corpus.paragraphs(40, seed=3), "", "Short one."]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from ray_calib.tiny.tokenizer import train_tokenizer
+    from ray_calib.testing.tiny.tokenizer import train_tokenizer
 
     return train_tokenizer(1024, num_paragraphs=500)
 

@@ -10,9 +10,9 @@ import pytest
 
 from ray_calib.errors import ConfigError, MeasurementError, ModelError
 from ray_calib.infer import gaudi, runner
-from ray_calib.measurements import RunMeta, write_meta
+from ray_calib.inc import RunMeta, write_meta
 from ray_calib.rundir import RunDir
-from ray_calib.scales.quant_config import read_config
+from ray_calib.inc.quant_config import read_config
 from tests.measure.test_gaudi_dry_run import DEEPSEEK_R1
 
 

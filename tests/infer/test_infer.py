@@ -8,7 +8,7 @@ import pytest
 
 from ray_calib.errors import ModelError
 from ray_calib.infer.runner import check_device_type, load_prompts
-from ray_calib.measurements import RunMeta
+from ray_calib.inc import RunMeta
 
 
 def test_device_guard(tmp_path):
@@ -31,7 +31,7 @@ def test_prompt_files(tmp_path):
 
 
 def test_infer_refuses_measurements_from_another_device(tmp_path, run_cli):
-    from ray_calib.measurements import write_meta
+    from ray_calib.inc import write_meta
 
     model = tmp_path / "fp8"
     model.mkdir()
@@ -49,7 +49,7 @@ def test_infer_without_a_model_dir(tmp_path, run_cli):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from ray_calib.tiny.model import make_tiny_model
+    from ray_calib.testing.tiny.model import make_tiny_model
 
     return make_tiny_model("llama", tmp_path_factory.mktemp("models") / "llama").path
 

@@ -87,7 +87,7 @@ def run_measure(args: list[str], env: dict[str, str] | None = None, timeout: int
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    from ray_calib.tiny.model import make_tiny_model
+    from ray_calib.testing.tiny.model import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {arch: make_tiny_model(arch, root / arch).path for arch in ("llama", "deepseek_v3")}
@@ -95,7 +95,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def calib_set(tmp_path_factory) -> Path:
-    from ray_calib.tiny.calibset import make_calib_set
+    from ray_calib.testing.tiny.calibset import make_calib_set
 
     return make_calib_set("pile", tmp_path_factory.mktemp("calib") / "pile.jsonl", num_samples=32)
 

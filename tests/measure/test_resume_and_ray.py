@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_calib.measurements import MeasurementSet, read_meta
+from ray_calib.inc import MeasurementSet, read_meta
 from tests.measure.conftest import measure_args, measure_env, run_measure
 
 pytestmark = pytest.mark.slow

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from ray_calib.errors import ConfigError
-from ray_calib.measurements import MODE_SCALE, MeasurementSet
-from ray_calib.scales.devices import DEVICES
+from ray_calib.inc import MODE_SCALE, MeasurementSet
+from ray_calib.inc.devices import DEVICES
 from ray_calib.scales.files import write_scale_files
-from ray_calib.scales.methods import get_method
-from ray_calib.scales.quant_config import (MLA_FP8_KV_BLOCK, is_moe, read_config, stale_scale_files,
+from ray_calib.inc.methods import get_method
+from ray_calib.inc.quant_config import (MLA_FP8_KV_BLOCK, is_moe, read_config, stale_scale_files,
                                            template_set, validate)
-from ray_calib.scales.target import IncTarget, parse_version
+from ray_calib.inc.target import IncTarget, parse_version
 from tests.conftest import LLAMA70B_TP4, fixture_dir
 from tests.measurements.synthetic import write_set
 
@@ -81,7 +81,7 @@ def test_shipped_templates_are_the_generated_ones():
 
 
 def test_kv_cache_dtype_follows_the_quantize_config():
-    from ray_calib.scales.quant_config import quantizes_kv_cache
+    from ray_calib.inc.quant_config import quantizes_kv_cache
 
     configs = template_set("/m", "/u", moe=True)
     assert quantizes_kv_cache(configs["inc_quant_with_fp8kv_one_node_config.json"])

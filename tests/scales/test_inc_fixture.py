@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from ray_calib.measurements import MeasurementSet, npz
-from ray_calib.measurements.rankfile import same_values
+from ray_calib.inc import MeasurementSet, npz
+from ray_calib.inc.rankfile import same_values
 from tests.conftest import LLAMA31_G3_TP2, fixture_dir
 
 pytestmark = pytest.mark.fixtures
@@ -56,10 +56,10 @@ def test_float64_math_would_not_reproduce_them(tmp_path):
     """The bf16 emulation is what makes the difference (it is not a test that cannot fail)."""
     from dataclasses import replace
 
-    from ray_calib.scales.arith import FloatMath
-    from ray_calib.scales.devices import DEVICES
+    from ray_calib.inc.arith import FloatMath
+    from ray_calib.inc.devices import DEVICES
     from ray_calib.scales.files import write_scale_files
-    from ray_calib.scales.methods import get_method
+    from ray_calib.inc.methods import get_method
 
     class Float64Gaudi3(type(DEVICES["gaudi3"])):
         math = FloatMath
@@ -140,7 +140,7 @@ def test_pull_brings_back_incs_files_and_they_read(run_cli, tmp_path, monkeypatc
     """push a run holding INC's range + scale files to the hub stand-in, pull it elsewhere, read it there."""
     import huggingface_hub.constants as constants
 
-    from ray_calib.hub.standin import DEFAULT_TOKEN, StandinHub
+    from ray_calib.testing.hub_standin import DEFAULT_TOKEN, StandinHub
     from ray_calib.rundir import RunDir
 
     run = RunDir(tmp_path / "run")
@@ -150,7 +150,7 @@ def test_pull_brings_back_incs_files_and_they_read(run_cli, tmp_path, monkeypatc
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", DEFAULT_TOKEN)
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the stand-in speaks plain LFS only
         assert run_cli("push", "--repo", "standin/inc-g3", "--run-dir", run.root).exit_code == 0
         result = run_cli("pull", "--repo", "standin/inc-g3", "--out", tmp_path / "back")
         assert result.exit_code == 0, result.stderr

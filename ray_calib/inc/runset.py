@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_calib.errors import MeasurementError
-from ray_calib.measurements.meta import RunMeta, read_meta
-from ray_calib.measurements.naming import JSON, StatsName, parse_name
-from ray_calib.measurements.rankfile import RankFile, read_rank_file
+from ray_calib.inc.meta import RunMeta, read_meta
+from ray_calib.inc.naming import JSON, StatsName, parse_name
+from ray_calib.inc.rankfile import RankFile, read_rank_file
 
 
 @dataclass

@@ -14,10 +14,19 @@ vLLM's loader maps onto `attn.k_scale` (and onto MLA's latent cache scale for De
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
-from ray_calib.measurements import expert_child
+_EXPERT_CHILD_RE = re.compile(r"^(.+)\.(w13_list|w2_list)\.(\d+)$")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def expert_child(module: str) -> tuple[str, str, int] | None:
+    """`(op, kind, expert)` for `<op>.w13_list.K` / `<op>.w2_list.K`, else None (cached: names repeat per rank)."""
+    match = _EXPERT_CHILD_RE.match(module)
+    return (match[1], match[2], int(match[3])) if match else None
+
 
 _FUSED = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),

@@ -1,6 +1,6 @@
 """A Hugging Face model directory seen as shards of tensors: index, headers, config, free disk space.
 
-Only `convert/` reads and writes safetensors indexes (STYLE: one owner per format).
+The one owner of safetensors indexes: every stage opens a model directory through here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ray_calib import atomic
-from ray_calib.convert.safetensors_io import TensorInfo, file_sha256, read_header
+from ray_calib.model.config import model_config, read_json
+from ray_calib.model.safetensors_io import TensorInfo, file_sha256, read_header
 from ray_calib.errors import ModelError, OutputExistsError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -74,23 +75,6 @@ class Checkpoint:
         return sum(info.nbytes for info in self.tensors.values())
 
 
-def read_json(path: Path, kind: type = dict):
-    """A model's JSON file (config, index); broken or of the wrong kind = one-line ModelError."""
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ModelError(f"{path}: not valid JSON ({err})", fix="restore it from the model's source.") from None
-    if not isinstance(data, kind):
-        raise ModelError(f"{path}: expected a JSON {kind.__name__}", fix="restore it from the model's source.")
-    return data
-
-
-def model_config(model_dir: str | os.PathLike) -> dict:
-    """config.json of a model directory ({} when it has none, e.g. a bare directory of shards)."""
-    path = Path(model_dir) / "config.json"
-    return read_json(path) if path.exists() else {}
-
-
 def source_fingerprint(checkpoint: Checkpoint) -> str:
     """What identifies the input of a conversion: every tensor's name, dtype, shape and shard, and each
     shard's size and mtime (a re-downloaded shard is a new input)."""
@@ -126,11 +110,6 @@ def verified_shards(out: Path, manifest: dict) -> set[str]:
     """Shards whose file on disk still has the checksum recorded when it was finished."""
     return {shard for shard, digest in manifest["shards"].items()
             if (out / shard).exists() and file_sha256(out / shard) == digest}
-
-
-def num_routed_experts(config: dict) -> int:
-    """Routed experts per MoE layer under any of the names model families use (0: a dense model)."""
-    return config.get("n_routed_experts") or config.get("num_local_experts") or config.get("num_experts") or 0
 
 
 def _shard_names(path: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""The pure-Python bf16 emulation (`scales.arith`) against torch's bfloat16 on CPU, where they must agree.
+"""The pure-Python bf16 emulation (`inc.arith`) against torch's bfloat16 on CPU, where they must agree.
 
 CPU torch computes a bf16 op in float32 and rounds once. That is the HPU's result for a cast, a product
 of two bf16 values (exact in float32), log2 and the pow2 / HW rounding INC applies (exercised through
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ray_calib.scales.arith import GaudiMath, bf16, hw_exponent, pow2
+from ray_calib.inc.arith import GaudiMath, bf16, hw_exponent, pow2
 
 torch = pytest.importorskip("torch")
 

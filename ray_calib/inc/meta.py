@@ -20,7 +20,7 @@ META_FILE = "ray_calib_meta.json"
 
 @dataclass
 class RunMeta:
-    device_type: str | None = None  # one of scales.devices.DEVICE_TYPES; infer refuses scales made on another type
+    device_type: str | None = None  # one of inc.devices.DEVICE_TYPES; infer refuses scales made on another type
     model: str | None = None  # hub id or path
     revision: str | None = None
     dataset: str | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ray_calib.errors import ConfigError
-from ray_calib.scales.arith import FloatMath, GaudiMath
+from ray_calib.inc.arith import FloatMath, GaudiMath
 
 DEVICE_TYPES = ("gaudi2", "gaudi3", "cuda", "cpu")
 FP8_FORMATS = ("E4M3", "E5M2")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter, file_sha256
+from ray_calib.model.safetensors_io import PlannedTensor, ShardReader, ShardWriter, file_sha256
 
 
 def _write(path, plan, arrays, **options) -> str:

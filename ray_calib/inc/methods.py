@@ -11,7 +11,7 @@ A method is two `TensorRule`s, one for weights and one for activations (INC's Sc
                  only from a dict-form scale_method ({"activation": {"backoff": ...}, ...}).
 Linear and matmul outputs take input scale x weight (or input0 x input1) scales.
 
-On Gaudi the arithmetic is INC's bf16 HPU arithmetic (`scales.arith.GaudiMath`), zero included: a
+On Gaudi the arithmetic is INC's bf16 HPU arithmetic (`inc.arith.GaudiMath`), zero included: a
 measured maxabs of 0 gives scale 0 for pow2/arbitrary and the lowest HW scale for hw, exactly as INC.
 On CPU/CUDA (ray-calib's own FP8 checkpoint, which INC never reads) the math is float64 and a zero
 maxabs is lifted to `MIN_SCALE`, because a zero scale would divide by zero in the server.
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from ray_calib.errors import ConfigError
-from ray_calib.scales.arith import BF16_TINY, bf16, hw_exponent, pow2
-from ray_calib.scales.devices import DeviceScales
+from ray_calib.inc.arith import BF16_TINY, bf16, hw_exponent, pow2
+from ray_calib.inc.devices import DeviceScales
 
 # CPU/CUDA only: below this a maxabs is "nothing measured" (an expert no token reached). INC applies the
 # same epsilon only to per-channel weight scales (MaxAbsPcs); its per-tensor scales can be 0.

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from ray_calib.errors import ConfigError
-from ray_calib.measurements import MeasurementSet, RankFile, StatsName, write_rank_file
-from ray_calib.scales.devices import DEVICES
-from ray_calib.scales.methods import activation_scale, get_method, scale_from_maxabs
-from ray_calib.scales.target import IncTarget, parse_version
+from ray_calib.inc import MeasurementSet, RankFile, StatsName, write_rank_file
+from ray_calib.inc.devices import DEVICES
+from ray_calib.inc.methods import activation_scale, get_method, scale_from_maxabs
+from ray_calib.inc.target import IncTarget, parse_version
 
 G3 = DEVICES["gaudi3"]
 HW = get_method("maxabs_hw")

@@ -23,9 +23,10 @@ from typing import Any
 
 from ray_calib import atomic
 from ray_calib.errors import ConfigError
-from ray_calib.rundir import MEASURE_PREFIX
-from ray_calib.scales.devices import device_for_scales
-from ray_calib.scales.methods import METHODS, method_from_inc_dict
+from ray_calib.inc.devices import device_for_scales
+from ray_calib.inc.methods import METHODS, method_from_inc_dict
+from ray_calib.inc.naming import MEASURE_PREFIX, parse_name
+from ray_calib.model.config import is_mla, model_config, num_routed_experts
 
 KV_TYPES = ["KVCache", "VLLMKVCache"]
 ROUTER = r"mlp\.gate\b"  # the MoE router; the \b keeps gate_up_proj quantized
@@ -89,12 +90,6 @@ def template_set(measure_dir: str, unified_dir: str, *, moe: bool, mla: bool = F
     return out
 
 
-def is_mla(config: dict) -> bool:
-    """Multi-head latent attention (DeepSeek-V2/V3/R1): one latent KV cache instead of K and V."""
-    config = config.get("text_config", config)
-    return bool(config.get("kv_lora_rank"))
-
-
 def quantizes_kv_cache(config: dict) -> bool:
     """Whether INC quantizes the KV cache under this config (its KV cache types are not blocked).
 
@@ -108,8 +103,6 @@ def quantizes_kv_cache(config: dict) -> bool:
 def is_moe(config: dict, model: str = "") -> bool:
     """MoE models get their router (`mlp.gate`) blocked. Decided from config.json's expert count, the same
     rule `measure` uses; only without a local config.json does the hub id decide."""
-    from ray_calib.convert.checkpoint import num_routed_experts
-
     if config:
         return bool(num_routed_experts(config))
     return any(key in model.lower() for key in ("deepseek-v", "deepseek-r1", "mixtral", "moe"))
@@ -234,8 +227,6 @@ def _check_scale_params(params: Any, source: str) -> None:
 
 def stale_scale_files(directory: Path) -> list[Path]:
     """INC scale files (any METHOD) older than the newest range file: INC would load them instead."""
-    from ray_calib.measurements import parse_name
-
     ranges, scales = [], []
     for path in Path(directory).iterdir() if Path(directory).is_dir() else []:
         parsed = parse_name(path)
@@ -250,8 +241,6 @@ def stale_scale_files(directory: Path) -> list[Path]:
 def write_run_configs(run, model: str, out: Path, *, fp8_kv: bool, one_node: bool,
                       unified_tp: int = 8) -> tuple[list[Path], list[Path]]:
     """The measure config and the quantize config (two-node or one-node) of one run, plus stale scale files."""
-    from ray_calib.convert.checkpoint import model_config
-
     config = model_config(model)
     moe, mla = is_moe(config, model), is_mla(config) if config else "deepseek" in model.lower()
     unified = run.unified(unified_tp)

@@ -7,7 +7,7 @@ models too. The chat template is deliberately simple: `<|role|>content<|end|>` p
 from __future__ import annotations
 
 
-from ray_calib.tiny import corpus
+from ray_calib.testing.tiny import corpus
 
 BOS, EOS, PAD = "<|begin|>", "<|end|>", "<|pad|>"
 ROLES = ("system", "user", "assistant")

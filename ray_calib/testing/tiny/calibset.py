@@ -15,7 +15,7 @@ from pathlib import Path
 from ray_calib import atomic
 from ray_calib.data.formats import (CONTENT_FIELD, MLCOMMONS, PILE, QUESTION_FIELD, ROLE_FIELD, SYSTEM_FIELD,
                                     TC, TEXT_FIELD, check_format)
-from ray_calib.tiny import corpus
+from ray_calib.testing.tiny import corpus
 
 
 def make_calib_set(fmt: str, out: str | os.PathLike, *, num_samples: int = 64, seed: int = 0) -> Path:

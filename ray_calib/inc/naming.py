@@ -19,6 +19,7 @@ _NAME_RE = re.compile(
 )
 
 JSON, NPZ, MOD_LIST = ".json", ".npz", "_mod_list.json"
+MEASURE_PREFIX = "inc_measure_output"  # the seeds' dump_stats_path basename
 
 
 @dataclass(frozen=True, order=True)

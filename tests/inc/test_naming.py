@@ -1,4 +1,4 @@
-from ray_calib.measurements.naming import JSON, MOD_LIST, NPZ, StatsName, parse_name
+from ray_calib.inc.naming import JSON, MOD_LIST, NPZ, StatsName, parse_name
 
 
 def test_rank_matching_is_exact():

@@ -78,7 +78,7 @@ def make_tiny_model(arch: str, out: str | os.PathLike, *, seed: int = 0, force: 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from ray_calib.tiny.tokenizer import train_tokenizer
+    from ray_calib.testing.tiny.tokenizer import train_tokenizer
 
     out = Path(out)
     _check_out(out, force)

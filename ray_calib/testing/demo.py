@@ -47,8 +47,8 @@ def _stage(number: int, title: str, args: list[object], env: dict[str, str], cwd
 
 
 def run(root: Path) -> None:
-    from ray_calib.cluster.localnodes import running_sshd, write_conf
-    from ray_calib.hub.standin import DEFAULT_TOKEN, StandinHub
+    from ray_calib.testing.localnodes import running_sshd, write_conf
+    from ray_calib.testing.hub_standin import CLIENT_ENV, DEFAULT_TOKEN, StandinHub
     from ray_calib.realmodel import smollm2
 
     root = root.absolute()
@@ -62,7 +62,7 @@ def run(root: Path) -> None:
                                                     "--force"], env, root)
     _stage(1, "calibration set", ["make-calib-set", "--format", "pile", "--out", data, "--num-samples", 48], env, root)
     hub = StandinHub(root / "hub").start()
-    env.update(HF_ENDPOINT=hub.url, HF_TOKEN=DEFAULT_TOKEN)
+    env.update(HF_ENDPOINT=hub.url, HF_TOKEN=DEFAULT_TOKEN, **CLIENT_ENV)
     with running_sshd() as sshd:
         conf = write_conf(root / "cluster", sshd, gcs_port=6400, dashboard_port=8290, devices_per_node=2,
                           memory="4G", fast_failure_detection=False)

@@ -19,9 +19,9 @@ from typing import Any
 
 from ray_calib import atomic
 from ray_calib.errors import MeasurementError
-from ray_calib.measurements import jsonio, npz
-from ray_calib.measurements.naming import JSON, MOD_LIST, NPZ, StatsName
-from ray_calib.measurements.optypes import inc_scale_layout
+from ray_calib.inc import jsonio, npz
+from ray_calib.inc.naming import JSON, MOD_LIST, NPZ, StatsName
+from ray_calib.inc.optypes import inc_scale_layout
 
 MODE_RANGE = "DynamicRange"
 MODE_SCALE = "Scale"

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ray_calib.errors import ConfigError
-from ray_calib.scales.devices import DEVICES, device_for_scales, get_device
-from ray_calib.scales.methods import (METHODS, MIN_SCALE, activation_scale, check_method_for_device, get_method,
+from ray_calib.inc.devices import DEVICES, device_for_scales, get_device
+from ray_calib.inc.methods import (METHODS, MIN_SCALE, activation_scale, check_method_for_device, get_method,
                                       round_scale,
                                       scale_from_maxabs)
 
@@ -125,7 +125,7 @@ def test_every_issue_method_is_known():
 
 def test_weight_scales_from_tensors():
     torch = pytest.importorskip("torch")
-    from ray_calib.scales.methods import WeightScaleSearch, channel_scales, fp8_round_trip
+    from ray_calib.inc.methods import WeightScaleSearch, channel_scales, fp8_round_trip
 
     gen = torch.Generator().manual_seed(0)
     weight = (torch.randn(64, 128, generator=gen) * torch.linspace(0.01, 2, 64)[:, None]).to(torch.bfloat16)
@@ -183,7 +183,7 @@ def test_dict_form_scale_method_is_read_by_inc_as_the_named_method(name, backoff
     from neural_compressor.torch.algorithms.fp8_quant._core.scale_methods.scale_method_config import (
         CfgStr, ScaleMethodString, get_scale_method_from_config, scale_method_config_mapping)
 
-    from ray_calib.scales.methods import inc_scale_method, method_from_inc_dict
+    from ray_calib.inc.methods import inc_scale_method, method_from_inc_dict
 
     weight, activation = backoffs or (None, None)
     ours = get_method(name, weight_backoff=weight, input_backoff=activation)

@@ -12,10 +12,9 @@ machine, so the real `huggingface_hub` client calls of `ray-calib push/pull` are
     POST /api/{type}s/{id}/commit/{rev}                  NDJSON commit (file, lfsFile, deletedFile)
     HEAD/GET /[{type}s/]{id}/resolve/{rev}/{path}        file download (Range supported)
 
-One branch (`main`), no history. It does not speak the Xet protocol: its whoami answer carries
-`"rayCalibStandin": true`, on which `ray-calib push` uploads through plain LFS; other clients must run
-with `HF_HUB_DISABLE_XET=1` (its Xet token route answers 501 saying so). Start it with
-`python -m ray_calib.hub.standin --port P --root DIR [--token T]`, or `StandinHub(root).start()` in tests.
+One branch (`main`), no history. It does not speak the Xet protocol: its clients, `ray-calib push`
+included, run with `HF_HUB_DISABLE_XET=1` (`CLIENT_ENV`; its Xet token route answers 501 saying so). Start it with
+`python -m ray_calib.testing.hub_standin --port P --root DIR [--token T]`, or `StandinHub(root).start()` in tests.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from ray_calib import atomic
 
 DEFAULT_TOKEN = "hf_standin_token"
 DEFAULT_USER = "standin"
+CLIENT_ENV = {"HF_HUB_DISABLE_XET": "1"}  # what a huggingface_hub client needs here: plain LFS, no Xet
 _LFS_THRESHOLD = 64 * 1024
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _API_REPO = re.compile(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+)(?:/(revision|tree|preupload|commit|xet-write-token)(?:/([^/]+))?(/.*)?)?$")
@@ -197,7 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
         user = self._user()
         if user is None:
             return self._error(401, "Invalid credentials in Authorization header")
-        self._send(200, {"type": "user", "name": user, "fullname": user, "orgs": [], "rayCalibStandin": True,
+        self._send(200, {"type": "user", "name": user, "fullname": user, "orgs": [],
                          "auth": {"type": "access_token", "accessToken": {"displayName": "standin", "role": "write"}}})
 
     def _create(self, payload: dict[str, Any]) -> None:
@@ -338,7 +338,7 @@ def _range_start(header: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ray_calib.hub.standin", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ray_calib.testing.hub_standin", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--root", type=Path, required=True, help="Where repos and objects are stored.")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ray_calib.errors import MeasurementError
-from ray_calib.measurements import npz
+from ray_calib.inc import npz
 
 STATS = {
     "GlobalRank": None, "LocalRank": 3, "Mode": "DynamicRange",
