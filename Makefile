@@ -5,7 +5,7 @@ UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 export SSL_CERT_FILE ?= /etc/ssl/certs/ca-certificates.crt
 
-.PHONY: setup demo lint typecheck test test-quick bench clean
+.PHONY: setup demo lint lint-imports typecheck test test-quick bench clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt excludes.txt
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m ray_calib.demo
+	$(PY) -m ray_calib.testing.demo
 
 # ruff: pyflakes, pycodestyle, import order, bugbear, pyupgrade (config in pyproject.toml)
 lint: setup
@@ -29,12 +29,16 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy ray_calib
 
-# every behaviour: lint, then all tests (slow and cluster ones included); tiny models are cached on disk
-test: lint
+# every behaviour: the layer contracts, lint, then all tests (slow and cluster ones included)
+test: lint-imports lint
 	$(PY) -m pytest -q
 
-test-quick: lint
+test-quick: lint-imports lint
 	$(PY) -m pytest -q -m "not slow"
+
+# The layer contracts of pyproject.toml [tool.importlinter] (stages import only downward; nothing imports testing).
+lint-imports: setup
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

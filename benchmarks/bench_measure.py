@@ -30,7 +30,8 @@ def child(mode: str, model: str, dataset: str, tp: int, prompts: int, new_tokens
     from ray_calib.measure.chunks import ChunkStore
     from ray_calib.measure.extension import EXTENSION_CLS
     from ray_calib.measure.preflight import blocklist
-    from ray_calib.measure.run import MeasureConfig, Progress, _run_chunk
+    from ray_calib.measure.run import MeasureConfig, _run_chunk
+    from ray_calib.ui import Bar
 
     token_ids = load_prompts(dataset, model, num_samples=prompts + BATCH, least_tokens=64).token_ids
     warmup, token_ids = token_ids[:BATCH], token_ids[BATCH:]
@@ -50,7 +51,7 @@ def child(mode: str, model: str, dataset: str, tp: int, prompts: int, new_tokens
         store = ChunkStore(Path(out), {})
         store.prepare(resume=False)
         for index in range(0, len(token_ids), CHUNK):
-            result = _run_chunk(llm, index // CHUNK, token_ids[index:index + CHUNK], config, Progress())
+            result = _run_chunk(llm, index // CHUNK, token_ids[index:index + CHUNK], config, Bar("measure", len(token_ids)))
             store.write(result)
             generated += result.generated_tokens
     else:
@@ -87,8 +88,8 @@ def main() -> None:
         mode, model, dataset, tp, prompts, new_tokens, out = args.child
         print(json.dumps(child(mode, model, dataset, int(tp), int(prompts), int(new_tokens), out)))
         return
-    from ray_calib.tiny.calibset import make_calib_set
-    from ray_calib.tiny.model import make_tiny_model
+    from ray_calib.testing.tiny.calibset import make_calib_set
+    from ray_calib.testing.tiny.model import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="bench-measure-") as tmp:
         dataset = make_calib_set("pile", Path(tmp) / "pile.jsonl", num_samples=4 * (args.prompts + BATCH))

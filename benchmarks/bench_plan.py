@@ -121,12 +121,12 @@ def child(model: str, nodes_path: str) -> None:
     """One planning run, timed per stage; prints a JSON line."""
     started = time.perf_counter()
     sys.path.insert(0, str(REPO))
-    from ray_calib.convert.checkpoint import Checkpoint
     from ray_calib.convert.plan import build_plan
     from ray_calib.convert.quantize import QuantizeJob, _layout
-    from ray_calib.measurements import RankFile, StatsName
-    from ray_calib.scales.devices import get_device
-    from ray_calib.scales.methods import get_method
+    from ray_calib.inc import RankFile, StatsName
+    from ray_calib.inc.devices import get_device
+    from ray_calib.inc.methods import get_method
+    from ray_calib.model.checkpoint import Checkpoint
 
     imported = time.perf_counter()
     measurement = RankFile(name=StatsName("inc_measure_output"), nodes=json.loads(Path(nodes_path).read_text()))

@@ -151,7 +151,7 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
     from ray_calib.convert.plan import load_measurement
     from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
     from ray_calib.convert.scale_choice import CANDIDATES, DEFAULT
-    from ray_calib.scales.devices import get_device
+    from ray_calib.inc.devices import get_device
 
     measure = work / "ray-calib" / "measure"
     seconds = _reused(work / "ray-calib" / "measure-seconds.json", calib, args)

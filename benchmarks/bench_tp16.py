@@ -119,7 +119,7 @@ class Sampler:
         self._thread.join()
 
     def _roots(self) -> tuple[list[int], dict[int, str]]:
-        from ray_calib.cluster.localnodes import ray_pids
+        from ray_calib.testing.localnodes import ray_pids
 
         node_of = {}
         for node, temp in self.ray_temp_dirs.items():
@@ -210,7 +210,7 @@ class Runner:
 
 
 def run(root: Path, args: argparse.Namespace) -> dict:
-    from ray_calib.cluster.localnodes import kill_leftovers, running_sshd, write_conf
+    from ray_calib.testing.localnodes import kill_leftovers, running_sshd, write_conf
 
     model, data, run_dir = root / "models" / "tiny-deepseek-r1", root / "data" / "calib.jsonl", root / "run"
     env = {**os.environ, "RAY_CALIB_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1", "RAY_CALIB_DEVICE": "cpu",

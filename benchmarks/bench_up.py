@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 
 from ray_calib.cluster import devices  # noqa: E402
 from ray_calib.cluster.lifecycle import ensure_token  # noqa: E402
-from ray_calib.cluster.localnodes import kill_leftovers, running_sshd, write_conf  # noqa: E402
 from ray_calib.cluster.ray_nodes import start_args, stop_script  # noqa: E402
+from ray_calib.testing.localnodes import kill_leftovers, running_sshd, write_conf  # noqa: E402
 
 CLI = [sys.executable, "-m", "ray_calib.cli"]
 

@@ -102,7 +102,7 @@ def main() -> None:
     if args.child:
         child(args.child[0], int(args.child[1]), int(args.child[2]))
         return
-    from ray_calib.tiny import model as tiny
+    from ray_calib.testing.tiny import model as tiny
 
     # The tiny Llama with 16 heads (instead of 4), so that every TP up to 16 divides them.
     tiny.CONFIGS["llama"] = {**tiny.CONFIGS["llama"], "num_attention_heads": 16, "num_key_value_heads": 16}

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import errno
 import importlib
-import logging
 import os
 import sys
 
 import click
 
-from ray_calib import __version__
-from ray_calib.errors import RayCalibError
+from ray_calib import __version__, ui
+from ray_calib.errors import ClusterError, EngineError, RayCalibError
 
 # name -> "module:attribute"; each stage package registers its commands here (and only here).
 COMMANDS: dict[str, str] = {
@@ -25,15 +24,16 @@ COMMANDS: dict[str, str] = {
     "inspect": "ray_calib.measurements.commands:inspect",
     "measure": "ray_calib.measure.commands:measure",
     "scales": "ray_calib.scales.commands:scales",
-    "configs": "ray_calib.scales.commands:configs",
+    "quant-config": "ray_calib.scales.commands:quant_config",
     "quantize": "ray_calib.convert.commands:quantize",
     "convert-bf16": "ray_calib.convert.commands:convert_bf16",
-    "config": "ray_calib.cluster.commands:config",
+    "cluster": "ray_calib.cluster.commands:cluster",
     "up": "ray_calib.cluster.commands:up",
     "status": "ray_calib.cluster.commands:status",
     "down": "ray_calib.cluster.commands:down",
-    "make-tiny-model": "ray_calib.tiny.commands:make_tiny_model",
-    "make-calib-set": "ray_calib.tiny.commands:make_calib_set",
+    # test/demo support (ray_calib.testing): a tiny model and calibration set to try the pipeline without a download
+    "make-tiny-model": "ray_calib.testing.commands:make_tiny_model",
+    "make-calib-set": "ray_calib.testing.commands:make_calib_set",
     "dataset-info": "ray_calib.data.commands:dataset_info",
     "import-gguf": "ray_calib.realmodel.commands:import_gguf",
     "make-text-set": "ray_calib.realmodel.commands:make_text_set",
@@ -42,6 +42,11 @@ COMMANDS: dict[str, str] = {
     "report": "ray_calib.report.commands:report",
     "infer": "ray_calib.infer.commands:infer",
     "eval": "ray_calib.infer.commands:eval_command",
+}
+# Old command names: still accepted (with a warning from the command itself) for one release, not listed.
+DEPRECATED_COMMANDS: dict[str, str] = {
+    "configs": "ray_calib.scales.commands:configs",
+    "config": "ray_calib.cluster.commands:config",
 }
 
 # OS errors a user causes (full disk, no permission) -> the fix. Everything else is a bug: traceback.
@@ -61,7 +66,7 @@ class LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = COMMANDS.get(cmd_name)
+        target = COMMANDS.get(cmd_name) or DEPRECATED_COMMANDS.get(cmd_name)
         if target is None:
             return None
         module_name, attr = target.split(":")
@@ -70,20 +75,36 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ray-calib")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def cli(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True,
+              help="Also show vLLM/Ray/transformers logs on stderr (-vv: debug level). They always go to "
+                   "<run dir>/logs/<command>.log.")
+@click.option("-q", "--quiet", is_flag=True, help="Only results and warnings: no stages, no progress.")
+def cli(verbose: int, quiet: bool) -> None:
     """Calibrate very large LLMs for FP8 inference across a Ray cluster.
 
     \b
     Typical run:
-      ray-calib up && ray-calib measure --fp8-kv
+      ray-calib up --conf devices.conf
+      ray-calib measure -m MODEL -d DATA --conf devices.conf --fp8-kv
       ray-calib unify --to-tp 8
       ray-calib quantize --low-cpu-mem
-      ray-calib infer --one-node
+      ray-calib infer
       ray-calib push --repo ORG/NAME
+
+    \b
+    Results go to stdout, stages and progress to stderr, library logs to <run dir>/logs/<command>.log.
     """
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose and quiet:
+        raise click.UsageError("-v and -q contradict each other: give one")
+    ui.set_verbosity(-1 if quiet else verbose)
+
+
+def _log_hint(err: RayCalibError) -> str:
+    """Errors from the engine or the cluster name the log file their library wrote, when there is one."""
+    path = ui.log_file()
+    if path is None or not isinstance(err, (EngineError, ClusterError)):
+        return ""
+    return f" (vLLM/Ray log: {path})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     except RayCalibError as err:
         if debug:
             raise
-        click.echo(f"error: {err}", err=True)
+        click.echo(f"error: {err}{_log_hint(err)}", err=True)
         code = err.exit_code
     except OSError as err:
         if debug or err.errno not in _OS_ERRORS:
@@ -110,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         code = 130
+    finally:
+        ui.end_library_logs()
     sys.exit(code or 0)
 
 

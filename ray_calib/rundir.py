@@ -4,7 +4,7 @@
       measure/                 ray-calib measure: INC rank files at TP=N, ray_calib_meta.json, coverage.json
       unified-tp<M>/           ray-calib unify --to-tp M
       expanded-ep<W>/          ray-calib expand --to-ranks W
-      configs/                 QUANT_CONFIG files (ray-calib configs)
+      configs/                 QUANT_CONFIG files (ray-calib quant-config write)
       scales/                  INC scale files (ray-calib scales)
       fp8/                     the FP8 checkpoint (ray-calib quantize)
       eval.json                ray-calib eval
@@ -21,7 +21,6 @@ from pathlib import Path
 import click
 
 DEFAULT_RUN_DIR = "calib-run"
-MEASURE_PREFIX = "inc_measure_output"  # the seeds' dump_stats_path basename
 _UNIFIED_RE = re.compile(r"^unified-tp(\d+)$")
 
 

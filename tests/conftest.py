@@ -68,7 +68,7 @@ def tiny_model_cache_key(arch: str, seed: int) -> str:
     import torch
     import transformers
 
-    from ray_calib.tiny import model as builder
+    from ray_calib.testing.tiny import model as builder
 
     digest = hashlib.sha256(json.dumps([arch, seed, builder.CONFIGS[arch], builder.VOCAB_SIZE, torch.__version__,
                                         transformers.__version__, tokenizers.__version__]).encode())
@@ -86,7 +86,7 @@ def tiny_model_cache() -> Path:
 def cached_tiny_model(arch: str, seed: int = 0) -> Path:
     """The built model in the cache, building it once (a rename publishes it whole; a concurrent builder's copy
     that lands first wins)."""
-    from ray_calib.tiny.model import make_tiny_model
+    from ray_calib.testing.tiny.model import make_tiny_model
 
     final = tiny_model_cache() / f"{arch}-{seed}-{tiny_model_cache_key(arch, seed)}"
     if (final / "config.json").exists():

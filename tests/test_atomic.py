@@ -17,7 +17,7 @@ def test_results_follow_the_umask_and_secrets_stay_private(tmp_path):
 
 
 def _rank_files(value: float) -> list:
-    from ray_calib.measurements import RankFile, StatsName
+    from ray_calib.inc import RankFile, StatsName
 
     return [RankFile(name=StatsName("inc_measure_output", rank=r, world_size=2),
                      nodes={"a": {"inputs": [[[value + r]]]}}, mod_list=["a"]) for r in range(2)]
@@ -26,7 +26,7 @@ def _rank_files(value: float) -> list:
 def test_a_crash_mid_move_is_seen_by_discover_not_read_as_one_run(tmp_path, monkeypatch):
     """Old rank 1 beside new rank 0 (same prefix and world size) is refused until a complete rewrite."""
     from ray_calib.errors import MeasurementError
-    from ray_calib.measurements import MeasurementSet, write_rank_file
+    from ray_calib.inc import MeasurementSet, write_rank_file
 
     out = tmp_path / "measure"
     with atomic.staged_dir(out) as stage:

@@ -36,3 +36,14 @@ def test_full_extra_is_the_cpu_stack_plus_everything_gaudi_has():
 def test_inc_on_cpu_plugin_is_registered():
     entry_points = tomllib.loads(PYPROJECT.read_text())["project"]["entry-points"]["vllm.general_plugins"]
     assert entry_points["ray_calib_inc_on_cpu"] == "ray_calib.measure.inc_cpu:register"
+
+
+def test_version_has_one_source():
+    """pyproject.toml holds the version; the package reads it from the installed metadata, never a copy."""
+    import ray_calib
+
+    declared = tomllib.loads(PYPROJECT.read_text())["project"]["version"]
+    assert ray_calib.__version__ == declared
+    package = PYPROJECT.parent / "ray_calib"
+    copies = [p for p in package.rglob("*.py") if re.search(r"^__version__\s*=\s*['\"]", p.read_text(), re.M)]
+    assert copies == []

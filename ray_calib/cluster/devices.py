@@ -48,6 +48,7 @@ GLOBAL_KEYS: dict[str, tuple[str, object]] = {
     "TENSOR_PARALLEL_SIZE": ("int", None),
     "HEALTH_TIMEOUT": ("int", 120),
     "SSH_KNOWN_HOSTS": ("str", "~/.ssh/known_hosts"),
+    "SSH_CONFIG": ("str", "~/.ssh/config"),
     "SSH_CONNECT_TIMEOUT": ("int", 10),
     "SSH_RETRIES": ("int", 2),
 }
@@ -95,6 +96,8 @@ class NodeConfig:
     memory: int | None
     object_store_memory: int | None
     line: int  # where the node's IP is set, for messages
+    # SSH_USER/SSH_PORT/SSH_KEY set in devices.conf: they win over ~/.ssh/config, as `ssh -l/-p/-i` would
+    ssh_explicit: frozenset[str] = frozenset()
 
     @property
     def label(self) -> str:
@@ -121,6 +124,7 @@ class ClusterConfig:
     known_hosts: str
     connect_timeout: int
     retries: int
+    ssh_config: str = ""  # OpenSSH client config read for every host (HostName, User, Port, IdentityFile, ProxyJump)
     extras: dict[str, object] = field(default_factory=dict)  # INC_* and CALIBRATION_* for other stages
 
     @property
@@ -283,6 +287,7 @@ def _build(path: Path, p: _Parsed) -> ClusterConfig | None:
         known_hosts=os.path.expanduser(cluster["SSH_KNOWN_HOSTS"]),
         connect_timeout=cluster["SSH_CONNECT_TIMEOUT"],
         retries=cluster["SSH_RETRIES"],
+        ssh_config=os.path.expanduser(cluster["SSH_CONFIG"]),
         extras=extras,
     )
 
@@ -324,6 +329,7 @@ def _node(p: _Parsed, index: int, keys: dict[str, str], defaults: dict[str, obje
         memory=v["RAY_MEMORY"],
         object_store_memory=v["RAY_OBJECT_STORE_MEMORY"],
         line=p.lines[keys["IP"]],
+        ssh_explicit=frozenset(f for f in ("SSH_USER", "SSH_PORT", "SSH_KEY") if f in keys or f in p.values),
     )
 
 

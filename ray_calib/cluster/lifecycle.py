@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ray_calib import __version__, atomic
+from ray_calib import __version__, atomic, ui
 from ray_calib.cluster import health as health_mod
 from ray_calib.cluster import state
 from ray_calib.cluster.devices import ClusterConfig, NodeConfig
@@ -38,15 +38,7 @@ STAGES = ("ssh", "preflight", "token", "ray start", "health")
 Row = tuple[str, str, str]  # host, verdict, log path
 
 
-class Reporter:
-    """Where stages and tables go; the CLI renders them with rich, library callers get log lines."""
-
-    def stage(self, index: int, name: str, detail: str = "") -> None:
-        log.info("(%d/%d %s) %s", index, len(STAGES), name, detail)
-
-    def table(self, title: str, rows: list[Row]) -> None:
-        for row in rows:
-            log.info("%s: %s", title, " | ".join(row))
+HOST_TABLE = ("host", "verdict", "log")
 
 
 @dataclass
@@ -58,9 +50,7 @@ class UpResult:
     message: str = ""
 
 
-def up(config: ClusterConfig, *, restart: bool = False, accept_new_host_keys: bool = False,
-       reporter: Reporter | None = None) -> UpResult:
-    reporter = reporter or Reporter()
+def up(config: ClusterConfig, *, restart: bool = False, accept_new_host_keys: bool = False) -> UpResult:
     start = time.monotonic()
     hashes = state.input_hashes(config)
     with state.locked(config.path):
@@ -72,27 +62,27 @@ def up(config: ClusterConfig, *, restart: bool = False, accept_new_host_keys: bo
                 return result
         logs = state.log_dir(config.path)
         with SSHRunner(config, accept_new_host_keys=accept_new_host_keys, log_dir=logs) as runner:
-            _stage(reporter, 1, f"{len(config.nodes)} hosts")
-            _require(reporter, "ssh", config, runner.map(config.nodes, runner.connect), runner)
-            _stage(reporter, 2, "versions, devices, network, disk")
+            _stage(1, f"{len(config.nodes)} hosts")
+            _require("ssh", config, runner.map(config.nodes, runner.connect), runner)
+            _stage(2, "versions, devices, network, disk")
             reports = run_preflight(runner)
-            _require_preflight(reporter, reports)
-            _stage(reporter, 3, config.token_path)
+            _require_preflight(reports)
+            _stage(3, config.token_path)
             token = ensure_token(config.token_path)
-            _require(reporter, "token", config, runner.map(
+            _require("token", config, runner.map(
                 config.nodes, lambda n: runner.put(n, token, config.token_path, mode=0o600)), runner)
             health_mod.use_token(config.token_path)
             state.write(config.path, _record(config, hashes, reports, "starting"))
-            _stage(reporter, 4, f"stop old Ray everywhere, start head {config.head.label}, "
+            _stage(4, f"stop old Ray everywhere, start head {config.head.label}, "
                                 f"then {len(config.workers)} worker(s)")
-            _require(reporter, "ray stop", config, runner.map(config.nodes, lambda n: _stop(runner, n)), runner)
-            _require(reporter, "ray start", config, _start_all(runner), runner)
-            _stage(reporter, 5, f"waiting up to {config.health_timeout} s for {len(config.nodes)} nodes")
-            rows = _health_gate(config, runner, reporter)
+            _require("ray stop", config, runner.map(config.nodes, lambda n: _stop(runner, n)), runner)
+            _require("ray start", config, _start_all(runner), runner)
+            _stage(5, f"waiting up to {config.health_timeout} s for {len(config.nodes)} nodes")
+            rows = _health_gate(config, runner)
         record = _record(config, hashes, reports, "up")
         record["started_at"] = time.time()
         state.write(config.path, record)
-    reporter.table("up", rows)
+    ui.table("up", HOST_TABLE, rows)
     return UpResult(config.address, False, time.monotonic() - start, rows,
                     f"cluster up at {config.address} ({len(config.nodes)} nodes)")
 
@@ -108,27 +98,27 @@ def _maybe_noop(config: ClusterConfig, old: dict, hashes: dict[str, str]) -> UpR
                     f"this config ({len(config.nodes)} nodes alive): nothing to do")
 
 
-def _stage(reporter: Reporter, index: int, detail: str) -> None:
-    reporter.stage(index, STAGES[index - 1], detail)
+def _stage(index: int, detail: str) -> None:
+    ui.stage(index, len(STAGES), STAGES[index - 1], detail)
 
 
-def _require(reporter: Reporter, what: str, config: ClusterConfig, results: dict, runner: SSHRunner) -> None:
+def _require(what: str, config: ClusterConfig, results: dict, runner: SSHRunner) -> None:
     failed = {name: r for name, r in results.items() if isinstance(r, ClusterError)}
     if not failed:
         return
     rows = [(node.label, failed[node.name].detail if node.name in failed else "ok",
              str(runner.log_path(node))) for node in config.nodes if node.name in results]
-    reporter.table(what, rows)
+    ui.table(what, HOST_TABLE, rows)
     first = next(iter(failed.values()))
     more = f" (and {len(failed) - 1} more host(s), see the table)" if len(failed) > 1 else ""
     raise ClusterError(first.host, f"{what} failed: {first.detail}{more}", fix=first.fix)
 
 
-def _require_preflight(reporter: Reporter, reports: list[HostReport]) -> None:
+def _require_preflight(reports: list[HostReport]) -> None:
     rows = [(r.node.label, r.verdict, r.log_path) for r in reports]
     bad = [r for r in reports if not r.ok]
     if bad:
-        reporter.table("preflight", rows)
+        ui.table("preflight", HOST_TABLE, rows)
         diagnosis = " | ".join(f"{r.node.label}: {r.verdict}" for r in bad[1:])
         raise ClusterError(bad[0].node.label, f"preflight failed: {bad[0].verdict}"
                            + (f" | {diagnosis}" if diagnosis else ""),
@@ -180,7 +170,7 @@ def _stop(runner: SSHRunner, node: NodeConfig) -> str:
     return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
 
 
-def _health_gate(config: ClusterConfig, runner: SSHRunner, reporter: Reporter) -> list[Row]:
+def _health_gate(config: ClusterConfig, runner: SSHRunner) -> list[Row]:
     key = DEVICE_KEYS[config.head.device_kind]
     health = health_mod.wait_healthy(config, key, config.health_timeout)
     rows = []
@@ -190,7 +180,7 @@ def _health_gate(config: ClusterConfig, runner: SSHRunner, reporter: Reporter) -
         rows.append((node.label, verdict, f"{runner.log_path(node)}; {node.ssh_host}:{ray_log_dir(node)}"))
     dead = [n for n in config.nodes if not health[n.name].alive]
     if dead:
-        reporter.table("health", rows)
+        ui.table("health", HOST_TABLE, rows)
         node = dead[0]
         raise ClusterError(node.label, f"not alive in Ray after {config.health_timeout} s "
                            f"({health[node.name].death})", fix=f"read {node.ssh_host}:{ray_log_dir(node)}/raylet.out "
@@ -222,9 +212,8 @@ def _record(config: ClusterConfig, hashes: dict, reports: list[HostReport], stat
     }
 
 
-def down(config: ClusterConfig, *, accept_new_host_keys: bool = False, reporter: Reporter | None = None) -> list[Row]:
+def down(config: ClusterConfig, *, accept_new_host_keys: bool = False) -> list[Row]:
     """Stop Ray on every node of the config (not only those `up` reached); forget the cluster once all stopped."""
-    reporter = reporter or Reporter()
     with state.locked(config.path), SSHRunner(config, accept_new_host_keys=accept_new_host_keys,
                                               log_dir=state.log_dir(config.path)) as runner:
         results = runner.map(config.nodes, lambda n: _stop(runner, n))
@@ -234,7 +223,7 @@ def down(config: ClusterConfig, *, accept_new_host_keys: bool = False, reporter:
         failed = [n for n in config.nodes if isinstance(results[n.name], ClusterError)]
         if not failed:  # a node that may still run Ray keeps the state, so `status` and a rerun still see it
             state.remove(config.path)
-    reporter.table("down", rows)
+    ui.table("down", HOST_TABLE, rows)
     if failed:
         raise ClusterError(failed[0].label, f"Ray may still run on {', '.join(n.label for n in failed)}",
                            fix="fix SSH to those hosts and rerun `ray-calib down`, or run `ray stop` there")

@@ -160,7 +160,7 @@ def _check_gaudi(node: NodeConfig, mine: dict | None, head: dict | None) -> list
         return []
     if mine is None:
         return ["hl-smi not found (the Habana driver tools are needed to read the Gaudi type)"]
-    from ray_calib.engine.hlsmi import device_type_of
+    from ray_calib.cluster.hlsmi import device_type_of
     from ray_calib.errors import EngineError
 
     problems = []

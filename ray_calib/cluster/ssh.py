@@ -28,6 +28,10 @@ T = TypeVar("T")
 _KNOWN_HOSTS_LOCK = threading.Lock()
 
 
+class _Retry(Exception):
+    """A network failure before the SSH handshake: worth another attempt."""
+
+
 @dataclass(frozen=True)
 class Result:
     rc: int
@@ -49,11 +53,68 @@ def fingerprint(key) -> str:
     return f"SHA256:{digest}"
 
 
-def _host_entry(node: NodeConfig) -> str:
-    return node.ssh_host if node.ssh_port == 22 else f"[{node.ssh_host}]:{node.ssh_port}"
+@dataclass(frozen=True)
+class Target:
+    """Where and how to log in to one host, after ~/.ssh/config (what `ssh -G HOST` would print)."""
+
+    hostname: str
+    port: int
+    user: str
+    key_filenames: tuple[str, ...] = ()
+    proxy_jump: str | None = None
+    proxy_command: str | None = None
+
+    @property
+    def host_entry(self) -> str:
+        """The host's name in known_hosts."""
+        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
 
 
-def _host_key_policy(node: NodeConfig, known_hosts: str, accept_new: bool):
+def _lookup(ssh_config: str, host: str) -> dict:
+    import paramiko
+
+    if not ssh_config or not os.path.isfile(ssh_config):
+        return {}
+    try:
+        return dict(paramiko.SSHConfig.from_path(ssh_config).lookup(host))
+    except (paramiko.SSHException, ValueError) as err:
+        raise ClusterError(host, f"cannot read SSH config {ssh_config}: {err}",
+                           fix="fix that file (check it with: ssh -G HOST), or point SSH_CONFIG elsewhere") from None
+
+
+def resolve(node: NodeConfig, ssh_config: str) -> Target:
+    """The node's SSH target: devices.conf's SSH_HOST (or IP) looked up in the OpenSSH client config.
+
+    SSH_USER, SSH_PORT and SSH_KEY given in devices.conf win over the config, as `ssh -l/-p/-i` do.
+    """
+    found = _lookup(ssh_config, node.ssh_host)
+    explicit = node.ssh_explicit
+    keys = (node.ssh_key,) if "SSH_KEY" in explicit or not found.get("identityfile") else ()
+    if not keys:
+        keys = tuple(os.path.expanduser(k) for k in found["identityfile"] if os.path.isfile(os.path.expanduser(k)))
+    jump = found.get("proxyjump")
+    return Target(
+        hostname=found.get("hostname", node.ssh_host),
+        port=node.ssh_port if "SSH_PORT" in explicit or "port" not in found else int(found["port"]),
+        user=node.ssh_user if "SSH_USER" in explicit or "user" not in found else found["user"],
+        key_filenames=tuple(k for k in keys if k),
+        proxy_jump=None if jump in (None, "none") else jump,
+        proxy_command=None if found.get("proxycommand") in (None, "none") else found["proxycommand"],
+    )
+
+
+def _jump_target(spec: str, ssh_config: str, default_user: str) -> Target:
+    """One ProxyJump hop, `[user@]host[:port]`, itself looked up in the SSH config."""
+    user, _, hostport = spec.rpartition("@")
+    host, _, port = hostport.partition(":")
+    found = _lookup(ssh_config, host)
+    keys = tuple(os.path.expanduser(k) for k in found.get("identityfile", []) if os.path.isfile(os.path.expanduser(k)))
+    return Target(hostname=found.get("hostname", host), port=int(port or found.get("port", 22)),
+                  user=user or found.get("user", default_user), key_filenames=keys,
+                  proxy_jump=None if found.get("proxyjump") in (None, "none") else found["proxyjump"])
+
+
+def _host_key_policy(node: NodeConfig, target: Target, known_hosts: str, accept_new: bool):
     import paramiko
 
     class Policy(paramiko.MissingHostKeyPolicy):
@@ -61,10 +122,10 @@ def _host_key_policy(node: NodeConfig, known_hosts: str, accept_new: bool):
             fp = fingerprint(key)
             if not accept_new:
                 raise ClusterError(node.label, f"unknown SSH host key {key.get_name()} {fp} for "
-                                   f"{_host_entry(node)} (not in {known_hosts})",
+                                   f"{target.host_entry} (not in {known_hosts})",
                                    fix="check the fingerprint with the host's admin, then rerun with "
                                        "--accept-new-host-keys")
-            line = f"{_host_entry(node)} {key.get_name()} {key.get_base64()}\n"
+            line = f"{target.host_entry} {key.get_name()} {key.get_base64()}\n"
             with _KNOWN_HOSTS_LOCK:
                 Path(known_hosts).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 with open(known_hosts, "a") as handle:
@@ -81,11 +142,10 @@ class SSHRunner:
     def __init__(self, config: ClusterConfig, *, accept_new_host_keys: bool = False,
                  log_dir: Path | None = None) -> None:
         self.config = config
-        # paramiko logs whole tracebacks for e.g. a port that is not sshd; our errors say it in one line
-        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
         self.accept_new = accept_new_host_keys
         self.log_dir = log_dir
         self._clients: dict[str, object] = {}
+        self._jumps: list = []  # connections to ProxyJump hosts, closed with the rest
         self._lock = threading.Lock()
 
     def __enter__(self) -> SSHRunner:
@@ -97,7 +157,8 @@ class SSHRunner:
     def close(self) -> None:
         with self._lock:
             clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
+            jumps, self._jumps = self._jumps, []
+        for client in clients + jumps[::-1]:
             client.close()
 
     def log_path(self, node: NodeConfig) -> Path | None:
@@ -114,48 +175,80 @@ class SSHRunner:
         return client
 
     def _open(self, node: NodeConfig):
-        import paramiko
-
+        target = resolve(node, self.config.ssh_config)
         attempts = self.config.retries + 1
         for attempt in range(1, attempts + 1):
-            client = paramiko.SSHClient()
-            if os.path.isfile(self.config.known_hosts):
-                client.load_host_keys(self.config.known_hosts)
-            client.set_missing_host_key_policy(_host_key_policy(node, self.config.known_hosts, self.accept_new))
             try:
-                client.connect(
-                    node.ssh_host, port=node.ssh_port, username=node.ssh_user,
-                    key_filename=node.ssh_key, look_for_keys=node.ssh_key is None,
-                    allow_agent=node.ssh_key is None, timeout=self.config.connect_timeout,
-                    banner_timeout=self.config.connect_timeout, auth_timeout=self.config.connect_timeout,
-                )
-                return client
-            except paramiko.BadHostKeyException as err:
-                client.close()
-                raise ClusterError(
-                    node.label, f"SSH host key CHANGED for {_host_entry(node)}: got {fingerprint(err.key)}, "
-                    f"known_hosts has {fingerprint(err.expected_key)} (possible man-in-the-middle)",
-                    fix=f"if the host was reinstalled: ssh-keygen -R '{_host_entry(node)}' -f "
-                        f"{self.config.known_hosts}, then rerun with --accept-new-host-keys") from None
-            except ClusterError:
-                client.close()
-                raise
-            except (TimeoutError, OSError, paramiko.SSHException) as err:
-                # After a completed handshake the failure is the login (wrong or unreadable key, e.g. a .pub
-                # file): say so at once; only network failures are retried.
-                handshake_done = client.get_transport() is not None and client.get_transport().is_active()
-                client.close()
-                if isinstance(err, paramiko.AuthenticationException) or handshake_done:
-                    key = node.ssh_key or "your default keys/agent"
-                    raise ClusterError(node.label, f"SSH authentication failed for {node.ssh_user} with {key} "
-                                       f"({err})", fix=f"give SSH_KEY a private key authorised there (ssh-copy-id) "
-                                                       f"and check by hand: {node.ssh_command()}") from None
+                return self._login(node, target, self._socket(node, target))
+            except _Retry as err:
                 if attempt == attempts:
-                    raise ClusterError(node.label, f"cannot reach sshd at {node.ssh_host}:{node.ssh_port} after "
-                                       f"{attempts} attempt(s): {err}",
+                    raise ClusterError(node.label, f"cannot reach sshd at {target.hostname}:{target.port} after "
+                                       f"{attempts} attempt(s): {err.__cause__}",
                                        fix=f"check the host and port; try: {node.ssh_command()}") from None
                 time.sleep(min(2.0, 0.5 * attempt))
         raise AssertionError("unreachable")
+
+    def _socket(self, node: NodeConfig, target: Target):
+        """The ProxyJump channel or ProxyCommand pipe to the host, or None for a direct TCP connection."""
+        import paramiko
+
+        if target.proxy_command:
+            return paramiko.ProxyCommand(target.proxy_command.replace("%h", target.hostname)
+                                         .replace("%p", str(target.port)).replace("%r", target.user))
+        if not target.proxy_jump:
+            return None
+        # Hops are comma-separated, first hop first; each verifies its own host key the same way.
+        sock = None
+        hops = [_jump_target(h.strip(), self.config.ssh_config, node.ssh_user) for h in target.proxy_jump.split(",")]
+        for index, hop in enumerate(hops):
+            client = self._login(node, hop, sock, via=f" via jump host {hop.hostname}")
+            self._jumps.append(client)
+            nxt = hops[index + 1] if index + 1 < len(hops) else target
+            try:
+                sock = client.get_transport().open_channel("direct-tcpip", (nxt.hostname, nxt.port), ("", 0))
+            except paramiko.SSHException as err:
+                raise ClusterError(node.label, f"jump host {hop.hostname} cannot reach {nxt.hostname}:{nxt.port} "
+                                   f"({err})", fix="check ProxyJump in your SSH config") from None
+        return sock
+
+    def _login(self, node: NodeConfig, target: Target, sock, via: str = ""):
+        import paramiko
+
+        client = paramiko.SSHClient()
+        if os.path.isfile(self.config.known_hosts):
+            client.load_host_keys(self.config.known_hosts)
+        client.set_missing_host_key_policy(_host_key_policy(node, target, self.config.known_hosts, self.accept_new))
+        keys = list(target.key_filenames) or None
+        try:
+            client.connect(
+                target.hostname, port=target.port, username=target.user, sock=sock,
+                key_filename=keys, look_for_keys=keys is None, allow_agent=keys is None,
+                timeout=self.config.connect_timeout, banner_timeout=self.config.connect_timeout,
+                auth_timeout=self.config.connect_timeout,
+            )
+            return client
+        except paramiko.BadHostKeyException as err:
+            client.close()
+            raise ClusterError(
+                node.label, f"SSH host key CHANGED for {target.host_entry}{via}: got {fingerprint(err.key)}, "
+                f"known_hosts has {fingerprint(err.expected_key)} (possible man-in-the-middle)",
+                fix=f"if the host was reinstalled: ssh-keygen -R '{target.host_entry}' -f "
+                    f"{self.config.known_hosts}, then rerun with --accept-new-host-keys") from None
+        except ClusterError:
+            client.close()
+            raise
+        except (TimeoutError, OSError, EOFError, paramiko.SSHException) as err:  # EOF: closed mid-handshake
+            # After a completed handshake the failure is the login (wrong or unreadable key, e.g. a .pub
+            # file): say so at once; only network failures are retried.
+            handshake_done = client.get_transport() is not None and client.get_transport().is_active()
+            client.close()
+            if isinstance(err, paramiko.AuthenticationException) or handshake_done:
+                key = ", ".join(target.key_filenames) or "your default keys/agent"
+                raise ClusterError(node.label, f"SSH authentication failed for {target.user}@{target.hostname}{via} "
+                                   f"with {key} ({err})", fix=f"give SSH_KEY a private key authorised there "
+                                                              f"(ssh-copy-id) and check by hand: "
+                                                              f"{node.ssh_command()}") from None
+            raise _Retry() from err
 
     def run(self, node: NodeConfig, script: str, *, timeout: float = 300, what: str = "") -> Result:
         """Run `script` with bash on the node; rc 124 when it outlives `timeout` seconds."""

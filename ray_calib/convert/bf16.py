@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ray_calib import atomic
 from ray_calib.convert.cast import Scratch, stream
-from ray_calib.convert.checkpoint import (
+from ray_calib.errors import ModelError
+from ray_calib.model.checkpoint import (
     Checkpoint,
     FreeSpace,
     check_free_space,
@@ -26,8 +27,7 @@ from ray_calib.convert.checkpoint import (
     verified_shards,
     write_index,
 )
-from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter
-from ray_calib.errors import ModelError
+from ray_calib.model.safetensors_io import PlannedTensor, ShardReader, ShardWriter
 
 MANIFEST = ".ray-calib-bf16.json"
 SCALE_SUFFIX = "_scale_inv"

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ray_calib.convert import fp8
-from ray_calib.convert.safetensors_io import DTYPES, ShardReader, TensorInfo
+from ray_calib.model.safetensors_io import DTYPES, ShardReader, TensorInfo
 
 _CHUNK_ELEMENTS = 1 << 22  # torch path: cast in row chunks of ~4M elements, float32 scratch stays ~16 MB
 CHUNK_BYTES = 16 << 20  # blocks in which tensors too large for the input buffers are copied

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
+from ray_calib import options, ui
 from ray_calib.rundir import RunDir, run_dir_option
-from ray_calib.scales.devices import DEVICE_TYPES
 
 _dir = click.Path(file_okay=False, path_type=Path)
 
@@ -15,18 +15,20 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.command()
 @click.option("--model", type=_dir, help="BF16 model directory [default: the model named in the measurements' meta].")
 @click.option("--measurements", type=_dir, help="Measurement dir [default: <run-dir>/unified-tp<smallest>, else measure].")
-@click.option("--out", type=_dir, help="Output directory [default: <run-dir>/fp8; on Gaudi <run-dir>/configs].")
-@click.option("--scale-method", help="INC scale method [default: maxabs_hw on Gaudi; on CPU/CUDA the scales "
+@options.out_option("Output directory [default: <run-dir>/fp8; on Gaudi <run-dir>/configs].")
+@options.scale_method_option("INC scale method [default: maxabs_hw on Gaudi; on CPU/CUDA the scales "
               "chosen by measured quality, convert/scale_choice.py].")
-@click.option("--device", type=click.Choice(DEVICE_TYPES), help="Target [default: from meta].")
+@options.device_option("Target [default: from meta].")
 @click.option("--fp8-kv", is_flag=True, help="Also write k/v scales for an FP8 KV cache.")
 @click.option("--low-cpu-mem", is_flag=True, help="Hold at most one tensor (and its FP8 copy) in memory.")
 @click.option("--input-backoff", type=float, help="Activation backoff (INC scale_params.input_backoff, default 0.25).")
 @click.option("--weight-backoff", type=float, help="Weight backoff (INC scale_params.weight_backoff, default 0.5).")
+@click.option("--inc-version", help="Gaudi: the INC release that reads the QUANT_CONFIG; backoffs go to "
+              "scale_params up to 3.4, into a dict-form scale_method from 3.5 [default: the newest].")
 @click.option("--clean-stale-scales", is_flag=True, help="Delete old *_MAXABS* scale files next to the measurements.")
 @click.option("--force", is_flag=True, help="Redo an --out that holds another run's output.")
 @run_dir_option
-def quantize(run_dir: str | None, **options) -> None:
+def quantize(run_dir: str | None, **flags) -> None:
     """Write an FP8 checkpoint vLLM loads (or, on Gaudi, the QUANT_CONFIG for --quantization inc).
 
     \b
@@ -36,14 +38,14 @@ def quantize(run_dir: str | None, **options) -> None:
     """
     from ray_calib.convert.pipeline import QuantizeRequest, quantize_run
 
-    result = quantize_run(QuantizeRequest(run=RunDir.resolve(run_dir), **options))
+    result = quantize_run(QuantizeRequest(run=RunDir.resolve(run_dir), **flags))
     if result.stale and not result.cleaned:
-        click.echo(f"warning: {len(result.stale)} stale scale file(s) next to the measurements (e.g. "
-                   f"{result.stale[0].name}) would override them in INC; rerun with --clean-stale-scales", err=True)
+        ui.warn(f"{len(result.stale)} stale scale file(s) next to the measurements (e.g. "
+                f"{result.stale[0].name}) would override them in INC; rerun with --clean-stale-scales")
     if result.inc_config:
         click.echo(f"{result.device}: weights stay BF16, INC quantizes at load with {result.method}. Serve with:\n"
                    f"  QUANT_CONFIG={result.inc_config} vllm serve {result.model} --quantization inc"
-                   f"{' --kv-cache-dtype fp8_inc' if options['fp8_kv'] else ''}")
+                   f"{' --kv-cache-dtype fp8_inc' if flags['fp8_kv'] else ''}")
         return
     s = result.summary
     took = sum(s.seconds.values())
@@ -54,12 +56,12 @@ def quantize(run_dir: str | None, **options) -> None:
     for note in s.notes + ([f"{len(s.filled_experts)} expert(s) saw no tokens: given their layer's largest range"]
                            if s.filled_experts else []):
         click.echo(f"note: {note}")
-    click.echo(f"serve: vllm serve {s.out}{' --kv-cache-dtype fp8' if options['fp8_kv'] else ''}")
+    click.echo(f"serve: vllm serve {s.out}{' --kv-cache-dtype fp8' if flags['fp8_kv'] else ''}")
 
 
 @click.command("convert-bf16")
 @click.option("--in", "src", type=_dir, required=True, help="Block-FP8 checkpoint (e.g. DeepSeek-R1).")
-@click.option("--out", type=_dir, required=True, help="Where the BF16 checkpoint goes.")
+@options.out_option("Where the BF16 checkpoint goes.", required=True)
 @click.option("--force", is_flag=True, help="Redo an --out that holds another conversion.")
 def convert_bf16(src: Path, out: Path, force: bool) -> None:
     """Dequantize DeepSeek's block-FP8 weights (128x128, weight_scale_inv) to BF16, shard by shard.

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ray_calib.convert.checkpoint import FreeSpace, free_bytes
 from ray_calib.errors import ConfigError, MeasurementError
+from ray_calib.model.checkpoint import FreeSpace, free_bytes
 from ray_calib.rundir import RunDir
 
 
@@ -28,6 +28,7 @@ class QuantizeRequest:
     clean_stale_scales: bool = False
     input_backoff: float | None = None
     weight_backoff: float | None = None
+    inc_version: str | None = None  # Gaudi: the INC that reads the QUANT_CONFIG (default: the newest)
     free_space: FreeSpace = free_bytes
 
 
@@ -45,9 +46,9 @@ class QuantizeResult:
 
 def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     from ray_calib.convert.plan import load_measurement
-    from ray_calib.scales.devices import default_method, get_device
-    from ray_calib.scales.methods import check_method_for_device, get_method
-    from ray_calib.scales.quant_config import stale_scale_files
+    from ray_calib.inc.devices import default_method, get_device
+    from ray_calib.inc.methods import check_method_for_device, get_method
+    from ray_calib.inc.quant_config import stale_scale_files
 
     measurements = request.measurements or _run_measurements(request.run)
     stale = stale_scale_files(measurements)
@@ -97,7 +98,7 @@ def _run_measurements(run: RunDir) -> Path:
 
     After a re-measure without a re-unify the unified directory still holds the old ranges: refused.
     """
-    from ray_calib.measurements.meta import read_meta
+    from ray_calib.inc.meta import read_meta
 
     unified = run.latest_unified()
     if unified is None:
@@ -115,11 +116,24 @@ def _run_measurements(run: RunDir) -> Path:
     return unified
 
 
+def _backoff_config(request: QuantizeRequest, method: str) -> dict:
+    """Backoff overrides as the target INC reads them: scale_params up to 3.4, a dict-form scale_method after."""
+    from ray_calib.inc.methods import get_method, inc_scale_method
+    from ray_calib.inc.target import IncTarget, parse_version
+
+    target = IncTarget(parse_version(request.inc_version)) if request.inc_version else IncTarget()
+    if target.reads_scale_params:
+        return {"scale_params": {k: v for k, v in (("input_backoff", request.input_backoff),
+                                                   ("weight_backoff", request.weight_backoff)) if v}}
+    custom = get_method(method, input_backoff=request.input_backoff, weight_backoff=request.weight_backoff)
+    return {"scale_method": inc_scale_method(custom)}
+
+
 def _write_inc_config(request: QuantizeRequest, measurements: Path, method: str, model: str | Path,
                       prefix: str) -> Path:
     """Gaudi: INC computes scales from the measurements when vLLM loads the BF16 model."""
-    from ray_calib.convert.checkpoint import model_config
-    from ray_calib.scales.quant_config import build_config, config_name, is_mla, is_moe, write_configs
+    from ray_calib.inc.quant_config import build_config, config_name, is_moe, write_configs
+    from ray_calib.model.config import is_mla, model_config
 
     if request.out and any(Path(request.out).glob("*.safetensors")):
         raise ConfigError(f"{request.out}: on Gaudi quantize writes a QUANT_CONFIG, not weights",
@@ -129,8 +143,7 @@ def _write_inc_config(request: QuantizeRequest, measurements: Path, method: str,
                           dump_stats_path=str(Path(measurements).absolute() / prefix),
                           moe=is_moe(model_config(model), str(model)), mla=is_mla(model_config(model)))
     if request.input_backoff or request.weight_backoff:
-        config["scale_params"] = {k: v for k, v in (("input_backoff", request.input_backoff),
-                                                     ("weight_backoff", request.weight_backoff)) if v}
+        config.update(_backoff_config(request, method))
     out = Path(request.out) if request.out else request.run.configs
     name = config_name(measure=False, fp8_kv=request.fp8_kv, one_node=one_node)
     return write_configs(out, {name: config})[0]

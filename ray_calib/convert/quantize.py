@@ -20,9 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_calib import atomic
-from ray_calib.convert import names
 from ray_calib.convert.cast import Scratch, chunks, fp8_weight, stream, to_torch, weight_maxabs
-from ray_calib.convert.checkpoint import (
+from ray_calib.convert.plan import QuantPlan, build_plan
+from ray_calib.convert.qconfig import compressed_tensors_config
+from ray_calib.errors import ModelError
+from ray_calib.inc.devices import DeviceScales
+from ray_calib.inc.methods import (
+    ScaleMethod,
+    TensorRule,
+    WeightScaleSearch,
+    activation_scale,
+    channel_scales,
+    leaf_max,
+    scale_from_maxabs,
+)
+from ray_calib.model import names
+from ray_calib.model.checkpoint import (
     Checkpoint,
     FreeSpace,
     check_free_space,
@@ -33,20 +46,7 @@ from ray_calib.convert.checkpoint import (
     verified_shards,
     write_index,
 )
-from ray_calib.convert.plan import QuantPlan, build_plan
-from ray_calib.convert.qconfig import compressed_tensors_config
-from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter
-from ray_calib.errors import ModelError
-from ray_calib.scales.devices import DeviceScales
-from ray_calib.scales.methods import (
-    ScaleMethod,
-    TensorRule,
-    WeightScaleSearch,
-    activation_scale,
-    channel_scales,
-    leaf_max,
-    scale_from_maxabs,
-)
+from ray_calib.model.safetensors_io import PlannedTensor, ShardReader, ShardWriter
 
 MANIFEST = ".ray-calib-quantize.json"
 KV_SHARD = "model-kv-scales.safetensors"
@@ -172,10 +172,10 @@ def _scratch(checkpoint: Checkpoint, plan: QuantPlan, *, low_cpu_mem: bool) -> S
 def _group_weight_scales(checkpoint: Checkpoint, plan: QuantPlan, job: QuantizeJob, summary: QuantizeSummary,
                          scratch: Scratch) -> dict[str, float]:
     """Pass 1: one per-tensor weight scale per fused group, reading one tensor at a time."""
-    from ray_calib.convert.progress import bar
+    from ray_calib.ui import progress
 
     searches = [WeightScaleSearch(job.method, job.device) for _ in plan.groups]
-    with bar("weight scales", total=len(plan.group_of)) as advance:
+    with progress("weight scales", len(plan.group_of), unit="tensors") as bar:
         for shard in checkpoint.shards:
             members = [i.name for i in checkpoint.tensors_in(shard) if plan.is_quantized(i.name)]
             with ShardReader(checkpoint.path / shard) as reader, closing(stream(reader, members, scratch)) as tensors:
@@ -189,7 +189,7 @@ def _group_weight_scales(checkpoint: Checkpoint, plan: QuantPlan, job: QuantizeJ
                     else:
                         search.add_maxabs(_finite_maxabs(raw, info, checkpoint))
                     summary.seconds["amax"] += time.perf_counter() - started
-                    advance()
+                    bar.advance()
                     started = time.perf_counter()
     return {member: searches[i].scale() for member, i in plan.group_of.items()}
 
@@ -206,7 +206,7 @@ def _finite_maxabs(raw, info, checkpoint: Checkpoint) -> float:
 
 def _write_shard(checkpoint: Checkpoint, shard: str, layout: list[PlannedTensor], plan: QuantPlan,
                  scales: dict[str, float], job: QuantizeJob, summary: QuantizeSummary, scratch: Scratch) -> str:
-    from ray_calib.convert.progress import bar
+    from ray_calib.ui import progress
 
     out_path = job.out / shard
     if shard == KV_SHARD:
@@ -219,7 +219,7 @@ def _write_shard(checkpoint: Checkpoint, shard: str, layout: list[PlannedTensor]
     waited = scratch.write_wait
     with ShardReader(checkpoint.path / shard) as reader, ShardWriter(out_path, layout, write_behind=True) as writer, \
             closing(stream(reader, [i.name for i in infos], scratch)) as tensors, \
-            bar(f"write {shard}", total=len(infos)) as advance:
+            progress(f"write {shard}", len(infos), unit="tensors", transient=True) as bar:
         started = time.perf_counter()
         for name, raw in tensors:
             summary.seconds["read"] += time.perf_counter() - started
@@ -229,7 +229,7 @@ def _write_shard(checkpoint: Checkpoint, shard: str, layout: list[PlannedTensor]
             else:
                 _write_tensor(writer, checkpoint.tensors[name], raw, plan, scales, job, summary, scratch)
             summary.seconds["write"] += time.perf_counter() - started
-            advance()
+            bar.advance()
             started = time.perf_counter()
         started = time.perf_counter()
         digest = writer.close()

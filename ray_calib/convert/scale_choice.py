@@ -1,6 +1,6 @@
 """Which scales the FP8 checkpoint gets on CPU/CUDA when no --scale-method is given.
 
-Gaudi keeps INC's methods and their semantics exactly (`scales.methods`). On CPU/CUDA the checkpoint
+Gaudi keeps INC's methods and their semantics exactly (`inc.methods`). On CPU/CUDA the checkpoint
 is compressed-tensors FP8, which takes any float scale: there the choice is ours, and it was made by
 measuring perplexity, KL and top-1 agreement against BF16 and against llm-compressor on a real model
 (SmolLM2-135M-Instruct, held-out text of three kinds; `benchmarks/bench_quality.py --search` reruns it).
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ray_calib.scales.methods import ScaleMethod, TensorRule, get_method
+from ray_calib.inc.methods import ScaleMethod, TensorRule, get_method
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,18 @@ from pathlib import Path
 
 import click
 
+from ray_calib import options
 from ray_calib.data.formats import FORMATS
 
 
-@click.command("dataset-info")
+# -l and -t meant --num-samples and --least-tokens here until they became the letters `measure` uses.
+@options.command("dataset-info", renamed={"-t": "-l", "--limit": "--num-samples"})
 @click.option("-d", "--dataset", type=click.Path(path_type=Path), required=True, help="Calibration file or directory.")
 @click.option("-m", "--model", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Model directory whose tokenizer (and chat template) renders the prompts.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Dataset format [default: from the path].")
-@click.option("-l", "--num-samples", "--limit", "num_samples", type=click.IntRange(min=1), default=512, show_default=True)
-@click.option("-t", "--least-tokens", type=click.IntRange(min=1), default=None,
-              help="Pile text: drop samples shorter than this many tokens, truncate longer ones.")
+@options.num_samples_option(512)
+@options.least_tokens_option()
 @click.option("--show", type=click.IntRange(min=0), default=2, show_default=True, help="Print the first N prompts.")
 def dataset_info(dataset: Path, model: Path, fmt: str | None, num_samples: int, least_tokens: int | None,
                  show: int) -> None:
@@ -24,7 +25,7 @@ def dataset_info(dataset: Path, model: Path, fmt: str | None, num_samples: int, 
 
     \b
     Example:
-      ray-calib dataset-info -d data/pile.jsonl -m models/tiny-ds3 -t 64 -l 128
+      ray-calib dataset-info -d data/pile.jsonl -m models/tiny-ds3 -l 64 -n 128
     """
     from ray_calib.data.prompts import load_prompts
 

@@ -1,7 +1,6 @@
 """Everything about starting vLLM for a run: device, executor, worker env, plugins, memory pre-check.
 
     device      hpu / cuda / cpu detection and the memory one device offers (never opening a Gaudi card)
-    hlsmi       Gaudi type and HBM from `hl-smi` (or a short-lived subprocess)
     gaudi       the INC flow's env on Gaudi, checkpoint routes, HBM and host-RAM fit
     nodes       per-node checks before vLLM starts (model present, device, host RAM; files written)
     plan        what a run would start, per node (`--dry-run`)

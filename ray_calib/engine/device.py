@@ -51,7 +51,7 @@ def detect_device(forced: str | None = None) -> str:
 
 def detect_target(forced: str | None = None) -> Target:
     """The run's target; a forced gaudi2/gaudi3 is taken as given (nominal HBM), so dry runs work anywhere."""
-    from ray_calib.engine import hlsmi
+    from ray_calib.cluster import hlsmi
 
     choice = forced if forced not in (None, "auto") else os.environ.get(DEVICE_ENV)
     device = detect_device(choice)
@@ -85,7 +85,7 @@ def device_memory_bytes(device: str) -> int:
 
         return torch.cuda.mem_get_info()[1]
     if device == "hpu":
-        from ray_calib.engine import hlsmi
+        from ray_calib.cluster import hlsmi
 
         return hlsmi.query().memory_bytes
     return host_available_bytes()

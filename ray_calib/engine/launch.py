@@ -180,6 +180,11 @@ def build_llm(config: EngineConfig):
         _check_ray_devices(config)
     from vllm import LLM
 
+    from ray_calib import ui
+
+    ui.reroute_library_logs()  # vLLM and Ray install their own handlers on import
+    if config.resolved_executor == "ray":
+        ui.without_log_file_for_remote_workers()
     try:
         return LLM(**llm_kwargs(config))
     except (ValueError, RuntimeError) as err:
@@ -213,6 +218,9 @@ def connect_ray(config: EngineConfig) -> None:
         address = config.ray_address or os.environ.get("RAY_ADDRESS")
         try:
             ray.init(address=address, runtime_env=wanted, log_to_driver=False)
+            from ray_calib import ui
+
+            ui.reroute_library_logs()  # ray.init sets up its own logger; its records belong in the log file
         except (ConnectionError, RuntimeError) as err:
             raise EngineError(f"cannot join the Ray cluster at {address}: {err}",
                               fix="check `ray status` on the head, or run `ray-calib up`.") from err

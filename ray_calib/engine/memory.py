@@ -134,10 +134,10 @@ _EXPERT_W13 = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|w1|w3)\.weight$")
 def expert_w13_bytes(model_dir: Path) -> int:
     """Bytes of the routed experts' W13 tensors (safetensors headers, else config.json); 0 for dense models."""
     if any(Path(model_dir).glob("*.safetensors")):
-        from ray_calib.convert.checkpoint import Checkpoint
+        from ray_calib.model.checkpoint import Checkpoint
 
         return sum(t.nbytes for name, t in Checkpoint.open(model_dir).tensors.items() if _EXPERT_W13.search(name))
-    from ray_calib.convert.checkpoint import model_config, num_routed_experts
+    from ray_calib.model.config import model_config, num_routed_experts
 
     config = model_config(Path(model_dir))
     config = config.get("text_config", config)
@@ -160,7 +160,7 @@ def check_fits(model_dir: Path, tp_size: int, candidates: list[int], *, device: 
 def weights_bytes(model_dir: Path) -> int:
     """Bytes of all tensors in the checkpoint's safetensors files (header only), else a config estimate."""
     if any(Path(model_dir).glob("*.safetensors")):
-        from ray_calib.convert.checkpoint import Checkpoint
+        from ray_calib.model.checkpoint import Checkpoint
 
         return Checkpoint.open(model_dir).nbytes
     return _estimate_from_config(Path(model_dir) / "config.json")
@@ -168,7 +168,7 @@ def weights_bytes(model_dir: Path) -> int:
 
 def _estimate_from_config(config_path: Path) -> int:
     """bf16 bytes of a decoder-only transformer described by config.json (attention + MLP/MoE + embeddings)."""
-    from ray_calib.convert.checkpoint import model_config, num_routed_experts
+    from ray_calib.model.config import model_config, num_routed_experts
 
     config = model_config(config_path.parent)
     config = config.get("text_config", config)  # multimodal configs nest the language model's

@@ -45,7 +45,7 @@ def node_facts(model_dir: str, files: dict[str, str], gaudi: bool) -> NodeFacts:
     facts = dict(node=_node_ip(), hostname=socket.gethostname(), mem_available=host_available_bytes(),
                  model_found=found, model_digest=digest)
     if gaudi:
-        from ray_calib.engine import hlsmi
+        from ray_calib.cluster import hlsmi
         from ray_calib.errors import EngineError
 
         try:

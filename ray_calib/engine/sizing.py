@@ -29,7 +29,7 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:
-        from ray_calib.convert.checkpoint import num_routed_experts
+        from ray_calib.model.config import num_routed_experts
 
         config = config.get("text_config", config)  # multimodal configs nest the language model's
         experts = num_routed_experts(config)

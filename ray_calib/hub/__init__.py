@@ -2,5 +2,4 @@
 
     card        the model card (README.md) built from a run directory
     transfer    push / pull with huggingface_hub, hub errors -> one-line HubError
-    standin     a local TEST STAND-IN speaking the subset of the Hub API push/pull use
 """

@@ -1,7 +1,7 @@
 """The model card (README.md of the hub repo): what was measured, how, and how well the FP8 model does.
 
 Everything comes from the run directory: the meta sidecar of the measurement (via
-`ray_calib.measurements.read_meta`), the QUANT_CONFIGs (scale method), the unified directories
+`ray_calib.inc.read_meta`), the QUANT_CONFIGs (scale method), the unified directories
 (serving TP) and `eval.json` (read defensively: any dict of figures). Missing pieces show as "n/a".
 """
 
@@ -11,7 +11,7 @@ import json
 import numbers
 from pathlib import Path
 
-from ray_calib.measurements import RunMeta, read_meta
+from ray_calib.inc import RunMeta, read_meta
 from ray_calib.rundir import RunDir
 
 _NA = "n/a"
@@ -38,7 +38,7 @@ def build_card(run: RunDir, repo_id: str, *, include_checkpoint: bool = False) -
     lines += ["", "## Evaluation (FP8 vs BF16)", "", *_eval_section(run.eval_json), "",
               "## Files", "", *_file_section(run, include_checkpoint), "", "## Use", "", "```bash",
               f"ray-calib pull --repo {repo_id} --to calib-run",
-              "ray-calib infer --one-node --run-dir calib-run", "```", ""]
+              "ray-calib infer --run-dir calib-run", "```", ""]
     return "\n".join(lines)
 
 
@@ -59,7 +59,7 @@ def _unified_tps(run: RunDir) -> list[int]:
 
 def _scale_methods(run: RunDir) -> list[str]:
     from ray_calib.errors import ConfigError
-    from ray_calib.scales.quant_config import read_config
+    from ray_calib.inc.quant_config import read_config
 
     methods = set()
     for path in sorted(run.configs.glob("*.json")):

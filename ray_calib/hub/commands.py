@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ray_calib import options
 from ray_calib.rundir import RunDir, run_dir_option
 
 
@@ -29,10 +30,9 @@ def push(repo: str, private: bool, include_checkpoint: bool, run_dir: str | None
     click.echo(f"commit: {result.commit_url}")
 
 
-@click.command()
+@options.command(renamed={"--to": "--out"})
 @click.option("--repo", required=True, help="Hub repo id, ORG/NAME.")
-@click.option("--to", "to", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Run directory to download into (its configs then point at it).")
+@options.out_option("Run directory to download into (its configs then point at it).", required=True, dest="to")
 @click.option("--revision", default=None, help="Branch, tag or commit [default: main].")
 @click.option("--force", is_flag=True, help="Replace files of the same name already in --to.")
 def pull(repo: str, to: Path, revision: str | None, force: bool) -> None:

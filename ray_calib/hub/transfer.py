@@ -1,7 +1,7 @@
 """`push` a calibration run to a Hugging Face hub repo and `pull` one back, with one-line errors.
 
-The endpoint is `HF_ENDPOINT` (read at call time, so tests and the demo can point at the local
-stand-in); the token comes from the usual places (`HF_TOKEN`, the `hf auth login` cache) and is never
+The endpoint is `HF_ENDPOINT` (read at call time, so tests and the demo can point at a local
+server); the token comes from the usual places (`HF_TOKEN`, the `hf auth login` cache) and is never
 printed. Every failure of the hub client becomes a `HubError` naming the repo and endpoint and the fix.
 """
 
@@ -60,7 +60,7 @@ def push(run: RunDir, repo_id: str, *, private: bool = False, include_checkpoint
         raise HubError(f"no Hugging Face token found for {endpoint()}",
                        fix="set HF_TOKEN or run `hf auth login` (a token with write access).")
     api = HfApi(endpoint=endpoint(), token=token)
-    with hub_errors(repo_id, writing=True), _without_xet_for_standin(api.whoami()):
+    with hub_errors(repo_id, writing=True):
         atomic.write_text(run.root / "README.md", build_card(run, repo_id, include_checkpoint=include_checkpoint))
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         large = getattr(api, "upload_large_folder", None)  # huggingface_hub < 2: the resumable path
@@ -73,22 +73,6 @@ def push(run: RunDir, repo_id: str, *, private: bool = False, include_checkpoint
             commit_url = info.commit_url
     sizes = sum((run.root / f).stat().st_size for f in files)
     return PushResult(repo_id=repo_id, url=str(url), commit_url=commit_url, files=["README.md", *files], num_bytes=sizes)
-
-
-@contextlib.contextmanager
-def _without_xet_for_standin(user: dict) -> Iterator[None]:
-    """The local test stand-in (it says so in whoami) does not speak Xet: use plain LFS while pushing to it."""
-    from huggingface_hub import constants
-
-    if not user.get("rayCalibStandin"):
-        yield
-        return
-    saved = constants.HF_HUB_DISABLE_XET
-    constants.HF_HUB_DISABLE_XET = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_DISABLE_XET = saved
 
 
 def _files_to_push(run: RunDir, ignore: list[str]) -> list[str]:
@@ -137,7 +121,7 @@ def pull(repo_id: str, to: Path, *, revision: str | None = None, force: bool = F
 
 def _rebase_configs(run_root: Path) -> list[str]:
     """Point each config's dump_stats_path at `<run_root>/<its directory name>/<prefix>` when that exists."""
-    from ray_calib.scales.quant_config import read_config, write_configs
+    from ray_calib.inc.quant_config import read_config, write_configs
 
     rewritten = []
     for path in sorted((run_root / "configs").glob("*.json")):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ray_calib.engine.device import DEVICE_CHOICES
+from ray_calib import options, ui
 from ray_calib.engine.options import enforce_eager_option, kv_cache_gib_option, max_model_len_option
 from ray_calib.errors import EngineError
 from ray_calib.rundir import RunDir, run_dir_option
@@ -19,7 +19,7 @@ _file = click.Path(dir_okay=False, path_type=Path)
 
 def _run_meta(run: RunDir, model: Path):
     """The sidecar that describes the scales in use: next to the checkpoint, else the run's measurements."""
-    from ray_calib.measurements import read_meta
+    from ray_calib.inc import read_meta
 
     for directory in (model, run.latest_unified(), run.measure):
         if directory is not None and (meta := read_meta(directory)) is not None:
@@ -27,11 +27,11 @@ def _run_meta(run: RunDir, model: Path):
     return None, model
 
 
-@click.command()
-@click.option("--one-node", is_flag=True, help="Serve on this node alone at its TP (the default).")
-@click.option("--conf", type=_file, help="Spread the ranks over the cluster `up` started from this devices.conf.")
+@options.command()
+@click.option("--one-node", is_flag=True, hidden=True, help="Deprecated: this node alone is the default.")
+@options.conf_option("Spread the ranks over the cluster `up` started from this devices.conf [default: this node].")
 @click.option("--model", type=_dir, help="Model directory [default: <run-dir>/fp8; on Gaudi the measured model].")
-@click.option("--tp", type=int, help="Tensor-parallel size [default: the run's unified TP when it fits, else the "
+@options.tp_option(help="Tensor-parallel size [default: the run's unified TP when it fits, else the "
               "smallest the model allows that fits in memory; on Gaudi the run's unified TP].")
 @click.option("--prompts", type=_file, help="One prompt per line (or JSONL with 'prompt').")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
@@ -47,14 +47,13 @@ def _run_meta(run: RunDir, model: Path):
               help="Seconds for vLLM to start and for one step (VLLM_ENGINE_READY_TIMEOUT_S, "
                    "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS and their older names).")
 @click.option("--allow-device-mismatch", is_flag=True, help="Use scales measured on another device type.")
-@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
-              help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).")
+@options.device_option(runtime=True, help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).")
 @click.option("--dry-run", is_flag=True, help="Print the engine arguments, env and QUANT_CONFIG; start nothing.")
 @max_model_len_option
 @kv_cache_gib_option
 @enforce_eager_option
 @run_dir_option
-def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None, prompts: Path | None,
+def infer(one_node: bool, conf: Path | None, model: Path | None, tp_size: int | None, prompts: Path | None,
           max_new_tokens: int, fp8_kv: bool | None, baseline: Path | None, serve: bool, detach: bool, host: str,
           port: int, quant_config: Path | None, timeout_s: int, allow_device_mismatch: bool, device: str,
           dry_run: bool, max_model_len: int | None, kv_cache_gib: float, enforce_eager: bool,
@@ -63,14 +62,17 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None,
 
     \b
     Examples:
-      ray-calib infer --one-node --prompts prompts.txt
-      ray-calib infer --one-node --serve --port 8000
+      ray-calib infer --prompts prompts.txt
+      ray-calib infer --serve --port 8000
     """
     from ray_calib.engine.device import detect_target
     from ray_calib.infer import runner
 
+    if one_node:
+        options.deprecated("--one-node", "nothing (one node is the default; --conf spreads over a cluster)")
     if one_node and conf:
         raise click.UsageError("--one-node and --conf exclude each other.")
+    tp = tp_size
     run = RunDir.resolve(run_dir)
     target = detect_target(device)
     device = target.device
@@ -91,6 +93,9 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None,
         config = replace(config, max_model_len=max_model_len, enforce_eager=enforce_eager)
     else:
         serve_plan = None
+        if conf and devices_conf_quant_config(conf):
+            ui.warn(f"{conf}: INC_QUANT_CONFIG_FILENAME applies to Gaudi only; {target.device_type} serves the FP8 "
+                    "checkpoint and ignores it (remove it there, or pass --device gaudi2/gaudi3)")
         model = model or run.fp8
         runner.check_model_dir(model)
         unified_tp = meta.tp_size if meta and meta.tp_size and meta.unified_from else None
@@ -103,8 +108,9 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None,
     if dry_run:
         click.echo(_plan(config, target, serve, host, port, conf, serve_plan).render())
         return
-    click.echo(f"vLLM on {target.device_type}, TP={config.tp_size}, KV cache {runner.engine_config(config).kv_cache_dtype}; "
-               f"engine start and step timeouts {timeout_s} s")
+    ui.library_logs(run.root, "infer")
+    ui.note(f"vLLM on {target.device_type}, TP={config.tp_size}, KV cache {runner.engine_config(config).kv_cache_dtype}; "
+            f"engine start and step timeouts {timeout_s} s")
     if serve:
         _serve(runner, config, host, port, detach, run)
         return
@@ -134,16 +140,18 @@ def _side_by_side(config, baseline: Path, prompts: list[str], max_new_tokens: in
     click.echo(f"completions saved to {out}")
 
 
+def devices_conf_quant_config(conf: Path) -> str | None:
+    from ray_calib.cluster import devices
+
+    return devices.load(conf).extras.get("INC_QUANT_CONFIG_FILENAME")
+
+
 def _gaudi_config(run: RunDir, meta, model, tp, quant_config, fp8_kv, conf, timeout_s: int, extra_env: dict, *,
                   write: bool, card_bytes: int | None):
     """Gaudi defaults from the run: the measured model, its TP, the one-node QUANT_CONFIG, KV dtype and EP."""
     from ray_calib.infer import gaudi, runner
 
-    conf_quant = None
-    if conf:
-        from ray_calib.cluster import devices
-
-        conf_quant = devices.load(conf).extras.get("INC_QUANT_CONFIG_FILENAME")
+    conf_quant = devices_conf_quant_config(conf) if conf else None
     plan = gaudi.resolve(run, meta, model=model, tp=tp, quant_config=quant_config, fp8_kv=fp8_kv,
                          conf_quant_config=conf_quant, write=write)
     if plan.generated and write:
@@ -160,8 +168,8 @@ def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, 
     """What `infer` would start, per node (the ranks run on this node unless --conf)."""
     from ray_calib.engine.device import GiB
     from ray_calib.engine.plan import EnginePlan, local_node, nodes_from_conf
+    from ray_calib.inc.quant_config import read_config
     from ray_calib.infer import runner
-    from ray_calib.scales.quant_config import read_config
 
     engine = runner.engine_config(config)
     facts = [("model", str(config.model)),
@@ -231,21 +239,21 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
-@click.command(name="eval")
+@options.command(name="eval")
 @click.option("--baseline", type=_dir, help="The BF16 model [default: the model in the run's meta].")
 @click.option("--candidate", type=_dir, help="The FP8 model [default: <run-dir>/fp8].")
 @click.option("--texts", type=_file, help="Held-out texts, one per line (or JSONL with 'text').")
-@click.option("--tp", type=int, help="Tensor-parallel size [default: the smallest the models allow that fits in memory].")
+@options.tp_option(help="Tensor-parallel size [default: the smallest the models allow that fits in memory].")
 @click.option("--fp8-kv/--no-fp8-kv", "with_fp8_kv", default=True, show_default=True,
               help="Also score the candidate with an FP8 KV cache (the others always run a BF16 one).")
 @click.option("--max-model-len", type=click.IntRange(min=16), default=1024, show_default=True,
               help="Context of the scoring engines; longer texts are scored in consecutive windows.")
 @click.option("--min-agreement", type=float, help="Fail when top-1 agreement falls below this (0-1).")
-@click.option("--out", type=_file, help="Results JSON [default: <run-dir>/eval.json].")
+@options.out_option("Results JSON [default: <run-dir>/eval.json].", file=True)
 @kv_cache_gib_option
 @enforce_eager_option
 @run_dir_option
-def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | None, tp: int | None, with_fp8_kv: bool,
+def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | None, tp_size: int | None, with_fp8_kv: bool,
                  max_model_len: int, min_agreement: float | None, out: Path | None, kv_cache_gib: float,
                  enforce_eager: bool, run_dir: str | None) -> None:
     """Compare the FP8 model with its BF16 baseline: top-1 agreement, KL, perplexity.
@@ -257,7 +265,9 @@ def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | No
     from ray_calib.engine.device import detect_device
     from ray_calib.infer import fidelity, runner
 
+    tp = tp_size
     run = RunDir.resolve(run_dir)
+    ui.library_logs(run.root, "eval")
     candidate = candidate or run.fp8
     if baseline is None:
         meta, _ = _run_meta(run, candidate)

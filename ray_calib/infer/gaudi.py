@@ -1,6 +1,6 @@
 """`ray-calib infer` on Gaudi: INC quantizes the source model at load with the run's QUANTIZE config.
 
-Defaults come from the run, so `ray-calib infer --one-node` needs no path:
+Defaults come from the run, so `ray-calib infer` needs no path:
 
     model          the model the run measured (meta sidecar): BF16 weights, or the FP8 checkpoint itself
     TP             the unified TP of the run (else the measured TP)
@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray_calib.errors import ConfigError, MeasurementError, ModelError
-from ray_calib.measurements import RunMeta
-from ray_calib.rundir import MEASURE_PREFIX, RunDir
+from ray_calib.inc import RunMeta
+from ray_calib.inc.naming import MEASURE_PREFIX
+from ray_calib.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def resolve(run: RunDir, meta: RunMeta | None, *, model: Path | None, tp: int | 
             fp8_kv: bool | None, conf_quant_config: str | None = None, write: bool = True) -> GaudiServe:
     """Everything Gaudi serving needs, from the flags or from the run; a missing QUANT_CONFIG is written
     (unless `write` is False: a dry run shows it without writing)."""
-    from ray_calib.scales.quant_config import quantizes_kv_cache, read_config
+    from ray_calib.inc.quant_config import quantizes_kv_cache, read_config
 
     if model is None:
         if not (meta and meta.model):
@@ -77,7 +78,7 @@ def _measurements_at(run: RunDir, tp: int) -> Path | None:
 
 
 def _read_meta(directory: Path) -> RunMeta | None:
-    from ray_calib.measurements import read_meta
+    from ray_calib.inc import read_meta
 
     return read_meta(directory) if directory.is_dir() else None
 
@@ -85,8 +86,8 @@ def _read_meta(directory: Path) -> RunMeta | None:
 def _one_node_config(run: RunDir, model: Path, measurements: Path | None, tp: int, meta: RunMeta | None,
                      fp8_kv: bool | None, write: bool) -> tuple[Path, dict, bool]:
     """<run>/configs/<one-node quantize config>, pointing at the measurements for `tp` (written if absent)."""
-    from ray_calib.convert.checkpoint import model_config
-    from ray_calib.scales.quant_config import build_config, config_name, is_mla, is_moe, read_config, write_configs
+    from ray_calib.inc.quant_config import build_config, config_name, is_moe, read_config, write_configs
+    from ray_calib.model.config import is_mla, model_config
 
     if measurements is None:
         raise MeasurementError(run.root, f"holds no measurements at TP {tp} (no unified-tp{tp}/ or measure/ at it)",
@@ -110,12 +111,12 @@ def _one_node_config(run: RunDir, model: Path, measurements: Path | None, tp: in
 
 def serve_fit(config, target_bytes: int | None):
     """HBM per card and host RAM of this node for serving `config` (an InferConfig on Gaudi)."""
-    from ray_calib.convert.checkpoint import model_config, num_routed_experts
     from ray_calib.engine import gaudi
     from ray_calib.engine.device import host_available_bytes
+    from ray_calib.model.config import model_config, num_routed_experts
 
     if target_bytes is None:
-        from ray_calib.engine import hlsmi
+        from ray_calib.cluster import hlsmi
 
         target_bytes = hlsmi.query().memory_bytes
     hf_config = model_config(config.model)
@@ -133,10 +134,10 @@ def check_serve_fit(config, target_bytes: int | None) -> None:
 
 def engine_config(config):
     """EngineConfig for an InferConfig on Gaudi: INC QUANTIZE through QUANT_CONFIG, graphs on."""
-    from ray_calib.convert.checkpoint import model_config
     from ray_calib.engine import gaudi
     from ray_calib.engine.launch import EngineConfig
     from ray_calib.engine.plan import with_copy_list
+    from ray_calib.model.config import model_config
 
     route = gaudi.route_for(model_config(config.model), str(config.model))
     env = gaudi.engine_env(measure=False, tp_size=config.tp_size, route=route,

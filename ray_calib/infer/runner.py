@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_calib.errors import EngineError, ModelError
-from ray_calib.measurements import RunMeta
+from ray_calib.inc import RunMeta
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +103,10 @@ def kv_cache_dtype(fp8_kv: bool) -> str:
 def choose_tp(model: Path, requested: int | None, *, device: str, kv_cache_gib: float, max_model_len: int | None,
               preferred: int | None = None) -> int:
     """The same TP rules and memory pre-check as `measure`, for the model about to be served or scored."""
-    from ray_calib.convert.checkpoint import model_config
     from ray_calib.engine import sizing
     from ray_calib.engine.device import local_device_count
     from ray_calib.engine.memory import memory_check
+    from ray_calib.model.config import model_config
 
     shape = sizing.ModelShape.from_config(model_config(model))
     sizing.check_max_model_len(shape, max_model_len, str(model))

@@ -8,6 +8,5 @@
     run         the stages of one measurement (library entry point `run_measure`)
     gaudi       the INC backend: INC's own MEASURE in every rank (Gaudi)
     inc_cpu     vLLM plugin running INC in vLLM's CPU workers (tests of the INC backend without Gaudi)
-    progress    the rich progress bar
     commands    the click command
 """

@@ -18,8 +18,8 @@ from typing import Any
 
 from ray_calib import atomic
 from ray_calib.errors import ConfigError, MeasurementError, OutputExistsError
-from ray_calib.measurements import RankFile, StatsName, parse_name, read_rank_file, write_rank_file
-from ray_calib.measurements.jsonio import load as load_json
+from ray_calib.inc import RankFile, StatsName, parse_name, read_rank_file, write_rank_file
+from ray_calib.inc.jsonio import load as load_json
 
 CHUNKS_DIR = ".chunks"
 _RUN_FILE = "run.json"

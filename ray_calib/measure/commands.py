@@ -6,45 +6,40 @@ from pathlib import Path
 
 import click
 
-from ray_calib.engine.device import DEVICE_CHOICES
+from ray_calib import options
 from ray_calib.engine.options import kv_cache_gib_option
 from ray_calib.rundir import RunDir, run_dir_option
 
 DEFAULTS = {"batch_size": 16}  # without devices.conf
 
 
-@click.command()
+@options.command(renamed={"--limit": "--num-samples", "--cluster": "--conf"})
 @click.option("-m", "--model", required=True, help="Local HF model directory or hub id ORG/NAME.")
 @click.option("-d", "--dataset", type=click.Path(path_type=Path), default=None,
               help="Calibration set (pile/mlcommons/tc); optional with --dry-run.")
-@click.option("-t", "--tp", "tp_size", type=int, default=None,
-              help="Tensor-parallel size [default: devices.conf TENSOR_PARALLEL_SIZE (else all its devices), else the "
+@options.tp_option(help="Tensor-parallel size [default: devices.conf TENSOR_PARALLEL_SIZE (else all its devices), else the "
                    "smallest the model allows that fits in memory (1 on Gaudi)].")
 @click.option("--fp8-kv", is_flag=True, help="Also measure K/V as written to the KV cache (for FP8 KV serving).")
-@click.option("-n", "--num-samples", "--limit", "num_samples", type=int, default=512, show_default=True, help="Prompts to use.")
-@click.option("-l", "--least-tokens", type=int, default=None,
-              help="Pile text: drop shorter samples, truncate longer ones [default: devices.conf CALIBRATION_SAMPLE_LENGTH].")
+@options.num_samples_option(512)
+@options.least_tokens_option(help="Pile text: drop shorter samples, truncate longer ones [default: devices.conf CALIBRATION_SAMPLE_LENGTH].")
 @click.option("-b", "--batch-size", type=int, default=None,
               help="Prompts per generate call [default: devices.conf CALIBRATION_MAX_BATCH_SIZE, else 16].")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Greedy tokens generated per prompt.")
 @click.option("--chunk-size", type=int, default=64, show_default=True, help="Prompts per checkpoint.")
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output directory [default: <run dir>/measure].")
+@options.out_option("Output directory [default: <run dir>/measure].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoints.")
 @click.option("--force", is_flag=True, help="Replace a finished measurement in --out.")
 @click.option("--min-expert-tokens", type=int, default=0, help="Fail when a routed expert saw fewer tokens.")
 @click.option("--quant-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="QUANT_CONFIG (measure) whose blocklist applies [default: devices.conf INC_MEASURE_CONFIG_FILENAME, "
                    "else lm_head and the MoE router].")
-@click.option("--conf", "--cluster", "cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="devices.conf of a cluster started by `ray-calib up` [default: ./devices.conf when up].")
+@options.conf_option("devices.conf of a cluster started by `ray-calib up` [default: ./devices.conf when up].")
 @click.option("--executor", type=click.Choice(["auto", "uni", "mp", "ray"]), default="auto", show_default=True,
               help="How ranks run: one process, one node (mp) or Ray.")
 @click.option("--max-model-len", type=int, default=None,
               help="Longest prompt + generation [default: 2048, capped by the model's context].")
 @kv_cache_gib_option
-@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
-              help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).")
+@options.device_option(runtime=True, help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).")
 @click.option("--expert-parallel/--no-expert-parallel", default=None,
               help="Partition routed experts over the ranks (EP = TP) [default: on for MoE models on Gaudi].")
 @click.option("--timeout", "timeout_s", type=int, default=1800, show_default=True,
@@ -55,7 +50,7 @@ DEFAULTS = {"batch_size": 16}  # without devices.conf
               help="Force vLLM's attention backend (e.g. CPU_MLA or AMX_MLA) [default: vLLM's choice].")
 @run_dir_option
 def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_size, max_new_tokens, chunk_size, out,
-            resume, force, min_expert_tokens, quant_config, cluster, executor, max_model_len, device, expert_parallel,
+            resume, force, min_expert_tokens, quant_config, conf, executor, max_model_len, device, expert_parallel,
             timeout_s, enforce_eager, dry_run, attention_backend, kv_cache_gib, run_dir) -> None:
     """Run the calibration prompts through vLLM at TP=N and write one INC range file per rank.
 
@@ -68,6 +63,7 @@ def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_si
     from ray_calib.measure.plan import resolve_conf_path
     from ray_calib.measure.run import MeasureConfig
 
+    cluster = conf
     conf = _load_conf(resolve_conf_path(cluster, any_state=dry_run))
     if tp_size is None:
         tp_size = conf.tensor_parallel_size if conf else None
@@ -96,6 +92,9 @@ def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_si
     if dry_run:
         _dry_run(config, conf, executor)
         return
+    from ray_calib import ui
+
+    ui.library_logs(RunDir.resolve(run_dir).root, "measure")
     _run(config)
 
 
@@ -153,14 +152,9 @@ def _probe(plan) -> None:
 
 
 def _run(config) -> None:
-    from ray_calib.measure.progress import RichProgress
     from ray_calib.measure.run import run_measure
 
-    progress = RichProgress()
-    try:
-        summary = run_measure(config, progress)
-    finally:
-        progress.stop()
+    summary = run_measure(config)
     click.echo(summary.data_summary)
     click.echo(f"measured {summary.num_prompts} prompts ({summary.num_tokens} tokens, {summary.generated_tokens} generated) "
                f"at TP {summary.world_size} on {summary.device} [{summary.executor}] in {summary.seconds:.1f} s; "

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ray_calib.errors import ConfigError, EngineError
+from ray_calib.inc.naming import MEASURE_PREFIX
 from ray_calib.measure.inc_cpu import INC_ON_CPU_ENV  # "1": INC in vLLM's CPU workers (tests)
 from ray_calib.measure.preflight import ModelInfo
-from ray_calib.rundir import MEASURE_PREFIX
 
 NODE_DUMP_ROOT = "/tmp/ray-calib-inc"  # node-local: two runs never meet and no NFS is needed
 CONFIG_FILE = "inc_measure_config.json"
@@ -41,7 +41,7 @@ def inc_on_cpu() -> bool:
 def measure_quant_config(fp8_kv: bool, info: ModelInfo, dump_dir: str, user_config: Path | None,
                          on_cpu: bool = False) -> dict[str, Any]:
     """The seeds' measure config, or the user's, writing its stats under `dump_dir`."""
-    from ray_calib.scales.quant_config import KV_TYPES, build_config, read_config
+    from ray_calib.inc.quant_config import KV_TYPES, build_config, read_config
 
     dump_stats_path = f"{dump_dir}/{MEASURE_PREFIX}"
     if user_config is not None:
@@ -113,7 +113,7 @@ def _rank() -> int:
 
 def _read_own_files(model) -> dict[str, Any]:
     """This rank's files, named by INC's own config (the rank and world INC wrote into the name)."""
-    from ray_calib.measurements.naming import parse_name
+    from ray_calib.inc.naming import parse_name
 
     base = Path(str(model.__hqt_config__.cfg["measure_file"]))
     json_path = base.with_name(base.name + ".json")
@@ -203,8 +203,8 @@ def finish_rank_files(rank_files, coverage, ep_size: int):
     INC counts no tokens per expert; a routed expert that never got a token has a zero range in the fused
     MoE op's per-expert outputs, so coverage records 1 (hit) or 0 (never hit) per expert.
     """
-    from ray_calib.measurements import ExpertCoverage
-    from ray_calib.measurements.coverage import hits_from_ranges
+    from ray_calib.inc import ExpertCoverage
+    from ray_calib.inc.coverage import hits_from_ranges
     from ray_calib.measurements.postprocess import postprocess
 
     fixed, changed, mla = [], 0, False

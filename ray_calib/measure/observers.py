@@ -53,9 +53,9 @@ from typing import Any
 import torch
 
 from ray_calib.engine.weights import WEIGHT_AMAX_ATTR
+from ray_calib.inc.quant_config import KV_TYPES  # INC's KV module types, as QUANT_CONFIG names them
 from ray_calib.measure.moe import MoEStats
 from ray_calib.measure.stats import MaxAbs, NodeStats, amax
-from ray_calib.scales.quant_config import KV_TYPES  # INC's KV module types, as QUANT_CONFIG names them
 
 
 @dataclass

@@ -121,7 +121,7 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
     conf = _conf(config)
     dump_dir = quant = route = None
     if backend == INC:
-        from ray_calib.scales.quant_config import quantizes_kv_cache
+        from ray_calib.inc.quant_config import quantizes_kv_cache
 
         dump_dir = dump_dir_for_run()
         quant = measure_quant_config(config.fp8_kv, info, dump_dir, config.quant_config, on_cpu=not target.is_gaudi)
@@ -134,8 +134,8 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
     plan = MeasurePlan(info=info, target=target, backend=backend, ep_size=ep_size, fp8_kv=fp8_kv, engine=None,
                        block_names=names, block_types=types, quant_config=quant, dump_dir=dump_dir, conf=conf)
     if target.is_gaudi:
-        from ray_calib.convert.checkpoint import model_config
         from ray_calib.engine import gaudi
+        from ray_calib.model.config import model_config
 
         plan.route = route = gaudi.route_for(model_config(info.path), str(info.path))
     plan.engine = _engine(config, plan)

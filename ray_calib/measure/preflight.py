@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_calib.convert.checkpoint import num_routed_experts
 from ray_calib.engine import sizing
 from ray_calib.errors import ConfigError, ModelError
+from ray_calib.model.config import num_routed_experts
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,11 @@ def check_attention_backend(name: str | None) -> None:
 def blocklist(quant_config: Path | None, *, fp8_kv: bool, moe: bool) -> tuple[list[str], list[str]]:
     """(names, types) the observers skip: the run's QUANT_CONFIG, else the seeds' measure defaults."""
     if quant_config is None:
-        from ray_calib.scales.quant_config import build_config
+        from ray_calib.inc.quant_config import build_config
 
         config = build_config(measure=True, fp8_kv=fp8_kv, one_node=False, dump_stats_path="unused", moe=moe)
     else:
-        from ray_calib.scales.quant_config import read_config
+        from ray_calib.inc.quant_config import read_config
 
         config = read_config(quant_config)
     section = config.get("blocklist") or {}

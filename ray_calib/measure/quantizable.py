@@ -1,7 +1,7 @@
 """Before `measure` writes anything final: does the run hold every range `quantize` will need?
 
 `quantize` converts every linear weight of the checkpoint and refuses a measurement that lacks the
-input range of one (`convert.plan.match_measurement` is that rule; it is used here as is). A gap --
+input range of one (`measurements.match.match_measurement` is that rule; it is used here as is). A gap --
 a module the chosen vLLM backend never ran, a module no observer covers -- therefore fails the
 measurement that caused it, naming the module and the backend, not a later `quantize`. Routed
 experts that got no token are not gaps: quantize gives them their layer's range.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ray_calib.errors import ModelError
-from ray_calib.measurements import RankFile
+from ray_calib.inc import RankFile
 
 _FIX = ("the rank files were not written; measure with another --attention-backend, or report the module "
         "(the observers do not cover it), then rerun with --force")
@@ -23,10 +23,10 @@ _FIX = ("the rank files were not written; measure with another --attention-backe
 def check_quantizable(model: Path, rank_files: Sequence[RankFile], backends: dict[str, list[str]],
                       block_names: Sequence[str] = ()) -> None:
     """Raise a one-line ModelError naming the first module quantize would find without a range."""
-    from ray_calib.convert import names
-    from ray_calib.convert.checkpoint import Checkpoint
-    from ray_calib.convert.plan import match_measurement
     from ray_calib.measurements import unify_ranks
+    from ray_calib.measurements.match import match_measurement
+    from ray_calib.model import names
+    from ray_calib.model.checkpoint import Checkpoint
 
     merged = rank_files[0] if len(rank_files) == 1 else unify_ranks(list(rank_files), 1, expert_parallel=False)[0]
     match = match_measurement(Checkpoint.open(model).tensors, merged.nodes)

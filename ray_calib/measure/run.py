@@ -18,17 +18,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray_calib import ui
 from ray_calib.atomic import staged_dir
 from ray_calib.engine.launch import error_reason
 from ray_calib.errors import DataError, EngineError, ModelError, OutputExistsError
+from ray_calib.inc import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
+from ray_calib.inc.coverage import COVERAGE_FILE
+from ray_calib.inc.naming import JSON, MEASURE_PREFIX, parse_name
 from ray_calib.measure.chunks import ChunkResult, ChunkStore, rank_file_from_result
 from ray_calib.measure.preflight import ModelInfo
-from ray_calib.measurements import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
-from ray_calib.measurements.coverage import COVERAGE_FILE
 from ray_calib.measurements.merge import merge_chunks
-from ray_calib.measurements.naming import JSON, parse_name
 from ray_calib.measurements.pipeline import remove_stale
-from ray_calib.rundir import MEASURE_PREFIX
 
 OBSERVER = "maxabs"
 DEFAULT_MAX_MODEL_LEN = 2048  # calibration prompts are short; a long context only costs KV cache
@@ -81,18 +81,16 @@ class MeasureSummary:
     backends: dict[str, list[str]] = field(default_factory=dict)
 
 
-class Progress:
-    """What the run reports while it works; the CLI draws it with rich."""
-
-    def start(self, total_prompts: int, done_prompts: int) -> None: ...
-    def advance(self, prompts: int, tokens: int) -> None: ...
-    def stage(self, text: str) -> None: ...
+STAGES = ("check", "start", "measure", "write")
 
 
-def run_measure(config: MeasureConfig, progress: Progress | None = None) -> MeasureSummary:
-    progress = progress or Progress()
+def _stage(index: int, detail: str) -> None:
+    ui.stage(index, len(STAGES), STAGES[index - 1], detail)
+
+
+def run_measure(config: MeasureConfig) -> MeasureSummary:
     started = time.perf_counter()
-    progress.stage("(1/4 check) model, TP, devices, memory, dataset")
+    _stage(1, "model, TP, devices, memory, dataset")
     from ray_calib.measure.plan import plan_measure
 
     _check_out(config)
@@ -110,29 +108,32 @@ def run_measure(config: MeasureConfig, progress: Progress | None = None) -> Meas
     executor = "reused"
     backend.backends = next((r.backends for r in results.values() if r.backends), {})
     if len(results) < len(chunks):
-        progress.stage(f"(2/4 start) vLLM at TP {config.tp_size} on {plan.target.device_type} [{backend.name}]")
+        _stage(2, f"vLLM at TP {config.tp_size} on {plan.target.device_type} [{backend.name}]")
         try:
             backend.before_start()
             llm, executor = build_llm(plan.engine), plan.engine.resolved_executor
             try:
                 backend.install(llm)
-                progress.stage(f"(3/4 measure) prompts through {backend.label}")
-                progress.start(len(token_ids), sum(len(chunks[i]) for i in results))
+                _stage(3, f"prompts through {backend.label}")
+                done_prompts = sum(len(chunks[i]) for i in results)
+                if done_prompts:
+                    ui.note(f"resuming: {done_prompts} prompts already measured")
                 checked = False
-                for index, prompts in enumerate(chunks):
-                    if index not in results:
-                        results[index] = _run_chunk(llm, index, prompts, config, progress)
-                        results[index].backends = backend.backends
-                        if not checked:  # fail on the first chunk, not after the whole calibration set
-                            backend.check(results[index].rank_files)
-                            checked = True
-                        store.write(results[index])
+                with ui.progress("measure", len(token_ids), completed=done_prompts, unit="prompts") as bar:
+                    for index, prompts in enumerate(chunks):
+                        if index not in results:
+                            results[index] = _run_chunk(llm, index, prompts, config, bar)
+                            results[index].backends = backend.backends
+                            if not checked:  # fail on the first chunk, not after the whole calibration set
+                                backend.check(results[index].rank_files)
+                                checked = True
+                            store.write(results[index])
                 backend.finish(llm)
             finally:
                 _shutdown(llm)
         finally:
             backend.cleanup()
-    progress.stage("(4/4 write) rank files, meta, coverage")
+    _stage(4, "rank files, meta, coverage")
     summary = _write(config, plan, executor, calib, [results[i] for i in range(len(chunks))], started, backend)
     summary.chunks_reused = len(done)
     summary.backends = backend.backends
@@ -223,7 +224,7 @@ def build_llm(engine):
     return build(engine)
 
 
-def _run_chunk(llm, index: int, prompts: list[list[int]], config: MeasureConfig, progress: Progress) -> ChunkResult:
+def _run_chunk(llm, index: int, prompts: list[list[int]], config: MeasureConfig, bar: ui.Bar) -> ChunkResult:
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=config.max_new_tokens, temperature=0.0)
@@ -237,7 +238,7 @@ def _run_chunk(llm, index: int, prompts: list[list[int]], config: MeasureConfig,
                               fix="finished chunks are checkpointed: rerun the same command with --resume.") from err
         new = sum(len(o.outputs[0].token_ids) for o in outputs)
         generated += new
-        progress.advance(len(batch), sum(map(len, batch)) + new)
+        bar.advance(len(batch), tok=sum(map(len, batch)) + new)
     ranks = sorted(_collect(llm, index), key=lambda r: r["rank"])
     tokens = ranks[0].get("tokens")  # INC counts no tokens: the prompts' and the generated ones
     return ChunkResult(index=index, rank_files=[rank_file_from_result(r, MEASURE_PREFIX) for r in ranks],
@@ -316,7 +317,7 @@ def _versions() -> dict[str, str]:
 def _check_coverage(config: MeasureConfig, summary: MeasureSummary) -> None:
     if config.min_expert_tokens <= 0:
         return
-    from ray_calib.measurements import read_coverage
+    from ray_calib.inc import read_coverage
 
     coverage = read_coverage(config.out)
     low = coverage.below(config.min_expert_tokens) if coverage else []

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ray_calib import ui
 from ray_calib.rundir import RunDir, run_dir_option
 
 _dir = click.Path(file_okay=False, path_type=Path)
@@ -14,7 +15,7 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.command()
 @click.option("--to-tp", "to_tp", type=int, required=True, help="Target tensor-parallel size M (divides N).")
 @click.option("--in", "in_dir", type=_dir, help="Measurement directory at TP=N [default: <run-dir>/measure].")
-@click.option("--out", "out_dir", type=_dir, help="Output directory [default: <run-dir>/unified-tp<M>].")
+@click.option("-o", "--out", "out_dir", type=_dir, help="Output directory [default: <run-dir>/unified-tp<M>].")
 @click.option("--force", is_flag=True, help="Replace another run's stats files in --out.")
 @click.option("--expert-parallel/--no-expert-parallel", default=None,
               help="Ranks hold different experts (concatenate) or shards of all (max) [default: the meta's ep_size, "
@@ -38,7 +39,7 @@ def unify(to_tp: int, in_dir: Path | None, out_dir: Path | None, force: bool, ex
         ("nodes per rank", summary.nodes_in, summary.nodes_out),
         ("experts per layer and rank", summary.experts_in, summary.experts_out),
     ]
-    _table(f"unify {summary.in_dir} -> {summary.out_dir}", ("", "in", "out"), rows)
+    ui.table(f"unify {summary.in_dir} -> {summary.out_dir}", ("", "in", "out"), rows)
     mode = "expert-parallel (experts concatenated)" if summary.expert_parallel else "element-wise max"
     extra = f"; scale files unified too: {', '.join(summary.scale_methods)}" if summary.scale_methods else ""
     click.echo(f"{mode} ({summary.ep_reason}){extra}; {summary.seconds:.2f} s")
@@ -47,7 +48,7 @@ def unify(to_tp: int, in_dir: Path | None, out_dir: Path | None, force: bool, ex
 @click.command()
 @click.option("--to-ranks", "to_ranks", type=int, required=True, help="Number of expert-parallel ranks W.")
 @click.option("--in", "in_dir", type=_dir, help="TP1 unified directory [default: <run-dir>/unified-tp1].")
-@click.option("--out", "out_dir", type=_dir, help="Output directory [default: <run-dir>/expanded-ep<W>].")
+@click.option("-o", "--out", "out_dir", type=_dir, help="Output directory [default: <run-dir>/expanded-ep<W>].")
 @click.option("--force", is_flag=True, help="Replace another run's stats files in --out.")
 @run_dir_option
 def expand(to_ranks: int, in_dir: Path | None, out_dir: Path | None, force: bool, run_dir: str | None) -> None:
@@ -92,20 +93,9 @@ def inspect(directory: Path) -> None:
         counts = scale_set.values
         click.echo(f"scale files {method}: nodes per rank {'/'.join(map(str, sorted(set(scale_set.nodes_per_rank))))}, "
                    f"values {counts['finite']} finite, {counts['zero']} zero, {counts['nan']} NaN, {counts['inf']} inf")
-    _table("module families (rank 0)", ("family", "nodes"), report.families.most_common())
+    ui.table("module families (rank 0)", ("family", "nodes"), report.families.most_common())
     if report.meta:
         shown = {k: v for k, v in report.meta.to_json().items() if v not in (None, [], {})}
-        _table("ray_calib_meta.json", ("field", "value"), sorted(shown.items()))
+        ui.table("ray_calib_meta.json", ("field", "value"), sorted(shown.items()))
     else:
         click.echo("no ray_calib_meta.json (plain INC output: device and dataset unknown)")
-
-
-def _table(title: str, header: tuple[str, ...], rows: list[tuple]) -> None:
-    """A plain aligned table: rich would add ~0.1 s of import time to every unify."""
-    cells = [tuple(map(str, header))] + [tuple(map(str, row)) for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    click.echo(title)
-    for index, row in enumerate(cells):
-        click.echo("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-        if index == 0:
-            click.echo("  " + "  ".join("-" * width for width in widths))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray_calib.errors import MeasurementError
-from ray_calib.measurements.rankfile import Node, RankFile
+from ray_calib.inc.rankfile import Node, RankFile
 
 
 def merge_chunks(first: RankFile, *others: RankFile) -> RankFile:

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from ray_calib.atomic import staged_dir
 from ray_calib.errors import OutputExistsError, UnifyError
-from ray_calib.measurements.coverage import COVERAGE_FILE
-from ray_calib.measurements.meta import RunMeta, write_meta
-from ray_calib.measurements.naming import JSON, StatsName, parse_name
-from ray_calib.measurements.rankfile import RankFile, node_values, read_rank_file, write_rank_file
-from ray_calib.measurements.runset import MeasurementSet
-from ray_calib.measurements.unify import check_same_nodes, check_sizes, expand_rank, expert_layout, merge_group
+from ray_calib.inc.coverage import COVERAGE_FILE
+from ray_calib.inc.experts import expert_layout
+from ray_calib.inc.meta import RunMeta, write_meta
+from ray_calib.inc.naming import JSON, StatsName, parse_name
+from ray_calib.inc.rankfile import RankFile, node_values, read_rank_file, write_rank_file
+from ray_calib.inc.runset import MeasurementSet
+from ray_calib.measurements.unify import check_same_nodes, check_sizes, expand_rank, merge_group
 
 
 @dataclass
@@ -203,7 +204,7 @@ def _routed_experts(meta: RunMeta | None) -> int | None:
     """n_routed_experts of the model the meta names, when its config.json is readable here."""
     if meta is None or not meta.model:
         return None
-    from ray_calib.convert.checkpoint import num_routed_experts
+    from ray_calib.model.config import num_routed_experts
 
     path = Path(meta.model) / "config.json"
     try:

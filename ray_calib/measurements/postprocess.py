@@ -20,7 +20,7 @@ import copy
 import re
 from dataclasses import dataclass, field
 
-from ray_calib.measurements.rankfile import MODE_RANGE, RankFile
+from ray_calib.inc.rankfile import MODE_RANGE, RankFile
 
 _ATTN_PIECE = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(.+)\.impl\.(matmul_qk|matmul_av|k_cache|v_cache|"
                          r"latent_cache_k|fused_scaled_dot_product_attention)$")

@@ -15,55 +15,13 @@ merged (column-parallel shards hold different rows) and are refused.
 
 from __future__ import annotations
 
-import functools
-import re
-from dataclasses import dataclass
-
 from ray_calib.errors import MeasurementError, UnifyError
-from ray_calib.measurements import optypes
+from ray_calib.inc import optypes
+from ray_calib.inc.arith import bf16
+from ray_calib.inc.experts import ExpertLayout, expert_layout
+from ray_calib.inc.rankfile import MODE_SCALE, Node, RankFile
 from ray_calib.measurements.merge import check_fields, max_leaves, merge_nodes
-from ray_calib.measurements.rankfile import MODE_SCALE, Node, RankFile
-from ray_calib.scales.arith import bf16
-
-_EXPERT_CHILD_RE = re.compile(r"^(.+)\.(w13_list|w2_list)\.(\d+)$")
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def expert_child(module: str) -> tuple[str, str, int] | None:
-    """`(op, kind, expert)` for `<op>.w13_list.K` / `<op>.w2_list.K`, else None (cached: names repeat per rank)."""
-    match = _EXPERT_CHILD_RE.match(module)
-    return (match[1], match[2], int(match[3])) if match else None
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Fused MoE ops and how many experts each rank holds (0 when the model has none)."""
-
-    children: dict[str, list[tuple[str, int]]]  # op -> its (kind, expert) children, sorted
-    local_experts: int
-
-    @property
-    def ops(self) -> frozenset[str]:
-        return frozenset(self.children)
-
-    @property
-    def has_experts(self) -> bool:
-        return self.local_experts > 0
-
-
-def expert_layout(rank_file: RankFile) -> ExpertLayout:
-    """Find fused MoE ops by their `<op>.w13_list.K` children; all ops must hold the same expert count."""
-    children: dict[str, list[tuple[str, int]]] = {}
-    for module in rank_file.nodes:
-        child = expert_child(module)
-        if child:
-            children.setdefault(child[0], []).append(child[1:])
-    counts = {len({expert for _, expert in kids}) for kids in children.values()}
-    if len(counts) > 1:
-        raise MeasurementError(rank_file.name.stem, f"MoE ops hold different expert counts {sorted(counts)}",
-                               fix="the file mixes runs; re-measure.")
-    return ExpertLayout(children={op: sorted(kids) for op, kids in children.items()},
-                        local_experts=counts.pop() if counts else 0)
+from ray_calib.model.names import expert_child
 
 
 def unify_ranks(rank_files: list[RankFile], to_world_size: int, *, expert_parallel: bool | None = None,

@@ -2,7 +2,7 @@
 
 A run is a run directory (its `measure/`, else its smallest `unified-tp<M>/`) or a directory holding
 INC range files directly (e.g. someone else's measurement). Files are read only via
-`ray_calib.measurements`; TP>1 sets are unified to TP1 in memory (element-wise max, experts placed).
+`ray_calib.inc`; TP>1 sets are unified to TP1 in memory by `ray_calib.measurements` (element-wise max, experts placed).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ray_calib import atomic
 from ray_calib.errors import MeasurementError
-from ray_calib.measurements import ExpertCoverage, MeasurementSet, RunMeta, read_coverage, unify_ranks
+from ray_calib.inc import ExpertCoverage, MeasurementSet, RunMeta, read_coverage
+from ray_calib.measurements import unify_ranks
 from ray_calib.report import plots
 from ray_calib.report.extract import RunFigures, figures
 from ray_calib.rundir import RunDir

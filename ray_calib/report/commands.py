@@ -14,7 +14,7 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.command()
 @click.argument("run", required=False, type=_dir)
 @click.option("--compare", multiple=True, type=_dir, help="Another run (or measurement directory) to draw alongside.")
-@click.option("--out", type=_dir, help="Where the PNGs and summary.txt go [default: <run>/report].")
+@click.option("-o", "--out", type=_dir, help="Where the PNGs and summary.txt go [default: <run>/report].")
 @run_dir_option
 def report(run: Path | None, compare: tuple[Path, ...], out: Path | None, run_dir: str | None) -> None:
     """Plot KV cache ranges across runs, expert coverage and per-layer activation/weight ranges.

@@ -10,7 +10,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ray_calib.measurements import RankFile, expert_child
+from ray_calib.inc import RankFile
+from ray_calib.model.names import expert_child
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # (kind, node-name suffix): INC's names, which ray-calib's own observers reuse (docs/design.md §3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ray_calib import atomic
-from ray_calib.measurements import ExpertCoverage
+from ray_calib.inc import ExpertCoverage
 from ray_calib.report.extract import LayerRanges, RunFigures, layer_of
 
 _KIND_TITLES = {"K": "K written to the cache", "V": "V written to the cache", "latent": "MLA latent cache [kv_c | k_pe]"}

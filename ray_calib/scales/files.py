@@ -1,7 +1,7 @@
 """Range files -> INC scale files (`<prefix>_hooks_maxabs_<METHOD>_<rank>_<world>.{json,npz}`), per rank.
 
 Each node is turned into INC's scale node for its op type (`scales.ops`), in INC's arithmetic for the
-device (`scales.arith`), for the INC release the files target (`scales.target`). Nodes are written for
+device (`inc.arith`), for the INC release the files target (`inc.target`). Nodes are written for
 every measured module except those a QUANTIZE blocklist name pattern matches (INC writes only the
 modules it patches). INC itself writes and reads no scale file for unit_scale / hw_aligned_single_scale
 or for dynamic quantization; the first two are written here for inspection, the dynamic methods refused.
@@ -15,12 +15,12 @@ from pathlib import Path
 
 from ray_calib.atomic import staged_dir
 from ray_calib.errors import ConfigError
-from ray_calib.measurements import MODE_SCALE, MeasurementSet, RankFile, expert_layout, write_rank_file
-from ray_calib.measurements.optypes import op_type
-from ray_calib.scales.devices import DeviceScales
-from ray_calib.scales.methods import ScaleMethod
+from ray_calib.inc import MODE_SCALE, MeasurementSet, RankFile, expert_layout, write_rank_file
+from ray_calib.inc.devices import DeviceScales
+from ray_calib.inc.methods import ScaleMethod
+from ray_calib.inc.optypes import op_type
+from ray_calib.inc.target import IncTarget
 from ray_calib.scales.ops import ScaleRules, WeightSource
-from ray_calib.scales.target import IncTarget
 
 
 @dataclass
@@ -93,9 +93,9 @@ class ScaleRequest:
 
 def make_scales(request: ScaleRequest) -> ScaleRun:
     """`ray-calib scales`: resolve method, device and INC target (default: the sidecar's device), write the files."""
-    from ray_calib.scales.devices import default_method, device_for_scales, get_device
-    from ray_calib.scales.methods import check_method_for_device, get_method
-    from ray_calib.scales.target import parse_version
+    from ray_calib.inc.devices import default_method, device_for_scales, get_device
+    from ray_calib.inc.methods import check_method_for_device, get_method
+    from ray_calib.inc.target import parse_version
 
     meta = MeasurementSet.discover(request.in_dir).meta
     device = request.device or (meta.device_type if meta and meta.device_type else None)

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_calib.errors import MeasurementError
-from ray_calib.measurements import optypes
-from ray_calib.scales.arith import f32
-from ray_calib.scales.devices import DeviceScales
-from ray_calib.scales.methods import ScaleMethod, activation_scale, leaf_max, product, scale_from_maxabs
-from ray_calib.scales.target import IncTarget
+from ray_calib.inc import optypes
+from ray_calib.inc.arith import f32
+from ray_calib.inc.devices import DeviceScales
+from ray_calib.inc.methods import ScaleMethod, activation_scale, leaf_max, product, scale_from_maxabs
+from ray_calib.inc.target import IncTarget
 
 
 @dataclass(frozen=True)

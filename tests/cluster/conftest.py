@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_calib.cluster.localnodes import Sshd, SshdUnavailable, kill_leftovers, running_sshd
+from ray_calib.testing.localnodes import Sshd, SshdUnavailable, kill_leftovers, running_sshd
 
 
 @pytest.fixture(scope="session")

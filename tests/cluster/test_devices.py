@@ -125,10 +125,10 @@ def test_example_file_parses(tmp_path):
 
 
 def test_config_check_command(tmp_path, run_cli):
-    good = run_cli("config", "check", _write(tmp_path, SEED))
+    good = run_cli("cluster", "check", "--conf", _write(tmp_path, SEED))
     assert good.exit_code == 0 and "worker1" in good.stdout and "10.10.1.3" in good.stdout
     (tmp_path / "devices.conf").write_text(SEED + "OOPS\n")
-    bad = run_cli("config", "check", tmp_path / "devices.conf")
+    bad = run_cli("cluster", "check", "--conf", tmp_path / "devices.conf")
     assert bad.exit_code == 2 and "line 12: expected KEY=VALUE" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ray_calib.cluster import devices, lifecycle, state
-from ray_calib.cluster.localnodes import write_conf
 from ray_calib.errors import ClusterError
+from ray_calib.testing.localnodes import write_conf
 
 pytestmark = pytest.mark.cluster
 

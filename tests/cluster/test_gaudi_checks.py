@@ -71,7 +71,7 @@ def test_env_file_side_effects_are_reported_with_their_lines(tmp_path):
 
 def test_config_check_prints_the_warnings(tmp_path, run_cli):
     conf = gaudi_conf(tmp_path)
-    result = run_cli("config", "check", conf.path)
+    result = run_cli("cluster", "check", "--conf", conf.path)
     assert result.exit_code == 0
     assert result.stderr.count("warning: ") == 4 and "head_env.sh:1:" in result.stderr
 

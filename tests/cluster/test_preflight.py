@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ray_calib.cluster.localnodes import ray_pids, write_conf
+from ray_calib.testing.localnodes import ray_pids, write_conf
 
 pytestmark = pytest.mark.cluster
 
@@ -64,6 +64,7 @@ def test_cpu_ranks_may_outnumber_cores_but_accelerators_must_be_there(kind, pres
                       ssh_user="root", ssh_port=22, ssh_key=None, device_kind=kind, devices=8, python="python3",
                       temp_dir="/tmp/x", num_cpus=None, memory=None, object_store_memory=None, line=1)
     facts = {"packages": {"ray": "2.60.0", "ray-calib": "0.1.0"}, "devices": {kind: present}, "ifaces": {},
-             "work_dir": True, "free_gb": 100.0, "python": "3.11", "executable": "python3"}
+             "work_dir": True, "free_gb": 100.0, "python": "3.11", "executable": "python3",
+             "gaudi": {"names": ["HL-225"] * present, "driver": ["1.22.0"]} if kind == "hpu" else None}
     problems = judge(node, facts, {}, SimpleNamespace(work_dir="/w", min_free_disk_gb=1))
     assert problems == ([problem] if problem else [])

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from ray_calib.cluster import connect, devices, lifecycle, state
-from ray_calib.cluster.localnodes import kill_leftovers, ray_pids, raylet_pid, write_conf
 from ray_calib.errors import ClusterError
+from ray_calib.testing.localnodes import kill_leftovers, ray_pids, raylet_pid, write_conf
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -101,7 +101,7 @@ def _connect_gives_a_working_authenticated_address(cluster):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory, tiny_model):
-    from ray_calib.tiny.calibset import make_calib_set
+    from ray_calib.testing.tiny.calibset import make_calib_set
 
     root = tmp_path_factory.mktemp("tiny")
     return tiny_model("llama"), make_calib_set("pile", root / "pile.jsonl", num_samples=8)
@@ -111,7 +111,7 @@ def _measure(conf: Path, model: Path, dataset: Path, out: Path) -> subprocess.Co
     """`ray-calib measure --conf conf` at TP=2 as a user runs it after `up` (fresh process env)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VLLM_"))}
     env.update(RAY_CALIB_STATE_DIR=os.environ["RAY_CALIB_STATE_DIR"], VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               RAY_CALIB_DEVICE="cpu", PYTHONUNBUFFERED="1")
+               RAY_CALIB_DEVICE="cpu", PYTHONUNBUFFERED="1", RAY_CALIB_RUN_DIR=str(out.parent))
     args = [sys.executable, "-m", "ray_calib.cli", "measure", "--conf", str(conf), "-m", str(model), "-d",
             str(dataset), "-t", "2", "-n", "4", "-l", "16", "-b", "2", "--chunk-size", "4", "--max-new-tokens", "1",
             "-o", str(out), "--fp8-kv"]
@@ -119,7 +119,7 @@ def _measure(conf: Path, model: Path, dataset: Path, out: Path) -> subprocess.Co
 
 
 def _measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path):
-    from ray_calib.measurements import MeasurementSet, read_meta
+    from ray_calib.inc import MeasurementSet, read_meta
 
     model, dataset = tiny_llama
     run = _measure(cluster, model, dataset, tmp_path / "measure")

@@ -12,9 +12,9 @@ import random
 import re
 from pathlib import Path
 
-from ray_calib.convert.checkpoint import Checkpoint
-from ray_calib.convert.safetensors_io import ShardReader
-from ray_calib.measurements import RankFile, RunMeta, StatsName, write_meta, write_rank_file
+from ray_calib.inc import RankFile, RunMeta, StatsName, write_meta, write_rank_file
+from ray_calib.model.checkpoint import Checkpoint
+from ray_calib.model.safetensors_io import ShardReader
 
 PREFIX = "inc_measure_output"
 _EXPERT = re.compile(r"^(?P<op>.+\.experts)\.(?P<e>\d+)\.(?P<part>gate_proj|up_proj|down_proj)$")
@@ -33,7 +33,7 @@ def vllm_module(prefix: str) -> str:
 
 def measurement_nodes(model_dir: Path, *, seed: int = 0, weights: bool = True) -> dict:
     """Nodes for every linear weight of the checkpoint, plus MoE ops and attention (KV) nodes."""
-    from ray_calib.convert import names
+    from ray_calib.model import names
 
     rng = random.Random(seed)
     leaf = lambda: [[round(rng.uniform(0.05, 8.0), 4)]]  # noqa: E731

@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch")
 
 from ray_calib.convert.bf16 import MANIFEST, convert_to_bf16  # noqa: E402
 from ray_calib.convert.fp8 import as_float32, dequantize_blocks  # noqa: E402
-from ray_calib.convert.safetensors_io import ShardReader, file_sha256  # noqa: E402
 from ray_calib.errors import ModelError  # noqa: E402
+from ray_calib.model.safetensors_io import ShardReader, file_sha256  # noqa: E402
 
 
 def block_fp8_checkpoint(directory, shapes):

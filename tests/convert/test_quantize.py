@@ -11,11 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ray_calib.convert.checkpoint import Checkpoint  # noqa: E402
 from ray_calib.convert.pipeline import QuantizeRequest, quantize_run  # noqa: E402
 from ray_calib.convert.quantize import MANIFEST  # noqa: E402
-from ray_calib.convert.safetensors_io import ShardReader, file_sha256  # noqa: E402
 from ray_calib.errors import ConfigError, MeasurementError, ModelError  # noqa: E402
+from ray_calib.model.checkpoint import Checkpoint  # noqa: E402
+from ray_calib.model.safetensors_io import ShardReader, file_sha256  # noqa: E402
 from ray_calib.rundir import RunDir  # noqa: E402
 from tests.convert.synthetic import write_measurements  # noqa: E402
 
@@ -104,8 +104,8 @@ def test_resume_skips_finished_shards_verified_by_checksum(tmp_path, tiny_llama)
     out = RunDir.resolve(tmp_path / "run").fp8
     from ray_calib.convert.plan import load_measurement
     from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
-    from ray_calib.scales.devices import get_device
-    from ray_calib.scales.methods import get_method
+    from ray_calib.inc.devices import get_device
+    from ray_calib.inc.methods import get_method
 
     job = QuantizeJob(model=model, measurement=load_measurement(meas)[0], out=out,
                       method=get_method("maxabs_pow2"), device=get_device("cpu"), on_shard_done=stop_after_first)
@@ -253,7 +253,7 @@ def test_broken_config_truncated_shard_and_bad_header_are_one_line_errors(tmp_pa
 
 def test_a_unified_dir_older_than_the_measurement_is_refused(tmp_path, tiny_llama, run_cli):
     """Re-measure without re-unify: quantize must not take the old ranges of unified-tp1 silently."""
-    from ray_calib.measurements.meta import read_meta, write_meta
+    from ray_calib.inc.meta import read_meta, write_meta
 
     run = tmp_path / "run"
     write_measurements(run / "measure", tiny_llama, world_size=2, seed=1)
@@ -281,3 +281,20 @@ def test_measurements_without_a_meta_need_an_explicit_device(tmp_path, tiny_llam
         run_quantize(tmp_path, tiny_llama, scale_method="maxabs_pow2")
     assert "--device" in (err.value.fix or "") and not (tmp_path / "run" / "fp8").exists()
     assert run_quantize(tmp_path, tiny_llama, scale_method="maxabs_pow2", device="cpu").device == "cpu"
+
+
+@pytest.mark.parametrize("inc_version,key", [(None, "scale_method"), ("3.4", "scale_params")])
+def test_gaudi_backoffs_go_where_the_target_inc_reads_them(tmp_path, tiny_llama, run_cli, inc_version, key):
+    """INC <= 3.4 reads scale_params; 3.5+ ignores it and reads backoffs only from a dict-form scale_method."""
+    write_measurements(tmp_path / "run" / "unified-tp8", tiny_llama, world_size=1, device_type="gaudi2")
+    version = ["--inc-version", inc_version] if inc_version else []
+    result = run_cli("quantize", "--run-dir", tmp_path / "run", "--input-backoff", "0.5", *version)
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((tmp_path / "run/configs/inc_quant_one_node_config.json").read_text())
+    if key == "scale_params":
+        assert config["scale_method"] == "maxabs_hw" and config["scale_params"] == {"input_backoff": 0.5}
+    else:
+        assert "scale_params" not in config
+        assert config["scale_method"]["default"]["activation"] == {
+            "granularity": "pts", "scale_value_type": "maxabs", "rounding_method": "hw_aligned", "backoff": 0.5}
+        assert config["scale_method"]["default"]["weight"]["backoff"] == 0.5  # maxabs_hw's own

@@ -12,15 +12,15 @@ from click.testing import CliRunner
 from ray_calib.cli import cli
 from ray_calib.data import load_prompts
 from ray_calib.errors import DataError
-from ray_calib.tiny import corpus
-from ray_calib.tiny.calibset import make_calib_set
+from ray_calib.testing.tiny import corpus
+from ray_calib.testing.tiny.calibset import make_calib_set
 
 TEXTS = [*corpus.paragraphs(40, seed=3), "", "Short one."]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from ray_calib.tiny.tokenizer import train_tokenizer
+    from ray_calib.testing.tiny.tokenizer import train_tokenizer
 
     return train_tokenizer(1024, num_paragraphs=500)
 
@@ -178,11 +178,11 @@ def test_cli_reports_counts_and_turns_errors_into_one_line(tmp_path, tokenizer, 
     model = tmp_path / "model"
     tokenizer.save_pretrained(str(model))
     data = make_calib_set("pile", tmp_path / "p.jsonl", num_samples=20)
-    result = CliRunner().invoke(cli, ["dataset-info", "-d", str(data), "-m", str(model), "-l", "4", "--show", "0"])
+    result = CliRunner().invoke(cli, ["dataset-info", "-d", str(data), "-m", str(model), "-n", "4", "--show", "0"])
     assert result.exit_code == 0, result.output
     assert "20 read, 4 kept" in result.output and "dataset hash" in result.output
     with pytest.raises(SystemExit) as exit_info:
-        main(["dataset-info", "-d", str(data), "-m", str(model), "-t", "100000"])
+        main(["dataset-info", "-d", str(data), "-m", str(model), "-l", "100000"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "lower --least-tokens" in err

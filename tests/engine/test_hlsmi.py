@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_calib.engine import hlsmi
+from ray_calib.cluster import hlsmi
 from ray_calib.engine.device import GiB, detect_target
 from ray_calib.errors import EngineError
 

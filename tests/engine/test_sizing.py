@@ -18,7 +18,7 @@ from ray_calib.engine.memory import (
     memory_check,
 )
 from ray_calib.errors import ConfigError, EngineError
-from ray_calib.tiny.model import CONFIGS
+from ray_calib.testing.tiny.model import CONFIGS
 
 R1 = {"num_attention_heads": 128, "n_routed_experts": 256, "intermediate_size": 18432, "moe_intermediate_size": 2048,
       "max_position_embeddings": 163840}

@@ -12,11 +12,12 @@ from click.testing import CliRunner
 
 from ray_calib.cli import cli
 from ray_calib.errors import HubError, OutputExistsError
-from ray_calib.hub.standin import DEFAULT_TOKEN, StandinHub
 from ray_calib.hub.transfer import pull, push
-from ray_calib.measurements import RankFile, RunMeta, StatsName, write_meta, write_rank_file
-from ray_calib.rundir import MEASURE_PREFIX, RunDir
-from ray_calib.scales.quant_config import read_config, template_set, write_configs
+from ray_calib.inc import RankFile, RunMeta, StatsName, write_meta, write_rank_file
+from ray_calib.inc.naming import MEASURE_PREFIX
+from ray_calib.inc.quant_config import read_config, template_set, write_configs
+from ray_calib.rundir import RunDir
+from ray_calib.testing.hub_standin import DEFAULT_TOKEN, StandinHub
 
 REPO = "standin/tiny-ds3-calib"
 
@@ -35,7 +36,7 @@ def hub_env(hub, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("HF_TOKEN", DEFAULT_TOKEN)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # as on a machine with hf_xet: push must cope
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the stand-in speaks plain LFS only
     return hub
 
 
@@ -133,9 +134,12 @@ def test_no_token_is_one_line(hub_env, monkeypatch, tmp_path, capsys):
     assert err.startswith("error: no Hugging Face token found") and "HF_TOKEN" in err
 
 
-def test_other_clients_get_a_clear_xet_refusal(hub_env, tmp_path):
+def test_other_clients_get_a_clear_xet_refusal(hub_env, tmp_path, monkeypatch):
     pytest.importorskip("hf_xet", reason="without hf_xet huggingface_hub uses plain LFS, which the stand-in speaks")
+    import huggingface_hub.constants as constants
     from huggingface_hub import HfApi
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # a client that did not set CLIENT_ENV
 
     api = HfApi(endpoint=hub_env.url, token=DEFAULT_TOKEN)
     api.create_repo("standin/xet", exist_ok=True)
@@ -176,7 +180,7 @@ def test_cli_push_pull_and_nothing_to_push(hub_env, tmp_path):
     assert result.exit_code == 0, result.output
     assert "pushed" in result.output and DEFAULT_TOKEN not in result.output
     assert json.loads(hub_env.repo_file("model", "standin/cli").read_text())["private"] is True
-    result = runner.invoke(cli, ["pull", "--repo", "standin/cli", "--to", str(tmp_path / "back")])
+    result = runner.invoke(cli, ["pull", "--repo", "standin/cli", "--out", str(tmp_path / "back")])
     assert result.exit_code == 0 and (tmp_path / "back" / "measure" / "ray_calib_meta.json").exists()
     (tmp_path / "empty").mkdir()
     result = runner.invoke(cli, ["push", "--repo", "standin/cli", "--run-dir", str(tmp_path / "empty")])

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from ray_calib.errors import ConfigError, MeasurementError, ModelError
+from ray_calib.inc import RunMeta, write_meta
+from ray_calib.inc.quant_config import read_config
 from ray_calib.infer import gaudi, runner
-from ray_calib.measurements import RunMeta, write_meta
 from ray_calib.rundir import RunDir
-from ray_calib.scales.quant_config import read_config
 from tests.measure.test_gaudi_dry_run import DEEPSEEK_R1
 
 
@@ -93,13 +93,13 @@ def test_missing_pieces_name_the_fix(tmp_path):
 
 
 def test_infer_one_node_on_gaudi_runs_without_paths(tmp_path, run_cli):
-    """The README's `ray-calib infer --one-node` (dry run): no --model, no --quant-config needed."""
+    """The README's `ray-calib infer` (dry run): no --model, no --quant-config needed."""
     source = model(tmp_path, fp8=True)
     run, _ = run_with(tmp_path, source, fp8_kv=True)
-    result = run_cli("infer", "--one-node", "--device", "gaudi2", "--run-dir", run.root, "--dry-run")
+    result = run_cli("infer", "--device", "gaudi2", "--run-dir", run.root, "--dry-run")
     assert result.exit_code == 0, result.stderr
     assert f"model='{source}'" in result.stdout and "kv_cache_dtype='fp8_inc'" in result.stdout
-    mismatch = run_cli("infer", "--one-node", "--device", "gaudi3", "--run-dir", run.root, "--dry-run")
+    mismatch = run_cli("infer", "--device", "gaudi3", "--run-dir", run.root, "--dry-run")
     assert mismatch.exit_code == 1 and "measured on gaudi2 but this node is gaudi3" in mismatch.stderr
 
 

@@ -7,8 +7,8 @@ import signal
 import pytest
 
 from ray_calib.errors import ModelError
+from ray_calib.inc import RunMeta
 from ray_calib.infer.runner import check_device_type, load_prompts
-from ray_calib.measurements import RunMeta
 
 
 def test_device_guard(tmp_path):
@@ -31,7 +31,7 @@ def test_prompt_files(tmp_path):
 
 
 def test_infer_refuses_measurements_from_another_device(tmp_path, run_cli):
-    from ray_calib.measurements import write_meta
+    from ray_calib.inc import write_meta
 
     model = tmp_path / "fp8"
     model.mkdir()
@@ -65,7 +65,7 @@ def test_infer_generates_and_saves(tiny_llama, tmp_path, run_cli, monkeypatch):
 @pytest.mark.slow
 def test_serve_answers_openai_completions_with_vllms_own_defaults(tiny_llama, tmp_path, run_cli, monkeypatch):
     """What plain `vllm serve` gives: no --enforce-eager, the model's whole context (1024, the KV cache holds it)."""
-    from ray_calib.cluster.localnodes import free_ports
+    from ray_calib.testing.localnodes import free_ports
 
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     port = free_ports(1)[0]

@@ -79,8 +79,9 @@ class Run:
 
 
 def run_measure(args: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> Run:
-    proc = subprocess.run(args, cwd=REPO, env=env or measure_env(), capture_output=True, text=True, timeout=timeout)
     out = Path(args[args.index("-o") + 1])
+    env = {"RAY_CALIB_RUN_DIR": str(out.parent), **(env or measure_env())}  # library logs: <out>/../logs
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return Run(out=out, returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
 
 
@@ -91,7 +92,7 @@ def tiny_models(tiny_model) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def calib_set(tmp_path_factory) -> Path:
-    from ray_calib.tiny.calibset import make_calib_set
+    from ray_calib.testing.tiny.calibset import make_calib_set
 
     return make_calib_set("pile", tmp_path_factory.mktemp("calib") / "pile.jsonl", num_samples=32)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ray_calib.errors import ConfigError, MeasurementError, OutputExistsError
+from ray_calib.inc import RankFile, StatsName
 from ray_calib.measure.chunks import ChunkResult, ChunkStore, rank_file_from_result
-from ray_calib.measurements import RankFile, StatsName
 from ray_calib.measurements.merge import merge_chunks
 
 

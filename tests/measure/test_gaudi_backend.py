@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 
 from ray_calib.errors import EngineError
-from ray_calib.measurements import MeasurementSet, read_coverage, read_meta
+from ray_calib.inc import MeasurementSet, read_coverage, read_meta
 from tests.engine.test_hlsmi import fake_hl_smi
 
 

@@ -200,7 +200,7 @@ def test_infer_dry_run_matches_the_quickstart_server(tmp_path, run_cli):
     (run / "unified-tp8").mkdir(parents=True)
     (run / "unified-tp8" / "ray_calib_meta.json").write_text(json.dumps(
         {"device_type": "gaudi2", "model": str(model), "tp_size": 8, "ep_size": 8, "fp8_kv": True, "unified_from": 16}))
-    result = run_cli("infer", "--one-node", "--serve", "--device", "gaudi2", "--run-dir", run, "--dry-run")
+    result = run_cli("infer", "--serve", "--device", "gaudi2", "--run-dir", run, "--dry-run")
     assert result.exit_code == 0, result.stderr
     out = result.stdout
     command = next(line for line in out.splitlines() if "vllm_cli serve" in line).split()

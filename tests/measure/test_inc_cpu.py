@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_calib.measurements import MeasurementSet, read_meta
+from ray_calib.inc import MeasurementSet, read_meta
 from ray_calib.measurements.pipeline import unify_dir
 from tests.measure.conftest import REPO, measure_args, measure_env, run_measure
 from tests.measure.test_reshard_invariant import Diff
@@ -109,10 +109,10 @@ def compare_scales_with_ours(unified: Path, ours_dir: Path) -> None:
     Every node must be equal: inputs, weights and outputs (a row-parallel output scaled from its measured
     pre-reduce max, outputs[0], as INC does), checked on INC's file against our rule and against our file.
     """
-    from ray_calib.measurements.rankfile import node_values
-    from ray_calib.scales.devices import get_device
+    from ray_calib.inc.devices import get_device
+    from ray_calib.inc.methods import get_method, scale_from_maxabs
+    from ray_calib.inc.rankfile import node_values
     from ray_calib.scales.files import ScaleRequest, make_scales
-    from ray_calib.scales.methods import get_method, scale_from_maxabs
 
     ranges = MeasurementSet.discover(unified).read(0)
     inc = MeasurementSet.discover(unified, method="MAXABS_POW2").read(0, check_npz=False)

@@ -70,10 +70,10 @@ def test_force_replaces_the_old_run_instead_of_mixing_two(tmp_path):
     """A forced TP1 dense run over a TP2 MoE run leaves exactly one run (and no stale coverage.json)."""
     from types import SimpleNamespace
 
+    from ray_calib.inc import MeasurementSet, RankFile, StatsName
+    from ray_calib.inc.naming import MEASURE_PREFIX
     from ray_calib.measure.chunks import ChunkResult
     from ray_calib.measure.run import MeasureConfig, _check_out, _write
-    from ray_calib.measurements import MeasurementSet, RankFile, StatsName
-    from ray_calib.rundir import MEASURE_PREFIX
 
     info = SimpleNamespace(model_id="m", revision=None)
     plan = SimpleNamespace(info=info, target=SimpleNamespace(device="cpu", device_type="cpu"), backend="observers",

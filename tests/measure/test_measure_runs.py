@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from ray_calib.measurements import MeasurementSet, read_coverage, read_meta
+from ray_calib.inc import MeasurementSet, read_coverage, read_meta
 from tests.measure.conftest import ARCH_BACKENDS, MLA_BACKENDS
 
 pytestmark = pytest.mark.slow
@@ -113,8 +113,8 @@ def test_moe_nodes_and_coverage(measured):
 
 def test_node_names_follow_inc_for_llama(measured):
     """Our Llama nodes are named and shaped like INC's (Llama-70B fixture): unify/scales treat them alike."""
-    from ray_calib.measurements import read_rank_file
-    from ray_calib.measurements.naming import parse_name
+    from ray_calib.inc import read_rank_file
+    from ray_calib.inc.naming import parse_name
     from tests.conftest import LLAMA70B_TP4, fixture_dir
 
     directory = fixture_dir(LLAMA70B_TP4)
@@ -128,9 +128,9 @@ def test_node_names_follow_inc_for_llama(measured):
 @pytest.mark.parametrize("arch,backend", ARCH_BACKENDS)
 def test_every_weight_quantize_converts_has_an_input_range(measured, tiny_models, arch, backend):
     """quantize's own matching rule finds nothing missing, on every backend; MLA's kv_b_proj holds the latent."""
-    from ray_calib.convert.checkpoint import Checkpoint
-    from ray_calib.convert.plan import match_measurement
     from ray_calib.measurements import unify_ranks
+    from ray_calib.measurements.match import match_measurement
+    from ray_calib.model.checkpoint import Checkpoint
 
     files = ranks(measured(arch, 2, True, backend))
     match = match_measurement(Checkpoint.open(tiny_models[arch]).tensors, unify_ranks(files, 1, expert_parallel=False)[0].nodes)

@@ -42,7 +42,8 @@ from math import comb, floor, log2
 
 import pytest
 
-from ray_calib.measurements import MeasurementSet, read_coverage, unify_ranks
+from ray_calib.inc import MeasurementSet, read_coverage
+from ray_calib.measurements import unify_ranks
 from tests.measure.conftest import ARCH_BACKENDS
 
 pytestmark = pytest.mark.slow

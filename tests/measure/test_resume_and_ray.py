@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_calib.cluster.localnodes import free_ports
-from ray_calib.measurements import MeasurementSet, read_meta
+from ray_calib.inc import MeasurementSet, read_meta
+from ray_calib.testing.localnodes import free_ports
 from tests.measure.conftest import measure_args, measure_env, run_measure
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ray_calib.measurements import RankFile, StatsName, write_rank_file
+from ray_calib.inc import RankFile, StatsName, write_rank_file
 
 PREFIX = "inc_measure_output"
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from ray_calib.measurements import RankFile, StatsName, npz, write_rank_file
+from ray_calib.inc import RankFile, StatsName, npz, write_rank_file
 from tests.measurements.synthetic import PREFIX, write_set
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_calib.measurements import MeasurementSet, RankFile, StatsName, read_rank_file, write_rank_file
+from ray_calib.inc import MeasurementSet, RankFile, StatsName, read_rank_file, write_rank_file
 from ray_calib.measurements.postprocess import postprocess
 from tests.conftest import DS_R1_TP16, LLAMA70B_TP4, SHARED, fixture_dir
 

@@ -1,6 +1,6 @@
 """Scale files beside the measurements are unified too: element-wise, experts concatenated in inputs[1:]."""
 
-from ray_calib.measurements import MODE_SCALE, MeasurementSet, RankFile, StatsName, write_rank_file
+from ray_calib.inc import MODE_SCALE, MeasurementSet, RankFile, StatsName, write_rank_file
 from tests.measurements.synthetic import PREFIX, write_set
 
 OP = "model.layers.0.mlp.experts.moe_op"

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from ray_calib.errors import UnifyError
-from ray_calib.measurements import MeasurementSet, RunMeta, read_meta, write_meta
+from ray_calib.inc import MeasurementSet, RunMeta, read_meta, write_meta
 from ray_calib.measurements.pipeline import unify_dir
 from tests.measurements.synthetic import write_set
 

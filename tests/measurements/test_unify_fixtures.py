@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from ray_calib.measurements import MeasurementSet, npz, unify_ranks
+from ray_calib.inc import MeasurementSet, npz
+from ray_calib.measurements import unify_ranks
 from tests.conftest import DS_R1_TP16, LLAMA70B_TP4, fixture_dir
 
 pytestmark = pytest.mark.fixtures

@@ -5,7 +5,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ray_calib.measurements import RankFile, StatsName, expand_rank, unify_ranks
+from ray_calib.inc import RankFile, StatsName
+from ray_calib.measurements import expand_rank, unify_ranks
 from tests.measurements.synthetic import rank_nodes
 
 

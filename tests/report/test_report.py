@@ -9,18 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from ray_calib.cli import cli
-from ray_calib.measurements import (
-    ExpertCoverage,
-    RankFile,
-    RunMeta,
-    StatsName,
-    write_coverage,
-    write_meta,
-    write_rank_file,
-)
+from ray_calib.inc import ExpertCoverage, RankFile, RunMeta, StatsName, write_coverage, write_meta, write_rank_file
+from ray_calib.inc.naming import MEASURE_PREFIX
 from ray_calib.report.build import build_report, load_run
 from ray_calib.report.extract import figures, leaf_max
-from ray_calib.rundir import MEASURE_PREFIX, RunDir
+from ray_calib.rundir import RunDir
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
 LAYERS, EXPERTS = 4, 8

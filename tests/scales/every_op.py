@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ray_calib.measurements import RankFile, StatsName, write_rank_file
+from ray_calib.inc import RankFile, StatsName, write_rank_file
 
 PREFIX = "inc_output"
 ATTN = "model.layers.{i}.self_attn"
@@ -43,7 +43,7 @@ def _value(rng: random.Random) -> float:
 
 
 def _bf16(x: float) -> float:
-    from ray_calib.scales.arith import bf16
+    from ray_calib.inc.arith import bf16
 
     return bf16(x)
 

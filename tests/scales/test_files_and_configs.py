@@ -9,19 +9,12 @@ from pathlib import Path
 import pytest
 
 from ray_calib.errors import ConfigError
-from ray_calib.measurements import MODE_SCALE, MeasurementSet
-from ray_calib.scales.devices import DEVICES
+from ray_calib.inc import MODE_SCALE, MeasurementSet
+from ray_calib.inc.devices import DEVICES
+from ray_calib.inc.methods import get_method
+from ray_calib.inc.quant_config import MLA_FP8_KV_BLOCK, is_moe, read_config, stale_scale_files, template_set, validate
+from ray_calib.inc.target import IncTarget, parse_version
 from ray_calib.scales.files import write_scale_files
-from ray_calib.scales.methods import get_method
-from ray_calib.scales.quant_config import (
-    MLA_FP8_KV_BLOCK,
-    is_moe,
-    read_config,
-    stale_scale_files,
-    template_set,
-    validate,
-)
-from ray_calib.scales.target import IncTarget, parse_version
 from tests.conftest import LLAMA70B_TP4, fixture_dir
 from tests.measurements.synthetic import write_set
 
@@ -66,7 +59,7 @@ def test_moe_op_scales_go_to_inputs(tmp_path):
 def test_pcs_and_opt_without_weights_are_refused(tmp_path, run_cli, method):
     """INC computes these from the weight tensor itself: a measured max is not enough."""
     write_set(tmp_path / "in", 1)
-    result = run_cli("scales", "--method", method, "--device", "gaudi3", "--in", tmp_path / "in", "--out", tmp_path / "o")
+    result = run_cli("scales", "--scale-method", method, "--device", "gaudi3", "--in", tmp_path / "in", "--out", tmp_path / "o")
     assert result.exit_code != 0 and "--weights MODEL_DIR" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
@@ -87,7 +80,7 @@ def test_shipped_templates_are_the_generated_ones():
 
 
 def test_kv_cache_dtype_follows_the_quantize_config():
-    from ray_calib.scales.quant_config import quantizes_kv_cache
+    from ray_calib.inc.quant_config import quantizes_kv_cache
 
     configs = template_set("/m", "/u", moe=True)
     assert quantizes_kv_cache(configs["inc_quant_with_fp8kv_one_node_config.json"])
@@ -106,11 +99,20 @@ def test_kv_cache_dtype_follows_the_quantize_config():
     ({"whitelist": {"types": [], "names": []}}, "both 'whitelist' and 'allowlist'"),
     ({"scale_params": {"input_backof": 0.25}}, "unknown key 'scale_params.input_backof'"),
     ({"dump_stats_path": ""}, "'dump_stats_path' is missing"),
+    ({"scale_method": {"default": {"weight": {"rounding_method": "cubic"}}}}, "matches none of INC's scale methods"),
 ])
 def test_config_errors_name_the_key(change, message):
     config = {**template_set("/m", "/u", moe=True)["inc_quant_config.json"], **change}
     with pytest.raises(ConfigError, match=message):
         validate(config, "q.json")
+
+
+def test_inc_34_output_backoff_and_a_dict_form_scale_method_are_accepted():
+    base = template_set("/m", "/u", moe=True)["inc_quant_config.json"]
+    validate({**base, "scale_params": {"output_backoff": 0.5}}, "q.json")
+    dict_form = {"default": {"weight": {"rounding_method": "pow2", "backoff": 0.5},
+                             "activation": {"rounding_method": "pow2", "backoff": 0.75}}}
+    validate({**base, "scale_method": dict_form}, "q.json")  # maxabs_pow2 with another activation backoff
 
 
 def test_legacy_keys_are_mapped(tmp_path):
@@ -129,7 +131,7 @@ def test_stale_scale_files_and_cli_warning(tmp_path, run_cli):
     old = os.stat(measure / "inc_measure_output_hooks_maxabs_0_2.json").st_mtime - 100
     os.utime(stale, (old, old))
     assert stale_scale_files(measure) == [stale]
-    result = run_cli("configs", "--model", "deepseek-ai/DeepSeek-R1", "--run-dir", tmp_path / "run", "--fp8-kv")
+    result = run_cli("quant-config", "write", "--model", "deepseek-ai/DeepSeek-R1", "--run-dir", tmp_path / "run", "--fp8-kv")
     assert result.exit_code == 0, result.stderr
     assert "stale scale file" in result.stderr and "--clean-stale-scales" in result.stderr
     written = json.loads((tmp_path / "run/configs/inc_quant_with_fp8kv_config.json").read_text())
@@ -137,17 +139,17 @@ def test_stale_scale_files_and_cli_warning(tmp_path, run_cli):
     assert written["blocklist"]["names"] == ["lm_head", r"mlp\.gate\b", *MLA_FP8_KV_BLOCK]  # DeepSeek: MLA
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"mode": "QUANTIZE", "dump_stats_path": "/x", "scale_mehtod": "maxabs_hw"}))
-    result = run_cli("configs", "--model", "m", "--check", bad)
+    result = run_cli("quant-config", "check", bad)
     assert result.exit_code == 2 and "unknown key 'scale_mehtod'" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_scales_cli_writes_scale_files(tmp_path, run_cli):
     write_set(tmp_path / "in", 2)
-    result = run_cli("scales", "--method", "maxabs_hw", "--device", "gaudi2", "--in", tmp_path / "in", "--out",
+    result = run_cli("scales", "--scale-method", "maxabs_hw", "--device", "gaudi2", "--in", tmp_path / "in", "--out",
                      tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     assert "wrote 2 MAXABS_HW scale file(s)" in result.stdout
-    result = run_cli("scales", "--method", "maxabs_hw", "--device", "cpu", "--in", tmp_path / "in", "--out", tmp_path / "o2")
+    result = run_cli("scales", "--scale-method", "maxabs_hw", "--device", "cpu", "--in", tmp_path / "in", "--out", tmp_path / "o2")
     assert result.exit_code == 2 and "Gaudi HW scales" in result.stderr
 
 

@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from ray_calib.measurements import MeasurementSet, npz
-from ray_calib.measurements.rankfile import same_values
+from ray_calib.inc import MeasurementSet, npz
+from ray_calib.inc.rankfile import same_values
 from tests.conftest import LLAMA31_G3_TP2, fixture_dir
 
 pytestmark = pytest.mark.fixtures
@@ -22,7 +22,7 @@ def _inc(rank: int, suffix: str):
 
 
 def test_scales_cli_reproduces_incs_files_node_for_node(run_cli, tmp_path):
-    result = run_cli("scales", "--method", "maxabs_hw", "--device", "gaudi3", "--in", fixture_dir(LLAMA31_G3_TP2),
+    result = run_cli("scales", "--scale-method", "maxabs_hw", "--device", "gaudi3", "--in", fixture_dir(LLAMA31_G3_TP2),
                      "--out", tmp_path)
     assert result.exit_code == 0, result.stderr
     assert "bf16 math" in result.stdout
@@ -39,7 +39,7 @@ def _load(path):
 
 
 def test_with_incs_blocklist_the_files_are_incs_byte_for_byte_in_the_npz(run_cli, tmp_path):
-    result = run_cli("scales", "--method", "maxabs_hw", "--device", "gaudi3", "--blocklist", r"^lm_head$",
+    result = run_cli("scales", "--scale-method", "maxabs_hw", "--device", "gaudi3", "--blocklist", r"^lm_head$",
                      "--in", fixture_dir(LLAMA31_G3_TP2), "--out", tmp_path)
     assert result.exit_code == 0, result.stderr
     assert "1 blocklisted" in result.stdout
@@ -56,10 +56,10 @@ def test_float64_math_would_not_reproduce_them(tmp_path):
     """The bf16 emulation is what makes the difference (it is not a test that cannot fail)."""
     from dataclasses import replace
 
-    from ray_calib.scales.arith import FloatMath
-    from ray_calib.scales.devices import DEVICES
+    from ray_calib.inc.arith import FloatMath
+    from ray_calib.inc.devices import DEVICES
+    from ray_calib.inc.methods import get_method
     from ray_calib.scales.files import write_scale_files
-    from ray_calib.scales.methods import get_method
 
     class Float64Gaudi3(type(DEVICES["gaudi3"])):
         math = FloatMath
@@ -76,7 +76,7 @@ def test_unify_of_range_and_scale_files_and_back_through_expand(run_cli, tmp_pat
     again give the TP1 files back, scale files included."""
     one, two, again = tmp_path / "tp1", tmp_path / "ep2", tmp_path / "tp1-again"
     assert run_cli("unify", "--to-tp", 1, "--in", fixture_dir(LLAMA31_G3_TP2), "--out", one).exit_code == 0
-    result = run_cli("scales", "--method", "maxabs_hw", "--device", "gaudi3", "--blocklist", "^lm_head$",
+    result = run_cli("scales", "--scale-method", "maxabs_hw", "--device", "gaudi3", "--blocklist", "^lm_head$",
                      "--in", one, "--out", tmp_path / "recomputed")
     assert result.exit_code == 0, result.stderr
     unified = MeasurementSet.discover(one, method="MAXABS_HW").read(0)
@@ -140,8 +140,8 @@ def test_pull_brings_back_incs_files_and_they_read(run_cli, tmp_path, monkeypatc
     """push a run holding INC's range + scale files to the hub stand-in, pull it elsewhere, read it there."""
     import huggingface_hub.constants as constants
 
-    from ray_calib.hub.standin import DEFAULT_TOKEN, StandinHub
     from ray_calib.rundir import RunDir
+    from ray_calib.testing.hub_standin import DEFAULT_TOKEN, StandinHub
 
     run = RunDir(tmp_path / "run")
     shutil.copytree(fixture_dir(LLAMA31_G3_TP2), run.measure)
@@ -150,9 +150,9 @@ def test_pull_brings_back_incs_files_and_they_read(run_cli, tmp_path, monkeypatc
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", DEFAULT_TOKEN)
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the stand-in speaks plain LFS only
         assert run_cli("push", "--repo", "standin/inc-g3", "--run-dir", run.root).exit_code == 0
-        result = run_cli("pull", "--repo", "standin/inc-g3", "--to", tmp_path / "back")
+        result = run_cli("pull", "--repo", "standin/inc-g3", "--out", tmp_path / "back")
         assert result.exit_code == 0, result.stderr
     finally:
         hub.stop()

@@ -3,7 +3,7 @@
 1. Reference: INC's op quantizers (`ops_quantizer.get_op_quantizer(...).get_scales_module_config()`) run on
    CPU on the range file (read by INC's `load_file`) and the real weights compute the scale ModuleConfigs
    that INC's QUANTIZE saves. One HPU behaviour is put back in: a bf16 tensor divided by a Python float is
-   `x * bf16(1 / c)` in the HPU graph, while CPU torch divides in float32 (`scales.arith` explains it).
+   `x * bf16(1 / c)` in the HPU graph, while CPU torch divides in float32 (`inc.arith` explains it).
    For the opt-weight methods also: the weight's move to "hpu" is a no-op, the HPU's saturating FP8 cast
    (`cast_to_fp8_v2`) is a clamp to the device's range plus torch's cast, and maxabs_hw_opt_weight's
    candidates are the device's HW scales (INC reads them from the accelerator, which is the CPU here).
@@ -25,8 +25,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ray_calib.measurements import MODE_SCALE, MeasurementSet, RankFile, StatsName, npz, write_rank_file
-from ray_calib.scales.devices import DEVICES
+from ray_calib.inc import MODE_SCALE, MeasurementSet, RankFile, StatsName, npz, write_rank_file
+from ray_calib.inc.devices import DEVICES
 from ray_calib.scales.files import ScaleRequest, make_scales
 from tests.scales import every_op
 
@@ -320,7 +320,7 @@ def _write(data: bytes, path):
 @pytest.mark.fixtures
 def test_inc_loader_takes_our_files_of_a_real_expert_parallel_moe_run(stub_hpu_kernels, tmp_path):
     """DeepSeek-R1 on Gaudi2 at TP16/EP16 (range files only): MLA latent cache, fused SDPA, 16 local experts."""
-    from ray_calib.measurements.optypes import op_type
+    from ray_calib.inc.optypes import op_type
     from tests.conftest import DS_R1_TP16, fixture_dir
 
     run = make_scales(ScaleRequest(in_dir=fixture_dir(DS_R1_TP16), out_dir=tmp_path, method="maxabs_hw",

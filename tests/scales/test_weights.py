@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ray_calib.errors import ModelError
-from ray_calib.measurements import MeasurementSet
+from ray_calib.inc import MeasurementSet
 from ray_calib.scales.weights import Shard, rank_shards
 
 torch = pytest.importorskip("torch")
@@ -72,8 +72,8 @@ def test_fp8_weights_are_dequantized_first(tmp_path):
     """INC's dequant_original_fp8_weight_if_needed: the scale comes from the BF16 values, not the FP8 codes."""
     from safetensors.torch import save_file
 
-    from ray_calib.scales.devices import DEVICES
-    from ray_calib.scales.methods import get_method, scale_from_maxabs
+    from ray_calib.inc.devices import DEVICES
+    from ray_calib.inc.methods import get_method, scale_from_maxabs
     from ray_calib.scales.weights import CheckpointWeights
 
     gen = torch.Generator().manual_seed(0)
@@ -101,7 +101,7 @@ def test_fp8_weights_are_dequantized_first(tmp_path):
 def test_shards_are_what_vllm_holds_at_tp2(tmp_path_factory, run_cli, tiny_model, arch):
     """A real TP2 measurement records each rank's weight max from the shard vLLM loaded; the checkpoint shards
     must give the same scale for every weight node (run under the heavy-run lock: it starts vLLM)."""
-    from ray_calib.tiny.calibset import make_calib_set
+    from ray_calib.testing.tiny.calibset import make_calib_set
     from tests.measure.conftest import measure_args, run_measure
 
     root = tmp_path_factory.mktemp(f"tp2-{arch}")
@@ -109,7 +109,7 @@ def test_shards_are_what_vllm_holds_at_tp2(tmp_path_factory, run_cli, tiny_model
     calib = make_calib_set("pile", root / "pile.jsonl", num_samples=8)
     run = run_measure(measure_args(model, calib, root / "measure", 2, fp8_kv=False)).check()
     for weights in (False, True):
-        result = run_cli("scales", "--method", "maxabs_arbitrary", "--device", "gaudi3", "--in", run.out,
+        result = run_cli("scales", "--scale-method", "maxabs_arbitrary", "--device", "gaudi3", "--in", run.out,
                          "--out", root / f"scales-{weights}", *(("--weights", model) if weights else ()))
         assert result.exit_code == 0, result.stderr
     measured, sharded = (MeasurementSet.discover(root / f"scales-{w}", method="MAXABS_ARBITRARY").read_all()

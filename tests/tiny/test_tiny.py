@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from ray_calib.cli import cli
-from ray_calib.tiny.model import CONFIGS, VOCAB_SIZE
+from ray_calib.testing.tiny.model import CONFIGS, VOCAB_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_tokenizer_matches_config_and_has_a_chat_template(models):
 
 
 def test_same_seed_same_bytes_other_seed_other_weights(tmp_path, models):
-    from ray_calib.tiny.model import make_tiny_model
+    from ray_calib.testing.tiny.model import make_tiny_model
 
     again = make_tiny_model("llama", tmp_path / "again").path
     other = make_tiny_model("llama", tmp_path / "other", seed=1).path
@@ -124,7 +124,7 @@ def test_make_calib_set_writes_each_format(tmp_path, fmt, name):
 
 
 def test_commands_module_imports_no_heavy_packages():
-    code = ("import sys, ray_calib.tiny.commands; "
+    code = ("import sys, ray_calib.testing.commands; "
             "print(sorted(m for m in ('torch', 'transformers', 'tokenizers', 'pandas', 'safetensors') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
