@@ -35,6 +35,8 @@ COMMANDS: dict[str, str] = {
     "make-tiny-model": "ray_calib.tiny.commands:make_tiny_model",
     "make-calib-set": "ray_calib.tiny.commands:make_calib_set",
     "dataset-info": "ray_calib.data.commands:dataset_info",
+    "import-gguf": "ray_calib.realmodel.commands:import_gguf",
+    "make-text-set": "ray_calib.realmodel.commands:make_text_set",
     "push": "ray_calib.hub.commands:push",
     "pull": "ray_calib.hub.commands:pull",
     "report": "ray_calib.report.commands:report",

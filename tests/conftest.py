@@ -11,6 +11,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures"
 DS_R1_TP16 = FIXTURES / "inc-ds-r1-0528-g2-tp16"
 LLAMA70B_TP4 = FIXTURES / "inc-distill-llama-70b-g2-tp4"
+LLAMA31_G3_TP2 = FIXTURES / "inc-llama31-70b-g3-tp2"  # range files and INC's own MAXABS_HW scale files
 
 
 def fixture_dir(path: Path) -> Path:

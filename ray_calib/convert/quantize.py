@@ -29,7 +29,8 @@ from ray_calib.convert.cast import Scratch, fp8_weight, stream, to_torch, weight
 from ray_calib.convert.safetensors_io import PlannedTensor, ShardReader, ShardWriter
 from ray_calib.errors import ModelError
 from ray_calib.scales.devices import DeviceScales
-from ray_calib.scales.methods import ScaleMethod, WeightScaleSearch, activation_scale, channel_scales
+from ray_calib.scales.methods import (ScaleMethod, TensorRule, WeightScaleSearch, activation_scale, channel_scales,
+                                     leaf_max, scale_from_maxabs)
 
 MANIFEST = ".ray-calib-quantize.json"
 KV_SHARD = "model-kv-scales.safetensors"
@@ -44,6 +45,7 @@ class QuantizeJob:
     method: ScaleMethod
     device: DeviceScales
     fp8_kv: bool = False
+    kv_rule: TensorRule | None = None  # k/v scales; None: the method's activation rule (INC's semantics)
     low_cpu_mem: bool = False
     force: bool = False
     free_space: FreeSpace = free_bytes
@@ -111,7 +113,7 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
 def _fingerprint(checkpoint: Checkpoint, job: QuantizeJob) -> str:
     digest = hashlib.sha256(source_fingerprint(checkpoint).encode())
     digest.update(json.dumps(job.measurement.nodes, sort_keys=True).encode())
-    digest.update(repr((job.method, job.device, job.fp8_kv, _FORMAT_VERSION)).encode())
+    digest.update(repr((job.method, job.device, job.fp8_kv, job.kv_rule, _FORMAT_VERSION)).encode())
     return digest.hexdigest()
 
 
@@ -184,7 +186,7 @@ def _write_shard(checkpoint: Checkpoint, shard: str, layout: list[PlannedTensor]
         with ShardWriter(out_path, layout) as writer:
             for layer, (k, v) in plan.kv_maxabs.items():
                 for name, maxabs in zip(names.kv_scale_names(layer), (k, v)):
-                    writer.write_raw(name, _f32(activation_scale(maxabs, job.method, job.device)))
+                    writer.write_raw(name, _f32(_kv_scale(maxabs, job)))
             return writer.close()
     infos = checkpoint.tensors_in(shard)
     with ShardReader(checkpoint.path / shard) as reader, ShardWriter(out_path, layout) as writer, \
@@ -223,6 +225,12 @@ def _output_tensors(info, raw, plan: QuantPlan, scales: dict[str, float], job: Q
     if not job.method.dynamic_only:
         group = plan.groups[plan.group_of[info.name]]
         yield f"{prefix}.input_scale", _f32(activation_scale(group.input_maxabs, job.method, job.device))
+
+
+def _kv_scale(maxabs: float, job: QuantizeJob) -> float:
+    if job.kv_rule is None:
+        return activation_scale(maxabs, job.method, job.device)
+    return scale_from_maxabs(leaf_max(maxabs), job.kv_rule, job.device)
 
 
 def _f32(value: float):

@@ -3,8 +3,11 @@
     executor   uni (TP=1, no extra process) | mp (one node, one process per rank) | ray (across nodes)
     env        set before vLLM starts so every worker inherits it: thread binding and KV space on CPU,
                the CPU-on-Ray platform plugin, VLLM_HOST_IP / *_SOCKET_IFNAME of the driver's node
-    ray        the job's runtime_env carries our variables to Ray workers on every node (the engine core
-               calls `ray.init` itself; we connect first so it reuses our connection and runtime_env)
+    ray        the job's runtime_env carries our variables to Ray workers on every node. `connect_ray` is
+               the first Ray call of a run: vLLM copies the driver's runtime_env into its engine config
+               (an engine-core process joins as another job), so a bare `ray.init` before it would leave
+               every rank without the env. VLLM_RAY_EXTRA_ENV_VARS_TO_COPY names our non-VLLM_ variables
+               too, for executors that copy the driver env by name.
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ class EngineConfig:
     host_ip: str | None = None  # VLLM_HOST_IP of the driver's node
     socket_ifname: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Gaudi (INC) engines: graphs allowed, remote code as upstream, experts partitioned with EP.
+    enforce_eager: bool = True  # observers are forward hooks: graphs and torch.compile would skip them
+    trust_remote_code: bool = False
+    enable_expert_parallel: bool = False
 
     @property
     def resolved_executor(self) -> str:
@@ -74,10 +81,14 @@ def llm_kwargs(config: EngineConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         model=config.model, tensor_parallel_size=config.tp_size, dtype=config.dtype, seed=config.seed,
         max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-        enforce_eager=True,  # observers are forward hooks: graphs and torch.compile would skip them
+        enforce_eager=config.enforce_eager,
         enable_prefix_caching=False,  # cached prefixes are not recomputed, so they would not be observed
         distributed_executor_backend=None if executor == "uni" else executor,
     )
+    if config.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if config.enable_expert_parallel:
+        kwargs["enable_expert_parallel"] = True
     if config.worker_extension_cls:
         kwargs["worker_extension_cls"] = config.worker_extension_cls
     if config.kv_cache_dtype != "auto":
@@ -100,7 +111,7 @@ def build_llm(config: EngineConfig):
     if config.host_ip:
         os.environ["VLLM_HOST_IP"] = config.host_ip
     if config.resolved_executor == "ray":
-        _connect_ray(config, env)
+        connect_ray(config)
     from vllm import LLM
 
     try:
@@ -111,21 +122,34 @@ def build_llm(config: EngineConfig):
                           fix="check the model directory and --tp; rerun with RAY_CALIB_DEBUG=1 for the traceback.") from err
 
 
-def _connect_ray(config: EngineConfig, env: dict[str, str]) -> None:
-    """Join the cluster with a runtime_env that carries our env and makes the project importable."""
-    import ray
-
-    if ray.is_initialized():
-        return
+def runtime_env(config: EngineConfig) -> dict[str, Any]:
+    """The Ray job's runtime_env: our worker env, and the project importable in every Ray worker."""
     project_root = str(Path(__file__).resolve().parents[2])
     python_path = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH", "")) if p)
-    runtime_env = {"env_vars": {**env, "PYTHONPATH": python_path}}
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
-    try:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-    except (ConnectionError, RuntimeError) as err:
-        raise EngineError(f"cannot join the Ray cluster at {address}: {err}",
-                          fix="check `ray status` on the head, or run `ray-calib up`.") from err
+    return {"env_vars": {**worker_env(config), "PYTHONPATH": python_path}}
+
+
+def connect_ray(config: EngineConfig) -> None:
+    """Join the cluster with the run's runtime_env; the first Ray call of a run must be this one.
+
+    Idempotent: a second call finds Ray joined with the same env. A connection made with another env
+    (an earlier run in this process, or a bare `ray.init`) is closed and made again with this one,
+    since vLLM copies the driver's runtime_env to every rank and a job's env cannot change.
+    """
+    import ray
+
+    wanted = runtime_env(config)
+    if ray.is_initialized():
+        have = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+        if any(have.get(k) != v for k, v in wanted["env_vars"].items() if k != "PYTHONPATH"):
+            ray.shutdown()
+    if not ray.is_initialized():
+        address = config.ray_address or os.environ.get("RAY_ADDRESS")
+        try:
+            ray.init(address=address, runtime_env=wanted, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as err:
+            raise EngineError(f"cannot join the Ray cluster at {address}: {err}",
+                              fix="check `ray status` on the head, or run `ray-calib up`.") from err
     if not config.host_ip and "VLLM_HOST_IP" not in os.environ:
         # vLLM compares the driver's IP with its workers' node IPs: use the one Ray knows for this node.
         os.environ["VLLM_HOST_IP"] = ray.util.get_node_ip_address()
@@ -148,3 +172,19 @@ def error_reason(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith("For further information")]
     return (lines[-1] if lines else type(err).__name__)[:400]
+
+
+def timeout_env(seconds: int) -> dict[str, str]:
+    """vLLM's start-up and per-step limits, raised for large models (weights loading, first graph compiles).
+
+    vLLM 0.32 reads VLLM_ENGINE_READY_TIMEOUT_S (engine start, default 600 s) and
+    VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (one step, default 300 s); older vLLM and the Gaudi forks read
+    VLLM_ENGINE_ITERATION_TIMEOUT_S and VLLM_RPC_TIMEOUT (milliseconds). All four are set.
+    """
+    return {"VLLM_ENGINE_READY_TIMEOUT_S": str(seconds), "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": str(seconds),
+            "VLLM_ENGINE_ITERATION_TIMEOUT_S": str(seconds), "VLLM_RPC_TIMEOUT": str(seconds * 1000)}
+
+
+def env_to_copy(env: dict[str, str]) -> str:
+    """VLLM_RAY_EXTRA_ENV_VARS_TO_COPY for `env`: the names vLLM would not copy to Ray workers by itself."""
+    return ",".join(sorted(k for k in env if not k.startswith(("VLLM_", "HF_", "NCCL_"))))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ray_calib.engine.device import DEVICE_CHOICES
 from ray_calib.errors import EngineError
 from ray_calib.rundir import RunDir, run_dir_option
 
@@ -27,23 +28,30 @@ def _run_meta(run: RunDir, model: Path):
 @click.command()
 @click.option("--one-node", is_flag=True, help="Serve on this node alone at its TP (the default).")
 @click.option("--conf", type=_file, help="Spread the ranks over the cluster `up` started from this devices.conf.")
-@click.option("--model", type=_dir, help="Model directory [default: <run-dir>/fp8].")
+@click.option("--model", type=_dir, help="Model directory [default: <run-dir>/fp8; on Gaudi the measured model].")
 @click.option("--tp", type=int, help="Tensor-parallel size [default: the unified TP of the run, else 8; 1 on CPU].")
 @click.option("--prompts", type=_file, help="One prompt per line (or JSONL with 'prompt').")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--fp8-kv/--no-fp8-kv", default=None, help="FP8 KV cache [default: as measured].")
+@click.option("--baseline", type=_dir, help="Also run this BF16 model and print both answers side by side.")
 @click.option("--serve", is_flag=True, help="Start an OpenAI-compatible server (vllm serve) instead.")
 @click.option("--detach", is_flag=True, help="With --serve: return once healthy, leaving the server running.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--quant-config", type=_file, help="Gaudi: the QUANTIZE QUANT_CONFIG INC applies at load.")
+@click.option("--quant-config", type=_file, help="Gaudi: the QUANTIZE QUANT_CONFIG INC applies at load [default: "
+              "devices.conf INC_QUANT_CONFIG_FILENAME, else the run's one-node config for this TP, written if absent].")
 @click.option("--timeout", "timeout_s", type=int, default=1800, show_default=True,
-              help="Seconds for long FP8 compiles (sets VLLM_ENGINE_ITERATION_TIMEOUT_S and VLLM_RPC_TIMEOUT).")
+              help="Seconds for vLLM to start and for one step (VLLM_ENGINE_READY_TIMEOUT_S, "
+                   "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS and their older names).")
 @click.option("--allow-device-mismatch", is_flag=True, help="Use scales measured on another device type.")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
+              help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).")
+@click.option("--dry-run", is_flag=True, help="Print the engine arguments, env and QUANT_CONFIG; start nothing.")
 @run_dir_option
 def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None, prompts: Path | None,
-          max_new_tokens: int, fp8_kv: bool | None, serve: bool, detach: bool, host: str, port: int,
-          quant_config: Path | None, timeout_s: int, allow_device_mismatch: bool, run_dir: str | None) -> None:
+          max_new_tokens: int, fp8_kv: bool | None, baseline: Path | None, serve: bool, detach: bool, host: str,
+          port: int, quant_config: Path | None, timeout_s: int, allow_device_mismatch: bool, device: str,
+          dry_run: bool, run_dir: str | None) -> None:
     """Run the quantized model with vLLM: offline generation, or `--serve` an OpenAI API.
 
     \b
@@ -51,29 +59,45 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None,
       ray-calib infer --one-node --prompts prompts.txt
       ray-calib infer --one-node --serve --port 8000
     """
-    from ray_calib.engine.device import detect_device, device_type
+    from ray_calib.engine.device import detect_target
     from ray_calib.infer import runner
 
     if one_node and conf:
         raise click.UsageError("--one-node and --conf exclude each other.")
     run = RunDir.resolve(run_dir)
-    model = model or run.fp8
-    device = detect_device()
-    meta, meta_dir = _run_meta(run, model)
-    runner.check_device_type(meta, device_type(device), allow_mismatch=allow_device_mismatch, where=meta_dir)
-    tp_size = tp or (meta.tp_size if meta and meta.tp_size and meta.unified_from else (1 if device == "cpu" else 8))
+    target = detect_target(device)
+    device = target.device
+    meta, meta_dir = _run_meta(run, model or ((run.latest_unified() or run.measure) if target.is_gaudi else run.fp8))
+    runner.check_device_type(meta, target.device_type, allow_mismatch=allow_device_mismatch, where=meta_dir)
     extra_env = {}
-    if conf:
+    if conf and not dry_run:
         from ray_calib.cluster import connect
 
         extra_env["RAY_ADDRESS"] = connect(conf)
-    config = runner.InferConfig(model=model, tp_size=tp_size, device=device,
-                                fp8_kv=fp8_kv if fp8_kv is not None else bool(meta and meta.fp8_kv),
-                                quant_config=quant_config, timeout_s=timeout_s, extra_env=extra_env)
-    click.echo(f"vLLM on {device}, TP={tp_size}, FP8 KV {'on' if config.fp8_kv else 'off'}; "
-               f"VLLM_ENGINE_ITERATION_TIMEOUT_S={timeout_s}, VLLM_RPC_TIMEOUT={timeout_s * 1000} (ms)")
+    elif conf:
+        from ray_calib.cluster import devices
+
+        extra_env["RAY_ADDRESS"] = devices.load(conf).address  # shown, not joined
+    if target.is_gaudi:
+        config, serve_plan = _gaudi_config(run, meta, model, tp, quant_config, fp8_kv, conf, timeout_s, extra_env,
+                                           write=not dry_run, card_bytes=target.memory_bytes)
+    else:
+        serve_plan = None
+        model = model or run.fp8
+        tp_size = tp or (meta.tp_size if meta and meta.tp_size and meta.unified_from else (1 if device == "cpu" else 8))
+        config = runner.InferConfig(model=model, tp_size=tp_size, device=device,
+                                    fp8_kv=fp8_kv if fp8_kv is not None else bool(meta and meta.fp8_kv),
+                                    quant_config=quant_config, timeout_s=timeout_s, extra_env=extra_env)
+    if dry_run:
+        click.echo(_plan(config, target, serve, host, port, conf, serve_plan).render())
+        return
+    click.echo(f"vLLM on {target.device_type}, TP={config.tp_size}, KV cache {runner.engine_config(config).kv_cache_dtype}; "
+               f"engine start and step timeouts {timeout_s} s")
     if serve:
         _serve(runner, config, host, port, detach, run)
+        return
+    if baseline is not None:
+        _side_by_side(config, baseline, runner.load_prompts(prompts), max_new_tokens, run)
         return
     completions = runner.generate(config, runner.load_prompts(prompts), max_new_tokens=max_new_tokens)
     for completion in completions:
@@ -83,6 +107,82 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp: int | None,
     out = atomic.write_json(run.root / "infer" / "completions.json",
                             [completion.__dict__ for completion in completions])
     click.echo(f"completions saved to {out}")
+
+
+def _side_by_side(config, baseline: Path, prompts: list[str], max_new_tokens: int, run: RunDir) -> None:
+    from ray_calib import atomic
+    from ray_calib.infer.compare import format_side_by_side, side_by_side
+    from ray_calib.infer.runner import check_model_dir
+
+    check_model_dir(baseline)
+    rows = side_by_side(config, baseline, prompts, max_new_tokens=max_new_tokens)
+    click.echo(format_side_by_side(rows))
+    click.echo(f"{sum(r.same for r in rows)} of {len(rows)} answers identical")
+    out = atomic.write_json(run.root / "infer" / "completions.json", [row.__dict__ for row in rows])
+    click.echo(f"completions saved to {out}")
+
+
+def _gaudi_config(run: RunDir, meta, model, tp, quant_config, fp8_kv, conf, timeout_s: int, extra_env: dict, *,
+                  write: bool, card_bytes: int | None):
+    """Gaudi defaults from the run: the measured model, its TP, the one-node QUANT_CONFIG, KV dtype and EP."""
+    from ray_calib.infer import gaudi, runner
+
+    conf_quant = None
+    if conf:
+        from ray_calib.cluster import devices
+
+        conf_quant = devices.load(conf).extras.get("INC_QUANT_CONFIG_FILENAME")
+    plan = gaudi.resolve(run, meta, model=model, tp=tp, quant_config=quant_config, fp8_kv=fp8_kv,
+                         conf_quant_config=conf_quant, write=write)
+    if plan.generated and write:
+        click.echo(f"wrote {plan.quant_config} (QUANTIZE, measurements in {plan.measurements})")
+    config = runner.InferConfig(model=plan.model, tp_size=plan.tp_size, device="hpu", fp8_kv=plan.fp8_kv,
+                                quant_config=plan.quant_config, timeout_s=timeout_s, extra_env=extra_env,
+                                expert_parallel=plan.expert_parallel)
+    if write:  # a dry run shows the fit instead of refusing
+        gaudi.check_serve_fit(config, target_bytes=card_bytes)
+    return config, plan
+
+
+def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, gaudi_plan=None):
+    """What `infer` would start, per node (the ranks run on this node unless --conf)."""
+    from ray_calib.engine.device import GiB
+    from ray_calib.engine.plan import EnginePlan, local_node, nodes_from_conf
+    from ray_calib.infer import runner
+    from ray_calib.scales.quant_config import read_config
+
+    engine = runner.engine_config(config)
+    facts = [("model", str(config.model)),
+             ("device", f"{target.device_type} [{target.device}]"
+                        + (f", {target.memory_bytes / GiB:.0f} GiB per device" if target.memory_bytes else "")
+                        + f" ({target.source})"),
+             ("parallel", f"TP {config.tp_size}{', expert parallel' if config.expert_parallel else ''}"),
+             ("KV cache", engine.kv_cache_dtype + (" (from the QUANT_CONFIG's blocklist)" if target.is_gaudi else ""))]
+    quant = gaudi_plan.config if gaudi_plan else (read_config(config.quant_config) if config.quant_config else None)
+    note = None
+    if gaudi_plan is not None:
+        note = ("would be written by the run" if gaudi_plan.generated else "as it is") + \
+            f"; measurements {gaudi_plan.measurements}"
+    nodes = local_node(config.tp_size)
+    if conf:
+        from ray_calib.cluster import devices
+
+        nodes = nodes_from_conf(devices.load(conf), config.tp_size)
+    args = runner.serve_args(config, engine, host, port) if serve else None
+    warnings = []
+    if target.is_gaudi:
+        from ray_calib.infer import gaudi
+
+        _, fit = gaudi.serve_fit(config, target.memory_bytes)
+        facts.append(("memory", "\n".join(fit.lines())))
+        warnings += [f"does not fit: {problem}" for problem in fit.problems()]
+    if conf and target.is_gaudi:
+        warnings.append(f"the QUANT_CONFIG and the measurements it names must be at the same paths on every node "
+                        f"(ranks on other nodes read {config.quant_config})")
+    return EnginePlan(warnings=warnings, title="ray-calib infer --dry-run: nothing is started, no device is opened",
+                      facts=facts,
+                      engine=engine, quant_config=quant, quant_config_path=str(config.quant_config) if quant else None,
+                      nodes=nodes, serve_args=args, quant_config_note=note)
 
 
 def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> None:
@@ -115,12 +215,14 @@ def _interrupt(signum: int, frame) -> None:
 @click.option("--texts", type=_file, help="Held-out texts, one per line (or JSONL with 'text').")
 @click.option("--tp", type=int, default=1, show_default=True)
 @click.option("--fp8-kv/--no-fp8-kv", "with_fp8_kv", default=True, show_default=True,
-              help="Also score the candidate with an FP8 KV cache.")
+              help="Also score the candidate with an FP8 KV cache (the others always run a BF16 one).")
+@click.option("--max-model-len", type=click.IntRange(min=16), default=1024, show_default=True,
+              help="Context of the scoring engines; longer texts are scored in consecutive windows.")
 @click.option("--min-agreement", type=float, help="Fail when top-1 agreement falls below this (0-1).")
 @click.option("--out", type=_file, help="Results JSON [default: <run-dir>/eval.json].")
 @run_dir_option
 def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | None, tp: int, with_fp8_kv: bool,
-                 min_agreement: float | None, out: Path | None, run_dir: str | None) -> None:
+                 max_model_len: int, min_agreement: float | None, out: Path | None, run_dir: str | None) -> None:
     """Compare the FP8 model with its BF16 baseline: top-1 agreement, KL, perplexity.
 
     \b
@@ -140,11 +242,11 @@ def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | No
     for model in (baseline, candidate):
         runner.check_model_dir(model)
     report = fidelity.evaluate(baseline, candidate, runner.load_prompts(texts), tp_size=tp, device=detect_device(),
-                               with_fp8_kv=with_fp8_kv)
+                               with_fp8_kv=with_fp8_kv, max_model_len=max_model_len)
     path = fidelity.write_report(report, out or run.eval_json)
-    for name, agreement in report.top1_agreement.items():
-        click.echo(f"{name}: top-1 agreement {agreement:.3f}, mean KL {report.mean_kl[name]:.4f}, "
-                   f"perplexity {report.perplexity[name]:.2f} (baseline {report.perplexity['baseline']:.2f})")
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo(fidelity.format_table(report))
     click.echo(f"{report.num_positions} positions over {report.num_texts} texts; saved {path}")
     if min_agreement is not None and report.worst_agreement() < min_agreement:
         raise EngineError(f"top-1 agreement {report.worst_agreement():.3f} is below --min-agreement {min_agreement}",

@@ -1,26 +1,33 @@
-"""Does the FP8 model still say what the BF16 one says? Same texts through both, compared per position.
+"""Does the FP8 model still say what the BF16 one says? Same tokens through both, compared per position.
 
-Each model scores the texts once (prefill only, `prompt_logprobs=K`) in its own process, so two
-engines never share memory. Per next-token position we compare the argmax (top-1 agreement), the
-KL divergence of the candidate from the baseline over the baseline's top-K tokens (a token missing
-from the candidate's top-K gets the candidate's K-th logprob, an upper bound, so the figure is a
-slight underestimate), and the perplexity of each model on the actual next tokens.
+The texts are tokenized once, with the baseline's tokenizer, and every model scores exactly those
+token ids (prefill only, `prompt_logprobs=K`), each in its own process so two engines never share
+memory. A text longer than the context is scored in consecutive windows (one line says so). Per
+next-token position:
+    top-1 agreement  the candidate's argmax equals the baseline's
+    KL               KL(baseline || candidate) over the baseline's top-K tokens plus one bucket for the
+                     rest of the vocabulary: the KL of the two coarse distributions, never negative and
+                     never above the full KL (log-sum inequality); a token missing from the candidate's
+                     top-K gets the candidate's K-th logprob (an upper bound of its true logprob)
+    perplexity       exp of the mean negative logprob of the actual next tokens
+The KV cache dtype is always passed to vLLM explicitly ("bfloat16" or "fp8"): with "auto" vLLM 0.32 runs
+whatever KV scheme the checkpoint carries, so a no-FP8-KV variant of a checkpoint with k/v scales would
+silently run an FP8 cache. Each variant records the dtype its engine really used.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ray_calib import atomic
-from ray_calib.errors import EngineError
+from ray_calib.infer.isolated import run_isolated
 
 TOP_K = 20  # vLLM's default max_logprobs
+Position = dict  # {"actual": logprob of the real next token, "argmax": token id, "top": {token id: logprob}}
 
 
 @dataclass
@@ -37,78 +44,142 @@ class FidelityReport:
     num_texts: int
     num_positions: int
     top_k: int = TOP_K
+    num_windows: int = 0
     perplexity: dict[str, float] = field(default_factory=dict)
     top1_agreement: dict[str, float] = field(default_factory=dict)
     mean_kl: dict[str, float] = field(default_factory=dict)
+    kv_cache_dtype: dict[str, str] = field(default_factory=dict)  # what each variant's engine ran
+    notes: list[str] = field(default_factory=list)
 
     def worst_agreement(self) -> float:
         return min(self.top1_agreement.values())
 
 
+# ---- the metrics (pure functions over scored positions) -------------------------------------------------
+
+def top1_agreement(reference: list[list[Position]], other: list[list[Position]]) -> float:
+    pairs = list(_pairs(reference, other))
+    return sum(ref["argmax"] == oth["argmax"] for ref, oth in pairs) / max(len(pairs), 1)
+
+
+def mean_kl(reference: list[list[Position]], other: list[list[Position]]) -> float:
+    pairs = list(_pairs(reference, other))
+    return sum(position_kl(ref["top"], oth["top"]) for ref, oth in pairs) / max(len(pairs), 1)
+
+
+def position_kl(reference_top: dict[str, float], other_top: dict[str, float]) -> float:
+    """KL(p || q) over p's top tokens plus a rest bucket (see the module docstring)."""
+    floor = min(other_top.values())
+    p = [math.exp(lp) for lp in reference_top.values()]
+    q = [math.exp(other_top.get(token, floor)) for token in reference_top]
+    kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+    p_rest, q_rest = 1.0 - sum(p), 1.0 - sum(q)
+    if p_rest > 1e-12:
+        kl += p_rest * math.log(p_rest / max(q_rest, 1e-12))
+    return max(kl, 0.0)
+
+
+def perplexity(positions: list[list[Position]]) -> float:
+    logprobs = [p["actual"] for text in positions for p in text]
+    return math.exp(-sum(logprobs) / max(len(logprobs), 1))
+
+
+def _pairs(reference: list[list[Position]], other: list[list[Position]]):
+    if len(reference) != len(other):
+        raise ValueError(f"{len(reference)} scored texts against {len(other)}")
+    for ref_text, other_text in zip(reference, other):
+        if len(ref_text) != len(other_text):
+            raise ValueError(f"a text scored at {len(ref_text)} positions against {len(other_text)}")
+        yield from zip(ref_text, other_text)
+
+
+# ---- texts -> token windows --------------------------------------------------------------------------
+
+def token_windows(token_ids: list[list[int]], max_model_len: int) -> tuple[list[list[int]], str | None]:
+    """Each text's ids cut into consecutive windows the engine takes (prompt + 1 new token <= context).
+
+    Returns the windows and, when any text was cut, the one-line notice that says so.
+    """
+    size = max_model_len - 1
+    windows = [ids[start:start + size] for ids in token_ids for start in range(0, len(ids), size)]
+    windows = [w for w in windows if len(w) >= 2]  # one token predicts nothing
+    long = [len(ids) for ids in token_ids if len(ids) > size]
+    if not long:
+        return windows, None
+    return windows, (f"{len(long)} of {len(token_ids)} texts are longer than the {max_model_len}-token context "
+                     f"(longest {max(long)} tokens): scored in consecutive windows of up to {size} tokens, "
+                     f"{len(windows)} windows in all")
+
+
+def tokenize(model: Path, texts: list[str]) -> list[list[int]]:
+    """Token ids as vLLM would make them (the tokenizer's special tokens included)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    return [tokenizer(text)["input_ids"] for text in texts]
+
+
+# ---- running the variants --------------------------------------------------------------------------------
+
 def evaluate(baseline: Path, candidate: Path, texts: list[str], *, tp_size: int, device: str,
-             with_fp8_kv: bool = True) -> FidelityReport:
+             with_fp8_kv: bool = True, max_model_len: int = 1024) -> FidelityReport:
+    """Score baseline and candidate (both on a BF16 cache) on the same token windows; `with_fp8_kv`
+    adds the candidate on an FP8 cache as a third variant."""
+    windows, notice = token_windows(tokenize(baseline, texts), max_model_len)
     variants = [Variant("baseline", baseline), Variant("candidate", candidate)]
     if with_fp8_kv:
         variants.append(Variant("candidate_fp8_kv", candidate, fp8_kv=True))
-    scores = {v.name: _score_in_subprocess(v, texts, tp_size, device) for v in variants}
-    reference = scores["baseline"]
+    scores = {v.name: score(v, windows, tp_size=tp_size, device=device, max_model_len=max_model_len)
+              for v in variants}
+    reference = scores["baseline"]["positions"]
     report = FidelityReport(baseline=str(baseline), candidate=str(candidate), num_texts=len(texts),
-                            num_positions=sum(len(positions) for positions in reference))
-    for name, positions in scores.items():
-        report.perplexity[name] = _perplexity(positions)
+                            num_positions=sum(len(p) for p in reference), num_windows=len(windows),
+                            notes=[notice] if notice else [])
+    for name, scored in scores.items():
+        report.perplexity[name] = perplexity(scored["positions"])
+        report.kv_cache_dtype[name] = scored["kv_cache_dtype"]
         if name != "baseline":
-            report.top1_agreement[name], report.mean_kl[name] = _compare(reference, positions)
+            report.top1_agreement[name] = top1_agreement(reference, scored["positions"])
+            report.mean_kl[name] = mean_kl(reference, scored["positions"])
     return report
+
+
+def score(variant: Variant, windows: list[list[int]], *, tp_size: int, device: str, max_model_len: int) -> dict:
+    """{"positions": per-window scored positions, "kv_cache_dtype": what the engine ran}, in a fresh process."""
+    return run_isolated(_score, str(variant.model), variant.fp8_kv, windows, tp_size, device, max_model_len,
+                        what=f"scoring {variant.name} ({variant.model})")
 
 
 def write_report(report: FidelityReport, path: Path) -> Path:
     return atomic.write_json(path, asdict(report))
 
 
-def _compare(reference: list[list[dict]], other: list[list[dict]]) -> tuple[float, float]:
-    agree = total = 0
-    kl_sum = 0.0
-    for ref_text, other_text in zip(reference, other):
-        for ref, oth in zip(ref_text, other_text):
-            total += 1
-            agree += ref["argmax"] == oth["argmax"]
-            floor = min(oth["top"].values())
-            kl_sum += sum(math.exp(lp) * (lp - oth["top"].get(token, floor)) for token, lp in ref["top"].items())
-    return agree / max(total, 1), kl_sum / max(total, 1)
+def format_table(report: FidelityReport) -> str:
+    """The quality table: one row per variant."""
+    rows = [f"{'variant':<18} {'KV cache':<9} {'perplexity':>10} {'mean KL':>8} {'top-1':>6}"]
+    for name, ppl in report.perplexity.items():
+        kl = f"{report.mean_kl[name]:.4f}" if name in report.mean_kl else "-"
+        top1 = f"{report.top1_agreement[name]:.3f}" if name in report.top1_agreement else "-"
+        rows.append(f"{name:<18} {report.kv_cache_dtype.get(name, '?'):<9} {ppl:>10.3f} {kl:>8} {top1:>6}")
+    return "\n".join(rows)
 
 
-def _perplexity(positions: list[list[dict]]) -> float:
-    logprobs = [p["actual"] for text in positions for p in text]
-    return math.exp(-sum(logprobs) / max(len(logprobs), 1))
-
-
-def _score_in_subprocess(variant: Variant, texts: list[str], tp_size: int, device: str) -> list[list[dict]]:
-    """Score in a fresh process (spawned, not a daemon: vLLM starts its own workers)."""
-    with tempfile.TemporaryDirectory(prefix="ray-calib-eval-") as tmp:
-        out = Path(tmp) / "scores.json"
-        context = multiprocessing.get_context("spawn")
-        process = context.Process(target=_score, args=(str(variant.model), variant.fp8_kv, texts, tp_size, device,
-                                                       str(out)), daemon=False)
-        process.start()
-        process.join()
-        if process.exitcode != 0 or not out.exists():
-            raise EngineError(f"scoring {variant.name} ({variant.model}) failed with exit code {process.exitcode}",
-                              fix="run `ray-calib infer --model` on it to see vLLM's error.")
-        return json.loads(out.read_text())
-
-
-def _score(model: str, fp8_kv: bool, texts: list[str], tp_size: int, device: str, out: str) -> None:
-    if tp_size == 1:  # one rank: run the engine in this process (DESIGN §9: ~3 s start, no nested workers)
+def _score(model: str, fp8_kv: bool, windows: list[list[int]], tp_size: int, device: str,
+           max_model_len: int) -> dict:
+    if tp_size == 1:  # one rank: run the engine in this process (~3 s start, no nested workers)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import SamplingParams
 
     from ray_calib.engine.launch import build_llm
     from ray_calib.infer.runner import InferConfig, engine_config
 
-    llm = build_llm(engine_config(InferConfig(model=Path(model), tp_size=tp_size, device=device, fp8_kv=fp8_kv)))
+    config = engine_config(InferConfig(model=Path(model), tp_size=tp_size, device=device, fp8_kv=fp8_kv,
+                                       max_model_len=max_model_len))
+    llm = build_llm(config)
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=TOP_K)
     scored = []
-    for output in llm.generate(texts, params, use_tqdm=False):
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in windows], params, use_tqdm=False)
+    for output in outputs:
         positions = []
         for index, logprobs in enumerate(output.prompt_logprobs or []):
             if not logprobs:  # the first token has no prediction
@@ -118,4 +189,16 @@ def _score(model: str, fp8_kv: bool, texts: list[str], tp_size: int, device: str
             argmax = next(str(t) for t, lp in logprobs.items() if lp.rank == 1)
             positions.append({"actual": logprobs[actual].logprob, "argmax": argmax, "top": top})
         scored.append(positions)
-    Path(out).write_text(json.dumps(scored))
+    return {"positions": scored, "kv_cache_dtype": _engine_kv_dtype(llm, config.kv_cache_dtype)}
+
+
+def _engine_kv_dtype(llm, requested: str) -> str:
+    """The cache dtype vLLM settled on (its resolved config), not just what was asked for."""
+    try:
+        return str(llm.llm_engine.vllm_config.cache_config.cache_dtype)
+    except AttributeError:
+        return requested
+
+
+def load_report(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,8 +1,8 @@
 """Run the quantized model on one node: offline generation, or an OpenAI-compatible `vllm serve`.
 
 On CUDA/CPU the FP8 checkpoint written by `quantize` carries its own quantization config; `--fp8-kv`
-adds `kv_cache_dtype="fp8"` (the checkpoint's k/v scales are used). On Gaudi the weights stay BF16 and
-INC quantizes them at load: `--quantization inc`, `--kv-cache-dtype fp8_inc` and QUANT_CONFIG in the env.
+adds `kv_cache_dtype="fp8"` (the checkpoint's k/v scales are used), `--no-fp8-kv` passes "bfloat16".
+On Gaudi INC quantizes the measured model at load with QUANT_CONFIG in the env (see `infer.gaudi`).
 """
 
 from __future__ import annotations
@@ -42,10 +42,13 @@ class InferConfig:
     timeout_s: int = 1800  # FP8 graph compiles on Gaudi take long
     max_model_len: int = 1024
     extra_env: dict[str, str] = field(default_factory=dict)
+    expert_parallel: bool = False  # Gaudi: the measurements were expert parallel
 
     def timeout_env(self) -> dict[str, str]:
-        """vLLM aborts long first iterations (FP8 compiles) unless these are raised."""
-        return {"VLLM_ENGINE_ITERATION_TIMEOUT_S": str(self.timeout_s), "VLLM_RPC_TIMEOUT": str(self.timeout_s * 1000)}
+        """vLLM aborts a slow start (large weights) or a long first step (FP8 compiles) unless these are raised."""
+        from ray_calib.engine.launch import timeout_env
+
+        return timeout_env(self.timeout_s)
 
 
 @dataclass
@@ -73,13 +76,18 @@ def engine_config(config: InferConfig):
     if config.device == "hpu":
         if config.quant_config is None:
             raise ModelError("Gaudi inference needs the QUANTIZE QUANT_CONFIG", fix="pass --quant-config FILE.")
-        env["QUANT_CONFIG"] = str(config.quant_config.absolute())
-        return EngineConfig(model=str(config.model), tp_size=config.tp_size, device="hpu", quantization="inc",
-                            kv_cache_dtype="fp8_inc" if config.fp8_kv else "auto",
-                            max_model_len=config.max_model_len, extra_env=env)
+        from ray_calib.infer import gaudi
+
+        return gaudi.engine_config(config)
     return EngineConfig(model=str(config.model), tp_size=config.tp_size, device=config.device,
-                        kv_cache_dtype="fp8" if config.fp8_kv else "auto", max_model_len=config.max_model_len,
+                        kv_cache_dtype=kv_cache_dtype(config.fp8_kv), max_model_len=config.max_model_len,
                         extra_env=env)
+
+
+def kv_cache_dtype(fp8_kv: bool) -> str:
+    """Always explicit on CPU/CUDA: vLLM resolves "auto" to the checkpoint's KV scheme, so a checkpoint
+    with k/v scales would run an FP8 cache even when BF16 was asked for (the engine's dtype is bfloat16)."""
+    return "fp8" if fp8_kv else "bfloat16"
 
 
 def check_model_dir(model: Path) -> None:
@@ -116,13 +124,7 @@ def serve(config: InferConfig, *, host: str = "127.0.0.1", port: int = 8000, log
 
     engine = engine_config(config)
     env = {**os.environ, **worker_env(engine)}
-    args = [sys.executable, "-m", "ray_calib.infer.vllm_cli", "serve", str(config.model), "--host", host, "--port",
-            str(port), "--tensor-parallel-size", str(config.tp_size), "--max-model-len", str(config.max_model_len),
-            "--enforce-eager", "--served-model-name", config.model.name]
-    if engine.kv_cache_dtype != "auto":
-        args += ["--kv-cache-dtype", engine.kv_cache_dtype]
-    if engine.quantization:
-        args += ["--quantization", engine.quantization]
+    args = serve_args(config, engine, host, port)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as log_file:
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -133,6 +135,26 @@ def serve(config: InferConfig, *, host: str = "127.0.0.1", port: int = 8000, log
         stop(process.pid)
         raise
     return Server(url=url, pid=process.pid, log=log, model_name=config.model.name)
+
+
+def serve_args(config: InferConfig, engine, host: str, port: int) -> list[str]:
+    """`vllm serve` with the engine's settings (the same as the offline LLM's)."""
+    args = [sys.executable, "-m", "ray_calib.infer.vllm_cli", "serve", str(config.model), "--host", host, "--port",
+            str(port), "--tensor-parallel-size", str(config.tp_size), "--max-model-len", str(config.max_model_len),
+            "--served-model-name", config.model.name]
+    if engine.enforce_eager:
+        args.append("--enforce-eager")
+    if engine.device == "hpu":
+        args += ["--dtype", engine.dtype]
+    if engine.kv_cache_dtype != "auto":
+        args += ["--kv-cache-dtype", engine.kv_cache_dtype]
+    if engine.quantization:
+        args += ["--quantization", engine.quantization]
+    if engine.trust_remote_code:
+        args.append("--trust-remote-code")
+    if engine.enable_expert_parallel:
+        args.append("--enable-expert-parallel")
+    return args
 
 
 def stop(pid: int) -> None:

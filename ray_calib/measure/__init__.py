@@ -4,8 +4,10 @@
     extension   the vLLM worker extension the head drives with collective_rpc
     chunks      atomic per-chunk checkpoints and --resume
     preflight   model dir, TP, blocklist, cluster checks before anything starts
+    plan        every decision of a run before it starts (device, backend, EP, engine, nodes); --dry-run
     run         the stages of one measurement (library entry point `run_measure`)
-    gaudi       the INC-native path on Gaudi
+    gaudi       the INC backend: INC's own MEASURE in every rank (Gaudi)
+    inc_cpu     vLLM plugin running INC in vLLM's CPU workers (tests of the INC backend without Gaudi)
     progress    the rich progress bar
     commands    the click command
 """

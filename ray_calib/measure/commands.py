@@ -6,17 +6,24 @@ from pathlib import Path
 
 import click
 
+from ray_calib.engine.device import DEVICE_CHOICES
 from ray_calib.rundir import RunDir, run_dir_option
+
+DEFAULTS = {"tp_size": 1, "batch_size": 16}  # without devices.conf
 
 
 @click.command()
 @click.option("-m", "--model", required=True, help="Local HF model directory or hub id ORG/NAME.")
-@click.option("-d", "--dataset", required=True, type=click.Path(path_type=Path), help="Calibration set (pile/mlcommons/tc).")
-@click.option("-t", "--tp", "tp_size", type=int, default=1, show_default=True, help="Tensor-parallel size.")
+@click.option("-d", "--dataset", type=click.Path(path_type=Path), default=None,
+              help="Calibration set (pile/mlcommons/tc); optional with --dry-run.")
+@click.option("-t", "--tp", "tp_size", type=int, default=None,
+              help="Tensor-parallel size [default: devices.conf TENSOR_PARALLEL_SIZE (else all its devices), else 1].")
 @click.option("--fp8-kv", is_flag=True, help="Also measure K/V as written to the KV cache (for FP8 KV serving).")
 @click.option("-n", "--num-samples", "--limit", "num_samples", type=int, default=512, show_default=True, help="Prompts to use.")
-@click.option("-l", "--least-tokens", type=int, default=None, help="Pile text: drop shorter samples, truncate longer ones.")
-@click.option("-b", "--batch-size", type=int, default=16, show_default=True, help="Prompts per generate call.")
+@click.option("-l", "--least-tokens", type=int, default=None,
+              help="Pile text: drop shorter samples, truncate longer ones [default: devices.conf CALIBRATION_SAMPLE_LENGTH].")
+@click.option("-b", "--batch-size", type=int, default=None,
+              help="Prompts per generate call [default: devices.conf CALIBRATION_MAX_BATCH_SIZE, else 16].")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Greedy tokens generated per prompt.")
 @click.option("--chunk-size", type=int, default=64, show_default=True, help="Prompts per checkpoint.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -25,36 +32,125 @@ from ray_calib.rundir import RunDir, run_dir_option
 @click.option("--force", is_flag=True, help="Replace a finished measurement in --out.")
 @click.option("--min-expert-tokens", type=int, default=0, help="Fail when a routed expert saw fewer tokens.")
 @click.option("--quant-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="QUANT_CONFIG (measure) whose blocklist applies [default: lm_head and the MoE router].")
+              help="QUANT_CONFIG (measure) whose blocklist applies [default: devices.conf INC_MEASURE_CONFIG_FILENAME, "
+                   "else lm_head and the MoE router].")
 @click.option("--conf", "--cluster", "cluster", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="devices.conf of a cluster started by `ray-calib up` [default: ./devices.conf when up].")
 @click.option("--executor", type=click.Choice(["auto", "uni", "mp", "ray"]), default="auto", show_default=True,
               help="How ranks run: one process, one node (mp) or Ray.")
 @click.option("--max-model-len", type=int, default=2048, show_default=True, help="Longest prompt + generation.")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
+              help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).")
+@click.option("--expert-parallel/--no-expert-parallel", default=None,
+              help="Partition routed experts over the ranks (EP = TP) [default: on for MoE models on Gaudi].")
+@click.option("--timeout", "timeout_s", type=int, default=1800, show_default=True,
+              help="Seconds for vLLM to start and for one step (large models load for a long time).")
+@click.option("--enforce-eager", is_flag=True, help="Gaudi: run without HPU graphs (CPU/CUDA always run eager).")
+@click.option("--dry-run", is_flag=True, help="Print per node the engine arguments, env and QUANT_CONFIG; start nothing.")
 @click.option("--attention-backend", default=None,
               help="Force vLLM's attention backend (e.g. CPU_MLA or AMX_MLA) [default: vLLM's choice].")
 @run_dir_option
 def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_size, max_new_tokens, chunk_size, out,
-            resume, force, min_expert_tokens, quant_config, cluster, executor, max_model_len, attention_backend,
-            run_dir) -> None:
-    """Run the calibration prompts through vLLM at TP=N and write one INC range file per rank."""
-    from ray_calib.errors import ConfigError
-    from ray_calib.measure.preflight import cluster_address
-    from ray_calib.measure.progress import RichProgress
-    from ray_calib.measure.run import MeasureConfig, run_measure
+            resume, force, min_expert_tokens, quant_config, cluster, executor, max_model_len, device, expert_parallel,
+            timeout_s, enforce_eager, dry_run, attention_backend, run_dir) -> None:
+    """Run the calibration prompts through vLLM at TP=N and write one INC range file per rank.
 
+    \b
+    Examples:
+      ray-calib measure -m /models/DeepSeek-R1 -d mlperf.pkl -t 16 --fp8-kv
+      ray-calib measure -m /models/DeepSeek-R1 -t 16 --conf devices.conf --device gaudi2 --dry-run
+    """
+    from ray_calib.errors import ConfigError
+    from ray_calib.measure.plan import resolve_conf_path
+    from ray_calib.measure.run import MeasureConfig
+
+    conf = _load_conf(resolve_conf_path(cluster, any_state=dry_run))
+    if tp_size is None:
+        tp_size = conf.tensor_parallel_size if conf else DEFAULTS["tp_size"]
+    if batch_size is None:
+        batch_size = _extra(conf, "CALIBRATION_MAX_BATCH_SIZE") or DEFAULTS["batch_size"]
+    if least_tokens is None:
+        least_tokens = _extra(conf, "CALIBRATION_SAMPLE_LENGTH")
+    if quant_config is None and _extra(conf, "INC_MEASURE_CONFIG_FILENAME"):
+        quant_config = Path(_extra(conf, "INC_MEASURE_CONFIG_FILENAME"))
     for flag, value in (("--batch-size", batch_size), ("--chunk-size", chunk_size), ("--max-new-tokens", max_new_tokens),
-                        ("--num-samples", num_samples), ("--least-tokens", least_tokens or 1),
-                        ("--max-model-len", max_model_len or 1)):
+                        ("--num-samples", num_samples), ("--least-tokens", 1 if least_tokens is None else least_tokens),
+                        ("--max-model-len", max_model_len or 1), ("--timeout", timeout_s)):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}", fix=f"pass a positive {flag}.")
-    address = cluster_address(cluster) if executor in ("auto", "ray") else None
+    if dataset is None and not dry_run:
+        raise click.UsageError("Missing option '-d' / '--dataset'.")
+    address = None if dry_run else _address(cluster, executor)
     config = MeasureConfig(model=model, dataset=dataset, out=(out or RunDir.resolve(run_dir).measure).absolute(),
                            tp_size=tp_size, fp8_kv=fp8_kv, num_samples=num_samples, least_tokens=least_tokens,
                            batch_size=batch_size, max_new_tokens=max_new_tokens, chunk_size=chunk_size, resume=resume,
                            force=force, min_expert_tokens=min_expert_tokens, quant_config=quant_config,
-                           executor=executor, ray_address=address, max_model_len=max_model_len,
-                           attention_backend=attention_backend)
+                           executor=executor, ray_address=address, max_model_len=max_model_len, device=device,
+                           expert_parallel=expert_parallel, timeout_s=timeout_s, enforce_eager=enforce_eager,
+                           cluster_conf=conf.path if conf else None, attention_backend=attention_backend)
+    if dry_run:
+        _dry_run(config, conf, executor)
+        return
+    _run(config)
+
+
+def _load_conf(path: Path | None):
+    if path is None:
+        return None
+    from ray_calib.cluster import devices
+
+    return devices.load(path)
+
+
+def _extra(conf, key: str):
+    return conf.extras.get(key) if conf else None
+
+
+def _address(cluster: Path | None, executor: str) -> str | None:
+    from ray_calib.measure.preflight import cluster_address
+
+    return cluster_address(cluster) if executor in ("auto", "ray") else None
+
+
+def _dry_run(config, conf, executor: str) -> None:
+    """The plan; the nodes are probed too when they can be (a cluster `up` started, or this node alone)."""
+    import dataclasses
+
+    from ray_calib.errors import RayCalibError
+    from ray_calib.measure.plan import plan_measure
+
+    address = None
+    if conf is not None and executor in ("auto", "ray"):
+        try:
+            address = _address(conf.path, executor)
+        except RayCalibError as err:
+            click.echo(f"note: nodes not probed ({err.message})", err=True)
+        config = dataclasses.replace(config, ray_address=conf.address)
+    plan = plan_measure(config, load_data=config.dataset is not None, dry_run=True)
+    if address or conf is None:
+        _probe(plan)
+    click.echo(plan.engine_plan().render())
+
+
+def _probe(plan) -> None:
+    """Per-node checks for the dry run: problems become warnings instead of errors."""
+    from ray_calib.engine import nodes
+    from ray_calib.errors import RayCalibError
+
+    plan.probe_nodes(write=False)
+    try:
+        nodes.check_nodes(plan.node_facts, str(plan.info.path), gaudi=plan.target.is_gaudi and not plan.target.forced)
+        if plan.fit is not None:
+            plan.fit.hosts = {f"{f.node} ({f.hostname})": f.mem_available for f in plan.node_facts}
+            plan.warnings += [f"does not fit: {p}" for p in plan.fit.problems() if "host RAM" in p]
+    except RayCalibError as err:
+        plan.warnings.append(str(err))
+
+
+def _run(config) -> None:
+    from ray_calib.measure.progress import RichProgress
+    from ray_calib.measure.run import run_measure
+
     progress = RichProgress()
     try:
         summary = run_measure(config, progress)

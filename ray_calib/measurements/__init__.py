@@ -7,6 +7,7 @@
     meta       the ray_calib_meta.json sidecar (RunMeta)
     coverage   coverage.json, tokens per routed expert (ExpertCoverage)
     unify      TP N -> M re-sharding and expert-parallel expansion
+    postprocess  cache-read matmul and SDPA-output alignment of INC's Gaudi measurements (upstream step 3)
     pipeline   directory-level unify/expand/inspect used by the CLI
 """
 

@@ -41,6 +41,30 @@ class ExpertCoverage:
         return ExpertCoverage(experts=merged, num_tokens=self.num_tokens + other.num_tokens)
 
 
+def hits_from_ranges(rank_files: list, *, expert_parallel: bool) -> dict[str, list[int]]:
+    """Per routed expert 1 if its range is non-zero on some rank, else 0 (for files without token counts).
+
+    The fused MoE op's `outputs[1 + k]` is local expert k's range; with expert parallelism rank r holds
+    the global experts r*E .. r*E+E-1, without it every rank holds all of them (a shard each).
+    """
+    from ray_calib.measurements.rankfile import node_values
+    from ray_calib.measurements.unify import expert_layout
+
+    hits: dict[str, list[int]] = {}
+    for position, rank_file in enumerate(rank_files):
+        layout = expert_layout(rank_file)
+        rank = rank_file.rank if rank_file.rank is not None else position
+        for op in layout.ops:
+            outputs = (rank_file.nodes.get(op) or {}).get("outputs") or []
+            size = layout.local_experts * (len(rank_files) if expert_parallel else 1)
+            counts = hits.setdefault(op, [0] * size)
+            for local, leaf in enumerate(outputs[1:1 + layout.local_experts]):
+                expert = rank * layout.local_experts + local if expert_parallel else local
+                if any(v != 0 for v in node_values({"outputs": [leaf]})):
+                    counts[expert] = 1
+    return hits
+
+
 def write_coverage(directory: str | Path, coverage: ExpertCoverage) -> Path:
     data = {"schema": 1, "num_tokens": coverage.num_tokens, "experts": coverage.experts,
             "never_hit": coverage.never_hit()}

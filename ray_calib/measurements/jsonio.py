@@ -29,4 +29,5 @@ def load(path: Path) -> tuple[Any, bool]:
 
 
 def dumps(obj: Any) -> bytes:
-    return orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+    """Indented JSON; int keys (per-channel weight scales `{0: ..., 1: ...}`) become "0", "1" as in json.dump."""
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)

@@ -4,8 +4,12 @@ An object array is a pickle, and unpickling runs code. This module therefore nev
 `np.load(allow_pickle=True)`. Reading: the .npy header is parsed here and the pickle is loaded by an
 Unpickler whose `find_class` resolves only the numpy globals an array pickle uses (`ALLOWED_GLOBALS`),
 each to a small pure-Python decoder; anything else (os.system, builtins.eval, ...) is refused before it
-can run. Writing: the same pickle numpy would write (protocol 3, float32 leaves) is emitted opcode by
-opcode. Neither direction imports numpy, which keeps `ray-calib unify` fast.
+can run. Writing: the same pickle numpy 1.x would write (protocol 3, float32 leaves) is emitted opcode
+by opcode. Neither direction imports numpy, which keeps `ray-calib unify` fast.
+
+Leaves: a nested list is a float32 array of that shape (range files: `[[v]]`); a bare float is a 0-d
+float32 array (scale files). Containers are kept as they are: INC's scale files hold `outputs` as a
+tuple and per-channel weight scales as a dict with int keys `{0: ..., 1: ...}`; both round-trip.
 """
 
 from __future__ import annotations
@@ -156,6 +160,8 @@ def _load_with_scalars(payload: bytes, path: Path) -> Any:
             return value[0]
         if isinstance(value, list):
             return [unwrap(item) for item in value]
+        if isinstance(value, tuple):
+            return tuple(unwrap(item) for item in value)
         return value
 
     return unwrap(_AllowListUnpickler(io.BytesIO(payload), path, ScalarLeaf).load()[0])
@@ -283,13 +289,32 @@ class _Image:
             self.string(name)
             if name == "params":
                 self.container(list(value.items()), self._param, is_dict=True)
+            elif type(value) is tuple:
+                self.tuple(value, self.leaf)
             else:
                 self.container(value, self.leaf, is_dict=False)
         out.append(b"u" if len(node) > 1 else b"s")
 
-    def _param(self, item: tuple[str, Any]) -> None:
-        self.string(item[0])
-        self.leaf(item[1])
+    def _param(self, item: tuple[Any, Any]) -> None:
+        """A param leaf, or INC's per-channel weight scales `{0: out_channels, 1: in_channels}`."""
+        key, value = item
+        self.string(key) if type(key) is str else self.plain(key)
+        if type(value) is dict:
+            self.container(list(value.items()), self._param, is_dict=True)
+        else:
+            self.leaf(value)
+
+    def tuple(self, items: tuple, write_item) -> None:
+        """EMPTY_TUPLE; TUPLE1-3 after the items; else MARK ... TUPLE. Non-empty tuples are memoized."""
+        if not items:
+            self.out.append(b")")
+            return
+        if len(items) > 3:
+            self.out.append(b"(")
+        for item in items:
+            write_item(item)
+        self.out.append(_TUPLE_OPS.get(len(items), b"t"))
+        self.put()
 
     def _weight_node_packer(self):
         """One struct for `{"inputs": [[[x]]], "params": {"weight": [[w]]}}`: memo puts i..i+13, LONG_BINPUT."""

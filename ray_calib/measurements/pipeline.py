@@ -41,16 +41,20 @@ class UnifySummary:
     expert_parallel: bool
     scale_methods: list[str]
     seconds: float
+    ep_reason: str = ""  # how expert parallelism was decided (flag, meta, files + config.json)
 
 
-def unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, *, force: bool = False) -> UnifySummary:
+def unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, *, force: bool = False,
+              expert_parallel: bool | None = None) -> UnifySummary:
     """Unify the measurement set in `in_dir` (and any scale sets beside it) to `to_world_size` ranks.
 
+    `expert_parallel`: the user's explicit choice; None decides from the meta's ep_size, else from the
+    files checked against the model's config.json (see `decide_expert_parallel`).
     Target ranks are independent, so their groups are read, merged and written by a pool of processes
     (one per core); the parent only checks that all groups saw the same modules and commits the result.
     """
     with _no_cycle_collection():
-        return _unify_dir(in_dir, out_dir, to_world_size, force)
+        return _unify_dir(in_dir, out_dir, to_world_size, force, expert_parallel)
 
 
 @contextlib.contextmanager
@@ -65,21 +69,22 @@ def _no_cycle_collection() -> Iterator[None]:
             gc.enable()
 
 
-def _unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, force: bool) -> UnifySummary:
+def _unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, force: bool,
+               explicit_ep: bool | None) -> UnifySummary:
     start = time.perf_counter()
-    measurement = MeasurementSet.discover(in_dir)
+    sets = MeasurementSet.discover_all(in_dir)
+    measurement = sets[0]  # the range files, or the first scale set when the directory holds only scale files
     check_sizes(measurement.world_size, to_world_size)
     _check_output(in_dir, out_dir, measurement, to_world_size, force)
-    sets = [measurement] + [MeasurementSet.discover(in_dir, method=m) for m in scale_methods(in_dir)]
-    for run in sets[1:]:
-        if run.world_size != measurement.world_size:
-            raise MeasurementError(in_dir, f"{run.method} scale files have world size {run.world_size}, the "
-                                   f"measurements {measurement.world_size}", fix="remove the stale scale files.")
-    meta = dataclasses.replace(measurement.meta or RunMeta(), tp_size=to_world_size,
-                               unified_from=measurement.world_size)
+    layout = expert_layout(measurement.read(0, check_npz=False))
+    expert_parallel, reason = decide_expert_parallel(measurement, explicit_ep, layout)
+    source = measurement.meta or RunMeta()
+    has_experts = layout.has_experts
+    ep_out = to_world_size if expert_parallel else (1 if has_experts else source.ep_size)
+    meta = dataclasses.replace(source, tp_size=to_world_size, unified_from=measurement.world_size, ep_size=ep_out)
     with staged_dir(out_dir) as stage:
         task = functools.partial(_unify_group, stage=stage, to_world_size=to_world_size,
-                                 expert_parallel=_expert_parallel(measurement))
+                                 expert_parallel=expert_parallel)
         results = _parallel_map(task, [(run, i) for run in sets for i in range(to_world_size)])
         _check_groups_agree(results)
         _finish_stage(stage, out_dir, meta, in_dir, {r.stem for r in results})
@@ -87,7 +92,8 @@ def _unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, force: bool) -> 
     return UnifySummary(in_dir=in_dir, out_dir=out_dir, ranks_in=measurement.world_size, ranks_out=to_world_size,
                         nodes_in=first.nodes_in, nodes_out=first.nodes_out, experts_in=first.experts_in,
                         experts_out=first.experts_out, expert_parallel=first.expert_parallel,
-                        scale_methods=[s.method for s in sets[1:]], seconds=time.perf_counter() - start)
+                        scale_methods=[s.method for s in sets if s.method], seconds=time.perf_counter() - start,
+                        ep_reason=reason)
 
 
 @dataclass
@@ -138,22 +144,74 @@ def _check_groups_agree(results: list[_GroupResult]) -> None:
 
 
 def expand_dir(in_dir: Path, out_dir: Path, to_world_size: int, *, force: bool = False) -> list[RankFile]:
-    """Expand a TP1 (unified) measurement into `to_world_size` expert-parallel rank files."""
-    measurement = MeasurementSet.discover(in_dir)
+    """Expand a TP1 (unified) measurement, and the scale files beside it, into `to_world_size` rank files."""
+    sets = MeasurementSet.discover_all(in_dir)
+    measurement = sets[0]
     if measurement.world_size != 1:
         raise UnifyError(f"{in_dir} holds {measurement.world_size} ranks; expand starts from one",
                          fix=f"run `ray-calib unify --to-tp 1 --in {in_dir}` first.")
     _check_output(in_dir, out_dir, measurement, to_world_size, force)
-    outputs = expand_rank(measurement.read(0), to_world_size)
-    meta = dataclasses.replace(measurement.meta or RunMeta(), tp_size=to_world_size, ep_size=to_world_size)
+    sources = [run.read(0) for run in sets]
+    outputs = [rank_file for source in sources for rank_file in expand_rank(source, to_world_size)]
+    meta = measurement.meta or RunMeta()
+    experts = expert_layout(sources[0]).has_experts
+    meta = dataclasses.replace(meta, tp_size=to_world_size, ep_size=to_world_size if experts else meta.ep_size)
     _write(out_dir, outputs, meta, in_dir)
     return outputs
 
 
-def _expert_parallel(measurement: MeasurementSet) -> bool | None:
-    """The sidecar knows (ray-calib runs); INC's own files don't have one, so unify detects from the layout."""
-    ep_size = measurement.meta.ep_size if measurement.meta else None
-    return None if ep_size is None else ep_size > 1
+def decide_expert_parallel(measurement: MeasurementSet, explicit: bool | None, layout=None) -> tuple[bool, str]:
+    """Whether the ranks hold different experts (concatenate them) or shards of all of them (max-merge).
+
+    One explicit decision: the user's flag, else the meta's ep_size (measure writes it), else the file
+    layout checked against the model's config.json: each rank holding all `n_routed_experts` means
+    TP-sharded experts, never EP; E local experts on N ranks with E * N = n_routed_experts means EP.
+    INC's own files with neither (e.g. published measurement sets) are taken as expert parallel, the
+    layout upstream's EP runs write; the returned reason says so.
+    """
+    layout = layout or expert_layout(measurement.read(0, check_npz=False))
+    local = layout.local_experts
+    routed = _routed_experts(measurement.meta)
+    world = measurement.world_size
+    if explicit is not None or not local:
+        if explicit and local and routed and local == routed:
+            raise UnifyError(f"--expert-parallel, but every rank of {measurement.directory} holds all {routed} routed "
+                             "experts (TP-sharded experts, not expert parallel)",
+                             fix="drop --expert-parallel (or pass --no-expert-parallel).")
+        if explicit and local and routed and local * world != routed:
+            raise UnifyError(f"--expert-parallel, but {world} ranks x {local} experts != {routed} routed experts",
+                             fix="check that these files come from an expert-parallel run of this model.")
+        if explicit is None:
+            return False, "dense model (no routed experts)"
+        return bool(explicit and local), f"{'--expert-parallel' if explicit else '--no-expert-parallel'} given"
+    meta_ep = measurement.meta.ep_size if measurement.meta else None
+    if meta_ep is not None:
+        return meta_ep > 1, f"ep_size {meta_ep} in {measurement.directory.name}/ray_calib_meta.json"
+    if routed:
+        if local == routed:
+            return False, f"every rank holds all {routed} routed experts (config.json): TP-sharded experts"
+        if local * world == routed:
+            return True, f"{world} ranks x {local} experts = {routed} routed experts (config.json)"
+        raise UnifyError(f"{measurement.directory}: {world} ranks x {local} experts fits neither TP-sharded nor "
+                         f"expert-parallel experts of a model with {routed} routed experts",
+                         fix="check the files belong to this model, or pass --expert-parallel / --no-expert-parallel.")
+    return True, (f"assumed from the files: {local} experts per rank, no ep_size in the meta and no config.json "
+                  "to compare with (pass --no-expert-parallel if every rank holds shards of all experts)")
+
+
+def _routed_experts(meta: RunMeta | None) -> int | None:
+    """n_routed_experts of the model the meta names, when its config.json is readable here."""
+    if meta is None or not meta.model:
+        return None
+    from ray_calib.convert.checkpoint import num_routed_experts
+
+    path = Path(meta.model) / "config.json"
+    try:
+        import json
+
+        return num_routed_experts(json.loads(path.read_text())) or None
+    except (OSError, ValueError):
+        return None
 
 
 def _check_output(in_dir: Path, out_dir: Path, measurement: MeasurementSet, to_world_size: int,
@@ -211,16 +269,26 @@ class Inspection:
     experts_per_rank: int = 0
     scale_methods: list[str] = field(default_factory=list)
     meta: RunMeta | None = None
+    scale_sets: dict[str, Inspection] = field(default_factory=dict)  # METHOD -> the same figures for its files
+    has_ranges: bool = True
 
 
 def inspect_dir(directory: Path) -> Inspection:
-    """Summarize what a measurement directory holds, counting NaN/inf/zero instead of refusing them."""
-    measurement = MeasurementSet.discover(directory)
+    """Summarize what a measurement directory holds (range and scale files), counting NaN/inf/zero."""
+    sets = MeasurementSet.discover_all(directory)
+    reports = [_inspect_set(directory, run) for run in sets]
+    report = reports[0]
+    report.has_ranges = sets[0].method is None
+    report.scale_methods = [run.method for run in sets if run.method]
+    report.scale_sets = {run.method: one for run, one in zip(sets, reports) if run.method and one is not report}
+    return report
+
+
+def _inspect_set(directory: Path, measurement: MeasurementSet) -> Inspection:
     rank_files = measurement.read_all(strict=False)
     report = Inspection(directory=directory, prefix=measurement.prefix, world_size=measurement.world_size,
                         nodes_per_rank=[len(r.nodes) for r in rank_files], meta=measurement.meta,
-                        experts_per_rank=expert_layout(rank_files[0]).local_experts,
-                        scale_methods=scale_methods(directory))
+                        experts_per_rank=expert_layout(rank_files[0]).local_experts)
     report.families.update(_INDEX_RE.sub(".*", module) for module in rank_files[0].nodes)
     for rank_file in rank_files:
         for node in rank_file.nodes.values():

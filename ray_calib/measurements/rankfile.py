@@ -3,8 +3,11 @@
 JSON: `{"GlobalRank": null, "LocalRank": r, "Mode": "DynamicRange"|"Scale", "Nodes": {...}}`, each node
 `{"inputs": [leaf, ...], "outputs": [leaf, ...]?, "params": {"weight": leaf}?}`. Leaves are kept in
 memory exactly as JSON has them (nested lists of floats: `[[v]]` per tensor, `[[v0], [v1]]` per channel,
-plain floats in scale files). INC's QUANTIZE reads only the NPZ, so every write rewrites all three.
-INC indents its JSON by 4 or not at all; readers don't care, so we write orjson's 2.
+plain floats in scale files). INC's QUANTIZE reads only the NPZ, so every write rewrites the NPZ.
+Scale files (Mode "Scale") are held in INC's own containers (`optypes.inc_scale_layout`: `outputs` a
+tuple, per-channel weights `{0: ..., 1: ...}`), so our NPZ of them is INC's byte for byte; INC writes
+no `_mod_list.json` beside them and neither do we. NPZ and JSON are compared by value, never by
+container type. INC indents its JSON by 4 or not at all; readers don't care, so we write orjson's 2.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ray_calib import atomic
 from ray_calib.errors import MeasurementError
 from ray_calib.measurements import jsonio, npz
 from ray_calib.measurements.naming import JSON, MOD_LIST, NPZ, StatsName
+from ray_calib.measurements.optypes import inc_scale_layout
 
 MODE_RANGE = "DynamicRange"
 MODE_SCALE = "Scale"
@@ -42,7 +46,10 @@ class RankFile:
     def to_stats(self) -> dict[str, Any]:
         # INC writes -1 for LocalRank of a non-distributed file; it never reads the field back.
         local_rank = -1 if self.name.rank is None else self.name.rank
-        return {"GlobalRank": None, "LocalRank": local_rank, "Mode": self.mode, **self.extra, "Nodes": self.nodes}
+        nodes = self.nodes
+        if self.mode == MODE_SCALE:
+            nodes = {module: inc_scale_layout(module, node) for module, node in nodes.items()}
+        return {"GlobalRank": None, "LocalRank": local_rank, "Mode": self.mode, **self.extra, "Nodes": nodes}
 
 
 def read_rank_file(directory: str | Path, name: StatsName, *, check_npz: bool = True,
@@ -54,6 +61,8 @@ def read_rank_file(directory: str | Path, name: StatsName, *, check_npz: bool = 
     json_path = name.file(directory, JSON)
     stats, non_finite = jsonio.load(json_path)
     stats = _validated(json_path, stats, name, check_finite=strict and non_finite)
+    if stats["Mode"] == MODE_SCALE:
+        stats["Nodes"] = {module: inc_scale_layout(module, node) for module, node in stats["Nodes"].items()}
     if check_npz:
         npz_path = name.file(directory, NPZ)
         if not npz_path.exists():
@@ -70,14 +79,14 @@ def read_rank_file(directory: str | Path, name: StatsName, *, check_npz: bool = 
 
 
 def write_rank_file(rank_file: RankFile, directory: str | Path) -> list[Path]:
-    """Write JSON, NPZ and mod_list, each atomically; the JSON is indented like INC's."""
+    """Write JSON, NPZ and (range files only, as INC) the mod_list, each atomically."""
     stats = rank_file.to_stats()
     name = rank_file.name
-    return [
-        atomic.write_bytes(name.file(directory, JSON), jsonio.dumps(stats)),
-        npz.save(name.file(directory, NPZ), stats),
-        atomic.write_bytes(name.file(directory, MOD_LIST), jsonio.dumps(rank_file.mod_list)),
-    ]
+    written = [atomic.write_bytes(name.file(directory, JSON), jsonio.dumps(stats)),
+               npz.save(name.file(directory, NPZ), stats)]
+    if rank_file.mode != MODE_SCALE:
+        written.append(atomic.write_bytes(name.file(directory, MOD_LIST), jsonio.dumps(rank_file.mod_list)))
+    return written
 
 
 def _validated(path: Path, stats: Any, name: StatsName, *, check_finite: bool) -> dict[str, Any]:
@@ -115,7 +124,10 @@ def _leaves(node: Node):
 
 
 def _flat(leaf: Any):
-    if isinstance(leaf, list):
+    if isinstance(leaf, dict):  # per-channel weight scales {0: ..., 1: ...}
+        for item in leaf.values():
+            yield from _flat(item)
+    elif isinstance(leaf, (list, tuple)):
         for item in leaf:
             yield from _flat(item)
     else:
@@ -132,28 +144,48 @@ def _first_non_finite(node: Node) -> tuple[str, Any] | None:
 
 
 def _check_same(json_path: Path, stats: dict, npz_path: Path, npz_stats: Any) -> None:
-    """The NPZ must equal the JSON: exact for INC's output, else within float32 rounding."""
+    """The NPZ must hold the JSON's values (float32-rounded); lists vs tuples and "0" vs 0 keys don't matter."""
     if not isinstance(npz_stats, dict) or not isinstance(npz_stats.get("Nodes"), dict):
         raise MeasurementError(npz_path, "has no 'Nodes'; not an INC stats file", fix="regenerate it.")
     json_nodes, npz_nodes = stats["Nodes"], npz_stats["Nodes"]
-    if json_nodes == npz_nodes:
-        return
-    fix = f"one of the pair is stale: re-copy both from the same run (INC's QUANTIZE would use {npz_path.name})."
+    fix = (f"one of the pair is stale: INC's QUANTIZE reads only {npz_path.name}; re-copy both from the same run, "
+           f"or delete {json_path.name} and rewrite it from the NPZ.")
     only = sorted(set(json_nodes) ^ set(npz_nodes))
     if only:
         side = json_path.name if only[0] in json_nodes else npz_path.name
         raise MeasurementError(npz_path, f"disagrees with {json_path.name}: node '{only[0]}' is only in {side}"
                                f" ({len(only)} such nodes)", fix=fix)
     for module, node in json_nodes.items():
-        if not _close(node, npz_nodes[module]):
-            raise MeasurementError(npz_path, f"disagrees with {json_path.name} at node '{module}'", fix=fix)
+        where = _first_difference(node, npz_nodes[module])
+        if where is not None:
+            raise MeasurementError(npz_path, f"disagrees with {json_path.name} at node '{module}' {where}", fix=fix)
 
 
-def _close(a: Any, b: Any) -> bool:
+def same_values(a: Any, b: Any) -> bool:
+    """Equal as INC reads them: sequences alike (list/tuple), dict keys as strings, floats within float32."""
+    return _first_difference(a, b) is None
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+        keys_a, keys_b = {str(k): k for k in a}, {str(k): k for k in b}
+        if keys_a.keys() != keys_b.keys():
+            return f"{where or 'node'}: keys {sorted(keys_a)} vs {sorted(keys_b)}"
+        for key in keys_a:
+            found = _first_difference(a[keys_a[key]], b[keys_b[key]], f"{where}.{key}" if where else key)
+            if found:
+                return found
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return f"{where}: {len(a)} vs {len(b)} entries"
+        for index, (x, y) in enumerate(zip(a, b)):
+            found = _first_difference(x, y, f"{where}[{index}]")
+            if found:
+                return found
+        return None
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return (a != a and b != b) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-30)
-    return a == b
+        if (a != a and b != b) or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-30):
+            return None
+        return f"{where}: {a!r} vs {b!r}"
+    return None if a == b else f"{where}: {a!r} vs {b!r}"

@@ -42,6 +42,10 @@ class MeasurementSet:
             parsed = parse_name(path)
             if parsed and parsed[1] == JSON and parsed[0].method == method:
                 groups[parsed[0].run_key].append(parsed[0])
+        if not groups and method is None and scale_methods(directory):
+            raise MeasurementError(directory, f"holds INC scale files ({', '.join(scale_methods(directory))}) but no "
+                                   "range files (<prefix>_hooks_maxabs_<rank>_<world>.json)",
+                                   fix="scales are made from ranges: give the directory INC's MEASURE wrote them to.")
         if not groups:
             kind = f"{method} scale" if method else "measurement"
             raise MeasurementError(directory, f"holds no INC {kind} files (<prefix>_hooks_maxabs_"
@@ -53,6 +57,25 @@ class MeasurementSet:
         names = sorted(next(iter(groups.values())), key=lambda n: -1 if n.rank is None else n.rank)
         _check_complete(directory, names)
         return cls(directory=directory, names=names, meta=read_meta(directory))
+
+    @classmethod
+    def discover_all(cls, directory: str | Path) -> list[MeasurementSet]:
+        """The range set (if any) first, then every scale set beside it; all must share one world size."""
+        directory = Path(directory)
+        methods = scale_methods(directory) if directory.is_dir() else []
+        try:
+            sets = [cls.discover(directory)]
+        except MeasurementError:
+            if not methods:
+                raise
+            sets = []
+        sets += [cls.discover(directory, method=m) for m in methods]
+        for other in sets[1:]:
+            if other.world_size != sets[0].world_size:
+                what = f"the {sets[0].method} scale files" if sets[0].method else "the measurements"
+                raise MeasurementError(directory, f"{other.method} scale files have world size {other.world_size}, "
+                                       f"{what} {sets[0].world_size}", fix="remove the stale scale files.")
+        return sets
 
     def read(self, rank_index: int, *, check_npz: bool = True, strict: bool = True) -> RankFile:
         return read_rank_file(self.directory, self.names[rank_index], check_npz=check_npz, strict=strict)

@@ -1,10 +1,16 @@
-"""Re-shard per-rank stats from TP=N to TP=M (DESIGN §4), and expand a TP1 file for expert parallelism.
+"""Re-shard per-rank stats from TP=N to TP=M, and expand a TP1 file for expert parallelism.
 
 Target rank i takes the contiguous source group [i*g, ..., i*g+g-1], g = N/M; every leaf becomes the
 element-wise max over the group. Under expert parallelism each rank holds different experts, so the
 group's experts are concatenated instead: child `<op>.w13_list.K` of member j becomes `K + E*j`, and the
 fused op's per-expert entries (`outputs[1:]` in range files, `inputs[1:]` in scale files) are joined in
 group order while its first entry is max-reduced.
+
+Scale files: every scale is monotone in its maxabs, so the max of the ranks' scales is the scale of the
+merged range, except INC's output products (linear: input x weight, matmul: input0 x input1): the max
+of products is not the product of maxima, so those outputs are rebuilt from the merged factors, in the
+arithmetic the files show (exact, or rounded to bf16 as on Gaudi). Per-channel weight scales cannot be
+merged (column-parallel shards hold different rows) and are refused.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ import re
 from dataclasses import dataclass
 
 from ray_calib.errors import MeasurementError, UnifyError
+from ray_calib.measurements import optypes
 from ray_calib.measurements.merge import check_fields, merge_nodes, max_leaves
 from ray_calib.measurements.rankfile import MODE_SCALE, Node, RankFile
+from ray_calib.scales.arith import bf16
 
 _EXPERT_CHILD_RE = re.compile(r"^(.+)\.(w13_list|w2_list)\.(\d+)$")
 
@@ -114,10 +122,48 @@ def _merge_group(members: list[RankFile], target_rank: int, to_world_size: int,
                                             per_expert_field)
             nodes.update(_group_children(members, module, layout))
         else:
-            nodes[module] = merge_nodes([m.nodes[module] for m in members], module, first.name.stem + ".json",
-                                        "ranks")
+            sources = [m.nodes[module] for m in members]
+            if first.mode == MODE_SCALE:
+                _check_mergeable_scales(sources[0], module, first.name.stem)
+            nodes[module] = merge_nodes(sources, module, first.name.stem + ".json", "ranks")
+            if first.mode == MODE_SCALE:
+                _rebuild_product(module, sources, nodes[module])
     return RankFile(name=first.name.with_rank(target_rank, to_world_size), nodes=nodes, mode=first.mode,
                     mod_list=_merge_mod_lists(members, layout), extra=dict(first.extra))
+
+
+def _check_mergeable_scales(node: Node, module: str, stem: str) -> None:
+    if any(isinstance(leaf, dict) for leaf in node.get("params", {}).values()):
+        raise UnifyError(f"{stem}: node '{module}' has per-channel weight scales, which cannot be re-sharded "
+                         "(a column-parallel rank holds only its own rows)",
+                         fix="unify the range files without these scale files, then run `ray-calib scales` on them.")
+
+
+_PRODUCTS = (lambda a, b: a * b, lambda a, b: bf16(a * b))  # float, and Gaudi's bf16 tensor product
+
+
+def _factors(module: str, node: Node) -> tuple[float, float] | None:
+    """The two scales INC multiplies into this node's output, if its op type has a product output."""
+    kind = optypes.op_type(module, node)
+    inputs, params = node.get("inputs", ()), node.get("params", {})
+    if kind == optypes.LINEAR and len(inputs) == 1 and not isinstance(params["weight"], (list, dict)):
+        return inputs[0], params["weight"]
+    if kind in (optypes.MATMUL, optypes.B2B_MATMUL) and len(inputs) == 2:
+        return inputs[0], inputs[1]
+    return None
+
+
+def _rebuild_product(module: str, sources: list[Node], merged: Node) -> None:
+    """outputs[0] = factor0 x factor1 of the merged node when every rank's output is that product."""
+    factors = [_factors(module, node) for node in sources]
+    if len(merged.get("outputs", ())) != 1 or None in factors or not all(
+            isinstance(x, float) for pair in factors for x in pair):
+        return
+    for multiply in _PRODUCTS:
+        if all(node["outputs"][0] == multiply(a, b) for node, (a, b) in zip(sources, factors)):
+            a, b = _factors(module, merged)
+            merged["outputs"] = [multiply(a, b)]
+            return
 
 
 def _group_children(members: list[RankFile], op: str, layout: ExpertLayout):
@@ -154,17 +200,25 @@ def _merge_mod_lists(members: list[RankFile], layout: ExpertLayout | None) -> li
 
 
 def expand_rank(rank_file: RankFile, to_world_size: int) -> list[RankFile]:
-    """Split a TP1 file into `to_world_size` rank files for expert-parallel serving (reference step 6).
+    """Split a TP1 file into `to_world_size` rank files (reference step 6), for expert-parallel serving.
 
     Rank j keeps every non-expert node, the fused op's first entry and its slice of the per-expert
     entries, and the expert children of its slice renumbered from 0, so `unify(expand(x))` gives `x` back.
+    A dense model has nothing to split: every rank gets every node, the TP1 ranges (which cover each
+    rank's shard, so the scales made from them are valid, if not tighter, at TP=W).
     """
+    if to_world_size < 2:
+        raise UnifyError(f"cannot expand to {to_world_size} rank(s)", fix="use --to-ranks 2 or more.")
+    if rank_file.mode == MODE_SCALE:  # a TP1 per-channel vector has every output channel, a rank's shard fewer
+        for module, node in rank_file.nodes.items():
+            _check_mergeable_scales(node, module, rank_file.name.stem)
     layout = expert_layout(rank_file)
     if not layout.has_experts:
-        raise UnifyError(f"{rank_file.name.stem}: no expert nodes (<op>.w13_list.K) to expand",
-                         fix="expand is for MoE models served with expert parallelism; use the file as is.")
+        return [RankFile(name=rank_file.name.with_rank(j, to_world_size), nodes=dict(rank_file.nodes),
+                         mode=rank_file.mode, mod_list=list(rank_file.mod_list), extra=dict(rank_file.extra))
+                for j in range(to_world_size)]
     total = layout.local_experts
-    if to_world_size < 2 or total % to_world_size:
+    if total % to_world_size:
         raise UnifyError(f"cannot split {total} experts over {to_world_size} ranks",
                          fix=f"use --to-ranks with a divisor of {total} (at least 2).")
     per_rank = total // to_world_size

@@ -1,4 +1,4 @@
-"""What each device can represent: FP8 full scale and the hardware scale table (DESIGN §5).
+"""What each device can represent: FP8 full scale and the hardware scale table.
 
 Gaudi's FP8 cast applies a scale for free only when it is one of the exponent biases the hardware
 has: Gaudi2 has four (3/7/11/15, i.e. scales 16, 1, 1/16, 1/256; full scale 240 because its e4m3 is
@@ -8,11 +8,14 @@ float scale (full scale 448) and have no HW table, so `maxabs_hw` methods are Ga
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ray_calib.errors import ConfigError
+from ray_calib.scales.arith import FloatMath, GaudiMath
 
 DEVICE_TYPES = ("gaudi2", "gaudi3", "cuda", "cpu")
+FP8_FORMATS = ("E4M3", "E5M2")
+E5M2_FULLSCALE = 57344.0  # torch.finfo(torch.float8_e5m2).max, on Gaudi2 and Gaudi3 alike
 
 
 def default_method(device: str) -> str:
@@ -26,6 +29,29 @@ class DeviceScales:
     fullscale: float  # largest float8_e4m3 magnitude the device represents
     hw_exponents: tuple[int, ...] = ()  # log2 of every HW scale, largest first; empty: no HW scales
     hw_factor: int = 1  # HW exponents are multiples of this (Gaudi2: 4)
+    fp8_format: str = "E4M3"
+
+    @property
+    def is_gaudi(self) -> bool:
+        return self.name.startswith("gaudi")
+
+    @property
+    def math(self) -> type[GaudiMath] | type[FloatMath]:
+        """INC's bf16 HPU arithmetic on Gaudi; float64 on CPU/CUDA (ray-calib's own checkpoint, no INC)."""
+        return GaudiMath if self.is_gaudi else FloatMath
+
+    def with_fp8_format(self, fp8_format: str) -> DeviceScales:
+        """QUANT_CONFIG's fp8_config. E5M2 changes only the full scale: INC's HW_ALIGNED rounding and
+        hw_aligned_single_scale read the E4M3 tables (FP8_143_SCALES) whatever the format."""
+        fmt = fp8_format.upper()
+        if fmt not in FP8_FORMATS:
+            raise ConfigError(f"unknown fp8 format '{fp8_format}'", fix="use E4M3 or E5M2.")
+        if fmt == "E4M3":
+            return self
+        if not self.is_gaudi:
+            raise ConfigError(f"fp8 format E5M2 is for INC on Gaudi; {self.name} FP8 checkpoints are float8_e4m3fn",
+                              fix="drop --fp8-format E5M2 (or use --device gaudi2/gaudi3).")
+        return replace(self, fullscale=E5M2_FULLSCALE, fp8_format=fmt)
 
     @property
     def has_hw_scales(self) -> bool:

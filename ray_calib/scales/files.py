@@ -1,24 +1,26 @@
 """Range files -> INC scale files (`<prefix>_hooks_maxabs_<METHOD>_<rank>_<world>.{json,npz}`), per rank.
 
-Per node: every input gets an activation scale; a linear layer (a node with `params.weight`) gets a
-weight scale and one output scale = input x weight; a matmul gets output = input0 x input1; the fused
-MoE op keeps its hidden-input scale in inputs[0] and puts the per-expert intermediate scales (from
-its outputs[1:]) in inputs[1:], which is where INC (and `unify`) expect them.
+Each node is turned into INC's scale node for its op type (`scales.ops`), in INC's arithmetic for the
+device (`scales.arith`), for the INC release the files target (`scales.target`). Nodes are written for
+every measured module except those a QUANTIZE blocklist name pattern matches (INC writes only the
+modules it patches). INC itself writes and reads no scale file for unit_scale / hw_aligned_single_scale
+or for dynamic quantization; the first two are written here for inspection, the dynamic methods refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray_calib.atomic import staged_dir
 from ray_calib.errors import ConfigError
 from ray_calib.measurements import MODE_SCALE, MeasurementSet, RankFile, expert_layout, write_rank_file
+from ray_calib.measurements.optypes import op_type
 from ray_calib.scales.devices import DeviceScales
-from ray_calib.scales.methods import ScaleMethod, activation_scale, leaf_max, scale_from_maxabs
-
-_MATMULS = ("matmul_qk", "matmul_av", "batch2block_matmul", "block2batch_matmul")
-WeightScale = Callable[[str], "float | list[float] | None"]  # module -> scale from real weights, or None
+from ray_calib.scales.methods import ScaleMethod
+from ray_calib.scales.ops import ScaleRules, WeightSource
+from ray_calib.scales.target import IncTarget
 
 
 @dataclass
@@ -27,109 +29,107 @@ class ScaleRun:
     out_dir: Path
     method: ScaleMethod
     device: DeviceScales
+    target: IncTarget = field(default_factory=IncTarget)
     ranks: int = 0
     nodes: int = 0
     from_weights: int = 0  # weight scales computed from checkpoint tensors
+    blocked: int = 0  # nodes left out by --blocklist
+    notes: list[str] = field(default_factory=list)
 
 
-def scale_rank_file(rank_file: RankFile, method: ScaleMethod, device: DeviceScales,
-                    weight_scale: WeightScale | None = None, counter: ScaleRun | None = None) -> RankFile:
-    ops = expert_layout(rank_file).ops
+def scale_rank_file(rank_file: RankFile, rules: ScaleRules, blocklist: tuple[str, ...] = ()) -> RankFile:
+    layout = expert_layout(rank_file)
+    patterns = [re.compile(p) for p in blocklist]
     nodes = {}
     for module, node in rank_file.nodes.items():
-        act = [activation_scale(leaf, method, device) for leaf in node.get("inputs", [])]
-        out: dict = {"inputs": act}
-        if module in ops:
-            outputs = node.get("outputs", [])
-            out["inputs"] = act[:1] + [activation_scale(leaf, method, device) for leaf in outputs[1:]]
-            out["outputs"] = [activation_scale(leaf, method, device) for leaf in outputs[:1]]
-        elif "weight" in node.get("params", {}):
-            weight = weight_scale(module) if weight_scale else None
-            if weight is not None and counter:
-                counter.from_weights += 1
-            weight = _measured_weight_scale(module, node["params"]["weight"], method, device) if weight is None else weight
-            out["params"] = {"weight": weight}
-            if act:
-                out["outputs"] = [act[0] * (max(weight) if isinstance(weight, list) else weight)]
-        elif module.rsplit(".", 1)[-1] in _MATMULS and len(act) >= 2:
-            out["outputs"] = [act[0] * act[1]]
-        elif "outputs" in node:
-            out["outputs"] = [activation_scale(leaf, method, device) for leaf in node["outputs"]]
-        nodes[module] = out
-    name = rank_file.name.__class__(rank_file.name.prefix, method.file_tag, rank_file.name.rank, rank_file.name.world_size)
-    return RankFile(name=name, nodes=nodes, mode=MODE_SCALE, mod_list=list(rank_file.mod_list))
-
-
-def _measured_weight_scale(module: str, leaf, method: ScaleMethod, device: DeviceScales):
-    if method.weight.granularity != "pcs":
-        return scale_from_maxabs(leaf_max(leaf), method.weight, device)
-    if not isinstance(leaf, list) or len(leaf) < 2:
-        raise ConfigError(f"'{method.name}' needs per-channel weight ranges but node '{module}' has one value",
-                          fix="pass --weights MODEL_DIR so weight scales come from the weights themselves.")
-    return [scale_from_maxabs(leaf_max(row), method.weight, device) for row in leaf]
+        if any(p.search(module) for p in patterns):
+            continue
+        kind = op_type(module, node, layout.ops)
+        nodes[module] = rules.scale_node(module, node, kind, layout.local_experts)
+    name = rank_file.name.__class__(rank_file.name.prefix, rules.method.file_tag, rank_file.name.rank,
+                                    rank_file.name.world_size)
+    return RankFile(name=name, nodes=nodes, mode=MODE_SCALE)
 
 
 def write_scale_files(in_dir: Path, out_dir: Path, method: ScaleMethod, device: DeviceScales,
-                      weight_scale: WeightScale | None = None) -> ScaleRun:
-    """Scale files for every rank of the run in `in_dir`, written next to nothing else in `out_dir`."""
+                      weights: WeightSource | None = None, *, target: IncTarget | None = None,
+                      blocklist: tuple[str, ...] = ()) -> ScaleRun:
+    """Scale files for every rank of the run in `in_dir`, moved into `out_dir` only when all ranks succeeded."""
     measurements = MeasurementSet.discover(in_dir)
-    run = ScaleRun(in_dir=Path(in_dir), out_dir=Path(out_dir), method=method, device=device)
-    for index in range(len(measurements.names)):
-        scaled = scale_rank_file(measurements.read(index), method, device, weight_scale, run)
-        write_rank_file(scaled, out_dir)
-        run.ranks += 1
-        run.nodes = len(scaled.nodes)
+    run = ScaleRun(in_dir=Path(in_dir), out_dir=Path(out_dir), method=method, device=device,
+                   target=target or IncTarget())
+    with staged_dir(out_dir) as stage:
+        for index in range(len(measurements.names)):
+            rank_file = measurements.read(index)
+            rank_weights = weights(rank_file) if weights else None
+            rules = ScaleRules(method, device, run.target, rank_weights)
+            scaled = scale_rank_file(rank_file, rules, blocklist)
+            write_rank_file(scaled, stage)
+            run.ranks += 1
+            run.nodes = len(scaled.nodes)
+            run.blocked = len(rank_file.nodes) - len(scaled.nodes)
+            run.from_weights += rules.from_weights
     return run
 
 
-def make_scales(in_dir: Path, out_dir: Path, method_name: str | None, device: str | None, *,
-                device_for: str | None = None, weights_dir: Path | None = None, input_backoff: float | None = None,
-                weight_backoff: float | None = None) -> ScaleRun:
-    """`ray-calib scales`: resolve method and device (default: the sidecar's device), then write the files."""
-    from ray_calib.scales.devices import default_method, device_for_scales
+@dataclass
+class ScaleRequest:
+    """What `ray-calib scales` was asked for (None: the default)."""
+
+    in_dir: Path
+    out_dir: Path
+    method: str | None = None
+    device: str | None = None
+    device_for: str | None = None
+    weights_dir: Path | None = None
+    input_backoff: float | None = None
+    weight_backoff: float | None = None
+    output_backoff: float | None = None
+    inc_version: str | None = None
+    fp8_format: str = "E4M3"
+    allreduce_quantization: bool = False
+    blocklist: tuple[str, ...] = ()
+
+
+def make_scales(request: ScaleRequest) -> ScaleRun:
+    """`ray-calib scales`: resolve method, device and INC target (default: the sidecar's device), write the files."""
+    from ray_calib.scales.devices import default_method, device_for_scales, get_device
     from ray_calib.scales.methods import check_method_for_device, get_method
+    from ray_calib.scales.target import parse_version
 
-    meta = MeasurementSet.discover(in_dir).meta
-    device = device or (meta.device_type if meta and meta.device_type else None)
+    meta = MeasurementSet.discover(request.in_dir).meta
+    device = request.device or (meta.device_type if meta and meta.device_type else None)
     if device is None:
-        raise ConfigError(f"{in_dir}: no ray_calib_meta.json says which device measured this",
+        raise ConfigError(f"{request.in_dir}: no ray_calib_meta.json says which device measured this",
                           fix="pass --device gaudi2|gaudi3|cuda|cpu.")
-    method = get_method(method_name or default_method(device), input_backoff=input_backoff,
-                        weight_backoff=weight_backoff)
-    scales_device = device_for_scales(device, device_for, method.name)
+    method = get_method(request.method or default_method(device), input_backoff=request.input_backoff,
+                        weight_backoff=request.weight_backoff, output_backoff=request.output_backoff)
+    if method.dynamic_only:
+        raise ConfigError(f"scale_method '{method.name}' is dynamic quantization: activation scales are computed per "
+                          "token at run time, and INC writes and reads no scale file for it",
+                          fix="use a static method (maxabs_hw, maxabs_pow2, ...) for scale files.")
+    scales_device = device_for_scales(device, request.device_for, method.name).with_fp8_format(request.fp8_format)
     check_method_for_device(method, scales_device)
-    weight_scale = checkpoint_weight_scales(weights_dir, method, scales_device) if weights_dir else None
-    return write_scale_files(in_dir, out_dir, method, scales_device, weight_scale)
+    for index, pattern in enumerate(request.blocklist):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"--blocklist {pattern!r} is not a valid regex ({err})",
+                              fix="names are Python regexes (re.search), as QUANT_CONFIG's blocklist.names.") from None
+    target = IncTarget(parse_version(request.inc_version) if request.inc_version else IncTarget().version,
+                       allreduce_quantization=request.allreduce_quantization)
+    custom = any(b is not None for b in (request.input_backoff, request.weight_backoff, request.output_backoff))
+    notes = target.check(output_backoff=request.output_backoff, custom_backoff=custom)
+    weights = None
+    if request.weights_dir and not method.fixed:
+        from ray_calib.scales.weights import CheckpointWeights
 
-
-def checkpoint_weight_scales(weights_dir: Path, method: ScaleMethod, device: DeviceScales) -> WeightScale:
-    """Weight scales from the checkpoint's full tensors (a fused module's parts share one per-tensor scale).
-
-    Ranks of a TP run get the full tensor's scale, which covers every shard; INC would use the shard's.
-    """
-    from ray_calib.convert import names
-    from ray_calib.convert.checkpoint import Checkpoint
-    from ray_calib.convert.safetensors_io import ShardReader
-    from ray_calib.scales.methods import WeightScaleSearch, channel_scales
-
-    checkpoint = Checkpoint.open(weights_dir)
-    cache: dict[str, float | list[float] | None] = {}
-
-    def scale(module: str):
-        if module not in cache:
-            members = [f"{p}.weight" for p in names.checkpoint_modules(module)]
-            if not all(m in checkpoint.tensors for m in members):
-                cache[module] = None
-                return None
-            search, rows = WeightScaleSearch(method, device), []
-            for member in members:
-                with ShardReader(checkpoint.path / checkpoint.shard_of[member]) as reader:
-                    weight = reader.read(member)
-                if method.per_channel_weights:
-                    rows += channel_scales(weight, method, device).tolist()
-                else:
-                    search.add(weight)
-            cache[module] = rows if method.per_channel_weights else search.scale()
-        return cache[module]
-
-    return scale
+        checkpoint = CheckpointWeights(request.weights_dir, method, scales_device, search_device=get_device(device))
+        weights = checkpoint.for_rank
+    run = write_scale_files(request.in_dir, request.out_dir, method, scales_device, weights, target=target,
+                            blocklist=request.blocklist)
+    if method.fixed:
+        notes.append(f"INC writes and reads no scale file for {method.name} (every scale is fixed); these are for "
+                     "inspection")
+    run.notes = notes
+    return run

@@ -4,6 +4,11 @@
     measure fp8-kv   FP8 KV (KV cache measured)         inc_measure_with_fp8kv_config.json
     quantize         two nodes, TP16 measurements       inc_quant_config.json / inc_quant_with_fp8kv_config.json
     quantize one-node  unified measurements (TP8)       inc_quant_one_node_config.json / ..._with_fp8kv_one_node_...
+
+Blocklists: `lm_head` always; the MoE router (`ROUTER`) in every config of a MoE model, measure and
+quantize alike (a router INC can patch but never measured fails at the first forward); an FP8-KV quantize
+config of an MLA model also keeps the attention matmuls and the unused latent-cache variants in BF16, so
+only the latent cache itself is FP8 (`MLA_FP8_KV_BLOCK`).
 `configs/` in the repository holds these with relative paths; `ray-calib configs` writes them with
 absolute `dump_stats_path`s (INC resolves relative paths against each worker's cwd, which differs
 between Ray workers and nodes).
@@ -24,6 +29,8 @@ from ray_calib.scales.methods import METHODS
 
 KV_TYPES = ["KVCache", "VLLMKVCache"]
 ROUTER = r"mlp\.gate\b"  # the MoE router; the \b keeps gate_up_proj quantized
+MLA_FP8_KV_BLOCK = ["latent_cache_k_nodeq", "latent_cache_v_nodeq", "latent_cache_v", "matmul_qk", "matmul_av",
+                    "block2batch_matmul"]
 
 MODES = ("MEASURE", "QUANTIZE", "LOAD", "SHAPE", "NONE")
 OBSERVERS = ("maxabs", "maxabs_per_channel", "save", "shape")
@@ -45,9 +52,15 @@ def config_name(*, measure: bool, fp8_kv: bool, one_node: bool = False) -> str:
 
 
 def build_config(*, measure: bool, fp8_kv: bool, one_node: bool, dump_stats_path: str, moe: bool = True,
-                 scale_method: str = "maxabs_hw") -> dict[str, Any]:
-    """One QUANT_CONFIG as the seeds write it (router blocked for MoE models, KV types for BF16 KV)."""
-    names = ["lm_head"] + ([ROUTER] if moe and (measure or not one_node) else [])
+                 scale_method: str = "maxabs_hw", mla: bool = False) -> dict[str, Any]:
+    """One QUANT_CONFIG as the seeds write it (router blocked for MoE models, KV types for BF16 KV).
+
+    `one_node` only changes where `dump_stats_path` points (the caller's choice); the blocklist is the
+    same for the two-node and the one-node quantize config.
+    """
+    names = ["lm_head"] + ([ROUTER] if moe else [])
+    if mla and fp8_kv and not measure:
+        names += MLA_FP8_KV_BLOCK
     config: dict[str, Any] = {"method": "HOOKS", "mode": "MEASURE" if measure else "QUANTIZE"}
     if measure:
         config["observer"] = "maxabs"
@@ -61,17 +74,35 @@ def build_config(*, measure: bool, fp8_kv: bool, one_node: bool, dump_stats_path
     return config
 
 
-def template_set(measure_dir: str, unified_dir: str, *, moe: bool) -> dict[str, dict[str, Any]]:
+def template_set(measure_dir: str, unified_dir: str, *, moe: bool, mla: bool = False) -> dict[str, dict[str, Any]]:
     """All six configs keyed by file name."""
     out = {}
     for fp8_kv in (False, True):
         out[config_name(measure=True, fp8_kv=fp8_kv)] = build_config(
-            measure=True, fp8_kv=fp8_kv, one_node=False, dump_stats_path=f"{measure_dir}/{MEASURE_PREFIX}", moe=moe)
+            measure=True, fp8_kv=fp8_kv, one_node=False, dump_stats_path=f"{measure_dir}/{MEASURE_PREFIX}", moe=moe,
+            mla=mla)
         for one_node in (False, True):
             where = unified_dir if one_node else measure_dir
             out[config_name(measure=False, fp8_kv=fp8_kv, one_node=one_node)] = build_config(
-                measure=False, fp8_kv=fp8_kv, one_node=one_node, dump_stats_path=f"{where}/{MEASURE_PREFIX}", moe=moe)
+                measure=False, fp8_kv=fp8_kv, one_node=one_node, dump_stats_path=f"{where}/{MEASURE_PREFIX}", moe=moe,
+                mla=mla)
     return out
+
+
+def is_mla(config: dict) -> bool:
+    """Multi-head latent attention (DeepSeek-V2/V3/R1): one latent KV cache instead of K and V."""
+    config = config.get("text_config", config)
+    return bool(config.get("kv_lora_rank"))
+
+
+def quantizes_kv_cache(config: dict) -> bool:
+    """Whether INC quantizes the KV cache under this config (its KV cache types are not blocked).
+
+    The engine's KV cache dtype must follow: `fp8_inc` exactly when INC quantizes the cache, else the
+    model dtype (INC in MEASURE never scales what it writes into an FP8 cache).
+    """
+    blocked = set((config.get("blocklist") or {}).get("types", []))
+    return not blocked.intersection(KV_TYPES)
 
 
 def is_moe(config: dict, model: str = "") -> bool:
@@ -215,13 +246,16 @@ def write_run_configs(run, model: str, out: Path, *, fp8_kv: bool, one_node: boo
     """The measure config and the quantize config (two-node or one-node) of one run, plus stale scale files."""
     from ray_calib.convert.checkpoint import model_config
 
-    moe = is_moe(model_config(model), model)
+    config = model_config(model)
+    moe, mla = is_moe(config, model), is_mla(config) if config else "deepseek" in model.lower()
     unified = run.unified(unified_tp)
     quant_dir = unified if one_node else run.measure
     configs = {
         config_name(measure=True, fp8_kv=fp8_kv): build_config(
-            measure=True, fp8_kv=fp8_kv, one_node=False, moe=moe, dump_stats_path=str(run.measure / MEASURE_PREFIX)),
+            measure=True, fp8_kv=fp8_kv, one_node=False, moe=moe, mla=mla,
+            dump_stats_path=str(run.measure / MEASURE_PREFIX)),
         config_name(measure=False, fp8_kv=fp8_kv, one_node=one_node): build_config(
-            measure=False, fp8_kv=fp8_kv, one_node=one_node, moe=moe, dump_stats_path=str(quant_dir / MEASURE_PREFIX)),
+            measure=False, fp8_kv=fp8_kv, one_node=one_node, moe=moe, mla=mla,
+            dump_stats_path=str(quant_dir / MEASURE_PREFIX)),
     }
     return write_configs(out, configs), stale_scale_files(quant_dir)

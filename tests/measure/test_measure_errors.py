@@ -76,14 +76,17 @@ def test_force_replaces_the_old_run_instead_of_mixing_two(tmp_path):
     from ray_calib.rundir import MEASURE_PREFIX
 
     info = SimpleNamespace(model_id="m", revision=None)
+    plan = SimpleNamespace(info=info, target=SimpleNamespace(device="cpu", device_type="cpu"), backend="observers",
+                           ep_size=1, fp8_kv=False)
     calib = SimpleNamespace(dataset_hash="h", prompts=[1], report=SimpleNamespace(summary=lambda: "s"))
     for world, experts in ((2, {"m": [3, 0]}), (1, {})):
         config = MeasureConfig(model="m", dataset=tmp_path / "d.jsonl", out=tmp_path / "out", force=True)
         _check_out(config)
         rank_files = [RankFile(name=StatsName(MEASURE_PREFIX, rank=r, world_size=world),
                                nodes={"a": {"inputs": [[[1.0]]]}}, mod_list=["a"]) for r in range(world)]
-        _write(config, info, "cpu", "uni", calib, [ChunkResult(index=0, rank_files=rank_files, experts=experts,
-                                                               num_tokens=10, num_prompts=1)], 0.0)
+        _write(config, plan, "uni", calib, [ChunkResult(index=0, rank_files=rank_files, experts=experts,
+                                                               num_tokens=10, num_prompts=1)], 0.0,
+               SimpleNamespace(backends={}, check=lambda rank_files: None))
     assert MeasurementSet.discover(tmp_path / "out").world_size == 1
     assert not (tmp_path / "out" / "coverage.json").exists()
 
@@ -97,12 +100,18 @@ def test_prompts_longer_than_the_context_are_refused_before_the_engine(run_cli, 
 
 def test_gaudi_measure_uses_the_users_quant_config(tmp_path):
     """--quant-config reaches INC on Gaudi too (its blocklist kept), writing stats where we gather them."""
-    from ray_calib.measure.gaudi import inc_measure_config
+    from types import SimpleNamespace
 
+    from ray_calib.errors import ConfigError
+    from ray_calib.measure.gaudi import measure_quant_config
+
+    info = SimpleNamespace(moe=False)
     user = json.loads((Path(__file__).parents[2] / "configs" / "inc_measure_config.json").read_text())
     user["blocklist"] = {"names": ["lm_head", "my_layer"], "types": []}
     (tmp_path / "mine.json").write_text(json.dumps(user))
-    config = inc_measure_config(False, False, "/tmp/dump", tmp_path / "mine.json")
+    config = measure_quant_config(False, info, "/tmp/dump", tmp_path / "mine.json")
     assert config["blocklist"]["names"] == ["lm_head", "my_layer"]
     assert config["dump_stats_path"] == "/tmp/dump/inc_measure_output" and config["mode"] == "MEASURE"
-    assert "my_layer" not in inc_measure_config(False, False, "/tmp/dump")["blocklist"]["names"]
+    assert "my_layer" not in measure_quant_config(False, info, "/tmp/dump", None)["blocklist"]["names"]
+    with pytest.raises(ConfigError, match="--fp8-kv, but its blocklist blocks the KV cache types"):
+        measure_quant_config(True, info, "/tmp/dump", Path(__file__).parents[2] / "configs" / "inc_measure_config.json")

@@ -59,12 +59,13 @@ def test_unknown_attention_and_moe_classes_are_listed_with_their_class():
 
 def test_measure_refuses_an_uncovered_class_in_one_line():
     from ray_calib.errors import ModelError
-    from ray_calib.measure.run import MeasureConfig, _install
+    from ray_calib.measure.run import ObserverBackend
 
     llm = SimpleNamespace(collective_rpc=lambda method, args: [
         {"rank": 0, "backends": {}, "uncovered": [["model.layers.0.attn", "pkg.MysteryAttention", "attention"]]}])
+    plan = SimpleNamespace(fp8_kv=False, block_names=[], block_types=[])
     with pytest.raises(ModelError) as err:
-        _install(llm, MeasureConfig(model="m", dataset=None, out=None), [], [])
+        ObserverBackend(plan).install(llm)
     message = str(err.value)
     assert "\n" not in message and message.startswith("model.layers.0.attn: pkg.MysteryAttention is an attention class")
 

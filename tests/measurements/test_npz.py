@@ -120,3 +120,41 @@ def test_holds_proves_equality_by_bytes_and_falls_back_otherwise(tmp_path):
     (tmp_path / "numpy2.npz").write_bytes(_numpy_savez(_as_arrays(STATS)))  # protocol 4: decoded instead
     assert not npz.holds(tmp_path / "numpy2.npz", STATS) and npz.load(tmp_path / "numpy2.npz") == STATS
     assert not npz.holds(tmp_path / "missing.npz", STATS)
+
+
+def _scale_arrays(stats: dict) -> dict:
+    """INC's in-memory scale file: each leaf a float32 array (0-d for a float), containers as they are."""
+    def leaf(value):
+        if isinstance(value, dict):  # per-channel weight {0: ..., 1: ...}
+            return {key: leaf(item) for key, item in value.items()}
+        return np.array(value, dtype=np.float32)
+
+    def node(fields):
+        return {name: ({key: leaf(v) for key, v in value.items()} if name == "params"
+                       else type(value)(leaf(v) for v in value)) for name, value in fields.items()}
+    return {**stats, "Nodes": {module: node(fields) for module, fields in stats["Nodes"].items()}}
+
+
+@pytest.mark.parametrize("node_count", [2, 300])  # past 256 memo entries the pickler switches to 4-byte puts
+def test_scale_files_0d_arrays_tuples_and_int_keys_are_numpys_pickle(tmp_path, node_count):
+    nodes = {}
+    for i in range(node_count):
+        nodes[f"m.{i}.qkv_proj"] = {"inputs": [0.5 + i], "outputs": (0.25,), "params": {"weight": 2.0 ** -(i % 40)}}
+        nodes[f"m.{i}.k_cache"] = {"inputs": [0.125], "outputs": [0.125], "params": {}}
+        nodes[f"m.{i}.fused_sdpa"] = {"inputs": [1.0, 2.0, 3.0, 4.0], "outputs": (0.5,), "params": {}}
+        nodes[f"m.{i}.softmax"] = {"inputs": (), "outputs": (0.5,), "params": {}}
+        nodes[f"m.{i}.o_proj"] = {"inputs": [1.0], "outputs": (0.5, 0.25), "params": {"weight": 1.0}}
+        nodes[f"m.{i}.many"] = {"inputs": [1.0], "outputs": (0.5, 0.25, 1.0, 2.0, 4.0), "params": {}}
+        nodes[f"m.{i}.pcs"] = {"inputs": [0.5], "outputs": ([0.5, 0.25, 1.0],),
+                               "params": {"weight": {0: [1.0, 0.5, 2.0], 1: [1.0] * 5}}}
+        nodes[f"m.{i}.embed"] = {"inputs": (), "outputs": (), "params": {"weight": [0.5]}}
+    stats = {"GlobalRank": None, "LocalRank": 1, "Mode": "Scale", "Nodes": nodes}
+    holder = np.empty((), dtype=object)
+    holder[()] = _scale_arrays(stats)
+    image = npz.image(stats, core="numpy._core.multiarray")
+    assert image[image.index(b"\n") + 1:] == pickle.dumps(holder, protocol=3)
+    path = npz.save(tmp_path / "s.npz", stats)
+    assert npz.load(path) == stats  # tuples stay tuples, int keys stay ints, 0-d arrays come back as floats
+    assert npz.holds(path, stats)
+    loaded = np.load(path, allow_pickle=True)["arr_0"].item()["Nodes"]["m.0.pcs"]
+    assert loaded["params"]["weight"][1].shape == (5,) and loaded["outputs"][0].dtype == np.float32

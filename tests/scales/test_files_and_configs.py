@@ -13,7 +13,9 @@ from ray_calib.measurements import MODE_SCALE, MeasurementSet
 from ray_calib.scales.devices import DEVICES
 from ray_calib.scales.files import write_scale_files
 from ray_calib.scales.methods import get_method
-from ray_calib.scales.quant_config import is_moe, read_config, stale_scale_files, template_set, validate
+from ray_calib.scales.quant_config import (MLA_FP8_KV_BLOCK, is_moe, read_config, stale_scale_files,
+                                           template_set, validate)
+from ray_calib.scales.target import IncTarget, parse_version
 from tests.conftest import LLAMA70B_TP4, fixture_dir
 from tests.measurements.synthetic import write_set
 
@@ -28,11 +30,18 @@ def test_gaudi2_scale_files_from_real_llama70b_ranges(tmp_path):
     assert [n.stem for n in scales.names][1] == "inc_output_hooks_maxabs_MAXABS_HW_1_4"
     rank0 = scales.read(0)
     assert rank0.mode == MODE_SCALE
-    o_proj = rank0.nodes["model.layers.0.self_attn.o_proj"]  # DESIGN §5 worked example, from the real file
+    o_proj = rank0.nodes["model.layers.0.self_attn.o_proj"]  # the Gaudi2 worked example, from the real file
     assert o_proj["inputs"] == [0.00390625] and o_proj["params"]["weight"] == 0.0625
-    assert o_proj["outputs"] == [0.00390625 * 0.0625]
+    # INC >= 3.4: a RowParallelLinear's output scale comes from its measured pre-all-reduce max (0.1738)
+    assert o_proj["outputs"] == (0.00390625,)
+    assert run.target.row_parallel_op
     qk = rank0.nodes["model.layers.0.self_attn.attn.impl.matmul_qk"]
-    assert qk["outputs"] == [qk["inputs"][0] * qk["inputs"][1]]
+    assert qk["outputs"] == (qk["inputs"][0] * qk["inputs"][1],) and qk["params"] == {}
+    old = write_scale_files(LLAMA70B_TP4, tmp_path / "v33", get_method("maxabs_hw"), DEVICES["gaudi2"],
+                            target=IncTarget(parse_version("3.3")))
+    assert old.ranks == 4
+    o_proj = MeasurementSet.discover(tmp_path / "v33", method="MAXABS_HW").read(0).nodes["model.layers.0.self_attn.o_proj"]
+    assert o_proj["outputs"] == (0.00390625 * 0.0625,)  # INC <= 3.3: RowParallelLinear is a plain linear
 
 
 def test_moe_op_scales_go_to_inputs(tmp_path):
@@ -47,21 +56,37 @@ def test_moe_op_scales_go_to_inputs(tmp_path):
     assert scaled.nodes[op]["inputs"][2] >= amax / (448 * expected[0])
 
 
-def test_pcs_without_weights_needs_per_channel_ranges(tmp_path):
+@pytest.mark.parametrize("method", ["act_maxabs_pow2_weights_pcs_maxabs_pow2", "maxabs_pow2_opt_weight"])
+def test_pcs_and_opt_without_weights_are_refused(tmp_path, run_cli, method):
+    """INC computes these from the weight tensor itself: a measured max is not enough."""
     write_set(tmp_path / "in", 1)
-    with pytest.raises(ConfigError, match="needs per-channel weight ranges.*--weights"):
-        write_scale_files(tmp_path / "in", tmp_path / "out", get_method("act_maxabs_pow2_weights_pcs_maxabs_pow2"),
-                          DEVICES["cpu"])
+    result = run_cli("scales", "--method", method, "--device", "gaudi3", "--in", tmp_path / "in", "--out", tmp_path / "o")
+    assert result.exit_code != 0 and "--weights MODEL_DIR" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
 def test_shipped_templates_are_the_generated_ones():
-    generated = template_set("./calib-run/measure", "./calib-run/unified-tp8", moe=True)
+    generated = template_set("./calib-run/measure", "./calib-run/unified-tp8", moe=True, mla=True)
     shipped = {p.name: json.loads(p.read_text()) for p in (REPO / "configs").glob("*.json")}
     assert shipped == generated and len(shipped) == 6
     measure = shipped["inc_measure_config.json"]
     assert measure["blocklist"] == {"types": ["KVCache", "VLLMKVCache"], "names": ["lm_head", r"mlp\.gate\b"]}
     assert shipped["inc_measure_with_fp8kv_config.json"]["blocklist"]["types"] == []
-    assert shipped["inc_quant_with_fp8kv_one_node_config.json"]["blocklist"]["names"] == ["lm_head"]
+    # the router stays BF16 in the one-node configs too (an unmeasured patched router fails at load)
+    assert shipped["inc_quant_one_node_config.json"]["blocklist"]["names"] == ["lm_head", r"mlp\.gate\b"]
+    # FP8 KV with MLA: only the latent cache is FP8; attention matmuls and unused cache variants stay BF16
+    assert shipped["inc_quant_with_fp8kv_one_node_config.json"]["blocklist"]["names"] == [
+        "lm_head", r"mlp\.gate\b", "latent_cache_k_nodeq", "latent_cache_v_nodeq", "latent_cache_v", "matmul_qk",
+        "matmul_av", "block2batch_matmul"]
+
+
+def test_kv_cache_dtype_follows_the_quantize_config():
+    from ray_calib.scales.quant_config import quantizes_kv_cache
+
+    configs = template_set("/m", "/u", moe=True)
+    assert quantizes_kv_cache(configs["inc_quant_with_fp8kv_one_node_config.json"])
+    assert not quantizes_kv_cache(configs["inc_quant_one_node_config.json"])
+    assert template_set("/m", "/u", moe=False)["inc_quant_one_node_config.json"]["blocklist"]["names"] == ["lm_head"]
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -103,7 +128,7 @@ def test_stale_scale_files_and_cli_warning(tmp_path, run_cli):
     assert "stale scale file" in result.stderr and "--clean-stale-scales" in result.stderr
     written = json.loads((tmp_path / "run/configs/inc_quant_with_fp8kv_config.json").read_text())
     assert written["dump_stats_path"] == str(measure / "inc_measure_output")
-    assert written["blocklist"]["names"] == ["lm_head", r"mlp\.gate\b"]
+    assert written["blocklist"]["names"] == ["lm_head", r"mlp\.gate\b", *MLA_FP8_KV_BLOCK]  # DeepSeek: MLA
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"mode": "QUANTIZE", "dump_stats_path": "/x", "scale_mehtod": "maxabs_hw"}))
     result = run_cli("configs", "--model", "m", "--check", bad)

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from ray_calib.errors import ConfigError
 from ray_calib.scales.devices import DEVICES, device_for_scales, get_device
-from ray_calib.scales.methods import (METHODS, activation_scale, check_method_for_device, get_method, round_scale,
+from ray_calib.scales.methods import (METHODS, MIN_SCALE, activation_scale, check_method_for_device, get_method,
+                                      round_scale,
                                       scale_from_maxabs)
 
 GAUDI2, GAUDI3, CPU = DEVICES["gaudi2"], DEVICES["gaudi3"], DEVICES["cpu"]
@@ -48,11 +49,21 @@ def test_unit_and_single_hw_scale():
     assert activation_scale(123.0, get_method("hw_aligned_single_scale"), GAUDI2) == 16.0
 
 
+def _gaudi_slack(exact: float) -> float:
+    """How far below `exact` INC's bf16 arithmetic may land: the raw scale is 3 bf16 roundings off (each
+    <= 2^-9 relative), and log2 is rounded to bf16 (half an ulp: 2^(k-8) for |log2| in [2^k, 2^(k+1)))
+    before the ceil, which can drop a power of two by up to that fraction of an octave."""
+    log2 = abs(math.log2(exact))
+    half_ulp = 2.0 ** (math.floor(math.log2(log2)) - 8) if log2 >= 1 else 2.0 ** -9
+    return (1 - 2.0 ** -9) ** 3 * 2.0 ** -half_ulp
+
+
 @settings(max_examples=300, deadline=None)
 @given(maxabs=st.floats(min_value=1e-30, max_value=1e6, allow_nan=False),
        name=st.sampled_from(["maxabs_pow2", "maxabs_hw", "maxabs_arbitrary"]),
        device=st.sampled_from(["gaudi2", "gaudi3", "cpu"]))
 def test_scales_cover_maxabs_and_are_pow2_where_they_must_be(maxabs, name, device):
+    """CPU: never below maxabs / (fullscale * backoff). Gaudi: INC's bf16 math may land below it, by a derived bound."""
     dev = get_device(device)
     method = get_method(name)
     if method.needs_hw_table and not dev.has_hw_scales:
@@ -60,6 +71,7 @@ def test_scales_cover_maxabs_and_are_pow2_where_they_must_be(maxabs, name, devic
     for rule in (method.activation, method.weight):
         scale = scale_from_maxabs(maxabs, rule, dev)
         exact = maxabs / (dev.fullscale * rule.backoff)
+        floor = exact * (_gaudi_slack(exact) if dev.is_gaudi else 1 - 1e-12)
         if rule.rounding in ("pow2", "hw"):
             assert math.log2(scale) == int(math.log2(scale))  # a power of two
         if rule.rounding == "hw":
@@ -67,11 +79,12 @@ def test_scales_cover_maxabs_and_are_pow2_where_they_must_be(maxabs, name, devic
             assert exponent % dev.hw_factor == 0 and dev.min_exponent <= exponent <= dev.max_exponent
             clamped = exponent == dev.max_exponent and exact > scale
             if not clamped:
-                assert scale >= exact * (1 - 1e-12)
+                assert scale >= floor
         else:
-            assert scale >= exact * (1 - 1e-12)  # never under-covers maxabs / backoff
+            assert scale >= floor
         if rule.rounding == "pow2":
-            assert scale < 2 * exact * (1 + 1e-12) or exact < 1e-37
+            assert scale < 2 * exact * (1 + (2.0 ** -7 if dev.is_gaudi else 1e-12)) or exact < 1e-37
+        assert scale_from_maxabs(maxabs * 1.5, rule, dev) >= scale  # monotone in maxabs
 
 
 def test_hw_methods_need_gaudi():
@@ -132,3 +145,31 @@ def test_weight_scales_from_tensors():
     rows_err = ((weight.float() - fp8_round_trip(weight, opt_pc[:, None])) ** 2).sum(1)
     base_err = ((weight.float() - fp8_round_trip(weight, per_channel[:, None])) ** 2).sum(1)
     assert bool((rows_err <= base_err + 1e-9).all())
+
+
+def test_zero_maxabs_like_inc_on_gaudi_and_lifted_elsewhere():
+    """INC: a measured 0 gives scale 0 (pow2, arbitrary) and the lowest HW scale (hw); CPU/CUDA never write 0."""
+    assert activation_scale([[0.0]], get_method("maxabs_pow2"), GAUDI3) == 0.0
+    assert activation_scale([[0.0]], get_method("maxabs_arbitrary"), GAUDI2) == 0.0
+    assert activation_scale([[0.0]], get_method("maxabs_hw"), GAUDI3) == 2.0 ** -55
+    assert activation_scale([[0.0]], get_method("maxabs_hw"), GAUDI2) == 2.0 ** -8
+    assert activation_scale([[0.0]], get_method("maxabs_pow2"), CPU) == 2.0 ** -126
+    assert activation_scale([[0.0]], get_method("maxabs_arbitrary"), CPU) == MIN_SCALE
+
+
+def test_bf16_worked_examples_gaudi3():
+    """Published Gaudi3 scales one power of two below float64 math, because log2 is rounded to bf16."""
+    method = get_method("maxabs_hw")
+    assert scale_from_maxabs(0.220703125, method.weight, GAUDI3) == 2.0 ** -10  # float64: 2^-9
+    assert math.ceil(math.log2(0.220703125 / 224)) == -9
+    assert activation_scale([[0.88671875]], method, GAUDI3) == 2.0 ** -7  # v_cache; float64: 2^-6
+    assert math.ceil(math.log2(0.88671875 / 112)) == -6
+    assert activation_scale([[0.88671875]], get_method("maxabs_pow2"), DEVICES["cuda"]) == 2.0 ** -6  # float64 on CUDA
+
+
+def test_e5m2_changes_only_the_full_scale():
+    e5m2 = GAUDI3.with_fp8_format("E5M2")
+    assert e5m2.fullscale == 57344.0 and e5m2.hw_scales == GAUDI3.hw_scales
+    assert scale_from_maxabs(57344.0 * 0.5, get_method("maxabs_pow2").weight, e5m2) == 1.0
+    with pytest.raises(ConfigError, match="E5M2 is for INC on Gaudi"):
+        CPU.with_fp8_format("e5m2")

@@ -1,0 +1,339 @@
+"""FP8 quality on a real model, side by side: BF16 vs ray-calib FP8 vs llm-compressor FP8, each with and
+without an FP8 KV cache, on held-out text of three kinds; and the calibration wall time of each.
+
+    python benchmarks/bench_quality.py [--calib-samples 64] [--calib-tokens 256] [--heldout 24]
+                                       [--search] [--lock /tmp/ray-calib-heavy.lock] [--work DIR]
+
+    1 prepare    SmolLM2-135M-Instruct (imported once into the cache), calibration passages (pydoc,
+                 calibration half), held-out passages (pydoc held-out half, licences, Debian docs),
+                 llm-compressor 0.14 in its own venv under the cache (torch pinned to the CPU wheel)
+    2 ray-calib  `ray-calib measure --fp8-kv` at TP1 on the calibration texts, then `quantize` (the CPU/CUDA
+                 default; with --search every candidate of convert/scale_choice.py), with and without k/v scales
+    3 peer       llm-compressor oneshot, scheme FP8, ignore lm_head, same texts and count, truncated to the
+                 same length; once more with its FP8 kv_cache_scheme
+    4 score      every model through vLLM (prefill, top-20 logprobs) on the same token windows; the FP8-KV
+                 rows run kv_cache_dtype "fp8" with the checkpoint's k/v scales, the others "bfloat16"
+    5 report     one table per held-out source (perplexity, mean KL and top-1 agreement against BF16 with a
+                 BF16 cache), the targets (KL <= 0.8x llm-compressor's, top-1 >= its, perplexity <= its),
+                 results.json and quality.png in the work dir
+Each heavy phase (vLLM, llm-compressor) takes --lock (a flock file) for itself only, so other users of the
+box get turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PEER_VERSION = "0.14.0.1"
+SOURCES = ("pydoc", "licenses", "debian-docs")
+KL_RATIO = 0.8
+
+
+@dataclass
+class Model:
+    kind: str  # "BF16", "ray-calib", "llm-compressor"
+    path: Path
+    fp8_kv: bool  # run on an FP8 cache
+    calib_seconds: float | None = None
+    choice: str | None = None  # ray-calib: the scale candidate (convert/scale_choice.py)
+
+    @property
+    def label(self) -> str:
+        """ray-calib's default is plain "ray-calib"; the other candidates carry their name."""
+        from ray_calib.convert.scale_choice import DEFAULT
+
+        if self.kind != "ray-calib" or self.choice == DEFAULT.name:
+            return self.kind
+        return f"ray-calib:{self.choice}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--calib-tokens", type=int, default=256)
+    parser.add_argument("--heldout", type=int, default=24, help="Passages per held-out source.")
+    parser.add_argument("--search", action="store_true", help="Score every scale candidate, not just the default.")
+    parser.add_argument("--lock", type=Path, help="flock file taken around each heavy phase.")
+    parser.add_argument("--work", type=Path, help="Work dir [default: <cache>/bench/quality].")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Keep calibrations in --work made from the same calibration texts.")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Print the table of the last run in --work again (e.g. after changing the default).")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from ray_calib.realmodel import smollm2, texts
+
+    work = args.work or smollm2.cache_root() / "bench" / "quality"
+    work.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        saved = json.loads((work / "results.json").read_text())
+        rows = [Model(r["kind"], Path(r["path"]), r["fp8_kv"], r["calib_seconds"], r["choice"]) for r in saved["rows"]]
+        vars(args).update({k: v for k, v in saved["args"].items() if k in ("heldout",)})
+        _report({int(k): v for k, v in saved["results"].items()}, rows, work, args)
+        return
+    print("(1/5) prepare", flush=True)
+    with _locked(args.lock if not smollm2.is_built(smollm2.default_dir(), smollm2.gguf_path()) else None):
+        model, _ = smollm2.model_dir()
+    calib = texts.write_jsonl(_long_enough(model, texts.sample("pydoc", "calibration", 2 * args.calib_samples),
+                                           args.calib_tokens, args.calib_samples), work / "calibration.jsonl")
+    heldout = {s: texts.sample(s, "heldout", args.heldout) for s in SOURCES}
+    peer_python = _peer_venv(smollm2.cache_root() / "bench" / f"llmcompressor-{PEER_VERSION}")
+
+    print("(2/5) ray-calib: measure + quantize", flush=True)
+    ours = _ray_calib(model, calib, work, args)
+    print("(3/5) llm-compressor oneshot", flush=True)
+    peer = _peer(peer_python, model, calib, work, args)
+
+    print("(4/5) score", flush=True)
+    rows = [Model("BF16", model, False), Model("BF16", model, True), *ours, *peer]
+    results = _score_all(model, rows, heldout, work, args)
+    print("(5/5) report", flush=True)
+    _report(results, rows, work, args)
+
+
+# ---- phases ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _locked(lock: Path | None):
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _long_enough(model: Path, passages: list[str], tokens: int, count: int) -> list[str]:
+    """The first `count` passages of at least `tokens` tokens: both calibrations then see the same
+    `count` texts, each truncated to `tokens` (measure drops shorter ones, llm-compressor would not)."""
+    from ray_calib.infer.fidelity import tokenize
+
+    kept = [p for p, ids in zip(passages, tokenize(model, passages)) if len(ids) >= tokens][:count]
+    if len(kept) < count:
+        sys.exit(f"only {len(kept)} calibration passages have {tokens} tokens; ask for fewer --calib-samples")
+    return kept
+
+
+def _peer_venv(venv: Path) -> Path:
+    """llm-compressor in a venv of its own (it wants other transformers/compressed-tensors versions)."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    if stamp.exists():
+        return python
+    uv = Path(sys.executable).parent / "uv"
+    env = {**os.environ, "SSL_CERT_FILE": os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")}
+    pins = ["-c", str(REPO / "constraints.txt"), "--excludes", str(REPO / "excludes.txt"), "--find-links",
+            "/opt/wheels"]
+    print(f"    building llm-compressor {PEER_VERSION} venv at {venv}", flush=True)
+    subprocess.run([str(uv), "venv", "-q", "--python", sys.executable, str(venv)], check=True, env=env)
+    subprocess.run([str(uv), "pip", "install", "-q", "--python", str(python), *pins, "torch==2.13.0"],
+                   check=True, env=env)
+    subprocess.run([str(uv), "pip", "install", "-q", "--python", str(python), *pins, f"llmcompressor=={PEER_VERSION}",
+                    "datasets"], check=True, env=env)
+    stamp.touch()
+    return python
+
+
+def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
+    from ray_calib.convert.plan import load_measurement
+    from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
+    from ray_calib.convert.scale_choice import CANDIDATES, DEFAULT
+    from ray_calib.scales.devices import get_device
+
+    measure = work / "ray-calib" / "measure"
+    seconds = _reused(work / "ray-calib" / "measure-seconds.json", calib, args)
+    if seconds is None:
+        command = [sys.executable, "-m", "ray_calib.cli", "measure", "--model", str(model), "--dataset", str(calib),
+                   "--tp", "1", "--fp8-kv", "--num-samples", str(args.calib_samples), "--least-tokens",
+                   str(args.calib_tokens), "--max-new-tokens", "1", "--out", str(measure), "--force"]
+        with _locked(args.lock):
+            started = time.perf_counter()
+            subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+            seconds = time.perf_counter() - started
+        _save_timing(work / "ray-calib" / "measure-seconds.json", calib, seconds)
+    measurement, _ = load_measurement(measure)
+    choices = list(CANDIDATES.values()) if args.search else [DEFAULT]
+    models = []
+    with _locked(None):  # a 135M checkpoint quantizes in seconds: no need to queue for the heavy lock
+        for choice in choices:
+            for fp8_kv in (False, True):
+                out = work / "ray-calib" / f"{choice.name}{'-kv' if fp8_kv else ''}"
+                started = time.perf_counter()
+                job = QuantizeJob(model=model, measurement=measurement, out=out, method=choice.method,
+                                  device=get_device("cpu"), fp8_kv=fp8_kv, kv_rule=choice.kv_rule(), force=True)
+                quantize_checkpoint(job)
+                models.append(Model("ray-calib", out, fp8_kv, seconds + time.perf_counter() - started, choice.name))
+    return models
+
+
+def _peer(python: Path, model: Path, calib: Path, work: Path, args) -> list[Model]:
+    models = []
+    with _locked(args.lock):
+        for fp8_kv in (False, True):
+            out = work / "llm-compressor" / ("fp8-kv" if fp8_kv else "fp8")
+            timing = out.parent / f"{out.name}-seconds.json"
+            wall = _reused(timing, calib, args)
+            if wall is None:
+                command = [str(python), str(REPO / "benchmarks" / "_llmcompressor_peer.py"), str(model), str(calib),
+                           str(out), "--num-samples", str(args.calib_samples), "--max-tokens", str(args.calib_tokens)]
+                started = time.perf_counter()
+                result = subprocess.run(command + (["--fp8-kv"] if fp8_kv else []), capture_output=True, text=True)
+                wall = time.perf_counter() - started
+                if result.returncode != 0:
+                    sys.exit(f"llm-compressor failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+                _save_timing(timing, calib, wall)
+            models.append(Model("llm-compressor", out, fp8_kv, wall))
+    return models
+
+
+def _reused(timing: Path, calib: Path, args) -> float | None:
+    """The wall time of an earlier calibration on the same texts, when --reuse allows it."""
+    if not (args.reuse and timing.exists()):
+        return None
+    saved = json.loads(timing.read_text())
+    return saved["seconds"] if isinstance(saved, dict) and saved.get("texts") == _digest(calib) else None
+
+
+def _save_timing(timing: Path, calib: Path, seconds: float) -> None:
+    timing.parent.mkdir(parents=True, exist_ok=True)
+    timing.write_text(json.dumps({"seconds": seconds, "texts": _digest(calib)}))
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_windows(windows: list[list[int]]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(windows).encode()).hexdigest()
+
+
+def _score_all(model: Path, rows: list[Model], heldout: dict[str, list[str]], work: Path, args) -> dict:
+    """{row index: {source: {"ppl", "kl", "top1"}}}, against BF16 on a BF16 cache."""
+    from ray_calib.infer import fidelity
+
+    windows, spans = [], {}
+    for source, passages in heldout.items():
+        source_windows, _ = fidelity.token_windows(fidelity.tokenize(model, passages), 1024)
+        spans[source] = (len(windows), len(windows) + len(source_windows))
+        windows += source_windows
+    scored = {}
+    with _locked(args.lock):
+        for index, row in enumerate(rows):
+            variant = fidelity.Variant(row.label, row.path, fp8_kv=row.fp8_kv)
+            started = time.perf_counter()
+            saved = work / "scores" / f"{row.path.name}-{row.kind}-{'fp8' if row.fp8_kv else 'bf16'}-kv.json"
+            key = _digest_windows(windows)
+            if args.reuse and saved.exists() and json.loads(saved.read_text()).get("windows") == key:
+                scored[index] = json.loads(saved.read_text())
+            else:
+                scored[index] = fidelity.score(variant, windows, tp_size=1, device="cpu", max_model_len=1024)
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps({**scored[index], "windows": key}))
+            print(f"    scored {row.label:<32} KV {scored[index]['kv_cache_dtype']:<9} in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+    reference = scored[0]["positions"]
+    results = {}
+    for index in scored:
+        results[index] = {"kv_cache_dtype": scored[index]["kv_cache_dtype"]}
+        for source, (start, end) in spans.items():
+            positions, ref = scored[index]["positions"][start:end], reference[start:end]
+            results[index][source] = {"ppl": fidelity.perplexity(positions), "kl": fidelity.mean_kl(ref, positions),
+                                      "top1": fidelity.top1_agreement(ref, positions),
+                                      "positions": sum(len(p) for p in positions)}
+    return results
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+def _report(results: dict, rows: list[Model], work: Path, args) -> None:
+    lines = []
+    for source in SOURCES:
+        positions = results[0][source]["positions"]
+        lines.append(f"\n{source} (held out, {args.heldout} passages, {positions} scored tokens)")
+        lines.append(f"  {'model':<34} {'KV cache':<9} {'perplexity':>10} {'mean KL':>8} {'top-1':>6} {'calib s':>8}")
+        for index, row in enumerate(rows):
+            figures = results[index][source]
+            calib = f"{row.calib_seconds:.0f}" if row.calib_seconds is not None else "-"
+            lines.append(f"  {row.label:<34} {results[index]['kv_cache_dtype']:<9} {figures['ppl']:>10.3f} "
+                         f"{figures['kl']:>8.4f} {figures['top1']:>6.3f} {calib:>8}")
+    verdicts = _targets(results, rows)
+    text = "\n".join(lines + ["", "targets (ray-calib vs llm-compressor, same source and KV cache):", *verdicts])
+    print(text)
+    (work / "results.txt").write_text(text + "\n")
+    (work / "results.json").write_text(json.dumps({"rows": [{"kind": r.kind, "choice": r.choice, "path": str(r.path),
+                                                             "fp8_kv": r.fp8_kv, "calib_seconds": r.calib_seconds}
+                                                            for r in rows],
+                                                   "results": results, "args": vars(args)}, indent=1, default=str))
+    _plot(results, rows, work / "quality.png")
+    print(f"\nwrote {work / 'results.txt'}, {work / 'results.json'}, {work / 'quality.png'}")
+
+
+def _targets(results: dict, rows: list[Model]) -> list[str]:
+    verdicts = []
+    for fp8_kv in (False, True):
+        ours = next(i for i, r in enumerate(rows) if r.label == "ray-calib" and r.fp8_kv == fp8_kv)
+        peer = next(i for i, r in enumerate(rows) if r.label == "llm-compressor" and r.fp8_kv == fp8_kv)
+        for source in SOURCES:
+            a, b = results[ours][source], results[peer][source]
+            checks = {"KL": a["kl"] <= KL_RATIO * b["kl"], "top-1": a["top1"] >= b["top1"], "ppl": a["ppl"] <= b["ppl"]}
+            mark = "met" if all(checks.values()) else "MISSED " + ", ".join(k for k, ok in checks.items() if not ok)
+            verdicts.append(f"  {source:<12} {'FP8 KV' if fp8_kv else 'BF16 KV':<8} KL {a['kl']:.4f} vs "
+                            f"{KL_RATIO} x {b['kl']:.4f} = {KL_RATIO * b['kl']:.4f}; top-1 {a['top1']:.3f} vs "
+                            f"{b['top1']:.3f}; ppl {a['ppl']:.3f} vs {b['ppl']:.3f}: {mark}")
+    return verdicts
+
+
+def _plot(results: dict, rows: list[Model], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [i for i, r in enumerate(rows) if r.label in ("ray-calib", "llm-compressor")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (metric, title) in zip(axes, [("kl", "mean KL vs BF16 (lower is better)"),
+                                          ("top1", "top-1 agreement (higher is better)"),
+                                          ("ppl", "perplexity (lower is better)")]):
+        width = 0.8 / len(shown)
+        for k, index in enumerate(shown):
+            row = rows[index]
+            values = [results[index][s][metric] for s in SOURCES]
+            ax.bar([x + k * width for x in range(len(SOURCES))], values, width,
+                   label=f"{row.label} ({'FP8' if row.fp8_kv else 'BF16'} KV)",
+                   color=("tab:blue" if row.label == "ray-calib" else "tab:orange"),
+                   alpha=1.0 if row.fp8_kv else 0.55, hatch="//" if row.fp8_kv else None)
+        if metric == "ppl":
+            ax.plot([x + 0.4 - width / 2 for x in range(len(SOURCES))], [results[0][s]["ppl"] for s in SOURCES],
+                    "k_", markersize=30, label="BF16")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(SOURCES))], SOURCES)
+        ax.set_title(title)
+        if metric == "top1":
+            ax.set_ylim(min(results[i][s]["top1"] for i in shown for s in SOURCES) - 0.02, 1.0)
+        if metric == "ppl":
+            low = min(results[i][s]["ppl"] for i in [0, *shown] for s in SOURCES)
+            ax.set_ylim(low * 0.9, max(results[i][s]["ppl"] for i in shown for s in SOURCES) * 1.03)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct FP8: ray-calib vs llm-compressor on held-out text")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

