@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _child import load_average  # noqa: E402
@@ -45,12 +46,13 @@ def child(model: str, dataset: str, args: argparse.Namespace) -> dict:
     from ray_calib.measure.chunks import ChunkStore
     from ray_calib.measure.extension import EXTENSION_CLS
     from ray_calib.measure.preflight import blocklist
-    from ray_calib.measure.run import MeasureConfig, Progress, _run_chunk
+    from ray_calib.measure.run import MeasureConfig, ObserverBackend, Progress, _run_chunk
 
     token_ids = load_prompts(dataset, model, num_samples=args.prompts, least_tokens=PROMPT_TOKENS).token_ids
     llm = build_llm(EngineConfig(model=model, tp_size=args.tp, max_model_len=512, max_num_seqs=args.batch,
                                  worker_extension_cls=EXTENSION_CLS, observe_weights=True))
     names, types = blocklist(None, fp8_kv=args.fp8_kv, moe=True)
+    backend = ObserverBackend(SimpleNamespace(fp8_kv=args.fp8_kv, block_names=names, block_types=types))
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)  # as measure samples
     config = MeasureConfig(model=model, dataset=Path(dataset), out=Path(), tp_size=args.tp, batch_size=args.batch,
                            max_new_tokens=args.new_tokens)
@@ -66,7 +68,7 @@ def child(model: str, dataset: str, args: argparse.Namespace) -> dict:
     writes: list[float] = []
 
     def observed() -> int:
-        llm.collective_rpc("ray_calib_install", args=(args.fp8_kv, names, types))
+        backend.install(llm)  # as `measure` installs them
         results = [_run_chunk(llm, index, token_ids[start:start + args.chunk], config, Progress())
                    for index, start in enumerate(range(0, len(token_ids), args.chunk))]
         llm.collective_rpc("ray_calib_remove")
