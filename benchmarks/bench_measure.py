@@ -1,11 +1,22 @@
-"""Observer overhead: the same prompts through plain vLLM generate and through `measure`, same TP.
+"""Observer overhead: `measure`'s generate loop against plain vLLM generate, same engine, same TP, interleaved.
 
-    python benchmarks/bench_measure.py [--arch llama deepseek_v3] [--tp 1] [--prompts 32] [--new-tokens 32]
+    python benchmarks/bench_measure.py [--arch llama deepseek_v3] [--tp 1] [--rounds 10] [--prompts 128]
+                                       [--new-tokens 64] [--batch 16] [--fp8-kv]
 
-Each mode runs in its own fresh process (vLLM started the same way by `ray_calib.engine`); the timed
-part is only the generation loop (plus, for measure, installing the observers, gathering every
-rank's stats after each chunk and writing the checkpoint), after one warm-up batch. Prints prompts/s,
-tokens/s and peak RSS per mode and the overhead ratio (target: <= 10%).
+One fresh process per model starts one vLLM engine (the measure engine profile, observer extension
+loaded) and runs the same prompts in rounds. Each round times both variants back to back, in
+alternating order (ABBA), after one untimed warm-up of each:
+
+    plain      llm.generate over the prompts, batch by batch: plain vLLM (no hooks are installed)
+    observed   install the observers, then what `measure` does per chunk of prompts: generate batch
+               by batch, gather every rank's stats (collective_rpc) and build its rank files; then
+               remove the observers. Writing the chunk checkpoint (file I/O, fsync) is not observer
+               work: it is timed apart and printed per chunk.
+
+The observers' `remove()` restores the engine, so the two variants share weights, KV cache, threads and
+memory state; the box is shared, so each round's ratio pairs two runs seconds apart and the figure is
+the median ratio over rounds, printed with its spread (min-max and interquartile range). Target:
+observed/plain <= 1.10. Run twice: the medians should agree within a few per cent.
 """
 
 from __future__ import annotations
@@ -13,95 +24,140 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-BATCH = 8
-CHUNK = 64  # measure's default --chunk-size
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _child import load_average  # noqa: E402
+
+PROMPT_TOKENS = 64
 
 
-def child(mode: str, model: str, dataset: str, tp: int, prompts: int, new_tokens: int, out: str) -> dict:
+def child(model: str, dataset: str, args: argparse.Namespace) -> dict:
+    from vllm import SamplingParams
+
     from ray_calib.data import load_prompts
     from ray_calib.engine.launch import EngineConfig, build_llm
     from ray_calib.measure.chunks import ChunkStore
     from ray_calib.measure.extension import EXTENSION_CLS
     from ray_calib.measure.preflight import blocklist
-    from ray_calib.measure.run import MeasureConfig, _run_chunk
+    from ray_calib.measure.run import MeasureConfig, ObserverBackend, _run_chunk
     from ray_calib.ui import Bar
 
-    token_ids = load_prompts(dataset, model, num_samples=prompts + BATCH, least_tokens=64).token_ids
-    warmup, token_ids = token_ids[:BATCH], token_ids[BATCH:]
-    measure = mode == "measure"
-    llm = build_llm(EngineConfig(model=model, tp_size=tp, max_model_len=512, max_num_seqs=BATCH,
-                                 worker_extension_cls=EXTENSION_CLS if measure else None, observe_weights=measure))
-    config = MeasureConfig(model=model, dataset=Path(dataset), out=Path(out), tp_size=tp, batch_size=BATCH,
-                           max_new_tokens=new_tokens, chunk_size=CHUNK)
-    from vllm import SamplingParams
+    token_ids = load_prompts(dataset, model, num_samples=args.prompts, least_tokens=PROMPT_TOKENS).token_ids
+    llm = build_llm(EngineConfig(model=model, tp_size=args.tp, max_model_len=512, max_num_seqs=args.batch,
+                                 worker_extension_cls=EXTENSION_CLS, observe_weights=True))
+    names, types = blocklist(None, fp8_kv=args.fp8_kv, moe=True)
+    backend = ObserverBackend(SimpleNamespace(fp8_kv=args.fp8_kv, block_names=names, block_types=types))
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)  # as measure samples
+    config = MeasureConfig(model=model, dataset=Path(dataset), out=Path(), tp_size=args.tp, batch_size=args.batch,
+                           max_new_tokens=args.new_tokens)
+    out = Path(tempfile.mkdtemp(prefix="bench-measure-chunks-"))
 
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
-    llm.generate([{"prompt_token_ids": ids} for ids in warmup], params, use_tqdm=False)
-    start = time.perf_counter()
-    generated = 0
-    if measure:
-        llm.collective_rpc("ray_calib_install", args=(False, blocklist(None, fp8_kv=False, moe=True)[0], []))
-        store = ChunkStore(Path(out), {})
+    def plain() -> int:
+        generated = 0
+        for start in range(0, len(token_ids), args.batch):
+            batch = [{"prompt_token_ids": ids} for ids in token_ids[start:start + args.batch]]
+            generated += sum(len(o.outputs[0].token_ids) for o in llm.generate(batch, params, use_tqdm=False))
+        return generated
+
+    writes: list[float] = []
+
+    def observed() -> int:
+        backend.install(llm)  # as `measure` installs them
+        results = [_run_chunk(llm, index, token_ids[start:start + args.chunk], config, Bar("measure", len(token_ids)))
+                   for index, start in enumerate(range(0, len(token_ids), args.chunk))]
+        llm.collective_rpc("ray_calib_remove")
+        return sum(r.generated_tokens for r in results), results
+
+    def checkpoint(results) -> None:
+        store = ChunkStore(out, {"bench": time.time()})
+        store.clear()
         store.prepare(resume=False)
-        for index in range(0, len(token_ids), CHUNK):
-            result = _run_chunk(llm, index // CHUNK, token_ids[index:index + CHUNK], config, Bar("measure", len(token_ids)))
+        for result in results:
+            start = time.perf_counter()
             store.write(result)
-            generated += result.generated_tokens
-    else:
-        for index in range(0, len(token_ids), BATCH):
-            batch = token_ids[index:index + BATCH]
-            outputs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
-            generated += sum(len(o.outputs[0].token_ids) for o in outputs)
-    seconds = time.perf_counter() - start
-    tokens = sum(map(len, token_ids)) + generated
-    return {"mode": mode, "seconds": seconds, "prompts_per_s": len(token_ids) / seconds, "tokens_per_s": tokens / seconds,
-            "generated": generated, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            writes.append(time.perf_counter() - start)
+
+    variants = {"plain": plain, "observed": observed}
+    for run in variants.values():  # warm-up: first-call allocations, oneDNN primitive caches
+        run()
+    rounds = []
+    for index in range(args.rounds):
+        order = ("plain", "observed") if index % 4 in (0, 3) else ("observed", "plain")
+        times, generated = {}, {}
+        for name in order:
+            start = time.perf_counter()
+            generated[name] = variants[name]()
+            times[name] = time.perf_counter() - start
+            if name == "observed":
+                generated[name], results = generated[name]
+                checkpoint(results)
+        assert generated["plain"] == generated["observed"], generated  # observers never change the tokens
+        rounds.append({"plain": times["plain"], "observed": times["observed"], "generated": generated["plain"]})
+    return {"rounds": rounds, "prompts": len(token_ids), "prompt_tokens": sum(map(len, token_ids)),
+            "checkpoint_write_s": statistics.median(writes)}
 
 
-def run_mode(mode: str, model: Path, dataset: Path, args) -> dict:
+def run_model(arch: str, model: Path, dataset: Path, args: argparse.Namespace) -> dict:
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "RAY_CALIB_DEVICE": "cpu"}
-    with tempfile.TemporaryDirectory(prefix="bench-measure-") as out:
-        cmd = [sys.executable, __file__, "--child", mode, str(model), str(dataset), str(args.tp), str(args.prompts),
-               str(args.new_tokens), out]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    cmd = [sys.executable, __file__, "--child", str(model), str(dataset), *sys.argv[1:]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
-        sys.exit(f"{mode} failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"{arch} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(arch: str, result: dict, args: argparse.Namespace) -> None:
+    rounds = result["rounds"]
+    in_order = [r["observed"] / r["plain"] for r in rounds]
+    ratios = sorted(in_order)
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    median = statistics.median(ratios)
+    plain = statistics.median(r["plain"] for r in rounds)
+    tokens = result["prompt_tokens"] + rounds[0]["generated"]
+    print(f"{arch:<12} TP {args.tp}  {result['prompts']} prompts x {args.new_tokens} new tokens, "
+          f"{len(rounds)} rounds; plain {plain:.2f} s/round ({tokens / plain:.0f} tokens/s)")
+    print(f"{'':<12} observed/plain per round, in order: {' '.join(f'{r:.3f}' for r in in_order)}")
+    fastest = min(r["observed"] for r in rounds) / min(r["plain"] for r in rounds)
+    print(f"{'':<12} fastest observed round / fastest plain round: {fastest:.3f} (interference only adds time)")
+    verdict = "meets" if median <= 1.10 else "MISSES"
+    print(f"{'':<12} chunk checkpoint write (not counted): {result['checkpoint_write_s'] * 1000:.0f} ms median per "
+          f"{args.chunk} prompts")
+    print(f"{'':<12} overhead {median - 1:+.1%} median (IQR {quartiles[0] - 1:+.1%} .. {quartiles[2] - 1:+.1%}, "
+          f"range {ratios[0] - 1:+.1%} .. {ratios[-1] - 1:+.1%}); {verdict} the target <= +10%")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["llama", "deepseek_v3"])
     parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--prompts", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16, help="prompts per generate call (measure's --batch-size)")
+    parser.add_argument("--chunk", type=int, default=64, help="prompts per gather + checkpoint (measure's --chunk-size)")
+    parser.add_argument("--fp8-kv", action="store_true", help="also observe K/V (measure --fp8-kv)")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        mode, model, dataset, tp, prompts, new_tokens, out = args.child
-        print(json.dumps(child(mode, model, dataset, int(tp), int(prompts), int(new_tokens), out)))
+        print(json.dumps(child(*args.child, args)))
         return
     from ray_calib.testing.tiny.calibset import make_calib_set
     from ray_calib.testing.tiny.model import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="bench-measure-") as tmp:
-        dataset = make_calib_set("pile", Path(tmp) / "pile.jsonl", num_samples=4 * (args.prompts + BATCH))
-        print(f"{'model':<12} {'TP':>2} {'mode':<8} {'prompts/s':>10} {'tokens/s':>9} {'seconds':>8} {'peak RSS MB':>12}")
+        dataset = make_calib_set("pile", Path(tmp) / "pile.jsonl", num_samples=4 * args.prompts)
+        print(f"load average at start {load_average():.2f} (the box is shared)")
         for arch in args.arch:
             model = make_tiny_model(arch, Path(tmp) / arch).path
-            rows = {mode: run_mode(mode, model, dataset, args) for mode in ("generate", "measure")}
-            for mode, row in rows.items():
-                print(f"{arch:<12} {args.tp:>2} {mode:<8} {row['prompts_per_s']:>10.2f} {row['tokens_per_s']:>9.0f} "
-                      f"{row['seconds']:>8.2f} {row['peak_rss_mb']:>12.0f}")
-            overhead = rows["generate"]["prompts_per_s"] / rows["measure"]["prompts_per_s"] - 1
-            print(f"{arch:<12} {args.tp:>2} overhead {overhead:+.1%} (measure vs plain generate; target <= +10%)")
+            report(arch, run_model(arch, model, dataset, args), args)
+        print(f"load average at end {load_average():.2f}")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ INC's layout (what unify and quantize read):
 The routed kernel is fused (and differs per backend), so the intermediate is recomputed from the
 layer's input, the chosen expert ids and the expert weights as loaded (captured before any backend
 repacked them): one grouped GEMM over the routed (token, expert) slots sorted by expert, whose group
-offsets stay on the device. Every statistic is a device tensor updated in place; nothing is copied
-to the host until `nodes()` (one sync per collect, none per layer or step). Without
-`torch._grouped_mm` for the device/dtype, a loop per expert that got tokens is used instead (it
-reads the per-expert counts on the host: one sync per layer and step).
+offsets stay on the device. A decode step routes a few tokens, and a GEMM over a few rows per expert
+costs several times the layer's own fused kernel, so each step only keeps a copy of its input and
+expert ids; the statistics are folded in once `_PENDING_BYTES` of inputs are held (a few hundred
+tokens for a DeepSeek-R1 layer, a whole chunk for a small model) and at collect time. Every statistic
+is a device tensor updated in place; nothing is copied to the host until `nodes()` (one sync per
+collect, none per layer or step). Without `torch._grouped_mm` for the device/dtype, a loop per expert
+that got tokens is used instead (it reads the per-expert counts on the host: one sync per fold).
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ from typing import Any
 import torch
 
 from ray_calib.engine.weights import EXPERT_AMAX_ATTR, EXPERT_W13_ATTR
-from ray_calib.measure.stats import MaxAbs
+from ray_calib.measure.stats import MaxAbs, row_amax
 
 _GROUPED_MM: dict[tuple[str, torch.dtype], bool] = {}  # (device type, dtype) -> torch._grouped_mm works
+# Per MoE layer: inputs held back so the recompute runs as a few large GEMMs (DeepSeek-R1's 58 MoE
+# layers hold up to about 1 GiB per rank beside the KV cache until the next fold or collect).
+_PENDING_BYTES = 16 << 20
 
 
 class MoEStats:
@@ -46,14 +52,40 @@ class MoEStats:
         self.counts = torch.zeros(experts + 1, dtype=torch.int64, device=device)
         self.expert_input = torch.zeros(experts + 1, dtype=torch.float32, device=device)
         self.expert_inter = torch.zeros(experts + 1, dtype=torch.float32, device=device)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, expert ids) of unfolded steps
+        self._pending_tokens = 0
 
     def observe(self, x: torch.Tensor, topk_ids: torch.Tensor, out: Any) -> None:
         """One call of the layer: its input, the expert ids each token was routed to, its routed output."""
         self.called = True
-        x = x.detach()
-        self.op_input.update(x)
         if isinstance(out, torch.Tensor):
             self.op_output.update(out)
+        capacity = max(1, _PENDING_BYTES // max(1, x.shape[-1] * x.element_size()))
+        if self._pending_tokens + x.shape[0] > capacity:
+            self.fold()
+        if x.shape[0] >= capacity:  # a long prefill step: large GEMMs already, fold it as it is
+            self._fold(x.detach(), topk_ids.detach())
+            return
+        # copies: the engine may reuse its buffers for the next step
+        self._pending.append((x.detach().clone(), topk_ids.detach().clone()))
+        self._pending_tokens += x.shape[0]
+        if self._pending_tokens >= capacity:
+            self.fold()
+
+    def fold(self) -> None:
+        """Fold the held steps into the statistics (one pass of large GEMMs)."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_tokens = self._pending, [], 0
+        if len(pending) == 1:
+            x, topk_ids = pending[0]
+        else:
+            x, topk_ids = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+        self._fold(x, topk_ids)
+
+    def _fold(self, x: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        token_amax = row_amax(x)
+        self.op_input.update_amax(token_amax.amax())
         if self.counts.device != x.device:
             self._move_to(x.device)
         top_k = topk_ids.shape[-1]
@@ -64,8 +96,7 @@ class MoEStats:
         # scatter_add, not bincount: bincount sizes its output from the data (a host sync on CUDA)
         bins = torch.zeros_like(self.counts).scatter_add_(0, ids, torch.ones_like(ids))
         self.counts += bins
-        token_amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1).float()
-        self.expert_input.scatter_reduce_(0, ids, token_amax.repeat_interleave(top_k), "amax")
+        self.expert_input.scatter_reduce_(0, ids, token_amax.float().repeat_interleave(top_k), "amax")
         if self.w13 is not None and ids.numel():
             self._observe_intermediate(x, ids, bins, top_k)
 
@@ -101,7 +132,7 @@ class MoEStats:
         """Max |act(gate) * up| over the last dim of `h = x W13^T` (gate first, as vLLM loads w13)."""
         gate, up = h[..., :self.intermediate], h[..., self.intermediate:]
         act = torch.nn.functional.gelu(gate) if self.activation.startswith("gelu") else torch.nn.functional.silu(gate)
-        return torch.linalg.vector_norm(act * up, ord=float("inf"), dim=-1).float()
+        return row_amax(act * up).float()
 
     def _move_to(self, device: torch.device) -> None:
         self.counts, self.expert_input, self.expert_inter = (
@@ -109,6 +140,7 @@ class MoEStats:
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         """INC nodes of the op and its children (the one host copy of this layer's statistics)."""
+        self.fold()
         experts = self.num_experts
         inter = self.expert_inter[:experts].tolist()
         inputs = self.expert_input[:experts].tolist()
@@ -120,6 +152,7 @@ class MoEStats:
         return out
 
     def token_counts(self) -> list[int]:
+        self.fold()
         return self.counts[:self.num_experts].tolist()
 
     def child_names(self) -> list[str]:
@@ -127,6 +160,7 @@ class MoEStats:
 
     def reset(self) -> None:
         self.called = False
+        self._pending, self._pending_tokens = [], 0
         self.op_input.reset()
         self.op_output.reset()
         self.counts.zero_()

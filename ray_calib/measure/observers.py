@@ -146,6 +146,8 @@ class ModelObserver:
             weight = amax(module.weight)
         reduces = row_parallel and getattr(module, "reduce_results", True)
         outputs = [MaxAbs() for _ in range(2 if reduces else 1)] if row_parallel else []
+        if reduces and getattr(module, "tp_size", None) == 1:  # nothing to reduce: one slot serves both
+            outputs = [outputs[0], outputs[0]]
         stats = NodeStats(inputs=[MaxAbs()], outputs=outputs, weight=None if weight is None else float(weight))
         self._add(name, stats)
         return stats
@@ -163,7 +165,7 @@ class ModelObserver:
         method = copy.copy(module.quant_method)
         self._patch(module, "quant_method", method)
         self._patch(method, "apply", _after(method.apply, stats.outputs[0].update))
-        if len(stats.outputs) == 2:
+        if len(stats.outputs) == 2 and stats.outputs[1] is not stats.outputs[0]:
             def hook(mod, args, output):
                 stats.outputs[1].update(output[0] if isinstance(output, tuple) else output)
 

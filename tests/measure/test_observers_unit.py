@@ -107,8 +107,12 @@ def test_moe_routing_is_the_same_for_modular_and_monolithic_kernels():
     assert sum(observed[False][1]["moe"]) == 2 * 12 * TOP_K
 
 
-def test_remove_restores_row_parallel_quant_methods_and_hooks():
-    """A RowParallelLinear stand-in: its shared quant_method gets a private wrapped copy, then the original back."""
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_remove_restores_row_parallel_quant_methods_and_hooks(tp_size):
+    """A RowParallelLinear stand-in: its shared quant_method gets a private wrapped copy, then the original back.
+
+    At TP 1 the all-reduce has nothing to sum: the partial output is the output, one slot records both
+    and no forward hook is needed."""
     from vllm.model_executor.layers.linear import RowParallelLinear
 
     method = SimpleNamespace(apply=lambda layer, x, bias=None: x @ layer.w.t())
@@ -117,6 +121,7 @@ def test_remove_restores_row_parallel_quant_methods_and_hooks():
         layer = RowParallelLinear.__new__(RowParallelLinear)
         torch.nn.Module.__init__(layer)
         layer.quant_method, layer.reduce_results, layer.w = method, True, torch.randn(4, 4)
+        layer.tp_size = tp_size
         layer.forward = lambda x, layer=layer: (layer.quant_method.apply(layer, x), None)
         layers.append(layer)
     model = torch.nn.Sequential(*layers)
@@ -126,6 +131,7 @@ def test_remove_restores_row_parallel_quant_methods_and_hooks():
     layers[0](x)
     node = observer.collect()["nodes"]["0"]
     assert node["outputs"][0] == node["outputs"][1] == [[float((x @ layers[0].w.t()).abs().max())]]
+    assert all(bool(layer._forward_hooks) == (tp_size > 1) for layer in layers)
     observer.remove()
     assert all(layer.quant_method is method for layer in layers) and "apply" in vars(method)
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
