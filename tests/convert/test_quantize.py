@@ -298,3 +298,38 @@ def test_gaudi_backoffs_go_where_the_target_inc_reads_them(tmp_path, tiny_llama,
         assert config["scale_method"]["default"]["activation"] == {
             "granularity": "pts", "scale_value_type": "maxabs", "rounding_method": "hw_aligned", "backoff": 0.5}
         assert config["scale_method"]["default"]["weight"]["backoff"] == 0.5  # maxabs_hw's own
+
+
+def test_weight_strategy_channel_writes_one_scale_per_output_row(tmp_path, tiny_llama, run_cli):
+    """CPU/CUDA default scales with --weight-strategy channel: weight_scale [out, 1] = row max-abs / 448,
+    input scales stay per tensor, and the compressed-tensors config says so (what vLLM dispatches on)."""
+    write_measurements(tmp_path / "run" / "measure", tiny_llama, world_size=2)
+    result = run_cli("quantize", "--run-dir", tmp_path / "run", "--weight-strategy", "channel", "--fp8-kv")
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "run" / "fp8"
+    fp8, bf16 = tensors(out), tensors(tiny_llama)
+    quantized = [n for n, t in fp8.items() if t.dtype == torch.float8_e4m3fn]
+    assert len(quantized) == 4 * 7
+    for name in quantized:
+        scale, reference = fp8[name.replace(".weight", ".weight_scale")], bf16[name].float()
+        assert scale.dtype == torch.float32 and scale.shape == (reference.shape[0], 1), name
+        assert torch.equal(scale, reference.abs().amax(dim=1, keepdim=True) / 448.0), name
+        restored = fp8[name].float() * scale
+        assert bool(((restored - reference).abs() <= reference.abs() / 16 + scale * 2.0 ** -9).all()), name
+        assert fp8[name.replace(".weight", ".input_scale")].shape == (1,)
+    group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == "channel"
+    assert group["input_activations"]["strategy"] == "tensor" and group["input_activations"]["dynamic"] is False
+    tensor = run_cli("quantize", "--run-dir", tmp_path / "run", "--weight-strategy", "tensor", "--out", tmp_path / "t")
+    assert tensor.exit_code == 0, tensor.stderr
+    assert tensors(tmp_path / "t")["model.layers.0.mlp.down_proj.weight_scale"].shape == (1,)
+    config = json.loads((tmp_path / "t" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["strategy"] == "tensor"
+
+
+def test_weight_strategy_is_refused_with_an_inc_scale_method(tmp_path, tiny_llama, run_cli):
+    write_measurements(tmp_path / "run" / "measure", tiny_llama, world_size=2)
+    result = run_cli("quantize", "--run-dir", tmp_path / "run", "--scale-method", "maxabs_pow2",
+                     "--weight-strategy", "channel")
+    assert result.exit_code == 2 and "--weight-strategy" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "fp8").exists()
