@@ -29,14 +29,14 @@ def test_version_mismatch_stops_up_and_names_the_node(workdir, sshd, state_dir, 
     conf = write_conf(workdir, sshd, worker_env=f'export PATH="{alt}:$PATH"\n')
     result = run_cli("up", "--conf", conf)
     assert result.exit_code == 1
-    error = result.stderr.strip()
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))  # after the stages
     assert error.startswith("error: worker1 (127.0.0.2): preflight failed: ")
     assert f"ray not installed for {alt}/python3" in error and "torch missing != head 2.13.0" in error
     system_python = subprocess.run(["/usr/bin/python3", "-c", "import platform; print(platform.python_version())"],
                                    capture_output=True, text=True).stdout.strip()
     if system_python != platform.python_version():
         assert f"python {system_python} != head {platform.python_version()}" in error
-    assert "(2/5 preflight)" in result.stdout and "(3/5" not in result.stdout
+    assert "(2/5 preflight)" in result.stderr and "(3/5" not in result.stderr  # stages go to stderr
     assert "head (127.0.0.1)" in result.stdout and "ok" in result.stdout  # the table has a row per host
     assert ray_pids(workdir) == []  # nothing was started
 

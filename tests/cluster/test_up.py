@@ -65,7 +65,7 @@ def _up_then_status(cluster, run_cli):
     result = run_cli("up", "--conf", cluster)
     assert result.exit_code == 0, result.stderr
     for index, name in enumerate(lifecycle.STAGES, start=1):
-        assert f"({index}/5 {name})" in result.stdout
+        assert f"({index}/5 {name})" in result.stderr  # stages go to stderr, results to stdout
     assert f"cluster up at {devices.load(cluster).address} (2 nodes)" in result.stdout
     worker_env = _environ(raylet_pid(cluster.parent / "ray" / "worker"))
     assert worker_env["VLLM_HOST_IP"] == "127.0.0.2" and worker_env["GLOO_SOCKET_IFNAME"] == "lo"

@@ -50,12 +50,18 @@ def fp8_run(smollm2, tmp_path_factory):
 
 
 def test_fp8_answers_match_bf16(smollm2, fp8_run, run_cli, tmp_path):
+    """FP8 weights and activations give BF16's answers to two factual prompts.
+
+    On a BF16 cache: an FP8 cache on top flips about one next-token argmax in six on this 135M model
+    (eval's top-1 agreement ~0.84), enough to change a greedy answer; its effect is asserted through
+    eval's figures below, not through two answers.
+    """
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(ANSWERS) + "\n")
     result = run_cli("infer", "--model", fp8_run / "fp8", "--baseline", smollm2, "--prompts", prompts, "--tp", 1,
-                     "--fp8-kv", "--max-new-tokens", 6, "--run-dir", fp8_run)
+                     "--no-fp8-kv", "--max-new-tokens", 6, "--run-dir", fp8_run)
     assert result.exit_code == 0, result.stderr
-    assert "KV cache fp8" in result.stdout
+    assert "KV cache bfloat16" in result.stderr  # the engine settings are a note (stderr); stdout holds results
     rows = json.loads((fp8_run / "infer" / "completions.json").read_text())
     for row in rows:
         expected = ANSWERS[row["prompt"]]
