@@ -46,7 +46,7 @@ def test_wrong_ifname_and_missing_work_dir(workdir, sshd, state_dir, run_cli):
     conf.write_text(conf.read_text().replace("WORKER_NODE_IFNAME=lo", "WORKER_NODE_IFNAME=eth0"))
     result = run_cli("up", "--conf", conf)
     assert result.exit_code == 1
-    error = result.stderr
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))  # after the stages
     assert error.startswith(f"error: head (127.0.0.1): preflight failed: work dir {workdir}/nowhere missing")
     assert "| worker1 (127.0.0.2): eth0 does not hold 127.0.0.2" in error
     assert ray_pids(workdir) == []
