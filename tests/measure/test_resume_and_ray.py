@@ -138,6 +138,8 @@ def test_a_tp_above_the_clusters_devices_fails_at_once_naming_the_tps_that_fit(t
     run = run_measure(measure_args(tiny_models["llama"], calib_set, out, 4, fp8_kv=False), env=two_ray_nodes)
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: --tp 4 needs 4 devices but the Ray cluster offers 2; use --tp 1 | 2, "
-                      "or add nodes/devices (ray-calib up)"], run.stderr[-2000:]
+    assert len(errors) == 1, run.stderr[-2000:]
+    assert errors[0].startswith("error: --tp 4 needs 4 devices but the Ray cluster offers 2; use --tp 1 | 2, "
+                                "or add nodes/devices (ray-calib up) (vLLM/Ray log: "), errors[0]  # names the log
+    assert errors[0].endswith("/logs/measure.log)"), errors[0]
     assert "measured" not in run.stdout and not out.exists()
