@@ -175,9 +175,8 @@ def _emulated_experts_class():
         def finalize_weight_and_reduce_impl(self):
             return TopKWeightAndReduceNoOP()
 
-        # A loop over the experts that got tokens (data-dependent): torch.compile (the serve profile) runs it
-        # eagerly, as a graph break, instead of failing to trace `.tolist()`.
-        @torch.compiler.disable
+        # A loop over the experts that got tokens (data-dependent): vLLM's fullgraph torch.compile cannot
+        # trace it, so engines that load these experts run eager (`infer.runner.engine_config`).
         def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
                   expert_map, a1q_scale, a2_scale, workspace13, workspace2, expert_tokens_meta,
                   apply_router_weight_on_input) -> None:

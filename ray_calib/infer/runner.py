@@ -91,7 +91,22 @@ def engine_config(config: InferConfig):
     return EngineConfig(model=str(config.model), tp_size=config.tp_size, device=config.device,
                         kv_cache_dtype=kv_cache_dtype(config.fp8_kv),
                         max_model_len=config.max_model_len or AUTO_MAX_MODEL_LEN, kv_cache_gib=config.kv_cache_gib,
-                        extra_env=env, profile="serve", max_num_seqs=None, enforce_eager=config.enforce_eager)
+                        extra_env=env, profile="serve", max_num_seqs=None,
+                        enforce_eager=config.enforce_eager or cpu_emulated_fp8_moe(config))
+
+
+def cpu_emulated_fp8_moe(config: InferConfig) -> bool:
+    """An FP8 MoE checkpoint on CPU: its experts run in the engine plugin's per-expert Python loop, which
+    vLLM's fullgraph torch.compile cannot trace, so that engine runs eager (CUDA has native FP8 MoE kernels)."""
+    if config.device != "cpu":
+        return False
+    from ray_calib.model.config import model_config, num_routed_experts
+
+    try:
+        model = model_config(config.model)
+    except Exception:  # noqa: BLE001 - a bad model directory is reported where it is loaded
+        return False
+    return bool(num_routed_experts(model)) and "quantization_config" in model
 
 
 def kv_cache_dtype(fp8_kv: bool) -> str:

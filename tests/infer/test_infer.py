@@ -128,3 +128,21 @@ def test_serve_args_are_vllms_defaults_plus_the_few_settings_we_own(tmp_path):
                                                       "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 29),
                                                       "--kv-cache-dtype", "bfloat16"]  # explicit: see kv_cache_dtype
     assert serve_env(cpu)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+
+
+def test_a_cpu_fp8_moe_checkpoint_serves_eager_and_a_dense_one_compiled(tmp_path):
+    """The plugin's FP8 MoE emulation is a Python loop over experts that fullgraph torch.compile cannot trace."""
+    import json
+    from pathlib import Path
+
+    from ray_calib.infer.runner import InferConfig, engine_config
+
+    quantized = {"quantization_config": {"quant_method": "compressed-tensors"}}
+    for name, config in (("moe", {"n_routed_experts": 8, **quantized}), ("dense", quantized),
+                         ("bf16-moe", {"n_routed_experts": 8})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    eager = {name: engine_config(InferConfig(model=Path(tmp_path / name), tp_size=1, device="cpu")).enforce_eager
+             for name in ("moe", "dense", "bf16-moe")}
+    assert eager == {"moe": True, "dense": False, "bf16-moe": False}
+    assert not engine_config(InferConfig(model=tmp_path / "moe", tp_size=1, device="cuda")).enforce_eager
