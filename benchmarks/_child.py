@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,16 @@ def run_child(command: list[str], *, env: dict[str, str] | None = None, cpu: boo
 def load_average() -> float:
     """The 1-minute load: the box is shared, so every figure is printed with it."""
     return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def children_by_parent() -> dict[int, list[int]]:
+    """Every live process's children, from the parent pid in /proc/*/stat."""
+    found: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            found.setdefault(parent, []).append(int(entry))
+    return found

@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _child import children_by_parent  # benchmarks/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 PROMPT = "The capital of France is"
@@ -41,18 +43,6 @@ ANSWER_TOKENS = 8
 
 
 # ---- memory sampling -----------------------------------------------------------------------------------------
-
-def _children() -> dict[int, list[int]]:
-    found: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            found.setdefault(parent, []).append(int(entry))
-    return found
-
 
 def _tree(roots: list[int], children: dict[int, list[int]]) -> dict[int, int]:
     """pid -> the root it descends from."""
@@ -132,7 +122,7 @@ class Sampler:
         if stage is None:
             return
         roots, node_of = self._roots()
-        owner = _tree(roots, _children())
+        owner = _tree(roots, children_by_parent())
         total, by_kind, per_node = 0.0, {}, {}
         for pid, root in owner.items():
             if pid == os.getpid():

@@ -22,19 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _child import children_by_parent  # benchmarks/ is on sys.path when run as a script
+
 MiB = 1 << 20
 
 
 def process_tree(root: int) -> list[int]:
     """`root` and all its descendants (from /proc/*/stat parent pids)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
+    children = children_by_parent()
     found, todo = [], [root]
     while todo:
         pid = todo.pop()
