@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml constraints.txt excludes.txt
 demo: setup
 	$(PY) -m ray_calib.testing.demo
 
-# ruff: pyflakes, pycodestyle, import order, bugbear, pyupgrade (config in pyproject.toml)
+# ruff: pyflakes, pycodestyle, import order, bugbear, pyupgrade, and the formatter's layout (pyproject.toml)
 lint: setup
 	$(VENV)/bin/ruff check ray_calib tests benchmarks
+	$(VENV)/bin/ruff format --check ray_calib tests benchmarks
 
 # mypy is configured (pyproject.toml) but not yet clean, so `make test` does not run it
 typecheck: setup

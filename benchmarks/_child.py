@@ -10,10 +10,12 @@ from pathlib import Path
 # A small fresh interpreter runs the command and reports its wall time and its children's peak RSS:
 # measured from the benchmark process itself, a forked child would inherit the benchmark's own
 # (torch-sized) RSS high-water mark. Timing inside the wrapper keeps its own start-up out of the figure.
-_WRAPPER = ("import resource, subprocess, sys, time; t = time.perf_counter(); p = subprocess.run(sys.argv[1:]); "
-            "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
-            "print('MEASURED', time.perf_counter() - t, u.ru_maxrss, u.ru_utime + u.ru_stime); "
-            "sys.exit(p.returncode)")
+_WRAPPER = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); p = subprocess.run(sys.argv[1:]); "
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+    "print('MEASURED', time.perf_counter() - t, u.ru_maxrss, u.ru_utime + u.ru_stime); "
+    "sys.exit(p.returncode)"
+)
 
 
 def run_child(command: list[str], *, env: dict[str, str] | None = None, cpu: bool = False):
@@ -22,8 +24,9 @@ def run_child(command: list[str], *, env: dict[str, str] | None = None, cpu: boo
 
     Exits with the output's tail when the command fails, so a broken run never yields a figure.
     """
-    process = subprocess.run([sys.executable, "-c", _WRAPPER, *command], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    process = subprocess.run(
+        [sys.executable, "-c", _WRAPPER, *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     output, _, measured = process.stdout.rpartition("MEASURED")
     if process.returncode != 0 or not measured:
         sys.exit(f"benchmark command failed: {' '.join(command)}\n{process.stdout[-3000:]}")

@@ -32,15 +32,20 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
     with open(args.calibration) as file:
-        texts = [json.loads(line)["text"] for line in file if line.strip()][:args.num_samples]
+        texts = [json.loads(line)["text"] for line in file if line.strip()][: args.num_samples]
     encoded = [tokenizer(t, truncation=True, max_length=args.max_tokens) for t in texts]
-    dataset = Dataset.from_dict({"input_ids": [e["input_ids"] for e in encoded],
-                                 "attention_mask": [e["attention_mask"] for e in encoded]})
-    kv_scheme = ({"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
-                 if args.fp8_kv else None)
+    dataset = Dataset.from_dict(
+        {"input_ids": [e["input_ids"] for e in encoded], "attention_mask": [e["attention_mask"] for e in encoded]}
+    )
+    kv_scheme = (
+        {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+        if args.fp8_kv
+        else None
+    )
     recipe = QuantizationModifier(targets="Linear", scheme="FP8", ignore=["lm_head"], kv_cache_scheme=kv_scheme)
-    oneshot(model=model, dataset=dataset, recipe=recipe, max_seq_length=args.max_tokens,
-            num_calibration_samples=len(texts))
+    oneshot(
+        model=model, dataset=dataset, recipe=recipe, max_seq_length=args.max_tokens, num_calibration_samples=len(texts)
+    )
     model.save_pretrained(args.out, save_compressed=True)
     tokenizer.save_pretrained(args.out)
     print(json.dumps({"seconds": time.perf_counter() - started, "samples": len(texts)}))

@@ -23,7 +23,7 @@ from pathlib import Path
 from _child import load_average, run_child  # benchmarks/ is on sys.path when run as a script
 
 SHAPES = ((7168, 2048), (2048, 7168))  # DeepSeek-V3 expert gate/up and down
-BASELINE = r'''
+BASELINE = r"""
 import json, sys
 from pathlib import Path
 import torch
@@ -47,8 +47,7 @@ for shard in sorted(p.name for p in src.glob("*.safetensors")):
     save_file(result, str(out / shard), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(result, shard))
 (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-'''
-
+"""
 
 
 def make_checkpoint(path: Path, size_mb: float) -> int:
@@ -77,8 +76,18 @@ def make_checkpoint(path: Path, size_mb: float) -> int:
             weight_map.update(dict.fromkeys(tensors, name_of))
             shard, tensors = shard + 1, {}
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "quantization_config": {
-        "quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "deepseek_v3",
+                "quantization_config": {
+                    "quant_method": "fp8",
+                    "weight_block_size": [128, 128],
+                    "activation_scheme": "dynamic",
+                },
+            }
+        )
+    )
     return total
 
 
@@ -105,17 +114,26 @@ def main() -> None:
         subprocess.run(["sync"], check=True)
         load = load_average()
         base = best([sys.executable, str(tmp / "baseline.py"), str(src), str(tmp / "out")], tmp / "out", args.repeat)
-        ours = best([sys.executable, "-m", "ray_calib.cli", "convert-bf16", "--in", str(src), "--out", str(tmp / "out")],
-                    tmp / "out", args.repeat)
-        print(f"block-FP8 checkpoint: {fp8_bytes / 1e6:.0f} MB FP8 -> {2 * fp8_bytes / 1e6:.0f} MB BF16, "
-              f"{len(list(src.glob('*.safetensors')))} shards (load {load:.1f} on {os.cpu_count()} cores, "
-              f"best of {args.repeat})")
+        ours = best(
+            [sys.executable, "-m", "ray_calib.cli", "convert-bf16", "--in", str(src), "--out", str(tmp / "out")],
+            tmp / "out",
+            args.repeat,
+        )
+        print(
+            f"block-FP8 checkpoint: {fp8_bytes / 1e6:.0f} MB FP8 -> {2 * fp8_bytes / 1e6:.0f} MB BF16, "
+            f"{len(list(src.glob('*.safetensors')))} shards (load {load:.1f} on {os.cpu_count()} cores, "
+            f"best of {args.repeat})"
+        )
         for label, (wall, peak, walls) in (("whole-shard baseline", base), ("ray-calib convert-bf16", ours)):
-            print(f"  {label:22s} {wall:6.2f} s  {fp8_bytes / 1e9 / wall:.2f} GB/s FP8 in  peak RSS {peak:5.0f} MB  "
-                  f"runs {' '.join(f'{w:.2f}' for w in walls)}")
+            print(
+                f"  {label:22s} {wall:6.2f} s  {fp8_bytes / 1e9 / wall:.2f} GB/s FP8 in  peak RSS {peak:5.0f} MB  "
+                f"runs {' '.join(f'{w:.2f}' for w in walls)}"
+            )
         speedup, rss = base[0] / ours[0], ours[1] / base[1]
-        print(f"  speed-up {speedup:.2f}x (target >= 2x: {'met' if speedup >= 2 else 'MISSED'}), "
-              f"RSS {rss:.2f}x of baseline (target <= 0.5x: {'met' if rss <= 0.5 else 'MISSED'})")
+        print(
+            f"  speed-up {speedup:.2f}x (target >= 2x: {'met' if speedup >= 2 else 'MISSED'}), "
+            f"RSS {rss:.2f}x of baseline (target <= 0.5x: {'met' if rss <= 0.5 else 'MISSED'})"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

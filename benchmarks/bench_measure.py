@@ -50,19 +50,33 @@ def child(model: str, dataset: str, args: argparse.Namespace) -> dict:
     from ray_calib.ui import Bar
 
     token_ids = load_prompts(dataset, model, num_samples=args.prompts, least_tokens=PROMPT_TOKENS).token_ids
-    llm = build_llm(EngineConfig(model=model, tp_size=args.tp, max_model_len=512, max_num_seqs=args.batch,
-                                 worker_extension_cls=EXTENSION_CLS, observe_weights=True))
+    llm = build_llm(
+        EngineConfig(
+            model=model,
+            tp_size=args.tp,
+            max_model_len=512,
+            max_num_seqs=args.batch,
+            worker_extension_cls=EXTENSION_CLS,
+            observe_weights=True,
+        )
+    )
     names, types = blocklist(None, fp8_kv=args.fp8_kv, moe=True)
     backend = ObserverBackend(SimpleNamespace(fp8_kv=args.fp8_kv, block_names=names, block_types=types))
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0)  # as measure samples
-    config = MeasureConfig(model=model, dataset=Path(dataset), out=Path(), tp_size=args.tp, batch_size=args.batch,
-                           max_new_tokens=args.new_tokens)
+    config = MeasureConfig(
+        model=model,
+        dataset=Path(dataset),
+        out=Path(),
+        tp_size=args.tp,
+        batch_size=args.batch,
+        max_new_tokens=args.new_tokens,
+    )
     out = Path(tempfile.mkdtemp(prefix="bench-measure-chunks-"))
 
     def plain() -> int:
         generated = 0
         for start in range(0, len(token_ids), args.batch):
-            batch = [{"prompt_token_ids": ids} for ids in token_ids[start:start + args.batch]]
+            batch = [{"prompt_token_ids": ids} for ids in token_ids[start : start + args.batch]]
             generated += sum(len(o.outputs[0].token_ids) for o in llm.generate(batch, params, use_tqdm=False))
         return generated
 
@@ -70,8 +84,10 @@ def child(model: str, dataset: str, args: argparse.Namespace) -> dict:
 
     def observed() -> int:
         backend.install(llm)  # as `measure` installs them
-        results = [_run_chunk(llm, index, token_ids[start:start + args.chunk], config, Bar("measure", len(token_ids)))
-                   for index, start in enumerate(range(0, len(token_ids), args.chunk))]
+        results = [
+            _run_chunk(llm, index, token_ids[start : start + args.chunk], config, Bar("measure", len(token_ids)))
+            for index, start in enumerate(range(0, len(token_ids), args.chunk))
+        ]
         llm.collective_rpc("ray_calib_remove")
         return sum(r.generated_tokens for r in results), results
 
@@ -100,8 +116,12 @@ def child(model: str, dataset: str, args: argparse.Namespace) -> dict:
                 checkpoint(results)
         assert generated["plain"] == generated["observed"], generated  # observers never change the tokens
         rounds.append({"plain": times["plain"], "observed": times["observed"], "generated": generated["plain"]})
-    return {"rounds": rounds, "prompts": len(token_ids), "prompt_tokens": sum(map(len, token_ids)),
-            "checkpoint_write_s": statistics.median(writes)}
+    return {
+        "rounds": rounds,
+        "prompts": len(token_ids),
+        "prompt_tokens": sum(map(len, token_ids)),
+        "checkpoint_write_s": statistics.median(writes),
+    }
 
 
 def run_model(arch: str, model: Path, dataset: Path, args: argparse.Namespace) -> dict:
@@ -121,16 +141,22 @@ def report(arch: str, result: dict, args: argparse.Namespace) -> None:
     median = statistics.median(ratios)
     plain = statistics.median(r["plain"] for r in rounds)
     tokens = result["prompt_tokens"] + rounds[0]["generated"]
-    print(f"{arch:<12} TP {args.tp}  {result['prompts']} prompts x {args.new_tokens} new tokens, "
-          f"{len(rounds)} rounds; plain {plain:.2f} s/round ({tokens / plain:.0f} tokens/s)")
+    print(
+        f"{arch:<12} TP {args.tp}  {result['prompts']} prompts x {args.new_tokens} new tokens, "
+        f"{len(rounds)} rounds; plain {plain:.2f} s/round ({tokens / plain:.0f} tokens/s)"
+    )
     print(f"{'':<12} observed/plain per round, in order: {' '.join(f'{r:.3f}' for r in in_order)}")
     fastest = min(r["observed"] for r in rounds) / min(r["plain"] for r in rounds)
     print(f"{'':<12} fastest observed round / fastest plain round: {fastest:.3f} (interference only adds time)")
     verdict = "meets" if median <= 1.10 else "MISSES"
-    print(f"{'':<12} chunk checkpoint write (not counted): {result['checkpoint_write_s'] * 1000:.0f} ms median per "
-          f"{args.chunk} prompts")
-    print(f"{'':<12} overhead {median - 1:+.1%} median (IQR {quartiles[0] - 1:+.1%} .. {quartiles[2] - 1:+.1%}, "
-          f"range {ratios[0] - 1:+.1%} .. {ratios[-1] - 1:+.1%}); {verdict} the target <= +10%")
+    print(
+        f"{'':<12} chunk checkpoint write (not counted): {result['checkpoint_write_s'] * 1000:.0f} ms median per "
+        f"{args.chunk} prompts"
+    )
+    print(
+        f"{'':<12} overhead {median - 1:+.1%} median (IQR {quartiles[0] - 1:+.1%} .. {quartiles[2] - 1:+.1%}, "
+        f"range {ratios[0] - 1:+.1%} .. {ratios[-1] - 1:+.1%}); {verdict} the target <= +10%"
+    )
 
 
 def main() -> None:
@@ -141,7 +167,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16, help="prompts per generate call (measure's --batch-size)")
-    parser.add_argument("--chunk", type=int, default=64, help="prompts per gather + checkpoint (measure's --chunk-size)")
+    parser.add_argument(
+        "--chunk", type=int, default=64, help="prompts per gather + checkpoint (measure's --chunk-size)"
+    )
     parser.add_argument("--fp8-kv", action="store_true", help="also observe K/V (measure --fp8-kv)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -38,14 +38,17 @@ def r1_tensors() -> list[tuple[str, tuple[int, ...]]]:
     tensors = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
     for layer in range(LAYERS):
         p = f"model.layers.{layer}"
-        tensors += [(f"{p}.input_layernorm.weight", (HIDDEN,)), (f"{p}.post_attention_layernorm.weight", (HIDDEN,)),
-                    (f"{p}.self_attn.q_a_proj.weight", (Q_LORA, HIDDEN)),
-                    (f"{p}.self_attn.q_a_layernorm.weight", (Q_LORA,)),
-                    (f"{p}.self_attn.q_b_proj.weight", (HEADS * (NOPE + ROPE), Q_LORA)),
-                    (f"{p}.self_attn.kv_a_proj_with_mqa.weight", (KV_LORA + ROPE, HIDDEN)),
-                    (f"{p}.self_attn.kv_a_layernorm.weight", (KV_LORA,)),
-                    (f"{p}.self_attn.kv_b_proj.weight", (HEADS * (NOPE + V_HEAD), KV_LORA)),
-                    (f"{p}.self_attn.o_proj.weight", (HIDDEN, HEADS * V_HEAD))]
+        tensors += [
+            (f"{p}.input_layernorm.weight", (HIDDEN,)),
+            (f"{p}.post_attention_layernorm.weight", (HIDDEN,)),
+            (f"{p}.self_attn.q_a_proj.weight", (Q_LORA, HIDDEN)),
+            (f"{p}.self_attn.q_a_layernorm.weight", (Q_LORA,)),
+            (f"{p}.self_attn.q_b_proj.weight", (HEADS * (NOPE + ROPE), Q_LORA)),
+            (f"{p}.self_attn.kv_a_proj_with_mqa.weight", (KV_LORA + ROPE, HIDDEN)),
+            (f"{p}.self_attn.kv_a_layernorm.weight", (KV_LORA,)),
+            (f"{p}.self_attn.kv_b_proj.weight", (HEADS * (NOPE + V_HEAD), KV_LORA)),
+            (f"{p}.self_attn.o_proj.weight", (HIDDEN, HEADS * V_HEAD)),
+        ]
         if layer < DENSE:
             tensors += _mlp(f"{p}.mlp", INTER)
             continue
@@ -57,8 +60,11 @@ def r1_tensors() -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _mlp(prefix: str, inter: int) -> list[tuple[str, tuple[int, ...]]]:
-    return [(f"{prefix}.gate_proj.weight", (inter, HIDDEN)), (f"{prefix}.up_proj.weight", (inter, HIDDEN)),
-            (f"{prefix}.down_proj.weight", (HIDDEN, inter))]
+    return [
+        (f"{prefix}.gate_proj.weight", (inter, HIDDEN)),
+        (f"{prefix}.up_proj.weight", (inter, HIDDEN)),
+        (f"{prefix}.down_proj.weight", (HIDDEN, inter)),
+    ]
 
 
 def write_checkpoint(path: Path) -> int:
@@ -70,7 +76,7 @@ def write_checkpoint(path: Path) -> int:
     for index in range(SHARDS):
         shard = f"model-{index + 1:05d}-of-{SHARDS:06d}.safetensors"
         header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape in tensors[index * per_shard:(index + 1) * per_shard]:
+        for name, shape in tensors[index * per_shard : (index + 1) * per_shard]:
             nbytes = 2 * _numel(shape)
             header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
@@ -81,9 +87,18 @@ def write_checkpoint(path: Path) -> int:
             handle.write(struct.pack("<Q", len(raw)) + raw)
             handle.truncate(8 + len(raw) + offset)  # a hole: no blocks allocated
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": HIDDEN,
-              "num_hidden_layers": LAYERS, "first_k_dense_replace": DENSE, "n_routed_experts": EXPERTS,
-              "num_attention_heads": HEADS, "kv_lora_rank": KV_LORA, "q_lora_rank": Q_LORA, "vocab_size": VOCAB}
+    config = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": LAYERS,
+        "first_k_dense_replace": DENSE,
+        "n_routed_experts": EXPERTS,
+        "num_attention_heads": HEADS,
+        "kv_lora_rank": KV_LORA,
+        "q_lora_rank": Q_LORA,
+        "vocab_size": VOCAB,
+    }
     (path / "config.json").write_text(json.dumps(config))
     return len(tensors)
 
@@ -135,13 +150,29 @@ def child(model: str, nodes_path: str) -> None:
     opened = time.perf_counter()
     plan = build_plan(checkpoint, measurement, fp8_kv=False)
     planned = time.perf_counter()
-    job = QuantizeJob(model=Path(model), measurement=measurement, out=Path(model) / "unused",
-                      method=get_method("maxabs_arbitrary"), device=get_device("cpu"))
+    job = QuantizeJob(
+        model=Path(model),
+        measurement=measurement,
+        out=Path(model) / "unused",
+        method=get_method("maxabs_arbitrary"),
+        device=get_device("cpu"),
+    )
     layouts = {shard: _layout(checkpoint, shard, plan, job) for shard in checkpoint.shards}
     laid_out = time.perf_counter()
-    print(json.dumps({"imports": imported - started, "read_nodes": loaded - imported, "open": opened - loaded,
-                      "plan": planned - opened, "layout": laid_out - planned, "tensors": len(checkpoint.tensors),
-                      "groups": len(plan.groups), "planned_tensors": sum(map(len, layouts.values()))}))
+    print(
+        json.dumps(
+            {
+                "imports": imported - started,
+                "read_nodes": loaded - imported,
+                "open": opened - loaded,
+                "plan": planned - opened,
+                "layout": laid_out - planned,
+                "tensors": len(checkpoint.tensors),
+                "groups": len(plan.groups),
+                "planned_tensors": sum(map(len, layouts.values())),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -159,8 +190,11 @@ def main() -> None:
         (tmp / "nodes.json").write_text(json.dumps(measurement_nodes()))
         runs = []
         for _ in range(args.repeat):
-            proc = subprocess.run([sys.executable, __file__, "--child", str(tmp / "r1"), str(tmp / "nodes.json")],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", str(tmp / "r1"), str(tmp / "nodes.json")],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode:
                 sys.exit(f"planning failed:\n{proc.stderr[-3000:]}")
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -169,15 +203,19 @@ def main() -> None:
     stages = ("open", "plan", "layout")
     totals = [sum(r[s] for s in stages) for r in runs]
     median = statistics.median(totals)
-    print(f"planning a DeepSeek-R1-sized checkpoint ({count} tensors in {SHARDS} shards, {runs[0]['groups']} fused "
-          f"groups, {runs[0]['planned_tensors']} output tensors), {args.repeat} fresh processes, "
-          f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"planning a DeepSeek-R1-sized checkpoint ({count} tensors in {SHARDS} shards, {runs[0]['groups']} fused "
+        f"groups, {runs[0]['planned_tensors']} output tensors), {args.repeat} fresh processes, "
+        f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     for stage in stages:
         values = [r[stage] for r in runs]
         print(f"  {stage:<7} median {statistics.median(values):6.3f} s  (min {min(values):.3f}, max {max(values):.3f})")
     spread = (max(totals) - min(totals)) / median
-    print(f"  total   median {median:6.3f} s  (min {min(totals):.3f}, max {max(totals):.3f}, spread {spread:.1%}); "
-          f"target <= {TARGET_S} s: {'MET' if median <= TARGET_S else 'MISSED'} ({median / TARGET_S:.2f}x the target)")
+    print(
+        f"  total   median {median:6.3f} s  (min {min(totals):.3f}, max {max(totals):.3f}, spread {spread:.1%}); "
+        f"target <= {TARGET_S} s: {'MET' if median <= TARGET_S else 'MISSED'} ({median / TARGET_S:.2f}x the target)"
+    )
 
 
 if __name__ == "__main__":

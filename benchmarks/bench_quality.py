@@ -67,10 +67,14 @@ def main() -> None:
     parser.add_argument("--search", action="store_true", help="Score every scale candidate, not just the default.")
     parser.add_argument("--lock", type=Path, help="flock file taken around each heavy phase.")
     parser.add_argument("--work", type=Path, help="Work dir [default: <cache>/bench/quality].")
-    parser.add_argument("--reuse", action="store_true",
-                        help="Keep calibrations in --work made from the same calibration texts.")
-    parser.add_argument("--report-only", action="store_true",
-                        help="Print the table of the last run in --work again (e.g. after changing the default).")
+    parser.add_argument(
+        "--reuse", action="store_true", help="Keep calibrations in --work made from the same calibration texts."
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="Print the table of the last run in --work again (e.g. after changing the default).",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from ray_calib.realmodel import smollm2, texts
@@ -86,8 +90,12 @@ def main() -> None:
     print("(1/5) prepare", flush=True)
     with _locked(args.lock if not smollm2.is_built(smollm2.default_dir(), smollm2.gguf_path()) else None):
         model, _ = smollm2.model_dir()
-    calib = texts.write_jsonl(_long_enough(model, texts.sample("pydoc", "calibration", 2 * args.calib_samples),
-                                           args.calib_tokens, args.calib_samples), work / "calibration.jsonl")
+    calib = texts.write_jsonl(
+        _long_enough(
+            model, texts.sample("pydoc", "calibration", 2 * args.calib_samples), args.calib_tokens, args.calib_samples
+        ),
+        work / "calibration.jsonl",
+    )
     heldout = {s: texts.sample(s, "heldout", args.heldout) for s in SOURCES}
     peer_python = _peer_venv(smollm2.cache_root() / "bench" / f"llmcompressor-{PEER_VERSION}")
 
@@ -104,6 +112,7 @@ def main() -> None:
 
 
 # ---- phases ---------------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _locked(lock: Path | None):
@@ -137,14 +146,24 @@ def _peer_venv(venv: Path) -> Path:
         return python
     uv = Path(sys.executable).parent / "uv"
     env = {**os.environ, "SSL_CERT_FILE": os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")}
-    pins = ["-c", str(REPO / "constraints.txt"), "--excludes", str(REPO / "excludes.txt"), "--find-links",
-            "/opt/wheels"]
+    pins = [
+        "-c",
+        str(REPO / "constraints.txt"),
+        "--excludes",
+        str(REPO / "excludes.txt"),
+        "--find-links",
+        "/opt/wheels",
+    ]
     print(f"    building llm-compressor {PEER_VERSION} venv at {venv}", flush=True)
     subprocess.run([str(uv), "venv", "-q", "--python", sys.executable, str(venv)], check=True, env=env)
-    subprocess.run([str(uv), "pip", "install", "-q", "--python", str(python), *pins, "torch==2.13.0"],
-                   check=True, env=env)
-    subprocess.run([str(uv), "pip", "install", "-q", "--python", str(python), *pins, f"llmcompressor=={PEER_VERSION}",
-                    "datasets"], check=True, env=env)
+    subprocess.run(
+        [str(uv), "pip", "install", "-q", "--python", str(python), *pins, "torch==2.13.0"], check=True, env=env
+    )
+    subprocess.run(
+        [str(uv), "pip", "install", "-q", "--python", str(python), *pins, f"llmcompressor=={PEER_VERSION}", "datasets"],
+        check=True,
+        env=env,
+    )
     stamp.touch()
     return python
 
@@ -158,9 +177,28 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
     measure = work / "ray-calib" / "measure"
     seconds = _reused(work / "ray-calib" / "measure-seconds.json", calib, args)
     if seconds is None:
-        command = [sys.executable, "-m", "ray_calib.cli", "measure", "--model", str(model), "--dataset", str(calib),
-                   "--tp", "1", "--fp8-kv", "--num-samples", str(args.calib_samples), "--least-tokens",
-                   str(args.calib_tokens), "--max-new-tokens", "1", "--out", str(measure), "--force"]
+        command = [
+            sys.executable,
+            "-m",
+            "ray_calib.cli",
+            "measure",
+            "--model",
+            str(model),
+            "--dataset",
+            str(calib),
+            "--tp",
+            "1",
+            "--fp8-kv",
+            "--num-samples",
+            str(args.calib_samples),
+            "--least-tokens",
+            str(args.calib_tokens),
+            "--max-new-tokens",
+            "1",
+            "--out",
+            str(measure),
+            "--force",
+        ]
         with _locked(args.lock):
             started = time.perf_counter()
             subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
@@ -174,8 +212,16 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
             for fp8_kv in (False, True):
                 out = work / "ray-calib" / f"{choice.name}{'-kv' if fp8_kv else ''}"
                 started = time.perf_counter()
-                job = QuantizeJob(model=model, measurement=measurement, out=out, method=choice.method,
-                                  device=get_device("cpu"), fp8_kv=fp8_kv, kv_rule=choice.kv_rule(), force=True)
+                job = QuantizeJob(
+                    model=model,
+                    measurement=measurement,
+                    out=out,
+                    method=choice.method,
+                    device=get_device("cpu"),
+                    fp8_kv=fp8_kv,
+                    kv_rule=choice.kv_rule(),
+                    force=True,
+                )
                 quantize_checkpoint(job)
                 models.append(Model("ray-calib", out, fp8_kv, seconds + time.perf_counter() - started, choice.name))
     return models
@@ -189,8 +235,17 @@ def _peer(python: Path, model: Path, calib: Path, work: Path, args) -> list[Mode
             timing = out.parent / f"{out.name}-seconds.json"
             wall = _reused(timing, calib, args)
             if wall is None:
-                command = [str(python), str(REPO / "benchmarks" / "_llmcompressor_peer.py"), str(model), str(calib),
-                           str(out), "--num-samples", str(args.calib_samples), "--max-tokens", str(args.calib_tokens)]
+                command = [
+                    str(python),
+                    str(REPO / "benchmarks" / "_llmcompressor_peer.py"),
+                    str(model),
+                    str(calib),
+                    str(out),
+                    "--num-samples",
+                    str(args.calib_samples),
+                    "--max-tokens",
+                    str(args.calib_tokens),
+                ]
                 started = time.perf_counter()
                 result = subprocess.run(command + (["--fp8-kv"] if fp8_kv else []), capture_output=True, text=True)
                 wall = time.perf_counter() - started
@@ -245,21 +300,29 @@ def _score_all(model: Path, rows: list[Model], heldout: dict[str, list[str]], wo
             if args.reuse and saved.exists() and json.loads(saved.read_text()).get("windows") == key:
                 scored[index] = json.loads(saved.read_text())
             else:
-                scored[index] = fidelity.score(variant, windows, tp_size=1, device="cpu", engine_options={"max_model_len": 1024})
+                scored[index] = fidelity.score(
+                    variant, windows, tp_size=1, device="cpu", engine_options={"max_model_len": 1024}
+                )
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 saved.write_text(json.dumps({**scored[index], "windows": key}))
-            print(f"    scored {row.label:<32} KV {scored[index]['kv_cache_dtype']:<9} in "
-                  f"{time.perf_counter() - started:.0f} s", flush=True)
+            print(
+                f"    scored {row.label:<32} KV {scored[index]['kv_cache_dtype']:<9} in "
+                f"{time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
     reference = scored[0]["positions"]
     results = {}
     for index in scored:
         results[index] = {"kv_cache_dtype": scored[index]["kv_cache_dtype"]}
         for source, (start, end) in spans.items():
             positions, ref = scored[index]["positions"][start:end], reference[start:end]
-            results[index][source] = {"ppl": fidelity.perplexity(positions), "kl": fidelity.mean_kl(ref, positions),
-                                      "top1": fidelity.top1_agreement(ref, positions),
-                                      "positions": sum(len(p) for p in positions),
-                                      "windows": [_window_sums(r, p) for r, p in zip(ref, positions)]}
+            results[index][source] = {
+                "ppl": fidelity.perplexity(positions),
+                "kl": fidelity.mean_kl(ref, positions),
+                "top1": fidelity.top1_agreement(ref, positions),
+                "positions": sum(len(p) for p in positions),
+                "windows": [_window_sums(r, p) for r, p in zip(ref, positions)],
+            }
     return results
 
 
@@ -267,12 +330,16 @@ def _window_sums(reference: list, positions: list) -> list[float]:
     """[negative log-likelihood, positions, KL, top-1 hits] of one window: what the noise estimate resamples."""
     from ray_calib.infer import fidelity
 
-    return [-sum(p["actual"] for p in positions), len(positions),
-            sum(fidelity.position_kl(r["top"], p["top"]) for r, p in zip(reference, positions)),
-            sum(r["argmax"] == p["argmax"] for r, p in zip(reference, positions))]
+    return [
+        -sum(p["actual"] for p in positions),
+        len(positions),
+        sum(fidelity.position_kl(r["top"], p["top"]) for r, p in zip(reference, positions)),
+        sum(r["argmax"] == p["argmax"] for r, p in zip(reference, positions)),
+    ]
 
 
 # ---- report ---------------------------------------------------------------------------------------------
+
 
 def _report(results: dict, rows: list[Model], work: Path, args) -> None:
     lines = []
@@ -283,18 +350,45 @@ def _report(results: dict, rows: list[Model], work: Path, args) -> None:
         for index, row in enumerate(rows):
             figures = results[index][source]
             calib = f"{row.calib_seconds:.0f}" if row.calib_seconds is not None else "-"
-            lines.append(f"  {row.label:<34} {results[index]['kv_cache_dtype']:<9} {figures['ppl']:>10.3f} "
-                         f"{figures['kl']:>8.4f} {figures['top1']:>6.3f} {calib:>8}")
+            lines.append(
+                f"  {row.label:<34} {results[index]['kv_cache_dtype']:<9} {figures['ppl']:>10.3f} "
+                f"{figures['kl']:>8.4f} {figures['top1']:>6.3f} {calib:>8}"
+            )
     verdicts = _targets(results, rows)
-    text = "\n".join(lines + ["", "targets (ray-calib vs llm-compressor, same source and KV cache):", *verdicts,
-                              "", f"noise: ray-calib / llm-compressor, 95 % interval of a paired bootstrap over the "
-                              f"held-out windows ({BOOTSTRAP} resamples)", *_noise(results, rows)])
+    text = "\n".join(
+        lines
+        + [
+            "",
+            "targets (ray-calib vs llm-compressor, same source and KV cache):",
+            *verdicts,
+            "",
+            f"noise: ray-calib / llm-compressor, 95 % interval of a paired bootstrap over the "
+            f"held-out windows ({BOOTSTRAP} resamples)",
+            *_noise(results, rows),
+        ]
+    )
     print(text)
     (work / "results.txt").write_text(text + "\n")
-    (work / "results.json").write_text(json.dumps({"rows": [{"kind": r.kind, "choice": r.choice, "path": str(r.path),
-                                                             "fp8_kv": r.fp8_kv, "calib_seconds": r.calib_seconds}
-                                                            for r in rows],
-                                                   "results": results, "args": vars(args)}, indent=1, default=str))
+    (work / "results.json").write_text(
+        json.dumps(
+            {
+                "rows": [
+                    {
+                        "kind": r.kind,
+                        "choice": r.choice,
+                        "path": str(r.path),
+                        "fp8_kv": r.fp8_kv,
+                        "calib_seconds": r.calib_seconds,
+                    }
+                    for r in rows
+                ],
+                "results": results,
+                "args": vars(args),
+            },
+            indent=1,
+            default=str,
+        )
+    )
     _plot(results, rows, work / "quality.png")
     print(f"\nwrote {work / 'results.txt'}, {work / 'results.json'}, {work / 'quality.png'}")
 
@@ -308,9 +402,11 @@ def _targets(results: dict, rows: list[Model]) -> list[str]:
             a, b = results[ours][source], results[peer][source]
             checks = {"KL": a["kl"] <= KL_RATIO * b["kl"], "top-1": a["top1"] >= b["top1"], "ppl": a["ppl"] <= b["ppl"]}
             mark = "met" if all(checks.values()) else "MISSED " + ", ".join(k for k, ok in checks.items() if not ok)
-            verdicts.append(f"  {source:<12} {'FP8 KV' if fp8_kv else 'BF16 KV':<8} KL {a['kl']:.4f} vs "
-                            f"{KL_RATIO} x {b['kl']:.4f} = {KL_RATIO * b['kl']:.4f}; top-1 {a['top1']:.3f} vs "
-                            f"{b['top1']:.3f}; ppl {a['ppl']:.3f} vs {b['ppl']:.3f}: {mark}")
+            verdicts.append(
+                f"  {source:<12} {'FP8 KV' if fp8_kv else 'BF16 KV':<8} KL {a['kl']:.4f} vs "
+                f"{KL_RATIO} x {b['kl']:.4f} = {KL_RATIO * b['kl']:.4f}; top-1 {a['top1']:.3f} vs "
+                f"{b['top1']:.3f}; ppl {a['ppl']:.3f} vs {b['ppl']:.3f}: {mark}"
+            )
     return verdicts
 
 
@@ -333,10 +429,12 @@ def _noise(results: dict, rows: list[Model]) -> list[str]:
             ppl = np.exp((sa[:, 0] - sb[:, 0]) / sa[:, 1])
             kl = sa[:, 2] / sb[:, 2]
             point_ppl = math.exp((a[:, 0].sum() - b[:, 0].sum()) / a[:, 1].sum())
-            lines.append(f"  {source:<12} {'FP8 KV' if fp8_kv else 'BF16 KV':<8} ppl ratio {point_ppl:.4f} "
-                         f"[{np.quantile(ppl, 0.025):.4f}, {np.quantile(ppl, 0.975):.4f}]  KL ratio "
-                         f"{a[:, 2].sum() / b[:, 2].sum():.3f} [{np.quantile(kl, 0.025):.3f}, "
-                         f"{np.quantile(kl, 0.975):.3f}]  ({len(a)} windows)")
+            lines.append(
+                f"  {source:<12} {'FP8 KV' if fp8_kv else 'BF16 KV':<8} ppl ratio {point_ppl:.4f} "
+                f"[{np.quantile(ppl, 0.025):.4f}, {np.quantile(ppl, 0.975):.4f}]  KL ratio "
+                f"{a[:, 2].sum() / b[:, 2].sum():.3f} [{np.quantile(kl, 0.025):.3f}, "
+                f"{np.quantile(kl, 0.975):.3f}]  ({len(a)} windows)"
+            )
     return lines
 
 
@@ -348,20 +446,35 @@ def _plot(results: dict, rows: list[Model], path: Path) -> None:
 
     shown = [i for i, r in enumerate(rows) if r.label in ("ray-calib", "llm-compressor")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (metric, title) in zip(axes, [("kl", "mean KL vs BF16 (lower is better)"),
-                                          ("top1", "top-1 agreement (higher is better)"),
-                                          ("ppl", "perplexity (lower is better)")]):
+    for ax, (metric, title) in zip(
+        axes,
+        [
+            ("kl", "mean KL vs BF16 (lower is better)"),
+            ("top1", "top-1 agreement (higher is better)"),
+            ("ppl", "perplexity (lower is better)"),
+        ],
+    ):
         width = 0.8 / len(shown)
         for k, index in enumerate(shown):
             row = rows[index]
             values = [results[index][s][metric] for s in SOURCES]
-            ax.bar([x + k * width for x in range(len(SOURCES))], values, width,
-                   label=f"{row.label} ({'FP8' if row.fp8_kv else 'BF16'} KV)",
-                   color=("tab:blue" if row.label == "ray-calib" else "tab:orange"),
-                   alpha=1.0 if row.fp8_kv else 0.55, hatch="//" if row.fp8_kv else None)
+            ax.bar(
+                [x + k * width for x in range(len(SOURCES))],
+                values,
+                width,
+                label=f"{row.label} ({'FP8' if row.fp8_kv else 'BF16'} KV)",
+                color=("tab:blue" if row.label == "ray-calib" else "tab:orange"),
+                alpha=1.0 if row.fp8_kv else 0.55,
+                hatch="//" if row.fp8_kv else None,
+            )
         if metric == "ppl":
-            ax.plot([x + 0.4 - width / 2 for x in range(len(SOURCES))], [results[0][s]["ppl"] for s in SOURCES],
-                    "k_", markersize=30, label="BF16")
+            ax.plot(
+                [x + 0.4 - width / 2 for x in range(len(SOURCES))],
+                [results[0][s]["ppl"] for s in SOURCES],
+                "k_",
+                markersize=30,
+                label="BF16",
+            )
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(SOURCES))], SOURCES)
         ax.set_title(title)
         if metric == "top1":

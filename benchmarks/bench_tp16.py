@@ -44,6 +44,7 @@ ANSWER_TOKENS = 8
 
 # ---- memory sampling -----------------------------------------------------------------------------------------
 
+
 def _tree(roots: list[int], children: dict[int, list[int]]) -> dict[int, int]:
     """pid -> the root it descends from."""
     owner, todo = {}, [(root, root) for root in roots]
@@ -60,10 +61,14 @@ def _read(pid: int) -> tuple[str, float, float] | None:
     """(command line, PSS MiB, peak RSS MiB) of a live process."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        pss = next(int(ln.split()[1]) for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-                   if ln.startswith("Pss:"))
-        hwm = next(int(ln.split()[1]) for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
-                   if ln.startswith("VmHWM:"))
+        pss = next(
+            int(ln.split()[1])
+            for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+            if ln.startswith("Pss:")
+        )
+        hwm = next(
+            int(ln.split()[1]) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmHWM:")
+        )
     except (OSError, StopIteration, ValueError):
         return None
     return cmdline, pss / 1024, hwm / 1024
@@ -161,6 +166,7 @@ def _host_used_mib() -> float:
 
 # ---- stages --------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Stage:
     name: str
@@ -180,8 +186,14 @@ class Runner:
         memory = StageMemory()
         self.sampler.stage = memory
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "ray_calib.cli", *map(str, args)], env=self.env,
-                                   cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ray_calib.cli", *map(str, args)],
+            env=self.env,
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         lines = []
         for line in process.stdout:
             lines.append(line)
@@ -203,8 +215,13 @@ def run(root: Path, args: argparse.Namespace) -> dict:
     from ray_calib.testing.localnodes import kill_leftovers, running_sshd, write_conf
 
     model, data, run_dir = root / "models" / "tiny-deepseek-r1", root / "data" / "calib.jsonl", root / "run"
-    env = {**os.environ, "RAY_CALIB_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1", "RAY_CALIB_DEVICE": "cpu",
-           "VLLM_LOGGING_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "RAY_CALIB_RUN_DIR": str(run_dir),
+        "PYTHONUNBUFFERED": "1",
+        "RAY_CALIB_DEVICE": "cpu",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     cluster_dir = root / "cluster"
     conf_holder: dict[str, Path] = {}
@@ -215,17 +232,46 @@ def run(root: Path, args: argparse.Namespace) -> dict:
         runner.cli("model", ["make-tiny-model", "--arch", "deepseek_r1", "--out", model, "--force"])
         runner.cli("model", ["make-calib-set", "--format", "pile", "--out", data, "--num-samples", 2 * args.samples])
         with running_sshd() as sshd:
-            conf = write_conf(cluster_dir, sshd, gcs_port=args.gcs_port, dashboard_port=args.gcs_port + 1900,
-                              devices_per_node=8, num_cpus=1, memory="2G", fast_failure_detection=False)
+            conf = write_conf(
+                cluster_dir,
+                sshd,
+                gcs_port=args.gcs_port,
+                dashboard_port=args.gcs_port + 1900,
+                devices_per_node=8,
+                num_cpus=1,
+                memory="2G",
+                fast_failure_detection=False,
+            )
             conf_holder["conf"] = conf
             temps = _ray_temp_dirs(conf)
             sampler.ray_temp_dirs = temps
             try:
                 runner.cli("up", ["up", "--conf", conf])
-                measure = runner.cli("measure", ["measure", "--conf", conf, "--model", model, "--dataset", data,
-                                                 "--tp", 16, "--fp8-kv", "--num-samples", args.samples,
-                                                 "--max-new-tokens", args.new_tokens, "--batch-size", 16,
-                                                 "--kv-cache-gib", args.kv_cache_gib, "--max-model-len", 512])
+                measure = runner.cli(
+                    "measure",
+                    [
+                        "measure",
+                        "--conf",
+                        conf,
+                        "--model",
+                        model,
+                        "--dataset",
+                        data,
+                        "--tp",
+                        16,
+                        "--fp8-kv",
+                        "--num-samples",
+                        args.samples,
+                        "--max-new-tokens",
+                        args.new_tokens,
+                        "--batch-size",
+                        16,
+                        "--kv-cache-gib",
+                        args.kv_cache_gib,
+                        "--max-model-len",
+                        512,
+                    ],
+                )
             finally:
                 runner.cli("down", ["down", "--conf", conf], check=False)
                 for temp in temps.values():
@@ -235,8 +281,23 @@ def run(root: Path, args: argparse.Namespace) -> dict:
         runner.cli("quantize", ["quantize", "--low-cpu-mem", "--fp8-kv"])
         prompts = root / "prompt.txt"
         prompts.write_text(PROMPT + "\n")
-        runner.cli("reference", ["infer", "--model", model, "--tp", 1, "--prompts", prompts, "--max-new-tokens",
-                                 ANSWER_TOKENS, "--no-fp8-kv", "--kv-cache-gib", args.kv_cache_gib])
+        runner.cli(
+            "reference",
+            [
+                "infer",
+                "--model",
+                model,
+                "--tp",
+                1,
+                "--prompts",
+                prompts,
+                "--max-new-tokens",
+                ANSWER_TOKENS,
+                "--no-fp8-kv",
+                "--kv-cache-gib",
+                args.kv_cache_gib,
+            ],
+        )
         reference = json.loads((run_dir / "infer" / "completions.json").read_text())[0]["text"]
         result["answer"] = _serve_and_ask(runner, run_dir, args, reference)
         runner.cli("report", ["report", run_dir])
@@ -256,13 +317,18 @@ def _serve_and_ask(runner: Runner, run_dir: Path, args: argparse.Namespace, refe
     from ray_calib.infer.runner import Server, complete, stop
 
     port = args.gcs_port + 1700
-    stage = runner.cli("serve", ["infer", "--serve", "--detach", "--tp", 8, "--no-fp8-kv", "--port", port,
-                                 "--kv-cache-gib", args.kv_cache_gib])
+    stage = runner.cli(
+        "serve",
+        ["infer", "--serve", "--detach", "--tp", 8, "--no-fp8-kv", "--port", port, "--kv-cache-gib", args.kv_cache_gib],
+    )
     pid = int(stage.output.rsplit("stop it with: kill ", 1)[1].split()[0])
-    settings = [line.strip() for line in stage.output.splitlines() if "serving with:" in line or "server reports" in line]
+    settings = [
+        line.strip() for line in stage.output.splitlines() if "serving with:" in line or "server reports" in line
+    ]
     try:
-        server = Server(url=f"http://127.0.0.1:{port}", pid=pid, log=run_dir / "infer" / "vllm-serve.log",
-                        model_name="fp8")
+        server = Server(
+            url=f"http://127.0.0.1:{port}", pid=pid, log=run_dir / "infer" / "vllm-serve.log", model_name="fp8"
+        )
         runner.sampler.stage = stage.memory
         started = time.perf_counter()
         answer = complete(server, PROMPT, max_tokens=ANSWER_TOKENS)
@@ -273,8 +339,14 @@ def _serve_and_ask(runner: Runner, run_dir: Path, args: argparse.Namespace, refe
         stop(pid)
         _wait_gone(pid)
     same = os.path.commonprefix([answer, reference])
-    return {"answer": answer, "reference": reference, "seconds": seconds, "settings": settings,
-            "first_word_matches": answer.split()[:1] == reference.split()[:1], "common_prefix_chars": len(same)}
+    return {
+        "answer": answer,
+        "reference": reference,
+        "seconds": seconds,
+        "settings": settings,
+        "first_word_matches": answer.split()[:1] == reference.split()[:1],
+        "common_prefix_chars": len(same),
+    }
 
 
 def _wait_gone(pid: int, timeout: float = 60.0) -> None:
@@ -292,19 +364,26 @@ def _wait_gone(pid: int, timeout: float = 60.0) -> None:
 
 
 def _ray_temp_dirs(conf: Path) -> dict[str, Path]:
-    values = dict(line.split("=", 1) for line in conf.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    values = dict(
+        line.split("=", 1) for line in conf.read_text().splitlines() if "=" in line and not line.startswith("#")
+    )
     return {"head": Path(values["HEAD_NODE_RAY_TEMP_DIR"]), "worker": Path(values["WORKER_NODE_RAY_TEMP_DIR"])}
 
 
 # ---- report --------------------------------------------------------------------------------------------------
 
+
 def print_report(result: dict, args: argparse.Namespace) -> None:
     stages: list[Stage] = result["stages"]
-    print(f"\nTP=16 over two nodes -> TP=8 on one: tiny DeepSeek-R1 shape, {args.samples} prompts, "
-          f"{args.new_tokens} new tokens, KV cache {args.kv_cache_gib} GiB per rank, {os.cpu_count()} cores, "
-          f"host {_host_total_gib():.1f} GiB")
-    print(f"{'stage':<10} {'wall s':>8} {'peak total PSS MiB':>19} {'workers':>8} {'worker peak RSS MiB (max/mean)':>31} "
-          f"{'host used peak MiB':>19}")
+    print(
+        f"\nTP=16 over two nodes -> TP=8 on one: tiny DeepSeek-R1 shape, {args.samples} prompts, "
+        f"{args.new_tokens} new tokens, KV cache {args.kv_cache_gib} GiB per rank, {os.cpu_count()} cores, "
+        f"host {_host_total_gib():.1f} GiB"
+    )
+    print(
+        f"{'stage':<10} {'wall s':>8} {'peak total PSS MiB':>19} {'workers':>8} {'worker peak RSS MiB (max/mean)':>31} "
+        f"{'host used peak MiB':>19}"
+    )
     merged: dict[str, list[Stage]] = {}
     for stage in stages:
         merged.setdefault(stage.name, []).append(stage)
@@ -322,15 +401,19 @@ def print_report(result: dict, args: argparse.Namespace) -> None:
             pss = list(stage.memory.worker_peak_pss_mib.values())
             kinds = ", ".join(f"{k} {v:.0f}" for k, v in sorted(stage.memory.peak_by_kind_mib.items()))
             if pss:
-                print(f"{name}: worker peak PSS max {max(pss):.0f} / mean {sum(pss) / len(pss):.0f} MiB; "
-                      f"peak PSS by kind (MiB): {kinds}")
+                print(
+                    f"{name}: worker peak PSS max {max(pss):.0f} / mean {sum(pss) / len(pss):.0f} MiB; "
+                    f"peak PSS by kind (MiB): {kinds}"
+                )
     print(f"ranks per node during measure: {result.get('ranks_per_node')}")
     answer = result.get("answer", {})
     for line in answer.get("settings", []):
         print(line)
-    print(f"served FP8 TP=8 answer to {PROMPT!r}: {answer.get('answer')!r} in {answer.get('seconds', 0):.2f} s; "
-          f"BF16 TP=1 reference {answer.get('reference')!r}; first word matches: {answer.get('first_word_matches')}, "
-          f"common prefix {answer.get('common_prefix_chars')} chars")
+    print(
+        f"served FP8 TP=8 answer to {PROMPT!r}: {answer.get('answer')!r} in {answer.get('seconds', 0):.2f} s; "
+        f"BF16 TP=1 reference {answer.get('reference')!r}; first word matches: {answer.get('first_word_matches')}, "
+        f"common prefix {answer.get('common_prefix_chars')} chars"
+    )
     print(result.get("summary", "").strip())
     for plot in result.get("coverage_plots", []):
         print(f"coverage plot: {plot}")

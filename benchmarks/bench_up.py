@@ -37,7 +37,9 @@ def plain_start(config: devices.ClusterConfig, env: dict[str, str]) -> tuple[flo
     total, peak = 0.0, 0
     for node in config.nodes:
         node_env = {**env, "VLLM_HOST_IP": node.ip, "GLOO_SOCKET_IFNAME": node.ifname or ""}
-        seconds, rss, _ = run_child([sys.executable, "-m", "ray.scripts.scripts", *start_args(node, config)], env=node_env)
+        seconds, rss, _ = run_child(
+            [sys.executable, "-m", "ray.scripts.scripts", *start_args(node, config)], env=node_env
+        )
         total, peak = total + seconds, max(peak, rss)
     return total, peak
 
@@ -69,15 +71,18 @@ def main() -> None:
                 ours.append(seconds)
                 rss_ours = max(rss_ours, rss)
                 run_child([*CLI, "down", "--conf", str(conf)], env=env)
-                print(f"round {index + 1}: plain ray start {plain[-1]:.1f} s, ray-calib up {ours[-1]:.1f} s",
-                      flush=True)
+                print(
+                    f"round {index + 1}: plain ray start {plain[-1]:.1f} s, ray-calib up {ours[-1]:.1f} s", flush=True
+                )
     finally:
         kill_leftovers(work)
         shutil.rmtree(work, ignore_errors=True)
     base, mine = statistics.median(plain), statistics.median(ours)
     print(f"plain `ray start` head+worker: median {base:.1f} s (min {min(plain):.1f}), peak RSS {rss_plain:.0f} MiB")
-    print(f"`ray-calib up` (ssh+preflight+token+start+health): median {mine:.1f} s (min {min(ours):.1f}), "
-          f"peak RSS {rss_ours:.0f} MiB")
+    print(
+        f"`ray-calib up` (ssh+preflight+token+start+health): median {mine:.1f} s (min {min(ours):.1f}), "
+        f"peak RSS {rss_ours:.0f} MiB"
+    )
     print(f"ratio up / plain: {mine / base:.2f}x (target <= 1.3x)")
 
 

@@ -48,8 +48,13 @@ def memory_of(pid: int) -> dict[str, float] | None:
         return None
     fields = {line.split(":")[0]: int(line.split()[1]) for line in rollup.splitlines()[1:] if line.split()[-1] == "kB"}
     peak = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    return {"name": name, "rss": fields["Rss"] / 1024, "pss": fields["Pss"] / 1024,
-            "uss": (fields["Private_Clean"] + fields["Private_Dirty"]) / 1024, "peak_rss": peak / 1024}
+    return {
+        "name": name,
+        "rss": fields["Rss"] / 1024,
+        "pss": fields["Pss"] / 1024,
+        "uss": (fields["Private_Clean"] + fields["Private_Dirty"]) / 1024,
+        "peak_rss": peak / 1024,
+    }
 
 
 def kind(name: str, pid: int, driver: int) -> str:
@@ -66,8 +71,9 @@ def child(model: str, tp: int, kv_mib: int) -> None:
     os.environ["RAY_CALIB_DEVICE"] = "cpu"
     from ray_calib.engine.launch import EngineConfig, build_llm
 
-    llm = build_llm(EngineConfig(model=model, tp_size=tp, max_model_len=256, max_num_seqs=4,
-                                 kv_cache_gib=kv_mib / 1024))
+    llm = build_llm(
+        EngineConfig(model=model, tp_size=tp, max_model_len=256, max_num_seqs=4, kv_cache_gib=kv_mib / 1024)
+    )
     from vllm import SamplingParams
 
     llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
@@ -80,8 +86,12 @@ def child(model: str, tp: int, kv_mib: int) -> None:
 
 
 def measure(model: Path, tp: int, kv_mib: int) -> list[dict]:
-    proc = subprocess.run([sys.executable, __file__, "--child", str(model), str(tp), str(kv_mib)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", str(model), str(tp), str(kv_mib)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS ")), None)
     if proc.returncode or line is None:
         sys.exit(f"TP {tp} failed:\n{proc.stderr[-3000:]}")
@@ -104,8 +114,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-worker-memory-") as tmp:
         model = tiny.make_tiny_model("llama", Path(tmp) / "llama").path
         weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) / MiB
-        print(f"vLLM CPU processes, tiny Llama ({weights:.0f} MiB of weights), KV cache {args.kv_mib} MiB per rank, "
-              f"mp executor, {os.cpu_count()} cores; MiB")
+        print(
+            f"vLLM CPU processes, tiny Llama ({weights:.0f} MiB of weights), KV cache {args.kv_mib} MiB per rank, "
+            f"mp executor, {os.cpu_count()} cores; MiB"
+        )
         print(f"{'TP':>3} {'kind':<12} {'n':>2} {'RSS':>7} {'PSS':>7} {'USS':>7} {'peak RSS':>9}")
         totals = {}
         for tp in args.tp:
@@ -115,10 +127,15 @@ def main() -> None:
                 if not group:
                     continue
                 mean = {key: statistics.mean(r[key] for r in group) for key in ("rss", "pss", "uss", "peak_rss")}
-                print(f"{tp:>3} {name:<12} {len(group):>2} {mean['rss']:>7.0f} {mean['pss']:>7.0f} {mean['uss']:>7.0f} "
-                      f"{mean['peak_rss']:>9.0f}")
-            totals[tp] = {"pss": sum(r["pss"] for r in rows), "rss": sum(r["rss"] for r in rows),
-                          "worker_pss": statistics.mean(r["pss"] for r in rows if r["kind"] == "worker") if tp > 1 else None}
+                print(
+                    f"{tp:>3} {name:<12} {len(group):>2} {mean['rss']:>7.0f} {mean['pss']:>7.0f} {mean['uss']:>7.0f} "
+                    f"{mean['peak_rss']:>9.0f}"
+                )
+            totals[tp] = {
+                "pss": sum(r["pss"] for r in rows),
+                "rss": sum(r["rss"] for r in rows),
+                "worker_pss": statistics.mean(r["pss"] for r in rows if r["kind"] == "worker") if tp > 1 else None,
+            }
             print(f"{tp:>3} {'all':<12} {len(rows):>2} {totals[tp]['rss']:>7.0f} {totals[tp]['pss']:>7.0f}")
     print(json.dumps(totals))
 

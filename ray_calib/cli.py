@@ -75,9 +75,13 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ray-calib")
-@click.option("-v", "--verbose", count=True,
-              help="Also show vLLM/Ray/transformers logs on stderr (-vv: debug level). They always go to "
-                   "<run dir>/logs/<command>.log.")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Also show vLLM/Ray/transformers logs on stderr (-vv: debug level). They always go to "
+    "<run dir>/logs/<command>.log.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Only results and warnings: no stages, no progress.")
 def cli(verbose: int, quiet: bool) -> None:
     """Calibrate very large LLMs for FP8 inference across a Ray cluster.

@@ -56,7 +56,7 @@ def rewrite_renamed(args: list[str], renamed: dict[str, str]) -> list[str]:
             warned.add(old)
         if new in args or any(a.startswith(f"{new}=") for a in args if new.startswith("--")):
             raise click.UsageError(f"{old} is the old spelling of {new}: give one of them")
-        out.append(new + arg[len(old):] if arg.startswith(f"{old}=") or not old.startswith("--") else new)
+        out.append(new + arg[len(old) :] if arg.startswith(f"{old}=") or not old.startswith("--") else new)
     return out
 
 
@@ -85,8 +85,9 @@ def tp_option(help: str, **kwargs):
 
 
 def num_samples_option(default: int, help: str = "Prompts (samples) to use."):
-    return click.option("-n", "--num-samples", "num_samples", type=click.IntRange(min=1), default=default,
-                        show_default=True, help=help)
+    return click.option(
+        "-n", "--num-samples", "num_samples", type=click.IntRange(min=1), default=default, show_default=True, help=help
+    )
 
 
 def least_tokens_option(help: str = "Pile text: drop samples shorter than this many tokens, truncate longer ones."):
@@ -108,6 +109,7 @@ def scale_method_option(help: str):
 def device_option(help: str, *, runtime: bool = False):
     """--device: the target names everywhere; `runtime` commands also take auto (detect) and hpu."""
     if runtime:
-        return click.option("--device", type=click.Choice(RUNTIME_DEVICE_NAMES), default="auto", show_default=True,
-                            help=help)
+        return click.option(
+            "--device", type=click.Choice(RUNTIME_DEVICE_NAMES), default="auto", show_default=True, help=help
+        )
     return click.option("--device", type=click.Choice(DEVICE_NAMES), default=None, help=help)

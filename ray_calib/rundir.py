@@ -1,14 +1,14 @@
 """Where one calibration run keeps its artefacts, so that commands chain without path arguments.
 
-    <run dir>/                 --run-dir, env RAY_CALIB_RUN_DIR, default ./calib-run
-      measure/                 ray-calib measure: INC rank files at TP=N, ray_calib_meta.json, coverage.json
-      unified-tp<M>/           ray-calib unify --to-tp M
-      expanded-ep<W>/          ray-calib expand --to-ranks W
-      configs/                 QUANT_CONFIG files (ray-calib quant-config write)
-      scales/                  INC scale files (ray-calib scales)
-      fp8/                     the FP8 checkpoint (ray-calib quantize)
-      eval.json                ray-calib eval
-      report/                  ray-calib report: PNG plots and summary
+<run dir>/                 --run-dir, env RAY_CALIB_RUN_DIR, default ./calib-run
+  measure/                 ray-calib measure: INC rank files at TP=N, ray_calib_meta.json, coverage.json
+  unified-tp<M>/           ray-calib unify --to-tp M
+  expanded-ep<W>/          ray-calib expand --to-ranks W
+  configs/                 QUANT_CONFIG files (ray-calib quant-config write)
+  scales/                  INC scale files (ray-calib scales)
+  fp8/                     the FP8 checkpoint (ray-calib quantize)
+  eval.json                ray-calib eval
+  report/                  ray-calib report: PNG plots and summary
 """
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ class RunDir:
 
 
 run_dir_option = click.option(
-    "--run-dir", type=click.Path(file_okay=False), default=None, envvar="RAY_CALIB_RUN_DIR",
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    envvar="RAY_CALIB_RUN_DIR",
     help=f"Directory of this calibration run [env RAY_CALIB_RUN_DIR; default ./{DEFAULT_RUN_DIR}].",
 )

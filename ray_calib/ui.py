@@ -68,6 +68,7 @@ def log_file() -> Path | None:
 
 # ---- text -----------------------------------------------------------------------------------------------
 
+
 def result(text: str) -> None:
     click.echo(text)
 
@@ -113,6 +114,7 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -
 
 # ---- progress -------------------------------------------------------------------------------------------
 
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
@@ -122,8 +124,9 @@ def _duration(seconds: float) -> str:
 class Bar:
     """Counts work done; `advance(n, tokens=...)` adds n units and any named counts (shown as rates)."""
 
-    def __init__(self, description: str, total: int, completed: int = 0, unit: str = "",
-                 interval: float = PROGRESS_INTERVAL_S) -> None:
+    def __init__(
+        self, description: str, total: int, completed: int = 0, unit: str = "", interval: float = PROGRESS_INTERVAL_S
+    ) -> None:
         self.description, self.total, self.completed, self.unit = description, total, completed, unit
         self.interval = interval
         self.counts: dict[str, int] = {}
@@ -149,8 +152,10 @@ class Bar:
     def line(self) -> str:
         percent = 100 * self.completed / self.total if self.total else 100.0
         unit = f" {self.unit}" if self.unit else ""
-        return (f"{self.description}: {self.completed}/{self.total}{unit} ({percent:.0f}%) {self.rates()} "
-                f"elapsed {_duration(time.monotonic() - self._started)} ETA {self.eta()}")
+        return (
+            f"{self.description}: {self.completed}/{self.total}{unit} ({percent:.0f}%) {self.rates()} "
+            f"elapsed {_duration(time.monotonic() - self._started)} ETA {self.eta()}"
+        )
 
     def advance(self, n: int = 1, **counts: int) -> None:
         self.completed += n
@@ -165,8 +170,15 @@ class Bar:
 
 
 @contextlib.contextmanager
-def progress(description: str, total: int, *, completed: int = 0, unit: str = "", transient: bool = False,
-             interval: float = PROGRESS_INTERVAL_S) -> Iterator[Bar]:
+def progress(
+    description: str,
+    total: int,
+    *,
+    completed: int = 0,
+    unit: str = "",
+    transient: bool = False,
+    interval: float = PROGRESS_INTERVAL_S,
+) -> Iterator[Bar]:
     """A progress bar on stderr for the `with` block; a plain line every `interval` s when not a terminal.
 
     `transient` bars (one of many, e.g. per shard) vanish when done and end without a closing line.
@@ -193,8 +205,15 @@ def progress(description: str, total: int, *, completed: int = 0, unit: str = ""
         TimeRemainingColumn,
     )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rates]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rates]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True), transient=transient) as rich_progress:
         bar._rich = rich_progress
         bar._task = rich_progress.add_task(description, total=total, completed=completed, rates="")
@@ -202,6 +221,7 @@ def progress(description: str, total: int, *, completed: int = 0, unit: str = ""
 
 
 # ---- library logs ---------------------------------------------------------------------------------------
+
 
 def _logging_config(path: Path) -> dict:
     level = "DEBUG" if _state["verbosity"] >= 2 else "INFO"
@@ -211,10 +231,19 @@ def _logging_config(path: Path) -> dict:
         "disable_existing_loggers": False,
         "formatters": {"plain": {"format": "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"}},
         "handlers": {
-            "file": {"class": "logging.FileHandler", "filename": str(path), "mode": "a", "formatter": "plain",
-                     "level": level},
-            "stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "plain",
-                       "level": level},
+            "file": {
+                "class": "logging.FileHandler",
+                "filename": str(path),
+                "mode": "a",
+                "formatter": "plain",
+                "level": level,
+            },
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "plain",
+                "level": level,
+            },
         },
         "loggers": {name: {"handlers": handlers, "level": level, "propagate": False} for name in LIBRARY_LOGGERS},
     }

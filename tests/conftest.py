@@ -25,8 +25,9 @@ SLOW_TIMEOUT_S = 1200  # a slow test may start several vLLM engines (session fix
 def pytest_collection_modifyitems(config, items) -> None:
     """`slow`/`cluster` tests without their own `timeout` mark get SLOW_TIMEOUT_S instead of the unit default."""
     for item in items:
-        if item.get_closest_marker("timeout") is None and (item.get_closest_marker("slow")
-                                                            or item.get_closest_marker("cluster")):
+        if item.get_closest_marker("timeout") is None and (
+            item.get_closest_marker("slow") or item.get_closest_marker("cluster")
+        ):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
@@ -70,8 +71,19 @@ def tiny_model_cache_key(arch: str, seed: int) -> str:
 
     from ray_calib.testing.tiny import model as builder
 
-    digest = hashlib.sha256(json.dumps([arch, seed, builder.CONFIGS[arch], builder.VOCAB_SIZE, torch.__version__,
-                                        transformers.__version__, tokenizers.__version__]).encode())
+    digest = hashlib.sha256(
+        json.dumps(
+            [
+                arch,
+                seed,
+                builder.CONFIGS[arch],
+                builder.VOCAB_SIZE,
+                torch.__version__,
+                transformers.__version__,
+                tokenizers.__version__,
+            ]
+        ).encode()
+    )
     for source in sorted(Path(builder.__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]

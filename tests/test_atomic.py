@@ -19,8 +19,14 @@ def test_results_follow_the_umask_and_secrets_stay_private(tmp_path):
 def _rank_files(value: float) -> list:
     from ray_calib.inc import RankFile, StatsName
 
-    return [RankFile(name=StatsName("inc_measure_output", rank=r, world_size=2),
-                     nodes={"a": {"inputs": [[[value + r]]]}}, mod_list=["a"]) for r in range(2)]
+    return [
+        RankFile(
+            name=StatsName("inc_measure_output", rank=r, world_size=2),
+            nodes={"a": {"inputs": [[[value + r]]]}},
+            mod_list=["a"],
+        )
+        for r in range(2)
+    ]
 
 
 def test_a_crash_mid_move_is_seen_by_discover_not_read_as_one_run(tmp_path, monkeypatch):

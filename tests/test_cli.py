@@ -7,8 +7,18 @@ import pytest
 
 from ray_calib.cli import COMMANDS, cli
 
-HEAVY = ("torch", "vllm", "ray", "transformers", "safetensors", "huggingface_hub", "paramiko", "matplotlib",
-         "pandas", "numpy")
+HEAVY = (
+    "torch",
+    "vllm",
+    "ray",
+    "transformers",
+    "safetensors",
+    "huggingface_hub",
+    "paramiko",
+    "matplotlib",
+    "pandas",
+    "numpy",
+)
 
 
 def test_version(run_cli):

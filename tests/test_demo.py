@@ -13,8 +13,9 @@ import pytest
 @pytest.mark.timeout(2400)
 def test_demo_runs_the_whole_pipeline(tmp_path):
     env = {**os.environ, "RAY_CALIB_DEMO_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-m", "ray_calib.testing.demo"], env=env, capture_output=True, text=True,
-                            timeout=2400)
+    result = subprocess.run(
+        [sys.executable, "-m", "ray_calib.testing.demo"], env=env, capture_output=True, text=True, timeout=2400
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = tmp_path / "run"
     assert len(list((run / "measure").glob("inc_measure_output_hooks_maxabs_*_4.npz"))) == 4

@@ -49,17 +49,25 @@ def test_device_vocabulary_is_the_engine_and_scales_one():
 
 def test_rewrite_renamed_spellings():
     renamed = {"--limit": "--num-samples", "-t": "-l"}
-    assert options.rewrite_renamed(["--limit", "4", "-t64", "--limit=5", "x"], renamed) == \
-        ["--num-samples", "4", "-l64", "--num-samples=5", "x"]
+    assert options.rewrite_renamed(["--limit", "4", "-t64", "--limit=5", "x"], renamed) == [
+        "--num-samples",
+        "4",
+        "-l64",
+        "--num-samples=5",
+        "x",
+    ]
     assert options.rewrite_renamed(["--", "--limit"], renamed) == ["--", "--limit"]
     with pytest.raises(click.UsageError, match="-t is the old spelling of -l"):
         options.rewrite_renamed(["-t", "4", "-l", "5"], renamed)
 
 
-@pytest.mark.parametrize("old,value,new,reached", [
-    ("--limit", "0", "--num-samples", "'-n' / '--num-samples': 0 is not in the range"),
-    ("--cluster", "/nonexistent/devices.conf", "--conf", "/nonexistent/devices.conf: no such file"),
-])
+@pytest.mark.parametrize(
+    "old,value,new,reached",
+    [
+        ("--limit", "0", "--num-samples", "'-n' / '--num-samples': 0 is not in the range"),
+        ("--cluster", "/nonexistent/devices.conf", "--conf", "/nonexistent/devices.conf: no such file"),
+    ],
+)
 def test_old_option_spelling_warns_and_still_works(run_cli, tmp_path, old, value, new, reached):
     result = run_cli("measure", "-m", tmp_path, "-d", tmp_path / "d.jsonl", old, value)
     lines = result.stderr.strip().splitlines()

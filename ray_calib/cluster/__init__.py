@@ -36,8 +36,11 @@ def connect(conf_path: Path | str | None = None) -> str:
     config = devices.load(conf_path)
     record = state.read(config.path)
     if record is None or record.get("status") != "up":
-        raise ClusterError(config.head.label, f"no cluster is up for {config.path}",
-                           fix=f"run `ray-calib up --conf {config.path}` first")
+        raise ClusterError(
+            config.head.label,
+            f"no cluster is up for {config.path}",
+            fix=f"run `ray-calib up --conf {config.path}` first",
+        )
     state.check_same_inputs(config, record, state.input_hashes(config))
     _, rows = lifecycle.status(config)
     error = lifecycle.dead_node_error(config, rows)

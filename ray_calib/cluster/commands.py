@@ -9,8 +9,11 @@ import click
 from ray_calib import options, ui
 
 _conf = options.conf_option()
-_accept = click.option("--accept-new-host-keys", is_flag=True,
-                       help="Record unknown SSH host keys in known_hosts (changed keys are still refused).")
+_accept = click.option(
+    "--accept-new-host-keys",
+    is_flag=True,
+    help="Record unknown SSH host keys in known_hosts (changed keys are still refused).",
+)
 
 
 @click.group("cluster")
@@ -47,11 +50,20 @@ def _check(conf: Path | None) -> None:
     from ray_calib.cluster.devices import load
 
     cfg = load(conf)
-    rows = [(n.name, n.ip, n.ifname or "-", f"{n.ssh_user}@{n.ssh_host}:{n.ssh_port}",
-             f"{n.device_kind} x{n.devices}", n.source_file or "-", n.temp_dir) for n in cfg.nodes]
+    rows = [
+        (
+            n.name,
+            n.ip,
+            n.ifname or "-",
+            f"{n.ssh_user}@{n.ssh_host}:{n.ssh_port}",
+            f"{n.device_kind} x{n.devices}",
+            n.source_file or "-",
+            n.temp_dir,
+        )
+        for n in cfg.nodes
+    ]
     ui.table(f"{cfg.path}: ok", ("node", "ip", "ifname", "ssh", "devices", "env file", "ray temp dir"), rows)
-    ui.result(f"ray at {cfg.address}, tp {cfg.tensor_parallel_size}, work dir {cfg.work_dir}, "
-              f"token {cfg.token_path}")
+    ui.result(f"ray at {cfg.address}, tp {cfg.tensor_parallel_size}, work dir {cfg.work_dir}, token {cfg.token_path}")
     _warn_env_files(cfg)
 
 
@@ -92,11 +104,23 @@ def status(conf: Path | None) -> None:
     if record is None:
         ui.result(f"no cluster started by `ray-calib up` for {cfg.path}")
         return
-    table = [(r.node.name, f"{r.node.ip} (ray {r.ray_ip or '-'})", r.devices, r.versions,
-              "alive" if r.alive else f"DEAD: {r.detail}", f"{r.uptime_s / 60:.1f} min" if r.alive else "-",
-              r.logs) for r in rows]
-    ui.table(f"cluster {record['address']} ({record['status']})",
-             ("node", "ip", "devices", "python / ray / torch / vllm", "state", "uptime", "logs"), table)
+    table = [
+        (
+            r.node.name,
+            f"{r.node.ip} (ray {r.ray_ip or '-'})",
+            r.devices,
+            r.versions,
+            "alive" if r.alive else f"DEAD: {r.detail}",
+            f"{r.uptime_s / 60:.1f} min" if r.alive else "-",
+            r.logs,
+        )
+        for r in rows
+    ]
+    ui.table(
+        f"cluster {record['address']} ({record['status']})",
+        ("node", "ip", "devices", "python / ray / torch / vllm", "state", "uptime", "logs"),
+        table,
+    )
     error = lifecycle.dead_node_error(cfg, rows)
     if error is not None:
         raise error

@@ -149,8 +149,9 @@ class ClusterConfig:
         """
         ray_inputs = ("nodes", "port", "dashboard_port", "client_server_port", "token_path", "work_dir")
         data = {k: v for k, v in asdict(self).items() if k in ray_inputs}
-        data["nodes"] = [{k: v for k, v in node.items() if not k.startswith("ssh_") and k != "line"}
-                         for node in data["nodes"]]
+        data["nodes"] = [
+            {k: v for k, v in node.items() if not k.startswith("ssh_") and k != "line"} for node in data["nodes"]
+        ]
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -208,7 +209,7 @@ def _read(path: Path) -> _Parsed:
             problems.append((number, f"{key}: {err} (unbalanced quotes?)"))
             continue
         if len(words) > 1:
-            problems.append((number, f"{key}: value has spaces; quote it: {key}=\"{' '.join(words)}\""))
+            problems.append((number, f'{key}: value has spaces; quote it: {key}="{" ".join(words)}"'))
             continue
         value = words[0] if words else ""
         if not rest.lstrip().startswith("'"):
@@ -268,8 +269,13 @@ def _build(path: Path, p: _Parsed) -> ClusterConfig | None:
     if cluster["TENSOR_PARALLEL_SIZE"] is not None and cluster["TENSOR_PARALLEL_SIZE"] < 1:
         p.problems.append((p.lines["TENSOR_PARALLEL_SIZE"], "TENSOR_PARALLEL_SIZE must be >= 1"))
     if not cluster["RAY_AUTH_TOKEN_PATH"].startswith(("/", "~")):
-        p.problems.append((p.lines["RAY_AUTH_TOKEN_PATH"], "RAY_AUTH_TOKEN_PATH: give an absolute path or ~/... "
-                           "(a relative one means a different file on every host)"))
+        p.problems.append(
+            (
+                p.lines["RAY_AUTH_TOKEN_PATH"],
+                "RAY_AUTH_TOKEN_PATH: give an absolute path or ~/... "
+                "(a relative one means a different file on every host)",
+            )
+        )
     if tp > total:
         p.problems.append((p.lines["TENSOR_PARALLEL_SIZE"], f"TENSOR_PARALLEL_SIZE: tp({tp}) > devices({total})"))
     extras = {k: cluster[k] for k in GLOBAL_KEYS if k.startswith(("INC_", "CALIBRATION_")) and cluster[k] is not None}
@@ -299,8 +305,10 @@ def _node(p: _Parsed, index: int, keys: dict[str, str], defaults: dict[str, obje
         line = min(p.lines[k] for k in keys.values())
         p.problems.append((line, f"{prefix}_IP is missing ({name} has other keys)"))
         return None
-    v = {f: _value(p, keys[f], *NODE_FIELDS[f], base) if f in keys else defaults.get(f, NODE_FIELDS[f][1])
-         for f in NODE_FIELDS}
+    v = {
+        f: _value(p, keys[f], *NODE_FIELDS[f], base) if f in keys else defaults.get(f, NODE_FIELDS[f][1])
+        for f in NODE_FIELDS
+    }
     if v["IP"] is None:
         if p.values.get(keys["IP"]) == "":
             p.problems.append((p.lines[keys["IP"]], f"{keys['IP']} is empty (an unset $VARIABLE?)"))
@@ -388,9 +396,14 @@ def _check_file(p: _Parsed, key: str | None, value: object) -> None:
 def _check_temp_dir(p: _Parsed, key: str, temp_dir: str) -> None:
     """Ray puts AF_UNIX sockets at <dir>/session_<date>_<pid>/sockets/plasma_store: 107 bytes at most."""
     if len(os.path.normpath(temp_dir).encode()) > MAX_RAY_TEMP_DIR_BYTES:
-        p.problems.append((p.lines.get(key, 0), f"{key}: {temp_dir} is longer than {MAX_RAY_TEMP_DIR_BYTES} bytes, "
-                           "so Ray's socket paths under it exceed the 107-byte AF_UNIX limit; use a short dir "
-                           "such as /tmp/ray"))
+        p.problems.append(
+            (
+                p.lines.get(key, 0),
+                f"{key}: {temp_dir} is longer than {MAX_RAY_TEMP_DIR_BYTES} bytes, "
+                "so Ray's socket paths under it exceed the 107-byte AF_UNIX limit; use a short dir "
+                "such as /tmp/ray",
+            )
+        )
 
 
 def _check_duplicates(p: _Parsed, nodes: list[NodeConfig]) -> None:
@@ -403,6 +416,11 @@ def _check_duplicates(p: _Parsed, nodes: list[NodeConfig]) -> None:
         box = (node.ssh_host, node.ssh_port, node.temp_dir)
         if box in boxes and node.ip != boxes[box].ip:
             other = boxes[box]
-            p.problems.append((node.line, f"{node.name} and {other.name} share host {node.ssh_host} and Ray temp "
-                               f"dir {node.temp_dir}; give one a RAY_TEMP_DIR of its own"))
+            p.problems.append(
+                (
+                    node.line,
+                    f"{node.name} and {other.name} share host {node.ssh_host} and Ray temp "
+                    f"dir {node.temp_dir}; give one a RAY_TEMP_DIR of its own",
+                )
+            )
         boxes.setdefault(box, node)

@@ -16,15 +16,22 @@ import re
 from pathlib import Path
 
 _CHECKS = (
-    (re.compile(r"^\s*ray\s+stop\b"), "runs `ray stop`, which ends every Ray process on the host (other clusters "
-                                      "too) whenever the file is sourced; remove it, `ray-calib down` stops only ours"),
-    (re.compile(r"^\s*(export\s+)?VLLM_TRACE_FUNCTION=[\"']?1"), "sets VLLM_TRACE_FUNCTION=1: every rank traces "
-                                                                 "each Python call, calibration becomes many times "
-                                                                 "slower; remove it"),
-    (re.compile(r"^\s*(export\s+)?VLLM_LOGGING_LEVEL=[\"']?DEBUG", re.IGNORECASE), "sets VLLM_LOGGING_LEVEL=DEBUG: "
-                                                                                   "very large logs from every rank"),
-    (re.compile(r"^\s*(source|\.)\s+\S*utils\.sh\b"), "sources utils.sh: that file must exist beside it on every "
-                                                      "node"),
+    (
+        re.compile(r"^\s*ray\s+stop\b"),
+        "runs `ray stop`, which ends every Ray process on the host (other clusters "
+        "too) whenever the file is sourced; remove it, `ray-calib down` stops only ours",
+    ),
+    (
+        re.compile(r"^\s*(export\s+)?VLLM_TRACE_FUNCTION=[\"']?1"),
+        "sets VLLM_TRACE_FUNCTION=1: every rank traces "
+        "each Python call, calibration becomes many times "
+        "slower; remove it",
+    ),
+    (
+        re.compile(r"^\s*(export\s+)?VLLM_LOGGING_LEVEL=[\"']?DEBUG", re.IGNORECASE),
+        "sets VLLM_LOGGING_LEVEL=DEBUG: very large logs from every rank",
+    ),
+    (re.compile(r"^\s*(source|\.)\s+\S*utils\.sh\b"), "sources utils.sh: that file must exist beside it on every node"),
 )
 
 

@@ -33,9 +33,12 @@ def use_token(token_path: str) -> None:
     """
     path = os.path.expanduser(token_path)
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        raise ClusterError("this machine", f"Ray token file {path} is missing or empty",
-                           fix="run this on the machine that ran `ray-calib up` (or copy its token there), "
-                               "or `ray-calib up --restart`")
+        raise ClusterError(
+            "this machine",
+            f"Ray token file {path} is missing or empty",
+            fix="run this on the machine that ran `ray-calib up` (or copy its token there), "
+            "or `ray-calib up --restart`",
+        )
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = path
 
@@ -59,9 +62,11 @@ def node_health(config: ClusterConfig) -> dict[str, NodeHealth]:
     try:
         infos = GcsClient(address=config.address).get_all_node_info(timeout=10)
     except Exception as err:  # RpcError, AuthenticationError: report, don't trace back
-        raise ClusterError(config.head.label, f"GCS at {config.address} did not answer: {err}",
-                           fix=f"check {config.token_path} matches the cluster's token; "
-                               "`ray-calib up --restart` rebuilds the cluster") from None
+        raise ClusterError(
+            config.head.label,
+            f"GCS at {config.address} did not answer: {err}",
+            fix=f"check {config.token_path} matches the cluster's token; `ray-calib up --restart` rebuilds the cluster",
+        ) from None
     found: dict[str, NodeHealth] = {}
     for info in sorted(infos.values(), key=lambda i: i.start_time_ms):
         name = dict(info.labels).get(LABEL_KEY)
@@ -69,8 +74,14 @@ def node_health(config: ClusterConfig) -> dict[str, NodeHealth]:
             continue
         alive = info.state == 0  # GcsNodeInfo.ALIVE
         if alive or name not in found or not found[name].alive:
-            found[name] = NodeHealth(name, alive, info.node_manager_address, dict(info.resources_total),
-                                     info.start_time_ms / 1000, "" if alive else _death(info))
+            found[name] = NodeHealth(
+                name,
+                alive,
+                info.node_manager_address,
+                dict(info.resources_total),
+                info.start_time_ms / 1000,
+                "" if alive else _death(info),
+            )
     return {n.name: found.get(n.name, NodeHealth(n.name, False, death="never joined")) for n in config.nodes}
 
 

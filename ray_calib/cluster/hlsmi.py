@@ -35,8 +35,7 @@ NOMINAL_HBM = {"gaudi2": 96 * GiB, "gaudi3": 128 * GiB}
 _MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(MiB|GiB|MB|GB)?\s*$", re.IGNORECASE)
 _UNITS = {"mib": MiB, "mb": MiB, "gib": GiB, "gb": GiB}
 # Run in a child process that exits before vLLM starts, so the card it opens is free again.
-_SUBPROCESS_PROBE = ("import habana_frameworks.torch.hpu as h; print(h.get_device_name()); "
-                     "print(h.mem_get_info()[1])")
+_SUBPROCESS_PROBE = "import habana_frameworks.torch.hpu as h; print(h.get_device_name()); print(h.mem_get_info()[1])"
 
 Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
 
@@ -65,8 +64,10 @@ def device_type_of(name: str) -> str:
             return kind
     if upper.startswith("GAUDI") and upper[-1:] in ("2", "3"):
         return f"gaudi{upper[-1]}"
-    raise EngineError(f"unknown Gaudi device '{name.strip()}' (known: {', '.join(MODULES)}, GAUDI2, GAUDI3)",
-                      fix="ray-calib supports Gaudi2 and Gaudi3 only; on another device pass --device explicitly.")
+    raise EngineError(
+        f"unknown Gaudi device '{name.strip()}' (known: {', '.join(MODULES)}, GAUDI2, GAUDI3)",
+        fix="ray-calib supports Gaudi2 and Gaudi3 only; on another device pass --device explicitly.",
+    )
 
 
 def parse_query(text: str) -> list[Card]:
@@ -77,18 +78,27 @@ def parse_query(text: str) -> list[Card]:
         if not fields[0] or fields[0].lower() == "name":  # blank line or a header row
             continue
         if len(fields) < 2:
-            raise EngineError(f"hl-smi output line {number} has no memory.total: {line.strip()!r}",
-                              fix="check that `hl-smi -Q name,memory.total -f csv,noheader` works on this node.")
-        cards.append(Card(name=fields[0], memory_bytes=_memory(fields[1], line),
-                          driver=fields[2] if len(fields) > 2 and fields[2] else None))
+            raise EngineError(
+                f"hl-smi output line {number} has no memory.total: {line.strip()!r}",
+                fix="check that `hl-smi -Q name,memory.total -f csv,noheader` works on this node.",
+            )
+        cards.append(
+            Card(
+                name=fields[0],
+                memory_bytes=_memory(fields[1], line),
+                driver=fields[2] if len(fields) > 2 and fields[2] else None,
+            )
+        )
     return cards
 
 
 def _memory(text: str, line: str) -> int:
     match = _MEMORY.match(text)
     if not match:
-        raise EngineError(f"hl-smi memory.total {text!r} is not a size (line {line.strip()!r})",
-                          fix="check the hl-smi version on this node.")
+        raise EngineError(
+            f"hl-smi memory.total {text!r} is not a size (line {line.strip()!r})",
+            fix="check the hl-smi version on this node.",
+        )
     return int(float(match[1]) * _UNITS[(match[2] or "MiB").lower()])
 
 
@@ -98,11 +108,18 @@ def summarize(cards: list[Card], source: str) -> GaudiInfo:
         raise EngineError(f"{source} lists no Gaudi card", fix="check the driver (`hl-smi`) on this node.")
     types = {device_type_of(card.name) for card in cards}
     if len(types) > 1:
-        raise EngineError(f"{source} lists both {' and '.join(sorted(types))} cards on one node",
-                          fix="run on nodes with one Gaudi generation (scales differ between them).")
+        raise EngineError(
+            f"{source} lists both {' and '.join(sorted(types))} cards on one node",
+            fix="run on nodes with one Gaudi generation (scales differ between them).",
+        )
     drivers = {card.driver for card in cards if card.driver}
-    return GaudiInfo(device_type=types.pop(), cards=len(cards), memory_bytes=min(c.memory_bytes for c in cards),
-                     driver=drivers.pop() if len(drivers) == 1 else None, source=source)
+    return GaudiInfo(
+        device_type=types.pop(),
+        cards=len(cards),
+        memory_bytes=min(c.memory_bytes for c in cards),
+        driver=drivers.pop() if len(drivers) == 1 else None,
+        source=source,
+    )
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -117,18 +134,23 @@ def query(run: Runner = _run, hl_smi: str | None = None) -> GaudiInfo:
         if result.returncode == 0 and result.stdout.strip():
             return summarize(parse_query(result.stdout), "hl-smi")
         hint = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise EngineError(f"`hl-smi {' '.join(QUERY)}` failed with code {result.returncode}: {hint[0][:200]}",
-                          fix="check the Habana driver on this node (`hl-smi`).")
+        raise EngineError(
+            f"`hl-smi {' '.join(QUERY)}` failed with code {result.returncode}: {hint[0][:200]}",
+            fix="check the Habana driver on this node (`hl-smi`).",
+        )
     result = run([sys.executable, "-c", _SUBPROCESS_PROBE])
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or len(lines) < 2 or not lines[-1].isdigit():
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise EngineError(f"no hl-smi on this node, and the habana probe failed: {tail[0][:200]}",
-                          fix="install the Habana driver tools (hl-smi), or pass --device to say what this node is.")
+        raise EngineError(
+            f"no hl-smi on this node, and the habana probe failed: {tail[0][:200]}",
+            fix="install the Habana driver tools (hl-smi), or pass --device to say what this node is.",
+        )
     return summarize([Card(name=lines[-2], memory_bytes=int(lines[-1]))], "habana subprocess")
 
 
 def nominal(device_type: str, source: str) -> GaudiInfo:
     """A forced Gaudi type on a machine that has none (dry runs): the data-sheet HBM of one card."""
-    return GaudiInfo(device_type=device_type, cards=0, memory_bytes=NOMINAL_HBM[device_type], driver=None,
-                     source=source)
+    return GaudiInfo(
+        device_type=device_type, cards=0, memory_bytes=NOMINAL_HBM[device_type], driver=None, source=source
+    )

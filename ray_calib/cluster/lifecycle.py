@@ -69,12 +69,15 @@ def up(config: ClusterConfig, *, restart: bool = False, accept_new_host_keys: bo
             _require_preflight(reports)
             _stage(3, config.token_path)
             token = ensure_token(config.token_path)
-            _require("token", config, runner.map(
-                config.nodes, lambda n: runner.put(n, token, config.token_path, mode=0o600)), runner)
+            _require(
+                "token",
+                config,
+                runner.map(config.nodes, lambda n: runner.put(n, token, config.token_path, mode=0o600)),
+                runner,
+            )
             health_mod.use_token(config.token_path)
             state.write(config.path, _record(config, hashes, reports, "starting"))
-            _stage(4, f"stop old Ray everywhere, start head {config.head.label}, "
-                                f"then {len(config.workers)} worker(s)")
+            _stage(4, f"stop old Ray everywhere, start head {config.head.label}, then {len(config.workers)} worker(s)")
             _require("ray stop", config, runner.map(config.nodes, lambda n: _stop(runner, n)), runner)
             _require("ray start", config, _start_all(runner), runner)
             _stage(5, f"waiting up to {config.health_timeout} s for {len(config.nodes)} nodes")
@@ -83,8 +86,13 @@ def up(config: ClusterConfig, *, restart: bool = False, accept_new_host_keys: bo
         record["started_at"] = time.time()
         state.write(config.path, record)
     ui.table("up", HOST_TABLE, rows)
-    return UpResult(config.address, False, time.monotonic() - start, rows,
-                    f"cluster up at {config.address} ({len(config.nodes)} nodes)")
+    return UpResult(
+        config.address,
+        False,
+        time.monotonic() - start,
+        rows,
+        f"cluster up at {config.address} ({len(config.nodes)} nodes)",
+    )
 
 
 def _maybe_noop(config: ClusterConfig, old: dict, hashes: dict[str, str]) -> UpResult | None:
@@ -94,8 +102,13 @@ def _maybe_noop(config: ClusterConfig, old: dict, hashes: dict[str, str]) -> UpR
         log.warning("cluster recorded as up but %s not alive: starting it again", dead)
         return None
     state.check_same_inputs(config, old, hashes)
-    return UpResult(config.address, True, 0.0, message=f"cluster at {config.address} already up with "
-                    f"this config ({len(config.nodes)} nodes alive): nothing to do")
+    return UpResult(
+        config.address,
+        True,
+        0.0,
+        message=f"cluster at {config.address} already up with "
+        f"this config ({len(config.nodes)} nodes alive): nothing to do",
+    )
 
 
 def _stage(index: int, detail: str) -> None:
@@ -106,8 +119,11 @@ def _require(what: str, config: ClusterConfig, results: dict, runner: SSHRunner)
     failed = {name: r for name, r in results.items() if isinstance(r, ClusterError)}
     if not failed:
         return
-    rows = [(node.label, failed[node.name].detail if node.name in failed else "ok",
-             str(runner.log_path(node))) for node in config.nodes if node.name in results]
+    rows = [
+        (node.label, failed[node.name].detail if node.name in failed else "ok", str(runner.log_path(node)))
+        for node in config.nodes
+        if node.name in results
+    ]
     ui.table(what, HOST_TABLE, rows)
     first = next(iter(failed.values()))
     more = f" (and {len(failed) - 1} more host(s), see the table)" if len(failed) > 1 else ""
@@ -120,9 +136,11 @@ def _require_preflight(reports: list[HostReport]) -> None:
     if bad:
         ui.table("preflight", HOST_TABLE, rows)
         diagnosis = " | ".join(f"{r.node.label}: {r.verdict}" for r in bad[1:])
-        raise ClusterError(bad[0].node.label, f"preflight failed: {bad[0].verdict}"
-                           + (f" | {diagnosis}" if diagnosis else ""),
-                           fix="fix those hosts (the seeds need an identical stack everywhere), then rerun up")
+        raise ClusterError(
+            bad[0].node.label,
+            f"preflight failed: {bad[0].verdict}" + (f" | {diagnosis}" if diagnosis else ""),
+            fix="fix those hosts (the seeds need an identical stack everywhere), then rerun up",
+        )
 
 
 def ensure_token(token_path: str) -> bytes:
@@ -157,16 +175,22 @@ def _start_all(runner: SSHRunner) -> dict[str, None | ClusterError]:
 def _start(runner: SSHRunner, node: NodeConfig) -> None:
     result = runner.run(node, start_script(node, runner.config), timeout=300, what=f"ray start ({node.role})")
     if not result.ok:
-        raise ClusterError(node.label, f"ray start failed: {result.tail()}",
-                           fix=f"see {runner.log_path(node)} and {node.ssh_host}:{ray_log_dir(node)}")
+        raise ClusterError(
+            node.label,
+            f"ray start failed: {result.tail()}",
+            fix=f"see {runner.log_path(node)} and {node.ssh_host}:{ray_log_dir(node)}",
+        )
 
 
 def _stop(runner: SSHRunner, node: NodeConfig) -> str:
     """Stop the node's Ray (scoped to its temp dir); return the probe's JSON line."""
     result = runner.run(node, stop_script(node, runner.config), timeout=120, what="stop ray")
     if not result.ok:
-        raise ClusterError(node.label, f"stopping Ray failed: {result.tail()}",
-                           fix=f"see {runner.log_path(node)}; stop it there by hand")
+        raise ClusterError(
+            node.label,
+            f"stopping Ray failed: {result.tail()}",
+            fix=f"see {runner.log_path(node)}; stop it there by hand",
+        )
     return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
 
 
@@ -176,20 +200,27 @@ def _health_gate(config: ClusterConfig, runner: SSHRunner) -> list[Row]:
     rows = []
     for node in config.nodes:
         h = health[node.name]
-        verdict = f"alive as {h.ray_ip}, {key}={(h.resources or {}).get(key, 0):g}" if h.alive else f"NOT ALIVE ({h.death})"
+        verdict = (
+            f"alive as {h.ray_ip}, {key}={(h.resources or {}).get(key, 0):g}" if h.alive else f"NOT ALIVE ({h.death})"
+        )
         rows.append((node.label, verdict, f"{runner.log_path(node)}; {node.ssh_host}:{ray_log_dir(node)}"))
     dead = [n for n in config.nodes if not health[n.name].alive]
     if dead:
         ui.table("health", HOST_TABLE, rows)
         node = dead[0]
-        raise ClusterError(node.label, f"not alive in Ray after {config.health_timeout} s "
-                           f"({health[node.name].death})", fix=f"read {node.ssh_host}:{ray_log_dir(node)}/raylet.out "
-                           f"and {runner.log_path(node)}; then `ray-calib up --restart`")
+        raise ClusterError(
+            node.label,
+            f"not alive in Ray after {config.health_timeout} s ({health[node.name].death})",
+            fix=f"read {node.ssh_host}:{ray_log_dir(node)}/raylet.out "
+            f"and {runner.log_path(node)}; then `ray-calib up --restart`",
+        )
     found = health_mod.devices_alive(health, key)
     if found < config.tensor_parallel_size:
-        raise ClusterError(config.head.label, f"only {found:g} {key} devices alive, "
-                           f"tp({config.tensor_parallel_size}) needs more",
-                           fix="check DEVICES per node or lower TENSOR_PARALLEL_SIZE")
+        raise ClusterError(
+            config.head.label,
+            f"only {found:g} {key} devices alive, tp({config.tensor_parallel_size}) needs more",
+            fix="check DEVICES per node or lower TENSOR_PARALLEL_SIZE",
+        )
     return rows
 
 
@@ -203,30 +234,52 @@ def _record(config: ClusterConfig, hashes: dict, reports: list[HostReport], stat
         "ray_calib": __version__,
         "device_key": DEVICE_KEYS[config.head.device_kind],
         "tensor_parallel_size": config.tensor_parallel_size,
-        "nodes": [{
-            "name": r.node.name, "role": r.node.role, "ip": r.node.ip, "ssh_host": r.node.ssh_host,
-            "device_kind": r.node.device_kind, "devices": r.node.devices, "temp_dir": r.node.temp_dir,
-            "python": r.facts.get("python"), "packages": r.facts.get("packages", {}),
-            "log": r.log_path, "ray_logs": ray_log_dir(r.node),
-        } for r in reports],
+        "nodes": [
+            {
+                "name": r.node.name,
+                "role": r.node.role,
+                "ip": r.node.ip,
+                "ssh_host": r.node.ssh_host,
+                "device_kind": r.node.device_kind,
+                "devices": r.node.devices,
+                "temp_dir": r.node.temp_dir,
+                "python": r.facts.get("python"),
+                "packages": r.facts.get("packages", {}),
+                "log": r.log_path,
+                "ray_logs": ray_log_dir(r.node),
+            }
+            for r in reports
+        ],
     }
 
 
 def down(config: ClusterConfig, *, accept_new_host_keys: bool = False) -> list[Row]:
     """Stop Ray on every node of the config (not only those `up` reached); forget the cluster once all stopped."""
-    with state.locked(config.path), SSHRunner(config, accept_new_host_keys=accept_new_host_keys,
-                                              log_dir=state.log_dir(config.path)) as runner:
+    with (
+        state.locked(config.path),
+        SSHRunner(config, accept_new_host_keys=accept_new_host_keys, log_dir=state.log_dir(config.path)) as runner,
+    ):
         results = runner.map(config.nodes, lambda n: _stop(runner, n))
-        rows = [(n.label, results[n.name].detail if isinstance(results[n.name], ClusterError)
-                 else f"stopped ({_count(results[n.name])} processes)", str(runner.log_path(n)))
-                for n in config.nodes]
+        rows = [
+            (
+                n.label,
+                results[n.name].detail
+                if isinstance(results[n.name], ClusterError)
+                else f"stopped ({_count(results[n.name])} processes)",
+                str(runner.log_path(n)),
+            )
+            for n in config.nodes
+        ]
         failed = [n for n in config.nodes if isinstance(results[n.name], ClusterError)]
         if not failed:  # a node that may still run Ray keeps the state, so `status` and a rerun still see it
             state.remove(config.path)
     ui.table("down", HOST_TABLE, rows)
     if failed:
-        raise ClusterError(failed[0].label, f"Ray may still run on {', '.join(n.label for n in failed)}",
-                           fix="fix SSH to those hosts and rerun `ray-calib down`, or run `ray stop` there")
+        raise ClusterError(
+            failed[0].label,
+            f"Ray may still run on {', '.join(n.label for n in failed)}",
+            fix="fix SSH to those hosts and rerun `ray-calib down`, or run `ray stop` there",
+        )
     return rows
 
 
@@ -263,13 +316,22 @@ def status(config: ClusterConfig) -> tuple[dict | None, list[NodeStatus]]:
     for node in config.nodes:
         h, saved = health[node.name], by_name.get(node.name, {})
         packages = saved.get("packages", {})
-        versions = " / ".join(str(v) for v in (saved.get("python"), packages.get("ray"), packages.get("torch"),
-                                                packages.get("vllm")))
+        versions = " / ".join(
+            str(v) for v in (saved.get("python"), packages.get("ray"), packages.get("torch"), packages.get("vllm"))
+        )
         count = (h.resources or {}).get(record.get("device_key", "HPU"), 0)
-        rows.append(NodeStatus(node, h.alive, h.ray_ip, f"{node.device_kind} x{count:g}" if h.alive else
-                               f"{node.device_kind} x{node.devices} (configured)", versions,
-                               now - h.started if h.alive and h.started else 0.0, h.death,
-                               f"{saved.get('log', '')}; {node.ssh_host}:{ray_log_dir(node)}"))
+        rows.append(
+            NodeStatus(
+                node,
+                h.alive,
+                h.ray_ip,
+                f"{node.device_kind} x{count:g}" if h.alive else f"{node.device_kind} x{node.devices} (configured)",
+                versions,
+                now - h.started if h.alive and h.started else 0.0,
+                h.death,
+                f"{saved.get('log', '')}; {node.ssh_host}:{ray_log_dir(node)}",
+            )
+        )
     return record, rows
 
 
@@ -279,5 +341,8 @@ def dead_node_error(config: ClusterConfig, rows: list[NodeStatus]) -> ClusterErr
         return None
     first = dead[0]
     names = ", ".join(r.node.label for r in dead)
-    return ClusterError(first.node.label, f"Ray node(s) not alive: {names} ({first.detail}); logs: {first.logs}",
-                        fix="read the logs, then `ray-calib up` to start it again")
+    return ClusterError(
+        first.node.label,
+        f"Ray node(s) not alive: {names} ({first.detail}); logs: {first.logs}",
+        fix="read the logs, then `ray-calib up` to start it again",
+    )

@@ -103,9 +103,12 @@ def probe(runner: SSHRunner, node: NodeConfig) -> dict:
     result = runner.run(node, probe_script(node, runner.config), timeout=120, what="preflight probe")
     line = next((ln for ln in result.stdout.splitlines() if ln.startswith(_MARK)), None)
     if not result.ok or line is None:
-        raise ClusterError(node.label, f"preflight probe failed with {node.python}: {result.tail()}",
-                           fix=f"check PYTHON and {node.source_file or 'the node env'} on that host")
-    return json.loads(line[len(_MARK):])
+        raise ClusterError(
+            node.label,
+            f"preflight probe failed with {node.python}: {result.tail()}",
+            fix=f"check PYTHON and {node.source_file or 'the node env'} on that host",
+        )
+    return json.loads(line[len(_MARK) :])
 
 
 def run_preflight(runner: SSHRunner) -> list[HostReport]:
@@ -150,7 +153,9 @@ def judge(node: NodeConfig, facts: dict, head: dict, config: ClusterConfig) -> l
     if not facts["work_dir"]:
         problems.append(f"work dir {config.work_dir} missing (needed at the same path on every node)")
     elif facts["free_gb"] < config.min_free_disk_gb:
-        problems.append(f"{facts['free_gb']} GiB free in {config.work_dir} < MIN_FREE_DISK_GB={config.min_free_disk_gb}")
+        problems.append(
+            f"{facts['free_gb']} GiB free in {config.work_dir} < MIN_FREE_DISK_GB={config.min_free_disk_gb}"
+        )
     return problems
 
 

@@ -18,9 +18,11 @@ from ray_calib.cluster.devices import DEVICE_KEYS_BY_KIND, ClusterConfig, NodeCo
 
 LABEL_KEY = "ray-calib/node"
 DEVICE_KEYS = DEVICE_KEYS_BY_KIND
-SOCKET_IFNAME_VARS = {"hpu": ("GLOO_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME"),
-                      "cuda": ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"),
-                      "cpu": ("GLOO_SOCKET_IFNAME",)}
+SOCKET_IFNAME_VARS = {
+    "hpu": ("GLOO_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME"),
+    "cuda": ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"),
+    "cpu": ("GLOO_SOCKET_IFNAME",),
+}
 
 
 def shell_path(path: str) -> str:
@@ -32,8 +34,11 @@ def shell_path(path: str) -> str:
 
 def node_env(node: NodeConfig, token_path: str) -> dict[str, str]:
     """Variables exported after the env file; values are shell words (token path may use $HOME)."""
-    env = {"VLLM_HOST_IP": shlex.quote(node.ip), "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN_PATH": shell_path(token_path)}
+    env = {
+        "VLLM_HOST_IP": shlex.quote(node.ip),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": shell_path(token_path),
+    }
     if node.ifname:
         env.update({var: shlex.quote(node.ifname) for var in SOCKET_IFNAME_VARS[node.device_kind]})
     return env
@@ -43,19 +48,37 @@ def node_prelude(node: NodeConfig, token_path: str = "~/.ray/auth_token") -> str
     lines = []
     if node.source_file:
         quoted = shlex.quote(node.source_file)
-        lines.append(f"if [ -f {quoted} ]; then . {quoted}; else echo 'node env file {node.source_file} "
-                     f"not found on this host' >&2; exit 97; fi")
+        lines.append(
+            f"if [ -f {quoted} ]; then . {quoted}; else echo 'node env file {node.source_file} "
+            f"not found on this host' >&2; exit 97; fi"
+        )
     lines += [f"export {k}={v}" for k, v in node_env(node, token_path).items()]
     return "\n".join(lines)
 
 
 def start_args(node: NodeConfig, config: ClusterConfig) -> list[str]:
-    args = ["start", "--node-ip-address", node.ip, "--temp-dir", node.temp_dir, "--disable-usage-stats",
-            "--labels", f"{LABEL_KEY}={node.name}"]
+    args = [
+        "start",
+        "--node-ip-address",
+        node.ip,
+        "--temp-dir",
+        node.temp_dir,
+        "--disable-usage-stats",
+        "--labels",
+        f"{LABEL_KEY}={node.name}",
+    ]
     if node.role == "head":
-        args += ["--head", "--port", str(config.port), "--dashboard-host", "127.0.0.1",
-                 "--dashboard-port", str(config.dashboard_port),
-                 "--ray-client-server-port", str(config.client_server_port)]
+        args += [
+            "--head",
+            "--port",
+            str(config.port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(config.dashboard_port),
+            "--ray-client-server-port",
+            str(config.client_server_port),
+        ]
     else:
         args += ["--address", config.address]
     key = DEVICE_KEYS[node.device_kind]
@@ -63,8 +86,11 @@ def start_args(node: NodeConfig, config: ClusterConfig) -> list[str]:
         args += ["--num-gpus", str(node.devices)]
     else:
         args += ["--resources", json.dumps({key: node.devices})]
-    for flag, value in (("--num-cpus", node.num_cpus), ("--memory", node.memory),
-                        ("--object-store-memory", node.object_store_memory)):
+    for flag, value in (
+        ("--num-cpus", node.num_cpus),
+        ("--memory", node.memory),
+        ("--object-store-memory", node.object_store_memory),
+    ):
         if value is not None:
             args += [flag, str(value)]
     return args
@@ -73,11 +99,13 @@ def start_args(node: NodeConfig, config: ClusterConfig) -> list[str]:
 def start_script(node: NodeConfig, config: ClusterConfig) -> str:
     """Start Ray on the node with the node env, from the work directory (old Ray stopped before)."""
     ray = " ".join(shlex.quote(a) for a in start_args(node, config))
-    return "\n".join([
-        node_prelude(node, config.token_path),
-        f"cd {shlex.quote(config.work_dir)}",
-        f"exec {shlex.quote(node.python)} -m ray.scripts.scripts {ray} </dev/null",
-    ])
+    return "\n".join(
+        [
+            node_prelude(node, config.token_path),
+            f"cd {shlex.quote(config.work_dir)}",
+            f"exec {shlex.quote(node.python)} -m ray.scripts.scripts {ray} </dev/null",
+        ]
+    )
 
 
 _STOP = r"""

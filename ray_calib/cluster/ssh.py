@@ -78,8 +78,11 @@ def _lookup(ssh_config: str, host: str) -> dict:
     try:
         return dict(paramiko.SSHConfig.from_path(ssh_config).lookup(host))
     except (paramiko.SSHException, ValueError) as err:
-        raise ClusterError(host, f"cannot read SSH config {ssh_config}: {err}",
-                           fix="fix that file (check it with: ssh -G HOST), or point SSH_CONFIG elsewhere") from None
+        raise ClusterError(
+            host,
+            f"cannot read SSH config {ssh_config}: {err}",
+            fix="fix that file (check it with: ssh -G HOST), or point SSH_CONFIG elsewhere",
+        ) from None
 
 
 def resolve(node: NodeConfig, ssh_config: str) -> Target:
@@ -109,9 +112,13 @@ def _jump_target(spec: str, ssh_config: str, default_user: str) -> Target:
     host, _, port = hostport.partition(":")
     found = _lookup(ssh_config, host)
     keys = tuple(os.path.expanduser(k) for k in found.get("identityfile", []) if os.path.isfile(os.path.expanduser(k)))
-    return Target(hostname=found.get("hostname", host), port=int(port or found.get("port", 22)),
-                  user=user or found.get("user", default_user), key_filenames=keys,
-                  proxy_jump=None if found.get("proxyjump") in (None, "none") else found["proxyjump"])
+    return Target(
+        hostname=found.get("hostname", host),
+        port=int(port or found.get("port", 22)),
+        user=user or found.get("user", default_user),
+        key_filenames=keys,
+        proxy_jump=None if found.get("proxyjump") in (None, "none") else found["proxyjump"],
+    )
 
 
 def _host_key_policy(node: NodeConfig, target: Target, known_hosts: str, accept_new: bool):
@@ -121,10 +128,11 @@ def _host_key_policy(node: NodeConfig, target: Target, known_hosts: str, accept_
         def missing_host_key(self, client, hostname, key) -> None:
             fp = fingerprint(key)
             if not accept_new:
-                raise ClusterError(node.label, f"unknown SSH host key {key.get_name()} {fp} for "
-                                   f"{target.host_entry} (not in {known_hosts})",
-                                   fix="check the fingerprint with the host's admin, then rerun with "
-                                       "--accept-new-host-keys")
+                raise ClusterError(
+                    node.label,
+                    f"unknown SSH host key {key.get_name()} {fp} for {target.host_entry} (not in {known_hosts})",
+                    fix="check the fingerprint with the host's admin, then rerun with --accept-new-host-keys",
+                )
             line = f"{target.host_entry} {key.get_name()} {key.get_base64()}\n"
             with _KNOWN_HOSTS_LOCK:
                 Path(known_hosts).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -139,8 +147,9 @@ def _host_key_policy(node: NodeConfig, target: Target, known_hosts: str, accept_
 class SSHRunner:
     """One SSH connection per node, opened on first use, reused, and closed by `close()`."""
 
-    def __init__(self, config: ClusterConfig, *, accept_new_host_keys: bool = False,
-                 log_dir: Path | None = None) -> None:
+    def __init__(
+        self, config: ClusterConfig, *, accept_new_host_keys: bool = False, log_dir: Path | None = None
+    ) -> None:
         self.config = config
         self.accept_new = accept_new_host_keys
         self.log_dir = log_dir
@@ -182,9 +191,12 @@ class SSHRunner:
                 return self._login(node, target, self._socket(node, target))
             except _Retry as err:
                 if attempt == attempts:
-                    raise ClusterError(node.label, f"cannot reach sshd at {target.hostname}:{target.port} after "
-                                       f"{attempts} attempt(s): {err.__cause__}",
-                                       fix=f"check the host and port; try: {node.ssh_command()}") from None
+                    raise ClusterError(
+                        node.label,
+                        f"cannot reach sshd at {target.hostname}:{target.port} after "
+                        f"{attempts} attempt(s): {err.__cause__}",
+                        fix=f"check the host and port; try: {node.ssh_command()}",
+                    ) from None
                 time.sleep(min(2.0, 0.5 * attempt))
         raise AssertionError("unreachable")
 
@@ -193,8 +205,11 @@ class SSHRunner:
         import paramiko
 
         if target.proxy_command:
-            return paramiko.ProxyCommand(target.proxy_command.replace("%h", target.hostname)
-                                         .replace("%p", str(target.port)).replace("%r", target.user))
+            return paramiko.ProxyCommand(
+                target.proxy_command.replace("%h", target.hostname)
+                .replace("%p", str(target.port))
+                .replace("%r", target.user)
+            )
         if not target.proxy_jump:
             return None
         # Hops are comma-separated, first hop first; each verifies its own host key the same way.
@@ -207,8 +222,11 @@ class SSHRunner:
             try:
                 sock = client.get_transport().open_channel("direct-tcpip", (nxt.hostname, nxt.port), ("", 0))
             except paramiko.SSHException as err:
-                raise ClusterError(node.label, f"jump host {hop.hostname} cannot reach {nxt.hostname}:{nxt.port} "
-                                   f"({err})", fix="check ProxyJump in your SSH config") from None
+                raise ClusterError(
+                    node.label,
+                    f"jump host {hop.hostname} cannot reach {nxt.hostname}:{nxt.port} ({err})",
+                    fix="check ProxyJump in your SSH config",
+                ) from None
         return sock
 
     def _login(self, node: NodeConfig, target: Target, sock, via: str = ""):
@@ -221,19 +239,27 @@ class SSHRunner:
         keys = list(target.key_filenames) or None
         try:
             client.connect(
-                target.hostname, port=target.port, username=target.user, sock=sock,
-                key_filename=keys, look_for_keys=keys is None, allow_agent=keys is None,
-                timeout=self.config.connect_timeout, banner_timeout=self.config.connect_timeout,
+                target.hostname,
+                port=target.port,
+                username=target.user,
+                sock=sock,
+                key_filename=keys,
+                look_for_keys=keys is None,
+                allow_agent=keys is None,
+                timeout=self.config.connect_timeout,
+                banner_timeout=self.config.connect_timeout,
                 auth_timeout=self.config.connect_timeout,
             )
             return client
         except paramiko.BadHostKeyException as err:
             client.close()
             raise ClusterError(
-                node.label, f"SSH host key CHANGED for {target.host_entry}{via}: got {fingerprint(err.key)}, "
+                node.label,
+                f"SSH host key CHANGED for {target.host_entry}{via}: got {fingerprint(err.key)}, "
                 f"known_hosts has {fingerprint(err.expected_key)} (possible man-in-the-middle)",
                 fix=f"if the host was reinstalled: ssh-keygen -R '{target.host_entry}' -f "
-                    f"{self.config.known_hosts}, then rerun with --accept-new-host-keys") from None
+                f"{self.config.known_hosts}, then rerun with --accept-new-host-keys",
+            ) from None
         except ClusterError:
             client.close()
             raise
@@ -244,10 +270,13 @@ class SSHRunner:
             client.close()
             if isinstance(err, paramiko.AuthenticationException) or handshake_done:
                 key = ", ".join(target.key_filenames) or "your default keys/agent"
-                raise ClusterError(node.label, f"SSH authentication failed for {target.user}@{target.hostname}{via} "
-                                   f"with {key} ({err})", fix=f"give SSH_KEY a private key authorised there "
-                                                              f"(ssh-copy-id) and check by hand: "
-                                                              f"{node.ssh_command()}") from None
+                raise ClusterError(
+                    node.label,
+                    f"SSH authentication failed for {target.user}@{target.hostname}{via} with {key} ({err})",
+                    fix=f"give SSH_KEY a private key authorised there "
+                    f"(ssh-copy-id) and check by hand: "
+                    f"{node.ssh_command()}",
+                ) from None
             raise _Retry() from err
 
     def run(self, node: NodeConfig, script: str, *, timeout: float = 300, what: str = "") -> Result:
@@ -260,8 +289,9 @@ class SSHRunner:
             channel.settimeout(1.0)
             channel.exec_command(f"bash -c {shlex.quote(script)}")
         except paramiko.SSHException as err:
-            raise ClusterError(node.label, f"SSH session refused ({err})",
-                               fix=f"check sshd on that host; try: {node.ssh_command()}") from None
+            raise ClusterError(
+                node.label, f"SSH session refused ({err})", fix=f"check sshd on that host; try: {node.ssh_command()}"
+            ) from None
         out, err = bytearray(), bytearray()
         began = time.monotonic()
         deadline = began + timeout
@@ -293,8 +323,9 @@ class SSHRunner:
         try:
             sftp = self.connect(node).open_sftp()
         except paramiko.SSHException as err:
-            raise ClusterError(node.label, f"SFTP refused ({err})",
-                               fix="enable the sftp subsystem in that host's sshd_config") from None
+            raise ClusterError(
+                node.label, f"SFTP refused ({err})", fix="enable the sftp subsystem in that host's sshd_config"
+            ) from None
         try:
             path = remote_path
             if path.startswith("~/"):
@@ -307,8 +338,11 @@ class SSHRunner:
                 handle.write(data)
             sftp.posix_rename(tmp, path)
         except OSError as err:  # paramiko's SFTP errors are IOErrors, often without an errno
-            raise ClusterError(node.label, f"cannot write {remote_path} over SFTP ({err or type(err).__name__})",
-                               fix="check that the directory is writable for the SSH user there") from None
+            raise ClusterError(
+                node.label,
+                f"cannot write {remote_path} over SFTP ({err or type(err).__name__})",
+                fix="check that the directory is writable for the SSH user there",
+            ) from None
         finally:
             sftp.close()
         self._log(node, f"sftp put {remote_path} (mode {mode:o}, {len(data)} bytes)", Result(0, "", ""))

@@ -66,9 +66,12 @@ def check_same_inputs(config, record: dict, hashes: dict[str, str]) -> None:
     """Ray keeps the environment it was started with: a changed devices.conf or env file needs --restart."""
     changed = changed_inputs(record.get("inputs", {}), hashes)
     if changed:
-        raise ClusterError(config.head.label, f"running cluster was started with other inputs (changed: "
-                           f"{', '.join(changed)}); Ray keeps the environment it was started with",
-                           fix="run `ray-calib up --restart` to restart Ray on every node")
+        raise ClusterError(
+            config.head.label,
+            f"running cluster was started with other inputs (changed: "
+            f"{', '.join(changed)}); Ray keeps the environment it was started with",
+            fix="run `ray-calib up --restart` to restart Ray on every node",
+        )
 
 
 def read(conf_path: Path) -> dict | None:
@@ -78,8 +81,9 @@ def read(conf_path: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
-        raise ClusterError("state", f"{path} is unreadable ({err})",
-                           fix="run `ray-calib down` then `ray-calib up` to rebuild it") from None
+        raise ClusterError(
+            "state", f"{path} is unreadable ({err})", fix="run `ray-calib down` then `ray-calib up` to rebuild it"
+        ) from None
     return state if state.get("version") == STATE_VERSION else None
 
 
@@ -110,8 +114,11 @@ def locked(conf_path: Path, *, timeout: float = 900) -> Iterator[None]:
                     log.warning("waiting for %s (held by pid %s)", path, handle.read().strip() or "?")
                     told = True
                 if time.monotonic() > deadline:
-                    raise ClusterError("state", f"{path} still locked after {timeout:.0f} s",
-                                       fix="wait for the other `ray-calib up/down` to finish") from None
+                    raise ClusterError(
+                        "state",
+                        f"{path} still locked after {timeout:.0f} s",
+                        fix="wait for the other `ray-calib up/down` to finish",
+                    ) from None
                 time.sleep(0.2)
         handle.seek(0)
         handle.truncate()

@@ -46,15 +46,24 @@ def convert_to_bf16(src: Path, out: Path, *, force: bool = False, free_space: Fr
     checkpoint = Checkpoint.open(src)
     fp8 = {n for n, info in checkpoint.tensors.items() if info.dtype.startswith("F8")}
     if not fp8:
-        raise ModelError(f"{src}: has no FP8 tensors; it is already BF16/FP16",
-                         fix="use it as it is (e.g. ray-calib measure --model " + str(src) + ").")
+        raise ModelError(
+            f"{src}: has no FP8 tensors; it is already BF16/FP16",
+            fix="use it as it is (e.g. ray-calib measure --model " + str(src) + ").",
+        )
     missing = sorted(n for n in fp8 if n + SCALE_SUFFIX not in checkpoint.tensors)
     if missing:
-        raise ModelError(f"{src}: FP8 tensor '{missing[0]}' has no '{missing[0]}{SCALE_SUFFIX}' ({len(missing)} such)",
-                         fix="only DeepSeek-style block FP8 (weight_scale_inv) is supported.")
-    layouts = {shard: [PlannedTensor(i.name, "BF16" if i.name in fp8 else i.dtype, i.shape)
-                       for i in checkpoint.tensors_in(shard) if not i.name.endswith(SCALE_SUFFIX)]
-               for shard in checkpoint.shards}
+        raise ModelError(
+            f"{src}: FP8 tensor '{missing[0]}' has no '{missing[0]}{SCALE_SUFFIX}' ({len(missing)} such)",
+            fix="only DeepSeek-style block FP8 (weight_scale_inv) is supported.",
+        )
+    layouts = {
+        shard: [
+            PlannedTensor(i.name, "BF16" if i.name in fp8 else i.dtype, i.shape)
+            for i in checkpoint.tensors_in(shard)
+            if not i.name.endswith(SCALE_SUFFIX)
+        ]
+        for shard in checkpoint.shards
+    }
     manifest = open_manifest(out, MANIFEST, source_fingerprint(checkpoint), force, "a BF16 conversion")
     done = verified_shards(out, manifest)
     check_free_space(out, sum(t.nbytes for s, lay in layouts.items() if s not in done for t in lay), free_space)
@@ -67,14 +76,20 @@ def convert_to_bf16(src: Path, out: Path, *, force: bool = False, free_space: Fr
         if shard in done:
             summary.shards_skipped.append(shard)
             continue
-        manifest["shards"][shard] = _convert_shard(checkpoint, shard, out / shard, layout, fp8, block, scratch, bf16_out)
+        manifest["shards"][shard] = _convert_shard(
+            checkpoint, shard, out / shard, layout, fp8, block, scratch, bf16_out
+        )
         atomic.write_json(out / MANIFEST, manifest)
         summary.shards_written.append(shard)
     copy_side_files(src, out)
     config = {k: v for k, v in checkpoint.config.items() if k != "quantization_config"}
     config["torch_dtype"] = config["dtype"] = "bfloat16"
     atomic.write_json(out / "config.json", config)
-    write_index(out, {t.name: s for s, lay in layouts.items() for t in lay}, sum(t.nbytes for lay in layouts.values() for t in lay))
+    write_index(
+        out,
+        {t.name: s for s, lay in layouts.items() for t in lay},
+        sum(t.nbytes for lay in layouts.values() for t in lay),
+    )
     summary.output_bytes = sum((out / s).stat().st_size for s in layouts)
     return summary
 
@@ -85,8 +100,16 @@ def _empty_bf16(numel: int):
     return np.empty(numel, dtype=np.uint16)  # BF16 bits; pages are touched only as far as used
 
 
-def _convert_shard(checkpoint: Checkpoint, shard: str, out_path: Path, layout: list[PlannedTensor], fp8: set[str],
-                   block: tuple[int, int], scratch: Scratch, bf16_out) -> str:
+def _convert_shard(
+    checkpoint: Checkpoint,
+    shard: str,
+    out_path: Path,
+    layout: list[PlannedTensor],
+    fp8: set[str],
+    block: tuple[int, int],
+    scratch: Scratch,
+    bf16_out,
+) -> str:
     """Shard i -> shard i: FP8 weights dequantized through `bf16_out`, everything else copied as bytes."""
     import numpy as np
 
@@ -100,12 +123,15 @@ def _convert_shard(checkpoint: Checkpoint, shard: str, out_path: Path, layout: l
         return codec.as_float32(reader.read_raw(name), checkpoint.tensors[name].dtype)
 
     try:
-        with ShardReader(checkpoint.path / shard) as reader, ShardWriter(out_path, layout) as writer, \
-                closing(stream(reader, [item.name for item in layout], scratch)) as tensors:
+        with (
+            ShardReader(checkpoint.path / shard) as reader,
+            ShardWriter(out_path, layout) as writer,
+            closing(stream(reader, [item.name for item in layout], scratch)) as tensors,
+        ):
             for name, raw in tensors:
                 info = checkpoint.tensors[name]
                 if name in fp8:
-                    out = bf16_out[:info.numel].reshape(info.shape)
+                    out = bf16_out[: info.numel].reshape(info.shape)
                     scales = scale_inv(name + SCALE_SUFFIX).reshape(checkpoint.tensors[name + SCALE_SUFFIX].shape)
                     raw = codec.dequantize_blocks(raw.reshape(info.shape), scales, block, out)
                 writer.write_raw(name, np.ascontiguousarray(raw))

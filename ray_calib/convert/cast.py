@@ -29,8 +29,9 @@ CHUNK_BYTES = 16 << 20  # blocks in which tensors too large for the input buffer
 class Scratch:
     """Reused buffers; pages are only touched (and counted in RSS) up to the largest tensor seen."""
 
-    def __init__(self, largest_bytes: int, largest_numel: int, *, read_ahead: bool, cast_threads: int = 1,
-                 mapped: bool = False) -> None:
+    def __init__(
+        self, largest_bytes: int, largest_numel: int, *, read_ahead: bool, cast_threads: int = 1, mapped: bool = False
+    ) -> None:
         """`largest_bytes`: the largest tensor taken whole (input buffer size, or with `mapped` the limit)."""
         self.mapped = mapped
         self.input_limit = largest_bytes
@@ -119,7 +120,7 @@ def chunks(reader: ShardReader, name: str, buffer_bytes: int = CHUNK_BYTES) -> I
     info = reader.tensors[name]
     buffer = np.empty(min(buffer_bytes, info.nbytes), dtype=np.uint8)
     for start in range(0, info.nbytes, buffer.size):
-        yield reader.read_range(name, start, buffer[:min(buffer.size, info.nbytes - start)])
+        yield reader.read_range(name, start, buffer[: min(buffer.size, info.nbytes - start)])
 
 
 def weight_maxabs(raw: np.ndarray, info: TensorInfo) -> float:
@@ -168,7 +169,7 @@ def cast_to_fp8(weight, scale, out=None):
     rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[-1]))
     per_row = scale.numel() > 1
     for start in range(0, weight.shape[0], rows):
-        chunk = weight[start:start + rows].to(torch.float32)
-        chunk /= scale[start:start + rows] if per_row else scale
-        out[start:start + rows] = chunk.clamp_(-fp8.E4M3_MAX, fp8.E4M3_MAX).to(torch.float8_e4m3fn)
+        chunk = weight[start : start + rows].to(torch.float32)
+        chunk /= scale[start : start + rows] if per_row else scale
+        out[start : start + rows] = chunk.clamp_(-fp8.E4M3_MAX, fp8.E4M3_MAX).to(torch.float8_e4m3fn)
     return out

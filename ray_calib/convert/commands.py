@@ -14,20 +14,30 @@ _dir = click.Path(file_okay=False, path_type=Path)
 
 @click.command()
 @click.option("--model", type=_dir, help="BF16 model directory [default: the model named in the measurements' meta].")
-@click.option("--measurements", type=_dir, help="Measurement dir [default: <run-dir>/unified-tp<smallest>, else measure].")
+@click.option(
+    "--measurements", type=_dir, help="Measurement dir [default: <run-dir>/unified-tp<smallest>, else measure]."
+)
 @options.out_option("Output directory [default: <run-dir>/fp8; on Gaudi <run-dir>/configs].")
-@options.scale_method_option("INC scale method [default: maxabs_hw on Gaudi; on CPU/CUDA the scales "
-              "chosen by measured quality, convert/scale_choice.py].")
+@options.scale_method_option(
+    "INC scale method [default: maxabs_hw on Gaudi; on CPU/CUDA the scales "
+    "chosen by measured quality, convert/scale_choice.py]."
+)
 @options.device_option("Target [default: from meta].")
 @click.option("--fp8-kv", is_flag=True, help="Also write k/v scales for an FP8 KV cache.")
 @click.option("--low-cpu-mem", is_flag=True, help="Hold at most one tensor (and its FP8 copy) in memory.")
 @click.option("--input-backoff", type=float, help="Activation backoff (INC scale_params.input_backoff, default 0.25).")
 @click.option("--weight-backoff", type=float, help="Weight backoff (INC scale_params.weight_backoff, default 0.5).")
-@click.option("--inc-version", help="Gaudi: the INC release that reads the QUANT_CONFIG; backoffs go to "
-              "scale_params up to 3.4, into a dict-form scale_method from 3.5 [default: the newest].")
-@click.option("--weight-strategy", type=click.Choice(["tensor", "channel"]),
-              help="CPU/CUDA FP8 weight scales: one per tensor or one per output channel (compressed-tensors "
-              "strategy) [default: chosen by measured quality, convert/scale_choice.py].")
+@click.option(
+    "--inc-version",
+    help="Gaudi: the INC release that reads the QUANT_CONFIG; backoffs go to "
+    "scale_params up to 3.4, into a dict-form scale_method from 3.5 [default: the newest].",
+)
+@click.option(
+    "--weight-strategy",
+    type=click.Choice(["tensor", "channel"]),
+    help="CPU/CUDA FP8 weight scales: one per tensor or one per output channel (compressed-tensors "
+    "strategy) [default: chosen by measured quality, convert/scale_choice.py].",
+)
 @click.option("--clean-stale-scales", is_flag=True, help="Delete old *_MAXABS* scale files next to the measurements.")
 @click.option("--force", is_flag=True, help="Redo an --out that holds another run's output.")
 @run_dir_option
@@ -43,21 +53,30 @@ def quantize(run_dir: str | None, **flags) -> None:
 
     result = quantize_run(QuantizeRequest(run=RunDir.resolve(run_dir), **flags))
     if result.stale and not result.cleaned:
-        ui.warn(f"{len(result.stale)} stale scale file(s) next to the measurements (e.g. "
-                f"{result.stale[0].name}) would override them in INC; rerun with --clean-stale-scales")
+        ui.warn(
+            f"{len(result.stale)} stale scale file(s) next to the measurements (e.g. "
+            f"{result.stale[0].name}) would override them in INC; rerun with --clean-stale-scales"
+        )
     if result.inc_config:
-        click.echo(f"{result.device}: weights stay BF16, INC quantizes at load with {result.method}. Serve with:\n"
-                   f"  QUANT_CONFIG={result.inc_config} vllm serve {result.model} --quantization inc"
-                   f"{' --kv-cache-dtype fp8_inc' if flags['fp8_kv'] else ''}")
+        click.echo(
+            f"{result.device}: weights stay BF16, INC quantizes at load with {result.method}. Serve with:\n"
+            f"  QUANT_CONFIG={result.inc_config} vllm serve {result.model} --quantization inc"
+            f"{' --kv-cache-dtype fp8_inc' if flags['fp8_kv'] else ''}"
+        )
         return
     s = result.summary
     took = sum(s.seconds.values())
-    click.echo(f"wrote {s.out}: {s.quantized} FP8 tensors, {s.kept} kept, {len(s.shards_written)} shard(s) written, "
-               f"{len(s.shards_skipped)} already done (checksum verified); {s.input_bytes / 1e9:.2f} GB -> "
-               f"{s.output_bytes / 1e9:.2f} GB, method {result.method}")
+    click.echo(
+        f"wrote {s.out}: {s.quantized} FP8 tensors, {s.kept} kept, {len(s.shards_written)} shard(s) written, "
+        f"{len(s.shards_skipped)} already done (checksum verified); {s.input_bytes / 1e9:.2f} GB -> "
+        f"{s.output_bytes / 1e9:.2f} GB, method {result.method}"
+    )
     click.echo("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.seconds.items()) + f" (total {took:.2f} s)")
-    for note in s.notes + ([f"{len(s.filled_experts)} expert(s) saw no tokens: given their layer's largest range"]
-                           if s.filled_experts else []):
+    for note in s.notes + (
+        [f"{len(s.filled_experts)} expert(s) saw no tokens: given their layer's largest range"]
+        if s.filled_experts
+        else []
+    ):
         click.echo(f"note: {note}")
     click.echo(f"serve: vllm serve {s.out}{' --kv-cache-dtype fp8' if flags['fp8_kv'] else ''}")
 
@@ -76,5 +95,7 @@ def convert_bf16(src: Path, out: Path, force: bool) -> None:
     from ray_calib.convert.bf16 import convert_to_bf16
 
     s = convert_to_bf16(src, out, force=force)
-    click.echo(f"wrote {s.out}: {s.converted} tensors dequantized, {len(s.shards_written)} shard(s) written, "
-               f"{len(s.shards_skipped)} already done; {s.output_bytes / 1e9:.2f} GB")
+    click.echo(
+        f"wrote {s.out}: {s.converted} tensors dequantized, {len(s.shards_written)} shard(s) written, "
+        f"{len(s.shards_skipped)} already done; {s.output_bytes / 1e9:.2f} GB"
+    )

@@ -85,7 +85,7 @@ def _take_range(source: np.ndarray, table: np.ndarray, out: np.ndarray, begin: i
     index = np.empty(min(_CHUNK, max(end - begin, 0)), dtype=np.intp)
     for start in range(begin, end, _CHUNK):
         stop = min(start + _CHUNK, end)
-        wide = index[:stop - start]
+        wide = index[: stop - start]
         np.copyto(wide, source[start:stop], casting="unsafe")
         np.take(table, wide, out=out[start:stop], mode="clip")
 
@@ -103,18 +103,19 @@ def maxabs(raw: np.ndarray, dtype: str) -> float:
         scratch = np.empty(min(bits.size, _CHUNK), dtype=np.uint16)
         top = 0
         for start in range(0, bits.size, _CHUNK):
-            part = bits[start:start + _CHUNK]
-            top = max(top, int(np.bitwise_and(part, _SIGN16, out=scratch[:part.size]).max()))
+            part = bits[start : start + _CHUNK]
+            top = max(top, int(np.bitwise_and(part, _SIGN16, out=scratch[: part.size]).max()))
         if dtype == "BF16":
             return float(np.array([top << 16], dtype=np.uint32).view(np.float32)[0])
         return float(np.array([top], dtype=np.uint16).view(np.float16)[0])
     if dtype in ("F32", "F64"):
         values = raw.view(np.float32 if dtype == "F32" else np.float64)
-        return max(float(np.abs(values[s:s + _CHUNK]).max()) for s in range(0, values.size, _CHUNK))
+        return max(float(np.abs(values[s : s + _CHUNK]).max()) for s in range(0, values.size, _CHUNK))
     raise ValueError(f"no maxabs for {dtype}")
 
 
 # ---- block FP8 -> BF16 (DeepSeek checkpoints) -------------------------------------------------------------
+
 
 def e4m3_decode_table() -> np.ndarray:
     """float32[256]: the value of every e4m3fn code (0x7f/0xff are NaN)."""
@@ -154,7 +155,7 @@ def dequantize_blocks(codes: np.ndarray, scale_inv: np.ndarray, block: tuple[int
     scratch = np.empty((min(block_m, rows), cols), dtype=np.int32)
     for start in range(0, rows, block_m):
         stop = min(start + block_m, rows)
-        index = scratch[:stop - start]
+        index = scratch[: stop - start]
         np.add(codes[start:stop], column_base + (start // block_m) * column_blocks * 256, out=index)
         np.take(tables, index, out=out[start:stop])
     return out

@@ -59,39 +59,65 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     measurement, meta = load_measurement(measurements)
     model = request.model or (Path(meta.model) if meta and meta.model else None)
     if model is None:
-        raise MeasurementError(measurements, "has no ray_calib_meta.json naming the model", fix="pass --model BF16_DIR.")
+        raise MeasurementError(
+            measurements, "has no ray_calib_meta.json naming the model", fix="pass --model BF16_DIR."
+        )
     device = request.device or (meta.device_type if meta else None)
     if device is None:  # plain INC output may come from Gaudi, where quantize writes a QUANT_CONFIG instead
-        raise ConfigError(f"{measurements}: no ray_calib_meta.json says which device measured this",
-                          fix="pass --device gaudi2|gaudi3|cuda|cpu.")
+        raise ConfigError(
+            f"{measurements}: no ray_calib_meta.json says which device measured this",
+            fix="pass --device gaudi2|gaudi3|cuda|cpu.",
+        )
     device = device.lower()
     kv_rule = None
     if request.scale_method is None and not device.startswith("gaudi"):
         from ray_calib.convert.scale_choice import default_choice
 
-        choice = default_choice(input_backoff=request.input_backoff, weight_backoff=request.weight_backoff,
-                                weight_strategy=request.weight_strategy)
+        choice = default_choice(
+            input_backoff=request.input_backoff,
+            weight_backoff=request.weight_backoff,
+            weight_strategy=request.weight_strategy,
+        )
         method, kv_rule = choice.method, choice.kv_rule()
     else:
         if request.weight_strategy is not None:
-            raise ConfigError(f"--weight-strategy {request.weight_strategy} applies to ray-calib's CPU/CUDA scales "
-                              f"only, not to {'Gaudi' if device.startswith('gaudi') else '--scale-method'}",
-                              fix="drop --weight-strategy (INC scale methods fix the weight granularity: "
-                                  "the *_weights_pcs_* methods are per channel).")
-        method = get_method(request.scale_method or default_method(device), input_backoff=request.input_backoff,
-                            weight_backoff=request.weight_backoff)
+            raise ConfigError(
+                f"--weight-strategy {request.weight_strategy} applies to ray-calib's CPU/CUDA scales "
+                f"only, not to {'Gaudi' if device.startswith('gaudi') else '--scale-method'}",
+                fix="drop --weight-strategy (INC scale methods fix the weight granularity: "
+                "the *_weights_pcs_* methods are per channel).",
+            )
+        method = get_method(
+            request.scale_method or default_method(device),
+            input_backoff=request.input_backoff,
+            weight_backoff=request.weight_backoff,
+        )
     check_method_for_device(method, get_device(device))
-    result = QuantizeResult(device=device, method=method.name, model=Path(model), measurements=Path(measurements),
-                            stale=stale, cleaned=bool(stale and request.clean_stale_scales))
+    result = QuantizeResult(
+        device=device,
+        method=method.name,
+        model=Path(model),
+        measurements=Path(measurements),
+        stale=stale,
+        cleaned=bool(stale and request.clean_stale_scales),
+    )
     if device.startswith("gaudi"):
         result.inc_config = _write_inc_config(request, measurements, method.name, model, measurement.name.prefix)
         return result
     from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
 
-    job = QuantizeJob(model=Path(model), measurement=measurement, out=request.out or request.run.fp8, method=method,
-                      device=get_device(device), fp8_kv=request.fp8_kv, kv_rule=kv_rule,
-                      low_cpu_mem=request.low_cpu_mem,
-                      force=request.force, free_space=request.free_space)
+    job = QuantizeJob(
+        model=Path(model),
+        measurement=measurement,
+        out=request.out or request.run.fp8,
+        method=method,
+        device=get_device(device),
+        fp8_kv=request.fp8_kv,
+        kv_rule=kv_rule,
+        low_cpu_mem=request.low_cpu_mem,
+        force=request.force,
+        free_space=request.free_space,
+    )
     result.summary = quantize_checkpoint(job)
     return result
 
@@ -113,13 +139,17 @@ def _run_measurements(run: RunDir) -> Path:
     source, derived = read_meta(run.measure), read_meta(unified)
     if source is None or derived is None:
         return unified
-    changed = [f"{k}: {getattr(derived, k)!r} vs {getattr(source, k)!r}"
-               for k in _SOURCE_FIELDS if getattr(derived, k) != getattr(source, k)]
+    changed = [
+        f"{k}: {getattr(derived, k)!r} vs {getattr(source, k)!r}"
+        for k in _SOURCE_FIELDS
+        if getattr(derived, k) != getattr(source, k)
+    ]
     if changed:
-        raise ConfigError(f"{unified} was unified from another measurement than {run.measure} "
-                          f"({', '.join(changed[:3])})",
-                          fix=f"re-run `ray-calib unify --run-dir {run.root} --to-tp {derived.tp_size} --force`, "
-                              f"or pass --measurements {run.measure}.")
+        raise ConfigError(
+            f"{unified} was unified from another measurement than {run.measure} ({', '.join(changed[:3])})",
+            fix=f"re-run `ray-calib unify --run-dir {run.root} --to-tp {derived.tp_size} --force`, "
+            f"or pass --measurements {run.measure}.",
+        )
     return unified
 
 
@@ -130,25 +160,39 @@ def _backoff_config(request: QuantizeRequest, method: str) -> dict:
 
     target = IncTarget(parse_version(request.inc_version)) if request.inc_version else IncTarget()
     if target.reads_scale_params:
-        return {"scale_params": {k: v for k, v in (("input_backoff", request.input_backoff),
-                                                   ("weight_backoff", request.weight_backoff)) if v}}
+        return {
+            "scale_params": {
+                k: v
+                for k, v in (("input_backoff", request.input_backoff), ("weight_backoff", request.weight_backoff))
+                if v
+            }
+        }
     custom = get_method(method, input_backoff=request.input_backoff, weight_backoff=request.weight_backoff)
     return {"scale_method": inc_scale_method(custom)}
 
 
-def _write_inc_config(request: QuantizeRequest, measurements: Path, method: str, model: str | Path,
-                      prefix: str) -> Path:
+def _write_inc_config(
+    request: QuantizeRequest, measurements: Path, method: str, model: str | Path, prefix: str
+) -> Path:
     """Gaudi: INC computes scales from the measurements when vLLM loads the BF16 model."""
     from ray_calib.inc.quant_config import build_config, config_name, is_moe, write_configs
     from ray_calib.model.config import is_mla, model_config
 
     if request.out and any(Path(request.out).glob("*.safetensors")):
-        raise ConfigError(f"{request.out}: on Gaudi quantize writes a QUANT_CONFIG, not weights",
-                          fix="drop --out (configs go to <run-dir>/configs) or pass a directory for the config.")
+        raise ConfigError(
+            f"{request.out}: on Gaudi quantize writes a QUANT_CONFIG, not weights",
+            fix="drop --out (configs go to <run-dir>/configs) or pass a directory for the config.",
+        )
     one_node = Path(measurements).resolve() != request.run.measure.resolve()
-    config = build_config(measure=False, fp8_kv=request.fp8_kv, one_node=one_node, scale_method=method,
-                          dump_stats_path=str(Path(measurements).absolute() / prefix),
-                          moe=is_moe(model_config(model), str(model)), mla=is_mla(model_config(model)))
+    config = build_config(
+        measure=False,
+        fp8_kv=request.fp8_kv,
+        one_node=one_node,
+        scale_method=method,
+        dump_stats_path=str(Path(measurements).absolute() / prefix),
+        moe=is_moe(model_config(model), str(model)),
+        mla=is_mla(model_config(model)),
+    )
     if request.input_backoff or request.weight_backoff:
         config.update(_backoff_config(request, method))
     out = Path(request.out) if request.out else request.run.configs

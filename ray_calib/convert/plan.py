@@ -34,16 +34,21 @@ def build_plan(checkpoint: Checkpoint, measurement: RankFile, *, fp8_kv: bool) -
     nodes = measurement.nodes
     match = match_measurement(checkpoint.tensors, nodes)
     if not match.complete:
-        raise ModelError(_mismatch(match.missing, match.unmeasured, measurement), fix="quantize the model that was "
-                         "measured (same --model as `ray-calib measure`), or point --measurements at that model's run.")
+        raise ModelError(
+            _mismatch(match.missing, match.unmeasured, measurement),
+            fix="quantize the model that was "
+            "measured (same --model as `ray-calib measure`), or point --measurements at that model's run.",
+        )
     groups = match.groups
     plan = QuantPlan(groups, {member: i for i, g in enumerate(groups) for member in g.members})
     plan.filled_experts = _fill_idle_experts(groups)
     if fp8_kv:
         plan.kv_maxabs = kv_ranges(nodes)
         if not plan.kv_maxabs:
-            raise ModelError(f"{measurement.name.stem}.json: no KV-cache ranges (attention nodes) for --fp8-kv",
-                             fix="measure with `ray-calib measure --fp8-kv`, or quantize without --fp8-kv.")
+            raise ModelError(
+                f"{measurement.name.stem}.json: no KV-cache ranges (attention nodes) for --fp8-kv",
+                fix="measure with `ray-calib measure --fp8-kv`, or quantize without --fp8-kv.",
+            )
     return plan
 
 
@@ -89,11 +94,11 @@ def kv_ranges(nodes: dict) -> dict[str, tuple[float, float]]:
 def _mismatch(missing: list[str], unmeasured: list[str], measurement: RankFile) -> str:
     parts = []
     if missing:
-        parts.append(f"{len(missing)} measured module(s) have no weights in the model (first: "
-                     f"{', '.join(missing[:_SHOWN])})")
+        parts.append(
+            f"{len(missing)} measured module(s) have no weights in the model (first: {', '.join(missing[:_SHOWN])})"
+        )
     if unmeasured:
-        parts.append(f"{len(unmeasured)} model weight(s) have no measurement (first: "
-                     f"{', '.join(unmeasured[:_SHOWN])})")
+        parts.append(f"{len(unmeasured)} model weight(s) have no measurement (first: {', '.join(unmeasured[:_SHOWN])})")
     return f"measurements {measurement.name.stem} do not match the model: " + "; ".join(parts)
 
 

@@ -25,17 +25,31 @@ def compressed_tensors_config(*, per_channel: bool, dynamic_activations: bool, f
         return QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True, dynamic=dynamic)
 
     scheme = QuantizationScheme(
-        targets=["Linear"], weights=args("channel" if per_channel else "tensor"),
-        input_activations=args("token", dynamic=True) if dynamic_activations else args("tensor"))
+        targets=["Linear"],
+        weights=args("channel" if per_channel else "tensor"),
+        input_activations=args("token", dynamic=True) if dynamic_activations else args("tensor"),
+    )
     config = QuantizationConfig(
-        config_groups={"group_0": scheme}, ignore=list(KEEP_MODULES), format="float-quantized",
-        quantization_status="compressed", kv_cache_scheme=args("tensor") if fp8_kv else None)
+        config_groups={"group_0": scheme},
+        ignore=list(KEEP_MODULES),
+        format="float-quantized",
+        quantization_status="compressed",
+        kv_cache_scheme=args("tensor") if fp8_kv else None,
+    )
     return {**config.model_dump(mode="json"), "producer": {"name": "ray-calib"}}
 
 
 def _quant_args(strategy: str, *, dynamic: bool = False) -> dict[str, Any]:
-    return {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": dynamic,
-            "group_size": None, "block_structure": None, "observer": None}
+    return {
+        "num_bits": 8,
+        "type": "float",
+        "strategy": strategy,
+        "symmetric": True,
+        "dynamic": dynamic,
+        "group_size": None,
+        "block_structure": None,
+        "observer": None,
+    }
 
 
 def fallback_config(*, per_channel: bool, dynamic_activations: bool, fp8_kv: bool) -> dict[str, Any]:
@@ -45,12 +59,14 @@ def fallback_config(*, per_channel: bool, dynamic_activations: bool, fp8_kv: boo
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": _quant_args("channel" if per_channel else "tensor"),
-            "input_activations": activations,
-            "output_activations": None,
-        }},
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": _quant_args("channel" if per_channel else "tensor"),
+                "input_activations": activations,
+                "output_activations": None,
+            }
+        },
         "ignore": list(KEEP_MODULES),
         "kv_cache_scheme": _quant_args("tensor") if fp8_kv else None,
         "producer": {"name": "ray-calib"},

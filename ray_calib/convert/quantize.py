@@ -86,14 +86,18 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
     checkpoint = Checkpoint.open(job.model)
     evidence = checkpoint.fp8_evidence()
     if evidence:
-        raise ModelError(f"{job.model}: is already quantized ({evidence})",
-                         fix=f"convert it first: ray-calib convert-bf16 --in {job.model} --out {job.model}-bf16")
+        raise ModelError(
+            f"{job.model}: is already quantized ({evidence})",
+            fix=f"convert it first: ray-calib convert-bf16 --in {job.model} --out {job.model}-bf16",
+        )
     mla = "kv_lora_rank" in checkpoint.config
     plan = build_plan(checkpoint, job.measurement, fp8_kv=job.fp8_kv and not mla)
     summary = QuantizeSummary(out=job.out, filled_experts=plan.filled_experts, input_bytes=checkpoint.nbytes)
     if job.fp8_kv and mla:
-        summary.notes.append("MLA model: vLLM 0.32 loads no KV-cache scales for MLA from a checkpoint, so none were "
-                             "written (serve with --kv-cache-dtype fp8 and scale 1.0 on CUDA, or use INC on Gaudi)")
+        summary.notes.append(
+            "MLA model: vLLM 0.32 loads no KV-cache scales for MLA from a checkpoint, so none were "
+            "written (serve with --kv-cache-dtype fp8 and scale 1.0 on CUDA, or use INC on Gaudi)"
+        )
     fingerprint = _fingerprint(checkpoint, job)
     manifest = open_manifest(job.out, MANIFEST, fingerprint, job.force, "a quantize run")
     done = verified_shards(job.out, manifest)
@@ -112,8 +116,9 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
             if shard in done:
                 summary.shards_skipped.append(shard)
                 continue
-            manifest["shards"][shard] = _write_shard(checkpoint, shard, layouts[shard], plan, scales, job, summary,
-                                                     scratch)
+            manifest["shards"][shard] = _write_shard(
+                checkpoint, shard, layouts[shard], plan, scales, job, summary, scratch
+            )
             atomic.write_json(job.out / MANIFEST, manifest)
             summary.shards_written.append(shard)
             if job.on_shard_done:
@@ -129,6 +134,7 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
 
 # ---- manifest (resume) ------------------------------------------------------------------------------------
 
+
 def _fingerprint(checkpoint: Checkpoint, job: QuantizeJob) -> str:
     digest = hashlib.sha256(source_fingerprint(checkpoint).encode())
     digest.update(json.dumps(job.measurement.nodes, sort_keys=True).encode())
@@ -137,6 +143,7 @@ def _fingerprint(checkpoint: Checkpoint, job: QuantizeJob) -> str:
 
 
 # ---- layout and scales ------------------------------------------------------------------------------------
+
 
 def _layout(checkpoint: Checkpoint, shard: str, plan: QuantPlan, job: QuantizeJob) -> list[PlannedTensor]:
     if shard == KV_SHARD:
@@ -148,8 +155,10 @@ def _layout(checkpoint: Checkpoint, shard: str, plan: QuantPlan, job: QuantizeJo
             continue
         prefix = info.name.removesuffix(".weight")
         scale_shape = (info.shape[0], 1) if job.method.per_channel_weights else (1,)
-        layout += [PlannedTensor(info.name, "F8_E4M3", info.shape),
-                   PlannedTensor(f"{prefix}.weight_scale", "F32", scale_shape)]
+        layout += [
+            PlannedTensor(info.name, "F8_E4M3", info.shape),
+            PlannedTensor(f"{prefix}.weight_scale", "F32", scale_shape),
+        ]
         if not job.method.dynamic_only:
             layout.append(PlannedTensor(f"{prefix}.input_scale", "F32", (1,)))
     return layout
@@ -165,12 +174,18 @@ def _scratch(checkpoint: Checkpoint, plan: QuantPlan, *, low_cpu_mem: bool) -> S
     weights = [checkpoint.tensors[name] for name in plan.group_of]
     largest_weight = max((info.nbytes for info in weights), default=0)
     largest = max((info.nbytes for info in checkpoint.tensors.values()), default=0)
-    return Scratch(largest_weight if low_cpu_mem else largest, max((info.numel for info in weights), default=0),
-                   read_ahead=True, cast_threads=CAST_THREADS, mapped=True)
+    return Scratch(
+        largest_weight if low_cpu_mem else largest,
+        max((info.numel for info in weights), default=0),
+        read_ahead=True,
+        cast_threads=CAST_THREADS,
+        mapped=True,
+    )
 
 
-def _group_weight_scales(checkpoint: Checkpoint, plan: QuantPlan, job: QuantizeJob, summary: QuantizeSummary,
-                         scratch: Scratch) -> dict[str, float]:
+def _group_weight_scales(
+    checkpoint: Checkpoint, plan: QuantPlan, job: QuantizeJob, summary: QuantizeSummary, scratch: Scratch
+) -> dict[str, float]:
     """Pass 1: one per-tensor weight scale per fused group, reading one tensor at a time."""
     from ray_calib.ui import progress
 
@@ -197,15 +212,27 @@ def _group_weight_scales(checkpoint: Checkpoint, plan: QuantPlan, job: QuantizeJ
 def _finite_maxabs(raw, info, checkpoint: Checkpoint) -> float:
     value = weight_maxabs(raw, info)
     if not math.isfinite(value):
-        raise ModelError(f"{checkpoint.path / checkpoint.shard_of[info.name]}: tensor '{info.name}' holds inf/NaN "
-                         f"(max |x| = {value})", fix="fix or re-download that checkpoint; no FP8 scale covers it.")
+        raise ModelError(
+            f"{checkpoint.path / checkpoint.shard_of[info.name]}: tensor '{info.name}' holds inf/NaN "
+            f"(max |x| = {value})",
+            fix="fix or re-download that checkpoint; no FP8 scale covers it.",
+        )
     return value
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
 
-def _write_shard(checkpoint: Checkpoint, shard: str, layout: list[PlannedTensor], plan: QuantPlan,
-                 scales: dict[str, float], job: QuantizeJob, summary: QuantizeSummary, scratch: Scratch) -> str:
+
+def _write_shard(
+    checkpoint: Checkpoint,
+    shard: str,
+    layout: list[PlannedTensor],
+    plan: QuantPlan,
+    scales: dict[str, float],
+    job: QuantizeJob,
+    summary: QuantizeSummary,
+    scratch: Scratch,
+) -> str:
     from ray_calib.ui import progress
 
     out_path = job.out / shard
@@ -217,9 +244,12 @@ def _write_shard(checkpoint: Checkpoint, shard: str, layout: list[PlannedTensor]
             return writer.close()
     infos = checkpoint.tensors_in(shard)
     waited = scratch.write_wait
-    with ShardReader(checkpoint.path / shard) as reader, ShardWriter(out_path, layout, write_behind=True) as writer, \
-            closing(stream(reader, [i.name for i in infos], scratch)) as tensors, \
-            progress(f"write {shard}", len(infos), unit="tensors", transient=True) as bar:
+    with (
+        ShardReader(checkpoint.path / shard) as reader,
+        ShardWriter(out_path, layout, write_behind=True) as writer,
+        closing(stream(reader, [i.name for i in infos], scratch)) as tensors,
+        progress(f"write {shard}", len(infos), unit="tensors", transient=True) as bar,
+    ):
         started = time.perf_counter()
         for name, raw in tensors:
             summary.seconds["read"] += time.perf_counter() - started
@@ -238,8 +268,16 @@ def _write_shard(checkpoint: Checkpoint, shard: str, layout: list[PlannedTensor]
         return digest
 
 
-def _write_tensor(writer: ShardWriter, info, raw, plan: QuantPlan, scales: dict[str, float], job: QuantizeJob,
-                  summary: QuantizeSummary, scratch: Scratch) -> None:
+def _write_tensor(
+    writer: ShardWriter,
+    info,
+    raw,
+    plan: QuantPlan,
+    scales: dict[str, float],
+    job: QuantizeJob,
+    summary: QuantizeSummary,
+    scratch: Scratch,
+) -> None:
     """Hand one tensor's outputs to the writer thread; `summary.seconds["cast"]` is moved out of "write"."""
     if not plan.is_quantized(info.name):
         written = writer.write_raw(info.name, raw)
@@ -279,7 +317,8 @@ def _finish(checkpoint: Checkpoint, layouts: dict[str, list[PlannedTensor]], job
     copy_side_files(checkpoint.path, job.out)
     config = dict(checkpoint.config)
     config["quantization_config"] = compressed_tensors_config(
-        per_channel=job.method.per_channel_weights, dynamic_activations=job.method.dynamic_only, fp8_kv=fp8_kv)
+        per_channel=job.method.per_channel_weights, dynamic_activations=job.method.dynamic_only, fp8_kv=fp8_kv
+    )
     config.pop("torch_dtype", None)
     config["dtype"] = "bfloat16"
     atomic.write_json(job.out / "config.json", config)

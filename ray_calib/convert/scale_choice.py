@@ -31,33 +31,42 @@ def _choice(name: str, weight: TensorRule, activation: TensorRule, kv_backoff: f
     return ScaleChoice(name, ScaleMethod(name, weight, activation), kv_backoff)
 
 
-CANDIDATES: dict[str, ScaleChoice] = {c.name: c for c in (
-    # INC's maxabs_arbitrary: weight backoff 0.5, activation (and KV) backoff 0.25
-    ScaleChoice("inc_backoffs", get_method("maxabs_arbitrary"), 0.25),
-    # the full FP8 range for everything: maxabs maps onto 448
-    _choice("full_range", TensorRule(), TensorRule(), 1.0),
-    _choice("full_range_kv_half", TensorRule(), TensorRule(), 0.5),
-    _choice("act_half", TensorRule(), TensorRule(backoff=0.5), 1.0),
-    # one weight scale per output channel (compressed-tensors `channel`), activations and k/v as full_range
-    _choice("channel", TensorRule(granularity="pcs"), TensorRule(), 1.0),
-    # per channel, each row's scale the one of maxabs x {1, 0.9, ..., 0.6} with the least FP8 round-trip MSE
-    _choice("channel_mse", TensorRule(value="opt", granularity="pcs", candidates=(1.0, 0.9, 0.8, 0.7, 0.6)),
-            TensorRule(), 1.0),
-)}
+CANDIDATES: dict[str, ScaleChoice] = {
+    c.name: c
+    for c in (
+        # INC's maxabs_arbitrary: weight backoff 0.5, activation (and KV) backoff 0.25
+        ScaleChoice("inc_backoffs", get_method("maxabs_arbitrary"), 0.25),
+        # the full FP8 range for everything: maxabs maps onto 448
+        _choice("full_range", TensorRule(), TensorRule(), 1.0),
+        _choice("full_range_kv_half", TensorRule(), TensorRule(), 0.5),
+        _choice("act_half", TensorRule(), TensorRule(backoff=0.5), 1.0),
+        # one weight scale per output channel (compressed-tensors `channel`), activations and k/v as full_range
+        _choice("channel", TensorRule(granularity="pcs"), TensorRule(), 1.0),
+        # per channel, each row's scale the one of maxabs x {1, 0.9, ..., 0.6} with the least FP8 round-trip MSE
+        _choice(
+            "channel_mse",
+            TensorRule(value="opt", granularity="pcs", candidates=(1.0, 0.9, 0.8, 0.7, 0.6)),
+            TensorRule(),
+            1.0,
+        ),
+    )
+}
 WEIGHT_STRATEGIES = {"tensor": "pts", "channel": "pcs"}  # compressed-tensors strategy -> INC granularity
 
 DEFAULT = CANDIDATES["full_range"]
 
 
-def default_choice(*, input_backoff: float | None = None, weight_backoff: float | None = None,
-                   weight_strategy: str | None = None) -> ScaleChoice:
+def default_choice(
+    *, input_backoff: float | None = None, weight_backoff: float | None = None, weight_strategy: str | None = None
+) -> ScaleChoice:
     """The CPU/CUDA default, with the user's backoffs and weight strategy (tensor | channel) applied on top."""
     method = DEFAULT.method
     if weight_strategy is not None:
         granularity = WEIGHT_STRATEGIES[weight_strategy]
         if granularity != method.weight.granularity:
-            method = replace(method, name=f"{method.name}:{weight_strategy}",
-                             weight=replace(method.weight, granularity=granularity))
+            method = replace(
+                method, name=f"{method.name}:{weight_strategy}", weight=replace(method.weight, granularity=granularity)
+            )
     if input_backoff is not None:
         method = replace(method, activation=replace(method.activation, backoff=input_backoff))
     if weight_backoff is not None:

@@ -1,9 +1,9 @@
 """The calibration-set formats ray-calib reads, and the one place their field names are spelled out.
 
-    pile        pile-style raw text, field `text`: JSONL, a JSON array, Parquet, plain text (one sample per
-                line) or a `datasets` directory saved with `save_to_disk`
-    mlcommons   MLCommons-style pandas DataFrame pickle with `system_prompt` and `question`
-    tc          JSONL, each line a list of chat messages `{"role": ..., "content": ...}`
+pile        pile-style raw text, field `text`: JSONL, a JSON array, Parquet, plain text (one sample per
+            line) or a `datasets` directory saved with `save_to_disk`
+mlcommons   MLCommons-style pandas DataFrame pickle with `system_prompt` and `question`
+tc          JSONL, each line a list of chat messages `{"role": ..., "content": ...}`
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def detect_format(path: Path) -> str:
         return TC
     if suffix in _TEXT_SUFFIXES:
         return PILE
-    raise DataError(f"{path}: cannot tell the dataset format from the suffix '{suffix}'",
-                    fix=f"pass --format with one of {', '.join(FORMATS)}.")
+    raise DataError(
+        f"{path}: cannot tell the dataset format from the suffix '{suffix}'",
+        fix=f"pass --format with one of {', '.join(FORMATS)}.",
+    )
 
 
 def check_format(fmt: str) -> str:

@@ -68,9 +68,15 @@ class CalibrationSet:
         return [p.text for p in self.prompts]
 
 
-def load_prompts(path: str | os.PathLike, tokenizer: Any, fmt: str | None = None, *,
-                 num_samples: int = DEFAULT_NUM_SAMPLES, least_tokens: int | None = None,
-                 seed: int = DEFAULT_SEED) -> CalibrationSet:
+def load_prompts(
+    path: str | os.PathLike,
+    tokenizer: Any,
+    fmt: str | None = None,
+    *,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    least_tokens: int | None = None,
+    seed: int = DEFAULT_SEED,
+) -> CalibrationSet:
     """Load up to `num_samples` prompts from `path` for `tokenizer` (an HF tokenizer or a model directory).
 
     `least_tokens` (pile only) drops texts shorter than that many tokens and truncates the others to
@@ -85,8 +91,10 @@ def load_prompts(path: str | os.PathLike, tokenizer: Any, fmt: str | None = None
     if least_tokens is not None and least_tokens < 1:
         raise DataError(f"--least-tokens must be at least 1, got {least_tokens}", fix="pass a positive count.")
     if least_tokens is not None and fmt != PILE:
-        raise DataError(f"--least-tokens {least_tokens} applies to pile-style text only",
-                        fix="drop --least-tokens for chat formats (their prompts are never truncated).")
+        raise DataError(
+            f"--least-tokens {least_tokens} applies to pile-style text only",
+            fix="drop --least-tokens for chat formats (their prompts are never truncated).",
+        )
     tokenizer = _tokenizer(tokenizer)
     rows = read_rows(path, fmt)
     if not rows:
@@ -94,21 +102,30 @@ def load_prompts(path: str | os.PathLike, tokenizer: Any, fmt: str | None = None
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     prompts, dropped, examined = _select(fmt, [rows[i] for i in order], tokenizer, num_samples, least_tokens)
-    report = DataReport(path=str(path), fmt=fmt, read=len(rows), examined=examined, kept=len(prompts),
-                        num_tokens=sum(len(p.token_ids) for p in prompts), dropped=dict(dropped))
+    report = DataReport(
+        path=str(path),
+        fmt=fmt,
+        read=len(rows),
+        examined=examined,
+        kept=len(prompts),
+        num_tokens=sum(len(p.token_ids) for p in prompts),
+        dropped=dict(dropped),
+    )
     if not prompts:
-        raise DataError(f"{report.summary()}: no samples left after {_which_filter(dropped, least_tokens)}",
-                        fix=_empty_fix(dropped))
+        raise DataError(
+            f"{report.summary()}: no samples left after {_which_filter(dropped, least_tokens)}", fix=_empty_fix(dropped)
+        )
     return CalibrationSet(prompts=prompts, report=report, dataset_hash=_hash(prompts))
 
 
-def _select(fmt: str, rows: list[Any], tokenizer: Any, num_samples: int,
-            least_tokens: int | None) -> tuple[list[Prompt], Counter, int]:
+def _select(
+    fmt: str, rows: list[Any], tokenizer: Any, num_samples: int, least_tokens: int | None
+) -> tuple[list[Prompt], Counter, int]:
     prompts: list[Prompt] = []
     dropped: Counter = Counter()
     examined = 0
     for start in range(0, len(rows), _BATCH):
-        batch = rows[start:start + _BATCH]
+        batch = rows[start : start + _BATCH]
         texts, special = [], []
         for row in batch:
             rendered = _render(fmt, row, tokenizer)
@@ -204,5 +221,7 @@ def _tokenizer(tokenizer: Any) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer))
     except (OSError, ValueError) as err:
-        raise DataError(f"{tokenizer}: cannot load a tokenizer ({str(err).splitlines()[0]})",
-                        fix="pass the model directory (with tokenizer.json / tokenizer_config.json).") from None
+        raise DataError(
+            f"{tokenizer}: cannot load a tokenizer ({str(err).splitlines()[0]})",
+            fix="pass the model directory (with tokenizer.json / tokenizer_config.json).",
+        ) from None

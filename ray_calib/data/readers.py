@@ -35,8 +35,10 @@ def read_rows(path: Path, fmt: str) -> list[Any]:
 def _missing(path: Path, missing: list[str], found: list[str], where: str = "") -> DataError:
     names = ", ".join(f"'{m}'" for m in missing)
     listed = ", ".join(map(str, found)) or "none"
-    return DataError(f"{path}{where}: missing field {names} (fields found: {listed})",
-                     fix="rename the column or choose the matching --format.")
+    return DataError(
+        f"{path}{where}: missing field {names} (fields found: {listed})",
+        fix="rename the column or choose the matching --format.",
+    )
 
 
 def _pile(path: Path) -> list[str]:
@@ -49,8 +51,10 @@ def _pile(path: Path) -> list[str]:
         try:
             frame = pd.read_parquet(path)
         except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
-            raise DataError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})",
-                            fix="re-export it, or pass JSONL/plain text.") from None
+            raise DataError(
+                f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})",
+                fix="re-export it, or pass JSONL/plain text.",
+            ) from None
         if TEXT_FIELD not in frame.columns:
             raise _missing(path, [TEXT_FIELD], list(frame.columns))
         return list(frame[TEXT_FIELD])
@@ -65,8 +69,10 @@ def _texts(path: Path, records: list[tuple[int, Any]]) -> list[Any]:
     texts = []
     for line, record in records:
         if not isinstance(record, dict):
-            raise DataError(f"{path}:{line}: expected a JSON object with '{TEXT_FIELD}', got {type(record).__name__}",
-                            fix="use --format tc for lists of chat messages.")
+            raise DataError(
+                f"{path}:{line}: expected a JSON object with '{TEXT_FIELD}', got {type(record).__name__}",
+                fix="use --format tc for lists of chat messages.",
+            )
         if TEXT_FIELD not in record:
             raise _missing(path, [TEXT_FIELD], list(record), where=f":{line}")
         texts.append(record[TEXT_FIELD])
@@ -79,12 +85,16 @@ def _datasets_dir(path: Path) -> list[str]:
     try:
         loaded = datasets.load_from_disk(str(path))
     except FileNotFoundError as err:
-        raise DataError(f"{path}: not a `datasets` directory saved with save_to_disk ({err})",
-                        fix="pass a JSONL/Parquet/text file, or the directory `Dataset.save_to_disk` wrote.") from None
+        raise DataError(
+            f"{path}: not a `datasets` directory saved with save_to_disk ({err})",
+            fix="pass a JSONL/Parquet/text file, or the directory `Dataset.save_to_disk` wrote.",
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded and len(loaded) != 1:
-            raise DataError(f"{path}: holds splits {sorted(loaded)} and none is 'train'",
-                            fix="save the split you want on its own with `dataset[split].save_to_disk(...)`.")
+            raise DataError(
+                f"{path}: holds splits {sorted(loaded)} and none is 'train'",
+                fix="save the split you want on its own with `dataset[split].save_to_disk(...)`.",
+            )
         loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
     if TEXT_FIELD not in loaded.column_names:
         raise _missing(path, [TEXT_FIELD], loaded.column_names)
@@ -105,12 +115,16 @@ def _tc(path: Path) -> list[Messages]:
     rows = []
     for line, record in _jsonl(path):
         if not isinstance(record, list) or not record:
-            raise DataError(f"{path}:{line}: expected a non-empty JSON list of chat messages, got "
-                            f"{type(record).__name__}", fix="use --format pile for {\"text\": ...} records.")
+            raise DataError(
+                f"{path}:{line}: expected a non-empty JSON list of chat messages, got {type(record).__name__}",
+                fix='use --format pile for {"text": ...} records.',
+            )
         for message in record:
             if not isinstance(message, dict):
-                raise DataError(f"{path}:{line}: a message is a {type(message).__name__}, not an object",
-                                fix=f"write each message as {{\"{ROLE_FIELD}\": ..., \"{CONTENT_FIELD}\": ...}}.")
+                raise DataError(
+                    f"{path}:{line}: a message is a {type(message).__name__}, not an object",
+                    fix=f'write each message as {{"{ROLE_FIELD}": ..., "{CONTENT_FIELD}": ...}}.',
+                )
             missing = [f for f in (ROLE_FIELD, CONTENT_FIELD) if f not in message]
             if missing:
                 raise _missing(path, missing, list(message), where=f":{line}")
@@ -127,8 +141,9 @@ def _jsonl(path: Path) -> list[tuple[int, Any]]:
             try:
                 records.append((number, json.loads(line)))
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})",
-                                fix="each line must be one JSON value (JSON Lines).") from None
+                raise DataError(
+                    f"{path}:{number}: not valid JSON ({err.msg})", fix="each line must be one JSON value (JSON Lines)."
+                ) from None
     return records
 
 
@@ -136,9 +151,13 @@ def _json_array(path: Path) -> list[tuple[int, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})",
-                        fix="for one record per line use the .jsonl suffix.") from None
+        raise DataError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno})",
+            fix="for one record per line use the .jsonl suffix.",
+        ) from None
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}",
-                        fix="write a list of {\"text\": ...} objects, or use JSON Lines (.jsonl).")
+        raise DataError(
+            f"{path}: expected a JSON array of records, got {type(data).__name__}",
+            fix='write a list of {"text": ...} objects, or use JSON Lines (.jsonl).',
+        )
     return [(i + 1, record) for i, record in enumerate(data)]

@@ -16,29 +16,51 @@ from typing import Any
 
 from ray_calib.errors import DataError
 
-_ALLOWED: frozenset[tuple[str, str]] = frozenset({
-    # pandas containers and their reconstruction helpers
-    ("pandas", "DataFrame"), ("pandas.core.frame", "DataFrame"),
-    ("pandas", "Index"), ("pandas.core.indexes.base", "Index"), ("pandas.core.indexes.base", "_new_Index"),
-    ("pandas", "RangeIndex"), ("pandas.core.indexes.range", "RangeIndex"),
-    ("pandas.core.internals.managers", "BlockManager"), ("pandas._libs.internals", "_unpickle_block"),
-    ("pandas.core.internals.blocks", "new_block"), ("pandas.core.internals.blocks", "ObjectBlock"),
-    ("pandas.core.internals.blocks", "FloatBlock"), ("pandas.core.internals.blocks", "IntBlock"),
-    ("pandas.core.internals.blocks", "BoolBlock"), ("pandas.core.internals.blocks", "NumpyBlock"),
-    ("pandas", "StringDtype"), ("pandas.core.arrays.string_", "StringDtype"),
-    ("pandas.core.arrays.string_", "StringArray"), ("pandas.arrays", "StringArray"),
-    ("pandas.arrays", "ArrowStringArray"), ("pandas.core.arrays.string_arrow", "ArrowStringArray"),
-    # numpy arrays (plain dtypes; object arrays can only hold what this list allows)
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
-    # pyarrow buffers behind pandas 3 string columns: data only
-    ("pyarrow.lib", "_restore_array"), ("pyarrow.lib", "type_for_alias"), ("pyarrow.lib", "py_buffer"),
-    # builtins the above use for slices and raw bytes
-    ("builtins", "slice"), ("builtins", "bytearray"), ("__builtin__", "slice"), ("__builtin__", "bytearray"),
-    ("_codecs", "encode"),
-})
+_ALLOWED: frozenset[tuple[str, str]] = frozenset(
+    {
+        # pandas containers and their reconstruction helpers
+        ("pandas", "DataFrame"),
+        ("pandas.core.frame", "DataFrame"),
+        ("pandas", "Index"),
+        ("pandas.core.indexes.base", "Index"),
+        ("pandas.core.indexes.base", "_new_Index"),
+        ("pandas", "RangeIndex"),
+        ("pandas.core.indexes.range", "RangeIndex"),
+        ("pandas.core.internals.managers", "BlockManager"),
+        ("pandas._libs.internals", "_unpickle_block"),
+        ("pandas.core.internals.blocks", "new_block"),
+        ("pandas.core.internals.blocks", "ObjectBlock"),
+        ("pandas.core.internals.blocks", "FloatBlock"),
+        ("pandas.core.internals.blocks", "IntBlock"),
+        ("pandas.core.internals.blocks", "BoolBlock"),
+        ("pandas.core.internals.blocks", "NumpyBlock"),
+        ("pandas", "StringDtype"),
+        ("pandas.core.arrays.string_", "StringDtype"),
+        ("pandas.core.arrays.string_", "StringArray"),
+        ("pandas.arrays", "StringArray"),
+        ("pandas.arrays", "ArrowStringArray"),
+        ("pandas.core.arrays.string_arrow", "ArrowStringArray"),
+        # numpy arrays (plain dtypes; object arrays can only hold what this list allows)
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.numeric", "_frombuffer"),
+        # pyarrow buffers behind pandas 3 string columns: data only
+        ("pyarrow.lib", "_restore_array"),
+        ("pyarrow.lib", "type_for_alias"),
+        ("pyarrow.lib", "py_buffer"),
+        # builtins the above use for slices and raw bytes
+        ("builtins", "slice"),
+        ("builtins", "bytearray"),
+        ("__builtin__", "slice"),
+        ("__builtin__", "bytearray"),
+        ("_codecs", "encode"),
+    }
+)
 _FIX = "re-save it as a plain DataFrame (df.to_pickle) or convert it to JSONL/Parquet with the same columns."
 
 
@@ -49,8 +71,11 @@ class _AllowListUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED:
-            raise DataError(f"{self.path}: refusing to unpickle '{module}.{name}' (only plain pandas "
-                            "DataFrames are allowed: a pickle can run code when loaded)", fix=_FIX)
+            raise DataError(
+                f"{self.path}: refusing to unpickle '{module}.{name}' (only plain pandas "
+                "DataFrames are allowed: a pickle can run code when loaded)",
+                fix=_FIX,
+            )
         return super().find_class(module, name)
 
 
@@ -77,5 +102,6 @@ def _check_plain(frame, path: Path) -> None:
             continue
         for row, value in enumerate(frame[column]):
             if not (value is None or isinstance(value, (str, numbers.Number))):
-                raise DataError(f"{path}: column '{column}' row {row} holds a {type(value).__name__}, "
-                                "not a plain value", fix=_FIX)
+                raise DataError(
+                    f"{path}: column '{column}' row {row} holds a {type(value).__name__}, not a plain value", fix=_FIX
+                )

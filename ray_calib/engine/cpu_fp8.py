@@ -132,7 +132,7 @@ def _emulated_experts_class():
         if scale is None:
             return x
         scale = scale.to(torch.float32).reshape(())
-        return ((x.to(torch.float32) / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(torch.float32) * scale)
+        return (x.to(torch.float32) / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(torch.float32) * scale
 
     class CpuEmulatedFp8Experts(mk.FusedMoEExpertsModular):
         """Static FP8 MoE in plain torch: per expert, dequantize its weights and run two matmuls."""
@@ -166,10 +166,15 @@ def _emulated_experts_class():
         @staticmethod
         def _supports_quant_scheme(weight_key, activation_key) -> bool:
             return weight_key in (kFp8StaticTensorSym, kFp8StaticChannelSym) and activation_key in (
-                None, kFp8StaticTensorSym, kFp8DynamicTensorSym, kFp8DynamicTokenSym)
+                None,
+                kFp8StaticTensorSym,
+                kFp8DynamicTensorSym,
+                kFp8DynamicTokenSym,
+            )
 
-        def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts, expert_tokens_meta,
-                             activation):
+        def workspace_shapes(
+            self, M, N, K, topk, global_num_experts, local_num_experts, expert_tokens_meta, activation
+        ):
             return (0,), (0,), (M, K)
 
         def finalize_weight_and_reduce_impl(self):
@@ -177,9 +182,24 @@ def _emulated_experts_class():
 
         # A loop over the experts that got tokens (data-dependent): vLLM's fullgraph torch.compile cannot
         # trace it, so engines that load these experts run eager (`infer.runner.engine_config`).
-        def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
-                  expert_map, a1q_scale, a2_scale, workspace13, workspace2, expert_tokens_meta,
-                  apply_router_weight_on_input) -> None:
+        def apply(
+            self,
+            output,
+            hidden_states,
+            w1,
+            w2,
+            topk_weights,
+            topk_ids,
+            activation,
+            global_num_experts,
+            expert_map,
+            a1q_scale,
+            a2_scale,
+            workspace13,
+            workspace2,
+            expert_tokens_meta,
+            apply_router_weight_on_input,
+        ) -> None:
             a1_scale, a2_scale = self.a1_scale, self.a2_scale if a2_scale is None else a2_scale
             x = quant_dequant(hidden_states, a1_scale)
             result = torch.zeros(output.shape, dtype=torch.float32)

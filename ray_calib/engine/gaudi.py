@@ -49,15 +49,22 @@ def route_for(model_config: dict, model: str) -> Route:
         return Route("bf16", "inc", {}, "BF16 weights, INC quantizes at load (quantization='inc')")
     method = str(quant.get("quant_method", "")).lower()
     if method == "fp8":
-        return Route("fp8-checkpoint", None, dict(FP8_CHECKPOINT_ENV),
-                     "FP8 checkpoint as it is: QUANT_CONFIG alone enables INC (no quantization argument), "
-                     "VLLM_HPU_FORCE_CHANNEL_FP8=0")
-    raise ModelError(f"{model}: the checkpoint is quantized with '{method}'; INC on Gaudi measures BF16 or FP8 "
-                     "(block) checkpoints", fix="pass the BF16 model or the original FP8 checkpoint.")
+        return Route(
+            "fp8-checkpoint",
+            None,
+            dict(FP8_CHECKPOINT_ENV),
+            "FP8 checkpoint as it is: QUANT_CONFIG alone enables INC (no quantization argument), "
+            "VLLM_HPU_FORCE_CHANNEL_FP8=0",
+        )
+    raise ModelError(
+        f"{model}: the checkpoint is quantized with '{method}'; INC on Gaudi measures BF16 or FP8 (block) checkpoints",
+        fix="pass the BF16 model or the original FP8 checkpoint.",
+    )
 
 
-def engine_env(*, measure: bool, tp_size: int, route: Route, quant_config: str, timeout_s: int,
-               expert_parallel: bool = False) -> dict[str, str]:
+def engine_env(
+    *, measure: bool, tp_size: int, route: Route, quant_config: str, timeout_s: int, expert_parallel: bool = False
+) -> dict[str, str]:
     """Every variable the ranks need, in the order they are documented above.
 
     VLLM_EP_SIZE is what the HabanaAI vLLM fork reads for expert parallelism; vllm-gaudi reads the
@@ -101,27 +108,36 @@ class Fit:
     def problems(self) -> list[str]:
         found = []
         if self.card_need > self.card_budget:
-            found.append(f"{self.card_need / GiB:.1f} GiB per card (weights {self.weights_bytes / GiB:.1f} GiB / "
-                         f"TP {self.tp_size} + {HBM_RESERVE / GiB:.0f} GiB) > {self.card_budget / GiB:.1f} GiB "
-                         f"usable of {self.card_bytes / GiB:.0f} GiB HBM")
+            found.append(
+                f"{self.card_need / GiB:.1f} GiB per card (weights {self.weights_bytes / GiB:.1f} GiB / "
+                f"TP {self.tp_size} + {HBM_RESERVE / GiB:.0f} GiB) > {self.card_budget / GiB:.1f} GiB "
+                f"usable of {self.card_bytes / GiB:.0f} GiB HBM"
+            )
         for node, available in self.hosts.items():
             if available is not None and self.host_need > available:
-                found.append(f"{node}: {self.host_need / GiB:.0f} GiB host RAM for {self.ranks_per_node} ranks' "
-                             f"weights (loaded on the host first) > {available / GiB:.0f} GiB available")
+                found.append(
+                    f"{node}: {self.host_need / GiB:.0f} GiB host RAM for {self.ranks_per_node} ranks' "
+                    f"weights (loaded on the host first) > {available / GiB:.0f} GiB available"
+                )
         return found
 
     def lines(self) -> list[str]:
-        hosts = ", ".join(f"{n} {a / GiB:.0f} GiB" if a is not None else f"{n} not probed"
-                          for n, a in self.hosts.items()) or "not probed"
-        return [f"HBM per card: {self.card_need / GiB:.1f} GiB needed of {self.card_budget / GiB:.1f} GiB usable "
-                f"({self.card_bytes / GiB:.0f} GiB x {HBM_UTILIZATION})",
-                f"host RAM per node: {self.host_need / GiB:.0f} GiB needed ({self.ranks_per_node} ranks x "
-                f"{self.weights_bytes / self.tp_size / GiB:.1f} GiB, weights load on the host first); "
-                f"available: {hosts}"]
+        hosts = (
+            ", ".join(f"{n} {a / GiB:.0f} GiB" if a is not None else f"{n} not probed" for n, a in self.hosts.items())
+            or "not probed"
+        )
+        return [
+            f"HBM per card: {self.card_need / GiB:.1f} GiB needed of {self.card_budget / GiB:.1f} GiB usable "
+            f"({self.card_bytes / GiB:.0f} GiB x {HBM_UTILIZATION})",
+            f"host RAM per node: {self.host_need / GiB:.0f} GiB needed ({self.ranks_per_node} ranks x "
+            f"{self.weights_bytes / self.tp_size / GiB:.1f} GiB, weights load on the host first); "
+            f"available: {hosts}",
+        ]
 
 
-def serve_fit(model_dir: Path, route: Route, *, tp_size: int, moe: bool, card_bytes: int,
-              host_available: int | None) -> Fit:
+def serve_fit(
+    model_dir: Path, route: Route, *, tp_size: int, moe: bool, card_bytes: int, host_available: int | None
+) -> Fit:
     """INC QUANTIZE at load on one node: MoE experts go to the cards in BF16 before INC converts them
     (vllm-gaudi stages them first), dense BF16 layers are converted on the host (half the bytes on the card)."""
     share = 0.5 if route.name == "bf16" and not moe else 1.0
@@ -144,9 +160,16 @@ def check_fit(fit: Fit, route: Route, candidates: list[int], total_devices: int 
     if not problems:
         return
     fixes = []
-    larger = [tp for tp in sorted(candidates) if tp > fit.tp_size and (total_devices is None or tp <= total_devices)
-              and Fit(fit.weights_bytes, tp, min(fit.ranks_per_node, tp), fit.card_bytes, fit.hosts,
-                      fit.card_share).problems() == []]
+    larger = [
+        tp
+        for tp in sorted(candidates)
+        if tp > fit.tp_size
+        and (total_devices is None or tp <= total_devices)
+        and Fit(
+            fit.weights_bytes, tp, min(fit.ranks_per_node, tp), fit.card_bytes, fit.hosts, fit.card_share
+        ).problems()
+        == []
+    ]
     if larger:
         fixes.append(f"--tp {larger[0]}")
     if route.name == "bf16":

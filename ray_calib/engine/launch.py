@@ -1,21 +1,22 @@
 """The one place that builds the vLLM `LLM` for a run.
 
-    profile    measure: eager (HPU: graphs unless --enforce-eager), no prefix caching (observers are forward hooks and must see every token)
-               serve:   vLLM's own defaults (CUDA graphs / torch.compile, prefix caching where the attention
-                        backend has it, the checkpoint's dtype), as a plain `vllm serve` runs. vLLM CPU runs
-                        them too (compiled with inductor: a tiny model starts in ~46 s instead of ~5 s eager
-                        on the 2-core box, same step time); all it needs from us is the KV-cache size
-                        (kv_cache_memory_bytes, else it claims a share of the whole host per rank) and, for
-                        TP > 1, VLLM_CPU_OMP_THREADS_BIND=nobind (`auto` asserts on a single NUMA node).
-                        `enforce_eager` is the user's choice (`--enforce-eager`: faster start).
-    executor   uni (TP=1, no extra process) | mp (one node, one process per rank) | ray (across nodes)
-    env        set before vLLM starts so every worker inherits it: thread binding on CPU,
-               the CPU-on-Ray platform plugin, VLLM_HOST_IP / *_SOCKET_IFNAME of the driver's node
-    ray        the job's runtime_env carries our variables to Ray workers on every node. `connect_ray` is
-               the first Ray call of a run: vLLM copies the driver's runtime_env into its engine config
-               (an engine-core process joins as another job), so a bare `ray.init` before it would leave
-               every rank without the env. VLLM_RAY_EXTRA_ENV_VARS_TO_COPY names our non-VLLM_ variables
-               too, for executors that copy the driver env by name.
+profile    measure: eager (HPU: graphs unless --enforce-eager), no prefix caching (observers are forward hooks
+                    and must see every token)
+           serve:   vLLM's own defaults (CUDA graphs / torch.compile, prefix caching where the attention
+                    backend has it, the checkpoint's dtype), as a plain `vllm serve` runs. vLLM CPU runs
+                    them too (compiled with inductor: a tiny model starts in ~46 s instead of ~5 s eager
+                    on the 2-core box, same step time); all it needs from us is the KV-cache size
+                    (kv_cache_memory_bytes, else it claims a share of the whole host per rank) and, for
+                    TP > 1, VLLM_CPU_OMP_THREADS_BIND=nobind (`auto` asserts on a single NUMA node).
+                    `enforce_eager` is the user's choice (`--enforce-eager`: faster start).
+executor   uni (TP=1, no extra process) | mp (one node, one process per rank) | ray (across nodes)
+env        set before vLLM starts so every worker inherits it: thread binding on CPU,
+           the CPU-on-Ray platform plugin, VLLM_HOST_IP / *_SOCKET_IFNAME of the driver's node
+ray        the job's runtime_env carries our variables to Ray workers on every node. `connect_ray` is
+           the first Ray call of a run: vLLM copies the driver's runtime_env into its engine config
+           (an engine-core process joins as another job), so a bare `ray.init` before it would leave
+           every rank without the env. VLLM_RAY_EXTRA_ENV_VARS_TO_COPY names our non-VLLM_ variables
+           too, for executors that copy the driver env by name.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ from ray_calib.errors import EngineError
 EXECUTORS = ("auto", "uni", "mp", "ray")
 PROFILES = ("measure", "serve")
 CPU_KV_ENV = "VLLM_CPU_KVCACHE_SPACE"  # vLLM's legacy whole-GiB knob; it would override kv_cache_memory_bytes
-_IFNAME_VARS = {"cpu": ("GLOO_SOCKET_IFNAME",), "cuda": ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"),
-                "hpu": ("GLOO_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME")}
+_IFNAME_VARS = {
+    "cpu": ("GLOO_SOCKET_IFNAME",),
+    "cuda": ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"),
+    "hpu": ("GLOO_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME"),
+}
 
 
 @dataclass(frozen=True)
@@ -133,9 +137,12 @@ def llm_kwargs(config: EngineConfig) -> dict[str, Any]:
     if config.profile not in PROFILES:
         raise EngineError(f"unknown engine profile {config.profile!r}", fix=f"use one of {', '.join(PROFILES)}.")
     executor = config.resolved_executor
-    kwargs: dict[str, Any] = dict(model=config.model, seed=config.seed,
-                                  distributed_executor_backend=None if executor == "uni" else executor,
-                                  **engine_settings(config))
+    kwargs: dict[str, Any] = dict(
+        model=config.model,
+        seed=config.seed,
+        distributed_executor_backend=None if executor == "uni" else executor,
+        **engine_settings(config),
+    )
     if config.worker_extension_cls:
         kwargs["worker_extension_cls"] = config.worker_extension_cls
     return kwargs
@@ -189,8 +196,10 @@ def build_llm(config: EngineConfig):
         return LLM(**llm_kwargs(config))
     except (ValueError, RuntimeError) as err:
         message = error_reason(err)
-        raise EngineError(f"vLLM could not start {config.model} at TP {config.tp_size}: {message}",
-                          fix="check the model directory and --tp; rerun with RAY_CALIB_DEBUG=1 for the traceback.") from err
+        raise EngineError(
+            f"vLLM could not start {config.model} at TP {config.tp_size}: {message}",
+            fix="check the model directory and --tp; rerun with RAY_CALIB_DEBUG=1 for the traceback.",
+        ) from err
 
 
 def runtime_env(config: EngineConfig) -> dict[str, Any]:
@@ -222,8 +231,10 @@ def connect_ray(config: EngineConfig) -> None:
 
             ui.reroute_library_logs()  # ray.init sets up its own logger; its records belong in the log file
         except (ConnectionError, RuntimeError) as err:
-            raise EngineError(f"cannot join the Ray cluster at {address}: {err}",
-                              fix="check `ray status` on the head, or run `ray-calib up`.") from err
+            raise EngineError(
+                f"cannot join the Ray cluster at {address}: {err}",
+                fix="check `ray status` on the head, or run `ray-calib up`.",
+            ) from err
     if not config.host_ip and "VLLM_HOST_IP" not in os.environ:
         # vLLM compares the driver's IP with its workers' node IPs: use the one Ray knows for this node.
         os.environ["VLLM_HOST_IP"] = ray.util.get_node_ip_address()
@@ -234,8 +245,10 @@ def _check_ray_devices(config: EngineConfig) -> None:
     key = _ray_key(config.device)
     have = ray_devices(config.device)
     if have < config.tp_size:
-        raise EngineError(f"the Ray cluster offers {have} '{key}' devices but --tp is {config.tp_size}",
-                          fix=f"use --tp {max(have, 1)} or start nodes with more devices (ray start --resources='{{\"{key}\": N}}').")
+        raise EngineError(
+            f"the Ray cluster offers {have} '{key}' devices but --tp is {config.tp_size}",
+            fix=f"use --tp {max(have, 1)} or start nodes with more devices (ray start --resources='{{\"{key}\": N}}').",
+        )
 
 
 def error_reason(err: BaseException) -> str:
@@ -252,8 +265,12 @@ def timeout_env(seconds: int) -> dict[str, str]:
     VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (one step, default 300 s); older vLLM and the Gaudi forks read
     VLLM_ENGINE_ITERATION_TIMEOUT_S and VLLM_RPC_TIMEOUT (milliseconds). All four are set.
     """
-    return {"VLLM_ENGINE_READY_TIMEOUT_S": str(seconds), "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": str(seconds),
-            "VLLM_ENGINE_ITERATION_TIMEOUT_S": str(seconds), "VLLM_RPC_TIMEOUT": str(seconds * 1000)}
+    return {
+        "VLLM_ENGINE_READY_TIMEOUT_S": str(seconds),
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": str(seconds),
+        "VLLM_ENGINE_ITERATION_TIMEOUT_S": str(seconds),
+        "VLLM_RPC_TIMEOUT": str(seconds * 1000),
+    }
 
 
 def env_to_copy(env: dict[str, str]) -> str:

@@ -61,8 +61,16 @@ class MemoryPlan:
         return self.need_per_rank <= self.budget_per_rank
 
 
-def plan(weights_bytes: int, tp_size: int, *, device: str, device_bytes: int, kv_bytes: int,
-         ranks_per_node: int, held_bytes: int = 0) -> MemoryPlan:
+def plan(
+    weights_bytes: int,
+    tp_size: int,
+    *,
+    device: str,
+    device_bytes: int,
+    kv_bytes: int,
+    ranks_per_node: int,
+    held_bytes: int = 0,
+) -> MemoryPlan:
     ranks = max(ranks_per_node, 1)
     if device == "cpu":
         overhead = cpu_worker_bytes(tp_size) + CPU_FIXED_PSS_MIB * MiB // ranks
@@ -77,8 +85,17 @@ def plan(weights_bytes: int, tp_size: int, *, device: str, device_bytes: int, kv
 class MemoryCheck:
     """The pre-check for one model on one kind of device, at any TP (weights are read once)."""
 
-    def __init__(self, model_dir: Path, candidates: list[int], *, device: str, device_bytes: int, kv_bytes: int,
-                 devices_per_node: int | None, held_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        candidates: list[int],
+        *,
+        device: str,
+        device_bytes: int,
+        kv_bytes: int,
+        devices_per_node: int | None,
+        held_bytes: int = 0,
+    ) -> None:
         self.weights = weights_bytes(model_dir)
         self.held = held_bytes
         self.candidates = sorted(candidates)
@@ -87,8 +104,15 @@ class MemoryCheck:
 
     def plan(self, tp: int) -> MemoryPlan:
         per_node = min(tp, self.devices_per_node) if self.devices_per_node else tp
-        return plan(self.weights, tp, device=self.device, device_bytes=self.device_bytes, kv_bytes=self.kv_bytes,
-                    ranks_per_node=per_node, held_bytes=self.held)
+        return plan(
+            self.weights,
+            tp,
+            device=self.device,
+            device_bytes=self.device_bytes,
+            kv_bytes=self.kv_bytes,
+            ranks_per_node=per_node,
+            held_bytes=self.held,
+        )
 
     def fits(self, tp: int) -> bool:
         return self.plan(tp).fits
@@ -99,32 +123,53 @@ class MemoryCheck:
         if chosen.fits:
             return chosen
         fitting = [t for t in (self.candidates if candidates is None else candidates) if self.fits(t)]
-        where = ("of host memory per rank (available memory shared by the node's ranks)" if self.device == "cpu"
-                 else f"of {self.device} memory per device")
+        where = (
+            "of host memory per rank (available memory shared by the node's ranks)"
+            if self.device == "cpu"
+            else f"of {self.device} memory per device"
+        )
         overhead = "measured vLLM CPU worker" if self.device == "cpu" else "runtime reserve"
         held = f" + measured experts' W13 copy {self.held / GiB:.2f} GiB / {tp}" if self.held else ""
-        head = (f"TP {tp} needs {chosen.need_per_rank / GiB:.2f} GiB per rank (weights {self.weights / GiB:.2f} GiB / "
-                f"{tp}{held} + KV cache {self.kv_bytes / GiB:.2f} GiB + {overhead} "
-                f"{chosen.overhead_per_rank / GiB:.2f} GiB) "
-                f"but has {chosen.budget_per_rank / GiB:.2f} GiB {where}")
+        head = (
+            f"TP {tp} needs {chosen.need_per_rank / GiB:.2f} GiB per rank (weights {self.weights / GiB:.2f} GiB / "
+            f"{tp}{held} + KV cache {self.kv_bytes / GiB:.2f} GiB + {overhead} "
+            f"{chosen.overhead_per_rank / GiB:.2f} GiB) "
+            f"but has {chosen.budget_per_rank / GiB:.2f} GiB {where}"
+        )
         if fitting:
-            raise EngineError(head, fix=f"use --tp {fitting[0]} (the smallest TP that fits)"
-                              + (" or a smaller --kv-cache-gib." if self.device == "cpu" else "."))
-        raise EngineError(head, fix="no TP this model allows fits here: " + (
-            "lower --kv-cache-gib, free memory, or add nodes (ray-calib up)." if self.device == "cpu"
-            else "add nodes/devices (ray-calib up) or a larger machine."))
+            raise EngineError(
+                head,
+                fix=f"use --tp {fitting[0]} (the smallest TP that fits)"
+                + (" or a smaller --kv-cache-gib." if self.device == "cpu" else "."),
+            )
+        raise EngineError(
+            head,
+            fix="no TP this model allows fits here: "
+            + (
+                "lower --kv-cache-gib, free memory, or add nodes (ray-calib up)."
+                if self.device == "cpu"
+                else "add nodes/devices (ray-calib up) or a larger machine."
+            ),
+        )
 
 
-def memory_check(model_dir: Path, candidates: list[int], device: str, kv_cache_gib: float, *,
-                 measure: bool = False) -> MemoryCheck:
+def memory_check(
+    model_dir: Path, candidates: list[int], device: str, kv_cache_gib: float, *, measure: bool = False
+) -> MemoryCheck:
     """The pre-check `measure`, `infer` and `eval` share. CPU ranks of one node share its RAM; before Ray
     places them we cannot see how they spread, so all are assumed on one node (conservative)."""
     from ray_calib.engine.device import device_memory_bytes
 
     held = expert_w13_bytes(model_dir) if measure and device == "cpu" else 0
-    return MemoryCheck(model_dir, candidates, device=device, device_bytes=device_memory_bytes(device),
-                       kv_bytes=int(kv_cache_gib * GiB) if device == "cpu" else 0, devices_per_node=None,
-                       held_bytes=held)
+    return MemoryCheck(
+        model_dir,
+        candidates,
+        device=device,
+        device_bytes=device_memory_bytes(device),
+        kv_bytes=int(kv_cache_gib * GiB) if device == "cpu" else 0,
+        devices_per_node=None,
+        held_bytes=held,
+    )
 
 
 # routed experts' gate and up projections (DeepSeek/Qwen: gate_proj/up_proj, Mixtral: w1/w3)
@@ -150,11 +195,25 @@ def expert_w13_bytes(model_dir: Path) -> int:
     return 2 * moe_layers * experts * 2 * config["hidden_size"] * moe_inter  # bf16
 
 
-def check_fits(model_dir: Path, tp_size: int, candidates: list[int], *, device: str, device_bytes: int,
-               kv_bytes: int, devices_per_node: int | None) -> MemoryPlan:
+def check_fits(
+    model_dir: Path,
+    tp_size: int,
+    candidates: list[int],
+    *,
+    device: str,
+    device_bytes: int,
+    kv_bytes: int,
+    devices_per_node: int | None,
+) -> MemoryPlan:
     """Refuse a TP that cannot fit, naming the smallest candidate TP that does (or the shortfall)."""
-    return MemoryCheck(model_dir, candidates, device=device, device_bytes=device_bytes, kv_bytes=kv_bytes,
-                       devices_per_node=devices_per_node).require(tp_size)
+    return MemoryCheck(
+        model_dir,
+        candidates,
+        device=device,
+        device_bytes=device_bytes,
+        kv_bytes=kv_bytes,
+        devices_per_node=devices_per_node,
+    ).require(tp_size)
 
 
 def weights_bytes(model_dir: Path) -> int:
@@ -173,8 +232,11 @@ def _estimate_from_config(config_path: Path) -> int:
     config = model_config(config_path.parent)
     config = config.get("text_config", config)  # multimodal configs nest the language model's
     if "hidden_size" not in config or "num_hidden_layers" not in config:
-        raise ModelError(f"{config_path}: has no safetensors beside it and no hidden_size/num_hidden_layers to "
-                         "estimate the weights from", fix="convert the checkpoint to safetensors.")
+        raise ModelError(
+            f"{config_path}: has no safetensors beside it and no hidden_size/num_hidden_layers to "
+            "estimate the weights from",
+            fix="convert the checkpoint to safetensors.",
+        )
     hidden = config["hidden_size"]
     layers = config["num_hidden_layers"]
     vocab = config.get("vocab_size", 32000)

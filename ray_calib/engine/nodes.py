@@ -42,16 +42,22 @@ def node_facts(model_dir: str, files: dict[str, str], gaudi: bool) -> NodeFacts:
     for path, text in files.items():
         atomic.write_text(path, text)
     found, digest = model_digest(Path(model_dir))
-    facts = dict(node=_node_ip(), hostname=socket.gethostname(), mem_available=host_available_bytes(),
-                 model_found=found, model_digest=digest)
+    facts = dict(
+        node=_node_ip(),
+        hostname=socket.gethostname(),
+        mem_available=host_available_bytes(),
+        model_found=found,
+        model_digest=digest,
+    )
     if gaudi:
         from ray_calib.cluster import hlsmi
         from ray_calib.errors import EngineError
 
         try:
             info = hlsmi.query()
-            facts.update(device_type=info.device_type, cards=info.cards, card_bytes=info.memory_bytes,
-                         driver=info.driver)
+            facts.update(
+                device_type=info.device_type, cards=info.cards, card_bytes=info.memory_bytes, driver=info.driver
+            )
         except EngineError as err:
             facts["device_error"] = err.message
     return NodeFacts(**facts)
@@ -108,26 +114,36 @@ def _on_every_node(function, *args) -> list:
 
     task = ray.remote(num_cpus=0)(function)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(*args)
-            for n in nodes]
+    refs = [
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(*args)
+        for n in nodes
+    ]
     try:
         return ray.get(refs, timeout=300)
     except Exception as err:  # a node's task failed or timed out: name the Ray error in one line
-        raise ClusterError("ray", f"a per-node check failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
-                           fix="check `ray status` and the nodes' Ray logs.") from err
+        raise ClusterError(
+            "ray",
+            f"a per-node check failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+            fix="check `ray status` and the nodes' Ray logs.",
+        ) from err
 
 
 def check_nodes(facts: list[NodeFacts], model_dir: str, *, gaudi: bool) -> None:
     """Same model on every node, one Gaudi generation everywhere; errors name the node."""
     missing = [f for f in facts if not f.model_found]
     if missing:
-        raise ModelError(f"{model_dir}: no config.json on node {missing[0].node} ({missing[0].hostname})",
-                         fix="put the model at the same path on every node (or on a shared file system).")
+        raise ModelError(
+            f"{model_dir}: no config.json on node {missing[0].node} ({missing[0].hostname})",
+            fix="put the model at the same path on every node (or on a shared file system).",
+        )
     digests = {f.model_digest for f in facts}
     if len(digests) > 1:
         odd = next(f for f in facts if f.model_digest != facts[0].model_digest)
-        raise ModelError(f"{model_dir}: node {odd.node} ({odd.hostname}) holds another copy than node {facts[0].node} "
-                         "(config.json or shard sizes differ)", fix="copy the same model to every node.")
+        raise ModelError(
+            f"{model_dir}: node {odd.node} ({odd.hostname}) holds another copy than node {facts[0].node} "
+            "(config.json or shard sizes differ)",
+            fix="copy the same model to every node.",
+        )
     if not gaudi:
         return
     for f in facts:
@@ -135,5 +151,8 @@ def check_nodes(facts: list[NodeFacts], model_dir: str, *, gaudi: bool) -> None:
             raise ClusterError(f.node, f.device_error, fix="check `hl-smi` on that node.")
     types = {f.device_type for f in facts}
     if len(types) > 1:
-        raise ClusterError(facts[-1].node, f"nodes mix {' and '.join(sorted(map(str, types)))}",
-                           fix="one run needs one Gaudi generation (their scales differ).")
+        raise ClusterError(
+            facts[-1].node,
+            f"nodes mix {' and '.join(sorted(map(str, types)))}",
+            fix="one run needs one Gaudi generation (their scales differ).",
+        )

@@ -16,7 +16,9 @@ def _default_kv_cache_gib() -> float:
     try:
         return float(value) if value else 1.0
     except ValueError:
-        raise ConfigError(f"{CPU_KV_ENV}={value!r} is not a number", fix="set it to GiB per rank, or unset it.") from None
+        raise ConfigError(
+            f"{CPU_KV_ENV}={value!r} is not a number", fix="set it to GiB per rank, or unset it."
+        ) from None
 
 
 def _check_kv(ctx: click.Context, param: click.Parameter, value: float | None) -> float:
@@ -27,15 +29,24 @@ def _check_kv(ctx: click.Context, param: click.Parameter, value: float | None) -
 
 
 kv_cache_gib_option = click.option(
-    "--kv-cache-gib", type=float, default=None, callback=_check_kv,
-    help="CPU: KV-cache GiB per rank, e.g. 0.25 for many ranks on one host [default: VLLM_CPU_KVCACHE_SPACE, else 1].")
+    "--kv-cache-gib",
+    type=float,
+    default=None,
+    callback=_check_kv,
+    help="CPU: KV-cache GiB per rank, e.g. 0.25 for many ranks on one host [default: VLLM_CPU_KVCACHE_SPACE, else 1].",
+)
 
 
 max_model_len_option = click.option(
-    "--max-model-len", type=click.IntRange(min=1), default=None,
-    help="Context length [default: the model's context, lowered by vLLM to what the KV cache holds].")
+    "--max-model-len",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Context length [default: the model's context, lowered by vLLM to what the KV cache holds].",
+)
 
 
 enforce_eager_option = click.option(
-    "--enforce-eager", is_flag=True,
-    help="Skip CUDA graphs / torch.compile (vLLM's --enforce-eager): faster start, slower steps.")
+    "--enforce-eager",
+    is_flag=True,
+    help="Skip CUDA graphs / torch.compile (vLLM's --enforce-eager): faster start, slower steps.",
+)

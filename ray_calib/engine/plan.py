@@ -48,10 +48,17 @@ class EnginePlan:
         return worker_env(self.engine)
 
     def to_json(self) -> dict[str, Any]:
-        return {"title": self.title, "facts": dict(self.facts), "engine_args": self.kwargs, "env": self.env,
-                "serve_args": self.serve_args, "quant_config_path": self.quant_config_path,
-                "quant_config": self.quant_config, "warnings": self.warnings,
-                "nodes": [vars(node) for node in self.nodes]}
+        return {
+            "title": self.title,
+            "facts": dict(self.facts),
+            "engine_args": self.kwargs,
+            "env": self.env,
+            "serve_args": self.serve_args,
+            "quant_config_path": self.quant_config_path,
+            "quant_config": self.quant_config,
+            "warnings": self.warnings,
+            "nodes": [vars(node) for node in self.nodes],
+        }
 
     def render(self) -> str:
         width = max((len(k) for k, _ in self.facts), default=0)
@@ -64,8 +71,11 @@ class EnginePlan:
             lines.append("  " + " ".join(shlex.quote(a) for a in self.serve_args))
         lines.append("engine arguments (vllm.LLM, on the head):")
         lines += [f"  {key}={value!r}" for key, value in self.kwargs.items()]
-        where = "this process and the Ray job's runtime_env" if self.engine.resolved_executor == "ray" else \
-            "this process (the ranks inherit it)"
+        where = (
+            "this process and the Ray job's runtime_env"
+            if self.engine.resolved_executor == "ray"
+            else "this process (the ranks inherit it)"
+        )
         lines.append(f"env of every rank (set in {where}):")
         lines += [f"  {key}={value}" for key, value in self.env.items()]
         if self.quant_config is not None:
@@ -77,8 +87,9 @@ class EnginePlan:
             total = sum(len(n.ranks) for n in self.nodes)
             for node in self.nodes:
                 role = " (driver)" if node.driver else ""
-                lines.append(f"  {node.name} {node.ip}{role}: ranks {_span(node.ranks)} of {total}, "
-                             f"{node.devices} device(s)")
+                lines.append(
+                    f"  {node.name} {node.ip}{role}: ranks {_span(node.ranks)} of {total}, {node.devices} device(s)"
+                )
                 if node.source_file:
                     lines.append(f"    sources {node.source_file} before `ray start`")
                 if node.node_env:
@@ -106,16 +117,32 @@ def nodes_from_conf(conf, tp_size: int) -> list[NodePlan]:
     for node in conf.nodes:
         take = max(0, min(node.devices, tp_size - next_rank))
         env = {k: _unquote(v) for k, v in node_env(node, conf.token_path).items()}
-        plans.append(NodePlan(name=node.name, ip=node.ip, ranks=list(range(next_rank, next_rank + take)),
-                              devices=node.devices, node_env=env, source_file=node.source_file,
-                              driver=node.role == "head"))
+        plans.append(
+            NodePlan(
+                name=node.name,
+                ip=node.ip,
+                ranks=list(range(next_rank, next_rank + take)),
+                devices=node.devices,
+                node_env=env,
+                source_file=node.source_file,
+                driver=node.role == "head",
+            )
+        )
         next_rank += take
     return plans
 
 
 def local_node(tp_size: int, devices: int | None = None) -> list[NodePlan]:
-    return [NodePlan(name="local", ip="this host", ranks=list(range(tp_size)), devices=devices or tp_size,
-                     node_env={}, driver=True)]
+    return [
+        NodePlan(
+            name="local",
+            ip="this host",
+            ranks=list(range(tp_size)),
+            devices=devices or tp_size,
+            node_env={},
+            driver=True,
+        )
+    ]
 
 
 def with_copy_list(env: dict[str, str]) -> dict[str, str]:

@@ -35,8 +35,12 @@ class ModelShape:
         experts = num_routed_experts(config)
         keys = ("intermediate_size", "moe_intermediate_size") if experts else ("intermediate_size",)
         widths = {key: config[key] for key in keys if isinstance(config.get(key), int)}
-        return cls(num_heads=int(config.get("num_attention_heads") or 1), num_experts=experts, widths=widths,
-                   max_positions=config.get("max_position_embeddings"))
+        return cls(
+            num_heads=int(config.get("num_attention_heads") or 1),
+            num_experts=experts,
+            widths=widths,
+            max_positions=config.get("max_position_embeddings"),
+        )
 
     def counts(self) -> list[tuple[str, int]]:
         """(what, how many) that a TP size must divide, in the order they are reported."""
@@ -61,8 +65,11 @@ def check_tp(shape: ModelShape, tp_size: int, model_id: str) -> None:
     bad = misfit(shape, tp_size)
     if bad:
         what, count = bad
-        raise ConfigError(f"--tp {tp_size} does not divide the {count} {what} of {model_id} "
-                          f"({count} % {tp_size} = {count % tp_size})", fix=f"use --tp {_choices(shape)}.")
+        raise ConfigError(
+            f"--tp {tp_size} does not divide the {count} {what} of {model_id} "
+            f"({count} % {tp_size} = {count % tp_size})",
+            fix=f"use --tp {_choices(shape)}.",
+        )
 
 
 def check_device_count(shape: ModelShape, tp_size: int, devices: int, where: str) -> None:
@@ -70,8 +77,11 @@ def check_device_count(shape: ModelShape, tp_size: int, devices: int, where: str
     if tp_size <= devices:
         return
     fitting = [tp for tp in valid_tp_sizes(shape) if tp <= devices]
-    fix = (f"use --tp {' | '.join(map(str, fitting))}, or add nodes/devices (ray-calib up)" if fitting
-           else "add nodes/devices (ray-calib up).")
+    fix = (
+        f"use --tp {' | '.join(map(str, fitting))}, or add nodes/devices (ray-calib up)"
+        if fitting
+        else "add nodes/devices (ray-calib up)."
+    )
     raise EngineError(f"--tp {tp_size} needs {tp_size} devices but {where} offers {devices}", fix=fix)
 
 
@@ -82,9 +92,11 @@ def check_max_model_len(shape: ModelShape, max_model_len: int | None, model_id: 
     if max_model_len < 1:
         raise ConfigError(f"--max-model-len must be at least 1, got {max_model_len}", fix="pass a positive length.")
     if shape.max_positions and max_model_len > shape.max_positions:
-        raise ConfigError(f"--max-model-len {max_model_len} is beyond the {shape.max_positions}-token context of "
-                          f"{model_id} (max_position_embeddings)",
-                          fix=f"pass --max-model-len {shape.max_positions} or less, or leave it out.")
+        raise ConfigError(
+            f"--max-model-len {max_model_len} is beyond the {shape.max_positions}-token context of "
+            f"{model_id} (max_position_embeddings)",
+            fix=f"pass --max-model-len {shape.max_positions} or less, or leave it out.",
+        )
 
 
 def _choices(shape: ModelShape) -> str:
@@ -99,8 +111,9 @@ class Devices:
     where: str
 
 
-def choose_tp(shape: ModelShape, requested: int | None, *, model_id: str, devices: Devices, memory,
-              preferred: int | None = None) -> int:
+def choose_tp(
+    shape: ModelShape, requested: int | None, *, model_id: str, devices: Devices, memory, preferred: int | None = None
+) -> int:
     """The TP to run: `requested` after every check; else `preferred` (e.g. the run's unified TP) when it is
     allowed and fits; else the smallest TP the model allows that the devices hold and memory fits.
 

@@ -32,9 +32,11 @@ def install() -> None:
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
     UnquantizedLinearMethod.process_weights_after_loading = _before(
-        UnquantizedLinearMethod.process_weights_after_loading, _record_linear)
+        UnquantizedLinearMethod.process_weights_after_loading, _record_linear
+    )
     UnquantizedFusedMoEMethod.process_weights_after_loading = _before(
-        UnquantizedFusedMoEMethod.process_weights_after_loading, _record_experts)
+        UnquantizedFusedMoEMethod.process_weights_after_loading, _record_experts
+    )
     _INSTALLED = True
 
 

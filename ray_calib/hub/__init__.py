@@ -1,5 +1,5 @@
 """Publishing runs on the Hugging Face hub.
 
-    card        the model card (README.md) built from a run directory
-    transfer    push / pull with huggingface_hub, hub errors -> one-line HubError
+card        the model card (README.md) built from a run directory
+transfer    push / pull with huggingface_hub, hub errors -> one-line HubError
 """

@@ -21,24 +21,51 @@ def build_card(run: RunDir, repo_id: str, *, include_checkpoint: bool = False) -
     meta = read_meta(run.measure) if run.measure.is_dir() else None
     meta = meta or RunMeta()
     rows = [
-        ("Model", meta.model), ("Revision", meta.revision), ("Device", meta.device_type),
-        ("Dataset", meta.dataset), ("Dataset hash", (meta.dataset_hash or "")[:16] or None),
-        ("Samples", meta.num_samples), ("Tokens", meta.num_tokens),
+        ("Model", meta.model),
+        ("Revision", meta.revision),
+        ("Device", meta.device_type),
+        ("Dataset", meta.dataset),
+        ("Dataset hash", (meta.dataset_hash or "")[:16] or None),
+        ("Samples", meta.num_samples),
+        ("Tokens", meta.num_tokens),
         ("Measured at TP / EP", f"{meta.tp_size or _NA} / {meta.ep_size or _NA}"),
         ("Unified to TP", ", ".join(str(tp) for tp in _unified_tps(run)) or None),
-        ("Observer", meta.observer), ("FP8 KV cache measured", meta.fp8_kv),
+        ("Observer", meta.observer),
+        ("FP8 KV cache measured", meta.fp8_kv),
         ("Scale method", ", ".join(_scale_methods(run)) or None),
         ("Tool versions", ", ".join(f"{k} {v}" for k, v in sorted(meta.versions.items())) or None),
     ]
-    lines = [_front_matter(meta), f"# {repo_id.split('/')[-1]}: FP8 calibration by ray-calib", "",
-             "Static FP8 calibration results (INC max-abs measurement files, unified sets, QUANT_CONFIGs"
-             " and reports) produced by ray-calib.", "",
-             "## Calibration", "", "| | |", "|---|---|"]
+    lines = [
+        _front_matter(meta),
+        f"# {repo_id.split('/')[-1]}: FP8 calibration by ray-calib",
+        "",
+        "Static FP8 calibration results (INC max-abs measurement files, unified sets, QUANT_CONFIGs"
+        " and reports) produced by ray-calib.",
+        "",
+        "## Calibration",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {_NA if value is None else value} |" for name, value in rows]
-    lines += ["", "## Evaluation (FP8 vs BF16)", "", *_eval_section(run.eval_json), "",
-              "## Files", "", *_file_section(run, include_checkpoint), "", "## Use", "", "```bash",
-              f"ray-calib pull --repo {repo_id} --to calib-run",
-              "ray-calib infer --run-dir calib-run", "```", ""]
+    lines += [
+        "",
+        "## Evaluation (FP8 vs BF16)",
+        "",
+        *_eval_section(run.eval_json),
+        "",
+        "## Files",
+        "",
+        *_file_section(run, include_checkpoint),
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"ray-calib pull --repo {repo_id} --to calib-run",
+        "ray-calib infer --run-dir calib-run",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -51,7 +78,7 @@ def _front_matter(meta: RunMeta) -> str:
 def _unified_tps(run: RunDir) -> list[int]:
     tps = []
     for path in run.root.glob("unified-tp*"):
-        suffix = path.name[len("unified-tp"):]
+        suffix = path.name[len("unified-tp") :]
         if path.is_dir() and suffix.isdigit():
             tps.append(int(suffix))
     return sorted(tps)
@@ -85,8 +112,11 @@ def eval_figures(path: Path) -> list[tuple[str, float]] | None:
         if isinstance(value, numbers.Number) and not isinstance(value, bool):
             figures.append((key, float(value)))
         elif isinstance(value, dict):
-            figures += [(f"{key} ({sub})", float(v)) for sub, v in value.items()
-                        if isinstance(v, numbers.Number) and not isinstance(v, bool)]
+            figures += [
+                (f"{key} ({sub})", float(v))
+                for sub, v in value.items()
+                if isinstance(v, numbers.Number) and not isinstance(v, bool)
+            ]
     return figures
 
 
@@ -102,16 +132,22 @@ def _fmt(value: float) -> str:
 
 
 def _file_section(run: RunDir, include_checkpoint: bool) -> list[str]:
-    described = {"measure": "INC range files per rank at the measured TP, meta sidecar, coverage.json",
-                 "configs": "QUANT_CONFIG files (measure / quantize, one-node variants)",
-                 "scales": "INC scale files", "report": "PNG plots and summary.txt",
-                 "fp8": "the FP8 checkpoint", "eval.json": "FP8 vs BF16 fidelity figures"}
+    described = {
+        "measure": "INC range files per rank at the measured TP, meta sidecar, coverage.json",
+        "configs": "QUANT_CONFIG files (measure / quantize, one-node variants)",
+        "scales": "INC scale files",
+        "report": "PNG plots and summary.txt",
+        "fp8": "the FP8 checkpoint",
+        "eval.json": "FP8 vs BF16 fidelity figures",
+    }
     lines = []
     for path in sorted(run.root.iterdir()) if run.root.is_dir() else []:
         if path.name.startswith(".") or path.name == "README.md" or (path.name == "fp8" and not include_checkpoint):
             continue
-        text = described.get(path.name) or ("range files re-sharded to TP " + path.name[len("unified-tp"):]
-                                            if path.name.startswith("unified-tp") else "")
+        text = described.get(path.name) or (
+            "range files re-sharded to TP " + path.name[len("unified-tp") :]
+            if path.name.startswith("unified-tp")
+            else ""
+        )
         lines.append(f"- `{path.name}{'/' if path.is_dir() else ''}`" + (f": {text}" if text else ""))
     return lines or ["(empty run directory)"]
-

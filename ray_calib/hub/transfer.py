@@ -57,8 +57,10 @@ def push(run: RunDir, repo_id: str, *, private: bool = False, include_checkpoint
     files = _files_to_push(run, ignore + ["README.md"])  # the card is written below, from these files
     token = get_token()
     if not token:
-        raise HubError(f"no Hugging Face token found for {endpoint()}",
-                       fix="set HF_TOKEN or run `hf auth login` (a token with write access).")
+        raise HubError(
+            f"no Hugging Face token found for {endpoint()}",
+            fix="set HF_TOKEN or run `hf auth login` (a token with write access).",
+        )
     api = HfApi(endpoint=endpoint(), token=token)
     with hub_errors(repo_id, writing=True):
         atomic.write_text(run.root / "README.md", build_card(run, repo_id, include_checkpoint=include_checkpoint))
@@ -68,11 +70,18 @@ def push(run: RunDir, repo_id: str, *, private: bool = False, include_checkpoint
             large(repo_id=repo_id, folder_path=str(run.root), repo_type="model", ignore_patterns=ignore)
             commit_url = f"{url}/tree/main"
         else:  # huggingface_hub >= 2: upload_folder is itself streamed, multi-commit and resumable (Xet)
-            info = api.upload_folder(repo_id=repo_id, folder_path=str(run.root), repo_type="model",
-                                     ignore_patterns=ignore, commit_message="ray-calib push")
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(run.root),
+                repo_type="model",
+                ignore_patterns=ignore,
+                commit_message="ray-calib push",
+            )
             commit_url = info.commit_url
     sizes = sum((run.root / f).stat().st_size for f in files)
-    return PushResult(repo_id=repo_id, url=str(url), commit_url=commit_url, files=["README.md", *files], num_bytes=sizes)
+    return PushResult(
+        repo_id=repo_id, url=str(url), commit_url=commit_url, files=["README.md", *files], num_bytes=sizes
+    )
 
 
 def _files_to_push(run: RunDir, ignore: list[str]) -> list[str]:
@@ -80,12 +89,16 @@ def _files_to_push(run: RunDir, ignore: list[str]) -> list[str]:
     from huggingface_hub.utils import filter_repo_objects
 
     if not run.root.is_dir():
-        raise ConfigError(f"{run.root}: run directory not found", fix="pass --run-dir (the directory `measure` wrote to).")
+        raise ConfigError(
+            f"{run.root}: run directory not found", fix="pass --run-dir (the directory `measure` wrote to)."
+        )
     every = sorted(p.relative_to(run.root).as_posix() for p in run.root.rglob("*") if p.is_file())
     files = list(filter_repo_objects(every, ignore_patterns=ignore))
     if not files:
-        raise ConfigError(f"{run.root}: nothing to push (no measurement, configs or report yet)",
-                          fix="run `ray-calib measure` first, or pass the right --run-dir.")
+        raise ConfigError(
+            f"{run.root}: nothing to push (no measurement, configs or report yet)",
+            fix="run `ray-calib measure` first, or pass the right --run-dir.",
+        )
     return files
 
 
@@ -103,14 +116,20 @@ def pull(repo_id: str, to: Path, *, revision: str | None = None, force: bool = F
     stage = Path(tempfile.mkdtemp(prefix=".ray-calib-pull-", dir=to))
     try:
         with hub_errors(repo_id, writing=False):
-            snapshot_download(repo_id, revision=revision, local_dir=str(stage), endpoint=endpoint(),
-                              token=get_token() or None)
-        files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*")
-                       if p.is_file() and not p.relative_to(stage).parts[0].startswith("."))
+            snapshot_download(
+                repo_id, revision=revision, local_dir=str(stage), endpoint=endpoint(), token=get_token() or None
+            )
+        files = sorted(
+            p.relative_to(stage).as_posix()
+            for p in stage.rglob("*")
+            if p.is_file() and not p.relative_to(stage).parts[0].startswith(".")
+        )
         clashes = [rel for rel in files if (to / rel).exists()]
         if clashes and not force:
-            raise OutputExistsError(f"{to}: already holds {clashes[0]} ({len(clashes)} of the {len(files)} files "
-                                    f"of {repo_id})", fix="pull into another --to, or pass --force to replace them.")
+            raise OutputExistsError(
+                f"{to}: already holds {clashes[0]} ({len(clashes)} of the {len(files)} files of {repo_id})",
+                fix="pull into another --to, or pass --force to replace them.",
+            )
         for rel in files:
             (to / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / rel, to / rel)
@@ -146,8 +165,10 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise HubError(f"--repo {repo_id!r} is not a valid repo id ({str(err).splitlines()[0]})",
-                       fix="use ORG/NAME with letters, digits, '-', '_' or '.'") from None
+        raise HubError(
+            f"--repo {repo_id!r} is not a valid repo id ({str(err).splitlines()[0]})",
+            fix="use ORG/NAME with letters, digits, '-', '_' or '.'",
+        ) from None
 
 
 @contextlib.contextmanager
@@ -161,8 +182,17 @@ def hub_errors(repo_id: str, *, writing: bool) -> Iterator[None]:
     except HubError:
         raise
     except Exception as err:  # classified below; anything unknown is re-raised untouched
-        cause = _root_cause(err, (*_network_errors(), errors.RepositoryNotFoundError, errors.RevisionNotFoundError,
-                                  errors.HfHubHTTPError, errors.LocalTokenNotFoundError, ConnectionError))
+        cause = _root_cause(
+            err,
+            (
+                *_network_errors(),
+                errors.RepositoryNotFoundError,
+                errors.RevisionNotFoundError,
+                errors.HfHubHTTPError,
+                errors.LocalTokenNotFoundError,
+                ConnectionError,
+            ),
+        )
         if cause is None:
             raise
         raise _translate(cause, repo_id, where, writing) from None
@@ -173,8 +203,11 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     from huggingface_hub import errors
 
     kinds: list[type[BaseException]] = [errors.OfflineModeIsEnabled]
-    for module, names in (("httpx2", ("ConnectError", "TimeoutException")), ("httpx", ("ConnectError", "TimeoutException")),
-                          ("requests", ("ConnectionError", "Timeout"))):
+    for module, names in (
+        ("httpx2", ("ConnectError", "TimeoutException")),
+        ("httpx", ("ConnectError", "TimeoutException")),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
         with contextlib.suppress(ImportError):
             loaded = importlib.import_module(module)
             kinds += [getattr(loaded, name) for name in names if hasattr(loaded, name)]
@@ -194,25 +227,35 @@ def _translate(cause: BaseException, repo_id: str, where: str, writing: bool) ->
     from huggingface_hub import errors
 
     if isinstance(cause, _network_errors()):
-        return HubError(f"cannot reach the hub at {where} ({type(cause).__name__})",
-                        fix="check the network or proxy, or set HF_ENDPOINT to a reachable hub.")
+        return HubError(
+            f"cannot reach the hub at {where} ({type(cause).__name__})",
+            fix="check the network or proxy, or set HF_ENDPOINT to a reachable hub.",
+        )
     if isinstance(cause, ConnectionError):  # raised by hf_xet (Rust) for its storage protocol
-        return HubError(f"the Xet upload to {where} failed ({str(cause).splitlines()[0]})",
-                        fix="retry (uploads resume); against the ray-calib Hub stand-in set HF_HUB_DISABLE_XET=1.")
+        return HubError(
+            f"the Xet upload to {where} failed ({str(cause).splitlines()[0]})",
+            fix="retry (uploads resume); against the ray-calib Hub stand-in set HF_HUB_DISABLE_XET=1.",
+        )
     if isinstance(cause, errors.LocalTokenNotFoundError):
         return HubError(f"no Hugging Face token found for {where}", fix="set HF_TOKEN or run `hf auth login`.")
     if isinstance(cause, errors.RevisionNotFoundError):
         return HubError(f"{repo_id}: revision not found at {where}", fix="check --revision (a branch, tag or commit).")
     if isinstance(cause, errors.RepositoryNotFoundError):
-        return HubError(f"repo {repo_id} not found at {where} (or it is private and this token cannot see it)",
-                        fix="check --repo (ORG/NAME) and that your token has access to it.")
+        return HubError(
+            f"repo {repo_id} not found at {where} (or it is private and this token cannot see it)",
+            fix="check --repo (ORG/NAME) and that your token has access to it.",
+        )
     status = getattr(getattr(cause, "response", None), "status_code", None)
     message = (getattr(cause, "server_message", None) or str(cause)).strip().splitlines()[0]
     if status == 401:
         return HubError(f"{where} rejected the token ({message})", fix="set a valid HF_TOKEN or run `hf auth login`.")
     if status == 403:
         action = "write to" if writing else "read"
-        return HubError(f"the token may not {action} {repo_id} at {where} ({message})",
-                        fix="use a token with write access to that namespace, or another --repo.")
-    return HubError(f"{where}: {repo_id}: HTTP {status}: {message}",
-                    fix="retry; if it persists, check the hub status page or HF_ENDPOINT.")
+        return HubError(
+            f"the token may not {action} {repo_id} at {where} ({message})",
+            fix="use a token with write access to that namespace, or another --repo.",
+        )
+    return HubError(
+        f"{where}: {repo_id}: HTTP {status}: {message}",
+        fix="retry; if it persists, check the hub status page or HF_ENDPOINT.",
+    )

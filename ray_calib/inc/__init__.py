@@ -26,7 +26,23 @@ from ray_calib.inc.rankfile import MODE_RANGE, MODE_SCALE, RankFile, read_rank_f
 from ray_calib.inc.runset import MeasurementSet, scale_methods
 
 __all__ = [
-    "MEASURE_PREFIX", "META_FILE", "MODE_RANGE", "MODE_SCALE", "ExpertCoverage", "ExpertLayout", "MeasurementSet",
-    "RankFile", "RunMeta", "StatsName", "expert_layout", "parse_name", "read_coverage", "read_meta", "read_rank_file",
-    "scale_methods", "write_coverage", "write_meta", "write_rank_file",
+    "MEASURE_PREFIX",
+    "META_FILE",
+    "MODE_RANGE",
+    "MODE_SCALE",
+    "ExpertCoverage",
+    "ExpertLayout",
+    "MeasurementSet",
+    "RankFile",
+    "RunMeta",
+    "StatsName",
+    "expert_layout",
+    "parse_name",
+    "read_coverage",
+    "read_meta",
+    "read_rank_file",
+    "scale_methods",
+    "write_coverage",
+    "write_meta",
+    "write_rank_file",
 ]

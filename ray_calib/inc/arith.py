@@ -86,7 +86,7 @@ def pow2(exponent: float) -> float:
     """2^exponent as a bf16/float32 tensor holds it: 0.0 for -inf (torch.exp2(-inf)), inf from 2^128 up."""
     if exponent == -math.inf:
         return 0.0
-    return math.inf if exponent >= 128 else 2.0 ** exponent
+    return math.inf if exponent >= 128 else 2.0**exponent
 
 
 def hw_exponent(exponent: float, factor: int, lowest: int, highest: int) -> int:

@@ -23,12 +23,17 @@ class ExpertCoverage:
     num_tokens: int = 0
 
     def never_hit(self) -> dict[str, list[int]]:
-        return {module: [e for e, n in enumerate(counts) if n == 0] for module, counts in self.experts.items()
-                if 0 in counts}
+        return {
+            module: [e for e, n in enumerate(counts) if n == 0]
+            for module, counts in self.experts.items()
+            if 0 in counts
+        }
 
     def below(self, min_tokens: int) -> list[tuple[str, int, int]]:
         """(module, expert, tokens) for every expert that saw fewer than `min_tokens` tokens."""
-        return [(module, e, n) for module, counts in self.experts.items() for e, n in enumerate(counts) if n < min_tokens]
+        return [
+            (module, e, n) for module, counts in self.experts.items() for e, n in enumerate(counts) if n < min_tokens
+        ]
 
     def merge(self, other: ExpertCoverage) -> ExpertCoverage:
         """Counts add up (chunks of one run); a module missing on one side counts as zeros."""
@@ -58,7 +63,7 @@ def hits_from_ranges(rank_files: list, *, expert_parallel: bool) -> dict[str, li
             outputs = (rank_file.nodes.get(op) or {}).get("outputs") or []
             size = layout.local_experts * (len(rank_files) if expert_parallel else 1)
             counts = hits.setdefault(op, [0] * size)
-            for local, leaf in enumerate(outputs[1:1 + layout.local_experts]):
+            for local, leaf in enumerate(outputs[1 : 1 + layout.local_experts]):
                 expert = rank * layout.local_experts + local if expert_parallel else local
                 if any(v != 0 for v in node_values({"outputs": [leaf]})):
                     counts[expert] = 1
@@ -66,8 +71,12 @@ def hits_from_ranges(rank_files: list, *, expert_parallel: bool) -> dict[str, li
 
 
 def write_coverage(directory: str | Path, coverage: ExpertCoverage) -> Path:
-    data = {"schema": 1, "num_tokens": coverage.num_tokens, "experts": coverage.experts,
-            "never_hit": coverage.never_hit()}
+    data = {
+        "schema": 1,
+        "num_tokens": coverage.num_tokens,
+        "experts": coverage.experts,
+        "never_hit": coverage.never_hit(),
+    }
     return atomic.write_bytes(Path(directory) / COVERAGE_FILE, jsonio.dumps(data))
 
 

@@ -49,8 +49,10 @@ class DeviceScales:
         if fmt == "E4M3":
             return self
         if not self.is_gaudi:
-            raise ConfigError(f"fp8 format E5M2 is for INC on Gaudi; {self.name} FP8 checkpoints are float8_e4m3fn",
-                              fix="drop --fp8-format E5M2 (or use --device gaudi2/gaudi3).")
+            raise ConfigError(
+                f"fp8 format E5M2 is for INC on Gaudi; {self.name} FP8 checkpoints are float8_e4m3fn",
+                fix="drop --fp8-format E5M2 (or use --device gaudi2/gaudi3).",
+            )
         return replace(self, fullscale=E5M2_FULLSCALE, fp8_format=fmt)
 
     @property
@@ -59,7 +61,7 @@ class DeviceScales:
 
     @property
     def hw_scales(self) -> tuple[float, ...]:
-        return tuple(2.0 ** e for e in self.hw_exponents)
+        return tuple(2.0**e for e in self.hw_exponents)
 
     @property
     def min_exponent(self) -> int:
@@ -97,9 +99,13 @@ def device_for_scales(device: str, override: str | None, method: str) -> DeviceS
         return run_on
     scales_of = get_device(override)
     if not (scales_of.name == "gaudi2" and run_on.name == "gaudi3"):
-        raise ConfigError(f"device_for_scales '{scales_of.name}' cannot be used on '{run_on.name}'",
-                          fix="only Gaudi2 scales on Gaudi3 are supported; drop device_for_scales.")
+        raise ConfigError(
+            f"device_for_scales '{scales_of.name}' cannot be used on '{run_on.name}'",
+            fix="only Gaudi2 scales on Gaudi3 are supported; drop device_for_scales.",
+        )
     if method.lower() != "maxabs_hw":
-        raise ConfigError(f"device_for_scales '{scales_of.name}' needs scale_method maxabs_hw, not '{method}'",
-                          fix="use scale_method maxabs_hw or drop device_for_scales.")
+        raise ConfigError(
+            f"device_for_scales '{scales_of.name}' needs scale_method maxabs_hw, not '{method}'",
+            fix="use scale_method maxabs_hw or drop device_for_scales.",
+        )
     return scales_of

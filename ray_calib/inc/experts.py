@@ -34,7 +34,11 @@ def expert_layout(rank_file: RankFile) -> ExpertLayout:
             children.setdefault(child[0], []).append(child[1:])
     counts = {len({expert for _, expert in kids}) for kids in children.values()}
     if len(counts) > 1:
-        raise MeasurementError(rank_file.name.stem, f"MoE ops hold different expert counts {sorted(counts)}",
-                               fix="the file mixes runs; re-measure.")
-    return ExpertLayout(children={op: sorted(kids) for op, kids in children.items()},
-                        local_experts=counts.pop() if counts else 0)
+        raise MeasurementError(
+            rank_file.name.stem,
+            f"MoE ops hold different expert counts {sorted(counts)}",
+            fix="the file mixes runs; re-measure.",
+        )
+    return ExpertLayout(
+        children={op: sorted(kids) for op, kids in children.items()}, local_experts=counts.pop() if counts else 0
+    )

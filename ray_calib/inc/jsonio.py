@@ -25,8 +25,11 @@ def load(path: Path) -> tuple[Any, bool]:
             with contextlib.suppress(ValueError):
                 return json.loads(data), True
         what = "is truncated" if err.pos >= len(data.rstrip()) else "is not valid JSON"
-        raise MeasurementError(path, f"{what} ({err.msg} at line {err.lineno} column {err.colno})",
-                               fix="re-copy it from the node that wrote it or re-run the measurement.") from None
+        raise MeasurementError(
+            path,
+            f"{what} ({err.msg} at line {err.lineno} column {err.colno})",
+            fix="re-copy it from the node that wrote it or re-run the measurement.",
+        ) from None
 
 
 def dumps(obj: Any) -> bytes:

@@ -44,8 +44,11 @@ class RunMeta:
 
 _FIELDS = {f.name for f in dataclasses.fields(RunMeta)} - {"extra"}
 # field -> the JSON type it must have (from the annotations: "int | None" -> int, "dict[str, str]" -> dict)
-_TYPES = {f.name: {"str": str, "int": int, "bool": bool}.get(f.type.split(" |")[0], dict if "dict" in f.type else list)
-          for f in dataclasses.fields(RunMeta) if f.name in _FIELDS}
+_TYPES = {
+    f.name: {"str": str, "int": int, "bool": bool}.get(f.type.split(" |")[0], dict if "dict" in f.type else list)
+    for f in dataclasses.fields(RunMeta)
+    if f.name in _FIELDS
+}
 
 
 def read_meta(directory: str | Path) -> RunMeta | None:
@@ -63,8 +66,11 @@ def read_meta(directory: str | Path) -> RunMeta | None:
     for key, value in known.items():
         expected = _TYPES[key]
         if value is not None and (not isinstance(value, expected) or (type(value) is bool and expected is not bool)):
-            raise MeasurementError(path, f"field '{key}' is {value!r}, expected {expected.__name__}",
-                                   fix="delete the field (or the file) or restore it.")
+            raise MeasurementError(
+                path,
+                f"field '{key}' is {value!r}, expected {expected.__name__}",
+                fix="delete the field (or the file) or restore it.",
+            )
     return RunMeta(**known, extra={k: v for k, v in data.items() if k not in _FIELDS})
 
 

@@ -75,32 +75,55 @@ _POW2_A = TensorRule(rounding="pow2", backoff=_A)
 _HW_W = TensorRule(rounding="hw", backoff=_W)
 _HW_A = TensorRule(rounding="hw", backoff=_A)
 _PCS_POW2_W = TensorRule(granularity="pcs", rounding="pow2", backoff=_W)
-_PCS_OPT_W = TensorRule(value="opt", granularity="pcs", rounding="pow2", backoff=_W,
-                        candidates=tuple(2.0 ** s for s in range(-3, 5)))
+_PCS_OPT_W = TensorRule(
+    value="opt", granularity="pcs", rounding="pow2", backoff=_W, candidates=tuple(2.0**s for s in range(-3, 5))
+)
 
-METHODS: dict[str, ScaleMethod] = {m.name: m for m in (
-    ScaleMethod("unit_scale", TensorRule(value="fixed", rounding="unit"), TensorRule(value="fixed", rounding="unit")),
-    ScaleMethod("hw_aligned_single_scale", TensorRule(value="fixed", rounding="hw_fixed"),
-                TensorRule(value="fixed", rounding="hw_fixed")),
-    ScaleMethod("maxabs_arbitrary", TensorRule(backoff=_W), TensorRule(backoff=_A)),
-    ScaleMethod("maxabs_pow2", _POW2_W, _POW2_A),
-    ScaleMethod("maxabs_hw", _HW_W, _HW_A),
-    ScaleMethod("maxabs_hw_opt_weight", TensorRule(value="opt", rounding="hw", backoff=_W), _HW_A, hw_candidates=True),
-    ScaleMethod("maxabs_pow2_opt_weight", TensorRule(value="opt", rounding="pow2", backoff=_W,
-                                                     candidates=tuple(2.0 ** s for s in range(-10, 10))), _POW2_A),
-    ScaleMethod("act_maxabs_hw_weights_pcs_maxabs_pow2", _PCS_POW2_W, _HW_A),
-    ScaleMethod("act_maxabs_hw_weights_pcs_opt_pow2", _PCS_OPT_W, _HW_A),
-    ScaleMethod("act_maxabs_pow2_weights_pcs_maxabs_pow2", _PCS_POW2_W, _POW2_A),
-    ScaleMethod("act_maxabs_pow2_weights_pcs_opt_pow2", _PCS_OPT_W, _POW2_A),
-    ScaleMethod("act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw", _HW_W,
-                TensorRule(granularity="pcs", rounding="pow2"), dynamic_only=True),
-    ScaleMethod("maxabs_pcs_pow2", _PCS_POW2_W, TensorRule(granularity="pcs", rounding="pow2"), dynamic_only=True),
-)}
+METHODS: dict[str, ScaleMethod] = {
+    m.name: m
+    for m in (
+        ScaleMethod(
+            "unit_scale", TensorRule(value="fixed", rounding="unit"), TensorRule(value="fixed", rounding="unit")
+        ),
+        ScaleMethod(
+            "hw_aligned_single_scale",
+            TensorRule(value="fixed", rounding="hw_fixed"),
+            TensorRule(value="fixed", rounding="hw_fixed"),
+        ),
+        ScaleMethod("maxabs_arbitrary", TensorRule(backoff=_W), TensorRule(backoff=_A)),
+        ScaleMethod("maxabs_pow2", _POW2_W, _POW2_A),
+        ScaleMethod("maxabs_hw", _HW_W, _HW_A),
+        ScaleMethod(
+            "maxabs_hw_opt_weight", TensorRule(value="opt", rounding="hw", backoff=_W), _HW_A, hw_candidates=True
+        ),
+        ScaleMethod(
+            "maxabs_pow2_opt_weight",
+            TensorRule(value="opt", rounding="pow2", backoff=_W, candidates=tuple(2.0**s for s in range(-10, 10))),
+            _POW2_A,
+        ),
+        ScaleMethod("act_maxabs_hw_weights_pcs_maxabs_pow2", _PCS_POW2_W, _HW_A),
+        ScaleMethod("act_maxabs_hw_weights_pcs_opt_pow2", _PCS_OPT_W, _HW_A),
+        ScaleMethod("act_maxabs_pow2_weights_pcs_maxabs_pow2", _PCS_POW2_W, _POW2_A),
+        ScaleMethod("act_maxabs_pow2_weights_pcs_opt_pow2", _PCS_OPT_W, _POW2_A),
+        ScaleMethod(
+            "act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw",
+            _HW_W,
+            TensorRule(granularity="pcs", rounding="pow2"),
+            dynamic_only=True,
+        ),
+        ScaleMethod("maxabs_pcs_pow2", _PCS_POW2_W, TensorRule(granularity="pcs", rounding="pow2"), dynamic_only=True),
+    )
+}
 
 
 _INC_VALUE = {"maxabs": "maxabs", "fixed": "fixed_value", "opt": "opt"}
-_INC_ROUNDING = {"identity": "identity", "pow2": "pow2", "hw": "hw_aligned", "hw_fixed": "hw_aligned_fixed",
-                 "unit": "scale_unit"}
+_INC_ROUNDING = {
+    "identity": "identity",
+    "pow2": "pow2",
+    "hw": "hw_aligned",
+    "hw_fixed": "hw_aligned_fixed",
+    "unit": "scale_unit",
+}
 
 
 def inc_scale_method(method: ScaleMethod) -> dict:
@@ -109,9 +132,14 @@ def inc_scale_method(method: ScaleMethod) -> dict:
     INC maps the dict back onto its named method by (granularity, value type, rounding) and fills the
     opt candidates from that method, so only the backoffs can differ from the named method's.
     """
+
     def rule(tensor: TensorRule) -> dict:
-        return {"granularity": tensor.granularity, "scale_value_type": _INC_VALUE[tensor.value],
-                "rounding_method": _INC_ROUNDING[tensor.rounding], "backoff": tensor.backoff}
+        return {
+            "granularity": tensor.granularity,
+            "scale_value_type": _INC_VALUE[tensor.value],
+            "rounding_method": _INC_ROUNDING[tensor.rounding],
+            "backoff": tensor.backoff,
+        }
 
     return {"default": {"weight": rule(method.weight), "activation": rule(method.activation)}}
 
@@ -124,26 +152,40 @@ def method_from_inc_dict(scale_method: dict) -> ScaleMethod | None:
     rules = [default.get(k) if isinstance(default.get(k), dict) else {} for k in ("weight", "activation")]
 
     def key(rule: dict) -> tuple:
-        return (str(rule.get("granularity", "pts")).lower(), str(rule.get("scale_value_type", "maxabs")).lower(),
-                str(rule.get("rounding_method", "identity")).lower())
+        return (
+            str(rule.get("granularity", "pts")).lower(),
+            str(rule.get("scale_value_type", "maxabs")).lower(),
+            str(rule.get("rounding_method", "identity")).lower(),
+        )
 
     for method in METHODS.values():
         named = inc_scale_method(method)["default"]
         if all(key(rule) == key(named[k]) for rule, k in zip(rules, ("weight", "activation"))):
             weight, activation = (rule.get("backoff", 1.0) for rule in rules)
-            return replace(method, weight=replace(method.weight, backoff=weight),
-                           activation=replace(method.activation, backoff=activation))
+            return replace(
+                method,
+                weight=replace(method.weight, backoff=weight),
+                activation=replace(method.activation, backoff=activation),
+            )
     return None
 
 
-def get_method(name: str, *, input_backoff: float | None = None, weight_backoff: float | None = None,
-               output_backoff: float | None = None) -> ScaleMethod:
+def get_method(
+    name: str,
+    *,
+    input_backoff: float | None = None,
+    weight_backoff: float | None = None,
+    output_backoff: float | None = None,
+) -> ScaleMethod:
     """The method called `name` (any case), with backoff overrides applied (see the module docstring)."""
     method = METHODS.get(name.lower())
     if method is None:
         raise ConfigError(f"unknown scale_method '{name}'", fix=f"use one of {', '.join(METHODS)}.")
-    for key, value in (("input_backoff", input_backoff), ("weight_backoff", weight_backoff),
-                       ("output_backoff", output_backoff)):
+    for key, value in (
+        ("input_backoff", input_backoff),
+        ("weight_backoff", weight_backoff),
+        ("output_backoff", output_backoff),
+    ):
         if value is not None and not 0 < value <= 1:
             raise ConfigError(f"scale_params.{key} is {value}", fix="use a backoff in (0, 1], e.g. 0.25 or 0.5.")
     if input_backoff is not None:
@@ -157,15 +199,20 @@ def get_method(name: str, *, input_backoff: float | None = None, weight_backoff:
 
 def check_method_for_device(method: ScaleMethod, device: DeviceScales, *, dynamic: bool = False) -> None:
     if method.needs_hw_table and not device.has_hw_scales:
-        raise ConfigError(f"scale_method '{method.name}' rounds to Gaudi HW scales, which {device.name} does not have",
-                          fix="use maxabs_pow2 or maxabs_arbitrary (or their pcs variants) on cuda/cpu.")
+        raise ConfigError(
+            f"scale_method '{method.name}' rounds to Gaudi HW scales, which {device.name} does not have",
+            fix="use maxabs_pow2 or maxabs_arbitrary (or their pcs variants) on cuda/cpu.",
+        )
     if method.dynamic_only and not dynamic:
-        raise ConfigError(f"scale_method '{method.name}' works only with dynamic quantization (activation scales "
-                          "per token at run time)", fix='set "dynamic_quantization": true or pick a static method '
-                          "such as maxabs_hw / maxabs_pow2.")
+        raise ConfigError(
+            f"scale_method '{method.name}' works only with dynamic quantization (activation scales "
+            "per token at run time)",
+            fix='set "dynamic_quantization": true or pick a static method such as maxabs_hw / maxabs_pow2.',
+        )
 
 
 # ---- rounding -----------------------------------------------------------------------------------------
+
 
 def pow2_ceil(scale: float) -> float:
     return 2.0 ** math.ceil(math.log2(scale))
@@ -198,8 +245,9 @@ def scale_from_maxabs(maxabs: float, rule: TensorRule, device: DeviceScales, *, 
     return round_scale(raw, rule.rounding, device)
 
 
-def activation_scale(maxabs: float | Sequence, method: ScaleMethod, device: DeviceScales, *,
-                     backoff: float | None = None) -> float:
+def activation_scale(
+    maxabs: float | Sequence, method: ScaleMethod, device: DeviceScales, *, backoff: float | None = None
+) -> float:
     """Static activation scale; a per-channel measurement is reduced to its max like INC does."""
     return scale_from_maxabs(leaf_max(maxabs), method.activation, device, backoff=backoff)
 
@@ -221,6 +269,7 @@ def leaf_max(leaf) -> float:
 
 
 # ---- weights (torch) ------------------------------------------------------------------------------------
+
 
 @dataclass
 class WeightScaleSearch:
@@ -349,5 +398,7 @@ def _bf16_round(scales, rounding: str):
         return torch.exp2(torch.ceil(torch.log2(scales)))
     if rounding == "identity":
         return scales
-    raise ConfigError(f"per-channel weight scales with rounding '{rounding}' are not an INC method",
-                      fix="use a pcs method whose weights round to pow2.")
+    raise ConfigError(
+        f"per-channel weight scales with rounding '{rounding}' are not an INC method",
+        fix="use a pcs method whose weights round to pow2.",
+    )

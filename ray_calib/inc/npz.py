@@ -78,7 +78,7 @@ class _ScalarArray(Exception):
 
 def _nest(flat: list, shape: tuple[int, ...]) -> list:
     for size in reversed(shape[1:]):
-        flat = [flat[i:i + size] for i in range(0, len(flat), size)]
+        flat = [flat[i : i + size] for i in range(0, len(flat), size)]
     return flat
 
 
@@ -114,7 +114,8 @@ class _AllowListUnpickler(pickle.Unpickler):
             return self._leaf_class if found is Leaf else found
         except KeyError:
             raise MeasurementError(
-                self._path, f"holds a pickled '{module}.{name}', which a stats file never needs; refused unloaded",
+                self._path,
+                f"holds a pickled '{module}.{name}', which a stats file never needs; refused unloaded",
                 fix="regenerate the file with INC or ray-calib; never load stats files of unknown origin.",
             ) from None
 
@@ -175,7 +176,7 @@ def _parse_header(raw: bytes) -> tuple[int, str]:
         size, start = struct.unpack_from("<H", raw, 8)[0], 10
     else:
         size, start = struct.unpack_from("<I", raw, 8)[0], 12
-    header = ast.literal_eval(raw[start:start + size].decode("latin-1"))
+    header = ast.literal_eval(raw[start : start + size].decode("latin-1"))
     if header.get("descr") == "|O" and header.get("shape") != ():
         raise ValueError(f"unexpected array header {header}")
     return start + size, header["descr"]
@@ -195,9 +196,11 @@ _CORE_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")  # numpy 1.x
 
 def _preamble(core: str) -> bytes:
     """Memo 0-12: `_reconstruct`, `ndarray`, (0,), b'b', the args, the 0-d object array, its O8 dtype."""
-    return (b"\x80\x03c" + core.encode() + b"\n_reconstruct\nq\x00cnumpy\nndarray\nq\x01K\x00\x85q\x02C\x01bq\x03"
-            b"\x87q\x04Rq\x05(K\x01)cnumpy\ndtype\nq\x06X\x02\x00\x00\x00O8q\x07\x89\x88\x87q\x08Rq\t"
-            b"(K\x03X\x01\x00\x00\x00|q\nNNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tq\x0bb\x89]q\x0c")
+    return (
+        b"\x80\x03c" + core.encode() + b"\n_reconstruct\nq\x00cnumpy\nndarray\nq\x01K\x00\x85q\x02C\x01bq\x03"
+        b"\x87q\x04Rq\x05(K\x01)cnumpy\ndtype\nq\x06X\x02\x00\x00\x00O8q\x07\x89\x88\x87q\x08Rq\t"
+        b"(K\x03X\x01\x00\x00\x00|q\nNNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tq\x0bb\x89]q\x0c"
+    )
 
 
 class _Image:
@@ -247,7 +250,7 @@ class _Image:
             return
         for start in range(0, len(items), _BATCH):
             self.out.append(b"(")
-            for item in items[start:start + _BATCH] if len(items) > _BATCH else items:
+            for item in items[start : start + _BATCH] if len(items) > _BATCH else items:
                 write_item(item)
             self.out.append(b"u" if is_dict else b"e")
         if is_dict and items and len(items) % _BATCH == 0:
@@ -276,8 +279,8 @@ class _Image:
             self.weight_node = self._weight_node_packer()
         if self.weight_node and len(node) == 2 and "params" in node:
             try:  # {"inputs": [[[x]]], "params": {"weight": [[w]]}}, ~85% of nodes
-                ((x,),), = node["inputs"]
-                (w,), = node["params"]["weight"]
+                (((x,),),) = node["inputs"]
+                ((w,),) = node["params"]["weight"]
                 if len(node["params"]) == 1 and type(x) is float and type(w) is float:
                     self.memo_size += 14
                     return out.append(self.weight_node(index + 2, x, w))
@@ -324,9 +327,45 @@ class _Image:
         r0, r1, r2, r3, dtype = *_LEAF_OPS, self.get_float32
 
         def pack_node(i: int, x: float, w: float) -> bytes:
-            return pack(head, i, r0, i + 1, r1, i + 2, r2, i + 3, r3, i + 4, dtype, x, b"r", i + 5, b"tr", i + 6, b"b",
-                        middle, i + 7, weight, r0, i + 8, r1, i + 9, r2, i + 10, r3, i + 11, dtype, w, b"r", i + 12,
-                        b"tr", i + 13, b"b", b"su")
+            return pack(
+                head,
+                i,
+                r0,
+                i + 1,
+                r1,
+                i + 2,
+                r2,
+                i + 3,
+                r3,
+                i + 4,
+                dtype,
+                x,
+                b"r",
+                i + 5,
+                b"tr",
+                i + 6,
+                b"b",
+                middle,
+                i + 7,
+                weight,
+                r0,
+                i + 8,
+                r1,
+                i + 9,
+                r2,
+                i + 10,
+                r3,
+                i + 11,
+                dtype,
+                w,
+                b"r",
+                i + 12,
+                b"tr",
+                i + 13,
+                b"b",
+                b"su",
+            )
+
         return pack_node
 
     def leaf(self, value: Any) -> None:
@@ -338,8 +377,25 @@ class _Image:
             if type(inner) is list and len(inner) == 1 and type(inner[0]) is float:  # INC's [[v]], ~all leaves
                 self.memo_size = index + 6
                 r0, r1, r2, r3 = _LEAF_OPS
-                out.append(self.leaf_1x1(r0, index, r1, index + 1, r2, index + 2, r3, index + 3, self.get_float32,
-                                         inner[0], b"r", index + 4, b"tr", index + 5, b"b"))
+                out.append(
+                    self.leaf_1x1(
+                        r0,
+                        index,
+                        r1,
+                        index + 1,
+                        r2,
+                        index + 2,
+                        r3,
+                        index + 3,
+                        self.get_float32,
+                        inner[0],
+                        b"r",
+                        index + 4,
+                        b"tr",
+                        index + 5,
+                        b"b",
+                    )
+                )
                 return
         out.append(b"h\x00h\x01K\x00\x85")
         self.put()
@@ -444,8 +500,13 @@ def holds(path: str | Path, stats: dict[str, Any]) -> bool:
 
 
 def _shape_and_flat(value: Any) -> tuple[tuple[int, ...], list[float]]:
-    if type(value) is list and len(value) == 1 and type(value[0]) is list and len(value[0]) == 1 \
-            and type(value[0][0]) is not list:
+    if (
+        type(value) is list
+        and len(value) == 1
+        and type(value[0]) is list
+        and len(value[0]) == 1
+        and type(value[0][0]) is not list
+    ):
         return (1, 1), value[0]  # INC's per-tensor [[v]]: the common case, kept fast
     shape: list[int] = []
     probe = value

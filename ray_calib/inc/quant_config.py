@@ -30,18 +30,57 @@ from ray_calib.model.config import is_mla, model_config, num_routed_experts
 
 KV_TYPES = ["KVCache", "VLLMKVCache"]
 ROUTER = r"mlp\.gate\b"  # the MoE router; the \b keeps gate_up_proj quantized
-MLA_FP8_KV_BLOCK = ["latent_cache_k_nodeq", "latent_cache_v_nodeq", "latent_cache_v", "matmul_qk", "matmul_av",
-                    "block2batch_matmul"]
+MLA_FP8_KV_BLOCK = [
+    "latent_cache_k_nodeq",
+    "latent_cache_v_nodeq",
+    "latent_cache_v",
+    "matmul_qk",
+    "matmul_av",
+    "block2batch_matmul",
+]
 
 MODES = ("MEASURE", "QUANTIZE", "LOAD", "SHAPE", "NONE")
 OBSERVERS = ("maxabs", "maxabs_per_channel", "save", "shape")
-_ENUMS = {"fp8_config": ("E4M3", "E5M2"), "hp_dtype": ("BF16", "FP16", "FP32"), "scale_format": ("CONST", "SCALAR"),
-          "device_for_scales": ("GAUDI2", "GAUDI3"), "measure_exclude": ("NONE", "INPUT", "OUTPUT", "PARAMS", "ALL")}
-_BOOLS = ("quantize_weight", "use_qdq", "fake_quant", "recalc_scales", "ignore_modules_wo_measures",
-          "seperate_measure_files", "measure_on_hpu", "dynamic_quantization", "row_parallel_linear_allreduce_quantization")
-KNOWN_KEYS = frozenset({"method", "mode", "observer", "allowlist", "blocklist", "whitelist", "blacklist", "scale_method",
-                        "scale_params", "dump_stats_path", "mod_dict", "local_rank", "global_rank", "world_size",
-                        "device_type", "calibration_sample_interval", *_ENUMS, *_BOOLS})
+_ENUMS = {
+    "fp8_config": ("E4M3", "E5M2"),
+    "hp_dtype": ("BF16", "FP16", "FP32"),
+    "scale_format": ("CONST", "SCALAR"),
+    "device_for_scales": ("GAUDI2", "GAUDI3"),
+    "measure_exclude": ("NONE", "INPUT", "OUTPUT", "PARAMS", "ALL"),
+}
+_BOOLS = (
+    "quantize_weight",
+    "use_qdq",
+    "fake_quant",
+    "recalc_scales",
+    "ignore_modules_wo_measures",
+    "seperate_measure_files",
+    "measure_on_hpu",
+    "dynamic_quantization",
+    "row_parallel_linear_allreduce_quantization",
+)
+KNOWN_KEYS = frozenset(
+    {
+        "method",
+        "mode",
+        "observer",
+        "allowlist",
+        "blocklist",
+        "whitelist",
+        "blacklist",
+        "scale_method",
+        "scale_params",
+        "dump_stats_path",
+        "mod_dict",
+        "local_rank",
+        "global_rank",
+        "world_size",
+        "device_type",
+        "calibration_sample_interval",
+        *_ENUMS,
+        *_BOOLS,
+    }
+)
 _SCALE_PARAMS = ("input_backoff", "weight_backoff", "output_backoff")  # output_backoff: INC 3.4
 
 
@@ -52,8 +91,16 @@ def config_name(*, measure: bool, fp8_kv: bool, one_node: bool = False) -> str:
     return f"inc_quant{kv}{'_one_node' if one_node else ''}_config.json"
 
 
-def build_config(*, measure: bool, fp8_kv: bool, one_node: bool, dump_stats_path: str, moe: bool = True,
-                 scale_method: str = "maxabs_hw", mla: bool = False) -> dict[str, Any]:
+def build_config(
+    *,
+    measure: bool,
+    fp8_kv: bool,
+    one_node: bool,
+    dump_stats_path: str,
+    moe: bool = True,
+    scale_method: str = "maxabs_hw",
+    mla: bool = False,
+) -> dict[str, Any]:
     """One QUANT_CONFIG as the seeds write it (router blocked for MoE models, KV types for BF16 KV).
 
     `one_node` only changes where `dump_stats_path` points (the caller's choice); the blocklist is the
@@ -80,13 +127,23 @@ def template_set(measure_dir: str, unified_dir: str, *, moe: bool, mla: bool = F
     out = {}
     for fp8_kv in (False, True):
         out[config_name(measure=True, fp8_kv=fp8_kv)] = build_config(
-            measure=True, fp8_kv=fp8_kv, one_node=False, dump_stats_path=f"{measure_dir}/{MEASURE_PREFIX}", moe=moe,
-            mla=mla)
+            measure=True,
+            fp8_kv=fp8_kv,
+            one_node=False,
+            dump_stats_path=f"{measure_dir}/{MEASURE_PREFIX}",
+            moe=moe,
+            mla=mla,
+        )
         for one_node in (False, True):
             where = unified_dir if one_node else measure_dir
             out[config_name(measure=False, fp8_kv=fp8_kv, one_node=one_node)] = build_config(
-                measure=False, fp8_kv=fp8_kv, one_node=one_node, dump_stats_path=f"{where}/{MEASURE_PREFIX}", moe=moe,
-                mla=mla)
+                measure=False,
+                fp8_kv=fp8_kv,
+                one_node=one_node,
+                dump_stats_path=f"{where}/{MEASURE_PREFIX}",
+                moe=moe,
+                mla=mla,
+            )
     return out
 
 
@@ -118,14 +175,20 @@ def write_configs(out: Path, configs: dict[str, dict[str, Any]]) -> list[Path]:
 
 # ---- validation ----------------------------------------------------------------------------------------
 
+
 def read_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: QUANT_CONFIG not found", fix="run `ray-calib quant-config write` to write one.") from None
+        raise ConfigError(
+            f"{path}: QUANT_CONFIG not found", fix="run `ray-calib quant-config write` to write one."
+        ) from None
     except ValueError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})", fix="fix the syntax or regenerate it with `ray-calib quant-config write`.") from None
+        raise ConfigError(
+            f"{path}: not valid JSON ({err})",
+            fix="fix the syntax or regenerate it with `ray-calib quant-config write`.",
+        ) from None
     return validate(data, str(path))
 
 
@@ -137,15 +200,19 @@ def validate(config: Any, source: str = "QUANT_CONFIG", *, device: str | None = 
     for old, new in (("whitelist", "allowlist"), ("blacklist", "blocklist")):
         if old in config:
             if new in config:
-                raise ConfigError(f"{source}: both '{old}' and '{new}' are set", fix=f"keep only '{new}' ('{old}' is its old name).")
+                raise ConfigError(
+                    f"{source}: both '{old}' and '{new}' are set", fix=f"keep only '{new}' ('{old}' is its old name)."
+                )
             config[new] = config.pop(old)
     unknown = sorted(set(config) - KNOWN_KEYS)
     if unknown:
         import difflib
 
         close = difflib.get_close_matches(unknown[0], sorted(KNOWN_KEYS), n=1)
-        raise ConfigError(f"{source}: unknown key '{unknown[0]}'", fix=f"did you mean '{close[0]}'?" if close else
-                          "remove it; INC would reject it.")
+        raise ConfigError(
+            f"{source}: unknown key '{unknown[0]}'",
+            fix=f"did you mean '{close[0]}'?" if close else "remove it; INC would reject it.",
+        )
     _check_choice(config, "mode", MODES, source)
     _check_choice(config, "observer", OBSERVERS, source, upper=False)
     for key, choices in _ENUMS.items():
@@ -176,38 +243,46 @@ def _check_list(section: Any, key: str, source: str) -> None:
     if section is None:
         return
     if not isinstance(section, dict) or not set(section) <= {"types", "names"}:
-        raise ConfigError(f"{source}: '{key}' must be an object with 'types' and 'names' lists",
-                          fix=f'write "{key}": {{"types": [], "names": []}}.')
+        raise ConfigError(
+            f"{source}: '{key}' must be an object with 'types' and 'names' lists",
+            fix=f'write "{key}": {{"types": [], "names": []}}.',
+        )
     for field in ("types", "names"):
         values = section.get(field, [])
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise ConfigError(f"{source}: '{key}.{field}' must be a list of strings", fix="e.g. [\"lm_head\"].")
+            raise ConfigError(f"{source}: '{key}.{field}' must be a list of strings", fix='e.g. ["lm_head"].')
     for index, pattern in enumerate(section.get("names", [])):
         try:
             re.compile(pattern)
         except re.error as err:
-            raise ConfigError(f"{source}: '{key}.names[{index}]' = {pattern!r} is not a valid regex ({err})",
-                              fix="names are Python regexes (re.search); escape dots as \\\\.") from None
+            raise ConfigError(
+                f"{source}: '{key}.names[{index}]' = {pattern!r} is not a valid regex ({err})",
+                fix="names are Python regexes (re.search); escape dots as \\\\.",
+            ) from None
 
 
 def _check_scale_method(config: dict, source: str) -> str:
     method = config.get("scale_method", "maxabs_hw")
     if isinstance(method, dict):
         if "default" not in method:
-            raise ConfigError(f"{source}: 'scale_method' object has no 'default'", fix="add \"default\": {...}.")
+            raise ConfigError(f"{source}: 'scale_method' object has no 'default'", fix='add "default": {...}.')
         named = method_from_inc_dict(method)
         if named is None:
-            raise ConfigError(f"{source}: 'scale_method.default' matches none of INC's scale methods (by granularity, "
-                              "scale_value_type and rounding_method of weight and activation)",
-                              fix="copy the fields of a named method (e.g. maxabs_hw: hw_aligned, maxabs) and change "
-                                  "only the backoffs.")
+            raise ConfigError(
+                f"{source}: 'scale_method.default' matches none of INC's scale methods (by granularity, "
+                "scale_value_type and rounding_method of weight and activation)",
+                fix="copy the fields of a named method (e.g. maxabs_hw: hw_aligned, maxabs) and change "
+                "only the backoffs.",
+            )
         return named.name
     if str(method).lower() not in METHODS:
         raise ConfigError(f"{source}: 'scale_method' is '{method}'", fix=f"use one of {', '.join(METHODS)}.")
     dynamic = bool(config.get("dynamic_quantization", False))
     if METHODS[str(method).lower()].dynamic_only and not dynamic:
-        raise ConfigError(f"{source}: 'scale_method' '{method}' needs 'dynamic_quantization': true",
-                          fix="set it, or use a static method such as maxabs_hw.")
+        raise ConfigError(
+            f"{source}: 'scale_method' '{method}' needs 'dynamic_quantization': true",
+            fix="set it, or use a static method such as maxabs_hw.",
+        )
     return str(method).lower()
 
 
@@ -225,6 +300,7 @@ def _check_scale_params(params: Any, source: str) -> None:
 
 # ---- stale scale files -----------------------------------------------------------------------------------
 
+
 def stale_scale_files(directory: Path) -> list[Path]:
     """INC scale files (any METHOD) older than the newest range file: INC would load them instead."""
     ranges, scales = [], []
@@ -238,8 +314,9 @@ def stale_scale_files(directory: Path) -> list[Path]:
     return sorted(p for p in scales if p.stat().st_mtime <= newest)
 
 
-def write_run_configs(run, model: str, out: Path, *, fp8_kv: bool, one_node: bool,
-                      unified_tp: int = 8) -> tuple[list[Path], list[Path]]:
+def write_run_configs(
+    run, model: str, out: Path, *, fp8_kv: bool, one_node: bool, unified_tp: int = 8
+) -> tuple[list[Path], list[Path]]:
     """The measure config and the quantize config (two-node or one-node) of one run, plus stale scale files."""
     config = model_config(model)
     moe, mla = is_moe(config, model), is_mla(config) if config else "deepseek" in model.lower()
@@ -247,10 +324,20 @@ def write_run_configs(run, model: str, out: Path, *, fp8_kv: bool, one_node: boo
     quant_dir = unified if one_node else run.measure
     configs = {
         config_name(measure=True, fp8_kv=fp8_kv): build_config(
-            measure=True, fp8_kv=fp8_kv, one_node=False, moe=moe, mla=mla,
-            dump_stats_path=str(run.measure / MEASURE_PREFIX)),
+            measure=True,
+            fp8_kv=fp8_kv,
+            one_node=False,
+            moe=moe,
+            mla=mla,
+            dump_stats_path=str(run.measure / MEASURE_PREFIX),
+        ),
         config_name(measure=False, fp8_kv=fp8_kv, one_node=one_node): build_config(
-            measure=False, fp8_kv=fp8_kv, one_node=one_node, moe=moe, mla=mla,
-            dump_stats_path=str(quant_dir / MEASURE_PREFIX)),
+            measure=False,
+            fp8_kv=fp8_kv,
+            one_node=one_node,
+            moe=moe,
+            mla=mla,
+            dump_stats_path=str(quant_dir / MEASURE_PREFIX),
+        ),
     }
     return write_configs(out, configs), stale_scale_files(quant_dir)

@@ -52,8 +52,7 @@ class RankFile:
         return {"GlobalRank": None, "LocalRank": local_rank, "Mode": self.mode, **self.extra, "Nodes": nodes}
 
 
-def read_rank_file(directory: str | Path, name: StatsName, *, check_npz: bool = True,
-                   strict: bool = True) -> RankFile:
+def read_rank_file(directory: str | Path, name: StatsName, *, check_npz: bool = True, strict: bool = True) -> RankFile:
     """Read and validate one rank's triple; with `check_npz` the NPZ must hold what the JSON holds.
 
     `strict=False` lets NaN/inf values through (for `inspect`, which counts them).
@@ -66,8 +65,11 @@ def read_rank_file(directory: str | Path, name: StatsName, *, check_npz: bool = 
     if check_npz:
         npz_path = name.file(directory, NPZ)
         if not npz_path.exists():
-            raise MeasurementError(npz_path, "is missing (INC's QUANTIZE reads only the NPZ)",
-                                   fix="re-copy it from the node that wrote it.")
+            raise MeasurementError(
+                npz_path,
+                "is missing (INC's QUANTIZE reads only the NPZ)",
+                fix="re-copy it from the node that wrote it.",
+            )
         if not npz.holds(npz_path, stats):  # byte-identical to numpy's pickle of the JSON: equal, no decode
             _check_same(json_path, stats, npz_path, npz.load(npz_path))
     mod_list_path = name.file(directory, MOD_LIST)
@@ -82,8 +84,10 @@ def write_rank_file(rank_file: RankFile, directory: str | Path) -> list[Path]:
     """Write JSON, NPZ and (range files only, as INC) the mod_list, each atomically."""
     stats = rank_file.to_stats()
     name = rank_file.name
-    written = [atomic.write_bytes(name.file(directory, JSON), jsonio.dumps(stats)),
-               npz.save(name.file(directory, NPZ), stats)]
+    written = [
+        atomic.write_bytes(name.file(directory, JSON), jsonio.dumps(stats)),
+        npz.save(name.file(directory, NPZ), stats),
+    ]
     if rank_file.mode != MODE_SCALE:
         written.append(atomic.write_bytes(name.file(directory, MOD_LIST), jsonio.dumps(rank_file.mod_list)))
     return written
@@ -97,15 +101,21 @@ def _validated(path: Path, stats: Any, name: StatsName, *, check_finite: bool) -
         raise MeasurementError(path, f"has Mode {stats.get('Mode')!r}, expected 'DynamicRange' or 'Scale'", fix=fix)
     local_rank = stats.get("LocalRank")
     if name.rank is not None and local_rank not in (None, -1, name.rank):
-        raise MeasurementError(path, f"says LocalRank {local_rank} but its name says rank {name.rank}",
-                               fix="a file was renamed by hand: restore its original name.")
+        raise MeasurementError(
+            path,
+            f"says LocalRank {local_rank} but its name says rank {name.rank}",
+            fix="a file was renamed by hand: restore its original name.",
+        )
     for module, node in stats["Nodes"].items():
         if not isinstance(node, dict) or not set(node) <= _NODE_FIELDS:
             raise MeasurementError(path, f"node '{module}' is not an inputs/outputs/params object", fix=fix)
         bad = _first_non_finite(node) if check_finite else None
         if bad is not None:
-            raise MeasurementError(path, f"node '{module}' holds {bad[1]} in its {bad[0]}",
-                                   fix="the measurement overflowed or was corrupted: re-measure (check the model for inf activations).")
+            raise MeasurementError(
+                path,
+                f"node '{module}' holds {bad[1]} in its {bad[0]}",
+                fix="the measurement overflowed or was corrupted: re-measure (check the model for inf activations).",
+            )
     return stats
 
 
@@ -148,13 +158,18 @@ def _check_same(json_path: Path, stats: dict, npz_path: Path, npz_stats: Any) ->
     if not isinstance(npz_stats, dict) or not isinstance(npz_stats.get("Nodes"), dict):
         raise MeasurementError(npz_path, "has no 'Nodes'; not an INC stats file", fix="regenerate it.")
     json_nodes, npz_nodes = stats["Nodes"], npz_stats["Nodes"]
-    fix = (f"one of the pair is stale: INC's QUANTIZE reads only {npz_path.name}; re-copy both from the same run, "
-           f"or delete {json_path.name} and rewrite it from the NPZ.")
+    fix = (
+        f"one of the pair is stale: INC's QUANTIZE reads only {npz_path.name}; re-copy both from the same run, "
+        f"or delete {json_path.name} and rewrite it from the NPZ."
+    )
     only = sorted(set(json_nodes) ^ set(npz_nodes))
     if only:
         side = json_path.name if only[0] in json_nodes else npz_path.name
-        raise MeasurementError(npz_path, f"disagrees with {json_path.name}: node '{only[0]}' is only in {side}"
-                               f" ({len(only)} such nodes)", fix=fix)
+        raise MeasurementError(
+            npz_path,
+            f"disagrees with {json_path.name}: node '{only[0]}' is only in {side} ({len(only)} such nodes)",
+            fix=fix,
+        )
     for module, node in json_nodes.items():
         where = _first_difference(node, npz_nodes[module])
         if where is not None:

@@ -67,17 +67,25 @@ class IncTarget:
         """Refuse what this INC cannot do; return notes on what it does differently with these options."""
         notes = []
         if output_backoff is not None and not self.reads_scale_params:
-            raise ConfigError(f"INC {self.label} has no output_backoff (row-parallel outputs use the activation "
-                              "backoff)", fix="drop --output-backoff, or target INC 3.4 with --inc-version 3.4.")
+            raise ConfigError(
+                f"INC {self.label} has no output_backoff (row-parallel outputs use the activation backoff)",
+                fix="drop --output-backoff, or target INC 3.4 with --inc-version 3.4.",
+            )
         if self.allreduce_quantization and not self.row_parallel_op:
-            raise ConfigError(f"INC {self.label} has no row_parallel_linear_allreduce_quantization",
-                              fix="drop --allreduce-quantization or use --inc-version 3.4 or newer.")
+            raise ConfigError(
+                f"INC {self.label} has no row_parallel_linear_allreduce_quantization",
+                fix="drop --allreduce-quantization or use --inc-version 3.4 or newer.",
+            )
         if self.allreduce_quantization and self.version >= (3, 9, 0):
-            raise ConfigError(f"INC {self.label} fails on row_parallel_linear_allreduce_quantization (AttributeError "
-                              "in LinearOpQuantizer: no output_scale_method_config)",
-                              fix="drop --allreduce-quantization, or target an INC 3.4-3.8 with --inc-version.")
+            raise ConfigError(
+                f"INC {self.label} fails on row_parallel_linear_allreduce_quantization (AttributeError "
+                "in LinearOpQuantizer: no output_scale_method_config)",
+                fix="drop --allreduce-quantization, or target an INC 3.4-3.8 with --inc-version.",
+            )
         if custom_backoff and not self.reads_scale_params:
-            notes.append(f"INC {self.label} ignores scale_params backoffs: these files match a dict-form scale_method "
-                         "with \"backoff\", which also makes INC recompute scales instead of reading this file "
-                         "(recalc_scales)")
+            notes.append(
+                f"INC {self.label} ignores scale_params backoffs: these files match a dict-form scale_method "
+                'with "backoff", which also makes INC recompute scales instead of reading this file '
+                "(recalc_scales)"
+            )
         return notes

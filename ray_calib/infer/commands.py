@@ -31,8 +31,10 @@ def _run_meta(run: RunDir, model: Path):
 @click.option("--one-node", is_flag=True, hidden=True, help="Deprecated: this node alone is the default.")
 @options.conf_option("Spread the ranks over the cluster `up` started from this devices.conf [default: this node].")
 @click.option("--model", type=_dir, help="Model directory [default: <run-dir>/fp8; on Gaudi the measured model].")
-@options.tp_option(help="Tensor-parallel size [default: the run's unified TP when it fits, else the "
-              "smallest the model allows that fits in memory; on Gaudi the run's unified TP].")
+@options.tp_option(
+    help="Tensor-parallel size [default: the run's unified TP when it fits, else the "
+    "smallest the model allows that fits in memory; on Gaudi the run's unified TP]."
+)
 @click.option("--prompts", type=_file, help="One prompt per line (or JSONL with 'prompt').")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--fp8-kv/--no-fp8-kv", default=None, help="FP8 KV cache [default: as measured].")
@@ -41,23 +43,54 @@ def _run_meta(run: RunDir, model: Path):
 @click.option("--detach", is_flag=True, help="With --serve: return once healthy, leaving the server running.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--quant-config", type=_file, help="Gaudi: the QUANTIZE QUANT_CONFIG INC applies at load [default: "
-              "devices.conf INC_QUANT_CONFIG_FILENAME, else the run's one-node config for this TP, written if absent].")
-@click.option("--timeout", "timeout_s", type=int, default=1800, show_default=True,
-              help="Seconds for vLLM to start and for one step (VLLM_ENGINE_READY_TIMEOUT_S, "
-                   "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS and their older names).")
+@click.option(
+    "--quant-config",
+    type=_file,
+    help="Gaudi: the QUANTIZE QUANT_CONFIG INC applies at load [default: "
+    "devices.conf INC_QUANT_CONFIG_FILENAME, else the run's one-node config for this TP, written if absent].",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=int,
+    default=1800,
+    show_default=True,
+    help="Seconds for vLLM to start and for one step (VLLM_ENGINE_READY_TIMEOUT_S, "
+    "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS and their older names).",
+)
 @click.option("--allow-device-mismatch", is_flag=True, help="Use scales measured on another device type.")
-@options.device_option(runtime=True, help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).")
+@options.device_option(
+    runtime=True,
+    help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the engine arguments, env and QUANT_CONFIG; start nothing.")
 @max_model_len_option
 @kv_cache_gib_option
 @enforce_eager_option
 @run_dir_option
-def infer(one_node: bool, conf: Path | None, model: Path | None, tp_size: int | None, prompts: Path | None,
-          max_new_tokens: int, fp8_kv: bool | None, baseline: Path | None, serve: bool, detach: bool, host: str,
-          port: int, quant_config: Path | None, timeout_s: int, allow_device_mismatch: bool, device: str,
-          dry_run: bool, max_model_len: int | None, kv_cache_gib: float, enforce_eager: bool,
-          run_dir: str | None) -> None:
+def infer(
+    one_node: bool,
+    conf: Path | None,
+    model: Path | None,
+    tp_size: int | None,
+    prompts: Path | None,
+    max_new_tokens: int,
+    fp8_kv: bool | None,
+    baseline: Path | None,
+    serve: bool,
+    detach: bool,
+    host: str,
+    port: int,
+    quant_config: Path | None,
+    timeout_s: int,
+    allow_device_mismatch: bool,
+    device: str,
+    dry_run: bool,
+    max_model_len: int | None,
+    kv_cache_gib: float,
+    enforce_eager: bool,
+    run_dir: str | None,
+) -> None:
     """Run the quantized model with vLLM: offline generation, or `--serve` an OpenAI API.
 
     \b
@@ -88,29 +121,53 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp_size: int | 
 
         extra_env["RAY_ADDRESS"] = devices.load(conf).address  # shown, not joined
     if target.is_gaudi:
-        config, serve_plan = _gaudi_config(run, meta, model, tp, quant_config, fp8_kv, conf, timeout_s, extra_env,
-                                           write=not dry_run, card_bytes=target.memory_bytes)
+        config, serve_plan = _gaudi_config(
+            run,
+            meta,
+            model,
+            tp,
+            quant_config,
+            fp8_kv,
+            conf,
+            timeout_s,
+            extra_env,
+            write=not dry_run,
+            card_bytes=target.memory_bytes,
+        )
         config = replace(config, max_model_len=max_model_len, enforce_eager=enforce_eager)
     else:
         serve_plan = None
         if conf and devices_conf_quant_config(conf):
-            ui.warn(f"{conf}: INC_QUANT_CONFIG_FILENAME applies to Gaudi only; {target.device_type} serves the FP8 "
-                    "checkpoint and ignores it (remove it there, or pass --device gaudi2/gaudi3)")
+            ui.warn(
+                f"{conf}: INC_QUANT_CONFIG_FILENAME applies to Gaudi only; {target.device_type} serves the FP8 "
+                "checkpoint and ignores it (remove it there, or pass --device gaudi2/gaudi3)"
+            )
         model = model or run.fp8
         runner.check_model_dir(model)
         unified_tp = meta.tp_size if meta and meta.tp_size and meta.unified_from else None
-        tp_size = runner.choose_tp(model, tp, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len,
-                                   preferred=unified_tp)
-        config = runner.InferConfig(model=model, tp_size=tp_size, device=device,
-                                    fp8_kv=fp8_kv if fp8_kv is not None else bool(meta and meta.fp8_kv),
-                                    quant_config=quant_config, timeout_s=timeout_s, max_model_len=max_model_len,
-                                    kv_cache_gib=kv_cache_gib, enforce_eager=enforce_eager, extra_env=extra_env)
+        tp_size = runner.choose_tp(
+            model, tp, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len, preferred=unified_tp
+        )
+        config = runner.InferConfig(
+            model=model,
+            tp_size=tp_size,
+            device=device,
+            fp8_kv=fp8_kv if fp8_kv is not None else bool(meta and meta.fp8_kv),
+            quant_config=quant_config,
+            timeout_s=timeout_s,
+            max_model_len=max_model_len,
+            kv_cache_gib=kv_cache_gib,
+            enforce_eager=enforce_eager,
+            extra_env=extra_env,
+        )
     if dry_run:
         click.echo(_plan(config, target, serve, host, port, conf, serve_plan).render())
         return
     ui.library_logs(run.root, "infer")
-    ui.note(f"vLLM on {target.device_type}, TP={config.tp_size}, KV cache {runner.engine_config(config).kv_cache_dtype}; "
-            f"engine start and step timeouts {timeout_s} s")
+    ui.note(
+        f"vLLM on {target.device_type}, TP={config.tp_size}, KV cache {runner.engine_config(config).kv_cache_dtype}; "
+        f"engine start and step timeouts {timeout_s} s"
+    )
     if serve:
         _serve(runner, config, host, port, detach, run)
         return
@@ -122,8 +179,9 @@ def infer(one_node: bool, conf: Path | None, model: Path | None, tp_size: int | 
         click.echo(f"> {completion.prompt}\n  {completion.text.strip()!r} ({completion.num_tokens} tokens)")
     from ray_calib import atomic
 
-    out = atomic.write_json(run.root / "infer" / "completions.json",
-                            [completion.__dict__ for completion in completions])
+    out = atomic.write_json(
+        run.root / "infer" / "completions.json", [completion.__dict__ for completion in completions]
+    )
     click.echo(f"completions saved to {out}")
 
 
@@ -146,19 +204,46 @@ def devices_conf_quant_config(conf: Path) -> str | None:
     return devices.load(conf).extras.get("INC_QUANT_CONFIG_FILENAME")
 
 
-def _gaudi_config(run: RunDir, meta, model, tp, quant_config, fp8_kv, conf, timeout_s: int, extra_env: dict, *,
-                  write: bool, card_bytes: int | None):
+def _gaudi_config(
+    run: RunDir,
+    meta,
+    model,
+    tp,
+    quant_config,
+    fp8_kv,
+    conf,
+    timeout_s: int,
+    extra_env: dict,
+    *,
+    write: bool,
+    card_bytes: int | None,
+):
     """Gaudi defaults from the run: the measured model, its TP, the one-node QUANT_CONFIG, KV dtype and EP."""
     from ray_calib.infer import gaudi, runner
 
     conf_quant = devices_conf_quant_config(conf) if conf else None
-    plan = gaudi.resolve(run, meta, model=model, tp=tp, quant_config=quant_config, fp8_kv=fp8_kv,
-                         conf_quant_config=conf_quant, write=write)
+    plan = gaudi.resolve(
+        run,
+        meta,
+        model=model,
+        tp=tp,
+        quant_config=quant_config,
+        fp8_kv=fp8_kv,
+        conf_quant_config=conf_quant,
+        write=write,
+    )
     if plan.generated and write:
         click.echo(f"wrote {plan.quant_config} (QUANTIZE, measurements in {plan.measurements})")
-    config = runner.InferConfig(model=plan.model, tp_size=plan.tp_size, device="hpu", fp8_kv=plan.fp8_kv,
-                                quant_config=plan.quant_config, timeout_s=timeout_s, extra_env=extra_env,
-                                expert_parallel=plan.expert_parallel)
+    config = runner.InferConfig(
+        model=plan.model,
+        tp_size=plan.tp_size,
+        device="hpu",
+        fp8_kv=plan.fp8_kv,
+        quant_config=plan.quant_config,
+        timeout_s=timeout_s,
+        extra_env=extra_env,
+        expert_parallel=plan.expert_parallel,
+    )
     if write:  # a dry run shows the fit instead of refusing
         gaudi.check_serve_fit(config, target_bytes=card_bytes)
     return config, plan
@@ -172,17 +257,23 @@ def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, 
     from ray_calib.infer import runner
 
     engine = runner.engine_config(config)
-    facts = [("model", str(config.model)),
-             ("device", f"{target.device_type} [{target.device}]"
-                        + (f", {target.memory_bytes / GiB:.0f} GiB per device" if target.memory_bytes else "")
-                        + f" ({target.source})"),
-             ("parallel", f"TP {config.tp_size}{', expert parallel' if config.expert_parallel else ''}"),
-             ("KV cache", engine.kv_cache_dtype + (" (from the QUANT_CONFIG's blocklist)" if target.is_gaudi else ""))]
+    facts = [
+        ("model", str(config.model)),
+        (
+            "device",
+            f"{target.device_type} [{target.device}]"
+            + (f", {target.memory_bytes / GiB:.0f} GiB per device" if target.memory_bytes else "")
+            + f" ({target.source})",
+        ),
+        ("parallel", f"TP {config.tp_size}{', expert parallel' if config.expert_parallel else ''}"),
+        ("KV cache", engine.kv_cache_dtype + (" (from the QUANT_CONFIG's blocklist)" if target.is_gaudi else "")),
+    ]
     quant = gaudi_plan.config if gaudi_plan else (read_config(config.quant_config) if config.quant_config else None)
     note = None
     if gaudi_plan is not None:
-        note = ("would be written by the run" if gaudi_plan.generated else "as it is") + \
-            f"; measurements {gaudi_plan.measurements}"
+        note = (
+            "would be written by the run" if gaudi_plan.generated else "as it is"
+        ) + f"; measurements {gaudi_plan.measurements}"
     nodes = local_node(config.tp_size)
     if conf:
         from ray_calib.cluster import devices
@@ -197,20 +288,33 @@ def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, 
         facts.append(("memory", "\n".join(fit.lines())))
         warnings += [f"does not fit: {problem}" for problem in fit.problems()]
     if conf and target.is_gaudi:
-        warnings.append(f"the QUANT_CONFIG and the measurements it names must be at the same paths on every node "
-                        f"(ranks on other nodes read {config.quant_config})")
-    return EnginePlan(warnings=warnings, title="ray-calib infer --dry-run: nothing is started, no device is opened",
-                      facts=facts,
-                      engine=engine, quant_config=quant, quant_config_path=str(config.quant_config) if quant else None,
-                      nodes=nodes, serve_args=args, quant_config_note=note)
+        warnings.append(
+            f"the QUANT_CONFIG and the measurements it names must be at the same paths on every node "
+            f"(ranks on other nodes read {config.quant_config})"
+        )
+    return EnginePlan(
+        warnings=warnings,
+        title="ray-calib infer --dry-run: nothing is started, no device is opened",
+        facts=facts,
+        engine=engine,
+        quant_config=quant,
+        quant_config_path=str(config.quant_config) if quant else None,
+        nodes=nodes,
+        serve_args=args,
+        quant_config_note=note,
+    )
 
 
 def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> None:
     if not detach:
         signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to us unwinds like Ctrl-C, through the `finally`
     shown = {k: v for k, v in runner.serve_env(config).items() if k in _SHOWN_ENV}
-    click.echo("serving with: " + "".join(f"{key}={value} " for key, value in shown.items())
-               + "vllm " + " ".join(runner.serve_args(config, host=host, port=port)))
+    click.echo(
+        "serving with: "
+        + "".join(f"{key}={value} " for key, value in shown.items())
+        + "vllm "
+        + " ".join(runner.serve_args(config, host=host, port=port))
+    )
     click.echo(f"  (everything else is vLLM's default: {runner.PROFILE_NOTE[config.device == 'cpu']})")
     server = runner.serve(config, host=host, port=port, log=run.root / "infer" / "vllm-serve.log")
     stop_server = True
@@ -219,8 +323,10 @@ def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> N
         if "max_model_len" in reported:
             click.echo(f"  server reports max_model_len {reported['max_model_len']}")
         reply = runner.complete(server, "Hello")
-        click.echo(f"serving {config.model} at {server.url}/v1 (model '{server.model_name}', pid {server.pid}); "
-                   f"smoke test completion: {reply.strip()!r}; log {server.log}")
+        click.echo(
+            f"serving {config.model} at {server.url}/v1 (model '{server.model_name}', pid {server.pid}); "
+            f"smoke test completion: {reply.strip()!r}; log {server.log}"
+        )
         if detach:
             click.echo(f"stop it with: kill {server.pid}")
             stop_server = False
@@ -244,18 +350,38 @@ def _interrupt(signum: int, frame) -> None:
 @click.option("--candidate", type=_dir, help="The FP8 model [default: <run-dir>/fp8].")
 @click.option("--texts", type=_file, help="Held-out texts, one per line (or JSONL with 'text').")
 @options.tp_option(help="Tensor-parallel size [default: the smallest the models allow that fits in memory].")
-@click.option("--fp8-kv/--no-fp8-kv", "with_fp8_kv", default=True, show_default=True,
-              help="Also score the candidate with an FP8 KV cache (the others always run a BF16 one).")
-@click.option("--max-model-len", type=click.IntRange(min=16), default=1024, show_default=True,
-              help="Context of the scoring engines; longer texts are scored in consecutive windows.")
+@click.option(
+    "--fp8-kv/--no-fp8-kv",
+    "with_fp8_kv",
+    default=True,
+    show_default=True,
+    help="Also score the candidate with an FP8 KV cache (the others always run a BF16 one).",
+)
+@click.option(
+    "--max-model-len",
+    type=click.IntRange(min=16),
+    default=1024,
+    show_default=True,
+    help="Context of the scoring engines; longer texts are scored in consecutive windows.",
+)
 @click.option("--min-agreement", type=float, help="Fail when top-1 agreement falls below this (0-1).")
 @options.out_option("Results JSON [default: <run-dir>/eval.json].", file=True)
 @kv_cache_gib_option
 @enforce_eager_option
 @run_dir_option
-def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | None, tp_size: int | None, with_fp8_kv: bool,
-                 max_model_len: int, min_agreement: float | None, out: Path | None, kv_cache_gib: float,
-                 enforce_eager: bool, run_dir: str | None) -> None:
+def eval_command(
+    baseline: Path | None,
+    candidate: Path | None,
+    texts: Path | None,
+    tp_size: int | None,
+    with_fp8_kv: bool,
+    max_model_len: int,
+    min_agreement: float | None,
+    out: Path | None,
+    kv_cache_gib: float,
+    enforce_eager: bool,
+    run_dir: str | None,
+) -> None:
     """Compare the FP8 model with its BF16 baseline: top-1 agreement, KL, perplexity.
 
     \b
@@ -280,14 +406,23 @@ def eval_command(baseline: Path | None, candidate: Path | None, texts: Path | No
     # One engine at a time, so the larger (BF16) baseline decides; the candidate must allow the same TP.
     tp_size = runner.choose_tp(baseline, tp, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
     runner.choose_tp(candidate, tp_size, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
-    report = fidelity.evaluate(baseline, candidate, runner.load_prompts(texts), tp_size=tp_size, device=device,
-                               with_fp8_kv=with_fp8_kv, max_model_len=max_model_len,
-                               engine_options={"kv_cache_gib": kv_cache_gib, "enforce_eager": enforce_eager})
+    report = fidelity.evaluate(
+        baseline,
+        candidate,
+        runner.load_prompts(texts),
+        tp_size=tp_size,
+        device=device,
+        with_fp8_kv=with_fp8_kv,
+        max_model_len=max_model_len,
+        engine_options={"kv_cache_gib": kv_cache_gib, "enforce_eager": enforce_eager},
+    )
     path = fidelity.write_report(report, out or run.eval_json)
     for note in report.notes:
         click.echo(f"note: {note}")
     click.echo(fidelity.format_table(report))
     click.echo(f"{report.num_positions} positions over {report.num_texts} texts; saved {path}")
     if min_agreement is not None and report.worst_agreement() < min_agreement:
-        raise EngineError(f"top-1 agreement {report.worst_agreement():.3f} is below --min-agreement {min_agreement}",
-                          fix="inspect the ranges (`ray-calib report`), try another --scale-method, or measure more samples.")
+        raise EngineError(
+            f"top-1 agreement {report.worst_agreement():.3f} is below --min-agreement {min_agreement}",
+            fix="inspect the ranges (`ray-calib report`), try another --scale-method, or measure more samples.",
+        )

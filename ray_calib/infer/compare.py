@@ -25,10 +25,14 @@ class SideBySide:
         return self.baseline == self.candidate
 
 
-def side_by_side(config: InferConfig, baseline: Path, prompts: list[str], *,
-                 max_new_tokens: int) -> list[SideBySide]:
-    base = run_isolated(_generate, replace(config, model=Path(baseline), fp8_kv=False), prompts, max_new_tokens,
-                        what=f"generating with {baseline}")
+def side_by_side(config: InferConfig, baseline: Path, prompts: list[str], *, max_new_tokens: int) -> list[SideBySide]:
+    base = run_isolated(
+        _generate,
+        replace(config, model=Path(baseline), fp8_kv=False),
+        prompts,
+        max_new_tokens,
+        what=f"generating with {baseline}",
+    )
     cand = run_isolated(_generate, config, prompts, max_new_tokens, what=f"generating with {config.model}")
     return [SideBySide(p, b["text"], c["text"]) for p, b, c in zip(prompts, base, cand)]
 
@@ -37,14 +41,15 @@ def format_side_by_side(rows: list[SideBySide], width: int = 44) -> str:
     lines = [f"{'prompt':<{width}} | {'BF16':<{width}} | FP8"]
     for row in rows:
         marks = "" if row.same else "  (differs)"
-        lines.append(f"{_cell(row.prompt, width)} | {_cell(row.baseline, width)} | "
-                     f"{_cell(row.candidate, width)}{marks}")
+        lines.append(
+            f"{_cell(row.prompt, width)} | {_cell(row.baseline, width)} | {_cell(row.candidate, width)}{marks}"
+        )
     return "\n".join(lines)
 
 
 def _cell(text: str, width: int) -> str:
     flat = repr(" ".join(text.split()))[1:-1]
-    return (flat[:width - 1] + "…") if len(flat) > width else f"{flat:<{width}}"
+    return (flat[: width - 1] + "…") if len(flat) > width else f"{flat:<{width}}"
 
 
 def _generate(config: InferConfig, prompts: list[str], max_new_tokens: int) -> list[dict]:

@@ -57,6 +57,7 @@ class FidelityReport:
 
 # ---- the metrics (pure functions over scored positions) -------------------------------------------------
 
+
 def top1_agreement(reference: list[list[Position]], other: list[list[Position]]) -> float:
     pairs = list(_pairs(reference, other))
     return sum(ref["argmax"] == oth["argmax"] for ref, oth in pairs) / max(len(pairs), 1)
@@ -95,20 +96,23 @@ def _pairs(reference: list[list[Position]], other: list[list[Position]]):
 
 # ---- texts -> token windows --------------------------------------------------------------------------
 
+
 def token_windows(token_ids: list[list[int]], max_model_len: int) -> tuple[list[list[int]], str | None]:
     """Each text's ids cut into consecutive windows the engine takes (prompt + 1 new token <= context).
 
     Returns the windows and, when any text was cut, the one-line notice that says so.
     """
     size = max_model_len - 1
-    windows = [ids[start:start + size] for ids in token_ids for start in range(0, len(ids), size)]
+    windows = [ids[start : start + size] for ids in token_ids for start in range(0, len(ids), size)]
     windows = [w for w in windows if len(w) >= 2]  # one token predicts nothing
     long = [len(ids) for ids in token_ids if len(ids) > size]
     if not long:
         return windows, None
-    return windows, (f"{len(long)} of {len(token_ids)} texts are longer than the {max_model_len}-token context "
-                     f"(longest {max(long)} tokens): scored in consecutive windows of up to {size} tokens, "
-                     f"{len(windows)} windows in all")
+    return windows, (
+        f"{len(long)} of {len(token_ids)} texts are longer than the {max_model_len}-token context "
+        f"(longest {max(long)} tokens): scored in consecutive windows of up to {size} tokens, "
+        f"{len(windows)} windows in all"
+    )
 
 
 def tokenize(model: Path, texts: list[str]) -> list[list[int]]:
@@ -121,9 +125,18 @@ def tokenize(model: Path, texts: list[str]) -> list[list[int]]:
 
 # ---- running the variants --------------------------------------------------------------------------------
 
-def evaluate(baseline: Path, candidate: Path, texts: list[str], *, tp_size: int, device: str,
-             with_fp8_kv: bool = True, max_model_len: int = 1024,
-             engine_options: dict | None = None) -> FidelityReport:
+
+def evaluate(
+    baseline: Path,
+    candidate: Path,
+    texts: list[str],
+    *,
+    tp_size: int,
+    device: str,
+    with_fp8_kv: bool = True,
+    max_model_len: int = 1024,
+    engine_options: dict | None = None,
+) -> FidelityReport:
     """Score baseline and candidate (both on a BF16 cache) on the same token windows; `with_fp8_kv`
     adds the candidate on an FP8 cache as a third variant. `engine_options`: further `InferConfig`
     fields for every engine (e.g. kv_cache_gib, enforce_eager)."""
@@ -134,9 +147,14 @@ def evaluate(baseline: Path, candidate: Path, texts: list[str], *, tp_size: int,
     options = {**(engine_options or {}), "max_model_len": max_model_len}
     scores = {v.name: score(v, windows, tp_size=tp_size, device=device, engine_options=options) for v in variants}
     reference = scores["baseline"]["positions"]
-    report = FidelityReport(baseline=str(baseline), candidate=str(candidate), num_texts=len(texts),
-                            num_positions=sum(len(p) for p in reference), num_windows=len(windows),
-                            notes=[notice] if notice else [])
+    report = FidelityReport(
+        baseline=str(baseline),
+        candidate=str(candidate),
+        num_texts=len(texts),
+        num_positions=sum(len(p) for p in reference),
+        num_windows=len(windows),
+        notes=[notice] if notice else [],
+    )
     for name, scored in scores.items():
         report.perplexity[name] = perplexity(scored["positions"])
         report.kv_cache_dtype[name] = scored["kv_cache_dtype"]
@@ -148,8 +166,16 @@ def evaluate(baseline: Path, candidate: Path, texts: list[str], *, tp_size: int,
 
 def score(variant: Variant, windows: list[list[int]], *, tp_size: int, device: str, engine_options: dict) -> dict:
     """{"positions": per-window scored positions, "kv_cache_dtype": what the engine ran}, in a fresh process."""
-    return run_isolated(_score, str(variant.model), variant.fp8_kv, windows, tp_size, device, engine_options,
-                        what=f"scoring {variant.name} ({variant.model})")
+    return run_isolated(
+        _score,
+        str(variant.model),
+        variant.fp8_kv,
+        windows,
+        tp_size,
+        device,
+        engine_options,
+        what=f"scoring {variant.name} ({variant.model})",
+    )
 
 
 def write_report(report: FidelityReport, path: Path) -> Path:
@@ -166,8 +192,7 @@ def format_table(report: FidelityReport) -> str:
     return "\n".join(rows)
 
 
-def _score(model: str, fp8_kv: bool, windows: list[list[int]], tp_size: int, device: str,
-           engine_options: dict) -> dict:
+def _score(model: str, fp8_kv: bool, windows: list[list[int]], tp_size: int, device: str, engine_options: dict) -> dict:
     if tp_size == 1:  # one rank: run the engine in this process (~3 s start, no nested workers)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import SamplingParams
@@ -175,8 +200,9 @@ def _score(model: str, fp8_kv: bool, windows: list[list[int]], tp_size: int, dev
     from ray_calib.engine.launch import build_llm
     from ray_calib.infer.runner import InferConfig, engine_config
 
-    config = engine_config(InferConfig(model=Path(model), tp_size=tp_size, device=device, fp8_kv=fp8_kv,
-                                       **engine_options))
+    config = engine_config(
+        InferConfig(model=Path(model), tp_size=tp_size, device=device, fp8_kv=fp8_kv, **engine_options)
+    )
     llm = build_llm(config)
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=TOP_K)
     scored = []

@@ -36,16 +36,27 @@ class GaudiServe:
     config: dict
 
 
-def resolve(run: RunDir, meta: RunMeta | None, *, model: Path | None, tp: int | None, quant_config: Path | None,
-            fp8_kv: bool | None, conf_quant_config: str | None = None, write: bool = True) -> GaudiServe:
+def resolve(
+    run: RunDir,
+    meta: RunMeta | None,
+    *,
+    model: Path | None,
+    tp: int | None,
+    quant_config: Path | None,
+    fp8_kv: bool | None,
+    conf_quant_config: str | None = None,
+    write: bool = True,
+) -> GaudiServe:
     """Everything Gaudi serving needs, from the flags or from the run; a missing QUANT_CONFIG is written
     (unless `write` is False: a dry run shows it without writing)."""
     from ray_calib.inc.quant_config import quantizes_kv_cache, read_config
 
     if model is None:
         if not (meta and meta.model):
-            raise ModelError(f"{run.root}: no ray_calib_meta.json names the measured model",
-                             fix="pass --model (the BF16 model or the FP8 checkpoint that was measured).")
+            raise ModelError(
+                f"{run.root}: no ray_calib_meta.json names the measured model",
+                fix="pass --model (the BF16 model or the FP8 checkpoint that was measured).",
+            )
         model = Path(meta.model)
     tp_size = tp or (meta.tp_size if meta and meta.tp_size else 8)
     measurements = _measurements_at(run, tp_size)
@@ -58,15 +69,26 @@ def resolve(run: RunDir, meta: RunMeta | None, *, model: Path | None, tp: int | 
     kv = quantizes_kv_cache(config)
     if fp8_kv is not None and fp8_kv != kv:
         state = "quantizes" if kv else "blocks (keeps BF16)"
-        raise ConfigError(f"{path}: --{'' if fp8_kv else 'no-'}fp8-kv, but this QUANT_CONFIG {state} the KV cache "
-                          "types", fix="drop the flag (the config decides the KV cache dtype) or use the other config.")
+        raise ConfigError(
+            f"{path}: --{'' if fp8_kv else 'no-'}fp8-kv, but this QUANT_CONFIG {state} the KV cache types",
+            fix="drop the flag (the config decides the KV cache dtype) or use the other config.",
+        )
     if kv and measured is not None and measured.fp8_kv is False:
-        raise ConfigError(f"{path} quantizes the KV cache, but the measurements recorded no K/V ranges "
-                          "(measured without --fp8-kv)", fix="measure with --fp8-kv, or serve with a BF16-KV config.")
+        raise ConfigError(
+            f"{path} quantizes the KV cache, but the measurements recorded no K/V ranges (measured without --fp8-kv)",
+            fix="measure with --fp8-kv, or serve with a BF16-KV config.",
+        )
     ep = bool(measured and measured.ep_size and measured.ep_size > 1)
-    return GaudiServe(model=model, tp_size=tp_size, quant_config=Path(path).absolute(), fp8_kv=kv,
-                      expert_parallel=ep, measurements=measurements or run.measure, generated=generated,
-                      config=config)
+    return GaudiServe(
+        model=model,
+        tp_size=tp_size,
+        quant_config=Path(path).absolute(),
+        fp8_kv=kv,
+        expert_parallel=ep,
+        measurements=measurements or run.measure,
+        generated=generated,
+        config=config,
+    )
 
 
 def _measurements_at(run: RunDir, tp: int) -> Path | None:
@@ -83,27 +105,39 @@ def _read_meta(directory: Path) -> RunMeta | None:
     return read_meta(directory) if directory.is_dir() else None
 
 
-def _one_node_config(run: RunDir, model: Path, measurements: Path | None, tp: int, meta: RunMeta | None,
-                     fp8_kv: bool | None, write: bool) -> tuple[Path, dict, bool]:
+def _one_node_config(
+    run: RunDir, model: Path, measurements: Path | None, tp: int, meta: RunMeta | None, fp8_kv: bool | None, write: bool
+) -> tuple[Path, dict, bool]:
     """<run>/configs/<one-node quantize config>, pointing at the measurements for `tp` (written if absent)."""
     from ray_calib.inc.quant_config import build_config, config_name, is_moe, read_config, write_configs
     from ray_calib.model.config import is_mla, model_config
 
     if measurements is None:
-        raise MeasurementError(run.root, f"holds no measurements at TP {tp} (no unified-tp{tp}/ or measure/ at it)",
-                               fix=f"run `ray-calib unify --to-tp {tp}`, or pass --tp with the TP you have.")
+        raise MeasurementError(
+            run.root,
+            f"holds no measurements at TP {tp} (no unified-tp{tp}/ or measure/ at it)",
+            fix=f"run `ray-calib unify --to-tp {tp}`, or pass --tp with the TP you have.",
+        )
     kv = fp8_kv if fp8_kv is not None else bool(meta and meta.fp8_kv)
     path = run.configs / config_name(measure=False, fp8_kv=kv, one_node=True)
     dump = str(measurements.absolute() / MEASURE_PREFIX)
     if path.exists():
         existing = read_config(path)
         if existing.get("dump_stats_path") != dump:
-            raise ConfigError(f"{path}: dump_stats_path is {existing.get('dump_stats_path')}, not the TP {tp} "
-                              f"measurements {dump}", fix="pass --quant-config, or delete it to have it rewritten.")
+            raise ConfigError(
+                f"{path}: dump_stats_path is {existing.get('dump_stats_path')}, not the TP {tp} measurements {dump}",
+                fix="pass --quant-config, or delete it to have it rewritten.",
+            )
         return path, existing, False
     config = model_config(model)
-    built = build_config(measure=False, fp8_kv=kv, one_node=True, dump_stats_path=dump, moe=is_moe(config, str(model)),
-                         mla=is_mla(config))
+    built = build_config(
+        measure=False,
+        fp8_kv=kv,
+        one_node=True,
+        dump_stats_path=dump,
+        moe=is_moe(config, str(model)),
+        mla=is_mla(config),
+    )
     if write:
         write_configs(run.configs, {path.name: built})
     return path, built, True
@@ -121,8 +155,14 @@ def serve_fit(config, target_bytes: int | None):
         target_bytes = hlsmi.query().memory_bytes
     hf_config = model_config(config.model)
     route = gaudi.route_for(hf_config, str(config.model))
-    return route, gaudi.serve_fit(config.model, route, tp_size=config.tp_size, moe=bool(num_routed_experts(hf_config)),
-                                  card_bytes=target_bytes, host_available=host_available_bytes())
+    return route, gaudi.serve_fit(
+        config.model,
+        route,
+        tp_size=config.tp_size,
+        moe=bool(num_routed_experts(hf_config)),
+        card_bytes=target_bytes,
+        host_available=host_available_bytes(),
+    )
 
 
 def check_serve_fit(config, target_bytes: int | None) -> None:
@@ -140,13 +180,27 @@ def engine_config(config):
     from ray_calib.model.config import model_config
 
     route = gaudi.route_for(model_config(config.model), str(config.model))
-    env = gaudi.engine_env(measure=False, tp_size=config.tp_size, route=route,
-                           quant_config=str(config.quant_config.absolute()), timeout_s=config.timeout_s,
-                           expert_parallel=config.expert_parallel)
+    env = gaudi.engine_env(
+        measure=False,
+        tp_size=config.tp_size,
+        route=route,
+        quant_config=str(config.quant_config.absolute()),
+        timeout_s=config.timeout_s,
+        expert_parallel=config.expert_parallel,
+    )
     env.update(config.extra_env)
-    return EngineConfig(model=str(config.model), tp_size=config.tp_size, device="hpu", quantization=route.quantization,
-                        ray_address=config.extra_env.get("RAY_ADDRESS"),
-                        kv_cache_dtype="fp8_inc" if config.fp8_kv else "auto", max_model_len=config.max_model_len,
-                        extra_env=with_copy_list(env), profile="serve", max_num_seqs=None,
-                        enforce_eager=config.enforce_eager, trust_remote_code=True,
-                        enable_expert_parallel=config.expert_parallel)
+    return EngineConfig(
+        model=str(config.model),
+        tp_size=config.tp_size,
+        device="hpu",
+        quantization=route.quantization,
+        ray_address=config.extra_env.get("RAY_ADDRESS"),
+        kv_cache_dtype="fp8_inc" if config.fp8_kv else "auto",
+        max_model_len=config.max_model_len,
+        extra_env=with_copy_list(env),
+        profile="serve",
+        max_num_seqs=None,
+        enforce_eager=config.enforce_eager,
+        trust_remote_code=True,
+        enable_expert_parallel=config.expert_parallel,
+    )

@@ -28,8 +28,10 @@ def run_isolated(function: Callable[..., object], *args: object, what: str) -> o
     if isinstance(result, dict) and "error" in result and process.exitcode != 0:
         raise EngineError(f"{what}: {result['error']}")
     if process.exitcode != 0 or result is None:
-        raise EngineError(f"{what} failed with exit code {process.exitcode}",
-                          fix="run `ray-calib infer --model` on that model to see vLLM's error.")
+        raise EngineError(
+            f"{what} failed with exit code {process.exitcode}",
+            fix="run `ray-calib infer --model` on that model to see vLLM's error.",
+        )
     return result["value"]
 
 

@@ -28,7 +28,7 @@ AUTO_MAX_MODEL_LEN = -1  # vLLM: the model's context, lowered to what the KV cac
 PROFILE_NOTE = {  # what a server gets from vLLM itself, by "is this CPU"
     False: "CUDA graphs / torch.compile, prefix caching, the checkpoint's dtype, max_num_seqs",
     True: "torch.compile (inductor), prefix caching where the attention backend has it, the checkpoint's dtype, "
-          "max_num_seqs; ours on CPU: the KV-cache size per rank and, for TP > 1, VLLM_CPU_OMP_THREADS_BIND=nobind",
+    "max_num_seqs; ours on CPU: the KV-cache size per rank and, for TP > 1, VLLM_CPU_OMP_THREADS_BIND=nobind",
 }
 
 DEFAULT_PROMPTS = (
@@ -74,8 +74,10 @@ def check_device_type(meta: RunMeta | None, device_type: str, *, allow_mismatch:
     if allow_mismatch:
         logger.warning("measurements from %s used on %s (--allow-device-mismatch)", meta.device_type, device_type)
         return
-    raise ModelError(f"{where}: measured on {meta.device_type} but this node is {device_type}",
-                     fix="measure on this device type, or pass --allow-device-mismatch if you know the scales carry over.")
+    raise ModelError(
+        f"{where}: measured on {meta.device_type} but this node is {device_type}",
+        fix="measure on this device type, or pass --allow-device-mismatch if you know the scales carry over.",
+    )
 
 
 def engine_config(config: InferConfig):
@@ -88,11 +90,18 @@ def engine_config(config: InferConfig):
         from ray_calib.infer import gaudi
 
         return gaudi.engine_config(config)
-    return EngineConfig(model=str(config.model), tp_size=config.tp_size, device=config.device,
-                        kv_cache_dtype=kv_cache_dtype(config.fp8_kv),
-                        max_model_len=config.max_model_len or AUTO_MAX_MODEL_LEN, kv_cache_gib=config.kv_cache_gib,
-                        extra_env=env, profile="serve", max_num_seqs=None,
-                        enforce_eager=config.enforce_eager or cpu_emulated_fp8_moe(config))
+    return EngineConfig(
+        model=str(config.model),
+        tp_size=config.tp_size,
+        device=config.device,
+        kv_cache_dtype=kv_cache_dtype(config.fp8_kv),
+        max_model_len=config.max_model_len or AUTO_MAX_MODEL_LEN,
+        kv_cache_gib=config.kv_cache_gib,
+        extra_env=env,
+        profile="serve",
+        max_num_seqs=None,
+        enforce_eager=config.enforce_eager or cpu_emulated_fp8_moe(config),
+    )
 
 
 def cpu_emulated_fp8_moe(config: InferConfig) -> bool:
@@ -115,8 +124,15 @@ def kv_cache_dtype(fp8_kv: bool) -> str:
     return "fp8" if fp8_kv else "bfloat16"
 
 
-def choose_tp(model: Path, requested: int | None, *, device: str, kv_cache_gib: float, max_model_len: int | None,
-              preferred: int | None = None) -> int:
+def choose_tp(
+    model: Path,
+    requested: int | None,
+    *,
+    device: str,
+    kv_cache_gib: float,
+    max_model_len: int | None,
+    preferred: int | None = None,
+) -> int:
     """The same TP rules and memory pre-check as `measure`, for the model about to be served or scored."""
     from ray_calib.engine import sizing
     from ray_calib.engine.device import local_device_count
@@ -126,14 +142,22 @@ def choose_tp(model: Path, requested: int | None, *, device: str, kv_cache_gib: 
     shape = sizing.ModelShape.from_config(model_config(model))
     sizing.check_max_model_len(shape, max_model_len, str(model))
     memory = memory_check(model, sizing.valid_tp_sizes(shape), device, kv_cache_gib)
-    return sizing.choose_tp(shape, requested, model_id=str(model), memory=memory, preferred=preferred,
-                            devices=sizing.Devices(local_device_count(device), "this node"))
+    return sizing.choose_tp(
+        shape,
+        requested,
+        model_id=str(model),
+        memory=memory,
+        preferred=preferred,
+        devices=sizing.Devices(local_device_count(device), "this node"),
+    )
 
 
 def check_model_dir(model: Path) -> None:
     if not (model / "config.json").is_file():
-        raise ModelError(f"{model}: no config.json; not a model directory",
-                         fix="pass the directory `ray-calib quantize` wrote (default <run-dir>/fp8).")
+        raise ModelError(
+            f"{model}: no config.json; not a model directory",
+            fix="pass the directory `ray-calib quantize` wrote (default <run-dir>/fp8).",
+        )
 
 
 def generate(config: InferConfig, prompts: list[str], *, max_new_tokens: int = 32) -> list[Completion]:
@@ -145,8 +169,9 @@ def generate(config: InferConfig, prompts: list[str], *, max_new_tokens: int = 3
 
     llm = build_llm(engine_config(config))
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
-    return [Completion(prompt=o.prompt, text=o.outputs[0].text, num_tokens=len(o.outputs[0].token_ids))
-            for o in outputs]
+    return [
+        Completion(prompt=o.prompt, text=o.outputs[0].text, num_tokens=len(o.outputs[0].token_ids)) for o in outputs
+    ]
 
 
 @dataclass
@@ -221,8 +246,9 @@ def _wait_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s: int
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
-            raise EngineError(f"vllm serve exited with code {process.returncode}: {tail[0][:300]}",
-                              fix=f"see the full log at {log}.")
+            raise EngineError(
+                f"vllm serve exited with code {process.returncode}: {tail[0][:300]}", fix=f"see the full log at {log}."
+            )
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 if response.status == 200:
@@ -246,16 +272,20 @@ def served_settings(server: Server) -> dict[str, object]:
 
 def complete(server: Server, prompt: str, *, max_tokens: int = 16) -> str:
     """One completion through the OpenAI API: the smoke test that the server really serves."""
-    body = json.dumps({"model": server.model_name, "prompt": prompt, "max_tokens": max_tokens,
-                       "temperature": 0}).encode()
-    request = urllib.request.Request(f"{server.url}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {"model": server.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    ).encode()
+    request = urllib.request.Request(
+        f"{server.url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())["choices"][0]["text"]
     except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError, IndexError) as err:
-        raise EngineError(f"vllm serve at {server.url} is healthy but its smoke-test completion failed ({err})",
-                          fix=f"see {server.log}") from None
+        raise EngineError(
+            f"vllm serve at {server.url} is healthy but its smoke-test completion failed ({err})",
+            fix=f"see {server.log}",
+        ) from None
 
 
 def load_prompts(path: Path | None) -> list[str]:
@@ -277,8 +307,10 @@ def load_prompts(path: Path | None) -> list[str]:
                 record = json.loads(line)
                 prompts.append(str(record.get("prompt") or record["text"]))
             except (ValueError, KeyError):
-                raise ModelError(f"{path}:{number}: JSON line without a 'prompt' or 'text' field",
-                                 fix="write one prompt per line, or JSONL with a 'prompt' field.") from None
+                raise ModelError(
+                    f"{path}:{number}: JSON line without a 'prompt' or 'text' field",
+                    fix="write one prompt per line, or JSONL with a 'prompt' field.",
+                ) from None
         else:
             prompts.append(line)
     if not prompts:

@@ -53,19 +53,25 @@ class ChunkStore:
         run_file = self.root / _RUN_FILE
         if not run_file.exists():
             if resume and not self.root.exists():
-                raise ConfigError(f"--resume: {self.root.parent} holds no checkpoints of an unfinished run",
-                                  fix="drop --resume to start a new measurement.")
+                raise ConfigError(
+                    f"--resume: {self.root.parent} holds no checkpoints of an unfinished run",
+                    fix="drop --resume to start a new measurement.",
+                )
             atomic.write_json(run_file, self.fingerprint)
             return []
         previous = self._load(run_file)
         if not resume:
-            raise OutputExistsError(f"{self.root.parent} holds checkpoints of an unfinished measurement",
-                                    fix=f"pass --resume to continue it, or delete {self.root} to start over.")
+            raise OutputExistsError(
+                f"{self.root.parent} holds checkpoints of an unfinished measurement",
+                fix=f"pass --resume to continue it, or delete {self.root} to start over.",
+            )
         changed = sorted(k for k in set(previous) | set(self.fingerprint) if previous.get(k) != self.fingerprint.get(k))
         if changed:
             detail = ", ".join(f"{k}: {previous.get(k)!r} -> {self.fingerprint.get(k)!r}" for k in changed[:3])
-            raise ConfigError(f"--resume: the checkpoints in {self.root} come from another run ({detail})",
-                              fix=f"use the same options as that run, or delete {self.root} to start over.")
+            raise ConfigError(
+                f"--resume: the checkpoints in {self.root} come from another run ({detail})",
+                fix=f"use the same options as that run, or delete {self.root} to start over.",
+            )
         return self.done()
 
     def done(self) -> list[int]:
@@ -79,10 +85,15 @@ class ChunkStore:
         try:
             for rank_file in chunk.rank_files:
                 write_rank_file(rank_file, tmp)
-            info = {"index": chunk.index, "experts": chunk.experts, "num_tokens": chunk.num_tokens,
-                    "num_prompts": chunk.num_prompts, "generated_tokens": chunk.generated_tokens,
-                    "backends": chunk.backends,
-                    "names": [rf.name.stem for rf in chunk.rank_files]}
+            info = {
+                "index": chunk.index,
+                "experts": chunk.experts,
+                "num_tokens": chunk.num_tokens,
+                "num_prompts": chunk.num_prompts,
+                "generated_tokens": chunk.generated_tokens,
+                "backends": chunk.backends,
+                "names": [rf.name.stem for rf in chunk.rank_files],
+            }
             atomic.write_json(tmp / _CHUNK_FILE, info)
             if final.exists():  # a stale partial chunk cannot exist (rename is atomic); a complete one is replaced
                 shutil.rmtree(final)
@@ -99,20 +110,32 @@ class ChunkStore:
         for stem in info["names"]:
             parsed = _rank_name(stem)
             if parsed is None or parsed.prefix != prefix or parsed.method is not None:
-                raise MeasurementError(directory / _CHUNK_FILE, f"names {stem}, expected prefix {prefix}",
-                                       fix=f"delete {self.root} and re-measure.")
+                raise MeasurementError(
+                    directory / _CHUNK_FILE,
+                    f"names {stem}, expected prefix {prefix}",
+                    fix=f"delete {self.root} and re-measure.",
+                )
             rank_files.append(read_rank_file(directory, parsed))
-        return ChunkResult(index=index, rank_files=rank_files, experts=info["experts"], num_tokens=info["num_tokens"],
-                           num_prompts=info["num_prompts"], generated_tokens=info["generated_tokens"],
-                           backends=info.get("backends", {}))
+        return ChunkResult(
+            index=index,
+            rank_files=rank_files,
+            experts=info["experts"],
+            num_tokens=info["num_tokens"],
+            num_prompts=info["num_prompts"],
+            generated_tokens=info["generated_tokens"],
+            backends=info.get("backends", {}),
+        )
 
     def _load(self, path: Path) -> Any:
         """A checkpoint file cut short by a crash: a one-line error that says how to start over."""
         try:
             return load_json(path)[0]
         except MeasurementError as err:
-            raise MeasurementError(path, err.message.removeprefix(f"{path}: "),
-                                   fix=f"delete {self.root} and re-measure (or drop --resume).") from None
+            raise MeasurementError(
+                path,
+                err.message.removeprefix(f"{path}: "),
+                fix=f"delete {self.root} and re-measure (or drop --resume).",
+            ) from None
 
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

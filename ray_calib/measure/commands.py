@@ -15,43 +15,111 @@ DEFAULTS = {"batch_size": 16}  # without devices.conf
 
 @options.command(renamed={"--limit": "--num-samples", "--cluster": "--conf"})
 @click.option("-m", "--model", required=True, help="Local HF model directory or hub id ORG/NAME.")
-@click.option("-d", "--dataset", type=click.Path(path_type=Path), default=None,
-              help="Calibration set (pile/mlcommons/tc); optional with --dry-run.")
-@options.tp_option(help="Tensor-parallel size [default: devices.conf TENSOR_PARALLEL_SIZE (else all its devices), else the "
-                   "smallest the model allows that fits in memory (1 on Gaudi)].")
+@click.option(
+    "-d",
+    "--dataset",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Calibration set (pile/mlcommons/tc); optional with --dry-run.",
+)
+@options.tp_option(
+    help="Tensor-parallel size [default: devices.conf TENSOR_PARALLEL_SIZE (else all its devices), else the "
+    "smallest the model allows that fits in memory (1 on Gaudi)]."
+)
 @click.option("--fp8-kv", is_flag=True, help="Also measure K/V as written to the KV cache (for FP8 KV serving).")
 @options.num_samples_option(512)
-@options.least_tokens_option(help="Pile text: drop shorter samples, truncate longer ones [default: devices.conf CALIBRATION_SAMPLE_LENGTH].")
-@click.option("-b", "--batch-size", type=int, default=None,
-              help="Prompts per generate call [default: devices.conf CALIBRATION_MAX_BATCH_SIZE, else 16].")
+@options.least_tokens_option(
+    help="Pile text: drop shorter samples, truncate longer ones [default: devices.conf CALIBRATION_SAMPLE_LENGTH]."
+)
+@click.option(
+    "-b",
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Prompts per generate call [default: devices.conf CALIBRATION_MAX_BATCH_SIZE, else 16].",
+)
 @click.option("--max-new-tokens", type=int, default=32, show_default=True, help="Greedy tokens generated per prompt.")
 @click.option("--chunk-size", type=int, default=64, show_default=True, help="Prompts per checkpoint.")
 @options.out_option("Output directory [default: <run dir>/measure].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoints.")
 @click.option("--force", is_flag=True, help="Replace a finished measurement in --out.")
 @click.option("--min-expert-tokens", type=int, default=0, help="Fail when a routed expert saw fewer tokens.")
-@click.option("--quant-config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="QUANT_CONFIG (measure) whose blocklist applies [default: devices.conf INC_MEASURE_CONFIG_FILENAME, "
-                   "else lm_head and the MoE router].")
+@click.option(
+    "--quant-config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="QUANT_CONFIG (measure) whose blocklist applies [default: devices.conf INC_MEASURE_CONFIG_FILENAME, "
+    "else lm_head and the MoE router].",
+)
 @options.conf_option("devices.conf of a cluster started by `ray-calib up` [default: ./devices.conf when up].")
-@click.option("--executor", type=click.Choice(["auto", "uni", "mp", "ray"]), default="auto", show_default=True,
-              help="How ranks run: one process, one node (mp) or Ray.")
-@click.option("--max-model-len", type=int, default=None,
-              help="Longest prompt + generation [default: 2048, capped by the model's context].")
+@click.option(
+    "--executor",
+    type=click.Choice(["auto", "uni", "mp", "ray"]),
+    default="auto",
+    show_default=True,
+    help="How ranks run: one process, one node (mp) or Ray.",
+)
+@click.option(
+    "--max-model-len",
+    type=int,
+    default=None,
+    help="Longest prompt + generation [default: 2048, capped by the model's context].",
+)
 @kv_cache_gib_option
-@options.device_option(runtime=True, help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).")
-@click.option("--expert-parallel/--no-expert-parallel", default=None,
-              help="Partition routed experts over the ranks (EP = TP) [default: on for MoE models on Gaudi].")
-@click.option("--timeout", "timeout_s", type=int, default=1800, show_default=True,
-              help="Seconds for vLLM to start and for one step (large models load for a long time).")
+@options.device_option(
+    runtime=True,
+    help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).",
+)
+@click.option(
+    "--expert-parallel/--no-expert-parallel",
+    default=None,
+    help="Partition routed experts over the ranks (EP = TP) [default: on for MoE models on Gaudi].",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=int,
+    default=1800,
+    show_default=True,
+    help="Seconds for vLLM to start and for one step (large models load for a long time).",
+)
 @click.option("--enforce-eager", is_flag=True, help="Gaudi: run without HPU graphs (CPU/CUDA always run eager).")
-@click.option("--dry-run", is_flag=True, help="Print per node the engine arguments, env and QUANT_CONFIG; start nothing.")
-@click.option("--attention-backend", default=None,
-              help="Force vLLM's attention backend (e.g. CPU_MLA or AMX_MLA) [default: vLLM's choice].")
+@click.option(
+    "--dry-run", is_flag=True, help="Print per node the engine arguments, env and QUANT_CONFIG; start nothing."
+)
+@click.option(
+    "--attention-backend",
+    default=None,
+    help="Force vLLM's attention backend (e.g. CPU_MLA or AMX_MLA) [default: vLLM's choice].",
+)
 @run_dir_option
-def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_size, max_new_tokens, chunk_size, out,
-            resume, force, min_expert_tokens, quant_config, conf, executor, max_model_len, device, expert_parallel,
-            timeout_s, enforce_eager, dry_run, attention_backend, kv_cache_gib, run_dir) -> None:
+def measure(
+    model,
+    dataset,
+    tp_size,
+    fp8_kv,
+    num_samples,
+    least_tokens,
+    batch_size,
+    max_new_tokens,
+    chunk_size,
+    out,
+    resume,
+    force,
+    min_expert_tokens,
+    quant_config,
+    conf,
+    executor,
+    max_model_len,
+    device,
+    expert_parallel,
+    timeout_s,
+    enforce_eager,
+    dry_run,
+    attention_backend,
+    kv_cache_gib,
+    run_dir,
+) -> None:
     """Run the calibration prompts through vLLM at TP=N and write one INC range file per rank.
 
     \b
@@ -73,22 +141,47 @@ def measure(model, dataset, tp_size, fp8_kv, num_samples, least_tokens, batch_si
         least_tokens = _extra(conf, "CALIBRATION_SAMPLE_LENGTH")
     if quant_config is None and _extra(conf, "INC_MEASURE_CONFIG_FILENAME"):
         quant_config = Path(_extra(conf, "INC_MEASURE_CONFIG_FILENAME"))
-    for flag, value in (("--batch-size", batch_size), ("--chunk-size", chunk_size), ("--max-new-tokens", max_new_tokens),
-                        ("--num-samples", num_samples), ("--least-tokens", 1 if least_tokens is None else least_tokens),
-                        ("--max-model-len", max_model_len or 1), ("--timeout", timeout_s), ("--tp", tp_size or 1)):
+    for flag, value in (
+        ("--batch-size", batch_size),
+        ("--chunk-size", chunk_size),
+        ("--max-new-tokens", max_new_tokens),
+        ("--num-samples", num_samples),
+        ("--least-tokens", 1 if least_tokens is None else least_tokens),
+        ("--max-model-len", max_model_len or 1),
+        ("--timeout", timeout_s),
+        ("--tp", tp_size or 1),
+    ):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}", fix=f"pass a positive {flag}.")
     if dataset is None and not dry_run:
         raise click.UsageError("Missing option '-d' / '--dataset'.")
     address = None if dry_run else _address(cluster, executor)
-    config = MeasureConfig(model=model, dataset=dataset, out=(out or RunDir.resolve(run_dir).measure).absolute(),
-                           tp_size=tp_size, fp8_kv=fp8_kv, num_samples=num_samples, least_tokens=least_tokens,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, chunk_size=chunk_size, resume=resume,
-                           force=force, min_expert_tokens=min_expert_tokens, quant_config=quant_config,
-                           executor=executor, ray_address=address, max_model_len=max_model_len, device=device,
-                           expert_parallel=expert_parallel, timeout_s=timeout_s, enforce_eager=enforce_eager,
-                           cluster_conf=conf.path if conf else None, attention_backend=attention_backend,
-                           kv_cache_gib=kv_cache_gib)
+    config = MeasureConfig(
+        model=model,
+        dataset=dataset,
+        out=(out or RunDir.resolve(run_dir).measure).absolute(),
+        tp_size=tp_size,
+        fp8_kv=fp8_kv,
+        num_samples=num_samples,
+        least_tokens=least_tokens,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        chunk_size=chunk_size,
+        resume=resume,
+        force=force,
+        min_expert_tokens=min_expert_tokens,
+        quant_config=quant_config,
+        executor=executor,
+        ray_address=address,
+        max_model_len=max_model_len,
+        device=device,
+        expert_parallel=expert_parallel,
+        timeout_s=timeout_s,
+        enforce_eager=enforce_eager,
+        cluster_conf=conf.path if conf else None,
+        attention_backend=attention_backend,
+        kv_cache_gib=kv_cache_gib,
+    )
     if dry_run:
         _dry_run(config, conf, executor)
         return
@@ -156,9 +249,11 @@ def _run(config) -> None:
 
     summary = run_measure(config)
     click.echo(summary.data_summary)
-    click.echo(f"measured {summary.num_prompts} prompts ({summary.num_tokens} tokens, {summary.generated_tokens} generated) "
-               f"at TP {summary.world_size} on {summary.device} [{summary.executor}] in {summary.seconds:.1f} s; "
-               f"{summary.chunks_reused}/{summary.chunks_total} chunks reused")
+    click.echo(
+        f"measured {summary.num_prompts} prompts ({summary.num_tokens} tokens, {summary.generated_tokens} generated) "
+        f"at TP {summary.world_size} on {summary.device} [{summary.executor}] in {summary.seconds:.1f} s; "
+        f"{summary.chunks_reused}/{summary.chunks_total} chunks reused"
+    )
     if summary.backends:
         from ray_calib.measure.quantizable import describe_backends
 

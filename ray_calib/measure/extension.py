@@ -20,12 +20,19 @@ class MeasureExtension:
         old = getattr(self, "_ray_calib_observer", None)
         if old is not None:
             old.remove()
-        observer = ModelObserver(self.model_runner.model, fp8_kv=fp8_kv,
-                                 blocklist=Blocklist(names=tuple(block_names), types=tuple(block_types)))
+        observer = ModelObserver(
+            self.model_runner.model,
+            fp8_kv=fp8_kv,
+            blocklist=Blocklist(names=tuple(block_names), types=tuple(block_types)),
+        )
         self._ray_calib_observer = observer
-        return {"rank": self._ray_calib_rank(), "modules": len(observer.mod_list), "moe_layers": len(observer.moe),
-                "backends": observer.backends(),
-                "uncovered": [[u.module, u.cls, u.kind] for u in observer.uncovered]}
+        return {
+            "rank": self._ray_calib_rank(),
+            "modules": len(observer.mod_list),
+            "moe_layers": len(observer.moe),
+            "backends": observer.backends(),
+            "uncovered": [[u.module, u.cls, u.kind] for u in observer.uncovered],
+        }
 
     def ray_calib_remove(self) -> None:
         """Take the observers out again: the engine then runs exactly as plain vLLM."""

@@ -38,8 +38,9 @@ def inc_on_cpu() -> bool:
     return os.environ.get(INC_ON_CPU_ENV) == "1"
 
 
-def measure_quant_config(fp8_kv: bool, info: ModelInfo, dump_dir: str, user_config: Path | None,
-                         on_cpu: bool = False) -> dict[str, Any]:
+def measure_quant_config(
+    fp8_kv: bool, info: ModelInfo, dump_dir: str, user_config: Path | None, on_cpu: bool = False
+) -> dict[str, Any]:
     """The seeds' measure config, or the user's, writing its stats under `dump_dir`."""
     from ray_calib.inc.quant_config import KV_TYPES, build_config, read_config
 
@@ -47,11 +48,14 @@ def measure_quant_config(fp8_kv: bool, info: ModelInfo, dump_dir: str, user_conf
     if user_config is not None:
         config = {**read_config(user_config), "mode": "MEASURE", "dump_stats_path": dump_stats_path}
         if fp8_kv and set((config.get("blocklist") or {}).get("types", [])) & set(KV_TYPES):
-            raise ConfigError(f"{user_config}: --fp8-kv, but its blocklist blocks the KV cache types {KV_TYPES}",
-                              fix="drop --fp8-kv, or use a measure config with an empty blocklist 'types'.")
+            raise ConfigError(
+                f"{user_config}: --fp8-kv, but its blocklist blocks the KV cache types {KV_TYPES}",
+                fix="drop --fp8-kv, or use a measure config with an empty blocklist 'types'.",
+            )
     else:
-        config = build_config(measure=True, fp8_kv=fp8_kv, one_node=False, moe=info.moe,
-                              dump_stats_path=dump_stats_path)
+        config = build_config(
+            measure=True, fp8_kv=fp8_kv, one_node=False, moe=info.moe, dump_stats_path=dump_stats_path
+        )
     if on_cpu:
         config["use_qdq"] = True  # INC's CPU path works in quantize-dequantize mode only
     return config
@@ -66,9 +70,11 @@ def hqt_model(model):
             return current
         seen.add(id(current))
         current = getattr(current, "model", None) if not hasattr(current, "_orig_mod") else current._orig_mod
-    raise EngineError(f"INC did not prepare this rank's model ({type(model).__name__} holds no INC config)",
-                      fix="QUANT_CONFIG did not reach the worker, or vLLM ran without INC; check the job env "
-                          "(ray-calib measure --dry-run) and that vllm-gaudi is installed on every node.")
+    raise EngineError(
+        f"INC did not prepare this rank's model ({type(model).__name__} holds no INC config)",
+        fix="QUANT_CONFIG did not reach the worker, or vLLM ran without INC; check the job env "
+        "(ray-calib measure --dry-run) and that vllm-gaudi is installed on every node.",
+    )
 
 
 class IncExtension:
@@ -119,15 +125,22 @@ def _read_own_files(model) -> dict[str, Any]:
     json_path = base.with_name(base.name + ".json")
     parsed = parse_name(json_path)
     if parsed is None:
-        raise EngineError(f"INC wrote {json_path.name}, which is not an INC stats file name",
-                          fix="check dump_stats_path in the measure config.")
+        raise EngineError(
+            f"INC wrote {json_path.name}, which is not an INC stats file name",
+            fix="check dump_stats_path in the measure config.",
+        )
     stats = json.loads(json_path.read_text())
     mod_list_path = base.with_name(base.name + "_mod_list.json")
     mod_list = json.loads(mod_list_path.read_text()) if mod_list_path.exists() else list(stats["Nodes"])
     extra = {k: v for k, v in stats.items() if k not in ("GlobalRank", "LocalRank", "Mode", "Nodes")}
     name = parsed[0]
-    return {"rank": name.rank if name.rank is not None else 0, "world_size": name.world_size or 1,
-            "nodes": stats["Nodes"], "mod_list": mod_list, "extra": extra}
+    return {
+        "rank": name.rank if name.rank is not None else 0,
+        "world_size": name.world_size or 1,
+        "nodes": stats["Nodes"],
+        "mod_list": mod_list,
+        "extra": extra,
+    }
 
 
 def dump_dir_for_run() -> str:
@@ -162,8 +175,10 @@ class IncBackend:
         plan, fit = self.plan, self.plan.fit
         probed = [f for f in self.facts if f.device_type]
         if probed and probed[0].device_type != plan.target.device_type:
-            raise EngineError(f"this node is {plan.target.device_type} but node {probed[0].node} is "
-                              f"{probed[0].device_type}", fix="run on one Gaudi generation, or pass the right --device.")
+            raise EngineError(
+                f"this node is {plan.target.device_type} but node {probed[0].node} is {probed[0].device_type}",
+                fix="run on one Gaudi generation, or pass the right --device.",
+            )
         per_node = min([plan.engine.tp_size] + [f.cards for f in probed if f.cards]) if probed else fit.ranks_per_node
         cards = min([f.card_bytes for f in probed if f.card_bytes] or [fit.card_bytes])
         hosts = {f"{f.node} ({f.hostname})": f.mem_available for f in self.facts}
@@ -174,15 +189,18 @@ class IncBackend:
     def install(self, llm) -> None:
         """Every rank must hold INC's prepared model, or QUANT_CONFIG never reached it."""
         try:
-            llm.collective_rpc("ray_calib_install", args=(self.plan.fp8_kv, self.plan.block_names,
-                                                          self.plan.block_types))
+            llm.collective_rpc(
+                "ray_calib_install", args=(self.plan.fp8_kv, self.plan.block_names, self.plan.block_types)
+            )
         except EngineError:
             raise
         except Exception as err:  # the worker's EngineError arrives wrapped by vLLM/Ray
             from ray_calib.engine.launch import error_reason
 
-            raise EngineError(f"INC is not active in the ranks ({error_reason(err)})",
-                              fix="check QUANT_CONFIG in the job env with `ray-calib measure --dry-run`.") from err
+            raise EngineError(
+                f"INC is not active in the ranks ({error_reason(err)})",
+                fix="check QUANT_CONFIG in the job env with `ray-calib measure --dry-run`.",
+            ) from err
 
     def check(self, rank_files: list) -> None:
         """INC decides what it measures from QUANT_CONFIG; its files are post-processed in `finish_rank_files`."""

@@ -24,8 +24,13 @@ import os
 logger = logging.getLogger(__name__)
 
 INC_ON_CPU_ENV = "RAY_CALIB_INC_ON_CPU"
-VLLM_LINEAR_TYPES = ("RowParallelLinear", "ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear",
-                     "ReplicatedLinear")
+VLLM_LINEAR_TYPES = (
+    "RowParallelLinear",
+    "ColumnParallelLinear",
+    "MergedColumnParallelLinear",
+    "QKVParallelLinear",
+    "ReplicatedLinear",
+)
 _INSTALLED = False
 
 

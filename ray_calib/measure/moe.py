@@ -113,7 +113,7 @@ class MoEStats:
     def _routed_w13(self, rows: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
         key = (rows.device.type, rows.dtype)
         if _GROUPED_MM.get(key, True):
-            offsets = torch.cumsum(bins[:self.num_experts], 0, dtype=torch.int32)
+            offsets = torch.cumsum(bins[: self.num_experts], 0, dtype=torch.int32)
             try:
                 h = torch._grouped_mm(rows, self.w13.transpose(-2, -1), offs=offsets)
                 _GROUPED_MM[key] = True
@@ -122,21 +122,22 @@ class MoEStats:
                 _GROUPED_MM[key] = False
         h = torch.zeros(rows.shape[0], self.w13.shape[1], dtype=rows.dtype, device=rows.device)
         start = 0
-        for expert, count in enumerate(bins[:self.num_experts].tolist()):
+        for expert, count in enumerate(bins[: self.num_experts].tolist()):
             if count:
-                h[start:start + count] = torch.nn.functional.linear(rows[start:start + count], self.w13[expert])
+                h[start : start + count] = torch.nn.functional.linear(rows[start : start + count], self.w13[expert])
             start += count
         return h
 
     def _act_amax(self, h: torch.Tensor) -> torch.Tensor:
         """Max |act(gate) * up| over the last dim of `h = x W13^T` (gate first, as vLLM loads w13)."""
-        gate, up = h[..., :self.intermediate], h[..., self.intermediate:]
+        gate, up = h[..., : self.intermediate], h[..., self.intermediate :]
         act = torch.nn.functional.gelu(gate) if self.activation.startswith("gelu") else torch.nn.functional.silu(gate)
         return row_amax(act * up).float()
 
     def _move_to(self, device: torch.device) -> None:
         self.counts, self.expert_input, self.expert_inter = (
-            t.to(device) for t in (self.counts, self.expert_input, self.expert_inter))
+            t.to(device) for t in (self.counts, self.expert_input, self.expert_inter)
+        )
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         """INC nodes of the op and its children (the one host copy of this layer's statistics)."""
@@ -153,7 +154,7 @@ class MoEStats:
 
     def token_counts(self) -> list[int]:
         self.fold()
-        return self.counts[:self.num_experts].tolist()
+        return self.counts[: self.num_experts].tolist()
 
     def child_names(self) -> list[str]:
         return [f"{self.name}.{kind}.{k}" for kind in ("w13_list", "w2_list") for k in range(self.num_experts)]
@@ -166,7 +167,6 @@ class MoEStats:
         self.counts.zero_()
         self.expert_input.zero_()
         self.expert_inter.zero_()
-
 
 
 def _child(input_amax: float, weight: float | None) -> dict[str, Any]:

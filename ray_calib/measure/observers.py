@@ -104,8 +104,11 @@ class ModelObserver:
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
         modules = list(self.model.named_modules())
-        latent_of = {id(m.kv_b_proj): m for _, m in modules
-                     if isinstance(m, MLAAttention) and getattr(m, "kv_b_proj", None) is not None}
+        latent_of = {
+            id(m.kv_b_proj): m
+            for _, m in modules
+            if isinstance(m, MLAAttention) and getattr(m, "kv_b_proj", None) is not None
+        }
         routed = {id(getattr(m, "routed_experts", None)) for _, m in modules if isinstance(m, MoERunner)}
         latent_stats: dict[int, NodeStats] = {}  # id(MLAAttention) -> its kv_b_proj's node
         counting = False
@@ -166,6 +169,7 @@ class ModelObserver:
         self._patch(module, "quant_method", method)
         self._patch(method, "apply", _after(method.apply, stats.outputs[0].update))
         if len(stats.outputs) == 2 and stats.outputs[1] is not stats.outputs[0]:
+
             def hook(mod, args, output):
                 stats.outputs[1].update(output[0] if isinstance(output, tuple) else output)
 
@@ -193,8 +197,12 @@ class ModelObserver:
             out = apply(*args, **kwargs)
             ids = routing.get("ids")
             if ids is None:  # a monolithic kernel routed inside itself: route the same logits here
-                _, ids = select(hidden_states=hidden, router_logits=_arg(args, kwargs, 1, "router_logits"),
-                                topk_indices_dtype=None, input_ids=_arg(args, kwargs, 3, "input_ids"))
+                _, ids = select(
+                    hidden_states=hidden,
+                    router_logits=_arg(args, kwargs, 1, "router_logits"),
+                    topk_indices_dtype=None,
+                    input_ids=_arg(args, kwargs, 3, "input_ids"),
+                )
             stats.observe(hidden, ids, out[1] if isinstance(out, tuple) else out)
             return out
 
@@ -261,8 +269,12 @@ class ModelObserver:
                     nodes.update(self.moe[name].nodes())
             elif name in self.nodes and self.nodes[name].called:
                 nodes[name] = self.nodes[name].to_node()
-        return {"nodes": nodes, "mod_list": list(self.mod_list), "tokens": int(self.tokens),
-                "experts": {name: m.token_counts() for name, m in self.moe.items()}}
+        return {
+            "nodes": nodes,
+            "mod_list": list(self.mod_list),
+            "tokens": int(self.tokens),
+            "experts": {name: m.token_counts() for name, m in self.moe.items()},
+        }
 
     def reset(self) -> None:
         for stats in self.nodes.values():

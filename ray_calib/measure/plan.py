@@ -58,18 +58,31 @@ class MeasurePlan:
     def engine_plan(self) -> EnginePlan:
         info = self.info
         experts = f"MoE, {info.num_experts} routed experts" if info.moe else "dense"
-        facts = [("model", f"{info.path} ({info.model_type or '?'}; {experts}{'; MLA' if info.mla else ''})"),
-                 ("device", f"{self.target.device_type} [{self.target.device}]"
-                            + (f", {self.target.memory_bytes / GiB:.0f} GiB per device" if self.target.memory_bytes
-                               else "") + f" ({self.target.source})")]
+        facts = [
+            ("model", f"{info.path} ({info.model_type or '?'}; {experts}{'; MLA' if info.mla else ''})"),
+            (
+                "device",
+                f"{self.target.device_type} [{self.target.device}]"
+                + (f", {self.target.memory_bytes / GiB:.0f} GiB per device" if self.target.memory_bytes else "")
+                + f" ({self.target.source})",
+            ),
+        ]
         if self.route is not None:
             facts.append(("route", f"{self.route.name}: {self.route.description}"))
-        backend = ("INC MEASURE in every rank (QUANT_CONFIG), BF16 KV cache" if self.backend == INC
-                   else "ray-calib observers (vLLM worker extension)")
+        backend = (
+            "INC MEASURE in every rank (QUANT_CONFIG), BF16 KV cache"
+            if self.backend == INC
+            else "ray-calib observers (vLLM worker extension)"
+        )
         facts.append(("backend", f"{backend}; K/V ranges recorded: {'yes' if self.fp8_kv else 'no'}"))
-        facts.append(("parallel", f"TP {self.engine.tp_size}, EP {self.ep_size}"
-                                  f"{' (enable_expert_parallel)' if self.ep_size > 1 else ''}, executor "
-                                  f"{self.engine.resolved_executor}"))
+        facts.append(
+            (
+                "parallel",
+                f"TP {self.engine.tp_size}, EP {self.ep_size}"
+                f"{' (enable_expert_parallel)' if self.ep_size > 1 else ''}, executor "
+                f"{self.engine.resolved_executor}",
+            )
+        )
         facts.append(("sampling", self.sampling))
         if self.calib is not None:
             facts.append(("data", self.calib.report.summary()))
@@ -77,9 +90,15 @@ class MeasurePlan:
             facts.append(("memory", "\n".join(self.fit.lines())))
         if self.checks:
             facts.append(("nodes", "\n".join(self.checks)))
-        return EnginePlan(title="ray-calib measure --dry-run: nothing is started, no device is opened", facts=facts,
-                          engine=self.engine, quant_config=self.quant_config,
-                          quant_config_path=self.quant_config_path, nodes=self.nodes, warnings=self.warnings)
+        return EnginePlan(
+            title="ray-calib measure --dry-run: nothing is started, no device is opened",
+            facts=facts,
+            engine=self.engine,
+            quant_config=self.quant_config,
+            quant_config_path=self.quant_config_path,
+            nodes=self.nodes,
+            warnings=self.warnings,
+        )
 
     def probe_nodes(self, *, write: bool) -> list:
         """Facts of every node of the run (Ray: joined with the run's job env first); `write` the QUANT_CONFIG."""
@@ -115,8 +134,11 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
     elif config.tp_size is None:  # Gaudi: HBM per card and host RAM per node are checked on the nodes
         config.tp_size = 1
     if backend == INC and config.min_expert_tokens > 1:
-        raise ConfigError(f"--min-expert-tokens {config.min_expert_tokens}: INC counts no tokens per expert, only "
-                          "whether an expert got any (a non-zero range)", fix="use --min-expert-tokens 1 (or 0).")
+        raise ConfigError(
+            f"--min-expert-tokens {config.min_expert_tokens}: INC counts no tokens per expert, only "
+            "whether an expert got any (a non-zero range)",
+            fix="use --min-expert-tokens 1 (or 0).",
+        )
     ep_size = _ep_size(config, info, backend)
     conf = _conf(config)
     dump_dir = quant = route = None
@@ -131,8 +153,19 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
     else:
         names, types = blocklist(config.quant_config, fp8_kv=config.fp8_kv, moe=info.moe)
         fp8_kv = config.fp8_kv
-    plan = MeasurePlan(info=info, target=target, backend=backend, ep_size=ep_size, fp8_kv=fp8_kv, engine=None,
-                       block_names=names, block_types=types, quant_config=quant, dump_dir=dump_dir, conf=conf)
+    plan = MeasurePlan(
+        info=info,
+        target=target,
+        backend=backend,
+        ep_size=ep_size,
+        fp8_kv=fp8_kv,
+        engine=None,
+        block_names=names,
+        block_types=types,
+        quant_config=quant,
+        dump_dir=dump_dir,
+        conf=conf,
+    )
     if target.is_gaudi:
         from ray_calib.engine import gaudi
         from ray_calib.model.config import model_config
@@ -143,14 +176,17 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
     if target.is_gaudi:
         plan.fit = _fit(config, plan, route)
     plan.warnings = _warnings(plan)
-    plan.sampling = (f"--num-samples {config.num_samples}, --least-tokens {config.least_tokens or '-'}, "
-                     f"--batch-size {config.batch_size}, --max-new-tokens {config.max_new_tokens}, "
-                     f"--chunk-size {config.chunk_size}; devices.conf {plan.conf.path if plan.conf else '-'}")
+    plan.sampling = (
+        f"--num-samples {config.num_samples}, --least-tokens {config.least_tokens or '-'}, "
+        f"--batch-size {config.batch_size}, --max-new-tokens {config.max_new_tokens}, "
+        f"--chunk-size {config.chunk_size}; devices.conf {plan.conf.path if plan.conf else '-'}"
+    )
     if load_data and config.dataset is not None:
         from ray_calib.data import load_prompts
 
-        plan.calib = load_prompts(config.dataset, info.path, num_samples=config.num_samples,
-                                  least_tokens=config.least_tokens)
+        plan.calib = load_prompts(
+            config.dataset, info.path, num_samples=config.num_samples, least_tokens=config.least_tokens
+        )
     return plan
 
 
@@ -168,15 +204,27 @@ def _choose_tp(config, info: ModelInfo, device: str, *, join_ray: bool) -> int:
     if join_ray:
         from ray_calib.measure.extension import EXTENSION_CLS
 
-        devices = prepare(EngineConfig(model=str(info.path), tp_size=config.tp_size or 1, device=device,
-                                       executor=config.executor, ray_address=config.ray_address,
-                                       max_model_len=context_limit(config, info), kv_cache_gib=config.kv_cache_gib,
-                                       worker_extension_cls=EXTENSION_CLS, observe_weights=True))
+        devices = prepare(
+            EngineConfig(
+                model=str(info.path),
+                tp_size=config.tp_size or 1,
+                device=device,
+                executor=config.executor,
+                ray_address=config.ray_address,
+                max_model_len=context_limit(config, info),
+                kv_cache_gib=config.kv_cache_gib,
+                worker_extension_cls=EXTENSION_CLS,
+                observe_weights=True,
+            )
+        )
     where = "the Ray cluster" if devices is not None else "this node"
-    return sizing.choose_tp(info.shape, config.tp_size, model_id=info.model_id,
-                            devices=sizing.Devices(devices if devices is not None else local_device_count(device), where),
-                            memory=memory_check(info.path, valid_tp_sizes(info), device, config.kv_cache_gib,
-                                                measure=True))
+    return sizing.choose_tp(
+        info.shape,
+        config.tp_size,
+        model_id=info.model_id,
+        devices=sizing.Devices(devices if devices is not None else local_device_count(device), where),
+        memory=memory_check(info.path, valid_tp_sizes(info), device, config.kv_cache_gib, measure=True),
+    )
 
 
 def _ep_size(config, info: ModelInfo, backend: str) -> int:
@@ -185,8 +233,10 @@ def _ep_size(config, info: ModelInfo, backend: str) -> int:
     if wanted and not info.moe:
         raise ConfigError(f"--expert-parallel: {info.model_id} has no routed experts", fix="drop --expert-parallel.")
     if wanted and backend == OBSERVERS:
-        raise ConfigError("--expert-parallel is measured by INC on Gaudi; the CPU/CUDA observers measure "
-                          "TP-sharded experts", fix="drop --expert-parallel (unify and infer then use TP-MoE).")
+        raise ConfigError(
+            "--expert-parallel is measured by INC on Gaudi; the CPU/CUDA observers measure TP-sharded experts",
+            fix="drop --expert-parallel (unify and infer then use TP-MoE).",
+        )
     if wanted is None:
         wanted = backend == INC and info.moe
     return config.tp_size if wanted else 1
@@ -203,32 +253,64 @@ def _conf(config):
 def _engine(config, plan: MeasurePlan) -> EngineConfig:
     from ray_calib.measure.run import context_limit
 
-    common = dict(model=str(plan.info.path), tp_size=config.tp_size, device=plan.target.device,
-                  executor=config.executor, ray_address=config.ray_address,
-                  max_model_len=context_limit(config, plan.info), max_num_seqs=config.batch_size,
-                  kv_cache_gib=config.kv_cache_gib)
+    common = dict(
+        model=str(plan.info.path),
+        tp_size=config.tp_size,
+        device=plan.target.device,
+        executor=config.executor,
+        ray_address=config.ray_address,
+        max_model_len=context_limit(config, plan.info),
+        max_num_seqs=config.batch_size,
+        kv_cache_gib=config.kv_cache_gib,
+    )
     if plan.backend == OBSERVERS:
         from ray_calib.measure.extension import EXTENSION_CLS
 
-        return EngineConfig(**common, worker_extension_cls=EXTENSION_CLS, observe_weights=True,
-                            extra_env=timeout_env(config.timeout_s), attention_backend=config.attention_backend)
+        return EngineConfig(
+            **common,
+            worker_extension_cls=EXTENSION_CLS,
+            observe_weights=True,
+            extra_env=timeout_env(config.timeout_s),
+            attention_backend=config.attention_backend,
+        )
     from ray_calib.measure.gaudi import EXTENSION_CLS
 
     if plan.target.is_gaudi:
         from ray_calib.engine import gaudi
 
-        env = gaudi.engine_env(measure=True, tp_size=config.tp_size, route=plan.route,
-                               quant_config=plan.quant_config_path, timeout_s=config.timeout_s,
-                               expert_parallel=plan.ep_size > 1)
-        return EngineConfig(**common, worker_extension_cls=EXTENSION_CLS, quantization=plan.route.quantization,
-                            kv_cache_dtype="auto", extra_env=with_copy_list(env), enforce_eager=config.enforce_eager,
-                            trust_remote_code=True, enable_expert_parallel=plan.ep_size > 1)
+        env = gaudi.engine_env(
+            measure=True,
+            tp_size=config.tp_size,
+            route=plan.route,
+            quant_config=plan.quant_config_path,
+            timeout_s=config.timeout_s,
+            expert_parallel=plan.ep_size > 1,
+        )
+        return EngineConfig(
+            **common,
+            worker_extension_cls=EXTENSION_CLS,
+            quantization=plan.route.quantization,
+            kv_cache_dtype="auto",
+            extra_env=with_copy_list(env),
+            enforce_eager=config.enforce_eager,
+            trust_remote_code=True,
+            enable_expert_parallel=plan.ep_size > 1,
+        )
     from ray_calib.measure.inc_cpu import INC_ON_CPU_ENV
 
-    env = {"QUANT_CONFIG": plan.quant_config_path, INC_ON_CPU_ENV: "1", "INC_TARGET_DEVICE": "cpu",
-           **timeout_env(config.timeout_s)}
-    return EngineConfig(**common, worker_extension_cls=EXTENSION_CLS, extra_env=with_copy_list(env),
-                        trust_remote_code=True, enable_expert_parallel=plan.ep_size > 1)
+    env = {
+        "QUANT_CONFIG": plan.quant_config_path,
+        INC_ON_CPU_ENV: "1",
+        "INC_TARGET_DEVICE": "cpu",
+        **timeout_env(config.timeout_s),
+    }
+    return EngineConfig(
+        **common,
+        worker_extension_cls=EXTENSION_CLS,
+        extra_env=with_copy_list(env),
+        trust_remote_code=True,
+        enable_expert_parallel=plan.ep_size > 1,
+    )
 
 
 def _fit(config, plan: MeasurePlan, route):
@@ -236,8 +318,13 @@ def _fit(config, plan: MeasurePlan, route):
 
     per_node = max((len(n.ranks) for n in plan.nodes), default=config.tp_size)
     hosts = {n.name: None for n in plan.nodes if n.ranks}
-    return gaudi.Fit(weights_bytes=gaudi.checkpoint_bytes(plan.info.path, route), tp_size=config.tp_size,
-                     ranks_per_node=per_node, card_bytes=plan.target.memory_bytes, hosts=hosts)
+    return gaudi.Fit(
+        weights_bytes=gaudi.checkpoint_bytes(plan.info.path, route),
+        tp_size=config.tp_size,
+        ranks_per_node=per_node,
+        card_bytes=plan.target.memory_bytes,
+        hosts=hosts,
+    )
 
 
 def _warnings(plan: MeasurePlan) -> list[str]:
@@ -249,9 +336,11 @@ def _warnings(plan: MeasurePlan) -> list[str]:
         ifnames = {n.ifname for n in plan.conf.nodes if n.ifname}
         leaked = [v for v in ("GLOO_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if os.environ.get(v)]
         if len(ifnames) > 1 and leaked:
-            warnings.append(f"this shell sets {', '.join(leaked)}={os.environ[leaked[0]]}, but the nodes use different "
-                            f"interfaces ({', '.join(sorted(ifnames))}); vLLM's legacy Ray executor copies the "
-                            "driver's value to every rank: unset it before `ray-calib measure`")
+            warnings.append(
+                f"this shell sets {', '.join(leaked)}={os.environ[leaked[0]]}, but the nodes use different "
+                f"interfaces ({', '.join(sorted(ifnames))}); vLLM's legacy Ray executor copies the "
+                "driver's value to every rank: unset it before `ray-calib measure`"
+            )
         total = sum(len(n.ranks) for n in plan.nodes)
         if total < plan.engine.tp_size:
             warnings.append(f"devices.conf lists {total} devices for TP {plan.engine.tp_size}")
@@ -260,8 +349,10 @@ def _warnings(plan: MeasurePlan) -> list[str]:
     if plan.fit is not None:
         warnings += [f"does not fit: {problem}" for problem in plan.fit.problems()]
     if plan.backend == INC and not plan.target.is_gaudi:
-        warnings.append("INC runs in vLLM's CPU workers (RAY_CALIB_INC_ON_CPU=1): linear layers only, "
-                        "quantize-dequantize mode; not a Gaudi run")
+        warnings.append(
+            "INC runs in vLLM's CPU workers (RAY_CALIB_INC_ON_CPU=1): linear layers only, "
+            "quantize-dequantize mode; not a Gaudi run"
+        )
     return warnings
 
 

@@ -39,24 +39,40 @@ def resolve_model(model: str, *, weights: bool = True) -> ModelInfo:
         if _looks_like_hub_id(model):
             path = _download(model, weights=weights)
         else:
-            raise ModelError(f"model directory {model} does not exist",
-                             fix="pass a local Hugging Face model directory (with config.json) or a hub id ORG/NAME.")
+            raise ModelError(
+                f"model directory {model} does not exist",
+                fix="pass a local Hugging Face model directory (with config.json) or a hub id ORG/NAME.",
+            )
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise ModelError(f"{path}: no config.json, not a Hugging Face model directory",
-                         fix="pass the directory that holds config.json and the *.safetensors files.")
+        raise ModelError(
+            f"{path}: no config.json, not a Hugging Face model directory",
+            fix="pass the directory that holds config.json and the *.safetensors files.",
+        )
     try:
         config = json.loads(config_path.read_text())
     except ValueError as err:
-        raise ModelError(f"{config_path}: not valid JSON ({err})", fix="restore config.json from the model's source.") from None
+        raise ModelError(
+            f"{config_path}: not valid JSON ({err})", fix="restore config.json from the model's source."
+        ) from None
     heads = config.get("num_attention_heads")
     if not isinstance(heads, int):
-        raise ModelError(f"{config_path}: no integer 'num_attention_heads'", fix="restore config.json from the model's source.")
+        raise ModelError(
+            f"{config_path}: no integer 'num_attention_heads'", fix="restore config.json from the model's source."
+        )
     experts = num_routed_experts(config)
-    return ModelInfo(path=path, model_id=model, revision=_revision(path), num_heads=heads,
-                     num_kv_heads=config.get("num_key_value_heads", heads), moe=bool(experts),
-                     model_type=str(config.get("model_type", "")), max_positions=config.get("max_position_embeddings"),
-                     shape=sizing.ModelShape.from_config(config), mla=bool(config.get("kv_lora_rank")))
+    return ModelInfo(
+        path=path,
+        model_id=model,
+        revision=_revision(path),
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads", heads),
+        moe=bool(experts),
+        model_type=str(config.get("model_type", "")),
+        max_positions=config.get("max_position_embeddings"),
+        shape=sizing.ModelShape.from_config(config),
+        mla=bool(config.get("kv_lora_rank")),
+    )
 
 
 def valid_tp_sizes(info: ModelInfo, limit: int = sizing.MAX_TP) -> list[int]:
@@ -76,8 +92,10 @@ def check_attention_backend(name: str | None) -> None:
     known = list(AttentionBackendEnum.__members__)
     if name not in known:
         cpu = " | ".join(k for k in known if k.startswith(("CPU_", "AMX_")))
-        raise ConfigError(f"--attention-backend {name} is not a vLLM attention backend",
-                          fix=f"use one of vLLM's AttentionBackendEnum names, e.g. {cpu} on CPU.")
+        raise ConfigError(
+            f"--attention-backend {name} is not a vLLM attention backend",
+            fix=f"use one of vLLM's AttentionBackendEnum names, e.g. {cpu} on CPU.",
+        )
 
 
 def blocklist(quant_config: Path | None, *, fp8_kv: bool, moe: bool) -> tuple[list[str], list[str]]:
@@ -126,8 +144,10 @@ def _download(model: str, *, weights: bool = True) -> Path:
 
         return Path(snapshot_download(model, allow_patterns=patterns))
     except Exception as err:  # network, auth, missing repo: all one line for the user
-        raise ModelError(f"cannot fetch {model} from the Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0]})",
-                         fix="check the id and HF_TOKEN, or pass a local model directory.") from None
+        raise ModelError(
+            f"cannot fetch {model} from the Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0]})",
+            fix="check the id and HF_TOKEN, or pass a local model directory.",
+        ) from None
 
 
 def _revision(path: Path) -> str | None:

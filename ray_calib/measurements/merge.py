@@ -19,12 +19,16 @@ def merge_chunks(first: RankFile, *others: RankFile) -> RankFile:
     mod_list = dict.fromkeys(first.mod_list)
     for other in others:
         if (other.name.rank, other.name.world_size) != (first.name.rank, first.name.world_size):
-            raise MeasurementError(other.name.stem, f"cannot merge rank {other.name.rank}/{other.name.world_size} "
-                                   f"into rank {first.name.rank}/{first.name.world_size}",
-                                   fix="merge chunks of one rank only.")
+            raise MeasurementError(
+                other.name.stem,
+                f"cannot merge rank {other.name.rank}/{other.name.world_size} "
+                f"into rank {first.name.rank}/{first.name.world_size}",
+                fix="merge chunks of one rank only.",
+            )
         for module, node in other.nodes.items():
-            nodes[module] = (merge_nodes([nodes[module], node], module, module, "chunks") if module in nodes
-                             else _copy(node))
+            nodes[module] = (
+                merge_nodes([nodes[module], node], module, module, "chunks") if module in nodes else _copy(node)
+            )
         mod_list.update(dict.fromkeys(other.mod_list))
     return RankFile(name=first.name, nodes=nodes, mode=first.mode, mod_list=list(mod_list), extra=dict(first.extra))
 
@@ -46,8 +50,9 @@ def check_fields(nodes: list[Node], module: str, source: str, across: str) -> No
     first, fix = nodes[0], f"the {across} come from different runs; re-measure."
     for node in nodes[1:]:
         if node.keys() != first.keys():
-            raise MeasurementError(source, f"node '{module}' fields differ between {across} ({sorted(first)} vs "
-                                   f"{sorted(node)})", fix=fix)
+            raise MeasurementError(
+                source, f"node '{module}' fields differ between {across} ({sorted(first)} vs {sorted(node)})", fix=fix
+            )
         for field, value in first.items():
             if len(node[field]) != len(value) or (field == "params" and node[field].keys() != value.keys()):
                 raise MeasurementError(source, f"node '{module}': {field} count differs between {across}", fix=fix)
@@ -63,11 +68,13 @@ def max_leaves(leaves: list[Any], module: str, across: str) -> Any:
     except (ValueError, TypeError):
         pass
     if any(not isinstance(leaf, list) or len(leaf) != len(first) for leaf in leaves):
-        raise MeasurementError(module, f"leaf shapes differ between {across}",
-                               fix="they come from different runs or models; re-measure.")
+        raise MeasurementError(
+            module, f"leaf shapes differ between {across}", fix="they come from different runs or models; re-measure."
+        )
     return [max_leaves([leaf[i] for leaf in leaves], module, across) for i in range(len(first))]
 
 
 def _copy(node: Node) -> Node:
-    return {field: ({k: v for k, v in value.items()} if field == "params" else list(value))
-            for field, value in node.items()}
+    return {
+        field: ({k: v for k, v in value.items()} if field == "params" else list(value)) for field, value in node.items()
+    }

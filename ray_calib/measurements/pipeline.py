@@ -45,8 +45,9 @@ class UnifySummary:
     ep_reason: str = ""  # how expert parallelism was decided (flag, meta, files + config.json)
 
 
-def unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, *, force: bool = False,
-              expert_parallel: bool | None = None) -> UnifySummary:
+def unify_dir(
+    in_dir: Path, out_dir: Path, to_world_size: int, *, force: bool = False, expert_parallel: bool | None = None
+) -> UnifySummary:
     """Unify the measurement set in `in_dir` (and any scale sets beside it) to `to_world_size` ranks.
 
     `expert_parallel`: the user's explicit choice; None decides from the meta's ep_size, else from the
@@ -70,8 +71,7 @@ def _no_cycle_collection() -> Iterator[None]:
             gc.enable()
 
 
-def _unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, force: bool,
-               explicit_ep: bool | None) -> UnifySummary:
+def _unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, force: bool, explicit_ep: bool | None) -> UnifySummary:
     start = time.perf_counter()
     sets = MeasurementSet.discover_all(in_dir)
     measurement = sets[0]  # the range files, or the first scale set when the directory holds only scale files
@@ -84,17 +84,27 @@ def _unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, force: bool,
     ep_out = to_world_size if expert_parallel else (1 if has_experts else source.ep_size)
     meta = dataclasses.replace(source, tp_size=to_world_size, unified_from=measurement.world_size, ep_size=ep_out)
     with staged_dir(out_dir) as stage:
-        task = functools.partial(_unify_group, stage=stage, to_world_size=to_world_size,
-                                 expert_parallel=expert_parallel)
+        task = functools.partial(
+            _unify_group, stage=stage, to_world_size=to_world_size, expert_parallel=expert_parallel
+        )
         results = _parallel_map(task, [(run, i) for run in sets for i in range(to_world_size)])
         _check_groups_agree(results)
         _finish_stage(stage, out_dir, meta, in_dir, {r.stem for r in results})
     first = results[0]
-    return UnifySummary(in_dir=in_dir, out_dir=out_dir, ranks_in=measurement.world_size, ranks_out=to_world_size,
-                        nodes_in=first.nodes_in, nodes_out=first.nodes_out, experts_in=first.experts_in,
-                        experts_out=first.experts_out, expert_parallel=first.expert_parallel,
-                        scale_methods=[s.method for s in sets if s.method], seconds=time.perf_counter() - start,
-                        ep_reason=reason)
+    return UnifySummary(
+        in_dir=in_dir,
+        out_dir=out_dir,
+        ranks_in=measurement.world_size,
+        ranks_out=to_world_size,
+        nodes_in=first.nodes_in,
+        nodes_out=first.nodes_out,
+        experts_in=first.experts_in,
+        experts_out=first.experts_out,
+        expert_parallel=first.expert_parallel,
+        scale_methods=[s.method for s in sets if s.method],
+        seconds=time.perf_counter() - start,
+        ep_reason=reason,
+    )
 
 
 @dataclass
@@ -109,8 +119,9 @@ class _GroupResult:
     expert_parallel: bool
 
 
-def _unify_group(task: tuple[MeasurementSet, int], *, stage: Path, to_world_size: int,
-                 expert_parallel: bool | None) -> _GroupResult:
+def _unify_group(
+    task: tuple[MeasurementSet, int], *, stage: Path, to_world_size: int, expert_parallel: bool | None
+) -> _GroupResult:
     run, target_rank = task
     group = run.world_size // to_world_size
     members = [run.read(j) for j in range(target_rank * group, (target_rank + 1) * group)]
@@ -119,10 +130,16 @@ def _unify_group(task: tuple[MeasurementSet, int], *, stage: Path, to_world_size
     write_rank_file(merged, stage)
     digest = hashlib.blake2b("\n".join(sorted(members[0].nodes)).encode(), digest_size=16).hexdigest()
     layout_in, layout_out = expert_layout(members[0]), expert_layout(merged)
-    return _GroupResult(stem=merged.name.stem, source=(run.directory, members[0].name), digest=digest,
-                        nodes_in=len(members[0].nodes), nodes_out=len(merged.nodes),
-                        experts_in=layout_in.local_experts, experts_out=layout_out.local_experts,
-                        expert_parallel=layout_out.local_experts > layout_in.local_experts)
+    return _GroupResult(
+        stem=merged.name.stem,
+        source=(run.directory, members[0].name),
+        digest=digest,
+        nodes_in=len(members[0].nodes),
+        nodes_out=len(merged.nodes),
+        experts_in=layout_in.local_experts,
+        experts_out=layout_out.local_experts,
+        expert_parallel=layout_out.local_experts > layout_in.local_experts,
+    )
 
 
 def _parallel_map(function, tasks: list) -> list:
@@ -139,8 +156,10 @@ def _check_groups_agree(results: list[_GroupResult]) -> None:
     for result in results:
         reference = references.setdefault(result.source[1].method, result)
         if result.digest != reference.digest:
-            pair = [read_rank_file(directory, name, check_npz=False) for directory, name in (reference.source,
-                                                                                              result.source)]
+            pair = [
+                read_rank_file(directory, name, check_npz=False)
+                for directory, name in (reference.source, result.source)
+            ]
             check_same_nodes(pair)
 
 
@@ -149,8 +168,10 @@ def expand_dir(in_dir: Path, out_dir: Path, to_world_size: int, *, force: bool =
     sets = MeasurementSet.discover_all(in_dir)
     measurement = sets[0]
     if measurement.world_size != 1:
-        raise UnifyError(f"{in_dir} holds {measurement.world_size} ranks; expand starts from one",
-                         fix=f"run `ray-calib unify --to-tp 1 --in {in_dir}` first.")
+        raise UnifyError(
+            f"{in_dir} holds {measurement.world_size} ranks; expand starts from one",
+            fix=f"run `ray-calib unify --to-tp 1 --in {in_dir}` first.",
+        )
     _check_output(in_dir, out_dir, measurement, to_world_size, force)
     sources = [run.read(0) for run in sets]
     outputs = [rank_file for source in sources for rank_file in expand_rank(source, to_world_size)]
@@ -176,12 +197,16 @@ def decide_expert_parallel(measurement: MeasurementSet, explicit: bool | None, l
     world = measurement.world_size
     if explicit is not None or not local:
         if explicit and local and routed and local == routed:
-            raise UnifyError(f"--expert-parallel, but every rank of {measurement.directory} holds all {routed} routed "
-                             "experts (TP-sharded experts, not expert parallel)",
-                             fix="drop --expert-parallel (or pass --no-expert-parallel).")
+            raise UnifyError(
+                f"--expert-parallel, but every rank of {measurement.directory} holds all {routed} routed "
+                "experts (TP-sharded experts, not expert parallel)",
+                fix="drop --expert-parallel (or pass --no-expert-parallel).",
+            )
         if explicit and local and routed and local * world != routed:
-            raise UnifyError(f"--expert-parallel, but {world} ranks x {local} experts != {routed} routed experts",
-                             fix="check that these files come from an expert-parallel run of this model.")
+            raise UnifyError(
+                f"--expert-parallel, but {world} ranks x {local} experts != {routed} routed experts",
+                fix="check that these files come from an expert-parallel run of this model.",
+            )
         if explicit is None:
             return False, "dense model (no routed experts)"
         return bool(explicit and local), f"{'--expert-parallel' if explicit else '--no-expert-parallel'} given"
@@ -193,11 +218,15 @@ def decide_expert_parallel(measurement: MeasurementSet, explicit: bool | None, l
             return False, f"every rank holds all {routed} routed experts (config.json): TP-sharded experts"
         if local * world == routed:
             return True, f"{world} ranks x {local} experts = {routed} routed experts (config.json)"
-        raise UnifyError(f"{measurement.directory}: {world} ranks x {local} experts fits neither TP-sharded nor "
-                         f"expert-parallel experts of a model with {routed} routed experts",
-                         fix="check the files belong to this model, or pass --expert-parallel / --no-expert-parallel.")
-    return True, (f"assumed from the files: {local} experts per rank, no ep_size in the meta and no config.json "
-                  "to compare with (pass --no-expert-parallel if every rank holds shards of all experts)")
+        raise UnifyError(
+            f"{measurement.directory}: {world} ranks x {local} experts fits neither TP-sharded nor "
+            f"expert-parallel experts of a model with {routed} routed experts",
+            fix="check the files belong to this model, or pass --expert-parallel / --no-expert-parallel.",
+        )
+    return True, (
+        f"assumed from the files: {local} experts per rank, no ep_size in the meta and no config.json "
+        "to compare with (pass --no-expert-parallel if every rank holds shards of all experts)"
+    )
 
 
 def _routed_experts(meta: RunMeta | None) -> int | None:
@@ -215,19 +244,23 @@ def _routed_experts(meta: RunMeta | None) -> int | None:
         return None
 
 
-def _check_output(in_dir: Path, out_dir: Path, measurement: MeasurementSet, to_world_size: int,
-                  force: bool) -> None:
+def _check_output(in_dir: Path, out_dir: Path, measurement: MeasurementSet, to_world_size: int, force: bool) -> None:
     if out_dir.resolve() == in_dir.resolve():
         raise UnifyError(f"--out {out_dir} is the input directory", fix="write the result to another directory.")
     if not out_dir.exists() or force:
         return
     expected = {(measurement.prefix, to_world_size)}
-    found = {(parsed[0].prefix, parsed[0].world_size) for p in out_dir.iterdir()
-             if (parsed := parse_name(p)) and parsed[1] == JSON}
+    found = {
+        (parsed[0].prefix, parsed[0].world_size)
+        for p in out_dir.iterdir()
+        if (parsed := parse_name(p)) and parsed[1] == JSON
+    }
     if found - expected:
         prefix, world_size = sorted(found - expected, key=str)[0]
-        raise OutputExistsError(f"{out_dir} already holds another run ('{prefix}', world size {world_size})",
-                                fix="choose another --out, or pass --force to replace its stats files.")
+        raise OutputExistsError(
+            f"{out_dir} already holds another run ('{prefix}', world size {world_size})",
+            fix="choose another --out, or pass --force to replace its stats files.",
+        )
 
 
 def _write(out_dir: Path, outputs: list[RankFile], meta: RunMeta, in_dir: Path) -> None:
@@ -287,9 +320,14 @@ def inspect_dir(directory: Path) -> Inspection:
 
 def _inspect_set(directory: Path, measurement: MeasurementSet) -> Inspection:
     rank_files = measurement.read_all(strict=False)
-    report = Inspection(directory=directory, prefix=measurement.prefix, world_size=measurement.world_size,
-                        nodes_per_rank=[len(r.nodes) for r in rank_files], meta=measurement.meta,
-                        experts_per_rank=expert_layout(rank_files[0]).local_experts)
+    report = Inspection(
+        directory=directory,
+        prefix=measurement.prefix,
+        world_size=measurement.world_size,
+        nodes_per_rank=[len(r.nodes) for r in rank_files],
+        meta=measurement.meta,
+        experts_per_rank=expert_layout(rank_files[0]).local_experts,
+    )
     report.families.update(_INDEX_RE.sub(".*", module) for module in rank_files[0].nodes)
     for rank_file in rank_files:
         for node in rank_file.nodes.values():

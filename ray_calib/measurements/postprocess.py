@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 
 from ray_calib.inc.rankfile import MODE_RANGE, RankFile
 
-_ATTN_PIECE = re.compile(r"^(model\.layers\.\d+\.self_attn)\.(.+)\.impl\.(matmul_qk|matmul_av|k_cache|v_cache|"
-                         r"latent_cache_k|fused_scaled_dot_product_attention)$")
+_ATTN_PIECE = re.compile(
+    r"^(model\.layers\.\d+\.self_attn)\.(.+)\.impl\.(matmul_qk|matmul_av|k_cache|v_cache|"
+    r"latent_cache_k|fused_scaled_dot_product_attention)$"
+)
 _O_PROJ = ("o_proj", "out_proj", "c_proj")  # Llama/DeepSeek, OPT, Qwen
 
 
@@ -57,8 +59,13 @@ def postprocess(rank_file: RankFile) -> tuple[RankFile, PostprocessReport]:
         if fsdpa and o_proj and _set_first_value(nodes[fsdpa], "outputs", nodes[o_proj], "inputs"):
             report.fsdpa_outputs_fixed += 1
             report.changed.append(fsdpa)
-    fixed = RankFile(name=rank_file.name, nodes=nodes, mode=rank_file.mode, mod_list=list(rank_file.mod_list),
-                     extra=dict(rank_file.extra))
+    fixed = RankFile(
+        name=rank_file.name,
+        nodes=nodes,
+        mode=rank_file.mode,
+        mod_list=list(rank_file.mod_list),
+        extra=dict(rank_file.extra),
+    )
     return fixed, report
 
 
@@ -72,8 +79,16 @@ def _attention_pieces(nodes: dict) -> dict[tuple[str, str], dict[str, str]]:
     return found
 
 
-def _set_leaf(nodes: dict, target: str | None, field_name: str, index: int, source_nodes: dict, source: str | None,
-              source_field: str, source_index: int) -> bool:
+def _set_leaf(
+    nodes: dict,
+    target: str | None,
+    field_name: str,
+    index: int,
+    source_nodes: dict,
+    source: str | None,
+    source_field: str,
+    source_index: int,
+) -> bool:
     """nodes[target][field][index] = source_nodes[source][source_field][source_index]; True when it changed."""
     if target is None or source is None:
         return False

@@ -24,19 +24,26 @@ from ray_calib.measurements.merge import check_fields, max_leaves, merge_nodes
 from ray_calib.model.names import expert_child
 
 
-def unify_ranks(rank_files: list[RankFile], to_world_size: int, *, expert_parallel: bool | None = None,
-                ) -> list[RankFile]:
+def unify_ranks(
+    rank_files: list[RankFile],
+    to_world_size: int,
+    *,
+    expert_parallel: bool | None = None,
+) -> list[RankFile]:
     """Merge N rank files into `to_world_size` ones. `expert_parallel=None` detects it from the files."""
     world_size = len(rank_files)
     check_sizes(world_size, to_world_size)
     check_same_nodes(rank_files)
     group = world_size // to_world_size
-    return [merge_group(rank_files[i * group:(i + 1) * group], i, to_world_size, expert_parallel=expert_parallel)
-            for i in range(to_world_size)]
+    return [
+        merge_group(rank_files[i * group : (i + 1) * group], i, to_world_size, expert_parallel=expert_parallel)
+        for i in range(to_world_size)
+    ]
 
 
-def merge_group(members: list[RankFile], target_rank: int, to_world_size: int, *,
-                expert_parallel: bool | None = None) -> RankFile:
+def merge_group(
+    members: list[RankFile], target_rank: int, to_world_size: int, *, expert_parallel: bool | None = None
+) -> RankFile:
     """Target rank `target_rank` from its contiguous source ranks `members` (same node sets)."""
     layout = expert_layout(members[0]) if expert_parallel is not False else None
     return _merge_group(members, target_rank, to_world_size, layout if layout and layout.has_experts else None)
@@ -44,12 +51,17 @@ def merge_group(members: list[RankFile], target_rank: int, to_world_size: int, *
 
 def check_sizes(world_size: int, to_world_size: int) -> None:
     if to_world_size < 1 or to_world_size >= world_size:
-        raise UnifyError(f"cannot unify {world_size} ranks to {to_world_size}: the target must be smaller "
-                         f"(1 <= M < {world_size})", fix=f"use --to-tp with a divisor of {world_size} below it.")
+        raise UnifyError(
+            f"cannot unify {world_size} ranks to {to_world_size}: the target must be smaller (1 <= M < {world_size})",
+            fix=f"use --to-tp with a divisor of {world_size} below it.",
+        )
     if world_size % to_world_size:
         divisors = [m for m in range(1, world_size) if world_size % m == 0]
-        raise UnifyError(f"cannot unify {world_size} ranks to {to_world_size}: {world_size} % {to_world_size} = "
-                         f"{world_size % to_world_size}", fix=f"use --to-tp {' | '.join(map(str, divisors))}.")
+        raise UnifyError(
+            f"cannot unify {world_size} ranks to {to_world_size}: {world_size} % {to_world_size} = "
+            f"{world_size % to_world_size}",
+            fix=f"use --to-tp {' | '.join(map(str, divisors))}.",
+        )
 
 
 def check_same_nodes(rank_files: list[RankFile]) -> None:
@@ -59,13 +71,17 @@ def check_same_nodes(rank_files: list[RankFile]) -> None:
         if other.nodes.keys() != names:
             diff = sorted(names ^ other.nodes.keys())
             where = f"rank {reference.rank}" if diff[0] in names else f"rank {other.rank}"
-            raise MeasurementError(other.name.stem + ".json", f"rank {other.rank} and rank {reference.rank} "
-                                   f"measured different modules: '{diff[0]}' only on {where} ({len(diff)} differ)",
-                                   fix="all ranks must come from one run with one QUANT_CONFIG; re-measure.")
+            raise MeasurementError(
+                other.name.stem + ".json",
+                f"rank {other.rank} and rank {reference.rank} "
+                f"measured different modules: '{diff[0]}' only on {where} ({len(diff)} differ)",
+                fix="all ranks must come from one run with one QUANT_CONFIG; re-measure.",
+            )
 
 
-def _merge_group(members: list[RankFile], target_rank: int, to_world_size: int,
-                 layout: ExpertLayout | None) -> RankFile:
+def _merge_group(
+    members: list[RankFile], target_rank: int, to_world_size: int, layout: ExpertLayout | None
+) -> RankFile:
     first = members[0]
     per_expert_field = "inputs" if first.mode == MODE_SCALE else "outputs"
     nodes: dict[str, Node] = {}
@@ -76,8 +92,9 @@ def _merge_group(members: list[RankFile], target_rank: int, to_world_size: int,
                 continue  # emitted with its op (below), in group order
             nodes.update(_group_children(members, child[0], layout))  # the op itself was never called
         elif layout and module in layout.children:
-            nodes[module] = _merge_fused_op([m.nodes[module] for m in members], module, first.name.stem,
-                                            per_expert_field)
+            nodes[module] = _merge_fused_op(
+                [m.nodes[module] for m in members], module, first.name.stem, per_expert_field
+            )
             nodes.update(_group_children(members, module, layout))
         else:
             sources = [m.nodes[module] for m in members]
@@ -86,15 +103,22 @@ def _merge_group(members: list[RankFile], target_rank: int, to_world_size: int,
             nodes[module] = merge_nodes(sources, module, first.name.stem + ".json", "ranks")
             if first.mode == MODE_SCALE:
                 _rebuild_product(module, sources, nodes[module])
-    return RankFile(name=first.name.with_rank(target_rank, to_world_size), nodes=nodes, mode=first.mode,
-                    mod_list=_merge_mod_lists(members, layout), extra=dict(first.extra))
+    return RankFile(
+        name=first.name.with_rank(target_rank, to_world_size),
+        nodes=nodes,
+        mode=first.mode,
+        mod_list=_merge_mod_lists(members, layout),
+        extra=dict(first.extra),
+    )
 
 
 def _check_mergeable_scales(node: Node, module: str, stem: str) -> None:
     if any(isinstance(leaf, dict) for leaf in node.get("params", {}).values()):
-        raise UnifyError(f"{stem}: node '{module}' has per-channel weight scales, which cannot be re-sharded "
-                         "(a column-parallel rank holds only its own rows)",
-                         fix="unify the range files without these scale files, then run `ray-calib scales` on them.")
+        raise UnifyError(
+            f"{stem}: node '{module}' has per-channel weight scales, which cannot be re-sharded "
+            "(a column-parallel rank holds only its own rows)",
+            fix="unify the range files without these scale files, then run `ray-calib scales` on them.",
+        )
 
 
 _PRODUCTS = (lambda a, b: a * b, lambda a, b: bf16(a * b))  # float, and Gaudi's bf16 tensor product
@@ -114,8 +138,11 @@ def _factors(module: str, node: Node) -> tuple[float, float] | None:
 def _rebuild_product(module: str, sources: list[Node], merged: Node) -> None:
     """outputs[0] = factor0 x factor1 of the merged node when every rank's output is that product."""
     factors = [_factors(module, node) for node in sources]
-    if len(merged.get("outputs", ())) != 1 or None in factors or not all(
-            isinstance(x, float) for pair in factors for x in pair):
+    if (
+        len(merged.get("outputs", ())) != 1
+        or None in factors
+        or not all(isinstance(x, float) for pair in factors for x in pair)
+    ):
         return
     for multiply in _PRODUCTS:
         if all(node["outputs"][0] == multiply(a, b) for node, (a, b) in zip(sources, factors)):
@@ -131,15 +158,15 @@ def _group_children(members: list[RankFile], op: str, layout: ExpertLayout):
         for j, member in enumerate(members):
             for child_kind, expert in layout.children[op]:
                 if child_kind == kind:
-                    yield (f"{op}.{kind}.{expert + layout.local_experts * j}",
-                           member.nodes[f"{op}.{kind}.{expert}"])
+                    yield (f"{op}.{kind}.{expert + layout.local_experts * j}", member.nodes[f"{op}.{kind}.{expert}"])
 
 
 def _merge_fused_op(nodes: list[Node], module: str, stem: str, per_expert_field: str) -> Node:
     """First entry of `per_expert_field` max-reduced, the per-expert rest concatenated in group order."""
     check_fields(nodes, module, stem + ".json", "ranks")
-    merged = merge_nodes([{k: v for k, v in n.items() if k != per_expert_field} for n in nodes], module,
-                         stem + ".json", "ranks")
+    merged = merge_nodes(
+        [{k: v for k, v in n.items() if k != per_expert_field} for n in nodes], module, stem + ".json", "ranks"
+    )
     if per_expert_field in nodes[0]:
         head = max_leaves([n[per_expert_field][0] for n in nodes], module, "ranks")
         merged[per_expert_field] = [head] + [leaf for n in nodes for leaf in n[per_expert_field][1:]]
@@ -174,20 +201,30 @@ def expand_rank(rank_file: RankFile, to_world_size: int) -> list[RankFile]:
             _check_mergeable_scales(node, module, rank_file.name.stem)
     layout = expert_layout(rank_file)
     if not layout.has_experts:
-        return [RankFile(name=rank_file.name.with_rank(j, to_world_size), nodes=dict(rank_file.nodes),
-                         mode=rank_file.mode, mod_list=list(rank_file.mod_list), extra=dict(rank_file.extra))
-                for j in range(to_world_size)]
+        return [
+            RankFile(
+                name=rank_file.name.with_rank(j, to_world_size),
+                nodes=dict(rank_file.nodes),
+                mode=rank_file.mode,
+                mod_list=list(rank_file.mod_list),
+                extra=dict(rank_file.extra),
+            )
+            for j in range(to_world_size)
+        ]
     total = layout.local_experts
     if total % to_world_size:
-        raise UnifyError(f"cannot split {total} experts over {to_world_size} ranks",
-                         fix=f"use --to-ranks with a divisor of {total} (at least 2).")
+        raise UnifyError(
+            f"cannot split {total} experts over {to_world_size} ranks",
+            fix=f"use --to-ranks with a divisor of {total} (at least 2).",
+        )
     per_rank = total // to_world_size
     per_expert_field = "inputs" if rank_file.mode == MODE_SCALE else "outputs"
     return [_expand_one(rank_file, layout, j, per_rank, to_world_size, per_expert_field) for j in range(to_world_size)]
 
 
-def _expand_one(rank_file: RankFile, layout: ExpertLayout, j: int, per_rank: int, to_world_size: int,
-                per_expert_field: str) -> RankFile:
+def _expand_one(
+    rank_file: RankFile, layout: ExpertLayout, j: int, per_rank: int, to_world_size: int, per_expert_field: str
+) -> RankFile:
     low, high = j * per_rank, (j + 1) * per_rank
 
     def local(module: str) -> str | None:
@@ -204,8 +241,13 @@ def _expand_one(rank_file: RankFile, layout: ExpertLayout, j: int, per_rank: int
             continue
         if module in layout.children and per_expert_field in node:
             entries = node[per_expert_field]
-            node = {**node, per_expert_field: [entries[0], *entries[1 + low:1 + high]]}
+            node = {**node, per_expert_field: [entries[0], *entries[1 + low : 1 + high]]}
         nodes[new_name] = node
     mod_list = [name for name in map(local, rank_file.mod_list) if name is not None]
-    return RankFile(name=rank_file.name.with_rank(j, to_world_size), nodes=nodes, mode=rank_file.mode,
-                    mod_list=mod_list, extra=dict(rank_file.extra))
+    return RankFile(
+        name=rank_file.name.with_rank(j, to_world_size),
+        nodes=nodes,
+        mode=rank_file.mode,
+        mod_list=mod_list,
+        extra=dict(rank_file.extra),
+    )

@@ -21,8 +21,16 @@ from ray_calib.model.safetensors_io import TensorInfo, file_sha256, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 # Small files a server or tokenizer needs besides the weights; copied as they are.
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt")
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 @dataclass
@@ -38,8 +46,11 @@ class Checkpoint:
     def open(cls, path: str | os.PathLike) -> Checkpoint:
         path = Path(path)
         if not path.is_dir():
-            raise ModelError(f"{path}: model directory not found", fix="pass the directory holding config.json "
-                             "and *.safetensors (download it first, e.g. `huggingface-cli download ORG/NAME`).")
+            raise ModelError(
+                f"{path}: model directory not found",
+                fix="pass the directory holding config.json "
+                "and *.safetensors (download it first, e.g. `huggingface-cli download ORG/NAME`).",
+            )
         shards = _shard_names(path)
         checkpoint = cls(path=path, config=model_config(path), shards=shards)
         for shard in shards:
@@ -99,8 +110,10 @@ def open_manifest(out: Path, name: str, fingerprint: str, force: bool, what: str
         if manifest.get("fingerprint") == fingerprint:
             return manifest
         if not force:
-            raise OutputExistsError(f"{out}: holds {what} of other inputs (model, measurements or method changed)",
-                                    fix="pass --force to redo it, or choose another --out.")
+            raise OutputExistsError(
+                f"{out}: holds {what} of other inputs (model, measurements or method changed)",
+                fix="pass --force to redo it, or choose another --out.",
+            )
     elif out.exists() and any(out.glob("*.safetensors")) and not force:
         raise OutputExistsError(f"{out}: already holds safetensors files", fix="pass --force or choose another --out.")
     return {"fingerprint": fingerprint, "shards": {}}
@@ -108,8 +121,11 @@ def open_manifest(out: Path, name: str, fingerprint: str, force: bool, what: str
 
 def verified_shards(out: Path, manifest: dict) -> set[str]:
     """Shards whose file on disk still has the checksum recorded when it was finished."""
-    return {shard for shard, digest in manifest["shards"].items()
-            if (out / shard).exists() and file_sha256(out / shard) == digest}
+    return {
+        shard
+        for shard, digest in manifest["shards"].items()
+        if (out / shard).exists() and file_sha256(out / shard) == digest
+    }
 
 
 def _shard_names(path: Path) -> list[str]:
@@ -119,15 +135,19 @@ def _shard_names(path: Path) -> list[str]:
         shards = list(dict.fromkeys(weight_map.values()))
         missing = [s for s in shards if not (path / s).exists()]
         if missing:
-            raise ModelError(f"{path}: {INDEX_FILE} lists {missing[0]}, which is missing ({len(missing)} missing)",
-                             fix="finish the download (the index names every shard).")
+            raise ModelError(
+                f"{path}: {INDEX_FILE} lists {missing[0]}, which is missing ({len(missing)} missing)",
+                fix="finish the download (the index names every shard).",
+            )
         return shards
     shards = sorted(p.name for p in path.glob("*.safetensors"))
     if not shards:
         found = sorted(p.name for p in path.iterdir())[:5]
-        raise ModelError(f"{path}: no *.safetensors files (found: {', '.join(found) or 'nothing'})",
-                         fix="point --model at a Hugging Face checkpoint saved as safetensors "
-                         "(convert .bin weights with save_pretrained(safe_serialization=True)).")
+        raise ModelError(
+            f"{path}: no *.safetensors files (found: {', '.join(found) or 'nothing'})",
+            fix="point --model at a Hugging Face checkpoint saved as safetensors "
+            "(convert .bin weights with save_pretrained(safe_serialization=True)).",
+        )
     return shards
 
 
@@ -160,8 +180,10 @@ def check_free_space(out: Path, needed: int, free: FreeSpace = free_bytes) -> No
     available = free(out)
     margin = 64 << 20  # headers, index, temp-file slack
     if needed + margin > available:
-        raise ModelError(f"{out}: needs {_gb(needed + margin)} free for the output but the disk has {_gb(available)}",
-                         fix="free some space or choose --out on a larger disk; nothing was written.")
+        raise ModelError(
+            f"{out}: needs {_gb(needed + margin)} free for the output but the disk has {_gb(available)}",
+            fix="free some space or choose --out on a larger disk; nothing was written.",
+        )
 
 
 def _gb(size: int) -> str:

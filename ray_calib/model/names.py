@@ -36,13 +36,21 @@ _FUSED = {
 _EXPERT_CKPT = {"w13_list": ("gate_proj", "up_proj"), "w2_list": ("down_proj",)}
 
 # Checkpoint weights that stay in BF16: the output head, embeddings, norms and MoE routers.
-KEEP_PATTERNS = (r"(^|\.)lm_head\.", r"embed_tokens\.", r"norm\.weight$", r"(^|\.)mlp\.gate\.",
-                 r"e_score_correction_bias$", r"\.bias$")
+KEEP_PATTERNS = (
+    r"(^|\.)lm_head\.",
+    r"embed_tokens\.",
+    r"norm\.weight$",
+    r"(^|\.)mlp\.gate\.",
+    r"e_score_correction_bias$",
+    r"\.bias$",
+)
 _KEEP_RE = re.compile("|".join(KEEP_PATTERNS))
 KEEP_MODULES = ("lm_head", r"re:.*mlp\.gate$")  # the same, as compressed-tensors `ignore` entries
 
-_KV_NODE_RE = re.compile(r"^(?P<attn>.+\.self_attn)\.(?P<rest>attn|mla_attn|mla_attn\.mla_attn|"
-                         r"(?:mla_)?attn\.impl\.(?:k_cache|v_cache|latent_cache_k))$")
+_KV_NODE_RE = re.compile(
+    r"^(?P<attn>.+\.self_attn)\.(?P<rest>attn|mla_attn|mla_attn\.mla_attn|"
+    r"(?:mla_)?attn\.impl\.(?:k_cache|v_cache|latent_cache_k))$"
+)
 
 
 def checkpoint_modules(module: str) -> list[str]:
@@ -77,8 +85,15 @@ def kv_node(module: str) -> KvNode | None:
     if not match:
         return None
     rest = match["rest"]
-    role = ("k" if rest.endswith("k_cache") and "latent" not in rest else "v" if rest.endswith("v_cache")
-            else "latent" if rest.endswith("latent_cache_k") else "kv")
+    role = (
+        "k"
+        if rest.endswith("k_cache") and "latent" not in rest
+        else "v"
+        if rest.endswith("v_cache")
+        else "latent"
+        if rest.endswith("latent_cache_k")
+        else "kv"
+    )
     return KvNode(match["attn"], role)
 
 

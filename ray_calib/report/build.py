@@ -43,7 +43,9 @@ def measurement_dir(path: Path) -> Path:
     """Where the range files of `path` are: itself, `measure/`, or the smallest unified TP."""
     path = Path(path)
     if not path.is_dir():
-        raise MeasurementError(path, "is not a directory", fix="pass a run directory or a directory of INC range files.")
+        raise MeasurementError(
+            path, "is not a directory", fix="pass a run directory or a directory of INC range files."
+        )
     run = RunDir(path.absolute())
     for candidate in (run.measure, run.latest_unified()):
         if candidate is not None and candidate.is_dir():
@@ -57,17 +59,25 @@ def load_run(path: Path) -> LoadedRun:
     rank_files = measurement.read_all(check_npz=False, strict=False)
     tp1 = unify_ranks(rank_files, 1)[0] if measurement.world_size > 1 else rank_files[0]
     coverage = read_coverage(directory)
-    return LoadedRun(label=_label(Path(path), measurement.meta), directory=directory,
-                     world_size=measurement.world_size, meta=measurement.meta, figures=figures(tp1), coverage=coverage)
+    return LoadedRun(
+        label=_label(Path(path), measurement.meta),
+        directory=directory,
+        world_size=measurement.world_size,
+        meta=measurement.meta,
+        figures=figures(tp1),
+        coverage=coverage,
+    )
 
 
 def _label(path: Path, meta: RunMeta | None) -> str:
     name = path.absolute().name
     if meta is None:
         return name
-    details = [Path(meta.dataset).name if meta.dataset else None,
-               f"{meta.num_samples} samples" if meta.num_samples else None,
-               f"{meta.num_tokens // meta.num_samples} tok/sample" if meta.num_tokens and meta.num_samples else None]
+    details = [
+        Path(meta.dataset).name if meta.dataset else None,
+        f"{meta.num_samples} samples" if meta.num_samples else None,
+        f"{meta.num_tokens // meta.num_samples} tok/sample" if meta.num_tokens and meta.num_samples else None,
+    ]
     details = [d for d in details if d]
     return f"{name} ({', '.join(details)})" if details else name
 
@@ -101,12 +111,16 @@ def summarise(runs: list[LoadedRun], labels: list[str], made: list[Path]) -> str
     lines = []
     for run, label in zip(runs, labels):
         fig = run.figures
-        lines.append(f"{label}: {run.directory} (TP{run.world_size} -> TP1, {fig.num_nodes} nodes, "
-                     f"{len(fig.weights.high)} layers)")
+        lines.append(
+            f"{label}: {run.directory} (TP{run.world_size} -> TP1, {fig.num_nodes} nodes, "
+            f"{len(fig.weights.high)} layers)"
+        )
         for kind, per_layer in sorted(fig.kv.items()):
             layer = max(per_layer, key=per_layer.get)
-            lines.append(f"  {kind} cache maxabs: max {per_layer[layer]:.4g} at layer {layer}, "
-                         f"min {min(per_layer.values()):.4g} over {len(per_layer)} layers")
+            lines.append(
+                f"  {kind} cache maxabs: max {per_layer[layer]:.4g} at layer {layer}, "
+                f"min {min(per_layer.values()):.4g} over {len(per_layer)} layers"
+            )
         if not fig.kv:
             lines.append("  KV cache: not measured (measure with --fp8-kv to record it)")
         for what, ranges in (("activation", fig.activations), ("weight", fig.weights)):

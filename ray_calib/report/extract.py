@@ -78,5 +78,6 @@ def figures(rank_file: RankFile) -> RunFigures:
             weights.add(layer, module, weight_max)
             if inputs and not (expert_child(module) and inputs[0] == 0.0):  # INC's dummy expert input
                 activations.add(layer, module, max(inputs))
-    return RunFigures(kv=kv, activations=activations, weights=weights, num_nodes=len(rank_file.nodes),
-                      non_finite=non_finite)
+    return RunFigures(
+        kv=kv, activations=activations, weights=weights, num_nodes=len(rank_file.nodes), non_finite=non_finite
+    )

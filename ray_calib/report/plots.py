@@ -8,7 +8,11 @@ from ray_calib import atomic
 from ray_calib.inc import ExpertCoverage
 from ray_calib.report.extract import LayerRanges, RunFigures, layer_of
 
-_KIND_TITLES = {"K": "K written to the cache", "V": "V written to the cache", "latent": "MLA latent cache [kv_c | k_pe]"}
+_KIND_TITLES = {
+    "K": "K written to the cache",
+    "V": "V written to the cache",
+    "latent": "MLA latent cache [kv_c | k_pe]",
+}
 
 
 def _pyplot():
@@ -68,12 +72,17 @@ def coverage_plot(coverage: ExpertCoverage, title: str, path: Path) -> Path | No
     width = max(len(c) for c in coverage.experts.values())
     counts = np.zeros((len(modules), width))
     for row, module in enumerate(modules):
-        counts[row, :len(coverage.experts[module])] = coverage.experts[module]
+        counts[row, : len(coverage.experts[module])] = coverage.experts[module]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(min(4 + width * 0.35, 16), min(1.5 + len(modules) * 0.32, 16)))
     shown = np.ma.masked_equal(counts, 0)
-    image = ax.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest",
-                      norm=LogNorm(vmin=max(1, shown.min()), vmax=max(2, counts.max())))
+    image = ax.imshow(
+        shown,
+        aspect="auto",
+        cmap="viridis",
+        interpolation="nearest",
+        norm=LogNorm(vmin=max(1, shown.min()), vmax=max(2, counts.max())),
+    )
     zero_rows, zero_cols = np.nonzero(counts == 0)
     if len(zero_rows):
         ax.scatter(zero_cols, zero_rows, marker="x", color="red", s=max(8, 400 / max(width, len(modules))))
@@ -98,9 +107,14 @@ def ranges_plot(runs: dict[str, RunFigures], path: Path) -> Path | None:
             layers = sorted(ranges.high)
             if not layers:
                 continue
-            line, = ax.plot(layers, [ranges.high[layer] for layer in layers], marker="o", markersize=3, label=label)
-            ax.fill_between(layers, [ranges.low[layer] for layer in layers], [ranges.high[layer] for layer in layers],
-                            color=line.get_color(), alpha=0.15)
+            (line,) = ax.plot(layers, [ranges.high[layer] for layer in layers], marker="o", markersize=3, label=label)
+            ax.fill_between(
+                layers,
+                [ranges.low[layer] for layer in layers],
+                [ranges.high[layer] for layer in layers],
+                color=line.get_color(),
+                alpha=0.15,
+            )
         ax.set_yscale("log")
         ax.set_title(f"Per-layer maxabs of {what} (line: max over modules, band: down to the smallest)")
         ax.set_ylabel("maxabs")

@@ -46,18 +46,27 @@ def scale_rank_file(rank_file: RankFile, rules: ScaleRules, blocklist: tuple[str
             continue
         kind = op_type(module, node, layout.ops)
         nodes[module] = rules.scale_node(module, node, kind, layout.local_experts)
-    name = rank_file.name.__class__(rank_file.name.prefix, rules.method.file_tag, rank_file.name.rank,
-                                    rank_file.name.world_size)
+    name = rank_file.name.__class__(
+        rank_file.name.prefix, rules.method.file_tag, rank_file.name.rank, rank_file.name.world_size
+    )
     return RankFile(name=name, nodes=nodes, mode=MODE_SCALE)
 
 
-def write_scale_files(in_dir: Path, out_dir: Path, method: ScaleMethod, device: DeviceScales,
-                      weights: WeightSource | None = None, *, target: IncTarget | None = None,
-                      blocklist: tuple[str, ...] = ()) -> ScaleRun:
+def write_scale_files(
+    in_dir: Path,
+    out_dir: Path,
+    method: ScaleMethod,
+    device: DeviceScales,
+    weights: WeightSource | None = None,
+    *,
+    target: IncTarget | None = None,
+    blocklist: tuple[str, ...] = (),
+) -> ScaleRun:
     """Scale files for every rank of the run in `in_dir`, moved into `out_dir` only when all ranks succeeded."""
     measurements = MeasurementSet.discover(in_dir)
-    run = ScaleRun(in_dir=Path(in_dir), out_dir=Path(out_dir), method=method, device=device,
-                   target=target or IncTarget())
+    run = ScaleRun(
+        in_dir=Path(in_dir), out_dir=Path(out_dir), method=method, device=device, target=target or IncTarget()
+    )
     with staged_dir(out_dir) as stage:
         for index in range(len(measurements.names)):
             rank_file = measurements.read(index)
@@ -100,24 +109,36 @@ def make_scales(request: ScaleRequest) -> ScaleRun:
     meta = MeasurementSet.discover(request.in_dir).meta
     device = request.device or (meta.device_type if meta and meta.device_type else None)
     if device is None:
-        raise ConfigError(f"{request.in_dir}: no ray_calib_meta.json says which device measured this",
-                          fix="pass --device gaudi2|gaudi3|cuda|cpu.")
-    method = get_method(request.method or default_method(device), input_backoff=request.input_backoff,
-                        weight_backoff=request.weight_backoff, output_backoff=request.output_backoff)
+        raise ConfigError(
+            f"{request.in_dir}: no ray_calib_meta.json says which device measured this",
+            fix="pass --device gaudi2|gaudi3|cuda|cpu.",
+        )
+    method = get_method(
+        request.method or default_method(device),
+        input_backoff=request.input_backoff,
+        weight_backoff=request.weight_backoff,
+        output_backoff=request.output_backoff,
+    )
     if method.dynamic_only:
-        raise ConfigError(f"scale_method '{method.name}' is dynamic quantization: activation scales are computed per "
-                          "token at run time, and INC writes and reads no scale file for it",
-                          fix="use a static method (maxabs_hw, maxabs_pow2, ...) for scale files.")
+        raise ConfigError(
+            f"scale_method '{method.name}' is dynamic quantization: activation scales are computed per "
+            "token at run time, and INC writes and reads no scale file for it",
+            fix="use a static method (maxabs_hw, maxabs_pow2, ...) for scale files.",
+        )
     scales_device = device_for_scales(device, request.device_for, method.name).with_fp8_format(request.fp8_format)
     check_method_for_device(method, scales_device)
     for pattern in request.blocklist:
         try:
             re.compile(pattern)
         except re.error as err:
-            raise ConfigError(f"--blocklist {pattern!r} is not a valid regex ({err})",
-                              fix="names are Python regexes (re.search), as QUANT_CONFIG's blocklist.names.") from None
-    target = IncTarget(parse_version(request.inc_version) if request.inc_version else IncTarget().version,
-                       allreduce_quantization=request.allreduce_quantization)
+            raise ConfigError(
+                f"--blocklist {pattern!r} is not a valid regex ({err})",
+                fix="names are Python regexes (re.search), as QUANT_CONFIG's blocklist.names.",
+            ) from None
+    target = IncTarget(
+        parse_version(request.inc_version) if request.inc_version else IncTarget().version,
+        allreduce_quantization=request.allreduce_quantization,
+    )
     custom = any(b is not None for b in (request.input_backoff, request.weight_backoff, request.output_backoff))
     notes = target.check(output_backoff=request.output_backoff, custom_backoff=custom)
     weights = None
@@ -126,10 +147,12 @@ def make_scales(request: ScaleRequest) -> ScaleRun:
 
         checkpoint = CheckpointWeights(request.weights_dir, method, scales_device, search_device=get_device(device))
         weights = checkpoint.for_rank
-    run = write_scale_files(request.in_dir, request.out_dir, method, scales_device, weights, target=target,
-                            blocklist=request.blocklist)
+    run = write_scale_files(
+        request.in_dir, request.out_dir, method, scales_device, weights, target=target, blocklist=request.blocklist
+    )
     if method.fixed:
-        notes.append(f"INC writes and reads no scale file for {method.name} (every scale is fixed); these are for "
-                     "inspection")
+        notes.append(
+            f"INC writes and reads no scale file for {method.name} (every scale is fixed); these are for inspection"
+        )
     run.notes = notes
     return run

@@ -104,17 +104,25 @@ class ScaleRules:
             return found
         rule = self.method.weight
         if rule.value == "opt" or rule.granularity == "pcs":
-            raise MeasurementError(module, f"scale_method '{self.method.name}' computes weight scales from the weight "
-                                   "tensor itself, not from its measured max",
-                                   fix="pass --weights MODEL_DIR (the checkpoint that was measured).")
+            raise MeasurementError(
+                module,
+                f"scale_method '{self.method.name}' computes weight scales from the weight "
+                "tensor itself, not from its measured max",
+                fix="pass --weights MODEL_DIR (the checkpoint that was measured).",
+            )
         return WeightScale(scale_from_maxabs(leaf_max(node["params"]["weight"]), rule, self.device))
 
     def _moe_node(self, module: str, inputs: list, outputs: list, act: list[float], local_experts: int) -> dict:
         """INC >= 3.5 sizes the per-expert scales by local_num_experts; before, by num_experts (all measured)."""
         experts = local_experts if self.target.local_experts and local_experts else len(outputs) - 1
-        _need(module, outputs, 1 + experts, "outputs", f"a MoE op with {experts} local experts (output + "
-              "one intermediate max per expert)")
-        return _node(act + [self.act(leaf) for leaf in outputs[1:1 + experts]], (self.act(outputs[0]),))
+        _need(
+            module,
+            outputs,
+            1 + experts,
+            "outputs",
+            f"a MoE op with {experts} local experts (output + one intermediate max per expert)",
+        )
+        return _node(act + [self.act(leaf) for leaf in outputs[1 : 1 + experts]], (self.act(outputs[0]),))
 
 
 def _weight_param(weight: WeightScale) -> dict[str, Any]:
@@ -136,6 +144,9 @@ def _stored(value):
 
 def _need(module: str, leaves: list, count: int, field_name: str, what: str) -> None:
     if len(leaves) < count:
-        raise MeasurementError(module, f"has {len(leaves)} measured {field_name}; {what} needs {count} (INC indexes "
-                               f"{field_name}[{count - 1}] and would fail)",
-                               fix="re-measure with the INC/ray-calib version that patched this module.")
+        raise MeasurementError(
+            module,
+            f"has {len(leaves)} measured {field_name}; {what} needs {count} (INC indexes "
+            f"{field_name}[{count - 1}] and would fail)",
+            fix="re-measure with the INC/ray-calib version that patched this module.",
+        )

@@ -43,8 +43,9 @@ class Shard:
 class CheckpointWeights:
     """Reads each rank's shards from a checkpoint; `for_rank(rank_file)` is the per-rank weight source."""
 
-    def __init__(self, weights_dir: Path, method: ScaleMethod, device: DeviceScales, *,
-                 search_device: DeviceScales | None = None) -> None:
+    def __init__(
+        self, weights_dir: Path, method: ScaleMethod, device: DeviceScales, *, search_device: DeviceScales | None = None
+    ) -> None:
         from ray_calib.model.checkpoint import Checkpoint
 
         self.checkpoint = Checkpoint.open(weights_dir)
@@ -85,9 +86,9 @@ class CheckpointWeights:
         if weight.dtype.is_floating_point and weight.element_size() == 1:
             weight = self._dequantize(shard.tensor, weight)
         if shard.rows:
-            weight = weight[shard.rows[0]:shard.rows[1]]
+            weight = weight[shard.rows[0] : shard.rows[1]]
         if shard.cols:
-            weight = weight[:, shard.cols[0]:shard.cols[1]]
+            weight = weight[:, shard.cols[0] : shard.cols[1]]
         return weight
 
     def _tensor(self, name: str):
@@ -101,25 +102,29 @@ class CheckpointWeights:
         """Block FP8 (`weight_scale_inv`, DeepSeek) or per-tensor/channel FP8 (`weight_scale`) -> bf16."""
         import torch
 
-        base = name[:-len(".weight")] if name.endswith(".weight") else name
+        base = name[: -len(".weight")] if name.endswith(".weight") else name
         tensors = self.checkpoint.tensors
         if f"{name}_scale_inv" in tensors:
             scale = self._tensor(f"{name}_scale_inv").float()
-            block = tuple((self.checkpoint.config.get("quantization_config") or {}).get("weight_block_size")
-                          or (128, 128))
+            block = tuple(
+                (self.checkpoint.config.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+            )
             rows, cols = weight.shape
             scale = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
         elif f"{base}.weight_scale" in tensors:
             scale = self._tensor(f"{base}.weight_scale").float()
             scale = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
         else:
-            raise ModelError(f"{self.checkpoint.path}: FP8 tensor '{name}' has no weight_scale_inv or weight_scale",
-                             fix="pass the BF16 model (ray-calib convert-bf16) or a block/compressed-tensors FP8 one.")
+            raise ModelError(
+                f"{self.checkpoint.path}: FP8 tensor '{name}' has no weight_scale_inv or weight_scale",
+                fix="pass the BF16 model (ray-calib convert-bf16) or a block/compressed-tensors FP8 one.",
+            )
         return (weight.float() * scale).to(torch.bfloat16)
 
 
-def rank_shards(module: str, config: dict, tensors: dict, rank: int, world: int,
-                local_experts: int) -> list[Shard] | None:
+def rank_shards(
+    module: str, config: dict, tensors: dict, rank: int, world: int, local_experts: int
+) -> list[Shard] | None:
     """The checkpoint slices rank `rank` of `world` holds for vLLM module `module`; None if not in the checkpoint."""
     from ray_calib.model import names
     from ray_calib.model.config import num_routed_experts
@@ -144,8 +149,9 @@ def rank_shards(module: str, config: dict, tensors: dict, rank: int, world: int,
     return [Shard(m, rows=_split(tensors[m].shape[0], rank, world, m)) for m in members]
 
 
-def _expert_shards(child: tuple[str, str, int], config: dict, tensors: dict, rank: int, world: int,
-                   local_experts: int, total: int) -> list[Shard] | None:
+def _expert_shards(
+    child: tuple[str, str, int], config: dict, tensors: dict, rank: int, world: int, local_experts: int, total: int
+) -> list[Shard] | None:
     from ray_calib.model import names
 
     op, kind, expert = child
@@ -173,8 +179,10 @@ def _qkv_shards(members: list[str], config: dict, tensors: dict, rank: int, worl
             shards.append(Shard(name, rows=_split(tensors[name].shape[0], rank, world, name)))
         else:
             if not head_dim or world % kv_heads:
-                raise ModelError(f"{name}: {kv_heads} KV heads cannot be replicated over {world} ranks",
-                                 fix="check num_key_value_heads in config.json and the TP size of the run.")
+                raise ModelError(
+                    f"{name}: {kv_heads} KV heads cannot be replicated over {world} ranks",
+                    fix="check num_key_value_heads in config.json and the TP size of the run.",
+                )
             head = rank // (world // kv_heads)
             shards.append(Shard(name, rows=(head * head_dim, (head + 1) * head_dim)))
     return shards
@@ -182,7 +190,9 @@ def _qkv_shards(members: list[str], config: dict, tensors: dict, rank: int, worl
 
 def _split(size: int, rank: int, world: int, tensor: str) -> tuple[int, int]:
     if size % world:
-        raise ModelError(f"{tensor}: dimension {size} does not split over {world} ranks",
-                         fix="the run's TP size does not fit this checkpoint: pass the model that was measured.")
+        raise ModelError(
+            f"{tensor}: dimension {size} does not split over {world} ranks",
+            fix="the run's TP size does not fit this checkpoint: pass the model that was measured.",
+        )
     per = size // world
     return rank * per, (rank + 1) * per

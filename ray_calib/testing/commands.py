@@ -26,14 +26,21 @@ def make_tiny_model(arch: str, out: Path, seed: int, force: bool) -> None:
 
     model = build(arch, out, seed=seed, force=force)
     experts = f", {model.num_experts} routed experts per MoE layer" if model.num_experts else ""
-    click.echo(f"wrote {model.arch} to {model.path}: {model.num_parameters / 1e6:.1f} M parameters, "
-               f"{model.num_layers} layers{experts}, {model.size_bytes / 2**20:.1f} MiB")
+    click.echo(
+        f"wrote {model.arch} to {model.path}: {model.num_parameters / 1e6:.1f} M parameters, "
+        f"{model.num_layers} layers{experts}, {model.size_bytes / 2**20:.1f} MiB"
+    )
 
 
 @click.command("make-calib-set")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), required=True, help="Dataset format to write.")
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="File to write (.jsonl for pile/tc, .pkl for mlcommons).")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="File to write (.jsonl for pile/tc, .pkl for mlcommons).",
+)
 @click.option("-n", "--num-samples", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_calib_set(fmt: str, out: Path, num_samples: int, seed: int) -> None:

@@ -38,7 +38,9 @@ DEFAULT_USER = "standin"
 CLIENT_ENV = {"HF_HUB_DISABLE_XET": "1"}  # what a huggingface_hub client needs here: plain LFS, no Xet
 _LFS_THRESHOLD = 64 * 1024
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
-_API_REPO = re.compile(r"^/api/(models|datasets|spaces)/([^/]+/[^/]+)(?:/(revision|tree|preupload|commit|xet-write-token)(?:/([^/]+))?(/.*)?)?$")
+_API_REPO = re.compile(
+    r"^/api/(models|datasets|spaces)/([^/]+/[^/]+)(?:/(revision|tree|preupload|commit|xet-write-token)(?:/([^/]+))?(/.*)?)?$"
+)
 _RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 _LFS_BATCH = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+?)\.git/info/lfs/objects/batch$")
 
@@ -129,8 +131,9 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         return self.rfile.read(int(self.headers.get("content-length") or 0))
 
-    def _send(self, status: int, body: Any = None, headers: dict[str, str] | None = None, *,
-              raw: bytes | None = None) -> None:
+    def _send(
+        self, status: int, body: Any = None, headers: dict[str, str] | None = None, *, raw: bytes | None = None
+    ) -> None:
         data = raw if raw is not None else json.dumps(body if body is not None else {}).encode()
         self.send_response(status)
         for key, value in (headers or {}).items():
@@ -184,7 +187,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._body()
             return self._send(200, {"errors": [], "warnings": []})
         if path.startswith("/lfs/") and self.command == "PUT":
-            return self._lfs_put(path[len("/lfs/"):])
+            return self._lfs_put(path[len("/lfs/") :])
         if m := _API_REPO.match(path):
             return self._api_repo(_TYPES[m[1]], m[2], m[3], m[4] or "main", (m[5] or "").strip("/"), query)
         if m := _LFS_BATCH.match(path):
@@ -197,8 +200,16 @@ class _Handler(BaseHTTPRequestHandler):
         user = self._user()
         if user is None:
             return self._error(401, "Invalid credentials in Authorization header")
-        self._send(200, {"type": "user", "name": user, "fullname": user, "orgs": [],
-                         "auth": {"type": "access_token", "accessToken": {"displayName": "standin", "role": "write"}}})
+        self._send(
+            200,
+            {
+                "type": "user",
+                "name": user,
+                "fullname": user,
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "standin", "role": "write"}},
+            },
+        )
 
     def _create(self, payload: dict[str, Any]) -> None:
         user = self._user()
@@ -218,7 +229,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _api_repo(self, repo_type: str, repo_id: str, action: str | None, rev: str, sub: str, query: dict) -> None:
         if action == "xet-write-token":
-            return self._error(501, "the ray-calib Hub stand-in does not implement Xet storage: set HF_HUB_DISABLE_XET=1")
+            return self._error(
+                501, "the ray-calib Hub stand-in does not implement Xet storage: set HF_HUB_DISABLE_XET=1"
+            )
         write = action in ("preupload", "commit")
         repo = self._repo(repo_type, repo_id, write=write)
         if repo is None:
@@ -232,8 +245,20 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "tree":
             return self._tree(repo, sub, "recursive" in query and query["recursive"][0].lower() == "true")
         siblings = [{"rfilename": p} for p in sorted(repo["files"])]
-        self._send(200, {"id": repo_id, "modelId": repo_id, "sha": repo["sha"], "private": repo["private"],
-                         "author": repo["owner"], "siblings": siblings, "tags": [], "downloads": 0, "likes": 0})
+        self._send(
+            200,
+            {
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": repo["sha"],
+                "private": repo["private"],
+                "author": repo["owner"],
+                "siblings": siblings,
+                "tags": [],
+                "downloads": 0,
+                "likes": 0,
+            },
+        )
 
     def _preupload(self, repo: dict[str, Any], payload: dict[str, Any]) -> None:
         files = []
@@ -242,8 +267,9 @@ class _Handler(BaseHTTPRequestHandler):
             lfs = entry.get("size", 0) > _LFS_THRESHOLD or b"\0" in sample
             known = repo["files"].get(entry["path"])
             oid = (known["lfs"] if lfs else known["blob"]) if known else None
-            files.append({"path": entry["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                          "oid": oid})
+            files.append(
+                {"path": entry["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid}
+            )
         self._send(200, {"files": files, "commitOid": repo["sha"]})
 
     def _lfs_batch(self, repo_type: str, repo_id: str) -> None:
@@ -273,14 +299,22 @@ class _Handler(BaseHTTPRequestHandler):
                 key, value = item["key"], item["value"]
                 if key == "file":
                     data = base64.b64decode(value["content"])
-                    repo["files"][value["path"]] = {"size": len(data), "blob": _git_blob_sha1(data),
-                                                    "sha256": self.hub.store(data), "lfs": None}
+                    repo["files"][value["path"]] = {
+                        "size": len(data),
+                        "blob": _git_blob_sha1(data),
+                        "sha256": self.hub.store(data),
+                        "lfs": None,
+                    }
                 elif key == "lfsFile":
                     if not self.hub.object_path(value["oid"]).exists():
                         return self._error(400, f"LFS object {value['oid']} of {value['path']} was never uploaded")
                     data = self.hub.object_path(value["oid"]).read_bytes()
-                    repo["files"][value["path"]] = {"size": len(data), "blob": _git_blob_sha1(data),
-                                                    "sha256": value["oid"], "lfs": value["oid"]}
+                    repo["files"][value["path"]] = {
+                        "size": len(data),
+                        "blob": _git_blob_sha1(data),
+                        "sha256": value["oid"],
+                        "lfs": value["oid"],
+                    }
                 elif key == "deletedFile":
                     repo["files"].pop(value["path"], None)
                 elif key == "deletedFolder":
@@ -289,8 +323,14 @@ class _Handler(BaseHTTPRequestHandler):
             repo["sha"] = hashlib.sha1((repo["sha"] + body.decode(errors="replace")).encode()).hexdigest()
             self.hub.save(repo_type, repo_id, repo)
         prefix = "" if repo_type == "model" else f"{repo_type}s/"
-        self._send(200, {"commitUrl": f"{self.hub.url}/{prefix}{repo_id}/commit/{repo['sha']}",
-                         "commitOid": repo["sha"], "pullRequestUrl": None})
+        self._send(
+            200,
+            {
+                "commitUrl": f"{self.hub.url}/{prefix}{repo_id}/commit/{repo['sha']}",
+                "commitOid": repo["sha"],
+                "pullRequestUrl": None,
+            },
+        )
 
     def _tree(self, repo: dict[str, Any], sub: str, recursive: bool) -> None:
         prefix = f"{sub}/" if sub else ""
@@ -298,7 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
         for path, info in sorted(repo["files"].items()):
             if not path.startswith(prefix):
                 continue
-            rest = path[len(prefix):]
+            rest = path[len(prefix) :]
             if "/" in rest and not recursive:
                 dirs.add(prefix + rest.split("/")[0])
                 continue
@@ -321,8 +361,7 @@ class _Handler(BaseHTTPRequestHandler):
         if info is None:
             return self._error(404, f"Entry Not Found: {file_path}", "EntryNotFound")
         data = self.hub.object_path(info["sha256"]).read_bytes()
-        headers = {"X-Repo-Commit": repo["sha"], "ETag": f'"{info["lfs"] or info["blob"]}"',
-                   "Accept-Ranges": "bytes"}
+        headers = {"X-Repo-Commit": repo["sha"], "ETag": f'"{info["lfs"] or info["blob"]}"', "Accept-Ranges": "bytes"}
         if info["lfs"]:
             headers.update({"X-Linked-Etag": f'"{info["lfs"]}"', "X-Linked-Size": str(info["size"])})
         start = _range_start(self.headers.get("range"))
@@ -338,7 +377,9 @@ def _range_start(header: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ray_calib.testing.hub_standin", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_calib.testing.hub_standin", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--root", type=Path, required=True, help="Where repos and objects are stored.")
@@ -347,9 +388,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     hub = StandinHub(args.root, {t: args.user for t in args.token or [DEFAULT_TOKEN]}, host=args.host, port=args.port)
     hub.start()
-    print(f"ray-calib Hub TEST STAND-IN (not the Hugging Face Hub) serving {args.root} at {hub.url}\n"
-          f"use it with: export HF_ENDPOINT={hub.url} HF_TOKEN=<one of the --token values>",
-          flush=True)
+    print(
+        f"ray-calib Hub TEST STAND-IN (not the Hugging Face Hub) serving {args.root} at {hub.url}\n"
+        f"use it with: export HF_ENDPOINT={hub.url} HF_TOKEN=<one of the --token values>",
+        flush=True,
+    )
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -34,8 +34,9 @@ class Sshd:
     host_pub: str
     known_hosts: Path  # holds both nodes' host keys
 
-    def known_hosts_file(self, path: Path, hosts: tuple[str, ...] = ("127.0.0.1", "127.0.0.2"),
-                         key: str | None = None) -> Path:
+    def known_hosts_file(
+        self, path: Path, hosts: tuple[str, ...] = ("127.0.0.1", "127.0.0.2"), key: str | None = None
+    ) -> Path:
         path.write_text("".join(f"[{h}]:{self.port} {key or self.host_pub}\n" for h in hosts))
         return path
 
@@ -87,10 +88,14 @@ def running_sshd() -> Iterator[Sshd]:
         f"Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\nHostKey {root / 'host_key'}\n"
         f"AuthorizedKeysFile {root / 'authorized_keys'}\nPidFile {root / 'sshd.pid'}\nStrictModes no\n"
         "UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin yes\n"
-        "MaxSessions 50\nMaxStartups 50\nSubsystem sftp internal-sftp\n")
+        "MaxSessions 50\nMaxStartups 50\nSubsystem sftp internal-sftp\n"
+    )
     os.makedirs("/run/sshd", exist_ok=True)
-    proc = subprocess.Popen([binary, "-D", "-e", "-f", str(root / "sshd_config")],
-                            stdout=subprocess.DEVNULL, stderr=open(root / "sshd.log", "w"))
+    proc = subprocess.Popen(
+        [binary, "-D", "-e", "-f", str(root / "sshd_config")],
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "sshd.log", "w"),
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -115,10 +120,21 @@ def running_sshd() -> Iterator[Sshd]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def write_conf(directory: Path, sshd: Sshd, *, gcs_port: int | None = None, dashboard_port: int | None = None,
-               extra: str = "", head_env: str = "", worker_env: str = "", known_hosts: Path | None = None,
-               memory: str = "1G", devices_per_node: int = 1, fast_failure_detection: bool = True,
-               num_cpus: int | None = None) -> Path:
+def write_conf(
+    directory: Path,
+    sshd: Sshd,
+    *,
+    gcs_port: int | None = None,
+    dashboard_port: int | None = None,
+    extra: str = "",
+    head_env: str = "",
+    worker_env: str = "",
+    known_hosts: Path | None = None,
+    memory: str = "1G",
+    devices_per_node: int = 1,
+    fast_failure_detection: bool = True,
+    num_cpus: int | None = None,
+) -> Path:
     """Two CPU nodes (head 127.0.0.1, worker 127.0.0.2) on this box, `devices_per_node` HPU each.
 
     `num_cpus` (default: `devices_per_node`) is Ray's CPU count per node; vLLM's rank actors ask for none,
@@ -131,8 +147,14 @@ def write_conf(directory: Path, sshd: Sshd, *, gcs_port: int | None = None, dash
     free = free_ports(3)
     gcs_port, client_port, dashboard_port = gcs_port or free[0], free[1], dashboard_port or free[2]
     path_line = f'export PATH="{VENV_BIN}:$PATH"\n'
-    health = ("export RAY_health_check_period_ms=500 RAY_health_check_failure_threshold=2 "
-              "RAY_health_check_initial_delay_ms=0 RAY_health_check_timeout_ms=1000\n") if fast_failure_detection else ""
+    health = (
+        (
+            "export RAY_health_check_period_ms=500 RAY_health_check_failure_threshold=2 "
+            "RAY_health_check_initial_delay_ms=0 RAY_health_check_timeout_ms=1000\n"
+        )
+        if fast_failure_detection
+        else ""
+    )
     (directory / "head_env.sh").write_text(path_line + health + head_env)
     (directory / "worker_env.sh").write_text(path_line + worker_env)
     temp = directory / "ray"
@@ -163,7 +185,7 @@ SSH_KEY={sshd.client_key}
 SSH_KNOWN_HOSTS={known_hosts or sshd.known_hosts}
 SSH_CONNECT_TIMEOUT=5
 SSH_RETRIES=1
-RAY_AUTH_TOKEN_PATH={directory / 'auth_token'}
+RAY_AUTH_TOKEN_PATH={directory / "auth_token"}
 {extra}""")
     return conf
 

@@ -34,5 +34,3 @@ def state_dir(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "state"
     monkeypatch.setenv("RAY_CALIB_STATE_DIR", str(path))
     return path
-
-

@@ -30,8 +30,7 @@ CALIBRATION_MAX_BATCH_SIZE=32
 
 
 def _files(directory: Path) -> None:
-    for name in ("head_node_source.sh", "worker_node_source.sh", "inc_measure_config.json",
-                 "inc_quant_config.json"):
+    for name in ("head_node_source.sh", "worker_node_source.sh", "inc_measure_config.json", "inc_quant_config.json"):
         (directory / name).write_text("# x\n")
 
 
@@ -60,7 +59,9 @@ def test_seed_file_is_accepted_as_is(tmp_path):
 
 
 def test_extensions_more_workers_overrides_quotes_and_expansion(tmp_path):
-    text = SEED + """
+    text = (
+        SEED
+        + """
 export SSH_USER=calib
 DEVICE_KIND=cuda
 DEVICES_PER_NODE=4
@@ -71,6 +72,7 @@ WORKER2_NODE_RAY_TEMP_DIR="/tmp/ray two"
 WORKER2_NODE_SSH_HOST=${WORKER2_NODE_IP}
 RAY_MEMORY=1G
 """
+    )
     cfg = devices.load(_write(tmp_path, text))
     third = cfg.nodes[2]
     assert (third.name, third.ssh_port, third.devices, third.temp_dir) == ("worker2", 2222, 2, "/tmp/ray two")
@@ -78,27 +80,33 @@ RAY_MEMORY=1G
     assert cfg.tensor_parallel_size == 4 + 4 + 2
 
 
-@pytest.mark.parametrize("line, expect", [
-    ("HEAD_NODE_IPP=1.2.3.4", "line 12: unknown key HEAD_NODE_IPP (did you mean HEAD_NODE_IP?)"),
-    ("WORKER2_NODE_IP=10.10.1.300", "line 12: WORKER2_NODE_IP='10.10.1.300': not an IP address"),
-    ("RAY_CLUSTER_PORT=6380", "line 12: RAY_CLUSTER_PORT set again (first set on line 1)"),
-    ("WORKER2_NODE_IP=10.10.1.3", "line 12: worker2 has the same IP 10.10.1.3 as worker1"),
-    ("SSH_KEY=no_such_key", "line 12: SSH_KEY: file not found"),
-    ("just some words", "line 12: expected KEY=VALUE"),
-    ("SSH_PORT = 22", "line 12: expected KEY=VALUE"),
-    ("SSH_PORT=abc", "line 12: SSH_PORT='abc': not a whole number"),
-    ("DEVICE_KIND=tpu", "line 12: DEVICE_KIND='tpu': device kind must be one of hpu, cuda, cpu"),
-    ("WORKER3_NODE_IP=10.10.1.9", "line 12: worker numbers must be consecutive: worker2 is missing"),
-    ("WORKER2_NODE_IFNAME=eth0", "line 12: WORKER2_NODE_IP is missing"),
-    ("TENSOR_PARALLEL_SIZE=32", "line 12: TENSOR_PARALLEL_SIZE: tp(32) > devices(16)"),
-    ('SSH_USER="a b', "line 12: SSH_USER: No closing quotation"),
-    ("WORKER_NODE_RAY_TEMP_DIR=/tmp/pytest-of-root/pytest-75/test_demo/cluster/ray",
-     "line 12: WORKER_NODE_RAY_TEMP_DIR: /tmp/pytest-of-root/pytest-75/test_demo/cluster/ray is longer than 43 bytes"),
-    ("TENSOR_PARALLEL_SIZE=0", "line 12: TENSOR_PARALLEL_SIZE must be >= 1"),
-    ("RAY_AUTH_TOKEN_PATH=tok", "line 12: RAY_AUTH_TOKEN_PATH: give an absolute path or ~/..."),
-    ("WORKER0_NODE_IP=10.10.1.9", "line 12: unknown key WORKER0_NODE_IP"),
-    ("WORKER2_NODE_IP=$NOT_SET_ANYWHERE", "line 12: WORKER2_NODE_IP is empty"),
-])
+@pytest.mark.parametrize(
+    "line, expect",
+    [
+        ("HEAD_NODE_IPP=1.2.3.4", "line 12: unknown key HEAD_NODE_IPP (did you mean HEAD_NODE_IP?)"),
+        ("WORKER2_NODE_IP=10.10.1.300", "line 12: WORKER2_NODE_IP='10.10.1.300': not an IP address"),
+        ("RAY_CLUSTER_PORT=6380", "line 12: RAY_CLUSTER_PORT set again (first set on line 1)"),
+        ("WORKER2_NODE_IP=10.10.1.3", "line 12: worker2 has the same IP 10.10.1.3 as worker1"),
+        ("SSH_KEY=no_such_key", "line 12: SSH_KEY: file not found"),
+        ("just some words", "line 12: expected KEY=VALUE"),
+        ("SSH_PORT = 22", "line 12: expected KEY=VALUE"),
+        ("SSH_PORT=abc", "line 12: SSH_PORT='abc': not a whole number"),
+        ("DEVICE_KIND=tpu", "line 12: DEVICE_KIND='tpu': device kind must be one of hpu, cuda, cpu"),
+        ("WORKER3_NODE_IP=10.10.1.9", "line 12: worker numbers must be consecutive: worker2 is missing"),
+        ("WORKER2_NODE_IFNAME=eth0", "line 12: WORKER2_NODE_IP is missing"),
+        ("TENSOR_PARALLEL_SIZE=32", "line 12: TENSOR_PARALLEL_SIZE: tp(32) > devices(16)"),
+        ('SSH_USER="a b', "line 12: SSH_USER: No closing quotation"),
+        (
+            "WORKER_NODE_RAY_TEMP_DIR=/tmp/pytest-of-root/pytest-75/test_demo/cluster/ray",
+            "line 12: WORKER_NODE_RAY_TEMP_DIR: /tmp/pytest-of-root/pytest-75/test_demo/cluster/ray"
+            " is longer than 43 bytes",
+        ),
+        ("TENSOR_PARALLEL_SIZE=0", "line 12: TENSOR_PARALLEL_SIZE must be >= 1"),
+        ("RAY_AUTH_TOKEN_PATH=tok", "line 12: RAY_AUTH_TOKEN_PATH: give an absolute path or ~/..."),
+        ("WORKER0_NODE_IP=10.10.1.9", "line 12: unknown key WORKER0_NODE_IP"),
+        ("WORKER2_NODE_IP=$NOT_SET_ANYWHERE", "line 12: WORKER2_NODE_IP is empty"),
+    ],
+)
 def test_mistakes_name_their_line(tmp_path, line, expect):
     assert expect in _problems(tmp_path, SEED + line + "\n")
 
@@ -117,8 +125,12 @@ def test_missing_source_file(tmp_path):
 
 def test_example_file_parses(tmp_path):
     shutil.copy(REPO / "cluster" / "devices.conf.example", tmp_path / "devices.conf")
-    for name in ("head_node_source.sh", "worker_node_source.sh", "inc_measure_g2_config.json",
-                 "inc_quant_g2_config.json"):
+    for name in (
+        "head_node_source.sh",
+        "worker_node_source.sh",
+        "inc_measure_g2_config.json",
+        "inc_quant_g2_config.json",
+    ):
         (tmp_path / name).write_text("")
     cfg = devices.load(tmp_path / "devices.conf")
     assert [n.ip for n in cfg.nodes] == ["10.0.0.1", "10.0.0.2"]
@@ -165,8 +177,9 @@ def test_fingerprint_changes_only_with_what_ray_is_started_with(tmp_path):
 
 
 def test_empty_head_ip_never_promotes_a_worker_and_non_utf8_is_one_line(tmp_path):
-    assert "line 2: HEAD_NODE_IP is empty" in _problems(tmp_path, SEED.replace("HEAD_NODE_IP=10.10.1.2",
-                                                                               "HEAD_NODE_IP=$NOPE"))
+    assert "line 2: HEAD_NODE_IP is empty" in _problems(
+        tmp_path, SEED.replace("HEAD_NODE_IP=10.10.1.2", "HEAD_NODE_IP=$NOPE")
+    )
     path = _write(tmp_path, SEED)
     path.write_bytes(SEED.encode() + b"FOO=\xff\n")
     with pytest.raises(ConfigError, match="not UTF-8 text"):

@@ -47,17 +47,35 @@ def tiny_llama_dir(tmp_path) -> Path:
     """A model directory as far as a dry run reads it (config.json)."""
     model = tmp_path / "Llama-3.1-8B"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_attention_heads": 32,
-        "num_key_value_heads": 8, "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
-        "vocab_size": 128256, "max_position_embeddings": 131072}))
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "hidden_size": 4096,
+                "num_hidden_layers": 32,
+                "intermediate_size": 14336,
+                "vocab_size": 128256,
+                "max_position_embeddings": 131072,
+            }
+        )
+    )
     return model
 
 
 def facts(gaudi: dict | None) -> dict:
-    return {"packages": {"ray": "2.60.0", "ray-calib": "0.1.0"}, "python": "3.11.2", "executable": "/usr/bin/python3",
-            "devices": {"hpu": 8}, "ifaces": {"enp24s0f0": ["10.0.0.1/24"], "enp24s0f1": ["10.0.0.2/24"]},
-            "work_dir": True, "free_gb": 100.0, "gaudi": gaudi}
+    return {
+        "packages": {"ray": "2.60.0", "ray-calib": "0.1.0"},
+        "python": "3.11.2",
+        "executable": "/usr/bin/python3",
+        "devices": {"hpu": 8},
+        "ifaces": {"enp24s0f0": ["10.0.0.1/24"], "enp24s0f1": ["10.0.0.2/24"]},
+        "work_dir": True,
+        "free_gb": 100.0,
+        "gaudi": gaudi,
+    }
 
 
 def test_env_file_side_effects_are_reported_with_their_lines(tmp_path):
@@ -86,7 +104,8 @@ def test_preflight_judges_hl_smi_facts(tmp_path):
     problems = judge(conf.workers[0], gaudi1, head, conf)
     assert any("unknown Gaudi device 'HL-205'" in p for p in problems) and any("!= head HL-225" in p for p in problems)
     assert judge(conf.workers[0], facts(None), head, conf) == [
-        "hl-smi not found (the Habana driver tools are needed to read the Gaudi type)"]
+        "hl-smi not found (the Habana driver tools are needed to read the Gaudi type)"
+    ]
 
 
 def test_preflight_compares_gaudi_stack_versions(tmp_path):
@@ -102,8 +121,11 @@ def test_preflight_compares_gaudi_stack_versions(tmp_path):
 def test_reference_keys_become_measure_defaults(tmp_path, run_cli, tiny_llama_dir):
     """INC_MEASURE_CONFIG_FILENAME, CALIBRATION_* and TENSOR_PARALLEL_SIZE reach measure's plan."""
     fp8kv = Path(__file__).parents[2] / "configs" / "inc_measure_with_fp8kv_config.json"
-    conf = gaudi_conf(tmp_path, f"INC_MEASURE_CONFIG_FILENAME={fp8kv}\nCALIBRATION_SAMPLE_LENGTH=1024\n"
-                                "CALIBRATION_MAX_BATCH_SIZE=4\nTENSOR_PARALLEL_SIZE=4\n")
+    conf = gaudi_conf(
+        tmp_path,
+        f"INC_MEASURE_CONFIG_FILENAME={fp8kv}\nCALIBRATION_SAMPLE_LENGTH=1024\n"
+        "CALIBRATION_MAX_BATCH_SIZE=4\nTENSOR_PARALLEL_SIZE=4\n",
+    )
     result = run_cli("measure", "-m", tiny_llama_dir, "--conf", conf.path, "--device", "gaudi2", "--dry-run")
     assert result.exit_code == 0, result.stderr
     out = result.stdout

@@ -23,7 +23,9 @@ def _other_python(workdir):
 
 
 def test_version_mismatch_stops_up_and_names_the_node(workdir, sshd, state_dir, run_cli):
-    if not os.path.exists("/usr/bin/python3") or os.path.realpath("/usr/bin/python3") == os.path.realpath(sys.executable):
+    if not os.path.exists("/usr/bin/python3") or os.path.realpath("/usr/bin/python3") == os.path.realpath(
+        sys.executable
+    ):
         pytest.skip("needs a second Python interpreter at /usr/bin/python3")
     alt = _other_python(workdir)
     conf = write_conf(workdir, sshd, worker_env=f'export PATH="{alt}:$PATH"\n')
@@ -32,8 +34,9 @@ def test_version_mismatch_stops_up_and_names_the_node(workdir, sshd, state_dir, 
     error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))  # after the stages
     assert error.startswith("error: worker1 (127.0.0.2): preflight failed: ")
     assert f"ray not installed for {alt}/python3" in error and "torch missing != head 2.13.0" in error
-    system_python = subprocess.run(["/usr/bin/python3", "-c", "import platform; print(platform.python_version())"],
-                                   capture_output=True, text=True).stdout.strip()
+    system_python = subprocess.run(
+        ["/usr/bin/python3", "-c", "import platform; print(platform.python_version())"], capture_output=True, text=True
+    ).stdout.strip()
     if system_python != platform.python_version():
         assert f"python {system_python} != head {platform.python_version()}" in error
     assert "(2/5 preflight)" in result.stderr and "(3/5" not in result.stderr  # stages go to stderr
@@ -60,11 +63,34 @@ def test_cpu_ranks_may_outnumber_cores_but_accelerators_must_be_there(kind, pres
     from ray_calib.cluster.devices import NodeConfig
     from ray_calib.cluster.preflight import judge
 
-    node = NodeConfig(name="head", role="head", ip="127.0.0.1", ifname=None, source_file=None, ssh_host="127.0.0.1",
-                      ssh_user="root", ssh_port=22, ssh_key=None, device_kind=kind, devices=8, python="python3",
-                      temp_dir="/tmp/x", num_cpus=None, memory=None, object_store_memory=None, line=1)
-    facts = {"packages": {"ray": "2.60.0", "ray-calib": "0.1.0"}, "devices": {kind: present}, "ifaces": {},
-             "work_dir": True, "free_gb": 100.0, "python": "3.11", "executable": "python3",
-             "gaudi": {"names": ["HL-225"] * present, "driver": ["1.22.0"]} if kind == "hpu" else None}
+    node = NodeConfig(
+        name="head",
+        role="head",
+        ip="127.0.0.1",
+        ifname=None,
+        source_file=None,
+        ssh_host="127.0.0.1",
+        ssh_user="root",
+        ssh_port=22,
+        ssh_key=None,
+        device_kind=kind,
+        devices=8,
+        python="python3",
+        temp_dir="/tmp/x",
+        num_cpus=None,
+        memory=None,
+        object_store_memory=None,
+        line=1,
+    )
+    facts = {
+        "packages": {"ray": "2.60.0", "ray-calib": "0.1.0"},
+        "devices": {kind: present},
+        "ifaces": {},
+        "work_dir": True,
+        "free_gb": 100.0,
+        "python": "3.11",
+        "executable": "python3",
+        "gaudi": {"names": ["HL-225"] * present, "driver": ["1.22.0"]} if kind == "hpu" else None,
+    }
     problems = judge(node, facts, {}, SimpleNamespace(work_dir="/w", min_free_disk_gb=1))
     assert problems == ([problem] if problem else [])

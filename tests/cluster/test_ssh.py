@@ -92,9 +92,11 @@ def test_changed_host_key_is_refused_even_with_accept_new(workdir, sshd, state_d
 def test_ssh_config_alias_and_proxy_jump_reach_the_worker(workdir, sshd, state_dir):
     """The worker named by an alias, reached through the head as a ProxyJump bastion; host keys still checked."""
     ssh_config = workdir / "ssh_config"
-    ssh_config.write_text(f"Host calib-worker\n    HostName 127.0.0.2\n    Port {sshd.port}\n"
-                          f"    IdentityFile {sshd.client_key}\n    ProxyJump 127.0.0.1:{sshd.port}\n"
-                          f"Host 127.0.0.1\n    IdentityFile {sshd.client_key}\n")
+    ssh_config.write_text(
+        f"Host calib-worker\n    HostName 127.0.0.2\n    Port {sshd.port}\n"
+        f"    IdentityFile {sshd.client_key}\n    ProxyJump 127.0.0.1:{sshd.port}\n"
+        f"Host 127.0.0.1\n    IdentityFile {sshd.client_key}\n"
+    )
     conf = write_conf(workdir, sshd, extra=f"SSH_CONFIG={ssh_config}\nWORKER_NODE_SSH_HOST=calib-worker\n")
     text = conf.read_text().replace(f"SSH_PORT={sshd.port}\n", f"HEAD_NODE_SSH_PORT={sshd.port}\n")
     conf.write_text(text.replace(f"SSH_KEY={sshd.client_key}\n", f"HEAD_NODE_SSH_KEY={sshd.client_key}\n"))
@@ -106,5 +108,8 @@ def test_ssh_config_alias_and_proxy_jump_reach_the_worker(workdir, sshd, state_d
     bad = sshd.known_hosts_file(workdir / "known_hosts_head_only", hosts=("127.0.0.2",))
     conf.write_text(conf.read_text().replace(f"SSH_KNOWN_HOSTS={sshd.known_hosts}", f"SSH_KNOWN_HOSTS={bad}"))
     cfg = devices.load(conf)
-    with SSHRunner(cfg) as runner, pytest.raises(ClusterError, match=r"unknown SSH host key .*via|unknown SSH host key"):
+    with (
+        SSHRunner(cfg) as runner,
+        pytest.raises(ClusterError, match=r"unknown SSH host key .*via|unknown SSH host key"),
+    ):
         runner.connect(cfg.workers[0])

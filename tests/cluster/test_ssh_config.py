@@ -13,9 +13,11 @@ from ray_calib.errors import ClusterError
 
 def _conf(tmp_path: Path, body: str) -> devices.ClusterConfig:
     path = tmp_path / "devices.conf"
-    path.write_text("HEAD_NODE_IP=10.0.0.1\nHEAD_NODE_SSH_HOST=gaudi-head\nWORKER_NODE_IP=10.0.0.2\n"
-                    "WORKER_NODE_SSH_HOST=gaudi-worker\nDEVICE_KIND=cpu\n"
-                    f"SSH_CONFIG={tmp_path / 'ssh_config'}\n" + body)
+    path.write_text(
+        "HEAD_NODE_IP=10.0.0.1\nHEAD_NODE_SSH_HOST=gaudi-head\nWORKER_NODE_IP=10.0.0.2\n"
+        "WORKER_NODE_SSH_HOST=gaudi-worker\nDEVICE_KIND=cpu\n"
+        f"SSH_CONFIG={tmp_path / 'ssh_config'}\n" + body
+    )
     return devices.load(path)
 
 
@@ -63,8 +65,13 @@ def test_devices_conf_values_win_over_ssh_config(tmp_path):
 def test_no_ssh_config_file_means_devices_conf_alone(tmp_path):
     cfg = _conf(tmp_path, "SSH_PORT=2022\nSSH_USER=me\n")  # ssh_config not written
     head = resolve(cfg.head, cfg.ssh_config)
-    assert (head.hostname, head.port, head.user, head.key_filenames, head.proxy_jump) == \
-        ("gaudi-head", 2022, "me", (), None)
+    assert (head.hostname, head.port, head.user, head.key_filenames, head.proxy_jump) == (
+        "gaudi-head",
+        2022,
+        "me",
+        (),
+        None,
+    )
 
 
 def test_jump_host_keys_are_verified_too(tmp_path):

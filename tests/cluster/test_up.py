@@ -110,11 +110,40 @@ def tiny_llama(tmp_path_factory, tiny_model):
 def _measure(conf: Path, model: Path, dataset: Path, out: Path) -> subprocess.CompletedProcess:
     """`ray-calib measure --conf conf` at TP=2 as a user runs it after `up` (fresh process env)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VLLM_"))}
-    env.update(RAY_CALIB_STATE_DIR=os.environ["RAY_CALIB_STATE_DIR"], VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               RAY_CALIB_DEVICE="cpu", PYTHONUNBUFFERED="1", RAY_CALIB_RUN_DIR=str(out.parent))
-    args = [sys.executable, "-m", "ray_calib.cli", "measure", "--conf", str(conf), "-m", str(model), "-d",
-            str(dataset), "-t", "2", "-n", "4", "-l", "16", "-b", "2", "--chunk-size", "4", "--max-new-tokens", "1",
-            "-o", str(out), "--fp8-kv"]
+    env.update(
+        RAY_CALIB_STATE_DIR=os.environ["RAY_CALIB_STATE_DIR"],
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        RAY_CALIB_DEVICE="cpu",
+        PYTHONUNBUFFERED="1",
+        RAY_CALIB_RUN_DIR=str(out.parent),
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "ray_calib.cli",
+        "measure",
+        "--conf",
+        str(conf),
+        "-m",
+        str(model),
+        "-d",
+        str(dataset),
+        "-t",
+        "2",
+        "-n",
+        "4",
+        "-l",
+        "16",
+        "-b",
+        "2",
+        "--chunk-size",
+        "4",
+        "--max-new-tokens",
+        "1",
+        "-o",
+        str(out),
+        "--fp8-kv",
+    ]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=480)
 
 

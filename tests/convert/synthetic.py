@@ -18,8 +18,15 @@ from ray_calib.model.safetensors_io import ShardReader
 
 PREFIX = "inc_measure_output"
 _EXPERT = re.compile(r"^(?P<op>.+\.experts)\.(?P<e>\d+)\.(?P<part>gate_proj|up_proj|down_proj)$")
-_FUSE = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-         "up_proj": "gate_up_proj", "q_a_proj": "fused_qkv_a_proj", "kv_a_proj_with_mqa": "fused_qkv_a_proj"}
+_FUSE = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+    "q_a_proj": "fused_qkv_a_proj",
+    "kv_a_proj_with_mqa": "fused_qkv_a_proj",
+}
 
 
 def vllm_module(prefix: str) -> str:
@@ -64,20 +71,27 @@ def measurement_nodes(model_dir: Path, *, seed: int = 0, weights: bool = True) -
     return nodes
 
 
-def write_measurements(directory: Path, model_dir: Path, *, world_size: int = 1, seed: int = 0,
-                       device_type: str = "cpu") -> list[RankFile]:
+def write_measurements(
+    directory: Path, model_dir: Path, *, world_size: int = 1, seed: int = 0, device_type: str = "cpu"
+) -> list[RankFile]:
     """A complete set of `world_size` rank files (sharded ranks get smaller ranges) and a meta sidecar."""
     directory.mkdir(parents=True, exist_ok=True)
     base = measurement_nodes(model_dir, seed=seed)
     files = []
     for rank in range(world_size):
         nodes = _shrink(base, rank, world_size)
-        name = StatsName(PREFIX, rank=rank if world_size > 1 else None, world_size=world_size if world_size > 1 else None)
+        name = StatsName(
+            PREFIX, rank=rank if world_size > 1 else None, world_size=world_size if world_size > 1 else None
+        )
         rank_file = RankFile(name=name, nodes=nodes, mod_list=list(nodes))
         write_rank_file(rank_file, directory)
         files.append(rank_file)
-    write_meta(directory, RunMeta(device_type=device_type, model=str(model_dir), tp_size=world_size,
-                                  observer="maxabs", fp8_kv=True, ep_size=1))
+    write_meta(
+        directory,
+        RunMeta(
+            device_type=device_type, model=str(model_dir), tp_size=world_size, observer="maxabs", fp8_kv=True, ep_size=1
+        ),
+    )
     return files
 
 
@@ -90,5 +104,9 @@ def _shrink(nodes: dict, rank: int, world_size: int) -> dict:
             return [scaled(v) for v in value]
         return value * factor
 
-    return {module: {key: (scaled(v) if key != "params" else {k: scaled(w) for k, w in v.items()})
-                     for key, v in node.items()} for module, node in nodes.items()}
+    return {
+        module: {
+            key: (scaled(v) if key != "params" else {k: scaled(w) for k, w in v.items()}) for key, v in node.items()
+        }
+        for module, node in nodes.items()
+    }

@@ -36,13 +36,25 @@ def block_fp8_checkpoint(directory, shapes):
         save_file(tensors, str(directory / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shard))
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (directory / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "quantization_config": {
-        "quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}}))
+    (directory / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "deepseek_v3",
+                "quantization_config": {
+                    "quant_method": "fp8",
+                    "weight_block_size": [128, 128],
+                    "activation_scheme": "dynamic",
+                },
+            }
+        )
+    )
     return reference
 
 
-SHAPES = [{"model.layers.0.mlp.down_proj.weight": (256, 384), "model.layers.0.self_attn.kv_b_proj.weight": (200, 130)},
-          {"model.layers.1.mlp.experts.0.up_proj.weight": (128, 256)}]
+SHAPES = [
+    {"model.layers.0.mlp.down_proj.weight": (256, 384), "model.layers.0.self_attn.kv_b_proj.weight": (200, 130)},
+    {"model.layers.1.mlp.experts.0.up_proj.weight": (128, 256)},
+]
 
 
 def test_bf16_equals_dequantized_reference_and_index_drops_scales(tmp_path):
@@ -87,8 +99,9 @@ def test_dequantize_blocks_handles_edge_blocks():
     import numpy as np
 
     codes = torch.full((130, 129), 2.0).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-    out = dequantize_blocks(codes, np.array([[1.0, 2.0], [3.0, 4.0]], np.float32), (128, 128),
-                            np.empty((130, 129), np.uint16))
+    out = dequantize_blocks(
+        codes, np.array([[1.0, 2.0], [3.0, 4.0]], np.float32), (128, 128), np.empty((130, 129), np.uint16)
+    )
     values = as_float32(out.reshape(-1).view(np.uint8), "BF16").reshape(130, 129)
     assert values[0, 0] == 2 and values[0, 128] == 4 and values[129, 0] == 6 and values[129, 128] == 8
 
@@ -101,6 +114,7 @@ def test_dequantize_blocks_equals_torch_float32_product():
     scale_inv = torch.rand(3, 5, generator=gen) * 0.01
     expanded = scale_inv.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :520]
     expected = (weight.float() * expanded).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    out = dequantize_blocks(weight.view(torch.uint8).numpy(), scale_inv.numpy(), (128, 128),
-                            np.empty((300, 520), np.uint16))
+    out = dequantize_blocks(
+        weight.view(torch.uint8).numpy(), scale_inv.numpy(), (128, 128), np.empty((300, 520), np.uint16)
+    )
     assert np.array_equal(out, expected)

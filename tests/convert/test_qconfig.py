@@ -26,6 +26,7 @@ def test_library_config_validates_and_matches_the_fallback(per_channel, dynamic,
     assert scheme.input_activations.dynamic is dynamic
     assert (parsed.kv_cache_scheme is not None) is fp8_kv
     # the hand-written fallback (installs without compressed-tensors) parses to the same config
-    fallback = QuantizationConfig.model_validate({k: v for k, v in fallback_config(**kwargs).items()
-                                                  if k != "producer"})
+    fallback = QuantizationConfig.model_validate(
+        {k: v for k, v in fallback_config(**kwargs).items() if k != "producer"}
+    )
     assert fallback.model_dump() == parsed.model_dump()

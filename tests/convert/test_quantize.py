@@ -51,13 +51,17 @@ def test_fp8_checkpoint_dequantizes_within_fp8_rounding(tmp_path, tiny_llama, me
         restored = fp8[name].float() * scale
         reference = bf16[name].float()
         # e4m3 has 3 mantissa bits: relative error <= 2^-4 for normal values, plus the subnormal floor
-        assert bool(((restored - reference).abs() <= reference.abs() / 16 + scale * 2.0 ** -9).all()), name
+        assert bool(((restored - reference).abs() <= reference.abs() / 16 + scale * 2.0**-9).all()), name
         assert fp8[name.replace(".weight", ".input_scale")].shape == (1,)
     for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):
         assert fp8[name].dtype == torch.bfloat16 and torch.equal(fp8[name], bf16[name])
     layer = "model.layers.1.self_attn"
     if "pcs" not in method:  # a fused group (q/k/v) shares one weight scale and one input scale
-        assert fp8[f"{layer}.q_proj.weight_scale"] == fp8[f"{layer}.k_proj.weight_scale"] == fp8[f"{layer}.v_proj.weight_scale"]
+        assert (
+            fp8[f"{layer}.q_proj.weight_scale"]
+            == fp8[f"{layer}.k_proj.weight_scale"]
+            == fp8[f"{layer}.v_proj.weight_scale"]
+        )
     else:
         assert fp8[f"{layer}.q_proj.weight_scale"].shape == (256, 1)
     assert fp8[f"{layer}.q_proj.input_scale"] == fp8[f"{layer}.v_proj.input_scale"]
@@ -107,8 +111,14 @@ def test_resume_skips_finished_shards_verified_by_checksum(tmp_path, tiny_llama)
     from ray_calib.inc.devices import get_device
     from ray_calib.inc.methods import get_method
 
-    job = QuantizeJob(model=model, measurement=load_measurement(meas)[0], out=out,
-                      method=get_method("maxabs_pow2"), device=get_device("cpu"), on_shard_done=stop_after_first)
+    job = QuantizeJob(
+        model=model,
+        measurement=load_measurement(meas)[0],
+        out=out,
+        method=get_method("maxabs_pow2"),
+        device=get_device("cpu"),
+        on_shard_done=stop_after_first,
+    )
     with pytest.raises(Interrupt):
         quantize_checkpoint(job)
     assert (out / shards[0]).exists() and not (out / shards[1]).exists()
@@ -129,7 +139,9 @@ def test_name_mismatch_lists_both_sides(tmp_path, tiny_llama, tiny_deepseek):
     with pytest.raises(ModelError) as err:
         run_quantize(tmp_path, tiny_llama)
     message = str(err.value)
-    assert "measured module(s) have no weights in the model (first: model.layers.0.self_attn.fused_qkv_a_proj" in message
+    assert (
+        "measured module(s) have no weights in the model (first: model.layers.0.self_attn.fused_qkv_a_proj" in message
+    )
     assert "model weight(s) have no measurement (first: model.layers.0.self_attn.k_proj.weight" in message
     assert not (tmp_path / "run" / "fp8").exists()
 
@@ -216,7 +228,7 @@ def test_opt_weight_method_picks_a_candidate_scale(tmp_path, tiny_llama):
     result = run_quantize(tmp_path, tiny_llama, scale_method="maxabs_pow2_opt_weight", low_cpu_mem=True)
     fp8 = tensors(result.summary.out)
     scale = float(fp8["model.layers.0.mlp.down_proj.weight_scale"])
-    assert scale in [2.0 ** s for s in range(-10, 10)]
+    assert scale in [2.0**s for s in range(-10, 10)]
 
 
 def test_nan_weight_is_refused_before_writing(tmp_path, tiny_llama):
@@ -296,7 +308,11 @@ def test_gaudi_backoffs_go_where_the_target_inc_reads_them(tmp_path, tiny_llama,
     else:
         assert "scale_params" not in config
         assert config["scale_method"]["default"]["activation"] == {
-            "granularity": "pts", "scale_value_type": "maxabs", "rounding_method": "hw_aligned", "backoff": 0.5}
+            "granularity": "pts",
+            "scale_value_type": "maxabs",
+            "rounding_method": "hw_aligned",
+            "backoff": 0.5,
+        }
         assert config["scale_method"]["default"]["weight"]["backoff"] == 0.5  # maxabs_hw's own
 
 
@@ -315,7 +331,7 @@ def test_weight_strategy_channel_writes_one_scale_per_output_row(tmp_path, tiny_
         assert scale.dtype == torch.float32 and scale.shape == (reference.shape[0], 1), name
         assert torch.equal(scale, reference.abs().amax(dim=1, keepdim=True) / 448.0), name
         restored = fp8[name].float() * scale
-        assert bool(((restored - reference).abs() <= reference.abs() / 16 + scale * 2.0 ** -9).all()), name
+        assert bool(((restored - reference).abs() <= reference.abs() / 16 + scale * 2.0**-9).all()), name
         assert fp8[name.replace(".weight", ".input_scale")].shape == (1,)
     group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     assert group["weights"]["strategy"] == "channel"
@@ -329,7 +345,8 @@ def test_weight_strategy_channel_writes_one_scale_per_output_row(tmp_path, tiny_
 
 def test_weight_strategy_is_refused_with_an_inc_scale_method(tmp_path, tiny_llama, run_cli):
     write_measurements(tmp_path / "run" / "measure", tiny_llama, world_size=2)
-    result = run_cli("quantize", "--run-dir", tmp_path / "run", "--scale-method", "maxabs_pow2",
-                     "--weight-strategy", "channel")
+    result = run_cli(
+        "quantize", "--run-dir", tmp_path / "run", "--scale-method", "maxabs_pow2", "--weight-strategy", "channel"
+    )
     assert result.exit_code == 2 and "--weight-strategy" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "fp8").exists()

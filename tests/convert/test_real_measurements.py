@@ -18,10 +18,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VLLM_"))}
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", RAY_CALIB_DEVICE="cpu", VLLM_CPU_OMP_THREADS_BIND="nobind",
-               VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "ray_calib.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env.update(
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        RAY_CALIB_DEVICE="cpu",
+        VLLM_CPU_OMP_THREADS_BIND="nobind",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "ray_calib.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"ray-calib {args[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -30,8 +41,28 @@ def test_measured_tiny_llama_quantizes_and_generates(tmp_path, tiny_model):
     model, data, run = tmp_path / "tiny", tmp_path / "pile.jsonl", tmp_path / "run"
     cli("make-tiny-model", "--arch", "llama", "--out", str(model))
     cli("make-calib-set", "--format", "pile", "--out", str(data), "--num-samples", "8")
-    cli("measure", "-m", str(model), "-d", str(data), "-t", "2", "-n", "4", "-l", "24", "-b", "4",
-        "--max-new-tokens", "2", "--fp8-kv", "--max-model-len", "128", "--run-dir", str(run))
+    cli(
+        "measure",
+        "-m",
+        str(model),
+        "-d",
+        str(data),
+        "-t",
+        "2",
+        "-n",
+        "4",
+        "-l",
+        "24",
+        "-b",
+        "4",
+        "--max-new-tokens",
+        "2",
+        "--fp8-kv",
+        "--max-model-len",
+        "128",
+        "--run-dir",
+        str(run),
+    )
     quantized = cli("quantize", "--run-dir", str(run), "--fp8-kv", "--low-cpu-mem", "--scale-method", "maxabs_pow2")
     assert "FP8 tensors" in quantized.stdout and "warning" not in quantized.stderr
     out = run / "fp8"

@@ -27,8 +27,15 @@ SCRIPT = Path(__file__).with_name("vllm_generate.py")
 
 def quantized(tmp_path: Path, model: Path, fp8_kv: bool) -> Path:
     write_measurements(tmp_path / "run" / "measure", model, world_size=2)
-    result = quantize_run(QuantizeRequest(run=RunDir.resolve(tmp_path / "run"), model=model, fp8_kv=fp8_kv,
-                                          scale_method="maxabs_pow2", low_cpu_mem=True))
+    result = quantize_run(
+        QuantizeRequest(
+            run=RunDir.resolve(tmp_path / "run"),
+            model=model,
+            fp8_kv=fp8_kv,
+            scale_method="maxabs_pow2",
+            low_cpu_mem=True,
+        )
+    )
     return result.summary.out
 
 
@@ -42,11 +49,19 @@ class Generated:
 
 def generate(model: Path, tp: int = 1, kv_dtype: str = "auto") -> Generated:
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(model), str(tp), kv_dtype], capture_output=True,
-                          text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(model), str(tp), kv_dtype],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     log = proc.stdout + proc.stderr
-    printed = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])
-               for line in proc.stdout.splitlines() if line.startswith(("QUANT ", "TOKENS ", "TOP "))}
+    printed = {
+        line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1])
+        for line in proc.stdout.splitlines()
+        if line.startswith(("QUANT ", "TOKENS ", "TOP "))
+    }
     assert proc.returncode == 0 and {"QUANT", "TOKENS", "TOP"} <= set(printed), log[-3000:]
     return Generated(printed["QUANT"], printed["TOKENS"], printed["TOP"], log)
 
@@ -87,8 +102,13 @@ def test_tiny_llama_fp8_with_fp8_kv_scales_tp1_and_tp2(tmp_path, tiny_llama):
 
 def prompt_logprobs(model: Path) -> dict:
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT.with_name("vllm_prompt_logprobs.py")), str(model)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT.with_name("vllm_prompt_logprobs.py")), str(model)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-3000:]
     return json.loads(lines[-1].removeprefix("RESULT "))
@@ -126,10 +146,12 @@ def test_per_channel_weights_with_static_tensor_inputs_run_in_vllm(tmp_path, tin
     """
     write_measurements(tmp_path / "run" / "measure", tiny_llama, world_size=2)
     run = RunDir.resolve(tmp_path / "run")
-    tensor = quantize_run(QuantizeRequest(run=run, model=tiny_llama, weight_strategy="tensor",
-                                          out=tmp_path / "tensor")).summary.out
-    channel = quantize_run(QuantizeRequest(run=run, model=tiny_llama, weight_strategy="channel",
-                                           out=tmp_path / "channel")).summary.out
+    tensor = quantize_run(
+        QuantizeRequest(run=run, model=tiny_llama, weight_strategy="tensor", out=tmp_path / "tensor")
+    ).summary.out
+    channel = quantize_run(
+        QuantizeRequest(run=run, model=tiny_llama, weight_strategy="channel", out=tmp_path / "channel")
+    ).summary.out
     same = with_channel_copies_of_tensor_scales(tensor, tmp_path / "tensor-as-channel")
     bf16, per_tensor, as_channel, per_channel = (prompt_logprobs(m) for m in (tiny_llama, tensor, same, channel))
 

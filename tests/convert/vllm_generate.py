@@ -19,13 +19,22 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams
 
     model, tp, kv_dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    llm = LLM(model, tensor_parallel_size=tp, kv_cache_dtype=kv_dtype, enforce_eager=True, max_model_len=128,
-              max_num_seqs=4, skip_tokenizer_init=True)
+    llm = LLM(
+        model,
+        tensor_parallel_size=tp,
+        kv_cache_dtype=kv_dtype,
+        enforce_eager=True,
+        max_model_len=128,
+        max_num_seqs=4,
+        skip_tokenizer_init=True,
+    )
     print("QUANT", json.dumps(llm.model_config.quantization), flush=True)  # e.g. "compressed-tensors"; null: BF16
     outputs = llm.generate([{"prompt_token_ids": PROMPT}], SamplingParams(max_tokens=6, temperature=0))
     print("TOKENS", json.dumps(list(outputs[0].outputs[0].token_ids)), flush=True)
-    scored = llm.generate([{"prompt_token_ids": SCORED}], SamplingParams(max_tokens=1, temperature=0,
-                                                                          prompt_logprobs=5))
-    top = [{str(token): float(lp.logprob) for token, lp in position.items()}
-           for position in scored[0].prompt_logprobs[1:]]  # position 0 has no prediction
+    scored = llm.generate(
+        [{"prompt_token_ids": SCORED}], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=5)
+    )
+    top = [
+        {str(token): float(lp.logprob) for token, lp in position.items()} for position in scored[0].prompt_logprobs[1:]
+    ]  # position 0 has no prediction
     print("TOP", json.dumps(top), flush=True)

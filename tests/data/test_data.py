@@ -87,15 +87,24 @@ def test_every_pile_container_gives_the_same_prompts(tmp_path, tokenizer):
 def test_mlcommons_pickle_of_this_pandas_loads_through_the_chat_template(tmp_path, tokenizer, strings):
     import pandas as pd
 
-    frame = pd.DataFrame({"system_prompt": ["Be brief.", "Be kind."], "question": ["What is memory?", "Why?"],
-                          "id": [1, 2], "score": [0.5, None]})
+    frame = pd.DataFrame(
+        {
+            "system_prompt": ["Be brief.", "Be kind."],
+            "question": ["What is memory?", "Why?"],
+            "id": [1, 2],
+            "score": [0.5, None],
+        }
+    )
     if strings == "object":
         frame = frame.astype(object)
     frame.to_pickle(tmp_path / "m.pkl")
     calib = load_prompts(tmp_path / "m.pkl", tokenizer)
-    assert sorted(calib.texts) == sorted([
-        "<|begin|><|system|>Be brief.<|end|><|user|>What is memory?<|end|><|assistant|>",
-        "<|begin|><|system|>Be kind.<|end|><|user|>Why?<|end|><|assistant|>"])
+    assert sorted(calib.texts) == sorted(
+        [
+            "<|begin|><|system|>Be brief.<|end|><|user|>What is memory?<|end|><|assistant|>",
+            "<|begin|><|system|>Be kind.<|end|><|user|>Why?<|end|><|assistant|>",
+        ]
+    )
     for prompt in calib.prompts:  # the template carries BOS: the tokenizer must not add a second one
         assert prompt.token_ids == tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
         assert prompt.token_ids.count(tokenizer.bos_token_id) == 1

@@ -27,8 +27,8 @@ def test_channel_wise_kernel_takes_a_per_tensor_input_scale():
 
     def run(input_scale):
         return ChannelWiseTorchFP8ScaledMMLinearKernel.apply_scaled_mm(
-            None, A=a, B=b, out_dtype=torch.bfloat16, As=input_scale, Bs=b_scale, bias=None,
-            output_shape=[tokens, n])
+            None, A=a, B=b, out_dtype=torch.bfloat16, As=input_scale, Bs=b_scale, bias=None, output_shape=[tokens, n]
+        )
 
     out = run(a_scale)
     assert out.shape == (tokens, n) and out.dtype == torch.bfloat16
@@ -37,4 +37,4 @@ def test_channel_wise_kernel_takes_a_per_tensor_input_scale():
     magnitude = (a[:tokens].double().abs() @ b.double().abs()) * a_scale.double() * b_scale.double().t()
     # at most two bf16 roundings (2^-9 relative each: torch's CPU fp8 matmul, then the output) on the
     # sum of |terms|; a scale on the wrong row or token, or none, is off by far more
-    assert bool(((out.double() - exact).abs() <= magnitude * 2.0 ** -8).all())
+    assert bool(((out.double() - exact).abs() <= magnitude * 2.0**-8).all())

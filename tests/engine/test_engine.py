@@ -16,7 +16,9 @@ from ray_calib.engine.plugins import CPU_RAY_ENV, OBSERVE_ENV
 from ray_calib.errors import EngineError
 
 
-@pytest.mark.parametrize("tp,address,want", [(1, None, "uni"), (2, None, "mp"), (1, "h:6390", "ray"), (4, "h:6390", "ray")])
+@pytest.mark.parametrize(
+    "tp,address,want", [(1, None, "uni"), (2, None, "mp"), (1, "h:6390", "ray"), (4, "h:6390", "ray")]
+)
 def test_executor_follows_tp_and_cluster(tp, address, want):
     config = EngineConfig(model="m", tp_size=tp, ray_address=address)
     assert config.resolved_executor == want
@@ -39,11 +41,13 @@ def test_measure_engine_is_eager_without_prefix_cache():
 
 
 def test_serve_engine_leaves_vllm_defaults_and_sizes_the_cpu_kv_cache():
-    serve = EngineConfig(model="m", tp_size=8, profile="serve", max_model_len=None, max_num_seqs=None,
-                         kv_cache_gib=0.25)
+    serve = EngineConfig(
+        model="m", tp_size=8, profile="serve", max_model_len=None, max_num_seqs=None, kv_cache_gib=0.25
+    )
     assert engine_settings(serve) == {"tensor_parallel_size": 8, "kv_cache_memory_bytes": GiB // 4}
-    cuda = EngineConfig(model="m", tp_size=8, device="cuda", profile="serve", max_model_len=-1, max_num_seqs=None,
-                        kv_cache_dtype="fp8")
+    cuda = EngineConfig(
+        model="m", tp_size=8, device="cuda", profile="serve", max_model_len=-1, max_num_seqs=None, kv_cache_dtype="fp8"
+    )
     assert engine_settings(cuda) == {"tensor_parallel_size": 8, "max_model_len": -1, "kv_cache_dtype": "fp8"}
     kwargs = llm_kwargs(cuda)
     assert "enforce_eager" not in kwargs and "enable_prefix_caching" not in kwargs and "dtype" not in kwargs
@@ -54,8 +58,13 @@ def test_serve_engine_leaves_vllm_defaults_and_sizes_the_cpu_kv_cache():
 def _plugin(expr: str, env: dict[str, str]) -> str:
     """Run a plugin function in a fresh interpreter (plugins read the env of the process they run in)."""
     code = f"import ray_calib.engine.plugins as p; print({expr})"
-    return subprocess.run([sys.executable, "-c", code], env={"PATH": "/usr/bin", **env}, capture_output=True,
-                          text=True, check=True).stdout.strip().splitlines()[-1]
+    return (
+        subprocess.run(
+            [sys.executable, "-c", code], env={"PATH": "/usr/bin", **env}, capture_output=True, text=True, check=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
 
 
 def test_platform_plugin_applies_only_when_asked():
@@ -65,13 +74,16 @@ def test_platform_plugin_applies_only_when_asked():
 
 @pytest.mark.slow
 def test_cpu_ray_platform_has_a_ray_device_key():
-    code = ("from vllm.platforms import current_platform as c; "
-            "print(type(c).__name__, c.ray_device_key, c.get_device_communicator_cls().rsplit('.', 1)[1])")
+    code = (
+        "from vllm.platforms import current_platform as c; "
+        "print(type(c).__name__, c.ray_device_key, c.get_device_communicator_cls().rsplit('.', 1)[1])"
+    )
     env = {"PATH": "/usr/bin", CPU_RAY_ENV: "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "CpuRayPlatform HPU CpuRayCommunicator"
-    plain = subprocess.run([sys.executable, "-c", code], env={"PATH": "/usr/bin"}, capture_output=True, text=True,
-                           check=True).stdout
+    plain = subprocess.run(
+        [sys.executable, "-c", code], env={"PATH": "/usr/bin"}, capture_output=True, text=True, check=True
+    ).stdout
     assert plain.strip().splitlines()[-1].split() == ["CpuPlatform", "CpuCommunicator"]
 
 
@@ -89,8 +101,14 @@ def test_weights_from_safetensors_headers(tmp_path):
 
 
 def test_weights_estimated_from_config(tmp_path):
-    config = {"hidden_size": 16384, "num_hidden_layers": 126, "intermediate_size": 53248, "vocab_size": 128256,
-              "num_attention_heads": 128, "num_key_value_heads": 8}
+    config = {
+        "hidden_size": 16384,
+        "num_hidden_layers": 126,
+        "intermediate_size": 53248,
+        "vocab_size": 128256,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 8,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert 745 * GiB < weights_bytes(tmp_path) < 765 * GiB  # Llama-3.1-405B: 405.8e9 bf16 parameters = 756 GiB
 
@@ -100,8 +118,9 @@ def test_memory_refuses_tp_that_cannot_fit_and_names_the_smallest_that_does(tmp_
     with pytest.raises(EngineError, match=r"TP 1 needs 41.00 GiB .* use --tp 4") as err:
         check_fits(tmp_path, 1, [1, 2, 4, 8], device="cuda", device_bytes=14 * GiB, kv_bytes=0, devices_per_node=None)
     assert "\n" not in str(err.value)
-    assert check_fits(tmp_path, 4, [1, 2, 4, 8], device="cuda", device_bytes=14 * GiB, kv_bytes=0,
-                      devices_per_node=None).fits
+    assert check_fits(
+        tmp_path, 4, [1, 2, 4, 8], device="cuda", device_bytes=14 * GiB, kv_bytes=0, devices_per_node=None
+    ).fits
 
 
 def test_memory_on_cpu_counts_every_rank_of_the_node(tmp_path):

@@ -19,23 +19,35 @@ DATA = Path(__file__).parent / "data"
 def fake_hl_smi(directory: Path, recorded: str, code: int = 0) -> Path:
     """An `hl-smi` on PATH that prints a recorded output and logs its arguments."""
     script = directory / "hl-smi"
-    script.write_text(f"#!/bin/sh\necho \"$@\" >> {directory}/hl-smi.args\ncat {DATA / recorded}\nexit {code}\n")
+    script.write_text(f'#!/bin/sh\necho "$@" >> {directory}/hl-smi.args\ncat {DATA / recorded}\nexit {code}\n')
     script.chmod(0o755)
     return script
 
 
-@pytest.mark.parametrize(("recorded", "kind", "mib", "driver"), [
-    ("hl-smi-gaudi2.csv", "gaudi2", 98304, "1.21.0-ca59b5a"),
-    ("hl-smi-gaudi3.csv", "gaudi3", 131072, "1.21.0-ca59b5a"),
-    ("hl-smi-gaudi2-header.csv", "gaudi2", 98304, "1.20.1-366eb9c"),
-])
+@pytest.mark.parametrize(
+    ("recorded", "kind", "mib", "driver"),
+    [
+        ("hl-smi-gaudi2.csv", "gaudi2", 98304, "1.21.0-ca59b5a"),
+        ("hl-smi-gaudi3.csv", "gaudi3", 131072, "1.21.0-ca59b5a"),
+        ("hl-smi-gaudi2-header.csv", "gaudi2", 98304, "1.20.1-366eb9c"),
+    ],
+)
 def test_recorded_outputs(recorded, kind, mib, driver):
     info = hlsmi.summarize(hlsmi.parse_query((DATA / recorded).read_text()), "hl-smi")
     assert (info.device_type, info.cards, info.memory_bytes, info.driver) == (kind, 8, mib << 20, driver)
 
 
-@pytest.mark.parametrize(("name", "kind"), [("HL-225", "gaudi2"), ("HL-288", "gaudi2"), ("HL-325L", "gaudi3"),
-                                            ("HL-328", "gaudi3"), ("GAUDI2", "gaudi2"), ("GAUDI3", "gaudi3")])
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("HL-225", "gaudi2"),
+        ("HL-288", "gaudi2"),
+        ("HL-325L", "gaudi3"),
+        ("HL-328", "gaudi3"),
+        ("GAUDI2", "gaudi2"),
+        ("GAUDI3", "gaudi3"),
+    ],
+)
 def test_known_names(name, kind):
     assert hlsmi.device_type_of(name) == kind
 
@@ -84,11 +96,14 @@ def test_detect_target_reads_hl_smi_and_never_imports_habana(tmp_path):
     package = tmp_path / "site" / "habana_frameworks"
     (package / "torch" / "hpu").mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    (package / "torch" / "__init__.py").write_text("raise RuntimeError('habana_frameworks.torch imported: a card "
-                                                   "would be held by this process')\n")
-    code = ("import sys; from ray_calib.engine.device import detect_target; t = detect_target(); "
-            "print(t.device, t.device_type, t.memory_bytes, t.source); "
-            "print(sorted(m for m in sys.modules if m.startswith('habana')))")
+    (package / "torch" / "__init__.py").write_text(
+        "raise RuntimeError('habana_frameworks.torch imported: a card would be held by this process')\n"
+    )
+    code = (
+        "import sys; from ray_calib.engine.device import detect_target; t = detect_target(); "
+        "print(t.device, t.device_type, t.memory_bytes, t.source); "
+        "print(sorted(m for m in sys.modules if m.startswith('habana')))"
+    )
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHONPATH": str(tmp_path / "site")}
     env.pop("RAY_CALIB_DEVICE", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

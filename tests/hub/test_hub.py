@@ -45,14 +45,37 @@ def _make_run(root: Path) -> RunDir:
     for rank in range(2):
         nodes = {"model.layers.0.self_attn.o_proj": {"inputs": [[[0.5 + rank]]], "params": {"weight": [[0.25]]}}}
         write_rank_file(RankFile(name=StatsName(MEASURE_PREFIX, rank=rank, world_size=2), nodes=nodes), run.measure)
-    write_meta(run.measure, RunMeta(device_type="cpu", model="tiny/ds3", revision="abc123", dataset="pile.jsonl",
-                                    dataset_hash="f" * 64, num_samples=32, num_tokens=2048, tp_size=2, ep_size=1,
-                                    observer="maxabs", fp8_kv=True))
-    write_rank_file(RankFile(name=StatsName(MEASURE_PREFIX, rank=0, world_size=1),
-                             nodes={"x": {"inputs": [[[1.5]]]}}), run.unified(1))
+    write_meta(
+        run.measure,
+        RunMeta(
+            device_type="cpu",
+            model="tiny/ds3",
+            revision="abc123",
+            dataset="pile.jsonl",
+            dataset_hash="f" * 64,
+            num_samples=32,
+            num_tokens=2048,
+            tp_size=2,
+            ep_size=1,
+            observer="maxabs",
+            fp8_kv=True,
+        ),
+    )
+    write_rank_file(
+        RankFile(name=StatsName(MEASURE_PREFIX, rank=0, world_size=1), nodes={"x": {"inputs": [[[1.5]]]}}),
+        run.unified(1),
+    )
     write_configs(run.configs, template_set(str(run.measure), str(run.unified(1)), moe=True))
-    (run.root / "eval.json").write_text(json.dumps({"num_texts": 8, "top1_agreement": {"candidate": 0.9375},
-                                                    "mean_kl": {"candidate": 0.0123}, "baseline": "bf16"}))
+    (run.root / "eval.json").write_text(
+        json.dumps(
+            {
+                "num_texts": 8,
+                "top1_agreement": {"candidate": 0.9375},
+                "mean_kl": {"candidate": 0.0123},
+                "baseline": "bf16",
+            }
+        )
+    )
     run.report.mkdir()
     (run.report / "plot.png").write_bytes(bytes(range(256)) * 400)  # binary and > 64 KiB: goes through LFS
     (run.fp8).mkdir()
@@ -62,8 +85,11 @@ def _make_run(root: Path) -> RunDir:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.relative_to(root).parts[0].startswith(".")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.relative_to(root).parts[0].startswith(".")
+    }
 
 
 def test_push_then_pull_round_trips_every_file(hub_env, tmp_path):
@@ -105,10 +131,20 @@ def test_model_card_states_the_run(hub_env, tmp_path):
     run = _make_run(tmp_path / "run")
     push(run, REPO)
     card = (pull(REPO, tmp_path / "p").directory / "README.md").read_text()
-    for row in ("| Model | tiny/ds3 |", "| Revision | abc123 |", "| Device | cpu |", "| Dataset | pile.jsonl |",
-                "| Samples | 32 |", "| Tokens | 2048 |", "| Measured at TP / EP | 2 / 1 |", "| Unified to TP | 1 |",
-                "| Scale method | maxabs_hw |", "| top1_agreement (candidate) | 0.9375 |",
-                "| mean_kl (candidate) | 0.0123 |", "| num_texts | 8 |"):
+    for row in (
+        "| Model | tiny/ds3 |",
+        "| Revision | abc123 |",
+        "| Device | cpu |",
+        "| Dataset | pile.jsonl |",
+        "| Samples | 32 |",
+        "| Tokens | 2048 |",
+        "| Measured at TP / EP | 2 / 1 |",
+        "| Unified to TP | 1 |",
+        "| Scale method | maxabs_hw |",
+        "| top1_agreement (candidate) | 0.9375 |",
+        "| mean_kl (candidate) | 0.0123 |",
+        "| num_texts | 8 |",
+    ):
         assert row in card, row
     assert card.startswith("---\nbase_model: tiny/ds3\n") and "`fp8/`" not in card
 

@@ -20,9 +20,10 @@ from ray_calib.inc.arith import GaudiMath, bf16, hw_exponent, pow2
 
 torch = pytest.importorskip("torch")
 
-NORMAL = st.floats(min_value=2.0 ** -120, max_value=2.0 ** 120, allow_nan=False, allow_infinity=False)
-FULLSCALE_BACKOFF = st.sampled_from([240.0 * 0.25, 240.0 * 0.5, 448.0 * 0.25, 448.0 * 0.5, 57344.0 * 0.25,
-                                     240.0, 448.0, 448.0 * 0.125])
+NORMAL = st.floats(min_value=2.0**-120, max_value=2.0**120, allow_nan=False, allow_infinity=False)
+FULLSCALE_BACKOFF = st.sampled_from(
+    [240.0 * 0.25, 240.0 * 0.5, 448.0 * 0.25, 448.0 * 0.5, 57344.0 * 0.25, 240.0, 448.0, 448.0 * 0.125]
+)
 
 
 def _t(x: float) -> torch.Tensor:
@@ -44,13 +45,13 @@ def test_bf16_is_torchs_cast(x):
 @given(a=NORMAL, b=NORMAL)
 def test_product_is_torchs_bf16_product(a, b):
     a, b = bf16(a), bf16(b)
-    if not 2.0 ** -126 <= a * b < 3e38:
+    if not 2.0**-126 <= a * b < 3e38:
         return
     assert GaudiMath.product(a, b) == (_t(a) * _t(b)).item()
 
 
 @settings(max_examples=500, deadline=None)
-@given(maxabs=st.floats(min_value=2.0 ** -100, max_value=2.0 ** 100), fsb=FULLSCALE_BACKOFF)
+@given(maxabs=st.floats(min_value=2.0**-100, max_value=2.0**100), fsb=FULLSCALE_BACKOFF)
 def test_raw_scale_is_the_hpus_multiply_by_the_bf16_reciprocal(maxabs, fsb):
     expected = (_t(maxabs) * torch.tensor(1.0 / fsb).to(torch.bfloat16)).item()
     assert GaudiMath.raw(maxabs, fsb, 1.0) == expected
@@ -68,7 +69,9 @@ def test_ceil_log2_is_torchs_for_every_bf16_value():
 @pytest.mark.parametrize(("device", "factor", "lowest", "highest"), [("GAUDI2", 4, -8, 4), ("GAUDI3", 1, -55, 7)])
 def test_pow2_and_hw_rounding_are_incs_own_round_functions(device, factor, lowest, highest):
     """INC's ScaleToPow2 / ScaleToHwAligned run on CPU bf16 tensors: every positive normal bf16 value, and 0."""
-    rounding = pytest.importorskip("neural_compressor.torch.algorithms.fp8_quant._core.scale_methods.round_scales_function")
+    rounding = pytest.importorskip(
+        "neural_compressor.torch.algorithms.fp8_quant._core.scale_methods.round_scales_function"
+    )
     from neural_compressor.torch.utils.auto_accelerator import INCAcceleratorType
 
     values = [0.0] + _bf16_values()
@@ -87,4 +90,4 @@ def test_torch_cpu_division_is_not_the_hpus():
     maxabs, fsb = 0.88671875, 448.0 * 0.25
     cpu = torch.exp2(torch.ceil(torch.log2(_t(maxabs) / fsb))).item()
     hpu = pow2(GaudiMath.ceil_log2(GaudiMath.raw(maxabs, 448.0, 0.25)))
-    assert (cpu, hpu) == (2.0 ** -6, 2.0 ** -7)
+    assert (cpu, hpu) == (2.0**-6, 2.0**-7)

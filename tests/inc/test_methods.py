@@ -27,16 +27,16 @@ def test_worked_gaudi2_example_design_section_5():
     method = get_method("maxabs_hw")
     # o_proj input maxabs 0.0918 -> /60 -> pow2 2^-9 -> HW 2^-8
     assert 0.091796875 / (240 * 0.25) == pytest.approx(0.00153, rel=1e-2)
-    assert round_scale(0.091796875 / 60, "pow2", GAUDI2) == 2.0 ** -9
+    assert round_scale(0.091796875 / 60, "pow2", GAUDI2) == 2.0**-9
     assert activation_scale([[0.091796875]], method, GAUDI2) == 0.00390625
     # o_proj weight 0.625 -> /120 -> 2^-7 -> HW 2^-4
-    assert round_scale(0.625 / 120, "pow2", GAUDI2) == 2.0 ** -7
+    assert round_scale(0.625 / 120, "pow2", GAUDI2) == 2.0**-7
     assert scale_from_maxabs(0.625, method.weight, GAUDI2) == 0.0625
 
 
 def test_device_tables():
     assert GAUDI2.fullscale == 240 and GAUDI2.hw_scales == (16.0, 1.0, 1 / 16, 1 / 256)
-    assert GAUDI3.fullscale == 448 and GAUDI3.hw_scales[0] == 2.0 ** 7 and GAUDI3.hw_scales[-1] == 2.0 ** -55
+    assert GAUDI3.fullscale == 448 and GAUDI3.hw_scales[0] == 2.0**7 and GAUDI3.hw_scales[-1] == 2.0**-55
     assert len(GAUDI3.hw_scales) == 63
     assert DEVICES["cuda"].fullscale == CPU.fullscale == 448 and not CPU.has_hw_scales
 
@@ -60,14 +60,16 @@ def _gaudi_slack(exact: float) -> float:
     <= 2^-9 relative), and log2 is rounded to bf16 (half an ulp: 2^(k-8) for |log2| in [2^k, 2^(k+1)))
     before the ceil, which can drop a power of two by up to that fraction of an octave."""
     log2 = abs(math.log2(exact))
-    half_ulp = 2.0 ** (math.floor(math.log2(log2)) - 8) if log2 >= 1 else 2.0 ** -9
-    return (1 - 2.0 ** -9) ** 3 * 2.0 ** -half_ulp
+    half_ulp = 2.0 ** (math.floor(math.log2(log2)) - 8) if log2 >= 1 else 2.0**-9
+    return (1 - 2.0**-9) ** 3 * 2.0**-half_ulp
 
 
 @settings(max_examples=300, deadline=None)
-@given(maxabs=st.floats(min_value=1e-30, max_value=1e6, allow_nan=False),
-       name=st.sampled_from(["maxabs_pow2", "maxabs_hw", "maxabs_arbitrary"]),
-       device=st.sampled_from(["gaudi2", "gaudi3", "cpu"]))
+@given(
+    maxabs=st.floats(min_value=1e-30, max_value=1e6, allow_nan=False),
+    name=st.sampled_from(["maxabs_pow2", "maxabs_hw", "maxabs_arbitrary"]),
+    device=st.sampled_from(["gaudi2", "gaudi3", "cpu"]),
+)
 def test_scales_cover_maxabs_and_are_pow2_where_they_must_be(maxabs, name, device):
     """CPU: never below maxabs / (fullscale * backoff). Gaudi: INC's bf16 math may land below it, by a derived bound."""
     dev = get_device(device)
@@ -89,7 +91,7 @@ def test_scales_cover_maxabs_and_are_pow2_where_they_must_be(maxabs, name, devic
         else:
             assert scale >= floor
         if rule.rounding == "pow2":
-            assert scale < 2 * exact * (1 + (2.0 ** -7 if dev.is_gaudi else 1e-12)) or exact < 1e-37
+            assert scale < 2 * exact * (1 + (2.0**-7 if dev.is_gaudi else 1e-12)) or exact < 1e-37
         assert scale_from_maxabs(maxabs * 1.5, rule, dev) >= scale  # monotone in maxabs
 
 
@@ -122,10 +124,19 @@ def test_device_for_scales_rules():
 
 
 def test_every_issue_method_is_known():
-    for name in ("unit_scale", "maxabs_arbitrary", "maxabs_pow2", "maxabs_hw", "maxabs_hw_opt_weight",
-                 "maxabs_pow2_opt_weight", "act_maxabs_hw_weights_pcs_maxabs_pow2",
-                 "act_maxabs_pow2_weights_pcs_maxabs_pow2", "act_maxabs_hw_weights_pcs_opt_pow2",
-                 "act_maxabs_pow2_weights_pcs_opt_pow2", "act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw"):
+    for name in (
+        "unit_scale",
+        "maxabs_arbitrary",
+        "maxabs_pow2",
+        "maxabs_hw",
+        "maxabs_hw_opt_weight",
+        "maxabs_pow2_opt_weight",
+        "act_maxabs_hw_weights_pcs_maxabs_pow2",
+        "act_maxabs_pow2_weights_pcs_maxabs_pow2",
+        "act_maxabs_hw_weights_pcs_opt_pow2",
+        "act_maxabs_pow2_weights_pcs_opt_pow2",
+        "act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw",
+    ):
         assert name in METHODS
 
 
@@ -141,7 +152,7 @@ def test_weight_scales_from_tensors():
     opt = WeightScaleSearch(get_method("maxabs_pow2_opt_weight"), CPU)
     opt.add(weight)
     err = lambda s: float(((weight.float() - fp8_round_trip(weight, s)) ** 2).sum())  # noqa: E731
-    assert err(opt.scale()) <= min(err(2.0 ** e) for e in range(-10, 10)) + 1e-9
+    assert err(opt.scale()) <= min(err(2.0**e) for e in range(-10, 10)) + 1e-9
     hw_opt = WeightScaleSearch(get_method("maxabs_hw_opt_weight"), GAUDI2)
     hw_opt.add(weight)
     assert hw_opt.scale() in GAUDI2.hw_scales
@@ -157,20 +168,20 @@ def test_zero_maxabs_like_inc_on_gaudi_and_lifted_elsewhere():
     """INC: a measured 0 gives scale 0 (pow2, arbitrary) and the lowest HW scale (hw); CPU/CUDA never write 0."""
     assert activation_scale([[0.0]], get_method("maxabs_pow2"), GAUDI3) == 0.0
     assert activation_scale([[0.0]], get_method("maxabs_arbitrary"), GAUDI2) == 0.0
-    assert activation_scale([[0.0]], get_method("maxabs_hw"), GAUDI3) == 2.0 ** -55
-    assert activation_scale([[0.0]], get_method("maxabs_hw"), GAUDI2) == 2.0 ** -8
-    assert activation_scale([[0.0]], get_method("maxabs_pow2"), CPU) == 2.0 ** -126
+    assert activation_scale([[0.0]], get_method("maxabs_hw"), GAUDI3) == 2.0**-55
+    assert activation_scale([[0.0]], get_method("maxabs_hw"), GAUDI2) == 2.0**-8
+    assert activation_scale([[0.0]], get_method("maxabs_pow2"), CPU) == 2.0**-126
     assert activation_scale([[0.0]], get_method("maxabs_arbitrary"), CPU) == MIN_SCALE
 
 
 def test_bf16_worked_examples_gaudi3():
     """Published Gaudi3 scales one power of two below float64 math, because log2 is rounded to bf16."""
     method = get_method("maxabs_hw")
-    assert scale_from_maxabs(0.220703125, method.weight, GAUDI3) == 2.0 ** -10  # float64: 2^-9
+    assert scale_from_maxabs(0.220703125, method.weight, GAUDI3) == 2.0**-10  # float64: 2^-9
     assert math.ceil(math.log2(0.220703125 / 224)) == -9
-    assert activation_scale([[0.88671875]], method, GAUDI3) == 2.0 ** -7  # v_cache; float64: 2^-6
+    assert activation_scale([[0.88671875]], method, GAUDI3) == 2.0**-7  # v_cache; float64: 2^-6
     assert math.ceil(math.log2(0.88671875 / 112)) == -6
-    assert activation_scale([[0.88671875]], get_method("maxabs_pow2"), DEVICES["cuda"]) == 2.0 ** -6  # float64 on CUDA
+    assert activation_scale([[0.88671875]], get_method("maxabs_pow2"), DEVICES["cuda"]) == 2.0**-6  # float64 on CUDA
 
 
 def test_e5m2_changes_only_the_full_scale():

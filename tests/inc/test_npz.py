@@ -13,7 +13,9 @@ from ray_calib.errors import MeasurementError
 from ray_calib.inc import npz
 
 STATS = {
-    "GlobalRank": None, "LocalRank": 3, "Mode": "DynamicRange",
+    "GlobalRank": None,
+    "LocalRank": 3,
+    "Mode": "DynamicRange",
     "Nodes": {
         "a.qkv_proj": {"inputs": [[[1.5]]], "params": {"weight": [[0.25], [0.5], [2.0]]}},
         "a.o_proj": {"inputs": [[[0.09375]]], "outputs": [[[3.0]], [[4.0]]]},
@@ -41,12 +43,18 @@ def test_numpy_reads_what_we_write(tmp_path):
 
 
 def test_we_read_what_numpy_writes_including_scalars(tmp_path):
-    arrays = {"Nodes": {"m": {"inputs": [np.array([[1.5]], dtype=np.float32), np.float32(0.5),
-                                         np.array(0.25, dtype=np.float64)],
-                              "params": {"weight": np.array([[1.0], [2.0]], dtype=np.float32)}}}}
+    arrays = {
+        "Nodes": {
+            "m": {
+                "inputs": [np.array([[1.5]], dtype=np.float32), np.float32(0.5), np.array(0.25, dtype=np.float64)],
+                "params": {"weight": np.array([[1.0], [2.0]], dtype=np.float32)},
+            }
+        }
+    }
     (tmp_path / "n.npz").write_bytes(_numpy_savez(arrays))
-    assert npz.load(tmp_path / "n.npz") == {"Nodes": {"m": {"inputs": [[[1.5]], 0.5, 0.25],
-                                                            "params": {"weight": [[1.0], [2.0]]}}}}
+    assert npz.load(tmp_path / "n.npz") == {
+        "Nodes": {"m": {"inputs": [[[1.5]], 0.5, 0.25], "params": {"weight": [[1.0], [2.0]]}}}
+    }
 
 
 class _Exploit:
@@ -66,7 +74,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
     assert not marker.exists()
     # the same payload does run under plain pickle: the test would catch an allow-list that lets it through
     raw = zipfile.ZipFile(path).read("arr_0.npy")
-    pickle.loads(raw[raw.index(b"\n") + 1:])
+    pickle.loads(raw[raw.index(b"\n") + 1 :])
     assert marker.exists()
 
 
@@ -81,9 +89,17 @@ def test_not_an_npz_and_plain_arrays_are_refused(tmp_path):
 
 def _as_arrays(stats: dict) -> dict:
     """INC's in-memory form: float32 arrays at the leaves, field names shared (they are code literals)."""
+
     def node(fields):
-        return {name: ({key: np.array(leaf, dtype=np.float32) for key, leaf in value.items()} if name == "params"
-                       else [np.array(leaf, dtype=np.float32) for leaf in value]) for name, value in fields.items()}
+        return {
+            name: (
+                {key: np.array(leaf, dtype=np.float32) for key, leaf in value.items()}
+                if name == "params"
+                else [np.array(leaf, dtype=np.float32) for leaf in value]
+            )
+            for name, value in fields.items()
+        }
+
     return {**stats, "Nodes": {module: node(fields) for module, fields in stats["Nodes"].items()}}
 
 
@@ -91,7 +107,7 @@ def _numpy1_npz(stats: dict) -> bytes:
     """What numpy 1.x's np.savez writes (a protocol-3 pickle; numpy 2.x uses 4); module spelled numpy._core here."""
     holder = np.empty((), dtype=object)
     holder[()] = _as_arrays(stats)
-    header = npz.image({})[:npz.image({}).index(b"\n") + 1]
+    header = npz.image({})[: npz.image({}).index(b"\n") + 1]
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("arr_0.npy", header + pickle.dumps(holder, protocol=3))
@@ -100,9 +116,13 @@ def _numpy1_npz(stats: dict) -> bytes:
 
 @pytest.mark.parametrize("node_count", [3, 1000, 1301])  # exactly one SETITEMS batch is a pickler edge case
 def test_we_write_numpys_pickle_byte_for_byte(tmp_path, node_count):
-    nodes = {f"model.layers.{i}.mlp": {"inputs": [[[i + 0.5]]],
-                                        "params": {"weight": [[0.25], [float(i)]] if i % 3 else [[float(i)]]}}
-             for i in range(node_count)}  # per-channel and (most common) per-tensor weights
+    nodes = {
+        f"model.layers.{i}.mlp": {
+            "inputs": [[[i + 0.5]]],
+            "params": {"weight": [[0.25], [float(i)]] if i % 3 else [[float(i)]]},
+        }
+        for i in range(node_count)
+    }  # per-channel and (most common) per-tensor weights
     nodes["model.layers.0.moe_op"] = {"inputs": [[[1.0]]], "outputs": [[[2.0]]] * 1002 + [[[[1.0, 2.0]]]]}
     stats = {"GlobalRank": None, "LocalRank": 300, "Mode": "DynamicRange", "NumSamples": 7, "Nodes": nodes}
     (tmp_path / "n.npz").write_bytes(_numpy1_npz(stats))
@@ -124,14 +144,20 @@ def test_holds_proves_equality_by_bytes_and_falls_back_otherwise(tmp_path):
 
 def _scale_arrays(stats: dict) -> dict:
     """INC's in-memory scale file: each leaf a float32 array (0-d for a float), containers as they are."""
+
     def leaf(value):
         if isinstance(value, dict):  # per-channel weight {0: ..., 1: ...}
             return {key: leaf(item) for key, item in value.items()}
         return np.array(value, dtype=np.float32)
 
     def node(fields):
-        return {name: ({key: leaf(v) for key, v in value.items()} if name == "params"
-                       else type(value)(leaf(v) for v in value)) for name, value in fields.items()}
+        return {
+            name: (
+                {key: leaf(v) for key, v in value.items()} if name == "params" else type(value)(leaf(v) for v in value)
+            )
+            for name, value in fields.items()
+        }
+
     return {**stats, "Nodes": {module: node(fields) for module, fields in stats["Nodes"].items()}}
 
 
@@ -145,14 +171,17 @@ def test_scale_files_0d_arrays_tuples_and_int_keys_are_numpys_pickle(tmp_path, n
         nodes[f"m.{i}.softmax"] = {"inputs": (), "outputs": (0.5,), "params": {}}
         nodes[f"m.{i}.o_proj"] = {"inputs": [1.0], "outputs": (0.5, 0.25), "params": {"weight": 1.0}}
         nodes[f"m.{i}.many"] = {"inputs": [1.0], "outputs": (0.5, 0.25, 1.0, 2.0, 4.0), "params": {}}
-        nodes[f"m.{i}.pcs"] = {"inputs": [0.5], "outputs": ([0.5, 0.25, 1.0],),
-                               "params": {"weight": {0: [1.0, 0.5, 2.0], 1: [1.0] * 5}}}
+        nodes[f"m.{i}.pcs"] = {
+            "inputs": [0.5],
+            "outputs": ([0.5, 0.25, 1.0],),
+            "params": {"weight": {0: [1.0, 0.5, 2.0], 1: [1.0] * 5}},
+        }
         nodes[f"m.{i}.embed"] = {"inputs": (), "outputs": (), "params": {"weight": [0.5]}}
     stats = {"GlobalRank": None, "LocalRank": 1, "Mode": "Scale", "Nodes": nodes}
     holder = np.empty((), dtype=object)
     holder[()] = _scale_arrays(stats)
     image = npz.image(stats, core="numpy._core.multiarray")
-    assert image[image.index(b"\n") + 1:] == pickle.dumps(holder, protocol=3)
+    assert image[image.index(b"\n") + 1 :] == pickle.dumps(holder, protocol=3)
     path = npz.save(tmp_path / "s.npz", stats)
     assert npz.load(path) == stats  # tuples stay tuples, int keys stay ints, 0-d arrays come back as floats
     assert npz.holds(path, stats)

@@ -18,10 +18,12 @@ OP = "model.layers.1.mlp.experts"
 def _ranges(directory, experts: int = 4, intermediates: int | None = None) -> dict:
     intermediates = experts if intermediates is None else intermediates
     nodes = {
-        "model.layers.0.self_attn.o_proj": {"inputs": [[[2.5]]], "outputs": [[[30.0]], [[55.0]]],
-                                             "params": {"weight": [[0.4]]}},
-        "model.layers.0.self_attn.attn.impl.batch2block_matmul": {"inputs": [[[1.0]], [[900.0]]],
-                                                                  "outputs": [[[7.0]]]},
+        "model.layers.0.self_attn.o_proj": {
+            "inputs": [[[2.5]]],
+            "outputs": [[[30.0]], [[55.0]]],
+            "params": {"weight": [[0.4]]},
+        },
+        "model.layers.0.self_attn.attn.impl.batch2block_matmul": {"inputs": [[[1.0]], [[900.0]]], "outputs": [[[7.0]]]},
         OP: {"inputs": [[[3.0]]], "outputs": [[[1.0]]] + [[[0.5 * (e + 1)]] for e in range(intermediates)]},
     }
     for e in range(experts):
@@ -65,14 +67,20 @@ def test_output_backoff_is_a_3_4_option(run_cli, tmp_path):
     assert nodes["model.layers.0.self_attn.o_proj"]["outputs"] == (_a(30.0, backoff=0.0625),)
     assert _a(30.0, backoff=0.0625) != _a(30.0)
     result, _ = _scales(run_cli, tmp_path / "new", "--output-backoff", "0.0625")
-    assert result.exit_code == 2 and "INC 3.10 has no output_backoff" in result.stderr and "--inc-version 3.4" in result.stderr
+    assert (
+        result.exit_code == 2
+        and "INC 3.10 has no output_backoff" in result.stderr
+        and "--inc-version 3.4" in result.stderr
+    )
 
 
 def test_allreduce_quantization_in_3_4_and_refused_where_inc_fails(run_cli, tmp_path):
     _, nodes = _scales(run_cli, tmp_path, "--inc-version", "3.4", "--allreduce-quantization")
     assert nodes["model.layers.0.self_attn.o_proj"]["outputs"] == (_a(30.0, backoff=1.0), _a(55.0, backoff=1.0))
-    for version, message in (("3.9", "fails on row_parallel_linear_allreduce_quantization"),
-                             ("3.3", "has no row_parallel_linear_allreduce_quantization")):
+    for version, message in (
+        ("3.9", "fails on row_parallel_linear_allreduce_quantization"),
+        ("3.3", "has no row_parallel_linear_allreduce_quantization"),
+    ):
         result, _ = _scales(run_cli, tmp_path / version, "--inc-version", version, "--allreduce-quantization")
         assert result.exit_code == 2 and message in result.stderr
 
@@ -98,11 +106,17 @@ def test_custom_backoffs_note_what_inc_3_5_does_with_them(run_cli, tmp_path):
     assert result.exit_code == 0 and "ignores" not in result.stderr
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("--scale-method", "act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw"), "INC writes and reads no scale file for it"),
-    (("--inc-version", "three"), "is not MAJOR.MINOR"),
-    (("--blocklist", "lm_head("), "--blocklist 'lm_head(' is not a valid regex"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("--scale-method", "act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw"),
+            "INC writes and reads no scale file for it",
+        ),
+        (("--inc-version", "three"), "is not MAJOR.MINOR"),
+        (("--blocklist", "lm_head("), "--blocklist 'lm_head(' is not a valid regex"),
+    ],
+)
 def test_refusals_are_one_line(run_cli, tmp_path, args, message):
     result, _ = _scales(run_cli, tmp_path, *args)
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr
@@ -114,14 +128,19 @@ def test_e5m2_on_gaudi_and_refused_elsewhere(run_cli, tmp_path):
     assert result.exit_code == 0 and "E5M2 (full scale 57344" in result.stdout
     assert nodes[OP]["outputs"] == (activation_scale(1.0, HW, G3.with_fp8_format("E5M2")),)
     _ranges(tmp_path / "cpu")
-    result = run_cli("scales", "--device", "cpu", "--fp8-format", "E5M2", "--in", tmp_path / "cpu", "--out", tmp_path / "o")
+    result = run_cli(
+        "scales", "--device", "cpu", "--fp8-format", "E5M2", "--in", tmp_path / "cpu", "--out", tmp_path / "o"
+    )
     assert result.exit_code == 2 and "E5M2 is for INC on Gaudi" in result.stderr
 
 
 def test_fixed_methods_write_their_value_everywhere_but_matmul_products(run_cli, tmp_path):
     _, nodes = _scales(run_cli, tmp_path, "--scale-method", "hw_aligned_single_scale")
-    assert nodes["model.layers.0.self_attn.o_proj"] == {"inputs": [128.0], "outputs": (128.0,),
-                                                         "params": {"weight": 128.0}}
+    assert nodes["model.layers.0.self_attn.o_proj"] == {
+        "inputs": [128.0],
+        "outputs": (128.0,),
+        "params": {"weight": 128.0},
+    }
     assert nodes["model.layers.0.self_attn.attn.impl.batch2block_matmul"]["outputs"] == (128.0 * 128.0,)
 
 

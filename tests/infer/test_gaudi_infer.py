@@ -36,15 +36,27 @@ def test_defaults_come_from_the_run(tmp_path):
     source = model(tmp_path, fp8=True)
     run, meta = run_with(tmp_path, source, fp8_kv=True)
     plan = gaudi.resolve(run, meta, model=None, tp=None, quant_config=None, fp8_kv=None)
-    assert (plan.model, plan.tp_size, plan.fp8_kv, plan.expert_parallel, plan.generated) == (source, 8, True, True,
-                                                                                           True)
+    assert (plan.model, plan.tp_size, plan.fp8_kv, plan.expert_parallel, plan.generated) == (
+        source,
+        8,
+        True,
+        True,
+        True,
+    )
     written = read_config(plan.quant_config)
     assert plan.quant_config == run.configs / "inc_quant_with_fp8kv_one_node_config.json"
     assert written["mode"] == "QUANTIZE" and written["dump_stats_path"] == str(run.unified(8) / "inc_measure_output")
     assert r"mlp\.gate\b" in written["blocklist"]["names"] and "matmul_qk" in written["blocklist"]["names"]
-    engine = runner.engine_config(runner.InferConfig(model=plan.model, tp_size=8, device="hpu", fp8_kv=plan.fp8_kv,
-                                                     quant_config=plan.quant_config,
-                                                     expert_parallel=plan.expert_parallel))
+    engine = runner.engine_config(
+        runner.InferConfig(
+            model=plan.model,
+            tp_size=8,
+            device="hpu",
+            fp8_kv=plan.fp8_kv,
+            quant_config=plan.quant_config,
+            expert_parallel=plan.expert_parallel,
+        )
+    )
     assert engine.kv_cache_dtype == "fp8_inc" and engine.quantization is None  # FP8 checkpoint: QUANT_CONFIG only
     assert not engine.enforce_eager and engine.trust_remote_code and engine.enable_expert_parallel
     env = engine.extra_env
@@ -60,11 +72,15 @@ def test_bf16_weights_get_quantization_inc_and_bf16_kv(tmp_path):
     plan = gaudi.resolve(run, meta, model=None, tp=None, quant_config=None, fp8_kv=None)
     assert not plan.fp8_kv and not plan.expert_parallel
     assert read_config(plan.quant_config)["blocklist"]["types"] == ["KVCache", "VLLMKVCache"]
-    engine = runner.engine_config(runner.InferConfig(model=source, tp_size=8, device="hpu", fp8_kv=False,
-                                                     quant_config=plan.quant_config))
+    engine = runner.engine_config(
+        runner.InferConfig(model=source, tp_size=8, device="hpu", fp8_kv=False, quant_config=plan.quant_config)
+    )
     assert engine.quantization == "inc" and engine.kv_cache_dtype == "auto"
-    args = runner.serve_args(runner.InferConfig(model=source, tp_size=8, device="hpu", quant_config=plan.quant_config),
-                             host="0.0.0.0", port=8000)
+    args = runner.serve_args(
+        runner.InferConfig(model=source, tp_size=8, device="hpu", quant_config=plan.quant_config),
+        host="0.0.0.0",
+        port=8000,
+    )
     assert "--quantization" in args and "--enforce-eager" not in args and "--dtype" in args
 
 
@@ -122,11 +138,14 @@ def test_devices_conf_quant_config_is_the_default(tmp_path, run_cli):
     run, _ = run_with(tmp_path, source, fp8_kv=True)
     mine = tmp_path / "my_quant.json"
     template = Path(__file__).parents[2] / "configs" / "inc_quant_with_fp8kv_one_node_config.json"
-    mine.write_text(json.dumps({**json.loads(template.read_text()),
-                                "dump_stats_path": str(run.unified(8) / "inc_measure_output")}))
+    mine.write_text(
+        json.dumps({**json.loads(template.read_text()), "dump_stats_path": str(run.unified(8) / "inc_measure_output")})
+    )
     conf = tmp_path / "devices.conf"
-    conf.write_text(f"HEAD_NODE_IP=10.0.0.1\nWORKER_NODE_IP=10.0.0.2\nDEVICE_KIND=hpu\nDEVICES_PER_NODE=4\n"
-                    f"INC_QUANT_CONFIG_FILENAME={mine}\n")
+    conf.write_text(
+        f"HEAD_NODE_IP=10.0.0.1\nWORKER_NODE_IP=10.0.0.2\nDEVICE_KIND=hpu\nDEVICES_PER_NODE=4\n"
+        f"INC_QUANT_CONFIG_FILENAME={mine}\n"
+    )
     result = run_cli("infer", "--conf", conf, "--device", "gaudi2", "--run-dir", run.root, "--dry-run")
     assert result.exit_code == 0, result.stderr
     out = result.stdout

@@ -55,8 +55,9 @@ def tiny_llama(tiny_model):
 @pytest.mark.slow
 def test_infer_generates_and_saves(tiny_llama, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    result = run_cli("infer", "--model", tiny_llama, "--tp", 1, "--max-new-tokens", 4, "--run-dir", tmp_path,
-                     "--enforce-eager")
+    result = run_cli(
+        "infer", "--model", tiny_llama, "--tp", 1, "--max-new-tokens", 4, "--run-dir", tmp_path, "--enforce-eager"
+    )
     assert result.exit_code == 0, result.stderr
     completions = json.loads((tmp_path / "infer" / "completions.json").read_text())
     assert len(completions) == 4 and all(c["num_tokens"] == 4 for c in completions)
@@ -69,16 +70,31 @@ def test_serve_answers_openai_completions_with_vllms_own_defaults(tiny_llama, tm
 
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     port = free_ports(1)[0]
-    result = run_cli("infer", "--model", tiny_llama, "--serve", "--detach", "--port", port,
-                     "--run-dir", tmp_path, "--timeout", 600, "--kv-cache-gib", 0.25)
+    result = run_cli(
+        "infer",
+        "--model",
+        tiny_llama,
+        "--serve",
+        "--detach",
+        "--port",
+        port,
+        "--run-dir",
+        tmp_path,
+        "--timeout",
+        600,
+        "--kv-cache-gib",
+        0.25,
+    )
     assert result.exit_code == 0, result.stderr
     pid = int(result.stdout.split("kill ")[-1].split()[0])
     try:
         assert f"http://127.0.0.1:{port}/v1" in result.stdout and "smoke test completion" in result.stdout
         shown = next(line for line in result.stdout.splitlines() if line.startswith("serving with: "))
         assert shown.startswith("serving with: vllm serve ")  # TP 1 needs no thread-binding variable
-        assert shown.endswith(f"--served-model-name llama --tensor-parallel-size 1 --max-model-len auto "
-                              f"--kv-cache-memory-bytes {1 << 28} --kv-cache-dtype bfloat16")  # BF16 KV stated explicitly
+        assert shown.endswith(
+            f"--served-model-name llama --tensor-parallel-size 1 --max-model-len auto "
+            f"--kv-cache-memory-bytes {1 << 28} --kv-cache-dtype bfloat16"
+        )  # BF16 KV stated explicitly
         assert "server reports max_model_len 1024" in result.stdout
     finally:
         os.killpg(pid, signal.SIGTERM)
@@ -100,8 +116,19 @@ def test_eval_refuses_a_tp_the_heads_do_not_allow(tiny_llama, tmp_path, run_cli)
 @pytest.mark.slow
 def test_eval_of_a_model_against_itself(tiny_llama, tmp_path, run_cli, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    result = run_cli("eval", "--baseline", tiny_llama, "--candidate", tiny_llama, "--no-fp8-kv",
-                     "--min-agreement", 0.99, "--run-dir", tmp_path, "--enforce-eager")
+    result = run_cli(
+        "eval",
+        "--baseline",
+        tiny_llama,
+        "--candidate",
+        tiny_llama,
+        "--no-fp8-kv",
+        "--min-agreement",
+        0.99,
+        "--run-dir",
+        tmp_path,
+        "--enforce-eager",
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["top1_agreement"] == {"candidate": 1.0}
@@ -117,16 +144,38 @@ def test_serve_args_are_vllms_defaults_plus_the_few_settings_we_own(tmp_path):
 
     cuda = InferConfig(model=Path("/m/fp8"), tp_size=8, device="cuda", fp8_kv=True)
     assert serve_args(cuda, host="0.0.0.0", port=8000) == [
-        "serve", "/m/fp8", "--host", "0.0.0.0", "--port", "8000", "--served-model-name", "fp8",
-        "--tensor-parallel-size", "8", "--max-model-len", "auto", "--kv-cache-dtype", "fp8"]
+        "serve",
+        "/m/fp8",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+        "--served-model-name",
+        "fp8",
+        "--tensor-parallel-size",
+        "8",
+        "--max-model-len",
+        "auto",
+        "--kv-cache-dtype",
+        "fp8",
+    ]
     from ray_calib.engine.launch import timeout_env
 
     assert serve_env(cuda) == timeout_env(1800)
-    cpu = InferConfig(model=Path("/m/fp8"), tp_size=2, device="cpu", max_model_len=512, kv_cache_gib=0.5,
-                      enforce_eager=True)
-    assert serve_args(cpu, host="h", port=1)[8:] == ["--tensor-parallel-size", "2", "--enforce-eager",
-                                                      "--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 29),
-                                                      "--kv-cache-dtype", "bfloat16"]  # explicit: see kv_cache_dtype
+    cpu = InferConfig(
+        model=Path("/m/fp8"), tp_size=2, device="cpu", max_model_len=512, kv_cache_gib=0.5, enforce_eager=True
+    )
+    assert serve_args(cpu, host="h", port=1)[8:] == [
+        "--tensor-parallel-size",
+        "2",
+        "--enforce-eager",
+        "--max-model-len",
+        "512",
+        "--kv-cache-memory-bytes",
+        str(1 << 29),
+        "--kv-cache-dtype",
+        "bfloat16",
+    ]  # explicit: see kv_cache_dtype
     assert serve_env(cpu)["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
 
 
@@ -138,11 +187,16 @@ def test_a_cpu_fp8_moe_checkpoint_serves_eager_and_a_dense_one_compiled(tmp_path
     from ray_calib.infer.runner import InferConfig, engine_config
 
     quantized = {"quantization_config": {"quant_method": "compressed-tensors"}}
-    for name, config in (("moe", {"n_routed_experts": 8, **quantized}), ("dense", quantized),
-                         ("bf16-moe", {"n_routed_experts": 8})):
+    for name, config in (
+        ("moe", {"n_routed_experts": 8, **quantized}),
+        ("dense", quantized),
+        ("bf16-moe", {"n_routed_experts": 8}),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(config))
-    eager = {name: engine_config(InferConfig(model=Path(tmp_path / name), tp_size=1, device="cpu")).enforce_eager
-             for name in ("moe", "dense", "bf16-moe")}
+    eager = {
+        name: engine_config(InferConfig(model=Path(tmp_path / name), tp_size=1, device="cpu")).enforce_eager
+        for name in ("moe", "dense", "bf16-moe")
+    }
     assert eager == {"moe": True, "dense": False, "bf16-moe": False}
     assert not engine_config(InferConfig(model=tmp_path / "moe", tp_size=1, device="cuda")).enforce_eager

@@ -29,13 +29,18 @@ def has_amx() -> bool:
 
 
 NO_AMX = "this CPU has no AMX tiles, so vLLM cannot run its AMX_MLA backend here (it would silently use CPU_MLA)"
-MLA_BACKENDS = [pytest.param("CPU_MLA", id="CPU_MLA"),
-                pytest.param("AMX_MLA", id="AMX_MLA", marks=pytest.mark.skipif("not config._amx", reason=NO_AMX))]
+MLA_BACKENDS = [
+    pytest.param("CPU_MLA", id="CPU_MLA"),
+    pytest.param("AMX_MLA", id="AMX_MLA", marks=pytest.mark.skipif("not config._amx", reason=NO_AMX)),
+]
 # (arch, attention backend): one entry per backend the arch's attention can run on
-ARCH_BACKENDS = [pytest.param("llama", None, id="llama-CPU_ATTN"),
-                 pytest.param("deepseek_v3", "CPU_MLA", id="deepseek_v3-CPU_MLA"),
-                 pytest.param("deepseek_v3", "AMX_MLA", id="deepseek_v3-AMX_MLA",
-                              marks=pytest.mark.skipif("not config._amx", reason=NO_AMX))]
+ARCH_BACKENDS = [
+    pytest.param("llama", None, id="llama-CPU_ATTN"),
+    pytest.param("deepseek_v3", "CPU_MLA", id="deepseek_v3-CPU_MLA"),
+    pytest.param(
+        "deepseek_v3", "AMX_MLA", id="deepseek_v3-AMX_MLA", marks=pytest.mark.skipif("not config._amx", reason=NO_AMX)
+    ),
+]
 
 
 def pytest_configure(config) -> None:
@@ -47,6 +52,8 @@ def default_backend(arch: str) -> str | None:
     if arch != "deepseek_v3":
         return None
     return "AMX_MLA" if has_amx() else "CPU_MLA"
+
+
 NUM_PROMPTS = 8
 CHUNK = 2  # prompts per checkpoint (and per batch): 4 chunks per run, so a run can be killed mid-way
 
@@ -58,11 +65,34 @@ def measure_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def measure_args(model: Path, dataset: Path, out: Path, tp: int, *, fp8_kv: bool, new_tokens: int = 1,
-                 extra: tuple[str, ...] = ()) -> list[str]:
-    args = [sys.executable, "-m", "ray_calib.cli", "measure", "-m", str(model), "-d", str(dataset), "-t", str(tp),
-            "-n", str(NUM_PROMPTS), "-l", "24", "-b", str(CHUNK), "--chunk-size", str(CHUNK),
-            "--max-new-tokens", str(new_tokens), "-o", str(out), *extra]
+def measure_args(
+    model: Path, dataset: Path, out: Path, tp: int, *, fp8_kv: bool, new_tokens: int = 1, extra: tuple[str, ...] = ()
+) -> list[str]:
+    args = [
+        sys.executable,
+        "-m",
+        "ray_calib.cli",
+        "measure",
+        "-m",
+        str(model),
+        "-d",
+        str(dataset),
+        "-t",
+        str(tp),
+        "-n",
+        str(NUM_PROMPTS),
+        "-l",
+        "24",
+        "-b",
+        str(CHUNK),
+        "--chunk-size",
+        str(CHUNK),
+        "--max-new-tokens",
+        str(new_tokens),
+        "-o",
+        str(out),
+        *extra,
+    ]
     return args + (["--fp8-kv"] if fp8_kv else [])
 
 
@@ -130,7 +160,9 @@ def measured(tiny_models, permuted_models, calib_set, tmp_path_factory):
             name = f"{arch}-tp{tp}-{'fp8kv' if fp8_kv else 'bf16kv'}-{backend or 'default'}-p{permuted}"
             model = permuted_models(arch, permuted) if permuted else tiny_models[arch]
             extra = ("--attention-backend", backend) if backend else ()
-            cache[key] = run_measure(measure_args(model, calib_set, root / name, tp, fp8_kv=fp8_kv, extra=extra)).check()
+            cache[key] = run_measure(
+                measure_args(model, calib_set, root / name, tp, fp8_kv=fp8_kv, extra=extra)
+            ).check()
         return cache[key]
 
     return get

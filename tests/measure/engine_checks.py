@@ -43,8 +43,15 @@ def main(model_dir: str, attention_backend: str | None) -> dict:
     from ray_calib.measure.observers import Blocklist, ModelObserver
     from ray_calib.measure.preflight import blocklist
 
-    llm = build_llm(EngineConfig(model=model_dir, max_model_len=256, max_num_seqs=8, observe_weights=True,
-                                 attention_backend=attention_backend))
+    llm = build_llm(
+        EngineConfig(
+            model=model_dir,
+            max_model_len=256,
+            max_num_seqs=8,
+            observe_weights=True,
+            attention_backend=attention_backend,
+        )
+    )
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     prompts = [{"prompt_token_ids": ids} for ids in PROMPTS]
 
@@ -62,6 +69,7 @@ def main(model_dir: str, attention_backend: str | None) -> dict:
     handles = []
     for name, module in model.named_modules():
         if name.endswith(".kv_b_proj"):
+
             def hook(mod, args, name=name):
                 value = float(args[0].detach().abs().max())
                 witness[name] = max(witness.get(name, 0.0), value)
@@ -76,10 +84,16 @@ def main(model_dir: str, attention_backend: str | None) -> dict:
     observer.remove()
     after_state, after = state(model), generate(8)
     del torch
-    return {"backends": backends, "plain": plain, "observed": observed, "after_remove": after,
-            "state_restored": before_state == after_state,
-            "state_diff": sorted(k for k in before_state if before_state[k] != after_state.get(k))[:5],
-            "kv_b_proj_observed": recorded, "kv_b_proj_forward_hook": witness}
+    return {
+        "backends": backends,
+        "plain": plain,
+        "observed": observed,
+        "after_remove": after,
+        "state_restored": before_state == after_state,
+        "state_diff": sorted(k for k in before_state if before_state[k] != after_state.get(k))[:5],
+        "kv_b_proj_observed": recorded,
+        "kv_b_proj_forward_hook": witness,
+    }
 
 
 if __name__ == "__main__":

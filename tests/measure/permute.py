@@ -32,8 +32,9 @@ def permuted_copy(model: Path, out: Path, seed: int = SEED, blocks: int = 2) -> 
     from safetensors.torch import load_file, save_file
 
     config = json.loads((model / "config.json").read_text())
-    assert config.get("num_key_value_heads", config["num_attention_heads"]) == config["num_attention_heads"], \
+    assert config.get("num_key_value_heads", config["num_attention_heads"]) == config["num_attention_heads"], (
         "grouped KV heads would need their query groups moved with them"
+    )
     generator = torch.Generator().manual_seed(seed)
     perms: dict[str, torch.Tensor] = {}
 

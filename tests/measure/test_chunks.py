@@ -11,17 +11,26 @@ from ray_calib.measurements.merge import merge_chunks
 
 
 def rank(r: int, nodes: dict, world: int = 2, mod_list=None) -> RankFile:
-    return RankFile(name=StatsName("inc_measure_output", rank=r, world_size=world), nodes=nodes,
-                    mod_list=mod_list or list(nodes))
+    return RankFile(
+        name=StatsName("inc_measure_output", rank=r, world_size=world), nodes=nodes, mod_list=mod_list or list(nodes)
+    )
 
 
 def test_merge_is_element_wise_max_and_keeps_modules_seen_once():
     a = rank(0, {"x": {"inputs": [[[1.0]]], "outputs": [[[5.0]], [[2.0]]], "params": {"weight": [[0.5]]}}})
-    b = rank(0, {"x": {"inputs": [[[3.0]]], "outputs": [[[4.0]], [[2.5]]], "params": {"weight": [[0.5]]}},
-                 "y": {"inputs": [[[7.0]]]}}, mod_list=["x", "y", "z"])
+    b = rank(
+        0,
+        {
+            "x": {"inputs": [[[3.0]]], "outputs": [[[4.0]], [[2.5]]], "params": {"weight": [[0.5]]}},
+            "y": {"inputs": [[[7.0]]]},
+        },
+        mod_list=["x", "y", "z"],
+    )
     merged = merge_chunks(a, b)
-    assert merged.nodes == {"x": {"inputs": [[[3.0]]], "outputs": [[[5.0]], [[2.5]]], "params": {"weight": [[0.5]]}},
-                            "y": {"inputs": [[[7.0]]]}}
+    assert merged.nodes == {
+        "x": {"inputs": [[[3.0]]], "outputs": [[[5.0]], [[2.5]]], "params": {"weight": [[0.5]]}},
+        "y": {"inputs": [[[7.0]]]},
+    }
     assert merged.mod_list == ["x", "y", "z"]
     assert a.nodes["x"]["inputs"] == [[[1.0]]], "inputs are not modified"
     assert merge_chunks(b, a).nodes == merged.nodes
@@ -31,15 +40,24 @@ def test_merge_refuses_other_ranks_and_shapes():
     with pytest.raises(MeasurementError, match="cannot merge rank 1/2 into rank 0/2"):
         merge_chunks(rank(0, {}), rank(1, {}))
     with pytest.raises(MeasurementError, match="outputs count differs"):
-        merge_chunks(rank(0, {"x": {"inputs": [[[1.0]]], "outputs": [[[1.0]]]}}),
-                     rank(0, {"x": {"inputs": [[[1.0]]], "outputs": [[[1.0]], [[1.0]]]}}))
+        merge_chunks(
+            rank(0, {"x": {"inputs": [[[1.0]]], "outputs": [[[1.0]]]}}),
+            rank(0, {"x": {"inputs": [[[1.0]]], "outputs": [[[1.0]], [[1.0]]]}}),
+        )
 
 
 def chunk(index: int, value: float) -> ChunkResult:
-    results = [{"rank": r, "world_size": 2, "nodes": {"a": {"inputs": [[[value + r]]]}}, "mod_list": ["a"]}
-               for r in range(2)]
-    return ChunkResult(index=index, rank_files=[rank_file_from_result(x, "inc_measure_output") for x in results],
-                       experts={"moe": [1, 0]}, num_tokens=10, num_prompts=2, generated_tokens=3)
+    results = [
+        {"rank": r, "world_size": 2, "nodes": {"a": {"inputs": [[[value + r]]]}}, "mod_list": ["a"]} for r in range(2)
+    ]
+    return ChunkResult(
+        index=index,
+        rank_files=[rank_file_from_result(x, "inc_measure_output") for x in results],
+        experts={"moe": [1, 0]},
+        num_tokens=10,
+        num_prompts=2,
+        generated_tokens=3,
+    )
 
 
 def test_checkpoints_round_trip_and_resume_rules(tmp_path):
@@ -97,8 +115,9 @@ def test_chunk_names_are_parsed_by_the_one_name_parser(tmp_path, prefix):
     """Prefixes with digits and underscores read back; a name of another prefix or kind is refused."""
     store = ChunkStore(tmp_path, {})
     store.prepare(resume=False)
-    results = [{"rank": r, "world_size": 2, "nodes": {"a": {"inputs": [[[1.0 + r]]]}}, "mod_list": ["a"]}
-               for r in range(2)]
+    results = [
+        {"rank": r, "world_size": 2, "nodes": {"a": {"inputs": [[[1.0 + r]]]}}, "mod_list": ["a"]} for r in range(2)
+    ]
     store.write(ChunkResult(index=0, rank_files=[rank_file_from_result(x, prefix) for x in results]))
     assert [rf.name.rank for rf in store.read(0, prefix).rank_files] == [0, 1]
     with pytest.raises(MeasurementError, match="expected prefix other"):

@@ -105,8 +105,9 @@ class FakeRunner:
         if path:
             config = json.loads(Path(path).read_text())  # must exist on this rank's node before vLLM starts
             assert config["mode"] == "MEASURE"
-            raw.__hqt_config__ = SimpleNamespace(cfg={"measure_file": f"{config['dump_stats_path']}_hooks_maxabs_"
-                                                                      f"{rank}_{world}", **config})
+            raw.__hqt_config__ = SimpleNamespace(
+                cfg={"measure_file": f"{config['dump_stats_path']}_hooks_maxabs_{rank}_{world}", **config}
+            )
         self.model = HpuModelAdapter(raw)
 
     def observe(self, requests: list[dict]) -> None:
@@ -115,16 +116,20 @@ class FakeRunner:
             return
         value = top / 1000 * (self.rank + 1)
         stats = raw.stats
-        stats["model.layers.0.self_attn.qkv_proj"] = {"inputs": [[[max(value, _get(stats, "qkv"))]]],
-                                                      "params": {"weight": [[0.5]]}}
+        stats["model.layers.0.self_attn.qkv_proj"] = {
+            "inputs": [[[max(value, _get(stats, "qkv"))]]],
+            "params": {"weight": [[0.5]]},
+        }
         attn = "model.layers.0.self_attn.attn.impl"
         stats[f"{attn}.matmul_qk"] = {"inputs": [[[1.0]], [[0.25]]]}  # K as read back, before step 3
         stats[f"{attn}.k_cache"] = {"inputs": [[[2.0 + self.rank]]]}
         if self.experts:
             op = "model.layers.1.mlp.experts.moe_op"
             # expert k of this rank got tokens only when k is even (so coverage has hits and misses)
-            stats[op] = {"inputs": [[[1.0]]], "outputs": [[[1.0]]] + [[[0.5 if k % 2 == 0 else 0.0]]
-                                                                      for k in range(self.experts)]}
+            stats[op] = {
+                "inputs": [[[1.0]]],
+                "outputs": [[[1.0]]] + [[[0.5 if k % 2 == 0 else 0.0]] for k in range(self.experts)],
+            }
             for k in range(self.experts):
                 stats[f"{op}.w13_list.{k}"] = {"inputs": [[[0.0]]], "params": {"weight": [[0.1]]}}
 
@@ -147,8 +152,9 @@ def fake_finalize(model) -> None:
         raise NotImplementedError("Saving calibration results currently supported only in HPU.")
     base = model.__hqt_config__.cfg["measure_file"]
     rank = int(base.rsplit("_", 2)[1])
-    Path(base + ".json").write_text(json.dumps({"GlobalRank": None, "LocalRank": rank, "Mode": "DynamicRange",
-                                                "Nodes": model.stats}))
+    Path(base + ".json").write_text(
+        json.dumps({"GlobalRank": None, "LocalRank": rank, "Mode": "DynamicRange", "Nodes": model.stats})
+    )
     Path(base + "_mod_list.json").write_text(json.dumps(sorted(model.stats)))
     Path(base + ".npz").write_bytes(b"npz")
 
@@ -204,8 +210,11 @@ def gaudi_world(monkeypatch, tmp_path):
     (site / "__init__.py").write_text("raise RuntimeError('habana device API imported in the driver')\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     ray = FakeRay(devices=16)
-    for name, module in (("ray", ray), ("ray.util", ray.util),
-                         ("ray.util.scheduling_strategies", ray.util.scheduling_strategies)):
+    for name, module in (
+        ("ray", ray),
+        ("ray.util", ray.util),
+        ("ray.util.scheduling_strategies", ray.util.scheduling_strategies),
+    ):
         monkeypatch.setitem(sys.modules, name, module)
     vllm = types.ModuleType("vllm")
     vllm.LLM = FakeLLM
@@ -224,8 +233,19 @@ def gaudi_world(monkeypatch, tmp_path):
 def measure_config(model: Path, dataset: Path, out: Path, tp: int, **extra):
     from ray_calib.measure.run import MeasureConfig
 
-    return MeasureConfig(model=str(model), dataset=dataset, out=out, tp_size=tp, num_samples=4, least_tokens=16,
-                         batch_size=2, chunk_size=2, max_new_tokens=3, ray_address="10.0.0.1:6379", **extra)
+    return MeasureConfig(
+        model=str(model),
+        dataset=dataset,
+        out=out,
+        tp_size=tp,
+        num_samples=4,
+        least_tokens=16,
+        batch_size=2,
+        chunk_size=2,
+        max_new_tokens=3,
+        ray_address="10.0.0.1:6379",
+        **extra,
+    )
 
 
 def test_dense_model_on_two_nodes(gaudi_world, tiny_models, calib_set, tmp_path):

@@ -2,8 +2,8 @@
 
 The upstream calibration scripts (vllm-gaudi `calibration/`, the DeepSeek quickstart of the HabanaAI fork)
 are read from the shared reference directory beside the checkout (docs/design.md §10): engine arguments and
-env parsed from their source, QUANT_CONFIGs produced by running their own shell function. Our plan must use the same values, except the few
-differences named (and explained) here. Skipped when that directory is absent.
+env parsed from their source, QUANT_CONFIGs produced by running their own shell function. Our plan must use
+the same values, except the few differences named (and explained) here. Skipped when that directory is absent.
 """
 
 from __future__ import annotations
@@ -27,17 +27,45 @@ QUICKSTART = REFERENCE / "vllm-fork-deepseek_r1" / "scripts" / "quickstart" / "s
 
 # DeepSeek-R1's config.json as published (the FP8 block checkpoint), enough for a plan.
 DEEPSEEK_R1 = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 7168,
-    "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
-    "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8,
-    "first_k_dense_replace": 3, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 129280, "max_position_embeddings": 163840,
-    "torch_dtype": "bfloat16", "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
-                                                       "quant_method": "fp8", "weight_block_size": [128, 128]}}
-LLAMA_405B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16384,
-              "intermediate_size": 53248, "num_hidden_layers": 126, "num_attention_heads": 128,
-              "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
-              "torch_dtype": "bfloat16"}
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "vocab_size": 129280,
+    "max_position_embeddings": 163840,
+    "torch_dtype": "bfloat16",
+    "quantization_config": {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    },
+}
+LLAMA_405B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 16384,
+    "intermediate_size": 53248,
+    "num_hidden_layers": 126,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "torch_dtype": "bfloat16",
+}
 
 
 def reference(path: Path) -> Path:
@@ -51,8 +79,11 @@ def upstream_step2() -> tuple[dict, dict]:
     tree = ast.parse(reference(GAUDI_CALIBRATION / "step-2-measure-scales.py").read_text())
     env, defaults, llm = {}, {}, {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Subscript) \
-                and ast.unparse(node.targets[0].value) == "os.environ":
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.targets[0], ast.Subscript)
+            and ast.unparse(node.targets[0].value) == "os.environ"
+        ):
             env[node.targets[0].slice.value] = node.value.value
         if isinstance(node, ast.Call) and ast.unparse(node.func) == "parser.add_argument":
             dest = node.args[-1].value.lstrip("-").replace("-", "_")
@@ -64,8 +95,11 @@ def upstream_step2() -> tuple[dict, dict]:
     resolved = {}
     for key, value in llm.items():
         text = ast.unparse(value)
-        resolved[key] = defaults.get(text[5:], text) if text.startswith("args.") else \
-            ("bfloat16" if text == "torch.bfloat16" else ast.literal_eval(value))
+        resolved[key] = (
+            defaults.get(text[5:], text)
+            if text.startswith("args.")
+            else ("bfloat16" if text == "torch.bfloat16" else ast.literal_eval(value))
+        )
     return env, resolved
 
 
@@ -85,9 +119,11 @@ def cluster(tmp_path) -> Path:
     (tmp_path / "head_env.sh").write_text("export HCCL_OVER_OFI=1\n")
     (tmp_path / "worker_env.sh").write_text("export HCCL_OVER_OFI=1\n")
     conf = tmp_path / "devices.conf"
-    conf.write_text("RAY_CLUSTER_PORT=6379\nHEAD_NODE_IP=10.0.0.1\nHEAD_NODE_IFNAME=enp24s0f0\n"
-                    "HEAD_NODE_SOURCE_FILENAME=head_env.sh\nWORKER_NODE_IP=10.0.0.2\nWORKER_NODE_IFNAME=enp24s0f1\n"
-                    "WORKER_NODE_SOURCE_FILENAME=worker_env.sh\nDEVICE_KIND=hpu\nDEVICES_PER_NODE=8\n")
+    conf.write_text(
+        "RAY_CLUSTER_PORT=6379\nHEAD_NODE_IP=10.0.0.1\nHEAD_NODE_IFNAME=enp24s0f0\n"
+        "HEAD_NODE_SOURCE_FILENAME=head_env.sh\nWORKER_NODE_IP=10.0.0.2\nWORKER_NODE_IFNAME=enp24s0f1\n"
+        "WORKER_NODE_SOURCE_FILENAME=worker_env.sh\nDEVICE_KIND=hpu\nDEVICES_PER_NODE=8\n"
+    )
     return conf
 
 
@@ -99,8 +135,17 @@ def model_dir(tmp_path: Path, name: str, config: dict) -> Path:
 
 
 def plan_for(model: Path, conf: Path, tp: int, **extra):
-    config = MeasureConfig(model=str(model), dataset=None, out=model.parent / "out", tp_size=tp, batch_size=32,
-                           device="gaudi2", ray_address="10.0.0.1:6379", cluster_conf=conf, **extra)
+    config = MeasureConfig(
+        model=str(model),
+        dataset=None,
+        out=model.parent / "out",
+        tp_size=tp,
+        batch_size=32,
+        device="gaudi2",
+        ray_address="10.0.0.1:6379",
+        cluster_conf=conf,
+        **extra,
+    )
     return plan_measure(config, load_data=False, dry_run=True)
 
 
@@ -111,15 +156,26 @@ def test_deepseek_measure_matches_upstream_step2(tmp_path, cluster, monkeypatch)
     ours = plan.kwargs
     # the same values for every argument upstream passes (gpu_memory_utilization 0.9 is vLLM's default)
     shared = {k: v for k, v in llm.items() if k not in ("model", "gpu_memory_utilization")}
-    assert shared == {"dtype": "bfloat16", "enforce_eager": False, "max_num_seqs": 32, "tensor_parallel_size": 1,
-                      "max_model_len": 2048, "trust_remote_code": True, "distributed_executor_backend": "mp",
-                      "enable_expert_parallel": False}
+    assert shared == {
+        "dtype": "bfloat16",
+        "enforce_eager": False,
+        "max_num_seqs": 32,
+        "tensor_parallel_size": 1,
+        "max_model_len": 2048,
+        "trust_remote_code": True,
+        "distributed_executor_backend": "mp",
+        "enable_expert_parallel": False,
+    }
     script = (GAUDI_CALIBRATION / "calibrate_model.sh").read_text()
     # calibrate_model.sh for DeepSeek: --expert-parallel, ray across nodes, the TP from -t
     assert 'EXTRA_FLAGS_STEP_2+="--block-quant --expert-parallel "' in script
     assert "--distributed-executor-backend ray" in script
-    expected = {**shared, "tensor_parallel_size": 16, "distributed_executor_backend": "ray",
-                "enable_expert_parallel": True}
+    expected = {
+        **shared,
+        "tensor_parallel_size": 16,
+        "distributed_executor_backend": "ray",
+        "enable_expert_parallel": True,
+    }
     assert {k: ours[k] for k in expected} == expected
     assert "gpu_memory_utilization" not in ours or ours["gpu_memory_utilization"] == llm["gpu_memory_utilization"]
     # no quantization argument for the FP8 checkpoint, no kv_cache_dtype while measuring: as upstream
@@ -198,8 +254,18 @@ def test_infer_dry_run_matches_the_quickstart_server(tmp_path, run_cli):
     model = model_dir(tmp_path, "DeepSeek-R1", DEEPSEEK_R1)
     run = tmp_path / "run"
     (run / "unified-tp8").mkdir(parents=True)
-    (run / "unified-tp8" / "ray_calib_meta.json").write_text(json.dumps(
-        {"device_type": "gaudi2", "model": str(model), "tp_size": 8, "ep_size": 8, "fp8_kv": True, "unified_from": 16}))
+    (run / "unified-tp8" / "ray_calib_meta.json").write_text(
+        json.dumps(
+            {
+                "device_type": "gaudi2",
+                "model": str(model),
+                "tp_size": 8,
+                "ep_size": 8,
+                "fp8_kv": True,
+                "unified_from": 16,
+            }
+        )
+    )
     result = run_cli("infer", "--serve", "--device", "gaudi2", "--run-dir", run, "--dry-run")
     assert result.exit_code == 0, result.stderr
     out = result.stdout

@@ -64,27 +64,39 @@ def compare_with_direct(unified, direct) -> Diff:
 def test_inc_measure_gather_unify_quantize(tiny_models, calib_set, tmp_path, two_ray_nodes):  # noqa: F811
     model = tiny_models["llama"]
     run_dir = tmp_path / "run"
-    two_nodes = run_measure(measure_args(model, calib_set, run_dir / "measure", 2, fp8_kv=False),
-                            env={**two_ray_nodes, **INC_ON_CPU}).check()
+    two_nodes = run_measure(
+        measure_args(model, calib_set, run_dir / "measure", 2, fp8_kv=False), env={**two_ray_nodes, **INC_ON_CPU}
+    ).check()
     meta = read_meta(run_dir / "measure")
     assert (meta.extra["executor"], meta.extra["backend"], meta.tp_size, meta.ep_size) == ("ray", "inc", 2, 1)
     assert "[ray]" in two_nodes.stdout
     measured = MeasurementSet.discover(run_dir / "measure").read_all()
     assert [r.rank for r in measured] == [0, 1] and len(measured[0].nodes) == 16  # 4 linear layers x 4 blocks
-    assert measured[0].nodes["model.layers.0.self_attn.qkv_proj"]["params"]["weight"] != \
-           measured[1].nodes["model.layers.0.self_attn.qkv_proj"]["params"]["weight"]  # each rank its own shard
+    assert (
+        measured[0].nodes["model.layers.0.self_attn.qkv_proj"]["params"]["weight"]
+        != measured[1].nodes["model.layers.0.self_attn.qkv_proj"]["params"]["weight"]
+    )  # each rank its own shard
 
     direct = tmp_path / "direct"
     run_measure(measure_args(model, calib_set, direct, 1, fp8_kv=False), env={**measure_env(), **INC_ON_CPU}).check()
     summary = unify_dir(run_dir / "measure", run_dir / "unified-tp1", 1)
     assert not summary.expert_parallel
-    worst = compare_with_direct(MeasurementSet.discover(run_dir / "unified-tp1").read(0),
-                                MeasurementSet.discover(direct).read(0))
-    print(f"INC on CPU: unify(TP2 -> 1) vs TP1, worst input difference {worst.relative:.4f} "
-          f"({worst.spacings:.1f} bf16 spacings)")
+    worst = compare_with_direct(
+        MeasurementSet.discover(run_dir / "unified-tp1").read(0), MeasurementSet.discover(direct).read(0)
+    )
+    print(
+        f"INC on CPU: unify(TP2 -> 1) vs TP1, worst input difference {worst.relative:.4f} "
+        f"({worst.spacings:.1f} bf16 spacings)"
+    )
 
-    quantize = subprocess.run([sys.executable, "-m", "ray_calib.cli", "quantize", "--device", "gaudi2", "--run-dir",
-                               str(run_dir)], cwd=REPO, env=measure_env(), capture_output=True, text=True, timeout=300)
+    quantize = subprocess.run(
+        [sys.executable, "-m", "ray_calib.cli", "quantize", "--device", "gaudi2", "--run-dir", str(run_dir)],
+        cwd=REPO,
+        env=measure_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert quantize.returncode == 0, quantize.stderr
     gaudi_config = json.loads((run_dir / "configs" / "inc_quant_one_node_config.json").read_text())
     assert gaudi_config["dump_stats_path"] == str(run_dir / "unified-tp1" / "inc_measure_output")
@@ -92,9 +104,14 @@ def test_inc_measure_gather_unify_quantize(tiny_models, calib_set, tmp_path, two
     # INC on CPU has no Gaudi HW scales: same config, maxabs_pow2, quantize-dequantize
     cpu_config = tmp_path / "quant_cpu.json"
     cpu_config.write_text(json.dumps({**gaudi_config, "scale_method": "maxabs_pow2", "use_qdq": True}))
-    generated = subprocess.run([sys.executable, "-m", "tests.measure.inc_generate", str(model),
-                                str(cpu_config)], cwd=REPO, env={**measure_env(), **INC_ON_CPU}, capture_output=True,
-                               text=True, timeout=600)
+    generated = subprocess.run(
+        [sys.executable, "-m", "tests.measure.inc_generate", str(model), str(cpu_config)],
+        cwd=REPO,
+        env={**measure_env(), **INC_ON_CPU},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert generated.returncode == 0, generated.stderr[-3000:]
     result = json.loads(generated.stdout.strip().splitlines()[-1])
     assert result["patched"] >= 16 and all(result["completions"])

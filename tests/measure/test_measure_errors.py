@@ -23,7 +23,9 @@ def test_missing_model_dir(run_cli, calib_set, tmp_path):
 
 
 def test_tp_not_dividing_heads(run_cli, tiny_models, calib_set, tmp_path):
-    line = one_error_line(run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "-t", 3, "-o", tmp_path / "o"))
+    line = one_error_line(
+        run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "-t", 3, "-o", tmp_path / "o")
+    )
     assert "--tp 3 does not divide the 4 attention heads" in line and "use --tp 1 | 2 | 4" in line
 
 
@@ -32,8 +34,14 @@ def test_tp_too_small_for_memory(run_cli, tiny_models, calib_set, tmp_path):
     big = tmp_path / "big"
     shutil.copytree(tiny_models["llama"], big, ignore=shutil.ignore_patterns("*.safetensors"))
     config = json.loads((big / "config.json").read_text())
-    config.update(hidden_size=16384, num_hidden_layers=126, intermediate_size=53248, num_attention_heads=128,
-                  num_key_value_heads=8, head_dim=128)
+    config.update(
+        hidden_size=16384,
+        num_hidden_layers=126,
+        intermediate_size=53248,
+        num_attention_heads=128,
+        num_key_value_heads=8,
+        head_dim=128,
+    )
     (big / "config.json").write_text(json.dumps(config))
     line = one_error_line(run_cli("measure", "-m", big, "-d", calib_set, "-t", 2, "-o", tmp_path / "o"))
     assert "TP 2 needs" in line and "GiB per rank" in line and ("--tp" in line or "add nodes" in line)
@@ -41,8 +49,9 @@ def test_tp_too_small_for_memory(run_cli, tiny_models, calib_set, tmp_path):
 
 
 def test_empty_dataset_after_filtering(run_cli, tiny_models, calib_set, tmp_path):
-    line = one_error_line(run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "-l", 100000,
-                                  "-o", tmp_path / "o"))
+    line = one_error_line(
+        run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "-l", 100000, "-o", tmp_path / "o")
+    )
     assert "no samples left" in line
 
 
@@ -55,8 +64,9 @@ def test_refuses_to_overwrite_a_finished_measurement(run_cli, tiny_models, calib
 
 
 def test_resume_without_checkpoints(run_cli, tiny_models, calib_set, tmp_path):
-    line = one_error_line(run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "-o", tmp_path / "o",
-                                  "--resume"))
+    line = one_error_line(
+        run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "-o", tmp_path / "o", "--resume")
+    )
     assert "no checkpoints" in line
 
 
@@ -76,24 +86,46 @@ def test_force_replaces_the_old_run_instead_of_mixing_two(tmp_path):
     from ray_calib.measure.run import MeasureConfig, _check_out, _write
 
     info = SimpleNamespace(model_id="m", revision=None)
-    plan = SimpleNamespace(info=info, target=SimpleNamespace(device="cpu", device_type="cpu"), backend="observers",
-                           ep_size=1, fp8_kv=False)
+    plan = SimpleNamespace(
+        info=info, target=SimpleNamespace(device="cpu", device_type="cpu"), backend="observers", ep_size=1, fp8_kv=False
+    )
     calib = SimpleNamespace(dataset_hash="h", prompts=[1], report=SimpleNamespace(summary=lambda: "s"))
     for world, experts in ((2, {"m": [3, 0]}), (1, {})):
         config = MeasureConfig(model="m", dataset=tmp_path / "d.jsonl", out=tmp_path / "out", force=True)
         _check_out(config)
-        rank_files = [RankFile(name=StatsName(MEASURE_PREFIX, rank=r, world_size=world),
-                               nodes={"a": {"inputs": [[[1.0]]]}}, mod_list=["a"]) for r in range(world)]
-        _write(config, plan, "uni", calib, [ChunkResult(index=0, rank_files=rank_files, experts=experts,
-                                                               num_tokens=10, num_prompts=1)], 0.0,
-               SimpleNamespace(backends={}, check=lambda rank_files: None))
+        rank_files = [
+            RankFile(
+                name=StatsName(MEASURE_PREFIX, rank=r, world_size=world),
+                nodes={"a": {"inputs": [[[1.0]]]}},
+                mod_list=["a"],
+            )
+            for r in range(world)
+        ]
+        _write(
+            config,
+            plan,
+            "uni",
+            calib,
+            [ChunkResult(index=0, rank_files=rank_files, experts=experts, num_tokens=10, num_prompts=1)],
+            0.0,
+            SimpleNamespace(backends={}, check=lambda rank_files: None),
+        )
     assert MeasurementSet.discover(tmp_path / "out").world_size == 1
     assert not (tmp_path / "out" / "coverage.json").exists()
 
 
 def test_prompts_longer_than_the_context_are_refused_before_the_engine(run_cli, tiny_models, calib_set, tmp_path):
-    result = run_cli("measure", "--model", tiny_models["llama"], "--dataset", calib_set, "--max-model-len", 4,
-                     "--out", tmp_path / "m")
+    result = run_cli(
+        "measure",
+        "--model",
+        tiny_models["llama"],
+        "--dataset",
+        calib_set,
+        "--max-model-len",
+        4,
+        "--out",
+        tmp_path / "m",
+    )
     line = one_error_line(result)
     assert "the longest prompt has" in line and "--max-model-len" in line
 
@@ -118,14 +150,16 @@ def test_gaudi_measure_uses_the_users_quant_config(tmp_path):
 
 
 def test_tp_16_on_a_model_with_4_heads_names_the_tps_that_would(run_cli, tiny_models, calib_set, tmp_path):
-    line = one_error_line(run_cli("measure", "-m", tiny_models["deepseek_v3"], "-d", calib_set, "-t", 16,
-                                  "-o", tmp_path / "o"))
+    line = one_error_line(
+        run_cli("measure", "-m", tiny_models["deepseek_v3"], "-d", calib_set, "-t", 16, "-o", tmp_path / "o")
+    )
     assert "--tp 16 does not divide the 4 attention heads" in line and "use --tp 1 | 2 | 4" in line
 
 
 def test_max_model_len_beyond_the_models_context(run_cli, tiny_models, calib_set, tmp_path):
-    line = one_error_line(run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "--max-model-len", 4096,
-                                  "-o", tmp_path / "o"))
+    line = one_error_line(
+        run_cli("measure", "-m", tiny_models["llama"], "-d", calib_set, "--max-model-len", 4096, "-o", tmp_path / "o")
+    )
     assert "--max-model-len 4096 is beyond the 1024-token context" in line and "--max-model-len 1024 or less" in line
 
 

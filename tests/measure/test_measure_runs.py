@@ -31,21 +31,40 @@ def with_backends(cases):
             params.append(pytest.param(arch, tp, fp8_kv, None, id=f"{arch}-tp{tp}"))
             continue
         for backend in MLA_BACKENDS:
-            params.append(pytest.param(arch, tp, fp8_kv, backend.values[0], marks=backend.marks,
-                                       id=f"{arch}-tp{tp}-{backend.values[0]}"))
+            params.append(
+                pytest.param(
+                    arch, tp, fp8_kv, backend.values[0], marks=backend.marks, id=f"{arch}-tp{tp}-{backend.values[0]}"
+                )
+            )
     return params
 
 
-@pytest.mark.parametrize("arch,tp,fp8_kv,backend", with_backends([
-    ("llama", 1, False), ("llama", 2, True), ("llama", 4, True),
-    ("deepseek_v3", 1, False), ("deepseek_v3", 2, True), ("deepseek_v3", 4, True)]))
+@pytest.mark.parametrize(
+    "arch,tp,fp8_kv,backend",
+    with_backends(
+        [
+            ("llama", 1, False),
+            ("llama", 2, True),
+            ("llama", 4, True),
+            ("deepseek_v3", 1, False),
+            ("deepseek_v3", 2, True),
+            ("deepseek_v3", 4, True),
+        ]
+    ),
+)
 def test_one_file_per_rank_with_meta(measured, arch, tp, fp8_kv, backend):
     run = measured(arch, tp, fp8_kv, backend)
     files = ranks(run)
     assert [f.rank for f in files] == list(range(tp)) and {f.name.world_size for f in files} == {tp}
     assert all(f.nodes.keys() == files[0].nodes.keys() for f in files)
     meta = read_meta(run.out)
-    assert (meta.tp_size, meta.ep_size, meta.observer, meta.fp8_kv, meta.device_type) == (tp, 1, "maxabs", fp8_kv, "cpu")
+    assert (meta.tp_size, meta.ep_size, meta.observer, meta.fp8_kv, meta.device_type) == (
+        tp,
+        1,
+        "maxabs",
+        fp8_kv,
+        "cpu",
+    )
     assert meta.num_samples == 8 and meta.chunks_done == [0, 1, 2, 3] and meta.chunks_total == 4
     assert len(meta.dataset_hash) == 64 and meta.num_tokens == 8 * 24 + 0  # prefill only: 24 tokens per prompt
     assert not (run.out / ".chunks").exists()
@@ -57,7 +76,11 @@ def test_one_file_per_rank_with_meta(measured, arch, tp, fp8_kv, backend):
             assert "lm_head" not in module and not re.search(r"mlp\.gate\b", module)
             if "weight" in node.get("params", {}):
                 assert node["params"]["weight"][0][0] > 0, module  # read before the CPU repack emptied it
-            if not module.endswith((".w13_list", ".w2_list")) and ".w13_list." not in module and ".w2_list." not in module:
+            if (
+                not module.endswith((".w13_list", ".w2_list"))
+                and ".w13_list." not in module
+                and ".w2_list." not in module
+            ):
                 assert node["inputs"][0][0][0] > 0, module
 
 
@@ -133,7 +156,9 @@ def test_every_weight_quantize_converts_has_an_input_range(measured, tiny_models
     from ray_calib.model.checkpoint import Checkpoint
 
     files = ranks(measured(arch, 2, True, backend))
-    match = match_measurement(Checkpoint.open(tiny_models[arch]).tensors, unify_ranks(files, 1, expert_parallel=False)[0].nodes)
+    match = match_measurement(
+        Checkpoint.open(tiny_models[arch]).tensors, unify_ranks(files, 1, expert_parallel=False)[0].nodes
+    )
     assert match.complete, (match.missing[:3], match.unmeasured[:3])
     if arch != "deepseek_v3":
         return
@@ -144,8 +169,10 @@ def test_every_weight_quantize_converts_has_an_input_range(measured, tiny_models
             assert kv_b["params"]["weight"][0][0] > 0 and kv_b["inputs"][0][0][0] > 0
             # the cache row is [kv_c_normed | k_pe]; kv_b_proj reads kv_c_normed alone
             assert kv_b["inputs"][0][0][0] <= latent["inputs"][0][0][0]
-        assert f.nodes["model.layers.1.self_attn.kv_b_proj"]["inputs"] == files[0].nodes[
-            "model.layers.1.self_attn.kv_b_proj"]["inputs"], "the latent is replicated on every rank"
+        assert (
+            f.nodes["model.layers.1.self_attn.kv_b_proj"]["inputs"]
+            == files[0].nodes["model.layers.1.self_attn.kv_b_proj"]["inputs"]
+        ), "the latent is replicated on every rank"
 
 
 def test_a_missing_range_fails_measure_naming_module_and_backend(measured, tiny_models):
@@ -159,7 +186,9 @@ def test_a_missing_range_fails_measure_naming_module_and_backend(measured, tiny_
     gone = "model.layers.2.self_attn.kv_b_proj"
     broken = [replace(f, nodes={n: v for n, v in f.nodes.items() if n != gone}) for f in files]
     with pytest.raises(ModelError) as err:
-        check_quantizable(tiny_models["deepseek_v3"], broken, {"attention": ["AMX_MLA"], "moe": ["CPUUnquantizedExperts"]})
+        check_quantizable(
+            tiny_models["deepseek_v3"], broken, {"attention": ["AMX_MLA"], "moe": ["CPUUnquantizedExperts"]}
+        )
     message = str(err.value)
     assert "\n" not in message
     assert f"{gone} has no input range" in message and "vLLM attention backend AMX_MLA" in message

@@ -17,15 +17,20 @@ from ray_calib.measure import moe
 from ray_calib.measure.moe import MoEStats
 
 EXPERTS, HIDDEN, INTER, TOP_K = 8, 64, 32, 2
-BF16_ULP = 2.0 ** -7  # largest relative spacing of bf16 numbers (8 significant bits)
+BF16_ULP = 2.0**-7  # largest relative spacing of bf16 numbers (8 significant bits)
 
 
 def routed_layer(device: str = "cpu", expert_map: torch.Tensor | None = None, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     w13 = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=generator).to(torch.bfloat16).to(device)
     w2 = torch.randn(EXPERTS, HIDDEN, INTER, generator=generator).to(torch.bfloat16).to(device)
-    layer = SimpleNamespace(local_num_experts=EXPERTS, expert_map=expert_map, activation=SimpleNamespace(value="silu"),
-                            w13_weight=w13, w2_weight=w2)
+    layer = SimpleNamespace(
+        local_num_experts=EXPERTS,
+        expert_map=expert_map,
+        activation=SimpleNamespace(value="silu"),
+        w13_weight=w13,
+        w2_weight=w2,
+    )
     if device == "meta":  # the capture skips meta tensors (vLLM's dummy init): set what it would
         setattr(layer, EXPERT_W13_ATTR, w13)
         setattr(layer, EXPERT_AMAX_ATTR, (torch.empty(EXPERTS, device=device),) * 2)
@@ -77,8 +82,9 @@ def check(stats: MoEStats, layer, batches, local=None) -> None:
         assert w2["params"]["weight"][0][0] == layer.w2_weight[k].abs().max().float().item()
 
 
-@pytest.mark.parametrize("held", [1 << 20, 40 * HIDDEN * 2, 1], ids=["all-steps-held", "folds-at-40-tokens",
-                                                                    "every-step-folded"])
+@pytest.mark.parametrize(
+    "held", [1 << 20, 40 * HIDDEN * 2, 1], ids=["all-steps-held", "folds-at-40-tokens", "every-step-folded"]
+)
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped-gemm", "loop-per-expert"])
 def test_matches_a_per_slot_reference(grouped, held, monkeypatch):
     monkeypatch.setattr(moe, "_PENDING_BYTES", held)

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 def engine_checks(model, backend: str | None) -> dict:
-    args = [sys.executable, str(REPO / "tests" / "measure" / "engine_checks.py"), str(model)] + ([backend] if backend else [])
+    args = [sys.executable, str(REPO / "tests" / "measure" / "engine_checks.py"), str(model)] + (
+        [backend] if backend else []
+    )
     proc = subprocess.run(args, cwd=REPO, env=measure_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

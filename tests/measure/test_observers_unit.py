@@ -30,8 +30,11 @@ class LooseExperts(torch.nn.Module):
 def mystery_attention():
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 
-    cls = type("MysteryAttention", (MysteryAttention, AttentionLayerBase),
-               {"get_attn_backend": lambda self: None, "get_kv_cache_spec": lambda self, config: None})
+    cls = type(
+        "MysteryAttention",
+        (MysteryAttention, AttentionLayerBase),
+        {"get_attn_backend": lambda self: None, "get_kv_cache_spec": lambda self, config: None},
+    )
     return cls()
 
 
@@ -61,8 +64,11 @@ def test_measure_refuses_an_uncovered_class_in_one_line():
     from ray_calib.errors import ModelError
     from ray_calib.measure.run import ObserverBackend
 
-    llm = SimpleNamespace(collective_rpc=lambda method, args: [
-        {"rank": 0, "backends": {}, "uncovered": [["model.layers.0.attn", "pkg.MysteryAttention", "attention"]]}])
+    llm = SimpleNamespace(
+        collective_rpc=lambda method, args: [
+            {"rank": 0, "backends": {}, "uncovered": [["model.layers.0.attn", "pkg.MysteryAttention", "attention"]]}
+        ]
+    )
     plan = SimpleNamespace(fp8_kv=False, block_names=[], block_types=[])
     with pytest.raises(ModelError) as err:
         ObserverBackend(plan).install(llm)

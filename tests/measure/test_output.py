@@ -19,5 +19,6 @@ def test_measure_keeps_vllm_logs_in_the_run_dir(measured):
     assert run.stdout.splitlines()[-1].startswith("wrote 2 rank files")
     assert "(1/4 check)" in run.stderr and "(4/4 write)" in run.stderr
     # stderr is a pipe here: progress comes as plain lines, the last one with the totals
-    assert any(re.match(r"measure: (\d+)/\1 prompts \(100%\) .* prompts/s .* tok/s", line)
-               for line in run.stderr.splitlines())
+    assert any(
+        re.match(r"measure: (\d+)/\1 prompts \(100%\) .* prompts/s .* tok/s", line) for line in run.stderr.splitlines()
+    )

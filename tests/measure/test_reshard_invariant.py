@@ -166,7 +166,7 @@ def flipped_slots(a_dir, b_dir) -> int:
 def flip_p_value(test: int, reference: int) -> float:
     """P(at least `test` of `test + reference` events fall on the test's side) when both rates are equal."""
     total = test + reference
-    return sum(comb(total, k) for k in range(test, total + 1)) / 2 ** total
+    return sum(comb(total, k) for k in range(test, total + 1)) / 2**total
 
 
 @pytest.mark.parametrize("to_tp", [2, 1])
@@ -184,16 +184,22 @@ def test_unify_tp4_matches_direct_measurement(measured, envelope, arch, backend,
     worst = compare(unified, direct, exact_upstream=True)
     flips = flipped_slots(tp4_run.out, direct_run.out)
     p_value = flip_p_value(flips, envelope_flips)
-    print(f"\n{arch} on {backend or 'CPU_ATTN'}: unify(TP{SOURCE_TP} -> {to_tp}) vs TP{to_tp}; weights and layer-0 "
-          f"attention inputs exact. Worst difference per node family, relative and in bf16 spacings; envelope = "
-          f"model and 2 permuted copies at TP{SOURCE_TP}, unified to {to_tp}; limit = 2 x pooled envelope "
-          f"{pooled:.0f} = {limit:.0f} spacings")
+    print(
+        f"\n{arch} on {backend or 'CPU_ATTN'}: unify(TP{SOURCE_TP} -> {to_tp}) vs TP{to_tp}; weights and layer-0 "
+        f"attention inputs exact. Worst difference per node family, relative and in bf16 spacings; envelope = "
+        f"model and 2 permuted copies at TP{SOURCE_TP}, unified to {to_tp}; limit = 2 x pooled envelope "
+        f"{pooled:.0f} = {limit:.0f} spacings"
+    )
     print(f"  {'family':<26} {'unify vs direct':>19} {'envelope':>17}")
     for family in (*FAMILIES, "single expert"):
         got, env = worst[family], families[family]
-        print(f"  {family:<26} {got.relative:>9.2%} {got.spacings:>4.0f} sp {env.relative:>7.2%} {env.spacings:>4.0f} sp")
-    print(f"  {'routing flips (slots)':<26} {flips:>19d} {envelope_flips:>17d}   p = {p_value:.3g} "
-          f"(fail below {FLIP_SIGNIFICANCE})")
+        print(
+            f"  {family:<26} {got.relative:>9.2%} {got.spacings:>4.0f} sp {env.relative:>7.2%} {env.spacings:>4.0f} sp"
+        )
+    print(
+        f"  {'routing flips (slots)':<26} {flips:>19d} {envelope_flips:>17d}   p = {p_value:.3g} "
+        f"(fail below {FLIP_SIGNIFICANCE})"
+    )
     for family in FAMILIES:
         assert worst[family].spacings <= limit, f"{family}: {worst[family]} > {limit:.0f} spacings"
     assert p_value >= FLIP_SIGNIFICANCE, f"{flips} routing flips against {envelope_flips} in the envelope"

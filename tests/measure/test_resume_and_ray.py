@@ -78,20 +78,47 @@ def two_ray_nodes(tmp_path):
     token.chmod(0o600)
     ray = str(Path(sys.executable).parent / "ray")
     env = {**measure_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    common = ["--num-cpus=1", "--resources={\"HPU\": 1}", "--memory=3000000000", "--object-store-memory=200000000",
-              "--disable-usage-stats"]
+    common = [
+        "--num-cpus=1",
+        '--resources={"HPU": 1}',
+        "--memory=3000000000",
+        "--object-store-memory=200000000",
+        "--disable-usage-stats",
+    ]
     port = free_ports(15)  # every port Ray would otherwise take from its fixed defaults
-    head = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port[0]}", "--include-dashboard=false",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={port[1]}", f"--node-manager-port={port[2]}",
-            f"--object-manager-port={port[3]}", f"--ray-client-server-port={port[4]}",
-            f"--dashboard-agent-listen-port={port[5]}", f"--dashboard-agent-grpc-port={port[6]}",
-            f"--metrics-export-port={port[7]}", f"--runtime-env-agent-port={port[8]}", f"--temp-dir={temp / 'head'}",
-            *common]
-    worker = [ray, "start", f"--address=127.0.0.1:{port[0]}", "--node-ip-address=127.0.0.2",
-              f"--node-manager-port={port[9]}", f"--object-manager-port={port[10]}",
-              f"--dashboard-agent-listen-port={port[11]}", f"--dashboard-agent-grpc-port={port[12]}",
-              f"--metrics-export-port={port[13]}", f"--runtime-env-agent-port={port[14]}",
-              f"--temp-dir={temp / 'worker'}", *common]
+    head = [
+        ray,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port[0]}",
+        "--include-dashboard=false",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={port[1]}",
+        f"--node-manager-port={port[2]}",
+        f"--object-manager-port={port[3]}",
+        f"--ray-client-server-port={port[4]}",
+        f"--dashboard-agent-listen-port={port[5]}",
+        f"--dashboard-agent-grpc-port={port[6]}",
+        f"--metrics-export-port={port[7]}",
+        f"--runtime-env-agent-port={port[8]}",
+        f"--temp-dir={temp / 'head'}",
+        *common,
+    ]
+    worker = [
+        ray,
+        "start",
+        f"--address=127.0.0.1:{port[0]}",
+        "--node-ip-address=127.0.0.2",
+        f"--node-manager-port={port[9]}",
+        f"--object-manager-port={port[10]}",
+        f"--dashboard-agent-listen-port={port[11]}",
+        f"--dashboard-agent-grpc-port={port[12]}",
+        f"--metrics-export-port={port[13]}",
+        f"--runtime-env-agent-port={port[14]}",
+        f"--temp-dir={temp / 'worker'}",
+        *common,
+    ]
     try:
         subprocess.run(head, env={**env, "VLLM_HOST_IP": "127.0.0.1"}, check=True, capture_output=True, timeout=180)
         subprocess.run(worker, env={**env, "VLLM_HOST_IP": "127.0.0.2"}, check=True, capture_output=True, timeout=180)
@@ -131,15 +158,18 @@ def test_two_ray_nodes_equal_one_node(measured, tiny_models, calib_set, tmp_path
 
 
 @pytest.mark.cluster
-def test_a_tp_above_the_clusters_devices_fails_at_once_naming_the_tps_that_fit(tiny_models, calib_set, tmp_path,
-                                                                                two_ray_nodes):
+def test_a_tp_above_the_clusters_devices_fails_at_once_naming_the_tps_that_fit(
+    tiny_models, calib_set, tmp_path, two_ray_nodes
+):
     """Two nodes with one device each: -t 4 is refused right after joining, before any prompt is read."""
     out = tmp_path / "too-big"
     run = run_measure(measure_args(tiny_models["llama"], calib_set, out, 4, fp8_kv=False), env=two_ray_nodes)
     assert run.returncode != 0
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, run.stderr[-2000:]
-    assert errors[0].startswith("error: --tp 4 needs 4 devices but the Ray cluster offers 2; use --tp 1 | 2, "
-                                "or add nodes/devices (ray-calib up) (vLLM/Ray log: "), errors[0]  # names the log
+    assert errors[0].startswith(
+        "error: --tp 4 needs 4 devices but the Ray cluster offers 2; use --tp 1 | 2, "
+        "or add nodes/devices (ray-calib up) (vLLM/Ray log: "
+    ), errors[0]  # names the log
     assert errors[0].endswith("/logs/measure.log)"), errors[0]
     assert "measured" not in run.stdout and not out.exists()

@@ -11,9 +11,11 @@ def test_max_abs_from_running_extremes_of_both_signs():
     slot = MaxAbs()
     assert slot.get() == 0.0
     generator = torch.Generator().manual_seed(0)
-    parts = [torch.randn(5, 7, generator=generator).to(torch.bfloat16) - 3,  # all negative
-             torch.randn(5, 7, generator=generator).to(torch.bfloat16) + 3,  # all positive
-             torch.randn(2, 7, generator=generator).to(torch.bfloat16)]
+    parts = [
+        torch.randn(5, 7, generator=generator).to(torch.bfloat16) - 3,  # all negative
+        torch.randn(5, 7, generator=generator).to(torch.bfloat16) + 3,  # all positive
+        torch.randn(2, 7, generator=generator).to(torch.bfloat16),
+    ]
     for t in parts:
         slot.update(t)
     assert slot.get() == max(float(t.abs().max()) for t in parts)
@@ -28,8 +30,8 @@ def test_reduced_maxima_and_mixed_dtypes():
     slot.update(torch.tensor([-0.5, 0.25], dtype=torch.bfloat16))
     slot.update_amax(torch.tensor(0.375, dtype=torch.bfloat16))
     assert slot.get() == 0.5
-    slot.update(torch.tensor([1.0 + 2.0 ** -20], dtype=torch.float32))  # not a bf16 value: kept in float32
-    assert slot.get() == 1.0 + 2.0 ** -20
+    slot.update(torch.tensor([1.0 + 2.0**-20], dtype=torch.float32))  # not a bf16 value: kept in float32
+    assert slot.get() == 1.0 + 2.0**-20
     slot.update(torch.empty(0))
     slot.reset()
     assert slot.get() == 0.0

@@ -17,8 +17,11 @@ def rank_nodes(rng: random.Random, *, layers: int = 2, experts: int = 0, moe_out
     for layer in range(layers):
         base = f"model.layers.{layer}"
         nodes[f"{base}.self_attn.qkv_proj"] = {"inputs": [value()], "params": {"weight": value()}}
-        nodes[f"{base}.self_attn.o_proj"] = {"inputs": [value()], "outputs": [value(), value()],
-                                             "params": {"weight": [[rng.uniform(0, 1)], [rng.uniform(0, 1)]]}}
+        nodes[f"{base}.self_attn.o_proj"] = {
+            "inputs": [value()],
+            "outputs": [value(), value()],
+            "params": {"weight": [[rng.uniform(0, 1)], [rng.uniform(0, 1)]]},
+        }
         if experts:
             op = f"{base}.mlp.experts.moe_op"
             nodes[op] = {"inputs": [value()], "outputs": [value()] + [value() for _ in range(experts)]}
@@ -28,14 +31,18 @@ def rank_nodes(rng: random.Random, *, layers: int = 2, experts: int = 0, moe_out
     return nodes
 
 
-def write_set(directory: Path, world_size: int, *, seed: int = 0, experts: int = 0, layers: int = 2,
-              prefix: str = PREFIX) -> list[RankFile]:
+def write_set(
+    directory: Path, world_size: int, *, seed: int = 0, experts: int = 0, layers: int = 2, prefix: str = PREFIX
+) -> list[RankFile]:
     rng = random.Random(seed)
     files = []
     for rank in range(world_size):
         nodes = rank_nodes(rng, layers=layers, experts=experts)
-        rank_file = RankFile(name=StatsName(prefix, rank=rank, world_size=world_size), nodes=nodes,
-                             mod_list=list(nodes) + ["model.layers.0.mlp.experts"])
+        rank_file = RankFile(
+            name=StatsName(prefix, rank=rank, world_size=world_size),
+            nodes=nodes,
+            mod_list=list(nodes) + ["model.layers.0.mlp.experts"],
+        )
         write_rank_file(rank_file, directory)
         files.append(rank_file)
     return files

@@ -60,8 +60,9 @@ def test_target_size_must_divide_and_be_smaller(run_cli, run_dir, to_tp, text):
 
 
 def test_node_sets_differ(run_cli, run_dir):
-    rank_file = RankFile(name=StatsName(PREFIX, rank=3, world_size=4),
-                         nodes={"model.layers.0.self_attn.qkv_proj": {"inputs": [[[1.0]]]}})
+    rank_file = RankFile(
+        name=StatsName(PREFIX, rank=3, world_size=4), nodes={"model.layers.0.self_attn.qkv_proj": {"inputs": [[[1.0]]]}}
+    )
     write_rank_file(rank_file, run_dir / "in")
     _fails(run_cli, run_dir, "rank 3", "different modules", "re-measure")
 
@@ -128,12 +129,20 @@ def _edit_rank(run_dir, rank, edit):
     npz.save(path.with_suffix(".npz"), stats)
 
 
-@pytest.mark.parametrize("edit, text", [
-    (lambda nodes: nodes["model.layers.0.self_attn.o_proj"]["outputs"].pop(), "outputs count differs between ranks"),
-    (lambda nodes: nodes["model.layers.1.self_attn.qkv_proj"].pop("params"), "fields differ between ranks"),
-    (lambda nodes: nodes["model.layers.1.self_attn.qkv_proj"]["params"].update(weight=[[1.0], [2.0]]),
-     "leaf shapes differ between ranks"),  # next to a per-tensor [[v]]: never silently cut to one channel
-])
+@pytest.mark.parametrize(
+    "edit, text",
+    [
+        (
+            lambda nodes: nodes["model.layers.0.self_attn.o_proj"]["outputs"].pop(),
+            "outputs count differs between ranks",
+        ),
+        (lambda nodes: nodes["model.layers.1.self_attn.qkv_proj"].pop("params"), "fields differ between ranks"),
+        (
+            lambda nodes: nodes["model.layers.1.self_attn.qkv_proj"]["params"].update(weight=[[1.0], [2.0]]),
+            "leaf shapes differ between ranks",
+        ),  # next to a per-tensor [[v]]: never silently cut to one channel
+    ],
+)
 def test_nodes_that_differ_between_ranks_of_a_group(run_cli, run_dir, edit, text):
     _edit_rank(run_dir, 1, edit)
     _fails(run_cli, run_dir, "model.layers", text, "re-measure")
@@ -144,8 +153,12 @@ def test_scale_files_with_different_modules_on_another_group(run_cli, run_dir):
         stats = json.loads(_stem(run_dir, rank).with_suffix(".json").read_text())
         if rank >= 2:
             del stats["Nodes"]["model.layers.0.self_attn.qkv_proj"]
-        write_rank_file(RankFile(name=StatsName(PREFIX, rank=rank, world_size=4, method="MAXABS_HW"),
-                                 nodes=stats["Nodes"], mode="Scale"), run_dir / "in")
+        write_rank_file(
+            RankFile(
+                name=StatsName(PREFIX, rank=rank, world_size=4, method="MAXABS_HW"), nodes=stats["Nodes"], mode="Scale"
+            ),
+            run_dir / "in",
+        )
     _fails(run_cli, run_dir, "MAXABS_HW", "different modules")
 
 

@@ -31,8 +31,12 @@ def run_upstream(source: Path, rank: int, tmp_path: Path, deepseek: bool) -> tup
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     shutil.copy(name.file(source, ".json"), src)
-    subprocess.run([sys.executable, str(UPSTREAM), "-m", str(src), "-o", str(out)] + (["-d"] if deepseek else []),
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(UPSTREAM), "-m", str(src), "-o", str(out)] + (["-d"] if deepseek else []),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     upstream = json.loads((out / name.file(source, ".json").name).read_text())
     return measurement.read(rank, check_npz=False), upstream
 
@@ -59,11 +63,17 @@ def test_fixed_files_rewrite_the_npz(tmp_path):
     """INC's QUANTIZE reads only the NPZ: the fix must be in it, not only in the JSON."""
     name = StatsName("inc_measure_output", rank=0, world_size=1)
     attn = "model.layers.0.self_attn.attn.impl"
-    nodes = {f"{attn}.matmul_qk": {"inputs": [[[1.0]], [[0.5]]]}, f"{attn}.matmul_av": {"inputs": [[[1.0]], [[0.5]]]},
-             f"{attn}.k_cache": {"inputs": [[[3.0]]]}, f"{attn}.v_cache": {"inputs": [[[4.0]]]},
-             f"{attn}.fused_scaled_dot_product_attention": {"inputs": [[[1.0]], [[1.0]], [[1.0]]],
-                                                             "outputs": [[[0.25]], [[9.0]]]},
-             "model.layers.0.self_attn.o_proj": {"inputs": [[[0.75]]], "params": {"weight": [[0.1]]}}}
+    nodes = {
+        f"{attn}.matmul_qk": {"inputs": [[[1.0]], [[0.5]]]},
+        f"{attn}.matmul_av": {"inputs": [[[1.0]], [[0.5]]]},
+        f"{attn}.k_cache": {"inputs": [[[3.0]]]},
+        f"{attn}.v_cache": {"inputs": [[[4.0]]]},
+        f"{attn}.fused_scaled_dot_product_attention": {
+            "inputs": [[[1.0]], [[1.0]], [[1.0]]],
+            "outputs": [[[0.25]], [[9.0]]],
+        },
+        "model.layers.0.self_attn.o_proj": {"inputs": [[[0.75]]], "params": {"weight": [[0.1]]}},
+    }
     fixed, report = postprocess(RankFile(name=name, nodes=nodes, mod_list=sorted(nodes)))
     assert (report.matmul_inputs_fixed, report.fsdpa_outputs_fixed) == (2, 1)
     write_rank_file(fixed, tmp_path)
@@ -77,8 +87,11 @@ def test_fixed_files_rewrite_the_npz(tmp_path):
 def test_vllm_gaudi_mla_names():
     """vllm-gaudi names the MLA attention `mla_attn.mla_attn`: found by its `.impl.` children all the same."""
     attn = "model.layers.7.self_attn.mla_attn.mla_attn.impl"
-    nodes = {f"{attn}.matmul_qk": {"inputs": [[[1.0]], [[0.5]]]}, f"{attn}.matmul_av": {"inputs": [[[1.0]], [[0.5]]]},
-             f"{attn}.latent_cache_k": {"inputs": [[[6.0]]]}}
+    nodes = {
+        f"{attn}.matmul_qk": {"inputs": [[[1.0]], [[0.5]]]},
+        f"{attn}.matmul_av": {"inputs": [[[1.0]], [[0.5]]]},
+        f"{attn}.latent_cache_k": {"inputs": [[[6.0]]]},
+    }
     fixed, report = postprocess(RankFile(name=StatsName("p", rank=0, world_size=1), nodes=nodes))
     assert report.mla and fixed.nodes[f"{attn}.matmul_av"]["inputs"][1] == [[6.0]]
     assert fixed.nodes[f"{attn}.matmul_qk"]["inputs"][1] == [[6.0]]

@@ -27,8 +27,7 @@ def measured(tmp_path, *, world: int, local: int, routed: int | None, ep_size: i
     src = tmp_path / "measure"
     write_set(src, world, experts=local)
     model = model_with(tmp_path, routed) if routed else None
-    write_meta(src, RunMeta(device_type="gaudi2", model=str(model) if model else None, tp_size=world,
-                            ep_size=ep_size))
+    write_meta(src, RunMeta(device_type="gaudi2", model=str(model) if model else None, tp_size=world, ep_size=ep_size))
     return src
 
 

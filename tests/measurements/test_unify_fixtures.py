@@ -36,10 +36,12 @@ def test_ds_r1_16_to_8(ds_ranks, tmp_path, run_cli):
     assert len(ds_ranks[0].nodes[MOE]["outputs"]) == 17
     assert len(unified[1].nodes[MOE]["outputs"]) == 33
     # outputs[0] is the max over the group, outputs[1:] the two members' per-expert amax in order
-    assert unified[1].nodes[MOE]["outputs"][0] == max(ds_ranks[2].nodes[MOE]["outputs"][0],
-                                                      ds_ranks[3].nodes[MOE]["outputs"][0])
-    assert unified[1].nodes[MOE]["outputs"][1:] == (ds_ranks[2].nodes[MOE]["outputs"][1:]
-                                                    + ds_ranks[3].nodes[MOE]["outputs"][1:])
+    assert unified[1].nodes[MOE]["outputs"][0] == max(
+        ds_ranks[2].nodes[MOE]["outputs"][0], ds_ranks[3].nodes[MOE]["outputs"][0]
+    )
+    assert unified[1].nodes[MOE]["outputs"][1:] == (
+        ds_ranks[2].nodes[MOE]["outputs"][1:] + ds_ranks[3].nodes[MOE]["outputs"][1:]
+    )
     raw = json.loads((tmp_path / "inc_measure_output_hooks_maxabs_5_8.json").read_text())
     assert raw["LocalRank"] == 5 and raw["Mode"] == "DynamicRange"
     # the mod_list is written (the reference forgets it) with renumbered experts

@@ -12,8 +12,10 @@ from tests.measurements.synthetic import rank_nodes
 
 def _ranks(world_size: int, seed: int, experts: int) -> list[RankFile]:
     rng = random.Random(seed)
-    return [RankFile(name=StatsName("p", rank=r, world_size=world_size),
-                     nodes=rank_nodes(rng, layers=2, experts=experts)) for r in range(world_size)]
+    return [
+        RankFile(name=StatsName("p", rank=r, world_size=world_size), nodes=rank_nodes(rng, layers=2, experts=experts))
+        for r in range(world_size)
+    ]
 
 
 def _leaves(value):
@@ -30,7 +32,7 @@ def _leaves(value):
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), log_world=st.integers(1, 4), experts=st.sampled_from([0, 2]))
 def test_chains_are_associative(seed, log_world, experts):
-    world_size = 2 ** log_world
+    world_size = 2**log_world
     ranks = _ranks(world_size, seed, experts)
     direct = unify_ranks(ranks, 1)[0]
     chained = ranks
@@ -48,7 +50,7 @@ def test_group_max_is_max_of_members(seed, world_size, data):
     to = data.draw(st.sampled_from([m for m in range(1, world_size) if world_size % m == 0]))
     group = world_size // to
     for target, merged in enumerate(unify_ranks(ranks, to)):
-        members = ranks[target * group:(target + 1) * group]
+        members = ranks[target * group : (target + 1) * group]
         for module, node in merged.nodes.items():
             merged_leaves = list(_leaves(node))
             member_leaves = [list(_leaves(m.nodes[module])) for m in members]
@@ -67,5 +69,6 @@ def test_expert_parallel_concatenates_and_expand_inverts(seed, world_size):
     assert merged.nodes[f"{op}.w2_list.{3 + 2}"] == ranks[1].nodes[f"{op}.w2_list.2"]
     for original, expanded in zip(ranks, expand_rank(merged, world_size)):
         assert expanded.nodes[op]["outputs"][1:] == original.nodes[op]["outputs"][1:]
-        assert {k: v for k, v in expanded.nodes.items() if ".w" in k and "_list." in k} == \
-               {k: v for k, v in original.nodes.items() if ".w" in k and "_list." in k}
+        assert {k: v for k, v in expanded.nodes.items() if ".w" in k and "_list." in k} == {
+            k: v for k, v in original.nodes.items() if ".w" in k and "_list." in k
+        }

@@ -74,4 +74,5 @@ def test_smollm2_is_imported_once_as_a_clean_bf16_llama(tmp_path, run_cli):
         assert {str(shards.get_slice(n).get_dtype()) for n in names} == {"BF16"}
     assert len([n for n in names if n.endswith("q_proj.weight")]) == 30
     assert (path / "tokenizer.json").is_file() and "chat_template" in (
-        (path / "tokenizer_config.json").read_text() + "".join(p.name for p in path.glob("chat_template*")))
+        (path / "tokenizer_config.json").read_text() + "".join(p.name for p in path.glob("chat_template*"))
+    )

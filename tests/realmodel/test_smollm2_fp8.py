@@ -40,11 +40,28 @@ def fp8_run(smollm2, tmp_path_factory):
     run = tmp_path_factory.mktemp("smollm2-run")
     calib = texts.write_jsonl(texts.sample("pydoc", "calibration", 32), run / "calib.jsonl")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "RAY_CALIB_RUN_DIR": str(run)}
-    for args in (["measure", "--model", smollm2, "--dataset", calib, "--tp", 1, "--fp8-kv", "--num-samples", 32,
-                  "--least-tokens", 256, "--max-new-tokens", 1],
-                 ["quantize", "--fp8-kv"]):
-        result = subprocess.run([sys.executable, "-m", "ray_calib.cli", *map(str, args)], env=env,
-                                capture_output=True, text=True)
+    for args in (
+        [
+            "measure",
+            "--model",
+            smollm2,
+            "--dataset",
+            calib,
+            "--tp",
+            1,
+            "--fp8-kv",
+            "--num-samples",
+            32,
+            "--least-tokens",
+            256,
+            "--max-new-tokens",
+            1,
+        ],
+        ["quantize", "--fp8-kv"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "ray_calib.cli", *map(str, args)], env=env, capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     return run
 
@@ -58,8 +75,22 @@ def test_fp8_answers_match_bf16(smollm2, fp8_run, run_cli, tmp_path):
     """
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(ANSWERS) + "\n")
-    result = run_cli("infer", "--model", fp8_run / "fp8", "--baseline", smollm2, "--prompts", prompts, "--tp", 1,
-                     "--no-fp8-kv", "--max-new-tokens", 6, "--run-dir", fp8_run)
+    result = run_cli(
+        "infer",
+        "--model",
+        fp8_run / "fp8",
+        "--baseline",
+        smollm2,
+        "--prompts",
+        prompts,
+        "--tp",
+        1,
+        "--no-fp8-kv",
+        "--max-new-tokens",
+        6,
+        "--run-dir",
+        fp8_run,
+    )
     assert result.exit_code == 0, result.stderr
     assert "KV cache bfloat16" in result.stderr  # the engine settings are a note (stderr); stdout holds results
     rows = json.loads((fp8_run / "infer" / "completions.json").read_text())
@@ -73,8 +104,19 @@ def test_eval_figures_and_the_kv_cache_it_names(smollm2, fp8_run, run_cli, tmp_p
     passages = [t for source in texts.SOURCES for t in texts.sample(source, "heldout", 6)]
     long_text = max((text for _, text in texts.documents("licenses")), key=len)  # GPL-3: ~8k tokens
     held_out = texts.write_jsonl([*passages, long_text], tmp_path / "heldout.jsonl")
-    result = run_cli("eval", "--baseline", smollm2, "--candidate", fp8_run / "fp8", "--texts", held_out,
-                     "--tp", 1, "--run-dir", fp8_run)
+    result = run_cli(
+        "eval",
+        "--baseline",
+        smollm2,
+        "--candidate",
+        fp8_run / "fp8",
+        "--texts",
+        held_out,
+        "--tp",
+        1,
+        "--run-dir",
+        fp8_run,
+    )
     assert result.exit_code == 0, result.stderr
     notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "of 19 texts are longer than the 1024-token context" in notes[0]

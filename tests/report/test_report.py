@@ -19,8 +19,15 @@ FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures"
 LAYERS, EXPERTS = 4, 8
 
 
-def _synthetic_run(root: Path, *, world_size: int, kv_scale: float, seed: int, mla: bool = False,
-                   never_hit: tuple[tuple[int, int], ...] = ()) -> RunDir:
+def _synthetic_run(
+    root: Path,
+    *,
+    world_size: int,
+    kv_scale: float,
+    seed: int,
+    mla: bool = False,
+    never_hit: tuple[tuple[int, int], ...] = (),
+) -> RunDir:
     """A TP=`world_size` measurement: per-layer KV maxabs = kv_scale * (layer + 1) on the last rank only,
     so the TP1 max (what unify gives) is known; linear inputs/weights random but below known bounds."""
     rng = random.Random(seed)
@@ -35,16 +42,29 @@ def _synthetic_run(root: Path, *, world_size: int, kv_scale: float, seed: int, m
             else:
                 nodes[f"{prefix}.attn.impl.k_cache"] = {"inputs": [[[kv]]]}
                 nodes[f"{prefix}.attn.impl.v_cache"] = {"inputs": [[[kv / 4]]]}
-            nodes[f"{prefix}.o_proj"] = {"inputs": [[[rng.uniform(1, 2)]]], "outputs": [[[1.0]], [[2.0]]],
-                                         "params": {"weight": [[rng.uniform(0.1, 0.2)], [0.05]]}}
-            nodes[f"model.layers.{layer}.mlp.down_proj"] = {"inputs": [[[10.0 * (layer + 1)]]],
-                                                            "params": {"weight": [[0.5]]}}
+            nodes[f"{prefix}.o_proj"] = {
+                "inputs": [[[rng.uniform(1, 2)]]],
+                "outputs": [[[1.0]], [[2.0]]],
+                "params": {"weight": [[rng.uniform(0.1, 0.2)], [0.05]]},
+            }
+            nodes[f"model.layers.{layer}.mlp.down_proj"] = {
+                "inputs": [[[10.0 * (layer + 1)]]],
+                "params": {"weight": [[0.5]]},
+            }
         name = StatsName(MEASURE_PREFIX, rank=rank, world_size=world_size)
         write_rank_file(RankFile(name=name, nodes=nodes), run.measure)
-    write_meta(run.measure, RunMeta(model="tiny", dataset="/data/pile.jsonl", num_samples=16, num_tokens=16 * 64,
-                                    tp_size=world_size, ep_size=1))
-    experts = {f"model.layers.{layer}.mlp.experts": [0 if (layer, e) in never_hit else rng.randint(1, 500)
-                                                     for e in range(EXPERTS)] for layer in range(1, LAYERS)}
+    write_meta(
+        run.measure,
+        RunMeta(
+            model="tiny", dataset="/data/pile.jsonl", num_samples=16, num_tokens=16 * 64, tp_size=world_size, ep_size=1
+        ),
+    )
+    experts = {
+        f"model.layers.{layer}.mlp.experts": [
+            0 if (layer, e) in never_hit else rng.randint(1, 500) for e in range(EXPERTS)
+        ]
+        for layer in range(1, LAYERS)
+    }
     write_coverage(run.measure, ExpertCoverage(experts=experts, num_tokens=1024))
     return run
 
@@ -72,8 +92,13 @@ def test_report_writes_pngs_and_a_summary_naming_never_hit_experts(tmp_path):
     mla = _synthetic_run(tmp_path / "mla", world_size=2, kv_scale=3.0, seed=4, mla=True)
     report = build_report(base.root, [other.root, mla.root], tmp_path / "out")
     names = sorted(p.name for p in report.plots)
-    assert names == ["expert_coverage.png", "expert_coverage_1.png", "expert_coverage_2.png",
-                     "kv_cache_maxabs.png", "layer_ranges.png"]
+    assert names == [
+        "expert_coverage.png",
+        "expert_coverage_1.png",
+        "expert_coverage_2.png",
+        "kv_cache_maxabs.png",
+        "layer_ranges.png",
+    ]
     for path in report.plots:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     summary = (tmp_path / "out" / "summary.txt").read_text()
@@ -85,8 +110,10 @@ def test_report_writes_pngs_and_a_summary_naming_never_hit_experts(tmp_path):
 
 
 def test_nan_nodes_are_reported_not_plotted(tmp_path):
-    nodes = {"model.layers.0.mlp.down_proj": {"inputs": [[[float("nan")]]], "params": {"weight": [[1.0]]}},
-             "model.layers.1.mlp.down_proj": {"inputs": [[[3.0]]], "params": {"weight": [[1.0]]}}}
+    nodes = {
+        "model.layers.0.mlp.down_proj": {"inputs": [[[float("nan")]]], "params": {"weight": [[1.0]]}},
+        "model.layers.1.mlp.down_proj": {"inputs": [[[3.0]]], "params": {"weight": [[1.0]]}},
+    }
     fig = figures(RankFile(name=StatsName("x"), nodes=nodes))
     assert fig.non_finite == ["model.layers.0.mlp.down_proj"] and fig.activations.high == {1: 3.0}
 
@@ -104,8 +131,9 @@ def test_cli_report_defaults_to_the_run_report_dir_and_errors_are_one_line(tmp_p
 @pytest.mark.fixtures
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"real INC fixtures not found at {FIXTURES}")
 def test_real_fixtures_deepseek_latent_and_llama_kv(tmp_path):
-    report = build_report(FIXTURES / "inc-ds-r1-0528-g2-tp16", [FIXTURES / "inc-distill-llama-70b-g2-tp4"],
-                          tmp_path / "out")
+    report = build_report(
+        FIXTURES / "inc-ds-r1-0528-g2-tp16", [FIXTURES / "inc-distill-llama-70b-g2-tp4"], tmp_path / "out"
+    )
     r1, llama = report.runs
     assert r1.world_size == 16 and set(r1.figures.kv) == {"latent"} and len(r1.figures.kv["latent"]) == 61
     assert llama.world_size == 4 and set(llama.figures.kv) == {"K", "V"} and len(llama.figures.kv["K"]) == 80

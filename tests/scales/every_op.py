@@ -73,29 +73,53 @@ def build(root: Path, *, layers: int = 6, seed: int = 0) -> EveryOp:
 
     for i in range(layers):
         attn, impl = ATTN.format(i=i), IMPL.format(i=i)
-        linear(f"{attn}.qkv_proj", "QKVParallelLinear",
-               [(f"{attn}.q_proj", HEADS * HEAD_DIM), (f"{attn}.k_proj", HEAD_DIM), (f"{attn}.v_proj", HEAD_DIM)],
-               HIDDEN, {"inputs": [leaf()]})
-        linear(f"{attn}.o_proj", "RowParallelLinear", [(f"{attn}.o_proj", HIDDEN)], HEADS * HEAD_DIM,
-               {"inputs": [leaf()], "outputs": [leaf(), leaf()]})
+        linear(
+            f"{attn}.qkv_proj",
+            "QKVParallelLinear",
+            [(f"{attn}.q_proj", HEADS * HEAD_DIM), (f"{attn}.k_proj", HEAD_DIM), (f"{attn}.v_proj", HEAD_DIM)],
+            HIDDEN,
+            {"inputs": [leaf()]},
+        )
+        linear(
+            f"{attn}.o_proj",
+            "RowParallelLinear",
+            [(f"{attn}.o_proj", HIDDEN)],
+            HEADS * HEAD_DIM,
+            {"inputs": [leaf()], "outputs": [leaf(), leaf()]},
+        )
         for name, cls, kind, node in (
-                ("matmul_qk", "Matmul", "matmul", {"inputs": [leaf(), leaf()]}),
-                ("matmul_av", "Matmul", "matmul", {"inputs": [leaf(), leaf()]}),
-                ("batch2block_matmul", "B2BMatmul", "b2b_matmul", {"inputs": [[[1.0]], leaf()], "outputs": [leaf()]}),
-                ("block2batch_matmul", "B2BMatmul", "b2b_matmul", {"inputs": [[[1.0]], leaf()], "outputs": [leaf()]}),
-                ("k_cache", "VLLMKVCache", "kv_cache", {"inputs": [leaf()]}),
-                ("v_cache", "VLLMKVCache", "kv_cache", {"inputs": [leaf()]}),
-                ("fused_scaled_dot_product_attention", "ModuleFusedSDPA", "fused_sdpa",
-                 {"inputs": [leaf(), leaf(), leaf()], "outputs": [leaf(), leaf()]}),
-                ("softmax", "BlockSoftmaxConstMax", "softmax", {"inputs": [leaf()], "outputs": [leaf()]})):
+            ("matmul_qk", "Matmul", "matmul", {"inputs": [leaf(), leaf()]}),
+            ("matmul_av", "Matmul", "matmul", {"inputs": [leaf(), leaf()]}),
+            ("batch2block_matmul", "B2BMatmul", "b2b_matmul", {"inputs": [[[1.0]], leaf()], "outputs": [leaf()]}),
+            ("block2batch_matmul", "B2BMatmul", "b2b_matmul", {"inputs": [[[1.0]], leaf()], "outputs": [leaf()]}),
+            ("k_cache", "VLLMKVCache", "kv_cache", {"inputs": [leaf()]}),
+            ("v_cache", "VLLMKVCache", "kv_cache", {"inputs": [leaf()]}),
+            (
+                "fused_scaled_dot_product_attention",
+                "ModuleFusedSDPA",
+                "fused_sdpa",
+                {"inputs": [leaf(), leaf(), leaf()], "outputs": [leaf(), leaf()]},
+            ),
+            ("softmax", "BlockSoftmaxConstMax", "softmax", {"inputs": [leaf()], "outputs": [leaf()]}),
+        ):
             nodes[f"{impl}.{name}"] = node
             built.modules[f"{impl}.{name}"] = (cls, kind, None)
         mlp = f"model.layers.{i}.mlp"
         if i % 2 == 0:
-            linear(f"{mlp}.gate_up_proj", "MergedColumnParallelLinear",
-                   [(f"{mlp}.gate_proj", INTER), (f"{mlp}.up_proj", INTER)], HIDDEN, {"inputs": [leaf()]})
-            linear(f"{mlp}.down_proj", "RowParallelLinear", [(f"{mlp}.down_proj", HIDDEN)], INTER,
-                   {"inputs": [leaf()], "outputs": [leaf(), leaf()]})
+            linear(
+                f"{mlp}.gate_up_proj",
+                "MergedColumnParallelLinear",
+                [(f"{mlp}.gate_proj", INTER), (f"{mlp}.up_proj", INTER)],
+                HIDDEN,
+                {"inputs": [leaf()]},
+            )
+            linear(
+                f"{mlp}.down_proj",
+                "RowParallelLinear",
+                [(f"{mlp}.down_proj", HIDDEN)],
+                INTER,
+                {"inputs": [leaf()], "outputs": [leaf(), leaf()]},
+            )
             continue
         op = MOE.format(i=i)
         per_expert = [leaf() for _ in range(EXPERTS)]
@@ -103,16 +127,26 @@ def build(root: Path, *, layers: int = 6, seed: int = 0) -> EveryOp:
         nodes[op] = {"inputs": [leaf()], "outputs": [leaf()] + per_expert}
         built.modules[op] = ("VllmMixtureOfExpertsOp", "dynamic_moe", None)
         for expert in range(EXPERTS):
-            linear(f"{op}.w13_list.{expert}", "MoeMatmul",
-                   [(f"{op}.{expert}.gate_proj", INTER), (f"{op}.{expert}.up_proj", INTER)], HIDDEN,
-                   {"inputs": [[[0.0]]]})
-            linear(f"{op}.w2_list.{expert}", "MoeMatmul", [(f"{op}.{expert}.down_proj", HIDDEN)], INTER,
-                   {"inputs": [[[0.0]]]})
+            linear(
+                f"{op}.w13_list.{expert}",
+                "MoeMatmul",
+                [(f"{op}.{expert}.gate_proj", INTER), (f"{op}.{expert}.up_proj", INTER)],
+                HIDDEN,
+                {"inputs": [[[0.0]]]},
+            )
+            linear(
+                f"{op}.w2_list.{expert}",
+                "MoeMatmul",
+                [(f"{op}.{expert}.down_proj", HIDDEN)],
+                INTER,
+                {"inputs": [[[0.0]]]},
+            )
     linear("model.embed_bag", "EmbeddingBag", [("model.embed_bag", 32)], HIDDEN, {"inputs": [leaf()]})
     built.modules["model.embed_bag"] = ("EmbeddingBag", "embedding", built.modules["model.embed_bag"][2])
     built.model_dir.mkdir(parents=True)
     save_file(tensors, str(built.model_dir / "model.safetensors"))
     (built.model_dir / "config.json").write_text(
-        f'{{"model_type": "llama", "num_attention_heads": {HEADS}, "num_key_value_heads": 1, "hidden_size": {HIDDEN}}}')
+        f'{{"model_type": "llama", "num_attention_heads": {HEADS}, "num_key_value_heads": 1, "hidden_size": {HIDDEN}}}'
+    )
     write_rank_file(RankFile(name=StatsName(PREFIX, rank=0, world_size=1), nodes=nodes), built.range_dir)
     return built

@@ -36,10 +36,17 @@ def test_gaudi2_scale_files_from_real_llama70b_ranges(tmp_path):
     assert run.target.row_parallel_op
     qk = rank0.nodes["model.layers.0.self_attn.attn.impl.matmul_qk"]
     assert qk["outputs"] == (qk["inputs"][0] * qk["inputs"][1],) and qk["params"] == {}
-    old = write_scale_files(LLAMA70B_TP4, tmp_path / "v33", get_method("maxabs_hw"), DEVICES["gaudi2"],
-                            target=IncTarget(parse_version("3.3")))
+    old = write_scale_files(
+        LLAMA70B_TP4,
+        tmp_path / "v33",
+        get_method("maxabs_hw"),
+        DEVICES["gaudi2"],
+        target=IncTarget(parse_version("3.3")),
+    )
     assert old.ranks == 4
-    o_proj = MeasurementSet.discover(tmp_path / "v33", method="MAXABS_HW").read(0).nodes["model.layers.0.self_attn.o_proj"]
+    o_proj = (
+        MeasurementSet.discover(tmp_path / "v33", method="MAXABS_HW").read(0).nodes["model.layers.0.self_attn.o_proj"]
+    )
     assert o_proj["outputs"] == (0.00390625 * 0.0625,)  # INC <= 3.3: RowParallelLinear is a plain linear
 
 
@@ -59,7 +66,9 @@ def test_moe_op_scales_go_to_inputs(tmp_path):
 def test_pcs_and_opt_without_weights_are_refused(tmp_path, run_cli, method):
     """INC computes these from the weight tensor itself: a measured max is not enough."""
     write_set(tmp_path / "in", 1)
-    result = run_cli("scales", "--scale-method", method, "--device", "gaudi3", "--in", tmp_path / "in", "--out", tmp_path / "o")
+    result = run_cli(
+        "scales", "--scale-method", method, "--device", "gaudi3", "--in", tmp_path / "in", "--out", tmp_path / "o"
+    )
     assert result.exit_code != 0 and "--weights MODEL_DIR" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
@@ -75,8 +84,15 @@ def test_shipped_templates_are_the_generated_ones():
     assert shipped["inc_quant_one_node_config.json"]["blocklist"]["names"] == ["lm_head", r"mlp\.gate\b"]
     # FP8 KV with MLA: only the latent cache is FP8; attention matmuls and unused cache variants stay BF16
     assert shipped["inc_quant_with_fp8kv_one_node_config.json"]["blocklist"]["names"] == [
-        "lm_head", r"mlp\.gate\b", "latent_cache_k_nodeq", "latent_cache_v_nodeq", "latent_cache_v", "matmul_qk",
-        "matmul_av", "block2batch_matmul"]
+        "lm_head",
+        r"mlp\.gate\b",
+        "latent_cache_k_nodeq",
+        "latent_cache_v_nodeq",
+        "latent_cache_v",
+        "matmul_qk",
+        "matmul_av",
+        "block2batch_matmul",
+    ]
 
 
 def test_kv_cache_dtype_follows_the_quantize_config():
@@ -88,19 +104,25 @@ def test_kv_cache_dtype_follows_the_quantize_config():
     assert template_set("/m", "/u", moe=False)["inc_quant_one_node_config.json"]["blocklist"]["names"] == ["lm_head"]
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"scale_methd": "maxabs_hw"}, "unknown key 'scale_methd'.*did you mean 'scale_method'"),
-    ({"mode": "CALIBRATE"}, "'mode' is 'CALIBRATE'"),
-    ({"observer": "minmax"}, "'observer' is 'minmax'"),
-    ({"scale_method": "maxabs_fast"}, "'scale_method' is 'maxabs_fast'"),
-    ({"scale_method": "act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw"}, "needs 'dynamic_quantization': true"),
-    ({"blocklist": {"types": [], "names": ["mlp\\.gate("]}}, r"'blocklist.names\[0\]'.*not a valid regex"),
-    ({"blocklist": {"names": [], "kinds": []}}, "'blocklist' must be an object"),
-    ({"whitelist": {"types": [], "names": []}}, "both 'whitelist' and 'allowlist'"),
-    ({"scale_params": {"input_backof": 0.25}}, "unknown key 'scale_params.input_backof'"),
-    ({"dump_stats_path": ""}, "'dump_stats_path' is missing"),
-    ({"scale_method": {"default": {"weight": {"rounding_method": "cubic"}}}}, "matches none of INC's scale methods"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"scale_methd": "maxabs_hw"}, "unknown key 'scale_methd'.*did you mean 'scale_method'"),
+        ({"mode": "CALIBRATE"}, "'mode' is 'CALIBRATE'"),
+        ({"observer": "minmax"}, "'observer' is 'minmax'"),
+        ({"scale_method": "maxabs_fast"}, "'scale_method' is 'maxabs_fast'"),
+        ({"scale_method": "act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw"}, "needs 'dynamic_quantization': true"),
+        ({"blocklist": {"types": [], "names": ["mlp\\.gate("]}}, r"'blocklist.names\[0\]'.*not a valid regex"),
+        ({"blocklist": {"names": [], "kinds": []}}, "'blocklist' must be an object"),
+        ({"whitelist": {"types": [], "names": []}}, "both 'whitelist' and 'allowlist'"),
+        ({"scale_params": {"input_backof": 0.25}}, "unknown key 'scale_params.input_backof'"),
+        ({"dump_stats_path": ""}, "'dump_stats_path' is missing"),
+        (
+            {"scale_method": {"default": {"weight": {"rounding_method": "cubic"}}}},
+            "matches none of INC's scale methods",
+        ),
+    ],
+)
 def test_config_errors_name_the_key(change, message):
     config = {**template_set("/m", "/u", moe=True)["inc_quant_config.json"], **change}
     with pytest.raises(ConfigError, match=message):
@@ -110,15 +132,27 @@ def test_config_errors_name_the_key(change, message):
 def test_inc_34_output_backoff_and_a_dict_form_scale_method_are_accepted():
     base = template_set("/m", "/u", moe=True)["inc_quant_config.json"]
     validate({**base, "scale_params": {"output_backoff": 0.5}}, "q.json")
-    dict_form = {"default": {"weight": {"rounding_method": "pow2", "backoff": 0.5},
-                             "activation": {"rounding_method": "pow2", "backoff": 0.75}}}
+    dict_form = {
+        "default": {
+            "weight": {"rounding_method": "pow2", "backoff": 0.5},
+            "activation": {"rounding_method": "pow2", "backoff": 0.75},
+        }
+    }
     validate({**base, "scale_method": dict_form}, "q.json")  # maxabs_pow2 with another activation backoff
 
 
 def test_legacy_keys_are_mapped(tmp_path):
     path = tmp_path / "old.json"
-    path.write_text(json.dumps({"mode": "QUANTIZE", "blacklist": {"names": ["lm_head"]}, "whitelist": {"types": []},
-                                "dump_stats_path": "/x/inc"}))
+    path.write_text(
+        json.dumps(
+            {
+                "mode": "QUANTIZE",
+                "blacklist": {"names": ["lm_head"]},
+                "whitelist": {"types": []},
+                "dump_stats_path": "/x/inc",
+            }
+        )
+    )
     config = read_config(path)
     assert config["blocklist"] == {"names": ["lm_head"]} and "blacklist" not in config and "allowlist" in config
 
@@ -131,7 +165,9 @@ def test_stale_scale_files_and_cli_warning(tmp_path, run_cli):
     old = os.stat(measure / "inc_measure_output_hooks_maxabs_0_2.json").st_mtime - 100
     os.utime(stale, (old, old))
     assert stale_scale_files(measure) == [stale]
-    result = run_cli("quant-config", "write", "--model", "deepseek-ai/DeepSeek-R1", "--run-dir", tmp_path / "run", "--fp8-kv")
+    result = run_cli(
+        "quant-config", "write", "--model", "deepseek-ai/DeepSeek-R1", "--run-dir", tmp_path / "run", "--fp8-kv"
+    )
     assert result.exit_code == 0, result.stderr
     assert "stale scale file" in result.stderr and "--clean-stale-scales" in result.stderr
     written = json.loads((tmp_path / "run/configs/inc_quant_with_fp8kv_config.json").read_text())
@@ -145,11 +181,22 @@ def test_stale_scale_files_and_cli_warning(tmp_path, run_cli):
 
 def test_scales_cli_writes_scale_files(tmp_path, run_cli):
     write_set(tmp_path / "in", 2)
-    result = run_cli("scales", "--scale-method", "maxabs_hw", "--device", "gaudi2", "--in", tmp_path / "in", "--out",
-                     tmp_path / "out")
+    result = run_cli(
+        "scales",
+        "--scale-method",
+        "maxabs_hw",
+        "--device",
+        "gaudi2",
+        "--in",
+        tmp_path / "in",
+        "--out",
+        tmp_path / "out",
+    )
     assert result.exit_code == 0, result.stderr
     assert "wrote 2 MAXABS_HW scale file(s)" in result.stdout
-    result = run_cli("scales", "--scale-method", "maxabs_hw", "--device", "cpu", "--in", tmp_path / "in", "--out", tmp_path / "o2")
+    result = run_cli(
+        "scales", "--scale-method", "maxabs_hw", "--device", "cpu", "--in", tmp_path / "in", "--out", tmp_path / "o2"
+    )
     assert result.exit_code == 2 and "Gaudi HW scales" in result.stderr
 
 

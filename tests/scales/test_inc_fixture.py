@@ -22,8 +22,17 @@ def _inc(rank: int, suffix: str):
 
 
 def test_scales_cli_reproduces_incs_files_node_for_node(run_cli, tmp_path):
-    result = run_cli("scales", "--scale-method", "maxabs_hw", "--device", "gaudi3", "--in", fixture_dir(LLAMA31_G3_TP2),
-                     "--out", tmp_path)
+    result = run_cli(
+        "scales",
+        "--scale-method",
+        "maxabs_hw",
+        "--device",
+        "gaudi3",
+        "--in",
+        fixture_dir(LLAMA31_G3_TP2),
+        "--out",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.stderr
     assert "bf16 math" in result.stdout
     for rank in range(2):
@@ -39,17 +48,31 @@ def _load(path):
 
 
 def test_with_incs_blocklist_the_files_are_incs_byte_for_byte_in_the_npz(run_cli, tmp_path):
-    result = run_cli("scales", "--scale-method", "maxabs_hw", "--device", "gaudi3", "--blocklist", r"^lm_head$",
-                     "--in", fixture_dir(LLAMA31_G3_TP2), "--out", tmp_path)
+    result = run_cli(
+        "scales",
+        "--scale-method",
+        "maxabs_hw",
+        "--device",
+        "gaudi3",
+        "--blocklist",
+        r"^lm_head$",
+        "--in",
+        fixture_dir(LLAMA31_G3_TP2),
+        "--out",
+        tmp_path,
+    )
     assert result.exit_code == 0, result.stderr
     assert "1 blocklisted" in result.stdout
     for rank in range(2):
         stem = SCALES.format(rank=rank)
         ours, inc = (zipfile.ZipFile(d / f"{stem}.npz").read("arr_0.npy") for d in (tmp_path, LLAMA31_G3_TP2))
         assert ours == inc
-        assert json.loads((tmp_path / f"{stem}.json").read_text()) == json.loads((LLAMA31_G3_TP2 / f"{stem}.json").read_text())
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{SCALES.format(rank=r)}{s}" for r in range(2)
-                                                               for s in (".json", ".npz"))  # no _mod_list.json
+        assert json.loads((tmp_path / f"{stem}.json").read_text()) == json.loads(
+            (LLAMA31_G3_TP2 / f"{stem}.json").read_text()
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{SCALES.format(rank=r)}{s}" for r in range(2) for s in (".json", ".npz")
+    )  # no _mod_list.json
 
 
 def test_float64_math_would_not_reproduce_them(tmp_path):
@@ -64,7 +87,9 @@ def test_float64_math_would_not_reproduce_them(tmp_path):
     class Float64Gaudi3(type(DEVICES["gaudi3"])):
         math = FloatMath
 
-    device = Float64Gaudi3(**{f: getattr(DEVICES["gaudi3"], f) for f in ("name", "fullscale", "hw_exponents", "hw_factor")})
+    device = Float64Gaudi3(
+        **{f: getattr(DEVICES["gaudi3"], f) for f in ("name", "fullscale", "hw_exponents", "hw_factor")}
+    )
     write_scale_files(fixture_dir(LLAMA31_G3_TP2), tmp_path, get_method("maxabs_hw"), replace(device))
     inc, ours = _inc(0, ".json"), _load(tmp_path / (SCALES.format(rank=0) + ".json"))
     differ = [name for name, node in inc.items() if ours[name] != node]
@@ -76,8 +101,19 @@ def test_unify_of_range_and_scale_files_and_back_through_expand(run_cli, tmp_pat
     again give the TP1 files back, scale files included."""
     one, two, again = tmp_path / "tp1", tmp_path / "ep2", tmp_path / "tp1-again"
     assert run_cli("unify", "--to-tp", 1, "--in", fixture_dir(LLAMA31_G3_TP2), "--out", one).exit_code == 0
-    result = run_cli("scales", "--scale-method", "maxabs_hw", "--device", "gaudi3", "--blocklist", "^lm_head$",
-                     "--in", one, "--out", tmp_path / "recomputed")
+    result = run_cli(
+        "scales",
+        "--scale-method",
+        "maxabs_hw",
+        "--device",
+        "gaudi3",
+        "--blocklist",
+        "^lm_head$",
+        "--in",
+        one,
+        "--out",
+        tmp_path / "recomputed",
+    )
     assert result.exit_code == 0, result.stderr
     unified = MeasurementSet.discover(one, method="MAXABS_HW").read(0)
     recomputed = MeasurementSet.discover(tmp_path / "recomputed", method="MAXABS_HW").read(0)
@@ -92,7 +128,8 @@ def test_unify_of_range_and_scale_files_and_back_through_expand(run_cli, tmp_pat
     for path in (one, again):
         stem = SCALES.format(rank=0).replace("_0_2", "_0_1")
         assert zipfile.ZipFile(path / f"{stem}.npz").read("arr_0.npy") == npz.image(
-            MeasurementSet.discover(one, method="MAXABS_HW").read(0).to_stats())
+            MeasurementSet.discover(one, method="MAXABS_HW").read(0).to_stats()
+        )
 
 
 def test_inspect_and_unify_read_a_directory_of_incs_scale_files_only(run_cli, tmp_path):

@@ -81,6 +81,7 @@ def every(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hpu_division():
     """INC's calc_scale_from_maxabs with the HPU's bf16 semantics (multiply by the bf16 reciprocal)."""
+
     def calc_scale_from_maxabs(xmaxabs, fullscale, backoff=1):
         return xmaxabs * torch.tensor(1.0 / (fullscale * backoff)).to(xmaxabs.dtype)
 
@@ -101,31 +102,49 @@ class OnHpu(torch.Tensor):
 def _hpu_fp8_cast(fullscale: float):
     def cast_to_fp8(x, dtype, scale_inv=None):  # the HPU cast saturates at the device's largest value
         return x.clamp(-fullscale, fullscale).to(dtype)
+
     return cast_to_fp8
 
 
 def _hqt(device_for_scales: str, *, use_qdq: bool = False, per_channel: bool = False) -> SimpleNamespace:
     """The parsed QUANT_CONFIG a patched module carries (INC turns scale_format SCALAR into CONST for pcs)."""
     classes = {cls: kind for cls, kind, _ in every_op_classes()}
-    return SimpleNamespace(cfg={
-        "mod_dict": classes, "scale_format": ScaleFormat.CONST if per_channel else ScaleFormat.SCALAR,
-        "use_qdq": use_qdq, "fake_quant": False,
-        "dynamic_quantization": False, "device_for_scales": GAUDI[device_for_scales],
-        "row_parallel_linear_allreduce_quantization": False})
+    return SimpleNamespace(
+        cfg={
+            "mod_dict": classes,
+            "scale_format": ScaleFormat.CONST if per_channel else ScaleFormat.SCALAR,
+            "use_qdq": use_qdq,
+            "fake_quant": False,
+            "dynamic_quantization": False,
+            "device_for_scales": GAUDI[device_for_scales],
+            "row_parallel_linear_allreduce_quantization": False,
+        }
+    )
 
 
 def every_op_classes():
-    return [("Linear", "linear", None), ("QKVParallelLinear", "linear", None),
-            ("RowParallelLinear", "row_parallel_linear", None),
-            ("MergedColumnParallelLinear", "linear", None), ("MoeMatmul", "linear", None),
-            ("Matmul", "matmul", None), ("B2BMatmul", "b2b_matmul", None), ("VLLMKVCache", "kv_cache", None),
-            ("ModuleFusedSDPA", "fused_sdpa", None), ("BlockSoftmaxConstMax", "softmax", None),
-            ("VllmMixtureOfExpertsOp", "dynamic_moe", None), ("EmbeddingBag", "embedding", None)]
+    return [
+        ("Linear", "linear", None),
+        ("QKVParallelLinear", "linear", None),
+        ("RowParallelLinear", "row_parallel_linear", None),
+        ("MergedColumnParallelLinear", "linear", None),
+        ("MoeMatmul", "linear", None),
+        ("Matmul", "matmul", None),
+        ("B2BMatmul", "b2b_matmul", None),
+        ("VLLMKVCache", "kv_cache", None),
+        ("ModuleFusedSDPA", "fused_sdpa", None),
+        ("BlockSoftmaxConstMax", "softmax", None),
+        ("VllmMixtureOfExpertsOp", "dynamic_moe", None),
+        ("EmbeddingBag", "embedding", None),
+    ]
 
 
 def _method_config(method: str, backoffs, device: str = "gaudi3") -> dict:
     configs = scale_method_config_mapping[ScaleMethodString[method.upper()]]
-    config = {CfgStr.ACTIVATION: copy.copy(configs[CfgStr.ACTIVATION]), CfgStr.WEIGHT: copy.copy(configs[CfgStr.WEIGHT])}
+    config = {
+        CfgStr.ACTIVATION: copy.copy(configs[CfgStr.ACTIVATION]),
+        CfgStr.WEIGHT: copy.copy(configs[CfgStr.WEIGHT]),
+    }
     if method == "maxabs_hw_opt_weight":
         config[CfgStr.WEIGHT].params = {"weight_scales": list(DEVICES[device].hw_scales)}
     if backoffs:  # INC >= 3.5: a dict-form scale_method with "backoff" is the only way to change them
@@ -148,8 +167,10 @@ def inc_scale_stats(every: every_op.EveryOp, method: str, device_for_scales: str
     """What INC's QUANTIZE would save for our range file: {"GlobalRank", "LocalRank", "Mode", "Nodes"}."""
     range_npz = every.range_dir / f"{every_op.PREFIX}_hooks_maxabs_0_1.npz"
     measurement = inc_common.load_file(str(range_npz), np.ndarray, False)
-    params = {"lp_dtype": getattr(torch, f"float8_{fp8_format.lower()}" + ("fn" if fp8_format == "E4M3" else "")),
-              "hp_dtype": torch.bfloat16}
+    params = {
+        "lp_dtype": getattr(torch, f"float8_{fp8_format.lower()}" + ("fn" if fp8_format == "E4M3" else "")),
+        "hp_dtype": torch.bfloat16,
+    }
     config, hqt = _method_config(method, backoffs, device_for_scales), _hqt(device_for_scales)
     nodes = {}
     with pytest.MonkeyPatch.context() as patch:
@@ -165,18 +186,25 @@ def inc_scale_stats(every: every_op.EveryOp, method: str, device_for_scales: str
 
 
 def _ours(every, tmp_path, method, device, device_for, fp8_format, weights, backoffs):
-    request = ScaleRequest(in_dir=every.range_dir, out_dir=tmp_path, method=method, device=device,
-                           device_for=device_for, fp8_format=fp8_format,
-                           weights_dir=every.model_dir if weights else None,
-                           input_backoff=backoffs[0] if backoffs else None,
-                           weight_backoff=backoffs[1] if backoffs else None)
+    request = ScaleRequest(
+        in_dir=every.range_dir,
+        out_dir=tmp_path,
+        method=method,
+        device=device,
+        device_for=device_for,
+        fp8_format=fp8_format,
+        weights_dir=every.model_dir if weights else None,
+        input_backoff=backoffs[0] if backoffs else None,
+        weight_backoff=backoffs[1] if backoffs else None,
+    )
     run = make_scales(request)
     return tmp_path / f"{every_op.PREFIX}_hooks_maxabs_{run.method.file_tag}_0_1.npz"
 
 
 @pytest.mark.parametrize(("method", "device", "device_for", "fp8_format", "weights", "backoffs"), CASES)
-def test_our_npz_is_incs_pickle_byte_for_byte(every, hpu_division, tmp_path, method, device, device_for, fp8_format,
-                                              weights, backoffs):
+def test_our_npz_is_incs_pickle_byte_for_byte(
+    every, hpu_division, tmp_path, method, device, device_for, fp8_format, weights, backoffs
+):
     ours = _ours(every, tmp_path, method, device, device_for, fp8_format, weights, backoffs)
     inc = inc_scale_stats(every, method, device_for or device, fp8_format, backoffs)
     holder = np.empty((), dtype=object)
@@ -184,7 +212,7 @@ def test_our_npz_is_incs_pickle_byte_for_byte(every, hpu_division, tmp_path, met
     inc_pickle = pickle.dumps(holder, protocol=3)  # numpy 1.x's np.savez pickle (module spelled numpy._core here)
     stats = MeasurementSet.discover(tmp_path, method=ours.name.split("_hooks_maxabs_")[1].rsplit("_0_1")[0]).read(0)
     image = npz.image(stats.to_stats(), core="numpy._core.multiarray")
-    body = image[image.index(b"\n") + 1:]
+    body = image[image.index(b"\n") + 1 :]
     if body != inc_pickle:  # name the first node that differs, by value
         loaded = npz.load(ours)["Nodes"]
         for name, node in inc["Nodes"].items():
@@ -204,13 +232,17 @@ def _plain(value):
 @pytest.fixture
 def stub_hpu_kernels(monkeypatch):
     """QuantInput/DequantOutput look up the HPU cast kernel when built; give them an inert one."""
+
     class Kernel:
         def __init__(self, scale_format, is_dynamic=False):
             pass
 
     factory = inc_wrappers.QuantizedFuncWrapperFactory
-    monkeypatch.setattr(factory, "_QuantizedFuncWrapperFactory__device_func_wrappers_mapping",
-                        {op: Kernel for op in inc_wrappers.OP_TYPE})
+    monkeypatch.setattr(
+        factory,
+        "_QuantizedFuncWrapperFactory__device_func_wrappers_mapping",
+        {op: Kernel for op in inc_wrappers.OP_TYPE},
+    )
     monkeypatch.setattr(factory, "_QuantizedFuncWrapperFactory__quantized_func_wrapper_instances", {})
 
 
@@ -228,8 +260,11 @@ def inc_loads(every, path, method: str, device: str, experts: int = every_op.EXP
     configured = {}
     for name, module_scales in scales.items():
         cls, kind, _ = every.modules[name]
-        hqt = _hqt(device, use_qdq=kind == "embedding",  # INC's embedding quantizer has only the QDQ path
-                   per_channel="pcs" in method)
+        hqt = _hqt(
+            device,
+            use_qdq=kind == "embedding",  # INC's embedding quantizer has only the QDQ path
+            per_channel="pcs" in method,
+        )
         quantizer = ops_quantizer.get_op_quantizer(config, _module(name, every, hqt, experts), None, params, cls)
         q_dq = quantizer.scales_module_config_to_q_and_dq(module_scales)
         for scale, quant in zip(module_scales.inputs, q_dq.inputs):
@@ -242,11 +277,21 @@ def inc_loads(every, path, method: str, device: str, experts: int = every_op.EXP
     return configured
 
 
-@pytest.mark.parametrize(("method", "device", "weights"), [
-    ("maxabs_hw", "gaudi3", False), ("maxabs_hw", "gaudi2", False), ("maxabs_pow2", "gaudi3", False),
-    ("maxabs_arbitrary", "gaudi2", False), ("unit_scale", "gaudi3", False), ("hw_aligned_single_scale", "gaudi2", False),
-    ("act_maxabs_hw_weights_pcs_maxabs_pow2", "gaudi3", True), ("act_maxabs_pow2_weights_pcs_opt_pow2", "gaudi2", True),
-    ("maxabs_hw_opt_weight", "gaudi3", True), ("maxabs_pow2_opt_weight", "gaudi2", True)])
+@pytest.mark.parametrize(
+    ("method", "device", "weights"),
+    [
+        ("maxabs_hw", "gaudi3", False),
+        ("maxabs_hw", "gaudi2", False),
+        ("maxabs_pow2", "gaudi3", False),
+        ("maxabs_arbitrary", "gaudi2", False),
+        ("unit_scale", "gaudi3", False),
+        ("hw_aligned_single_scale", "gaudi2", False),
+        ("act_maxabs_hw_weights_pcs_maxabs_pow2", "gaudi3", True),
+        ("act_maxabs_pow2_weights_pcs_opt_pow2", "gaudi2", True),
+        ("maxabs_hw_opt_weight", "gaudi3", True),
+        ("maxabs_pow2_opt_weight", "gaudi2", True),
+    ],
+)
 def test_inc_loader_takes_our_files_for_every_op_type(every, stub_hpu_kernels, tmp_path, method, device, weights):
     path = _ours(every, tmp_path, method, device, None, "E4M3", weights, None)
     configured = inc_loads(every, path, method, device)
@@ -256,13 +301,15 @@ def test_inc_loader_takes_our_files_for_every_op_type(every, stub_hpu_kernels, t
 
 def test_inc_loader_fails_on_the_old_layouts(every, stub_hpu_kernels, tmp_path):
     """Without `outputs` on KV nodes INC's loader raises; a 3-input / 2-output fused SDPA fails when configured."""
-    good = MeasurementSet.discover(_ours(every, tmp_path, "maxabs_hw", "gaudi3", None, "E4M3", False, None).parent,
-                                   method="MAXABS_HW").read(0)
+    good = MeasurementSet.discover(
+        _ours(every, tmp_path, "maxabs_hw", "gaudi3", None, "E4M3", False, None).parent, method="MAXABS_HW"
+    ).read(0)
     kv = every_op.IMPL.format(i=0) + ".k_cache"
     sdpa = every_op.IMPL.format(i=0) + ".fused_scaled_dot_product_attention"
-    for broken, error in (({kv: {"inputs": good.nodes[kv]["inputs"]}}, RuntimeError),
-                          ({sdpa: {"inputs": list(good.nodes[sdpa]["inputs"][:3]), "outputs": [0.5, 0.25]}},
-                           IndexError)):
+    for broken, error in (
+        ({kv: {"inputs": good.nodes[kv]["inputs"]}}, RuntimeError),
+        ({sdpa: {"inputs": list(good.nodes[sdpa]["inputs"][:3]), "outputs": [0.5, 0.25]}}, IndexError),
+    ):
         out = tmp_path / "old"
         write_rank_file(RankFile(name=good.name, nodes={**good.nodes, **broken}, mode=MODE_SCALE), out)
         with pytest.raises(error):
@@ -278,23 +325,43 @@ def test_inc_fails_on_allreduce_quantization_so_we_refuse_it(every):
     hqt.cfg["row_parallel_linear_allreduce_quantization"] = True
     name = every_op.ATTN.format(i=0) + ".o_proj"
     with pytest.raises(AttributeError, match="output_scale_method_config"):
-        ops_quantizer.get_op_quantizer(_method_config("maxabs_hw", None), _module(name, every, hqt), None,
-                                       {"lp_dtype": torch.float8_e4m3fn, "hp_dtype": torch.bfloat16},
-                                       "RowParallelLinear")
+        ops_quantizer.get_op_quantizer(
+            _method_config("maxabs_hw", None),
+            _module(name, every, hqt),
+            None,
+            {"lp_dtype": torch.float8_e4m3fn, "hp_dtype": torch.bfloat16},
+            "RowParallelLinear",
+        )
     with pytest.raises(ConfigError, match="AttributeError"):
-        make_scales(ScaleRequest(in_dir=every.range_dir, out_dir=every.range_dir.parent / "x", method="maxabs_hw",
-                                 device="gaudi3", allreduce_quantization=True))
+        make_scales(
+            ScaleRequest(
+                in_dir=every.range_dir,
+                out_dir=every.range_dir.parent / "x",
+                method="maxabs_hw",
+                device="gaudi3",
+                allreduce_quantization=True,
+            )
+        )
 
 
 def test_inc_own_scale_npz_loads_through_our_reader_unchanged():
     """The stats INC pickled above decode through our allow-list reader (0-d arrays, tuples, int keys)."""
-    stats = {"GlobalRank": None, "LocalRank": 0, "Mode": "Scale", "Nodes": {
-        "a": {"inputs": [np.array(0.5, dtype=np.float32)], "outputs": (np.array(0.25, dtype=np.float32),),
-              "params": {"weight": {0: np.array([0.5, 2.0], dtype=np.float32), 1: np.ones(3, dtype=np.float32)}}},
-        "b": {"inputs": (), "outputs": (np.array(1.0, dtype=np.float32),), "params": {}}}}
+    stats = {
+        "GlobalRank": None,
+        "LocalRank": 0,
+        "Mode": "Scale",
+        "Nodes": {
+            "a": {
+                "inputs": [np.array(0.5, dtype=np.float32)],
+                "outputs": (np.array(0.25, dtype=np.float32),),
+                "params": {"weight": {0: np.array([0.5, 2.0], dtype=np.float32), 1: np.ones(3, dtype=np.float32)}},
+            },
+            "b": {"inputs": (), "outputs": (np.array(1.0, dtype=np.float32),), "params": {}},
+        },
+    }
     holder = np.empty((), dtype=object)
     holder[()] = stats
-    header = npz.image({})[:npz.image({}).index(b"\n") + 1]
+    header = npz.image({})[: npz.image({}).index(b"\n") + 1]
     import io
 
     buffer = io.BytesIO()
@@ -302,8 +369,11 @@ def test_inc_own_scale_npz_loads_through_our_reader_unchanged():
         archive.writestr("arr_0.npy", header + pickle.dumps(holder, protocol=3))
     path = StatsName("p", method="MAXABS_HW").file(".", ".npz")
     loaded = npz.load(_write(buffer.getvalue(), path))
-    assert loaded["Nodes"]["a"] == {"inputs": [0.5], "outputs": (0.25,), "params": {"weight": {0: [0.5, 2.0],
-                                                                                               1: [1.0, 1.0, 1.0]}}}
+    assert loaded["Nodes"]["a"] == {
+        "inputs": [0.5],
+        "outputs": (0.25,),
+        "params": {"weight": {0: [0.5, 2.0], 1: [1.0, 1.0, 1.0]}},
+    }
     assert loaded["Nodes"]["b"] == {"inputs": (), "outputs": (1.0,), "params": {}}
     assert npz.image(loaded, core="numpy._core.multiarray").endswith(pickle.dumps(holder, protocol=3))
 
@@ -323,16 +393,29 @@ def test_inc_loader_takes_our_files_of_a_real_expert_parallel_moe_run(stub_hpu_k
     from ray_calib.inc.optypes import op_type
     from tests.conftest import DS_R1_TP16, fixture_dir
 
-    run = make_scales(ScaleRequest(in_dir=fixture_dir(DS_R1_TP16), out_dir=tmp_path, method="maxabs_hw",
-                                   device="gaudi2"))
+    run = make_scales(
+        ScaleRequest(in_dir=fixture_dir(DS_R1_TP16), out_dir=tmp_path, method="maxabs_hw", device="gaudi2")
+    )
     assert run.ranks == 16
     ranges = MeasurementSet.discover(DS_R1_TP16).read(5)
-    classes = {"linear": "Linear", "matmul": "Matmul", "b2b_matmul": "B2BMatmul", "kv_cache": "VLLMKVCache",
-               "fused_sdpa": "ModuleFusedSDPA", "dynamic_moe": "VllmMixtureOfExpertsOp"}
+    classes = {
+        "linear": "Linear",
+        "matmul": "Matmul",
+        "b2b_matmul": "B2BMatmul",
+        "kv_cache": "VLLMKVCache",
+        "fused_sdpa": "ModuleFusedSDPA",
+        "dynamic_moe": "VllmMixtureOfExpertsOp",
+    }
     ops = frozenset(name.split(".w13_list.")[0] for name in ranges.nodes if ".w13_list." in name)
-    modules = {name: (classes[kind], kind, None) for name, node in ranges.nodes.items()
-               for kind in [op_type(name, node, ops)]}
-    configured = inc_loads(SimpleNamespace(modules=modules), tmp_path / "inc_measure_output_hooks_maxabs_MAXABS_HW_5_16.npz",
-                           "maxabs_hw", "gaudi2", experts=16)
+    modules = {
+        name: (classes[kind], kind, None) for name, node in ranges.nodes.items() for kind in [op_type(name, node, ops)]
+    }
+    configured = inc_loads(
+        SimpleNamespace(modules=modules),
+        tmp_path / "inc_measure_output_hooks_maxabs_MAXABS_HW_5_16.npz",
+        "maxabs_hw",
+        "gaudi2",
+        experts=16,
+    )
     assert len(configured) == len(ranges.nodes) == 2707
     assert set(configured.values()) == set(classes)

@@ -81,8 +81,11 @@ def test_tokenizer_matches_config_and_has_a_chat_template(models):
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id and len(ids) < len(text) / 2  # BPE learned the corpus words
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
-    chat = tokenizer.apply_chat_template([{"role": "system", "content": "S."}, {"role": "user", "content": "Q?"}],
-                                         tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "S."}, {"role": "user", "content": "Q?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert chat == "<|begin|><|system|>S.<|end|><|user|>Q?<|end|><|assistant|>"
 
 
@@ -124,8 +127,10 @@ def test_make_calib_set_writes_each_format(tmp_path, fmt, name):
 
 
 def test_commands_module_imports_no_heavy_packages():
-    code = ("import sys, ray_calib.testing.commands; "
-            "print(sorted(m for m in ('torch', 'transformers', 'tokenizers', 'pandas', 'safetensors') if m in sys.modules))")
+    code = (
+        "import sys, ray_calib.testing.commands; "
+        "print(sorted(m for m in ('torch', 'transformers', 'tokenizers', 'pandas', 'safetensors') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -148,7 +153,8 @@ def test_vllm_cpu_loads_and_generates(models, arch, tmp_path):
     script = tmp_path / "generate.py"
     script.write_text(_GENERATE)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    run = subprocess.run([sys.executable, str(script), str(models[arch])], capture_output=True, text=True,
-                         env=env, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(script), str(models[arch])], capture_output=True, text=True, env=env, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "TOKENS 6" in run.stdout

@@ -37,17 +37,25 @@ def make_calib_set(fmt: str, out: str | os.PathLike, *, num_samples: int = 64, s
 
 
 def _pile(out: Path, rng: random.Random, count: int) -> None:
-    lines = [json.dumps({TEXT_FIELD: corpus.paragraph(rng, 1, 16), "meta": {"source": "ray-calib-synthetic"}})
-             for _ in range(count)]
+    lines = [
+        json.dumps({TEXT_FIELD: corpus.paragraph(rng, 1, 16), "meta": {"source": "ray-calib-synthetic"}})
+        for _ in range(count)
+    ]
     atomic.write_text(out, "\n".join(lines) + "\n")
 
 
 def _mlcommons(out: Path, rng: random.Random, count: int) -> None:
     import pandas as pd
 
-    rows = [{"dataset": "synthetic", SYSTEM_FIELD: rng.choice(corpus.SYSTEM_PROMPTS),
-             QUESTION_FIELD: f"{corpus.question(rng)} {corpus.paragraph(rng, 0, 6)}".strip(),
-             "ground_truth": corpus.sentence(rng)} for _ in range(count)]
+    rows = [
+        {
+            "dataset": "synthetic",
+            SYSTEM_FIELD: rng.choice(corpus.SYSTEM_PROMPTS),
+            QUESTION_FIELD: f"{corpus.question(rng)} {corpus.paragraph(rng, 0, 6)}".strip(),
+            "ground_truth": corpus.sentence(rng),
+        }
+        for _ in range(count)
+    ]
     # What `DataFrame.to_pickle` writes, but through ray_calib.atomic (no half-written file).
     atomic.write_bytes(out, pickle.dumps(pd.DataFrame(rows), protocol=pickle.HIGHEST_PROTOCOL))
 

@@ -9,22 +9,109 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-_SUBJECTS = ("the model", "a cluster", "the operator", "each rank", "the router", "an expert", "the scale",
-             "a worker", "the head node", "every layer", "the cache", "this prompt", "a token", "the team")
-_VERBS = ("measures", "reads", "writes", "routes", "computes", "stores", "sends", "checks", "splits",
-          "merges", "quantizes", "loads", "serves", "counts", "compares", "keeps", "finds", "shows")
-_OBJECTS = ("the weights", "a range", "the activations", "every expert", "the latent cache", "a shard",
-            "the batch", "its tensors", "the file", "a report", "the results", "the maximum", "all heads",
-            "the numbers", "a plot", "the samples", "each chunk", "the hidden state")
-_TAILS = ("before the run", "after a crash", "on every node", "at eight ranks", "in one pass",
-          "for the next step", "with a small error", "without a copy", "across two machines",
-          "in the morning", "at low precision", "by the book", "once more", "as expected")
-_TOPICS = ("calibration", "inference", "routing", "quantization", "attention", "memory", "networks",
-           "experts", "tokens", "numbers", "weather", "rivers", "music", "cooking", "history", "gardens")
-_QUESTIONS = ("What is {t}?", "Why does {t} matter?", "How would you explain {t} to a child?",
-              "Write a short note about {t}.", "List three facts about {t}.", "Compare {t} and {u}.")
-SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are a careful engineer. Answer briefly.",
-                  "You answer questions about science and daily life.")
+_SUBJECTS = (
+    "the model",
+    "a cluster",
+    "the operator",
+    "each rank",
+    "the router",
+    "an expert",
+    "the scale",
+    "a worker",
+    "the head node",
+    "every layer",
+    "the cache",
+    "this prompt",
+    "a token",
+    "the team",
+)
+_VERBS = (
+    "measures",
+    "reads",
+    "writes",
+    "routes",
+    "computes",
+    "stores",
+    "sends",
+    "checks",
+    "splits",
+    "merges",
+    "quantizes",
+    "loads",
+    "serves",
+    "counts",
+    "compares",
+    "keeps",
+    "finds",
+    "shows",
+)
+_OBJECTS = (
+    "the weights",
+    "a range",
+    "the activations",
+    "every expert",
+    "the latent cache",
+    "a shard",
+    "the batch",
+    "its tensors",
+    "the file",
+    "a report",
+    "the results",
+    "the maximum",
+    "all heads",
+    "the numbers",
+    "a plot",
+    "the samples",
+    "each chunk",
+    "the hidden state",
+)
+_TAILS = (
+    "before the run",
+    "after a crash",
+    "on every node",
+    "at eight ranks",
+    "in one pass",
+    "for the next step",
+    "with a small error",
+    "without a copy",
+    "across two machines",
+    "in the morning",
+    "at low precision",
+    "by the book",
+    "once more",
+    "as expected",
+)
+_TOPICS = (
+    "calibration",
+    "inference",
+    "routing",
+    "quantization",
+    "attention",
+    "memory",
+    "networks",
+    "experts",
+    "tokens",
+    "numbers",
+    "weather",
+    "rivers",
+    "music",
+    "cooking",
+    "history",
+    "gardens",
+)
+_QUESTIONS = (
+    "What is {t}?",
+    "Why does {t} matter?",
+    "How would you explain {t} to a child?",
+    "Write a short note about {t}.",
+    "List three facts about {t}.",
+    "Compare {t} and {u}.",
+)
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a careful engineer. Answer briefly.",
+    "You answer questions about science and daily life.",
+)
 
 
 def sentence(rng: random.Random) -> str:

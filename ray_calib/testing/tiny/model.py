@@ -26,18 +26,42 @@ ARCHS = ("deepseek_v3", "deepseek_r1", "llama")
 VOCAB_SIZE = 1024
 
 _COMMON: dict[str, Any] = {
-    "vocab_size": VOCAB_SIZE, "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,
-    "max_position_embeddings": 1024, "rms_norm_eps": 1e-6, "initializer_range": 0.02,
-    "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2,
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.02,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 2,
 }
 _DEEPSEEK_V3 = {
-    **_COMMON, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-    "num_hidden_layers": 4, "first_k_dense_replace": 1, "intermediate_size": 512,
-    "q_lora_rank": 128, "kv_lora_rank": 512, "qk_nope_head_dim": 64, "qk_rope_head_dim": 64,
-    "v_head_dim": 64, "head_dim": 64,
-    "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "moe_intermediate_size": 256,
-    "n_group": 1, "topk_group": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
-    "norm_topk_prob": True, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 0,
+    **_COMMON,
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "num_hidden_layers": 4,
+    "first_k_dense_replace": 1,
+    "intermediate_size": 512,
+    "q_lora_rank": 128,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 64,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 64,
+    "head_dim": 64,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "moe_intermediate_size": 256,
+    "n_group": 1,
+    "topk_group": 1,
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "num_nextn_predict_layers": 0,
     "rope_interleave": True,
 }
 
@@ -46,13 +70,25 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # DeepSeek-R1's heads and routing at toy size (128 / 16 ranks = 8 experts per rank; vLLM's CPU MoE kernel
     # pads each rank's slice to 32: zeros, no effect)
     "deepseek_r1": {
-        **_DEEPSEEK_V3, "num_attention_heads": 16, "num_key_value_heads": 16, "num_hidden_layers": 5,
-        "first_k_dense_replace": 2, "n_routed_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 128,
-        "n_group": 8, "topk_group": 4,
+        **_DEEPSEEK_V3,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "num_hidden_layers": 5,
+        "first_k_dense_replace": 2,
+        "n_routed_experts": 256,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 128,
+        "n_group": 8,
+        "topk_group": 4,
     },
     "llama": {
-        **_COMMON, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "num_hidden_layers": 4, "intermediate_size": 512, "head_dim": 64, "hidden_act": "silu",
+        **_COMMON,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "num_hidden_layers": 4,
+        "intermediate_size": 512,
+        "head_dim": 64,
+        "hidden_act": "silu",
     },
 }
 
@@ -91,9 +127,14 @@ def make_tiny_model(arch: str, out: str | os.PathLike, *, seed: int = 0, force: 
         tokenizer.save_pretrained(str(stage))
         GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2, do_sample=False).save_pretrained(str(stage))
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    return TinyModel(path=out, arch=arch, num_parameters=sum(p.numel() for p in model.parameters()),
-                     num_layers=config.num_hidden_layers, num_experts=getattr(config, "n_routed_experts", 0),
-                     size_bytes=size)
+    return TinyModel(
+        path=out,
+        arch=arch,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        num_layers=config.num_hidden_layers,
+        num_experts=getattr(config, "n_routed_experts", 0),
+        size_bytes=size,
+    )
 
 
 def _spread_router_bias(model, seed: int) -> None:
