@@ -5,7 +5,7 @@ UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 export SSL_CERT_FILE ?= /etc/ssl/certs/ca-certificates.crt
 
-.PHONY: setup demo lint lint-imports typecheck test test-quick bench clean
+.PHONY: setup demo lint lint-imports typecheck test test-extended test-quick bench clean
 
 setup: $(STAMP)
 
@@ -30,10 +30,15 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy ray_calib
 
-# every behaviour: the layer contracts, lint, then all tests (slow and cluster ones included)
+# every behaviour: the layer contracts, lint, then the tests (vLLM, Ray and sshd really started) in ~10 min
 test: lint-imports lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not extended"
 
+# the extended tier: TP4, every re-shard invariant, the real model's quality, INC on CPU, the demo (~30 min)
+test-extended: setup
+	$(PY) -m pytest -q -m extended
+
+# without vLLM/Ray runs (~2 min): for editing
 test-quick: lint-imports lint
 	$(PY) -m pytest -q -m "not slow"
 

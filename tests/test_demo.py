@@ -9,6 +9,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.cluster
 @pytest.mark.timeout(2400)
 def test_demo_runs_the_whole_pipeline(tmp_path):

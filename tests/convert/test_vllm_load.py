@@ -90,6 +90,7 @@ def test_tiny_deepseek_fp8_loads_and_generates(tmp_path, tiny_deepseek):
     assert run.quantization == "compressed-tensors"
 
 
+@pytest.mark.extended
 def test_tiny_llama_fp8_with_fp8_kv_scales_tp1_and_tp2(tmp_path, tiny_llama):
     out = quantized(tmp_path, tiny_llama, fp8_kv=True)
     tp1 = generate(out, tp=1, kv_dtype="fp8")

@@ -28,7 +28,7 @@ from tests.measure.conftest import REPO, measure_args, measure_env, run_measure
 from tests.measure.test_reshard_invariant import Diff
 from tests.measure.test_resume_and_ray import two_ray_nodes  # noqa: F401 - fixture
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.slow, pytest.mark.extended, pytest.mark.cluster]
 INC_ON_CPU = {"RAY_CALIB_INC_ON_CPU": "1"}
 
 

@@ -24,18 +24,18 @@ def ranks(run):
 
 
 def with_backends(cases):
-    """(arch, tp, fp8_kv) cases -> (arch, tp, fp8_kv, backend) params, DeepSeek once per MLA backend."""
+    """(arch, tp, fp8_kv) cases -> (arch, tp, fp8_kv, backend) params, DeepSeek once per MLA backend.
+    TP=4 repeats what TP=2 shows with more ranks: it is in the extended tier."""
     params = []
     for arch, tp, fp8_kv in cases:
+        tier = [pytest.mark.extended] if tp == 4 else []
         if arch != "deepseek_v3":
-            params.append(pytest.param(arch, tp, fp8_kv, None, id=f"{arch}-tp{tp}"))
+            params.append(pytest.param(arch, tp, fp8_kv, None, marks=tier, id=f"{arch}-tp{tp}"))
             continue
         for backend in MLA_BACKENDS:
-            params.append(
-                pytest.param(
-                    arch, tp, fp8_kv, backend.values[0], marks=backend.marks, id=f"{arch}-tp{tp}-{backend.values[0]}"
-                )
-            )
+            backend_name = backend.values[0]
+            marks = [*backend.marks, *tier]
+            params.append(pytest.param(arch, tp, fp8_kv, backend_name, marks=marks, id=f"{arch}-tp{tp}-{backend_name}"))
     return params
 
 

@@ -46,7 +46,7 @@ from ray_calib.inc import MeasurementSet, read_coverage
 from ray_calib.measurements import unify_ranks
 from tests.measure.conftest import ARCH_BACKENDS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 SOURCE_TP = 4
 PERMUTED_SEEDS = (1, 2)  # with the model itself: three realizations of the same function at TP=4

@@ -41,6 +41,7 @@ def children(pid: int) -> list[int]:
     return [p.pid for p in psutil.Process(pid).children(recursive=True)]
 
 
+@pytest.mark.extended
 def test_killed_worker_then_resume_gives_the_same_files(measured, tiny_models, calib_set, tmp_path):
     reference = measured("llama", 2, True)
     out = tmp_path / "resumed"
@@ -147,6 +148,7 @@ def stop_processes_under(temp: Path) -> None:
         psutil.wait_procs(ours, timeout=15)
 
 
+@pytest.mark.extended
 @pytest.mark.cluster
 def test_two_ray_nodes_equal_one_node(measured, tiny_models, calib_set, tmp_path, two_ray_nodes):
     reference = measured("llama", 2, True)

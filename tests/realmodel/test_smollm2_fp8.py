@@ -17,7 +17,7 @@ import pytest
 
 from ray_calib.realmodel import texts
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 # Facts the BF16 model gets right (it names John F. Kennedy as the first US president: not asked here).
 ANSWERS = {"The capital of France is": "Paris", "The largest planet in the solar system is": "Jupiter"}

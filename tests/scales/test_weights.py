@@ -125,7 +125,7 @@ def test_fp8_weights_are_dequantized_first(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("arch", [pytest.param("llama", marks=pytest.mark.extended), "deepseek_v3"])
 def test_shards_are_what_vllm_holds_at_tp2(tmp_path_factory, run_cli, tiny_model, arch):
     """A real TP2 measurement records each rank's weight max from the shard vLLM loaded; the checkpoint shards
     must give the same scale for every weight node (run under the heavy-run lock: it starts vLLM)."""

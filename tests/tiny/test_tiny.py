@@ -147,8 +147,14 @@ _GENERATE = textwrap.dedent("""
 """)
 
 
+# the R1 shape is loaded only here; Llama and V3 are loaded by the measure and quantize tests too
+LOADED_ELSEWHERE = {"llama", "deepseek_v3"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize(
+    "arch", [pytest.param(a, marks=[pytest.mark.extended] if a in LOADED_ELSEWHERE else []) for a in sorted(CONFIGS)]
+)
 def test_vllm_cpu_loads_and_generates(models, arch, tmp_path):
     script = tmp_path / "generate.py"
     script.write_text(_GENERATE)
