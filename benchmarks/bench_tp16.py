@@ -331,7 +331,7 @@ def _serve_and_ask(runner: Runner, run_dir: Path, args: argparse.Namespace, refe
         )
         runner.sampler.stage = stage.memory
         started = time.perf_counter()
-        answer = complete(server, PROMPT, max_tokens=ANSWER_TOKENS)
+        answer = complete(server, PROMPT, max_tokens=ANSWER_TOKENS, timeout_s=1800)
         runner.sampler.sample()
         seconds = time.perf_counter() - started
     finally:

@@ -315,14 +315,18 @@ def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> N
         + "vllm "
         + " ".join(runner.serve_args(config, host=host, port=port))
     )
-    click.echo(f"  (everything else is vLLM's default: {runner.PROFILE_NOTE[config.device == 'cpu']})")
+    note = runner.PROFILE_NOTE[config.device == "cpu"]
+    if runner.cpu_emulated_fp8_moe(config):  # --enforce-eager above: say why, and drop torch.compile from the note
+        click.echo("  (eager: torch.compile cannot trace the CPU emulation of an FP8 MoE)")
+        note = note.split(", ", 1)[1]
+    click.echo(f"  (everything else is vLLM's default: {note})")
     server = runner.serve(config, host=host, port=port, log=run.root / "infer" / "vllm-serve.log")
     stop_server = True
     try:
         reported = runner.served_settings(server)
         if "max_model_len" in reported:
             click.echo(f"  server reports max_model_len {reported['max_model_len']}")
-        reply = runner.complete(server, "Hello")
+        reply = runner.complete(server, "Hello", timeout_s=config.timeout_s)
         click.echo(
             f"serving {config.model} at {server.url}/v1 (model '{server.model_name}', pid {server.pid}); "
             f"smoke test completion: {reply.strip()!r}; log {server.log}"

@@ -270,8 +270,9 @@ def served_settings(server: Server) -> dict[str, object]:
     return {key: entry[key] for key in ("id", "max_model_len", "root") if key in entry}
 
 
-def complete(server: Server, prompt: str, *, max_tokens: int = 16) -> str:
-    """One completion through the OpenAI API: the smoke test that the server really serves."""
+def complete(server: Server, prompt: str, *, max_tokens: int = 16, timeout_s: float = 120) -> str:
+    """One completion through the OpenAI API: the smoke test that the server really serves.
+    The first request of an eager CPU server can take minutes (an FP8 MoE at TP=8 on a few cores)."""
     body = json.dumps(
         {"model": server.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     ).encode()
@@ -279,7 +280,7 @@ def complete(server: Server, prompt: str, *, max_tokens: int = 16) -> str:
         f"{server.url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read())["choices"][0]["text"]
     except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError, IndexError) as err:
         raise EngineError(
