@@ -26,12 +26,12 @@ lint: setup
 	$(VENV)/bin/ruff check ray_calib tests benchmarks
 	$(VENV)/bin/ruff format --check ray_calib tests benchmarks
 
-# mypy is configured (pyproject.toml) but not yet clean, so `make test` does not run it
+# mypy over the package (config in pyproject.toml [tool.mypy]; vLLM, Ray, torch, ... are typed as Any)
 typecheck: setup
 	$(VENV)/bin/mypy ray_calib
 
-# every behaviour: the layer contracts, lint, then the tests (vLLM, Ray and sshd really started) in ~10 min
-test: lint-imports lint
+# every behaviour: the layer contracts, lint, types, then the tests (vLLM, Ray and sshd really started), ~10 min
+test: lint-imports lint typecheck
 	$(PY) -m pytest -q -m "not extended"
 
 # the extended tier: TP4, every re-shard invariant, the real model's quality, INC on CPU, the demo (~30 min)
@@ -39,7 +39,7 @@ test-extended: setup
 	$(PY) -m pytest -q -m extended
 
 # without vLLM/Ray runs (~2 min): for editing
-test-quick: lint-imports lint
+test-quick: lint-imports lint typecheck
 	$(PY) -m pytest -q -m "not slow"
 
 # The layer contracts of pyproject.toml [tool.importlinter] (stages import only downward; nothing imports testing).

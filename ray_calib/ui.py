@@ -24,8 +24,12 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:  # rich is imported when a bar is drawn on a terminal
+    from rich.progress import Progress, TaskID
 
 # Loggers of the libraries we run; their records go to the command's log file, not to our streams.
 LIBRARY_LOGGERS = ("vllm", "ray", "transformers", "torch", "neural_compressor", "huggingface_hub", "urllib3")
@@ -133,8 +137,8 @@ class Bar:
         self._done_here = 0
         self._started = time.monotonic()
         self._last_line = self._started
-        self._rich = None  # the rich Progress on a terminal
-        self._task = None
+        self._rich: Progress | None = None  # the rich Progress on a terminal
+        self._task: TaskID | None = None
         self._plain = False  # plain lines every `interval` s (stderr is not a terminal)
 
     def rates(self) -> str:
@@ -162,7 +166,7 @@ class Bar:
         self._done_here += n
         for name, count in counts.items():
             self.counts[name] = self.counts.get(name, 0) + count
-        if self._rich is not None:
+        if self._rich is not None and self._task is not None:  # set together
             self._rich.update(self._task, advance=n, rates=self.rates())
         elif self._plain and time.monotonic() - self._last_line >= self.interval:
             self._last_line = time.monotonic()

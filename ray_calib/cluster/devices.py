@@ -22,6 +22,7 @@ import re
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from ray_calib.errors import ConfigError
 
@@ -75,6 +76,29 @@ _NODE_KEY = re.compile(r"^(HEAD|WORKER([1-9]\d*)?)_NODE_([A-Z_]+)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 _SIZE = re.compile(r"^(\d+)([KMGT]?)B?$", re.IGNORECASE)
+_T = TypeVar("_T")
+
+
+class _Values(dict[str, object]):
+    """Converted values by key; each kind of GLOBAL_KEYS/NODE_FIELDS converts to one type, read back here."""
+
+    def number(self, key: str) -> int:
+        return _typed(key, self[key], int)
+
+    def text(self, key: str) -> str:
+        return _typed(key, self[key], str)
+
+    def maybe_number(self, key: str) -> int | None:
+        return None if self[key] is None else self.number(key)
+
+    def maybe_text(self, key: str) -> str | None:
+        return None if self[key] is None else self.text(key)
+
+
+def _typed(key: str, value: object, kind: type[_T]) -> _T:
+    if not isinstance(value, kind):
+        raise AssertionError(f"{key}: {value!r} is not a {kind.__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -244,7 +268,7 @@ def _build(path: Path, p: _Parsed) -> ClusterConfig | None:
             groups.setdefault(index, {})[m[3]] = key
         elif key not in known:
             _unknown(p, key, sorted(known))
-    cluster = {k: _value(p, k, kind, default, base) for k, (kind, default) in GLOBAL_KEYS.items()}
+    cluster = _Values({k: _value(p, k, kind, default, base) for k, (kind, default) in GLOBAL_KEYS.items()})
     defaults = {f: _value(p, f, *NODE_FIELDS[f], base) for f in NODE_DEFAULTABLE}
     if 0 not in groups or "IP" not in groups[0]:
         p.problems.append((0, "HEAD_NODE_IP is missing (the head node's address)"))
@@ -254,8 +278,8 @@ def _build(path: Path, p: _Parsed) -> ClusterConfig | None:
         first_gap = next(i for i in range(1, workers[-1] + 1) if i not in groups)
         line = min(p.lines[k] for k in groups[workers[-1]].values())
         p.problems.append((line, f"worker numbers must be consecutive: worker{first_gap} is missing"))
-    nodes = [_node(p, i, groups[i], defaults, base) for i in sorted(groups)]
-    nodes = [n for n in nodes if n is not None]
+    built = [_node(p, i, groups[i], defaults, base) for i in sorted(groups)]
+    nodes = [n for n in built if n is not None]
     if not nodes or nodes[0].role != "head":
         return None  # the head's problem is recorded; never promote a worker to head
     _check_duplicates(p, nodes)
@@ -265,10 +289,11 @@ def _build(path: Path, p: _Parsed) -> ClusterConfig | None:
     for key in ("INC_MEASURE_CONFIG_FILENAME", "INC_QUANT_CONFIG_FILENAME"):
         _check_file(p, key, cluster[key])
     total = sum(n.devices for n in nodes)
-    tp = cluster["TENSOR_PARALLEL_SIZE"] or total
-    if cluster["TENSOR_PARALLEL_SIZE"] is not None and cluster["TENSOR_PARALLEL_SIZE"] < 1:
+    tp_set = cluster.maybe_number("TENSOR_PARALLEL_SIZE")
+    tp = tp_set or total
+    if tp_set is not None and tp_set < 1:
         p.problems.append((p.lines["TENSOR_PARALLEL_SIZE"], "TENSOR_PARALLEL_SIZE must be >= 1"))
-    if not cluster["RAY_AUTH_TOKEN_PATH"].startswith(("/", "~")):
+    if not cluster.text("RAY_AUTH_TOKEN_PATH").startswith(("/", "~")):
         p.problems.append(
             (
                 p.lines["RAY_AUTH_TOKEN_PATH"],
@@ -282,18 +307,18 @@ def _build(path: Path, p: _Parsed) -> ClusterConfig | None:
     return ClusterConfig(
         path=path,
         nodes=tuple(nodes),
-        port=cluster["RAY_CLUSTER_PORT"],
-        dashboard_port=cluster["RAY_DASHBOARD_PORT"],
-        client_server_port=cluster["RAY_CLIENT_SERVER_PORT"],
-        token_path=cluster["RAY_AUTH_TOKEN_PATH"],
-        work_dir=cluster["WORK_DIR"] or str(base),
-        min_free_disk_gb=cluster["MIN_FREE_DISK_GB"],
+        port=cluster.number("RAY_CLUSTER_PORT"),
+        dashboard_port=cluster.number("RAY_DASHBOARD_PORT"),
+        client_server_port=cluster.number("RAY_CLIENT_SERVER_PORT"),
+        token_path=cluster.text("RAY_AUTH_TOKEN_PATH"),
+        work_dir=cluster.maybe_text("WORK_DIR") or str(base),
+        min_free_disk_gb=cluster.number("MIN_FREE_DISK_GB"),
         tensor_parallel_size=tp,
-        health_timeout=cluster["HEALTH_TIMEOUT"],
-        known_hosts=os.path.expanduser(cluster["SSH_KNOWN_HOSTS"]),
-        connect_timeout=cluster["SSH_CONNECT_TIMEOUT"],
-        retries=cluster["SSH_RETRIES"],
-        ssh_config=os.path.expanduser(cluster["SSH_CONFIG"]),
+        health_timeout=cluster.number("HEALTH_TIMEOUT"),
+        known_hosts=os.path.expanduser(cluster.text("SSH_KNOWN_HOSTS")),
+        connect_timeout=cluster.number("SSH_CONNECT_TIMEOUT"),
+        retries=cluster.number("SSH_RETRIES"),
+        ssh_config=os.path.expanduser(cluster.text("SSH_CONFIG")),
         extras=extras,
     )
 
@@ -305,10 +330,12 @@ def _node(p: _Parsed, index: int, keys: dict[str, str], defaults: dict[str, obje
         line = min(p.lines[k] for k in keys.values())
         p.problems.append((line, f"{prefix}_IP is missing ({name} has other keys)"))
         return None
-    v = {
-        f: _value(p, keys[f], *NODE_FIELDS[f], base) if f in keys else defaults.get(f, NODE_FIELDS[f][1])
-        for f in NODE_FIELDS
-    }
+    v = _Values(
+        {
+            f: _value(p, keys[f], *NODE_FIELDS[f], base) if f in keys else defaults.get(f, NODE_FIELDS[f][1])
+            for f in NODE_FIELDS
+        }
+    )
     if v["IP"] is None:
         if p.values.get(keys["IP"]) == "":
             p.problems.append((p.lines[keys["IP"]], f"{keys['IP']} is empty (an unset $VARIABLE?)"))
@@ -317,25 +344,26 @@ def _node(p: _Parsed, index: int, keys: dict[str, str], defaults: dict[str, obje
     key_name = keys.get("SSH_KEY") or ("SSH_KEY" if "SSH_KEY" in p.values else None)
     _check_file(p, key_name, v["SSH_KEY"])
     _check_temp_dir(p, keys.get("RAY_TEMP_DIR", "RAY_TEMP_DIR"), str(v["RAY_TEMP_DIR"]))
-    if v["DEVICES"] is not None and v["DEVICES"] < 1:
+    devices = v.number("DEVICES")
+    if devices < 1:
         p.problems.append((p.lines.get(keys.get("DEVICES", "DEVICES"), 0), f"{name}: DEVICES must be >= 1"))
     return NodeConfig(
         name=name,
         role="head" if index == 0 else "worker",
-        ip=v["IP"],
-        ifname=v["IFNAME"],
-        source_file=v["SOURCE_FILENAME"],
-        ssh_host=v["SSH_HOST"] or v["IP"],
-        ssh_user=v["SSH_USER"] or getpass.getuser(),
-        ssh_port=v["SSH_PORT"],
-        ssh_key=v["SSH_KEY"],
-        device_kind=v["DEVICE_KIND"],
-        devices=v["DEVICES"],
-        python=v["PYTHON"],
-        temp_dir=os.path.normpath(v["RAY_TEMP_DIR"]),
-        num_cpus=v["RAY_NUM_CPUS"],
-        memory=v["RAY_MEMORY"],
-        object_store_memory=v["RAY_OBJECT_STORE_MEMORY"],
+        ip=v.text("IP"),
+        ifname=v.maybe_text("IFNAME"),
+        source_file=v.maybe_text("SOURCE_FILENAME"),
+        ssh_host=v.maybe_text("SSH_HOST") or v.text("IP"),
+        ssh_user=v.maybe_text("SSH_USER") or getpass.getuser(),
+        ssh_port=v.number("SSH_PORT"),
+        ssh_key=v.maybe_text("SSH_KEY"),
+        device_kind=v.text("DEVICE_KIND"),
+        devices=devices,
+        python=v.text("PYTHON"),
+        temp_dir=os.path.normpath(v.text("RAY_TEMP_DIR")),
+        num_cpus=v.maybe_number("RAY_NUM_CPUS"),
+        memory=v.maybe_number("RAY_MEMORY"),
+        object_store_memory=v.maybe_number("RAY_OBJECT_STORE_MEMORY"),
         line=p.lines[keys["IP"]],
         ssh_explicit=frozenset(f for f in ("SSH_USER", "SSH_PORT", "SSH_KEY") if f in keys or f in p.values),
     )

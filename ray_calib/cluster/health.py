@@ -57,7 +57,7 @@ def node_health(config: ClusterConfig) -> dict[str, NodeHealth]:
     if not gcs_reachable(config.address):
         return {n.name: NodeHealth(n.name, False, death="head GCS not reachable") for n in config.nodes}
     use_token(config.token_path)
-    from ray._raylet import GcsClient
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # ray's _raylet.pyi stub omits GcsClient
 
     try:
         infos = GcsClient(address=config.address).get_all_node_info(timeout=10)

@@ -263,9 +263,7 @@ def down(config: ClusterConfig, *, accept_new_host_keys: bool = False) -> list[R
         rows = [
             (
                 n.label,
-                results[n.name].detail
-                if isinstance(results[n.name], ClusterError)
-                else f"stopped ({_count(results[n.name])} processes)",
+                _stopped(results[n.name]),
                 str(runner.log_path(n)),
             )
             for n in config.nodes
@@ -281,6 +279,11 @@ def down(config: ClusterConfig, *, accept_new_host_keys: bool = False) -> list[R
             fix="fix SSH to those hosts and rerun `ray-calib down`, or run `ray stop` there",
         )
     return rows
+
+
+def _stopped(result: str | ClusterError) -> str:
+    """The `down` table's detail for one node: its error, or how many Ray processes `_stop` ended."""
+    return result.detail if isinstance(result, ClusterError) else f"stopped ({_count(result)} processes)"
 
 
 def _count(stdout: str) -> str:

@@ -18,10 +18,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ray_calib.cluster.devices import ClusterConfig, NodeConfig
 from ray_calib.errors import ClusterError
+
+if TYPE_CHECKING:  # paramiko is imported when the first connection is made
+    import paramiko
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -153,8 +156,8 @@ class SSHRunner:
         self.config = config
         self.accept_new = accept_new_host_keys
         self.log_dir = log_dir
-        self._clients: dict[str, object] = {}
-        self._jumps: list = []  # connections to ProxyJump hosts, closed with the rest
+        self._clients: dict[str, paramiko.SSHClient] = {}
+        self._jumps: list[paramiko.SSHClient] = []  # connections to ProxyJump hosts, closed with the rest
         self._lock = threading.Lock()
 
     def __enter__(self) -> SSHRunner:
@@ -288,9 +291,11 @@ class SSHRunner:
             channel = client.get_transport().open_session()
             channel.settimeout(1.0)
             channel.exec_command(f"bash -c {shlex.quote(script)}")
-        except paramiko.SSHException as err:
+        except paramiko.SSHException as refused:
             raise ClusterError(
-                node.label, f"SSH session refused ({err})", fix=f"check sshd on that host; try: {node.ssh_command()}"
+                node.label,
+                f"SSH session refused ({refused})",
+                fix=f"check sshd on that host; try: {node.ssh_command()}",
             ) from None
         out, err = bytearray(), bytearray()
         began = time.monotonic()

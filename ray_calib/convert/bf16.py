@@ -129,6 +129,7 @@ def _convert_shard(
             closing(stream(reader, [item.name for item in layout], scratch)) as tensors,
         ):
             for name, raw in tensors:
+                assert raw is not None, "the scratch takes the largest tensor whole"
                 info = checkpoint.tensors[name]
                 if name in fp8:
                     out = bf16_out[: info.numel].reshape(info.shape)

@@ -15,7 +15,7 @@ None for them and the caller copies them in `CHUNK_BYTES` blocks.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import numpy as np
 
@@ -65,9 +65,10 @@ class Scratch:
         """(slot, buffer) for the next FP8 weight, once the write of what it last held is done."""
         slot = self._fp8_next
         self._fp8_next ^= 1
-        if self._fp8_busy[slot] is not None:
+        busy = self._fp8_busy[slot]
+        if busy is not None:
             started = time.perf_counter()
-            self._fp8_busy[slot].result()
+            busy.result()
             self.write_wait += time.perf_counter() - started
             self._fp8_busy[slot] = None
         return slot, self._fp8[slot][:numel]
@@ -82,7 +83,9 @@ class Scratch:
             self.pool = None
 
 
-def stream(reader: ShardReader, names: list[str], scratch: Scratch) -> Iterator[tuple[str, np.ndarray | None]]:
+def stream(
+    reader: ShardReader, names: list[str], scratch: Scratch
+) -> Generator[tuple[str, np.ndarray | None], None, None]:
     """(name, raw bytes) in order; buffered bytes are valid until the next item. Mapped, the kernel is
     asked to read the next tensor while the caller works on this one; buffered, with two input buffers
     the next tensor is read on a thread (file reads drop the GIL). A tensor above the input limit comes
@@ -104,10 +107,12 @@ def stream(reader: ShardReader, names: list[str], scratch: Scratch) -> Iterator[
         for index, name in enumerate(names):
             yield name, read(index)
         return
+    if not names:
+        return
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
-        pending = pool.submit(read, 0) if names else None
+        pending = pool.submit(read, 0)
         for index, name in enumerate(names):
             raw = pending.result()
             if index + 1 < len(names):
@@ -147,6 +152,7 @@ def fp8_weight(raw: np.ndarray, info: TensorInfo, scale: float | None, scratch: 
     """
     slot, out = scratch.fp8_buffer(info.numel)
     if channel_scales is None and fp8.has_table(info.dtype):
+        assert scale is not None, "a per-tensor cast needs the group's scale"
         fp8.cast_with_table(raw.view(np.uint16), scratch.table(info.dtype, scale), out, scratch.pool)
         return slot, out, np.array([scale], dtype=np.float32)
     import torch

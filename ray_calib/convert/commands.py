@@ -65,6 +65,7 @@ def quantize(run_dir: str | None, **flags) -> None:
         )
         return
     s = result.summary
+    assert s is not None, "quantize_run summarizes every non-Gaudi run"
     took = sum(s.seconds.values())
     click.echo(
         f"wrote {s.out}: {s.quantized} FP8 tensors, {s.kept} kept, {len(s.shards_written)} shard(s) written, "

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ray_calib.errors import ConfigError, MeasurementError
 from ray_calib.model.checkpoint import FreeSpace, free_bytes
 from ray_calib.rundir import RunDir
+
+if TYPE_CHECKING:  # loaded with the FP8 path only
+    from ray_calib.convert.quantize import QuantizeSummary
 
 
 @dataclass
@@ -39,7 +43,7 @@ class QuantizeResult:
     method: str
     model: Path
     measurements: Path
-    summary: object | None = None  # convert.quantize.QuantizeSummary (FP8 checkpoint path)
+    summary: QuantizeSummary | None = None  # FP8 checkpoint path
     inc_config: Path | None = None  # Gaudi path
     stale: list[Path] = field(default_factory=list)
     cleaned: bool = False

@@ -7,8 +7,10 @@ mismatch between the two fails in a second with both sides listed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ray_calib.errors import ModelError
+from ray_calib.inc.meta import RunMeta
 from ray_calib.inc.methods import leaf_max
 from ray_calib.inc.rankfile import RankFile
 from ray_calib.measurements.match import QuantGroup, match_measurement
@@ -102,7 +104,7 @@ def _mismatch(missing: list[str], unmeasured: list[str], measurement: RankFile) 
     return f"measurements {measurement.name.stem} do not match the model: " + "; ".join(parts)
 
 
-def load_measurement(directory) -> tuple[RankFile, object]:
+def load_measurement(directory: str | Path) -> tuple[RankFile, RunMeta | None]:
     """The run in `directory` merged to one TP1 file (ranks' element-wise max), and its meta sidecar.
 
     Experts are concatenated only under expert parallelism: the sidecar's ep_size says so for our

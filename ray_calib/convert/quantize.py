@@ -34,6 +34,7 @@ from ray_calib.inc.methods import (
     leaf_max,
     scale_from_maxabs,
 )
+from ray_calib.inc.rankfile import RankFile
 from ray_calib.model import names
 from ray_calib.model.checkpoint import (
     Checkpoint,
@@ -56,7 +57,7 @@ _FORMAT_VERSION = 1
 @dataclass
 class QuantizeJob:
     model: Path
-    measurement: object  # measurements.RankFile at TP1
+    measurement: RankFile  # at TP1
     out: Path
     method: ScaleMethod
     device: DeviceScales
@@ -196,6 +197,7 @@ def _group_weight_scales(
             with ShardReader(checkpoint.path / shard) as reader, closing(stream(reader, members, scratch)) as tensors:
                 started = time.perf_counter()
                 for name, raw in tensors:
+                    assert raw is not None, "the scratch takes every quantized weight whole"
                     summary.seconds["read"] += time.perf_counter() - started
                     started = time.perf_counter()
                     search, info = searches[plan.group_of[name]], checkpoint.tensors[name]

@@ -8,6 +8,7 @@ fields that were found, because a wrong column name is the usual mistake.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ Messages = list[dict[str, str]]
 def read_rows(path: Path, fmt: str) -> list[Any]:
     if not path.exists():
         raise DataError(f"{path}: no such file or directory", fix="check --dataset.")
-    return {PILE: _pile, MLCOMMONS: _mlcommons, TC: _tc}[fmt](path)
+    readers: dict[str, Callable[[Path], list[Any]]] = {PILE: _pile, MLCOMMONS: _mlcommons, TC: _tc}
+    return readers[fmt](path)
 
 
 def _missing(path: Path, missing: list[str], found: list[str], where: str = "") -> DataError:

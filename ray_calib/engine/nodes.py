@@ -14,7 +14,7 @@ import hashlib
 import os
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ray_calib import atomic
@@ -42,25 +42,25 @@ def node_facts(model_dir: str, files: dict[str, str], gaudi: bool) -> NodeFacts:
     for path, text in files.items():
         atomic.write_text(path, text)
     found, digest = model_digest(Path(model_dir))
-    facts = dict(
+    facts = NodeFacts(
         node=_node_ip(),
         hostname=socket.gethostname(),
         mem_available=host_available_bytes(),
         model_found=found,
         model_digest=digest,
     )
-    if gaudi:
-        from ray_calib.cluster import hlsmi
-        from ray_calib.errors import EngineError
+    if not gaudi:
+        return facts
+    from ray_calib.cluster import hlsmi
+    from ray_calib.errors import EngineError
 
-        try:
-            info = hlsmi.query()
-            facts.update(
-                device_type=info.device_type, cards=info.cards, card_bytes=info.memory_bytes, driver=info.driver
-            )
-        except EngineError as err:
-            facts["device_error"] = err.message
-    return NodeFacts(**facts)
+    try:
+        info = hlsmi.query()
+    except EngineError as err:
+        return replace(facts, device_error=err.message)
+    return replace(
+        facts, device_type=info.device_type, cards=info.cards, card_bytes=info.memory_bytes, driver=info.driver
+    )
 
 
 def model_digest(model_dir: Path) -> tuple[bool, str | None]:

@@ -8,7 +8,6 @@ Everything comes from the run directory: the meta sidecar of the measurement (vi
 from __future__ import annotations
 
 import json
-import numbers
 from pathlib import Path
 
 from ray_calib.inc import RunMeta, read_meta
@@ -109,13 +108,13 @@ def eval_figures(path: Path) -> list[tuple[str, float]] | None:
         return None
     figures = []
     for key, value in data.items():
-        if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # JSON's numbers
             figures.append((key, float(value)))
         elif isinstance(value, dict):
             figures += [
                 (f"{key} ({sub})", float(v))
                 for sub, v in value.items()
-                if isinstance(v, numbers.Number) and not isinstance(v, bool)
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
             ]
     return figures
 

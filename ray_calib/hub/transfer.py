@@ -215,7 +215,7 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def _root_cause(err: BaseException, kinds: tuple[type, ...]) -> BaseException | None:
-    seen = err
+    seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, kinds):
             return seen

@@ -149,7 +149,8 @@ def method_from_inc_dict(scale_method: dict) -> ScaleMethod | None:
     default = scale_method.get("default")
     if not isinstance(default, dict):
         return None
-    rules = [default.get(k) if isinstance(default.get(k), dict) else {} for k in ("weight", "activation")]
+    found = (default.get(k) for k in ("weight", "activation"))
+    rules: list[dict] = [rule if isinstance(rule, dict) else {} for rule in found]
 
     def key(rule: dict) -> tuple:
         return (

@@ -45,7 +45,7 @@ class StatsName:
         """What the ranks of one run share: prefix, method and world size."""
         return (self.prefix, self.method, self.world_size)
 
-    def file(self, directory: Path, kind: str) -> Path:
+    def file(self, directory: str | Path, kind: str) -> Path:
         return Path(directory) / f"{self.stem}{kind}"
 
     def with_rank(self, rank: int | None, world_size: int | None) -> StatsName:

@@ -21,6 +21,7 @@ import struct
 import sys
 import zipfile
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,9 @@ def _preamble(core: str) -> bytes:
     )
 
 
+_NodePacker = Callable[[int, float, float], bytes]  # (memo index, input max, weight max) -> pickle bytes
+
+
 class _Image:
     """The pickler's output stream and memo counter for one stats dict."""
 
@@ -211,7 +215,7 @@ class _Image:
         self.memo_size = 13  # after the preamble
         self.field_names: dict[str, int] = {}
         self.float32 = -1  # memo index of the float32 dtype once written
-        self.weight_node = None  # packs the commonest node once its names and dtype are memoized
+        self.weight_node: _NodePacker | None = None  # packs the commonest node once its names and dtype are memoized
 
     def put(self) -> int:
         index = self.memo_size
@@ -319,7 +323,7 @@ class _Image:
         self.out.append(_TUPLE_OPS.get(len(items), b"t"))
         self.put()
 
-    def _weight_node_packer(self):
+    def _weight_node_packer(self) -> _NodePacker:
         """One struct for `{"inputs": [[[x]]], "params": {"weight": [[w]]}}`: memo puts i..i+13, LONG_BINPUT."""
         inputs, params, weight = (_get(self.field_names[n]) for n in ("inputs", "params", "weight"))
         head, middle = b"(" + inputs + b"]r", b"a" + params + b"}r"

@@ -303,7 +303,8 @@ def _check_scale_params(params: Any, source: str) -> None:
 
 def stale_scale_files(directory: Path) -> list[Path]:
     """INC scale files (any METHOD) older than the newest range file: INC would load them instead."""
-    ranges, scales = [], []
+    ranges: list[Path] = []
+    scales: list[Path] = []
     for path in Path(directory).iterdir() if Path(directory).is_dir() else []:
         parsed = parse_name(path)
         if parsed:

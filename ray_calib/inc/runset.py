@@ -117,10 +117,10 @@ def _describe(groups: dict[tuple, list[StatsName]]) -> str:
 
 
 def _check_complete(directory: Path, names: list[StatsName]) -> None:
-    if names[0].rank is None:
-        return
     world_size = names[0].world_size
-    have = {n.rank for n in names}
+    if names[0].rank is None or world_size is None:  # unranked (a rank always comes with its world size)
+        return
+    have = {n.rank for n in names if n.rank is not None}
     missing = [r for r in range(world_size) if r not in have]
     extra = sorted(r for r in have if r >= world_size)
     if extra:

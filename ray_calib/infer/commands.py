@@ -201,7 +201,8 @@ def _side_by_side(config, baseline: Path, prompts: list[str], max_new_tokens: in
 def devices_conf_quant_config(conf: Path) -> str | None:
     from ray_calib.cluster import devices
 
-    return devices.load(conf).extras.get("INC_QUANT_CONFIG_FILENAME")
+    path = devices.load(conf).extras.get("INC_QUANT_CONFIG_FILENAME")  # a "path" key: str when set
+    return path if isinstance(path, str) else None
 
 
 def _gaudi_config(

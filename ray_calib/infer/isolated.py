@@ -12,12 +12,13 @@ import multiprocessing
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ray_calib.errors import EngineError, RayCalibError
 
 
-def run_isolated(function: Callable[..., object], *args: object, what: str) -> object:
-    """`function(*args)` (a module-level function returning JSON-able data) in a spawned process."""
+def run_isolated(function: Callable[..., object], *args: object, what: str) -> Any:
+    """`function(*args)` (a module-level function returning JSON-able data) in a spawned process; its JSON."""
     with tempfile.TemporaryDirectory(prefix="ray-calib-isolated-") as tmp:
         out = Path(tmp) / "result.json"
         context = multiprocessing.get_context("spawn")

@@ -14,9 +14,9 @@ import sys
 _real_version = metadata.version
 
 
-def _version(name: str) -> str:
-    if name != "vllm":
-        return _real_version(name)
+def _version(distribution_name: str) -> str:
+    if distribution_name != "vllm":
+        return _real_version(distribution_name)
     try:
         return _real_version("vllm")
     except metadata.PackageNotFoundError:

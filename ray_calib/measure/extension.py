@@ -7,12 +7,18 @@ thus travel to the head over the executor's own channel (pipes for mp, Ray for r
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ray_calib.measure.observers import ModelObserver
 
 EXTENSION_CLS = "ray_calib.measure.extension.MeasureExtension"
 
 
 class MeasureExtension:
+    model_runner: Any  # set by the vLLM worker this class is mixed into
+    _ray_calib_observer: ModelObserver | None
+
     def ray_calib_install(self, fp8_kv: bool, block_names: list[str], block_types: list[str]) -> dict[str, Any]:
         """Install observers on this rank's model; returns what was hooked (for the run's log)."""
         from ray_calib.measure.observers import Blocklist, ModelObserver
@@ -44,6 +50,7 @@ class MeasureExtension:
     def ray_calib_collect(self, reset: bool = True) -> dict[str, Any]:
         """This rank's stats since the last reset, as plain lists and floats."""
         observer = self._ray_calib_observer
+        assert observer is not None, "ray_calib_install comes first"
         result = observer.collect()
         if reset:
             observer.reset()

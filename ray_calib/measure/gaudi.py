@@ -22,12 +22,15 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray_calib.errors import ConfigError, EngineError
 from ray_calib.inc.naming import MEASURE_PREFIX
 from ray_calib.measure.inc_cpu import INC_ON_CPU_ENV  # "1": INC in vLLM's CPU workers (tests)
 from ray_calib.measure.preflight import ModelInfo
+
+if TYPE_CHECKING:
+    from ray_calib.engine.nodes import NodeFacts
 
 NODE_DUMP_ROOT = "/tmp/ray-calib-inc"  # node-local: two runs never meet and no NFS is needed
 CONFIG_FILE = "inc_measure_config.json"
@@ -79,6 +82,8 @@ def hqt_model(model):
 
 class IncExtension:
     """Worker extension of the INC backend (`LLM(worker_extension_cls=...)`), driven by collective_rpc."""
+
+    model_runner: Any  # set by the vLLM worker this class is mixed into
 
     def ray_calib_install(self, fp8_kv: bool, block_names: list[str], block_types: list[str]) -> dict[str, Any]:
         """INC was applied at load by the platform; check it really is, and name this rank."""
@@ -155,7 +160,7 @@ class IncBackend:
     def __init__(self, plan) -> None:
         self.plan = plan
         self.use_ray = plan.engine.resolved_executor == "ray"
-        self.facts = []
+        self.facts: list[NodeFacts] = []
         self.backends: dict[str, list[str]] = {}  # INC patches vLLM's modules itself: nothing to report
 
     def before_start(self) -> None:
@@ -234,7 +239,7 @@ def finish_rank_files(rank_files, coverage, ep_size: int):
     hits = hits_from_ranges(fixed, expert_parallel=ep_size > 1)
     if hits:
         coverage = ExpertCoverage(experts=hits, num_tokens=coverage.num_tokens)
-    extra = {"postprocessed": {"leaves_changed": changed, "mla": mla}}
+    extra: dict[str, object] = {"postprocessed": {"leaves_changed": changed, "mla": mla}}
     if hits:
         extra["coverage_basis"] = "per-expert range (1 = hit, 0 = never hit; INC counts no tokens)"
     return fixed, coverage, extra

@@ -105,26 +105,26 @@ class MoEStats:
         order = torch.argsort(ids, stable=True)
         sorted_ids = ids[order]
         rows = x.index_select(0, order // top_k)  # slots of other ranks' experts sort last and are dropped
-        h = self._routed_w13(rows, bins)
+        h = self._routed_w13(rows, bins, self.w13)
         inter = self._act_amax(h)
         inter = torch.where(sorted_ids < self.num_experts, inter, torch.zeros_like(inter))
         self.expert_inter.scatter_reduce_(0, sorted_ids, inter, "amax")
 
-    def _routed_w13(self, rows: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    def _routed_w13(self, rows: torch.Tensor, bins: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
         key = (rows.device.type, rows.dtype)
         if _GROUPED_MM.get(key, True):
             offsets = torch.cumsum(bins[: self.num_experts], 0, dtype=torch.int32)
             try:
-                h = torch._grouped_mm(rows, self.w13.transpose(-2, -1), offs=offsets)
+                h = torch._grouped_mm(rows, w13.transpose(-2, -1), offs=offsets)
                 _GROUPED_MM[key] = True
                 return h
             except (RuntimeError, NotImplementedError, AttributeError):
                 _GROUPED_MM[key] = False
-        h = torch.zeros(rows.shape[0], self.w13.shape[1], dtype=rows.dtype, device=rows.device)
+        h = torch.zeros(rows.shape[0], w13.shape[1], dtype=rows.dtype, device=rows.device)
         start = 0
         for expert, count in enumerate(bins[: self.num_experts].tolist()):
             if count:
-                h[start : start + count] = torch.nn.functional.linear(rows[start : start + count], self.w13[expert])
+                h[start : start + count] = torch.nn.functional.linear(rows[start : start + count], w13[expert])
             start += count
         return h
 

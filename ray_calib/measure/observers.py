@@ -279,8 +279,8 @@ class ModelObserver:
     def reset(self) -> None:
         for stats in self.nodes.values():
             stats.reset()
-        for stats in self.moe.values():
-            stats.reset()
+        for moe_stats in self.moe.values():
+            moe_stats.reset()
         self.tokens.zero_()
 
     def remove(self) -> None:

@@ -34,7 +34,7 @@ class MeasurePlan:
     backend: str
     ep_size: int
     fp8_kv: bool  # the K/V written to the cache are measured
-    engine: EngineConfig
+    engine: EngineConfig = field(init=False)  # decided from the rest of the plan (`_engine`)
     block_names: list[str]
     block_types: list[str]
     quant_config: dict[str, Any] | None = None
@@ -108,7 +108,8 @@ class MeasurePlan:
         use_ray = self.engine.resolved_executor == "ray"
         if use_ray:
             connect_ray(self.engine)  # the first Ray call: vLLM copies this job's env to every rank
-        files = {self.quant_config_path: quant_config_text(self)} if write and self.quant_config else {}
+        path = self.quant_config_path
+        files = {path: quant_config_text(self)} if write and self.quant_config and path else {}
         gaudi = self.target.is_gaudi and not self.target.forced
         self.node_facts = nodes.probe(str(self.info.path), files, gaudi=gaudi, use_ray=use_ray)
         self.checks = [_describe(f) for f in self.node_facts]
@@ -159,7 +160,6 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
         backend=backend,
         ep_size=ep_size,
         fp8_kv=fp8_kv,
-        engine=None,
         block_names=names,
         block_types=types,
         quant_config=quant,
@@ -275,6 +275,8 @@ def _engine(config, plan: MeasurePlan) -> EngineConfig:
         )
     from ray_calib.measure.gaudi import EXTENSION_CLS
 
+    quant_config = plan.quant_config_path
+    assert quant_config is not None, "an INC plan has a dump dir"
     if plan.target.is_gaudi:
         from ray_calib.engine import gaudi
 
@@ -282,7 +284,7 @@ def _engine(config, plan: MeasurePlan) -> EngineConfig:
             measure=True,
             tp_size=config.tp_size,
             route=plan.route,
-            quant_config=plan.quant_config_path,
+            quant_config=quant_config,
             timeout_s=config.timeout_s,
             expert_parallel=plan.ep_size > 1,
         )
@@ -299,7 +301,7 @@ def _engine(config, plan: MeasurePlan) -> EngineConfig:
     from ray_calib.measure.inc_cpu import INC_ON_CPU_ENV
 
     env = {
-        "QUANT_CONFIG": plan.quant_config_path,
+        "QUANT_CONFIG": quant_config,
         INC_ON_CPU_ENV: "1",
         "INC_TARGET_DEVICE": "cpu",
         **timeout_env(config.timeout_s),
@@ -317,7 +319,8 @@ def _fit(config, plan: MeasurePlan, route):
     from ray_calib.engine import gaudi
 
     per_node = max((len(n.ranks) for n in plan.nodes), default=config.tp_size)
-    hosts = {n.name: None for n in plan.nodes if n.ranks}
+    hosts: dict[str, int | None] = {n.name: None for n in plan.nodes if n.ranks}
+    assert plan.target.memory_bytes is not None, "a Gaudi target knows its HBM"
     return gaudi.Fit(
         weights_bytes=gaudi.checkpoint_bytes(plan.info.path, route),
         tp_size=config.tp_size,

@@ -104,6 +104,8 @@ def _set_leaf(
 def _set_first_value(node: dict, field_name: str, source: dict, source_field: str) -> bool:
     """node[field][0] takes the per-tensor value of source[source_field][0] (leaf `[[v]]`)."""
     values, reference = node.get(field_name), source.get(source_field)
+    if values is None or reference is None:
+        return False
     try:
         new, old = reference[0][0][0], values[0][0][0]
     except (TypeError, IndexError, KeyError):

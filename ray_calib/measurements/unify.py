@@ -87,7 +87,7 @@ def _merge_group(
     nodes: dict[str, Node] = {}
     for module in first.nodes:
         child = expert_child(module) if layout else None
-        if child:
+        if child and layout:
             if child[0] not in layout.children or child[0] in nodes:
                 continue  # emitted with its op (below), in group order
             nodes.update(_group_children(members, child[0], layout))  # the op itself was never called
@@ -137,17 +137,18 @@ def _factors(module: str, node: Node) -> tuple[float, float] | None:
 
 def _rebuild_product(module: str, sources: list[Node], merged: Node) -> None:
     """outputs[0] = factor0 x factor1 of the merged node when every rank's output is that product."""
-    factors = [_factors(module, node) for node in sources]
+    factors = [pair for pair in (_factors(module, node) for node in sources) if pair is not None]
     if (
         len(merged.get("outputs", ())) != 1
-        or None in factors
+        or len(factors) != len(sources)
         or not all(isinstance(x, float) for pair in factors for x in pair)
     ):
         return
     for multiply in _PRODUCTS:
         if all(node["outputs"][0] == multiply(a, b) for node, (a, b) in zip(sources, factors)):
-            a, b = _factors(module, merged)
-            merged["outputs"] = [multiply(a, b)]
+            merged_factors = _factors(module, merged)
+            assert merged_factors is not None, "merged like its sources"
+            merged["outputs"] = [multiply(*merged_factors)]
             return
 
 
@@ -178,7 +179,7 @@ def _merge_mod_lists(members: list[RankFile], layout: ExpertLayout | None) -> li
     for j, member in enumerate(members):
         for module in member.mod_list:
             child = expert_child(module) if layout and j else None
-            if child:
+            if child and layout:
                 module = f"{child[0]}.{child[1]}.{child[2] + layout.local_experts * j}"
             merged[module] = None
     return list(merged)

@@ -16,10 +16,13 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ray_calib import atomic
 from ray_calib.errors import ModelError
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 # safetensors dtype -> (torch dtype name, bytes per element)
 DTYPES = {
@@ -224,7 +227,7 @@ class ShardWriter:
         self.size = 8 + len(raw) + offset
         self._next = 0
         self._hash = hashlib.sha256()
-        self._hasher = None
+        self._hasher: ThreadPoolExecutor | None = None
         self._written_back = 0
         fd, self._tmp = atomic.new_temp_file(self.path)
         self._handle = os.fdopen(fd, "wb")

@@ -30,7 +30,7 @@ def gguf_path() -> Path:
     from importlib import metadata
 
     try:
-        path = Path(metadata.distribution(DISTRIBUTION).locate_file(GGUF_FILE))
+        path = Path(str(metadata.distribution(DISTRIBUTION).locate_file(GGUF_FILE)))
     except metadata.PackageNotFoundError:
         path = None
     if path is None or not path.is_file():

@@ -38,13 +38,13 @@ def documents(source: str) -> list[tuple[str, str]]:
         files = {p.resolve() for p in LICENSES_DIR.glob("*") if p.is_file()}  # GPL -> GPL-3 etc. counted once
         return sorted((p.name, p.read_text(errors="replace")) for p in files)
     if source == "debian-docs":
-        files = sorted(
+        docs = sorted(
             p
             for pattern in ("*/README*", "*/NEWS*")
             for p in DOC_DIR.glob(pattern)
             if p.is_file() and p.suffix in ("", ".gz", ".md", ".txt", ".Debian")
         )
-        return [(str(p.relative_to(DOC_DIR)), _read(p)) for p in files]
+        return [(str(p.relative_to(DOC_DIR)), _read(p)) for p in docs]
     raise DataError(f"unknown text source '{source}'", fix=f"use one of {', '.join(SOURCES)}.")
 
 

@@ -73,12 +73,12 @@ def _label(path: Path, meta: RunMeta | None) -> str:
     name = path.absolute().name
     if meta is None:
         return name
-    details = [
+    parts = [
         Path(meta.dataset).name if meta.dataset else None,
         f"{meta.num_samples} samples" if meta.num_samples else None,
         f"{meta.num_tokens // meta.num_samples} tok/sample" if meta.num_tokens and meta.num_samples else None,
     ]
-    details = [d for d in details if d]
+    details = [d for d in parts if d]
     return f"{name} ({', '.join(details)})" if details else name
 
 
@@ -116,7 +116,7 @@ def summarise(runs: list[LoadedRun], labels: list[str], made: list[Path]) -> str
             f"{len(fig.weights.high)} layers)"
         )
         for kind, per_layer in sorted(fig.kv.items()):
-            layer = max(per_layer, key=per_layer.get)
+            layer = max(per_layer, key=per_layer.__getitem__)
             lines.append(
                 f"  {kind} cache maxabs: max {per_layer[layer]:.4g} at layer {layer}, "
                 f"min {min(per_layer.values()):.4g} over {len(per_layer)} layers"
@@ -125,7 +125,7 @@ def summarise(runs: list[LoadedRun], labels: list[str], made: list[Path]) -> str
             lines.append("  KV cache: not measured (measure with --fp8-kv to record it)")
         for what, ranges in (("activation", fig.activations), ("weight", fig.weights)):
             if ranges.high:
-                layer = max(ranges.high, key=ranges.high.get)
+                layer = max(ranges.high, key=ranges.high.__getitem__)
                 lines.append(f"  largest {what} maxabs {ranges.high[layer]:.4g}: {ranges.top_module[layer]}")
         lines.append("  " + _coverage_line(run.coverage))
         if fig.non_finite:

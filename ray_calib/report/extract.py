@@ -50,9 +50,10 @@ def leaf_max(leaf) -> float | None:
     """Max |v| over a leaf (`[[v]]`, per-channel lists, plain floats); None if any value is NaN/inf."""
     if isinstance(leaf, (list, tuple)):
         values = [leaf_max(item) for item in leaf]
-        if any(v is None for v in values):
+        finite = [v for v in values if v is not None]
+        if len(finite) != len(values):
             return None
-        return max(values, default=0.0)
+        return max(finite, default=0.0)
     value = abs(float(leaf))
     return value if math.isfinite(value) else None
 
@@ -65,10 +66,11 @@ def figures(rank_file: RankFile) -> RunFigures:
         layer = layer_of(module)
         if layer is None:
             continue
-        inputs = [leaf_max(leaf) for leaf in node.get("inputs", [])]
+        found = [leaf_max(leaf) for leaf in node.get("inputs", [])]
+        inputs = [v for v in found if v is not None]
         weight = node.get("params", {}).get("weight")
         weight_max = leaf_max(weight) if weight is not None else 0.0
-        if None in inputs or weight_max is None:
+        if len(inputs) != len(found) or weight_max is None:
             non_finite.append(module)
             continue
         kind = next((k for k, suffix in KV_KINDS if module.endswith(suffix)), None)

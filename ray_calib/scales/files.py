@@ -10,6 +10,7 @@ or for dynamic quantization; the first two are written here for inspection, the 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def write_scale_files(
     out_dir: Path,
     method: ScaleMethod,
     device: DeviceScales,
-    weights: WeightSource | None = None,
+    weights: Callable[[RankFile], WeightSource] | None = None,  # each rank's weight scales
     *,
     target: IncTarget | None = None,
     blocklist: tuple[str, ...] = (),

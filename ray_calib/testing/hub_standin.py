@@ -25,7 +25,7 @@ import hashlib
 import json
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ _LFS_BATCH = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+/[^/]+?)\.git/info/lfs/
 @dataclass
 class StandinHub:
     root: Path
-    tokens: dict[str, str] | None = None  # token -> user name
+    tokens: dict[str, str] = field(default_factory=dict)  # token -> user name; empty: the default token
     host: str = "127.0.0.1"
     port: int = 0
 
@@ -295,6 +295,7 @@ class _Handler(BaseHTTPRequestHandler):
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         with self.hub.lock:
             repo = self.hub.load(repo_type, repo_id)
+            assert repo is not None, "_api_repo found it"
             for item in lines:
                 key, value = item["key"], item["value"]
                 if key == "file":
