@@ -1,7 +1,7 @@
 """Observer overhead: `measure`'s generate loop against plain vLLM generate, same engine, same TP, interleaved.
 
     python benchmarks/bench_measure.py [--arch llama deepseek_v3] [--tp 1] [--rounds 10] [--prompts 128]
-                                       [--new-tokens 64] [--batch 16] [--fp8-kv]
+                                       [--new-tokens 64] [--batch 16] [--fp8-kv] [--profile PATH]
 
 One fresh process per model starts one vLLM engine (the measure engine profile, observer extension
 loaded) and runs the same prompts in rounds. Each round times both variants back to back, in
@@ -116,12 +116,27 @@ def child(model: str, dataset: str, args: argparse.Namespace) -> dict:
                 checkpoint(results)
         assert generated["plain"] == generated["observed"], generated  # observers never change the tokens
         rounds.append({"plain": times["plain"], "observed": times["observed"], "generated": generated["plain"]})
+    if args.profile:
+        profile_round(variants, Path(args.profile))
     return {
         "rounds": rounds,
         "prompts": len(token_ids),
         "prompt_tokens": sum(map(len, token_ids)),
         "checkpoint_write_s": statistics.median(writes),
     }
+
+
+def profile_round(variants: dict, out: Path) -> None:
+    """One more round of each variant under cProfile: where the observed round's extra time goes."""
+    import cProfile
+    import pstats
+
+    for name, run in variants.items():
+        profiler = cProfile.Profile()
+        profiler.runcall(run)
+        with open(out.with_suffix(f".{name}.txt"), "w") as stream:
+            stats = pstats.Stats(profiler, stream=stream).sort_stats("tottime")
+            stats.print_stats(40)
 
 
 def run_model(arch: str, model: Path, dataset: Path, args: argparse.Namespace) -> dict:
@@ -171,6 +186,7 @@ def main() -> None:
         "--chunk", type=int, default=64, help="prompts per gather + checkpoint (measure's --chunk-size)"
     )
     parser.add_argument("--fp8-kv", action="store_true", help="also observe K/V (measure --fp8-kv)")
+    parser.add_argument("--profile", help="after the rounds, profile one round of each variant to PATH.<variant>.txt")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ray_calib.engine import sizing
 from ray_calib.errors import ConfigError, ModelError
-from ray_calib.model.config import num_routed_experts
+from ray_calib.model.config import is_mla, read_json
 
 
 @dataclass(frozen=True)
@@ -17,18 +16,28 @@ class ModelInfo:
     path: Path
     model_id: str  # what the user passed (hub id or path)
     revision: str | None
-    num_heads: int
     num_kv_heads: int
-    moe: bool
     model_type: str
-    max_positions: int | None  # config.json max_position_embeddings
-    shape: sizing.ModelShape  # what decides the TP sizes it allows
+    shape: sizing.ModelShape  # heads, experts, widths, context: what decides the TP sizes it allows
     mla: bool = False  # multi-head latent attention (one latent KV cache)
+
+    @property
+    def num_heads(self) -> int:
+        return self.shape.num_heads
 
     @property
     def num_experts(self) -> int:
         """Routed experts per MoE layer (0: dense)."""
         return self.shape.num_experts
+
+    @property
+    def moe(self) -> bool:
+        return self.shape.num_experts > 0
+
+    @property
+    def max_positions(self) -> int | None:
+        """config.json max_position_embeddings."""
+        return self.shape.max_positions
 
 
 def resolve_model(model: str, *, weights: bool = True) -> ModelInfo:
@@ -49,29 +58,20 @@ def resolve_model(model: str, *, weights: bool = True) -> ModelInfo:
             f"{path}: no config.json, not a Hugging Face model directory",
             fix="pass the directory that holds config.json and the *.safetensors files.",
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as err:
-        raise ModelError(
-            f"{config_path}: not valid JSON ({err})", fix="restore config.json from the model's source."
-        ) from None
+    config = read_json(config_path)
     heads = config.get("num_attention_heads")
     if not isinstance(heads, int):
         raise ModelError(
             f"{config_path}: no integer 'num_attention_heads'", fix="restore config.json from the model's source."
         )
-    experts = num_routed_experts(config)
     return ModelInfo(
         path=path,
         model_id=model,
         revision=_revision(path),
-        num_heads=heads,
         num_kv_heads=config.get("num_key_value_heads", heads),
-        moe=bool(experts),
         model_type=str(config.get("model_type", "")),
-        max_positions=config.get("max_position_embeddings"),
         shape=sizing.ModelShape.from_config(config),
-        mla=bool(config.get("kv_lora_rank")),
+        mla=is_mla(config),
     )
 
 
