@@ -14,6 +14,7 @@ from ray_calib import atomic
 from ray_calib.errors import MeasurementError
 from ray_calib.inc import ExpertCoverage, MeasurementSet, RunMeta, read_coverage
 from ray_calib.measurements import unify_ranks
+from ray_calib.measurements.pipeline import decide_expert_parallel
 from ray_calib.report import plots
 from ray_calib.report.extract import RunFigures, figures
 from ray_calib.rundir import RunDir
@@ -57,7 +58,10 @@ def load_run(path: Path) -> LoadedRun:
     directory = measurement_dir(path)
     measurement = MeasurementSet.discover(directory)
     rank_files = measurement.read_all(check_npz=False, strict=False)
-    tp1 = unify_ranks(rank_files, 1)[0] if measurement.world_size > 1 else rank_files[0]
+    tp1 = rank_files[0]
+    if measurement.world_size > 1:  # experts merged as `unify` merges them (TP-sharded or expert parallel)
+        expert_parallel, _ = decide_expert_parallel(measurement, None)
+        tp1 = unify_ranks(rank_files, 1, expert_parallel=expert_parallel)[0]
     coverage = read_coverage(directory)
     return LoadedRun(
         label=_label(Path(path), measurement.meta),

@@ -86,6 +86,27 @@ def test_tp4_run_is_unified_to_tp1_before_the_figures(tmp_path):
     assert loaded.label == "r (pile.jsonl, 16 samples, 64 tok/sample)"
 
 
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_experts_are_merged_as_the_run_sharded_them(tmp_path, ep_size):
+    """TP-sharded experts (ep_size 1): every rank holds all experts, the TP1 view keeps their ids; expert
+    parallel: rank r's local expert k is global expert r * E + k."""
+    run = RunDir(tmp_path / "r")
+    op = "model.layers.1.mlp.experts"
+    for rank in range(2):
+        nodes = {op: {"inputs": [[[1.0]]], "outputs": [[[1.0]]] + [[[0.5]]] * EXPERTS}}
+        for k in range(EXPERTS):
+            weight = {"params": {"weight": [[0.1 + 0.01 * k + 0.001 * rank]]}}
+            nodes[f"{op}.w13_list.{k}"] = {"inputs": [[[1.0]]], **weight}
+            nodes[f"{op}.w2_list.{k}"] = {"inputs": [[[0.5]]], **weight}
+        name = StatsName(MEASURE_PREFIX, rank=rank, world_size=2)
+        write_rank_file(RankFile(name=name, nodes=nodes), run.measure)
+    write_meta(run.measure, RunMeta(model="tiny", tp_size=2, ep_size=ep_size))
+    loaded = load_run(run.root)
+    assert loaded.figures.num_nodes == 1 + 2 * EXPERTS * ep_size
+    top = f"{op}.w13_list.{EXPERTS * ep_size - 1}"  # the largest weight: the last expert of the last rank
+    assert loaded.figures.weights.top_module[1] in (top, top.replace("w13", "w2"))
+
+
 def test_report_writes_pngs_and_a_summary_naming_never_hit_experts(tmp_path):
     base = _synthetic_run(tmp_path / "long", world_size=2, kv_scale=1.0, seed=2, never_hit=((2, 5), (3, 0)))
     other = _synthetic_run(tmp_path / "short", world_size=1, kv_scale=1.5, seed=3)
