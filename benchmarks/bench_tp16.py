@@ -75,7 +75,8 @@ def _read(pid: int) -> tuple[str, float, float] | None:
 
 
 def _kind(cmdline: str) -> str:
-    if cmdline.startswith("ray::RayWorkerWrapper") or "VLLM::Worker" in cmdline or "VllmWorker" in cmdline:
+    ray_rank = cmdline.startswith(("ray::RayWorkerWrapper", "ray::RayWorkerProc"))  # the actor name by vLLM version
+    if ray_rank or "VLLM::Worker" in cmdline or "VllmWorker" in cmdline:
         return "rank worker"
     if "EngineCore" in cmdline:
         return "engine core"
