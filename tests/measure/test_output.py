@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_measure_keeps_vllm_logs_in_the_run_dir(measured):
-    run = measured("llama", 2, False)
+    run = measured("llama", 2, True)  # the run test_measure_runs.py checks too
     log = run.out.parent / "logs" / "measure.log"
     text = log.read_text()
     assert " vllm." in text and " INFO " in text  # vLLM's own INFO records (engine and workers)
