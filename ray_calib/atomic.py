@@ -15,8 +15,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read once: umask can only be read by setting it
+
+def _read_umask() -> int:
+    """The process umask: from /proc on Linux (reading it elsewhere means setting it, briefly)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX: the entry lives in the directory, not the file)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # some file systems (NFS, FUSE) refuse fsync on a directory
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def new_temp_file(path: Path, mode: int | None = None) -> tuple[int, str]:
@@ -41,6 +61,7 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -84,6 +105,7 @@ def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
                 dest.mkdir(exist_ok=True)
             else:
                 os.replace(src, dest)
+        _fsync_dir(final)
         (final / MOVING_MARK).unlink()
     finally:
         shutil.rmtree(stage, ignore_errors=True)

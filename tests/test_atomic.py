@@ -16,6 +16,15 @@ def test_results_follow_the_umask_and_secrets_stay_private(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["config.json", "token"]  # no temp files left
 
 
+def test_the_umask_is_read_without_being_changed():
+    old = os.umask(0o027)
+    try:
+        assert atomic._read_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still what the process set: reading did not change it
+    finally:
+        os.umask(old)
+
+
 def _rank_files(value: float) -> list:
     from ray_calib.inc import RankFile, StatsName
 
