@@ -106,6 +106,11 @@ def scale_method_option(help: str):
     return click.option("--scale-method", "scale_method", default=None, help=help)
 
 
+def engine_timeout_option(help: str = "Seconds for vLLM to start and for one step (large models load for long)."):
+    """--timeout: vLLM's engine start and step timeouts (VLLM_ENGINE_READY_TIMEOUT_S and friends)."""
+    return click.option("--timeout", "timeout_s", type=int, default=1800, show_default=True, help=help)
+
+
 def device_option(help: str, *, runtime: bool = False):
     """--device: the target names everywhere; `runtime` commands also take auto (detect) and hpu."""
     if runtime:

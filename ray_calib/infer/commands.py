@@ -49,14 +49,9 @@ def _run_meta(run: RunDir, model: Path):
     help="Gaudi: the QUANTIZE QUANT_CONFIG INC applies at load [default: "
     "devices.conf INC_QUANT_CONFIG_FILENAME, else the run's one-node config for this TP, written if absent].",
 )
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=int,
-    default=1800,
-    show_default=True,
-    help="Seconds for vLLM to start and for one step (VLLM_ENGINE_READY_TIMEOUT_S, "
-    "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS and their older names).",
+@options.engine_timeout_option(
+    "Seconds for vLLM to start and for one step (VLLM_ENGINE_READY_TIMEOUT_S, "
+    "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS and their older names)."
 )
 @click.option("--allow-device-mismatch", is_flag=True, help="Use scales measured on another device type.")
 @options.device_option(

@@ -75,14 +75,7 @@ DEFAULTS = {"batch_size": 16}  # without devices.conf
     default=None,
     help="Partition routed experts over the ranks (EP = TP) [default: on for MoE models on Gaudi].",
 )
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=int,
-    default=1800,
-    show_default=True,
-    help="Seconds for vLLM to start and for one step (large models load for a long time).",
-)
+@options.engine_timeout_option()
 @click.option("--enforce-eager", is_flag=True, help="Gaudi: run without HPU graphs (CPU/CUDA always run eager).")
 @click.option(
     "--dry-run", is_flag=True, help="Print per node the engine arguments, env and QUANT_CONFIG; start nothing."
