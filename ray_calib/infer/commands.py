@@ -311,11 +311,7 @@ def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> N
         + "vllm "
         + " ".join(runner.serve_args(config, host=host, port=port))
     )
-    note = runner.PROFILE_NOTE[config.device == "cpu"]
-    if runner.cpu_emulated_fp8_moe(config):  # --enforce-eager above: say why, and drop torch.compile from the note
-        click.echo("  (eager: torch.compile cannot trace the CPU emulation of an FP8 MoE)")
-        note = note.split(", ", 1)[1]
-    click.echo(f"  (everything else is vLLM's default: {note})")
+    click.echo(f"  ({runner.profile_note(config)})")
     server = runner.serve(config, host=host, port=port, log=run.root / "infer" / "vllm-serve.log")
     stop_server = True
     try:

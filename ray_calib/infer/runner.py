@@ -25,11 +25,25 @@ from ray_calib.inc import RunMeta
 logger = logging.getLogger(__name__)
 
 AUTO_MAX_MODEL_LEN = -1  # vLLM: the model's context, lowered to what the KV cache can hold
-PROFILE_NOTE = {  # what a server gets from vLLM itself, by "is this CPU"
-    False: "CUDA graphs / torch.compile, prefix caching, the checkpoint's dtype, max_num_seqs",
-    True: "torch.compile (inductor), prefix caching where the attention backend has it, the checkpoint's dtype, "
-    "max_num_seqs; ours on CPU: the KV-cache size per rank and, for TP > 1, VLLM_CPU_OMP_THREADS_BIND=nobind",
-}
+_CPU_OWN = "; ours on CPU: the KV-cache size per rank and, for TP > 1, VLLM_CPU_OMP_THREADS_BIND=nobind"
+
+
+def profile_note(config: InferConfig) -> str:
+    """What a server gets from vLLM itself (its defaults), and the settings that are ours and why."""
+    if config.device != "cpu":
+        return (
+            "everything else is vLLM's default: CUDA graphs / torch.compile, prefix caching, the checkpoint's "
+            "dtype, max_num_seqs"
+        )
+    compiled = "" if cpu_emulated_fp8_moe(config) else "torch.compile (inductor), "
+    note = (
+        f"everything else is vLLM's default: {compiled}prefix caching where the attention backend has it, "
+        f"the checkpoint's dtype, max_num_seqs{_CPU_OWN}"
+    )
+    if not compiled:
+        note = "eager: torch.compile cannot trace the CPU emulation of an FP8 MoE; " + note
+    return note
+
 
 DEFAULT_PROMPTS = (
     "The capital of France is",

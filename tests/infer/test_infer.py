@@ -184,7 +184,7 @@ def test_a_cpu_fp8_moe_checkpoint_serves_eager_and_a_dense_one_compiled(tmp_path
     import json
     from pathlib import Path
 
-    from ray_calib.infer.runner import InferConfig, engine_config
+    from ray_calib.infer.runner import InferConfig, engine_config, profile_note
 
     quantized = {"quantization_config": {"quant_method": "compressed-tensors"}}
     for name, config in (
@@ -200,3 +200,6 @@ def test_a_cpu_fp8_moe_checkpoint_serves_eager_and_a_dense_one_compiled(tmp_path
     }
     assert eager == {"moe": True, "dense": False, "bf16-moe": False}
     assert not engine_config(InferConfig(model=tmp_path / "moe", tp_size=1, device="cuda")).enforce_eager
+    notes = {name: profile_note(InferConfig(model=tmp_path / name, tp_size=1, device="cpu")) for name in eager}
+    assert notes["moe"].startswith("eager: ") and "torch.compile (inductor)" not in notes["moe"]  # says why
+    assert "torch.compile (inductor)" in notes["dense"] and not notes["dense"].startswith("eager")
