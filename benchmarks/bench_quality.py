@@ -173,6 +173,7 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
     from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
     from ray_calib.convert.scale_choice import CANDIDATES, DEFAULT
     from ray_calib.inc.devices import get_device
+    from ray_calib.measurements.hessians import load_model_hessians
 
     measure = work / "ray-calib" / "measure"
     seconds = _reused(work / "ray-calib" / "measure-seconds.json", calib, args)
@@ -189,6 +190,7 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
             "--tp",
             "1",
             "--fp8-kv",
+            "--hessians",
             "--num-samples",
             str(args.calib_samples),
             "--least-tokens",
@@ -205,12 +207,15 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
             seconds = time.perf_counter() - started
         _save_timing(work / "ray-calib" / "measure-seconds.json", calib, seconds)
     measurement, _ = load_measurement(measure)
+    hessians = load_model_hessians(measure)
     choices = list(CANDIDATES.values()) if args.search else [DEFAULT]
+    runs = [(choice, gptq) for choice in choices for gptq in (False, True)]
     models = []
     with _locked(None):  # a 135M checkpoint quantizes in seconds: no need to queue for the heavy lock
-        for choice in choices:
+        for choice, gptq in runs:
             for fp8_kv in (False, True):
-                out = work / "ray-calib" / f"{choice.name}{'-kv' if fp8_kv else ''}"
+                name = f"{choice.name}{'+gptq' if gptq else ''}"
+                out = work / "ray-calib" / f"{name}{'-kv' if fp8_kv else ''}"
                 started = time.perf_counter()
                 job = QuantizeJob(
                     model=model,
@@ -220,10 +225,11 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
                     device=get_device("cpu"),
                     fp8_kv=fp8_kv,
                     kv_rule=choice.kv_rule(),
+                    hessians=hessians if gptq else None,
                     force=True,
                 )
                 quantize_checkpoint(job)
-                models.append(Model("ray-calib", out, fp8_kv, seconds + time.perf_counter() - started, choice.name))
+                models.append(Model("ray-calib", out, fp8_kv, seconds + time.perf_counter() - started, name))
     return models
 
 

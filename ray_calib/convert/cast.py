@@ -143,15 +143,18 @@ def to_torch(raw: np.ndarray, info: TensorInfo):
     return torch.from_numpy(raw).view(dtype).reshape(info.shape)
 
 
-def fp8_weight(raw: np.ndarray, info: TensorInfo, scale: float | None, scratch: Scratch, channel_scales=None):
+def fp8_weight(
+    raw: np.ndarray, info: TensorInfo, scale: float | None, scratch: Scratch, channel_scales=None, hessian=None
+):
     """(slot, FP8 bytes, float32 weight_scale array) for one weight.
 
     `scale` is the group's per-tensor scale; `channel_scales(torch_weight)` computes per-row scales
-    instead (PCS methods). The FP8 bytes live in the scratch's FP8 buffer `slot`: tell the scratch which
+    instead (PCS methods). With the layer's input `hessian` the weight is rounded by GPTQ, else to
+    nearest. The FP8 bytes live in the scratch's FP8 buffer `slot`: tell the scratch which
     write reads them (`busy_until`) so the buffer is not cast into again before that write is done.
     """
     slot, out = scratch.fp8_buffer(info.numel)
-    if channel_scales is None and fp8.has_table(info.dtype):
+    if channel_scales is None and hessian is None and fp8.has_table(info.dtype):
         assert scale is not None, "a per-tensor cast needs the group's scale"
         fp8.cast_with_table(raw.view(np.uint16), scratch.table(info.dtype, scale), out, scratch.pool)
         return slot, out, np.array([scale], dtype=np.float32)
@@ -162,7 +165,13 @@ def fp8_weight(raw: np.ndarray, info: TensorInfo, scale: float | None, scratch: 
         scales = channel_scales(weight).reshape(-1, 1).to(torch.float32)
     else:
         scales = torch.tensor([scale], dtype=torch.float32)
-    cast_to_fp8(weight, scales, out=torch.from_numpy(out).view(torch.float8_e4m3fn).reshape(info.shape))
+    target = torch.from_numpy(out).view(torch.float8_e4m3fn).reshape(info.shape)
+    if hessian is not None:
+        from ray_calib.convert.gptq import gptq_fp8
+
+        gptq_fp8(weight, torch.from_numpy(np.array(hessian)), scales.reshape(-1, 1), out=target)
+    else:
+        cast_to_fp8(weight, scales, out=target)
     return slot, out, scales.numpy()
 
 
@@ -175,7 +184,7 @@ def cast_to_fp8(weight, scale, out=None):
     rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[-1]))
     per_row = scale.numel() > 1
     for start in range(0, weight.shape[0], rows):
-        chunk = weight[start : start + rows].to(torch.float32)
+        chunk = weight[start : start + rows].to(torch.float32, copy=True)  # float32 input: not in place
         chunk /= scale[start : start + rows] if per_row else scale
         out[start : start + rows] = chunk.clamp_(-fp8.E4M3_MAX, fp8.E4M3_MAX).to(torch.float8_e4m3fn)
     return out

@@ -38,6 +38,12 @@ _dir = click.Path(file_okay=False, path_type=Path)
     help="CPU/CUDA FP8 weight scales: one per tensor or one per output channel (compressed-tensors "
     "strategy) [default: chosen by measured quality, convert/scale_choice.py].",
 )
+@click.option(
+    "--gptq/--no-gptq",
+    default=None,
+    help="CPU/CUDA: round weights with GPTQ using the hessians of `measure --hessians` "
+    "[default: when the measurements hold them].",
+)
 @click.option("--clean-stale-scales", is_flag=True, help="Delete old *_MAXABS* scale files next to the measurements.")
 @click.option("--force", is_flag=True, help="Redo an --out that holds another run's output.")
 @run_dir_option
@@ -70,7 +76,7 @@ def quantize(run_dir: str | None, **flags) -> None:
     click.echo(
         f"wrote {s.out}: {s.quantized} FP8 tensors, {s.kept} kept, {len(s.shards_written)} shard(s) written, "
         f"{len(s.shards_skipped)} already done (checksum verified); {s.input_bytes / 1e9:.2f} GB -> "
-        f"{s.output_bytes / 1e9:.2f} GB, method {result.method}"
+        f"{s.output_bytes / 1e9:.2f} GB, method {result.method}{', GPTQ rounding' if s.gptq else ''}"
     )
     click.echo("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.seconds.items()) + f" (total {took:.2f} s)")
     for note in s.notes + (

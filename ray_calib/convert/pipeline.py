@@ -34,6 +34,7 @@ class QuantizeRequest:
     weight_backoff: float | None = None
     inc_version: str | None = None  # Gaudi: the INC that reads the QUANT_CONFIG (default: the newest)
     weight_strategy: str | None = None  # tensor | channel: CPU/CUDA default scales only
+    gptq: bool | None = None  # None: GPTQ rounding when the measurements hold hessians (CPU/CUDA)
     free_space: FreeSpace = free_bytes
 
 
@@ -105,6 +106,7 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
         stale=stale,
         cleaned=bool(stale and request.clean_stale_scales),
     )
+    hessians = _hessians(request, Path(measurements), device)
     if device.startswith("gaudi"):
         result.inc_config = _write_inc_config(request, measurements, method.name, model, measurement.name.prefix)
         return result
@@ -118,12 +120,35 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
         device=get_device(device),
         fp8_kv=request.fp8_kv,
         kv_rule=kv_rule,
+        hessians=hessians,
         low_cpu_mem=request.low_cpu_mem,
         force=request.force,
         free_space=request.free_space,
     )
     result.summary = quantize_checkpoint(job)
     return result
+
+
+def _hessians(request: QuantizeRequest, measurements: Path, device: str):
+    """The hessians GPTQ rounds with: the measurement's, unless --no-gptq or Gaudi (INC rounds to nearest)."""
+    from ray_calib.measurements.hessians import load_model_hessians
+
+    if request.gptq is False:
+        return None
+    if device.startswith("gaudi"):
+        if request.gptq:
+            raise ConfigError(
+                "--gptq: on Gaudi INC quantizes the BF16 weights at load, rounding to nearest",
+                fix="drop --gptq.",
+            )
+        return None
+    found = load_model_hessians(measurements)
+    if found is None and request.gptq:
+        raise ConfigError(
+            f"--gptq: {measurements} holds no hessians",
+            fix="measure with `ray-calib measure --hessians` (and unify again), or drop --gptq.",
+        )
+    return found
 
 
 # what a unified directory copies from the measurement it came from: any difference means it is older

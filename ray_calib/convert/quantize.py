@@ -35,6 +35,7 @@ from ray_calib.inc.methods import (
     scale_from_maxabs,
 )
 from ray_calib.inc.rankfile import RankFile
+from ray_calib.measurements.hessians import Hessians
 from ray_calib.model import names
 from ray_calib.model.checkpoint import (
     Checkpoint,
@@ -63,6 +64,7 @@ class QuantizeJob:
     device: DeviceScales
     fp8_kv: bool = False
     kv_rule: TensorRule | None = None  # k/v scales; None: the method's activation rule (INC's semantics)
+    hessians: Hessians | None = None  # linear inputs' sum(x xᵀ): weights rounded by GPTQ (`convert.gptq`)
     low_cpu_mem: bool = False
     force: bool = False
     free_space: FreeSpace = free_bytes
@@ -81,6 +83,7 @@ class QuantizeSummary:
     seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "amax": 0.0, "cast": 0.0, "write": 0.0})
     filled_experts: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    gptq: int = 0  # weights rounded by GPTQ
 
 
 def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
@@ -140,6 +143,8 @@ def _fingerprint(checkpoint: Checkpoint, job: QuantizeJob) -> str:
     digest = hashlib.sha256(source_fingerprint(checkpoint).encode())
     digest.update(json.dumps(job.measurement.nodes, sort_keys=True).encode())
     digest.update(repr((job.method, job.device, job.fp8_kv, job.kv_rule, _FORMAT_VERSION)).encode())
+    if job.hessians is not None:
+        digest.update(f"gptq {job.hessians.tokens} {sorted(job.hessians.matrices)}".encode())
     return digest.hexdigest()
 
 
@@ -289,7 +294,10 @@ def _write_tensor(
     started = time.perf_counter()
     per_channel = job.method.per_channel_weights
     channel = (lambda weight: channel_scales(weight, job.method, job.device)) if per_channel else None
-    slot, weight, scale = fp8_weight(raw, info, None if per_channel else scales[info.name], scratch, channel)
+    group = plan.groups[plan.group_of[info.name]]
+    hessian = _hessian(job, group.module, info)
+    summary.gptq += hessian is not None
+    slot, weight, scale = fp8_weight(raw, info, None if per_channel else scales[info.name], scratch, channel, hessian)
     cast = time.perf_counter() - started
     summary.seconds["cast"] += cast
     summary.seconds["write"] -= cast
@@ -297,8 +305,18 @@ def _write_tensor(
     scratch.busy_until(slot, writer.write_raw(info.name, weight))
     writer.write_raw(f"{prefix}.weight_scale", scale)
     if not job.method.dynamic_only:
-        group = plan.groups[plan.group_of[info.name]]
         writer.write_raw(f"{prefix}.input_scale", _f32(activation_scale(group.input_maxabs, job.method, job.device)))
+
+
+def _hessian(job: QuantizeJob, module: str, info):
+    """The H GPTQ rounds `info` with; None (round to nearest) for layers without one (experts, MLA kv_b_proj)."""
+    hessian = None if job.hessians is None else job.hessians.matrices.get(module)
+    if hessian is not None and hessian.shape != (info.shape[-1], info.shape[-1]):
+        raise ModelError(
+            f"{info.name}: {info.shape[-1]} input columns, but the measured hessian of {module} is {hessian.shape}",
+            fix="quantize the model that was measured, or quantize with --no-gptq.",
+        )
+    return hessian
 
 
 def _kv_scale(maxabs: float, job: QuantizeJob) -> float:

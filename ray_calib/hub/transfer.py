@@ -22,7 +22,7 @@ from ray_calib.rundir import RunDir
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _SKIP = [".*", "**/.*", "*.tmp", "**/*.tmp", "**/__pycache__/**"]
-_CHECKPOINT = ["fp8/**"]
+_CHECKPOINT = ["fp8/**", "**/hessians*.safetensors"]  # large: pushed only with the checkpoint (GPTQ inputs)
 
 
 @dataclass

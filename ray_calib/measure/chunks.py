@@ -20,6 +20,8 @@ from ray_calib import atomic
 from ray_calib.errors import ConfigError, MeasurementError, OutputExistsError
 from ray_calib.inc import RankFile, StatsName, parse_name, read_rank_file, write_rank_file
 from ray_calib.inc.jsonio import load as load_json
+from ray_calib.measurements import hessians
+from ray_calib.measurements.hessians import Hessians
 
 CHUNKS_DIR = ".chunks"
 _RUN_FILE = "run.json"
@@ -35,12 +37,17 @@ class ChunkResult:
     num_prompts: int = 0
     generated_tokens: int = 0
     backends: dict[str, list[str]] = field(default_factory=dict)  # vLLM attention backend / MoE kernel names
+    hessians: list[Hessians] = field(default_factory=list)  # ordered by rank; [] without --hessians
 
 
 def rank_file_from_result(result: dict[str, Any], prefix: str) -> RankFile:
     """A worker's `ray_calib_collect` dict -> INC range file of that rank."""
     name = StatsName(prefix=prefix, rank=result["rank"], world_size=result["world_size"])
     return RankFile(name=name, nodes=result["nodes"], mod_list=result["mod_list"])
+
+
+def hessians_from_result(result: dict[str, Any]) -> Hessians:
+    return Hessians(result["hessians"], set(result["sharded"]), result["tokens"])
 
 
 class ChunkStore:
@@ -85,6 +92,8 @@ class ChunkStore:
         try:
             for rank_file in chunk.rank_files:
                 write_rank_file(rank_file, tmp)
+            for rank, rank_hessians in enumerate(chunk.hessians):
+                hessians.write(tmp / hessians.rank_file_name(rank, len(chunk.hessians)), rank_hessians)
             info = {
                 "index": chunk.index,
                 "experts": chunk.experts,
@@ -124,6 +133,7 @@ class ChunkStore:
             num_prompts=info["num_prompts"],
             generated_tokens=info["generated_tokens"],
             backends=info.get("backends", {}),
+            hessians=[hessians.read(path) for path in hessians.rank_files(directory)],
         )
 
     def _load(self, path: Path) -> Any:

@@ -85,6 +85,12 @@ DEFAULTS = {"batch_size": 16}  # without devices.conf
     default=None,
     help="Force vLLM's attention backend (e.g. CPU_MLA or AMX_MLA) [default: vLLM's choice].",
 )
+@click.option(
+    "--hessians/--no-hessians",
+    default=None,
+    help="Record each linear layer's input sum(x xᵀ) (4 x in² bytes per layer and rank) so `quantize` rounds "
+    "weights with GPTQ (CPU/CUDA) [default: when they take at most 1 GiB per rank].",
+)
 @run_dir_option
 def measure(
     model,
@@ -111,6 +117,7 @@ def measure(
     dry_run,
     attention_backend,
     kv_cache_gib,
+    hessians,
     run_dir,
 ) -> None:
     """Run the calibration prompts through vLLM at TP=N and write one INC range file per rank.
@@ -155,6 +162,7 @@ def measure(
         out=(out or RunDir.resolve(run_dir).measure).absolute(),
         tp_size=tp_size,
         fp8_kv=fp8_kv,
+        hessians=hessians,
         num_samples=num_samples,
         least_tokens=least_tokens,
         batch_size=batch_size,

@@ -19,7 +19,9 @@ class MeasureExtension:
     model_runner: Any  # set by the vLLM worker this class is mixed into
     _ray_calib_observer: ModelObserver | None
 
-    def ray_calib_install(self, fp8_kv: bool, block_names: list[str], block_types: list[str]) -> dict[str, Any]:
+    def ray_calib_install(
+        self, fp8_kv: bool, block_names: list[str], block_types: list[str], hessians: bool | None = False
+    ) -> dict[str, Any]:
         """Install observers on this rank's model; returns what was hooked (for the run's log)."""
         from ray_calib.measure.observers import Blocklist, ModelObserver
 
@@ -30,6 +32,7 @@ class MeasureExtension:
             self.model_runner.model,
             fp8_kv=fp8_kv,
             blocklist=Blocklist(names=tuple(block_names), types=tuple(block_types)),
+            hessians=hessians,
         )
         self._ray_calib_observer = observer
         return {
@@ -38,6 +41,7 @@ class MeasureExtension:
             "moe_layers": len(observer.moe),
             "backends": observer.backends(),
             "uncovered": [[u.module, u.cls, u.kind] for u in observer.uncovered],
+            "hessians": {"bytes": observer.hessian_bytes, "recorded": observer.hessians is not None},
         }
 
     def ray_calib_remove(self) -> None:

@@ -55,7 +55,9 @@ import torch
 from ray_calib.engine.weights import WEIGHT_AMAX_ATTR
 from ray_calib.inc.quant_config import KV_TYPES  # INC's KV module types, as QUANT_CONFIG names them
 from ray_calib.measure.moe import MoEStats
-from ray_calib.measure.stats import MaxAbs, NodeStats, amax
+from ray_calib.measure.stats import Hessian, MaxAbs, NodeStats, amax
+
+HESSIAN_BUDGET = 1 << 30  # bytes of hessians per rank recorded by default (GPTQ for small models)
 
 
 @dataclass
@@ -79,9 +81,15 @@ class Uncovered:
 class ModelObserver:
     """Installs hooks on a vLLM model and hands back plain-dict stats for this rank."""
 
-    def __init__(self, model: torch.nn.Module, *, fp8_kv: bool, blocklist: Blocklist) -> None:
+    def __init__(
+        self, model: torch.nn.Module, *, fp8_kv: bool, blocklist: Blocklist, hessians: bool | None = False
+    ) -> None:
+        """hessians: True records them, None only when this rank's fit in HESSIAN_BUDGET bytes."""
         self.model = model
         self.fp8_kv = fp8_kv
+        self.hessians: dict[str, Hessian] | None = None if hessians is False else {}
+        self.hessian_bytes = 0  # what recording them costs this rank (float32 H of every linear input)
+        self._hessians_auto = hessians is None
         self.blocklist = blocklist
         self.nodes: dict[str, NodeStats] = {}  # in module order
         self.moe: dict[str, MoEStats] = {}
@@ -124,7 +132,7 @@ class ModelObserver:
                 if id(module) in latent_of:  # recorded from the MLA layer's latent, see the module docstring
                     latent_stats[id(latent_of[id(module)])] = stats
                 else:
-                    self._hook_linear(module, stats)
+                    self._hook_linear(name, module, stats)
             elif isinstance(module, MoERunner):
                 if type(module)._apply_quant_method is not MoERunner._apply_quant_method:
                     self.uncovered.append(Uncovered(name, _class_name(module), "MoE"))
@@ -139,6 +147,10 @@ class ModelObserver:
                 self.uncovered.append(Uncovered(name, _class_name(module), "MoE"))
         for name, module in self._attention.items():
             self._install_attention(name, module, isinstance(module, MLAAttention), latent_stats.get(id(module)))
+        if self.hessians is not None:
+            self.hessian_bytes = sum(4 * h.columns**2 for h in self.hessians.values())
+            if self._hessians_auto and self.hessian_bytes > HESSIAN_BUDGET:
+                self.hessians = None
 
     def _count_tokens(self, module, args) -> None:
         self.tokens += args[0].numel()
@@ -155,10 +167,15 @@ class ModelObserver:
         self._add(name, stats)
         return stats
 
-    def _hook_linear(self, module, stats: NodeStats) -> None:
+    def _hook_linear(self, name: str, module, stats: NodeStats) -> None:
+        if self.hessians is not None:  # row-parallel layers (outputs recorded) see a slice of the input
+            self.hessians[name] = Hessian(sharded=bool(stats.outputs), columns=_input_columns(module))
+
         def pre_hook(mod, args):
             stats.called = True
             stats.inputs[0].update(args[0])
+            if self.hessians is not None:
+                self.hessians[name].update(args[0])
 
         self._handles.append(module.register_forward_pre_hook(pre_hook))
         if not stats.outputs:
@@ -269,18 +286,25 @@ class ModelObserver:
                     nodes.update(self.moe[name].nodes())
             elif name in self.nodes and self.nodes[name].called:
                 nodes[name] = self.nodes[name].to_node()
-        return {
+        result = {
             "nodes": nodes,
             "mod_list": list(self.mod_list),
             "tokens": int(self.tokens),
             "experts": {name: m.token_counts() for name, m in self.moe.items()},
         }
+        if self.hessians is not None:
+            called = {n: h for n, h in self.hessians.items() if h.matrix is not None}
+            result["hessians"] = {n: h.get() for n, h in called.items()}
+            result["sharded"] = sorted(n for n, h in called.items() if h.sharded)
+        return result
 
     def reset(self) -> None:
         for stats in self.nodes.values():
             stats.reset()
         for moe_stats in self.moe.values():
             moe_stats.reset()
+        for hessian in (self.hessians or {}).values():
+            hessian.reset()
         self.tokens.zero_()
 
     def remove(self) -> None:
@@ -307,6 +331,11 @@ def _after(function: Callable, record: Callable[[Any], None]) -> Callable:
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     return args[index] if len(args) > index else kwargs.get(name)
+
+
+def _input_columns(module) -> int:
+    """This rank's input width of a vLLM linear layer (its weight may be repacked on CPU)."""
+    return int(getattr(module, "input_size_per_partition", None) or module.input_size)
 
 
 def _class_name(module: torch.nn.Module) -> str:

@@ -37,6 +37,7 @@ class MeasurePlan:
     engine: EngineConfig = field(init=False)  # decided from the rest of the plan (`_engine`)
     block_names: list[str]
     block_types: list[str]
+    hessians: bool | None = False  # linear inputs' sum(x xᵀ) for GPTQ rounding; None: when they fit
     quant_config: dict[str, Any] | None = None
     dump_dir: str | None = None
     route: Any = None  # engine.gaudi.Route on Gaudi
@@ -150,16 +151,22 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
         quant = measure_quant_config(config.fp8_kv, info, dump_dir, config.quant_config, on_cpu=not target.is_gaudi)
         section = quant.get("blocklist") or {}
         names, types = list(section.get("names", [])), list(section.get("types", []))
-        fp8_kv = quantizes_kv_cache(quant)
+        fp8_kv, hessians = quantizes_kv_cache(quant), False
+        if config.hessians:
+            raise ConfigError(
+                "--hessians: INC measures on Gaudi and records no input second moments",
+                fix="drop --hessians (Gaudi keeps INC's round-to-nearest), or measure on CPU/CUDA.",
+            )
     else:
         names, types = blocklist(config.quant_config, fp8_kv=config.fp8_kv, moe=info.moe)
-        fp8_kv = config.fp8_kv
+        fp8_kv, hessians = config.fp8_kv, config.hessians
     plan = MeasurePlan(
         info=info,
         target=target,
         backend=backend,
         ep_size=ep_size,
         fp8_kv=fp8_kv,
+        hessians=hessians,
         block_names=names,
         block_types=types,
         quant_config=quant,

@@ -14,6 +14,7 @@ Two backends share these stages: our observers (CPU/CUDA) and INC's own MEASURE 
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,10 @@ from ray_calib.errors import DataError, EngineError, ModelError, OutputExistsErr
 from ray_calib.inc import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
 from ray_calib.inc.coverage import COVERAGE_FILE
 from ray_calib.inc.naming import JSON, MEASURE_PREFIX, parse_name
-from ray_calib.measure.chunks import ChunkResult, ChunkStore, rank_file_from_result
+from ray_calib.measure.chunks import ChunkResult, ChunkStore, hessians_from_result, rank_file_from_result
 from ray_calib.measure.preflight import ModelInfo
+from ray_calib.measurements import hessians
+from ray_calib.measurements.hessians import Hessians
 from ray_calib.measurements.merge import merge_chunks
 from ray_calib.measurements.pipeline import remove_stale
 
@@ -60,6 +63,7 @@ class MeasureConfig:
     enforce_eager: bool = False  # Gaudi: no HPU graphs (the CPU/CUDA observers always run eager)
     cluster_conf: Path | None = None  # the devices.conf in use (node plan of --dry-run)
     attention_backend: str | None = None  # None: vLLM's choice for this device and CPU
+    hessians: bool | None = None  # linear inputs' sum(x xᵀ) for GPTQ; None: when they fit HESSIAN_BUDGET
 
 
 @dataclass
@@ -156,7 +160,9 @@ class ObserverBackend:
     def install(self, llm) -> None:
         """Observers into every rank; a module kind they cannot cover stops the run here, naming its class."""
         plan = self.plan
-        installed = llm.collective_rpc("ray_calib_install", args=(plan.fp8_kv, plan.block_names, plan.block_types))
+        installed = llm.collective_rpc(
+            "ray_calib_install", args=(plan.fp8_kv, plan.block_names, plan.block_types, plan.hessians)
+        )
         for rank in installed:
             for module, cls, kind in rank.get("uncovered", []):
                 raise ModelError(
@@ -165,6 +171,16 @@ class ObserverBackend:
                     fix="measure this model with INC on Gaudi, or report the class so observers learn it",
                 )
         self.backends = installed[0].get("backends", {})
+        self._note_hessians(installed[0].get("hessians"))
+
+    def _note_hessians(self, hessians: dict | None) -> None:
+        if not hessians or not hessians["bytes"]:
+            return
+        size = f"{hessians['bytes'] / 2**20:,.0f} MiB per rank"
+        if hessians["recorded"]:
+            ui.note(f"recording hessians for GPTQ rounding in quantize ({size}; --no-hessians skips them)")
+        elif self.plan.hessians is None:
+            ui.note(f"no hessians (GPTQ rounding): {size} is over the default budget; --hessians records them")
 
     def check(self, rank_files: list) -> None:
         """Every module quantize will convert has an input range, or the run fails naming it and the backend."""
@@ -208,6 +224,8 @@ def _fingerprint(config: MeasureConfig, plan, dataset_hash: str) -> dict:
         "chunk_size": config.chunk_size,
         "blocklist": {"names": plan.block_names, "types": plan.block_types},
     }
+    if config.hessians is not None:
+        fingerprint["hessians"] = config.hessians
     if plan.backend != "observers":  # older checkpoints (observers only) stay resumable
         fingerprint.update(backend=plan.backend, ep_size=plan.ep_size)
     return fingerprint
@@ -259,6 +277,7 @@ def _run_chunk(llm, index: int, prompts: list[list[int]], config: MeasureConfig,
     return ChunkResult(
         index=index,
         rank_files=[rank_file_from_result(r, MEASURE_PREFIX) for r in ranks],
+        hessians=[hessians_from_result(r) for r in ranks] if "hessians" in ranks[0] else [],
         experts=ranks[0].get("experts", {}),
         num_prompts=len(prompts),
         generated_tokens=generated,
@@ -325,11 +344,15 @@ def _write(
     with staged_dir(config.out) as stage:
         for rank_file in rank_files:
             files += [config.out / p.name for p in write_rank_file(rank_file, stage)]
+        for rank, rank_hessians in enumerate(_merged_hessians(results)):
+            name = hessians.rank_file_name(rank, world_size)
+            files.append(config.out / hessians.write(stage / name, rank_hessians).name)
         write_meta(stage, meta)
         if coverage.experts:
             write_coverage(stage, coverage)
         if config.force:  # --force replaces the old run: its rank files and coverage must not stay beside ours
             remove_stale(config.out, {rank_file.name.stem for rank_file in rank_files})
+            hessians.remove_stale(config.out, {p.name for p in files})
             (config.out / COVERAGE_FILE).unlink(missing_ok=True)
     generated = sum(r.generated_tokens for r in results)
     return MeasureSummary(
@@ -348,6 +371,14 @@ def _write(
         never_hit=coverage.never_hit(),
         files=files,
     )
+
+
+def _merged_hessians(results: list[ChunkResult]) -> list[Hessians]:
+    """Each rank's H summed over the chunks; [] for a run without --hessians."""
+    if not results[0].hessians:
+        return []
+    ranks = range(len(results[0].hessians))
+    return [functools.reduce(Hessians.add, (r.hessians[rank] for r in results)) for rank in ranks]
 
 
 def _versions() -> dict[str, str]:

@@ -81,3 +81,30 @@ class NodeStats:
         for m in (*self.inputs, *self.outputs):
             m.reset()
         self.called = False
+
+
+class Hessian:
+    """Running H = sum(x xᵀ) of a linear layer's input rows, float32 (`measure --hessians`, for GPTQ)."""
+
+    __slots__ = ("columns", "matrix", "sharded")
+
+    def __init__(self, *, sharded: bool, columns: int) -> None:
+        self.matrix: torch.Tensor | None = None  # allocated at the first update
+        self.sharded = sharded  # input split across ranks (row-parallel)
+        self.columns = columns
+
+    def update(self, t: Any) -> None:
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            return
+        rows = t.detach().reshape(-1, t.shape[-1]).to(torch.float32)
+        if self.matrix is None:
+            self.matrix = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32, device=rows.device)
+        self.matrix.addmm_(rows.T, rows)
+
+    def get(self) -> Any:
+        """A numpy copy on the host (one device sync, at collect time)."""
+        assert self.matrix is not None
+        return self.matrix.cpu().numpy().copy()
+
+    def reset(self) -> None:
+        self.matrix = None

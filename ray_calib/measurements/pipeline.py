@@ -26,6 +26,7 @@ from ray_calib.inc.meta import RunMeta, write_meta
 from ray_calib.inc.naming import JSON, StatsName, parse_name
 from ray_calib.inc.rankfile import RankFile, node_values, read_rank_file, write_rank_file
 from ray_calib.inc.runset import MeasurementSet
+from ray_calib.measurements import hessians
 from ray_calib.measurements.unify import check_same_nodes, check_sizes, expand_rank, merge_group
 
 
@@ -90,6 +91,7 @@ def _unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, force: bool, exp
         results = _parallel_map(task, [(run, i) for run in sets for i in range(to_world_size)])
         _check_groups_agree(results)
         _finish_stage(stage, out_dir, meta, in_dir, {r.stem for r in results})
+        hessians.remove_stale(out_dir, {hessians.MODEL_FILE} if hessians.unify(in_dir, stage) else set())
     first = results[0]
     return UnifySummary(
         in_dir=in_dir,

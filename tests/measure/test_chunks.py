@@ -128,3 +128,21 @@ def test_chunk_names_are_parsed_by_the_one_name_parser(tmp_path, prefix):
         info.write_text(original.replace(f"{prefix}_hooks_maxabs_0_2", wrong))
         with pytest.raises(MeasurementError, match=f"names {wrong}, expected"):
             store.read(0, prefix)
+
+
+def test_hessians_ride_in_the_checkpoints(tmp_path):
+    """--hessians: each rank's H of a chunk comes back from its checkpoint, whole (resume sums them)."""
+    import numpy as np
+
+    from ray_calib.measurements.hessians import Hessians
+
+    store = ChunkStore(tmp_path, {"model": "m", "hessians": True})
+    store.prepare(resume=False)
+    written = chunk(1, 1.0)
+    written.hessians = [
+        Hessians({"a": np.full((3, 3), r + 1, np.float32)}, {"a"} if r else set(), 10) for r in range(2)
+    ]
+    store.write(written)
+    back = store.read(1, "inc_measure_output").hessians
+    assert [h.matrices["a"][0, 0] for h in back] == [1.0, 2.0] and [h.sharded for h in back] == [set(), {"a"}]
+    assert back[0].tokens == 10 and chunk(0, 1.0).hessians == []

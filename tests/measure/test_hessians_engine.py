@@ -1,0 +1,102 @@
+"""`measure --hessians` in real vLLM runs of the tiny Llama, and what `quantize` does with them.
+
+TP2 against TP1: a column-parallel layer's input is whole on every rank, so both ranks record the same
+H and it equals TP1's; a row-parallel layer's ranks record the diagonal blocks of TP1's H. TP1 and TP2
+inputs differ only by bf16 rounding of the all-reduced partial sums: each element by at most one bf16
+spacing (2^-8 relative) per all-reduce upstream plus one for the layer's own output, and H = sum x xᵀ
+doubles a relative error. The 4 chunks per run are summed across checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ray_calib.measurements import hessians
+from tests.measure.conftest import REPO, measure_env
+
+BF16_SPACING = 2.0**-8
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def tolerance(node: str) -> float:
+    """2 x (all-reduces before this layer's input + 1) bf16 spacings; two all-reduces per decoder layer."""
+    layer = int(node.split(".layers.")[1].split(".")[0])
+    upstream = 2 * layer + (1 if node.endswith(("gate_up_proj", "down_proj")) else 0)
+    return 2 * (upstream + 1) * BF16_SPACING
+
+
+@pytest.fixture(scope="module")
+def tp1_tp2(measured):
+    one = measured("llama", 1, False, hessians=True)
+    two = measured("llama", 2, False, hessians=True)
+    return one, two
+
+
+def test_tp2_ranks_hold_tp1s_hessian_blocks(tp1_tp2):
+    one_run, two_run = tp1_tp2
+    one = hessians.load_model_hessians(one_run.out)
+    ranks = [hessians.read(p) for p in hessians.rank_files(two_run.out)]
+    assert one is not None and len(ranks) == 2 and one.tokens == ranks[0].tokens > 0
+    assert set(one.matrices) == set(ranks[0].matrices) and len(one.matrices) >= 4
+    assert ranks[0].sharded == {n for n in one.matrices if n.endswith(("o_proj", "down_proj"))}
+    worst = {}
+    for node, whole in one.matrices.items():
+        if node in ranks[0].sharded:
+            half = whole.shape[0] // 2
+            assert ranks[0].matrices[node].shape == (half, half)
+            blocks = [
+                (r.matrices[node], whole[i * half : (i + 1) * half, i * half : (i + 1) * half])
+                for i, r in enumerate(ranks)
+            ]
+        else:
+            np.testing.assert_array_equal(ranks[0].matrices[node], ranks[1].matrices[node])  # one input, two ranks
+            blocks = [(ranks[0].matrices[node], whole)]
+        worst[node] = max(relative(got, want) for got, want in blocks)
+        assert worst[node] <= tolerance(node), (node, worst[node], tolerance(node))
+    print("worst relative difference per node:", json.dumps(worst, indent=1))
+
+
+def quantize(model, measurements, out, *flags):
+    command = [sys.executable, "-m", "ray_calib.cli", "quantize", "--model", str(model)]
+    command += ["--measurements", str(measurements), "--out", str(out), *flags]
+    done = subprocess.run(command, cwd=REPO, env=measure_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+MEMBERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def test_quantize_rounds_with_gptq_and_lowers_each_layers_output_error(tp1_tp2, tiny_models, tmp_path):
+    """Error on the calibration inputs, tr((W - Q) H (W - Q)ᵀ), per weight: GPTQ's against round to nearest."""
+    import torch
+    from safetensors.torch import load_file
+
+    one_run, _ = tp1_tp2
+    model = tiny_models["llama"]
+    assert "GPTQ rounding" in quantize(model, one_run.out, tmp_path / "gptq")
+    assert "GPTQ rounding" not in quantize(model, one_run.out, tmp_path / "nearest", "--no-gptq")
+    source = load_file(str(model / "model.safetensors"))
+    gptq, nearest = (load_file(str(tmp_path / kind / "model.safetensors")) for kind in ("gptq", "nearest"))
+    ratios = {}
+    for node, matrix in hessians.load_model_hessians(one_run.out).matrices.items():
+        prefix, kind = node.rsplit(".", 1)
+        h = torch.from_numpy(matrix).double()
+        for member in MEMBERS.get(kind, (kind,)):
+            name = f"{prefix}.{member}"
+            weight = source[f"{name}.weight"].double()
+            errors = []
+            for quantized in (gptq, nearest):
+                delta = weight - quantized[f"{name}.weight"].double() * quantized[f"{name}.weight_scale"].double()
+                errors.append(float(torch.einsum("ij,jk,ik->", delta, h, delta)))
+            ratios[name] = errors[0] / errors[1]
+    assert len(ratios) >= 7 and all(r < 1.0 for r in ratios.values()), ratios
+    assert np.mean(list(ratios.values())) < 0.8, ratios
