@@ -7,8 +7,10 @@ without an FP8 KV cache, on held-out text of three kinds; and the calibration wa
     1 prepare    SmolLM2-135M-Instruct (imported once into the cache), calibration passages (pydoc,
                  calibration half), held-out passages (pydoc held-out half, licences, Debian docs),
                  llm-compressor 0.14 in its own venv under the cache (torch pinned to the CPU wheel)
-    2 ray-calib  `ray-calib measure --fp8-kv` at TP1 on the calibration texts, then `quantize` (the CPU/CUDA
-                 default; with --search every candidate of convert/scale_choice.py), with and without k/v scales
+    2 ray-calib  `ray-calib measure --fp8-kv` at TP1 on the calibration texts (recording hessians, the default
+                 for a model this size), then `quantize`: the CPU/CUDA default (GPTQ rounding) and the same
+                 scales rounded to nearest; with --search every other candidate of convert/scale_choice.py
+                 (rounded to nearest); each with and without k/v scales
     3 peer       llm-compressor oneshot, scheme FP8, ignore lm_head, same texts and count, truncated to the
                  same length; once more with its FP8 kv_cache_scheme
     4 score      every model through vLLM (prefill, top-20 logprobs) on the same token windows; the FP8-KV
@@ -47,14 +49,14 @@ class Model:
     path: Path
     fp8_kv: bool  # run on an FP8 cache
     calib_seconds: float | None = None
-    choice: str | None = None  # ray-calib: the scale candidate (convert/scale_choice.py)
+    choice: str | None = None  # ray-calib: the scale candidate (convert/scale_choice.py), "+gptq" if GPTQ-rounded
 
     @property
     def label(self) -> str:
         """ray-calib's default is plain "ray-calib"; the other candidates carry their name."""
         from ray_calib.convert.scale_choice import DEFAULT
 
-        if self.kind != "ray-calib" or self.choice == DEFAULT.name:
+        if self.kind != "ray-calib" or self.choice == f"{DEFAULT.name}+gptq":
             return self.kind
         return f"ray-calib:{self.choice}"
 
@@ -190,7 +192,6 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
             "--tp",
             "1",
             "--fp8-kv",
-            "--hessians",
             "--num-samples",
             str(args.calib_samples),
             "--least-tokens",
@@ -207,9 +208,11 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
             seconds = time.perf_counter() - started
         _save_timing(work / "ray-calib" / "measure-seconds.json", calib, seconds)
     measurement, _ = load_measurement(measure)
-    hessians = load_model_hessians(measure)
-    choices = list(CANDIDATES.values()) if args.search else [DEFAULT]
-    runs = [(choice, gptq) for choice in choices for gptq in (False, True)]
+    hessians = load_model_hessians(measure)  # measure records them by default for a model this small
+    if hessians is None:
+        sys.exit(f"{measure} holds no hessians: ray-calib's default (GPTQ rounding) cannot be scored")
+    others = [c for c in CANDIDATES.values() if c is not DEFAULT] if args.search else []
+    runs = [(DEFAULT, True), (DEFAULT, False), *((choice, False) for choice in others)]  # (scales, GPTQ)
     models = []
     with _locked(None):  # a 135M checkpoint quantizes in seconds: no need to queue for the heavy lock
         for choice, gptq in runs:

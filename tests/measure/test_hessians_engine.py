@@ -64,6 +64,15 @@ def test_tp2_ranks_hold_tp1s_hessian_blocks(tp1_tp2):
     print("worst relative difference per node:", json.dumps(worst, indent=1))
 
 
+def test_a_small_model_records_hessians_by_default_and_no_hessians_opts_out(measured, tiny_models, calib_set, tmp_path):
+    """The tiny model's hessians are far below the per-rank budget: measure records them unasked."""
+    from tests.measure.conftest import measure_args, run_measure
+
+    assert len(hessians.rank_files(measured("llama", 2, True).out)) == 2
+    args = measure_args(tiny_models["llama"], calib_set, tmp_path / "off", 1, fp8_kv=False, extra=("--no-hessians",))
+    assert hessians.rank_files(run_measure(args).check().out) == []
+
+
 def quantize(model, measurements, out, *flags):
     command = [sys.executable, "-m", "ray_calib.cli", "quantize", "--model", str(model)]
     command += ["--measurements", str(measurements), "--out", str(out), *flags]

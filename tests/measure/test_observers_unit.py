@@ -69,7 +69,7 @@ def test_measure_refuses_an_uncovered_class_in_one_line():
             {"rank": 0, "backends": {}, "uncovered": [["model.layers.0.attn", "pkg.MysteryAttention", "attention"]]}
         ]
     )
-    plan = SimpleNamespace(fp8_kv=False, block_names=[], block_types=[])
+    plan = SimpleNamespace(fp8_kv=False, block_names=[], block_types=[], hessians=None)
     with pytest.raises(ModelError) as err:
         ObserverBackend(plan).install(llm)
     message = str(err.value)
@@ -141,3 +141,16 @@ def test_remove_restores_row_parallel_quant_methods_and_hooks(tp_size):
     observer.remove()
     assert all(layer.quant_method is method for layer in layers) and "apply" in vars(method)
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
+
+
+def test_hessian_sums_the_input_rows_outer_products_in_float32():
+    from ray_calib.measure.stats import Hessian
+
+    hessian = Hessian(sharded=False, columns=4)
+    batches = [torch.randn(2, 3, 4).to(torch.bfloat16), torch.randn(5, 4).to(torch.bfloat16)]
+    for inputs in inputses:
+        hessian.update(inputs)
+    rows = torch.cat([b.reshape(-1, 4).float() for b in batches])
+    torch.testing.assert_close(torch.from_numpy(hessian.get()), rows.T @ rows)
+    hessian.reset()
+    assert hessian.matrix is None
