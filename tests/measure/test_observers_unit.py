@@ -148,7 +148,7 @@ def test_hessian_sums_the_input_rows_outer_products_in_float32():
 
     hessian = Hessian(sharded=False, columns=4)
     batches = [torch.randn(2, 3, 4).to(torch.bfloat16), torch.randn(5, 4).to(torch.bfloat16)]
-    for inputs in inputses:
+    for inputs in batches:
         hessian.update(inputs)
     rows = torch.cat([b.reshape(-1, 4).float() for b in batches])
     torch.testing.assert_close(torch.from_numpy(hessian.get()), rows.T @ rows)
