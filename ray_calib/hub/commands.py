@@ -13,7 +13,11 @@ from ray_calib.rundir import RunDir, run_dir_option
 @click.command()
 @click.option("--repo", required=True, help="Hub repo id, ORG/NAME (created if missing).")
 @click.option("--private", is_flag=True, help="Create the repo private.")
-@click.option("--include-checkpoint", is_flag=True, help="Also upload the FP8 checkpoint (<run-dir>/fp8) and the hessians GPTQ rounded it with.")
+@click.option(
+    "--include-checkpoint",
+    is_flag=True,
+    help="Also upload the FP8 checkpoint (<run-dir>/fp8) and the hessians GPTQ rounded it with.",
+)
 @run_dir_option
 def push(repo: str, private: bool, include_checkpoint: bool, run_dir: str | None) -> None:
     """Upload a run (measurements at any TP, unified sets, QUANT_CONFIGs, meta, coverage, report) with a model card.

@@ -259,6 +259,8 @@ def _run(config) -> None:
         from ray_calib.measure.quantizable import describe_backends
 
         click.echo(f"observed under {describe_backends(summary.backends)}")
-    click.echo(f"wrote {summary.world_size} rank files ({summary.nodes_per_rank} nodes each) to {summary.out}")
+    hessians = [f for f in summary.files if f.name.startswith("hessians_")]
+    extra = f", and hessians for GPTQ ({sum(f.stat().st_size for f in hessians) / 2**20:,.0f} MiB)" if hessians else ""
+    click.echo(f"wrote {summary.world_size} rank files ({summary.nodes_per_rank} nodes each){extra} to {summary.out}")
     for module, experts in summary.never_hit.items():
         click.echo(f"warning: {module}: experts {experts} got no tokens (their ranges are 0)", err=True)

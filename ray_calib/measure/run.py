@@ -173,11 +173,11 @@ class ObserverBackend:
         self.backends = installed[0].get("backends", {})
         self._note_hessians(installed[0].get("hessians"))
 
-    def _note_hessians(self, hessians: dict | None) -> None:
-        if not hessians or not hessians["bytes"]:
+    def _note_hessians(self, recorded: dict | None) -> None:
+        if not recorded or not recorded["bytes"]:
             return
-        size = f"{hessians['bytes'] / 2**20:,.0f} MiB per rank"
-        if hessians["recorded"]:
+        size = f"{recorded['bytes'] / 2**20:,.0f} MiB per rank"
+        if recorded["recorded"]:
             ui.note(f"recording hessians for GPTQ rounding in quantize ({size}; --no-hessians skips them)")
         elif self.plan.hessians is None:
             ui.note(f"no hessians (GPTQ rounding): {size} is over the default budget; --hessians records them")
@@ -374,8 +374,8 @@ def _write(
 
 
 def _merged_hessians(results: list[ChunkResult]) -> list[Hessians]:
-    """Each rank's H summed over the chunks; [] for a run without --hessians."""
-    if not results[0].hessians:
+    """Each rank's H summed over the chunks; [] for a run without them (in any chunk)."""
+    if not all(r.hessians for r in results):
         return []
     ranks = range(len(results[0].hessians))
     return [functools.reduce(Hessians.add, (r.hessians[rank] for r in results)) for rank in ranks]

@@ -80,6 +80,7 @@ def _make_run(root: Path) -> RunDir:
     (run.report / "plot.png").write_bytes(bytes(range(256)) * 400)  # binary and > 64 KiB: goes through LFS
     (run.fp8).mkdir()
     (run.fp8 / "model.safetensors").write_bytes(b"\0" * 1000)
+    (run.unified(1) / "hessians.safetensors").write_bytes(b"\0" * 1000)  # GPTQ's inputs: with the checkpoint only
     (run.root / ".ray-calib-stage-x").mkdir()
     return run
 
@@ -98,10 +99,11 @@ def test_push_then_pull_round_trips_every_file(hub_env, tmp_path):
     (run.root / "report" / "__pycache__" / "x.pyc").write_bytes(b"x")  # skipped, and not counted as pushed
     result = push(run, REPO)
     assert "fp8/model.safetensors" not in result.files and "report/plot.png" in result.files
+    assert "unified-tp1/hessians.safetensors" not in result.files
     assert not any("__pycache__" in f for f in result.files)
     shutil.rmtree(run.root / "report" / "__pycache__")
     pulled = pull(REPO, tmp_path / "pulled")
-    sent = {k: v for k, v in _tree(run.root).items() if not k.startswith("fp8/")}
+    sent = {k: v for k, v in _tree(run.root).items() if not k.startswith("fp8/") and "hessians" not in k}
     got = _tree(pulled.directory)
     configs = {k for k in sent if k.startswith("configs/")}
     assert {k: v for k, v in got.items() if k not in configs} == {k: v for k, v in sent.items() if k not in configs}
@@ -125,6 +127,7 @@ def test_checkpoint_only_with_the_flag_and_unchanged_push_is_a_no_op(hub_env, tm
     push(run, "standin/with-ckpt", include_checkpoint=True)
     stored = json.loads(hub_env.repo_file("model", "standin/with-ckpt").read_text())
     assert "fp8/model.safetensors" in stored["files"] and stored["sha"] == sha
+    assert "unified-tp1/hessians.safetensors" in stored["files"]
 
 
 def test_model_card_states_the_run(hub_env, tmp_path):
