@@ -47,7 +47,11 @@ def rank_file_from_result(result: dict[str, Any], prefix: str) -> RankFile:
 
 
 def hessians_from_result(result: dict[str, Any]) -> Hessians:
-    return Hessians(result["hessians"], set(result["sharded"]), result["tokens"])
+    """A worker's hessians; over the Ray executor numpy arrays arrive as nested lists."""
+    import numpy as np
+
+    matrices = {name: np.asarray(h, dtype=np.float32) for name, h in result["hessians"].items()}
+    return Hessians(matrices, set(result["sharded"]), result["tokens"])
 
 
 class ChunkStore:

@@ -146,3 +146,14 @@ def test_hessians_ride_in_the_checkpoints(tmp_path):
     back = store.read(1, "inc_measure_output").hessians
     assert [h.matrices["a"][0, 0] for h in back] == [1.0, 2.0] and [h.sharded for h in back] == [set(), {"a"}]
     assert back[0].tokens == 10 and chunk(0, 1.0).hessians == []
+
+
+def test_hessians_that_crossed_ray_as_lists_become_arrays():
+    """vLLM's Ray executor hands numpy arrays back from collective_rpc as nested lists."""
+    import numpy as np
+
+    from ray_calib.measure.chunks import hessians_from_result
+
+    result = {"hessians": {"a": [[1.0, 0.5], [0.5, 2.0]]}, "sharded": ["a"], "tokens": 4}
+    back = hessians_from_result(result)
+    assert back.matrices["a"].dtype == np.float32 and back.matrices["a"].shape == (2, 2) and back.sharded == {"a"}
