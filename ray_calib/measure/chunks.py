@@ -47,10 +47,17 @@ def rank_file_from_result(result: dict[str, Any], prefix: str) -> RankFile:
 
 
 def hessians_from_result(result: dict[str, Any]) -> Hessians:
-    """A worker's hessians; over the Ray executor numpy arrays arrive as nested lists."""
+    """A worker's hessians, sent as the float32 bytes of each square H (bytes cross every vLLM executor
+    as they are; a numpy array comes out of vLLM's msgpack as a [dtype, shape, buffer] list)."""
+    import math
+
     import numpy as np
 
-    matrices = {name: np.asarray(h, dtype=np.float32) for name, h in result["hessians"].items()}
+    matrices = {}
+    for name, raw in result["hessians"].items():
+        values = np.frombuffer(raw, dtype=np.float32)
+        side = math.isqrt(values.size)
+        matrices[name] = values.reshape(side, side)
     return Hessians(matrices, set(result["sharded"]), result["tokens"])
 
 

@@ -294,7 +294,7 @@ class ModelObserver:
         }
         if self.hessians is not None:
             called = {n: h for n, h in self.hessians.items() if h.matrix is not None}
-            result["hessians"] = {n: h.get() for n, h in called.items()}
+            result["hessians"] = {n: h.get().tobytes() for n, h in called.items()}  # see chunks.hessians_from_result
             result["sharded"] = sorted(n for n, h in called.items() if h.sharded)
         return result
 

@@ -148,12 +148,15 @@ def test_hessians_ride_in_the_checkpoints(tmp_path):
     assert back[0].tokens == 10 and chunk(0, 1.0).hessians == []
 
 
-def test_hessians_that_crossed_ray_as_lists_become_arrays():
-    """vLLM's Ray executor hands numpy arrays back from collective_rpc as nested lists."""
+def test_hessians_cross_every_executor_as_float32_bytes():
+    """vLLM's msgpack (Ray executor) turns numpy arrays into [dtype, shape, buffer] lists; bytes pass as they are."""
     import numpy as np
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
     from ray_calib.measure.chunks import hessians_from_result
 
-    result = {"hessians": {"a": [[1.0, 0.5], [0.5, 2.0]]}, "sharded": ["a"], "tokens": 4}
-    back = hessians_from_result(result)
-    assert back.matrices["a"].dtype == np.float32 and back.matrices["a"].shape == (2, 2) and back.sharded == {"a"}
+    h = np.arange(9, dtype=np.float32).reshape(3, 3)
+    sent = {"hessians": {"a": h.tobytes()}, "sharded": ["a"], "tokens": 4}
+    back = hessians_from_result(MsgpackDecoder().decode(MsgpackEncoder().encode(sent)))
+    np.testing.assert_array_equal(back.matrices["a"], h)
+    assert back.sharded == {"a"} and back.tokens == 4
