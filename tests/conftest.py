@@ -20,11 +20,16 @@ LLAMA31_G3_TP2 = FIXTURES / "inc-llama31-70b-g3-tp2"  # range files and INC's ow
 
 
 SLOW_TIMEOUT_S = 1200  # a slow test may start several vLLM engines (session fixtures run inside the first user)
+# Session fixtures that run real `ray-calib measure` engines: a test using one is slow whatever its own marks say.
+ENGINE_FIXTURES = {"measured"}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """`slow`/`cluster` tests without their own `timeout` mark get SLOW_TIMEOUT_S instead of the unit default."""
+    """Tests of real engines are `slow`; `slow`/`cluster` tests without their own `timeout` mark get SLOW_TIMEOUT_S
+    instead of the unit default."""
     for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("timeout") is None and (
             item.get_closest_marker("slow") or item.get_closest_marker("cluster")
         ):

@@ -107,7 +107,9 @@ def tiny_llama(tmp_path_factory, tiny_model):
     return tiny_model("llama"), make_calib_set("pile", root / "pile.jsonl", num_samples=8)
 
 
-def _measure(conf: Path, model: Path, dataset: Path, out: Path, tp: int = 2) -> subprocess.CompletedProcess:
+def _measure(
+    conf: Path, model: Path, dataset: Path, out: Path, tp: int = 2, *extra: str
+) -> subprocess.CompletedProcess:
     """`ray-calib measure --conf conf` at TP=`tp` as a user runs it after `up` (fresh process env)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VLLM_"))}
     env.update(
@@ -143,6 +145,7 @@ def _measure(conf: Path, model: Path, dataset: Path, out: Path, tp: int = 2) -> 
         "-o",
         str(out),
         "--fp8-kv",
+        *extra,
     ]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=480)
 
@@ -151,11 +154,12 @@ def _measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path):
     from ray_calib.inc import MeasurementSet, read_meta
 
     model, dataset = tiny_llama
-    run = _measure(cluster, model, dataset, tmp_path / "measure")
+    run = _measure(cluster, model, dataset, tmp_path / "measure", 2, "--no-hessians")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "[ray]" in run.stdout and read_meta(tmp_path / "measure").extra["executor"] == "ray"
     ranks = MeasurementSet.discover(tmp_path / "measure").read_all()
     assert [r.rank for r in ranks] == [0, 1] and all(r.nodes for r in ranks)
+    assert not list((tmp_path / "measure").glob("hessians_*"))  # a small model records them unless --no-hessians
 
 
 def _a_tp_above_the_devices_fails_at_once(cluster, tiny_llama, tmp_path):

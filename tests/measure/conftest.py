@@ -145,25 +145,22 @@ def permuted_models(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def measured(tiny_models, permuted_models, calib_set, tmp_path_factory):
-    """`measured(arch, tp, fp8_kv, backend=None, permuted=0, hessians=False)` -> the finished Run, started
-    once per session.
+    """`measured(arch, tp, fp8_kv, backend=None, permuted=0)` -> the finished Run, started once per session.
 
     backend None is vLLM's own choice on this CPU, and shares its run with that backend forced;
-    permuted=K measures the copy permuted with seed K (0: the model itself); hessians adds --hessians.
+    permuted=K measures the copy permuted with seed K (0: the model itself). The tiny models are small enough
+    that every run records hessians by default.
     """
     cache: dict[tuple, Run] = {}
     root = tmp_path_factory.mktemp("measure-runs")
 
-    def get(
-        arch: str, tp: int, fp8_kv: bool, backend: str | None = None, permuted: int = 0, hessians: bool = False
-    ) -> Run:
+    def get(arch: str, tp: int, fp8_kv: bool, backend: str | None = None, permuted: int = 0) -> Run:
         backend = backend or default_backend(arch)
-        key = (arch, tp, fp8_kv, backend, permuted, hessians)
+        key = (arch, tp, fp8_kv, backend, permuted)
         if key not in cache:
             name = f"{arch}-tp{tp}-{'fp8kv' if fp8_kv else 'bf16kv'}-{backend or 'default'}-p{permuted}"
-            name += "-hessians" if hessians else ""
             model = permuted_models(arch, permuted) if permuted else tiny_models[arch]
-            extra = (*(("--attention-backend", backend) if backend else ()), *(("--hessians",) if hessians else ()))
+            extra = ("--attention-backend", backend) if backend else ()
             cache[key] = run_measure(
                 measure_args(model, calib_set, root / name, tp, fp8_kv=fp8_kv, extra=extra)
             ).check()
