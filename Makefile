@@ -30,13 +30,15 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy ray_calib
 
-# every behaviour: the layer contracts, lint, types, then the tests (vLLM, Ray and sshd really started), ~10 min
+# every behaviour: the layer contracts, lint, types, then the tests (vLLM, Ray and sshd really started) on two
+# pytest workers (the tests of one measure run, or of the demo, share a worker: tests/conftest.py)
+PYTEST_PAR := -n 2 --dist loadgroup
 test: lint-imports lint typecheck
-	$(PY) -m pytest -q -m "not extended"
+	$(PY) -m pytest -q $(PYTEST_PAR) -m "not extended"
 
 # the extended tier: TP4, every re-shard invariant, the real model's quality, INC on CPU, the demo (~30 min)
 test-extended: setup
-	$(PY) -m pytest -q -m extended
+	$(PY) -m pytest -q $(PYTEST_PAR) -m extended
 
 # without vLLM/Ray runs (~2 min): for editing
 test-quick: lint-imports lint typecheck

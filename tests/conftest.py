@@ -24,12 +24,16 @@ SLOW_TIMEOUT_S = 1200  # a slow test may start several vLLM engines (session fix
 ENGINE_FIXTURES = {"measured"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests of real engines are `slow`; `slow`/`cluster` tests without their own `timeout` mark get SLOW_TIMEOUT_S
     instead of the unit default."""
     for item in items:
-        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        uses_engine_fixture = bool(ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())))
+        if uses_engine_fixture:
             item.add_marker(pytest.mark.slow)
+        if uses_engine_fixture:  # `pytest -n 2 --dist loadgroup` (make test): one worker makes each run once
+            item.add_marker(pytest.mark.xdist_group("measure-runs"))
         if item.get_closest_marker("timeout") is None and (
             item.get_closest_marker("slow") or item.get_closest_marker("cluster")
         ):

@@ -23,6 +23,10 @@ ANSWERS = {"The capital of France is": "Paris", "The largest planet in the solar
 FP8_KV_ANSWER = "The capital of France is"
 
 
+# both tests read one demo run: under `pytest -n 2 --dist loadgroup` they must share a worker
+pytestmark = [pytest.mark.slow, pytest.mark.extended, pytest.mark.cluster, pytest.mark.xdist_group("demo")]
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
@@ -34,9 +38,6 @@ def demo(tmp_path_factory):
     return root, result
 
 
-@pytest.mark.slow
-@pytest.mark.extended
-@pytest.mark.cluster
 @pytest.mark.timeout(2400)
 def test_demo_runs_the_whole_pipeline(demo):
     root, result = demo
@@ -54,9 +55,6 @@ def test_demo_runs_the_whole_pipeline(demo):
         assert f"({number}/16) done in " in result.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.extended
-@pytest.mark.cluster
 @pytest.mark.timeout(2400)
 def test_demo_smollm2_answers_and_figures(demo):
     """SmolLM2 measured at TP=3 across both nodes, unified to 1, answers and eval figures of its FP8 model."""

@@ -1,9 +1,10 @@
-"""The whole chain on real measurements: make-tiny-model -> measure (vLLM, TP=2) -> quantize -> vLLM generates."""
+"""The whole chain on real measurements: measure (vLLM, TP=2) -> quantize -> vLLM generates."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,32 +38,10 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_measured_tiny_llama_quantizes_and_generates(tmp_path, tiny_model):
-    model, data, run = tmp_path / "tiny", tmp_path / "pile.jsonl", tmp_path / "run"
-    cli("make-tiny-model", "--arch", "llama", "--out", str(model))
-    cli("make-calib-set", "--format", "pile", "--out", str(data), "--num-samples", "8")
-    cli(
-        "measure",
-        "-m",
-        str(model),
-        "-d",
-        str(data),
-        "-t",
-        "2",
-        "-n",
-        "4",
-        "-l",
-        "24",
-        "-b",
-        "4",
-        "--max-new-tokens",
-        "2",
-        "--fp8-kv",
-        "--max-model-len",
-        "128",
-        "--run-dir",
-        str(run),
-    )
+def test_measured_tiny_llama_quantizes_and_generates(tmp_path, measured, tiny_model):
+    """The session's TP=2 measure run of the tiny Llama (FP8 KV, hessians) is the run directory's `measure`."""
+    run = tmp_path / "run"
+    shutil.copytree(measured("llama", 2, True).out, run / "measure")
     quantized = cli("quantize", "--run-dir", str(run), "--fp8-kv", "--low-cpu-mem", "--scale-method", "maxabs_pow2")
     assert "FP8 tensors" in quantized.stdout and "warning" not in quantized.stderr
     out = run / "fp8"
@@ -71,4 +50,6 @@ def test_measured_tiny_llama_quantizes_and_generates(tmp_path, tiny_model):
     assert json.loads((out / "config.json").read_text())["quantization_config"]["kv_cache_scheme"]
     fp8 = generate(out, tp=1, kv_dtype="fp8")
     assert "not loaded" not in fp8.log
-    fp8_tracks_bf16(fp8, generate(model, tp=1, kv_dtype="auto"), generate(tiny_model("llama", seed=1), tp=1))
+    fp8_tracks_bf16(
+        fp8, generate(tiny_model("llama"), tp=1, kv_dtype="auto"), generate(tiny_model("llama", seed=1), tp=1)
+    )
