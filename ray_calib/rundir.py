@@ -6,7 +6,8 @@
   expanded-ep<W>/          ray-calib expand --to-ranks W
   configs/                 QUANT_CONFIG files (ray-calib quant-config write)
   scales/                  INC scale files (ray-calib scales)
-  fp8/                     the FP8 checkpoint (ray-calib quantize)
+  fp8/                     the FP8 checkpoint for CPU/CUDA (ray-calib quantize)
+  fp8-gaudi2/, fp8-gaudi3/ the FP8 checkpoint for vllm-gaudi (ray-calib quantize --format compressed-tensors)
   eval.json                ray-calib eval
   report/                  ray-calib report: PNG plots and summary
 """
@@ -58,6 +59,10 @@ class RunDir:
     @property
     def fp8(self) -> Path:
         return self.root / "fp8"
+
+    def fp8_for(self, device: str) -> Path:
+        """The Gaudi compressed-tensors checkpoint for `device` (gaudi2 | gaudi3)."""
+        return self.root / f"fp8-{device}"
 
     @property
     def eval_json(self) -> Path:

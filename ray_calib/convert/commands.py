@@ -44,6 +44,19 @@ _dir = click.Path(file_okay=False, path_type=Path)
     help="CPU/CUDA: round weights with GPTQ using the hessians of `measure --hessians` "
     "[default: when the measurements hold them].",
 )
+@click.option(
+    "--format",
+    "format",
+    type=click.Choice(["inc", "compressed-tensors"]),
+    help="Gaudi: `inc` writes INC's QUANT_CONFIG (weights stay BF16); `compressed-tensors` writes an FP8 "
+    "checkpoint vllm-gaudi loads as is (<run-dir>/fp8-gaudi2|3) [default: inc on Gaudi; CPU/CUDA: "
+    "compressed-tensors only].",
+)
+@click.option(
+    "--also-cuda",
+    is_flag=True,
+    help="With --format compressed-tensors on Gaudi: also write the CPU/CUDA checkpoint (<run-dir>/fp8).",
+)
 @click.option("--clean-stale-scales", is_flag=True, help="Delete old *_MAXABS* scale files next to the measurements.")
 @click.option("--force", is_flag=True, help="Redo an --out that holds another run's output.")
 @run_dir_option
@@ -54,6 +67,7 @@ def quantize(run_dir: str | None, **flags) -> None:
     Examples:
       ray-calib quantize --low-cpu-mem                     # after measure/unify in ./calib-run
       ray-calib quantize --model M --measurements DIR --out OUT --scale-method maxabs_pow2 --fp8-kv
+      ray-calib quantize --device gaudi2 --format compressed-tensors --also-cuda   # vllm-gaudi + CPU/CUDA
     """
     from ray_calib.convert.pipeline import QuantizeRequest, quantize_run
 
@@ -70,13 +84,21 @@ def quantize(run_dir: str | None, **flags) -> None:
             f"{' --kv-cache-dtype fp8_inc' if flags['fp8_kv'] else ''}"
         )
         return
-    s = result.summary
-    assert s is not None, "quantize_run summarizes every non-Gaudi run"
+    assert result.summary is not None, "quantize_run summarizes every checkpoint it writes"
+    gaudi = result.device.startswith("gaudi")
+    _echo_summary(result.summary, result.method, "vllm-gaudi " + result.device if gaudi else "CPU/CUDA", flags)
+    if result.cuda_summary is not None:
+        from ray_calib.convert.scale_choice import DEFAULT
+
+        _echo_summary(result.cuda_summary, DEFAULT.name, "CPU/CUDA", {**flags, "device": "cuda"})
+
+
+def _echo_summary(s, method: str, target: str, flags: dict) -> None:
     took = sum(s.seconds.values())
     click.echo(
         f"wrote {s.out}: {s.quantized} FP8 tensors, {s.kept} kept, {len(s.shards_written)} shard(s) written, "
         f"{len(s.shards_skipped)} already done (checksum verified); {s.input_bytes / 1e9:.2f} GB -> "
-        f"{s.output_bytes / 1e9:.2f} GB, method {result.method}{', GPTQ rounding' if s.gptq else ''}"
+        f"{s.output_bytes / 1e9:.2f} GB, method {method}{', GPTQ rounding' if s.gptq else ''} (for {target})"
     )
     click.echo("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.seconds.items()) + f" (total {took:.2f} s)")
     for note in s.notes + (
@@ -85,6 +107,9 @@ def quantize(run_dir: str | None, **flags) -> None:
         else []
     ):
         click.echo(f"note: {note}")
+    if target.startswith("vllm-gaudi"):  # vllm-gaudi turns a kv_cache_scheme into its fp8_inc cache
+        click.echo(f"serve on Gaudi: vllm serve {s.out}{' --kv-cache-dtype fp8_inc' if flags['fp8_kv'] else ''}")
+        return
     click.echo(f"serve: vllm serve {s.out}{' --kv-cache-dtype fp8' if flags['fp8_kv'] else ''}")
 
 

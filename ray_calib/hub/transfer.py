@@ -22,7 +22,8 @@ from ray_calib.rundir import RunDir
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _SKIP = [".*", "**/.*", "*.tmp", "**/*.tmp", "**/__pycache__/**"]
-_CHECKPOINT = ["fp8/**", "**/hessians*.safetensors"]  # large: pushed only with the checkpoint (GPTQ inputs)
+# large: pushed only with the checkpoint (both FP8 checkpoints: CPU/CUDA and vllm-gaudi; GPTQ inputs)
+_CHECKPOINT = ["fp8/**", "fp8-gaudi2/**", "fp8-gaudi3/**", "**/hessians*.safetensors"]
 
 
 @dataclass
