@@ -53,6 +53,18 @@ def _run_meta(run: RunDir, model: Path):
     "Seconds for vLLM to start and for one step (VLLM_ENGINE_READY_TIMEOUT_S, "
     "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS and their older names)."
 )
+@click.option(
+    "--startup-timeout",
+    type=click.IntRange(min=1),
+    help="Seconds `--serve` waits for the server to answer /health [default: --timeout; on Gaudi derived from "
+    "the checkpoint size, the host read speed and the warm-up].",
+)
+@click.option(
+    "--max-num-seqs",
+    type=click.IntRange(min=1),
+    help="Sequences served at once [default: vLLM's; on Gaudi 64, as the upstream DeepSeek-R1 quickstart].",
+)
+@click.option("--skip-warmup", is_flag=True, help="Gaudi: VLLM_SKIP_WARMUP (faster start, graphs built on first use).")
 @click.option("--allow-device-mismatch", is_flag=True, help="Use scales measured on another device type.")
 @options.device_option(
     runtime=True,
@@ -78,6 +90,9 @@ def infer(
     port: int,
     quant_config: Path | None,
     timeout_s: int,
+    startup_timeout: int | None,
+    max_num_seqs: int | None,
+    skip_warmup: bool,
     allow_device_mismatch: bool,
     device: str,
     dry_run: bool,
@@ -128,8 +143,8 @@ def infer(
             extra_env,
             write=not dry_run,
             card_bytes=target.memory_bytes,
+            limits=(max_model_len, max_num_seqs, startup_timeout, skip_warmup, enforce_eager),
         )
-        config = replace(config, max_model_len=max_model_len, enforce_eager=enforce_eager)
     else:
         serve_plan = None
         if conf and devices_conf_quant_config(conf):
@@ -154,6 +169,8 @@ def infer(
             kv_cache_gib=kv_cache_gib,
             enforce_eager=enforce_eager,
             extra_env=extra_env,
+            max_num_seqs=max_num_seqs,
+            startup_timeout_s=startup_timeout,
         )
     if dry_run:
         click.echo(_plan(config, target, serve, host, port, conf, serve_plan).render())
@@ -161,7 +178,7 @@ def infer(
     ui.library_logs(run.root, "infer")
     ui.note(
         f"vLLM on {target.device_type}, TP={config.tp_size}, KV cache {runner.engine_config(config).kv_cache_dtype}; "
-        f"engine start and step timeouts {timeout_s} s"
+        f"start-up wait {config.startup_timeout_s or timeout_s} s, step timeout {timeout_s} s"
     )
     if serve:
         _serve(runner, config, host, port, detach, run)
@@ -213,10 +230,13 @@ def _gaudi_config(
     *,
     write: bool,
     card_bytes: int | None,
+    limits: tuple[int | None, int | None, int | None, bool, bool],
 ):
-    """Gaudi defaults from the run: the measured model, its TP, the one-node QUANT_CONFIG, KV dtype and EP."""
+    """Gaudi defaults from the run: the measured model, its TP, the one-node QUANT_CONFIG, KV dtype and EP,
+    a bounded context and batch, and a start-up wait of its own."""
     from ray_calib.infer import gaudi, runner
 
+    max_model_len, max_num_seqs, startup, skip_warmup, enforce_eager = limits
     conf_quant = devices_conf_quant_config(conf) if conf else None
     plan = gaudi.resolve(
         run,
@@ -239,7 +259,16 @@ def _gaudi_config(
         timeout_s=timeout_s,
         extra_env=extra_env,
         expert_parallel=plan.expert_parallel,
+        skip_warmup=skip_warmup,
+        enforce_eager=enforce_eager,
     )
+    context, seqs, context_why = gaudi.serve_limits(
+        plan.model, meta, max_model_len=max_model_len, max_num_seqs=max_num_seqs
+    )
+    config = replace(config, max_model_len=context, max_num_seqs=seqs)
+    wait, wait_why = gaudi.startup_timeout(config, startup)
+    config = replace(config, startup_timeout_s=wait)
+    plan = replace(plan, limits=(f"{context} ({context_why}); max_num_seqs {seqs}", f"{wait} s ({wait_why})"))
     if write:  # a dry run shows the fit instead of refusing
         gaudi.check_serve_fit(config, target_bytes=card_bytes)
     return config, plan
@@ -264,6 +293,8 @@ def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, 
         ("parallel", f"TP {config.tp_size}{', expert parallel' if config.expert_parallel else ''}"),
         ("KV cache", engine.kv_cache_dtype + (" (from the QUANT_CONFIG's blocklist)" if target.is_gaudi else "")),
     ]
+    if gaudi_plan is not None and gaudi_plan.limits:
+        facts += [("context", gaudi_plan.limits[0]), ("start-up wait", gaudi_plan.limits[1])]
     quant = gaudi_plan.config if gaudi_plan else (read_config(config.quant_config) if config.quant_config else None)
     note = None
     if gaudi_plan is not None:

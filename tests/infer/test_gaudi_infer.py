@@ -4,6 +4,7 @@ QUANTIZE config (written when absent), the KV cache dtype that config implies, E
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,78 @@ def test_devices_conf_quant_config_is_the_default(tmp_path, run_cli):
     assert f"QUANT_CONFIG={mine}" in out and "distributed_executor_backend='ray'" in out
     assert "head 10.0.0.1 (driver): ranks 0-3 of 8" in out and "worker1 10.0.0.2: ranks 4-7 of 8" in out
     assert "must be at the same paths on every node" in out
+
+
+def test_dry_run_serve_of_deepseek_r1_is_bounded_and_counts_kv_cache_and_graph_reserve(tmp_path, run_cli):
+    """README's `infer --serve` for R1 on Gaudi2: 16k context, 64 sequences, and a fit that counts the KV cache
+    of one full sequence and the HPU-graph reserve on top of the weights; a start-up wait of its own."""
+    source = model(tmp_path, fp8=True)
+    run, _ = run_with(tmp_path, source, fp8_kv=True)
+    result = run_cli("infer", "--serve", "--dry-run", "--device", "gaudi2", "--run-dir", run.root)
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    for arg in ("--max-model-len 16384", "--max-num-seqs 64", "--max-num-batched-tokens 16384"):
+        assert arg in out, arg
+    assert "--gpu-memory-utilization 0.85" in out and "VLLM_GRAPH_RESERVED_MEM=0.1" in out
+    assert "the model allows 163840" in out and "163840 " not in out.split("command")[1]
+    # 96 GiB card: 78.2 GiB of FP8 weights + 1 GiB; the remaining 16.8 GiB x 0.85 -> 1.4 graph + 12.8 KV
+    assert "weights 78.2 GiB + activations 1 GiB" in out and "graph reserve 1.4 GiB" in out
+    assert "KV cache 12.8 GiB" in out
+    # MLA latent per token per card: 61 layers x (512 + 64) x 1 byte (FP8)
+    assert "34.3 KiB per token per card (fp8_inc)" in out and "room for 23 such sequences" in out
+    ready = next(line for line in out.splitlines() if "VLLM_ENGINE_READY_TIMEOUT_S=" in line).split("=")[1]
+    assert int(ready) > 3000 and "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS=1800" in out  # start-up apart from a step
+    assert "start-up wait" in out and "warm-up" in out and "VLLM_SKIP_WARMUP" not in out  # warms up as upstream
+
+
+def test_full_context_with_a_bf16_cache_does_not_fit_and_says_why(tmp_path):
+    """R1's whole 163840 tokens in a BF16 latent cache need 10.7 GiB per card; at that length upstream lowers
+    gpu_memory_utilization to 0.65, which leaves 9.8 GiB after the graph reserve: refused before vLLM starts."""
+    from ray_calib.errors import EngineError
+
+    config = runner.InferConfig(
+        model=model(tmp_path, fp8=True), tp_size=8, device="hpu", quant_config=tmp_path / "q.json", fp8_kv=False
+    )
+
+    def card_problems(**changes) -> list[str]:  # this CI host has no 626 GiB of RAM: only the card is checked
+        _, fit = gaudi.serve_fit(replace(config, **changes), 96 << 30)
+        return [p for p in fit.problems() if "host RAM" not in p]
+
+    (problem,) = card_problems(max_model_len=163840)
+    assert "KV cache of one 163840-token sequence needs 10.7 GiB per card, 9.8 GiB are left" in problem
+    assert card_problems(max_model_len=16384) == []  # the default fits
+    assert card_problems(max_model_len=163840, fp8_kv=True) == []  # an FP8 latent cache holds one (5.4 GiB)
+    with pytest.raises(EngineError, match="KV cache of one 163840-token sequence"):
+        gaudi.check_serve_fit(replace(config, max_model_len=163840), target_bytes=96 << 30)
+
+
+def test_serving_limits_and_start_up_wait():
+    from ray_calib.engine import gaudi as engine
+
+    assert engine.serve_context(163840, 1056, None)[0] == 16384
+    assert engine.serve_context(163840, 20000, None) == (
+        20000,
+        "the calibration length 20000; the model allows 163840, --max-model-len for more",
+    )
+    assert engine.serve_context(4096, 1056, None) == (4096, "the model's context 4096")
+    assert engine.serve_context(163840, 1056, 163840) == (163840, "--max-model-len")
+    assert engine.serve_memory_utilization(16384) == 0.85 and engine.serve_memory_utilization(32768) == 0.65
+    # 688 GB read at 1 GB/s and moved to the cards, the fixed start and the warm-up
+    assert engine.startup_wait_s(688 * 10**9, 1e9, warmup=True) == 600 + 1376 + 1200
+    assert engine.startup_wait_s(688 * 10**9, 1e9, warmup=False) == 600 + 1376
+    llama = {"num_hidden_layers": 126, "num_attention_heads": 128, "num_key_value_heads": 8, "hidden_size": 16384}
+    assert engine.kv_token_bytes(llama, 8, fp8=False) == 126 * 2 * 1 * 128 * 2  # one KV head per rank at TP 8
+    assert engine.kv_token_bytes(llama, 16, fp8=True) == 126 * 2 * 1 * 128  # at least one head per rank
+
+
+def test_skip_warmup_and_an_explicit_start_up_wait_reach_the_server(tmp_path, run_cli):
+    source = model(tmp_path, fp8=True)
+    run, _ = run_with(tmp_path, source, fp8_kv=True)
+    result = run_cli(
+        "infer", "--serve", "--dry-run", "--device", "gaudi2", "--run-dir", run.root,
+        "--skip-warmup", "--startup-timeout", "5000", "--max-model-len", "32768", "--max-num-seqs", "8",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "VLLM_SKIP_WARMUP=true" in out and "VLLM_ENGINE_READY_TIMEOUT_S=5000" in out
+    assert "--max-model-len 32768 --max-num-seqs 8" in out and "--gpu-memory-utilization 0.65" in out

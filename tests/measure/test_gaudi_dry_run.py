@@ -281,6 +281,21 @@ def test_infer_dry_run_matches_the_quickstart_server(tmp_path, run_cli):
     for variable in ("PT_HPU_WEIGHT_SHARING=0", 'PT_HPU_ENABLE_LAZY_COLLECTIVES="true"'):
         assert f"export {variable}" in script and variable.replace('"', "") in out
     assert "KV_CACHE_DTYPE=fp8_inc" in script
+    # the quickstart's bounded serving: its defaults read from the script, passed the same way
+    default = {k: re.search(rf"^{k}=(\d+)$", script, re.M)[1] for k in ("max_model_len", "max_num_seqs")}
+    assert "max_num_batched_tokens=$max_model_len" in script and "export VLLM_GRAPH_RESERVED_MEM=0.1" in script
+    utilization = re.search(
+        r"if \(\( max_model_len <= (\d+) \)\); then\s+export VLLM_GPU_MEMORY_UTILIZATION=(\S+)", script
+    )
+    assert int(default["max_model_len"]) <= int(utilization[1])
+    for flag, value in (
+        ("--max-model-len", default["max_model_len"]),
+        ("--max-num-seqs", default["max_num_seqs"]),
+        ("--max-num-batched-tokens", default["max_model_len"]),
+        ("--gpu-memory-utilization", utilization[2]),
+    ):
+        assert flag in script.replace("_", "-") and command[command.index(flag) + 1] == value, flag
+    assert "VLLM_GRAPH_RESERVED_MEM=0.1" in out
     quant = run / "configs" / "inc_quant_with_fp8kv_one_node_config.json"
     assert f"QUANT_CONFIG={quant}" in out and not quant.exists()  # a dry run writes nothing
     assert f'"dump_stats_path": "{run / "unified-tp8" / "inc_measure_output"}"' in out
