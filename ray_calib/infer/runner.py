@@ -206,8 +206,11 @@ def serve_args(config: InferConfig, *, host: str, port: int) -> list[str]:
     """
     from ray_calib.engine.launch import engine_settings
 
+    engine = engine_config(config)
     args = ["serve", str(config.model), "--host", host, "--port", str(port), "--served-model-name", config.model.name]
-    for key, value in engine_settings(engine_config(config)).items():
+    if engine.resolved_executor == "ray":  # --conf: the ranks are Ray actors spread over the cluster
+        args += ["--distributed-executor-backend", "ray"]
+    for key, value in engine_settings(engine).items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else f"--no-{flag[2:]}")

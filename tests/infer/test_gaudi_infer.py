@@ -153,6 +153,12 @@ def test_devices_conf_quant_config_is_the_default(tmp_path, run_cli):
     assert f"QUANT_CONFIG={mine}" in out and "distributed_executor_backend='ray'" in out
     assert "head 10.0.0.1 (driver): ranks 0-3 of 8" in out and "worker1 10.0.0.2: ranks 4-7 of 8" in out
     assert "must be at the same paths on every node" in out
+    # the server spreads its ranks the same way: vLLM's Ray executor on the cluster `up` started
+    served = run_cli("infer", "--serve", "--conf", conf, "--device", "gaudi2", "--run-dir", run.root, "--dry-run")
+    assert served.exit_code == 0, served.stderr
+    assert "serve" in served.stdout and "--distributed-executor-backend ray" in served.stdout
+    alone = run_cli("infer", "--serve", "--device", "gaudi2", "--run-dir", run.root, "--dry-run")
+    assert "--distributed-executor-backend" not in alone.stdout
 
 
 def test_dry_run_serve_of_deepseek_r1_is_bounded_and_counts_kv_cache_and_graph_reserve(tmp_path, run_cli):
