@@ -1,0 +1,26 @@
+"""The rungs, in the order they run (see `ladder.run` for what each asks)."""
+
+from __future__ import annotations
+
+from ray_calib.errors import ConfigError
+from ray_calib.ladder.nodes import run_nodes
+from ray_calib.ladder.run import Rung
+
+RUNGS = [
+    Rung("a", "nodes", "versions, devices, memory, disk and the model equal on every node", run_nodes),
+]
+
+
+def select(letters: str | None) -> list[Rung]:
+    """The rungs named by `letters` ("a", "ab", "a,b"), in ladder order; all when None."""
+    if letters is None:
+        return list(RUNGS)
+    wanted = {c for c in letters.lower() if c.isalpha()}
+    known = {rung.letter for rung in RUNGS}
+    unknown = sorted(wanted - known)
+    if unknown or not wanted:
+        raise ConfigError(
+            f"--rungs {letters}: no rung {', '.join(unknown) or '(none given)'}",
+            fix=f"use letters of {', '.join(sorted(known))}.",
+        )
+    return [rung for rung in RUNGS if rung.letter in wanted]
