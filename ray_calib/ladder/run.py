@@ -7,6 +7,10 @@ seconds, result) printed and written to `<run dir>/ladder/` (ladder.txt, ladder.
 
     a  nodes   every node: versions equal to the head's, devices (hl-smi on Gaudi), free RAM/disk (and HBM on
                Gaudi), the model at the same path with the same config.json and shards
+    b  inc-tp2 one node, TP 2, a tiny dense model made on the spot: INC MEASURE inside vLLM, finalize, one
+               rank file per rank named _<rank>_<world>
+Rungs c-f of the design (TP 16 over both nodes with an all-reduce over the NIC, a tiny MoE with EP, the
+TP 16 files unified to 8 and loaded by INC QUANTIZE, the compressed-tensors route at TP 8) are not built yet.
 """
 
 from __future__ import annotations

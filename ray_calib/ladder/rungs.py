@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from ray_calib.errors import ConfigError
+from ray_calib.ladder.inc_tp2 import run_inc_tp2
 from ray_calib.ladder.nodes import run_nodes
 from ray_calib.ladder.run import Rung
 
 RUNGS = [
     Rung("a", "nodes", "versions, devices, memory, disk and the model equal on every node", run_nodes),
+    Rung("b", "inc-tp2", "INC MEASURE in vLLM at TP 2 on one node: one rank file per rank", run_inc_tp2),
 ]
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from ray_calib.ladder import nodes
+from ray_calib.ladder.inc_tp2 import check_rank_files
 from ray_calib.ladder.nodes import NodeModel, check_memory, check_models
 from ray_calib.ladder.run import LadderContext, Rung, RungFailed, run_ladder
 from ray_calib.testing.localnodes import ray_pids, write_conf
@@ -75,29 +76,72 @@ def test_unknown_rungs_are_refused(run_cli, tmp_path):
     assert result.exit_code == 2 and "--rungs z: no rung z" in result.stderr
 
 
-@pytest.mark.cluster
-def test_rung_a_green_on_two_local_nodes_then_version_skew_fails_it(workdir, sshd, run_cli, tiny_model, tmp_path):
-    """Over real SSH to 127.0.0.1 and 127.0.0.2: green, then the worker's env puts another vLLM first on its
-    path (what a node with another image looks like): rung a fails naming that host, the versions and the fix."""
-    model = tiny_model("llama")
-    conf = write_conf(workdir / "green", sshd, extra=f"WORK_DIR={workdir}\n")
-    result = run_cli("ladder", "--conf", conf, "-m", model, "--run-dir", tmp_path / "run")
-    assert result.exit_code == 0, result.stderr
-    assert "a nodes" in result.stdout and "ok: 2 nodes like the head" in result.stdout
-    table = (tmp_path / "run" / "ladder" / "ladder.txt").read_text()
-    assert table.startswith("rung") and "seconds" in table and "model " in table
-    assert json.loads((tmp_path / "run" / "ladder" / "ladder.json").read_text())[0]["ok"] is True
+def test_rank_files_must_be_one_per_rank_named_by_global_rank(tmp_path):
+    from ray_calib.inc import RankFile, StatsName, write_rank_file
+    from ray_calib.inc.naming import MEASURE_PREFIX
 
+    def rank(r: int, world: int) -> None:
+        nodes = {"model.layers.0.mlp.down_proj": {"inputs": [[[1.0]]], "params": {"weight": [[0.5]]}}}
+        write_rank_file(RankFile(name=StatsName(MEASURE_PREFIX, rank=r, world_size=world), nodes=nodes), tmp_path)
+
+    rank(0, 2)
+    with pytest.raises(RungFailed, match=r"head: no complete rank file for rank\(s\) 1 of 2 .*found ranks \[0\]"):
+        check_rank_files(tmp_path, 2, "head")
+    rank(1, 2)
+    assert "one rank file per rank (_0_2 .. _1_2)" in check_rank_files(tmp_path, 2, "head")
+    rank(0, 1)  # a rank that named itself by its node-local world (INC <= 3.4 read LOCAL_RANK at import)
+    with pytest.raises(RungFailed, match="not a file per rank named _<rank>_2"):
+        check_rank_files(tmp_path, 2, "head")
+
+
+def ladder_conf(workdir, sshd, name: str, **options):
+    return write_conf(workdir / name, sshd, extra=f"WORK_DIR={workdir}\n", **options)
+
+
+@pytest.mark.cluster
+def test_version_skew_fails_rung_a_naming_the_host(workdir, sshd, run_cli, tiny_model, tmp_path):
+    """Over real SSH to 127.0.0.1 and 127.0.0.2 the worker's env puts another vLLM first on its path (what a
+    node with another image looks like): rung a fails naming that host, the versions and the fix."""
     fake = workdir / "fake-site"
     (fake / "vllm-0.0.1.dist-info").mkdir(parents=True)
     (fake / "vllm-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.0.1\n")
-    skewed = write_conf(
-        workdir / "skew", sshd, extra=f"WORK_DIR={workdir}\n", worker_env=f'export PYTHONPATH="{fake}"\n'
-    )
-    result = run_cli("ladder", "--conf", skewed, "-m", model, "--run-dir", tmp_path / "run")
+    skewed = ladder_conf(workdir, sshd, "skew", worker_env=f'export PYTHONPATH="{fake}"\n')
+    result = run_cli("ladder", "--conf", skewed, "-m", tiny_model("llama"), "--run-dir", tmp_path / "run")
     assert result.exit_code == 1
     error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
     assert error.startswith("error: ladder rung a nodes: worker1 (127.0.0.2): vllm 0.0.1 != head ")
     assert "install the head's versions on that host" in error
-    assert "FAILED: worker1 (127.0.0.2)" in (tmp_path / "run" / "ladder" / "ladder.txt").read_text()
+    table = (tmp_path / "run" / "ladder" / "ladder.txt").read_text()
+    assert "FAILED: worker1 (127.0.0.2)" in table and "b inc-tp2" not in table  # stopped at rung a
     assert ray_pids(workdir) == []  # rung a starts no Ray process
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_ladder_green_on_the_two_local_nodes(workdir, sshd, run_cli, tiny_model, tmp_path):
+    """Every rung built so far, for real: SSH to both nodes, then INC MEASURE in vLLM's CPU workers at TP 2."""
+    conf = ladder_conf(workdir, sshd, "green")
+    result = run_cli("ladder", "--conf", conf, "-m", tiny_model("llama"), "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    assert "ok: 2 nodes like the head" in result.stdout and "ok: INC MEASURE at TP 2" in result.stdout
+    table = (tmp_path / "run" / "ladder" / "ladder.txt").read_text()
+    assert table.startswith("rung") and "seconds" in table and "b inc-tp2" in table
+    assert [r["ok"] for r in json.loads((tmp_path / "run" / "ladder" / "ladder.json").read_text())] == [True, True]
+    from ray_calib.inc import read_meta
+
+    meta = read_meta(tmp_path / "run" / "ladder" / "b-inc-tp2" / "measure")
+    assert meta.extra["backend"] == "inc" and meta.tp_size == 2
+
+
+@pytest.mark.cluster
+def test_measure_ladder_stops_before_measuring(workdir, sshd, run_cli, tiny_model, tmp_path):
+    fake = workdir / "fake-site"
+    (fake / "ray-0.0.1.dist-info").mkdir(parents=True)
+    (fake / "ray-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ray\nVersion: 0.0.1\n")
+    skewed = ladder_conf(workdir, sshd, "skew", worker_env=f'export PYTHONPATH="{fake}"\n')
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text('{"text": "hello world"}\n')
+    run = tmp_path / "run"
+    result = run_cli("measure", "--ladder", "--conf", skewed, "-m", tiny_model("llama"), "-d", calib, "--run-dir", run)
+    assert result.exit_code == 1 and "ray 0.0.1 != head" in result.stderr
+    assert (run / "ladder" / "ladder.txt").is_file() and not (run / "measure").exists()
