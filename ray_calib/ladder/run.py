@@ -9,8 +9,10 @@ seconds, result) printed and written to `<run dir>/ladder/` (ladder.txt, ladder.
                Gaudi), the model at the same path with the same config.json and shards
     b  inc-tp2 one node, TP 2, a tiny dense model made on the spot: INC MEASURE inside vLLM, finalize, one
                rank file per rank named _<rank>_<world>
-Rungs c-f of the design (TP 16 over both nodes with an all-reduce over the NIC, a tiny MoE with EP, the
-TP 16 files unified to 8 and loaded by INC QUANTIZE, the compressed-tensors route at TP 8) are not built yet.
+    c  all-reduce  one process per node over SSH joins a torch.distributed group at the head (gloo on CPU,
+               HCCL on Gaudi) with the node's IFNAME and all-reduces once
+Not built yet: the engine at the full TP over Ray with its rank files gathered, a tiny MoE with EP, the
+full-TP files unified to one node and loaded by INC QUANTIZE, the compressed-tensors route at TP 8.
 """
 
 from __future__ import annotations

@@ -119,14 +119,16 @@ def test_version_skew_fails_rung_a_naming_the_host(workdir, sshd, run_cli, tiny_
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_ladder_green_on_the_two_local_nodes(workdir, sshd, run_cli, tiny_model, tmp_path):
-    """Every rung built so far, for real: SSH to both nodes, then INC MEASURE in vLLM's CPU workers at TP 2."""
+    """Every rung built so far, for real: SSH to both nodes, INC MEASURE in vLLM's CPU workers at TP 2, then
+    one all-reduce across both nodes."""
     conf = ladder_conf(workdir, sshd, "green")
     result = run_cli("ladder", "--conf", conf, "-m", tiny_model("llama"), "--run-dir", tmp_path / "run")
     assert result.exit_code == 0, result.stderr + result.stdout
     assert "ok: 2 nodes like the head" in result.stdout and "ok: INC MEASURE at TP 2" in result.stdout
+    assert "ok: all-reduce of 2 nodes (gloo)" in result.stdout
     table = (tmp_path / "run" / "ladder" / "ladder.txt").read_text()
     assert table.startswith("rung") and "seconds" in table and "b inc-tp2" in table
-    assert [r["ok"] for r in json.loads((tmp_path / "run" / "ladder" / "ladder.json").read_text())] == [True, True]
+    assert [r["ok"] for r in json.loads((tmp_path / "run" / "ladder" / "ladder.json").read_text())] == [True] * 3
     from ray_calib.inc import read_meta
 
     meta = read_meta(tmp_path / "run" / "ladder" / "b-inc-tp2" / "measure")
@@ -145,3 +147,22 @@ def test_measure_ladder_stops_before_measuring(workdir, sshd, run_cli, tiny_mode
     result = run_cli("measure", "--ladder", "--conf", skewed, "-m", tiny_model("llama"), "-d", calib, "--run-dir", run)
     assert result.exit_code == 1 and "ray 0.0.1 != head" in result.stderr
     assert (run / "ladder" / "ladder.txt").is_file() and not (run / "measure").exists()
+
+
+@pytest.mark.cluster
+def test_rung_c_all_reduces_over_the_nic_and_a_wrong_nic_fails_it(workdir, sshd, run_cli, tmp_path, monkeypatch):
+    """Two processes, one per node over real SSH, all-reduce with gloo over `lo`; a NIC the worker does not have
+    fails rung c naming the worker and the NIC (rung a would refuse it first: run alone with --rungs c)."""
+    conf = ladder_conf(workdir, sshd, "nic")
+    result = run_cli("ladder", "--conf", conf, "--rungs", "c", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    assert "ok: all-reduce of 2 nodes (gloo) gave 3 on each, over head (127.0.0.1) lo" in result.stdout
+    from ray_calib.ladder import allreduce
+
+    monkeypatch.setattr(allreduce, "JOIN_TIMEOUT_S", 15)  # the head waits this long for the worker that failed
+    conf.write_text(conf.read_text().replace("WORKER_NODE_IFNAME=lo", "WORKER_NODE_IFNAME=bogus0"))
+    result = run_cli("ladder", "--conf", conf, "--rungs", "c", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 1
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert error.startswith("error: ladder rung c all-reduce: worker1 (127.0.0.2): all-reduce failed: ")
+    assert "(gloo, IFNAME bogus0, head 127.0.0.1)" in error and "check that bogus0 exists on that node" in error
