@@ -133,6 +133,9 @@ def test_ladder_green_on_the_two_local_nodes(workdir, sshd, run_cli, tiny_model,
 
     meta = read_meta(tmp_path / "run" / "ladder" / "b-inc-tp2" / "measure")
     assert meta.extra["backend"] == "inc" and meta.tp_size == 2
+    # a real measure prints the plan's warnings, not only --dry-run
+    log = (tmp_path / "run" / "ladder" / "b-inc-tp2" / "measure.log").read_text()
+    assert "warning: INC runs in vLLM's CPU workers (RAY_CALIB_INC_ON_CPU=1)" in log
 
 
 @pytest.mark.cluster
