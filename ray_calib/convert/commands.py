@@ -79,9 +79,9 @@ def quantize(run_dir: str | None, **flags) -> None:
         )
     if result.inc_config:
         click.echo(
-            f"{result.device}: weights stay BF16, INC quantizes at load with {result.method}. Serve with:\n"
-            f"  QUANT_CONFIG={result.inc_config} vllm serve {result.model} --quantization inc"
-            f"{' --kv-cache-dtype fp8_inc' if flags['fp8_kv'] else ''}"
+            f"{result.device}: weights stay as they are, INC quantizes at load with {result.method}. Serve with:\n"
+            f"  {_inc_serve_hint(result, flags['fp8_kv'])}\n  (or `ray-calib infer --serve`, which also bounds the "
+            "context and checks the fit)"
         )
         return
     assert result.summary is not None, "quantize_run summarizes every checkpoint it writes"
@@ -91,6 +91,26 @@ def quantize(run_dir: str | None, **flags) -> None:
         from ray_calib.convert.scale_choice import DEFAULT
 
         _echo_summary(result.cuda_summary, DEFAULT.name, "CPU/CUDA", {**flags, "device": "cuda"})
+
+
+def _inc_serve_hint(result, fp8_kv: bool) -> str:
+    """The `vllm serve` line for this checkpoint route on Gaudi, with the env and arguments the route needs."""
+    from ray_calib.engine import gaudi
+    from ray_calib.inc import read_meta
+    from ray_calib.model.config import model_config
+
+    route = gaudi.route_for(model_config(result.model), str(result.model))
+    meta = read_meta(result.measurements)
+    tp = meta.tp_size if meta and meta.tp_size else None
+    env = {"QUANT_CONFIG": str(result.inc_config), **gaudi.SERVE_ENV, **route.env}
+    if tp and tp > 1:
+        env.update(gaudi.LAZY_COLLECTIVES)
+    args = [f"--quantization {route.quantization}"] if route.quantization else []
+    args += [f"--tensor-parallel-size {tp}"] if tp else []
+    args += ["--enable-expert-parallel"] if meta and meta.ep_size and meta.ep_size > 1 else []
+    args += ["--trust-remote-code", "--kv-cache-dtype fp8_inc" if fp8_kv else ""]
+    line = " ".join(f"{k}={v}" for k, v in env.items()) + f" vllm serve {result.model} " + " ".join(args)
+    return line.rstrip()
 
 
 def _echo_summary(s, method: str, target: str, flags: dict) -> None:

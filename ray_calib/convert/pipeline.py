@@ -81,6 +81,11 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
         )
     device = device.lower()
     fmt = _format(request, device)
+    if request.fp8_kv and meta is not None and meta.fp8_kv is False:
+        raise ConfigError(
+            f"--fp8-kv: {measurements} recorded no K/V ranges (measured without --fp8-kv)",
+            fix="measure with --fp8-kv, or quantize without --fp8-kv.",
+        )
     kv_rule = None
     if request.scale_method is None and not device.startswith("gaudi"):
         from ray_calib.convert.scale_choice import default_choice

@@ -312,3 +312,14 @@ def test_dry_run_probes_the_local_node(tmp_path, run_cli):
     (model / "config.json").rename(model / "moved.json")
     missing = run_cli("measure", "-m", model, "--device", "gaudi2", "-t", 8, "--dry-run")
     assert missing.exit_code == 1 and "no config.json" in missing.stderr
+
+
+def test_a_relative_model_path_is_made_absolute(tmp_path, monkeypatch):
+    """Ranks on other nodes resolve paths against their own working directory, and `quantize`/`infer` read the
+    model from the meta from anywhere: a relative -m is resolved once, here."""
+    from ray_calib.measure.preflight import resolve_model
+
+    model_dir(tmp_path, "DeepSeek-R1", DEEPSEEK_R1)
+    monkeypatch.chdir(tmp_path)
+    info = resolve_model("DeepSeek-R1", weights=False)
+    assert info.path == tmp_path / "DeepSeek-R1" and info.model_id == str(tmp_path / "DeepSeek-R1")
