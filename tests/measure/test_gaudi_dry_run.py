@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -323,3 +324,23 @@ def test_a_relative_model_path_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     info = resolve_model("DeepSeek-R1", weights=False)
     assert info.path == tmp_path / "DeepSeek-R1" and info.model_id == str(tmp_path / "DeepSeek-R1")
+
+
+def test_gaudi_tp_above_this_nodes_cards_without_ray_is_refused(tmp_path, run_cli, monkeypatch):
+    """Without a Ray cluster every rank runs here: hl-smi's card count bounds the TP (a dry run warns)."""
+    from tests.engine.test_hlsmi import fake_hl_smi
+
+    fake_hl_smi(tmp_path, "hl-smi-gaudi2.csv")  # 8 Gaudi2 cards
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("RAY_CALIB_DEVICES_CONF", raising=False)
+    model = model_dir(tmp_path, "DeepSeek-R1", DEEPSEEK_R1)
+    dry = run_cli("measure", "-m", model, "--device", "gaudi2", "-t", 16, "--dry-run")
+    assert dry.exit_code == 0 and "which has 8 Gaudi cards (hl-smi): a real run refuses it" in dry.stdout
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text('{"text": "hello"}\n')
+    real = run_cli("measure", "-m", model, "--device", "gaudi2", "-t", 16, "-d", calib, "--run-dir", tmp_path / "run")
+    assert (
+        real.exit_code == 1
+        and "--tp 16 needs 16 devices but this node (hl-smi, no Ray cluster) offers 8" in real.stderr
+    )
+    assert not (tmp_path / "run" / "measure").exists()
