@@ -34,6 +34,9 @@ HBM_UTILIZATION = 0.9  # vLLM's gpu_memory_utilization default
 HBM_RESERVE = 1 * GiB  # activations, HPU graphs, allocator slack
 
 
+COMPRESSED_TENSORS = "compressed-tensors"
+
+
 @dataclass(frozen=True)
 class Route:
     name: str  # "bf16" | "fp8-checkpoint"
@@ -49,6 +52,14 @@ def route_for(model_config: dict, model: str) -> Route:
     if not quant:
         return Route("bf16", "inc", {}, "BF16 weights, INC quantizes at load (quantization='inc')")
     method = str(quant.get("quant_method", "")).lower()
+    if method == "compressed-tensors":
+        return Route(
+            COMPRESSED_TENSORS,
+            None,
+            {},
+            "compressed-tensors FP8 checkpoint (ray-calib quantize --format compressed-tensors): vllm-gaudi's own "
+            "loader, no INC and no QUANT_CONFIG",
+        )
     if method == "fp8":
         return Route(
             "fp8-checkpoint",
@@ -68,7 +79,7 @@ def engine_env(
     measure: bool,
     tp_size: int,
     route: Route,
-    quant_config: str,
+    quant_config: str | None,
     timeout_s: int,
     expert_parallel: bool = False,
     ready_timeout_s: int | None = None,
@@ -81,7 +92,8 @@ def engine_env(
     """
     from ray_calib.engine.launch import timeout_env
 
-    env = {"QUANT_CONFIG": quant_config, **(MEASURE_ENV if measure else SERVE_ENV)}
+    env = {"QUANT_CONFIG": quant_config} if quant_config else {}  # none for a compressed-tensors checkpoint
+    env.update(MEASURE_ENV if measure else SERVE_ENV)
     if skip_warmup:
         env["VLLM_SKIP_WARMUP"] = "true"
     if tp_size > 1:
@@ -302,7 +314,7 @@ def checkpoint_bytes(model_dir: Path, route: Route) -> int:
     from ray_calib.engine.memory import weights_bytes
 
     estimate = weights_bytes(model_dir)
-    if route.name == "fp8-checkpoint" and not any(Path(model_dir).glob("*.safetensors")):
+    if route.name in ("fp8-checkpoint", COMPRESSED_TENSORS) and not any(Path(model_dir).glob("*.safetensors")):
         return estimate // 2  # the estimate counts bf16 (2 bytes per weight)
     return estimate
 

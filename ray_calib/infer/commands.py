@@ -233,10 +233,23 @@ def _gaudi_config(
     limits: tuple[int | None, int | None, int | None, bool, bool],
 ):
     """Gaudi defaults from the run: the measured model, its TP, the one-node QUANT_CONFIG, KV dtype and EP,
-    a bounded context and batch, and a start-up wait of its own."""
-    from ray_calib.infer import gaudi, runner
+    a bounded context and batch, and a start-up wait of its own. A compressed-tensors checkpoint (`--model
+    <run>/fp8-gaudi2`) needs none of INC's: vllm-gaudi loads it as it is."""
+    from ray_calib.infer import gaudi
 
-    max_model_len, max_num_seqs, startup, skip_warmup, enforce_eager = limits
+    ct_kv = gaudi.compressed_tensors_fp8_kv(model) if model is not None else None
+    if ct_kv is not None:
+        plan = gaudi.GaudiServe(
+            model=model,
+            tp_size=tp or (meta.tp_size if meta and meta.tp_size else 8),
+            quant_config=None,
+            fp8_kv=ct_kv,
+            expert_parallel=bool(meta and meta.ep_size and meta.ep_size > 1),
+            measurements=run.measure,
+            generated=False,
+            config={},
+        )
+        return _gaudi_limits(plan, meta, extra_env, timeout_s, limits, write, card_bytes)
     conf_quant = devices_conf_quant_config(conf) if conf else None
     plan = gaudi.resolve(
         run,
@@ -250,6 +263,14 @@ def _gaudi_config(
     )
     if plan.generated and write:
         click.echo(f"wrote {plan.quant_config} (QUANTIZE, measurements in {plan.measurements})")
+    return _gaudi_limits(plan, meta, extra_env, timeout_s, limits, write, card_bytes)
+
+
+def _gaudi_limits(plan, meta, extra_env: dict, timeout_s: int, limits, write: bool, card_bytes: int | None):
+    """The InferConfig of a Gaudi plan with its bounded context and batch, start-up wait and fit check."""
+    from ray_calib.infer import gaudi, runner
+
+    max_model_len, max_num_seqs, startup, skip_warmup, enforce_eager = limits
     config = runner.InferConfig(
         model=plan.model,
         tp_size=plan.tp_size,
@@ -274,6 +295,12 @@ def _gaudi_config(
     return config, plan
 
 
+def _kv_source(target, config) -> str:
+    if not target.is_gaudi:
+        return ""
+    return " (from the QUANT_CONFIG's blocklist)" if config.quant_config else " (from the checkpoint's kv_cache_scheme)"
+
+
 def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, gaudi_plan=None):
     """What `infer` would start, per node (the ranks run on this node unless --conf)."""
     from ray_calib.engine.device import GiB
@@ -291,11 +318,12 @@ def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, 
             + f" ({target.source})",
         ),
         ("parallel", f"TP {config.tp_size}{', expert parallel' if config.expert_parallel else ''}"),
-        ("KV cache", engine.kv_cache_dtype + (" (from the QUANT_CONFIG's blocklist)" if target.is_gaudi else "")),
+        ("KV cache", engine.kv_cache_dtype + _kv_source(target, config)),
     ]
     if gaudi_plan is not None and gaudi_plan.limits:
         facts += [("context", gaudi_plan.limits[0]), ("start-up wait", gaudi_plan.limits[1])]
     quant = gaudi_plan.config if gaudi_plan else (read_config(config.quant_config) if config.quant_config else None)
+    quant = quant or None  # a compressed-tensors checkpoint on Gaudi has none
     note = None
     if gaudi_plan is not None:
         note = (

@@ -35,7 +35,7 @@ from ray_calib.rundir import RunDir
 class GaudiServe:
     model: Path
     tp_size: int
-    quant_config: Path
+    quant_config: Path | None  # None: a compressed-tensors checkpoint (no INC)
     fp8_kv: bool
     expert_parallel: bool
     measurements: Path
@@ -151,6 +151,16 @@ def _one_node_config(
     return path, built, True
 
 
+def compressed_tensors_fp8_kv(model: Path) -> bool | None:
+    """None: not a compressed-tensors checkpoint; else whether it carries k/v scales (vllm-gaudi: fp8_inc cache)."""
+    from ray_calib.model.config import model_config
+
+    quant = model_config(model).get("quantization_config") or {}
+    if str(quant.get("quant_method", "")).lower() != "compressed-tensors":
+        return None
+    return quant.get("kv_cache_scheme") is not None
+
+
 def serve_limits(
     model: Path, meta: RunMeta | None, *, max_model_len: int | None, max_num_seqs: int | None
 ) -> tuple[int, int, str]:
@@ -233,7 +243,7 @@ def engine_config(config):
         measure=False,
         tp_size=config.tp_size,
         route=route,
-        quant_config=str(config.quant_config.absolute()),
+        quant_config=str(config.quant_config.absolute()) if config.quant_config else None,
         timeout_s=config.timeout_s,
         expert_parallel=config.expert_parallel,
         ready_timeout_s=config.startup_timeout_s,

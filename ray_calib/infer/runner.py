@@ -102,7 +102,9 @@ def engine_config(config: InferConfig):
 
     env = {**config.timeout_env(), **config.extra_env}
     if config.device == "hpu":
-        if config.quant_config is None:
+        from ray_calib.infer.gaudi import compressed_tensors_fp8_kv
+
+        if config.quant_config is None and compressed_tensors_fp8_kv(config.model) is None:
             raise ModelError("Gaudi inference needs the QUANTIZE QUANT_CONFIG", fix="pass --quant-config FILE.")
         from ray_calib.infer import gaudi
 

@@ -234,3 +234,24 @@ def test_skip_warmup_and_an_explicit_start_up_wait_reach_the_server(tmp_path, ru
     out = result.stdout
     assert "VLLM_SKIP_WARMUP=true" in out and "VLLM_ENGINE_READY_TIMEOUT_S=5000" in out
     assert "--max-model-len 32768 --max-num-seqs 8" in out and "--gpu-memory-utilization 0.65" in out
+
+
+def test_a_compressed_tensors_checkpoint_is_served_by_vllm_gaudi_without_inc(tmp_path, run_cli):
+    """`quantize --format compressed-tensors` output on Gaudi: no QUANT_CONFIG, no --quantization (the checkpoint
+    names compressed-tensors), fp8_inc KV when it carries k/v scales, and the same bounded context and fit."""
+    source = model(tmp_path, fp8=False)
+    run, _ = run_with(tmp_path, source, fp8_kv=True)
+    checkpoint = tmp_path / "run" / "fp8-gaudi2"
+    checkpoint.mkdir()
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "kv_cache_scheme": {"type": "float"}}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    result = run_cli(
+        "infer", "--serve", "--dry-run", "--device", "gaudi2", "--run-dir", run.root, "--model", checkpoint
+    )
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "QUANT_CONFIG" not in out and "--quantization" not in out and "--kv-cache-dtype fp8_inc" in out
+    assert "--max-model-len 16384" in out and "KV cache: 34.3 KiB per token per card (fp8_inc)" in out
+    assert "--tensor-parallel-size 8" in out and "--enable-expert-parallel" in out
+    assert not (run.configs).exists()  # nothing of INC's is written for it
