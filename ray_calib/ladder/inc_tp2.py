@@ -26,18 +26,23 @@ INC_ON_CPU = {"RAY_CALIB_INC_ON_CPU": "1"}
 def run_inc_tp2(context: LadderContext) -> str:
     config = devices.load(context.conf)
     host = config.head.label
-    work = context.run_dir / "ladder" / "b-inc-tp2"
+    work = rung_b_dir(context)
     model, calib, out = work / "tiny-llama", work / "calib.jsonl", work / "measure"
-    env = _env(config.head.device_kind)
-    _step(host, work, "make-tiny-model", ["--arch", "llama", "--out", model, "--force"], env)
-    _step(host, work, "make-calib-set", ["--format", "pile", "--out", calib, "-n", "4"], env)
+    env = rung_env(config.head.device_kind)
+    run_step(host, work, "make-tiny-model", ["--arch", "llama", "--out", model, "--force"], env)
+    run_step(host, work, "make-calib-set", ["--format", "pile", "--out", calib, "-n", "4"], env)
     measure = ["-m", model, "-d", calib, "-t", str(WORLD), "-n", "4", "-l", "24", "--max-new-tokens", "1"]
     measure += ["--executor", "mp", "-o", out, "--force", "--device", _device(config.head.device_kind)]
-    _step(host, work, "measure", measure, {**env, "RAY_CALIB_RUN_DIR": str(work)})
+    run_step(host, work, "measure", measure, {**env, "RAY_CALIB_RUN_DIR": str(work)})
     return check_rank_files(out, WORLD, host)
 
 
-def _env(kind: str) -> dict[str, str]:
+def rung_b_dir(context: LadderContext) -> Path:
+    """Where rung b keeps its model, calibration set and measurements (rung f reuses them)."""
+    return context.run_dir / "ladder" / "b-inc-tp2"
+
+
+def rung_env(kind: str) -> dict[str, str]:
     """The user's env without a Ray address (this rung is one node, mp), INC in vLLM's CPU workers on CPU."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_CALIB_DEVICE")}
     return {**env, **(INC_ON_CPU if kind == "cpu" else {}), "PYTHONUNBUFFERED": "1"}
@@ -47,7 +52,7 @@ def _device(kind: str) -> str:
     return {"hpu": "auto", "cpu": "cpu", "cuda": "cuda"}.get(kind, "auto")
 
 
-def _step(host: str, work: Path, command: str, args: list, env: dict[str, str]) -> None:
+def run_step(host: str, work: Path, command: str, args: list, env: dict[str, str]) -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = work / f"{command}.log"
     with open(log, "wb") as handle:

@@ -11,8 +11,10 @@ seconds, result) printed and written to `<run dir>/ladder/` (ladder.txt, ladder.
                rank file per rank named _<rank>_<world>
     c  all-reduce  one process per node over SSH joins a torch.distributed group at the head (gloo on CPU,
                HCCL on Gaudi) with the node's IFNAME and all-reduces once
-Not built yet: the engine at the full TP over Ray with its rank files gathered, a tiny MoE with EP, the
-full-TP files unified to one node and loaded by INC QUANTIZE, the compressed-tensors route at TP 8.
+    f  compressed-tensors  rung b's measurements written by `quantize --format compressed-tensors` for this
+               Gaudi type and loaded by `infer` for one short generation (vllm-gaudi; vLLM on CPU)
+Not built yet (d, e): the engine at the full TP over Ray with its rank files gathered, a tiny MoE with EP, the
+full-TP files unified to one node and loaded by INC QUANTIZE.
 """
 
 from __future__ import annotations

@@ -119,16 +119,18 @@ def test_version_skew_fails_rung_a_naming_the_host(workdir, sshd, run_cli, tiny_
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_ladder_green_on_the_two_local_nodes(workdir, sshd, run_cli, tiny_model, tmp_path):
-    """Every rung built so far, for real: SSH to both nodes, INC MEASURE in vLLM's CPU workers at TP 2, then
-    one all-reduce across both nodes."""
+    """Every rung built so far, for real: SSH to both nodes, INC MEASURE in vLLM's CPU workers at TP 2, one
+    all-reduce across both nodes, and those measurements as a Gaudi2 compressed-tensors checkpoint that vLLM
+    loads and generates with."""
     conf = ladder_conf(workdir, sshd, "green")
     result = run_cli("ladder", "--conf", conf, "-m", tiny_model("llama"), "--run-dir", tmp_path / "run")
     assert result.exit_code == 0, result.stderr + result.stdout
     assert "ok: 2 nodes like the head" in result.stdout and "ok: INC MEASURE at TP 2" in result.stdout
     assert "ok: all-reduce of 2 nodes (gloo)" in result.stdout
+    assert "ok: fp8-gaudi2 (gaudi2) loaded by vLLM on CPU, generated 4 tokens" in result.stdout
     table = (tmp_path / "run" / "ladder" / "ladder.txt").read_text()
     assert table.startswith("rung") and "seconds" in table and "b inc-tp2" in table
-    assert [r["ok"] for r in json.loads((tmp_path / "run" / "ladder" / "ladder.json").read_text())] == [True] * 3
+    assert [r["ok"] for r in json.loads((tmp_path / "run" / "ladder" / "ladder.json").read_text())] == [True] * 4
     from ray_calib.inc import read_meta
 
     meta = read_meta(tmp_path / "run" / "ladder" / "b-inc-tp2" / "measure")
@@ -169,3 +171,13 @@ def test_rung_c_all_reduces_over_the_nic_and_a_wrong_nic_fails_it(workdir, sshd,
     error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
     assert error.startswith("error: ladder rung c all-reduce: worker1 (127.0.0.2): all-reduce failed: ")
     assert "(gloo, IFNAME bogus0, head 127.0.0.1)" in error and "check that bogus0 exists on that node" in error
+
+
+@pytest.mark.cluster
+def test_rung_f_needs_rung_b_first(workdir, sshd, run_cli, tmp_path):
+    conf = ladder_conf(workdir, sshd, "f-alone")
+    result = run_cli("ladder", "--conf", conf, "--rungs", "f", "--run-dir", tmp_path / "run")
+    assert (
+        result.exit_code == 1
+        and "ladder rung f compressed-tensors: head (127.0.0.1): no measurements of rung b" in (result.stderr)
+    )
