@@ -74,6 +74,7 @@ def resolve(
         path, config, generated = _one_node_config(run, model, measurements, tp_size, measured, fp8_kv, write)
     else:
         config, generated = read_config(path), False
+        _check_given_dump_path(Path(path), config, tp_size, must_exist=write)
     kv = quantizes_kv_cache(config)
     if fp8_kv is not None and fp8_kv != kv:
         state = "quantizes" if kv else "blocks (keeps BF16)"
@@ -97,6 +98,25 @@ def resolve(
         generated=generated,
         config=config,
     )
+
+
+def _check_given_dump_path(path: Path, config: dict, tp: int, *, must_exist: bool) -> None:
+    """A QUANT_CONFIG given by --quant-config or devices.conf: INC opens `<dump_stats_path>_hooks_maxabs_<r>_<tp>`
+    from each rank's working directory, so a relative path, or one without this TP's files, would load other
+    (or no) measurements late. The run's own config is checked against the run's measurements instead."""
+    dump = str(config.get("dump_stats_path", ""))
+    if not Path(dump).is_absolute():
+        raise ConfigError(
+            f"{path}: dump_stats_path {dump!r} is relative: INC resolves it from every rank's working directory",
+            fix="make it absolute (e.g. <run>/unified-tp<TP>/inc_measure_output), or drop the config to have the "
+            "run's own written.",
+        )
+    first = Path(f"{dump}_hooks_maxabs_0_{tp}.json") if tp > 1 else Path(f"{dump}_hooks_maxabs.json")
+    if must_exist and not first.is_file() and not Path(f"{dump}_hooks_maxabs_0_{tp}.json").is_file():
+        raise ConfigError(
+            f"{path}: dump_stats_path {dump} holds no measurements for TP {tp} (no {first.name})",
+            fix=f"point it at measurements unified to TP {tp} (`ray-calib unify --to-tp {tp}`), or pass --tp.",
+        )
 
 
 def _measurements_at(run: RunDir, tp: int) -> Path | None:

@@ -89,6 +89,7 @@ def test_kv_dtype_conflicts_are_refused(tmp_path):
     source = model(tmp_path, fp8=True)
     run, meta = run_with(tmp_path, source, fp8_kv=False)
     bf16_kv = gaudi.resolve(run, meta, model=None, tp=None, quant_config=None, fp8_kv=None).quant_config
+    (run.unified(8) / "inc_measure_output_hooks_maxabs_0_8.json").write_text("{}")  # given configs need their files
     with pytest.raises(ConfigError, match="--fp8-kv, but this QUANT_CONFIG blocks"):
         gaudi.resolve(run, meta, model=None, tp=None, quant_config=bf16_kv, fp8_kv=True)
     with pytest.raises(ConfigError, match="recorded no K/V ranges"):  # the measurements cannot back FP8 KV
@@ -255,3 +256,25 @@ def test_a_compressed_tensors_checkpoint_is_served_by_vllm_gaudi_without_inc(tmp
     assert "--max-model-len 16384" in out and "KV cache: 34.3 KiB per token per card (fp8_inc)" in out
     assert "--tensor-parallel-size 8" in out and "--enable-expert-parallel" in out
     assert not (run.configs).exists()  # nothing of INC's is written for it
+
+
+def test_a_given_quant_config_must_name_this_tps_measurements_absolutely(tmp_path):
+    """The reference flow's QUANT_CONFIG has a relative dump_stats_path (./scripts/nc_workspace_.../): refused, as
+    is one whose directory holds no files for the serving TP (a real run only: a dry run shows the plan)."""
+    source = model(tmp_path, fp8=True)
+    run, meta = run_with(tmp_path, source, fp8_kv=True)
+    template = json.loads(
+        (Path(__file__).parents[2] / "configs" / "inc_quant_with_fp8kv_one_node_config.json").read_text()
+    )
+    given = tmp_path / "given.json"
+    given.write_text(
+        json.dumps({**template, "dump_stats_path": "./scripts/nc_workspace_measure_kvcache/inc_measure_output"})
+    )
+    with pytest.raises(ConfigError, match="dump_stats_path .* is relative"):
+        gaudi.resolve(run, meta, model=None, tp=None, quant_config=given, fp8_kv=None, write=False)
+    given.write_text(json.dumps({**template, "dump_stats_path": str(run.unified(8) / "inc_measure_output")}))
+    with pytest.raises(ConfigError, match="holds no measurements for TP 8 .*inc_measure_output_hooks_maxabs_0_8.json"):
+        gaudi.resolve(run, meta, model=None, tp=None, quant_config=given, fp8_kv=None)
+    assert gaudi.resolve(run, meta, model=None, tp=None, quant_config=given, fp8_kv=None, write=False).quant_config
+    (run.unified(8) / "inc_measure_output_hooks_maxabs_0_8.json").write_text("{}")
+    assert gaudi.resolve(run, meta, model=None, tp=None, quant_config=given, fp8_kv=None).quant_config == given
