@@ -145,7 +145,7 @@ def _file_section(run: RunDir, include_checkpoint: bool) -> list[str]:
     }
     lines = []
     for path in sorted(run.root.iterdir()) if run.root.is_dir() else []:
-        if path.name.startswith(".") or path.name == "README.md":
+        if path.name.startswith(".") or path.name in ("README.md", "logs", "infer", "ladder"):  # not pushed
             continue
         if path.name in CHECKPOINTS and not include_checkpoint:
             continue

@@ -84,6 +84,9 @@ def _make_run(root: Path) -> RunDir:
     (run.fp8_for("gaudi2") / "model.safetensors").write_bytes(b"\1" * 1000)
     (run.unified(1) / "hessians.safetensors").write_bytes(b"\0" * 1000)  # GPTQ's inputs: with the checkpoint only
     (run.root / ".ray-calib-stage-x").mkdir()
+    for local in ("logs/measure.log", "infer/vllm-serve.log", "ladder/ladder.txt"):  # this machine's records
+        (run.root / local).parent.mkdir(exist_ok=True)
+        (run.root / local).write_text("node-17.internal\n")
     return run
 
 
@@ -106,7 +109,9 @@ def test_push_then_pull_round_trips_every_file(hub_env, tmp_path):
     assert not any("__pycache__" in f for f in result.files)
     shutil.rmtree(run.root / "report" / "__pycache__")
     pulled = pull(REPO, tmp_path / "pulled")
-    sent = {k: v for k, v in _tree(run.root).items() if not k.startswith("fp8") and "hessians" not in k}
+    assert not any(f.startswith(("logs/", "infer/", "ladder/")) for f in result.files)
+    local = ("fp8", "logs/", "infer/", "ladder/")
+    sent = {k: v for k, v in _tree(run.root).items() if not k.startswith(local) and "hessians" not in k}
     got = _tree(pulled.directory)
     configs = {k for k in sent if k.startswith("configs/")}
     assert {k: v for k, v in got.items() if k not in configs} == {k: v for k, v in sent.items() if k not in configs}
@@ -158,6 +163,7 @@ def test_model_card_states_the_run(hub_env, tmp_path):
     ):
         assert row in card, row
     assert card.startswith("---\nbase_model: tiny/ds3\n") and "`fp8/`" not in card and "`fp8-gaudi2/`" not in card
+    assert "`logs/`" not in card and "`ladder/`" not in card
 
 
 def test_model_card_survives_missing_meta_and_garbage_eval(tmp_path):
