@@ -43,10 +43,20 @@ class RunDir:
     def expanded(self, ranks: int) -> Path:
         return self.root / f"expanded-ep{ranks}"
 
+    def _unified(self) -> list[tuple[int, Path]]:
+        return sorted((int(m[1]), p) for p in self.root.glob("unified-tp*") if (m := _UNIFIED_RE.match(p.name)))
+
     def latest_unified(self) -> Path | None:
         """The unified directory with the smallest TP (the one a one-node server uses), if any."""
-        found = sorted((int(m[1]), p) for p in self.root.glob("unified-tp*") if (m := _UNIFIED_RE.match(p.name)))
+        found = self._unified()
         return found[0][1] if found else None
+
+    def unified_for_node(self, cards: int) -> Path | None:
+        """Gaudi serving: the unified directory with the largest TP one node of `cards` runs (a `unify --to-tp 1`
+        made for `expand` beside a `unify --to-tp 8` must not win); the smallest when none fits."""
+        found = self._unified()
+        fitting = [path for tp, path in found if tp <= cards]
+        return fitting[-1] if fitting else (found[0][1] if found else None)
 
     @property
     def configs(self) -> Path:

@@ -15,7 +15,9 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.command()
 @click.option("--model", type=_dir, help="BF16 model directory [default: the model named in the measurements' meta].")
 @click.option(
-    "--measurements", type=_dir, help="Measurement dir [default: <run-dir>/unified-tp<smallest>, else measure]."
+    "--measurements",
+    type=_dir,
+    help="Measurement dir [default: <run-dir>/unified-tp<smallest> (Gaudi: the largest TP up to 8), else measure].",
 )
 @options.out_option("Output directory [default: <run-dir>/fp8; on Gaudi <run-dir>/configs].")
 @options.scale_method_option(

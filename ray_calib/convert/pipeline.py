@@ -62,7 +62,7 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     from ray_calib.inc.methods import check_method_for_device, get_method
     from ray_calib.inc.quant_config import stale_scale_files
 
-    measurements = request.measurements or _run_measurements(request.run)
+    measurements = request.measurements or _run_measurements(request.run, request.device)
     stale = stale_scale_files(measurements)
     if stale and request.clean_stale_scales:
         for path in stale:
@@ -155,6 +155,7 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
 
 
 FORMATS = ("inc", "compressed-tensors")
+GAUDI_NODE_CARDS = 8
 
 
 def _format(request: QuantizeRequest, device: str) -> str:
@@ -208,14 +209,18 @@ def _hessians(request: QuantizeRequest, measurements: Path, device: str):
 _SOURCE_FIELDS = ("model", "dataset_hash", "num_samples", "num_tokens", "chunks_done", "chunks_total", "observer")
 
 
-def _run_measurements(run: RunDir) -> Path:
-    """The run's unified directory with the smallest TP, else measure/; a unified one must come from measure/.
+def _run_measurements(run: RunDir, device: str | None = None) -> Path:
+    """The run's unified directory with the smallest TP (on Gaudi: the largest one node of 8 cards serves), else
+    measure/; a unified one must come from measure/.
 
     After a re-measure without a re-unify the unified directory still holds the old ranges: refused.
     """
     from ray_calib.inc.meta import read_meta
 
-    unified = run.latest_unified()
+    measured = read_meta(run.measure) if run.measure.is_dir() else None
+    device = device or (measured.device_type if measured else None)
+    gaudi = bool(device and device.lower().startswith("gaudi"))
+    unified = run.unified_for_node(GAUDI_NODE_CARDS) if gaudi else run.latest_unified()
     if unified is None:
         return run.measure
     source, derived = read_meta(run.measure), read_meta(unified)

@@ -17,11 +17,18 @@ _dir = click.Path(file_okay=False, path_type=Path)
 _file = click.Path(dir_okay=False, path_type=Path)
 
 
-def _run_meta(run: RunDir, model: Path):
+def _node_cards() -> int:
+    """Gaudi cards of this node (hl-smi), else the 8 of a Gaudi node (e.g. a dry run elsewhere)."""
+    from ray_calib.engine.device import local_device_count
+
+    return local_device_count("hpu") or 8
+
+
+def _run_meta(run: RunDir, model: Path, unified: Path | None = None):
     """The sidecar that describes the scales in use: next to the checkpoint, else the run's measurements."""
     from ray_calib.inc import read_meta
 
-    for directory in (model, run.latest_unified(), run.measure):
+    for directory in (model, unified or run.latest_unified(), run.measure):
         if directory is not None and (meta := read_meta(directory)) is not None:
             return meta, directory
     return None, model
@@ -33,7 +40,8 @@ def _run_meta(run: RunDir, model: Path):
 @click.option("--model", type=_dir, help="Model directory [default: <run-dir>/fp8; on Gaudi the measured model].")
 @options.tp_option(
     help="Tensor-parallel size [default: the run's unified TP when it fits, else the "
-    "smallest the model allows that fits in memory; on Gaudi the run's unified TP]."
+    "smallest the model allows that fits in memory; on Gaudi the run's largest unified TP this node's cards "
+    "run]."
 )
 @click.option("--prompts", type=_file, help="One prompt per line (or JSONL with 'prompt').")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
@@ -119,7 +127,11 @@ def infer(
     run = RunDir.resolve(run_dir)
     target = detect_target(device)
     device = target.device
-    meta, meta_dir = _run_meta(run, model or ((run.latest_unified() or run.measure) if target.is_gaudi else run.fp8))
+    if target.is_gaudi:
+        unified = run.unified_for_node(tp or _node_cards())
+        meta, meta_dir = _run_meta(run, model or unified or run.measure, unified)
+    else:
+        meta, meta_dir = _run_meta(run, model or run.fp8)
     runner.check_device_type(meta, target.device_type, allow_mismatch=allow_device_mismatch, where=meta_dir)
     extra_env = {}
     if conf and not dry_run:

@@ -278,3 +278,23 @@ def test_a_given_quant_config_must_name_this_tps_measurements_absolutely(tmp_pat
     assert gaudi.resolve(run, meta, model=None, tp=None, quant_config=given, fp8_kv=None, write=False).quant_config
     (run.unified(8) / "inc_measure_output_hooks_maxabs_0_8.json").write_text("{}")
     assert gaudi.resolve(run, meta, model=None, tp=None, quant_config=given, fp8_kv=None).quant_config == given
+
+
+def test_a_tp1_unify_for_expand_does_not_become_the_serving_tp(tmp_path, run_cli):
+    """vllm-gaudi's MoE recipe unifies to TP 1 and expands; beside unified-tp8 that TP 1 must not be picked for
+    one-node serving (infer) nor for its QUANTIZE config (quantize)."""
+    source = model(tmp_path, fp8=True)
+    run, meta = run_with(tmp_path, source, fp8_kv=True)
+    run.unified(1).mkdir()
+    write_meta(run.unified(1), replace(meta, tp_size=1, ep_size=1))
+    assert run.unified_for_node(8) == run.unified(8) and run.unified_for_node(4) == run.unified(1)
+    assert run.latest_unified() == run.unified(1)  # CPU/CUDA quantize merges to TP 1 anyway
+    result = run_cli("infer", "--serve", "--dry-run", "--device", "gaudi2", "--run-dir", run.root)
+    assert result.exit_code == 0, result.stderr
+    assert "--tensor-parallel-size 8" in result.stdout and "unified-tp8/inc_measure_output" in result.stdout
+    from ray_calib.convert.pipeline import _run_measurements
+
+    assert _run_measurements(run, "gaudi2") == run.unified(8)
+    run.measure.mkdir()
+    write_meta(run.measure, replace(meta, tp_size=16, unified_from=None))  # measured on gaudi2: no --device needed
+    assert _run_measurements(run) == run.unified(8)
