@@ -39,7 +39,7 @@ COMPRESSED_TENSORS = "compressed-tensors"
 
 @dataclass(frozen=True)
 class Route:
-    name: str  # "bf16" | "fp8-checkpoint"
+    name: str  # "bf16" | "fp8-checkpoint" | "compressed-tensors"
     quantization: str | None  # LLM(quantization=...)
     env: dict[str, str]
     description: str
