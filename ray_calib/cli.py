@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "up": "ray_calib.cluster.commands:up",
     "status": "ray_calib.cluster.commands:status",
     "down": "ray_calib.cluster.commands:down",
+    "ladder": "ray_calib.ladder.commands:ladder",
     # test/demo support (ray_calib.testing): a tiny model and calibration set to try the pipeline without a download
     "make-tiny-model": "ray_calib.testing.commands:make_tiny_model",
     "make-calib-set": "ray_calib.testing.commands:make_calib_set",

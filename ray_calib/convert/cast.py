@@ -30,10 +30,19 @@ class Scratch:
     """Reused buffers; pages are only touched (and counted in RSS) up to the largest tensor seen."""
 
     def __init__(
-        self, largest_bytes: int, largest_numel: int, *, read_ahead: bool, cast_threads: int = 1, mapped: bool = False
+        self,
+        largest_bytes: int,
+        largest_numel: int,
+        *,
+        read_ahead: bool,
+        cast_threads: int = 1,
+        mapped: bool = False,
+        fullscale: float = fp8.E4M3_MAX,
     ) -> None:
-        """`largest_bytes`: the largest tensor taken whole (input buffer size, or with `mapped` the limit)."""
+        """`largest_bytes`: the largest tensor taken whole (input buffer size, or with `mapped` the limit);
+        `fullscale`: the largest FP8 magnitude the target device represents (casts saturate there)."""
         self.mapped = mapped
+        self.fullscale = fullscale
         self.input_limit = largest_bytes
         self._read_ahead = read_ahead
         self.inputs = [] if mapped else [np.empty(largest_bytes, dtype=np.uint8) for _ in range(2 if read_ahead else 1)]
@@ -58,7 +67,7 @@ class Scratch:
     def table(self, dtype: str, scale: float) -> np.ndarray:
         """The cast table for (dtype, scale); the members of a fused group share one."""
         if self._table is None or self._table[0] != (dtype, scale):
-            self._table = ((dtype, scale), fp8.cast_table(dtype, scale))
+            self._table = ((dtype, scale), fp8.cast_table(dtype, scale, self.fullscale))
         return self._table[1]
 
     def fp8_buffer(self, numel: int) -> tuple[int, np.ndarray]:
@@ -171,12 +180,12 @@ def fp8_weight(
 
         gptq_fp8(weight, torch.from_numpy(np.array(hessian)), scales.reshape(-1, 1), out=target)
     else:
-        cast_to_fp8(weight, scales, out=target)
+        cast_to_fp8(weight, scales, out=target, fullscale=scratch.fullscale)
     return slot, out, scales.numpy()
 
 
-def cast_to_fp8(weight, scale, out=None):
-    """float8_e4m3fn(weight / scale), saturating, in row chunks so float32 scratch stays small."""
+def cast_to_fp8(weight, scale, out=None, fullscale: float = fp8.E4M3_MAX):
+    """float8_e4m3fn(weight / scale), saturating at `fullscale`, in row chunks so float32 scratch stays small."""
     import torch
 
     if out is None:
@@ -186,5 +195,5 @@ def cast_to_fp8(weight, scale, out=None):
     for start in range(0, weight.shape[0], rows):
         chunk = weight[start : start + rows].to(torch.float32, copy=True)  # float32 input: not in place
         chunk /= scale[start : start + rows] if per_row else scale
-        out[start : start + rows] = chunk.clamp_(-fp8.E4M3_MAX, fp8.E4M3_MAX).to(torch.float8_e4m3fn)
+        out[start : start + rows] = chunk.clamp_(-fullscale, fullscale).to(torch.float8_e4m3fn)
     return out

@@ -15,7 +15,9 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.command()
 @click.option("--model", type=_dir, help="BF16 model directory [default: the model named in the measurements' meta].")
 @click.option(
-    "--measurements", type=_dir, help="Measurement dir [default: <run-dir>/unified-tp<smallest>, else measure]."
+    "--measurements",
+    type=_dir,
+    help="Measurement dir [default: <run-dir>/unified-tp<smallest> (Gaudi: the largest TP up to 8), else measure].",
 )
 @options.out_option("Output directory [default: <run-dir>/fp8; on Gaudi <run-dir>/configs].")
 @options.scale_method_option(
@@ -44,6 +46,19 @@ _dir = click.Path(file_okay=False, path_type=Path)
     help="CPU/CUDA: round weights with GPTQ using the hessians of `measure --hessians` "
     "[default: when the measurements hold them].",
 )
+@click.option(
+    "--format",
+    "format",
+    type=click.Choice(["inc", "compressed-tensors"]),
+    help="Gaudi: `inc` writes INC's QUANT_CONFIG (weights stay BF16); `compressed-tensors` writes an FP8 "
+    "checkpoint vllm-gaudi loads as is (<run-dir>/fp8-gaudi2|3) [default: inc on Gaudi; CPU/CUDA: "
+    "compressed-tensors only].",
+)
+@click.option(
+    "--also-cuda",
+    is_flag=True,
+    help="With --format compressed-tensors on Gaudi: also write the CPU/CUDA checkpoint (<run-dir>/fp8).",
+)
 @click.option("--clean-stale-scales", is_flag=True, help="Delete old *_MAXABS* scale files next to the measurements.")
 @click.option("--force", is_flag=True, help="Redo an --out that holds another run's output.")
 @run_dir_option
@@ -54,6 +69,7 @@ def quantize(run_dir: str | None, **flags) -> None:
     Examples:
       ray-calib quantize --low-cpu-mem                     # after measure/unify in ./calib-run
       ray-calib quantize --model M --measurements DIR --out OUT --scale-method maxabs_pow2 --fp8-kv
+      ray-calib quantize --device gaudi2 --format compressed-tensors --also-cuda   # vllm-gaudi + CPU/CUDA
     """
     from ray_calib.convert.pipeline import QuantizeRequest, quantize_run
 
@@ -65,18 +81,46 @@ def quantize(run_dir: str | None, **flags) -> None:
         )
     if result.inc_config:
         click.echo(
-            f"{result.device}: weights stay BF16, INC quantizes at load with {result.method}. Serve with:\n"
-            f"  QUANT_CONFIG={result.inc_config} vllm serve {result.model} --quantization inc"
-            f"{' --kv-cache-dtype fp8_inc' if flags['fp8_kv'] else ''}"
+            f"{result.device}: weights stay as they are, INC quantizes at load with {result.method}. Serve with:\n"
+            f"  {_inc_serve_hint(result, flags['fp8_kv'])}\n  (or `ray-calib infer --serve`, which also bounds the "
+            "context and checks the fit)"
         )
         return
-    s = result.summary
-    assert s is not None, "quantize_run summarizes every non-Gaudi run"
+    assert result.summary is not None, "quantize_run summarizes every checkpoint it writes"
+    gaudi = result.device.startswith("gaudi")
+    _echo_summary(result.summary, result.method, "vllm-gaudi " + result.device if gaudi else "CPU/CUDA", flags)
+    if result.cuda_summary is not None:
+        from ray_calib.convert.scale_choice import DEFAULT
+
+        _echo_summary(result.cuda_summary, DEFAULT.name, "CPU/CUDA", {**flags, "device": "cuda"})
+
+
+def _inc_serve_hint(result, fp8_kv: bool) -> str:
+    """The `vllm serve` line for this checkpoint route on Gaudi, with the env and arguments the route needs."""
+    from ray_calib.engine import gaudi
+    from ray_calib.inc import read_meta
+    from ray_calib.model.config import model_config
+
+    route = gaudi.route_for(model_config(result.model), str(result.model))
+    meta = read_meta(result.measurements)
+    tp = meta.tp_size if meta and meta.tp_size else None
+    env = {"QUANT_CONFIG": str(result.inc_config), **gaudi.SERVE_ENV, **route.env}
+    if tp and tp > 1:
+        env.update(gaudi.LAZY_COLLECTIVES)
+    args = [f"--quantization {route.quantization}"] if route.quantization else []
+    args += [f"--tensor-parallel-size {tp}"] if tp else []
+    args += ["--enable-expert-parallel"] if meta and meta.ep_size and meta.ep_size > 1 else []
+    args += ["--trust-remote-code", "--kv-cache-dtype fp8_inc" if fp8_kv else ""]
+    line = " ".join(f"{k}={v}" for k, v in env.items()) + f" vllm serve {result.model} " + " ".join(args)
+    return line.rstrip()
+
+
+def _echo_summary(s, method: str, target: str, flags: dict) -> None:
     took = sum(s.seconds.values())
     click.echo(
         f"wrote {s.out}: {s.quantized} FP8 tensors, {s.kept} kept, {len(s.shards_written)} shard(s) written, "
         f"{len(s.shards_skipped)} already done (checksum verified); {s.input_bytes / 1e9:.2f} GB -> "
-        f"{s.output_bytes / 1e9:.2f} GB, method {result.method}{', GPTQ rounding' if s.gptq else ''}"
+        f"{s.output_bytes / 1e9:.2f} GB, method {method}{', GPTQ rounding' if s.gptq else ''} (for {target})"
     )
     click.echo("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in s.seconds.items()) + f" (total {took:.2f} s)")
     for note in s.notes + (
@@ -85,6 +129,9 @@ def quantize(run_dir: str | None, **flags) -> None:
         else []
     ):
         click.echo(f"note: {note}")
+    if target.startswith("vllm-gaudi"):  # vllm-gaudi turns a kv_cache_scheme into its fp8_inc cache
+        click.echo(f"serve on Gaudi: vllm serve {s.out}{' --kv-cache-dtype fp8_inc' if flags['fp8_kv'] else ''}")
+        return
     click.echo(f"serve: vllm serve {s.out}{' --kv-cache-dtype fp8' if flags['fp8_kv'] else ''}")
 
 

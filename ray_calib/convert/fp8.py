@@ -51,11 +51,12 @@ def source_values(dtype: str) -> np.ndarray:
     raise ValueError(f"no cast table for {dtype}")
 
 
-def cast_table(dtype: str, scale: float) -> np.ndarray:
-    """uint8[65536]: the FP8 code of `pattern / scale` for each 16-bit pattern of `dtype`."""
+def cast_table(dtype: str, scale: float, fullscale: float = E4M3_MAX) -> np.ndarray:
+    """uint8[65536]: the FP8 code of `pattern / scale` for each 16-bit pattern of `dtype`, saturating at
+    `fullscale` (Gaudi2's E4M3 ends at 240: larger codes would not exist there)."""
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         scaled = source_values(dtype) / np.float32(scale)
-        return encode_e4m3(np.clip(scaled, -E4M3_MAX, E4M3_MAX))
+        return encode_e4m3(np.clip(scaled, -fullscale, fullscale))
 
 
 def has_table(dtype: str) -> bool:

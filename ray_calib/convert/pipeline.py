@@ -1,12 +1,15 @@
 """`ray-calib quantize` end to end: resolve paths from the run directory, pick the device's path.
 
-Gaudi (INC quantizes at load): write the QUANT_CONFIG for `vllm serve --quantization inc` pointing at
-the measurements, weights stay BF16. Everything else: write the FP8 checkpoint (`convert.quantize`).
+Gaudi has two formats. `inc` (the default): INC quantizes at load, so write the QUANT_CONFIG for
+`vllm serve --quantization inc` pointing at the measurements; weights stay BF16. `compressed-tensors`:
+an FP8 checkpoint for vllm-gaudi's compressed-tensors loader, in Gaudi's range with INC's scale
+method (`<run-dir>/fp8-gaudi2`), plus, with `also_cuda`, the CPU/CUDA checkpoint (`<run-dir>/fp8`).
+Everything else: write the CPU/CUDA FP8 checkpoint (`convert.quantize`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +38,8 @@ class QuantizeRequest:
     inc_version: str | None = None  # Gaudi: the INC that reads the QUANT_CONFIG (default: the newest)
     weight_strategy: str | None = None  # tensor | channel: CPU/CUDA default scales only
     gptq: bool | None = None  # None: GPTQ rounding when the measurements hold hessians (CPU/CUDA)
+    format: str | None = None  # inc | compressed-tensors (None: inc on Gaudi, compressed-tensors elsewhere)
+    also_cuda: bool = False  # Gaudi compressed-tensors: also write the CPU/CUDA checkpoint to <run-dir>/fp8
     free_space: FreeSpace = free_bytes
 
 
@@ -46,6 +51,7 @@ class QuantizeResult:
     measurements: Path
     summary: QuantizeSummary | None = None  # FP8 checkpoint path
     inc_config: Path | None = None  # Gaudi path
+    cuda_summary: QuantizeSummary | None = None  # the CPU/CUDA checkpoint written beside a Gaudi one
     stale: list[Path] = field(default_factory=list)
     cleaned: bool = False
 
@@ -56,7 +62,7 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     from ray_calib.inc.methods import check_method_for_device, get_method
     from ray_calib.inc.quant_config import stale_scale_files
 
-    measurements = request.measurements or _run_measurements(request.run)
+    measurements = request.measurements or _run_measurements(request.run, request.device)
     stale = stale_scale_files(measurements)
     if stale and request.clean_stale_scales:
         for path in stale:
@@ -74,6 +80,12 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
             fix="pass --device gaudi2|gaudi3|cuda|cpu.",
         )
     device = device.lower()
+    fmt = _format(request, device)
+    if request.fp8_kv and meta is not None and meta.fp8_kv is False:
+        raise ConfigError(
+            f"--fp8-kv: {measurements} recorded no K/V ranges (measured without --fp8-kv)",
+            fix="measure with --fp8-kv, or quantize without --fp8-kv.",
+        )
     kv_rule = None
     if request.scale_method is None and not device.startswith("gaudi"):
         from ray_calib.convert.scale_choice import default_choice
@@ -107,7 +119,7 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
         cleaned=bool(stale and request.clean_stale_scales),
     )
     hessians = _hessians(request, Path(measurements), device)
-    if device.startswith("gaudi"):
+    if fmt == "inc":
         result.inc_config = _write_inc_config(request, measurements, method.name, model, measurement.name.prefix)
         return result
     from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
@@ -115,7 +127,7 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     job = QuantizeJob(
         model=Path(model),
         measurement=measurement,
-        out=request.out or request.run.fp8,
+        out=request.out or (request.run.fp8_for(device) if device.startswith("gaudi") else request.run.fp8),
         method=method,
         device=get_device(device),
         fp8_kv=request.fp8_kv,
@@ -126,7 +138,49 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
         free_space=request.free_space,
     )
     result.summary = quantize_checkpoint(job)
+    if request.also_cuda:
+        from ray_calib.convert.scale_choice import default_choice
+
+        choice = default_choice()
+        cuda = replace(
+            job,
+            out=request.run.fp8,
+            method=choice.method,
+            kv_rule=choice.kv_rule(),
+            device=get_device("cuda"),
+            hessians=_hessians(request, Path(measurements), "cuda"),
+        )
+        result.cuda_summary = quantize_checkpoint(cuda)
     return result
+
+
+FORMATS = ("inc", "compressed-tensors")
+GAUDI_NODE_CARDS = 8
+
+
+def _format(request: QuantizeRequest, device: str) -> str:
+    """inc (Gaudi's QUANT_CONFIG) or compressed-tensors (an FP8 checkpoint); refuses the mixes that cannot work."""
+    gaudi = device.startswith("gaudi")
+    fmt = request.format or ("inc" if gaudi else "compressed-tensors")
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt}: unknown", fix=f"use one of {', '.join(FORMATS)}.")
+    if fmt == "inc" and not gaudi:
+        raise ConfigError(
+            f"--format inc: INC's QUANT_CONFIG route is for Gaudi, not {device}",
+            fix="drop --format (CPU/CUDA get a compressed-tensors checkpoint) or pass --device gaudi2|gaudi3.",
+        )
+    if request.also_cuda and not (gaudi and fmt == "compressed-tensors"):
+        raise ConfigError(
+            "--also-cuda writes the CPU/CUDA checkpoint beside a Gaudi compressed-tensors one",
+            fix="add --device gaudi2|gaudi3 --format compressed-tensors, or drop --also-cuda.",
+        )
+    if fmt == "inc" and request.low_cpu_mem:
+        raise ConfigError(
+            "--low-cpu-mem bounds the memory of writing an FP8 checkpoint; on Gaudi with --format inc nothing "
+            "is written (INC quantizes the BF16 weights while vLLM loads them, and vllm-gaudi has no such switch)",
+            fix="drop --low-cpu-mem, or write the checkpoint with --format compressed-tensors.",
+        )
+    return fmt
 
 
 def _hessians(request: QuantizeRequest, measurements: Path, device: str):
@@ -155,14 +209,18 @@ def _hessians(request: QuantizeRequest, measurements: Path, device: str):
 _SOURCE_FIELDS = ("model", "dataset_hash", "num_samples", "num_tokens", "chunks_done", "chunks_total", "observer")
 
 
-def _run_measurements(run: RunDir) -> Path:
-    """The run's unified directory with the smallest TP, else measure/; a unified one must come from measure/.
+def _run_measurements(run: RunDir, device: str | None = None) -> Path:
+    """The run's unified directory with the smallest TP (on Gaudi: the largest one node of 8 cards serves), else
+    measure/; a unified one must come from measure/.
 
     After a re-measure without a re-unify the unified directory still holds the old ranges: refused.
     """
     from ray_calib.inc.meta import read_meta
 
-    unified = run.latest_unified()
+    measured = read_meta(run.measure) if run.measure.is_dir() else None
+    device = device or (measured.device_type if measured else None)
+    gaudi = bool(device and device.lower().startswith("gaudi"))
+    unified = run.unified_for_node(GAUDI_NODE_CARDS) if gaudi else run.latest_unified()
     if unified is None:
         return run.measure
     source, derived = read_meta(run.measure), read_meta(unified)

@@ -36,9 +36,14 @@ def _quant_args(strategy: str, *, dynamic: bool = False) -> dict[str, Any]:
     }
 
 
-def compressed_tensors_config(*, per_channel: bool, dynamic_activations: bool, fp8_kv: bool) -> dict[str, Any]:
+GAUDI2_FP8_FLAVOR = "float8_e4m3fnuz"  # vllm-gaudi's name for Gaudi2's native FP8 (full scale 240)
+
+
+def compressed_tensors_config(
+    *, per_channel: bool, dynamic_activations: bool, fp8_kv: bool, fp8_dtype_flavor: str | None = None
+) -> dict[str, Any]:
     activations = _quant_args("token", dynamic=True) if dynamic_activations else _quant_args("tensor")
-    return {
+    config: dict[str, Any] = {
         "config_groups": {
             "group_0": {
                 "targets": ["Linear"],
@@ -56,3 +61,6 @@ def compressed_tensors_config(*, per_channel: bool, dynamic_activations: bool, f
         "ignore": list(KEEP_MODULES),
         "producer": {"name": "ray-calib"},
     }
+    if fp8_dtype_flavor is not None:
+        config["fp8_dtype_flavor"] = fp8_dtype_flavor
+    return config

@@ -1,5 +1,9 @@
 """`ray-calib quantize`: a BF16 checkpoint + measurements -> an FP8 checkpoint vLLM loads.
 
+The same writer makes the CPU/CUDA checkpoint (full scale 448, any float scale) and the Gaudi one
+vllm-gaudi loads as compressed-tensors (`job.device` gaudi2/gaudi3: full scale 240/448, INC's HW-aligned
+scales, `fp8_dtype_flavor` on Gaudi2 so the loader does not rescale them).
+
     1. check    model is BF16 safetensors, measurements complete, names match, disk has room
     2. scales   weight scale per fused group (streamed, one tensor at a time), input/KV scales
     3. write    output shard i = input shard i with FP8 weights + weight_scale/input_scale, written
@@ -22,7 +26,7 @@ from pathlib import Path
 from ray_calib import atomic
 from ray_calib.convert.cast import Scratch, chunks, fp8_weight, stream, to_torch, weight_maxabs
 from ray_calib.convert.plan import QuantPlan, build_plan
-from ray_calib.convert.qconfig import compressed_tensors_config
+from ray_calib.convert.qconfig import GAUDI2_FP8_FLAVOR, compressed_tensors_config
 from ray_calib.errors import ModelError
 from ray_calib.inc.devices import DeviceScales
 from ray_calib.inc.methods import (
@@ -95,9 +99,10 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
             fix=f"convert it first: ray-calib convert-bf16 --in {job.model} --out {job.model}-bf16",
         )
     mla = "kv_lora_rank" in checkpoint.config
-    plan = build_plan(checkpoint, job.measurement, fp8_kv=job.fp8_kv and not mla)
+    # vllm-gaudi loads MLA latent-cache scales (k and v: one latent range); vLLM 0.32 loads none
+    plan = build_plan(checkpoint, job.measurement, fp8_kv=job.fp8_kv and (not mla or job.device.is_gaudi))
     summary = QuantizeSummary(out=job.out, filled_experts=plan.filled_experts, input_bytes=checkpoint.nbytes)
-    if job.fp8_kv and mla:
+    if job.fp8_kv and mla and not job.device.is_gaudi:
         summary.notes.append(
             "MLA model: vLLM 0.32 loads no KV-cache scales for MLA from a checkpoint, so none were "
             "written (serve with --kv-cache-dtype fp8 and scale 1.0 on CUDA, or use INC on Gaudi)"
@@ -111,7 +116,7 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
     check_free_space(job.out, sum(sum(t.nbytes for t in layouts[s]) for s in todo), job.free_space)
     job.out.mkdir(parents=True, exist_ok=True)
     scales = manifest.setdefault("weight_scales", {})
-    scratch = _scratch(checkpoint, plan, low_cpu_mem=job.low_cpu_mem)
+    scratch = _scratch(checkpoint, plan, low_cpu_mem=job.low_cpu_mem, fullscale=job.device.fullscale)
     try:
         if not job.method.per_channel_weights and len(scales) < len(plan.group_of):
             scales.update(_group_weight_scales(checkpoint, plan, job, summary, scratch))
@@ -173,7 +178,7 @@ def _layout(checkpoint: Checkpoint, shard: str, plan: QuantPlan, job: QuantizeJo
 CAST_THREADS = 2  # np.take drops the GIL: the cast of one weight is split in two halves
 
 
-def _scratch(checkpoint: Checkpoint, plan: QuantPlan, *, low_cpu_mem: bool) -> Scratch:
+def _scratch(checkpoint: Checkpoint, plan: QuantPlan, *, low_cpu_mem: bool, fullscale: float) -> Scratch:
     """Inputs mapped from the page cache (no copy), FP8 outputs written behind. With `low_cpu_mem` no
     tensor larger than the largest *quantized* weight is taken whole: larger unquantized ones (embeddings,
     lm_head) are copied in blocks, so memory stays a few times one weight whatever the checkpoint."""
@@ -186,6 +191,7 @@ def _scratch(checkpoint: Checkpoint, plan: QuantPlan, *, low_cpu_mem: bool) -> S
         read_ahead=True,
         cast_threads=CAST_THREADS,
         mapped=True,
+        fullscale=fullscale,
     )
 
 
@@ -337,7 +343,10 @@ def _finish(checkpoint: Checkpoint, layouts: dict[str, list[PlannedTensor]], job
     copy_side_files(checkpoint.path, job.out)
     config = dict(checkpoint.config)
     config["quantization_config"] = compressed_tensors_config(
-        per_channel=job.method.per_channel_weights, dynamic_activations=job.method.dynamic_only, fp8_kv=fp8_kv
+        per_channel=job.method.per_channel_weights,
+        dynamic_activations=job.method.dynamic_only,
+        fp8_kv=fp8_kv,
+        fp8_dtype_flavor=GAUDI2_FP8_FLAVOR if job.device.name == "gaudi2" else None,
     )
     config.pop("torch_dtype", None)
     config["dtype"] = "bfloat16"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 
 DEVICES = ("hpu", "cuda", "cpu")
@@ -92,11 +93,16 @@ def device_memory_bytes(device: str) -> int:
 
 
 def local_device_count(device: str) -> int | None:
-    """Devices this node offers for ranks run without Ray; None on CPU (ranks are processes, memory bounds them)."""
+    """Devices this node offers for ranks run without Ray; None on CPU (ranks are processes, memory bounds them)
+    and on a Gaudi target without hl-smi (e.g. `--device gaudi2 --dry-run` elsewhere: unknown)."""
     if device == "cuda":
         import torch
 
         return torch.cuda.device_count()
+    if device == "hpu" and shutil.which("hl-smi"):  # hl-smi reads the driver; it never opens a card
+        from ray_calib.cluster import hlsmi
+
+        return hlsmi.query().cards
     return None
 
 

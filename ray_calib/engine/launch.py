@@ -48,6 +48,8 @@ class EngineConfig:
     ray_address: str | None = None  # set: run the ranks as Ray actors of that cluster
     max_model_len: int | None = 1024  # None: vLLM's default (the model's context)
     max_num_seqs: int | None = 16  # None: vLLM's default
+    max_num_batched_tokens: int | None = None  # None: vLLM's default (Gaudi serving: max_model_len, as upstream)
+    gpu_memory_utilization: float | None = None  # None: vLLM's default (0.9)
     dtype: str = "bfloat16"  # the serve profile leaves it to vLLM ("auto": the checkpoint's dtype)
     seed: int = 0
     kv_cache_dtype: str = "auto"  # "fp8" for FP8 KV (fp8_inc on Gaudi)
@@ -110,6 +112,10 @@ def engine_settings(config: EngineConfig) -> dict[str, Any]:
         settings["max_model_len"] = config.max_model_len
     if config.max_num_seqs is not None:
         settings["max_num_seqs"] = config.max_num_seqs
+    if config.max_num_batched_tokens is not None:
+        settings["max_num_batched_tokens"] = config.max_num_batched_tokens
+    if config.gpu_memory_utilization is not None:
+        settings["gpu_memory_utilization"] = config.gpu_memory_utilization
     if config.device == "cpu":
         # vLLM CPU otherwise sizes the KV cache from --gpu-memory-utilization of the whole host per rank,
         # which TP ranks sharing one host cannot all get.
@@ -258,15 +264,15 @@ def error_reason(err: BaseException) -> str:
     return (lines[-1] if lines else type(err).__name__)[:400]
 
 
-def timeout_env(seconds: int) -> dict[str, str]:
+def timeout_env(seconds: int, ready_s: int | None = None) -> dict[str, str]:
     """vLLM's start-up and per-step limits, raised for large models (weights loading, first graph compiles).
 
-    vLLM 0.32 reads VLLM_ENGINE_READY_TIMEOUT_S (engine start, default 600 s) and
+    vLLM 0.32 reads VLLM_ENGINE_READY_TIMEOUT_S (engine start, default 600 s; `ready_s` when given) and
     VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (one step, default 300 s); older vLLM and the Gaudi forks read
     VLLM_ENGINE_ITERATION_TIMEOUT_S and VLLM_RPC_TIMEOUT (milliseconds). All four are set.
     """
     return {
-        "VLLM_ENGINE_READY_TIMEOUT_S": str(seconds),
+        "VLLM_ENGINE_READY_TIMEOUT_S": str(ready_s or seconds),
         "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": str(seconds),
         "VLLM_ENGINE_ITERATION_TIMEOUT_S": str(seconds),
         "VLLM_RPC_TIMEOUT": str(seconds * 1000),

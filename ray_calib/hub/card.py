@@ -136,12 +136,18 @@ def _file_section(run: RunDir, include_checkpoint: bool) -> list[str]:
         "configs": "QUANT_CONFIG files (measure / quantize, one-node variants)",
         "scales": "INC scale files",
         "report": "PNG plots and summary.txt",
-        "fp8": "the FP8 checkpoint",
+        "fp8": "the FP8 checkpoint for CPU/CUDA (compressed-tensors, E4M3FN range 448): `vllm serve fp8`",
+        "fp8-gaudi2": "the FP8 checkpoint for Gaudi2 (compressed-tensors for vllm-gaudi, E4M3FNUZ range 240, "
+        "`fp8_dtype_flavor: float8_e4m3fnuz`, INC's HW-aligned scales): `vllm serve fp8-gaudi2` on Gaudi2",
+        "fp8-gaudi3": "the FP8 checkpoint for Gaudi3 (compressed-tensors for vllm-gaudi, range 448, INC's "
+        "HW-aligned scales): `vllm serve fp8-gaudi3` on Gaudi3",
         "eval.json": "FP8 vs BF16 fidelity figures",
     }
     lines = []
     for path in sorted(run.root.iterdir()) if run.root.is_dir() else []:
-        if path.name.startswith(".") or path.name == "README.md" or (path.name == "fp8" and not include_checkpoint):
+        if path.name.startswith(".") or path.name in ("README.md", "logs", "infer", "ladder"):  # not pushed
+            continue
+        if path.name in CHECKPOINTS and not include_checkpoint:
             continue
         text = described.get(path.name) or (
             "range files re-sharded to TP " + path.name[len("unified-tp") :]
@@ -149,4 +155,16 @@ def _file_section(run: RunDir, include_checkpoint: bool) -> list[str]:
             else ""
         )
         lines.append(f"- `{path.name}{'/' if path.is_dir() else ''}`" + (f": {text}" if text else ""))
+    if include_checkpoint and any((run.root / name).is_dir() for name in ("fp8-gaudi2", "fp8-gaudi3")):
+        lines += ["", GAUDI_NOTE]
     return lines or ["(empty run directory)"]
+
+
+CHECKPOINTS = ("fp8", "fp8-gaudi2", "fp8-gaudi3")
+GAUDI_NOTE = (
+    "The Gaudi checkpoints differ from the CPU/CUDA one in range and scales, not in format: load each only on its "
+    "device. MoE input scales are written per expert (gate and up equal, as vLLM requires), and vllm-gaudi keeps "
+    "only the maximum of a layer's gate/up input scales over the experts a rank holds: that maximum clips no "
+    "expert, and under expert parallelism each rank gets the maximum over its own experts, never more than one "
+    "layer-wide value would give. Down-projection input scales stay per expert."
+)

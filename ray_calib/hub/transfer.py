@@ -22,7 +22,10 @@ from ray_calib.rundir import RunDir
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _SKIP = [".*", "**/.*", "*.tmp", "**/*.tmp", "**/__pycache__/**"]
-_CHECKPOINT = ["fp8/**", "**/hessians*.safetensors"]  # large: pushed only with the checkpoint (GPTQ inputs)
+# this machine's own records, not results: vLLM/Ray logs (large, with host names), served completions, the ladder
+_LOCAL = ["logs/**", "infer/**", "ladder/**"]
+# large: pushed only with the checkpoint (both FP8 checkpoints: CPU/CUDA and vllm-gaudi; GPTQ inputs)
+_CHECKPOINT = ["fp8/**", "fp8-gaudi2/**", "fp8-gaudi3/**", "**/hessians*.safetensors"]
 
 
 @dataclass
@@ -53,7 +56,7 @@ def push(run: RunDir, repo_id: str, *, private: bool = False, include_checkpoint
     from ray_calib.hub.card import build_card
 
     check_repo_id(repo_id)
-    ignore = _SKIP + ([] if include_checkpoint else _CHECKPOINT)
+    ignore = _SKIP + _LOCAL + ([] if include_checkpoint else _CHECKPOINT)
     files = _files_to_push(run, ignore + ["README.md"])  # the card is written below, from these files
     token = get_token()
     if not token:

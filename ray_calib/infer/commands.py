@@ -17,11 +17,18 @@ _dir = click.Path(file_okay=False, path_type=Path)
 _file = click.Path(dir_okay=False, path_type=Path)
 
 
-def _run_meta(run: RunDir, model: Path):
+def _node_cards() -> int:
+    """Gaudi cards of this node (hl-smi), else the 8 of a Gaudi node (e.g. a dry run elsewhere)."""
+    from ray_calib.engine.device import local_device_count
+
+    return local_device_count("hpu") or 8
+
+
+def _run_meta(run: RunDir, model: Path, unified: Path | None = None):
     """The sidecar that describes the scales in use: next to the checkpoint, else the run's measurements."""
     from ray_calib.inc import read_meta
 
-    for directory in (model, run.latest_unified(), run.measure):
+    for directory in (model, unified or run.latest_unified(), run.measure):
         if directory is not None and (meta := read_meta(directory)) is not None:
             return meta, directory
     return None, model
@@ -33,7 +40,8 @@ def _run_meta(run: RunDir, model: Path):
 @click.option("--model", type=_dir, help="Model directory [default: <run-dir>/fp8; on Gaudi the measured model].")
 @options.tp_option(
     help="Tensor-parallel size [default: the run's unified TP when it fits, else the "
-    "smallest the model allows that fits in memory; on Gaudi the run's unified TP]."
+    "smallest the model allows that fits in memory; on Gaudi the run's largest unified TP this node's cards "
+    "run]."
 )
 @click.option("--prompts", type=_file, help="One prompt per line (or JSONL with 'prompt').")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
@@ -53,6 +61,18 @@ def _run_meta(run: RunDir, model: Path):
     "Seconds for vLLM to start and for one step (VLLM_ENGINE_READY_TIMEOUT_S, "
     "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS and their older names)."
 )
+@click.option(
+    "--startup-timeout",
+    type=click.IntRange(min=1),
+    help="Seconds `--serve` waits for the server to answer /health [default: --timeout; on Gaudi derived from "
+    "the checkpoint size, the host read speed and the warm-up].",
+)
+@click.option(
+    "--max-num-seqs",
+    type=click.IntRange(min=1),
+    help="Sequences served at once [default: vLLM's; on Gaudi 64, as the upstream DeepSeek-R1 quickstart].",
+)
+@click.option("--skip-warmup", is_flag=True, help="Gaudi: VLLM_SKIP_WARMUP (faster start, graphs built on first use).")
 @click.option("--allow-device-mismatch", is_flag=True, help="Use scales measured on another device type.")
 @options.device_option(
     runtime=True,
@@ -78,6 +98,9 @@ def infer(
     port: int,
     quant_config: Path | None,
     timeout_s: int,
+    startup_timeout: int | None,
+    max_num_seqs: int | None,
+    skip_warmup: bool,
     allow_device_mismatch: bool,
     device: str,
     dry_run: bool,
@@ -104,7 +127,11 @@ def infer(
     run = RunDir.resolve(run_dir)
     target = detect_target(device)
     device = target.device
-    meta, meta_dir = _run_meta(run, model or ((run.latest_unified() or run.measure) if target.is_gaudi else run.fp8))
+    if target.is_gaudi:
+        unified = run.unified_for_node(tp or _node_cards())
+        meta, meta_dir = _run_meta(run, model or unified or run.measure, unified)
+    else:
+        meta, meta_dir = _run_meta(run, model or run.fp8)
     runner.check_device_type(meta, target.device_type, allow_mismatch=allow_device_mismatch, where=meta_dir)
     extra_env = {}
     if conf and not dry_run:
@@ -128,8 +155,8 @@ def infer(
             extra_env,
             write=not dry_run,
             card_bytes=target.memory_bytes,
+            limits=(max_model_len, max_num_seqs, startup_timeout, skip_warmup, enforce_eager),
         )
-        config = replace(config, max_model_len=max_model_len, enforce_eager=enforce_eager)
     else:
         serve_plan = None
         if conf and devices_conf_quant_config(conf):
@@ -154,6 +181,8 @@ def infer(
             kv_cache_gib=kv_cache_gib,
             enforce_eager=enforce_eager,
             extra_env=extra_env,
+            max_num_seqs=max_num_seqs,
+            startup_timeout_s=startup_timeout,
         )
     if dry_run:
         click.echo(_plan(config, target, serve, host, port, conf, serve_plan).render())
@@ -161,7 +190,7 @@ def infer(
     ui.library_logs(run.root, "infer")
     ui.note(
         f"vLLM on {target.device_type}, TP={config.tp_size}, KV cache {runner.engine_config(config).kv_cache_dtype}; "
-        f"engine start and step timeouts {timeout_s} s"
+        f"start-up wait {config.startup_timeout_s or timeout_s} s, step timeout {timeout_s} s"
     )
     if serve:
         _serve(runner, config, host, port, detach, run)
@@ -213,10 +242,26 @@ def _gaudi_config(
     *,
     write: bool,
     card_bytes: int | None,
+    limits: tuple[int | None, int | None, int | None, bool, bool],
 ):
-    """Gaudi defaults from the run: the measured model, its TP, the one-node QUANT_CONFIG, KV dtype and EP."""
-    from ray_calib.infer import gaudi, runner
+    """Gaudi defaults from the run: the measured model, its TP, the one-node QUANT_CONFIG, KV dtype and EP,
+    a bounded context and batch, and a start-up wait of its own. A compressed-tensors checkpoint (`--model
+    <run>/fp8-gaudi2`) needs none of INC's: vllm-gaudi loads it as it is."""
+    from ray_calib.infer import gaudi
 
+    ct_kv = gaudi.compressed_tensors_fp8_kv(model) if model is not None else None
+    if ct_kv is not None:
+        plan = gaudi.GaudiServe(
+            model=model,
+            tp_size=tp or (meta.tp_size if meta and meta.tp_size else 8),
+            quant_config=None,
+            fp8_kv=ct_kv,
+            expert_parallel=bool(meta and meta.ep_size and meta.ep_size > 1),
+            measurements=run.measure,
+            generated=False,
+            config={},
+        )
+        return _gaudi_limits(plan, meta, extra_env, timeout_s, limits, write, card_bytes)
     conf_quant = devices_conf_quant_config(conf) if conf else None
     plan = gaudi.resolve(
         run,
@@ -230,6 +275,14 @@ def _gaudi_config(
     )
     if plan.generated and write:
         click.echo(f"wrote {plan.quant_config} (QUANTIZE, measurements in {plan.measurements})")
+    return _gaudi_limits(plan, meta, extra_env, timeout_s, limits, write, card_bytes)
+
+
+def _gaudi_limits(plan, meta, extra_env: dict, timeout_s: int, limits, write: bool, card_bytes: int | None):
+    """The InferConfig of a Gaudi plan with its bounded context and batch, start-up wait and fit check."""
+    from ray_calib.infer import gaudi, runner
+
+    max_model_len, max_num_seqs, startup, skip_warmup, enforce_eager = limits
     config = runner.InferConfig(
         model=plan.model,
         tp_size=plan.tp_size,
@@ -239,10 +292,25 @@ def _gaudi_config(
         timeout_s=timeout_s,
         extra_env=extra_env,
         expert_parallel=plan.expert_parallel,
+        skip_warmup=skip_warmup,
+        enforce_eager=enforce_eager,
     )
+    context, seqs, context_why = gaudi.serve_limits(
+        plan.model, meta, max_model_len=max_model_len, max_num_seqs=max_num_seqs
+    )
+    config = replace(config, max_model_len=context, max_num_seqs=seqs)
+    wait, wait_why = gaudi.startup_timeout(config, startup)
+    config = replace(config, startup_timeout_s=wait)
+    plan = replace(plan, limits=(f"{context} ({context_why}); max_num_seqs {seqs}", f"{wait} s ({wait_why})"))
     if write:  # a dry run shows the fit instead of refusing
         gaudi.check_serve_fit(config, target_bytes=card_bytes)
     return config, plan
+
+
+def _kv_source(target, config) -> str:
+    if not target.is_gaudi:
+        return ""
+    return " (from the QUANT_CONFIG's blocklist)" if config.quant_config else " (from the checkpoint's kv_cache_scheme)"
 
 
 def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, gaudi_plan=None):
@@ -262,9 +330,12 @@ def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, 
             + f" ({target.source})",
         ),
         ("parallel", f"TP {config.tp_size}{', expert parallel' if config.expert_parallel else ''}"),
-        ("KV cache", engine.kv_cache_dtype + (" (from the QUANT_CONFIG's blocklist)" if target.is_gaudi else "")),
+        ("KV cache", engine.kv_cache_dtype + _kv_source(target, config)),
     ]
+    if gaudi_plan is not None and gaudi_plan.limits:
+        facts += [("context", gaudi_plan.limits[0]), ("start-up wait", gaudi_plan.limits[1])]
     quant = gaudi_plan.config if gaudi_plan else (read_config(config.quant_config) if config.quant_config else None)
+    quant = quant or None  # a compressed-tensors checkpoint on Gaudi has none
     note = None
     if gaudi_plan is not None:
         note = (

@@ -10,7 +10,14 @@ Defaults come from the run, so `ray-calib infer` needs no path:
     KV cache       fp8_inc exactly when that config quantizes the KV cache types, else BF16
     EP             on when the measurements were expert parallel (meta ep_size > 1)
 
-The engine runs with HPU graphs (no forced eager), remote code trusted, and the timeouts raised.
+    context        --max-model-len, else 16384 as the upstream DeepSeek-R1 quickstart (raised to the calibration
+                   length, capped by the model): never the model's full context unless asked; max_num_seqs 64,
+                   max_num_batched_tokens = the context, gpu_memory_utilization 0.85 (0.65 above 18432 tokens)
+    fit            weights + activations + graph reserve + the KV cache of one full-length sequence per card
+    start-up wait  from the checkpoint size and the host read speed plus the warm-up, apart from --timeout
+
+The engine runs with HPU graphs (no forced eager), warms up as upstream does (--skip-warmup to skip),
+remote code trusted, and the timeouts raised.
 """
 
 from __future__ import annotations
@@ -28,12 +35,13 @@ from ray_calib.rundir import RunDir
 class GaudiServe:
     model: Path
     tp_size: int
-    quant_config: Path
+    quant_config: Path | None  # None: a compressed-tensors checkpoint (no INC)
     fp8_kv: bool
     expert_parallel: bool
     measurements: Path
     generated: bool  # the QUANT_CONFIG is new (written now, or would be with write=False)
     config: dict
+    limits: tuple[str, str] | None = None  # (context and batch, start-up wait), each with why: shown by --dry-run
 
 
 def resolve(
@@ -66,6 +74,7 @@ def resolve(
         path, config, generated = _one_node_config(run, model, measurements, tp_size, measured, fp8_kv, write)
     else:
         config, generated = read_config(path), False
+        _check_given_dump_path(Path(path), config, tp_size, must_exist=write)
     kv = quantizes_kv_cache(config)
     if fp8_kv is not None and fp8_kv != kv:
         state = "quantizes" if kv else "blocks (keeps BF16)"
@@ -89,6 +98,25 @@ def resolve(
         generated=generated,
         config=config,
     )
+
+
+def _check_given_dump_path(path: Path, config: dict, tp: int, *, must_exist: bool) -> None:
+    """A QUANT_CONFIG given by --quant-config or devices.conf: INC opens `<dump_stats_path>_hooks_maxabs_<r>_<tp>`
+    from each rank's working directory, so a relative path, or one without this TP's files, would load other
+    (or no) measurements late. The run's own config is checked against the run's measurements instead."""
+    dump = str(config.get("dump_stats_path", ""))
+    if not Path(dump).is_absolute():
+        raise ConfigError(
+            f"{path}: dump_stats_path {dump!r} is relative: INC resolves it from every rank's working directory",
+            fix="make it absolute (e.g. <run>/unified-tp<TP>/inc_measure_output), or drop the config to have the "
+            "run's own written.",
+        )
+    first = Path(f"{dump}_hooks_maxabs_0_{tp}.json") if tp > 1 else Path(f"{dump}_hooks_maxabs.json")
+    if must_exist and not first.is_file() and not Path(f"{dump}_hooks_maxabs_0_{tp}.json").is_file():
+        raise ConfigError(
+            f"{path}: dump_stats_path {dump} holds no measurements for TP {tp} (no {first.name})",
+            fix=f"point it at measurements unified to TP {tp} (`ray-calib unify --to-tp {tp}`), or pass --tp.",
+        )
 
 
 def _measurements_at(run: RunDir, tp: int) -> Path | None:
@@ -143,8 +171,50 @@ def _one_node_config(
     return path, built, True
 
 
+def compressed_tensors_fp8_kv(model: Path) -> bool | None:
+    """None: not a compressed-tensors checkpoint; else whether it carries k/v scales (vllm-gaudi: fp8_inc cache)."""
+    from ray_calib.model.config import model_config
+
+    quant = model_config(model).get("quantization_config") or {}
+    if str(quant.get("quant_method", "")).lower() != "compressed-tensors":
+        return None
+    return quant.get("kv_cache_scheme") is not None
+
+
+def serve_limits(
+    model: Path, meta: RunMeta | None, *, max_model_len: int | None, max_num_seqs: int | None
+) -> tuple[int, int, str]:
+    """(max_model_len, max_num_seqs, why): bounded as upstream serves DeepSeek-R1, never the model's full
+    context unless asked; the calibration length (tokens per measured sample) raises the default."""
+    from ray_calib.engine import gaudi
+    from ray_calib.model.config import model_config
+
+    hf = model_config(model)
+    text = hf.get("text_config") or hf
+    calibration = meta.num_tokens // meta.num_samples if meta and meta.num_tokens and meta.num_samples else None
+    context, why = gaudi.serve_context(text.get("max_position_embeddings"), calibration, max_model_len)
+    return context, max_num_seqs or gaudi.SERVE_MAX_NUM_SEQS, why
+
+
+def startup_timeout(config, asked: int | None) -> tuple[int, str]:
+    """(seconds, why) `serve` waits for /health: asked, else from the checkpoint size and the host read speed."""
+    from ray_calib.engine import gaudi
+    from ray_calib.model.config import model_config
+
+    if asked is not None:
+        return asked, "--startup-timeout"
+    route = gaudi.route_for(model_config(config.model), str(config.model))
+    size = gaudi.checkpoint_bytes(config.model, route)
+    rate, how = gaudi.host_read_bytes_s(config.model)
+    seconds = gaudi.startup_wait_s(size, rate, warmup=not config.skip_warmup)
+    return seconds, (
+        f"{gaudi.STARTUP_BASE_S} s start + 2 x {size / 1e9:.0f} GB at {how}"
+        + ("" if config.skip_warmup else f" + {gaudi.WARMUP_S} s warm-up")
+    )
+
+
 def serve_fit(config, target_bytes: int | None):
-    """HBM per card and host RAM of this node for serving `config` (an InferConfig on Gaudi)."""
+    """HBM per card (weights, KV cache at max_model_len, graph reserve) and host RAM for serving `config`."""
     from ray_calib.engine import gaudi
     from ray_calib.engine.device import host_available_bytes
     from ray_calib.model.config import model_config, num_routed_experts
@@ -155,6 +225,14 @@ def serve_fit(config, target_bytes: int | None):
         target_bytes = hlsmi.query().memory_bytes
     hf_config = model_config(config.model)
     route = gaudi.route_for(hf_config, str(config.model))
+    kv = None
+    if config.max_model_len:
+        kv = gaudi.KvNeed(
+            gaudi.kv_token_bytes(hf_config, config.tp_size, config.fp8_kv),
+            config.max_model_len,
+            config.max_num_seqs or gaudi.SERVE_MAX_NUM_SEQS,
+            "fp8_inc" if config.fp8_kv else "bf16",
+        )
     return route, gaudi.serve_fit(
         config.model,
         route,
@@ -162,6 +240,7 @@ def serve_fit(config, target_bytes: int | None):
         moe=bool(num_routed_experts(hf_config)),
         card_bytes=target_bytes,
         host_available=host_available_bytes(),
+        kv=kv,
     )
 
 
@@ -184,9 +263,11 @@ def engine_config(config):
         measure=False,
         tp_size=config.tp_size,
         route=route,
-        quant_config=str(config.quant_config.absolute()),
+        quant_config=str(config.quant_config.absolute()) if config.quant_config else None,
         timeout_s=config.timeout_s,
         expert_parallel=config.expert_parallel,
+        ready_timeout_s=config.startup_timeout_s,
+        skip_warmup=config.skip_warmup,
     )
     env.update(config.extra_env)
     return EngineConfig(
@@ -199,7 +280,9 @@ def engine_config(config):
         max_model_len=config.max_model_len,
         extra_env=with_copy_list(env),
         profile="serve",
-        max_num_seqs=None,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_model_len,  # as upstream: one full prompt per step
+        gpu_memory_utilization=gaudi.serve_memory_utilization(config.max_model_len) if config.max_model_len else None,
         enforce_eager=config.enforce_eager,
         trust_remote_code=True,
         enable_expert_parallel=config.expert_parallel,

@@ -66,6 +66,9 @@ class InferConfig:
     enforce_eager: bool = False  # skip graphs/compilation: faster start, slower steps
     extra_env: dict[str, str] = field(default_factory=dict)
     expert_parallel: bool = False  # Gaudi: the measurements were expert parallel
+    max_num_seqs: int | None = None  # None: vLLM's default (Gaudi: set by `infer.gaudi`)
+    startup_timeout_s: int | None = None  # how long `serve` waits for /health [None: timeout_s]
+    skip_warmup: bool = False  # Gaudi: VLLM_SKIP_WARMUP (faster start, graphs compiled on first use)
 
     def timeout_env(self) -> dict[str, str]:
         """vLLM aborts a slow start (large weights) or a long first step (FP8 compiles) unless these are raised."""
@@ -99,7 +102,9 @@ def engine_config(config: InferConfig):
 
     env = {**config.timeout_env(), **config.extra_env}
     if config.device == "hpu":
-        if config.quant_config is None:
+        from ray_calib.infer.gaudi import compressed_tensors_fp8_kv
+
+        if config.quant_config is None and compressed_tensors_fp8_kv(config.model) is None:
             raise ModelError("Gaudi inference needs the QUANTIZE QUANT_CONFIG", fix="pass --quant-config FILE.")
         from ray_calib.infer import gaudi
 
@@ -203,8 +208,11 @@ def serve_args(config: InferConfig, *, host: str, port: int) -> list[str]:
     """
     from ray_calib.engine.launch import engine_settings
 
+    engine = engine_config(config)
     args = ["serve", str(config.model), "--host", host, "--port", str(port), "--served-model-name", config.model.name]
-    for key, value in engine_settings(engine_config(config)).items():
+    if engine.resolved_executor == "ray":  # --conf: the ranks are Ray actors spread over the cluster
+        args += ["--distributed-executor-backend", "ray"]
+    for key, value in engine_settings(engine).items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else f"--no-{flag[2:]}")
@@ -240,7 +248,7 @@ def serve(config: InferConfig, *, host: str = "127.0.0.1", port: int = 8000, log
         process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://{host}:{port}"
     try:
-        _wait_healthy(process, url, log, config.timeout_s)
+        _wait_healthy(process, url, log, config.startup_timeout_s or config.timeout_s)
     except BaseException:  # not healthy in time, or Ctrl-C while waiting: stop vLLM's whole session
         stop(process.pid)
         raise
@@ -270,7 +278,9 @@ def _wait_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s: int
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(1)
-    raise EngineError(f"vllm serve did not become healthy within {timeout_s} s", fix=f"see {log}; raise --timeout.")
+    raise EngineError(
+        f"vllm serve did not become healthy within {timeout_s} s", fix=f"see {log}; raise --startup-timeout."
+    )
 
 
 def served_settings(server: Server) -> dict[str, object]:

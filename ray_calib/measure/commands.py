@@ -91,6 +91,11 @@ DEFAULTS = {"batch_size": 16}  # without devices.conf
     help="Record each linear layer's input sum(x xᵀ) (4 x in² bytes per layer and rank) so `quantize` rounds "
     "weights with GPTQ (CPU/CUDA) [default: when they take at most 1 GiB per rank].",
 )
+@click.option(
+    "--ladder",
+    is_flag=True,
+    help="First run `ray-calib ladder` on the devices.conf's cluster with this model; stop at its first failure.",
+)
 @run_dir_option
 def measure(
     model,
@@ -118,6 +123,7 @@ def measure(
     attention_backend,
     kv_cache_gib,
     hessians,
+    ladder,
     run_dir,
 ) -> None:
     """Run the calibration prompts through vLLM at TP=N and write one INC range file per rank.
@@ -155,6 +161,8 @@ def measure(
             raise ConfigError(f"{flag} must be at least 1, got {value}", fix=f"pass a positive {flag}.")
     if dataset is None and not dry_run:
         raise click.UsageError("Missing option '-d' / '--dataset'.")
+    if ladder and not dry_run:  # before joining Ray: rung a needs no cluster up, only SSH
+        _ladder(conf, model, run_dir)
     address = None if dry_run else _address(cluster, executor)
     config = MeasureConfig(
         model=model,
@@ -190,6 +198,17 @@ def measure(
 
     ui.library_logs(RunDir.resolve(run_dir).root, "measure")
     _run(config)
+
+
+def _ladder(conf, model, run_dir) -> None:
+    """`ray-calib ladder` before the real job, found through the CLI group (the ladder sits above the stages)."""
+    from ray_calib.errors import ConfigError
+
+    if conf is None:
+        raise ConfigError("--ladder checks a cluster: no devices.conf", fix="pass --conf devices.conf.")
+    ctx = click.get_current_context()
+    command = ctx.find_root().command.get_command(ctx, "ladder")  # type: ignore[attr-defined]
+    ctx.invoke(command, conf=conf.path, model=Path(model), rungs=None, accept_new_host_keys=False, run_dir=run_dir)
 
 
 def _load_conf(path: Path | None):

@@ -143,6 +143,9 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
         )
     ep_size = _ep_size(config, info, backend)
     conf = _conf(config)
+    local_cards = _local_gaudi_cards(config, target, conf)
+    if local_cards is not None and config.tp_size > local_cards and not dry_run:
+        sizing.check_device_count(info.shape, config.tp_size, local_cards, "this node (hl-smi, no Ray cluster)")
     dump_dir = quant = route = None
     if backend == INC:
         from ray_calib.inc.quant_config import quantizes_kv_cache
@@ -183,6 +186,11 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
     if target.is_gaudi:
         plan.fit = _fit(config, plan, route)
     plan.warnings = _warnings(plan)
+    if local_cards is not None and config.tp_size > local_cards:
+        plan.warnings.append(
+            f"--tp {config.tp_size} without a Ray cluster runs every rank on this node, which has {local_cards} "
+            "Gaudi cards (hl-smi): a real run refuses it (ray-calib up, then measure --conf)"
+        )
     plan.sampling = (
         f"--num-samples {config.num_samples}, --least-tokens {config.least_tokens or '-'}, "
         f"--batch-size {config.batch_size}, --max-new-tokens {config.max_new_tokens}, "
@@ -195,6 +203,15 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
             config.dataset, info.path, num_samples=config.num_samples, least_tokens=config.least_tokens
         )
     return plan
+
+
+def _local_gaudi_cards(config, target, conf) -> int | None:
+    """Cards on this node when every rank runs here (Gaudi, no Ray cluster); None when not known or not local."""
+    from ray_calib.engine.device import local_device_count
+
+    if not target.is_gaudi or conf is not None or config.ray_address or config.executor == "ray":
+        return None
+    return local_device_count("hpu")
 
 
 def _choose_tp(config, info: ModelInfo, device: str, *, join_ray: bool) -> int:

@@ -44,7 +44,11 @@ def resolve_model(model: str, *, weights: bool = True) -> ModelInfo:
     """A local HF directory, or a hub id ("org/name") fetched into the HF cache (without the weights when
     `weights` is False, e.g. for a dry run)."""
     path = Path(model).expanduser()
-    if not path.exists():
+    model_id = model
+    if path.exists():  # absolute: ranks on other nodes resolve paths against their own cwd, later commands too
+        path = path.absolute()
+        model_id = str(path)
+    else:
         if _looks_like_hub_id(model):
             path = _download(model, weights=weights)
         else:
@@ -66,7 +70,7 @@ def resolve_model(model: str, *, weights: bool = True) -> ModelInfo:
         )
     return ModelInfo(
         path=path,
-        model_id=model,
+        model_id=model_id,
         revision=_revision(path),
         num_kv_heads=config.get("num_key_value_heads", heads),
         model_type=str(config.get("model_type", "")),

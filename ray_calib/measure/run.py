@@ -99,6 +99,8 @@ def run_measure(config: MeasureConfig) -> MeasureSummary:
 
     _check_out(config)
     plan = plan_measure(config)
+    for warning in plan.warnings:  # the same warnings --dry-run shows (env-file side effects, IFNAME leakage)
+        ui.warn(warning)
     info, calib = plan.info, plan.calib
     _check_prompt_lengths(config, info, calib.token_ids)
     backend = make_backend(plan)

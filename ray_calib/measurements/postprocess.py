@@ -56,7 +56,9 @@ def postprocess(rank_file: RankFile) -> tuple[RankFile, PostprocessReport]:
                 report.changed.append(pieces[matmul])
         o_proj = next((f"{block}.{name}" for name in _O_PROJ if f"{block}.{name}" in nodes), None)
         fsdpa = pieces.get("fused_scaled_dot_product_attention")
-        if fsdpa and o_proj and _set_first_value(nodes[fsdpa], "outputs", nodes[o_proj], "inputs"):
+        # MLA: no upstream step 3 applies this rule. vllm-gaudi's own has only the cache rule, and with its names
+        # (o_proj shared at self_attn.o_proj) the o_proj input also covers the decode path after W_UV.
+        if fsdpa and o_proj and not mla and _set_first_value(nodes[fsdpa], "outputs", nodes[o_proj], "inputs"):
             report.fsdpa_outputs_fixed += 1
             report.changed.append(fsdpa)
     fixed = RankFile(

@@ -191,8 +191,34 @@ def test_gaudi_writes_inc_quant_config_and_keeps_weights(tmp_path, tiny_llama, r
     config = json.loads((tmp_path / "run/configs/inc_quant_with_fp8kv_one_node_config.json").read_text())
     assert config["mode"] == "QUANTIZE" and config["scale_method"] == "maxabs_hw"
     assert config["dump_stats_path"] == str(meas / "inc_measure_output")
-    assert "--quantization inc --kv-cache-dtype fp8_inc" in result.stdout
+    hint = next(line for line in result.stdout.splitlines() if "vllm serve" in line)
+    assert f"QUANT_CONFIG={tmp_path / 'run/configs/inc_quant_with_fp8kv_one_node_config.json'}" in hint
+    assert "PT_HPU_WEIGHT_SHARING=0" in hint and "--quantization inc" in hint and "--kv-cache-dtype fp8_inc" in hint
+    assert "--trust-remote-code" in hint and "VLLM_HPU_FORCE_CHANNEL_FP8" not in hint
     assert not (tmp_path / "run" / "fp8").exists()
+
+
+def test_gaudi_serve_hint_follows_the_checkpoint_route(tmp_path, tiny_llama, run_cli):
+    """An FP8 (block) checkpoint is served without --quantization (vLLM refuses inc against its fp8) and with
+    VLLM_HPU_FORCE_CHANNEL_FP8=0; TP and EP come from the measurements' meta; --fp8-kv needs K/V ranges."""
+    from ray_calib.inc import read_meta, write_meta
+
+    fp8_model = tmp_path / "fp8-model"
+    fp8_model.mkdir()
+    config = json.loads((tiny_llama / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (fp8_model / "config.json").write_text(json.dumps(config))
+    meas = tmp_path / "run" / "unified-tp8"
+    write_measurements(meas, tiny_llama, world_size=1, device_type="gaudi2")
+    meta = read_meta(meas)
+    write_meta(meas, dataclasses.replace(meta, tp_size=8, ep_size=8, model=str(fp8_model), fp8_kv=False))
+    result = run_cli("quantize", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    hint = next(line for line in result.stdout.splitlines() if "vllm serve" in line)
+    assert "--quantization" not in hint and "VLLM_HPU_FORCE_CHANNEL_FP8=0" in hint
+    assert "--tensor-parallel-size 8 --enable-expert-parallel" in hint and "PT_HPU_ENABLE_LAZY_COLLECTIVES=true" in hint
+    refused = run_cli("quantize", "--run-dir", tmp_path / "run", "--fp8-kv")
+    assert refused.exit_code == 2 and "recorded no K/V ranges" in refused.stderr
 
 
 def test_read_ahead_and_low_cpu_mem_write_identical_shards(tmp_path, tiny_llama):

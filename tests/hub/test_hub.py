@@ -80,8 +80,13 @@ def _make_run(root: Path) -> RunDir:
     (run.report / "plot.png").write_bytes(bytes(range(256)) * 400)  # binary and > 64 KiB: goes through LFS
     (run.fp8).mkdir()
     (run.fp8 / "model.safetensors").write_bytes(b"\0" * 1000)
+    run.fp8_for("gaudi2").mkdir()
+    (run.fp8_for("gaudi2") / "model.safetensors").write_bytes(b"\1" * 1000)
     (run.unified(1) / "hessians.safetensors").write_bytes(b"\0" * 1000)  # GPTQ's inputs: with the checkpoint only
     (run.root / ".ray-calib-stage-x").mkdir()
+    for local in ("logs/measure.log", "infer/vllm-serve.log", "ladder/ladder.txt"):  # this machine's records
+        (run.root / local).parent.mkdir(exist_ok=True)
+        (run.root / local).write_text("node-17.internal\n")
     return run
 
 
@@ -99,11 +104,14 @@ def test_push_then_pull_round_trips_every_file(hub_env, tmp_path):
     (run.root / "report" / "__pycache__" / "x.pyc").write_bytes(b"x")  # skipped, and not counted as pushed
     result = push(run, REPO)
     assert "fp8/model.safetensors" not in result.files and "report/plot.png" in result.files
+    assert "fp8-gaudi2/model.safetensors" not in result.files
     assert "unified-tp1/hessians.safetensors" not in result.files
     assert not any("__pycache__" in f for f in result.files)
     shutil.rmtree(run.root / "report" / "__pycache__")
     pulled = pull(REPO, tmp_path / "pulled")
-    sent = {k: v for k, v in _tree(run.root).items() if not k.startswith("fp8/") and "hessians" not in k}
+    assert not any(f.startswith(("logs/", "infer/", "ladder/")) for f in result.files)
+    local = ("fp8", "logs/", "infer/", "ladder/")
+    sent = {k: v for k, v in _tree(run.root).items() if not k.startswith(local) and "hessians" not in k}
     got = _tree(pulled.directory)
     configs = {k for k in sent if k.startswith("configs/")}
     assert {k: v for k, v in got.items() if k not in configs} == {k: v for k, v in sent.items() if k not in configs}
@@ -127,7 +135,12 @@ def test_checkpoint_only_with_the_flag_and_unchanged_push_is_a_no_op(hub_env, tm
     push(run, "standin/with-ckpt", include_checkpoint=True)
     stored = json.loads(hub_env.repo_file("model", "standin/with-ckpt").read_text())
     assert "fp8/model.safetensors" in stored["files"] and stored["sha"] == sha
+    assert "fp8-gaudi2/model.safetensors" in stored["files"]
     assert "unified-tp1/hessians.safetensors" in stored["files"]
+    card = (pull("standin/with-ckpt", tmp_path / "p").directory / "README.md").read_text()
+    assert "- `fp8/`: the FP8 checkpoint for CPU/CUDA" in card
+    assert "- `fp8-gaudi2/`: the FP8 checkpoint for Gaudi2" in card and "float8_e4m3fnuz" in card
+    assert "keeps only the maximum of a layer's gate/up input scales" in card
 
 
 def test_model_card_states_the_run(hub_env, tmp_path):
@@ -149,7 +162,8 @@ def test_model_card_states_the_run(hub_env, tmp_path):
         "| num_texts | 8 |",
     ):
         assert row in card, row
-    assert card.startswith("---\nbase_model: tiny/ds3\n") and "`fp8/`" not in card
+    assert card.startswith("---\nbase_model: tiny/ds3\n") and "`fp8/`" not in card and "`fp8-gaudi2/`" not in card
+    assert "`logs/`" not in card and "`ladder/`" not in card
 
 
 def test_model_card_survives_missing_meta_and_garbage_eval(tmp_path):

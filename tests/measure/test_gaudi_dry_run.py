@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -281,6 +282,21 @@ def test_infer_dry_run_matches_the_quickstart_server(tmp_path, run_cli):
     for variable in ("PT_HPU_WEIGHT_SHARING=0", 'PT_HPU_ENABLE_LAZY_COLLECTIVES="true"'):
         assert f"export {variable}" in script and variable.replace('"', "") in out
     assert "KV_CACHE_DTYPE=fp8_inc" in script
+    # the quickstart's bounded serving: its defaults read from the script, passed the same way
+    default = {k: re.search(rf"^{k}=(\d+)$", script, re.M)[1] for k in ("max_model_len", "max_num_seqs")}
+    assert "max_num_batched_tokens=$max_model_len" in script and "export VLLM_GRAPH_RESERVED_MEM=0.1" in script
+    utilization = re.search(
+        r"if \(\( max_model_len <= (\d+) \)\); then\s+export VLLM_GPU_MEMORY_UTILIZATION=(\S+)", script
+    )
+    assert int(default["max_model_len"]) <= int(utilization[1])
+    for flag, value in (
+        ("--max-model-len", default["max_model_len"]),
+        ("--max-num-seqs", default["max_num_seqs"]),
+        ("--max-num-batched-tokens", default["max_model_len"]),
+        ("--gpu-memory-utilization", utilization[2]),
+    ):
+        assert flag in script.replace("_", "-") and command[command.index(flag) + 1] == value, flag
+    assert "VLLM_GRAPH_RESERVED_MEM=0.1" in out
     quant = run / "configs" / "inc_quant_with_fp8kv_one_node_config.json"
     assert f"QUANT_CONFIG={quant}" in out and not quant.exists()  # a dry run writes nothing
     assert f'"dump_stats_path": "{run / "unified-tp8" / "inc_measure_output"}"' in out
@@ -297,3 +313,34 @@ def test_dry_run_probes_the_local_node(tmp_path, run_cli):
     (model / "config.json").rename(model / "moved.json")
     missing = run_cli("measure", "-m", model, "--device", "gaudi2", "-t", 8, "--dry-run")
     assert missing.exit_code == 1 and "no config.json" in missing.stderr
+
+
+def test_a_relative_model_path_is_made_absolute(tmp_path, monkeypatch):
+    """Ranks on other nodes resolve paths against their own working directory, and `quantize`/`infer` read the
+    model from the meta from anywhere: a relative -m is resolved once, here."""
+    from ray_calib.measure.preflight import resolve_model
+
+    model_dir(tmp_path, "DeepSeek-R1", DEEPSEEK_R1)
+    monkeypatch.chdir(tmp_path)
+    info = resolve_model("DeepSeek-R1", weights=False)
+    assert info.path == tmp_path / "DeepSeek-R1" and info.model_id == str(tmp_path / "DeepSeek-R1")
+
+
+def test_gaudi_tp_above_this_nodes_cards_without_ray_is_refused(tmp_path, run_cli, monkeypatch):
+    """Without a Ray cluster every rank runs here: hl-smi's card count bounds the TP (a dry run warns)."""
+    from tests.engine.test_hlsmi import fake_hl_smi
+
+    fake_hl_smi(tmp_path, "hl-smi-gaudi2.csv")  # 8 Gaudi2 cards
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("RAY_CALIB_DEVICES_CONF", raising=False)
+    model = model_dir(tmp_path, "DeepSeek-R1", DEEPSEEK_R1)
+    dry = run_cli("measure", "-m", model, "--device", "gaudi2", "-t", 16, "--dry-run")
+    assert dry.exit_code == 0 and "which has 8 Gaudi cards (hl-smi): a real run refuses it" in dry.stdout
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text('{"text": "hello"}\n')
+    real = run_cli("measure", "-m", model, "--device", "gaudi2", "-t", 16, "-d", calib, "--run-dir", tmp_path / "run")
+    assert (
+        real.exit_code == 1
+        and "--tp 16 needs 16 devices but this node (hl-smi, no Ray cluster) offers 8" in real.stderr
+    )
+    assert not (tmp_path / "run" / "measure").exists()

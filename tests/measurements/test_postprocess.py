@@ -95,3 +95,37 @@ def test_vllm_gaudi_mla_names():
     fixed, report = postprocess(RankFile(name=StatsName("p", rank=0, world_size=1), nodes=nodes))
     assert report.mla and fixed.nodes[f"{attn}.matmul_av"]["inputs"][1] == [[6.0]]
     assert fixed.nodes[f"{attn}.matmul_qk"]["inputs"][1] == [[6.0]]
+
+
+VLLM_GAUDI_STEP3 = SHARED / "reference" / "vllm-gaudi" / "calibration" / "step-3-postprocess-measure.py"
+
+
+def test_vllm_gaudi_deepseek_names_get_vllm_gaudis_step3(tmp_path):
+    """With vllm-gaudi's DeepSeek names `self_attn.o_proj` exists beside the MLA FSDPA: the FSDPA output rule
+    must not fire (vllm-gaudi's step 3, which its calibration runs with --deepseek, has only the cache rule)."""
+    if not VLLM_GAUDI_STEP3.is_file():
+        pytest.skip(f"upstream script not found at {VLLM_GAUDI_STEP3}")
+    attn = "model.layers.0.self_attn.mla_attn.mla_attn.impl"
+    nodes = {
+        f"{attn}.matmul_qk": {"inputs": [[[1.0]], [[0.5]]], "outputs": [[[2.0]]]},
+        f"{attn}.matmul_av": {"inputs": [[[1.0]], [[0.5]]], "outputs": [[[2.0]]]},
+        f"{attn}.latent_cache_k": {"inputs": [[[6.0]]], "outputs": [[[6.0]]]},
+        f"{attn}.fused_scaled_dot_product_attention": {"inputs": [[[1.0]], [[1.0]], [[1.0]]], "outputs": [[[3.0]]]},
+        "model.layers.0.self_attn.o_proj": {"inputs": [[[9.0]]], "outputs": [[[1.0]]], "params": {"weight": [[0.1]]}},
+    }
+    name = StatsName("inc_measure_output", rank=0, world_size=1)
+    fixed, report = postprocess(RankFile(name=name, nodes=nodes))
+    assert report.mla and report.fsdpa_outputs_fixed == 0
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / f"{name.stem}.json").write_text(
+        json.dumps({"GlobalRank": None, "LocalRank": 0, "Mode": "DynamicRange", "Nodes": nodes})
+    )
+    subprocess.run(
+        [sys.executable, str(VLLM_GAUDI_STEP3), "-m", str(src), "-o", str(out), "-d"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    upstream = json.loads((out / f"{name.stem}.json").read_text())["Nodes"]
+    assert upstream == fixed.nodes
