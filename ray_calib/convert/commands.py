@@ -23,7 +23,12 @@ _dir = click.Path(file_okay=False, path_type=Path)
     "chosen by measured quality, convert/scale_choice.py]."
 )
 @options.device_option("Target [default: from meta].")
-@click.option("--fp8-kv", is_flag=True, help="Also write k/v scales for an FP8 KV cache.")
+@click.option(
+    "--fp8-kv/--no-fp8-kv",
+    default=None,
+    help="Write k/v scales for an FP8 KV cache [default: as recorded by measure in run.json, else the meta].",
+)
+@options.override_run_option
 @click.option("--low-cpu-mem", is_flag=True, help="Hold at most one tensor (and its FP8 copy) in memory.")
 @click.option("--input-backoff", type=float, help="Activation backoff (INC scale_params.input_backoff, default 0.25).")
 @click.option("--weight-backoff", type=float, help="Weight backoff (INC scale_params.weight_backoff, default 0.5).")
@@ -67,7 +72,7 @@ def quantize(run_dir: str | None, **flags) -> None:
         click.echo(
             f"{result.device}: weights stay BF16, INC quantizes at load with {result.method}. Serve with:\n"
             f"  QUANT_CONFIG={result.inc_config} vllm serve {result.model} --quantization inc"
-            f"{' --kv-cache-dtype fp8_inc' if flags['fp8_kv'] else ''}"
+            f"{' --kv-cache-dtype fp8_inc' if result.fp8_kv else ''}"
         )
         return
     s = result.summary
@@ -85,7 +90,7 @@ def quantize(run_dir: str | None, **flags) -> None:
         else []
     ):
         click.echo(f"note: {note}")
-    click.echo(f"serve: vllm serve {s.out}{' --kv-cache-dtype fp8' if flags['fp8_kv'] else ''}")
+    click.echo(f"serve: vllm serve {s.out}{' --kv-cache-dtype fp8' if result.fp8_kv else ''}")
 
 
 @click.command("convert-bf16")

@@ -12,6 +12,7 @@ from ray_calib import options, ui
 from ray_calib.engine.options import enforce_eager_option, kv_cache_gib_option, max_model_len_option
 from ray_calib.errors import EngineError
 from ray_calib.rundir import RunDir, run_dir_option
+from ray_calib.runrecord import run_measurements
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _file = click.Path(dir_okay=False, path_type=Path)
@@ -21,7 +22,7 @@ def _run_meta(run: RunDir, model: Path):
     """The sidecar that describes the scales in use: next to the checkpoint, else the run's measurements."""
     from ray_calib.inc import read_meta
 
-    for directory in (model, run.latest_unified(), run.measure):
+    for directory in (model, run_measurements(run), run.measure):
         if directory is not None and (meta := read_meta(directory)) is not None:
             return meta, directory
     return None, model
@@ -37,7 +38,12 @@ def _run_meta(run: RunDir, model: Path):
 )
 @click.option("--prompts", type=_file, help="One prompt per line (or JSONL with 'prompt').")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--fp8-kv/--no-fp8-kv", default=None, help="FP8 KV cache [default: as measured].")
+@click.option(
+    "--fp8-kv/--no-fp8-kv",
+    default=None,
+    help="FP8 KV cache [default: when the checkpoint carries k/v scales; on Gaudi as measured]; --fp8-kv on "
+    "a checkpoint without them is refused (vLLM would use scale 1.0).",
+)
 @click.option("--baseline", type=_dir, help="Also run this BF16 model and print both answers side by side.")
 @click.option("--serve", is_flag=True, help="Start an OpenAI-compatible server (vllm serve) instead.")
 @click.option("--detach", is_flag=True, help="With --serve: return once healthy, leaving the server running.")
@@ -104,7 +110,7 @@ def infer(
     run = RunDir.resolve(run_dir)
     target = detect_target(device)
     device = target.device
-    meta, meta_dir = _run_meta(run, model or ((run.latest_unified() or run.measure) if target.is_gaudi else run.fp8))
+    meta, meta_dir = _run_meta(run, model or ((run_measurements(run) or run.measure) if target.is_gaudi else run.fp8))
     runner.check_device_type(meta, target.device_type, allow_mismatch=allow_device_mismatch, where=meta_dir)
     extra_env = {}
     if conf and not dry_run:
@@ -147,7 +153,7 @@ def infer(
             model=model,
             tp_size=tp_size,
             device=device,
-            fp8_kv=fp8_kv if fp8_kv is not None else bool(meta and meta.fp8_kv),
+            fp8_kv=runner.resolve_fp8_kv(model, fp8_kv),
             quant_config=quant_config,
             timeout_s=timeout_s,
             max_model_len=max_model_len,
@@ -349,9 +355,9 @@ def _interrupt(signum: int, frame) -> None:
 @click.option(
     "--fp8-kv/--no-fp8-kv",
     "with_fp8_kv",
-    default=True,
-    show_default=True,
-    help="Also score the candidate with an FP8 KV cache (the others always run a BF16 one).",
+    default=None,
+    help="Also score the candidate with an FP8 KV cache (the others always run a BF16 one) [default: when "
+    "the candidate carries k/v scales; --fp8-kv on one without is refused].",
 )
 @click.option(
     "--max-model-len",
@@ -370,7 +376,7 @@ def eval_command(
     candidate: Path | None,
     texts: Path | None,
     tp_size: int | None,
-    with_fp8_kv: bool,
+    with_fp8_kv: bool | None,
     max_model_len: int,
     min_agreement: float | None,
     out: Path | None,
@@ -398,6 +404,7 @@ def eval_command(
         baseline = Path(meta.model)
     for model in (baseline, candidate):
         runner.check_model_dir(model)
+    with_fp8_kv = runner.resolve_fp8_kv(candidate, with_fp8_kv)
     device = detect_device()
     # One engine at a time, so the larger (BF16) baseline decides; the candidate must allow the same TP.
     tp_size = runner.choose_tp(baseline, tp, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)

@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ray_calib.errors import EngineError, ModelError
+from ray_calib.errors import ConfigError, EngineError, ModelError
 from ray_calib.inc import RunMeta
 
 logger = logging.getLogger(__name__)
@@ -164,6 +164,34 @@ def choose_tp(
         preferred=preferred,
         devices=sizing.Devices(local_device_count(device), "this node"),
     )
+
+
+def checkpoint_kv_scales(model: Path) -> bool | None:
+    """Whether the checkpoint carries k/v scales (compressed-tensors `kv_cache_scheme`); None: not quantized."""
+    from ray_calib.model.config import model_config
+
+    try:
+        quant = model_config(model).get("quantization_config")
+    except Exception:  # noqa: BLE001 - a bad model directory is reported where it is loaded
+        return None
+    return bool(quant.get("kv_cache_scheme")) if isinstance(quant, dict) else None
+
+
+def resolve_fp8_kv(model: Path, given: bool | None) -> bool:
+    """FP8 KV cache exactly when the checkpoint carries k/v scales; `--fp8-kv` on one without is refused.
+
+    vLLM runs an FP8 cache without scales at scale 1.0 and only logs it: a silently wrong model.
+    """
+    carried = checkpoint_kv_scales(model)
+    if given is None:
+        return bool(carried)
+    if given and not carried:
+        what = "carries no k/v scales (no kv_cache_scheme in config.json)" if carried is False else "is not quantized"
+        raise ConfigError(
+            f"--fp8-kv: {model} {what}, so vLLM would run the FP8 KV cache at scale 1.0",
+            fix="quantize with --fp8-kv after `measure --fp8-kv` (see the run's run.json), or pass --no-fp8-kv.",
+        )
+    return given
 
 
 def check_model_dir(model: Path) -> None:

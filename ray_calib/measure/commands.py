@@ -156,10 +156,13 @@ def measure(
     if dataset is None and not dry_run:
         raise click.UsageError("Missing option '-d' / '--dataset'.")
     address = None if dry_run else _address(cluster, executor)
+    run = RunDir.resolve(run_dir)
+    out = (out or run.measure).absolute()
     config = MeasureConfig(
+        run_root=run.root if out == run.measure else None,  # the run's own measure/ starts its run.json
         model=model,
         dataset=dataset,
-        out=(out or RunDir.resolve(run_dir).measure).absolute(),
+        out=out,
         tp_size=tp_size,
         fp8_kv=fp8_kv,
         hessians=hessians,
