@@ -26,7 +26,13 @@ from ray_calib.errors import DataError, EngineError, ModelError, OutputExistsErr
 from ray_calib.inc import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
 from ray_calib.inc.coverage import COVERAGE_FILE
 from ray_calib.inc.naming import JSON, MEASURE_PREFIX, parse_name
-from ray_calib.measure.chunks import ChunkResult, ChunkStore, hessians_from_result, rank_file_from_result
+from ray_calib.measure.chunks import (
+    ChunkResult,
+    ChunkStore,
+    check_gathered_ranks,
+    hessians_from_result,
+    rank_file_from_result,
+)
 from ray_calib.measure.preflight import ModelInfo
 from ray_calib.measurements import hessians
 from ray_calib.measurements.hessians import Hessians
@@ -274,7 +280,9 @@ def _run_chunk(llm, index: int, prompts: list[list[int]], config: MeasureConfig,
         new = sum(len(o.outputs[0].token_ids) for o in outputs)
         generated += new
         bar.advance(len(batch), tok=sum(map(len, batch)) + new)
-    ranks = sorted(_collect(llm, index), key=lambda r: r["rank"])
+    ranks = _collect(llm, index)
+    check_gathered_ranks([r.get("rank") for r in ranks], config.tp_size, index)
+    ranks = sorted(ranks, key=lambda r: r["rank"])
     tokens = ranks[0].get("tokens")  # INC counts no tokens: the prompts' and the generated ones
     return ChunkResult(
         index=index,

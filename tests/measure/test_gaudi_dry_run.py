@@ -297,3 +297,13 @@ def test_dry_run_probes_the_local_node(tmp_path, run_cli):
     (model / "config.json").rename(model / "moved.json")
     missing = run_cli("measure", "-m", model, "--device", "gaudi2", "-t", 8, "--dry-run")
     assert missing.exit_code == 1 and "no config.json" in missing.stderr
+
+
+def test_hpu_conf_without_a_detectable_gaudi_asks_for_the_generation(tmp_path, cluster, run_cli, monkeypatch):
+    """DEVICE_KIND=hpu on a machine that shows no Gaudi used to plan with CPU memory arithmetic."""
+    monkeypatch.delenv("RAY_CALIB_DEVICE", raising=False)  # detected: this machine has no Gaudi
+    model = model_dir(tmp_path, "DeepSeek-R1", DEEPSEEK_R1)
+    result = run_cli("measure", "-m", model, "--conf", cluster, "--fp8-kv", "--dry-run")
+    assert result.exit_code == 2 and result.stderr.count("error: ") == 1, result.stderr
+    error = result.stderr.splitlines()[-1]
+    assert "DEVICE_KIND=hpu" in error and "--device gaudi2 or --device gaudi3" in error
