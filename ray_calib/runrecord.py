@@ -233,3 +233,18 @@ def check_rank_files(record: RunRecord, directory: Path, meta_run_id: str | None
                 f"{path}: its sha256 differs from the one {record.path} lists for run {record.run_id}",
                 fix="restore the run's own file (re-copy it from the node that measured), or measure again",
             )
+
+
+def checkpoint_digest(directory: Path) -> str | None:
+    """Identity of a checkpoint directory without hashing its weights: config.json, the quantize manifest
+    (it holds every shard's checksum) and each file's name and size. None when there is no directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if path.is_file():
+            digest.update(f"{path.name}\0{path.stat().st_size}\n".encode())
+            if path.name in ("config.json", ".ray-calib-quantize.json"):
+                digest.update(path.read_bytes())
+    return digest.hexdigest()

@@ -16,7 +16,7 @@ from ray_calib.rundir import RunDir
 _NA = "n/a"
 
 
-def build_card(run: RunDir, repo_id: str, *, include_checkpoint: bool = False) -> str:
+def build_card(run: RunDir, repo_id: str, *, include_checkpoint: bool = False, verified: str = "") -> str:
     meta = read_meta(run.measure) if run.measure.is_dir() else None
     meta = meta or RunMeta()
     rows = [
@@ -51,6 +51,7 @@ def build_card(run: RunDir, repo_id: str, *, include_checkpoint: bool = False) -
         "",
         "## Evaluation (FP8 vs BF16)",
         "",
+        *([verified, ""] if verified else []),
         *_eval_section(run.eval_json),
         "",
         "## Files",
@@ -137,11 +138,16 @@ def _file_section(run: RunDir, include_checkpoint: bool) -> list[str]:
         "scales": "INC scale files",
         "report": "PNG plots and summary.txt",
         "fp8": "the FP8 checkpoint",
-        "eval.json": "FP8 vs BF16 fidelity figures",
+        "eval.json": "FP8 vs BF16 fidelity figures and the verdict push checked",
+        "run.json": "the run's facts, each decided once by the stage that decided it",
     }
     lines = []
     for path in sorted(run.root.iterdir()) if run.root.is_dir() else []:
-        if path.name.startswith(".") or path.name == "README.md" or (path.name == "fp8" and not include_checkpoint):
+        if (
+            path.name.startswith(".")
+            or path.name in ("README.md", "logs", "infer")
+            or (path.name == "fp8" and not include_checkpoint)
+        ):
             continue
         text = described.get(path.name) or (
             "range files re-sharded to TP " + path.name[len("unified-tp") :]

@@ -12,7 +12,7 @@ from ray_calib import options, ui
 from ray_calib.engine.options import enforce_eager_option, kv_cache_gib_option, max_model_len_option
 from ray_calib.errors import EngineError
 from ray_calib.rundir import RunDir, run_dir_option
-from ray_calib.runrecord import run_measurements
+from ray_calib.runrecord import checkpoint_digest, read_record, record_facts, run_measurements
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _file = click.Path(dir_okay=False, path_type=Path)
@@ -197,6 +197,17 @@ def _side_by_side(config, baseline: Path, prompts: list[str], max_new_tokens: in
     click.echo(f"{sum(r.same for r in rows)} of {len(rows)} answers identical")
     out = atomic.write_json(run.root / "infer" / "completions.json", [row.__dict__ for row in rows])
     click.echo(f"completions saved to {out}")
+
+
+def _verdict(candidate: Path, worst: float, min_agreement: float | None) -> dict:
+    """What `push` checks before publishing: this checkpoint (by digest) met a threshold."""
+    return {
+        "candidate": str(candidate.absolute()),
+        "candidate_digest": checkpoint_digest(candidate),
+        "min_agreement": min_agreement,
+        "worst_agreement": worst,
+        "passed": min_agreement is not None and worst >= min_agreement,
+    }
 
 
 def devices_conf_quant_config(conf: Path) -> str | None:
@@ -419,12 +430,15 @@ def eval_command(
         max_model_len=max_model_len,
         engine_options={"kv_cache_gib": kv_cache_gib, "enforce_eager": enforce_eager},
     )
-    path = fidelity.write_report(report, out or run.eval_json)
+    verdict = _verdict(candidate, report.worst_agreement(), min_agreement)
+    path = fidelity.write_report(report, out or run.eval_json, verdict)
+    if (record := read_record(run.root)) is not None and out is None:
+        record_facts(record, "eval", {"eval": verdict})
     for note in report.notes:
         click.echo(f"note: {note}")
     click.echo(fidelity.format_table(report))
     click.echo(f"{report.num_positions} positions over {report.num_texts} texts; saved {path}")
-    if min_agreement is not None and report.worst_agreement() < min_agreement:
+    if not verdict["passed"] and min_agreement is not None:
         raise EngineError(
             f"top-1 agreement {report.worst_agreement():.3f} is below --min-agreement {min_agreement}",
             fix="inspect the ranges (`ray-calib report`), try another --scale-method, or measure more samples.",

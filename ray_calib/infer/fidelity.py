@@ -178,8 +178,9 @@ def score(variant: Variant, windows: list[list[int]], *, tp_size: int, device: s
     )
 
 
-def write_report(report: FidelityReport, path: Path) -> Path:
-    return atomic.write_json(path, asdict(report))
+def write_report(report: FidelityReport, path: Path, verdict: dict | None = None) -> Path:
+    """eval.json: the figures, and the verdict `push` checks (which checkpoint, threshold, passed)."""
+    return atomic.write_json(path, {**asdict(report), **({"verdict": verdict} if verdict else {})})
 
 
 def format_table(report: FidelityReport) -> str:

@@ -17,6 +17,7 @@ from ray_calib.inc import RankFile, RunMeta, StatsName, write_meta, write_rank_f
 from ray_calib.inc.naming import MEASURE_PREFIX
 from ray_calib.inc.quant_config import read_config, template_set, write_configs
 from ray_calib.rundir import RunDir
+from ray_calib.runrecord import checkpoint_digest
 from ray_calib.testing.hub_standin import DEFAULT_TOKEN, StandinHub
 
 REPO = "standin/tiny-ds3-calib"
@@ -66,6 +67,11 @@ def _make_run(root: Path) -> RunDir:
         run.unified(1),
     )
     write_configs(run.configs, template_set(str(run.measure), str(run.unified(1)), moe=True))
+    run.report.mkdir()
+    (run.report / "plot.png").write_bytes(bytes(range(256)) * 400)  # binary and > 64 KiB: goes through LFS
+    (run.fp8).mkdir()
+    (run.fp8 / "model.safetensors").write_bytes(b"\0" * 1000)
+    verdict = {"candidate_digest": checkpoint_digest(run.fp8), "min_agreement": 0.9, "worst_agreement": 0.9375}
     (run.root / "eval.json").write_text(
         json.dumps(
             {
@@ -73,13 +79,10 @@ def _make_run(root: Path) -> RunDir:
                 "top1_agreement": {"candidate": 0.9375},
                 "mean_kl": {"candidate": 0.0123},
                 "baseline": "bf16",
+                "verdict": {**verdict, "candidate": str(run.fp8), "passed": True},
             }
         )
     )
-    run.report.mkdir()
-    (run.report / "plot.png").write_bytes(bytes(range(256)) * 400)  # binary and > 64 KiB: goes through LFS
-    (run.fp8).mkdir()
-    (run.fp8 / "model.safetensors").write_bytes(b"\0" * 1000)
     (run.unified(1) / "hessians.safetensors").write_bytes(b"\0" * 1000)  # GPTQ's inputs: with the checkpoint only
     (run.root / ".ray-calib-stage-x").mkdir()
     return run
@@ -232,3 +235,35 @@ def test_invalid_repo_id_is_one_line_and_writes_nothing(hub_env, tmp_path):
         with pytest.raises(HubError, match="is not a valid repo id.*ORG/NAME"):
             call()
     assert not (run.root / "README.md").exists() and not (tmp_path / "p").exists()
+
+
+def test_push_publishes_only_a_checked_run(hub_env, tmp_path):
+    """A passed eval of the checkpoint as it is now, or --no-verify (said in the card); logs/ and infer/ stay."""
+    from ray_calib.errors import ConfigError
+
+    run = _make_run(tmp_path / "run")
+    (run.root / "logs").mkdir()
+    (run.root / "logs" / "infer.log").write_text("vLLM on host-1\n")
+    (run.root / "infer").mkdir()
+    (run.root / "infer" / "completions.json").write_text("[]")
+    (run.fp8 / "model.safetensors").write_bytes(b"\1" * 1001)  # quantized again after the eval
+    with pytest.raises(ConfigError, match="not the checkpoint in .* as it is now") as err:
+        push(run, "standin/checked")
+    assert "--no-verify" in (err.value.fix or "")
+    data = json.loads(run.eval_json.read_text())
+    for verdict, message in (
+        ({**data["verdict"], "passed": False, "worst_agreement": 0.5}, "failed its threshold"),
+        ({**data["verdict"], "min_agreement": None}, "had no --min-agreement"),
+        (None, "holds no verdict"),
+    ):
+        run.eval_json.write_text(json.dumps({**data, "verdict": verdict}))
+        with pytest.raises(ConfigError, match=message):
+            push(run, "standin/checked")
+    run.eval_json.unlink()
+    with pytest.raises(ConfigError, match="no eval.json"):
+        push(run, "standin/checked")
+    result = push(run, "standin/checked", verify=False)
+    assert not [f for f in result.files if f.startswith(("logs/", "infer/"))]
+    card = (pull("standin/checked", tmp_path / "p").directory / "README.md").read_text()
+    assert "Not verified: pushed with `--no-verify`" in card and "`logs/`" not in card
+    assert not (tmp_path / "p" / "logs").exists() and not (tmp_path / "p" / "infer").exists()

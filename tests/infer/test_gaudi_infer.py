@@ -152,3 +152,22 @@ def test_devices_conf_quant_config_is_the_default(tmp_path, run_cli):
     assert f"QUANT_CONFIG={mine}" in out and "distributed_executor_backend='ray'" in out
     assert "head 10.0.0.1 (driver): ranks 0-3 of 8" in out and "worker1 10.0.0.2: ranks 4-7 of 8" in out
     assert "must be at the same paths on every node" in out
+
+
+@pytest.mark.parametrize("via", ["--quant-config", "devices.conf"])
+def test_a_quant_config_reading_other_measurements_is_refused(tmp_path, run_cli, via):
+    """The seeds' template names ./scripts/nc_workspace_measure_kvcache/inc_measure_output: old hand-run files
+    (or none) that INC used to load silently instead of the run's measurements."""
+    source = model(tmp_path, fp8=True)
+    run, _ = run_with(tmp_path, source, fp8_kv=True)
+    template = Path(__file__).parents[2] / "configs" / "inc_quant_with_fp8kv_one_node_config.json"
+    args: tuple = ("--quant-config", template)
+    if via == "devices.conf":
+        conf = tmp_path / "devices.conf"
+        conf.write_text(f"HEAD_NODE_IP=10.0.0.1\nDEVICE_KIND=hpu\nINC_QUANT_CONFIG_FILENAME={template}\n")
+        args = ("--conf", conf)
+    result = run_cli("infer", *args, "--device", "gaudi2", "--run-dir", run.root, "--dry-run")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    dump = json.loads(template.read_text())["dump_stats_path"]
+    assert dump in result.stderr and str(run.unified(8)) in result.stderr
+    assert ("INC_QUANT_CONFIG_FILENAME" if via == "devices.conf" else "--quant-config") in result.stderr
