@@ -16,6 +16,11 @@ from ray_calib.runrecord import checkpoint_digest, read_record, record_facts, ru
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _file = click.Path(dir_okay=False, path_type=Path)
+allow_scale_loss_option = click.option(
+    "--allow-scale-loss",
+    is_flag=True,
+    help="Go on when the engine does not use a scale the FP8 checkpoint carries (the audit names it).",
+)
 
 
 def _run_meta(run: RunDir, model: Path):
@@ -60,6 +65,7 @@ def _run_meta(run: RunDir, model: Path):
     "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS and their older names)."
 )
 @click.option("--allow-device-mismatch", is_flag=True, help="Use scales measured on another device type.")
+@allow_scale_loss_option
 @options.device_option(
     runtime=True,
     help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).",
@@ -85,6 +91,7 @@ def infer(
     quant_config: Path | None,
     timeout_s: int,
     allow_device_mismatch: bool,
+    allow_scale_loss: bool,
     device: str,
     dry_run: bool,
     max_model_len: int | None,
@@ -173,9 +180,9 @@ def infer(
         _serve(runner, config, host, port, detach, run)
         return
     if baseline is not None:
-        _side_by_side(config, baseline, runner.load_prompts(prompts), max_new_tokens, run)
+        _side_by_side(config, baseline, runner.load_prompts(prompts), max_new_tokens, run, allow_scale_loss)
         return
-    completions = runner.generate(config, runner.load_prompts(prompts), max_new_tokens=max_new_tokens)
+    completions, audit = runner.generate_audited(config, runner.load_prompts(prompts), max_new_tokens=max_new_tokens)
     for completion in completions:
         click.echo(f"> {completion.prompt}\n  {completion.text.strip()!r} ({completion.num_tokens} tokens)")
     from ray_calib import atomic
@@ -184,29 +191,50 @@ def infer(
         run.root / "infer" / "completions.json", [completion.__dict__ for completion in completions]
     )
     click.echo(f"completions saved to {out}")
+    _report_audit(audit.to_json() if audit else None, allow_scale_loss)
 
 
-def _side_by_side(config, baseline: Path, prompts: list[str], max_new_tokens: int, run: RunDir) -> None:
+def _report_audit(found: dict | None, allow_scale_loss: bool) -> None:
+    """The engine's scale audit on stdout; a dropped scale fails the command unless --allow-scale-loss."""
+    from ray_calib.infer.audit import ScaleAudit, check
+
+    if found is None:
+        return
+    result = ScaleAudit.from_json(found)
+    click.echo(result.summary())
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    for line in result.dropped[1:] if not allow_scale_loss else result.dropped:
+        ui.warn(line)
+    check(result, allow_scale_loss=allow_scale_loss)
+
+
+def _side_by_side(
+    config, baseline: Path, prompts: list[str], max_new_tokens: int, run: RunDir, allow_scale_loss: bool
+) -> None:
     from ray_calib import atomic
     from ray_calib.infer.compare import format_side_by_side, side_by_side
     from ray_calib.infer.runner import check_model_dir
 
     check_model_dir(baseline)
-    rows = side_by_side(config, baseline, prompts, max_new_tokens=max_new_tokens)
+    rows, audit = side_by_side(config, baseline, prompts, max_new_tokens=max_new_tokens)
     click.echo(format_side_by_side(rows))
     click.echo(f"{sum(r.same for r in rows)} of {len(rows)} answers identical")
     out = atomic.write_json(run.root / "infer" / "completions.json", [row.__dict__ for row in rows])
     click.echo(f"completions saved to {out}")
+    _report_audit(audit, allow_scale_loss)
 
 
-def _verdict(candidate: Path, worst: float, min_agreement: float | None) -> dict:
-    """What `push` checks before publishing: this checkpoint (by digest) met a threshold."""
+def _verdict(candidate: Path, worst: float, min_agreement: float | None, dropped: int, allow_loss: bool) -> dict:
+    """What `push` checks before publishing: this checkpoint (by digest) met a threshold with its scales in use."""
     return {
         "candidate": str(candidate.absolute()),
         "candidate_digest": checkpoint_digest(candidate),
         "min_agreement": min_agreement,
         "worst_agreement": worst,
-        "passed": min_agreement is not None and worst >= min_agreement,
+        "dropped_scales": dropped,
+        "allow_scale_loss": allow_loss,
+        "passed": min_agreement is not None and worst >= min_agreement and (dropped == 0 or allow_loss),
     }
 
 
@@ -379,6 +407,7 @@ def _interrupt(signum: int, frame) -> None:
 )
 @click.option("--min-agreement", type=float, help="Fail when top-1 agreement falls below this (0-1).")
 @options.out_option("Results JSON [default: <run-dir>/eval.json].", file=True)
+@allow_scale_loss_option
 @kv_cache_gib_option
 @enforce_eager_option
 @run_dir_option
@@ -391,6 +420,7 @@ def eval_command(
     max_model_len: int,
     min_agreement: float | None,
     out: Path | None,
+    allow_scale_loss: bool,
     kv_cache_gib: float,
     enforce_eager: bool,
     run_dir: str | None,
@@ -430,7 +460,8 @@ def eval_command(
         max_model_len=max_model_len,
         engine_options={"kv_cache_gib": kv_cache_gib, "enforce_eager": enforce_eager},
     )
-    verdict = _verdict(candidate, report.worst_agreement(), min_agreement)
+    dropped = sum(len(audit["dropped"]) for audit in report.scale_audit.values())
+    verdict = _verdict(candidate, report.worst_agreement(), min_agreement, dropped, allow_scale_loss)
     path = fidelity.write_report(report, out or run.eval_json, verdict)
     if (record := read_record(run.root)) is not None and out is None:
         record_facts(record, "eval", {"eval": verdict})
@@ -438,7 +469,10 @@ def eval_command(
         click.echo(f"note: {note}")
     click.echo(fidelity.format_table(report))
     click.echo(f"{report.num_positions} positions over {report.num_texts} texts; saved {path}")
-    if not verdict["passed"] and min_agreement is not None:
+    for name, audit in report.scale_audit.items():
+        click.echo(f"{name}: ", nl=False)
+        _report_audit(audit, allow_scale_loss)
+    if min_agreement is not None and report.worst_agreement() < min_agreement:
         raise EngineError(
             f"top-1 agreement {report.worst_agreement():.3f} is below --min-agreement {min_agreement}",
             fix="inspect the ranges (`ray-calib report`), try another --scale-method, or measure more samples.",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ray_calib.errors import ConfigError, EngineError, ModelError
 from ray_calib.inc import RunMeta
+from ray_calib.infer.audit import AUDIT_EXTENSION
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ def engine_config(config: InferConfig):
         profile="serve",
         max_num_seqs=None,
         enforce_eager=config.enforce_eager or cpu_emulated_fp8_moe(config),
+        worker_extension_cls=AUDIT_EXTENSION if checkpoint_kv_scales(config.model) is not None else None,
     )
 
 
@@ -204,16 +206,23 @@ def check_model_dir(model: Path) -> None:
 
 def generate(config: InferConfig, prompts: list[str], *, max_new_tokens: int = 32) -> list[Completion]:
     """Greedy generation over `prompts` with the engine built for this run."""
+    return generate_audited(config, prompts, max_new_tokens=max_new_tokens)[0]
+
+
+def generate_audited(config: InferConfig, prompts: list[str], *, max_new_tokens: int = 32):
+    """`generate`, and the scale audit of the loaded FP8 checkpoint (`infer.audit`; None for other models)."""
     check_model_dir(config.model)
     from vllm import SamplingParams
 
     from ray_calib.engine.launch import build_llm
+    from ray_calib.infer.audit import audit_engine
 
     llm = build_llm(engine_config(config))
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
-    return [
+    completions = [
         Completion(prompt=o.prompt, text=o.outputs[0].text, num_tokens=len(o.outputs[0].token_ids)) for o in outputs
     ]
+    return completions, audit_engine(llm, config.model) if config.device != "hpu" else None
 
 
 @dataclass

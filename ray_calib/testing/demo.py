@@ -149,7 +149,7 @@ def run(root: Path) -> None:
             smol_run = _real_model(demo, conf, smollm2.default_dir())
             demo.stage(14, "report", ["report", run_dir])
             # random weights: no agreement threshold means anything for them, so the card says "not verified"
-            push = ["push", "--repo", REPO_ID, "--include-checkpoint", "--no-verify"]
+            push: list[object] = ["push", "--repo", REPO_ID, "--include-checkpoint", "--no-verify"]
             demo.stage(15, "push to the local hub stand-in (--no-verify: random weights)", push)
         finally:
             demo.stage(16, "down", ["down", "--conf", conf])

@@ -1,10 +1,12 @@
 """The FP8-KV chain end to end with real vLLM on the tiny Llama: measure --fp8-kv (the session's run),
 unify, quantize without --fp8-kv, infer. The run's record carries FP8 KV from measure to the engine; the
-chain used to write no k/v scales and serve an FP8 cache at scale 1.0."""
+chain used to write no k/v scales and serve an FP8 cache at scale 1.0. The engine's scale audit then
+reads back that every calibrated scale is in use."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -35,4 +37,9 @@ def test_fp8_kv_chain_measure_unify_quantize_infer(measured, tmp_path, run_cli, 
     result = run_cli("infer", "--run-dir", run, "--max-new-tokens", 4, "--enforce-eager")
     assert result.exit_code == 0, result.stderr
     assert "KV cache fp8" in result.stderr
+    # read back from the engine: every weight, input and k/v scale of the checkpoint is in use
+    audit = re.search(r"scale audit: (\d+)/(\d+) weight, (\d+)/(\d+) input, (\d+)/(\d+) kv in use", result.stdout)
+    assert audit, result.stdout
+    used, carried = audit.groups()[::2], audit.groups()[1::2]
+    assert used == carried and carried[2] == "4", audit.group(0)  # the tiny Llama's 4 attention layers
     assert len(json.loads((run / "infer" / "completions.json").read_text())) == 4
