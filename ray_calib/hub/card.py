@@ -124,7 +124,23 @@ def _eval_section(path: Path) -> list[str]:
     figures = eval_figures(path) if path.exists() else None
     if not figures:
         return ["No evaluation was recorded for this run (`ray-calib eval` writes eval.json)."]
-    return ["| Figure | Value |", "|---|---|", *(f"| {name} | {_fmt(value)} |" for name, value in figures)]
+    table = ["| Figure | Value |", "|---|---|", *(f"| {name} | {_fmt(value)} |" for name, value in figures)]
+    return table + _audit_lines(path)
+
+
+def _audit_lines(path: Path) -> list[str]:
+    """The engine's scale audit per variant (eval.json `scale_audit`): scales in use of those carried."""
+    try:
+        audits = json.loads(path.read_text()).get("scale_audit") or {}
+        lines = []
+        for variant, found in audits.items():
+            counts = ", ".join(
+                f"{c['in_use']}/{c['carried']} {kind}" for kind, c in found["counts"].items() if c["carried"]
+            )
+            lines.append(f"- {variant}: {counts} scales in use, {len(found['dropped'])} dropped")
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return []
+    return ["", "Scale audit (read back from the vLLM engine that loaded the checkpoint):", "", *lines] if lines else []
 
 
 def _fmt(value: float) -> str:

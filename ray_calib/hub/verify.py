@@ -1,4 +1,5 @@
-"""What `push` publishes must have been checked: a passed `eval` of the very checkpoint being pushed.
+"""What `push` publishes must have been checked: a passed `eval` of the very checkpoint being pushed, with
+every calibrated scale in use in the engine (eval's scale audit).
 
 `eval` writes its verdict into eval.json (which checkpoint, by `runrecord.checkpoint_digest`, the
 --min-agreement threshold and whether it passed). `--no-verify` skips the check and says so in the card.
@@ -26,6 +27,12 @@ def verification(run: RunDir, *, verify: bool = True) -> str:
     if not verdict.get("passed"):
         raise ConfigError(
             f"{run.eval_json}: the eval failed its threshold (top-1 agreement {worst} < {threshold})", fix=_FIX
+        )
+    if verdict.get("dropped_scales"):
+        raise ConfigError(
+            f"{run.eval_json}: the engine left {verdict['dropped_scales']} calibrated scale(s) of the checkpoint "
+            "unused (eval's scale audit; --allow-scale-loss accepted it for the eval, not for publishing)",
+            fix=_FIX,
         )
     current = checkpoint_digest(run.fp8)
     if current is not None and verdict.get("candidate_digest") != current:

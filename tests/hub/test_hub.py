@@ -79,7 +79,14 @@ def _make_run(root: Path) -> RunDir:
                 "top1_agreement": {"candidate": 0.9375},
                 "mean_kl": {"candidate": 0.0123},
                 "baseline": "bf16",
-                "verdict": {**verdict, "candidate": str(run.fp8), "passed": True},
+                "verdict": {**verdict, "candidate": str(run.fp8), "passed": True, "dropped_scales": 0},
+                "scale_audit": {
+                    "candidate_fp8_kv": {
+                        "counts": {"weight": {"carried": 16, "in_use": 16}, "kv": {"carried": 4, "in_use": 4}},
+                        "dropped": [],
+                        "backends": ["CPUAttentionBackendImpl"],
+                    }
+                },
             }
         )
     )
@@ -150,6 +157,8 @@ def test_model_card_states_the_run(hub_env, tmp_path):
         "| top1_agreement (candidate) | 0.9375 |",
         "| mean_kl (candidate) | 0.0123 |",
         "| num_texts | 8 |",
+        "- candidate_fp8_kv: 16/16 weight, 4/4 kv scales in use, 0 dropped",
+        "Verified: `ray-calib eval` top-1 agreement 0.9375 >= --min-agreement 0.9 on this checkpoint.",
     ):
         assert row in card, row
     assert card.startswith("---\nbase_model: tiny/ds3\n") and "`fp8/`" not in card
@@ -254,6 +263,7 @@ def test_push_publishes_only_a_checked_run(hub_env, tmp_path):
     for verdict, message in (
         ({**data["verdict"], "passed": False, "worst_agreement": 0.5}, "failed its threshold"),
         ({**data["verdict"], "min_agreement": None}, "had no --min-agreement"),
+        ({**data["verdict"], "dropped_scales": 1, "allow_scale_loss": True}, "left 1 calibrated scale"),
         (None, "holds no verdict"),
     ):
         run.eval_json.write_text(json.dumps({**data, "verdict": verdict}))
