@@ -5,8 +5,8 @@ quantization method has no KV-cache scheme stay at 1.0, and the engine serves a 
 after `infer` and `eval` load an FP8 checkpoint, the engine itself is read back (`ScaleAuditExtension`,
 driven over `collective_rpc` like measure's observers):
 
-    weight / input   every quantized linear module of the checkpoint (q/k/v and gate/up fused as vLLM
-                     fuses them) holds a weight_scale (and input_scale when the checkpoint has one)
+    weight / input   every quantized linear module of the checkpoint (in the module vLLM fuses it into,
+                     `model.names`) holds a weight_scale (and input_scale when the checkpoint has one)
     experts          every MoE layer with per-expert scales holds expert weight scales
     k/v              every attention layer with k/v scales runs with exactly those values (not 1.0)
                      when the KV cache is FP8; a BF16 cache uses none, by the user's choice
@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from ray_calib.errors import EngineError
+from ray_calib.model.names import vllm_modules
 
 AUDIT_EXTENSION = "ray_calib.infer.audit.ScaleAuditExtension"
-_PACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj"}
-_PACKED["up_proj"] = "gate_up_proj"
-_EXPERT_RE = re.compile(r"^(.*\.experts)\.\d+\.[^.]+$")
+_EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.[^.]+$")
 _KINDS = ("weight", "input", "experts", "kv")
 
 
@@ -36,8 +35,8 @@ _KINDS = ("weight", "input", "experts", "kv")
 class CarriedScales:
     """The scales of a checkpoint, keyed by the module vLLM holds them in."""
 
-    linear: dict[str, set[str]] = field(default_factory=dict)  # module -> {"weight", "input"}
-    experts: set[str] = field(default_factory=set)  # MoE modules (…mlp.experts) with per-expert scales
+    linear: dict[str, set[str]] = field(default_factory=dict)  # checkpoint module -> {"weight", "input"}
+    experts: dict[str, set[int]] = field(default_factory=dict)  # MoE module (…mlp.experts) -> experts with scales
     # attention prefix (…self_attn; compressed-tensors names them …self_attn.k_proj.k_scale) -> {"k": .., "v": ..}
     kv: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -60,15 +59,10 @@ def carried_scales(checkpoint: Path) -> CarriedScales:
                         scales.setdefault("v", value)
                 elif leaf in ("weight_scale", "input_scale"):
                     if (expert := _EXPERT_RE.match(module)) is not None:
-                        carried.experts.add(expert[1])
+                        carried.experts.setdefault(expert[1], set()).add(int(expert[2]))
                     else:
-                        carried.linear.setdefault(_engine_name(module), set()).add(leaf.split("_")[0])
+                        carried.linear.setdefault(module, set()).add(leaf.split("_")[0])
     return carried
-
-
-def _engine_name(module: str) -> str:
-    parent, _, leaf = module.rpartition(".")
-    return f"{parent}.{_PACKED.get(leaf, leaf)}" if parent else _PACKED.get(leaf, leaf)
 
 
 class ScaleAuditExtension:
@@ -95,6 +89,9 @@ def _module_scales(module) -> dict[str, Any]:
             entry[kind] = True
         elif getattr(module, kind + "_scale", None) is not None:
             entry[kind] = True
+    expert_scales = own.get("w13_weight_scale")
+    if expert_scales is not None:  # fused MoE: one weight scale (or row of them) per local expert
+        entry["expert_scales"] = int(expert_scales.shape[0]) if expert_scales.dim() else 1
     if hasattr(module, "_k_scale_float"):
         impl = getattr(module, "impl", None)
         entry["kv"] = {"k": float(module._k_scale_float), "v": float(module._v_scale_float)}
@@ -137,13 +134,16 @@ def audit(carried: CarriedScales, ranks: list[dict[str, Any]]) -> ScaleAudit:
                 counts[kind]["in_use"] += 1
             else:
                 dropped.append(f"{module}: its {kind} scale is not held by the engine ({where})")
-    for module in sorted(carried.experts):
+    for module, experts in sorted(carried.experts.items()):
         counts["experts"]["carried"] += 1
-        held = [_find(r["modules"], module) for r in ranks]
-        if all(h is not None and h.get("weight") for h in held):
+        per_rank = [_expert_scales(r["modules"], module) for r in ranks]
+        if max(per_rank) == len(experts) or sum(per_rank) == len(experts):  # every rank all experts (TP), or EP
             counts["experts"]["in_use"] += 1
         else:
-            dropped.append(f"{module}: its per-expert weight scales are not held by the engine ({where})")
+            dropped.append(
+                f"{module}: {len(experts)} experts carry weight scales, the engine holds {max(per_rank)} per rank "
+                f"({'ignored' if not max(per_rank) else 'collapsed'}; {where})"
+            )
     for prefix, values in sorted(carried.kv.items()):
         counts["kv"]["carried"] += 1
         layers = [_attention(r["modules"], prefix) for r in ranks]
@@ -161,11 +161,28 @@ def audit(carried: CarriedScales, ranks: list[dict[str, Any]]) -> ScaleAudit:
     return ScaleAudit(counts=counts, dropped=dropped, backends=backends, notes=sorted(set(notes)))
 
 
-def _find(modules: dict[str, Any], name: str) -> dict[str, Any] | None:
-    """The engine's module `name` (models may nest the HF names under a prefix)."""
-    if name in modules:
-        return modules[name]
-    return next((entry for key, entry in modules.items() if key.endswith("." + name)), None)
+def _find(modules: dict[str, Any], checkpoint_module: str) -> dict[str, Any] | None:
+    """The engine module holding `checkpoint_module`'s scales: its fused group (q/k/v -> qkv_proj, ...) or
+    itself, by exact name, else under a prefix (models may nest the HF names)."""
+    for name in vllm_modules(checkpoint_module):
+        if name in modules:
+            return modules[name]
+        found = next((entry for key, entry in modules.items() if key.endswith("." + name)), None)
+        if found is not None:
+            return found
+    return None
+
+
+def _expert_scales(modules: dict[str, Any], name: str) -> int:
+    """Per-expert weight scales under the engine's MoE module `name` (vLLM keeps them in a child)."""
+    return max(
+        (
+            entry.get("expert_scales", 0)
+            for key, entry in modules.items()
+            if key == name or key.startswith(name + ".") or key.endswith("." + name) or f".{name}." in key
+        ),
+        default=0,
+    )
 
 
 def _attention(modules: dict[str, Any], prefix: str) -> dict[str, Any] | None:

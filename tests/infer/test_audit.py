@@ -10,6 +10,7 @@ import pytest
 from ray_calib.convert.pipeline import QuantizeRequest, quantize_run
 from ray_calib.errors import EngineError
 from ray_calib.infer.audit import ScaleAudit, audit, carried_scales, check
+from ray_calib.model.names import vllm_modules
 from ray_calib.rundir import RunDir
 from tests.convert.synthetic import write_measurements
 
@@ -27,14 +28,14 @@ def carried(tiny_model, tmp_path_factory):
 
 def engine(carried, *, kv_cache_dtype: str = "fp8") -> list[dict]:
     """What `ScaleAuditExtension` reports for an engine that uses every scale (one rank)."""
-    modules = {name: {"weight": True, "input": True} for name in carried.linear}
+    modules = {vllm_modules(name)[0]: {"weight": True, "input": True} for name in carried.linear}
     for prefix, values in carried.kv.items():
         modules[f"{prefix}.attn"] = {"kv": dict(values), "kv_cache_dtype": kv_cache_dtype, "backend": BACKEND}
     return [{"rank": 0, "modules": modules}]
 
 
 def test_every_scale_in_use_is_counted(carried):
-    assert "model.layers.0.self_attn.qkv_proj" in carried.linear  # q/k/v fused as vLLM fuses them
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"} <= set(carried.linear)
     assert set(carried.kv) == {f"model.layers.{i}.self_attn" for i in range(4)}
     result = audit(carried, engine(carried))
     assert result.dropped == [] and result.backends == [BACKEND]
@@ -62,10 +63,23 @@ def test_a_rank_without_a_weight_scale_or_attention_layer_is_a_drop(carried):
     del two[1]["modules"]["model.layers.0.self_attn.qkv_proj"]["weight"]
     del two[1]["modules"]["model.layers.3.self_attn.attn"]
     result = audit(carried, two)
-    assert any(d.startswith("model.layers.0.self_attn.qkv_proj: its weight scale") for d in result.dropped)
+    assert any(d.startswith("model.layers.0.self_attn.q_proj: its weight scale") for d in result.dropped)
     assert any(d.startswith("model.layers.3.self_attn: k/v scales carried") for d in result.dropped)
 
 
 def test_a_bf16_cache_uses_no_kv_scales_by_choice(carried):
     result = audit(carried, engine(carried, kv_cache_dtype="bfloat16"))
     assert result.dropped == [] and result.counts["kv"]["in_use"] == 0 and "--no-fp8-kv" in result.notes[0]
+
+
+def test_per_expert_scales_collapsed_or_ignored_are_drops():
+    from ray_calib.infer.audit import CarriedScales
+
+    carried = CarriedScales(experts={"model.layers.1.mlp.experts": set(range(8))})
+    held = {"model.layers.1.mlp.experts.routed_experts": {"weight": True, "expert_scales": 8}}
+    assert audit(carried, [{"rank": 0, "modules": held}]).dropped == []
+    ep = [{"rank": r, "modules": {"model.layers.1.mlp.experts.routed_experts": {"expert_scales": 4}}} for r in (0, 1)]
+    assert audit(carried, ep).counts["experts"] == {"carried": 1, "in_use": 1}  # expert parallel: 4 + 4
+    held["model.layers.1.mlp.experts.routed_experts"]["expert_scales"] = 1
+    (line,) = audit(carried, [{"rank": 0, "modules": held}]).dropped
+    assert "8 experts carry weight scales, the engine holds 1 per rank (collapsed" in line
