@@ -118,3 +118,10 @@ def device_option(help: str, *, runtime: bool = False):
             "--device", type=click.Choice(RUNTIME_DEVICE_NAMES), default="auto", show_default=True, help=help
         )
     return click.option("--device", type=click.Choice(DEVICE_NAMES), default=None, help=help)
+
+
+override_run_option = click.option(
+    "--override-run",
+    is_flag=True,
+    help="Accept flags that contradict the run's record (run.json); the change is recorded there.",
+)

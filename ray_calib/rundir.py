@@ -1,6 +1,7 @@
 """Where one calibration run keeps its artefacts, so that commands chain without path arguments.
 
 <run dir>/                 --run-dir, env RAY_CALIB_RUN_DIR, default ./calib-run
+  run.json                 the run's facts, each decided once by one stage (runrecord.py)
   measure/                 ray-calib measure: INC rank files at TP=N, ray_calib_meta.json, coverage.json
   unified-tp<M>/           ray-calib unify --to-tp M
   expanded-ep<W>/          ray-calib expand --to-ranks W
@@ -15,14 +16,12 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 DEFAULT_RUN_DIR = "calib-run"
-_UNIFIED_RE = re.compile(r"^unified-tp(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -42,21 +41,6 @@ class RunDir:
 
     def expanded(self, ranks: int) -> Path:
         return self.root / f"expanded-ep{ranks}"
-
-    def _unified(self) -> list[tuple[int, Path]]:
-        return sorted((int(m[1]), p) for p in self.root.glob("unified-tp*") if (m := _UNIFIED_RE.match(p.name)))
-
-    def latest_unified(self) -> Path | None:
-        """The unified directory with the smallest TP (the one a one-node server uses), if any."""
-        found = self._unified()
-        return found[0][1] if found else None
-
-    def unified_for_node(self, cards: int) -> Path | None:
-        """Gaudi serving: the unified directory with the largest TP one node of `cards` runs (a `unify --to-tp 1`
-        made for `expand` beside a `unify --to-tp 8` must not win); the smallest when none fits."""
-        found = self._unified()
-        fitting = [path for tp, path in found if tp <= cards]
-        return fitting[-1] if fitting else (found[0][1] if found else None)
 
     @property
     def configs(self) -> Path:

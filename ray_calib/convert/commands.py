@@ -25,7 +25,12 @@ _dir = click.Path(file_okay=False, path_type=Path)
     "chosen by measured quality, convert/scale_choice.py]."
 )
 @options.device_option("Target [default: from meta].")
-@click.option("--fp8-kv", is_flag=True, help="Also write k/v scales for an FP8 KV cache.")
+@click.option(
+    "--fp8-kv/--no-fp8-kv",
+    default=None,
+    help="Write k/v scales for an FP8 KV cache [default: as recorded by measure in run.json, else the meta].",
+)
+@options.override_run_option
 @click.option("--low-cpu-mem", is_flag=True, help="Hold at most one tensor (and its FP8 copy) in memory.")
 @click.option("--input-backoff", type=float, help="Activation backoff (INC scale_params.input_backoff, default 0.25).")
 @click.option("--weight-backoff", type=float, help="Weight backoff (INC scale_params.weight_backoff, default 0.5).")
@@ -82,17 +87,17 @@ def quantize(run_dir: str | None, **flags) -> None:
     if result.inc_config:
         click.echo(
             f"{result.device}: weights stay as they are, INC quantizes at load with {result.method}. Serve with:\n"
-            f"  {_inc_serve_hint(result, flags['fp8_kv'])}\n  (or `ray-calib infer --serve`, which also bounds the "
+            f"  {_inc_serve_hint(result, result.fp8_kv)}\n  (or `ray-calib infer --serve`, which also bounds the "
             "context and checks the fit)"
         )
         return
     assert result.summary is not None, "quantize_run summarizes every checkpoint it writes"
     gaudi = result.device.startswith("gaudi")
-    _echo_summary(result.summary, result.method, "vllm-gaudi " + result.device if gaudi else "CPU/CUDA", flags)
+    _echo_summary(result.summary, result.method, "vllm-gaudi " + result.device if gaudi else "CPU/CUDA", result.fp8_kv)
     if result.cuda_summary is not None:
         from ray_calib.convert.scale_choice import DEFAULT
 
-        _echo_summary(result.cuda_summary, DEFAULT.name, "CPU/CUDA", {**flags, "device": "cuda"})
+        _echo_summary(result.cuda_summary, DEFAULT.name, "CPU/CUDA", result.fp8_kv)
 
 
 def _inc_serve_hint(result, fp8_kv: bool) -> str:
@@ -115,7 +120,7 @@ def _inc_serve_hint(result, fp8_kv: bool) -> str:
     return line.rstrip()
 
 
-def _echo_summary(s, method: str, target: str, flags: dict) -> None:
+def _echo_summary(s, method: str, target: str, fp8_kv: bool) -> None:
     took = sum(s.seconds.values())
     click.echo(
         f"wrote {s.out}: {s.quantized} FP8 tensors, {s.kept} kept, {len(s.shards_written)} shard(s) written, "
@@ -130,9 +135,9 @@ def _echo_summary(s, method: str, target: str, flags: dict) -> None:
     ):
         click.echo(f"note: {note}")
     if target.startswith("vllm-gaudi"):  # vllm-gaudi turns a kv_cache_scheme into its fp8_inc cache
-        click.echo(f"serve on Gaudi: vllm serve {s.out}{' --kv-cache-dtype fp8_inc' if flags['fp8_kv'] else ''}")
+        click.echo(f"serve on Gaudi: vllm serve {s.out}{' --kv-cache-dtype fp8_inc' if fp8_kv else ''}")
         return
-    click.echo(f"serve: vllm serve {s.out}{' --kv-cache-dtype fp8' if flags['fp8_kv'] else ''}")
+    click.echo(f"serve: vllm serve {s.out}{' --kv-cache-dtype fp8' if fp8_kv else ''}")
 
 
 @click.command("convert-bf16")

@@ -16,6 +16,15 @@ from typing import TYPE_CHECKING
 from ray_calib.errors import ConfigError, MeasurementError
 from ray_calib.model.checkpoint import FreeSpace, free_bytes
 from ray_calib.rundir import RunDir
+from ray_calib.runrecord import (
+    RunFactError,
+    RunRecord,
+    config_digest,
+    decide,
+    read_record,
+    record_facts,
+    run_measurements,
+)
 
 if TYPE_CHECKING:  # loaded with the FP8 path only
     from ray_calib.convert.quantize import QuantizeSummary
@@ -29,7 +38,8 @@ class QuantizeRequest:
     out: Path | None = None
     scale_method: str | None = None
     device: str | None = None
-    fp8_kv: bool = False
+    fp8_kv: bool | None = None  # None: the run's record, else the measurements' meta
+    override_run: bool = False  # flags that contradict run.json are accepted and recorded
     low_cpu_mem: bool = False
     force: bool = False
     clean_stale_scales: bool = False
@@ -54,6 +64,7 @@ class QuantizeResult:
     cuda_summary: QuantizeSummary | None = None  # the CPU/CUDA checkpoint written beside a Gaudi one
     stale: list[Path] = field(default_factory=list)
     cleaned: bool = False
+    fp8_kv: bool = False
 
 
 def quantize_run(request: QuantizeRequest) -> QuantizeResult:
@@ -62,18 +73,33 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
     from ray_calib.inc.methods import check_method_for_device, get_method
     from ray_calib.inc.quant_config import stale_scale_files
 
-    measurements = request.measurements or _run_measurements(request.run, request.device)
+    measurements = request.measurements or _run_measurements(request.run)
     stale = stale_scale_files(measurements)
     if stale and request.clean_stale_scales:
         for path in stale:
             path.unlink()
     measurement, meta = load_measurement(measurements)
+    record = _run_record(request.run, Path(measurements), meta)
     model = request.model or (Path(meta.model) if meta and meta.model else None)
     if model is None:
         raise MeasurementError(
             measurements, "has no ray_calib_meta.json naming the model", fix="pass --model BF16_DIR."
         )
-    device = request.device or (meta.device_type if meta else None)
+    _check_same_model(record, Path(model))
+    kv = decide(
+        record,
+        "fp8_kv",
+        request.fp8_kv,
+        flag="--fp8-kv" if request.fp8_kv else "--no-fp8-kv",
+        stage="quantize",
+        override=request.override_run,
+    )
+    fp8_kv = bool(kv.value if kv.value is not None else (meta and meta.fp8_kv))
+    given = request.device.lower() if request.device else None
+    dev = decide(
+        record, "device_type", given, flag=f"--device {given}", stage="quantize", override=request.override_run
+    )
+    device = dev.value or (meta.device_type if meta else None)
     if device is None:  # plain INC output may come from Gaudi, where quantize writes a QUANT_CONFIG instead
         raise ConfigError(
             f"{measurements}: no ray_calib_meta.json says which device measured this",
@@ -117,10 +143,17 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
         measurements=Path(measurements),
         stale=stale,
         cleaned=bool(stale and request.clean_stale_scales),
+        fp8_kv=fp8_kv,
     )
+    overrides = [d.override for d in (kv, dev) if d.override]
+    facts = {"fp8_kv": fp8_kv, "scale_method": method.name, "quantized": str(Path(measurements))}
     hessians = _hessians(request, Path(measurements), device)
     if fmt == "inc":
-        result.inc_config = _write_inc_config(request, measurements, method.name, model, measurement.name.prefix)
+        result.inc_config = _write_inc_config(
+            request, measurements, method.name, model, measurement.name.prefix, fp8_kv
+        )
+        if record is not None:
+            record_facts(record, "quantize", {**facts, "format": "inc-quant-config"}, overrides)
         return result
     from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
 
@@ -130,7 +163,7 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
         out=request.out or (request.run.fp8_for(device) if device.startswith("gaudi") else request.run.fp8),
         method=method,
         device=get_device(device),
-        fp8_kv=request.fp8_kv,
+        fp8_kv=fp8_kv,
         kv_rule=kv_rule,
         hessians=hessians,
         low_cpu_mem=request.low_cpu_mem,
@@ -138,6 +171,10 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
         free_space=request.free_space,
     )
     result.summary = quantize_checkpoint(job)
+    if record is not None:
+        record_facts(
+            record, "quantize", {**facts, "format": "compressed-tensors", "checkpoint": str(job.out)}, overrides
+        )
     if request.also_cuda:
         from ray_calib.convert.scale_choice import default_choice
 
@@ -155,7 +192,6 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
 
 
 FORMATS = ("inc", "compressed-tensors")
-GAUDI_NODE_CARDS = 8
 
 
 def _format(request: QuantizeRequest, device: str) -> str:
@@ -181,6 +217,33 @@ def _format(request: QuantizeRequest, device: str) -> str:
             fix="drop --low-cpu-mem, or write the checkpoint with --format compressed-tensors.",
         )
     return fmt
+
+
+def _run_record(run: RunDir, measurements: Path, meta) -> RunRecord | None:
+    """The run's record when these measurements are the run's; measurements of another run are refused."""
+    record = read_record(run.root)
+    if record is None:
+        return None
+    own = measurements.absolute().is_relative_to(run.root)
+    run_id = meta.run_id if meta else None
+    if run_id is not None and run_id != record.run_id:
+        raise RunFactError(
+            f"{measurements}: measurements of run {run_id}, but {record.path} is run {record.run_id}",
+            fix="pass the --run-dir those measurements belong to, or measure again in this run",
+        )
+    return record if own or run_id is not None else None
+
+
+def _check_same_model(record: RunRecord | None, model: Path) -> None:
+    """--model must be the measured model: its config.json is compared with the recorded one's digest."""
+    recorded = record.value("config_sha256") if record else None
+    if recorded is None or not (model / "config.json").is_file() or config_digest(model) == recorded:
+        return
+    raise RunFactError(
+        f"--model {model}: its config.json differs from the measured model's ({record.value('model') if record else ''}"
+        f", sha256 recorded in {record.path if record else 'run.json'})",
+        fix="pass the model that was measured, or measure this one in a new run (--run-dir NEW_DIR)",
+    )
 
 
 def _hessians(request: QuantizeRequest, measurements: Path, device: str):
@@ -209,18 +272,14 @@ def _hessians(request: QuantizeRequest, measurements: Path, device: str):
 _SOURCE_FIELDS = ("model", "dataset_hash", "num_samples", "num_tokens", "chunks_done", "chunks_total", "observer")
 
 
-def _run_measurements(run: RunDir, device: str | None = None) -> Path:
-    """The run's unified directory with the smallest TP (on Gaudi: the largest one node of 8 cards serves), else
-    measure/; a unified one must come from measure/.
+def _run_measurements(run: RunDir) -> Path:
+    """The run's unified directory (`runrecord.run_measurements`), else measure/; it must come from measure/.
 
     After a re-measure without a re-unify the unified directory still holds the old ranges: refused.
     """
     from ray_calib.inc.meta import read_meta
 
-    measured = read_meta(run.measure) if run.measure.is_dir() else None
-    device = device or (measured.device_type if measured else None)
-    gaudi = bool(device and device.lower().startswith("gaudi"))
-    unified = run.unified_for_node(GAUDI_NODE_CARDS) if gaudi else run.latest_unified()
+    unified = run_measurements(run)
     if unified is None:
         return run.measure
     source, derived = read_meta(run.measure), read_meta(unified)
@@ -259,7 +318,7 @@ def _backoff_config(request: QuantizeRequest, method: str) -> dict:
 
 
 def _write_inc_config(
-    request: QuantizeRequest, measurements: Path, method: str, model: str | Path, prefix: str
+    request: QuantizeRequest, measurements: Path, method: str, model: str | Path, prefix: str, fp8_kv: bool
 ) -> Path:
     """Gaudi: INC computes scales from the measurements when vLLM loads the BF16 model."""
     from ray_calib.inc.quant_config import build_config, config_name, is_moe, write_configs
@@ -273,7 +332,7 @@ def _write_inc_config(
     one_node = Path(measurements).resolve() != request.run.measure.resolve()
     config = build_config(
         measure=False,
-        fp8_kv=request.fp8_kv,
+        fp8_kv=fp8_kv,
         one_node=one_node,
         scale_method=method,
         dump_stats_path=str(Path(measurements).absolute() / prefix),
@@ -283,5 +342,5 @@ def _write_inc_config(
     if request.input_backoff or request.weight_backoff:
         config.update(_backoff_config(request, method))
     out = Path(request.out) if request.out else request.run.configs
-    name = config_name(measure=False, fp8_kv=request.fp8_kv, one_node=one_node)
+    name = config_name(measure=False, fp8_kv=fp8_kv, one_node=one_node)
     return write_configs(out, {name: config})[0]

@@ -16,7 +16,7 @@ from ray_calib.rundir import RunDir
 _NA = "n/a"
 
 
-def build_card(run: RunDir, repo_id: str, *, include_checkpoint: bool = False) -> str:
+def build_card(run: RunDir, repo_id: str, *, include_checkpoint: bool = False, verified: str = "") -> str:
     meta = read_meta(run.measure) if run.measure.is_dir() else None
     meta = meta or RunMeta()
     rows = [
@@ -51,6 +51,7 @@ def build_card(run: RunDir, repo_id: str, *, include_checkpoint: bool = False) -
         "",
         "## Evaluation (FP8 vs BF16)",
         "",
+        *([verified, ""] if verified else []),
         *_eval_section(run.eval_json),
         "",
         "## Files",
@@ -123,7 +124,23 @@ def _eval_section(path: Path) -> list[str]:
     figures = eval_figures(path) if path.exists() else None
     if not figures:
         return ["No evaluation was recorded for this run (`ray-calib eval` writes eval.json)."]
-    return ["| Figure | Value |", "|---|---|", *(f"| {name} | {_fmt(value)} |" for name, value in figures)]
+    table = ["| Figure | Value |", "|---|---|", *(f"| {name} | {_fmt(value)} |" for name, value in figures)]
+    return table + _audit_lines(path)
+
+
+def _audit_lines(path: Path) -> list[str]:
+    """The engine's scale audit per variant (eval.json `scale_audit`): scales in use of those carried."""
+    try:
+        audits = json.loads(path.read_text()).get("scale_audit") or {}
+        lines = []
+        for variant, found in audits.items():
+            counts = ", ".join(
+                f"{c['in_use']}/{c['carried']} {kind}" for kind, c in found["counts"].items() if c["carried"]
+            )
+            lines.append(f"- {variant}: {counts} scales in use, {len(found['dropped'])} dropped")
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return []
+    return ["", "Scale audit (read back from the vLLM engine that loaded the checkpoint):", "", *lines] if lines else []
 
 
 def _fmt(value: float) -> str:
@@ -141,7 +158,8 @@ def _file_section(run: RunDir, include_checkpoint: bool) -> list[str]:
         "`fp8_dtype_flavor: float8_e4m3fnuz`, INC's HW-aligned scales): `vllm serve fp8-gaudi2` on Gaudi2",
         "fp8-gaudi3": "the FP8 checkpoint for Gaudi3 (compressed-tensors for vllm-gaudi, range 448, INC's "
         "HW-aligned scales): `vllm serve fp8-gaudi3` on Gaudi3",
-        "eval.json": "FP8 vs BF16 fidelity figures",
+        "eval.json": "FP8 vs BF16 fidelity figures and the verdict push checked",
+        "run.json": "the run's facts, each decided once by the stage that decided it",
     }
     lines = []
     for path in sorted(run.root.iterdir()) if run.root.is_dir() else []:

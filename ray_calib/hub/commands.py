@@ -18,9 +18,17 @@ from ray_calib.rundir import RunDir, run_dir_option
     is_flag=True,
     help="Also upload the FP8 checkpoint (<run-dir>/fp8) and the hessians GPTQ rounded it with.",
 )
+@click.option(
+    "--no-verify",
+    is_flag=True,
+    help="Push without a passed `eval --min-agreement` of the run's checkpoint (the card says so).",
+)
 @run_dir_option
-def push(repo: str, private: bool, include_checkpoint: bool, run_dir: str | None) -> None:
+def push(repo: str, private: bool, include_checkpoint: bool, no_verify: bool, run_dir: str | None) -> None:
     """Upload a run (measurements at any TP, unified sets, QUANT_CONFIGs, meta, coverage, report) with a model card.
+
+    Only a checked run: by default eval.json must hold a passed `eval --min-agreement` of the checkpoint
+    in <run-dir>/fp8 as it is now. logs/ and infer/ stay local.
 
     \b
     Token from HF_TOKEN or `hf auth login`; endpoint from HF_ENDPOINT.
@@ -29,7 +37,9 @@ def push(repo: str, private: bool, include_checkpoint: bool, run_dir: str | None
     """
     from ray_calib.hub.transfer import push as upload
 
-    result = upload(RunDir.resolve(run_dir), repo, private=private, include_checkpoint=include_checkpoint)
+    result = upload(
+        RunDir.resolve(run_dir), repo, private=private, include_checkpoint=include_checkpoint, verify=not no_verify
+    )
     click.echo(f"pushed {len(result.files)} files ({result.num_bytes / 2**20:.1f} MiB) to {result.url}")
     click.echo(f"commit: {result.commit_url}")
 

@@ -49,15 +49,22 @@ def endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
-def push(run: RunDir, repo_id: str, *, private: bool = False, include_checkpoint: bool = False) -> PushResult:
-    """Upload the run directory (model card as README.md; the FP8 checkpoint only when asked)."""
+def push(
+    run: RunDir, repo_id: str, *, private: bool = False, include_checkpoint: bool = False, verify: bool = True
+) -> PushResult:
+    """Upload the run directory (model card as README.md; the FP8 checkpoint only when asked).
+
+    `verify`: refuse a run whose checkpoint has no passed `eval` (`hub.verify`); False says so in the card.
+    """
     from huggingface_hub import HfApi, get_token
 
     from ray_calib.hub.card import build_card
+    from ray_calib.hub.verify import verification
 
     check_repo_id(repo_id)
     ignore = _SKIP + _LOCAL + ([] if include_checkpoint else _CHECKPOINT)
     files = _files_to_push(run, ignore + ["README.md"])  # the card is written below, from these files
+    verified = verification(run, verify=verify)
     token = get_token()
     if not token:
         raise HubError(
@@ -66,7 +73,8 @@ def push(run: RunDir, repo_id: str, *, private: bool = False, include_checkpoint
         )
     api = HfApi(endpoint=endpoint(), token=token)
     with hub_errors(repo_id, writing=True):
-        atomic.write_text(run.root / "README.md", build_card(run, repo_id, include_checkpoint=include_checkpoint))
+        card = build_card(run, repo_id, include_checkpoint=include_checkpoint, verified=verified)
+        atomic.write_text(run.root / "README.md", card)
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         large = getattr(api, "upload_large_folder", None)  # huggingface_hub < 2: the resumable path
         if include_checkpoint and large is not None:

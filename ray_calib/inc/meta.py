@@ -35,6 +35,7 @@ class RunMeta:
     chunks_done: list[int] = field(default_factory=list)
     chunks_total: int | None = None
     unified_from: int | None = None  # source world size when written by unify
+    run_id: str | None = None  # the run (<run dir>/run.json) these rank files belong to; None: made elsewhere
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as-is
 
     def to_json(self) -> dict[str, Any]:

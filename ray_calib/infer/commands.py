@@ -12,23 +12,22 @@ from ray_calib import options, ui
 from ray_calib.engine.options import enforce_eager_option, kv_cache_gib_option, max_model_len_option
 from ray_calib.errors import EngineError
 from ray_calib.rundir import RunDir, run_dir_option
+from ray_calib.runrecord import checkpoint_digest, read_record, record_facts, run_measurements
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _file = click.Path(dir_okay=False, path_type=Path)
+allow_scale_loss_option = click.option(
+    "--allow-scale-loss",
+    is_flag=True,
+    help="Go on when the engine does not use a scale the FP8 checkpoint carries (the audit names it).",
+)
 
 
-def _node_cards() -> int:
-    """Gaudi cards of this node (hl-smi), else the 8 of a Gaudi node (e.g. a dry run elsewhere)."""
-    from ray_calib.engine.device import local_device_count
-
-    return local_device_count("hpu") or 8
-
-
-def _run_meta(run: RunDir, model: Path, unified: Path | None = None):
+def _run_meta(run: RunDir, model: Path):
     """The sidecar that describes the scales in use: next to the checkpoint, else the run's measurements."""
     from ray_calib.inc import read_meta
 
-    for directory in (model, unified or run.latest_unified(), run.measure):
+    for directory in (model, run_measurements(run), run.measure):
         if directory is not None and (meta := read_meta(directory)) is not None:
             return meta, directory
     return None, model
@@ -39,13 +38,17 @@ def _run_meta(run: RunDir, model: Path, unified: Path | None = None):
 @options.conf_option("Spread the ranks over the cluster `up` started from this devices.conf [default: this node].")
 @click.option("--model", type=_dir, help="Model directory [default: <run-dir>/fp8; on Gaudi the measured model].")
 @options.tp_option(
-    help="Tensor-parallel size [default: the run's unified TP when it fits, else the "
-    "smallest the model allows that fits in memory; on Gaudi the run's largest unified TP this node's cards "
-    "run]."
+    help="Tensor-parallel size [default: the run's target TP (run.json) when it fits, else the "
+    "smallest the model allows that fits in memory]."
 )
 @click.option("--prompts", type=_file, help="One prompt per line (or JSONL with 'prompt').")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
-@click.option("--fp8-kv/--no-fp8-kv", default=None, help="FP8 KV cache [default: as measured].")
+@click.option(
+    "--fp8-kv/--no-fp8-kv",
+    default=None,
+    help="FP8 KV cache [default: when the checkpoint carries k/v scales; on Gaudi as measured]; --fp8-kv on "
+    "a checkpoint without them is refused (vLLM would use scale 1.0).",
+)
 @click.option("--baseline", type=_dir, help="Also run this BF16 model and print both answers side by side.")
 @click.option("--serve", is_flag=True, help="Start an OpenAI-compatible server (vllm serve) instead.")
 @click.option("--detach", is_flag=True, help="With --serve: return once healthy, leaving the server running.")
@@ -74,6 +77,7 @@ def _run_meta(run: RunDir, model: Path, unified: Path | None = None):
 )
 @click.option("--skip-warmup", is_flag=True, help="Gaudi: VLLM_SKIP_WARMUP (faster start, graphs built on first use).")
 @click.option("--allow-device-mismatch", is_flag=True, help="Use scales measured on another device type.")
+@allow_scale_loss_option
 @options.device_option(
     runtime=True,
     help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 are taken as given (for --dry-run anywhere).",
@@ -102,6 +106,7 @@ def infer(
     max_num_seqs: int | None,
     skip_warmup: bool,
     allow_device_mismatch: bool,
+    allow_scale_loss: bool,
     device: str,
     dry_run: bool,
     max_model_len: int | None,
@@ -127,11 +132,7 @@ def infer(
     run = RunDir.resolve(run_dir)
     target = detect_target(device)
     device = target.device
-    if target.is_gaudi:
-        unified = run.unified_for_node(tp or _node_cards())
-        meta, meta_dir = _run_meta(run, model or unified or run.measure, unified)
-    else:
-        meta, meta_dir = _run_meta(run, model or run.fp8)
+    meta, meta_dir = _run_meta(run, model or ((run_measurements(run) or run.measure) if target.is_gaudi else run.fp8))
     runner.check_device_type(meta, target.device_type, allow_mismatch=allow_device_mismatch, where=meta_dir)
     extra_env = {}
     if conf and not dry_run:
@@ -174,7 +175,7 @@ def infer(
             model=model,
             tp_size=tp_size,
             device=device,
-            fp8_kv=fp8_kv if fp8_kv is not None else bool(meta and meta.fp8_kv),
+            fp8_kv=runner.resolve_fp8_kv(model, fp8_kv),
             quant_config=quant_config,
             timeout_s=timeout_s,
             max_model_len=max_model_len,
@@ -196,9 +197,9 @@ def infer(
         _serve(runner, config, host, port, detach, run)
         return
     if baseline is not None:
-        _side_by_side(config, baseline, runner.load_prompts(prompts), max_new_tokens, run)
+        _side_by_side(config, baseline, runner.load_prompts(prompts), max_new_tokens, run, allow_scale_loss)
         return
-    completions = runner.generate(config, runner.load_prompts(prompts), max_new_tokens=max_new_tokens)
+    completions, audit = runner.generate_audited(config, runner.load_prompts(prompts), max_new_tokens=max_new_tokens)
     for completion in completions:
         click.echo(f"> {completion.prompt}\n  {completion.text.strip()!r} ({completion.num_tokens} tokens)")
     from ray_calib import atomic
@@ -207,19 +208,51 @@ def infer(
         run.root / "infer" / "completions.json", [completion.__dict__ for completion in completions]
     )
     click.echo(f"completions saved to {out}")
+    _report_audit(audit.to_json() if audit else None, allow_scale_loss)
 
 
-def _side_by_side(config, baseline: Path, prompts: list[str], max_new_tokens: int, run: RunDir) -> None:
+def _report_audit(found: dict | None, allow_scale_loss: bool) -> None:
+    """The engine's scale audit on stdout; a dropped scale fails the command unless --allow-scale-loss."""
+    from ray_calib.infer.audit import ScaleAudit, check
+
+    if found is None:
+        return
+    result = ScaleAudit.from_json(found)
+    click.echo(result.summary())
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    for line in result.dropped[1:] if not allow_scale_loss else result.dropped:
+        ui.warn(line)
+    check(result, allow_scale_loss=allow_scale_loss)
+
+
+def _side_by_side(
+    config, baseline: Path, prompts: list[str], max_new_tokens: int, run: RunDir, allow_scale_loss: bool
+) -> None:
     from ray_calib import atomic
     from ray_calib.infer.compare import format_side_by_side, side_by_side
     from ray_calib.infer.runner import check_model_dir
 
     check_model_dir(baseline)
-    rows = side_by_side(config, baseline, prompts, max_new_tokens=max_new_tokens)
+    rows, audit = side_by_side(config, baseline, prompts, max_new_tokens=max_new_tokens)
     click.echo(format_side_by_side(rows))
     click.echo(f"{sum(r.same for r in rows)} of {len(rows)} answers identical")
     out = atomic.write_json(run.root / "infer" / "completions.json", [row.__dict__ for row in rows])
     click.echo(f"completions saved to {out}")
+    _report_audit(audit, allow_scale_loss)
+
+
+def _verdict(candidate: Path, worst: float, min_agreement: float | None, dropped: int, allow_loss: bool) -> dict:
+    """What `push` checks before publishing: this checkpoint (by digest) met a threshold with its scales in use."""
+    return {
+        "candidate": str(candidate.absolute()),
+        "candidate_digest": checkpoint_digest(candidate),
+        "min_agreement": min_agreement,
+        "worst_agreement": worst,
+        "dropped_scales": dropped,
+        "allow_scale_loss": allow_loss,
+        "passed": min_agreement is not None and worst >= min_agreement and (dropped == 0 or allow_loss),
+    }
 
 
 def devices_conf_quant_config(conf: Path) -> str | None:
@@ -420,9 +453,9 @@ def _interrupt(signum: int, frame) -> None:
 @click.option(
     "--fp8-kv/--no-fp8-kv",
     "with_fp8_kv",
-    default=True,
-    show_default=True,
-    help="Also score the candidate with an FP8 KV cache (the others always run a BF16 one).",
+    default=None,
+    help="Also score the candidate with an FP8 KV cache (the others always run a BF16 one) [default: when "
+    "the candidate carries k/v scales; --fp8-kv on one without is refused].",
 )
 @click.option(
     "--max-model-len",
@@ -433,6 +466,7 @@ def _interrupt(signum: int, frame) -> None:
 )
 @click.option("--min-agreement", type=float, help="Fail when top-1 agreement falls below this (0-1).")
 @options.out_option("Results JSON [default: <run-dir>/eval.json].", file=True)
+@allow_scale_loss_option
 @kv_cache_gib_option
 @enforce_eager_option
 @run_dir_option
@@ -441,10 +475,11 @@ def eval_command(
     candidate: Path | None,
     texts: Path | None,
     tp_size: int | None,
-    with_fp8_kv: bool,
+    with_fp8_kv: bool | None,
     max_model_len: int,
     min_agreement: float | None,
     out: Path | None,
+    allow_scale_loss: bool,
     kv_cache_gib: float,
     enforce_eager: bool,
     run_dir: str | None,
@@ -469,6 +504,7 @@ def eval_command(
         baseline = Path(meta.model)
     for model in (baseline, candidate):
         runner.check_model_dir(model)
+    with_fp8_kv = runner.resolve_fp8_kv(candidate, with_fp8_kv)
     device = detect_device()
     # One engine at a time, so the larger (BF16) baseline decides; the candidate must allow the same TP.
     tp_size = runner.choose_tp(baseline, tp, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
@@ -483,11 +519,18 @@ def eval_command(
         max_model_len=max_model_len,
         engine_options={"kv_cache_gib": kv_cache_gib, "enforce_eager": enforce_eager},
     )
-    path = fidelity.write_report(report, out or run.eval_json)
+    dropped = sum(len(audit["dropped"]) for audit in report.scale_audit.values())
+    verdict = _verdict(candidate, report.worst_agreement(), min_agreement, dropped, allow_scale_loss)
+    path = fidelity.write_report(report, out or run.eval_json, verdict)
+    if (record := read_record(run.root)) is not None and out is None:
+        record_facts(record, "eval", {"eval": verdict})
     for note in report.notes:
         click.echo(f"note: {note}")
     click.echo(fidelity.format_table(report))
     click.echo(f"{report.num_positions} positions over {report.num_texts} texts; saved {path}")
+    for name, audit in report.scale_audit.items():
+        click.echo(f"{name}: ", nl=False)
+        _report_audit(audit, allow_scale_loss)
     if min_agreement is not None and report.worst_agreement() < min_agreement:
         raise EngineError(
             f"top-1 agreement {report.worst_agreement():.3f} is below --min-agreement {min_agreement}",

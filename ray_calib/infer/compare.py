@@ -25,7 +25,10 @@ class SideBySide:
         return self.baseline == self.candidate
 
 
-def side_by_side(config: InferConfig, baseline: Path, prompts: list[str], *, max_new_tokens: int) -> list[SideBySide]:
+def side_by_side(
+    config: InferConfig, baseline: Path, prompts: list[str], *, max_new_tokens: int
+) -> tuple[list[SideBySide], dict | None]:
+    """The rows, and the FP8 engine's scale audit (`infer.audit`, JSON form; None for an unquantized model)."""
     base = run_isolated(
         _generate,
         replace(config, model=Path(baseline), fp8_kv=False),
@@ -34,7 +37,8 @@ def side_by_side(config: InferConfig, baseline: Path, prompts: list[str], *, max
         what=f"generating with {baseline}",
     )
     cand = run_isolated(_generate, config, prompts, max_new_tokens, what=f"generating with {config.model}")
-    return [SideBySide(p, b["text"], c["text"]) for p, b, c in zip(prompts, base, cand)]
+    rows = [SideBySide(p, b["text"], c["text"]) for p, b, c in zip(prompts, base["completions"], cand["completions"])]
+    return rows, cand["audit"]
 
 
 def format_side_by_side(rows: list[SideBySide], width: int = 44) -> str:
@@ -52,10 +56,11 @@ def _cell(text: str, width: int) -> str:
     return (flat[: width - 1] + "…") if len(flat) > width else f"{flat:<{width}}"
 
 
-def _generate(config: InferConfig, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    from ray_calib.infer.runner import generate
+def _generate(config: InferConfig, prompts: list[str], max_new_tokens: int) -> dict:
+    from ray_calib.infer.runner import generate_audited
 
     if config.tp_size == 1:  # one rank: the engine in this process
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    completions: list[Completion] = generate(config, prompts, max_new_tokens=max_new_tokens)
-    return [c.__dict__ for c in completions]
+    completions: list[Completion]
+    completions, audit = generate_audited(config, prompts, max_new_tokens=max_new_tokens)
+    return {"completions": [c.__dict__ for c in completions], "audit": audit.to_json() if audit else None}

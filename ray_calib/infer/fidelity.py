@@ -50,6 +50,7 @@ class FidelityReport:
     mean_kl: dict[str, float] = field(default_factory=dict)
     kv_cache_dtype: dict[str, str] = field(default_factory=dict)  # what each variant's engine ran
     notes: list[str] = field(default_factory=list)
+    scale_audit: dict[str, dict] = field(default_factory=dict)  # variant -> `infer.audit` of its FP8 engine
 
     def worst_agreement(self) -> float:
         return min(self.top1_agreement.values())
@@ -158,6 +159,8 @@ def evaluate(
     for name, scored in scores.items():
         report.perplexity[name] = perplexity(scored["positions"])
         report.kv_cache_dtype[name] = scored["kv_cache_dtype"]
+        if scored.get("audit"):
+            report.scale_audit[name] = scored["audit"]
         if name != "baseline":
             report.top1_agreement[name] = top1_agreement(reference, scored["positions"])
             report.mean_kl[name] = mean_kl(reference, scored["positions"])
@@ -178,8 +181,9 @@ def score(variant: Variant, windows: list[list[int]], *, tp_size: int, device: s
     )
 
 
-def write_report(report: FidelityReport, path: Path) -> Path:
-    return atomic.write_json(path, asdict(report))
+def write_report(report: FidelityReport, path: Path, verdict: dict | None = None) -> Path:
+    """eval.json: the figures, and the verdict `push` checks (which checkpoint, threshold, passed)."""
+    return atomic.write_json(path, {**asdict(report), **({"verdict": verdict} if verdict else {})})
 
 
 def format_table(report: FidelityReport) -> str:
@@ -217,7 +221,14 @@ def _score(model: str, fp8_kv: bool, windows: list[list[int]], tp_size: int, dev
             argmax = next(str(t) for t, lp in logprobs.items() if lp.rank == 1)
             positions.append({"actual": logprobs[actual].logprob, "argmax": argmax, "top": top})
         scored.append(positions)
-    return {"positions": scored, "kv_cache_dtype": _engine_kv_dtype(llm, config.kv_cache_dtype)}
+    from ray_calib.infer.audit import audit_engine
+
+    audit = audit_engine(llm, Path(model)) if device != "hpu" else None
+    return {
+        "positions": scored,
+        "kv_cache_dtype": _engine_kv_dtype(llm, config.kv_cache_dtype),
+        "audit": audit.to_json() if audit else None,
+    }
 
 
 def _engine_kv_dtype(llm, requested: str) -> str:

@@ -29,6 +29,7 @@ from ray_calib.errors import ConfigError, MeasurementError, ModelError
 from ray_calib.inc import RunMeta
 from ray_calib.inc.naming import MEASURE_PREFIX
 from ray_calib.rundir import RunDir
+from ray_calib.runrecord import unified_dirs
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ def resolve(
         path, config, generated = _one_node_config(run, model, measurements, tp_size, measured, fp8_kv, write)
     else:
         config, generated = read_config(path), False
+        _check_dump_path(
+            run, path, config, "--quant-config" if quant_config else "devices.conf INC_QUANT_CONFIG_FILENAME"
+        )
         _check_given_dump_path(Path(path), config, tp_size, must_exist=write)
     kv = quantizes_kv_cache(config)
     if fp8_kv is not None and fp8_kv != kv:
@@ -117,6 +121,24 @@ def _check_given_dump_path(path: Path, config: dict, tp: int, *, must_exist: boo
             f"{path}: dump_stats_path {dump} holds no measurements for TP {tp} (no {first.name})",
             fix=f"point it at measurements unified to TP {tp} (`ray-calib unify --to-tp {tp}`), or pass --tp.",
         )
+
+
+def _check_dump_path(run: RunDir, path: Path, config: dict, source: str) -> None:
+    """A given QUANTIZE config must read this run's measurements: INC loads whatever dump_stats_path names
+    (the seeds' template names ./scripts/nc_workspace_measure_kvcache/..., old hand-run files or none)."""
+    ours = [run.measure, *unified_dirs(run).values()]
+    existing = [d.resolve() for d in ours if d.is_dir()]
+    if not existing:
+        return  # no measurements in this run: the config's own are the only ones
+    dump = config.get("dump_stats_path")
+    if isinstance(dump, str) and Path(dump).absolute().parent.resolve() in existing:
+        return
+    raise ConfigError(
+        f"{source} {path}: dump_stats_path is {dump!r}, not in this run's measurements "
+        f"({', '.join(str(d) for d in existing)})",
+        fix=f"set dump_stats_path to {existing[-1] / MEASURE_PREFIX} in it, or drop {source.split()[-1]} so "
+        "infer writes the run's own config",
+    )
 
 
 def _measurements_at(run: RunDir, tp: int) -> Path | None:

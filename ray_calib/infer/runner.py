@@ -19,8 +19,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ray_calib.errors import EngineError, ModelError
+from ray_calib.errors import ConfigError, EngineError, ModelError
 from ray_calib.inc import RunMeta
+from ray_calib.infer.audit import AUDIT_EXTENSION
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ def engine_config(config: InferConfig):
         profile="serve",
         max_num_seqs=None,
         enforce_eager=config.enforce_eager or cpu_emulated_fp8_moe(config),
+        worker_extension_cls=AUDIT_EXTENSION if checkpoint_kv_scales(config.model) is not None else None,
     )
 
 
@@ -171,6 +173,34 @@ def choose_tp(
     )
 
 
+def checkpoint_kv_scales(model: Path) -> bool | None:
+    """Whether the checkpoint carries k/v scales (compressed-tensors `kv_cache_scheme`); None: not quantized."""
+    from ray_calib.model.config import model_config
+
+    try:
+        quant = model_config(model).get("quantization_config")
+    except Exception:  # noqa: BLE001 - a bad model directory is reported where it is loaded
+        return None
+    return bool(quant.get("kv_cache_scheme")) if isinstance(quant, dict) else None
+
+
+def resolve_fp8_kv(model: Path, given: bool | None) -> bool:
+    """FP8 KV cache exactly when the checkpoint carries k/v scales; `--fp8-kv` on one without is refused.
+
+    vLLM runs an FP8 cache without scales at scale 1.0 and only logs it: a silently wrong model.
+    """
+    carried = checkpoint_kv_scales(model)
+    if given is None:
+        return bool(carried)
+    if given and not carried:
+        what = "carries no k/v scales (no kv_cache_scheme in config.json)" if carried is False else "is not quantized"
+        raise ConfigError(
+            f"--fp8-kv: {model} {what}, so vLLM would run the FP8 KV cache at scale 1.0",
+            fix="quantize with --fp8-kv after `measure --fp8-kv` (see the run's run.json), or pass --no-fp8-kv.",
+        )
+    return given
+
+
 def check_model_dir(model: Path) -> None:
     if not (model / "config.json").is_file():
         raise ModelError(
@@ -181,16 +211,23 @@ def check_model_dir(model: Path) -> None:
 
 def generate(config: InferConfig, prompts: list[str], *, max_new_tokens: int = 32) -> list[Completion]:
     """Greedy generation over `prompts` with the engine built for this run."""
+    return generate_audited(config, prompts, max_new_tokens=max_new_tokens)[0]
+
+
+def generate_audited(config: InferConfig, prompts: list[str], *, max_new_tokens: int = 32):
+    """`generate`, and the scale audit of the loaded FP8 checkpoint (`infer.audit`; None for other models)."""
     check_model_dir(config.model)
     from vllm import SamplingParams
 
     from ray_calib.engine.launch import build_llm
+    from ray_calib.infer.audit import audit_engine
 
     llm = build_llm(engine_config(config))
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
-    return [
+    completions = [
         Completion(prompt=o.prompt, text=o.outputs[0].text, num_tokens=len(o.outputs[0].token_ids)) for o in outputs
     ]
+    return completions, audit_engine(llm, config.model) if config.device != "hpu" else None
 
 
 @dataclass

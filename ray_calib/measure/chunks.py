@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_calib import atomic
-from ray_calib.errors import ConfigError, MeasurementError, OutputExistsError
+from ray_calib.errors import ConfigError, EngineError, MeasurementError, OutputExistsError
 from ray_calib.inc import RankFile, StatsName, parse_name, read_rank_file, write_rank_file
 from ray_calib.inc.jsonio import load as load_json
 from ray_calib.measurements import hessians
@@ -38,6 +38,18 @@ class ChunkResult:
     generated_tokens: int = 0
     backends: dict[str, list[str]] = field(default_factory=dict)  # vLLM attention backend / MoE kernel names
     hessians: list[Hessians] = field(default_factory=list)  # ordered by rank; [] without --hessians
+
+
+def check_gathered_ranks(ranks: list[Any], world_size: int | None, chunk: int) -> None:
+    """The stats gathered over collective_rpc come from exactly ranks 0..N-1 of N, each once, before any is written."""
+    size = world_size or len(ranks)
+    found = sorted(r if isinstance(r, int) else -1 for r in ranks)  # a missing rank id sorts first as -1
+    if found != list(range(size)):
+        raise EngineError(
+            f"chunk {chunk}: gathered the stats of ranks {found} (-1: no rank id), expected exactly 0..{size - 1} "
+            f"of world size {size}",
+            fix="a worker answered twice or not at all: rerun with --resume (finished chunks are kept).",
+        )
 
 
 def rank_file_from_result(result: dict[str, Any], prefix: str) -> RankFile:

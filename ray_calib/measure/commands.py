@@ -164,10 +164,13 @@ def measure(
     if ladder and not dry_run:  # before joining Ray: rung a needs no cluster up, only SSH
         _ladder(conf, model, run_dir)
     address = None if dry_run else _address(cluster, executor)
+    run = RunDir.resolve(run_dir)
+    out = (out or run.measure).absolute()
     config = MeasureConfig(
+        run_root=run.root if out == run.measure else None,  # the run's own measure/ starts its run.json
         model=model,
         dataset=dataset,
-        out=(out or RunDir.resolve(run_dir).measure).absolute(),
+        out=out,
         tp_size=tp_size,
         fp8_kv=fp8_kv,
         hessians=hessians,

@@ -129,6 +129,7 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
     if config.tp_size is not None:
         check_tp(info, config.tp_size)
     target = detect_target(config.device)
+    _check_conf_device(config.cluster_conf, target)
     backend = INC if target.is_gaudi or inc_on_cpu() else OBSERVERS
     if backend == OBSERVERS:
         check_attention_backend(config.attention_backend)
@@ -264,6 +265,21 @@ def _ep_size(config, info: ModelInfo, backend: str) -> int:
     if wanted is None:
         wanted = backend == INC and info.moe
     return config.tp_size if wanted else 1
+
+
+def _check_conf_device(conf_path, target: Target) -> None:
+    """devices.conf says Gaudi but this machine shows none: its generation (FP8 range, HBM) is not guessed."""
+    if conf_path is None or target.is_gaudi or target.forced:  # --device cpu on an hpu conf is the user's word
+        return
+    from ray_calib.cluster import devices
+
+    conf = devices.load(conf_path)
+    if conf.head.device_kind == "hpu":
+        raise ConfigError(
+            f"{conf.path}: DEVICE_KIND=hpu, but this machine shows no Gaudi ({target.device_type}, "
+            f"{target.source}) to read the generation from, and gaudi2 and gaudi3 differ in FP8 range and HBM",
+            fix="pass --device gaudi2 or --device gaudi3.",
+        )
 
 
 def _conf(config):

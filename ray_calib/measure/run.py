@@ -26,12 +26,19 @@ from ray_calib.errors import DataError, EngineError, ModelError, OutputExistsErr
 from ray_calib.inc import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
 from ray_calib.inc.coverage import COVERAGE_FILE
 from ray_calib.inc.naming import JSON, MEASURE_PREFIX, parse_name
-from ray_calib.measure.chunks import ChunkResult, ChunkStore, hessians_from_result, rank_file_from_result
+from ray_calib.measure.chunks import (
+    ChunkResult,
+    ChunkStore,
+    check_gathered_ranks,
+    hessians_from_result,
+    rank_file_from_result,
+)
 from ray_calib.measure.preflight import ModelInfo
 from ray_calib.measurements import hessians
 from ray_calib.measurements.hessians import Hessians
 from ray_calib.measurements.merge import merge_chunks
 from ray_calib.measurements.pipeline import remove_stale
+from ray_calib.runrecord import config_digest, new_run_id, start_record
 
 OBSERVER = "maxabs"
 DEFAULT_MAX_MODEL_LEN = 2048  # calibration prompts are short; a long context only costs KV cache
@@ -64,6 +71,7 @@ class MeasureConfig:
     cluster_conf: Path | None = None  # the devices.conf in use (node plan of --dry-run)
     attention_backend: str | None = None  # None: vLLM's choice for this device and CPU
     hessians: bool | None = None  # linear inputs' sum(x xᵀ) for GPTQ; None: when they fit HESSIAN_BUDGET
+    run_root: Path | None = None  # the run dir whose run.json this measurement starts (None: --out elsewhere)
 
 
 @dataclass
@@ -274,7 +282,9 @@ def _run_chunk(llm, index: int, prompts: list[list[int]], config: MeasureConfig,
         new = sum(len(o.outputs[0].token_ids) for o in outputs)
         generated += new
         bar.advance(len(batch), tok=sum(map(len, batch)) + new)
-    ranks = sorted(_collect(llm, index), key=lambda r: r["rank"])
+    ranks = _collect(llm, index)
+    check_gathered_ranks([r.get("rank") for r in ranks], config.tp_size, index)
+    ranks = sorted(ranks, key=lambda r: r["rank"])
     tokens = ranks[0].get("tokens")  # INC counts no tokens: the prompts' and the generated ones
     return ChunkResult(
         index=index,
@@ -325,7 +335,9 @@ def _write(
 
         rank_files, coverage, inc_extra = finish_rank_files(rank_files, coverage, plan.ep_size)
         extra.update(inc_extra)
+    run_id = new_run_id()
     meta = RunMeta(
+        run_id=run_id,
         device_type=plan.target.device_type,
         model=info.model_id,
         revision=info.revision,
@@ -356,6 +368,8 @@ def _write(
             remove_stale(config.out, {rank_file.name.stem for rank_file in rank_files})
             hessians.remove_stale(config.out, {p.name for p in files})
             (config.out / COVERAGE_FILE).unlink(missing_ok=True)
+    if config.run_root is not None:
+        start_record(config.run_root, run_id, "measure", run_facts(config, plan, meta), files)
     generated = sum(r.generated_tokens for r in results)
     return MeasureSummary(
         out=config.out,
@@ -373,6 +387,30 @@ def _write(
         never_hit=coverage.never_hit(),
         files=files,
     )
+
+
+def run_facts(config: MeasureConfig, plan, meta: RunMeta) -> dict:
+    """What measure decides for the whole run (run.json): every later stage takes these as its defaults."""
+    return {
+        "model": str(plan.info.path),
+        "model_id": meta.model,
+        "revision": meta.revision,
+        "config_sha256": config_digest(plan.info.path),
+        "dataset": meta.dataset,
+        "dataset_hash": meta.dataset_hash,
+        "num_samples": meta.num_samples,
+        "device_type": plan.target.device_type,
+        "device": plan.target.device,
+        "measured_tp": meta.tp_size,
+        "ep_size": plan.ep_size,
+        "expert_parallel": plan.ep_size > 1,
+        "executor": meta.extra.get("executor"),
+        "backend": plan.backend,
+        "fp8_kv": plan.fp8_kv,
+        "quant_config": str(config.quant_config) if config.quant_config else plan.quant_config_path,
+        "blocklist": {"names": plan.block_names, "types": plan.block_types},
+        "versions": meta.versions,
+    }
 
 
 def _merged_hessians(results: list[ChunkResult]) -> list[Hessians]:

@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from ray_calib import ui
+from ray_calib.options import override_run_option
 from ray_calib.rundir import RunDir, run_dir_option
+from ray_calib.runrecord import RunRecord, decide, read_record, record_facts
 
 _dir = click.Path(file_okay=False, path_type=Path)
 
@@ -20,9 +22,16 @@ _dir = click.Path(file_okay=False, path_type=Path)
 @click.option(
     "--expert-parallel/--no-expert-parallel",
     default=None,
-    help="Ranks hold different experts (concatenate) or shards of all (max) [default: the meta's ep_size, "
-    "else the files checked against the model's config.json].",
+    help="Ranks hold different experts (concatenate) or shards of all (max) [default: the run's record or the "
+    "meta's ep_size, else the files checked against the model's config.json; refused when neither says].",
 )
+@click.option("--model", type=_dir, help="The measured model, whose config.json decides expert parallelism.")
+@click.option(
+    "--set-target",
+    is_flag=True,
+    help="Make M the run's target TP (run.json) although another is recorded; quantize and infer read it.",
+)
+@override_run_option
 @run_dir_option
 def unify(
     to_tp: int,
@@ -30,9 +39,15 @@ def unify(
     out_dir: Path | None,
     force: bool,
     expert_parallel: bool | None,
+    model: Path | None,
+    set_target: bool,
+    override_run: bool,
     run_dir: str | None,
 ) -> None:
     """Re-shard per-rank measurements from TP=N to TP=M (e.g. 16 -> 8 for one 8-card node).
+
+    The first unify of a run records M as the run's target TP in run.json: quantize and infer read
+    unified-tp<M> from then on; another --to-tp writes its directory and leaves the target alone.
 
     \b
     Example:
@@ -41,8 +56,24 @@ def unify(
     from ray_calib.measurements.pipeline import unify_dir
 
     run = RunDir.resolve(run_dir)
+    source = (in_dir or run.measure).absolute()
+    record = read_record(run.root) if source == run.measure else None  # the run's own measurements
+    ep = decide(
+        record,
+        "expert_parallel",
+        expert_parallel,
+        flag="--expert-parallel" if expert_parallel else "--no-expert-parallel",
+        stage="unify",
+        override=override_run,
+    )
     summary = unify_dir(
-        in_dir or run.measure, out_dir or run.unified(to_tp), to_tp, force=force, expert_parallel=expert_parallel
+        source,
+        out_dir or run.unified(to_tp),
+        to_tp,
+        force=force,
+        expert_parallel=expert_parallel,
+        model=model or _recorded_model(record),
+        record=record,
     )
     rows = [
         ("ranks", summary.ranks_in, summary.ranks_out),
@@ -53,6 +84,28 @@ def unify(
     mode = "expert-parallel (experts concatenated)" if summary.expert_parallel else "element-wise max"
     extra = f"; scale files unified too: {', '.join(summary.scale_methods)}" if summary.scale_methods else ""
     click.echo(f"{mode} ({summary.ep_reason}){extra}; {summary.seconds:.2f} s")
+    if record is not None and out_dir is None:
+        _record_target(record, run, to_tp, set_target, [ep.override] if ep.override else [])
+
+
+def _recorded_model(record: RunRecord | None) -> Path | None:
+    """The measured model's directory from run.json, when its config.json is readable on this machine."""
+    model = record.value("model") if record else None
+    return Path(model) if model and (Path(model) / "config.json").is_file() else None
+
+
+def _record_target(record: RunRecord, run: RunDir, to_tp: int, set_target: bool, overrides: list[dict]) -> None:
+    recorded = record.value("target_tp")
+    if recorded is not None and recorded != to_tp and not set_target:
+        ui.note(
+            f"the run's target stays TP {recorded} ({run.unified(recorded).name}, run.json): quantize and infer "
+            f"read that; --set-target makes TP {to_tp} the target"
+        )
+        record_facts(record, "unify", {}, overrides)
+        return
+    if recorded is not None and recorded != to_tp:
+        overrides.append({"fact": "target_tp", "was": recorded, "now": to_tp, "by": "unify", "flag": "--set-target"})
+    record_facts(record, "unify", {"target_tp": to_tp}, overrides)
 
 
 @click.command()

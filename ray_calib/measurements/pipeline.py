@@ -23,11 +23,12 @@ from ray_calib.errors import OutputExistsError, UnifyError
 from ray_calib.inc.coverage import COVERAGE_FILE
 from ray_calib.inc.experts import expert_layout
 from ray_calib.inc.meta import RunMeta, write_meta
-from ray_calib.inc.naming import JSON, StatsName, parse_name
+from ray_calib.inc.naming import JSON, NPZ, StatsName, parse_name
 from ray_calib.inc.rankfile import RankFile, node_values, read_rank_file, write_rank_file
 from ray_calib.inc.runset import MeasurementSet
 from ray_calib.measurements import hessians
 from ray_calib.measurements.unify import check_same_nodes, check_sizes, expand_rank, merge_group
+from ray_calib.runrecord import RunRecord, check_rank_files
 
 
 @dataclass
@@ -47,17 +48,25 @@ class UnifySummary:
 
 
 def unify_dir(
-    in_dir: Path, out_dir: Path, to_world_size: int, *, force: bool = False, expert_parallel: bool | None = None
+    in_dir: Path,
+    out_dir: Path,
+    to_world_size: int,
+    *,
+    force: bool = False,
+    expert_parallel: bool | None = None,
+    model: Path | None = None,
+    record: RunRecord | None = None,
 ) -> UnifySummary:
     """Unify the measurement set in `in_dir` (and any scale sets beside it) to `to_world_size` ranks.
 
     `expert_parallel`: the user's explicit choice; None decides from the meta's ep_size, else from the
-    files checked against the model's config.json (see `decide_expert_parallel`).
+    files checked against `model`'s (or the meta's model's) config.json (see `decide_expert_parallel`).
+    `record`: the run's record; rank files that are not its own are refused before anything is written.
     Target ranks are independent, so their groups are read, merged and written by a pool of processes
     (one per core); the parent only checks that all groups saw the same modules and commits the result.
     """
     with _no_cycle_collection():
-        return _unify_dir(in_dir, out_dir, to_world_size, force, expert_parallel)
+        return _unify_dir(in_dir, out_dir, to_world_size, force, expert_parallel, model, record)
 
 
 @contextlib.contextmanager
@@ -72,14 +81,26 @@ def _no_cycle_collection() -> Iterator[None]:
             gc.enable()
 
 
-def _unify_dir(in_dir: Path, out_dir: Path, to_world_size: int, force: bool, explicit_ep: bool | None) -> UnifySummary:
+def _unify_dir(
+    in_dir: Path,
+    out_dir: Path,
+    to_world_size: int,
+    force: bool,
+    explicit_ep: bool | None,
+    model: Path | None,
+    record: RunRecord | None,
+) -> UnifySummary:
     start = time.perf_counter()
     sets = MeasurementSet.discover_all(in_dir)
     measurement = sets[0]  # the range files, or the first scale set when the directory holds only scale files
+    if record is not None:
+        ranges = [s for s in sets if s.method is None]  # scale files are derived later, by INC or `scales`
+        files = [n.file(s.directory, kind) for s in ranges for n in s.names for kind in (JSON, NPZ)]
+        check_rank_files(record, in_dir, measurement.meta.run_id if measurement.meta else None, files)
     check_sizes(measurement.world_size, to_world_size)
     _check_output(in_dir, out_dir, measurement, to_world_size, force)
     layout = expert_layout(measurement.read(0, check_npz=False))
-    expert_parallel, reason = decide_expert_parallel(measurement, explicit_ep, layout)
+    expert_parallel, reason = decide_expert_parallel(measurement, explicit_ep, layout, model=model)
     source = measurement.meta or RunMeta()
     has_experts = layout.has_experts
     ep_out = to_world_size if expert_parallel else (1 if has_experts else source.ep_size)
@@ -184,18 +205,20 @@ def expand_dir(in_dir: Path, out_dir: Path, to_world_size: int, *, force: bool =
     return outputs
 
 
-def decide_expert_parallel(measurement: MeasurementSet, explicit: bool | None, layout=None) -> tuple[bool, str]:
+def decide_expert_parallel(
+    measurement: MeasurementSet, explicit: bool | None, layout=None, *, model: Path | None = None
+) -> tuple[bool, str]:
     """Whether the ranks hold different experts (concatenate them) or shards of all of them (max-merge).
 
     One explicit decision: the user's flag, else the meta's ep_size (measure writes it), else the file
-    layout checked against the model's config.json: each rank holding all `n_routed_experts` means
-    TP-sharded experts, never EP; E local experts on N ranks with E * N = n_routed_experts means EP.
-    INC's own files with neither (e.g. published measurement sets) are taken as expert parallel, the
-    layout upstream's EP runs write; the returned reason says so.
+    layout checked against the model's config.json (`model`, else the model the meta names): each rank
+    holding all `n_routed_experts` means TP-sharded experts, never EP; E local experts on N ranks with
+    E * N = n_routed_experts means EP. Files with none of these are refused: guessing wrong multiplies
+    the experts (Maverick's 128 on 8 ranks would become 1,024) or merges different experts' ranges.
     """
     layout = layout or expert_layout(measurement.read(0, check_npz=False))
     local = layout.local_experts
-    routed = _routed_experts(measurement.meta)
+    routed = _routed_experts(measurement.meta, model)
     world = measurement.world_size
     if explicit is not None or not local:
         if explicit and local and routed and local == routed:
@@ -225,24 +248,31 @@ def decide_expert_parallel(measurement: MeasurementSet, explicit: bool | None, l
             f"expert-parallel experts of a model with {routed} routed experts",
             fix="check the files belong to this model, or pass --expert-parallel / --no-expert-parallel.",
         )
-    return True, (
-        f"assumed from the files: {local} experts per rank, no ep_size in the meta and no config.json "
-        "to compare with (pass --no-expert-parallel if every rank holds shards of all experts)"
+    raise UnifyError(
+        f"{measurement.directory}: {world} ranks hold {local} routed experts each, and neither an ep_size in "
+        "ray_calib_meta.json nor a readable config.json says whether they are shards of all experts "
+        "or different experts",
+        fix="pass --model BF16_DIR (its config.json decides), or --no-expert-parallel / --expert-parallel.",
     )
 
 
-def _routed_experts(meta: RunMeta | None) -> int | None:
-    """n_routed_experts of the model the meta names, when its config.json is readable here."""
-    if meta is None or not meta.model:
+def _routed_experts(meta: RunMeta | None, model: Path | None = None) -> int | None:
+    """n_routed_experts of `model`, else of the model the meta names, when its config.json is readable here."""
+    directory = model or (Path(meta.model) if meta and meta.model else None)
+    if directory is None:
         return None
     from ray_calib.model.config import num_routed_experts
 
-    path = Path(meta.model) / "config.json"
+    path = Path(directory) / "config.json"
     try:
         import json
 
         return num_routed_experts(json.loads(path.read_text())) or None
     except (OSError, ValueError):
+        if model is not None:
+            raise UnifyError(
+                f"--model {model}: no readable config.json", fix="pass the BF16 model directory that was measured."
+            ) from None
         return None
 
 

@@ -27,7 +27,11 @@ def model_config(model_dir: str | os.PathLike) -> dict:
 
 
 def num_routed_experts(config: dict) -> int:
-    """Routed experts per MoE layer under any of the names model families use (0: a dense model)."""
+    """Routed experts per MoE layer under any of the names model families use (0: a dense model).
+
+    Multimodal configs (Llama-4) keep the language model's numbers under `text_config`.
+    """
+    config = config.get("text_config") or config
     return config.get("n_routed_experts") or config.get("num_local_experts") or config.get("num_experts") or 0
 
 

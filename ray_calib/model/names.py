@@ -65,6 +65,13 @@ def checkpoint_modules(module: str) -> list[str]:
     return [module]
 
 
+def vllm_modules(module: str) -> list[str]:
+    """The vLLM module names a checkpoint module may live in: its fused group's first, then its own name."""
+    head, _, leaf = module.rpartition(".")
+    fused = [f"{head}.{name}" if head else name for name, parts in _FUSED.items() if leaf in parts]
+    return [*fused, module]
+
+
 def keeps_bf16(tensor_name: str) -> bool:
     return bool(_KEEP_RE.search(tensor_name))
 

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_calib import atomic
-from ray_calib.errors import MeasurementError
+from ray_calib.errors import MeasurementError, UnifyError
 from ray_calib.inc import ExpertCoverage, MeasurementSet, RunMeta, read_coverage
 from ray_calib.measurements import unify_ranks
 from ray_calib.measurements.pipeline import decide_expert_parallel
 from ray_calib.report import plots
 from ray_calib.report.extract import RunFigures, figures
 from ray_calib.rundir import RunDir
+from ray_calib.runrecord import run_measurements
 
 SUMMARY_FILE = "summary.txt"
 
@@ -41,17 +42,16 @@ class Report:
 
 
 def measurement_dir(path: Path) -> Path:
-    """Where the range files of `path` are: itself, `measure/`, or the smallest unified TP."""
+    """Where the range files of `path` are: `measure/`, else the run's unified directory, else itself."""
     path = Path(path)
     if not path.is_dir():
         raise MeasurementError(
             path, "is not a directory", fix="pass a run directory or a directory of INC range files."
         )
     run = RunDir(path.absolute())
-    for candidate in (run.measure, run.latest_unified()):
-        if candidate is not None and candidate.is_dir():
-            return candidate
-    return path
+    if run.measure.is_dir():
+        return run.measure
+    return run_measurements(run) or path
 
 
 def load_run(path: Path) -> LoadedRun:
@@ -60,7 +60,7 @@ def load_run(path: Path) -> LoadedRun:
     rank_files = measurement.read_all(check_npz=False, strict=False)
     tp1 = rank_files[0]
     if measurement.world_size > 1:  # experts merged as `unify` merges them (TP-sharded or expert parallel)
-        expert_parallel, _ = decide_expert_parallel(measurement, None)
+        expert_parallel = _expert_parallel(measurement)
         tp1 = unify_ranks(rank_files, 1, expert_parallel=expert_parallel)[0]
     coverage = read_coverage(directory)
     return LoadedRun(
@@ -71,6 +71,15 @@ def load_run(path: Path) -> LoadedRun:
         figures=figures(tp1),
         coverage=coverage,
     )
+
+
+def _expert_parallel(measurement: MeasurementSet) -> bool:
+    """As `unify` decides it. Undecided (INC's own files: no meta, no config.json here) the figures take the
+    ranks as expert parallel, the layout upstream's EP runs write; unify itself refuses to guess."""
+    try:
+        return decide_expert_parallel(measurement, None)[0]
+    except UnifyError:
+        return True
 
 
 def _label(path: Path, meta: RunMeta | None) -> str:

@@ -177,8 +177,9 @@ def test_cli_quantize_from_run_dir_without_paths(tmp_path, tiny_llama, run_cli):
     result = run_cli("quantize", "--run-dir", tmp_path / "run", "--low-cpu-mem", "--scale-method", "maxabs_pow2")
     assert result.exit_code == 0, result.stderr
     assert "28 FP8 tensors" in result.stdout and "vllm serve" in result.stdout
+    assert "--kv-cache-dtype fp8" in result.stdout  # the meta says K/V were measured: their scales are written
     result = run_cli("quantize", "--run-dir", tmp_path / "run", "--low-cpu-mem", "--scale-method", "maxabs_pow2")
-    assert "0 shard(s) written, 1 already done" in result.stdout
+    assert "0 shard(s) written, 2 already done" in result.stdout  # the weights' shard and the k/v scales' one
     result = run_cli("quantize", "--run-dir", tmp_path / "run", "--scale-method", "maxabs_hw")
     assert result.exit_code == 2 and "Gaudi HW scales" in result.stderr and "Traceback" not in result.stderr
 
@@ -328,7 +329,7 @@ def test_gaudi_backoffs_go_where_the_target_inc_reads_them(tmp_path, tiny_llama,
     version = ["--inc-version", inc_version] if inc_version else []
     result = run_cli("quantize", "--run-dir", tmp_path / "run", "--input-backoff", "0.5", *version)
     assert result.exit_code == 0, result.stderr
-    config = json.loads((tmp_path / "run/configs/inc_quant_one_node_config.json").read_text())
+    config = json.loads((tmp_path / "run/configs/inc_quant_with_fp8kv_one_node_config.json").read_text())
     if key == "scale_params":
         assert config["scale_method"] == "maxabs_hw" and config["scale_params"] == {"input_backoff": 0.5}
     else:

@@ -17,6 +17,7 @@ from ray_calib.inc import RankFile, RunMeta, StatsName, write_meta, write_rank_f
 from ray_calib.inc.naming import MEASURE_PREFIX
 from ray_calib.inc.quant_config import read_config, template_set, write_configs
 from ray_calib.rundir import RunDir
+from ray_calib.runrecord import checkpoint_digest
 from ray_calib.testing.hub_standin import DEFAULT_TOKEN, StandinHub
 
 REPO = "standin/tiny-ds3-calib"
@@ -66,6 +67,13 @@ def _make_run(root: Path) -> RunDir:
         run.unified(1),
     )
     write_configs(run.configs, template_set(str(run.measure), str(run.unified(1)), moe=True))
+    run.report.mkdir()
+    (run.report / "plot.png").write_bytes(bytes(range(256)) * 400)  # binary and > 64 KiB: goes through LFS
+    (run.fp8).mkdir()
+    (run.fp8 / "model.safetensors").write_bytes(b"\0" * 1000)
+    run.fp8_for("gaudi2").mkdir()
+    (run.fp8_for("gaudi2") / "model.safetensors").write_bytes(b"\1" * 1000)
+    verdict = {"candidate_digest": checkpoint_digest(run.fp8), "min_agreement": 0.9, "worst_agreement": 0.9375}
     (run.root / "eval.json").write_text(
         json.dumps(
             {
@@ -73,15 +81,17 @@ def _make_run(root: Path) -> RunDir:
                 "top1_agreement": {"candidate": 0.9375},
                 "mean_kl": {"candidate": 0.0123},
                 "baseline": "bf16",
+                "verdict": {**verdict, "candidate": str(run.fp8), "passed": True, "dropped_scales": 0},
+                "scale_audit": {
+                    "candidate_fp8_kv": {
+                        "counts": {"weight": {"carried": 16, "in_use": 16}, "kv": {"carried": 4, "in_use": 4}},
+                        "dropped": [],
+                        "backends": ["CPUAttentionBackendImpl"],
+                    }
+                },
             }
         )
     )
-    run.report.mkdir()
-    (run.report / "plot.png").write_bytes(bytes(range(256)) * 400)  # binary and > 64 KiB: goes through LFS
-    (run.fp8).mkdir()
-    (run.fp8 / "model.safetensors").write_bytes(b"\0" * 1000)
-    run.fp8_for("gaudi2").mkdir()
-    (run.fp8_for("gaudi2") / "model.safetensors").write_bytes(b"\1" * 1000)
     (run.unified(1) / "hessians.safetensors").write_bytes(b"\0" * 1000)  # GPTQ's inputs: with the checkpoint only
     (run.root / ".ray-calib-stage-x").mkdir()
     for local in ("logs/measure.log", "infer/vllm-serve.log", "ladder/ladder.txt"):  # this machine's records
@@ -160,6 +170,8 @@ def test_model_card_states_the_run(hub_env, tmp_path):
         "| top1_agreement (candidate) | 0.9375 |",
         "| mean_kl (candidate) | 0.0123 |",
         "| num_texts | 8 |",
+        "- candidate_fp8_kv: 16/16 weight, 4/4 kv scales in use, 0 dropped",
+        "Verified: `ray-calib eval` top-1 agreement 0.9375 >= --min-agreement 0.9 on this checkpoint.",
     ):
         assert row in card, row
     assert card.startswith("---\nbase_model: tiny/ds3\n") and "`fp8/`" not in card and "`fp8-gaudi2/`" not in card
@@ -246,3 +258,36 @@ def test_invalid_repo_id_is_one_line_and_writes_nothing(hub_env, tmp_path):
         with pytest.raises(HubError, match="is not a valid repo id.*ORG/NAME"):
             call()
     assert not (run.root / "README.md").exists() and not (tmp_path / "p").exists()
+
+
+def test_push_publishes_only_a_checked_run(hub_env, tmp_path):
+    """A passed eval of the checkpoint as it is now, or --no-verify (said in the card); logs/ and infer/ stay."""
+    from ray_calib.errors import ConfigError
+
+    run = _make_run(tmp_path / "run")
+    (run.root / "logs").mkdir(exist_ok=True)  # _make_run writes local records too
+    (run.root / "logs" / "infer.log").write_text("vLLM on host-1\n")
+    (run.root / "infer").mkdir(exist_ok=True)
+    (run.root / "infer" / "completions.json").write_text("[]")
+    (run.fp8 / "model.safetensors").write_bytes(b"\1" * 1001)  # quantized again after the eval
+    with pytest.raises(ConfigError, match="not the checkpoint in .* as it is now") as err:
+        push(run, "standin/checked")
+    assert "--no-verify" in (err.value.fix or "")
+    data = json.loads(run.eval_json.read_text())
+    for verdict, message in (
+        ({**data["verdict"], "passed": False, "worst_agreement": 0.5}, "failed its threshold"),
+        ({**data["verdict"], "min_agreement": None}, "had no --min-agreement"),
+        ({**data["verdict"], "dropped_scales": 1, "allow_scale_loss": True}, "left 1 calibrated scale"),
+        (None, "holds no verdict"),
+    ):
+        run.eval_json.write_text(json.dumps({**data, "verdict": verdict}))
+        with pytest.raises(ConfigError, match=message):
+            push(run, "standin/checked")
+    run.eval_json.unlink()
+    with pytest.raises(ConfigError, match="no eval.json"):
+        push(run, "standin/checked")
+    result = push(run, "standin/checked", verify=False)
+    assert not [f for f in result.files if f.startswith(("logs/", "infer/"))]
+    card = (pull("standin/checked", tmp_path / "p").directory / "README.md").read_text()
+    assert "Not verified: pushed with `--no-verify`" in card and "`logs/`" not in card
+    assert not (tmp_path / "p" / "logs").exists() and not (tmp_path / "p" / "infer").exists()

@@ -270,7 +270,7 @@ def test_a_given_quant_config_must_name_this_tps_measurements_absolutely(tmp_pat
     given.write_text(
         json.dumps({**template, "dump_stats_path": "./scripts/nc_workspace_measure_kvcache/inc_measure_output"})
     )
-    with pytest.raises(ConfigError, match="dump_stats_path .* is relative"):
+    with pytest.raises(ConfigError, match="dump_stats_path is './scripts.*not in this run's measurements"):
         gaudi.resolve(run, meta, model=None, tp=None, quant_config=given, fp8_kv=None, write=False)
     given.write_text(json.dumps({**template, "dump_stats_path": str(run.unified(8) / "inc_measure_output")}))
     with pytest.raises(ConfigError, match="holds no measurements for TP 8 .*inc_measure_output_hooks_maxabs_0_8.json"):
@@ -281,20 +281,38 @@ def test_a_given_quant_config_must_name_this_tps_measurements_absolutely(tmp_pat
 
 
 def test_a_tp1_unify_for_expand_does_not_become_the_serving_tp(tmp_path, run_cli):
-    """vllm-gaudi's MoE recipe unifies to TP 1 and expands; beside unified-tp8 that TP 1 must not be picked for
-    one-node serving (infer) nor for its QUANTIZE config (quantize)."""
+    """vllm-gaudi's MoE recipe unifies to TP 1 and expands; beside unified-tp8, the run's target TP (run.json)
+    is what infer serves and quantize configures, and without a target the two are refused, never picked."""
+    from ray_calib.convert.pipeline import _run_measurements
+    from ray_calib.runrecord import RunFactError, record_facts, start_record
+
     source = model(tmp_path, fp8=True)
     run, meta = run_with(tmp_path, source, fp8_kv=True)
     run.unified(1).mkdir()
     write_meta(run.unified(1), replace(meta, tp_size=1, ep_size=1))
-    assert run.unified_for_node(8) == run.unified(8) and run.unified_for_node(4) == run.unified(1)
-    assert run.latest_unified() == run.unified(1)  # CPU/CUDA quantize merges to TP 1 anyway
+    with pytest.raises(RunFactError, match="several unified directories"):
+        _run_measurements(run)
+    record_facts(start_record(run.root, "run-1", "measure", {}, []), "unify", {"target_tp": 8})
     result = run_cli("infer", "--serve", "--dry-run", "--device", "gaudi2", "--run-dir", run.root)
     assert result.exit_code == 0, result.stderr
     assert "--tensor-parallel-size 8" in result.stdout and "unified-tp8/inc_measure_output" in result.stdout
-    from ray_calib.convert.pipeline import _run_measurements
-
-    assert _run_measurements(run, "gaudi2") == run.unified(8)
-    run.measure.mkdir()
-    write_meta(run.measure, replace(meta, tp_size=16, unified_from=None))  # measured on gaudi2: no --device needed
     assert _run_measurements(run) == run.unified(8)
+
+
+@pytest.mark.parametrize("via", ["--quant-config", "devices.conf"])
+def test_a_quant_config_reading_other_measurements_is_refused(tmp_path, run_cli, via):
+    """The seeds' template names ./scripts/nc_workspace_measure_kvcache/inc_measure_output: old hand-run files
+    (or none) that INC used to load silently instead of the run's measurements."""
+    source = model(tmp_path, fp8=True)
+    run, _ = run_with(tmp_path, source, fp8_kv=True)
+    template = Path(__file__).parents[2] / "configs" / "inc_quant_with_fp8kv_one_node_config.json"
+    args: tuple = ("--quant-config", template)
+    if via == "devices.conf":
+        conf = tmp_path / "devices.conf"
+        conf.write_text(f"HEAD_NODE_IP=10.0.0.1\nDEVICE_KIND=hpu\nINC_QUANT_CONFIG_FILENAME={template}\n")
+        args = ("--conf", conf)
+    result = run_cli("infer", *args, "--device", "gaudi2", "--run-dir", run.root, "--dry-run")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    dump = json.loads(template.read_text())["dump_stats_path"]
+    assert dump in result.stderr and str(run.unified(8)) in result.stderr
+    assert ("INC_QUANT_CONFIG_FILENAME" if via == "devices.conf" else "--quant-config") in result.stderr

@@ -132,6 +132,7 @@ def test_eval_of_a_model_against_itself(tiny_llama, tmp_path, run_cli, monkeypat
     assert result.exit_code == 0, result.stderr
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["top1_agreement"] == {"candidate": 1.0}
+    assert report["verdict"]["passed"] and report["verdict"]["min_agreement"] == 0.99  # what push checks
     assert report["mean_kl"]["candidate"] == pytest.approx(0.0, abs=1e-9)
     assert report["perplexity"]["candidate"] == pytest.approx(report["perplexity"]["baseline"])
     assert report["num_positions"] > 20

@@ -149,7 +149,8 @@ def measured(tiny_models, permuted_models, calib_set, tmp_path_factory):
 
     backend None is vLLM's own choice on this CPU, and shares its run with that backend forced;
     permuted=K measures the copy permuted with seed K (0: the model itself). The tiny models are small enough
-    that every run records hessians by default.
+    that every run records hessians by default. Each run is a run directory of its own (`Run.out` is its
+    measure/, beside it the run.json measure starts and logs/).
     """
     cache: dict[tuple, Run] = {}
     root = tmp_path_factory.mktemp("measure-runs")
@@ -162,7 +163,7 @@ def measured(tiny_models, permuted_models, calib_set, tmp_path_factory):
             model = permuted_models(arch, permuted) if permuted else tiny_models[arch]
             extra = ("--attention-backend", backend) if backend else ()
             cache[key] = run_measure(
-                measure_args(model, calib_set, root / name, tp, fp8_kv=fp8_kv, extra=extra)
+                measure_args(model, calib_set, root / name / "measure", tp, fp8_kv=fp8_kv, extra=extra)
             ).check()
         return cache[key]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ray_calib.errors import ConfigError, MeasurementError, OutputExistsError
+from ray_calib.errors import ConfigError, EngineError, MeasurementError, OutputExistsError
 from ray_calib.inc import RankFile, StatsName
-from ray_calib.measure.chunks import ChunkResult, ChunkStore, rank_file_from_result
+from ray_calib.measure.chunks import ChunkResult, ChunkStore, check_gathered_ranks, rank_file_from_result
 from ray_calib.measurements.merge import merge_chunks
 
 
@@ -160,3 +160,11 @@ def test_hessians_cross_every_executor_as_float32_bytes():
     back = hessians_from_result(MsgpackDecoder().decode(MsgpackEncoder().encode(sent)))
     np.testing.assert_array_equal(back.matrices["a"], h)
     assert back.sharded == {"a"} and back.tokens == 4
+
+
+def test_gathered_ranks_must_be_exactly_0_to_n_minus_1():
+    """A worker that answers twice (or not at all) used to be written as a rank file of the run."""
+    check_gathered_ranks([2, 0, 1], 3, chunk=0)
+    for ranks in ([0, 0, 2], [0, 1], [0, 1, 2, 3], [0, None, 2]):
+        with pytest.raises(EngineError, match="chunk 4: gathered the stats of ranks .* expected exactly 0..2"):
+            check_gathered_ranks(ranks, 3, chunk=4)

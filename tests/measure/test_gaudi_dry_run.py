@@ -344,3 +344,13 @@ def test_gaudi_tp_above_this_nodes_cards_without_ray_is_refused(tmp_path, run_cl
         and "--tp 16 needs 16 devices but this node (hl-smi, no Ray cluster) offers 8" in real.stderr
     )
     assert not (tmp_path / "run" / "measure").exists()
+
+
+def test_hpu_conf_without_a_detectable_gaudi_asks_for_the_generation(tmp_path, cluster, run_cli, monkeypatch):
+    """DEVICE_KIND=hpu on a machine that shows no Gaudi used to plan with CPU memory arithmetic."""
+    monkeypatch.delenv("RAY_CALIB_DEVICE", raising=False)  # detected: this machine has no Gaudi
+    model = model_dir(tmp_path, "DeepSeek-R1", DEEPSEEK_R1)
+    result = run_cli("measure", "-m", model, "--conf", cluster, "--fp8-kv", "--dry-run")
+    assert result.exit_code == 2 and result.stderr.count("error: ") == 1, result.stderr
+    error = result.stderr.splitlines()[-1]
+    assert "DEVICE_KIND=hpu" in error and "--device gaudi2 or --device gaudi3" in error

@@ -90,7 +90,18 @@ def test_inc_measure_gather_unify_quantize(tiny_models, calib_set, tmp_path, two
     )
 
     quantize = subprocess.run(
-        [sys.executable, "-m", "ray_calib.cli", "quantize", "--device", "gaudi2", "--run-dir", str(run_dir)],
+        # measured with INC on CPU (run.json: device_type cpu); the Gaudi config is wanted: an explicit override
+        [
+            sys.executable,
+            "-m",
+            "ray_calib.cli",
+            "quantize",
+            "--device",
+            "gaudi2",
+            "--override-run",
+            "--run-dir",
+            str(run_dir),
+        ],
         cwd=REPO,
         env=measure_env(),
         capture_output=True,

@@ -20,7 +20,8 @@ def _stem(run_dir, rank, world=4):
 
 
 def _fails(run_cli, run_dir, *match, to_tp=2, code=None):
-    result = run_cli("unify", "--to-tp", to_tp, "--in", run_dir / "in", "--out", run_dir / "out")
+    # the synthetic ranks hold different experts; no meta or config.json says so, so the flag does
+    result = run_cli("unify", "--to-tp", to_tp, "--in", run_dir / "in", "--out", run_dir / "out", "--expert-parallel")
     assert result.exit_code != 0
     if code is not None:
         assert result.exit_code == code
@@ -100,16 +101,16 @@ def test_output_holding_another_run_needs_force(run_cli, run_dir):
     out = run_dir / "out"
     write_set(out, 2, prefix="someone_else")
     before = sorted(p.name for p in out.iterdir())
-    result = run_cli("unify", "--to-tp", 2, "--in", run_dir / "in", "--out", out)
+    result = run_cli("unify", "--to-tp", 2, "--in", run_dir / "in", "--out", out, "--expert-parallel")
     assert result.exit_code == 3
     assert "already holds another run ('someone_else', world size 2)" in result.stderr and "--force" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == before
-    result = run_cli("unify", "--to-tp", 2, "--in", run_dir / "in", "--out", out, "--force")
+    result = run_cli("unify", "--to-tp", 2, "--in", run_dir / "in", "--out", out, "--force", "--expert-parallel")
     assert result.exit_code == 0, result.stderr
     assert not list(out.glob("someone_else*"))
     assert len(list(out.glob(f"{PREFIX}_hooks_maxabs_*_2.npz"))) == 2
     # the same run again is not "another run": no --force needed
-    assert run_cli("unify", "--to-tp", 2, "--in", run_dir / "in", "--out", out).exit_code == 0
+    assert run_cli("unify", "--to-tp", 2, "--in", run_dir / "in", "--out", out, "--expert-parallel").exit_code == 0
 
 
 def test_empty_and_missing_input(run_cli, tmp_path):
@@ -169,5 +170,7 @@ def test_sidecar_field_of_the_wrong_type(run_cli, run_dir):
 
 def test_out_below_an_existing_file(run_cli, run_dir):
     (run_dir / "a_file").write_text("x")
-    result = run_cli("unify", "--to-tp", 2, "--in", run_dir / "in", "--out", run_dir / "a_file" / "out")
+    result = run_cli(
+        "unify", "--to-tp", 2, "--in", run_dir / "in", "--out", run_dir / "a_file" / "out", "--expert-parallel"
+    )
     assert result.exit_code != 0 and result.stderr.startswith("error: ") and "choose another path" in result.stderr

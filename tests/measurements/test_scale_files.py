@@ -25,7 +25,7 @@ def test_scale_files_unified_elementwise(tmp_path, run_cli):
     write_set(tmp_path / "in", 2, experts=2, layers=1)
     write_rank_file(_scale_file(0, [1.0, 5.0], [0.1, 0.2]), tmp_path / "in")
     write_rank_file(_scale_file(1, [2.0, 3.0], [0.3, 0.4]), tmp_path / "in")
-    result = run_cli("unify", "--to-tp", 1, "--in", tmp_path / "in", "--out", tmp_path / "out")
+    result = run_cli("unify", "--to-tp", 1, "--in", tmp_path / "in", "--out", tmp_path / "out", "--expert-parallel")
     assert result.exit_code == 0, result.stderr
     assert "MAXABS_HW" in result.stdout
     scales = MeasurementSet.discover(tmp_path / "out", method="MAXABS_HW").read(0)
@@ -58,6 +58,6 @@ def test_per_channel_weight_scales_are_not_resharded(tmp_path, run_cli):
             ),
             tmp_path / "in",
         )
-    result = run_cli("unify", "--to-tp", 1, "--in", tmp_path / "in", "--out", tmp_path / "out")
+    result = run_cli("unify", "--to-tp", 1, "--in", tmp_path / "in", "--out", tmp_path / "out", "--expert-parallel")
     assert result.exit_code != 0 and "per-channel weight scales, which cannot be re-sharded" in result.stderr
     assert "run `ray-calib scales`" in result.stderr and not (tmp_path / "out").exists()

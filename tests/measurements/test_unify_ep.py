@@ -80,3 +80,24 @@ def test_cli_prints_the_reason(tmp_path, run_cli):
     result = run_cli("unify", "--to-tp", 1, "--in", src, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     assert "element-wise max (every rank holds all 4 routed experts (config.json): TP-sharded experts)" in result.stdout
+
+
+def test_maverick_shape_is_refused_without_facts_and_max_merged_with_its_config(tmp_path, run_cli):
+    """Llama-4-Maverick at TP=8: every rank holds shards of all 128 routed experts. With no meta and no
+    config.json, unify used to assume expert parallelism and wrote 1,024 experts per rank."""
+    src = tmp_path / "measure"
+    write_set(src, 8, experts=128, layers=1)
+    result = run_cli("unify", "--to-tp", 1, "--in", src, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "8 ranks hold 128 routed experts each" in result.stderr and "--model" in result.stderr
+    assert not (tmp_path / "out").exists()
+    model = tmp_path / "maverick"
+    model.mkdir()
+    config = {"model_type": "llama4", "text_config": {"model_type": "llama4_text", "num_local_experts": 128}}
+    (model / "config.json").write_text(json.dumps(config))
+    result = run_cli("unify", "--to-tp", 1, "--in", src, "--out", tmp_path / "out", "--model", model)
+    assert result.exit_code == 0, result.stderr
+    assert "element-wise max (every rank holds all 128 routed experts (config.json)" in result.stdout
+    out = MeasurementSet.discover(tmp_path / "out").read(0)
+    assert len(out.nodes[OP]["outputs"]) == 1 + 128
+    assert read_meta(tmp_path / "out").ep_size == 1

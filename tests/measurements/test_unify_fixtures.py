@@ -24,7 +24,7 @@ def test_discovers_the_run(ds_ranks):
 
 
 def test_ds_r1_16_to_8(ds_ranks, tmp_path, run_cli):
-    result = run_cli("unify", "--to-tp", 8, "--in", DS_R1_TP16, "--out", tmp_path)
+    result = run_cli("unify", "--to-tp", 8, "--in", DS_R1_TP16, "--out", tmp_path, "--expert-parallel")
     assert result.exit_code == 0, result.stderr
     assert "expert-parallel" in result.stdout
     unified = MeasurementSet.discover(tmp_path).read_all()
@@ -49,7 +49,12 @@ def test_ds_r1_16_to_8(ds_ranks, tmp_path, run_cli):
 
 
 def test_npz_equals_json_after_unify(tmp_path, run_cli):
-    assert run_cli("unify", "--to-tp", 8, "--in", fixture_dir(DS_R1_TP16), "--out", tmp_path).exit_code == 0
+    assert (
+        run_cli(
+            "unify", "--to-tp", 8, "--in", fixture_dir(DS_R1_TP16), "--out", tmp_path, "--expert-parallel"
+        ).exit_code
+        == 0
+    )
     for rank in (0, 7):
         stem = tmp_path / f"inc_measure_output_hooks_maxabs_{rank}_8"
         assert npz.load(stem.with_suffix(".npz")) == json.loads(stem.with_suffix(".json").read_text())
@@ -71,7 +76,7 @@ def test_chained_unify_through_files(tmp_path, run_cli):
     previous = fixture_dir(DS_R1_TP16)
     for size in (4, 1):
         out = tmp_path / f"tp{size}"
-        assert run_cli("unify", "--to-tp", size, "--in", previous, "--out", out).exit_code == 0
+        assert run_cli("unify", "--to-tp", size, "--in", previous, "--out", out, "--expert-parallel").exit_code == 0
         previous = out
     direct = unify_ranks(MeasurementSet.discover(DS_R1_TP16).read_all(), 1)[0]
     assert MeasurementSet.discover(previous).read(0).nodes == direct.nodes
@@ -92,7 +97,7 @@ def test_llama_70b_tp4_to_2_and_1():
 
 def test_expand_inverts_unify_for_experts(ds_ranks, tmp_path, run_cli):
     one = tmp_path / "tp1"
-    assert run_cli("unify", "--to-tp", 1, "--in", DS_R1_TP16, "--out", one).exit_code == 0
+    assert run_cli("unify", "--to-tp", 1, "--in", DS_R1_TP16, "--out", one, "--expert-parallel").exit_code == 0
     result = run_cli("expand", "--to-ranks", 16, "--in", one, "--out", tmp_path / "ep16")
     assert result.exit_code == 0, result.stderr
     expanded = MeasurementSet.discover(tmp_path / "ep16").read_all()

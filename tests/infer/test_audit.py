@@ -1,0 +1,85 @@
+"""The scale audit's comparison (pure): the checkpoint's scales, as `quantize` writes them, against engine
+read-backs shaped like vLLM 0.32's (the slow FP8-KV chain in tests/measure reads a real engine)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from ray_calib.convert.pipeline import QuantizeRequest, quantize_run
+from ray_calib.errors import EngineError
+from ray_calib.infer.audit import ScaleAudit, audit, carried_scales, check
+from ray_calib.model.names import vllm_modules
+from ray_calib.rundir import RunDir
+from tests.convert.synthetic import write_measurements
+
+BACKEND = "CPUAttentionBackendImpl"
+
+
+@pytest.fixture(scope="module")
+def carried(tiny_model, tmp_path_factory):
+    model = tiny_model("llama")
+    run = RunDir(tmp_path_factory.mktemp("audit") / "run")
+    write_measurements(run.measure, model, world_size=1)
+    quantize_run(QuantizeRequest(run=run, scale_method="maxabs_pow2", fp8_kv=True))
+    return carried_scales(run.fp8)
+
+
+def engine(carried, *, kv_cache_dtype: str = "fp8") -> list[dict]:
+    """What `ScaleAuditExtension` reports for an engine that uses every scale (one rank)."""
+    modules = {vllm_modules(name)[0]: {"weight": True, "input": True} for name in carried.linear}
+    for prefix, values in carried.kv.items():
+        modules[f"{prefix}.attn"] = {"kv": dict(values), "kv_cache_dtype": kv_cache_dtype, "backend": BACKEND}
+    return [{"rank": 0, "modules": modules}]
+
+
+def test_every_scale_in_use_is_counted(carried):
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"} <= set(carried.linear)
+    assert set(carried.kv) == {f"model.layers.{i}.self_attn" for i in range(4)}
+    result = audit(carried, engine(carried))
+    assert result.dropped == [] and result.backends == [BACKEND]
+    assert result.counts["kv"] == {"carried": 4, "in_use": 4}
+    assert result.counts["weight"]["carried"] == result.counts["weight"]["in_use"] == len(carried.linear)
+    check(result, allow_scale_loss=False)
+    assert ScaleAudit.from_json(result.to_json()) == result
+
+
+def test_a_kv_scale_replaced_by_one_fails_naming_the_layer_and_backend(carried):
+    ranks = engine(carried)
+    ranks[0]["modules"]["model.layers.2.self_attn.attn"]["kv"]["k"] = 1.0
+    result = audit(carried, ranks)
+    assert result.counts["kv"] == {"carried": 4, "in_use": 3}
+    (line,) = result.dropped
+    assert line.startswith("model.layers.2.self_attn: k scale") and "(replaced by 1.0)" in line and BACKEND in line
+    with pytest.raises(EngineError, match="1 calibrated scale.*model.layers.2.self_attn.*--allow-scale-loss"):
+        check(result, allow_scale_loss=False)
+    check(result, allow_scale_loss=True)
+
+
+def test_a_rank_without_a_weight_scale_or_attention_layer_is_a_drop(carried):
+    two = engine(carried) + copy.deepcopy(engine(carried))
+    two[1]["rank"] = 1
+    del two[1]["modules"]["model.layers.0.self_attn.qkv_proj"]["weight"]
+    del two[1]["modules"]["model.layers.3.self_attn.attn"]
+    result = audit(carried, two)
+    assert any(d.startswith("model.layers.0.self_attn.q_proj: its weight scale") for d in result.dropped)
+    assert any(d.startswith("model.layers.3.self_attn: k/v scales carried") for d in result.dropped)
+
+
+def test_a_bf16_cache_uses_no_kv_scales_by_choice(carried):
+    result = audit(carried, engine(carried, kv_cache_dtype="bfloat16"))
+    assert result.dropped == [] and result.counts["kv"]["in_use"] == 0 and "--no-fp8-kv" in result.notes[0]
+
+
+def test_per_expert_scales_collapsed_or_ignored_are_drops():
+    from ray_calib.infer.audit import CarriedScales
+
+    carried = CarriedScales(experts={"model.layers.1.mlp.experts": set(range(8))})
+    held = {"model.layers.1.mlp.experts.routed_experts": {"weight": True, "expert_scales": 8}}
+    assert audit(carried, [{"rank": 0, "modules": held}]).dropped == []
+    ep = [{"rank": r, "modules": {"model.layers.1.mlp.experts.routed_experts": {"expert_scales": 4}}} for r in (0, 1)]
+    assert audit(carried, ep).counts["experts"] == {"carried": 1, "in_use": 1}  # expert parallel: 4 + 4
+    held["model.layers.1.mlp.experts.routed_experts"]["expert_scales"] = 1
+    (line,) = audit(carried, [{"rank": 0, "modules": held}]).dropped
+    assert "8 experts carry weight scales, the engine holds 1 per rank (collapsed" in line
