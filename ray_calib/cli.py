@@ -114,10 +114,11 @@ def _log_hint(err: RayCalibError) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and a non-zero exit code."""
     debug = os.environ.get("RAY_CALIB_DEBUG") == "1"
+    ui.set_command_line(sys.argv[1:] if argv is None else argv)
     try:
         code = cli.main(args=argv, prog_name="ray-calib", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo(ui.interrupted_message(), err=True)
         code = 130
     except click.ClickException as err:
         err.show()
@@ -132,9 +133,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"error: {err.filename or ''}: {err.strerror}; {_OS_ERRORS[err.errno]}", err=True)
         code = 1
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        code = 130
     finally:
         ui.end_library_logs()
     sys.exit(code or 0)

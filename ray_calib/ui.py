@@ -6,6 +6,7 @@
     note / warn           stderr: side remarks; `warn` is shown even with -q
     progress(...)         stderr: a rich bar with rate and ETA on a terminal; elsewhere (nohup, CI, a pipe)
                           a plain line every few seconds, so a long run still shows it is alive
+    on_interrupt(fn)      what Ctrl-C / SIGTERM would leave behind and how to go on, said when it happens
     library_logs(...)     vLLM, Ray and transformers log into <run dir>/logs/<command>.log (engine child
                           processes too, through the environment they inherit); errors name that file
 
@@ -22,7 +23,7 @@ import logging.config
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:  # rich is imported when a bar is drawn on a terminal
 LIBRARY_LOGGERS = ("vllm", "ray", "transformers", "torch", "neural_compressor", "huggingface_hub", "urllib3")
 PROGRESS_INTERVAL_S = 5.0  # seconds between plain progress lines when stderr is not a terminal
 
-_state: dict = {"verbosity": 0, "log_file": None, "env": {}}
+_state: dict = {"verbosity": 0, "log_file": None, "env": {}, "argv": [], "on_interrupt": None}
 
 
 def set_verbosity(verbosity: int) -> None:
@@ -68,6 +69,39 @@ def verbosity() -> int:
 def log_file() -> Path | None:
     """The library log of the running command, if it started one (errors from the engine name it)."""
     return _state["log_file"]
+
+
+# ---- interruption ---------------------------------------------------------------------------------------
+
+
+def set_command_line(argv: Sequence[str]) -> None:
+    """The arguments of the running `ray-calib` call, for the rerun command printed when it is interrupted."""
+    _state["argv"], _state["on_interrupt"] = list(argv), None
+
+
+def rerun_command(add: Sequence[str] = (), drop: Sequence[str] = ()) -> str:
+    """`ray-calib ARGS` as it was called, without the flags in `drop` and with those in `add` appended."""
+    import shlex
+
+    args = [a for a in _state["argv"] if a not in drop]
+    return shlex.join(["ray-calib", *args, *(a for a in add if a not in args)])
+
+
+def on_interrupt(describe: Callable[[], str] | None) -> None:
+    """Register what an interruption keeps and how to go on; called at interrupt time, so it can count."""
+    _state["on_interrupt"] = describe
+
+
+def interrupted_message() -> str:
+    """One line for Ctrl-C / SIGTERM: what the command kept and the command that goes on from there."""
+    describe = _state["on_interrupt"]
+    if describe is not None:
+        with contextlib.suppress(Exception):
+            return f"interrupted: {describe()}"
+    return (
+        "interrupted; no output is left half-written (each is written under a temporary name and renamed "
+        f"when complete); to start again: {rerun_command()}"
+    )
 
 
 # ---- text -----------------------------------------------------------------------------------------------

@@ -341,6 +341,7 @@ def _node(p: _Parsed, index: int, keys: dict[str, str], defaults: dict[str, obje
             p.problems.append((p.lines[keys["IP"]], f"{keys['IP']} is empty (an unset $VARIABLE?)"))
         return None
     _check_file(p, keys.get("SOURCE_FILENAME"), v["SOURCE_FILENAME"])
+    _check_line_endings(p, keys.get("SOURCE_FILENAME"), v["SOURCE_FILENAME"])
     key_name = keys.get("SSH_KEY") or ("SSH_KEY" if "SSH_KEY" in p.values else None)
     _check_file(p, key_name, v["SSH_KEY"])
     _check_temp_dir(p, keys.get("RAY_TEMP_DIR", "RAY_TEMP_DIR"), str(v["RAY_TEMP_DIR"]))
@@ -419,6 +420,31 @@ def _unknown(p: _Parsed, key: str, candidates: list[str]) -> None:
 def _check_file(p: _Parsed, key: str | None, value: object) -> None:
     if key and value and not Path(str(value)).is_file():
         p.problems.append((p.lines[key], f"{key}: file not found: {value}"))
+
+
+def _check_line_endings(p: _Parsed, key: str | None, value: object) -> None:
+    """A shell sourcing a CRLF file keeps the \\r in every value it sets (VLLM_HOST_IP=1.2.3.4\\r)."""
+    if not key or not value:
+        return
+    line = crlf_line(Path(str(value)))
+    if line:
+        p.problems.append(
+            (
+                p.lines[key],
+                f"{key}: {value}:{line} ends in CR (Windows line endings), so every variable it sets "
+                f"would end in \\r; convert it with: sed -i 's/\\r$//' {shlex.quote(str(value))}",
+            )
+        )
+
+
+def crlf_line(path: Path) -> int | None:
+    """First line of a text file with a carriage return in it, if any."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    at = data.find(b"\r")
+    return None if at < 0 else data.count(b"\n", 0, at) + 1
 
 
 def _check_temp_dir(p: _Parsed, key: str, temp_dir: str) -> None:

@@ -174,7 +174,7 @@ def run(root: Path) -> None:
 
 def _real_model(demo: Demo, conf: Path, model: Path) -> Path:
     """SmolLM2-135M-Instruct through the same chain, on real text; returns its run directory."""
-    from ray_calib.realmodel import texts
+    from ray_calib.data import texts
 
     run, data = demo.root / "run-smollm2", demo.root / "data"
     calib, heldout, prompts = data / "pydoc.jsonl", data / "heldout.jsonl", data / "prompts.txt"

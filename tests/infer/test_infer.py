@@ -134,7 +134,9 @@ def test_eval_of_a_model_against_itself(tiny_llama, tmp_path, run_cli, monkeypat
     assert report["top1_agreement"] == {"candidate": 1.0}
     assert report["mean_kl"]["candidate"] == pytest.approx(0.0, abs=1e-9)
     assert report["perplexity"]["candidate"] == pytest.approx(report["perplexity"]["baseline"])
-    assert report["num_positions"] > 20
+    assert report["num_texts"] == 16 and report["num_positions"] > 4000, "no --texts: the built-in held-out set"
+    assert "no --texts: scoring 16 held-out passages" in result.stderr
+    assert "(1/2 score baseline)" in result.stderr and "(2/2 score candidate)" in result.stderr
 
 
 def test_serve_args_are_vllms_defaults_plus_the_few_settings_we_own(tmp_path):
