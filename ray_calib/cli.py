@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:
         if debug or err.errno not in _OS_ERRORS:
             raise
-        click.echo(f"error: {err.filename or ''}: {err.strerror}; {_OS_ERRORS[err.errno]}", err=True)
+        where = f"{err.filename}: " if err.filename else ""
+        click.echo(f"error: {where}{err.strerror}; {_OS_ERRORS[err.errno]}", err=True)
         code = 1
     finally:
         ui.end_library_logs()
