@@ -2,7 +2,7 @@
 real trained model (SmolLM2-135M-Instruct), both calibrated across two Ray nodes.
 
      1  make a tiny DeepSeek-V3 and a calibration set
-     2  up: two Ray nodes on 127.0.0.1 and 127.0.0.2 (2 devices each), over a local sshd started for the demo
+     2  up: two Ray nodes on 127.0.0.3 and 127.0.0.4 (2 devices each), over a local sshd started for the demo
      3  tiny DeepSeek: measure --fp8-kv at TP=4 across both nodes
      4  unify --to-tp 2
      5  quantize --low-cpu-mem
@@ -130,7 +130,7 @@ def run(root: Path) -> None:
     with running_sshd() as sshd:
         conf = write_conf(root / "cluster", sshd, devices_per_node=2, memory="4G", fast_failure_detection=False)
         try:  # `down` also cleans up after a partial `up`
-            demo.stage(2, "up: two Ray nodes (127.0.0.1, 127.0.0.2)", ["up", "--conf", conf])
+            demo.stage(2, "up: two Ray nodes (127.0.0.3, 127.0.0.4)", ["up", "--conf", conf])
             demo.stage(
                 3,
                 "tiny DeepSeek: measure --fp8-kv at TP=4 across both nodes",

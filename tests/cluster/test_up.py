@@ -1,6 +1,6 @@
 """`up` -> `status` -> connect -> restart -> a node dies -> `down`, with real sshd and real Ray.
 
-One two-node cluster (head 127.0.0.1, worker 127.0.0.2, one "HPU" each) goes through one scenario: each
+One two-node cluster (head 127.0.0.3, worker 127.0.0.4, one "HPU" each) goes through one scenario: each
 step needs the state the step before left, so they are the named steps of one test (no order between tests,
 any `-k` selection or random order works); the fixture takes the cluster down and kills leftovers by pid.
 """
@@ -23,7 +23,7 @@ import pytest
 
 from ray_calib.cluster import connect, devices, lifecycle, state
 from ray_calib.errors import ClusterError
-from ray_calib.testing.localnodes import kill_leftovers, ray_pids, raylet_pid, write_conf
+from ray_calib.testing.localnodes import HEAD_IP, WORKER_IP, kill_leftovers, ray_pids, raylet_pid, write_conf
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -61,6 +61,21 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
+def _a_head_ray_moves_off_its_ip_stops_up(cluster, run_cli):
+    """HEAD_NODE_IP=127.0.0.1: Ray runs the head on the host's primary address; `up` names both and stops Ray."""
+    wrong = cluster.parent / "wrong-head.conf"
+    wrong.write_text(cluster.read_text().replace(f"HEAD_NODE_IP={HEAD_IP}", "HEAD_NODE_IP=127.0.0.1"))
+    result = run_cli("up", "--conf", wrong)
+    assert result.exit_code == 1, result.stderr
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert error.startswith("error: head (127.0.0.1): not bound where configured: Ray runs it on "), error
+    chosen = error.split("Ray runs it on ", 1)[1].split(",")[0]
+    assert chosen != "127.0.0.1" and "not the configured 127.0.0.1" in error
+    assert "(Ray stopped again on every node)" in error and "set HEAD_NODE_IP to another address" in error
+    assert ray_pids(cluster.parent / "ray") == [], "nothing keeps listening on the wrong address"
+    print(f"binding check, head configured 127.0.0.1: {error}")
+
+
 def _up_then_status(cluster, run_cli):
     result = run_cli("up", "--conf", cluster)
     assert result.exit_code == 0, result.stderr
@@ -68,7 +83,7 @@ def _up_then_status(cluster, run_cli):
         assert f"({index}/5 {name})" in result.stderr  # stages go to stderr, results to stdout
     assert f"cluster up at {devices.load(cluster).address} (2 nodes)" in result.stdout
     worker_env = _environ(raylet_pid(cluster.parent / "ray" / "worker"))
-    assert worker_env["VLLM_HOST_IP"] == "127.0.0.2" and worker_env["GLOO_SOCKET_IFNAME"] == "lo"
+    assert worker_env["VLLM_HOST_IP"] == WORKER_IP and worker_env["GLOO_SOCKET_IFNAME"] == "lo"
     assert worker_env["RAY_AUTH_MODE"] == "token"
     token = (cluster.parent / "auth_token").read_text()
     assert len(token) == 64 and stat.S_IMODE((cluster.parent / "auth_token").stat().st_mode) == 0o600
@@ -79,7 +94,7 @@ def _up_then_status(cluster, run_cli):
     assert shown.exit_code == 0, shown.stderr
     record, rows = lifecycle.status(devices.load(cluster))
     assert record["status"] == "up" and [r.alive for r in rows] == [True, True]
-    assert rows[1].ray_ip == "127.0.0.2" and rows[0].devices == "cpu x1"
+    assert rows[0].ray_ip == HEAD_IP and rows[1].ray_ip == WORKER_IP and rows[0].devices == "cpu x1"
     assert record["nodes"][0]["packages"]["ray"] == "2.60.0"
 
 
@@ -199,13 +214,13 @@ def _dead_node_is_named_by_status_connect_and_measure(cluster, run_cli, tiny_lla
         assert time.monotonic() < deadline, "GCS never marked the killed worker dead"
         time.sleep(1)
     shown = run_cli("status", "--conf", cluster)
-    assert shown.exit_code == 1 and "worker1 (127.0.0.2)" in shown.stderr and "not alive" in shown.stderr
+    assert shown.exit_code == 1 and f"worker1 ({WORKER_IP})" in shown.stderr and "not alive" in shown.stderr
     with pytest.raises(ClusterError) as err:
         connect(cluster)
-    assert str(err.value).startswith("worker1 (127.0.0.2): Ray node(s) not alive")
-    assert f"127.0.0.2:{cluster.parent}/ray/worker/session_latest/logs" in str(err.value)
+    assert str(err.value).startswith(f"worker1 ({WORKER_IP}): Ray node(s) not alive")
+    assert f"{WORKER_IP}:{cluster.parent}/ray/worker/session_latest/logs" in str(err.value)
     refused = _measure(cluster, *tiny_llama, tmp_path / "measure")
-    assert refused.returncode != 0 and "error: worker1 (127.0.0.2): Ray node(s) not alive" in refused.stderr
+    assert refused.returncode != 0 and f"error: worker1 ({WORKER_IP}): Ray node(s) not alive" in refused.stderr
     assert "Traceback" not in refused.stderr
 
 
@@ -221,6 +236,7 @@ def _down_stops_every_process(cluster, run_cli):
 @pytest.mark.timeout(1800)
 def test_up_status_connect_measure_restart_dead_node_down(cluster, run_cli, tiny_llama, tmp_path):
     steps = [
+        lambda: _a_head_ray_moves_off_its_ip_stops_up(cluster, run_cli),
         lambda: _up_then_status(cluster, run_cli),
         lambda: _up_again_is_a_noop(cluster, run_cli),
         lambda: _connect_gives_a_working_authenticated_address(cluster),
