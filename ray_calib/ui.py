@@ -17,6 +17,7 @@ Verbosity is set once by the `-v`/`-q` options of `ray-calib`: -1 quiet (results
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import logging.config
@@ -33,7 +34,16 @@ if TYPE_CHECKING:  # rich is imported when a bar is drawn on a terminal
     from rich.progress import Progress, TaskID
 
 # Loggers of the libraries we run; their records go to the command's log file, not to our streams.
-LIBRARY_LOGGERS = ("vllm", "ray", "transformers", "torch", "neural_compressor", "huggingface_hub", "urllib3")
+LIBRARY_LOGGERS = (
+    "vllm",
+    "ray",
+    "transformers",
+    "torch",
+    "neural_compressor",
+    "huggingface_hub",
+    "urllib3",
+    "py.warnings",
+)
 PROGRESS_INTERVAL_S = 5.0  # seconds between plain progress lines when stderr is not a terminal
 
 _state: dict = {"verbosity": 0, "log_file": None, "env": {}, "argv": [], "on_interrupt": None}
@@ -74,9 +84,15 @@ def log_file() -> Path | None:
 # ---- interruption ---------------------------------------------------------------------------------------
 
 
-def set_command_line(argv: Sequence[str]) -> None:
-    """The arguments of the running `ray-calib` call, for the rerun command printed when it is interrupted."""
-    _state["argv"], _state["on_interrupt"] = list(argv), None
+def set_command_line(argv: Sequence[str], *, own_process: bool = False) -> None:
+    """The arguments of the running `ray-calib` call, for the rerun command printed when it is interrupted;
+    `own_process`: the process is this command alone (not a program calling the CLI in-process)."""
+    _state["argv"], _state["on_interrupt"], _state["own_process"] = list(argv), None, own_process
+
+
+def own_process() -> bool:
+    """True when this process runs nothing but the `ray-calib` command (it may then re-exec itself)."""
+    return bool(_state.get("own_process"))
 
 
 def rerun_command(add: Sequence[str] = (), drop: Sequence[str] = ()) -> str:
@@ -309,12 +325,66 @@ def library_logs(run_dir: Path, command: str) -> Path:
     _state["env"] = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     logging.config.dictConfig(config)
+    logging.captureWarnings(True)  # torch/transformers warnings are library noise too ("py.warnings")
     _state["log_file"] = path
+    _streams_to_log(path)
     return path
+
+
+def _streams_to_log(path: Path) -> None:
+    """Point file descriptors 1 and 2 at the log file, keeping our own stdout/stderr on copies of them.
+
+    What libraries write to the descriptors directly (C++ of Ray and torch, `*** SIGTERM received`,
+    tracebacks of killed workers) and everything child processes (vLLM's engine core, its workers, the
+    resource tracker) print lands in the log file; `result`, `note`, stages and progress still reach
+    the user. Skipped when sys.stdout/sys.stderr are not the process's descriptors 1 and 2 (captured
+    in-process, e.g. by pytest) or with -v (the libraries' output is wanted on stderr then).
+    """
+    if _state["verbosity"] >= 1 or _state.get("streams") is not None:
+        return
+    try:
+        if sys.stdout.fileno() != 1 or sys.stderr.fileno() != 2:
+            return
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    _state["streams"] = (saved, sys.stdout, sys.stderr)
+    sys.stdout = _text_stream(saved[0], sys.stdout)
+    sys.stderr = _text_stream(saved[1], sys.stderr)
+
+
+def _text_stream(fd: int, like) -> io.TextIOWrapper:
+    raw = io.FileIO(fd, "w", closefd=False)
+    encoding = getattr(like, "encoding", None) or "utf-8"
+    return io.TextIOWrapper(raw, encoding=encoding, errors="replace", line_buffering=True, write_through=True)
+
+
+def _streams_back() -> None:
+    streams = _state.get("streams")
+    if streams is None:
+        return
+    (out_fd, err_fd), stdout, stderr = streams
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    os.close(out_fd)
+    os.close(err_fd)
+    sys.stdout, sys.stderr = stdout, stderr
+    _state["streams"] = None
 
 
 def end_library_logs() -> None:
     """Close the log file and give the environment back as it was (matters when the CLI runs in-process)."""
+    _streams_back()
+    logging.captureWarnings(False)
     for key, value in _state["env"].items():
         if value is None:
             os.environ.pop(key, None)

@@ -244,6 +244,12 @@ def fix(binding: Binding) -> str:
             f"Ray replaces {node.ip} with the host's primary address: set {ip_key(node)} to another address of "
             "that host (the NIC the other nodes reach; on one box e.g. 127.0.0.3), then `ray-calib up --restart`"
         )
+    if all("listens on" in p for p in binding.problems):
+        return (
+            f"a process of Ray on {node.ssh_host} bound a port outside the bind shim (is LD_PRELOAD reset by its "
+            "env file?); fix that, or set RAY_LISTEN_ALL_INTERFACES=1 in devices.conf to accept it, then "
+            "`ray-calib up --restart`"
+        )
     return (
         f"check that {node.ip} is an address of {node.ifname or 'a NIC'} on {node.ssh_host} and that its env "
         "file sets no RAY_NODE_IP_ADDRESS, VLLM_HOST_IP or *_SOCKET_IFNAME of its own, then `ray-calib up --restart`"

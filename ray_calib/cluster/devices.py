@@ -52,6 +52,7 @@ GLOBAL_KEYS: dict[str, tuple[str, object]] = {
     "SSH_CONFIG": ("str", "~/.ssh/config"),
     "SSH_CONNECT_TIMEOUT": ("int", 10),
     "SSH_RETRIES": ("int", 2),
+    "RAY_LISTEN_ALL_INTERFACES": ("int", 0),  # 1: let Ray's servers listen on 0.0.0.0 / :: (no bind shim)
 }
 # Per-node fields; those also allowed cluster-wide are defaults for every node.
 NODE_FIELDS: dict[str, tuple[str, object]] = {
@@ -149,6 +150,7 @@ class ClusterConfig:
     connect_timeout: int
     retries: int
     ssh_config: str = ""  # OpenSSH client config read for every host (HostName, User, Port, IdentityFile, ProxyJump)
+    listen_all: bool = False  # RAY_LISTEN_ALL_INTERFACES=1: Ray's wildcard ports are accepted (no bind shim)
     extras: dict[str, object] = field(default_factory=dict)  # INC_* and CALIBRATION_* for other stages
 
     @property
@@ -171,7 +173,7 @@ class ClusterConfig:
 
         Calibration keys, SSH settings and timeouts are left out: changing them needs no restart.
         """
-        ray_inputs = ("nodes", "port", "dashboard_port", "client_server_port", "token_path", "work_dir")
+        ray_inputs = ("nodes", "port", "dashboard_port", "client_server_port", "token_path", "work_dir", "listen_all")
         data = {k: v for k, v in asdict(self).items() if k in ray_inputs}
         data["nodes"] = [
             {k: v for k, v in node.items() if not k.startswith("ssh_") and k != "line"} for node in data["nodes"]
@@ -319,6 +321,7 @@ def _build(path: Path, p: _Parsed) -> ClusterConfig | None:
         connect_timeout=cluster.number("SSH_CONNECT_TIMEOUT"),
         retries=cluster.number("SSH_RETRIES"),
         ssh_config=os.path.expanduser(cluster.text("SSH_CONFIG")),
+        listen_all=bool(cluster.number("RAY_LISTEN_ALL_INTERFACES")),
         extras=extras,
     )
 

@@ -41,7 +41,6 @@ Row = tuple[str, str, str]  # host, verdict, log path
 
 
 HOST_TABLE = ("host", "verdict", "log")
-CHECK_LISTENING = False  # wildcard ports of Ray's own servers: see binding.py
 
 
 @dataclass
@@ -244,7 +243,7 @@ def _binding_gate(config: ClusterConfig, runner: SSHRunner, health: dict) -> lis
             raise ClusterError(
                 node.label, f"binding probe failed: {result.tail()}", fix=f"see {runner.log_path(node)}"
             ) from None
-        found.append(binding.problems(node, config, facts, health[node.name].ray_ip, listening=CHECK_LISTENING))
+        found.append(binding.problems(node, config, facts, health[node.name].ray_ip, listening=not config.listen_all))
     bad = [b for b in found if b.problems]
     if bad:
         runner.map(config.nodes, lambda n: _stop(runner, n))

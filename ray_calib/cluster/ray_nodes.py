@@ -104,11 +104,15 @@ def start_args(node: NodeConfig, config: ClusterConfig) -> list[str]:
 
 
 def start_script(node: NodeConfig, config: ClusterConfig) -> str:
-    """Start Ray on the node with the node env, from the work directory (old Ray stopped before)."""
+    """Start Ray on the node with the node env, from the work directory (old Ray stopped before); its
+    servers listen on the node's IP through `bindshim` unless RAY_LISTEN_ALL_INTERFACES=1."""
+    from ray_calib.cluster.bindshim import preload_lines
+
     ray = " ".join(shlex.quote(a) for a in start_args(node, config))
     return "\n".join(
         [
             node_prelude(node, config.token_path),
+            *([] if config.listen_all else preload_lines(node)),
             f"cd {shlex.quote(config.work_dir)}",
             f"exec {shlex.quote(node.python)} -m ray.scripts.scripts {ray} </dev/null",
         ]

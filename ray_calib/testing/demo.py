@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -93,7 +94,7 @@ class Demo:
             flush=True,
         )
         start, cpu = time.perf_counter(), _children_cpu_s()
-        result = subprocess.run([sys.executable, "-m", "ray_calib.cli", *map(str, args)], env=self.env, cwd=self.root)
+        result = _run_to_the_end([sys.executable, "-m", "ray_calib.cli", *map(str, args)], env=self.env, cwd=self.root)
         if result.returncode != 0:
             sys.exit(f"demo stage {number} ({title}) failed with exit code {result.returncode}")
         print(
@@ -101,6 +102,26 @@ class Demo:
             f"({_children_cpu_s() - cpu:.0f} s of CPU in this node's processes)",
             flush=True,
         )
+
+
+def _run_to_the_end(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run, except that an interrupted stage is asked to stop (SIGINT) and waited for, so it
+    ends its own engine processes; subprocess.run would SIGKILL it and orphan them."""
+    with subprocess.Popen(args, **kwargs) as proc:
+        try:
+            return subprocess.CompletedProcess(args, proc.wait())
+        except KeyboardInterrupt:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+
+
+def _terminated(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _children_cpu_s() -> float:
@@ -223,7 +244,14 @@ def main(argv: list[str] | None = None) -> None:
         default=Path(os.environ.get("RAY_CALIB_DEMO_DIR", "calib-run/demo")),
         help="where every artefact goes (default: $RAY_CALIB_DEMO_DIR or calib-run/demo)",
     )
-    run(parser.parse_args(argv).dir)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)  # like Ctrl-C: the stage ends, then `down`, sshd and the hub stop
+    try:
+        run(args.dir)
+    except KeyboardInterrupt:
+        sys.exit(
+            f"demo interrupted: Ray stopped (`down`), sshd and the hub stand-in ended; artefacts so far in {args.dir}"
+        )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
+
+import pytest
 
 from ray_calib.cluster import binding, devices
 from ray_calib.testing.localnodes import HEAD_IP, WORKER_IP
@@ -113,3 +116,28 @@ def _node(tmp_path, temp):
     from dataclasses import replace
 
     return replace(cfg.head, temp_dir=str(temp), python=sys.executable)
+
+
+def test_the_bind_shim_moves_wildcard_binds_to_the_node_ip_and_leaves_explicit_ones(tmp_path):
+    """The lines `ray start` runs with: build the shim with the node's cc, preload it, bind like Ray does."""
+    import shutil
+    from dataclasses import replace
+
+    from ray_calib.cluster.bindshim import preload_lines
+
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler here")
+    node = replace(config(tmp_path).head, temp_dir=str(tmp_path / "ray" / "head"))
+    code = (
+        "import socket\n"
+        "a = socket.socket(); a.bind(('0.0.0.0', 0)); a.listen()\n"
+        "b = socket.socket(socket.AF_INET6); b.bind(('::', 0)); b.listen()\n"
+        "c = socket.socket(); c.bind(('127.0.0.1', 0)); c.listen()\n"
+        "socket.create_connection(('" + HEAD_IP + "', b.getsockname()[1])).close()\n"
+        "print(a.getsockname()[0], b.getsockname()[0], c.getsockname()[0])\n"
+    )
+    script = "\n".join([*preload_lines(node), f"{sys.executable} -c {shlex.quote(code)}"])
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [HEAD_IP, f"::ffff:{HEAD_IP}", "127.0.0.1"]
+    assert preload_lines(replace(node, ip="127.0.0.1")) == []  # Ray moves that IP anyway: the check reports it

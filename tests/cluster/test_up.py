@@ -76,6 +76,41 @@ def _a_head_ray_moves_off_its_ip_stops_up(cluster, run_cli):
     print(f"binding check, head configured 127.0.0.1: {error}")
 
 
+def listening(temp_dir: Path) -> list[tuple[str, str, int]]:
+    """(process, ip, port) of every listening TCP socket of one node's Ray processes and their children."""
+    return listening_of(*ray_pids(temp_dir))
+
+
+def listening_of(*pids: int) -> list[tuple[str, str, int]]:
+    """(process, ip, port) of every listening TCP socket of these processes and their children."""
+    import psutil
+
+    procs = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc = psutil.Process(pid)
+            procs |= {proc, *proc.children(recursive=True)}
+    found = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            found += [
+                (proc.name(), c.laddr.ip, c.laddr.port)
+                for c in proc.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN
+            ]
+    return sorted(found)
+
+
+def _every_port_on_the_node_ip_or_loopback(cluster) -> None:
+    """No wildcard (0.0.0.0, ::) or foreign address among the listening sockets of either node."""
+    for node, ip in (("head", HEAD_IP), ("worker", WORKER_IP)):
+        found = listening(cluster.parent / "ray" / node)
+        allowed = {ip, f"::ffff:{ip}", "127.0.0.1", "::ffff:127.0.0.1", "::1"}
+        assert len(found) >= 3, found  # at least the raylet's two ports and the agent's
+        assert [f for f in found if f[1] not in allowed] == [], found
+        print(f"{node} listening: {found}")
+
+
 def _up_then_status(cluster, run_cli):
     result = run_cli("up", "--conf", cluster)
     assert result.exit_code == 0, result.stderr
@@ -96,6 +131,7 @@ def _up_then_status(cluster, run_cli):
     assert record["status"] == "up" and [r.alive for r in rows] == [True, True]
     assert rows[0].ray_ip == HEAD_IP and rows[1].ray_ip == WORKER_IP and rows[0].devices == "cpu x1"
     assert record["nodes"][0]["packages"]["ray"] == "2.60.0"
+    _every_port_on_the_node_ip_or_loopback(cluster)
 
 
 def _up_again_is_a_noop(cluster, run_cli):
@@ -123,7 +159,7 @@ def tiny_llama(tmp_path_factory, tiny_model):
 
 
 def _measure(
-    conf: Path, model: Path, dataset: Path, out: Path, tp: int = 2, *extra: str
+    conf: Path, model: Path, dataset: Path, out: Path, tp: int = 2, *extra: str, seen: set | None = None
 ) -> subprocess.CompletedProcess:
     """`ray-calib measure --conf conf` at TP=`tp` as a user runs it after `up` (fresh process env)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VLLM_"))}
@@ -162,19 +198,61 @@ def _measure(
         "--fp8-kv",
         *extra,
     ]
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=480)
+    if seen is None:
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=480)
+    # While it runs, note every listening socket of both nodes' processes and of the driver (vLLM's included).
+    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        import threading
+
+        out: dict[str, str] = {}
+        reader = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"), proc.communicate(timeout=480))))
+        reader.start()
+        while reader.is_alive():
+            for node, ip in (("head", HEAD_IP), ("worker", WORKER_IP)):
+                seen.update((node, ip, *s) for s in listening(conf.parent / "ray" / node))
+            seen.update(("driver", HEAD_IP, *s) for s in listening_of(proc.pid))
+            time.sleep(0.2)
+        reader.join()
+        return subprocess.CompletedProcess(args, proc.returncode, out.get("stdout", ""), out.get("stderr", ""))
 
 
 def _measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path):
     from ray_calib.inc import MeasurementSet, read_meta
 
     model, dataset = tiny_llama
-    run = _measure(cluster, model, dataset, tmp_path / "measure", 2, "--no-hessians")
+    idle = {
+        (n, ip, *s)
+        for n, ip in (("head", HEAD_IP), ("worker", WORKER_IP))
+        for s in listening(cluster.parent / "ray" / n)
+    }
+    seen: set = set()
+    run = _measure(cluster, model, dataset, tmp_path / "measure", 2, "--no-hessians", seen=seen)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert seen - idle, sorted(seen)  # the rank workers (Ray workers running vLLM) opened ports of their own
+    _streams_are_ours_alone(run)
+    wrong = sorted(s for s in seen if s[3] not in {s[1], f"::ffff:{s[1]}", "127.0.0.1", "::ffff:127.0.0.1", "::1"})
+    assert wrong == [], wrong
+    print(f"listening during measure: {sorted(seen)}")
     assert "[ray]" in run.stdout and read_meta(tmp_path / "measure").extra["executor"] == "ray"
     ranks = MeasurementSet.discover(tmp_path / "measure").read_all()
     assert [r.rank for r in ranks] == [0, 1] and all(r.nodes for r in ranks)
     assert not list((tmp_path / "measure").glob("hessians_*"))  # a small model records them unless --no-hessians
+    _every_port_on_the_node_ip_or_loopback(cluster)  # the rank workers' ports too, while Ray keeps them
+
+
+# What `measure` prints: results on stdout, our stages, progress, notes and warnings on stderr; Ray's and
+# vLLM's lines (workers, raylet, engine core, `*** SIGTERM received`) belong in <run-dir>/logs/measure.log.
+RESULT_LINES = (r"\S+ \[pile\]: \d+ read", r"measured \d+ prompts ", r"observed under ", r"wrote \d+ rank files ")
+OUR_LINES = (r"\(\d/\d [a-z ,]+\)", r"measure: \d+/\d+ prompts", r"note: ", r"warning: ")
+
+
+def _streams_are_ours_alone(run) -> None:
+    import re
+
+    assert run.stdout.strip() and run.stderr.strip()
+    for stream, patterns in ((run.stdout, RESULT_LINES), (run.stderr, OUR_LINES)):
+        for line in stream.splitlines():
+            assert any(re.match(p, line) for p in patterns), f"not ours: {line!r}\n{stream[-3000:]}"
 
 
 def _a_tp_above_the_devices_fails_at_once(cluster, tiny_llama, tmp_path):
