@@ -319,7 +319,9 @@ def library_logs(run_dir: Path, command: str) -> Path:
         "VLLM_CONFIGURE_LOGGING": "1",
         "VLLM_LOGGING_CONFIG_PATH": str(config_path),
         "VLLM_LOGGING_LEVEL": config["handlers"]["file"]["level"],
-        "VLLM_LOGGING_STREAM": "ext://sys.stderr",  # never stdout, even if a child ignores the config
+        # never stdout, even where vLLM re-applies its own config (engine core, executors, workers without
+        # the file): sys.__stderr__ writes to descriptor 2, which is the log file while an engine runs
+        "VLLM_LOGGING_STREAM": "ext://sys.__stderr__",
         "RAY_CALIB_LOG_FILE": str(path),
     }
     _state["env"] = {key: os.environ.get(key) for key in env}

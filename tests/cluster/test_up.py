@@ -73,7 +73,6 @@ def _a_head_ray_moves_off_its_ip_stops_up(cluster, run_cli):
     assert chosen != "127.0.0.1" and "not the configured 127.0.0.1" in error
     assert "(Ray stopped again on every node)" in error and "set HEAD_NODE_IP to another address" in error
     assert ray_pids(cluster.parent / "ray") == [], "nothing keeps listening on the wrong address"
-    print(f"binding check, head configured 127.0.0.1: {error}")
 
 
 def listening(temp_dir: Path) -> list[tuple[str, str, int]]:
@@ -108,7 +107,6 @@ def _every_port_on_the_node_ip_or_loopback(cluster) -> None:
         allowed = {ip, f"::ffff:{ip}", "127.0.0.1", "::ffff:127.0.0.1", "::1"}
         assert len(found) >= 3, found  # at least the raylet's two ports and the agent's
         assert [f for f in found if f[1] not in allowed] == [], found
-        print(f"{node} listening: {found}")
 
 
 def _up_then_status(cluster, run_cli):
@@ -232,7 +230,6 @@ def _measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path):
     _streams_are_ours_alone(run)
     wrong = sorted(s for s in seen if s[3] not in {s[1], f"::ffff:{s[1]}", "127.0.0.1", "::ffff:127.0.0.1", "::1"})
     assert wrong == [], wrong
-    print(f"listening during measure: {sorted(seen)}")
     assert "[ray]" in run.stdout and read_meta(tmp_path / "measure").extra["executor"] == "ray"
     ranks = MeasurementSet.discover(tmp_path / "measure").read_all()
     assert [r.rank for r in ranks] == [0, 1] and all(r.nodes for r in ranks)
