@@ -357,14 +357,36 @@ def _streams_to_log(path: Path) -> None:
     os.dup2(log_fd, 2)
     os.close(log_fd)
     _state["streams"] = (saved, sys.stdout, sys.stderr)
-    sys.stdout = _text_stream(saved[0], sys.stdout)
-    sys.stderr = _text_stream(saved[1], sys.stderr)
+    sys.stdout = _Routed(_text_stream(saved[0], sys.stdout), sys.stdout)  # type: ignore[assignment]
+    sys.stderr = _Routed(_text_stream(saved[1], sys.stderr), sys.stderr)  # type: ignore[assignment]
 
 
 def _text_stream(fd: int, like) -> io.TextIOWrapper:
     raw = io.FileIO(fd, "w", closefd=False)
     encoding = getattr(like, "encoding", None) or "utf-8"
     return io.TextIOWrapper(raw, encoding=encoding, errors="replace", line_buffering=True, write_through=True)
+
+
+class _Routed:
+    """sys.stdout/sys.stderr while an engine runs: our writes reach the user, logging handlers' writes the
+    log file. Libraries (torch, vLLM) create their stream handlers on `sys.stderr` whenever they (re)configure
+    logging; a record they emit arrives here from the `logging` module and goes to the log like the rest."""
+
+    def __init__(self, ours: io.TextIOWrapper, log) -> None:
+        self._ours, self._log = ours, log
+
+    def write(self, text: str) -> int:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        target = self._log if caller == "logging" or caller.startswith("logging.") else self._ours
+        return target.write(text)
+
+    def flush(self) -> None:
+        for stream in (self._ours, self._log):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, buffer, ...: the user's stream
+        return getattr(self._ours, name)
 
 
 def _streams_back() -> None:

@@ -240,7 +240,13 @@ def _measure_at_tp2_one_rank_per_node(cluster, tiny_llama, tmp_path):
 # What `measure` prints: results on stdout, our stages, progress, notes and warnings on stderr; Ray's and
 # vLLM's lines (workers, raylet, engine core, `*** SIGTERM received`) belong in <run-dir>/logs/measure.log.
 RESULT_LINES = (r"\S+ \[pile\]: \d+ read", r"measured \d+ prompts ", r"observed under ", r"wrote \d+ rank files ")
-OUR_LINES = (r"\(\d/\d [a-z ,]+\)", r"measure: \d+/\d+ prompts", r"note: ", r"warning: ")
+OUR_LINES = (
+    r"\(\d/\d [a-z ,]+\)",
+    r"measure: \d+/\d+ prompts",
+    r"resuming: ",
+    r"recording hessians|no hessians",
+    r"warning: ",
+)
 
 
 def _streams_are_ours_alone(run) -> None:
