@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         ended = end_children(older)
         kept = ui.interrupted_message()
-        click.echo(f"{kept} ({ended} child processes ended)" if ended else kept, err=True)
+        plural = "es" if ended != 1 else ""
+        click.echo(f"{kept} ({ended} child process{plural} ended)" if ended else kept, err=True)
         code = 128 + _received.get("signal", signal.SIGINT)
     except click.ClickException as err:
         err.show()
