@@ -85,3 +85,19 @@ def test_ctrl_c_says_what_was_kept_and_how_to_go_on(run_cli, monkeypatch, tmp_pa
     ui.set_command_line(["measure", "-m", "M", "-d", "D", "--force"])
     ui.on_interrupt(lambda: f"kept 2 chunks; resume with: {ui.rerun_command(add=['--resume'], drop=['--force'])}")
     assert ui.interrupted_message() == "interrupted: kept 2 chunks; resume with: ray-calib measure -m M -d D --resume"
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "ray_calib.cli",
+        "ray_calib.testing.demo",
+        "ray_calib.testing.hub_standin",
+        pytest.param("ray_calib.infer.vllm_cli", marks=pytest.mark.slow),  # imports vLLM: ~20 s
+    ],
+)
+def test_every_python_m_entry_point_honours_help(module):
+    """`--help` prints usage and exits 0 at once: it never starts what the module runs (the demo did)."""
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage" in done.stdout.lower()
