@@ -79,7 +79,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from ray_calib.realmodel import smollm2, texts
+    from ray_calib.data import texts
+    from ray_calib.realmodel import smollm2
 
     work = args.work or smollm2.cache_root() / "bench" / "quality"
     work.mkdir(parents=True, exist_ok=True)

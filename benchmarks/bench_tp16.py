@@ -5,7 +5,7 @@
 Every stage is the real `ray-calib` command in its own process, timed:
     1 model      make-tiny-model --arch deepseek_r1 (MLA, 16 heads, 256 routed experts top-8 in 4 of 8
                  groups, a shared expert, first 2 of 5 layers dense) + make-calib-set
-    2 up         two Ray nodes, 127.0.0.1 and 127.0.0.2, 8 devices each, over an sshd started here
+    2 up         two Ray nodes, 127.0.0.3 and 127.0.0.4, 8 devices each, over an sshd started here
     3 measure    measure -t 16 --fp8-kv across both nodes; every rank's ranges gathered to the head
     4 unify      unify --to-tp 8
     5 quantize   quantize --low-cpu-mem

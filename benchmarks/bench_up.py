@@ -1,6 +1,6 @@
 """`ray-calib up` for two local nodes vs the plain `ray start` head + worker sequence (target <= 1.3x).
 
-Both sides start the same two Ray nodes (127.0.0.1 head, 127.0.0.2 worker, same flags, token auth on).
+Both sides start the same two Ray nodes (127.0.0.3 head, 127.0.0.4 worker, same flags, token auth on).
 `ray-calib up` also connects over SSH (a private sshd on loopback), runs the preflight on both hosts,
 copies the token, stops stale Ray and waits for the health gate. Rounds alternate to share the noise of
 this shared box; the ratio uses the medians.

@@ -1,12 +1,16 @@
 """Writes that are all-or-nothing: a reader never sees a half-written file.
 
 Everything is first written next to its destination (same file system) under a hidden temporary
-name and then moved into place with `os.replace`, which is atomic on POSIX.
+name and then moved into place with `os.replace`, which is atomic on POSIX. A failed write removes
+its temporary; only a killed process leaves one (`.NAME.XXXX.tmp` files, `.NAME.stage-XXXX` dirs):
+`leftovers` finds them and `remove_leftovers` is called by the writers of big outputs on their next run.
+A full disk is a `DiskFullError` naming the file and the bytes still needed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -14,6 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from ray_calib.errors import DiskFullError
 
 
 def _read_umask() -> int:
@@ -62,11 +68,69 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise disk_full(err, path, len(data)) from None
         raise
     return path
+
+
+def disk_full(err: OSError, path: str | os.PathLike, needed: int) -> OSError | DiskFullError:
+    """ENOSPC as a DiskFullError naming `path` and the `needed` bytes; any other OSError as it is."""
+    if err.errno != errno.ENOSPC:
+        return err
+    return DiskFullError(path, needed, free_bytes(Path(path)))
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (its nearest existing parent)."""
+    probe = Path(path).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def is_leftover(path: Path) -> bool:
+    """A temporary of this module that only a killed writer leaves behind."""
+    name = path.name
+    if not name.startswith("."):
+        return False
+    if path.is_file():
+        return name.endswith(".tmp")
+    # staged_dir, import-gguf's and pull's staging directories
+    return path.is_dir() and (".stage-" in name or ".import-" in name or name.startswith(".ray-calib-pull-"))
+
+
+def leftovers(directory: str | os.PathLike, depth: int = 1) -> list[tuple[Path, int]]:
+    """(path, bytes) of every leftover temporary in `directory` and, with `depth` > 1, its subdirectories."""
+    root = Path(directory)
+    found: list[tuple[Path, int]] = []
+    with contextlib.suppress(OSError):
+        for entry in sorted(root.iterdir()):
+            if is_leftover(entry):
+                found.append((entry, _size(entry)))
+            elif depth > 1 and entry.is_dir() and not entry.is_symlink():
+                found += leftovers(entry, depth - 1)
+    return found
+
+
+def remove_leftovers(directory: str | os.PathLike) -> tuple[int, int]:
+    """Delete the leftover temporaries directly in `directory`: (how many, bytes freed)."""
+    found = leftovers(directory)
+    for path, _ in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return len(found), sum(size for _, size in found)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -92,6 +156,9 @@ def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for old, _ in leftovers(final.parent):  # a killed earlier stage of the same directory
+        if old.name.startswith(f".{final.name}.stage-"):
+            shutil.rmtree(old, ignore_errors=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.stage-", dir=final.parent))
     try:
         yield stage

@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import signal
 import sys
+import time
 
 import click
 
@@ -112,14 +114,73 @@ def _log_hint(err: RayCalibError) -> str:
     return f" (vLLM/Ray log: {path})"
 
 
+def _terminated(signum: int, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C: every `finally` runs (engines shut down, temporaries removed)."""
+    _received["signal"] = signum
+    raise KeyboardInterrupt
+
+
+_received: dict[str, int] = {}
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every living process below `pid` (from /proc: no psutil on the light install)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parents[int(entry)] = int(fields[1])
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found += sorted(frontier)
+    return found
+
+
+def end_children(older: set[int], grace_s: float = 5.0) -> int:
+    """End every process this command started and that still runs (engine core, workers, resource
+    tracker), not those in `older` (running before it, e.g. when the CLI runs inside another program):
+    SIGTERM, then SIGKILL after `grace_s`. Returns how many there were."""
+    children = [p for p in _descendants(os.getpid()) if p not in older]
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and set(_descendants(os.getpid())) & set(children):
+        time.sleep(0.1)
+    for pid in set(_descendants(os.getpid())) & set(children):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(children)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and a non-zero exit code."""
     debug = os.environ.get("RAY_CALIB_DEBUG") == "1"
+    ui.set_command_line(sys.argv[1:] if argv is None else argv, own_process=argv is None)
+    _received.clear()
+    older = set(_descendants(os.getpid()))
+    main_thread = _main_thread()
+    handlers = (signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _terminated)) if main_thread else None
     try:
         code = cli.main(args=argv, prog_name="ray-calib", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        code = 130
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        if main_thread:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        ended = end_children(older)
+        kept = ui.interrupted_message()
+        plural = "es" if ended != 1 else ""
+        click.echo(f"{kept} ({ended} child process{plural} ended)" if ended else kept, err=True)
+        code = 128 + _received.get("signal", signal.SIGINT)
     except click.ClickException as err:
         err.show()
         code = err.exit_code
@@ -131,14 +192,21 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:
         if debug or err.errno not in _OS_ERRORS:
             raise
-        click.echo(f"error: {err.filename or ''}: {err.strerror}; {_OS_ERRORS[err.errno]}", err=True)
+        where = f"{err.filename}: " if err.filename else ""
+        click.echo(f"error: {where}{err.strerror}; {_OS_ERRORS[err.errno]}", err=True)
         code = 1
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        code = 130
     finally:
         ui.end_library_logs()
+        if handlers is not None:
+            signal.signal(signal.SIGINT, handlers[0])
+            signal.signal(signal.SIGTERM, handlers[1])
     sys.exit(code or 0)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

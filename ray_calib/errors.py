@@ -9,6 +9,7 @@
     ├── ClusterError              a host, node or Ray cluster problem (names the host)
     ├── EngineError               vLLM could not run the request
     ├── HubError                  the Hugging Face hub refused or could not be reached
+    ├── DiskFullError             a write ran out of space (names the file and the bytes still needed)
     └── OutputExistsError         --out already holds something else (use --force)
 
 The CLI shows a traceback only with RAY_CALIB_DEBUG=1: a user mistake is never a traceback.
@@ -71,6 +72,21 @@ class EngineError(RayCalibError):
 
 class HubError(RayCalibError):
     pass
+
+
+class DiskFullError(RayCalibError):
+    def __init__(self, path: object, needed: int, free: int | None, *, fix: str | None = None) -> None:
+        self.path, self.needed, self.free = str(path), needed, free
+        free_text = "" if free is None else f", {size_text(free)} free there"
+        super().__init__(
+            f"{self.path}: no space left on device ({size_text(needed)} more needed to finish it{free_text})",
+            fix=fix or "free that much on its disk or choose another --out; the partial file was removed.",
+        )
+
+
+def size_text(size: int) -> str:
+    """Bytes as a person reads them: GB from 0.1 GB up, else MB."""
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
 class OutputExistsError(RayCalibError):

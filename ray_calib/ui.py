@@ -6,6 +6,7 @@
     note / warn           stderr: side remarks; `warn` is shown even with -q
     progress(...)         stderr: a rich bar with rate and ETA on a terminal; elsewhere (nohup, CI, a pipe)
                           a plain line every few seconds, so a long run still shows it is alive
+    on_interrupt(fn)      what Ctrl-C / SIGTERM would leave behind and how to go on, said when it happens
     library_logs(...)     vLLM, Ray and transformers log into <run dir>/logs/<command>.log (engine child
                           processes too, through the environment they inherit); errors name that file
 
@@ -16,13 +17,14 @@ Verbosity is set once by the `-v`/`-q` options of `ray-calib`: -1 quiet (results
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import logging.config
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,10 +34,19 @@ if TYPE_CHECKING:  # rich is imported when a bar is drawn on a terminal
     from rich.progress import Progress, TaskID
 
 # Loggers of the libraries we run; their records go to the command's log file, not to our streams.
-LIBRARY_LOGGERS = ("vllm", "ray", "transformers", "torch", "neural_compressor", "huggingface_hub", "urllib3")
+LIBRARY_LOGGERS = (
+    "vllm",
+    "ray",
+    "transformers",
+    "torch",
+    "neural_compressor",
+    "huggingface_hub",
+    "urllib3",
+    "py.warnings",
+)
 PROGRESS_INTERVAL_S = 5.0  # seconds between plain progress lines when stderr is not a terminal
 
-_state: dict = {"verbosity": 0, "log_file": None, "env": {}}
+_state: dict = {"verbosity": 0, "log_file": None, "env": {}, "argv": [], "on_interrupt": None}
 
 
 def set_verbosity(verbosity: int) -> None:
@@ -68,6 +79,45 @@ def verbosity() -> int:
 def log_file() -> Path | None:
     """The library log of the running command, if it started one (errors from the engine name it)."""
     return _state["log_file"]
+
+
+# ---- interruption ---------------------------------------------------------------------------------------
+
+
+def set_command_line(argv: Sequence[str], *, own_process: bool = False) -> None:
+    """The arguments of the running `ray-calib` call, for the rerun command printed when it is interrupted;
+    `own_process`: the process is this command alone (not a program calling the CLI in-process)."""
+    _state["argv"], _state["on_interrupt"], _state["own_process"] = list(argv), None, own_process
+
+
+def own_process() -> bool:
+    """True when this process runs nothing but the `ray-calib` command (it may then re-exec itself)."""
+    return bool(_state.get("own_process"))
+
+
+def rerun_command(add: Sequence[str] = (), drop: Sequence[str] = ()) -> str:
+    """`ray-calib ARGS` as it was called, without the flags in `drop` and with those in `add` appended."""
+    import shlex
+
+    args = [a for a in _state["argv"] if a not in drop]
+    return shlex.join(["ray-calib", *args, *(a for a in add if a not in args)])
+
+
+def on_interrupt(describe: Callable[[], str] | None) -> None:
+    """Register what an interruption keeps and how to go on; called at interrupt time, so it can count."""
+    _state["on_interrupt"] = describe
+
+
+def interrupted_message() -> str:
+    """One line for Ctrl-C / SIGTERM: what the command kept and the command that goes on from there."""
+    describe = _state["on_interrupt"]
+    if describe is not None:
+        with contextlib.suppress(Exception):
+            return f"interrupted: {describe()}"
+    return (
+        "interrupted; no output is left half-written (each is written under a temporary name and renamed "
+        f"when complete); to start again: {rerun_command()}"
+    )
 
 
 # ---- text -----------------------------------------------------------------------------------------------
@@ -269,18 +319,96 @@ def library_logs(run_dir: Path, command: str) -> Path:
         "VLLM_CONFIGURE_LOGGING": "1",
         "VLLM_LOGGING_CONFIG_PATH": str(config_path),
         "VLLM_LOGGING_LEVEL": config["handlers"]["file"]["level"],
-        "VLLM_LOGGING_STREAM": "ext://sys.stderr",  # never stdout, even if a child ignores the config
+        # never stdout, even where vLLM re-applies its own config (engine core, executors, workers without
+        # the file): sys.__stderr__ writes to descriptor 2, which is the log file while an engine runs
+        "VLLM_LOGGING_STREAM": "ext://sys.__stderr__",
         "RAY_CALIB_LOG_FILE": str(path),
     }
     _state["env"] = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     logging.config.dictConfig(config)
+    logging.captureWarnings(True)  # torch/transformers warnings are library noise too ("py.warnings")
     _state["log_file"] = path
+    _streams_to_log(path)
     return path
+
+
+def _streams_to_log(path: Path) -> None:
+    """Point file descriptors 1 and 2 at the log file, keeping our own stdout/stderr on copies of them.
+
+    What libraries write to the descriptors directly (C++ of Ray and torch, `*** SIGTERM received`,
+    tracebacks of killed workers) and everything child processes (vLLM's engine core, its workers, the
+    resource tracker) print lands in the log file; `result`, `note`, stages and progress still reach
+    the user. Skipped when sys.stdout/sys.stderr are not the process's descriptors 1 and 2 (captured
+    in-process, e.g. by pytest) or with -v (the libraries' output is wanted on stderr then).
+    """
+    if _state["verbosity"] >= 1 or _state.get("streams") is not None:
+        return
+    try:
+        if sys.stdout.fileno() != 1 or sys.stderr.fileno() != 2:
+            return
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    _state["streams"] = (saved, sys.stdout, sys.stderr)
+    sys.stdout = _Routed(_text_stream(saved[0], sys.stdout), sys.stdout)  # type: ignore[assignment]
+    sys.stderr = _Routed(_text_stream(saved[1], sys.stderr), sys.stderr)  # type: ignore[assignment]
+
+
+def _text_stream(fd: int, like) -> io.TextIOWrapper:
+    raw = io.FileIO(fd, "w", closefd=False)
+    encoding = getattr(like, "encoding", None) or "utf-8"
+    return io.TextIOWrapper(raw, encoding=encoding, errors="replace", line_buffering=True, write_through=True)
+
+
+class _Routed:
+    """sys.stdout/sys.stderr while an engine runs: our writes reach the user, logging handlers' writes the
+    log file. Libraries (torch, vLLM) create their stream handlers on `sys.stderr` whenever they (re)configure
+    logging; a record they emit arrives here from the `logging` module and goes to the log like the rest."""
+
+    def __init__(self, ours: io.TextIOWrapper, log) -> None:
+        self._ours, self._log = ours, log
+
+    def write(self, text: str) -> int:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        target = self._log if caller == "logging" or caller.startswith("logging.") else self._ours
+        return target.write(text)
+
+    def flush(self) -> None:
+        for stream in (self._ours, self._log):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, buffer, ...: the user's stream
+        return getattr(self._ours, name)
+
+
+def _streams_back() -> None:
+    streams = _state.get("streams")
+    if streams is None:
+        return
+    (out_fd, err_fd), stdout, stderr = streams
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    os.close(out_fd)
+    os.close(err_fd)
+    sys.stdout, sys.stderr = stdout, stderr
+    _state["streams"] = None
 
 
 def end_library_logs() -> None:
     """Close the log file and give the environment back as it was (matters when the CLI runs in-process)."""
+    _streams_back()
+    logging.captureWarnings(False)
     for key, value in _state["env"].items():
         if value is None:
             os.environ.pop(key, None)

@@ -71,3 +71,20 @@ def test_a_crash_mid_move_is_seen_by_discover_not_read_as_one_run(tmp_path, monk
         for rank_file in _rank_files(5.0):
             write_rank_file(rank_file, stage)
     assert [rf.nodes["a"]["inputs"] for rf in MeasurementSet.discover(out).read_all()] == [[[[5.0]]], [[[6.0]]]]
+
+
+def test_leftovers_are_found_and_a_killed_stage_is_removed_by_the_next(tmp_path):
+    from ray_calib import atomic
+
+    (tmp_path / ".model.safetensors.abc.tmp").write_bytes(b"12345")
+    (tmp_path / ".fp8.stage-xyz").mkdir()
+    (tmp_path / ".fp8.stage-xyz" / "model.safetensors").write_bytes(b"123")
+    (tmp_path / "model.safetensors").write_bytes(b"kept")
+    (tmp_path / ".hidden-config").write_bytes(b"not ours")
+    found = atomic.leftovers(tmp_path)
+    assert [(p.name, size) for p, size in found] == [(".fp8.stage-xyz", 3), (".model.safetensors.abc.tmp", 5)]
+    with atomic.staged_dir(tmp_path / "fp8") as stage:
+        (stage / "a.json").write_text("{}")
+    assert not (tmp_path / ".fp8.stage-xyz").exists() and (tmp_path / "fp8" / "a.json").exists()
+    assert atomic.remove_leftovers(tmp_path) == (1, 5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-config", "fp8", "model.safetensors"]

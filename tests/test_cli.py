@@ -67,3 +67,37 @@ def test_help_and_unify_import_nothing_heavy(tmp_path):
     )
     assert (tmp_path / "out").is_dir()
     assert not loaded & set(HEAVY), loaded & set(HEAVY)
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_go_on(run_cli, monkeypatch, tmp_path):
+    """No bare "Aborted.": the default line says nothing is half-written and gives the rerun command;
+    a command that keeps work (measure's checkpoints) says what it kept and the resume command."""
+    from ray_calib import ui
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ray_calib.measurements.pipeline.inspect_dir", interrupted)
+    result = run_cli("inspect", tmp_path)
+    assert result.exit_code == 130 and "Aborted" not in result.stderr
+    assert result.stderr.strip().endswith(f"to start again: ray-calib inspect {tmp_path}"), result.stderr
+
+    ui.set_command_line(["measure", "-m", "M", "-d", "D", "--force"])
+    ui.on_interrupt(lambda: f"kept 2 chunks; resume with: {ui.rerun_command(add=['--resume'], drop=['--force'])}")
+    assert ui.interrupted_message() == "interrupted: kept 2 chunks; resume with: ray-calib measure -m M -d D --resume"
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "ray_calib.cli",
+        "ray_calib.testing.demo",
+        "ray_calib.testing.hub_standin",
+        pytest.param("ray_calib.infer.vllm_cli", marks=pytest.mark.slow),  # imports vLLM: ~20 s
+    ],
+)
+def test_every_python_m_entry_point_honours_help(module):
+    """`--help` prints usage and exits 0 at once: it never starts what the module runs (the demo did)."""
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage" in done.stdout.lower()

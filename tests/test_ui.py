@@ -60,7 +60,7 @@ def test_library_logs_go_to_the_run_dir_and_are_undone(tmp_path, capsys, monkeyp
     monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
     path = ui.library_logs(tmp_path / "run", "measure")
     assert path == tmp_path / "run" / "logs" / "measure.log" and ui.log_file() == path
-    assert os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.stderr"
+    assert os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.__stderr__"  # descriptor 2: the log while engines run
     assert os.path.isfile(os.environ["VLLM_LOGGING_CONFIG_PATH"])
     logging.getLogger("vllm.engine").info("engine says hello")
     logging.getLogger("ray").warning("ray says hello")
@@ -78,3 +78,18 @@ def test_verbose_also_shows_library_logs_on_stderr(tmp_path, capsys):
     logging.getLogger("transformers.x").info("tokenizer loaded")
     assert "tokenizer loaded" in capsys.readouterr().err and "tokenizer loaded" in path.read_text()
     ui.end_library_logs()
+
+
+def test_while_an_engine_runs_logging_handlers_write_to_the_log_and_we_to_the_user():
+    """A library's StreamHandler made on sys.stderr after the switch still lands in the log."""
+    import io
+
+    import click
+
+    ours, log = io.StringIO(), io.StringIO()
+    routed = ui._Routed(ours, log)  # type: ignore[arg-type]
+    handler = logging.StreamHandler(routed)
+    record = logging.LogRecord("torch", logging.WARNING, __file__, 1, "W1207 torch noise", None, None)
+    handler.emit(record)
+    click.echo("(3/4 measure) prompts", file=routed)
+    assert log.getvalue() == "W1207 torch noise\n" and ours.getvalue() == "(3/4 measure) prompts\n"

@@ -48,4 +48,30 @@ def connect(conf_path: Path | str | None = None) -> str:
         raise error
     health.use_token(record["token_path"])
     os.environ["RAY_ADDRESS"] = record["address"]
+    _bind_this_process(config)
     return record["address"]
+
+
+def _bind_this_process(config) -> None:
+    """A driver on the head joins Ray as a worker of its own, whose ports would listen on every interface:
+    the `ray-calib` command re-runs itself once with the head's bind shim preloaded (see bindshim)."""
+    import socket
+    import sys
+
+    from ray_calib import ui
+    from ray_calib.cluster.bindshim import BIND_IP_VAR, library_path
+
+    library = library_path(config.head)
+    if config.listen_all or os.environ.get(BIND_IP_VAR) or not ui.own_process() or not os.path.isfile(library):
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in config.head.ip else socket.AF_INET) as probe:
+            probe.bind((config.head.ip, 0))  # only an address of this machine binds
+    except OSError:
+        return
+    preload = ":".join(p for p in (library, os.environ.get("LD_PRELOAD")) if p)
+    ui.end_library_logs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    env = {**os.environ, BIND_IP_VAR: config.head.ip, "LD_PRELOAD": preload}
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

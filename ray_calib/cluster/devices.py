@@ -52,6 +52,7 @@ GLOBAL_KEYS: dict[str, tuple[str, object]] = {
     "SSH_CONFIG": ("str", "~/.ssh/config"),
     "SSH_CONNECT_TIMEOUT": ("int", 10),
     "SSH_RETRIES": ("int", 2),
+    "RAY_LISTEN_ALL_INTERFACES": ("int", 0),  # 1: let Ray's servers listen on 0.0.0.0 / :: (no bind shim)
 }
 # Per-node fields; those also allowed cluster-wide are defaults for every node.
 NODE_FIELDS: dict[str, tuple[str, object]] = {
@@ -149,6 +150,7 @@ class ClusterConfig:
     connect_timeout: int
     retries: int
     ssh_config: str = ""  # OpenSSH client config read for every host (HostName, User, Port, IdentityFile, ProxyJump)
+    listen_all: bool = False  # RAY_LISTEN_ALL_INTERFACES=1: Ray's wildcard ports are accepted (no bind shim)
     extras: dict[str, object] = field(default_factory=dict)  # INC_* and CALIBRATION_* for other stages
 
     @property
@@ -171,7 +173,7 @@ class ClusterConfig:
 
         Calibration keys, SSH settings and timeouts are left out: changing them needs no restart.
         """
-        ray_inputs = ("nodes", "port", "dashboard_port", "client_server_port", "token_path", "work_dir")
+        ray_inputs = ("nodes", "port", "dashboard_port", "client_server_port", "token_path", "work_dir", "listen_all")
         data = {k: v for k, v in asdict(self).items() if k in ray_inputs}
         data["nodes"] = [
             {k: v for k, v in node.items() if not k.startswith("ssh_") and k != "line"} for node in data["nodes"]
@@ -319,6 +321,7 @@ def _build(path: Path, p: _Parsed) -> ClusterConfig | None:
         connect_timeout=cluster.number("SSH_CONNECT_TIMEOUT"),
         retries=cluster.number("SSH_RETRIES"),
         ssh_config=os.path.expanduser(cluster.text("SSH_CONFIG")),
+        listen_all=bool(cluster.number("RAY_LISTEN_ALL_INTERFACES")),
         extras=extras,
     )
 
@@ -341,6 +344,7 @@ def _node(p: _Parsed, index: int, keys: dict[str, str], defaults: dict[str, obje
             p.problems.append((p.lines[keys["IP"]], f"{keys['IP']} is empty (an unset $VARIABLE?)"))
         return None
     _check_file(p, keys.get("SOURCE_FILENAME"), v["SOURCE_FILENAME"])
+    _check_line_endings(p, keys.get("SOURCE_FILENAME"), v["SOURCE_FILENAME"])
     key_name = keys.get("SSH_KEY") or ("SSH_KEY" if "SSH_KEY" in p.values else None)
     _check_file(p, key_name, v["SSH_KEY"])
     _check_temp_dir(p, keys.get("RAY_TEMP_DIR", "RAY_TEMP_DIR"), str(v["RAY_TEMP_DIR"]))
@@ -419,6 +423,31 @@ def _unknown(p: _Parsed, key: str, candidates: list[str]) -> None:
 def _check_file(p: _Parsed, key: str | None, value: object) -> None:
     if key and value and not Path(str(value)).is_file():
         p.problems.append((p.lines[key], f"{key}: file not found: {value}"))
+
+
+def _check_line_endings(p: _Parsed, key: str | None, value: object) -> None:
+    """A shell sourcing a CRLF file keeps the \\r in every value it sets (VLLM_HOST_IP=1.2.3.4\\r)."""
+    if not key or not value:
+        return
+    line = crlf_line(Path(str(value)))
+    if line:
+        p.problems.append(
+            (
+                p.lines[key],
+                f"{key}: {value}:{line} ends in CR (Windows line endings), so every variable it sets "
+                f"would end in \\r; convert it with: sed -i 's/\\r$//' {shlex.quote(str(value))}",
+            )
+        )
+
+
+def crlf_line(path: Path) -> int | None:
+    """First line of a text file with a carriage return in it, if any."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    at = data.find(b"\r")
+    return None if at < 0 else data.count(b"\n", 0, at) + 1
 
 
 def _check_temp_dir(p: _Parsed, key: str, temp_dir: str) -> None:

@@ -7,7 +7,9 @@
     3/5 token      create or reuse the Ray auth token, copy it to every node (SFTP, mode 0600)
     4/5 ray start  stop old Ray on every node (only its temp dir's processes), then start it with the
                    node env: head first, the workers in parallel once the head's GCS listens
-    5/5 health     every node alive in the GCS and enough devices for the tensor-parallel size
+    5/5 health     every node alive in the GCS and enough devices for the tensor-parallel size, and
+                   bound where devices.conf says (`binding`: node IP, GCS address, node env, listening
+                   ports); a node bound elsewhere stops `up` and Ray again
 
 Any failing stage stops `up` and ends with one table of host, verdict and log path. When the inputs
 hash as before and every node is alive, `up` does nothing and says so; changed inputs need `--restart`
@@ -25,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_calib import __version__, atomic, ui
+from ray_calib.cluster import binding, state
 from ray_calib.cluster import health as health_mod
-from ray_calib.cluster import state
 from ray_calib.cluster.devices import ClusterConfig, NodeConfig
 from ray_calib.cluster.preflight import HostReport, run_preflight
 from ray_calib.cluster.ray_nodes import DEVICE_KEYS, ray_log_dir, start_script, stop_script
@@ -81,7 +83,8 @@ def up(config: ClusterConfig, *, restart: bool = False, accept_new_host_keys: bo
             _require("ray stop", config, runner.map(config.nodes, lambda n: _stop(runner, n)), runner)
             _require("ray start", config, _start_all(runner), runner)
             _stage(5, f"waiting up to {config.health_timeout} s for {len(config.nodes)} nodes")
-            rows = _health_gate(config, runner)
+            rows, health = _health_gate(config, runner)
+            _binding_gate(config, runner, health)
         record = _record(config, hashes, reports, "up")
         record["started_at"] = time.time()
         state.write(config.path, record)
@@ -194,7 +197,7 @@ def _stop(runner: SSHRunner, node: NodeConfig) -> str:
     return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
 
 
-def _health_gate(config: ClusterConfig, runner: SSHRunner) -> list[Row]:
+def _health_gate(config: ClusterConfig, runner: SSHRunner) -> tuple[list[Row], dict]:
     key = DEVICE_KEYS[config.head.device_kind]
     health = health_mod.wait_healthy(config, key, config.health_timeout)
     rows = []
@@ -221,7 +224,38 @@ def _health_gate(config: ClusterConfig, runner: SSHRunner) -> list[Row]:
             f"only {found:g} {key} devices alive, tp({config.tensor_parallel_size}) needs more",
             fix="check DEVICES per node or lower TENSOR_PARALLEL_SIZE",
         )
-    return rows
+    return rows, health
+
+
+def _binding_gate(config: ClusterConfig, runner: SSHRunner, health: dict) -> list[binding.Binding]:
+    """Every node runs where devices.conf says; otherwise Ray is stopped again and `up` fails naming it."""
+    results = runner.map(
+        config.nodes, lambda n: runner.run(n, binding.probe_script(n), timeout=60, what="binding probe")
+    )
+    found = []
+    for node in config.nodes:
+        result = results[node.name]
+        if isinstance(result, ClusterError):
+            raise result
+        try:
+            facts = binding.parse(result.stdout)
+        except ValueError:
+            raise ClusterError(
+                node.label, f"binding probe failed: {result.tail()}", fix=f"see {runner.log_path(node)}"
+            ) from None
+        found.append(binding.problems(node, config, facts, health[node.name].ray_ip, listening=not config.listen_all))
+    bad = [b for b in found if b.problems]
+    if bad:
+        runner.map(config.nodes, lambda n: _stop(runner, n))
+        rows = [(b.node.label, "; ".join(b.problems) or f"on {b.node.ip}", str(runner.log_path(b.node))) for b in found]
+        ui.table("binding", HOST_TABLE, rows)
+        first = bad[0]
+        raise ClusterError(
+            first.node.label,
+            f"not bound where configured: {'; '.join(first.problems)} (Ray stopped again on every node)",
+            fix=binding.fix(first),
+        )
+    return found
 
 
 def _record(config: ClusterConfig, hashes: dict, reports: list[HostReport], status: str) -> dict:

@@ -49,9 +49,16 @@ def node_prelude(node: NodeConfig, token_path: str = "~/.ray/auth_token") -> str
     if node.source_file:
         quoted = shlex.quote(node.source_file)
         lines.append(
-            f"if [ -f {quoted} ]; then . {quoted}; else echo 'node env file {node.source_file} "
+            f"if [ -f {quoted} ]; then :; else echo 'node env file {node.source_file} "
             f"not found on this host' >&2; exit 97; fi"
         )
+        # Sourced CRLF lines would leave a \r at the end of every value they set.
+        lines.append(
+            f"if grep -q \"$(printf '\\r')\" {quoted}; then echo 'node env file {node.source_file} has "
+            f"Windows line endings (CR) on this host; convert it with dos2unix' >&2; "
+            f"exit 97; fi"
+        )
+        lines.append(f". {quoted}")
     lines += [f"export {k}={v}" for k, v in node_env(node, token_path).items()]
     return "\n".join(lines)
 
@@ -97,11 +104,15 @@ def start_args(node: NodeConfig, config: ClusterConfig) -> list[str]:
 
 
 def start_script(node: NodeConfig, config: ClusterConfig) -> str:
-    """Start Ray on the node with the node env, from the work directory (old Ray stopped before)."""
+    """Start Ray on the node with the node env, from the work directory (old Ray stopped before); its
+    servers listen on the node's IP through `bindshim` unless RAY_LISTEN_ALL_INTERFACES=1."""
+    from ray_calib.cluster.bindshim import preload_lines
+
     ray = " ".join(shlex.quote(a) for a in start_args(node, config))
     return "\n".join(
         [
             node_prelude(node, config.token_path),
+            *([] if config.listen_all else preload_lines(node)),
             f"cd {shlex.quote(config.work_dir)}",
             f"exec {shlex.quote(node.python)} -m ray.scripts.scripts {ray} </dev/null",
         ]

@@ -20,6 +20,7 @@ from ray_calib.model.checkpoint import (
     Checkpoint,
     FreeSpace,
     check_free_space,
+    clear_leftovers,
     copy_side_files,
     free_bytes,
     open_manifest,
@@ -66,6 +67,7 @@ def convert_to_bf16(src: Path, out: Path, *, force: bool = False, free_space: Fr
     }
     manifest = open_manifest(out, MANIFEST, source_fingerprint(checkpoint), force, "a BF16 conversion")
     done = verified_shards(out, manifest)
+    clear_leftovers(out)
     check_free_space(out, sum(t.nbytes for s, lay in layouts.items() if s not in done for t in lay), free_space)
     out.mkdir(parents=True, exist_ok=True)
     summary = Bf16Summary(out=out, converted=len(fp8))

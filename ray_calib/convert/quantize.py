@@ -27,7 +27,7 @@ from ray_calib import atomic
 from ray_calib.convert.cast import Scratch, chunks, fp8_weight, stream, to_torch, weight_maxabs
 from ray_calib.convert.plan import QuantPlan, build_plan
 from ray_calib.convert.qconfig import GAUDI2_FP8_FLAVOR, compressed_tensors_config
-from ray_calib.errors import ModelError
+from ray_calib.errors import DiskFullError, ModelError
 from ray_calib.inc.devices import DeviceScales
 from ray_calib.inc.methods import (
     ScaleMethod,
@@ -45,6 +45,7 @@ from ray_calib.model.checkpoint import (
     Checkpoint,
     FreeSpace,
     check_free_space,
+    clear_leftovers,
     copy_side_files,
     free_bytes,
     open_manifest,
@@ -113,6 +114,7 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
     shard_names = [*checkpoint.shards, *([KV_SHARD] if plan.kv_maxabs else [])]
     layouts = {shard: _layout(checkpoint, shard, plan, job) for shard in shard_names}
     todo = [s for s in shard_names if s not in done]
+    clear_leftovers(job.out)
     check_free_space(job.out, sum(sum(t.nbytes for t in layouts[s]) for s in todo), job.free_space)
     job.out.mkdir(parents=True, exist_ok=True)
     scales = manifest.setdefault("weight_scales", {})
@@ -125,9 +127,13 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
             if shard in done:
                 summary.shards_skipped.append(shard)
                 continue
-            manifest["shards"][shard] = _write_shard(
-                checkpoint, shard, layouts[shard], plan, scales, job, summary, scratch
-            )
+            try:
+                manifest["shards"][shard] = _write_shard(
+                    checkpoint, shard, layouts[shard], plan, scales, job, summary, scratch
+                )
+            except DiskFullError as err:
+                later = [s for s in shard_names[shard_names.index(shard) + 1 :] if s not in done]
+                raise _disk_full(err, later, layouts) from None
             atomic.write_json(job.out / MANIFEST, manifest)
             summary.shards_written.append(shard)
             if job.on_shard_done:
@@ -139,6 +145,18 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
     summary.kept = len(checkpoint.tensors) - summary.quantized
     summary.output_bytes = sum((job.out / s).stat().st_size for s in shard_names)
     return summary
+
+
+def _disk_full(err: DiskFullError, later: list[str], layouts: dict[str, list[PlannedTensor]]) -> DiskFullError:
+    """The shard that did not fit plus the shards still to write: what the disk must hold to finish."""
+    rest = sum(t.nbytes for shard in later for t in layouts[shard])
+    return DiskFullError(
+        err.path,
+        err.needed + rest,
+        err.free,
+        fix="free that much on its disk or choose another --out; the partial shard was removed and finished "
+        "ones are kept: rerun the same command to go on",
+    )
 
 
 # ---- manifest (resume) ------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
     safe_pickle   allow-list unpickler for MLCommons DataFrame pickles
     readers       file -> raw rows, one reader per format
     prompts       rows -> CalibrationSet (shuffle, chat template, least_tokens, num_samples, hash)
+    texts         real English passages on every machine (pydoc, licences, Debian docs), split into
+                  calibration and held-out halves by document
 
 Use: `load_prompts(path, tokenizer, fmt=None, num_samples=512, least_tokens=None) -> CalibrationSet`.
 """

@@ -445,10 +445,27 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _eval_texts(path: Path | None) -> list[str]:
+    """--texts, else the built-in held-out passages (four short prompts would be a few dozen tokens)."""
+    from ray_calib.infer import runner
+
+    if path is not None:
+        return runner.load_prompts(path)
+    from ray_calib.data.texts import default_heldout
+
+    texts, note = default_heldout()
+    ui.note(note)
+    return texts
+
+
 @options.command(name="eval")
 @click.option("--baseline", type=_dir, help="The BF16 model [default: the model in the run's meta].")
 @click.option("--candidate", type=_dir, help="The FP8 model [default: <run-dir>/fp8].")
-@click.option("--texts", type=_file, help="Held-out texts, one per line (or JSONL with 'text').")
+@click.option(
+    "--texts",
+    type=_file,
+    help="Held-out texts, one per line (or JSONL with 'text') [default: 16 held-out passages of Python's docs].",
+)
 @options.tp_option(help="Tensor-parallel size [default: the smallest the models allow that fits in memory].")
 @click.option(
     "--fp8-kv/--no-fp8-kv",
@@ -512,7 +529,7 @@ def eval_command(
     report = fidelity.evaluate(
         baseline,
         candidate,
-        runner.load_prompts(texts),
+        _eval_texts(texts),
         tp_size=tp_size,
         device=device,
         with_fp8_kv=with_fp8_kv,

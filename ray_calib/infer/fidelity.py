@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ray_calib import atomic
+from ray_calib import atomic, ui
 from ray_calib.infer.isolated import run_isolated
 
 TOP_K = 20  # vLLM's default max_logprobs
@@ -146,7 +147,13 @@ def evaluate(
     if with_fp8_kv:
         variants.append(Variant("candidate_fp8_kv", candidate, fp8_kv=True))
     options = {**(engine_options or {}), "max_model_len": max_model_len}
-    scores = {v.name: score(v, windows, tp_size=tp_size, device=device, engine_options=options) for v in variants}
+    tokens = sum(len(w) for w in windows)
+    scores = {}
+    for index, variant in enumerate(variants, 1):
+        ui.stage(index, len(variants), f"score {variant.name}", f"{len(windows)} windows, {tokens} tokens")
+        started = time.perf_counter()
+        scores[variant.name] = score(variant, windows, tp_size=tp_size, device=device, engine_options=options)
+        ui.note(f"{variant.name}: scored in {time.perf_counter() - started:.0f} s")
     reference = scores["baseline"]["positions"]
     report = FidelityReport(
         baseline=str(baseline),

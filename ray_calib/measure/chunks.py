@@ -81,6 +81,8 @@ class ChunkStore:
     def prepare(self, *, resume: bool) -> list[int]:
         """Check existing checkpoints against this run; returns the indices of finished chunks to reuse."""
         run_file = self.root / _RUN_FILE
+        for partial in self.root.glob(".chunk-*"):  # a chunk being written when the run was killed
+            shutil.rmtree(partial, ignore_errors=True)
         if not run_file.exists():
             if resume and not self.root.exists():
                 raise ConfigError(

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ray_calib import options
+from ray_calib.data.formats import FORMATS
 from ray_calib.engine.options import kv_cache_gib_option
 from ray_calib.rundir import RunDir, run_dir_option
 
@@ -21,6 +22,13 @@ DEFAULTS = {"batch_size": 16}  # without devices.conf
     type=click.Path(path_type=Path),
     default=None,
     help="Calibration set (pile/mlcommons/tc); optional with --dry-run.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Calibration-set format [default: from the path, see `ray-calib dataset-info`].",
 )
 @options.tp_option(
     help="Tensor-parallel size [default: devices.conf TENSOR_PARALLEL_SIZE (else all its devices), else the "
@@ -100,6 +108,7 @@ DEFAULTS = {"batch_size": 16}  # without devices.conf
 def measure(
     model,
     dataset,
+    fmt,
     tp_size,
     fp8_kv,
     num_samples,
@@ -176,6 +185,7 @@ def measure(
         hessians=hessians,
         num_samples=num_samples,
         least_tokens=least_tokens,
+        dataset_format=fmt,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         chunk_size=chunk_size,

@@ -201,7 +201,11 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
         from ray_calib.data import load_prompts
 
         plan.calib = load_prompts(
-            config.dataset, info.path, num_samples=config.num_samples, least_tokens=config.least_tokens
+            config.dataset,
+            info.path,
+            config.dataset_format,
+            num_samples=config.num_samples,
+            least_tokens=config.least_tokens,
         )
     return plan
 

@@ -53,6 +53,7 @@ class MeasureConfig:
     fp8_kv: bool = False
     num_samples: int = 512
     least_tokens: int | None = None
+    dataset_format: str | None = None  # None: from the path (data.formats.detect_format)
     batch_size: int = 16
     max_new_tokens: int = 32
     chunk_size: int = 64
@@ -118,6 +119,7 @@ def run_measure(config: MeasureConfig) -> MeasureSummary:
     if config.force:
         store.clear()
     done = set(store.prepare(resume=config.resume))
+    ui.on_interrupt(lambda: _kept(store, len(chunks), config.chunk_size))
     results = {i: store.read(i, MEASURE_PREFIX) for i in sorted(done) if i < len(chunks)}
     executor = "reused"
     backend.backends = next((r.backends for r in results.values() if r.backends), {})
@@ -263,6 +265,13 @@ def build_llm(engine):
     from ray_calib.engine.launch import build_llm as build
 
     return build(engine)
+
+
+def _kept(store: ChunkStore, total: int, chunk_size: int) -> str:
+    """What an interrupted measure leaves: finished chunks, checkpointed, and how to go on from them."""
+    done = len(store.done())
+    resume = ui.rerun_command(add=["--resume"], drop=["--force"])
+    return f"kept {done} of {total} finished chunks ({chunk_size} prompts each) in {store.root}; resume with: {resume}"
 
 
 def _run_chunk(llm, index: int, prompts: list[list[int]], config: MeasureConfig, bar: ui.Bar) -> ChunkResult:

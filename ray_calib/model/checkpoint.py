@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,18 +169,37 @@ FreeSpace = Callable[[Path], int]
 
 def free_bytes(path: Path) -> int:
     """Free bytes on the file system that will hold `path` (its nearest existing parent)."""
-    probe = Path(path).absolute()
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
+    return atomic.free_bytes(path)
+
+
+def clear_leftovers(out: Path) -> None:
+    """Remove the temporaries a killed earlier run left in `out` (hidden partial shards), saying so."""
+    count, size = atomic.remove_leftovers(out)
+    if count:
+        from ray_calib import ui
+
+        ui.note(f"removed {count} temporary file(s) ({_gb(size)}) an interrupted earlier run left in {out}")
 
 
 def check_free_space(out: Path, needed: int, free: FreeSpace = free_bytes) -> None:
+    """Refuse before writing when the output cannot fit; name our own leftovers when they are in the way.
+
+    Callers remove the leftovers in `out` itself first (they are theirs); those of other runs in the run
+    directory are only named: another command may still be writing them.
+    """
     available = free(out)
     margin = 64 << 20  # headers, index, temp-file slack
     if needed + margin > available:
+        found = atomic.leftovers(Path(out).absolute().parent, depth=3)
+        ours = ""
+        if found:
+            shown = ", ".join(str(p) for p, _ in found[:3]) + (", ..." if len(found) > 3 else "")
+            ours = (
+                f"; {_gb(sum(size for _, size in found))} of the disk is {len(found)} temporary file(s) "
+                f"left by interrupted ray-calib runs ({shown}): delete them if no ray-calib command is running"
+            )
         raise ModelError(
-            f"{out}: needs {_gb(needed + margin)} free for the output but the disk has {_gb(available)}",
+            f"{out}: needs {_gb(needed + margin)} free for the output but the disk has {_gb(available)}{ours}",
             fix="free some space or choose --out on a larger disk; nothing was written.",
         )
 

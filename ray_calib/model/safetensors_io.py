@@ -10,6 +10,7 @@ needs no second read); numpy suffices for both, torch is imported only for torch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -229,9 +230,14 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._hasher: ThreadPoolExecutor | None = None
         self._written_back = 0
+        self._done = 0  # bytes handed to the file so far
         fd, self._tmp = atomic.new_temp_file(self.path)
         self._handle = os.fdopen(fd, "wb")
-        self._write(struct.pack("<Q", len(raw)) + raw)
+        try:
+            self._write(struct.pack("<Q", len(raw)) + raw)
+        except BaseException:
+            self.abort()
+            raise
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -241,7 +247,15 @@ class ShardWriter:
             self.abort()
 
     def _write(self, data) -> None:
-        """Append bytes; a large block is hashed on a second thread while the file write runs (both drop the GIL)."""
+        """Append bytes; a full disk becomes a DiskFullError naming the shard and the bytes it still needs."""
+        try:
+            self._append(data)
+        except OSError as err:
+            raise atomic.disk_full(err, self.path, self.size - self._done) from None
+        self._done += len(data)
+
+    def _append(self, data) -> None:
+        """A large block is hashed on a second thread while the file write runs (both drop the GIL)."""
         if len(data) < _OVERLAP_BYTES:
             self._handle.write(data)
             self._hash.update(data)
@@ -324,18 +338,25 @@ class ShardWriter:
             raise AssertionError(f"{self.path.name}: {len(self.plan) - self._next} planned tensors not written")
         self.drain()
         self._stop_writer()
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+        except OSError as err:
+            raise atomic.disk_full(err, self.path, self.size - self._done) from None
         os.replace(self._tmp, self.path)
         self._stop_hasher()
         return self._hash.hexdigest()
 
     def abort(self) -> None:
-        self._stop_writer()  # waits for queued writes: the handle must outlive them
-        self._stop_hasher()
-        self._handle.close()
-        Path(self._tmp).unlink(missing_ok=True)
+        """Drop the temporary file, whatever failed (closing flushes, which fails again on a full disk)."""
+        try:
+            self._stop_writer()  # waits for queued writes: the handle must outlive them
+            self._stop_hasher()
+            with contextlib.suppress(OSError):
+                self._handle.close()
+        finally:
+            Path(self._tmp).unlink(missing_ok=True)
 
     def _stop_writer(self) -> None:
         if self._writer is not None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ray_calib.realmodel.texts import SOURCES, SPLITS
+from ray_calib.data.texts import SOURCES, SPLITS
 
 
 @click.command("import-gguf")
@@ -66,7 +66,7 @@ def make_text_set(source: str, split: str, num_samples: int, out: Path) -> None:
     Example:
       ray-calib make-text-set --source pydoc --split calibration --num-samples 64 --out data/calib.jsonl
     """
-    from ray_calib.realmodel import texts
+    from ray_calib.data import texts
 
     path = texts.write_jsonl(texts.sample(source, split, num_samples), out)
     click.echo(f"wrote {num_samples} {source} passages ({split}) to {path}")

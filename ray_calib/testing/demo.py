@@ -2,7 +2,7 @@
 real trained model (SmolLM2-135M-Instruct), both calibrated across two Ray nodes.
 
      1  make a tiny DeepSeek-V3 and a calibration set
-     2  up: two Ray nodes on 127.0.0.1 and 127.0.0.2 (2 devices each), over a local sshd started for the demo
+     2  up: two Ray nodes on 127.0.0.3 and 127.0.0.4 (2 devices each), over a local sshd started for the demo
      3  tiny DeepSeek: measure --fp8-kv at TP=4 across both nodes
      4  unify --to-tp 2
      5  quantize --low-cpu-mem
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -93,7 +94,7 @@ class Demo:
             flush=True,
         )
         start, cpu = time.perf_counter(), _children_cpu_s()
-        result = subprocess.run([sys.executable, "-m", "ray_calib.cli", *map(str, args)], env=self.env, cwd=self.root)
+        result = _run_to_the_end([sys.executable, "-m", "ray_calib.cli", *map(str, args)], env=self.env, cwd=self.root)
         if result.returncode != 0:
             sys.exit(f"demo stage {number} ({title}) failed with exit code {result.returncode}")
         print(
@@ -101,6 +102,26 @@ class Demo:
             f"({_children_cpu_s() - cpu:.0f} s of CPU in this node's processes)",
             flush=True,
         )
+
+
+def _run_to_the_end(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run, except that an interrupted stage is asked to stop (SIGINT) and waited for, so it
+    ends its own engine processes; subprocess.run would SIGKILL it and orphan them."""
+    with subprocess.Popen(args, **kwargs) as proc:
+        try:
+            return subprocess.CompletedProcess(args, proc.wait())
+        except KeyboardInterrupt:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+
+
+def _terminated(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _children_cpu_s() -> float:
@@ -130,7 +151,7 @@ def run(root: Path) -> None:
     with running_sshd() as sshd:
         conf = write_conf(root / "cluster", sshd, devices_per_node=2, memory="4G", fast_failure_detection=False)
         try:  # `down` also cleans up after a partial `up`
-            demo.stage(2, "up: two Ray nodes (127.0.0.1, 127.0.0.2)", ["up", "--conf", conf])
+            demo.stage(2, "up: two Ray nodes (127.0.0.3, 127.0.0.4)", ["up", "--conf", conf])
             demo.stage(
                 3,
                 "tiny DeepSeek: measure --fp8-kv at TP=4 across both nodes",
@@ -176,7 +197,7 @@ def run(root: Path) -> None:
 
 def _real_model(demo: Demo, conf: Path, model: Path) -> Path:
     """SmolLM2-135M-Instruct through the same chain, on real text; returns its run directory."""
-    from ray_calib.realmodel import texts
+    from ray_calib.data import texts
 
     run, data = demo.root / "run-smollm2", demo.root / "data"
     calib, heldout, prompts = data / "pydoc.jsonl", data / "heldout.jsonl", data / "prompts.txt"
@@ -225,7 +246,14 @@ def main(argv: list[str] | None = None) -> None:
         default=Path(os.environ.get("RAY_CALIB_DEMO_DIR", "calib-run/demo")),
         help="where every artefact goes (default: $RAY_CALIB_DEMO_DIR or calib-run/demo)",
     )
-    run(parser.parse_args(argv).dir)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)  # like Ctrl-C: the stage ends, then `down`, sshd and the hub stop
+    try:
+        run(args.dir)
+    except KeyboardInterrupt:
+        sys.exit(
+            f"demo interrupted: Ray stopped (`down`), sshd and the hub stand-in ended; artefacts so far in {args.dir}"
+        )
 
 
 if __name__ == "__main__":

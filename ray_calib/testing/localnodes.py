@@ -1,9 +1,12 @@
 """A two-node cluster on this one machine, for the demo, the cluster tests and benchmarks/bench_up.py.
 
-A real sshd on 127.0.0.1 and 127.0.0.2 with generated host and client keys, and a devices.conf that
-uses it (two CPU nodes). The sshd is installed from Debian (apt-get) when missing, listens on a free high
-port on both loopback addresses, and is killed by pid on exit. By default the Ray nodes use free ports
-(GCS, client server, dashboard: two runs on one box do not collide) and private temp dirs beside the conf.
+A real sshd on 127.0.0.1 to 127.0.0.4 with generated host and client keys, and a devices.conf that
+uses it (two CPU nodes, head 127.0.0.3 and worker 127.0.0.4: addresses this box uses for nothing else, so
+a Ray process bound elsewhere -- the host's primary address, 127.0.0.1 -- is seen by `up`'s binding check;
+Ray itself replaces a node IP of 127.0.0.1). The sshd is installed from Debian (apt-get) when missing,
+listens on a free high port on those loopback addresses, and is killed by pid on exit. By default the Ray
+nodes use free ports (GCS, client server, dashboard: two runs on one box do not collide) and private temp
+dirs beside the conf.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 from ray_calib.cluster.devices import MAX_RAY_TEMP_DIR_BYTES
 
 VENV_BIN = Path(sys.executable).parent
+HEAD_IP, WORKER_IP = "127.0.0.3", "127.0.0.4"
+SSHD_ADDRESSES = ("127.0.0.1", "127.0.0.2", HEAD_IP, WORKER_IP)
 
 
 @dataclass
@@ -34,9 +39,7 @@ class Sshd:
     host_pub: str
     known_hosts: Path  # holds both nodes' host keys
 
-    def known_hosts_file(
-        self, path: Path, hosts: tuple[str, ...] = ("127.0.0.1", "127.0.0.2"), key: str | None = None
-    ) -> Path:
+    def known_hosts_file(self, path: Path, hosts: tuple[str, ...] = SSHD_ADDRESSES, key: str | None = None) -> Path:
         path.write_text("".join(f"[{h}]:{self.port} {key or self.host_pub}\n" for h in hosts))
         return path
 
@@ -76,7 +79,7 @@ def _keygen(path: Path) -> None:
 
 @contextlib.contextmanager
 def running_sshd() -> Iterator[Sshd]:
-    """Start sshd on 127.0.0.1 and 127.0.0.2 (free port, fresh keys); kill it by pid on exit."""
+    """Start sshd on SSHD_ADDRESSES (free port, fresh keys); kill it by pid on exit."""
     binary = _ensure_sshd()
     root = Path(tempfile.mkdtemp(prefix="rc-cluster-sshd-"))
     os.chmod(root, 0o755)
@@ -84,8 +87,9 @@ def running_sshd() -> Iterator[Sshd]:
         _keygen(root / name)
     (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
     port = _free_port()
+    listen = "".join(f"ListenAddress {ip}\n" for ip in SSHD_ADDRESSES)
     (root / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\nHostKey {root / 'host_key'}\n"
+        f"Port {port}\n{listen}HostKey {root / 'host_key'}\n"
         f"AuthorizedKeysFile {root / 'authorized_keys'}\nPidFile {root / 'sshd.pid'}\nStrictModes no\n"
         "UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin yes\n"
         "MaxSessions 50\nMaxStartups 50\nSubsystem sftp internal-sftp\n"
@@ -134,8 +138,10 @@ def write_conf(
     devices_per_node: int = 1,
     fast_failure_detection: bool = True,
     num_cpus: int | None = None,
+    head_ip: str = HEAD_IP,
+    worker_ip: str = WORKER_IP,
 ) -> Path:
-    """Two CPU nodes (head 127.0.0.1, worker 127.0.0.2) on this box, `devices_per_node` HPU each.
+    """Two CPU nodes (head `head_ip`, worker `worker_ip`) on this box, `devices_per_node` HPU each.
 
     `num_cpus` (default: `devices_per_node`) is Ray's CPU count per node; vLLM's rank actors ask for none,
     and Ray starts that many idle worker processes per node, so many ranks on a small box want it low.
@@ -165,11 +171,11 @@ def write_conf(
 RAY_CLUSTER_PORT={gcs_port}
 RAY_CLIENT_SERVER_PORT={client_port}
 RAY_DASHBOARD_PORT={dashboard_port}
-HEAD_NODE_IP=127.0.0.1
+HEAD_NODE_IP={head_ip}
 HEAD_NODE_IFNAME=lo
 HEAD_NODE_SOURCE_FILENAME=head_env.sh
 HEAD_NODE_RAY_TEMP_DIR={temp}/head
-WORKER_NODE_IP=127.0.0.2
+WORKER_NODE_IP={worker_ip}
 WORKER_NODE_IFNAME=lo
 WORKER_NODE_SOURCE_FILENAME=worker_env.sh
 WORKER_NODE_RAY_TEMP_DIR={temp}/worker

@@ -184,3 +184,29 @@ def test_empty_head_ip_never_promotes_a_worker_and_non_utf8_is_one_line(tmp_path
     path.write_bytes(SEED.encode() + b"FOO=\xff\n")
     with pytest.raises(ConfigError, match="not UTF-8 text"):
         devices.load(path)
+
+
+def test_crlf_env_file_is_refused_with_its_line(tmp_path):
+    path = _write(tmp_path, SEED)
+    (tmp_path / "worker_node_source.sh").write_bytes(b"# env\nexport A=1\r\nexport B=2\r\n")
+    with pytest.raises(ConfigError) as err:
+        devices.load(path)
+    message = str(err.value)
+    assert "line 7: WORKER_NODE_SOURCE_FILENAME" in message
+    assert f"{tmp_path / 'worker_node_source.sh'}:2 ends in CR" in message and "sed -i" in message
+
+
+def test_node_prelude_refuses_crlf_env_file_on_the_host(tmp_path):
+    import subprocess
+
+    from ray_calib.cluster.ray_nodes import node_prelude
+
+    path = _write(tmp_path, SEED)
+    cfg = devices.load(path)
+    env_file = tmp_path / "worker_node_source.sh"
+    env_file.write_text("export A=1\n")
+    ok = subprocess.run(["sh", "-c", node_prelude(cfg.workers[0]) + "\necho A=$A"], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == "A=1"
+    env_file.write_bytes(b"export A=1\r\n")
+    bad = subprocess.run(["sh", "-c", node_prelude(cfg.workers[0]) + "\necho A=$A"], capture_output=True, text=True)
+    assert bad.returncode == 97 and "Windows line endings" in bad.stderr and bad.stdout == ""

@@ -11,6 +11,7 @@ import pytest
 
 from ray_calib.testing.localnodes import ray_pids, write_conf
 
+OLD_IPS = {"head_ip": "127.0.0.1", "worker_ip": "127.0.0.2"}  # preflight fails before any Ray starts
 pytestmark = pytest.mark.cluster
 
 
@@ -28,7 +29,7 @@ def test_version_mismatch_stops_up_and_names_the_node(workdir, sshd, state_dir, 
     ):
         pytest.skip("needs a second Python interpreter at /usr/bin/python3")
     alt = _other_python(workdir)
-    conf = write_conf(workdir, sshd, worker_env=f'export PATH="{alt}:$PATH"\n')
+    conf = write_conf(workdir, sshd, worker_env=f'export PATH="{alt}:$PATH"\n', **OLD_IPS)
     result = run_cli("up", "--conf", conf)
     assert result.exit_code == 1
     error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))  # after the stages
@@ -45,7 +46,7 @@ def test_version_mismatch_stops_up_and_names_the_node(workdir, sshd, state_dir, 
 
 
 def test_wrong_ifname_and_missing_work_dir(workdir, sshd, state_dir, run_cli):
-    conf = write_conf(workdir, sshd, extra=f"WORK_DIR={workdir}/nowhere\n")
+    conf = write_conf(workdir, sshd, extra=f"WORK_DIR={workdir}/nowhere\n", **OLD_IPS)
     conf.write_text(conf.read_text().replace("WORKER_NODE_IFNAME=lo", "WORKER_NODE_IFNAME=eth0"))
     result = run_cli("up", "--conf", conf)
     assert result.exit_code == 1

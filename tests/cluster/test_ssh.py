@@ -13,10 +13,11 @@ from ray_calib.errors import ClusterError
 from ray_calib.testing.localnodes import write_conf
 
 pytestmark = pytest.mark.cluster
+OLD_IPS = {"head_ip": "127.0.0.1", "worker_ip": "127.0.0.2"}  # SSH only: no Ray is started here
 
 
 def _config(workdir, sshd, extra: str = "", known_hosts=None):
-    return devices.load(write_conf(workdir, sshd, extra=extra, known_hosts=known_hosts))
+    return devices.load(write_conf(workdir, sshd, extra=extra, known_hosts=known_hosts, **OLD_IPS))
 
 
 def test_run_in_parallel_and_put_with_mode_0600(workdir, sshd, state_dir):
@@ -97,7 +98,7 @@ def test_ssh_config_alias_and_proxy_jump_reach_the_worker(workdir, sshd, state_d
         f"    IdentityFile {sshd.client_key}\n    ProxyJump 127.0.0.1:{sshd.port}\n"
         f"Host 127.0.0.1\n    IdentityFile {sshd.client_key}\n"
     )
-    conf = write_conf(workdir, sshd, extra=f"SSH_CONFIG={ssh_config}\nWORKER_NODE_SSH_HOST=calib-worker\n")
+    conf = write_conf(workdir, sshd, extra=f"SSH_CONFIG={ssh_config}\nWORKER_NODE_SSH_HOST=calib-worker\n", **OLD_IPS)
     text = conf.read_text().replace(f"SSH_PORT={sshd.port}\n", f"HEAD_NODE_SSH_PORT={sshd.port}\n")
     conf.write_text(text.replace(f"SSH_KEY={sshd.client_key}\n", f"HEAD_NODE_SSH_KEY={sshd.client_key}\n"))
     cfg = devices.load(conf)

@@ -127,6 +127,7 @@ def test_resume_skips_finished_shards_verified_by_checksum(tmp_path, tiny_llama)
     job.on_shard_done = None
     summary = quantize_checkpoint(job)
     assert summary.shards_skipped == [shards[0]] and summary.shards_written == shards[1:]
+    assert not (out / f".{shards[1]}.partial.tmp").exists(), "the next run removes what a kill left"
     digests = {s: file_sha256(out / s) for s in shards}
     (out / shards[1]).write_bytes(b"corrupted")  # a finished shard that no longer matches its checksum
     summary = quantize_checkpoint(job)

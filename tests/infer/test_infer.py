@@ -114,28 +114,36 @@ def test_eval_refuses_a_tp_the_heads_do_not_allow(tiny_llama, tmp_path, run_cli)
 
 
 @pytest.mark.slow
-def test_eval_of_a_model_against_itself(tiny_llama, tmp_path, run_cli, monkeypatch):
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    result = run_cli(
-        "eval",
-        "--baseline",
-        tiny_llama,
-        "--candidate",
-        tiny_llama,
-        "--no-fp8-kv",
-        "--min-agreement",
-        0.99,
-        "--run-dir",
-        tmp_path,
-        "--enforce-eager",
+def test_eval_of_a_model_against_itself(tiny_llama, tmp_path):
+    """As a user runs it (own process): the figures, and both streams hold our lines alone."""
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VLLM_"))}
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", RAY_CALIB_DEVICE="cpu")
+    args = ["eval", "--baseline", tiny_llama, "--candidate", tiny_llama, "--no-fp8-kv", "--min-agreement", 0.99]
+    args += ["--run-dir", tmp_path, "--enforce-eager"]
+    result = subprocess.run(
+        [sys.executable, "-m", "ray_calib.cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=900
     )
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["top1_agreement"] == {"candidate": 1.0}
     assert report["verdict"]["passed"] and report["verdict"]["min_agreement"] == 0.99  # what push checks
     assert report["mean_kl"]["candidate"] == pytest.approx(0.0, abs=1e-9)
     assert report["perplexity"]["candidate"] == pytest.approx(report["perplexity"]["baseline"])
-    assert report["num_positions"] > 20
+    assert report["num_texts"] == 16 and report["num_positions"] > 4000, "no --texts: the built-in held-out set"
+    assert "no --texts: scoring 16 held-out passages" in result.stderr
+    assert "(1/2 score baseline)" in result.stderr and "(2/2 score candidate)" in result.stderr
+    ours = {
+        result.stdout: (r"note: ", r"variant ", r"(baseline|candidate)\s", r"\d+ positions over 16 texts; saved "),
+        result.stderr: (r"no --texts: ", r"\(\d/2 score \w+\) \d+ windows", r"(baseline|candidate): scored in \d+ s"),
+    }
+    for stream, patterns in ours.items():
+        for line in stream.splitlines():
+            assert any(re.match(p, line) for p in patterns), f"not ours: {line!r}"
+    assert "vllm" in (tmp_path / "logs" / "eval.log").read_text()  # the engines' own lines went there
 
 
 def test_serve_args_are_vllms_defaults_plus_the_few_settings_we_own(tmp_path):

@@ -178,3 +178,17 @@ def test_an_unknown_attention_backend_is_a_one_line_error():
         check_attention_backend("BOGUS")
     assert "CPU_" in (err.value.fix or "")
     check_attention_backend(None)
+
+
+def test_dataset_hint_names_a_flag_measure_has(run_cli, tiny_models, tmp_path):
+    """The format hint says `--format`; measure takes it, and with it reads a file of any suffix."""
+    data = tmp_path / "calib.csv"
+    data.write_text("".join(f"sample {i} of plain calibration text for the tiny model\n" for i in range(8)))
+    model = tiny_models["llama"]
+    line = one_error_line(run_cli("measure", "-m", model, "-d", data, "-o", tmp_path / "o"))
+    assert "cannot tell the dataset format" in line and "--format" in line
+    help_text = run_cli("measure", "--help").stdout
+    assert all(flag in help_text for flag in ("--format", "pile", "mlcommons", "tc"))
+    ok = run_cli("measure", "-m", model, "-d", data, "--format", "pile", "-n", 4, "--dry-run", "-o", tmp_path / "o")
+    assert ok.exit_code == 0, ok.stderr
+    assert "[pile]" in ok.stdout + ok.stderr and not (tmp_path / "o").exists()

@@ -63,6 +63,9 @@ def test_killed_worker_then_resume_gives_the_same_files(measured, tiny_models, c
     assert proc.returncode != 0
     error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert error_lines and "--resume" in error_lines[-1], stderr[-2000:]
+    # stages, progress, measure's own notes, warnings, the error; the worker's traceback goes to the log file
+    ours = ("(", "measure: ", "recording hessians for GPTQ", "no hessians", "resuming: ", "warning: ", "error: ")
+    assert [line for line in stderr.splitlines() if line.strip() and not line.startswith(ours)] == [], stderr[-3000:]
     done = sorted(p.name for p in (out / ".chunks").glob("chunk-*"))
     assert "chunk-00000" in done and len(done) < 4, done
     resumed = run_measure(args + ["--resume"]).check()

@@ -26,6 +26,9 @@ SPLITS = ("calibration", "heldout")
 LICENSES_DIR = Path("/usr/share/common-licenses")
 DOC_DIR = Path("/usr/share/doc")
 SEED = 42
+# `eval` without --texts: held-out passages of Python's documentation, enough positions (~7k tokens) for
+# the agreement and KL figures to mean something.
+DEFAULT_HELDOUT = ("pydoc", 16)
 
 
 def documents(source: str) -> list[tuple[str, str]]:
@@ -102,6 +105,15 @@ def sample(source: str, split: str, num: int, *, min_chars: int = 1200, max_char
         )
     random.Random(SEED).shuffle(pool)
     return pool[:num]
+
+
+def default_heldout() -> tuple[list[str], str]:
+    """The built-in held-out texts and one line saying what they are."""
+    source, num = DEFAULT_HELDOUT
+    return sample(source, "heldout", num), (
+        f"no --texts: scoring {num} held-out passages of Python's documentation ({source}, split heldout; "
+        "`ray-calib make-text-set` writes others)"
+    )
 
 
 def write_jsonl(texts: list[str], out: Path) -> Path:

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from ray_calib.data import texts
 from ray_calib.errors import DataError
-from ray_calib.realmodel import texts
 
 
 @pytest.mark.parametrize("source", texts.SOURCES)
@@ -44,3 +44,10 @@ def test_make_text_set_writes_the_pile_format(tmp_path, run_cli):
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and all(set(r) == {"text"} for r in rows)
+
+
+def test_eval_default_texts_are_held_out_and_of_a_meaningful_size():
+    heldout, note = texts.default_heldout()
+    calibration = set(texts.sample("pydoc", "calibration", 16))
+    assert len(heldout) == 16 and not calibration & set(heldout)
+    assert sum(len(t) for t in heldout) > 16 * 1200 and "16 held-out passages" in note
