@@ -11,6 +11,7 @@ cache is really in use.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -63,6 +64,18 @@ def test_demo_smollm2_answers_and_figures(demo):
     assert len(list((smol / "measure").glob("inc_measure_output_hooks_maxabs_*_3.npz"))) == 3
     meta = json.loads((smol / "measure" / "ray_calib_meta.json").read_text())
     assert meta["tp_size"] == 3 and meta["fp8_kv"]
+    # the FP8-KV chain: measure --fp8-kv, quantize and infer without the flag; the run's record carries it
+    assert json.loads((smol / "run.json").read_text())["facts"]["fp8_kv"]["value"] is True
+    config = json.loads((smol / "fp8" / "config.json").read_text())
+    assert config["quantization_config"]["kv_cache_scheme"] is not None
+    # the engines' scale audits (infer of both models, then SmolLM2's infer on an FP8 cache): every scale in use
+    audits = re.findall(r"scale audit: (.*) in use", result.stdout)
+    assert len(audits) >= 2 and "30/30 kv" in audits[-1], audits
+    for line in audits:
+        assert all(used == carried for used, carried in re.findall(r"(\d+)/(\d+)", line)), line
+    for run in (root / "run", smol):
+        for variant in json.loads((run / "eval.json").read_text())["scale_audit"].values():
+            assert variant["dropped"] == [] and variant["counts"]["weight"]["in_use"] > 0, variant
     answers = {row["prompt"]: row for row in json.loads((smol / "infer" / "completions.json").read_text())}
     for prompt, expected in ANSWERS.items():
         assert answers[prompt]["baseline"].strip().startswith(expected), answers[prompt]

