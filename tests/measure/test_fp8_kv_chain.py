@@ -1,7 +1,7 @@
 """The FP8-KV chain end to end with real vLLM on the tiny Llama: measure --fp8-kv (the session's run), unify,
-quantize without --fp8-kv, infer (SmolLM2's chain is the demo's, tests/test_demo.py). The run's record carries FP8 KV from measure to the engine; the
-chain used to write no k/v scales and serve an FP8 cache at scale 1.0. The engine's scale audit then
-reads back that every calibrated scale is in use."""
+quantize without --fp8-kv, infer (SmolLM2's chain is the demo's, tests/test_demo.py). The run's record
+carries FP8 KV from measure to the engine; the chain used to write no k/v scales and serve an FP8 cache at
+scale 1.0. The engine's scale audit then reads back that every calibrated scale is in use."""
 
 from __future__ import annotations
 
