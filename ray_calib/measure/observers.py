@@ -40,6 +40,9 @@ A module of a kind the observers do not know -- an attention layer that is neith
 `_apply_quant_method` -- is listed in `uncovered`; the head refuses the run with its class name.
 Observers only accumulate (running max, token counts) and `remove()` puts back every method they
 replaced, so the same engine runs exactly as before.
+
+Hessians (H = sum(x xᵀ) of a layer's input, for GPTQ) come from the same places: the linear pre-hooks,
+the MLA latent for kv_b_proj, and the routed tokens of each expert (`moe`).
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ class ModelObserver:
         self.tokens = torch.zeros((), dtype=torch.int64)
         self._attention: dict[str, torch.nn.Module] = {}
         self._runners: dict[str, torch.nn.Module] = {}
+        self._latent_hessian: dict[int, str] = {}  # id(MLAAttention) -> its kv_b_proj's hessian name
         self._handles: list[Any] = []
         self._patches: list[tuple[Any, str, bool, Any]] = []  # (object, attribute, had its own, old value)
         self._install()
@@ -131,6 +135,9 @@ class ModelObserver:
                 stats = self._add_linear(name, module, isinstance(module, RowParallelLinear))
                 if id(module) in latent_of:  # recorded from the MLA layer's latent, see the module docstring
                     latent_stats[id(latent_of[id(module)])] = stats
+                    if self.hessians is not None:  # the whole latent on every rank (column-parallel)
+                        self.hessians[name] = Hessian(sharded=False, columns=_input_columns(module))
+                        self._latent_hessian[id(latent_of[id(module)])] = name
                 else:
                     self._hook_linear(name, module, stats)
             elif isinstance(module, MoERunner):
@@ -149,8 +156,11 @@ class ModelObserver:
             self._install_attention(name, module, isinstance(module, MLAAttention), latent_stats.get(id(module)))
         if self.hessians is not None:
             self.hessian_bytes = sum(4 * h.columns**2 for h in self.hessians.values())
+            self.hessian_bytes += sum(m.hessian_bytes for m in self.moe.values() if m.hessians)
             if self._hessians_auto and self.hessian_bytes > HESSIAN_BUDGET:
                 self.hessians = None
+                for moe in self.moe.values():
+                    moe.hessians = False
 
     def _count_tokens(self, module, args) -> None:
         self.tokens += args[0].numel()
@@ -193,7 +203,7 @@ class ModelObserver:
             self._handles.append(module.register_forward_hook(hook))
 
     def _install_moe(self, name: str, runner) -> None:
-        stats = MoEStats(name, runner.routed_experts)
+        stats = MoEStats(name, runner.routed_experts, hessians=self.hessians is not None)
         self.moe[name] = stats
         self.mod_list.append(name)
         self.mod_list.extend(stats.child_names())
@@ -233,12 +243,15 @@ class ModelObserver:
             cache = self._add(f"{name}.impl.latent_cache_k", NodeStats(inputs=[MaxAbs()])) if kv else None
             if latent is None and cache is None:
                 return
+            kv_b_proj = self._latent_hessian.get(id(module))
 
             def mla_hook(mod, args, kwargs):
                 kv_c, k_pe = _arg(args, kwargs, 1, "kv_c_normed"), _arg(args, kwargs, 2, "k_pe")
                 if latent is not None:
                     latent.called = True
                     latent.inputs[0].update(kv_c)
+                    if self.hessians is not None and kv_b_proj is not None:
+                        self.hessians[kv_b_proj].update(kv_c)
                 if cache is not None:  # the cache row is [kv_c_normed | k_pe]
                     cache.called = True
                     cache.inputs[0].update(kv_c)
@@ -294,8 +307,13 @@ class ModelObserver:
         }
         if self.hessians is not None:
             called = {n: h for n, h in self.hessians.items() if h.matrix is not None}
-            result["hessians"] = {n: h.get().tobytes() for n, h in called.items()}  # see chunks.hessians_from_result
-            result["sharded"] = sorted(n for n, h in called.items() if h.sharded)
+            matrices = {n: h.get().tobytes() for n, h in called.items()}  # see chunks.hessians_from_result
+            sharded = sorted(n for n, h in called.items() if h.sharded)
+            for moe in self.moe.values():
+                experts = moe.hessian_matrices()
+                matrices.update({n: m.cpu().numpy().tobytes() for n, m in experts.items()})
+                sharded += sorted(n for n in experts if moe.w2_sharded and ".w2_list." in n)
+            result["hessians"], result["sharded"] = matrices, sharded
         return result
 
     def reset(self) -> None:
