@@ -422,7 +422,8 @@ def _interrupt(signum: int, frame) -> None:
     "with_fp8_kv",
     default=True,
     show_default=True,
-    help="Also score the candidate with an FP8 KV cache (the others always run a BF16 one).",
+    help="Also score the candidate with an FP8 KV cache, with its k/v scales and, beside them, with vLLM's "
+    "scale 1.0 (the others always run a BF16 one).",
 )
 @click.option(
     "--max-model-len",
