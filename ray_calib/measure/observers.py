@@ -92,6 +92,7 @@ class ModelObserver:
         self.fp8_kv = fp8_kv
         self.hessians: dict[str, Hessian] | None = None if hessians is False else {}
         self.hessian_bytes = 0  # what recording them costs this rank (float32 H of every linear input)
+        self.hessian_kept = 0  # what the ones recorded cost (unasked: those `within_budget` keeps)
         self._hessians_auto = hessians is None
         self.blocklist = blocklist
         self.nodes: dict[str, NodeStats] = {}  # in module order
@@ -155,12 +156,21 @@ class ModelObserver:
         for name, module in self._attention.items():
             self._install_attention(name, module, isinstance(module, MLAAttention), latent_stats.get(id(module)))
         if self.hessians is not None:
-            self.hessian_bytes = sum(4 * h.columns**2 for h in self.hessians.values())
-            self.hessian_bytes += sum(m.hessian_bytes for m in self.moe.values() if m.hessians)
-            if self._hessians_auto and self.hessian_bytes > HESSIAN_BUDGET:
-                self.hessians = None
-                for moe in self.moe.values():
-                    moe.hessians = False
+            self._fit_hessians()
+
+    def _fit_hessians(self) -> None:
+        """Unasked (auto), record only the hessians `within_budget` keeps; asked for, all of them."""
+        assert self.hessians is not None
+        sizes = {name: 4 * h.columns**2 for name, h in self.hessians.items()}
+        sizes.update({name: m.hessian_bytes for name, m in self.moe.items() if m.hessians})
+        self.hessian_bytes = self.hessian_kept = sum(sizes.values())
+        if not self._hessians_auto or self.hessian_bytes <= HESSIAN_BUDGET:
+            return
+        kept = within_budget(sizes, HESSIAN_BUDGET)
+        self.hessian_kept = sum(sizes[name] for name in kept)
+        for name, moe in self.moe.items():
+            moe.hessians = moe.hessians and name in kept
+        self.hessians = {name: h for name, h in self.hessians.items() if name in kept} if kept else None
 
     def _count_tokens(self, module, args) -> None:
         self.tokens += args[0].numel()
@@ -184,8 +194,9 @@ class ModelObserver:
         def pre_hook(mod, args):
             stats.called = True
             stats.inputs[0].update(args[0])
-            if self.hessians is not None:
-                self.hessians[name].update(args[0])
+            hessian = None if self.hessians is None else self.hessians.get(name)  # not every one fits the budget
+            if hessian is not None:
+                hessian.update(args[0])
 
         self._handles.append(module.register_forward_pre_hook(pre_hook))
         if not stats.outputs:
@@ -250,8 +261,9 @@ class ModelObserver:
                 if latent is not None:
                     latent.called = True
                     latent.inputs[0].update(kv_c)
-                    if self.hessians is not None and kv_b_proj is not None:
-                        self.hessians[kv_b_proj].update(kv_c)
+                    hessian = None if self.hessians is None or kv_b_proj is None else self.hessians.get(kv_b_proj)
+                    if hessian is not None:
+                        hessian.update(kv_c)
                 if cache is not None:  # the cache row is [kv_c_normed | k_pe]
                     cache.called = True
                     cache.inputs[0].update(kv_c)
@@ -349,6 +361,21 @@ def _after(function: Callable, record: Callable[[Any], None]) -> Callable:
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     return args[index] if len(args) > index else kwargs.get(name)
+
+
+def within_budget(sizes: dict[str, int], budget: int) -> set[str]:
+    """The hessians (name -> bytes; an MoE layer's experts are one) recorded unasked: the smallest first, in
+    model order among equals, while they fit `budget`. A DeepSeek-R1 rank keeps MLA's kv_b_proj and q_b_proj
+    (inputs: the 512- and 1536-wide latents, ~0.6 GiB for 61 layers) and rounds its 7168-wide layers and
+    its experts to nearest; a model that fits whole keeps everything."""
+    kept: set[str] = set()
+    total = 0
+    for name, size in sorted(sizes.items(), key=lambda item: item[1]):
+        if total + size > budget:
+            break
+        kept.add(name)
+        total += size
+    return kept
 
 
 def _input_columns(module) -> int:
