@@ -62,7 +62,7 @@ class MoEStats:
         self._pending_tokens = 0
         # per-expert H of the W13 and W2 inputs (allocated at the first fold); W2's is this rank's slice
         self.hessians = hessians and w13 is not None and self.expert_map is None
-        self.w2_sharded = int(getattr(routed, "tp_size", 1) or 1) > 1
+        self.w2_sharded = _tp_size(routed) > 1
         self.h13: torch.Tensor | None = None
         self.h2: torch.Tensor | None = None
 
@@ -216,6 +216,12 @@ class MoEStats:
         self.expert_input.zero_()
         self.expert_inter.zero_()
         self.h13 = self.h2 = None
+
+
+def _tp_size(routed: torch.nn.Module) -> int:
+    """The TP size the experts' intermediate is split over (vLLM's RoutedExperts keeps it in its moe_config)."""
+    size = getattr(getattr(routed, "moe_config", None), "tp_size", None) or getattr(routed, "tp_size", None)
+    return int(size or 1)
 
 
 def _child(input_amax: float, weight: float | None) -> dict[str, Any]:

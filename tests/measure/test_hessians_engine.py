@@ -170,3 +170,18 @@ def test_quantize_rounds_experts_and_kv_b_proj_with_gptq(deepseek_run, tiny_mode
             )
     assert len(ratios) >= 40 and all(r < 1.0 for r in ratios.values()), ratios
     assert np.mean(list(ratios.values())) < 0.8, ratios
+
+
+def test_tp2_expert_w2_hessians_are_each_ranks_slice_of_the_intermediate(measured, tiny_models):
+    """At TP2 each rank holds half of every expert's intermediate: W2's H is sharded (block diagonal once
+    merged) and W13's, over the whole hidden state, is the same on both ranks."""
+    config = json.loads((tiny_models["deepseek_v3"] / "config.json").read_text())
+    ranks = [hessians.read(p) for p in hessians.rank_files(measured("deepseek_v3", 2, True).out)]
+    w2 = sorted(n for n in ranks[0].matrices if ".w2_list." in n)
+    assert w2 and set(w2) <= ranks[0].sharded
+    half = config["moe_intermediate_size"] // 2
+    assert all(ranks[0].matrices[n].shape == (half, half) for n in w2)
+    merged = hessians.merge_ranks(ranks)
+    assert merged.matrices[w2[0]].shape == (2 * half, 2 * half)
+    w13 = next(n for n in ranks[0].matrices if ".w13_list." in n)
+    np.testing.assert_array_equal(ranks[0].matrices[w13], ranks[1].matrices[w13])
