@@ -5,19 +5,25 @@ without an FP8 KV cache, on held-out text of three kinds; and the calibration wa
                                        [--search] [--lock /tmp/ray-calib-heavy.lock] [--work DIR]
 
     1 prepare    SmolLM2-135M-Instruct (imported once into the cache), calibration passages (pydoc,
-                 calibration half), held-out passages (pydoc held-out half, licences, Debian docs),
-                 llm-compressor 0.14 in its own venv under the cache (torch pinned to the CPU wheel)
+                 calibration half) and a validation split of the same source (the next --validation
+                 passages of that half, never calibrated on), held-out passages (pydoc held-out half,
+                 licences, Debian docs), llm-compressor 0.14 in its own venv under the cache (torch pinned
+                 to the CPU wheel)
     2 ray-calib  `ray-calib measure --fp8-kv` at TP1 on the calibration texts (recording hessians, the default
                  for a model this size), then `quantize`: the CPU/CUDA default (GPTQ rounding) and the same
                  scales rounded to nearest; with --search every other candidate of convert/scale_choice.py
                  (rounded to nearest); each with and without k/v scales
-    3 peer       llm-compressor oneshot, scheme FP8, ignore lm_head, same texts and count, truncated to the
-                 same length; once more with its FP8 kv_cache_scheme
+    3 peer       llm-compressor oneshot with each of its recipes (`RECIPES`: round to nearest, GPTQ, and
+                 SmoothQuant 0.5 / 0.8 + GPTQ; scheme FP8, ignore lm_head, documented defaults), same texts
+                 and count, truncated to the same length; each once more with its FP8 kv_cache_scheme
     4 score      every model through vLLM (prefill, top-20 logprobs) on the same token windows; the FP8-KV
-                 rows run kv_cache_dtype "fp8" with the checkpoint's k/v scales, the others "bfloat16"
+                 rows run kv_cache_dtype "fp8" with the checkpoint's k/v scales and again with scale 1.0
+                 (the checkpoint without them, `infer/unit_kv.py`), the others "bfloat16"
     5 report     one table per held-out source (perplexity, mean KL and top-1 agreement against BF16 with a
-                 BF16 cache), the targets (KL <= 0.8x llm-compressor's, top-1 >= its, perplexity <= its),
-                 results.json and quality.png in the work dir
+                 BF16 cache), each side's pick made on the validation split alone (the peer's best recipe
+                 and KV scales; ours: calibrated k/v scales or 1.0), then the targets on every held-out
+                 source (KL <= 0.9x the peer's best, top-1 >= its, perplexity <= its or a paired-bootstrap
+                 ratio interval holding 1.0), results.json and quality.png in the work dir
 Each heavy phase (vLLM, llm-compressor) takes --lock (a flock file) for itself only, so other users of the
 box get turns.
 """
@@ -39,8 +45,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PEER_VERSION = "0.14.0.1"
 SOURCES = ("pydoc", "licenses", "debian-docs")
-KL_RATIO = 0.8
+VALIDATION = "validation"  # the calibration source's split the choices are made on
+KL_RATIO = 0.9
 BOOTSTRAP = 2000
+RECIPES = ("rtn", "gptq", "sq0.5+gptq", "sq0.8+gptq")  # the peer's (benchmarks/_llmcompressor_peer.py)
 
 
 @dataclass
@@ -49,16 +57,26 @@ class Model:
     path: Path
     fp8_kv: bool  # run on an FP8 cache
     calib_seconds: float | None = None
-    choice: str | None = None  # ray-calib: the scale candidate (convert/scale_choice.py), "+gptq" if GPTQ-rounded
+    choice: str | None = None  # ray-calib: the scale candidate (convert/scale_choice.py), "+gptq" if GPTQ-rounded;
+    # llm-compressor: the recipe (RECIPES)
+    kv_one: bool = False  # the FP8-KV checkpoint without its k/v scales: vLLM's scale 1.0
 
     @property
     def label(self) -> str:
-        """ray-calib's default is plain "ray-calib"; the other candidates carry their name."""
+        """ray-calib's default is plain "ray-calib", the peer's recipes "llm-compressor:<recipe>"; " kv=1.0"
+        marks a scale-1.0 row."""
+        suffix = " kv=1.0" if self.kv_one else ""
+        if self.kind == "llm-compressor":
+            return f"{self.kind}:{self.choice}{suffix}"
+        if self.kind != "ray-calib" or self.default:
+            return self.kind + suffix
+        return f"ray-calib:{self.choice}{suffix}"
+
+    @property
+    def default(self) -> bool:
         from ray_calib.convert.scale_choice import DEFAULT
 
-        if self.kind != "ray-calib" or self.choice == f"{DEFAULT.name}+gptq":
-            return self.kind
-        return f"ray-calib:{self.choice}"
+        return self.kind == "ray-calib" and self.choice == f"{DEFAULT.name}+gptq"
 
 
 def main() -> None:
@@ -66,6 +84,9 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--calib-tokens", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=24, help="Passages per held-out source.")
+    parser.add_argument(
+        "--validation", type=int, default=12, help="Passages of the calibration source the choices are made on."
+    )
     parser.add_argument("--search", action="store_true", help="Score every scale candidate, not just the default.")
     parser.add_argument("--lock", type=Path, help="flock file taken around each heavy phase.")
     parser.add_argument("--work", type=Path, help="Work dir [default: <cache>/bench/quality].")
@@ -86,20 +107,25 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         saved = json.loads((work / "results.json").read_text())
-        rows = [Model(r["kind"], Path(r["path"]), r["fp8_kv"], r["calib_seconds"], r["choice"]) for r in saved["rows"]]
+        rows = [
+            Model(r["kind"], Path(r["path"]), r["fp8_kv"], r["calib_seconds"], r["choice"], r.get("kv_one", False))
+            for r in saved["rows"]
+        ]
         vars(args).update({k: v for k, v in saved["args"].items() if k in ("heldout",)})
+        if VALIDATION not in saved["results"]["0"]:
+            sys.exit("results.json of a run without a validation split: nothing to choose on; run the benchmark again")
         _report({int(k): v for k, v in saved["results"].items()}, rows, work, args)
         return
     print("(1/5) prepare", flush=True)
     with _locked(args.lock if not smollm2.is_built(smollm2.default_dir(), smollm2.gguf_path()) else None):
         model, _ = smollm2.model_dir()
-    calib = texts.write_jsonl(
-        _long_enough(
-            model, texts.sample("pydoc", "calibration", 2 * args.calib_samples), args.calib_tokens, args.calib_samples
-        ),
-        work / "calibration.jsonl",
-    )
+    passages = texts.sample("pydoc", "calibration", 2 * args.calib_samples + args.validation)
+    calibration, validation = _long_enough(model, passages, args.calib_tokens, args.calib_samples)
+    calib = texts.write_jsonl(calibration, work / "calibration.jsonl")
     heldout = {s: texts.sample(s, "heldout", args.heldout) for s in SOURCES}
+    if len(validation) < args.validation:
+        sys.exit(f"only {len(validation)} validation passages are left after the calibration ones; ask for fewer")
+    heldout[VALIDATION] = validation[: args.validation]
     peer_python = _peer_venv(smollm2.cache_root() / "bench" / f"llmcompressor-{PEER_VERSION}")
 
     print("(2/5) ray-calib: measure + quantize", flush=True)
@@ -109,6 +135,7 @@ def main() -> None:
 
     print("(4/5) score", flush=True)
     rows = [Model("BF16", model, False), Model("BF16", model, True), *ours, *peer]
+    rows += _scale_one_rows(rows, work)
     results = _score_all(model, rows, heldout, work, args)
     print("(5/5) report", flush=True)
     _report(results, rows, work, args)
@@ -130,15 +157,33 @@ def _locked(lock: Path | None):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _long_enough(model: Path, passages: list[str], tokens: int, count: int) -> list[str]:
-    """The first `count` passages of at least `tokens` tokens: both calibrations then see the same
-    `count` texts, each truncated to `tokens` (measure drops shorter ones, llm-compressor would not)."""
+def _long_enough(model: Path, passages: list[str], tokens: int, count: int) -> tuple[list[str], list[str]]:
+    """(the first `count` passages of at least `tokens` tokens, the passages after them): both calibrations
+    see the same `count` texts, each truncated to `tokens` (measure drops shorter ones, llm-compressor would
+    not); the rest of the source, never calibrated on, is the validation split."""
     from ray_calib.infer.fidelity import tokenize
 
-    kept = [p for p, ids in zip(passages, tokenize(model, passages)) if len(ids) >= tokens][:count]
-    if len(kept) < count:
-        sys.exit(f"only {len(kept)} calibration passages have {tokens} tokens; ask for fewer --calib-samples")
-    return kept
+    long = [i for i, ids in enumerate(tokenize(model, passages)) if len(ids) >= tokens][:count]
+    if len(long) < count:
+        sys.exit(f"only {len(long)} calibration passages have {tokens} tokens; ask for fewer --calib-samples")
+    return [passages[i] for i in long], passages[long[-1] + 1 :]
+
+
+def _scale_one_rows(rows: list[Model], work: Path) -> list[Model]:
+    """Each FP8-KV checkpoint of ours (the default) and the peer's once more without its k/v scales."""
+    import shutil
+
+    from ray_calib.infer.unit_kv import without_kv_scales
+
+    extra = []
+    for row in rows:
+        if row.fp8_kv and (row.default or row.kind == "llm-compressor"):
+            dest = work / "kv-scale-1" / f"{row.kind}-{row.path.name}"
+            shutil.rmtree(dest, ignore_errors=True)
+            if without_kv_scales(row.path, dest) is None:
+                sys.exit(f"{row.path}: an FP8-KV checkpoint without k/v scales")
+            extra.append(Model(row.kind, dest, True, row.calib_seconds, row.choice, kv_one=True))
+    return extra
 
 
 def _peer_venv(venv: Path) -> Path:
@@ -240,8 +285,8 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
 def _peer(python: Path, model: Path, calib: Path, work: Path, args) -> list[Model]:
     models = []
     with _locked(args.lock):
-        for fp8_kv in (False, True):
-            out = work / "llm-compressor" / ("fp8-kv" if fp8_kv else "fp8")
+        for recipe, fp8_kv in ((r, kv) for r in RECIPES for kv in (False, True)):
+            out = work / "llm-compressor" / f"{recipe}-{'fp8-kv' if fp8_kv else 'fp8'}"
             timing = out.parent / f"{out.name}-seconds.json"
             wall = _reused(timing, calib, args)
             if wall is None:
@@ -255,6 +300,8 @@ def _peer(python: Path, model: Path, calib: Path, work: Path, args) -> list[Mode
                     str(args.calib_samples),
                     "--max-tokens",
                     str(args.calib_tokens),
+                    "--recipe",
+                    recipe,
                 ]
                 started = time.perf_counter()
                 result = subprocess.run(command + (["--fp8-kv"] if fp8_kv else []), capture_output=True, text=True)
@@ -262,7 +309,7 @@ def _peer(python: Path, model: Path, calib: Path, work: Path, args) -> list[Mode
                 if result.returncode != 0:
                     sys.exit(f"llm-compressor failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
                 _save_timing(timing, calib, wall)
-            models.append(Model("llm-compressor", out, fp8_kv, wall))
+            models.append(Model("llm-compressor", out, fp8_kv, wall, recipe))
     return models
 
 
@@ -305,7 +352,8 @@ def _score_all(model: Path, rows: list[Model], heldout: dict[str, list[str]], wo
         for index, row in enumerate(rows):
             variant = fidelity.Variant(row.label, row.path, fp8_kv=row.fp8_kv)
             started = time.perf_counter()
-            saved = work / "scores" / f"{row.path.name}-{row.kind}-{'fp8' if row.fp8_kv else 'bf16'}-kv.json"
+            kv = "kv1" if row.kv_one else ("fp8-kv" if row.fp8_kv else "bf16-kv")
+            saved = work / "scores" / f"{row.path.name}-{row.kind}-{kv}.json"
             key = _digest_windows(windows)
             if args.reuse and saved.exists() and json.loads(saved.read_text()).get("windows") == key:
                 scored[index] = json.loads(saved.read_text())
@@ -353,28 +401,36 @@ def _window_sums(reference: list, positions: list) -> list[float]:
 
 def _report(results: dict, rows: list[Model], work: Path, args) -> None:
     lines = []
-    for source in SOURCES:
+    for source in (VALIDATION, *SOURCES):
         positions = results[0][source]["positions"]
-        lines.append(f"\n{source} (held out, {args.heldout} passages, {positions} scored tokens)")
-        lines.append(f"  {'model':<34} {'KV cache':<9} {'perplexity':>10} {'mean KL':>8} {'top-1':>6} {'calib s':>8}")
+        what = (
+            "calibration source, not calibrated on: the choices are made here" if source == VALIDATION else "held out"
+        )
+        lines.append(f"\n{source} ({what}, {positions} scored tokens)")
+        lines.append(f"  {'model':<40} {'KV cache':<9} {'perplexity':>10} {'mean KL':>8} {'top-1':>6} {'calib s':>8}")
         for index, row in enumerate(rows):
             figures = results[index][source]
             calib = f"{row.calib_seconds:.0f}" if row.calib_seconds is not None else "-"
+            kv = "fp8 (1.0)" if row.kv_one else results[index]["kv_cache_dtype"]
             lines.append(
-                f"  {row.label:<34} {results[index]['kv_cache_dtype']:<9} {figures['ppl']:>10.3f} "
+                f"  {row.label:<40} {kv:<9} {figures['ppl']:>10.3f} "
                 f"{figures['kl']:>8.4f} {figures['top1']:>6.3f} {calib:>8}"
             )
-    verdicts = _targets(results, rows)
+    picks = _picks(results, rows)
+    chosen = [
+        f"  {'FP8 KV' if kv else 'BF16 KV':<8} ours {rows[a].label}, the peer's best {rows[b].label}"
+        for kv, (a, b) in picks.items()
+    ]
     text = "\n".join(
         lines
+        + ["", "picked on the validation split (lowest mean KL):", *chosen, ""]
+        + [f"targets (ours vs the peer's best, same source and KV cache; KL <= {KL_RATIO} x, top-1 >=, ppl <=):"]
+        + _targets(results, picks)
         + [
             "",
-            "targets (ray-calib vs llm-compressor, same source and KV cache):",
-            *verdicts,
-            "",
-            f"noise: ray-calib / llm-compressor, 95 % interval of a paired bootstrap over the "
+            f"noise: ours / the peer's best, 95 % interval of a paired bootstrap over the "
             f"held-out windows ({BOOTSTRAP} resamples)",
-            *_noise(results, rows),
+            *_noise(results, picks),
         ]
     )
     print(text)
@@ -388,73 +444,108 @@ def _report(results: dict, rows: list[Model], work: Path, args) -> None:
                         "choice": r.choice,
                         "path": str(r.path),
                         "fp8_kv": r.fp8_kv,
+                        "kv_one": r.kv_one,
                         "calib_seconds": r.calib_seconds,
                     }
                     for r in rows
                 ],
                 "results": results,
+                "picks": {("fp8_kv" if kv else "bf16_kv"): list(pair) for kv, pair in picks.items()},
                 "args": vars(args),
             },
             indent=1,
             default=str,
         )
     )
-    _plot(results, rows, work / "quality.png")
+    _plot(results, rows, picks, work / "quality.png")
     print(f"\nwrote {work / 'results.txt'}, {work / 'results.json'}, {work / 'quality.png'}")
 
 
-def _targets(results: dict, rows: list[Model]) -> list[str]:
-    verdicts = []
+def _picks(results: dict, rows: list[Model]) -> dict[bool, tuple[int, int]]:
+    """Per KV cache (False: BF16, True: FP8): (our row, the peer's best row), each the one of its side with the
+    lowest mean KL on the validation split; held-out text never takes part in a choice. On an FP8 cache the
+    scale-1.0 rows compete with the calibrated ones, so each side's k/v scales are chosen there too."""
+    picks = {}
     for fp8_kv in (False, True):
-        ours = next(i for i, r in enumerate(rows) if r.label == "ray-calib" and r.fp8_kv == fp8_kv)
-        peer = next(i for i, r in enumerate(rows) if r.label == "llm-compressor" and r.fp8_kv == fp8_kv)
+        sides = (
+            [i for i, r in enumerate(rows) if r.kind == "ray-calib" and r.fp8_kv == fp8_kv],
+            [i for i, r in enumerate(rows) if r.kind == "llm-compressor" and r.fp8_kv == fp8_kv],
+        )
+        ours, peer = (min(side, key=lambda i: results[i][VALIDATION]["kl"]) for side in sides)
+        picks[fp8_kv] = (ours, peer)
+    return picks
+
+
+def _targets(results: dict, picks: dict[bool, tuple[int, int]]) -> list[str]:
+    verdicts = []
+    rng = _rng()
+    for fp8_kv, (ours, peer) in picks.items():
         for source in SOURCES:
             a, b = results[ours][source], results[peer][source]
-            checks = {"KL": a["kl"] <= KL_RATIO * b["kl"], "top-1": a["top1"] >= b["top1"], "ppl": a["ppl"] <= b["ppl"]}
+            ppl = _ratios(results, ours, peer, source, rng)["ppl"] if "windows" in a else None
+            tie = ppl is not None and ppl[1] <= 1.0 <= ppl[2]
+            checks = {
+                "KL": a["kl"] <= KL_RATIO * b["kl"],
+                "top-1": a["top1"] >= b["top1"],
+                "ppl": a["ppl"] <= b["ppl"] or tie,
+            }
             mark = "met" if all(checks.values()) else "MISSED " + ", ".join(k for k, ok in checks.items() if not ok)
+            tied = " (tie: the ratio interval holds 1.0)" if tie and a["ppl"] > b["ppl"] else ""
             verdicts.append(
                 f"  {source:<12} {'FP8 KV' if fp8_kv else 'BF16 KV':<8} KL {a['kl']:.4f} vs "
                 f"{KL_RATIO} x {b['kl']:.4f} = {KL_RATIO * b['kl']:.4f}; top-1 {a['top1']:.3f} vs "
-                f"{b['top1']:.3f}; ppl {a['ppl']:.3f} vs {b['ppl']:.3f}: {mark}"
+                f"{b['top1']:.3f}; ppl {a['ppl']:.3f} vs {b['ppl']:.3f}{tied}: {mark}"
             )
     return verdicts
 
 
-def _noise(results: dict, rows: list[Model]) -> list[str]:
-    """How much of a ppl/KL gap the choice of held-out passages alone could make: both models are scored on
-    the same windows, so the windows are resampled together (paired) and the ratio recomputed each time."""
+def _rng():
     import numpy as np
 
-    rng = np.random.default_rng(0)
+    return np.random.default_rng(0)
+
+
+def _ratios(results: dict, ours: int, peer: int, source: str, rng) -> dict[str, tuple[float, float, float]]:
+    """(point, 2.5 %, 97.5 %) of ours / peer for ppl and KL: both are scored on the same windows, so the
+    windows are resampled together (paired) and the ratio recomputed each time."""
+    import numpy as np
+
+    a, b = (np.array(results[i][source]["windows"]) for i in (ours, peer))
+    picked = rng.integers(0, len(a), size=(BOOTSTRAP, len(a)))
+    sa, sb = a[picked].sum(axis=1), b[picked].sum(axis=1)  # [resample, (nll, n, kl, hits)]
+    ppl = np.exp((sa[:, 0] - sb[:, 0]) / sa[:, 1])
+    kl = sa[:, 2] / sb[:, 2]
+    return {
+        "ppl": (math.exp((a[:, 0].sum() - b[:, 0].sum()) / a[:, 1].sum()), *np.quantile(ppl, [0.025, 0.975])),
+        "kl": (a[:, 2].sum() / b[:, 2].sum(), *np.quantile(kl, [0.025, 0.975])),
+    }
+
+
+def _noise(results: dict, picks: dict[bool, tuple[int, int]]) -> list[str]:
+    """How much of a ppl/KL gap the choice of held-out passages alone could make."""
+    rng = _rng()
     lines = []
-    for fp8_kv in (False, True):
-        ours = next(i for i, r in enumerate(rows) if r.label == "ray-calib" and r.fp8_kv == fp8_kv)
-        peer = next(i for i, r in enumerate(rows) if r.label == "llm-compressor" and r.fp8_kv == fp8_kv)
+    for fp8_kv, (ours, peer) in picks.items():
         for source in SOURCES:
             if "windows" not in results[ours][source]:
                 return ["  (results.json of an older run: no per-window sums)"]
-            a, b = (np.array(results[i][source]["windows"]) for i in (ours, peer))
-            picks = rng.integers(0, len(a), size=(BOOTSTRAP, len(a)))
-            sa, sb = a[picks].sum(axis=1), b[picks].sum(axis=1)  # [resample, (nll, n, kl, hits)]
-            ppl = np.exp((sa[:, 0] - sb[:, 0]) / sa[:, 1])
-            kl = sa[:, 2] / sb[:, 2]
-            point_ppl = math.exp((a[:, 0].sum() - b[:, 0].sum()) / a[:, 1].sum())
+            ratios = _ratios(results, ours, peer, source, rng)
+            (ppl, ppl_lo, ppl_hi), (kl, kl_lo, kl_hi) = ratios["ppl"], ratios["kl"]
             lines.append(
-                f"  {source:<12} {'FP8 KV' if fp8_kv else 'BF16 KV':<8} ppl ratio {point_ppl:.4f} "
-                f"[{np.quantile(ppl, 0.025):.4f}, {np.quantile(ppl, 0.975):.4f}]  KL ratio "
-                f"{a[:, 2].sum() / b[:, 2].sum():.3f} [{np.quantile(kl, 0.025):.3f}, "
-                f"{np.quantile(kl, 0.975):.3f}]  ({len(a)} windows)"
+                f"  {source:<12} {'FP8 KV' if fp8_kv else 'BF16 KV':<8} ppl ratio {ppl:.4f} [{ppl_lo:.4f}, "
+                f"{ppl_hi:.4f}]  KL ratio {kl:.3f} [{kl_lo:.3f}, {kl_hi:.3f}]  "
+                f"({len(results[ours][source]['windows'])} windows)"
             )
     return lines
 
 
-def _plot(results: dict, rows: list[Model], path: Path) -> None:
+def _plot(results: dict, rows: list[Model], picks: dict[bool, tuple[int, int]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [i for i, r in enumerate(rows) if r.label in ("ray-calib", "llm-compressor")]
+    shown = [i for pair in picks.values() for i in pair]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, (metric, title) in zip(
         axes,
@@ -473,7 +564,7 @@ def _plot(results: dict, rows: list[Model], path: Path) -> None:
                 values,
                 width,
                 label=f"{row.label} ({'FP8' if row.fp8_kv else 'BF16'} KV)",
-                color=("tab:blue" if row.label == "ray-calib" else "tab:orange"),
+                color=("tab:blue" if row.kind == "ray-calib" else "tab:orange"),
                 alpha=1.0 if row.fp8_kv else 0.55,
                 hatch="//" if row.fp8_kv else None,
             )
@@ -493,7 +584,7 @@ def _plot(results: dict, rows: list[Model], path: Path) -> None:
             low = min(results[i][s]["ppl"] for i in [0, *shown] for s in SOURCES)
             ax.set_ylim(low * 0.9, max(results[i][s]["ppl"] for i in shown for s in SOURCES) * 1.03)
     axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct FP8: ray-calib vs llm-compressor on held-out text")
+    fig.suptitle("SmolLM2-135M-Instruct FP8: ray-calib vs llm-compressor's best recipe on held-out text")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -333,7 +333,7 @@ def _write_tensor(
 
 
 def _hessian(job: QuantizeJob, module: str, info):
-    """The H GPTQ rounds `info` with; None (round to nearest) for layers without one (experts, MLA kv_b_proj)."""
+    """The H GPTQ rounds `info` with (experts: from their routed tokens); None (round to nearest) without one."""
     hessian = None if job.hessians is None else job.hessians.matrices.get(module)
     if hessian is not None and hessian.shape != (info.shape[-1], info.shape[-1]):
         raise ModelError(

@@ -471,8 +471,9 @@ def _eval_texts(path: Path | None) -> list[str]:
     "--fp8-kv/--no-fp8-kv",
     "with_fp8_kv",
     default=None,
-    help="Also score the candidate with an FP8 KV cache (the others always run a BF16 one) [default: when "
-    "the candidate carries k/v scales; --fp8-kv on one without is refused].",
+    help="Also score the candidate with an FP8 KV cache, with its k/v scales and, beside them, with vLLM's "
+    "scale 1.0 (the others always run a BF16 one) [default: when the candidate carries k/v scales; --fp8-kv on "
+    "one without is refused].",
 )
 @click.option(
     "--max-model-len",

@@ -12,7 +12,9 @@ next-token position:
     perplexity       exp of the mean negative logprob of the actual next tokens
 The KV cache dtype is always passed to vLLM explicitly ("bfloat16" or "fp8"): with "auto" vLLM 0.32 runs
 whatever KV scheme the checkpoint carries, so a no-FP8-KV variant of a checkpoint with k/v scales would
-silently run an FP8 cache. Each variant records the dtype its engine really used.
+silently run an FP8 cache. Each variant records the dtype its engine really used. The FP8-KV candidate is
+scored with its calibrated k/v scales and, beside it, with vLLM's scale 1.0 (`unit_kv`): calibrating is
+worth it only where it beats 1.0.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from ray_calib import atomic, ui
 from ray_calib.infer.isolated import run_isolated
 
 TOP_K = 20  # vLLM's default max_logprobs
+UNIT_KV = "candidate_fp8_kv_1"  # the candidate on an FP8 cache with k/v scale 1.0 (its k/v scales removed)
 Position = dict  # {"actual": logprob of the real next token, "argmax": token id, "top": {token id: logprob}}
 
 
 @dataclass
 class Variant:
-    name: str  # "baseline", "candidate", "candidate_fp8_kv"
+    name: str  # "baseline", "candidate", "candidate_fp8_kv", UNIT_KV
     model: Path
     fp8_kv: bool = False
 
@@ -140,20 +143,32 @@ def evaluate(
     engine_options: dict | None = None,
 ) -> FidelityReport:
     """Score baseline and candidate (both on a BF16 cache) on the same token windows; `with_fp8_kv`
-    adds the candidate on an FP8 cache as a third variant. `engine_options`: further `InferConfig`
-    fields for every engine (e.g. kv_cache_gib, enforce_eager)."""
+    adds the candidate on an FP8 cache with its calibrated k/v scales and, when it has some, without them
+    (`UNIT_KV`: vLLM's scale 1.0, `unit_kv`). `engine_options`: further `InferConfig` fields for every
+    engine (e.g. kv_cache_gib, enforce_eager)."""
+    import tempfile
+
+    from ray_calib.infer.unit_kv import without_kv_scales
+
     windows, notice = token_windows(tokenize(baseline, texts), max_model_len)
+    notes = [notice] if notice else []
     variants = [Variant("baseline", baseline), Variant("candidate", candidate)]
-    if with_fp8_kv:
-        variants.append(Variant("candidate_fp8_kv", candidate, fp8_kv=True))
     options = {**(engine_options or {}), "max_model_len": max_model_len}
-    tokens = sum(len(w) for w in windows)
-    scores = {}
-    for index, variant in enumerate(variants, 1):
-        ui.stage(index, len(variants), f"score {variant.name}", f"{len(windows)} windows, {tokens} tokens")
-        started = time.perf_counter()
-        scores[variant.name] = score(variant, windows, tp_size=tp_size, device=device, engine_options=options)
-        ui.note(f"{variant.name}: scored in {time.perf_counter() - started:.0f} s")
+    with tempfile.TemporaryDirectory(prefix="ray-calib-kv-scale-1-") as scratch:
+        if with_fp8_kv:
+            variants.append(Variant("candidate_fp8_kv", candidate, fp8_kv=True))
+            unit = without_kv_scales(candidate, Path(scratch) / "model")
+            if unit is not None:  # the same cache with vLLM's scale 1.0: do the calibrated scales beat it?
+                variants.append(Variant(UNIT_KV, unit, fp8_kv=True))
+            else:
+                notes.append("the candidate carries no k/v scales: its FP8-KV row is vLLM's scale 1.0")
+        tokens = sum(len(w) for w in windows)
+        scores = {}
+        for index, variant in enumerate(variants, 1):
+            ui.stage(index, len(variants), f"score {variant.name}", f"{len(windows)} windows, {tokens} tokens")
+            started = time.perf_counter()
+            scores[variant.name] = score(variant, windows, tp_size=tp_size, device=device, engine_options=options)
+            ui.note(f"{variant.name}: scored in {time.perf_counter() - started:.0f} s")
     reference = scores["baseline"]["positions"]
     report = FidelityReport(
         baseline=str(baseline),
@@ -161,7 +176,7 @@ def evaluate(
         num_texts=len(texts),
         num_positions=sum(len(p) for p in reference),
         num_windows=len(windows),
-        notes=[notice] if notice else [],
+        notes=notes,
     )
     for name, scored in scores.items():
         report.perplexity[name] = perplexity(scored["positions"])

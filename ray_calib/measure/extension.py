@@ -41,7 +41,11 @@ class MeasureExtension:
             "moe_layers": len(observer.moe),
             "backends": observer.backends(),
             "uncovered": [[u.module, u.cls, u.kind] for u in observer.uncovered],
-            "hessians": {"bytes": observer.hessian_bytes, "recorded": observer.hessians is not None},
+            "hessians": {
+                "bytes": observer.hessian_bytes,
+                "kept": observer.hessian_kept if observer.hessians is not None else 0,
+                "recorded": observer.hessians is not None,
+            },
         }
 
     def ray_calib_remove(self) -> None:

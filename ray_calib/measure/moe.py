@@ -17,6 +17,12 @@ tokens for a DeepSeek-R1 layer, a whole chunk for a small model) and at collect 
 is a device tensor updated in place; nothing is copied to the host until `nodes()` (one sync per
 collect, none per layer or step). Without `torch._grouped_mm` for the device/dtype, a loop per expert
 that got tokens is used instead (it reads the per-expert counts on the host: one sync per fold).
+
+With hessians (`measure --hessians`, or unasked when they fit the budget) each expert also gets the
+input second moments GPTQ rounds it with, from the tokens routed to it: H = sum(x xᵀ) of its W13 input
+and of its W2 input (the recomputed intermediate), named `<op>.w13_list.K` / `<op>.w2_list.K` like its
+nodes. They cost E x (hidden² + intermediate²) float32 per layer (by default recorded only for small
+models), one host sync per fold (per-expert row counts), and are not recorded under expert parallelism.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ _PENDING_BYTES = 16 << 20
 
 
 class MoEStats:
-    def __init__(self, name: str, routed: torch.nn.Module) -> None:
+    def __init__(self, name: str, routed: torch.nn.Module, *, hessians: bool = False) -> None:
         self.name = name
         self.num_experts = int(routed.local_num_experts)
         self.expert_map = getattr(routed, "expert_map", None)  # expert parallel: global id -> local id, -1 elsewhere
@@ -54,6 +60,18 @@ class MoEStats:
         self.expert_inter = torch.zeros(experts + 1, dtype=torch.float32, device=device)
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input, expert ids) of unfolded steps
         self._pending_tokens = 0
+        # per-expert H of the W13 and W2 inputs (allocated at the first fold); W2's is this rank's slice
+        self.hessians = hessians and w13 is not None and self.expert_map is None
+        self.w2_sharded = _tp_size(routed) > 1
+        self.h13: torch.Tensor | None = None
+        self.h2: torch.Tensor | None = None
+
+    @property
+    def hessian_bytes(self) -> int:
+        """float32 bytes of the per-expert hessians, if recorded."""
+        if self.w13 is None or self.expert_map is not None:
+            return 0
+        return 4 * self.num_experts * (self.w13.shape[-1] ** 2 + self.intermediate**2)
 
     def observe(self, x: torch.Tensor, topk_ids: torch.Tensor, out: Any) -> None:
         """One call of the layer: its input, the expert ids each token was routed to, its routed output."""
@@ -106,7 +124,10 @@ class MoEStats:
         sorted_ids = ids[order]
         rows = x.index_select(0, order // top_k)  # slots of other ranks' experts sort last and are dropped
         h = self._routed_w13(rows, bins, self.w13)
-        inter = self._act_amax(h)
+        act = self._act(h)
+        inter = row_amax(act).float()
+        if self.hessians:
+            self._add_hessians(rows, act, bins)
         inter = torch.where(sorted_ids < self.num_experts, inter, torch.zeros_like(inter))
         self.expert_inter.scatter_reduce_(0, sorted_ids, inter, "amax")
 
@@ -128,11 +149,38 @@ class MoEStats:
             start += count
         return h
 
-    def _act_amax(self, h: torch.Tensor) -> torch.Tensor:
-        """Max |act(gate) * up| over the last dim of `h = x W13^T` (gate first, as vLLM loads w13)."""
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up for `h = x W13^T` (gate first, as vLLM loads w13): the W2 input."""
         gate, up = h[..., : self.intermediate], h[..., self.intermediate :]
         act = torch.nn.functional.gelu(gate) if self.activation.startswith("gelu") else torch.nn.functional.silu(gate)
-        return row_amax(act * up).float()
+        return act * up
+
+    def _add_hessians(self, rows: torch.Tensor, act: torch.Tensor, bins: torch.Tensor) -> None:
+        """H += xᵀx per expert over its slots (`rows`/`act` sorted by expert, other ranks' slots last)."""
+        if self.h13 is None or self.h2 is None:
+            experts = self.num_experts
+            self.h13 = torch.zeros(experts, rows.shape[-1], rows.shape[-1], dtype=torch.float32, device=rows.device)
+            self.h2 = torch.zeros(experts, act.shape[-1], act.shape[-1], dtype=torch.float32, device=rows.device)
+        start = 0
+        for expert, count in enumerate(bins[: self.num_experts].tolist()):
+            if count:
+                x, a = rows[start : start + count].float(), act[start : start + count].float()
+                self.h13[expert].addmm_(x.T, x)
+                self.h2[expert].addmm_(a.T, a)
+            start += count
+
+    def hessian_matrices(self) -> dict[str, torch.Tensor]:
+        """Node name -> H of each expert that got tokens (experts without any have no statistic)."""
+        self.fold()
+        if self.h13 is None or self.h2 is None:
+            return {}
+        counts = self.counts[: self.num_experts].tolist()
+        out: dict[str, torch.Tensor] = {}
+        for k, count in enumerate(counts):
+            if count:
+                out[f"{self.name}.w13_list.{k}"] = self.h13[k]
+                out[f"{self.name}.w2_list.{k}"] = self.h2[k]
+        return out
 
     def _move_to(self, device: torch.device) -> None:
         self.counts, self.expert_input, self.expert_inter = (
@@ -167,6 +215,13 @@ class MoEStats:
         self.counts.zero_()
         self.expert_input.zero_()
         self.expert_inter.zero_()
+        self.h13 = self.h2 = None
+
+
+def _tp_size(routed: torch.nn.Module) -> int:
+    """The TP size the experts' intermediate is split over (vLLM's RoutedExperts keeps it in its moe_config)."""
+    size = getattr(getattr(routed, "moe_config", None), "tp_size", None) or getattr(routed, "tp_size", None)
+    return int(size or 1)
 
 
 def _child(input_amax: float, weight: float | None) -> dict[str, Any]:

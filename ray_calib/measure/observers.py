@@ -40,6 +40,9 @@ A module of a kind the observers do not know -- an attention layer that is neith
 `_apply_quant_method` -- is listed in `uncovered`; the head refuses the run with its class name.
 Observers only accumulate (running max, token counts) and `remove()` puts back every method they
 replaced, so the same engine runs exactly as before.
+
+Hessians (H = sum(x xᵀ) of a layer's input, for GPTQ) come from the same places: the linear pre-hooks,
+the MLA latent for kv_b_proj, and the routed tokens of each expert (`moe`).
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class ModelObserver:
         self.fp8_kv = fp8_kv
         self.hessians: dict[str, Hessian] | None = None if hessians is False else {}
         self.hessian_bytes = 0  # what recording them costs this rank (float32 H of every linear input)
+        self.hessian_kept = 0  # what the ones recorded cost (unasked: those `within_budget` keeps)
         self._hessians_auto = hessians is None
         self.blocklist = blocklist
         self.nodes: dict[str, NodeStats] = {}  # in module order
@@ -98,6 +102,7 @@ class ModelObserver:
         self.tokens = torch.zeros((), dtype=torch.int64)
         self._attention: dict[str, torch.nn.Module] = {}
         self._runners: dict[str, torch.nn.Module] = {}
+        self._latent_hessian: dict[int, str] = {}  # id(MLAAttention) -> its kv_b_proj's hessian name
         self._handles: list[Any] = []
         self._patches: list[tuple[Any, str, bool, Any]] = []  # (object, attribute, had its own, old value)
         self._install()
@@ -131,6 +136,9 @@ class ModelObserver:
                 stats = self._add_linear(name, module, isinstance(module, RowParallelLinear))
                 if id(module) in latent_of:  # recorded from the MLA layer's latent, see the module docstring
                     latent_stats[id(latent_of[id(module)])] = stats
+                    if self.hessians is not None:  # the whole latent on every rank (column-parallel)
+                        self.hessians[name] = Hessian(sharded=False, columns=_input_columns(module))
+                        self._latent_hessian[id(latent_of[id(module)])] = name
                 else:
                     self._hook_linear(name, module, stats)
             elif isinstance(module, MoERunner):
@@ -148,9 +156,21 @@ class ModelObserver:
         for name, module in self._attention.items():
             self._install_attention(name, module, isinstance(module, MLAAttention), latent_stats.get(id(module)))
         if self.hessians is not None:
-            self.hessian_bytes = sum(4 * h.columns**2 for h in self.hessians.values())
-            if self._hessians_auto and self.hessian_bytes > HESSIAN_BUDGET:
-                self.hessians = None
+            self._fit_hessians()
+
+    def _fit_hessians(self) -> None:
+        """Unasked (auto), record only the hessians `within_budget` keeps; asked for, all of them."""
+        assert self.hessians is not None
+        sizes = {name: 4 * h.columns**2 for name, h in self.hessians.items()}
+        sizes.update({name: m.hessian_bytes for name, m in self.moe.items() if m.hessians})
+        self.hessian_bytes = self.hessian_kept = sum(sizes.values())
+        if not self._hessians_auto or self.hessian_bytes <= HESSIAN_BUDGET:
+            return
+        kept = within_budget(sizes, HESSIAN_BUDGET)
+        self.hessian_kept = sum(sizes[name] for name in kept)
+        for name, moe in self.moe.items():
+            moe.hessians = moe.hessians and name in kept
+        self.hessians = {name: h for name, h in self.hessians.items() if name in kept} if kept else None
 
     def _count_tokens(self, module, args) -> None:
         self.tokens += args[0].numel()
@@ -174,8 +194,9 @@ class ModelObserver:
         def pre_hook(mod, args):
             stats.called = True
             stats.inputs[0].update(args[0])
-            if self.hessians is not None:
-                self.hessians[name].update(args[0])
+            hessian = None if self.hessians is None else self.hessians.get(name)  # not every one fits the budget
+            if hessian is not None:
+                hessian.update(args[0])
 
         self._handles.append(module.register_forward_pre_hook(pre_hook))
         if not stats.outputs:
@@ -193,7 +214,7 @@ class ModelObserver:
             self._handles.append(module.register_forward_hook(hook))
 
     def _install_moe(self, name: str, runner) -> None:
-        stats = MoEStats(name, runner.routed_experts)
+        stats = MoEStats(name, runner.routed_experts, hessians=self.hessians is not None)
         self.moe[name] = stats
         self.mod_list.append(name)
         self.mod_list.extend(stats.child_names())
@@ -233,12 +254,16 @@ class ModelObserver:
             cache = self._add(f"{name}.impl.latent_cache_k", NodeStats(inputs=[MaxAbs()])) if kv else None
             if latent is None and cache is None:
                 return
+            kv_b_proj = self._latent_hessian.get(id(module))
 
             def mla_hook(mod, args, kwargs):
                 kv_c, k_pe = _arg(args, kwargs, 1, "kv_c_normed"), _arg(args, kwargs, 2, "k_pe")
                 if latent is not None:
                     latent.called = True
                     latent.inputs[0].update(kv_c)
+                    hessian = None if self.hessians is None or kv_b_proj is None else self.hessians.get(kv_b_proj)
+                    if hessian is not None:
+                        hessian.update(kv_c)
                 if cache is not None:  # the cache row is [kv_c_normed | k_pe]
                     cache.called = True
                     cache.inputs[0].update(kv_c)
@@ -294,8 +319,13 @@ class ModelObserver:
         }
         if self.hessians is not None:
             called = {n: h for n, h in self.hessians.items() if h.matrix is not None}
-            result["hessians"] = {n: h.get().tobytes() for n, h in called.items()}  # see chunks.hessians_from_result
-            result["sharded"] = sorted(n for n, h in called.items() if h.sharded)
+            matrices = {n: h.get().tobytes() for n, h in called.items()}  # see chunks.hessians_from_result
+            sharded = sorted(n for n, h in called.items() if h.sharded)
+            for moe in self.moe.values():
+                experts = moe.hessian_matrices()
+                matrices.update({n: m.cpu().numpy().tobytes() for n, m in experts.items()})
+                sharded += sorted(n for n in experts if moe.w2_sharded and ".w2_list." in n)
+            result["hessians"], result["sharded"] = matrices, sharded
         return result
 
     def reset(self) -> None:
@@ -331,6 +361,21 @@ def _after(function: Callable, record: Callable[[Any], None]) -> Callable:
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     return args[index] if len(args) > index else kwargs.get(name)
+
+
+def within_budget(sizes: dict[str, int], budget: int) -> set[str]:
+    """The hessians (name -> bytes; an MoE layer's experts are one) recorded unasked: the smallest first, in
+    model order among equals, while they fit `budget`. A DeepSeek-R1 rank keeps MLA's kv_b_proj and q_b_proj
+    (inputs: the 512- and 1536-wide latents, ~0.6 GiB for 61 layers) and rounds its 7168-wide layers and
+    its experts to nearest; a model that fits whole keeps everything."""
+    kept: set[str] = set()
+    total = 0
+    for name, size in sorted(sizes.items(), key=lambda item: item[1]):
+        if total + size > budget:
+            break
+        kept.add(name)
+        total += size
+    return kept
 
 
 def _input_columns(module) -> int:

@@ -189,7 +189,14 @@ class ObserverBackend:
         if not recorded or not recorded["bytes"]:
             return
         size = f"{recorded['bytes'] / 2**20:,.0f} MiB per rank"
-        if recorded["recorded"]:
+        kept = recorded.get("kept", recorded["bytes"])
+        if recorded["recorded"] and kept < recorded["bytes"]:
+            ui.note(
+                f"recording the hessians that fit the default budget ({kept / 2**20:,.0f} of {size}, smallest "
+                "layers first): those layers get GPTQ rounding in quantize, the rest round to nearest; --hessians "
+                "records all"
+            )
+        elif recorded["recorded"]:
             ui.note(f"recording hessians for GPTQ rounding in quantize ({size}; --no-hessians skips them)")
         elif self.plan.hessians is None:
             ui.note(f"no hessians (GPTQ rounding): {size} is over the default budget; --hessians records them")

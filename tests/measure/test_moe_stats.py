@@ -205,3 +205,42 @@ def test_reset_drops_held_steps(monkeypatch):
     nodes = stats.nodes()
     assert stats.token_counts() == [0] * EXPERTS and nodes["moe"]["inputs"] == [[[0.0]]]
     assert all(nodes[f"moe.w13_list.{k}"]["inputs"] == [[[0.0]]] for k in range(EXPERTS))
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-gemm", "loop-per-expert"])
+def test_per_expert_hessians_match_a_per_slot_reference(grouped, monkeypatch):
+    """H of each expert's W13 input (its routed tokens) and W2 input (their intermediate), held steps folded."""
+    monkeypatch.setattr(moe, "_PENDING_BYTES", 40 * HIDDEN * 2)
+    if not grouped:
+        monkeypatch.setitem(moe._GROUPED_MM, ("cpu", torch.bfloat16), False)
+    layer = routed_layer()
+    stats = MoEStats("moe", layer, hessians=True)
+    assert stats.hessian_bytes == 4 * EXPERTS * (HIDDEN**2 + INTER**2)
+    batches = [batch(40, seed=1), batch(3, seed=2), batch(30, seed=4)]
+    for x, ids in batches:
+        stats.observe(x, ids, x)
+    stats.reset()
+    others = torch.tensor([k for k in range(EXPERTS) if k != 5])  # no token routed to expert 5: it gets no H
+    generator = torch.Generator().manual_seed(8)
+    ids = torch.stack([others[torch.randperm(EXPERTS - 1, generator=generator)[:TOP_K]] for _ in range(73)])
+    stats.observe(torch.cat([x for x, _ in batches]), ids, None)
+    got = stats.hessian_matrices()
+    assert sorted(got) == sorted(
+        f"moe.{kind}.{k}" for kind in ("w13_list", "w2_list") for k in range(EXPERTS) if k != 5
+    )
+    x, w13 = torch.cat([x for x, _ in batches]).double(), getattr(layer, EXPERT_W13_ATTR).double()
+    for k in set(range(EXPERTS)) - {5}:
+        rows = x[(ids == k).any(dim=1)]
+        h = rows @ w13[k].t()
+        act = torch.nn.functional.silu(h[:, :INTER]) * h[:, INTER:]
+        torch.testing.assert_close(got[f"moe.w13_list.{k}"].double(), rows.t() @ rows, rtol=1e-5, atol=1e-3)
+        want = act.t() @ act  # the bf16 GEMM and activation round each intermediate by a few bf16 spacings
+        assert (got[f"moe.w2_list.{k}"].double() - want).norm() <= 8 * BF16_ULP * want.norm(), k
+
+
+def test_no_hessians_under_expert_parallelism():
+    layer = routed_layer(expert_map=torch.tensor([-1] * EXPERTS + list(range(EXPERTS))))
+    stats = MoEStats("moe", layer, hessians=True)
+    x, ids = batch(8, seed=9)
+    stats.observe(x, ids + EXPERTS, x)
+    assert not stats.hessians and stats.hessian_bytes == 0 and stats.hessian_matrices() == {}

@@ -154,3 +154,25 @@ def test_hessian_sums_the_input_rows_outer_products_in_float32():
     torch.testing.assert_close(torch.from_numpy(hessian.get()), rows.T @ rows)
     hessian.reset()
     assert hessian.matrix is None
+
+
+def test_hessians_over_the_budget_keep_the_smallest_first():
+    """A DeepSeek-R1 rank at TP8 (float32 H, 61 layers; experts of a layer count as one): the latent-input
+    layers fit the 1 GiB default, the 7168-wide ones and the experts do not."""
+    from ray_calib.measure.observers import HESSIAN_BUDGET, within_budget
+
+    sizes = {}
+    for layer in range(61):
+        prefix = f"model.layers.{layer}"
+        sizes[f"{prefix}.self_attn.kv_b_proj"] = 4 * 512**2
+        sizes[f"{prefix}.self_attn.q_b_proj"] = 4 * 1536**2
+        sizes[f"{prefix}.self_attn.fused_qkv_a_proj"] = 4 * 7168**2
+        sizes[f"{prefix}.self_attn.o_proj"] = 4 * (128 * 128 // 8) ** 2
+        sizes[f"{prefix}.mlp.experts"] = 4 * 256 * (7168**2 + 256**2)
+    kept = within_budget(sizes, HESSIAN_BUDGET)
+    assert {n for n in sizes if n.endswith(("kv_b_proj", "q_b_proj"))} <= kept
+    assert not {n for n in kept if n.endswith(("fused_qkv_a_proj", "experts"))}
+    o_proj = sorted((n for n in kept if n.endswith("o_proj")), key=lambda n: int(n.split(".")[2]))
+    assert o_proj == [f"model.layers.{i}.self_attn.o_proj" for i in range(len(o_proj))]  # model order among equals
+    assert sum(sizes[n] for n in kept) <= HESSIAN_BUDGET < sum(sizes[n] for n in kept) + 4 * 2048**2
+    assert within_budget({"a": 3, "b": 1}, 4) == {"a", "b"} and within_budget({"a": 5}, 4) == set()
