@@ -166,10 +166,15 @@ def _unify_group(
 
 
 def _parallel_map(function, tasks: list) -> list:
+    """Forked workers (no start-up cost) from a single-threaded process; from one with other threads (a test
+    runner, a library caller) a fork can copy a lock another thread holds and hang, so forkserver there."""
+    import threading
+
     workers = min(os.cpu_count() or 1, len(tasks))
     if workers < 2:
         return [function(task) for task in tasks]
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    method = "fork" if threading.active_count() == 1 else "forkserver"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
         return pool.map(function, tasks, chunksize=-(-len(tasks) // workers))
 
 

@@ -39,6 +39,7 @@ def small_disk(size: str):
 def quantize(root: Path, model: Path, **options):
     if not (root / "run" / "measure").exists():
         write_measurements(root / "run" / "measure", model, world_size=1)
+    options = {"fp8_kv": False, **options}  # the synthetic meta says FP8 KV: one model shard here, no k/v shard
     return quantize_run(QuantizeRequest(run=RunDir.resolve(root / "run"), model=model, **options))
 
 
