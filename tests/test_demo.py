@@ -9,11 +9,15 @@ variant must score other (and not better) figures than the BF16-cache one: that 
 cache is really in use.
 """
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +97,85 @@ def test_demo_smollm2_answers_and_figures(demo):
     # passages of 250-600 tokens against a 512-token context: the long ones are scored in windows, said once
     notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "texts are longer than the 512-token context" in notes[0], notes
+
+
+def _marks(root) -> list[str]:
+    """The demo's directories: its own, the Ray temp dirs and the sshd directory its devices.conf names."""
+    marks = [str(root)]
+    conf = root / "cluster" / "devices.conf"
+    for line in conf.read_text().splitlines() if conf.exists() else []:
+        key, _, value = line.partition("=")
+        if key in ("HEAD_NODE_RAY_TEMP_DIR", "WORKER_NODE_RAY_TEMP_DIR", "SSH_KEY"):
+            marks.append(os.path.dirname(value))
+    return marks
+
+
+def _ours(marks: list[str], also: set[int] = frozenset()) -> dict[int, str]:
+    """Living processes whose command line, cwd or open files point into `marks`, and those of `also`."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            paths = [" ".join(proc.info["cmdline"] or []), proc.cwd()]
+            paths += [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")]
+        except (psutil.Error, OSError):
+            continue
+        if proc.pid in also or any(mark in path for mark in marks for path in paths):
+            found[proc.pid] = " ".join(proc.info["cmdline"] or [])[:100]
+    return found
+
+
+@pytest.mark.timeout(1500)
+def test_ctrl_c_during_the_demo_ends_every_process_it_started(tmp_path):
+    """Ctrl-C (SIGINT to the demo's process group, as a terminal sends it) while stage 3 measures over Ray: the
+    stage ends its engine, `down` stops Ray on both nodes, sshd ends, and nothing of the demo is left."""
+    import threading
+
+    import psutil
+
+    from ray_calib.testing.localnodes import ray_pids
+
+    root = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray_calib.testing.demo", "--dir", str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: a terminal's Ctrl-C reaches every process of it
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    marks = [str(root)]
+    try:
+        deadline = time.monotonic() + 900
+        while not any("ray::RayWorker" in c for c in _ours(marks).values()):  # vLLM's rank actors (RayWorkerProc)
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(1)
+            marks = _marks(root) if any(line.startswith("(3/16)") for line in lines) else marks
+        before = _ours(marks, {p.pid for p in psutil.Process(proc.pid).children(recursive=True)})
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=300)
+        seconds = time.monotonic() - started
+        reader.join(10)
+        time.sleep(2)
+        left = _ours(marks, set(before))
+        print(f"{len(before)} processes before:", *before.values(), sep="\n  ")
+        print(f"exit {proc.returncode} after {seconds:.0f} s; left: {left}")
+        output = "".join(lines)
+        assert proc.returncode != 0 and left == {}, output[-3000:]
+        assert any("ray::RayWorker" in c for c in before.values()) and any("raylet" in c for c in before.values())
+        assert all(ray_pids(Path(mark)) == [] for mark in marks[1:])
+        last = output.strip().splitlines()[-1]
+        assert last.startswith("demo interrupted: ") and f"python -m ray_calib.testing.demo --dir {root}" in last
+        assert "(16/16) down" in output and "(16/16) done in " in output
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _ours(_marks(root)):  # a failed run must not leave Ray or sshd running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -136,8 +136,7 @@ for entry in os.listdir("/proc"):
 def mine(args):
     if any(f"{temp}/session_" in a or a == f"--temp-dir={temp}" for a in args):
         return True
-    return port != "-" and "ray.util.client.server" in args and any(
-        a.startswith("--address=") and a.endswith(":" + port) for a in args)
+    return port != "-" and "ray.util.client.server" in args and f"--port={port}" in args
 chosen = {pid for pid, (_, args) in procs.items() if mine(args)}
 grew = True
 while grew:

@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         run(args.dir)
     except KeyboardInterrupt:
         sys.exit(
-            f"demo interrupted: Ray stopped (`down`), sshd and the hub stand-in ended; artefacts so far in {args.dir}"
+            f"demo interrupted: Ray stopped (`down`), sshd and the hub stand-in ended; artefacts so far in "
+            f"{args.dir}; to start again: python -m ray_calib.testing.demo --dir {args.dir}"
         )
 
 

@@ -99,6 +99,7 @@ def running_sshd() -> Iterator[Sshd]:
         [binary, "-D", "-e", "-f", str(root / "sshd_config")],
         stdout=subprocess.DEVNULL,
         stderr=open(root / "sshd.log", "w"),
+        start_new_session=True,  # a terminal's Ctrl-C must not end it: `down` still needs it afterwards
     )
     try:
         deadline = time.monotonic() + 10
