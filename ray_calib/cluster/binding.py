@@ -24,34 +24,23 @@ import shlex
 from dataclasses import dataclass, field
 
 from ray_calib.cluster.devices import ClusterConfig, NodeConfig
-from ray_calib.cluster.ray_nodes import SOCKET_IFNAME_VARS
+from ray_calib.cluster.ray_nodes import PROC_TABLE, SOCKET_IFNAME_VARS
 
 _MARK = "@@ray-calib-binding@@"
 WILDCARDS = ("0.0.0.0", "::")
 
 # stdlib only (any python3 on the node): processes of the temp dir and their children, their flags,
 # the raylet's env, listening sockets from /proc/net/tcp{,6} matched to each process's socket inodes.
-_PROBE = r"""
+_PROBE = (
+    r"""
 import json, os, socket, struct, subprocess, sys
 temp, mark = sys.argv[1].rstrip("/"), sys.argv[2]
-procs = {}
-for entry in os.listdir("/proc"):
-    if not entry.isdigit():
-        continue
-    try:
-        args = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace").split("\0")
-        stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-    except OSError:
-        continue
-    if stat[0] != "Z":
-        procs[int(entry)] = (int(stat[1]), [a for a in args if a])
+"""
+    + PROC_TABLE
+    + r"""
 def mine(args):
     return any(f"{temp}/session_" in a or a == f"--temp-dir={temp}" for a in args)
-chosen = {p for p, (_, args) in procs.items() if mine(args)}
-grew = True
-while grew:
-    more = {p for p, (ppid, _) in procs.items() if ppid in chosen} - chosen
-    grew, chosen = bool(more), chosen | more
+chosen = with_children({p for p, (_, args) in procs.items() if mine(args)})
 def listening():
     found = {}
     for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
@@ -126,6 +115,7 @@ for pid in sorted(chosen):
                  "env": env(pid) if name(args) == "raylet" else {}})
 print(mark + json.dumps({"processes": rows, "ifaces": ifaces()}))
 """
+)
 
 
 def probe_script(node: NodeConfig) -> str:

@@ -119,9 +119,9 @@ def start_script(node: NodeConfig, config: ClusterConfig) -> str:
     )
 
 
-_STOP = r"""
-import json, os, signal, sys, time
-temp, port, me = sys.argv[1].rstrip("/"), sys.argv[2], os.getpid()
+# The node's process table (pid -> (ppid, args), zombies left out) and a closure over children: shared by the
+# stop script below and `binding`'s probe, both run by any python3 on the node (stdlib only).
+PROC_TABLE = r"""
 procs = {}
 for entry in os.listdir("/proc"):
     if not entry.isdigit():
@@ -132,16 +132,27 @@ for entry in os.listdir("/proc"):
     except OSError:
         continue
     if stat[0] != "Z":
-        procs[int(entry)] = (int(stat[1]), args)
+        procs[int(entry)] = (int(stat[1]), [a for a in args if a])
+def with_children(chosen):
+    grew = True
+    while grew:
+        more = {p for p, (ppid, _) in procs.items() if ppid in chosen} - chosen
+        grew, chosen = bool(more), chosen | more
+    return chosen
+"""
+
+_STOP = (
+    r"""
+import json, os, signal, sys, time
+temp, port, me = sys.argv[1].rstrip("/"), sys.argv[2], os.getpid()
+"""
+    + PROC_TABLE
+    + r"""
 def mine(args):
     if any(f"{temp}/session_" in a or a == f"--temp-dir={temp}" for a in args):
         return True
     return port != "-" and "ray.util.client.server" in args and f"--port={port}" in args
-chosen = {pid for pid, (_, args) in procs.items() if mine(args)}
-grew = True
-while grew:
-    more = {pid for pid, (ppid, _) in procs.items() if ppid in chosen} - chosen
-    grew, chosen = bool(more), chosen | more
+chosen = with_children({pid for pid, (_, args) in procs.items() if mine(args)})
 chosen.discard(me)
 def kind(pid):
     exe = os.path.basename(procs[pid][1][0]) if procs[pid][1] else ""
@@ -165,6 +176,7 @@ for stage in (0, 1, 2):
             except OSError: pass
 print(json.dumps({"stopped": len(chosen)}))
 """
+)
 
 
 def stop_script(node: NodeConfig, config: ClusterConfig) -> str:
