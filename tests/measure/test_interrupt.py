@@ -48,7 +48,7 @@ def interrupt(proc: subprocess.Popen, signum: int) -> tuple[list[int], str, str]
     before = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
     started = time.monotonic()
     proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=240)  # a loaded 2-core box: the engine core and workers unwind slowly
     print(f"signal {signum}: exit {proc.returncode} after {time.monotonic() - started:.1f} s, {len(before)} children")
     return before, stdout, stderr
 
