@@ -147,12 +147,12 @@ def test_per_channel_weights_with_static_tensor_inputs_run_in_vllm(tmp_path, tin
        1/4 margin: its weight rounding error per row is at most the per-tensor one's.
     """
     write_measurements(tmp_path / "run" / "measure", tiny_llama, world_size=2)
-    run = RunDir.resolve(tmp_path / "run")
+    run = RunDir.resolve(tmp_path / "run")  # weights only: the synthetic meta's FP8 KV would add k/v scales
     tensor = quantize_run(
-        QuantizeRequest(run=run, model=tiny_llama, weight_strategy="tensor", out=tmp_path / "tensor")
+        QuantizeRequest(run=run, model=tiny_llama, weight_strategy="tensor", out=tmp_path / "tensor", fp8_kv=False)
     ).summary.out
     channel = quantize_run(
-        QuantizeRequest(run=run, model=tiny_llama, weight_strategy="channel", out=tmp_path / "channel")
+        QuantizeRequest(run=run, model=tiny_llama, weight_strategy="channel", out=tmp_path / "channel", fp8_kv=False)
     ).summary.out
     same = with_channel_copies_of_tensor_scales(tensor, tmp_path / "tensor-as-channel")
     bf16, per_tensor, as_channel, per_channel = (prompt_logprobs(m) for m in (tiny_llama, tensor, same, channel))
