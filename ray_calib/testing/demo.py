@@ -42,25 +42,26 @@ PROMPTS = (
     "Water is made of hydrogen and",
     "The first president of the United States was",
 )
-# Seconds each stage took on the reference machine (README "On a fresh machine"). The first line scales
-# their sum by how long a fixed loop takes here against there (PROBE_S): a slower or busier machine shows it.
+# Seconds each stage takes on the reference machine (README "The pipeline": 711 s in all from a clean clone;
+# the split between stages is estimated). The first line scales their sum by how long a fixed loop takes here
+# against there (PROBE_S): a slower or busier machine shows it.
 STAGE_SECONDS = {
-    1: 10,
-    2: 15,
-    3: 40,
-    4: 2,
-    5: 4,
-    6: 12,
-    7: 20,
-    8: 6,
-    9: 60,
-    10: 2,
-    11: 15,
-    12: 25,
-    13: 45,
-    14: 4,
-    15: 4,
-    16: 4,
+    1: 27,
+    2: 40,
+    3: 106,
+    4: 5,
+    5: 11,
+    6: 32,
+    7: 53,
+    8: 16,
+    9: 159,
+    10: 5,
+    11: 40,
+    12: 66,
+    13: 119,
+    14: 11,
+    15: 11,
+    16: 11,
 }
 STAGES = len(STAGE_SECONDS)
 PROBE_S = 0.13
