@@ -70,16 +70,18 @@ def left_of(proc: subprocess.Popen, children: list[int]) -> list[str]:
 def test_sigint_during_measure_ends_engine_core_and_workers_and_says_how_to_resume(tiny_model, tmp_path):
     from ray_calib.testing.tiny.calibset import make_calib_set
 
-    data = make_calib_set("pile", tmp_path / "pile.jsonl", num_samples=64)
+    data = make_calib_set("pile", tmp_path / "pile.jsonl", num_samples=256)
     out = tmp_path / "run" / "measure"
     env = {k: v for k, v in measure_env().items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # engine core process
     env["RAY_CALIB_RUN_DIR"] = str(out.parent)
-    args = ["measure", "-m", tiny_model("llama"), "-d", data, "-t", 2, "-n", 64, "-l", 24, "-b", 4]
+    # 64 chunks: on a loaded box the run must still be measuring when the first chunk is seen
+    args = ["measure", "-m", tiny_model("llama"), "-d", data, "-t", 2, "-n", 256, "-l", 24, "-b", 4]
     proc = start([*args, "--chunk-size", 4, "--max-new-tokens", 16, "-o", out, "--no-hessians"], env)
     wait_for(proc, lambda line: line.startswith("(3/4 "))
     deadline = time.monotonic() + 120
     while not list((out / ".chunks").glob("chunk-*")) and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert proc.poll() is None, "measure finished before it could be interrupted"
     children, stdout, stderr = interrupt(proc, signal.SIGINT)
     assert len(children) >= 3, children  # engine core, two TP workers (and the resource tracker)
     assert left_of(proc, children) == []
