@@ -99,7 +99,7 @@ def test_demo_smollm2_answers_and_figures(demo):
     # the scale-1.0 row runs the same cache without the calibrated k/v scales (0.6 of each range): other figures
     assert kl["candidate_fp8_kv_1"] != pytest.approx(kl["candidate_fp8_kv"], rel=1e-3)
     # passages of 250-600 tokens against a 512-token context: the long ones are scored in windows, said once
-    notes = [line for line in result.stdout.splitlines() if line.startswith("note:") and "-token context" in line]
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:") and "512-token context" in line]
     assert len(notes) == 1 and "texts are longer than the 512-token context" in notes[0], notes
 
 
