@@ -36,11 +36,11 @@ PYTEST_PAR := -n 2 --dist loadgroup
 test: lint-imports lint typecheck
 	$(PY) -m pytest -q $(PYTEST_PAR) -m "not extended"
 
-# the extended tier: TP4, every re-shard invariant, the real model's quality, INC on CPU, the demo (~30 min)
+# the extended tier: TP4, every re-shard invariant, INC on CPU, the green ladder, the demo (~20 min here)
 test-extended: setup
 	$(PY) -m pytest -q $(PYTEST_PAR) -m extended
 
-# without vLLM, Ray or sshd (~2 min): for editing
+# without vLLM, Ray or sshd (a few minutes): for editing
 test-quick: lint-imports lint typecheck
 	$(PY) -m pytest -q $(PYTEST_PAR) -m "not slow and not cluster"
 
