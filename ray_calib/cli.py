@@ -123,7 +123,7 @@ def _terminated(signum: int, frame) -> None:
 _received: dict[str, int] = {}
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every living process below `pid` (from /proc: no psutil on the light install)."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
@@ -146,16 +146,16 @@ def end_children(older: set[int], grace_s: float = 5.0) -> int:
     """End every process this command started and that still runs (engine core, workers, resource
     tracker), not those in `older` (running before it, e.g. when the CLI runs inside another program):
     SIGTERM, then SIGKILL after `grace_s`. Returns how many there were."""
-    children = [p for p in _descendants(os.getpid()) if p not in older]
+    children = [p for p in descendants(os.getpid()) if p not in older]
     for pid in children:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and set(_descendants(os.getpid())) & set(children):
+    while time.monotonic() < deadline and set(descendants(os.getpid())) & set(children):
         time.sleep(0.1)
-    for pid in set(_descendants(os.getpid())) & set(children):
+    for pid in set(descendants(os.getpid())) & set(children):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("RAY_CALIB_DEBUG") == "1"
     ui.set_command_line(sys.argv[1:] if argv is None else argv, own_process=argv is None)
     _received.clear()
-    older = set(_descendants(os.getpid()))
+    older = set(descendants(os.getpid()))
     main_thread = _main_thread()
     handlers = (signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _terminated)) if main_thread else None
     try:

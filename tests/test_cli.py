@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -101,3 +102,33 @@ def test_every_python_m_entry_point_honours_help(module):
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage" in done.stdout.lower()
+
+
+def test_an_interrupted_demo_stage_that_will_not_stop_is_killed_with_its_children(tmp_path):
+    """The demo's Ctrl-C clean-up is bounded: a stage that ignores SIGINT (as a hung engine shutdown would) is
+    killed after the grace time together with the processes below it, and the interrupt goes on to `down`."""
+    script = (
+        "import os, signal, sys, threading\n"
+        "from ray_calib.testing import demo\n"
+        "demo.STOP_GRACE_S = 1\n"
+        "threading.Timer(2, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        "stage = ['sh', '-c', 'trap \"\" INT; sleep 600 & echo $! > %s; wait']\n"
+        "try:\n"
+        "    demo._run_to_the_end(stage)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(7)\n"
+    ) % (tmp_path / "grandchild")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], timeout=60)
+    grandchild = int((tmp_path / "grandchild").read_text())
+    assert done.returncode == 7 and time.monotonic() - started < 30
+    time.sleep(0.5)
+    assert not _alive(grandchild), "the stage's child outlived the kill"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

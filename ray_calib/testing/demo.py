@@ -105,9 +105,13 @@ class Demo:
         )
 
 
+STOP_GRACE_S = 60  # an interrupted stage's time to end its engine; then its whole process tree is killed
+
+
 def _run_to_the_end(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     """subprocess.run, except that an interrupted stage is asked to stop (SIGINT) and waited for, so it
-    ends its own engine processes; subprocess.run would SIGKILL it and orphan them."""
+    ends its own engine processes; subprocess.run would SIGKILL it and orphan them. A stage that has not
+    ended after STOP_GRACE_S is killed with everything below it, so the interrupt's clean-up is bounded."""
     with subprocess.Popen(args, **kwargs) as proc:
         try:
             return subprocess.CompletedProcess(args, proc.wait())
@@ -115,10 +119,20 @@ def _run_to_the_end(args: list[str], **kwargs) -> subprocess.CompletedProcess:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _kill_tree(proc.pid)
             raise
+
+
+def _kill_tree(pid: int) -> None:
+    from ray_calib.cli import descendants
+
+    for victim in [pid, *descendants(pid)]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _terminated(signum: int, frame) -> None:
