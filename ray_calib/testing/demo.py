@@ -42,29 +42,29 @@ PROMPTS = (
     "Water is made of hydrogen and",
     "The first president of the United States was",
 )
-# Seconds each stage takes on the reference machine (README "The pipeline": 711 s in all from a clean clone;
-# the split between stages is estimated). The first line scales their sum by how long a fixed loop takes here
-# against there (PROBE_S): a slower or busier machine shows it.
+# Seconds each stage took on the README's reference machine (2-core AMD EPYC, quiet, SmolLM2's import cached:
+# 366 s in all; stage 8's import estimated). The first line scales their sum by how long a fixed loop takes
+# here against there (PROBE_S, 0.065 s there): a slower or busier machine shows it.
 STAGE_SECONDS = {
-    1: 27,
-    2: 40,
-    3: 106,
-    4: 5,
-    5: 11,
+    1: 5,
+    2: 12,
+    3: 59,
+    4: 1,
+    5: 3,
     6: 32,
-    7: 53,
-    8: 16,
-    9: 159,
-    10: 5,
-    11: 40,
-    12: 66,
-    13: 119,
-    14: 11,
-    15: 11,
-    16: 11,
+    7: 42,
+    8: 10,
+    9: 72,
+    10: 2,
+    11: 15,
+    12: 27,
+    13: 93,
+    14: 1,
+    15: 1,
+    16: 1,
 }
 STAGES = len(STAGE_SECONDS)
-PROBE_S = 0.13
+PROBE_S = 0.065
 
 
 def speed_factor() -> float:
