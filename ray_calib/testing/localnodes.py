@@ -148,7 +148,8 @@ def write_conf(
     and Ray starts that many idle worker processes per node, so many ranks on a small box want it low.
 
     `fast_failure_detection` shortens the GCS health checks so a killed node shows as dead within
-    seconds (the tests); a busy 2-core box running vLLM ranks needs Ray's defaults (the demo).
+    ~15 s (the tests; a stricter check marked a busy but living raylet dead); a 2-core box running vLLM
+    ranks for minutes needs Ray's defaults (the demo).
     """
     directory.mkdir(parents=True, exist_ok=True)
     free = free_ports(3)
@@ -156,8 +157,8 @@ def write_conf(
     path_line = f'export PATH="{VENV_BIN}:$PATH"\n'
     health = (
         (
-            "export RAY_health_check_period_ms=500 RAY_health_check_failure_threshold=2 "
-            "RAY_health_check_initial_delay_ms=0 RAY_health_check_timeout_ms=1000\n"
+            "export RAY_health_check_period_ms=1000 RAY_health_check_failure_threshold=10 "
+            "RAY_health_check_timeout_ms=3000\n"
         )
         if fast_failure_detection
         else ""
