@@ -19,33 +19,37 @@ import click
 from ray_calib import __version__, ui
 from ray_calib.errors import ClusterError, EngineError, RayCalibError
 
-# name -> "module:attribute"; each stage package registers its commands here (and only here).
-COMMANDS: dict[str, str] = {
-    "unify": "ray_calib.measurements.commands:unify",
-    "expand": "ray_calib.measurements.commands:expand",
-    "inspect": "ray_calib.measurements.commands:inspect",
-    "measure": "ray_calib.measure.commands:measure",
-    "scales": "ray_calib.scales.commands:scales",
-    "quant-config": "ray_calib.scales.commands:quant_config",
-    "quantize": "ray_calib.convert.commands:quantize",
-    "convert-bf16": "ray_calib.convert.commands:convert_bf16",
+# name -> "module:attribute", in pipeline order (the order `ray-calib --help` lists them); each stage package
+# registers its commands here (and only here).
+PIPELINE: dict[str, str] = {
     "cluster": "ray_calib.cluster.commands:cluster",
     "up": "ray_calib.cluster.commands:up",
     "status": "ray_calib.cluster.commands:status",
-    "down": "ray_calib.cluster.commands:down",
     "ladder": "ray_calib.ladder.commands:ladder",
-    # test/demo support (ray_calib.testing): a tiny model and calibration set to try the pipeline without a download
-    "make-tiny-model": "ray_calib.testing.commands:make_tiny_model",
-    "make-calib-set": "ray_calib.testing.commands:make_calib_set",
+    "down": "ray_calib.cluster.commands:down",
+    "measure": "ray_calib.measure.commands:measure",
+    "unify": "ray_calib.measurements.commands:unify",
+    "inspect": "ray_calib.measurements.commands:inspect",
+    "expand": "ray_calib.measurements.commands:expand",
+    "quantize": "ray_calib.convert.commands:quantize",
+    "scales": "ray_calib.scales.commands:scales",
+    "quant-config": "ray_calib.scales.commands:quant_config",
+    "infer": "ray_calib.infer.commands:infer",
+    "eval": "ray_calib.infer.commands:eval_command",
+    "report": "ray_calib.report.commands:report",
+    "push": "ray_calib.hub.commands:push",
+    "pull": "ray_calib.hub.commands:pull",
+}
+TOOLS: dict[str, str] = {
+    "convert-bf16": "ray_calib.convert.commands:convert_bf16",
     "dataset-info": "ray_calib.data.commands:dataset_info",
     "import-gguf": "ray_calib.realmodel.commands:import_gguf",
     "make-text-set": "ray_calib.realmodel.commands:make_text_set",
-    "push": "ray_calib.hub.commands:push",
-    "pull": "ray_calib.hub.commands:pull",
-    "report": "ray_calib.report.commands:report",
-    "infer": "ray_calib.infer.commands:infer",
-    "eval": "ray_calib.infer.commands:eval_command",
+    # test/demo support (ray_calib.testing): a tiny model and calibration set to try the pipeline without a download
+    "make-tiny-model": "ray_calib.testing.commands:make_tiny_model",
+    "make-calib-set": "ray_calib.testing.commands:make_calib_set",
 }
+COMMANDS: dict[str, str] = {**PIPELINE, **TOOLS}
 # Old command names: still accepted (with a warning from the command itself) for one release, not listed.
 DEPRECATED_COMMANDS: dict[str, str] = {
     "configs": "ray_calib.scales.commands:configs",
@@ -66,7 +70,15 @@ class LazyGroup(click.Group):
     """A click group that imports a command's module only when that command is asked for."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return list(COMMANDS)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Two sections, each in pipeline order: the run's stages, then the tools around them."""
+        for title, names in (("Pipeline", PIPELINE), ("Tools", TOOLS)):
+            commands = [(name, self.get_command(ctx, name)) for name in names]
+            rows = [(name, command.get_short_help_str(formatter.width - 30)) for name, command in commands if command]
+            with formatter.section(title):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         target = COMMANDS.get(cmd_name) or DEPRECATED_COMMANDS.get(cmd_name)
@@ -76,7 +88,7 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module_name), attr)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ray-calib")
 @click.option(
     "-v",
@@ -86,17 +98,26 @@ class LazyGroup(click.Group):
     "<run dir>/logs/<command>.log.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Only results and warnings: no stages, no progress.")
-def cli(verbose: int, quiet: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Calibrate very large LLMs for FP8 inference across a Ray cluster.
 
     \b
-    Typical run:
+    A run across a cluster (devices.conf: docs in the README):
       ray-calib up --conf devices.conf
-      ray-calib measure -m MODEL -d DATA --conf devices.conf --fp8-kv
+      ray-calib measure -m MODEL -d DATA --conf devices.conf --tp 16 --fp8-kv
       ray-calib unify --to-tp 8
       ray-calib quantize --low-cpu-mem
       ray-calib infer
+      ray-calib eval --baseline MODEL --min-agreement 0.9
       ray-calib push --repo ORG/NAME
+
+    \b
+    On one box, no cluster (a tiny model to try it):
+      ray-calib make-tiny-model --arch llama --out tiny
+      ray-calib make-calib-set --format pile --out calib.jsonl
+      ray-calib measure -m tiny -d calib.jsonl --tp 1 && ray-calib unify --to-tp 1
+      ray-calib quantize && ray-calib infer
 
     \b
     Results go to stdout, stages and progress to stderr, library logs to <run dir>/logs/<command>.log.
@@ -104,6 +125,8 @@ def cli(verbose: int, quiet: bool) -> None:
     if verbose and quiet:
         raise click.UsageError("-v and -q contradict each other: give one")
     ui.set_verbosity(-1 if quiet else verbose)
+    if ctx.invoked_subcommand is None:  # `ray-calib` alone: the help, as `ray-calib --help`
+        click.echo(ctx.get_help())
 
 
 def _log_hint(err: RayCalibError) -> str:

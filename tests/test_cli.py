@@ -36,12 +36,17 @@ def test_every_command_has_help(run_cli, name):
     assert "Usage: ray-calib" in result.stdout and name in result.stdout
 
 
-def test_group_help_lists_every_command(run_cli):
+def test_group_help_lists_every_command_in_pipeline_order(run_cli):
     result = run_cli("--help")
     assert result.exit_code == 0
-    for name in COMMANDS:
-        assert name in result.stdout
-    assert set(cli.list_commands(None)) == set(COMMANDS)
+    listed = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ") and line.split()]
+    listed = [name for name in listed if name in COMMANDS]
+    assert listed == list(COMMANDS) and set(cli.list_commands(None)) == set(COMMANDS)
+    stages = ["up", "measure", "unify", "quantize", "infer", "eval", "report", "push"]
+    assert [listed.index(name) for name in stages] == sorted(listed.index(name) for name in stages)
+    assert "On one box, no cluster" in result.stdout
+    alone = run_cli()
+    assert alone.exit_code == 0 and alone.stdout == result.stdout
 
 
 def test_unknown_option_is_one_line_usage_error(run_cli):
