@@ -25,6 +25,7 @@ from ray_calib.errors import ConfigError
 from ray_calib.measure.preflight import ModelInfo
 
 OBSERVERS, INC = "observers", "inc"
+DEFAULT_MAX_MODEL_LEN = 2048  # calibration prompts are short; a long context only costs KV cache
 
 
 @dataclass
@@ -227,7 +228,6 @@ def _choose_tp(config, info: ModelInfo, device: str, *, join_ray: bool) -> int:
     from ray_calib.engine.launch import prepare
     from ray_calib.engine.memory import memory_check
     from ray_calib.measure.preflight import valid_tp_sizes
-    from ray_calib.measure.run import context_limit
 
     devices = None
     if join_ray:
@@ -295,7 +295,6 @@ def _conf(config):
 
 
 def _engine(config, plan: MeasurePlan) -> EngineConfig:
-    from ray_calib.measure.run import context_limit
 
     common = dict(
         model=str(plan.info.path),
@@ -434,3 +433,10 @@ def resolve_conf_path(explicit: Path | None, *, any_state: bool = False) -> Path
 
     record = state.read(devices.load(implicit).path)
     return implicit if record and record.get("status") == "up" else None
+
+
+def context_limit(config, info: ModelInfo) -> int:
+    """The engine's context: --max-model-len (checked against the model's context), else the default capped by it."""
+    if config.max_model_len is not None:
+        return config.max_model_len
+    return min(DEFAULT_MAX_MODEL_LEN, info.max_positions or DEFAULT_MAX_MODEL_LEN)

@@ -33,6 +33,7 @@ from ray_calib.measure.chunks import (
     hessians_from_result,
     rank_file_from_result,
 )
+from ray_calib.measure.plan import context_limit, plan_measure
 from ray_calib.measure.preflight import ModelInfo
 from ray_calib.measurements import hessians
 from ray_calib.measurements.hessians import Hessians
@@ -41,7 +42,6 @@ from ray_calib.measurements.pipeline import remove_stale
 from ray_calib.runrecord import config_digest, new_run_id, start_record
 
 OBSERVER = "maxabs"
-DEFAULT_MAX_MODEL_LEN = 2048  # calibration prompts are short; a long context only costs KV cache
 
 
 @dataclass
@@ -63,7 +63,7 @@ class MeasureConfig:
     quant_config: Path | None = None
     executor: str = "auto"
     ray_address: str | None = None
-    max_model_len: int | None = None  # None: DEFAULT_MAX_MODEL_LEN, capped by the model's context
+    max_model_len: int | None = None  # None: plan.DEFAULT_MAX_MODEL_LEN, capped by the model's context
     kv_cache_gib: float = 1.0  # CPU: KV-cache bytes per rank
     expert_parallel: bool | None = None  # None: on for MoE models measured by INC (Gaudi), off elsewhere
     device: str | None = None  # force the target: hpu, gaudi2, gaudi3, cuda, cpu (default: detected)
@@ -104,8 +104,6 @@ def _stage(index: int, detail: str) -> None:
 def run_measure(config: MeasureConfig) -> MeasureSummary:
     started = time.perf_counter()
     _stage(1, "model, TP, devices, memory, dataset")
-    from ray_calib.measure.plan import plan_measure
-
     _check_out(config)
     plan = plan_measure(config)
     for warning in plan.warnings:  # the same warnings --dry-run shows (env-file side effects, IFNAME leakage)
@@ -248,13 +246,6 @@ def _fingerprint(config: MeasureConfig, plan, dataset_hash: str) -> dict:
     if plan.backend != "observers":  # older checkpoints (observers only) stay resumable
         fingerprint.update(backend=plan.backend, ep_size=plan.ep_size)
     return fingerprint
-
-
-def context_limit(config: MeasureConfig, info: ModelInfo) -> int:
-    """The engine's context: --max-model-len (checked against the model's context), else the default capped by it."""
-    if config.max_model_len is not None:
-        return config.max_model_len
-    return min(DEFAULT_MAX_MODEL_LEN, info.max_positions or DEFAULT_MAX_MODEL_LEN)
 
 
 def _check_prompt_lengths(config: MeasureConfig, info: ModelInfo, token_ids: list[list[int]]) -> None:
