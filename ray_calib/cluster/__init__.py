@@ -1,4 +1,16 @@
-"""Cluster bring-up from devices.conf over SSH: `ray-calib config check / up / status / down`.
+"""Cluster bring-up from devices.conf over SSH: `ray-calib cluster check / up / status / down`.
+
+    binding    does Ray run where devices.conf says (the last check of `up`, every node)
+    bindshim   the bind() interposer: Ray's wildcard listeners on the node's IP
+    commands   `cluster check`, `up`, `status`, `down`
+    envfiles   side effects of the node env files ray-calib sources
+    health     which configured nodes Ray sees alive (from the GCS, ~1 s)
+    hlsmi      which Gaudi a node has and its HBM, without opening a card
+    lifecycle  the procedures behind `up`, `status` and `down`
+    preflight  what must hold on every host before any Ray process starts
+    ray_nodes  a node's environment, `ray start` for head and workers, a scoped stop
+    ssh        SSHRunner: paramiko, host keys verified, (rc, stdout, stderr)
+    state      what `up` started, on disk, so later commands find the cluster
 
 Other stages use one function, `connect()`, to run on the cluster `up` started.
 Importing this package loads neither Ray nor paramiko.

@@ -6,6 +6,7 @@
     prompts       rows -> CalibrationSet (shuffle, chat template, least_tokens, num_samples, hash)
     texts         real English passages on every machine (pydoc, licences, Debian docs), split into
                   calibration and held-out halves by document
+    commands      `ray-calib dataset-info`
 
 Use: `load_prompts(path, tokenizer, fmt=None, num_samples=512, least_tokens=None) -> CalibrationSet`.
 """

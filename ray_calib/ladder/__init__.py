@@ -1,1 +1,10 @@
-"""`ray-calib ladder`: short hardware rungs run on the user's cluster before the real job (see `ladder.run`)."""
+"""`ray-calib ladder`: short hardware rungs run on the user's cluster before the real job (see `ladder.run`).
+
+run         run rungs in order, stop at the first failure, write the table
+rungs       the rungs, in ladder order
+nodes       rung a: every node has what the head has
+inc_tp2     rung b: INC MEASURE in vLLM at TP 2, one rank file per rank
+allreduce   rung c: one all-reduce across every node over its IFNAME
+compressed  rung f: the compressed-tensors route loads and generates
+commands    `ray-calib ladder`
+"""

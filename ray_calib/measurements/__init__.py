@@ -6,6 +6,7 @@
     match        which checkpoint weights a measurement covers (the rule `measure` checks and `quantize` uses)
     pipeline     directory-level unify/expand/inspect used by the CLI
     commands     `ray-calib unify / expand / inspect`
+    hessians     input second moments of linear layers, for GPTQ rounding
 
 Every stage that reads measurements (measure, scales, convert, report) uses these; they import only
 `ray_calib.inc`, `ray_calib.model` and the core modules.

