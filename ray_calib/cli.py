@@ -170,20 +170,21 @@ def end_children(older: set[int], grace_s: float = 5.0) -> int:
     tracker), not those in `older` (running before it, e.g. when the CLI runs inside another program):
     SIGTERM, then SIGKILL after `grace_s`. Returns how many there were."""
     children = [p for p in descendants(os.getpid()) if p not in older]
-    for pid in children:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    send(children, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and set(descendants(os.getpid())) & set(children):
         time.sleep(0.1)
-    for pid in set(descendants(os.getpid())) & set(children):
+    send(set(descendants(os.getpid())) & set(children), signal.SIGKILL)
+    return len(children)
+
+
+def send(pids, signum: int) -> None:
+    """`signum` to each of `pids` that still exists."""
+    for pid in pids:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signum)
         except ProcessLookupError:
             pass
-    return len(children)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -136,13 +136,9 @@ def _run_to_the_end(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def _kill_tree(pid: int) -> None:
-    from ray_calib.cli import descendants
+    from ray_calib.cli import descendants, send
 
-    for victim in [pid, *descendants(pid)]:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    send([pid, *descendants(pid)], signal.SIGKILL)
 
 
 def _terminated(signum: int, frame) -> None:
