@@ -9,12 +9,14 @@ export SSL_CERT_FILE ?= /etc/ssl/certs/ca-certificates.crt
 
 setup: $(STAMP)
 
-# torch first (the CPU wheel on disk), then everything else under the same pin.
+# torch first (the CPU wheel on disk), then everything else under the same pin. Bytecode is compiled once here:
+# where PYTHONDONTWRITEBYTECODE is set, every process (each stage, engine core and rank) would otherwise compile
+# torch and vLLM from source again (~7 s of CPU each).
 $(STAMP): pyproject.toml constraints.txt excludes.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q uv
-	$(UV) pip install --python $(PY) -q -c constraints.txt --find-links /opt/wheels torch==2.13.0
-	$(UV) pip install --python $(PY) -q -c constraints.txt --excludes excludes.txt \
+	$(UV) pip install --python $(PY) -q -c constraints.txt --find-links /opt/wheels --compile-bytecode torch==2.13.0
+	$(UV) pip install --python $(PY) -q -c constraints.txt --excludes excludes.txt --compile-bytecode \
 	    --find-links /opt/wheels -e '.[full,dev]'
 	touch $(STAMP)
 
