@@ -131,6 +131,20 @@ def test_an_interrupted_demo_stage_that_will_not_stop_is_killed_with_its_childre
     assert not _alive(grandchild), "the stage's child outlived the kill"
 
 
+def test_the_demos_speed_probe_prints_no_traceback_under_its_sigterm_handler():
+    """The demo turns SIGTERM into Ctrl-C before it probes the CPU; the probe pool's workers, ended with
+    SIGTERM, must not inherit that (each printed a KeyboardInterrupt traceback into the demo's output)."""
+    script = (
+        "import signal\n"
+        "from ray_calib.testing import demo\n"
+        "signal.signal(signal.SIGTERM, demo._terminated)\n"
+        "print(demo.speed_factor())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and float(done.stdout) > 0
+    assert "Traceback" not in done.stderr, done.stderr
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
