@@ -200,6 +200,7 @@ def score(variant: Variant, windows: list[list[int]], *, tp_size: int, device: s
         device,
         engine_options,
         what=f"scoring {variant.name} ({variant.model})",
+        device=device,
     )
 
 
