@@ -41,6 +41,18 @@ def use_token(token_path: str) -> None:
         )
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = path
+    _reload_ray_auth()
+
+
+def _reload_ray_auth() -> None:
+    """Ray reads its auth mode and token once per process; one that used Ray before (another cluster, or
+    none) would go on sending what it read then and be refused. A connected driver is left alone."""
+    import ray
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+    if not ray.is_initialized():
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 def gcs_reachable(address: str, timeout: float = 2.0) -> bool:

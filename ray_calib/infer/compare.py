@@ -37,7 +37,9 @@ def side_by_side(
         what=f"generating with {baseline}",
         device=config.device,
     )
-    cand = run_isolated(_generate, config, prompts, max_new_tokens, what=f"generating with {config.model}", device=config.device)
+    cand = run_isolated(
+        _generate, config, prompts, max_new_tokens, what=f"generating with {config.model}", device=config.device
+    )
     rows = [SideBySide(p, b["text"], c["text"]) for p, b, c in zip(prompts, base["completions"], cand["completions"])]
     return rows, cand["audit"]
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from ray_calib.errors import EngineError, RayCalibError
 
-
 # what the forked children need, imported once by the forkserver
 PRELOAD = ["vllm.entrypoints.llm", "ray_calib.infer.fidelity", "ray_calib.infer.compare"]
 
@@ -43,7 +42,7 @@ def run_isolated(function: Callable[..., object], *args: object, what: str, devi
     return result["value"]
 
 
-def _context(device: str) -> multiprocessing.context.BaseContext:
+def _context(device: str) -> Any:
     if device != "cpu":
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
