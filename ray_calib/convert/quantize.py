@@ -53,7 +53,7 @@ from ray_calib.model.checkpoint import (
     verified_shards,
     write_index,
 )
-from ray_calib.model.safetensors_io import PlannedTensor, ShardReader, ShardWriter
+from ray_calib.model.safetensors_io import PlannedTensor, ShardReader, ShardWriter, read_header
 
 MANIFEST = ".ray-calib-quantize.json"
 KV_SHARD = "model-kv-scales.safetensors"
@@ -341,6 +341,26 @@ def _hessian(job: QuantizeJob, module: str, info):
             fix="quantize the model that was measured, or quantize with --no-gptq.",
         )
     return hessian
+
+
+def set_kv_scales(out: Path, value: float) -> int:
+    """Every k/v scale of the checkpoint `quantize` wrote to `out` set to `value` (1.0: what vLLM uses with no
+    calibrated scale), its shard rewritten in place and its checksum updated in the manifest so a rerun still
+    verifies it. Returns how many scales were set; 0 when the checkpoint carries none."""
+    path = out / KV_SHARD
+    if not path.exists():
+        return 0
+    scale_names = list(read_header(path)[0])
+    layout = [PlannedTensor(name, "F32", (1,)) for name in scale_names]
+    with ShardWriter(path, layout) as writer:
+        for name in scale_names:
+            writer.write_raw(name, _f32(value))
+        digest = writer.close()
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["shards"][KV_SHARD] = digest
+    manifest["kv_scale_value"] = value
+    atomic.write_json(out / MANIFEST, manifest)
+    return len(scale_names)
 
 
 def _kv_scale(maxabs: float, job: QuantizeJob) -> float:

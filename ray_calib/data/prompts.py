@@ -118,6 +118,28 @@ def load_prompts(
     return CalibrationSet(prompts=prompts, report=report, dataset_hash=_hash(prompts))
 
 
+def validation_prompts(
+    path: str | os.PathLike,
+    tokenizer: Any,
+    fmt: str | None,
+    *,
+    calibrated: int,
+    dataset_hash: str,
+    count: int,
+    least_tokens: int | None = None,
+) -> list[Prompt]:
+    """Up to `count` prompts of the same dataset that the measurement never saw: the ones `load_prompts`
+    takes right after its first `calibrated`. [] when the dataset has no more, or when its first
+    `calibrated` prompts no longer hash to `dataset_hash` (the file changed: no split can be trusted)."""
+    try:
+        calib = load_prompts(path, tokenizer, fmt, num_samples=calibrated + count, least_tokens=least_tokens)
+    except DataError:
+        return []
+    if _hash(calib.prompts[:calibrated]) != dataset_hash:
+        return []
+    return calib.prompts[calibrated:]
+
+
 def _select(
     fmt: str, rows: list[Any], tokenizer: Any, num_samples: int, least_tokens: int | None
 ) -> tuple[list[Prompt], Counter, int]:

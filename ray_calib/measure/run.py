@@ -406,6 +406,9 @@ def run_facts(config: MeasureConfig, plan, meta: RunMeta) -> dict:
         "dataset": meta.dataset,
         "dataset_hash": meta.dataset_hash,
         "num_samples": meta.num_samples,
+        # what `load_prompts` took them with: a later stage can take the next passages as a validation split
+        "dataset_format": plan.calib.report.fmt if plan.calib else config.dataset_format,
+        "least_tokens": config.least_tokens,
         "device_type": plan.target.device_type,
         "device": plan.target.device,
         "measured_tp": meta.tp_size,

@@ -378,3 +378,23 @@ def test_weight_strategy_is_refused_with_an_inc_scale_method(tmp_path, tiny_llam
     )
     assert result.exit_code == 2 and "--weight-strategy" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "fp8").exists()
+
+
+def test_kv_scales_set_to_one_keep_the_checkpoint_verifiable(tmp_path, tiny_llama):
+    """The k/v choice's "scale 1.0" rewrites only the k/v shard; a rerun of quantize still verifies every
+    shard (nothing rewritten), and the scales vLLM reads are exactly 1.0."""
+    from ray_calib.convert.quantize import KV_SHARD, set_kv_scales
+
+    result = run_quantize(tmp_path, tiny_llama, scale_method="maxabs_pow2", fp8_kv=True)
+    out = result.summary.out
+    before = {name: float(t) for name, t in tensors(out).items() if name.endswith(("k_scale", "v_scale"))}
+    assert before and all(value != 1.0 for value in before.values())
+    others = {s: file_sha256(out / s) for s in Checkpoint.open(out).shards if s != KV_SHARD}
+    assert set_kv_scales(out, 1.0) == len(before)
+    after = {name: float(t) for name, t in tensors(out).items() if name.endswith(("k_scale", "v_scale"))}
+    assert after == dict.fromkeys(before, 1.0)
+    assert {s: file_sha256(out / s) for s in others} == others
+    rerun = run_quantize(tmp_path, tiny_llama, scale_method="maxabs_pow2", fp8_kv=True)
+    assert rerun.summary.shards_written == [] and KV_SHARD in rerun.summary.shards_skipped
+    plain = run_quantize(tmp_path / "plain", tiny_llama, scale_method="maxabs_pow2", fp8_kv=False)
+    assert set_kv_scales(plain.summary.out, 1.0) == 0

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from ray_calib.cli import cli
-from ray_calib.data import load_prompts
+from ray_calib.data import load_prompts, validation_prompts
 from ray_calib.errors import DataError
 from ray_calib.testing.tiny import corpus
 from ray_calib.testing.tiny.calibset import make_calib_set
@@ -63,6 +63,22 @@ def test_num_samples_stops_early_and_the_shuffle_is_seeded(tmp_path, tokenizer):
     assert first.dataset_hash == again.dataset_hash and first.texts == again.texts
     assert other.dataset_hash != first.dataset_hash
     assert first.texts != [t for t in TEXTS if t][:5]  # shuffled, not file order
+
+
+def test_the_validation_split_is_the_prompts_the_measurement_never_saw(tmp_path, tokenizer):
+    """quantize's k/v choice scores passages taken right after the calibration ones, with the same filters;
+    none of them was calibrated on, and a changed file gives no split rather than an overlapping one."""
+    path = _jsonl(tmp_path / "pile.jsonl", [{"text": t} for t in TEXTS])
+    calib = load_prompts(path, tokenizer, num_samples=10, least_tokens=20)
+    split = dict(calibrated=10, dataset_hash=calib.dataset_hash, least_tokens=20)
+    validation = validation_prompts(path, tokenizer, None, count=6, **split)
+    assert len(validation) == 6 and not set(p.text for p in validation) & set(calib.texts)
+    assert all(len(p.token_ids) == 20 for p in validation)
+    assert len(validation_prompts(path, tokenizer, None, count=10_000, **split)) == calib.report.read - 10 - 1 - sum(
+        len(tokenizer(t)["input_ids"]) < 20 for t in TEXTS if t
+    )
+    _jsonl(path, [{"text": t} for t in reversed(TEXTS)])  # the same name, other passages first
+    assert validation_prompts(path, tokenizer, None, count=6, **split) == []
 
 
 def test_every_pile_container_gives_the_same_prompts(tmp_path, tokenizer):
