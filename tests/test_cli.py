@@ -116,7 +116,10 @@ def test_an_interrupted_demo_stage_that_will_not_stop_is_killed_with_its_childre
         "import os, signal, sys, threading\n"
         "from ray_calib.testing import demo\n"
         "demo.STOP_GRACE_S = 1\n"
-        "threading.Timer(2, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+        # to the main thread itself: a process-wide signal may land on the timer's thread and leave the main
+        # thread asleep in waitpid (Ctrl-C reaches a demo that has no other thread)
+        "main = threading.get_ident()\n"
+        "threading.Timer(2, lambda: signal.pthread_kill(main, signal.SIGINT)).start()\n"
         "stage = ['sh', '-c', 'trap \"\" INT; sleep 600 & echo $! > %s; wait']\n"
         "try:\n"
         "    demo._run_to_the_end(stage)\n"
