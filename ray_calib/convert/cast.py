@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ray_calib.convert import fp8
+from ray_calib.convert.gptq import gptq_fp8
 from ray_calib.model.safetensors_io import DTYPES, ShardReader, TensorInfo
 
 if TYPE_CHECKING:
@@ -57,8 +59,6 @@ class Scratch:
         self._table: tuple[tuple[str, float], np.ndarray] | None = None
         self.pool = None
         if cast_threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
             self.pool = ThreadPoolExecutor(cast_threads - 1, thread_name_prefix="cast")
 
     @property
@@ -122,7 +122,6 @@ def stream(
         return
     if not names:
         return
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
         pending = pool.submit(read, 0)
@@ -184,8 +183,6 @@ def fp8_weight(
         scales = torch.tensor([scale], dtype=torch.float32)
     target = torch.from_numpy(out).view(torch.float8_e4m3fn).reshape(info.shape)
     if hessian is not None:
-        from ray_calib.convert.gptq import gptq_fp8
-
         gptq_fp8(weight, torch.from_numpy(np.array(hessian)), scales.reshape(-1, 1), out=target)
     else:
         cast_to_fp8(weight, scales, out=target, fullscale=scratch.fullscale)
