@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml constraints.txt excludes.txt
 demo: setup
 	$(PY) -m ray_calib.testing.demo
 
-# ruff: pyflakes, pycodestyle, import order, bugbear, pyupgrade, and the formatter's layout (pyproject.toml)
+# ruff: pyflakes, pycodestyle, import order, bugbear, pyupgrade, imports at the top of a module except the heavy
+# libraries (inside functions), and the formatter's layout (pyproject.toml)
 lint: setup
 	$(VENV)/bin/ruff check ray_calib tests benchmarks
 	$(VENV)/bin/ruff format --check ray_calib tests benchmarks

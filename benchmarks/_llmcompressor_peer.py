@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -80,8 +81,6 @@ def recipe(name: str, kv_scheme: dict | None) -> list:
 
 def clear_actorder(out: str) -> None:
     """actorder -> None in every config group (see the module docstring)."""
-    from pathlib import Path
-
     path = Path(out) / "config.json"
     config = json.loads(path.read_text())
     for group in config.get("quantization_config", {}).get("config_groups", {}).values():

@@ -22,8 +22,10 @@ observed/plain <= 1.10. Run twice: the medians should agree within a few per cen
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -35,19 +37,21 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _child import load_average  # noqa: E402
 
+from ray_calib.data import load_prompts
+from ray_calib.engine.launch import EngineConfig, build_llm
+from ray_calib.measure.chunks import ChunkStore
+from ray_calib.measure.extension import EXTENSION_CLS
+from ray_calib.measure.preflight import blocklist
+from ray_calib.measure.run import MeasureConfig, ObserverBackend, _run_chunk
+from ray_calib.testing.tiny.calibset import make_calib_set
+from ray_calib.testing.tiny.model import make_tiny_model
+from ray_calib.ui import Bar
+
 PROMPT_TOKENS = 64
 
 
 def child(model: str, dataset: str, args: argparse.Namespace) -> dict:
     from vllm import SamplingParams
-
-    from ray_calib.data import load_prompts
-    from ray_calib.engine.launch import EngineConfig, build_llm
-    from ray_calib.measure.chunks import ChunkStore
-    from ray_calib.measure.extension import EXTENSION_CLS
-    from ray_calib.measure.preflight import blocklist
-    from ray_calib.measure.run import MeasureConfig, ObserverBackend, _run_chunk
-    from ray_calib.ui import Bar
 
     token_ids = load_prompts(dataset, model, num_samples=args.prompts, least_tokens=PROMPT_TOKENS).token_ids
     llm = build_llm(
@@ -128,9 +132,6 @@ def child(model: str, dataset: str, args: argparse.Namespace) -> dict:
 
 def profile_round(variants: dict, out: Path) -> None:
     """One more round of each variant under cProfile: where the observed round's extra time goes."""
-    import cProfile
-    import pstats
-
     for name, run in variants.items():
         profiler = cProfile.Profile()
         profiler.runcall(run)
@@ -192,8 +193,6 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(*args.child, args)))
         return
-    from ray_calib.testing.tiny.calibset import make_calib_set
-    from ray_calib.testing.tiny.model import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="bench-measure-") as tmp:
         dataset = make_calib_set("pile", Path(tmp) / "pile.jsonl", num_samples=4 * args.prompts)

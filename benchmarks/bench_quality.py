@@ -33,14 +33,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's ray_calib, whichever the venv installed
+from ray_calib.convert.plan import load_measurement
+from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
+from ray_calib.convert.scale_choice import CANDIDATES, DEFAULT
+from ray_calib.data import texts
+from ray_calib.inc.devices import get_device
+from ray_calib.infer import fidelity
+from ray_calib.infer.unit_kv import without_kv_scales
+from ray_calib.measurements.hessians import load_model_hessians
+from ray_calib.realmodel import smollm2
 
 REPO = Path(__file__).resolve().parents[1]
 PEER_VERSION = "0.14.0.1"
@@ -74,8 +87,6 @@ class Model:
 
     @property
     def default(self) -> bool:
-        from ray_calib.convert.scale_choice import DEFAULT
-
         return self.kind == "ray-calib" and self.choice == f"{DEFAULT.name}+gptq"
 
 
@@ -99,9 +110,6 @@ def main() -> None:
         help="Print the table of the last run in --work again (e.g. after changing the default).",
     )
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))
-    from ray_calib.data import texts
-    from ray_calib.realmodel import smollm2
 
     work = args.work or smollm2.cache_root() / "bench" / "quality"
     work.mkdir(parents=True, exist_ok=True)
@@ -161,9 +169,7 @@ def _long_enough(model: Path, passages: list[str], tokens: int, count: int) -> t
     """(the first `count` passages of at least `tokens` tokens, the passages after them): both calibrations
     see the same `count` texts, each truncated to `tokens` (measure drops shorter ones, llm-compressor would
     not); the rest of the source, never calibrated on, is the validation split."""
-    from ray_calib.infer.fidelity import tokenize
-
-    long = [i for i, ids in enumerate(tokenize(model, passages)) if len(ids) >= tokens][:count]
+    long = [i for i, ids in enumerate(fidelity.tokenize(model, passages)) if len(ids) >= tokens][:count]
     if len(long) < count:
         sys.exit(f"only {len(long)} calibration passages have {tokens} tokens; ask for fewer --calib-samples")
     return [passages[i] for i in long], passages[long[-1] + 1 :]
@@ -171,10 +177,6 @@ def _long_enough(model: Path, passages: list[str], tokens: int, count: int) -> t
 
 def _scale_one_rows(rows: list[Model], work: Path) -> list[Model]:
     """Each FP8-KV checkpoint of ours (the default) and the peer's once more without its k/v scales."""
-    import shutil
-
-    from ray_calib.infer.unit_kv import without_kv_scales
-
     extra = []
     for row in rows:
         if row.fp8_kv and (row.default or row.kind == "llm-compressor"):
@@ -217,12 +219,6 @@ def _peer_venv(venv: Path) -> Path:
 
 
 def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
-    from ray_calib.convert.plan import load_measurement
-    from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
-    from ray_calib.convert.scale_choice import CANDIDATES, DEFAULT
-    from ray_calib.inc.devices import get_device
-    from ray_calib.measurements.hessians import load_model_hessians
-
     measure = work / "ray-calib" / "measure"
     seconds = _reused(work / "ray-calib" / "measure-seconds.json", calib, args)
     if seconds is None:
@@ -327,21 +323,15 @@ def _save_timing(timing: Path, calib: Path, seconds: float) -> None:
 
 
 def _digest(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _digest_windows(windows: list[list[int]]) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(windows).encode()).hexdigest()
 
 
 def _score_all(model: Path, rows: list[Model], heldout: dict[str, list[str]], work: Path, args) -> dict:
     """{row index: {source: {"ppl", "kl", "top1"}}}, against BF16 on a BF16 cache."""
-    from ray_calib.infer import fidelity
-
     windows, spans = [], {}
     for source, passages in heldout.items():
         source_windows, _ = fidelity.token_windows(fidelity.tokenize(model, passages), 1024)
@@ -386,8 +376,6 @@ def _score_all(model: Path, rows: list[Model], heldout: dict[str, list[str]], wo
 
 def _window_sums(reference: list, positions: list) -> list[float]:
     """[negative log-likelihood, positions, KL, top-1 hits] of one window: what the noise estimate resamples."""
-    from ray_calib.infer import fidelity
-
     return [
         -sum(p["actual"] for p in positions),
         len(positions),

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from _child import load_average, run_child  # benchmarks/ is on sys.path when run as a script
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where `tests` is a package
+from tests.convert.synthetic import write_measurements
+
 HIDDEN, INTER = 2048, 5632  # Llama-ish layer: largest tensor 2048 x 5632 bf16 = 23 MB
 
 
@@ -74,8 +76,6 @@ MODES = ("default", "low_cpu_mem")
 def bench(size_gb: float, tmp: Path, repeat: int) -> dict:
     model, meas = tmp / f"bf16-{size_gb}", tmp / f"meas-{size_gb}"
     largest = make_checkpoint(model, size_gb)
-    sys.path.insert(0, str(REPO))
-    from tests.convert.synthetic import write_measurements
 
     write_measurements(meas, model, world_size=1)
     nbytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))

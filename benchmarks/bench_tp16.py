@@ -36,6 +36,9 @@ from pathlib import Path
 
 from _child import children_by_parent  # benchmarks/ is on sys.path when run as a script
 
+from ray_calib.infer.runner import Server, complete, stop
+from ray_calib.testing.localnodes import kill_leftovers, ray_pids, running_sshd, write_conf
+
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 PROMPT = "The capital of France is"
@@ -115,8 +118,6 @@ class Sampler:
         self._thread.join()
 
     def _roots(self) -> tuple[list[int], dict[int, str]]:
-        from ray_calib.testing.localnodes import ray_pids
-
         node_of = {}
         for node, temp in self.ray_temp_dirs.items():
             for pid in ray_pids(temp):
@@ -213,8 +214,6 @@ class Runner:
 
 
 def run(root: Path, args: argparse.Namespace) -> dict:
-    from ray_calib.testing.localnodes import kill_leftovers, running_sshd, write_conf
-
     model, data, run_dir = root / "models" / "tiny-deepseek-r1", root / "data" / "calib.jsonl", root / "run"
     env = {
         **os.environ,
@@ -315,8 +314,6 @@ def run(root: Path, args: argparse.Namespace) -> dict:
 
 def _serve_and_ask(runner: Runner, run_dir: Path, args: argparse.Namespace, reference: str) -> dict:
     """Serve the FP8 model at TP=8 on this node, ask once through the OpenAI API, compare, stop the server."""
-    from ray_calib.infer.runner import Server, complete, stop
-
     port = args.gcs_port + 1700
     stage = runner.cli(
         "serve",

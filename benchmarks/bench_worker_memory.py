@@ -24,6 +24,9 @@ from pathlib import Path
 
 from _child import children_by_parent  # benchmarks/ is on sys.path when run as a script
 
+from ray_calib.engine.launch import EngineConfig, build_llm
+from ray_calib.testing.tiny import model as tiny
+
 MiB = 1 << 20
 
 
@@ -69,7 +72,6 @@ def kind(name: str, pid: int, driver: int) -> str:
 
 def child(model: str, tp: int, kv_mib: int) -> None:
     os.environ["RAY_CALIB_DEVICE"] = "cpu"
-    from ray_calib.engine.launch import EngineConfig, build_llm
 
     llm = build_llm(
         EngineConfig(model=model, tp_size=tp, max_model_len=256, max_num_seqs=4, kv_cache_gib=kv_mib / 1024)
@@ -107,7 +109,6 @@ def main() -> None:
     if args.child:
         child(args.child[0], int(args.child[1]), int(args.child[2]))
         return
-    from ray_calib.testing.tiny import model as tiny
 
     # The tiny Llama with 16 heads (instead of 4), so that every TP up to 16 divides them.
     tiny.CONFIGS["llama"] = {**tiny.CONFIGS["llama"], "num_attention_heads": 16, "num_key_value_heads": 16}

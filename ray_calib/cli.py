@@ -12,6 +12,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 import time
 
 import click
@@ -228,8 +229,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 

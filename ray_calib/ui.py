@@ -22,6 +22,7 @@ import json
 import logging
 import logging.config
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -97,8 +98,6 @@ def own_process() -> bool:
 
 def rerun_command(add: Sequence[str] = (), drop: Sequence[str] = ()) -> str:
     """`ray-calib ARGS` as it was called, without the flags in `drop` and with those in `add` appended."""
-    import shlex
-
     args = [a for a in _state["argv"] if a not in drop]
     return shlex.join(["ray-calib", *args, *(a for a in add if a not in args)])
 

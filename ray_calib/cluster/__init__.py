@@ -19,8 +19,13 @@ Importing this package loads neither Ray nor paramiko.
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
+from ray_calib import ui
+from ray_calib.cluster import devices, health, lifecycle, state
+from ray_calib.cluster.bindshim import BIND_IP_VAR, library_path
 from ray_calib.errors import ClusterError
 
 __all__ = ["connect"]
@@ -43,8 +48,6 @@ def connect(conf_path: Path | str | None = None) -> str:
       - Does not call `ray.init()` and imports only Ray's GCS client, so callers keep control of
         `ray.init` arguments (runtime_env, namespace). The token value is never printed.
     """
-    from ray_calib.cluster import devices, health, lifecycle, state
-
     config = devices.load(conf_path)
     record = state.read(config.path)
     if record is None or record.get("status") != "up":
@@ -67,12 +70,6 @@ def connect(conf_path: Path | str | None = None) -> str:
 def _bind_this_process(config) -> None:
     """A driver on the head joins Ray as a worker of its own, whose ports would listen on every interface:
     the `ray-calib` command re-runs itself once with the head's bind shim preloaded (see bindshim)."""
-    import socket
-    import sys
-
-    from ray_calib import ui
-    from ray_calib.cluster.bindshim import BIND_IP_VAR, library_path
-
     library = library_path(config.head)
     if config.listen_all or os.environ.get(BIND_IP_VAR) or not ui.own_process() or not os.path.isfile(library):
         return

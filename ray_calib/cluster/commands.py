@@ -7,6 +7,9 @@ from pathlib import Path
 import click
 
 from ray_calib import options, ui
+from ray_calib.cluster import devices, lifecycle
+from ray_calib.cluster.devices import load
+from ray_calib.cluster.envfiles import lint_conf
 
 _conf = options.conf_option()
 _accept = click.option(
@@ -47,8 +50,6 @@ def config_check(conf: Path | None) -> None:
 
 
 def _check(conf: Path | None) -> None:
-    from ray_calib.cluster.devices import load
-
     cfg = load(conf)
     rows = [
         (
@@ -68,8 +69,6 @@ def _check(conf: Path | None) -> None:
 
 
 def _warn_env_files(cfg) -> None:
-    from ray_calib.cluster.envfiles import lint_conf
-
     for warning in lint_conf(cfg):
         ui.warn(warning)
 
@@ -85,8 +84,6 @@ def up(conf: Path | None, restart: bool, accept_new_host_keys: bool) -> None:
     Example:
       ray-calib up --conf devices.conf && ray-calib measure --conf devices.conf --fp8-kv
     """
-    from ray_calib.cluster import devices, lifecycle
-
     cfg = devices.load(conf)
     _warn_env_files(cfg)
     result = lifecycle.up(cfg, restart=restart, accept_new_host_keys=accept_new_host_keys)
@@ -97,8 +94,6 @@ def up(conf: Path | None, restart: bool, accept_new_host_keys: bool) -> None:
 @_conf
 def status(conf: Path | None) -> None:
     """Show every node: IPs, devices, versions, liveness, uptime, logs."""
-    from ray_calib.cluster import devices, lifecycle
-
     cfg = devices.load(conf)
     record, rows = lifecycle.status(cfg)
     if record is None:
@@ -131,7 +126,5 @@ def status(conf: Path | None) -> None:
 @_accept
 def down(conf: Path | None, accept_new_host_keys: bool) -> None:
     """Stop Ray on every node named in devices.conf, even after a partial `up`."""
-    from ray_calib.cluster import devices, lifecycle
-
     lifecycle.down(devices.load(conf), accept_new_host_keys=accept_new_host_keys)
     ui.result("cluster down")

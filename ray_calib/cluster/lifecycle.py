@@ -18,6 +18,7 @@ because Ray keeps the environment it was started with.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -321,8 +322,6 @@ def _stopped(result: str | ClusterError) -> str:
 
 
 def _count(stdout: str) -> str:
-    import json
-
     try:
         return str(json.loads(stdout)["stopped"])
     except (ValueError, KeyError, TypeError):

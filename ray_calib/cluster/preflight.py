@@ -17,9 +17,10 @@ import shlex
 from dataclasses import dataclass, field
 
 from ray_calib.cluster.devices import ClusterConfig, NodeConfig
+from ray_calib.cluster.hlsmi import device_type_of
 from ray_calib.cluster.ray_nodes import node_prelude
 from ray_calib.cluster.ssh import SSHRunner
-from ray_calib.errors import ClusterError
+from ray_calib.errors import ClusterError, EngineError
 
 PACKAGES = {  # what the user calls it -> distribution names that provide it
     "ray": ("ray",),
@@ -165,8 +166,6 @@ def _check_gaudi(node: NodeConfig, mine: dict | None, head: dict | None) -> list
         return []
     if mine is None:
         return ["hl-smi not found (the Habana driver tools are needed to read the Gaudi type)"]
-    from ray_calib.cluster.hlsmi import device_type_of
-    from ray_calib.errors import EngineError
 
     problems = []
     for name in mine.get("names", []):

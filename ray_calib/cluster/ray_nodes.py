@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shlex
 
+from ray_calib.cluster.bindshim import preload_lines
 from ray_calib.cluster.devices import DEVICE_KEYS_BY_KIND, ClusterConfig, NodeConfig
 
 LABEL_KEY = "ray-calib/node"
@@ -106,8 +107,6 @@ def start_args(node: NodeConfig, config: ClusterConfig) -> list[str]:
 def start_script(node: NodeConfig, config: ClusterConfig) -> str:
     """Start Ray on the node with the node env, from the work directory (old Ray stopped before); its
     servers listen on the node's IP through `bindshim` unless RAY_LISTEN_ALL_INTERFACES=1."""
-    from ray_calib.cluster.bindshim import preload_lines
-
     ray = " ".join(shlex.quote(a) for a in start_args(node, config))
     return "\n".join(
         [

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_calib import atomic
+from ray_calib.convert import fp8 as codec
 from ray_calib.convert.cast import Scratch, stream
 from ray_calib.errors import ModelError
 from ray_calib.model.checkpoint import (
@@ -114,8 +115,6 @@ def _convert_shard(
 ) -> str:
     """Shard i -> shard i: FP8 weights dequantized through `bf16_out`, everything else copied as bytes."""
     import numpy as np
-
-    from ray_calib.convert import fp8 as codec
 
     readers: dict[str, ShardReader] = {}
 

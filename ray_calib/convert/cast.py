@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Iterator
-
-import numpy as np
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from ray_calib.convert import fp8
+from ray_calib.convert.gptq import gptq_fp8
 from ray_calib.model.safetensors_io import DTYPES, ShardReader, TensorInfo
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where used: `ray-calib --help` imports this module (pyproject.toml)
 
 _CHUNK_ELEMENTS = 1 << 22  # torch path: cast in row chunks of ~4M elements, float32 scratch stays ~16 MB
 CHUNK_BYTES = 16 << 20  # blocks in which tensors too large for the input buffers are copied
@@ -41,6 +45,8 @@ class Scratch:
     ) -> None:
         """`largest_bytes`: the largest tensor taken whole (input buffer size, or with `mapped` the limit);
         `fullscale`: the largest FP8 magnitude the target device represents (casts saturate there)."""
+        import numpy as np
+
         self.mapped = mapped
         self.fullscale = fullscale
         self.input_limit = largest_bytes
@@ -53,8 +59,6 @@ class Scratch:
         self._table: tuple[tuple[str, float], np.ndarray] | None = None
         self.pool = None
         if cast_threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
             self.pool = ThreadPoolExecutor(cast_threads - 1, thread_name_prefix="cast")
 
     @property
@@ -118,7 +122,6 @@ def stream(
         return
     if not names:
         return
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
         pending = pool.submit(read, 0)
@@ -131,6 +134,8 @@ def stream(
 
 def chunks(reader: ShardReader, name: str, buffer_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
     """The bytes of tensor `name` in blocks of `buffer_bytes` through one reused buffer."""
+    import numpy as np
+
     info = reader.tensors[name]
     buffer = np.empty(min(buffer_bytes, info.nbytes), dtype=np.uint8)
     for start in range(0, info.nbytes, buffer.size):
@@ -162,6 +167,8 @@ def fp8_weight(
     nearest. The FP8 bytes live in the scratch's FP8 buffer `slot`: tell the scratch which
     write reads them (`busy_until`) so the buffer is not cast into again before that write is done.
     """
+    import numpy as np
+
     slot, out = scratch.fp8_buffer(info.numel)
     if channel_scales is None and hessian is None and fp8.has_table(info.dtype):
         assert scale is not None, "a per-tensor cast needs the group's scale"
@@ -176,8 +183,6 @@ def fp8_weight(
         scales = torch.tensor([scale], dtype=torch.float32)
     target = torch.from_numpy(out).view(torch.float8_e4m3fn).reshape(info.shape)
     if hessian is not None:
-        from ray_calib.convert.gptq import gptq_fp8
-
         gptq_fp8(weight, torch.from_numpy(np.array(hessian)), scales.reshape(-1, 1), out=target)
     else:
         cast_to_fp8(weight, scales, out=target, fullscale=scratch.fullscale)

@@ -7,6 +7,12 @@ from pathlib import Path
 import click
 
 from ray_calib import options, ui
+from ray_calib.convert.bf16 import convert_to_bf16
+from ray_calib.convert.pipeline import QuantizeRequest, quantize_run
+from ray_calib.convert.scale_choice import DEFAULT
+from ray_calib.engine import gaudi
+from ray_calib.inc import read_meta
+from ray_calib.model.config import model_config
 from ray_calib.rundir import RunDir, run_dir_option
 
 _dir = click.Path(file_okay=False, path_type=Path)
@@ -76,8 +82,6 @@ def quantize(run_dir: str | None, **flags) -> None:
       ray-calib quantize --model M --measurements DIR --out OUT --scale-method maxabs_pow2 --fp8-kv
       ray-calib quantize --device gaudi2 --format compressed-tensors --also-cuda   # vllm-gaudi + CPU/CUDA
     """
-    from ray_calib.convert.pipeline import QuantizeRequest, quantize_run
-
     result = quantize_run(QuantizeRequest(run=RunDir.resolve(run_dir), **flags))
     if result.stale and not result.cleaned:
         ui.warn(
@@ -95,17 +99,11 @@ def quantize(run_dir: str | None, **flags) -> None:
     gaudi = result.device.startswith("gaudi")
     _echo_summary(result.summary, result.method, "vllm-gaudi " + result.device if gaudi else "CPU/CUDA", result.fp8_kv)
     if result.cuda_summary is not None:
-        from ray_calib.convert.scale_choice import DEFAULT
-
         _echo_summary(result.cuda_summary, DEFAULT.name, "CPU/CUDA", result.fp8_kv)
 
 
 def _inc_serve_hint(result, fp8_kv: bool) -> str:
     """The `vllm serve` line for this checkpoint route on Gaudi, with the env and arguments the route needs."""
-    from ray_calib.engine import gaudi
-    from ray_calib.inc import read_meta
-    from ray_calib.model.config import model_config
-
     route = gaudi.route_for(model_config(result.model), str(result.model))
     meta = read_meta(result.measurements)
     tp = meta.tp_size if meta and meta.tp_size else None
@@ -151,8 +149,6 @@ def convert_bf16(src: Path, out: Path, force: bool) -> None:
     Example:
       ray-calib convert-bf16 --in DeepSeek-R1 --out DeepSeek-R1-bf16
     """
-    from ray_calib.convert.bf16 import convert_to_bf16
-
     s = convert_to_bf16(src, out, force=force)
     click.echo(
         f"wrote {s.out}: {s.converted} tensors dequantized, {len(s.shards_written)} shard(s) written, "

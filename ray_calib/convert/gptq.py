@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray_calib.convert import fp8
+
 BLOCK = 128
 DAMP = 0.1
 
@@ -24,8 +26,6 @@ def gptq_fp8(weight: Any, hessian: Any, scale: Any, out: Any = None) -> Any:
     `scale`: one float, or a [rows, 1] tensor of per-row scales.
     """
     import torch
-
-    from ray_calib.convert import fp8
 
     cols = weight.shape[1]
     if tuple(hessian.shape) != (cols, cols):

@@ -11,10 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from ray_calib.convert.plan import load_measurement
+from ray_calib.convert.quantize import QuantizeJob, QuantizeSummary, quantize_checkpoint
+from ray_calib.convert.scale_choice import default_choice
 from ray_calib.errors import ConfigError, MeasurementError
+from ray_calib.inc.devices import default_method, get_device
+from ray_calib.inc.meta import read_meta
+from ray_calib.inc.methods import check_method_for_device, get_method, inc_scale_method
+from ray_calib.inc.quant_config import build_config, config_name, is_moe, stale_scale_files, write_configs
+from ray_calib.inc.target import IncTarget, parse_version
+from ray_calib.measurements.hessians import load_model_hessians
 from ray_calib.model.checkpoint import FreeSpace, free_bytes
+from ray_calib.model.config import is_mla, model_config
 from ray_calib.rundir import RunDir
 from ray_calib.runrecord import (
     RunFactError,
@@ -25,9 +34,6 @@ from ray_calib.runrecord import (
     record_facts,
     run_measurements,
 )
-
-if TYPE_CHECKING:  # loaded with the FP8 path only
-    from ray_calib.convert.quantize import QuantizeSummary
 
 
 @dataclass
@@ -68,11 +74,6 @@ class QuantizeResult:
 
 
 def quantize_run(request: QuantizeRequest) -> QuantizeResult:
-    from ray_calib.convert.plan import load_measurement
-    from ray_calib.inc.devices import default_method, get_device
-    from ray_calib.inc.methods import check_method_for_device, get_method
-    from ray_calib.inc.quant_config import stale_scale_files
-
     measurements = request.measurements or _run_measurements(request.run)
     stale = stale_scale_files(measurements)
     if stale and request.clean_stale_scales:
@@ -114,8 +115,6 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
         )
     kv_rule = None
     if request.scale_method is None and not device.startswith("gaudi"):
-        from ray_calib.convert.scale_choice import default_choice
-
         choice = default_choice(
             input_backoff=request.input_backoff,
             weight_backoff=request.weight_backoff,
@@ -155,7 +154,6 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
         if record is not None:
             record_facts(record, "quantize", {**facts, "format": "inc-quant-config"}, overrides)
         return result
-    from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
 
     job = QuantizeJob(
         model=Path(model),
@@ -176,8 +174,6 @@ def quantize_run(request: QuantizeRequest) -> QuantizeResult:
             record, "quantize", {**facts, "format": "compressed-tensors", "checkpoint": str(job.out)}, overrides
         )
     if request.also_cuda:
-        from ray_calib.convert.scale_choice import default_choice
-
         choice = default_choice()
         cuda = replace(
             job,
@@ -248,8 +244,6 @@ def _check_same_model(record: RunRecord | None, model: Path) -> None:
 
 def _hessians(request: QuantizeRequest, measurements: Path, device: str):
     """The hessians GPTQ rounds with: the measurement's, unless --no-gptq or Gaudi (INC rounds to nearest)."""
-    from ray_calib.measurements.hessians import load_model_hessians
-
     if request.gptq is False:
         return None
     if device.startswith("gaudi"):
@@ -277,8 +271,6 @@ def _run_measurements(run: RunDir) -> Path:
 
     After a re-measure without a re-unify the unified directory still holds the old ranges: refused.
     """
-    from ray_calib.inc.meta import read_meta
-
     unified = run_measurements(run)
     if unified is None:
         return run.measure
@@ -301,9 +293,6 @@ def _run_measurements(run: RunDir) -> Path:
 
 def _backoff_config(request: QuantizeRequest, method: str) -> dict:
     """Backoff overrides as the target INC reads them: scale_params up to 3.4, a dict-form scale_method after."""
-    from ray_calib.inc.methods import get_method, inc_scale_method
-    from ray_calib.inc.target import IncTarget, parse_version
-
     target = IncTarget(parse_version(request.inc_version)) if request.inc_version else IncTarget()
     if target.reads_scale_params:
         return {
@@ -321,9 +310,6 @@ def _write_inc_config(
     request: QuantizeRequest, measurements: Path, method: str, model: str | Path, prefix: str, fp8_kv: bool
 ) -> Path:
     """Gaudi: INC computes scales from the measurements when vLLM loads the BF16 model."""
-    from ray_calib.inc.quant_config import build_config, config_name, is_moe, write_configs
-    from ray_calib.model.config import is_mla, model_config
-
     if request.out and any(Path(request.out).glob("*.safetensors")):
         raise ConfigError(
             f"{request.out}: on Gaudi quantize writes a QUANT_CONFIG, not weights",

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_calib.errors import ModelError
+from ray_calib.inc import MeasurementSet
 from ray_calib.inc.meta import RunMeta
 from ray_calib.inc.methods import leaf_max
 from ray_calib.inc.rankfile import RankFile
+from ray_calib.measurements import unify_ranks
 from ray_calib.measurements.match import QuantGroup, match_measurement
 from ray_calib.model import names
 from ray_calib.model.checkpoint import Checkpoint
@@ -110,9 +112,6 @@ def load_measurement(directory: str | Path) -> tuple[RankFile, RunMeta | None]:
     Experts are concatenated only under expert parallelism: the sidecar's ep_size says so for our
     runs; plain INC output without a sidecar is left to unify's detection.
     """
-    from ray_calib.inc import MeasurementSet
-    from ray_calib.measurements import unify_ranks
-
     measurements = MeasurementSet.discover(directory)
     files = measurements.read_all()
     if len(files) == 1:

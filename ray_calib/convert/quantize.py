@@ -54,6 +54,7 @@ from ray_calib.model.checkpoint import (
     write_index,
 )
 from ray_calib.model.safetensors_io import PlannedTensor, ShardReader, ShardWriter, read_header
+from ray_calib.ui import progress
 
 MANIFEST = ".ray-calib-quantize.json"
 KV_SHARD = "model-kv-scales.safetensors"
@@ -217,8 +218,6 @@ def _group_weight_scales(
     checkpoint: Checkpoint, plan: QuantPlan, job: QuantizeJob, summary: QuantizeSummary, scratch: Scratch
 ) -> dict[str, float]:
     """Pass 1: one per-tensor weight scale per fused group, reading one tensor at a time."""
-    from ray_calib.ui import progress
-
     searches = [WeightScaleSearch(job.method, job.device) for _ in plan.groups]
     with progress("weight scales", len(plan.group_of), unit="tensors") as bar:
         for shard in checkpoint.shards:
@@ -264,8 +263,6 @@ def _write_shard(
     summary: QuantizeSummary,
     scratch: Scratch,
 ) -> str:
-    from ray_calib.ui import progress
-
     out_path = job.out / shard
     if shard == KV_SHARD:
         with ShardWriter(out_path, layout) as writer:

@@ -8,6 +8,7 @@ import click
 
 from ray_calib import options
 from ray_calib.data.formats import FORMATS
+from ray_calib.data.prompts import load_prompts
 
 
 # -l and -t meant --num-samples and --least-tokens here until they became the letters `measure` uses.
@@ -35,8 +36,6 @@ def dataset_info(
     Example:
       ray-calib dataset-info -d data/pile.jsonl -m models/tiny-ds3 -l 64 -n 128
     """
-    from ray_calib.data.prompts import load_prompts
-
     calib = load_prompts(dataset, model, fmt, num_samples=num_samples, least_tokens=least_tokens)
     click.echo(calib.report.summary())
     lengths = [len(ids) for ids in calib.token_ids]

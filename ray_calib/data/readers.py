@@ -22,6 +22,7 @@ from ray_calib.data.formats import (
     TC,
     TEXT_FIELD,
 )
+from ray_calib.data.safe_pickle import load_dataframe
 from ray_calib.errors import DataError
 
 Messages = list[dict[str, str]]
@@ -104,8 +105,6 @@ def _datasets_dir(path: Path) -> list[str]:
 
 
 def _mlcommons(path: Path) -> list[tuple[Any, Any]]:
-    from ray_calib.data.safe_pickle import load_dataframe
-
     frame = load_dataframe(path)
     missing = [f for f in (SYSTEM_FIELD, QUESTION_FIELD) if f not in frame.columns]
     if missing:

@@ -17,6 +17,7 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from pydoc_data.topics import topics
 
 from ray_calib import atomic
 from ray_calib.errors import DataError
@@ -34,8 +35,6 @@ DEFAULT_HELDOUT = ("pydoc", 16)
 def documents(source: str) -> list[tuple[str, str]]:
     """(name, text) of every document of `source`, sorted by name."""
     if source == "pydoc":
-        from pydoc_data.topics import topics
-
         return sorted(topics.items())
     if source == "licenses":
         files = {p.resolve() for p in LICENSES_DIR.glob("*") if p.is_file()}  # GPL -> GPL-3 etc. counted once

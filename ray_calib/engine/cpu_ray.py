@@ -13,7 +13,7 @@ TP=16, use torch.distributed (gloo).
 
 from __future__ import annotations
 
-from vllm.platforms.cpu import CpuPlatform
+from vllm.platforms.cpu import CpuPlatform  # noqa: TID253  a vLLM platform class: heavy by nature (pyproject.toml)
 
 from ray_calib.engine.plugins import RAY_DEVICE_KEY
 

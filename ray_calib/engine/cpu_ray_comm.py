@@ -6,9 +6,10 @@ or more than `SHM_MAX_RANKS` ranks, in one group; such groups use torch.distribu
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
-from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator
+from vllm.distributed.device_communicators.cpu_communicator import CpuCommunicator  # noqa: TID253  (pyproject.toml)
 
 SHM_MAX_RANKS = 8  # vLLM CPU's init_shm_manager asserts group_size <= 8
 
@@ -30,6 +31,4 @@ def boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
-        import socket
-
         return socket.gethostname()

@@ -11,6 +11,8 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from ray_calib.cluster import hlsmi
+
 DEVICES = ("hpu", "cuda", "cpu")
 GAUDI_TYPES = ("gaudi2", "gaudi3")
 DEVICE_CHOICES = ("auto", *DEVICES, *GAUDI_TYPES)
@@ -52,8 +54,6 @@ def detect_device(forced: str | None = None) -> str:
 
 def detect_target(forced: str | None = None) -> Target:
     """The run's target; a forced gaudi2/gaudi3 is taken as given (nominal HBM), so dry runs work anywhere."""
-    from ray_calib.cluster import hlsmi
-
     choice = forced if forced not in (None, "auto") else os.environ.get(DEVICE_ENV)
     device = detect_device(choice)
     if device == "cpu":
@@ -86,8 +86,6 @@ def device_memory_bytes(device: str) -> int:
 
         return torch.cuda.mem_get_info()[1]
     if device == "hpu":
-        from ray_calib.cluster import hlsmi
-
         return hlsmi.query().memory_bytes
     return host_available_bytes()
 
@@ -100,8 +98,6 @@ def local_device_count(device: str) -> int | None:
 
         return torch.cuda.device_count()
     if device == "hpu" and shutil.which("hl-smi"):  # hl-smi reads the driver; it never opens a card
-        from ray_calib.cluster import hlsmi
-
         return hlsmi.query().cards
     return None
 

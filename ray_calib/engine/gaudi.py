@@ -19,10 +19,13 @@ so every node needs host RAM for its ranks' shards and every card HBM for its sh
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ray_calib.engine.device import GiB
+from ray_calib.engine.launch import timeout_env
+from ray_calib.engine.memory import weights_bytes
 from ray_calib.errors import EngineError, ModelError
 
 MEASURE_ENV = {"PT_HPU_WEIGHT_SHARING": "0", "VLLM_SKIP_WARMUP": "true"}
@@ -90,8 +93,6 @@ def engine_env(
     VLLM_EP_SIZE is what the HabanaAI vLLM fork reads for expert parallelism; vllm-gaudi reads the
     engine argument `enable_expert_parallel` (both are set, each stack ignores the other).
     """
-    from ray_calib.engine.launch import timeout_env
-
     env = {"QUANT_CONFIG": quant_config} if quant_config else {}  # none for a compressed-tensors checkpoint
     env.update(MEASURE_ENV if measure else SERVE_ENV)
     if skip_warmup:
@@ -296,8 +297,6 @@ def startup_wait_s(weights_bytes: int, read_bytes_s: float, *, warmup: bool) -> 
 def host_read_bytes_s(model_dir: Path, sample_bytes: int = 256 << 20) -> tuple[float, str]:
     """(bytes per second, how it was found): a timed read of up to `sample_bytes` of the largest shard (the
     page cache may make it optimistic for a file read recently), else a conservative default."""
-    import time
-
     shards = sorted(Path(model_dir).glob("*.safetensors"), key=lambda p: p.stat().st_size)
     if not shards or shards[-1].stat().st_size < 16 << 20:
         return DEFAULT_READ_BYTES_S, f"default {DEFAULT_READ_BYTES_S / 1e9:.1f} GB/s (no shard to time)"
@@ -311,8 +310,6 @@ def host_read_bytes_s(model_dir: Path, sample_bytes: int = 256 << 20) -> tuple[f
 
 def checkpoint_bytes(model_dir: Path, route: Route) -> int:
     """Bytes of the weights as stored (headers), or a config estimate; an FP8 checkpoint holds ~1 byte per weight."""
-    from ray_calib.engine.memory import weights_bytes
-
     estimate = weights_bytes(model_dir)
     if route.name in ("fp8-checkpoint", COMPRESSED_TENSORS) and not any(Path(model_dir).glob("*.safetensors")):
         return estimate // 2  # the estimate counts bf16 (2 bytes per weight)

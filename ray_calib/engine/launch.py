@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray_calib import ui
+from ray_calib.engine.device import GiB
 from ray_calib.engine.plugins import CPU_RAY_ENV, OBSERVE_ENV, RAY_DEVICE_KEY
 from ray_calib.errors import EngineError
 
@@ -134,8 +136,6 @@ def engine_settings(config: EngineConfig) -> dict[str, Any]:
 
 
 def cpu_kv_bytes(gib: float) -> int:
-    from ray_calib.engine.device import GiB
-
     return int(gib * GiB)
 
 
@@ -195,8 +195,6 @@ def build_llm(config: EngineConfig):
         _check_ray_devices(config)
     from vllm import LLM
 
-    from ray_calib import ui
-
     ui.reroute_library_logs()  # vLLM and Ray install their own handlers on import
     if config.resolved_executor == "ray":
         ui.without_log_file_for_remote_workers()
@@ -235,7 +233,6 @@ def connect_ray(config: EngineConfig) -> None:
         address = config.ray_address or os.environ.get("RAY_ADDRESS")
         try:
             ray.init(address=address, runtime_env=wanted, log_to_driver=False)
-            from ray_calib import ui
 
             ui.reroute_library_logs()  # ray.init sets up its own logger; its records belong in the log file
         except (ConnectionError, RuntimeError) as err:

@@ -16,8 +16,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_calib.engine.device import GiB
+from ray_calib.engine.device import GiB, device_memory_bytes
 from ray_calib.errors import EngineError, ModelError
+from ray_calib.model.checkpoint import Checkpoint
+from ray_calib.model.config import model_config, num_routed_experts
 
 MiB = 1 << 20
 # Proportional set size (PSS: shared library pages split between the processes that map them, so the
@@ -158,8 +160,6 @@ def memory_check(
 ) -> MemoryCheck:
     """The pre-check `measure`, `infer` and `eval` share. CPU ranks of one node share its RAM; before Ray
     places them we cannot see how they spread, so all are assumed on one node (conservative)."""
-    from ray_calib.engine.device import device_memory_bytes
-
     held = expert_w13_bytes(model_dir) if measure and device == "cpu" else 0
     return MemoryCheck(
         model_dir,
@@ -179,10 +179,7 @@ _EXPERT_W13 = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|w1|w3)\.weight$")
 def expert_w13_bytes(model_dir: Path) -> int:
     """Bytes of the routed experts' W13 tensors (safetensors headers, else config.json); 0 for dense models."""
     if any(Path(model_dir).glob("*.safetensors")):
-        from ray_calib.model.checkpoint import Checkpoint
-
         return sum(t.nbytes for name, t in Checkpoint.open(model_dir).tensors.items() if _EXPERT_W13.search(name))
-    from ray_calib.model.config import model_config, num_routed_experts
 
     config = model_config(Path(model_dir))
     config = config.get("text_config", config)
@@ -219,16 +216,12 @@ def check_fits(
 def weights_bytes(model_dir: Path) -> int:
     """Bytes of all tensors in the checkpoint's safetensors files (header only), else a config estimate."""
     if any(Path(model_dir).glob("*.safetensors")):
-        from ray_calib.model.checkpoint import Checkpoint
-
         return Checkpoint.open(model_dir).nbytes
     return _estimate_from_config(Path(model_dir) / "config.json")
 
 
 def _estimate_from_config(config_path: Path) -> int:
     """bf16 bytes of a decoder-only transformer described by config.json (attention + MLP/MoE + embeddings)."""
-    from ray_calib.model.config import model_config, num_routed_experts
-
     config = model_config(config_path.parent)
     config = config.get("text_config", config)  # multimodal configs nest the language model's
     if "hidden_size" not in config or "num_hidden_layers" not in config:

@@ -18,7 +18,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ray_calib import atomic
-from ray_calib.errors import ClusterError, ModelError
+from ray_calib.cluster import hlsmi
+from ray_calib.engine.device import host_available_bytes
+from ray_calib.errors import ClusterError, EngineError, ModelError
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,6 @@ class NodeFacts:
 
 def node_facts(model_dir: str, files: dict[str, str], gaudi: bool) -> NodeFacts:
     """Runs on the node: write `files` (path -> text), then report."""
-    from ray_calib.engine.device import host_available_bytes
-
     for path, text in files.items():
         atomic.write_text(path, text)
     found, digest = model_digest(Path(model_dir))
@@ -51,8 +51,6 @@ def node_facts(model_dir: str, files: dict[str, str], gaudi: bool) -> NodeFacts:
     )
     if not gaudi:
         return facts
-    from ray_calib.cluster import hlsmi
-    from ray_calib.errors import EngineError
 
     try:
         info = hlsmi.query()

@@ -13,6 +13,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray_calib.cluster.ray_nodes import node_env
 from ray_calib.engine.launch import EngineConfig, env_to_copy, llm_kwargs, worker_env
 
 
@@ -111,8 +112,6 @@ def nodes_from_conf(conf, tp_size: int) -> list[NodePlan]:
 
     vLLM's Ray executor sorts its workers with the driver's node first, and ranks follow that order.
     """
-    from ray_calib.cluster.ray_nodes import node_env
-
     plans, next_rank = [], 0
     for node in conf.nodes:
         take = max(0, min(node.devices, tp_size - next_rank))

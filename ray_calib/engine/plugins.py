@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from ray_calib.engine.weights import install
+
 CPU_RAY_ENV = "RAY_CALIB_CPU_RAY"  # "1": schedule CPU workers through Ray (docs/design.md §9)
 OBSERVE_ENV = "RAY_CALIB_OBSERVE"  # "1": keep weight ranges from before vLLM repacks weights
 RAY_DEVICE_KEY = "HPU"  # the Ray resource CPU ranks ask for; nodes start with --resources='{"HPU": N}'
@@ -29,6 +31,5 @@ def capture_weights() -> None:
     """General plugin: runs in every vLLM process before the model loads."""
     if os.environ.get(OBSERVE_ENV) != "1":
         return
-    from ray_calib.engine.weights import install
 
     install()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ray_calib.errors import ConfigError, EngineError
+from ray_calib.model.config import num_routed_experts
 
 MAX_TP = 64
 
@@ -29,8 +30,6 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:
-        from ray_calib.model.config import num_routed_experts
-
         config = config.get("text_config", config)  # multimodal configs nest the language model's
         experts = num_routed_experts(config)
         keys = ("intermediate_size", "moe_intermediate_size") if experts else ("intermediate_size",)

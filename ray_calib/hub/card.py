@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ray_calib.errors import ConfigError
 from ray_calib.inc import RunMeta, read_meta
+from ray_calib.inc.quant_config import read_config
 from ray_calib.rundir import RunDir
 
 _NA = "n/a"
@@ -85,9 +87,6 @@ def _unified_tps(run: RunDir) -> list[int]:
 
 
 def _scale_methods(run: RunDir) -> list[str]:
-    from ray_calib.errors import ConfigError
-    from ray_calib.inc.quant_config import read_config
-
     methods = set()
     for path in sorted(run.configs.glob("*.json")):
         try:

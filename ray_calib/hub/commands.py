@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from ray_calib import options
+from ray_calib.hub.transfer import pull as download
+from ray_calib.hub.transfer import push as upload
 from ray_calib.rundir import RunDir, run_dir_option
 
 
@@ -35,8 +37,6 @@ def push(repo: str, private: bool, include_checkpoint: bool, no_verify: bool, ru
     Example:
       ray-calib push --repo my-org/DeepSeek-R1-fp8-calib --run-dir runs/r1
     """
-    from ray_calib.hub.transfer import push as upload
-
     result = upload(
         RunDir.resolve(run_dir), repo, private=private, include_checkpoint=include_checkpoint, verify=not no_verify
     )
@@ -56,8 +56,6 @@ def pull(repo: str, to: Path, revision: str | None, force: bool) -> None:
     Example:
       ray-calib pull --repo my-org/DeepSeek-R1-fp8-calib --to runs/r1
     """
-    from ray_calib.hub.transfer import pull as download
-
     result = download(repo, to, revision=revision, force=force)
     click.echo(f"pulled {len(result.files)} files from {repo} into {result.directory}")
     if result.configs_rewritten:

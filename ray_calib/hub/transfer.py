@@ -18,6 +18,9 @@ from pathlib import Path, PurePosixPath
 
 from ray_calib import atomic
 from ray_calib.errors import ConfigError, HubError, OutputExistsError
+from ray_calib.hub.card import build_card
+from ray_calib.hub.verify import verification
+from ray_calib.inc.quant_config import read_config, write_configs
 from ray_calib.rundir import RunDir
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -57,9 +60,6 @@ def push(
     `verify`: refuse a run whose checkpoint has no passed `eval` (`hub.verify`); False says so in the card.
     """
     from huggingface_hub import HfApi, get_token
-
-    from ray_calib.hub.card import build_card
-    from ray_calib.hub.verify import verification
 
     check_repo_id(repo_id)
     ignore = _SKIP + _LOCAL + ([] if include_checkpoint else _CHECKPOINT)
@@ -151,8 +151,6 @@ def pull(repo_id: str, to: Path, *, revision: str | None = None, force: bool = F
 
 def _rebase_configs(run_root: Path) -> list[str]:
     """Point each config's dump_stats_path at `<run_root>/<its directory name>/<prefix>` when that exists."""
-    from ray_calib.inc.quant_config import read_config, write_configs
-
     rewritten = []
     for path in sorted((run_root / "configs").glob("*.json")):
         try:

@@ -13,6 +13,8 @@ from pathlib import Path
 from ray_calib import atomic
 from ray_calib.errors import MeasurementError
 from ray_calib.inc import jsonio
+from ray_calib.inc.experts import expert_layout
+from ray_calib.inc.rankfile import node_values
 
 COVERAGE_FILE = "coverage.json"
 
@@ -52,9 +54,6 @@ def hits_from_ranges(rank_files: list, *, expert_parallel: bool) -> dict[str, li
     The fused MoE op's `outputs[1 + k]` is local expert k's range; with expert parallelism rank r holds
     the global experts r*E .. r*E+E-1, without it every rank holds all of them (a shard each).
     """
-    from ray_calib.inc.experts import expert_layout
-    from ray_calib.inc.rankfile import node_values
-
     hits: dict[str, list[int]] = {}
     for position, rank_file in enumerate(rank_files):
         layout = expert_layout(rank_file)

@@ -16,6 +16,7 @@ between Ray workers and nodes).
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
@@ -206,8 +207,6 @@ def validate(config: Any, source: str = "QUANT_CONFIG", *, device: str | None = 
             config[new] = config.pop(old)
     unknown = sorted(set(config) - KNOWN_KEYS)
     if unknown:
-        import difflib
-
         close = difflib.get_close_matches(unknown[0], sorted(KNOWN_KEYS), n=1)
         raise ConfigError(
             f"{source}: unknown key '{unknown[0]}'",

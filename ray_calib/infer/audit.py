@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ray_calib.errors import EngineError
+from ray_calib.model.config import model_config
 from ray_calib.model.names import vllm_modules
+from ray_calib.model.safetensors_io import ShardReader
 
 AUDIT_EXTENSION = "ray_calib.infer.audit.ScaleAuditExtension"
 _EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.[^.]+$")
@@ -43,8 +45,6 @@ class CarriedScales:
 
 def carried_scales(checkpoint: Path) -> CarriedScales:
     """Read the scale tensors' names from the shards' headers (and the k/v values, which are scalars)."""
-    from ray_calib.model.safetensors_io import ShardReader
-
     carried = CarriedScales()
     for shard in sorted(Path(checkpoint).glob("*.safetensors")):
         with ShardReader(shard) as reader:
@@ -212,8 +212,6 @@ def check(result: ScaleAudit, *, allow_scale_loss: bool) -> None:
 
 def audit_engine(llm, checkpoint: Path) -> ScaleAudit | None:
     """Read the scales back from a running engine; None when the model carries no quantization config."""
-    from ray_calib.model.config import model_config
-
     try:
         quantized = "quantization_config" in model_config(checkpoint)
     except Exception:  # noqa: BLE001 - an unreadable config was reported where the model was loaded

@@ -8,9 +8,19 @@ from pathlib import Path
 
 import click
 
-from ray_calib import options, ui
+from ray_calib import atomic, options, ui
+from ray_calib.cluster import connect, devices
+from ray_calib.data.texts import default_heldout
+from ray_calib.engine.device import GiB, detect_device, detect_target
 from ray_calib.engine.options import enforce_eager_option, kv_cache_gib_option, max_model_len_option
+from ray_calib.engine.plan import EnginePlan, local_node, nodes_from_conf
 from ray_calib.errors import EngineError
+from ray_calib.inc import read_meta
+from ray_calib.inc.quant_config import read_config
+from ray_calib.infer import fidelity, gaudi, runner
+from ray_calib.infer.audit import ScaleAudit, check
+from ray_calib.infer.compare import format_side_by_side, side_by_side
+from ray_calib.infer.runner import check_model_dir
 from ray_calib.rundir import RunDir, run_dir_option
 from ray_calib.runrecord import checkpoint_digest, read_record, record_facts, run_measurements
 
@@ -25,8 +35,6 @@ allow_scale_loss_option = click.option(
 
 def _run_meta(run: RunDir, model: Path):
     """The sidecar that describes the scales in use: next to the checkpoint, else the run's measurements."""
-    from ray_calib.inc import read_meta
-
     for directory in (model, run_measurements(run), run.measure):
         if directory is not None and (meta := read_meta(directory)) is not None:
             return meta, directory
@@ -121,9 +129,6 @@ def infer(
       ray-calib infer --prompts prompts.txt
       ray-calib infer --serve --port 8000
     """
-    from ray_calib.engine.device import detect_target
-    from ray_calib.infer import runner
-
     if one_node:
         options.deprecated("--one-node", "nothing (one node is the default; --conf spreads over a cluster)")
     if one_node and conf:
@@ -136,12 +141,8 @@ def infer(
     runner.check_device_type(meta, target.device_type, allow_mismatch=allow_device_mismatch, where=meta_dir)
     extra_env = {}
     if conf and not dry_run:
-        from ray_calib.cluster import connect
-
         extra_env["RAY_ADDRESS"] = connect(conf)
     elif conf:
-        from ray_calib.cluster import devices
-
         extra_env["RAY_ADDRESS"] = devices.load(conf).address  # shown, not joined
     if target.is_gaudi:
         config, serve_plan = _gaudi_config(
@@ -202,7 +203,6 @@ def infer(
     completions, audit = runner.generate_audited(config, runner.load_prompts(prompts), max_new_tokens=max_new_tokens)
     for completion in completions:
         click.echo(f"> {completion.prompt}\n  {completion.text.strip()!r} ({completion.num_tokens} tokens)")
-    from ray_calib import atomic
 
     out = atomic.write_json(
         run.root / "infer" / "completions.json", [completion.__dict__ for completion in completions]
@@ -213,8 +213,6 @@ def infer(
 
 def _report_audit(found: dict | None, allow_scale_loss: bool) -> None:
     """The engine's scale audit on stdout; a dropped scale fails the command unless --allow-scale-loss."""
-    from ray_calib.infer.audit import ScaleAudit, check
-
     if found is None:
         return
     result = ScaleAudit.from_json(found)
@@ -229,10 +227,6 @@ def _report_audit(found: dict | None, allow_scale_loss: bool) -> None:
 def _side_by_side(
     config, baseline: Path, prompts: list[str], max_new_tokens: int, run: RunDir, allow_scale_loss: bool
 ) -> None:
-    from ray_calib import atomic
-    from ray_calib.infer.compare import format_side_by_side, side_by_side
-    from ray_calib.infer.runner import check_model_dir
-
     check_model_dir(baseline)
     rows, audit = side_by_side(config, baseline, prompts, max_new_tokens=max_new_tokens)
     click.echo(format_side_by_side(rows))
@@ -256,8 +250,6 @@ def _verdict(candidate: Path, worst: float, min_agreement: float | None, dropped
 
 
 def devices_conf_quant_config(conf: Path) -> str | None:
-    from ray_calib.cluster import devices
-
     path = devices.load(conf).extras.get("INC_QUANT_CONFIG_FILENAME")  # a "path" key: str when set
     return path if isinstance(path, str) else None
 
@@ -280,8 +272,6 @@ def _gaudi_config(
     """Gaudi defaults from the run: the measured model, its TP, the one-node QUANT_CONFIG, KV dtype and EP,
     a bounded context and batch, and a start-up wait of its own. A compressed-tensors checkpoint (`--model
     <run>/fp8-gaudi2`) needs none of INC's: vllm-gaudi loads it as it is."""
-    from ray_calib.infer import gaudi
-
     ct_kv = gaudi.compressed_tensors_fp8_kv(model) if model is not None else None
     if ct_kv is not None:
         plan = gaudi.GaudiServe(
@@ -313,8 +303,6 @@ def _gaudi_config(
 
 def _gaudi_limits(plan, meta, extra_env: dict, timeout_s: int, limits, write: bool, card_bytes: int | None):
     """The InferConfig of a Gaudi plan with its bounded context and batch, start-up wait and fit check."""
-    from ray_calib.infer import gaudi, runner
-
     max_model_len, max_num_seqs, startup, skip_warmup, enforce_eager = limits
     config = runner.InferConfig(
         model=plan.model,
@@ -348,11 +336,6 @@ def _kv_source(target, config) -> str:
 
 def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, gaudi_plan=None):
     """What `infer` would start, per node (the ranks run on this node unless --conf)."""
-    from ray_calib.engine.device import GiB
-    from ray_calib.engine.plan import EnginePlan, local_node, nodes_from_conf
-    from ray_calib.inc.quant_config import read_config
-    from ray_calib.infer import runner
-
     engine = runner.engine_config(config)
     facts = [
         ("model", str(config.model)),
@@ -376,14 +359,10 @@ def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, 
         ) + f"; measurements {gaudi_plan.measurements}"
     nodes = local_node(config.tp_size)
     if conf:
-        from ray_calib.cluster import devices
-
         nodes = nodes_from_conf(devices.load(conf), config.tp_size)
     args = runner.serve_command(config, host=host, port=port) if serve else None
     warnings = []
     if target.is_gaudi:
-        from ray_calib.infer import gaudi
-
         _, fit = gaudi.serve_fit(config, target.memory_bytes)
         facts.append(("memory", "\n".join(fit.lines())))
         warnings += [f"does not fit: {problem}" for problem in fit.problems()]
@@ -447,11 +426,8 @@ def _interrupt(signum: int, frame) -> None:
 
 def _eval_texts(path: Path | None) -> list[str]:
     """--texts, else the built-in held-out passages (four short prompts would be a few dozen tokens)."""
-    from ray_calib.infer import runner
-
     if path is not None:
         return runner.load_prompts(path)
-    from ray_calib.data.texts import default_heldout
 
     texts, note = default_heldout()
     ui.note(note)
@@ -508,9 +484,6 @@ def eval_command(
     Example:
       ray-calib eval --baseline models/r1-bf16 --candidate calib-run/fp8 --min-agreement 0.9
     """
-    from ray_calib.engine.device import detect_device
-    from ray_calib.infer import fidelity, runner
-
     tp = tp_size
     run = RunDir.resolve(run_dir)
     ui.library_logs(run.root, "eval")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ray_calib.infer.isolated import run_isolated
-from ray_calib.infer.runner import Completion, InferConfig
+from ray_calib.infer.runner import Completion, InferConfig, generate_audited
 
 
 @dataclass
@@ -60,8 +60,6 @@ def _cell(text: str, width: int) -> str:
 
 
 def _generate(config: InferConfig, prompts: list[str], max_new_tokens: int) -> dict:
-    from ray_calib.infer.runner import generate_audited
-
     if config.tp_size == 1:  # one rank: the engine in this process
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     completions: list[Completion]

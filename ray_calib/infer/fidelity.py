@@ -22,12 +22,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ray_calib import atomic, ui
+from ray_calib.engine.launch import build_llm
+from ray_calib.infer.audit import audit_engine
 from ray_calib.infer.isolated import run_isolated
+from ray_calib.infer.runner import InferConfig, engine_config
+from ray_calib.infer.unit_kv import without_kv_scales
 
 TOP_K = 20  # vLLM's default max_logprobs
 UNIT_KV = "candidate_fp8_kv_1"  # the candidate on an FP8 cache with k/v scale 1.0 (its k/v scales removed)
@@ -146,10 +151,6 @@ def evaluate(
     adds the candidate on an FP8 cache with its calibrated k/v scales and, when it has some, without them
     (`UNIT_KV`: vLLM's scale 1.0, `unit_kv`). `engine_options`: further `InferConfig` fields for every
     engine (e.g. kv_cache_gib, enforce_eager)."""
-    import tempfile
-
-    from ray_calib.infer.unit_kv import without_kv_scales
-
     windows, notice = token_windows(tokenize(baseline, texts), max_model_len)
     notes = [notice] if notice else []
     variants = [Variant("baseline", baseline), Variant("candidate", candidate)]
@@ -224,9 +225,6 @@ def _score(model: str, fp8_kv: bool, windows: list[list[int]], tp_size: int, dev
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import SamplingParams
 
-    from ray_calib.engine.launch import build_llm
-    from ray_calib.infer.runner import InferConfig, engine_config
-
     config = engine_config(
         InferConfig(model=Path(model), tp_size=tp_size, device=device, fp8_kv=fp8_kv, **engine_options)
     )
@@ -244,7 +242,6 @@ def _score(model: str, fp8_kv: bool, windows: list[list[int]], tp_size: int, dev
             argmax = next(str(t) for t, lp in logprobs.items() if lp.rank == 1)
             positions.append({"actual": logprobs[actual].logprob, "argmax": argmax, "top": top})
         scored.append(positions)
-    from ray_calib.infer.audit import audit_engine
 
     audit = audit_engine(llm, Path(model)) if device != "hpu" else None
     return {

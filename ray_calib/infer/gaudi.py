@@ -25,9 +25,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray_calib.cluster import hlsmi
+from ray_calib.engine import gaudi
+from ray_calib.engine.device import host_available_bytes
+from ray_calib.engine.launch import EngineConfig
+from ray_calib.engine.plan import with_copy_list
 from ray_calib.errors import ConfigError, MeasurementError, ModelError
-from ray_calib.inc import RunMeta
+from ray_calib.inc import RunMeta, read_meta
 from ray_calib.inc.naming import MEASURE_PREFIX
+from ray_calib.inc.quant_config import build_config, config_name, is_moe, quantizes_kv_cache, read_config, write_configs
+from ray_calib.model.config import is_mla, model_config, num_routed_experts
 from ray_calib.rundir import RunDir
 from ray_calib.runrecord import unified_dirs
 
@@ -58,8 +65,6 @@ def resolve(
 ) -> GaudiServe:
     """Everything Gaudi serving needs, from the flags or from the run; a missing QUANT_CONFIG is written
     (unless `write` is False: a dry run shows it without writing)."""
-    from ray_calib.inc.quant_config import quantizes_kv_cache, read_config
-
     if model is None:
         if not (meta and meta.model):
             raise ModelError(
@@ -150,8 +155,6 @@ def _measurements_at(run: RunDir, tp: int) -> Path | None:
 
 
 def _read_meta(directory: Path) -> RunMeta | None:
-    from ray_calib.inc import read_meta
-
     return read_meta(directory) if directory.is_dir() else None
 
 
@@ -159,9 +162,6 @@ def _one_node_config(
     run: RunDir, model: Path, measurements: Path | None, tp: int, meta: RunMeta | None, fp8_kv: bool | None, write: bool
 ) -> tuple[Path, dict, bool]:
     """<run>/configs/<one-node quantize config>, pointing at the measurements for `tp` (written if absent)."""
-    from ray_calib.inc.quant_config import build_config, config_name, is_moe, read_config, write_configs
-    from ray_calib.model.config import is_mla, model_config
-
     if measurements is None:
         raise MeasurementError(
             run.root,
@@ -195,8 +195,6 @@ def _one_node_config(
 
 def compressed_tensors_fp8_kv(model: Path) -> bool | None:
     """None: not a compressed-tensors checkpoint; else whether it carries k/v scales (vllm-gaudi: fp8_inc cache)."""
-    from ray_calib.model.config import model_config
-
     quant = model_config(model).get("quantization_config") or {}
     if str(quant.get("quant_method", "")).lower() != "compressed-tensors":
         return None
@@ -208,9 +206,6 @@ def serve_limits(
 ) -> tuple[int, int, str]:
     """(max_model_len, max_num_seqs, why): bounded as upstream serves DeepSeek-R1, never the model's full
     context unless asked; the calibration length (tokens per measured sample) raises the default."""
-    from ray_calib.engine import gaudi
-    from ray_calib.model.config import model_config
-
     hf = model_config(model)
     text = hf.get("text_config") or hf
     calibration = meta.num_tokens // meta.num_samples if meta and meta.num_tokens and meta.num_samples else None
@@ -220,9 +215,6 @@ def serve_limits(
 
 def startup_timeout(config, asked: int | None) -> tuple[int, str]:
     """(seconds, why) `serve` waits for /health: asked, else from the checkpoint size and the host read speed."""
-    from ray_calib.engine import gaudi
-    from ray_calib.model.config import model_config
-
     if asked is not None:
         return asked, "--startup-timeout"
     route = gaudi.route_for(model_config(config.model), str(config.model))
@@ -237,13 +229,7 @@ def startup_timeout(config, asked: int | None) -> tuple[int, str]:
 
 def serve_fit(config, target_bytes: int | None):
     """HBM per card (weights, KV cache at max_model_len, graph reserve) and host RAM for serving `config`."""
-    from ray_calib.engine import gaudi
-    from ray_calib.engine.device import host_available_bytes
-    from ray_calib.model.config import model_config, num_routed_experts
-
     if target_bytes is None:
-        from ray_calib.cluster import hlsmi
-
         target_bytes = hlsmi.query().memory_bytes
     hf_config = model_config(config.model)
     route = gaudi.route_for(hf_config, str(config.model))
@@ -267,19 +253,12 @@ def serve_fit(config, target_bytes: int | None):
 
 
 def check_serve_fit(config, target_bytes: int | None) -> None:
-    from ray_calib.engine import gaudi
-
     route, fit = serve_fit(config, target_bytes)
     gaudi.check_fit(fit, route, [tp for tp in (2, 4, 8, 16) if tp > config.tp_size], None)
 
 
 def engine_config(config):
     """EngineConfig for an InferConfig on Gaudi: INC QUANTIZE through QUANT_CONFIG, graphs on."""
-    from ray_calib.engine import gaudi
-    from ray_calib.engine.launch import EngineConfig
-    from ray_calib.engine.plan import with_copy_list
-    from ray_calib.model.config import model_config
-
     route = gaudi.route_for(model_config(config.model), str(config.model))
     env = gaudi.engine_env(
         measure=False,

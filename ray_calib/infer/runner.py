@@ -19,9 +19,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ray_calib.engine import sizing
+from ray_calib.engine.device import local_device_count
+from ray_calib.engine.launch import CPU_KV_ENV, EngineConfig, build_llm, engine_settings, timeout_env, worker_env
+from ray_calib.engine.memory import memory_check
 from ray_calib.errors import ConfigError, EngineError, ModelError
 from ray_calib.inc import RunMeta
-from ray_calib.infer.audit import AUDIT_EXTENSION
+from ray_calib.infer import gaudi
+from ray_calib.infer.audit import AUDIT_EXTENSION, audit_engine
+from ray_calib.infer.gaudi import compressed_tensors_fp8_kv
+from ray_calib.model.config import model_config, num_routed_experts
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +80,6 @@ class InferConfig:
 
     def timeout_env(self) -> dict[str, str]:
         """vLLM aborts a slow start (large weights) or a long first step (FP8 compiles) unless these are raised."""
-        from ray_calib.engine.launch import timeout_env
-
         return timeout_env(self.timeout_s)
 
 
@@ -99,15 +104,10 @@ def check_device_type(meta: RunMeta | None, device_type: str, *, allow_mismatch:
 
 
 def engine_config(config: InferConfig):
-    from ray_calib.engine.launch import EngineConfig
-
     env = {**config.timeout_env(), **config.extra_env}
     if config.device == "hpu":
-        from ray_calib.infer.gaudi import compressed_tensors_fp8_kv
-
         if config.quant_config is None and compressed_tensors_fp8_kv(config.model) is None:
             raise ModelError("Gaudi inference needs the QUANTIZE QUANT_CONFIG", fix="pass --quant-config FILE.")
-        from ray_calib.infer import gaudi
 
         return gaudi.engine_config(config)
     return EngineConfig(
@@ -130,7 +130,6 @@ def cpu_emulated_fp8_moe(config: InferConfig) -> bool:
     vLLM's fullgraph torch.compile cannot trace, so that engine runs eager (CUDA has native FP8 MoE kernels)."""
     if config.device != "cpu":
         return False
-    from ray_calib.model.config import model_config, num_routed_experts
 
     try:
         model = model_config(config.model)
@@ -155,11 +154,6 @@ def choose_tp(
     preferred: int | None = None,
 ) -> int:
     """The same TP rules and memory pre-check as `measure`, for the model about to be served or scored."""
-    from ray_calib.engine import sizing
-    from ray_calib.engine.device import local_device_count
-    from ray_calib.engine.memory import memory_check
-    from ray_calib.model.config import model_config
-
     shape = sizing.ModelShape.from_config(model_config(model))
     sizing.check_max_model_len(shape, max_model_len, str(model))
     memory = memory_check(model, sizing.valid_tp_sizes(shape), device, kv_cache_gib)
@@ -175,8 +169,6 @@ def choose_tp(
 
 def checkpoint_kv_scales(model: Path) -> bool | None:
     """Whether the checkpoint carries k/v scales (compressed-tensors `kv_cache_scheme`); None: not quantized."""
-    from ray_calib.model.config import model_config
-
     try:
         quant = model_config(model).get("quantization_config")
     except Exception:  # noqa: BLE001 - a bad model directory is reported where it is loaded
@@ -219,9 +211,6 @@ def generate_audited(config: InferConfig, prompts: list[str], *, max_new_tokens:
     check_model_dir(config.model)
     from vllm import SamplingParams
 
-    from ray_calib.engine.launch import build_llm
-    from ray_calib.infer.audit import audit_engine
-
     llm = build_llm(engine_config(config))
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
     completions = [
@@ -243,8 +232,6 @@ def serve_args(config: InferConfig, *, host: str, port: int) -> list[str]:
 
     Everything else is vLLM's default, so the server is what a plain `vllm serve` of the checkpoint gives.
     """
-    from ray_calib.engine.launch import engine_settings
-
     engine = engine_config(config)
     args = ["serve", str(config.model), "--host", host, "--port", str(port), "--served-model-name", config.model.name]
     if engine.resolved_executor == "ray":  # --conf: the ranks are Ray actors spread over the cluster
@@ -266,15 +253,12 @@ def serve_command(config: InferConfig, *, host: str, port: int) -> list[str]:
 
 def serve_env(config: InferConfig) -> dict[str, str]:
     """The variables `serve` adds to the environment (shown to the user with the arguments)."""
-    from ray_calib.engine.launch import worker_env
-
     return worker_env(engine_config(config))
 
 
 def serve(config: InferConfig, *, host: str = "127.0.0.1", port: int = 8000, log: Path) -> Server:
     """Start `vllm serve` with `serve_args` and wait until /health answers."""
     check_model_dir(config.model)
-    from ray_calib.engine.launch import CPU_KV_ENV
 
     env = {**os.environ, **serve_env(config)}
     if config.device == "cpu":

@@ -7,6 +7,9 @@ from pathlib import Path
 import click
 
 from ray_calib import options, ui
+from ray_calib.cluster.devices import default_conf_path
+from ray_calib.ladder.run import LadderContext, RungFailed, rows, run_ladder, write_results
+from ray_calib.ladder.rungs import select
 from ray_calib.rundir import RunDir, run_dir_option
 
 
@@ -24,10 +27,6 @@ def ladder(conf: Path | None, model: Path | None, rungs: str | None, accept_new_
       ray-calib ladder --conf devices.conf -m /models/DeepSeek-R1
       ray-calib ladder --rungs a
     """
-    from ray_calib.cluster.devices import default_conf_path
-    from ray_calib.ladder.run import LadderContext, RungFailed, rows, run_ladder, write_results
-    from ray_calib.ladder.rungs import select
-
     run = RunDir.resolve(run_dir)
     context = LadderContext(
         conf=Path(conf or default_conf_path()),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 from ray_calib.cluster import devices
+from ray_calib.inc import read_meta
 from ray_calib.ladder.inc_tp2 import WORLD, run_step, rung_b_dir, rung_env
 from ray_calib.ladder.run import LadderContext, RungFailed
 
@@ -43,7 +44,5 @@ def run_compressed(context: LadderContext) -> str:
 
 
 def _gaudi_type(measure) -> str:
-    from ray_calib.inc import read_meta
-
     meta = read_meta(measure)
     return meta.device_type if meta and meta.device_type in ("gaudi2", "gaudi3") else "gaudi2"

@@ -9,6 +9,7 @@ complete or not at all. Chunks merge by element-wise max (exact) and by adding t
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -61,8 +62,6 @@ def rank_file_from_result(result: dict[str, Any], prefix: str) -> RankFile:
 def hessians_from_result(result: dict[str, Any]) -> Hessians:
     """A worker's hessians, sent as the float32 bytes of each square H (bytes cross every vLLM executor
     as they are; a numpy array comes out of vLLM's msgpack as a [dtype, shape, buffer] list)."""
-    import math
-
     import numpy as np
 
     matrices = {}

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
 
-from ray_calib import options
+from ray_calib import options, ui
+from ray_calib.cluster import devices
 from ray_calib.data.formats import FORMATS
+from ray_calib.engine import nodes
 from ray_calib.engine.options import kv_cache_gib_option
+from ray_calib.errors import ConfigError, RayCalibError
+from ray_calib.measure.plan import plan_measure, resolve_conf_path
+from ray_calib.measure.preflight import cluster_address
+from ray_calib.measure.quantizable import describe_backends
+from ray_calib.measure.run import MeasureConfig, run_measure
 from ray_calib.rundir import RunDir, run_dir_option
 
 DEFAULTS = {"batch_size": 16}  # without devices.conf
@@ -142,10 +150,6 @@ def measure(
       ray-calib measure -m /models/DeepSeek-R1 -d mlperf.pkl -t 16 --fp8-kv
       ray-calib measure -m /models/DeepSeek-R1 -t 16 --conf devices.conf --device gaudi2 --dry-run
     """
-    from ray_calib.errors import ConfigError
-    from ray_calib.measure.plan import resolve_conf_path
-    from ray_calib.measure.run import MeasureConfig
-
     cluster = conf
     conf = _load_conf(resolve_conf_path(cluster, any_state=dry_run))
     if tp_size is None:
@@ -207,7 +211,6 @@ def measure(
     if dry_run:
         _dry_run(config, conf, executor)
         return
-    from ray_calib import ui
 
     ui.library_logs(RunDir.resolve(run_dir).root, "measure")
     _run(config)
@@ -215,8 +218,6 @@ def measure(
 
 def _ladder(conf, model, run_dir) -> None:
     """`ray-calib ladder` before the real job, found through the CLI group (the ladder sits above the stages)."""
-    from ray_calib.errors import ConfigError
-
     if conf is None:
         raise ConfigError("--ladder checks a cluster: no devices.conf", fix="pass --conf devices.conf.")
     ctx = click.get_current_context()
@@ -227,7 +228,6 @@ def _ladder(conf, model, run_dir) -> None:
 def _load_conf(path: Path | None):
     if path is None:
         return None
-    from ray_calib.cluster import devices
 
     return devices.load(path)
 
@@ -237,18 +237,11 @@ def _extra(conf, key: str):
 
 
 def _address(cluster: Path | None, executor: str) -> str | None:
-    from ray_calib.measure.preflight import cluster_address
-
     return cluster_address(cluster) if executor in ("auto", "ray") else None
 
 
 def _dry_run(config, conf, executor: str) -> None:
     """The plan; the nodes are probed too when they can be (a cluster `up` started, or this node alone)."""
-    import dataclasses
-
-    from ray_calib.errors import RayCalibError
-    from ray_calib.measure.plan import plan_measure
-
     address = None
     if conf is not None and executor in ("auto", "ray"):
         try:
@@ -264,9 +257,6 @@ def _dry_run(config, conf, executor: str) -> None:
 
 def _probe(plan) -> None:
     """Per-node checks for the dry run: problems become warnings instead of errors."""
-    from ray_calib.engine import nodes
-    from ray_calib.errors import RayCalibError
-
     plan.probe_nodes(write=False)
     try:
         nodes.check_nodes(plan.node_facts, str(plan.info.path), gaudi=plan.target.is_gaudi and not plan.target.forced)
@@ -278,8 +268,6 @@ def _probe(plan) -> None:
 
 
 def _run(config) -> None:
-    from ray_calib.measure.run import run_measure
-
     summary = run_measure(config)
     click.echo(summary.data_summary)
     click.echo(
@@ -288,8 +276,6 @@ def _run(config) -> None:
         f"{summary.chunks_reused}/{summary.chunks_total} chunks reused"
     )
     if summary.backends:
-        from ray_calib.measure.quantizable import describe_backends
-
         click.echo(f"observed under {describe_backends(summary.backends)}")
     hessians = [f for f in summary.files if f.name.startswith("hessians_")]
     extra = f", and hessians for GPTQ ({sum(f.stat().st_size for f in hessians) / 2**20:,.0f} MiB)" if hessians else ""

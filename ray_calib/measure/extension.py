@@ -7,6 +7,7 @@ thus travel to the head over the executor's own channel (pipes for mp, Ray for r
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -67,8 +68,6 @@ class MeasureExtension:
         return {"rank": self._ray_calib_rank(), "world_size": get_tensor_model_parallel_world_size(), **result}
 
     def ray_calib_pid(self) -> int:
-        import os
-
         return os.getpid()
 
     def _ray_calib_rank(self) -> int:

@@ -22,15 +22,19 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ray_calib.engine import gaudi, nodes
+from ray_calib.engine.launch import error_reason
+from ray_calib.engine.nodes import NodeFacts
 from ray_calib.errors import ConfigError, EngineError
-from ray_calib.inc.naming import MEASURE_PREFIX
+from ray_calib.inc import ExpertCoverage
+from ray_calib.inc.coverage import hits_from_ranges
+from ray_calib.inc.naming import MEASURE_PREFIX, parse_name
+from ray_calib.inc.quant_config import KV_TYPES, build_config, read_config
 from ray_calib.measure.inc_cpu import INC_ON_CPU_ENV  # "1": INC in vLLM's CPU workers (tests)
-from ray_calib.measure.preflight import ModelInfo
-
-if TYPE_CHECKING:
-    from ray_calib.engine.nodes import NodeFacts
+from ray_calib.measure.preflight import ModelInfo, valid_tp_sizes
+from ray_calib.measurements.postprocess import postprocess
 
 NODE_DUMP_ROOT = "/tmp/ray-calib-inc"  # node-local: two runs never meet and no NFS is needed
 CONFIG_FILE = "inc_measure_config.json"
@@ -45,8 +49,6 @@ def measure_quant_config(
     fp8_kv: bool, info: ModelInfo, dump_dir: str, user_config: Path | None, on_cpu: bool = False
 ) -> dict[str, Any]:
     """The seeds' measure config, or the user's, writing its stats under `dump_dir`."""
-    from ray_calib.inc.quant_config import KV_TYPES, build_config, read_config
-
     dump_stats_path = f"{dump_dir}/{MEASURE_PREFIX}"
     if user_config is not None:
         config = {**read_config(user_config), "mode": "MEASURE", "dump_stats_path": dump_stats_path}
@@ -124,8 +126,6 @@ def _rank() -> int:
 
 def _read_own_files(model) -> dict[str, Any]:
     """This rank's files, named by INC's own config (the rank and world INC wrote into the name)."""
-    from ray_calib.inc.naming import parse_name
-
     base = Path(str(model.__hqt_config__.cfg["measure_file"]))
     json_path = base.with_name(base.name + ".json")
     parsed = parse_name(json_path)
@@ -165,8 +165,6 @@ class IncBackend:
 
     def before_start(self) -> None:
         """Join Ray with the job env first, then write QUANT_CONFIG and check every node (model, device, memory)."""
-        from ray_calib.engine import nodes
-
         plan = self.plan
         self.facts = plan.probe_nodes(write=True)
         nodes.check_nodes(self.facts, str(plan.info.path), gaudi=plan.target.is_gaudi and not plan.target.forced)
@@ -174,9 +172,6 @@ class IncBackend:
             self._check_fit()
 
     def _check_fit(self) -> None:
-        from ray_calib.engine import gaudi
-        from ray_calib.measure.preflight import valid_tp_sizes
-
         plan, fit = self.plan, self.plan.fit
         probed = [f for f in self.facts if f.device_type]
         if probed and probed[0].device_type != plan.target.device_type:
@@ -200,8 +195,6 @@ class IncBackend:
         except EngineError:
             raise
         except Exception as err:  # the worker's EngineError arrives wrapped by vLLM/Ray
-            from ray_calib.engine.launch import error_reason
-
             raise EngineError(
                 f"INC is not active in the ranks ({error_reason(err)})",
                 fix="check QUANT_CONFIG in the job env with `ray-calib measure --dry-run`.",
@@ -214,8 +207,6 @@ class IncBackend:
         llm.collective_rpc("ray_calib_inc_finish")
 
     def cleanup(self) -> None:
-        from ray_calib.engine import nodes
-
         if self.plan.dump_dir:
             nodes.remove_everywhere(self.plan.dump_dir, use_ray=self.use_ray)
 
@@ -226,10 +217,6 @@ def finish_rank_files(rank_files, coverage, ep_size: int):
     INC counts no tokens per expert; a routed expert that never got a token has a zero range in the fused
     MoE op's per-expert outputs, so coverage records 1 (hit) or 0 (never hit) per expert.
     """
-    from ray_calib.inc import ExpertCoverage
-    from ray_calib.inc.coverage import hits_from_ranges
-    from ray_calib.measurements.postprocess import postprocess
-
     fixed, changed, mla = [], 0, False
     for rank_file in rank_files:
         new, report = postprocess(rank_file)

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+import torch  # noqa: TID253  worker-side, like measure.stats (pyproject.toml)
 
 from ray_calib.engine.weights import EXPERT_AMAX_ATTR, EXPERT_W13_ATTR
-from ray_calib.measure.stats import MaxAbs, row_amax
+from ray_calib.measure.stats import MaxAbs, row_amax  # noqa: TID253
 
 _GROUPED_MM: dict[tuple[str, torch.dtype], bool] = {}  # (device type, dtype) -> torch._grouped_mm works
 # Per MoE layer: inputs held back so the recompute runs as a few large GEMMs (DeepSeek-R1's 58 MoE

@@ -53,12 +53,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import torch  # noqa: TID253  worker-side, like measure.stats (pyproject.toml)
 
 from ray_calib.engine.weights import WEIGHT_AMAX_ATTR
 from ray_calib.inc.quant_config import KV_TYPES  # INC's KV module types, as QUANT_CONFIG names them
-from ray_calib.measure.moe import MoEStats
-from ray_calib.measure.stats import Hessian, MaxAbs, NodeStats, amax
+from ray_calib.measure.moe import MoEStats  # noqa: TID253
+from ray_calib.measure.stats import Hessian, MaxAbs, NodeStats, amax  # noqa: TID253
 
 HESSIAN_BUDGET = 1 << 30  # bytes of hessians per rank recorded by default (GPTQ for small models)
 

@@ -18,11 +18,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray_calib.engine.device import GiB, Target
-from ray_calib.engine.launch import EngineConfig, timeout_env
+from ray_calib.cluster import devices, state
+from ray_calib.cluster.envfiles import lint_conf
+from ray_calib.data import load_prompts
+from ray_calib.engine import gaudi, nodes, sizing
+from ray_calib.engine.device import GiB, Target, detect_target, local_device_count
+from ray_calib.engine.launch import EngineConfig, connect_ray, prepare, timeout_env
+from ray_calib.engine.memory import memory_check
 from ray_calib.engine.plan import EnginePlan, NodePlan, local_node, nodes_from_conf, with_copy_list
 from ray_calib.errors import ConfigError
-from ray_calib.measure.preflight import ModelInfo
+from ray_calib.inc.quant_config import quantizes_kv_cache
+from ray_calib.measure.extension import EXTENSION_CLS as OBSERVERS_EXTENSION
+from ray_calib.measure.gaudi import CONFIG_FILE, dump_dir_for_run, inc_on_cpu, measure_quant_config
+from ray_calib.measure.gaudi import EXTENSION_CLS as INC_EXTENSION
+from ray_calib.measure.inc_cpu import INC_ON_CPU_ENV
+from ray_calib.measure.preflight import (
+    ModelInfo,
+    blocklist,
+    check_attention_backend,
+    check_tp,
+    resolve_model,
+    valid_tp_sizes,
+)
+from ray_calib.model.config import model_config
 
 OBSERVERS, INC = "observers", "inc"
 DEFAULT_MAX_MODEL_LEN = 2048  # calibration prompts are short; a long context only costs KV cache
@@ -53,8 +71,6 @@ class MeasurePlan:
 
     @property
     def quant_config_path(self) -> str | None:
-        from ray_calib.measure.gaudi import CONFIG_FILE
-
         return f"{self.dump_dir}/{CONFIG_FILE}" if self.dump_dir else None
 
     def engine_plan(self) -> EnginePlan:
@@ -104,9 +120,6 @@ class MeasurePlan:
 
     def probe_nodes(self, *, write: bool) -> list:
         """Facts of every node of the run (Ray: joined with the run's job env first); `write` the QUANT_CONFIG."""
-        from ray_calib.engine import nodes
-        from ray_calib.engine.launch import connect_ray
-
         use_ray = self.engine.resolved_executor == "ray"
         if use_ray:
             connect_ray(self.engine)  # the first Ray call: vLLM copies this job's env to every rank
@@ -120,11 +133,6 @@ class MeasurePlan:
 
 def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> MeasurePlan:
     """Decide everything for `config` (a run.MeasureConfig) without starting vLLM or opening a device."""
-    from ray_calib.engine import sizing
-    from ray_calib.engine.device import detect_target
-    from ray_calib.measure.gaudi import dump_dir_for_run, inc_on_cpu, measure_quant_config
-    from ray_calib.measure.preflight import blocklist, check_attention_backend, check_tp, resolve_model
-
     info = resolve_model(config.model, weights=not dry_run)
     sizing.check_max_model_len(info.shape, config.max_model_len, info.model_id)
     if config.tp_size is not None:
@@ -150,8 +158,6 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
         sizing.check_device_count(info.shape, config.tp_size, local_cards, "this node (hl-smi, no Ray cluster)")
     dump_dir = quant = route = None
     if backend == INC:
-        from ray_calib.inc.quant_config import quantizes_kv_cache
-
         dump_dir = dump_dir_for_run()
         quant = measure_quant_config(config.fp8_kv, info, dump_dir, config.quant_config, on_cpu=not target.is_gaudi)
         section = quant.get("blocklist") or {}
@@ -179,9 +185,6 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
         conf=conf,
     )
     if target.is_gaudi:
-        from ray_calib.engine import gaudi
-        from ray_calib.model.config import model_config
-
         plan.route = route = gaudi.route_for(model_config(info.path), str(info.path))
     plan.engine = _engine(config, plan)
     plan.nodes = nodes_from_conf(conf, config.tp_size) if conf else local_node(config.tp_size)
@@ -199,8 +202,6 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
         f"--chunk-size {config.chunk_size}; devices.conf {plan.conf.path if plan.conf else '-'}"
     )
     if load_data and config.dataset is not None:
-        from ray_calib.data import load_prompts
-
         plan.calib = load_prompts(
             config.dataset,
             info.path,
@@ -213,8 +214,6 @@ def plan_measure(config, *, load_data: bool = True, dry_run: bool = False) -> Me
 
 def _local_gaudi_cards(config, target, conf) -> int | None:
     """Cards on this node when every rank runs here (Gaudi, no Ray cluster); None when not known or not local."""
-    from ray_calib.engine.device import local_device_count
-
     if not target.is_gaudi or conf is not None or config.ray_address or config.executor == "ray":
         return None
     return local_device_count("hpu")
@@ -223,16 +222,8 @@ def _local_gaudi_cards(config, target, conf) -> int | None:
 def _choose_tp(config, info: ModelInfo, device: str, *, join_ray: bool) -> int:
     """--tp checked against the heads/experts, the devices (joining the Ray cluster now, so a cluster too
     small fails before any prompt is read) and memory; without --tp the smallest TP that fits."""
-    from ray_calib.engine import sizing
-    from ray_calib.engine.device import local_device_count
-    from ray_calib.engine.launch import prepare
-    from ray_calib.engine.memory import memory_check
-    from ray_calib.measure.preflight import valid_tp_sizes
-
     devices = None
     if join_ray:
-        from ray_calib.measure.extension import EXTENSION_CLS
-
         devices = prepare(
             EngineConfig(
                 model=str(info.path),
@@ -242,7 +233,7 @@ def _choose_tp(config, info: ModelInfo, device: str, *, join_ray: bool) -> int:
                 ray_address=config.ray_address,
                 max_model_len=context_limit(config, info),
                 kv_cache_gib=config.kv_cache_gib,
-                worker_extension_cls=EXTENSION_CLS,
+                worker_extension_cls=OBSERVERS_EXTENSION,
                 observe_weights=True,
             )
         )
@@ -275,7 +266,6 @@ def _check_conf_device(conf_path, target: Target) -> None:
     """devices.conf says Gaudi but this machine shows none: its generation (FP8 range, HBM) is not guessed."""
     if conf_path is None or target.is_gaudi or target.forced:  # --device cpu on an hpu conf is the user's word
         return
-    from ray_calib.cluster import devices
 
     conf = devices.load(conf_path)
     if conf.head.device_kind == "hpu":
@@ -289,7 +279,6 @@ def _check_conf_device(conf_path, target: Target) -> None:
 def _conf(config):
     if config.cluster_conf is None:
         return None
-    from ray_calib.cluster import devices
 
     return devices.load(config.cluster_conf)
 
@@ -307,22 +296,16 @@ def _engine(config, plan: MeasurePlan) -> EngineConfig:
         kv_cache_gib=config.kv_cache_gib,
     )
     if plan.backend == OBSERVERS:
-        from ray_calib.measure.extension import EXTENSION_CLS
-
         return EngineConfig(
             **common,
-            worker_extension_cls=EXTENSION_CLS,
+            worker_extension_cls=OBSERVERS_EXTENSION,
             observe_weights=True,
             extra_env=timeout_env(config.timeout_s),
             attention_backend=config.attention_backend,
         )
-    from ray_calib.measure.gaudi import EXTENSION_CLS
-
     quant_config = plan.quant_config_path
     assert quant_config is not None, "an INC plan has a dump dir"
     if plan.target.is_gaudi:
-        from ray_calib.engine import gaudi
-
         env = gaudi.engine_env(
             measure=True,
             tp_size=config.tp_size,
@@ -333,7 +316,7 @@ def _engine(config, plan: MeasurePlan) -> EngineConfig:
         )
         return EngineConfig(
             **common,
-            worker_extension_cls=EXTENSION_CLS,
+            worker_extension_cls=INC_EXTENSION,
             quantization=plan.route.quantization,
             kv_cache_dtype="auto",
             extra_env=with_copy_list(env),
@@ -341,7 +324,6 @@ def _engine(config, plan: MeasurePlan) -> EngineConfig:
             trust_remote_code=True,
             enable_expert_parallel=plan.ep_size > 1,
         )
-    from ray_calib.measure.inc_cpu import INC_ON_CPU_ENV
 
     env = {
         "QUANT_CONFIG": quant_config,
@@ -351,7 +333,7 @@ def _engine(config, plan: MeasurePlan) -> EngineConfig:
     }
     return EngineConfig(
         **common,
-        worker_extension_cls=EXTENSION_CLS,
+        worker_extension_cls=INC_EXTENSION,
         extra_env=with_copy_list(env),
         trust_remote_code=True,
         enable_expert_parallel=plan.ep_size > 1,
@@ -359,8 +341,6 @@ def _engine(config, plan: MeasurePlan) -> EngineConfig:
 
 
 def _fit(config, plan: MeasurePlan, route):
-    from ray_calib.engine import gaudi
-
     per_node = max((len(n.ranks) for n in plan.nodes), default=config.tp_size)
     hosts: dict[str, int | None] = {n.name: None for n in plan.nodes if n.ranks}
     assert plan.target.memory_bytes is not None, "a Gaudi target knows its HBM"
@@ -376,8 +356,6 @@ def _fit(config, plan: MeasurePlan, route):
 def _warnings(plan: MeasurePlan) -> list[str]:
     warnings = []
     if plan.conf is not None:
-        from ray_calib.cluster.envfiles import lint_conf
-
         warnings += lint_conf(plan.conf)
         ifnames = {n.ifname for n in plan.conf.nodes if n.ifname}
         leaked = [v for v in ("GLOO_SOCKET_IFNAME", "HCCL_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if os.environ.get(v)]
@@ -429,7 +407,6 @@ def resolve_conf_path(explicit: Path | None, *, any_state: bool = False) -> Path
         return None
     if any_state:
         return implicit
-    from ray_calib.cluster import devices, state
 
     record = state.read(devices.load(implicit).path)
     return implicit if record and record.get("status") == "up" else None

@@ -6,8 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ray_calib.cluster import connect, devices, state
 from ray_calib.engine import sizing
 from ray_calib.errors import ConfigError, ModelError
+from ray_calib.inc.quant_config import build_config, read_config
 from ray_calib.model.config import is_mla, read_json
 
 
@@ -105,12 +107,8 @@ def check_attention_backend(name: str | None) -> None:
 def blocklist(quant_config: Path | None, *, fp8_kv: bool, moe: bool) -> tuple[list[str], list[str]]:
     """(names, types) the observers skip: the run's QUANT_CONFIG, else the seeds' measure defaults."""
     if quant_config is None:
-        from ray_calib.inc.quant_config import build_config
-
         config = build_config(measure=True, fp8_kv=fp8_kv, one_node=False, dump_stats_path="unused", moe=moe)
     else:
-        from ray_calib.inc.quant_config import read_config
-
         config = read_config(quant_config)
     section = config.get("blocklist") or {}
     return list(section.get("names", [])), list(section.get("types", []))
@@ -122,14 +120,10 @@ def cluster_address(conf: Path | None) -> str | None:
     An explicit --conf must be up (connect() raises a one-line error naming the dead node);
     an implicit ./devices.conf is used only when its cluster is up.
     """
-    from ray_calib.cluster import connect
-
     explicit = conf or os.environ.get("RAY_CALIB_DEVICES_CONF")
     if explicit:
         return connect(explicit)
     if Path("devices.conf").is_file():
-        from ray_calib.cluster import devices, state
-
         record = state.read(devices.load("devices.conf").path)
         if record and record.get("status") == "up":
             return connect("devices.conf")

@@ -15,6 +15,10 @@ from pathlib import Path
 
 from ray_calib.errors import ModelError
 from ray_calib.inc import RankFile
+from ray_calib.measurements import unify_ranks
+from ray_calib.measurements.match import match_measurement
+from ray_calib.model import names
+from ray_calib.model.checkpoint import Checkpoint
 
 _FIX = (
     "the rank files were not written; measure with another --attention-backend, or report the module "
@@ -26,11 +30,6 @@ def check_quantizable(
     model: Path, rank_files: Sequence[RankFile], backends: dict[str, list[str]], block_names: Sequence[str] = ()
 ) -> None:
     """Raise a one-line ModelError naming the first module quantize would find without a range."""
-    from ray_calib.measurements import unify_ranks
-    from ray_calib.measurements.match import match_measurement
-    from ray_calib.model import names
-    from ray_calib.model.checkpoint import Checkpoint
-
     merged = rank_files[0] if len(rank_files) == 1 else unify_ranks(list(rank_files), 1, expert_parallel=False)[0]
     match = match_measurement(Checkpoint.open(model).tensors, merged.nodes)
     if match.complete:

@@ -17,13 +17,15 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ray_calib import ui
 from ray_calib.atomic import staged_dir
+from ray_calib.engine.launch import build_llm as build
 from ray_calib.engine.launch import error_reason
 from ray_calib.errors import DataError, EngineError, ModelError, OutputExistsError
-from ray_calib.inc import ExpertCoverage, RunMeta, write_coverage, write_meta, write_rank_file
+from ray_calib.inc import ExpertCoverage, RunMeta, read_coverage, write_coverage, write_meta, write_rank_file
 from ray_calib.inc.coverage import COVERAGE_FILE
 from ray_calib.inc.naming import JSON, MEASURE_PREFIX, parse_name
 from ray_calib.measure.chunks import (
@@ -33,8 +35,10 @@ from ray_calib.measure.chunks import (
     hessians_from_result,
     rank_file_from_result,
 )
+from ray_calib.measure.gaudi import IncBackend, finish_rank_files
 from ray_calib.measure.plan import context_limit, plan_measure
 from ray_calib.measure.preflight import ModelInfo
+from ray_calib.measure.quantizable import check_quantizable
 from ray_calib.measurements import hessians
 from ray_calib.measurements.hessians import Hessians
 from ray_calib.measurements.merge import merge_chunks
@@ -201,8 +205,6 @@ class ObserverBackend:
 
     def check(self, rank_files: list) -> None:
         """Every module quantize will convert has an input range, or the run fails naming it and the backend."""
-        from ray_calib.measure.quantizable import check_quantizable
-
         check_quantizable(self.plan.info.path, rank_files, self.backends, self.plan.block_names)
 
     def finish(self, llm) -> None: ...
@@ -212,8 +214,6 @@ class ObserverBackend:
 
 def make_backend(plan):
     if plan.backend == "inc":
-        from ray_calib.measure.gaudi import IncBackend
-
         return IncBackend(plan)
     return ObserverBackend(plan)
 
@@ -260,8 +260,6 @@ def _check_prompt_lengths(config: MeasureConfig, info: ModelInfo, token_ids: lis
 
 
 def build_llm(engine):
-    from ray_calib.engine.launch import build_llm as build
-
     return build(engine)
 
 
@@ -338,8 +336,6 @@ def _write(
         "backends": backend.backends,
     }
     if plan.backend == "inc":
-        from ray_calib.measure.gaudi import finish_rank_files
-
         rank_files, coverage, inc_extra = finish_rank_files(rank_files, coverage, plan.ep_size)
         extra.update(inc_extra)
     run_id = new_run_id()
@@ -432,8 +428,6 @@ def _merged_hessians(results: list[ChunkResult]) -> list[Hessians]:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {}
     for package in (
         "ray-calib",
@@ -456,7 +450,6 @@ def _versions() -> dict[str, str]:
 def _check_coverage(config: MeasureConfig, summary: MeasureSummary) -> None:
     if config.min_expert_tokens <= 0:
         return
-    from ray_calib.inc import read_coverage
 
     coverage = read_coverage(config.out)
     low = coverage.below(config.min_expert_tokens) if coverage else []

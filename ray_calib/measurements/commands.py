@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ray_calib import ui
+from ray_calib.measurements.pipeline import expand_dir, inspect_dir, unify_dir
 from ray_calib.options import override_run_option
 from ray_calib.rundir import RunDir, run_dir_option
 from ray_calib.runrecord import RunRecord, decide, read_record, record_facts
@@ -53,8 +54,6 @@ def unify(
     Example:
       ray-calib unify --to-tp 8 --in runs/r1/measure --out runs/r1/unified-tp8
     """
-    from ray_calib.measurements.pipeline import unify_dir
-
     run = RunDir.resolve(run_dir)
     source = (in_dir or run.measure).absolute()
     record = read_record(run.root) if source == run.measure else None  # the run's own measurements
@@ -121,8 +120,6 @@ def expand(to_ranks: int, in_dir: Path | None, out_dir: Path | None, force: bool
     Example:
       ray-calib expand --to-ranks 8 --in runs/r1/unified-tp1 --out runs/r1/ep8
     """
-    from ray_calib.measurements.pipeline import expand_dir
-
     run = RunDir.resolve(run_dir)
     out = out_dir or run.expanded(to_ranks)
     outputs = expand_dir(in_dir or run.unified(1), out, to_ranks, force=force)
@@ -143,8 +140,6 @@ def inspect(directory: Path) -> None:
     Example:
       ray-calib inspect runs/r1/measure
     """
-    from ray_calib.measurements.pipeline import inspect_dir
-
     report = inspect_dir(directory)
     nodes = sorted(set(report.nodes_per_rank))
     kind = "" if report.has_ranges else f" (no range files; {report.scale_methods[0]} scale files)"

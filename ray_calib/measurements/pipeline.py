@@ -7,11 +7,13 @@ import dataclasses
 import functools
 import gc
 import hashlib
+import json
 import math
 import multiprocessing
 import os
 import re
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from ray_calib.inc.rankfile import RankFile, node_values, read_rank_file, write_
 from ray_calib.inc.runset import MeasurementSet
 from ray_calib.measurements import hessians
 from ray_calib.measurements.unify import check_same_nodes, check_sizes, expand_rank, merge_group
+from ray_calib.model.config import num_routed_experts
 from ray_calib.runrecord import RunRecord, check_rank_files
 
 
@@ -168,8 +171,6 @@ def _unify_group(
 def _parallel_map(function, tasks: list) -> list:
     """Forked workers (no start-up cost) from a single-threaded process; from one with other threads (a test
     runner, a library caller) a fork can copy a lock another thread holds and hang, so forkserver there."""
-    import threading
-
     workers = min(os.cpu_count() or 1, len(tasks))
     if workers < 2:
         return [function(task) for task in tasks]
@@ -266,12 +267,9 @@ def _routed_experts(meta: RunMeta | None, model: Path | None = None) -> int | No
     directory = model or (Path(meta.model) if meta and meta.model else None)
     if directory is None:
         return None
-    from ray_calib.model.config import num_routed_experts
 
     path = Path(directory) / "config.json"
     try:
-        import json
-
         return num_routed_experts(json.loads(path.read_text())) or None
     except (OSError, ValueError):
         if model is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray_calib import atomic
+from ray_calib import atomic, ui
 from ray_calib.errors import ModelError, OutputExistsError
 from ray_calib.model.config import model_config, read_json
 from ray_calib.model.safetensors_io import TensorInfo, file_sha256, read_header
@@ -176,8 +176,6 @@ def clear_leftovers(out: Path) -> None:
     """Remove the temporaries a killed earlier run left in `out` (hidden partial shards), saying so."""
     count, size = atomic.remove_leftovers(out)
     if count:
-        from ray_calib import ui
-
         ui.note(f"removed {count} temporary file(s) ({_gb(size)}) an interrupted earlier run left in {out}")
 
 

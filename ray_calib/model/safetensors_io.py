@@ -13,17 +13,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from ray_calib import atomic
 from ray_calib.errors import ModelError
-
-if TYPE_CHECKING:
-    from concurrent.futures import ThreadPoolExecutor
 
 # safetensors dtype -> (torch dtype name, bytes per element)
 DTYPES = {
@@ -136,8 +135,6 @@ class ShardReader:
         faulted in on first touch, straight from the page cache. Writable copy-on-write: torch can
         view it without a warning; nothing is ever written back.
         """
-        import mmap
-
         import numpy as np
 
         info = self.tensors[name]
@@ -211,8 +208,6 @@ class ShardWriter:
         self._writer = None
         self._pending: list = []
         if write_behind:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="write-behind")
         header: dict = {"__metadata__": metadata or {"format": "pt"}}
         offset = 0
@@ -261,8 +256,6 @@ class ShardWriter:
             self._hash.update(data)
             return
         if self._hasher is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
         hashed = self._hasher.submit(self._hash.update, data)
         try:

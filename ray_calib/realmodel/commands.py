@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from ray_calib.data import texts
 from ray_calib.data.texts import SOURCES, SPLITS
+from ray_calib.realmodel import gguf_import, smollm2
 
 
 @click.command("import-gguf")
@@ -30,8 +32,6 @@ def import_gguf(gguf: Path | None, out: Path | None, force: bool) -> None:
       ray-calib import-gguf                                   # SmolLM2-135M-Instruct into the cache
       ray-calib import-gguf --gguf model.Q4_1.gguf --out models/my-llama
     """
-    from ray_calib.realmodel import gguf_import, smollm2
-
     if gguf is None:
         path, built = smollm2.model_dir(out, rebuild=force)
         click.echo(f"{'built' if built else 'already built (cached)'}: {smollm2.NAME} at {path}")
@@ -66,7 +66,5 @@ def make_text_set(source: str, split: str, num_samples: int, out: Path) -> None:
     Example:
       ray-calib make-text-set --source pydoc --split calibration --num-samples 64 --out data/calib.jsonl
     """
-    from ray_calib.data import texts
-
     path = texts.write_jsonl(texts.sample(source, split, num_samples), out)
     click.echo(f"wrote {num_samples} {source} passages ({split}) to {path}")

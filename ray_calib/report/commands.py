@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ray_calib.report.build import build_report
 from ray_calib.rundir import RunDir, run_dir_option
 
 _dir = click.Path(file_okay=False, path_type=Path)
@@ -24,8 +25,6 @@ def report(run: Path | None, compare: tuple[Path, ...], out: Path | None, run_di
     Example:
       ray-calib report runs/pile-1024 --compare runs/pile-256 --compare runs/mlcommons
     """
-    from ray_calib.report.build import build_report
-
     root = run or RunDir.resolve(run_dir).root
     result = build_report(root, list(compare), out or RunDir(root.absolute()).report)
     click.echo(result.summary)

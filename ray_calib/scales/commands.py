@@ -8,7 +8,9 @@ import click
 
 from ray_calib import options, ui
 from ray_calib.inc.devices import DEVICE_TYPES, FP8_FORMATS
+from ray_calib.inc.quant_config import read_config, write_run_configs
 from ray_calib.rundir import RunDir, run_dir_option
+from ray_calib.scales.files import ScaleRequest, make_scales
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _DEVICES = click.Choice(DEVICE_TYPES)
@@ -67,8 +69,6 @@ def scales(
     Example:
       ray-calib scales --scale-method maxabs_hw --device gaudi3 --blocklist lm_head --in runs/r1/measure
     """
-    from ray_calib.scales.files import ScaleRequest, make_scales
-
     run = RunDir.resolve(run_dir)
     result = make_scales(
         ScaleRequest(
@@ -174,15 +174,11 @@ def configs(
 
 
 def _check(path: Path) -> None:
-    from ray_calib.inc.quant_config import read_config
-
     read_config(path)
     ui.result(f"{path}: valid")
 
 
 def _write(model: str, out: Path | None, fp8_kv: bool, one_node: bool, unified_tp: int, run_dir: str | None) -> None:
-    from ray_calib.inc.quant_config import write_run_configs
-
     run = RunDir.resolve(run_dir)
     written, stale = write_run_configs(
         run, model, out or run.configs, fp8_kv=fp8_kv, one_node=one_node, unified_tp=unified_tp

@@ -17,11 +17,12 @@ from pathlib import Path
 from ray_calib.atomic import staged_dir
 from ray_calib.errors import ConfigError
 from ray_calib.inc import MODE_SCALE, MeasurementSet, RankFile, expert_layout, write_rank_file
-from ray_calib.inc.devices import DeviceScales
-from ray_calib.inc.methods import ScaleMethod
+from ray_calib.inc.devices import DeviceScales, default_method, device_for_scales, get_device
+from ray_calib.inc.methods import ScaleMethod, check_method_for_device, get_method
 from ray_calib.inc.optypes import op_type
-from ray_calib.inc.target import IncTarget
+from ray_calib.inc.target import IncTarget, parse_version
 from ray_calib.scales.ops import ScaleRules, WeightSource
+from ray_calib.scales.weights import CheckpointWeights
 
 
 @dataclass
@@ -103,10 +104,6 @@ class ScaleRequest:
 
 def make_scales(request: ScaleRequest) -> ScaleRun:
     """`ray-calib scales`: resolve method, device and INC target (default: the sidecar's device), write the files."""
-    from ray_calib.inc.devices import default_method, device_for_scales, get_device
-    from ray_calib.inc.methods import check_method_for_device, get_method
-    from ray_calib.inc.target import parse_version
-
     meta = MeasurementSet.discover(request.in_dir).meta
     device = request.device or (meta.device_type if meta and meta.device_type else None)
     if device is None:
@@ -144,8 +141,6 @@ def make_scales(request: ScaleRequest) -> ScaleRun:
     notes = target.check(output_backoff=request.output_backoff, custom_backoff=custom)
     weights = None
     if request.weights_dir and not method.fixed:
-        from ray_calib.scales.weights import CheckpointWeights
-
         checkpoint = CheckpointWeights(request.weights_dir, method, scales_device, search_device=get_device(device))
         weights = checkpoint.for_rank
     run = write_scale_files(

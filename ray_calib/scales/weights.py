@@ -23,8 +23,12 @@ from pathlib import Path
 from ray_calib.errors import ModelError
 from ray_calib.inc import RankFile, expert_layout
 from ray_calib.inc.devices import DeviceScales
-from ray_calib.inc.methods import ScaleMethod
+from ray_calib.inc.methods import ScaleMethod, WeightScaleSearch, channel_scales
+from ray_calib.model import names
+from ray_calib.model.checkpoint import Checkpoint
+from ray_calib.model.config import num_routed_experts
 from ray_calib.model.names import expert_child
+from ray_calib.model.safetensors_io import ShardReader
 from ray_calib.scales.ops import WeightScale
 
 ROW_PARALLEL = frozenset({"o_proj", "down_proj", "out_proj", "dense_4h_to_h"})
@@ -46,8 +50,6 @@ class CheckpointWeights:
     def __init__(
         self, weights_dir: Path, method: ScaleMethod, device: DeviceScales, *, search_device: DeviceScales | None = None
     ) -> None:
-        from ray_calib.model.checkpoint import Checkpoint
-
         self.checkpoint = Checkpoint.open(weights_dir)
         self.method, self.device, self.search_device = method, device, search_device
         self._readers: dict[str, object] = {}
@@ -63,8 +65,6 @@ class CheckpointWeights:
         return scale
 
     def weight_scale(self, shards: list[Shard]) -> WeightScale:
-        from ray_calib.inc.methods import WeightScaleSearch, channel_scales
-
         search = WeightScaleSearch(self.method, self.device, search_device=self.search_device)
         rows: list[float] = []
         in_features = None
@@ -92,8 +92,6 @@ class CheckpointWeights:
         return weight
 
     def _tensor(self, name: str):
-        from ray_calib.model.safetensors_io import ShardReader
-
         file = self.checkpoint.shard_of[name]
         with ShardReader(self.checkpoint.path / file) as reader:
             return reader.read(name)
@@ -126,9 +124,6 @@ def rank_shards(
     module: str, config: dict, tensors: dict, rank: int, world: int, local_experts: int
 ) -> list[Shard] | None:
     """The checkpoint slices rank `rank` of `world` holds for vLLM module `module`; None if not in the checkpoint."""
-    from ray_calib.model import names
-    from ray_calib.model.config import num_routed_experts
-
     child = expert_child(module)
     if child:
         return _expert_shards(child, config, tensors, rank, world, local_experts, num_routed_experts(config))
@@ -152,8 +147,6 @@ def rank_shards(
 def _expert_shards(
     child: tuple[str, str, int], config: dict, tensors: dict, rank: int, world: int, local_experts: int, total: int
 ) -> list[Shard] | None:
-    from ray_calib.model import names
-
     op, kind, expert = child
     expert_parallel = world > 1 and local_experts * world == total and local_experts != total
     global_expert = expert + rank * local_experts if expert_parallel else expert

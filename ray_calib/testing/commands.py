@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from ray_calib.data.formats import FORMATS
+from ray_calib.testing.tiny.calibset import make_calib_set as write
 from ray_calib.testing.tiny.model import ARCHS
+from ray_calib.testing.tiny.model import make_tiny_model as build
 
 
 @click.command("make-tiny-model")
@@ -22,8 +24,6 @@ def make_tiny_model(arch: str, out: Path, seed: int, force: bool) -> None:
     Example:
       ray-calib make-tiny-model --arch deepseek_v3 --out models/tiny-ds3
     """
-    from ray_calib.testing.tiny.model import make_tiny_model as build
-
     model = build(arch, out, seed=seed, force=force)
     experts = f", {model.num_experts} routed experts per MoE layer" if model.num_experts else ""
     click.echo(
@@ -50,7 +50,5 @@ def make_calib_set(fmt: str, out: Path, num_samples: int, seed: int) -> None:
     Example:
       ray-calib make-calib-set --format mlcommons --out data/calib.pkl --num-samples 128
     """
-    from ray_calib.testing.tiny.calibset import make_calib_set as write
-
     path = write(fmt, out, num_samples=num_samples, seed=seed)
     click.echo(f"wrote {num_samples} {fmt} samples to {path}")

@@ -25,6 +25,8 @@ demo's time, and what the demo shows (the answers, the figures) does not depend 
 
 from __future__ import annotations
 
+import argparse
+import multiprocessing
 import os
 import resource
 import signal
@@ -32,6 +34,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ray_calib.cli import descendants, send
+from ray_calib.data import texts
+from ray_calib.realmodel import smollm2
+from ray_calib.testing.hub_standin import CLIENT_ENV, DEFAULT_TOKEN, StandinHub
+from ray_calib.testing.localnodes import running_sshd, write_conf
 
 REPO_ID = "standin/tiny-deepseek-v3-fp8"  # the stand-in's user namespace
 # Short factual prompts: the FP8 answers should be the BF16 ones (a 135M model is not always right:
@@ -70,8 +78,6 @@ PROBE_S = 0.058
 def speed_factor() -> float:
     """This machine's time for a fixed loop over the reference machine's (2 = half as fast), the loop run
     once per core at the same time, so that a busy machine counts as the slower one it is for the demo."""
-    import multiprocessing
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     # the probes get SIGTERM's default back: the pool ends them with SIGTERM, which the demo's handler would
     # turn into a KeyboardInterrupt traceback in each
@@ -139,8 +145,6 @@ def _run_to_the_end(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def _kill_tree(pid: int) -> None:
-    from ray_calib.cli import descendants, send
-
     send([pid, *descendants(pid)], signal.SIGKILL)
 
 
@@ -154,10 +158,6 @@ def _children_cpu_s() -> float:
 
 
 def run(root: Path) -> None:
-    from ray_calib.realmodel import smollm2
-    from ray_calib.testing.hub_standin import CLIENT_ENV, DEFAULT_TOKEN, StandinHub
-    from ray_calib.testing.localnodes import running_sshd, write_conf
-
     root = root.absolute()
     root.mkdir(parents=True, exist_ok=True)
     model, data, run_dir = root / "models" / "tiny-deepseek-v3", root / "data" / "calib.jsonl", root / "run"
@@ -224,8 +224,6 @@ def run(root: Path) -> None:
 
 def _heldout_texts(path: Path, per_source: int) -> Path:
     """Held-out passages of each real-text source for `eval` (the tiny model's random weights need few)."""
-    from ray_calib.data import texts
-
     return texts.write_jsonl([t for s in texts.SOURCES for t in texts.sample(s, "heldout", per_source)], path)
 
 
@@ -265,8 +263,6 @@ def _real_model(demo: Demo, conf: Path, model: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="python -m ray_calib.testing.demo",
         description=__doc__.split("\n\n")[0],

@@ -139,7 +139,7 @@ def test_a_cpu_measurement_counts_the_held_copy_of_the_experts_w13(tmp_path, mon
     """The observers keep the unpacked W13 while vLLM's CPU MoE kernel repacks it: measure needs that twice."""
     model = _moe_weights(tmp_path, GiB, MiB)
     assert expert_w13_bytes(model) == 2 * GiB
-    monkeypatch.setattr("ray_calib.engine.device.device_memory_bytes", lambda device: 64 * GiB)
+    monkeypatch.setattr("ray_calib.engine.memory.device_memory_bytes", lambda device: 64 * GiB)
     serve = memory_check(model, [1, 2], "cpu", 0.25)
     measure = memory_check(model, [1, 2], "cpu", 0.25, measure=True)
     assert measure.plan(2).need_per_rank - serve.plan(2).need_per_rank == 2 * GiB // 2

@@ -21,6 +21,7 @@ from typing import Any
 
 from ray_calib import atomic
 from ray_calib.errors import OutputExistsError
+from ray_calib.testing.tiny.tokenizer import train_tokenizer
 
 ARCHS = ("deepseek_v3", "deepseek_r1", "llama")
 VOCAB_SIZE = 1024
@@ -110,8 +111,6 @@ def make_tiny_model(arch: str, out: str | os.PathLike, *, seed: int = 0, force: 
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    from ray_calib.testing.tiny.tokenizer import train_tokenizer
 
     out = Path(out)
     _check_out(out, force)
