@@ -1,6 +1,8 @@
 """ray-calib: calibrate very large LLMs for FP8 inference across a Ray cluster.
 
-One package per pipeline stage, each with a thin `commands.py` over a library core:
+One package per pipeline stage, each a library core; `cli` holds the thin click commands over them:
+
+    cli           the `ray-calib` click group, one module of commands per stage (loaded on first use)
 
     cluster       devices.conf, SSH, `up` / `status` / `down` of the Ray cluster
     ladder        short hardware rungs on the user's cluster before the real job
@@ -22,10 +24,8 @@ Below the stages:
     runrecord     <run dir>/run.json: the run's facts, each decided once
     rundir        where a run keeps its artefacts
     atomic        all-or-nothing writes
-    options       CLI options several commands share
     ui            stages and progress on stderr, results on stdout, library logs in a file
     errors        every error a user can cause, each with its fix
-    cli           the `ray-calib` click group (commands load on first use)
     testing       tiny models, local nodes, the demo and the hub stand-in (tests and `make demo` only)
 """
 

@@ -19,8 +19,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
-
 DEFAULT_RUN_DIR = "calib-run"
 
 
@@ -65,12 +63,3 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.root / "report"
-
-
-run_dir_option = click.option(
-    "--run-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    envvar="RAY_CALIB_RUN_DIR",
-    help=f"Directory of this calibration run [env RAY_CALIB_RUN_DIR; default ./{DEFAULT_RUN_DIR}].",
-)

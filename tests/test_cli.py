@@ -83,7 +83,7 @@ def test_ctrl_c_says_what_was_kept_and_how_to_go_on(run_cli, monkeypatch, tmp_pa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ray_calib.measurements.commands.inspect_dir", interrupted)
+    monkeypatch.setattr("ray_calib.cli.measurements.inspect_dir", interrupted)
     result = run_cli("inspect", tmp_path)
     assert result.exit_code == 130 and "Aborted" not in result.stderr
     assert result.stderr.strip().endswith(f"to start again: ray-calib inspect {tmp_path}"), result.stderr

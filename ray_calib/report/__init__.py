@@ -3,5 +3,4 @@
 extract   per-layer KV / activation / weight figures from a TP1 rank file
 plots     the PNGs (matplotlib, Agg)
 build     load runs (unify to TP1), make the plots, write summary.txt
-commands  `ray-calib report`
 """

@@ -3,7 +3,6 @@
     ops           one range node -> one scale node, per INC op type
     weights       `--weights`: each rank's shard of the checkpoint tensors
     files         range files -> INC scale files per rank (`ray-calib scales`)
-    commands      `ray-calib scales` and `ray-calib configs`
 
 INC's scale methods, device tables, arithmetic and QUANT_CONFIG schema live in `ray_calib.inc`.
 """

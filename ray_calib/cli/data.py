@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ray_calib import options
+from ray_calib.cli import options
 from ray_calib.data.formats import FORMATS
 from ray_calib.data.prompts import load_prompts
 

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import click
 
-from ray_calib import options, ui
+from ray_calib import ui
+from ray_calib.cli import options
+from ray_calib.cli.options import run_dir_option
 from ray_calib.cluster.devices import default_conf_path
 from ray_calib.ladder.run import LadderContext, RungFailed, rows, run_ladder, write_results
 from ray_calib.ladder.rungs import select
-from ray_calib.rundir import RunDir, run_dir_option
+from ray_calib.rundir import RunDir
 
 
 @click.command()

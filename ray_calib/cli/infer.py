@@ -8,11 +8,13 @@ from pathlib import Path
 
 import click
 
-from ray_calib import atomic, options, ui
+from ray_calib import atomic, ui
+from ray_calib.cli import options
+from ray_calib.cli.engine_options import enforce_eager_option, kv_cache_gib_option, max_model_len_option
+from ray_calib.cli.options import run_dir_option
 from ray_calib.cluster import connect, devices
 from ray_calib.data.texts import default_heldout
 from ray_calib.engine.device import GiB, detect_device, detect_target
-from ray_calib.engine.options import enforce_eager_option, kv_cache_gib_option, max_model_len_option
 from ray_calib.engine.plan import EnginePlan, local_node, nodes_from_conf
 from ray_calib.errors import EngineError
 from ray_calib.inc import read_meta
@@ -21,7 +23,7 @@ from ray_calib.infer import fidelity, gaudi, runner
 from ray_calib.infer.audit import ScaleAudit, check
 from ray_calib.infer.compare import format_side_by_side, side_by_side
 from ray_calib.infer.runner import check_model_dir
-from ray_calib.rundir import RunDir, run_dir_option
+from ray_calib.rundir import RunDir
 from ray_calib.runrecord import checkpoint_digest, read_record, record_facts, run_measurements
 
 _dir = click.Path(file_okay=False, path_type=Path)

@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from ray_calib import ui
+from ray_calib.cli.options import override_run_option, run_dir_option
 from ray_calib.measurements.pipeline import expand_dir, inspect_dir, unify_dir
-from ray_calib.options import override_run_option
-from ray_calib.rundir import RunDir, run_dir_option
+from ray_calib.rundir import RunDir
 from ray_calib.runrecord import RunRecord, decide, read_record, record_facts
 
 _dir = click.Path(file_okay=False, path_type=Path)

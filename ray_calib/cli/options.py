@@ -18,6 +18,8 @@ from pathlib import Path
 
 import click
 
+from ray_calib.rundir import DEFAULT_RUN_DIR
+
 # Target devices, one vocabulary: the Gaudi generation matters for FP8 scales, so it is named.
 DEVICE_NAMES = ("gaudi2", "gaudi3", "cuda", "cpu")
 # Where an engine runs, the device can also be detected ("auto") or be a Gaudi of the detected generation.
@@ -124,4 +126,13 @@ override_run_option = click.option(
     "--override-run",
     is_flag=True,
     help="Accept flags that contradict the run's record (run.json); the change is recorded there.",
+)
+
+
+run_dir_option = click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    envvar="RAY_CALIB_RUN_DIR",
+    help=f"Directory of this calibration run [env RAY_CALIB_RUN_DIR; default ./{DEFAULT_RUN_DIR}].",
 )

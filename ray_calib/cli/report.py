@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
+from ray_calib.cli.options import run_dir_option
 from ray_calib.report.build import build_report
-from ray_calib.rundir import RunDir, run_dir_option
+from ray_calib.rundir import RunDir
 
 _dir = click.Path(file_okay=False, path_type=Path)
 

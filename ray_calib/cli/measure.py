@@ -7,17 +7,19 @@ from pathlib import Path
 
 import click
 
-from ray_calib import options, ui
+from ray_calib import ui
+from ray_calib.cli import options
+from ray_calib.cli.engine_options import kv_cache_gib_option
+from ray_calib.cli.options import run_dir_option
 from ray_calib.cluster import devices
 from ray_calib.data.formats import FORMATS
 from ray_calib.engine import nodes
-from ray_calib.engine.options import kv_cache_gib_option
 from ray_calib.errors import ConfigError, RayCalibError
 from ray_calib.measure.plan import plan_measure, resolve_conf_path
 from ray_calib.measure.preflight import cluster_address
 from ray_calib.measure.quantizable import describe_backends
 from ray_calib.measure.run import MeasureConfig, run_measure
-from ray_calib.rundir import RunDir, run_dir_option
+from ray_calib.rundir import RunDir
 
 DEFAULTS = {"batch_size": 16}  # without devices.conf
 

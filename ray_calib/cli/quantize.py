@@ -6,14 +6,16 @@ from pathlib import Path
 
 import click
 
-from ray_calib import options, ui
+from ray_calib import ui
+from ray_calib.cli import options
+from ray_calib.cli.options import run_dir_option
 from ray_calib.convert.bf16 import convert_to_bf16
 from ray_calib.convert.pipeline import QuantizeRequest, quantize_run
 from ray_calib.convert.scale_choice import DEFAULT
 from ray_calib.engine import gaudi
 from ray_calib.inc import read_meta
 from ray_calib.model.config import model_config
-from ray_calib.rundir import RunDir, run_dir_option
+from ray_calib.rundir import RunDir
 
 _dir = click.Path(file_okay=False, path_type=Path)
 

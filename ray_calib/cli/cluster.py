@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ray_calib import options, ui
+from ray_calib import ui
+from ray_calib.cli import options
 from ray_calib.cluster import devices, lifecycle
 from ray_calib.cluster.devices import load
 from ray_calib.cluster.envfiles import lint_conf

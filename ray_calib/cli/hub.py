@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
-from ray_calib import options
+from ray_calib.cli import options
+from ray_calib.cli.options import run_dir_option
 from ray_calib.hub.transfer import pull as download
 from ray_calib.hub.transfer import push as upload
-from ray_calib.rundir import RunDir, run_dir_option
+from ray_calib.rundir import RunDir
 
 
 @click.command()

@@ -1,8 +1,24 @@
 """The `ray-calib` command line: a click group whose commands load on first use.
 
-Each pipeline stage owns a `commands.py` with thin click commands (parse flags, call one library
-function, render the result). `COMMANDS` below maps a command name to where it lives, so that
-`ray-calib --help` and `ray-calib unify` never import torch, vLLM or Ray.
+Each module here holds the thin click commands of one pipeline stage (parse flags, call the stage's
+library functions, render the result); no stage package imports click. `COMMANDS` below maps a command
+name to where it lives, so that `ray-calib --help` and `ray-calib unify` never import torch, vLLM or Ray.
+
+    cluster          `cluster check`, `up`, `status`, `down`
+    ladder           `ladder`: the hardware ladder, rung by rung
+    measure          `measure`
+    measurements     `unify`, `expand`, `inspect`
+    quantize         `quantize` (and the k/v scale choice it makes with `infer.kv_choice`), `convert-bf16`
+    scales           `scales`, `quant-config`
+    infer            `infer`, `eval`
+    report           `report`
+    hub              `push`, `pull`
+    data             `dataset-info`
+    realmodel        `import-gguf`, `make-text-set`
+    options          options several commands share, each defined once (and `--run-dir`)
+    engine_options   the engine options `measure`, `infer` and `eval` share
+    __main__         `python -m ray_calib.cli`, the same as the `ray-calib` script
+(`make-tiny-model` and `make-calib-set` live in ray_calib.testing.)
 """
 
 from __future__ import annotations
@@ -20,32 +36,32 @@ import click
 from ray_calib import __version__, ui
 from ray_calib.errors import ClusterError, EngineError, RayCalibError
 
-# name -> "module:attribute", in pipeline order (the order `ray-calib --help` lists them); each stage package
-# registers its commands here (and only here).
+# name -> "module:attribute", in pipeline order (the order `ray-calib --help` lists them); every command is
+# registered here (and only here).
 PIPELINE: dict[str, str] = {
-    "cluster": "ray_calib.cluster.commands:cluster",
-    "up": "ray_calib.cluster.commands:up",
-    "status": "ray_calib.cluster.commands:status",
-    "ladder": "ray_calib.ladder.commands:ladder",
-    "down": "ray_calib.cluster.commands:down",
-    "measure": "ray_calib.measure.commands:measure",
-    "unify": "ray_calib.measurements.commands:unify",
-    "inspect": "ray_calib.measurements.commands:inspect",
-    "expand": "ray_calib.measurements.commands:expand",
-    "quantize": "ray_calib.convert.commands:quantize",
-    "scales": "ray_calib.scales.commands:scales",
-    "quant-config": "ray_calib.scales.commands:quant_config",
-    "infer": "ray_calib.infer.commands:infer",
-    "eval": "ray_calib.infer.commands:eval_command",
-    "report": "ray_calib.report.commands:report",
-    "push": "ray_calib.hub.commands:push",
-    "pull": "ray_calib.hub.commands:pull",
+    "cluster": "ray_calib.cli.cluster:cluster",
+    "up": "ray_calib.cli.cluster:up",
+    "status": "ray_calib.cli.cluster:status",
+    "ladder": "ray_calib.cli.ladder:ladder",
+    "down": "ray_calib.cli.cluster:down",
+    "measure": "ray_calib.cli.measure:measure",
+    "unify": "ray_calib.cli.measurements:unify",
+    "inspect": "ray_calib.cli.measurements:inspect",
+    "expand": "ray_calib.cli.measurements:expand",
+    "quantize": "ray_calib.cli.quantize:quantize",
+    "scales": "ray_calib.cli.scales:scales",
+    "quant-config": "ray_calib.cli.scales:quant_config",
+    "infer": "ray_calib.cli.infer:infer",
+    "eval": "ray_calib.cli.infer:eval_command",
+    "report": "ray_calib.cli.report:report",
+    "push": "ray_calib.cli.hub:push",
+    "pull": "ray_calib.cli.hub:pull",
 }
 TOOLS: dict[str, str] = {
-    "convert-bf16": "ray_calib.convert.commands:convert_bf16",
-    "dataset-info": "ray_calib.data.commands:dataset_info",
-    "import-gguf": "ray_calib.realmodel.commands:import_gguf",
-    "make-text-set": "ray_calib.realmodel.commands:make_text_set",
+    "convert-bf16": "ray_calib.cli.quantize:convert_bf16",
+    "dataset-info": "ray_calib.cli.data:dataset_info",
+    "import-gguf": "ray_calib.cli.realmodel:import_gguf",
+    "make-text-set": "ray_calib.cli.realmodel:make_text_set",
     # test/demo support (ray_calib.testing): a tiny model and calibration set to try the pipeline without a download
     "make-tiny-model": "ray_calib.testing.commands:make_tiny_model",
     "make-calib-set": "ray_calib.testing.commands:make_calib_set",
@@ -53,8 +69,8 @@ TOOLS: dict[str, str] = {
 COMMANDS: dict[str, str] = {**PIPELINE, **TOOLS}
 # Old command names: still accepted (with a warning from the command itself) for one release, not listed.
 DEPRECATED_COMMANDS: dict[str, str] = {
-    "configs": "ray_calib.scales.commands:configs",
-    "config": "ray_calib.cluster.commands:config",
+    "configs": "ray_calib.cli.scales:configs",
+    "config": "ray_calib.cli.cluster:config",
 }
 
 # OS errors a user causes (full disk, no permission) -> the fix. Everything else is a bug: traceback.

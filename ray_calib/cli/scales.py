@@ -6,10 +6,12 @@ from pathlib import Path
 
 import click
 
-from ray_calib import options, ui
+from ray_calib import ui
+from ray_calib.cli import options
+from ray_calib.cli.options import run_dir_option
 from ray_calib.inc.devices import DEVICE_TYPES, FP8_FORMATS
 from ray_calib.inc.quant_config import read_config, write_run_configs
-from ray_calib.rundir import RunDir, run_dir_option
+from ray_calib.rundir import RunDir
 from ray_calib.scales.files import ScaleRequest, make_scales
 
 _dir = click.Path(file_okay=False, path_type=Path)
