@@ -10,7 +10,7 @@ from ray_calib.engine.launch import CPU_KV_ENV
 from ray_calib.errors import ConfigError
 
 
-def _default_kv_cache_gib() -> float:
+def default_kv_cache_gib() -> float:
     """vLLM's own VLLM_CPU_KVCACHE_SPACE (whole GiB) when the user set it, else 1 GiB per rank."""
     value = os.environ.get(CPU_KV_ENV, "")
     try:
@@ -22,7 +22,7 @@ def _default_kv_cache_gib() -> float:
 
 
 def _check_kv(ctx: click.Context, param: click.Parameter, value: float | None) -> float:
-    value = _default_kv_cache_gib() if value is None else value
+    value = default_kv_cache_gib() if value is None else value
     if value <= 0:
         raise click.BadParameter(f"must be more than 0 GiB, got {value}", ctx=ctx, param=param)
     return value

@@ -112,6 +112,8 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
     fingerprint = _fingerprint(checkpoint, job)
     manifest = open_manifest(job.out, MANIFEST, fingerprint, job.force, "a quantize run")
     done = verified_shards(job.out, manifest)
+    if manifest.pop("kv_scale_value", None) is not None:  # set_kv_scales replaced them: the measured ones again
+        done.discard(KV_SHARD)
     shard_names = [*checkpoint.shards, *([KV_SHARD] if plan.kv_maxabs else [])]
     layouts = {shard: _layout(checkpoint, shard, plan, job) for shard in shard_names}
     todo = [s for s in shard_names if s not in done]
@@ -343,7 +345,7 @@ def _hessian(job: QuantizeJob, module: str, info):
 def set_kv_scales(out: Path, value: float) -> int:
     """Every k/v scale of the checkpoint `quantize` wrote to `out` set to `value` (1.0: what vLLM uses with no
     calibrated scale), its shard rewritten in place and its checksum updated in the manifest so a rerun still
-    verifies it. Returns how many scales were set; 0 when the checkpoint carries none."""
+    verifies it (and writes the measured scales again). Returns how many were set; 0 when it carries none."""
     path = out / KV_SHARD
     if not path.exists():
         return 0

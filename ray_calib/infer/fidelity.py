@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ray_calib import atomic, ui
 from ray_calib.engine.launch import build_llm
-from ray_calib.infer.audit import audit_engine
+from ray_calib.infer.audit import audit_engine, carried_scales
 from ray_calib.infer.isolated import run_isolated
 from ray_calib.infer.runner import InferConfig, engine_config
 from ray_calib.infer.unit_kv import without_kv_scales
@@ -158,9 +158,12 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="ray-calib-kv-scale-1-") as scratch:
         if with_fp8_kv:
             variants.append(Variant("candidate_fp8_kv", candidate, fp8_kv=True))
-            unit = without_kv_scales(candidate, Path(scratch) / "model")
+            kv = [v for scales in carried_scales(candidate).kv.values() for v in scales.values()]
+            unit = without_kv_scales(candidate, Path(scratch) / "model") if set(kv) != {1.0} else None
             if unit is not None:  # the same cache with vLLM's scale 1.0: do the calibrated scales beat it?
                 variants.append(Variant(UNIT_KV, unit, fp8_kv=True))
+            elif kv:
+                notes.append("the candidate's k/v scales are 1.0 (quantize's choice): its FP8-KV row is scale 1.0")
             else:
                 notes.append("the candidate carries no k/v scales: its FP8-KV row is vLLM's scale 1.0")
         tokens = sum(len(w) for w in windows)

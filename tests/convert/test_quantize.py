@@ -381,8 +381,8 @@ def test_weight_strategy_is_refused_with_an_inc_scale_method(tmp_path, tiny_llam
 
 
 def test_kv_scales_set_to_one_keep_the_checkpoint_verifiable(tmp_path, tiny_llama):
-    """The k/v choice's "scale 1.0" rewrites only the k/v shard; a rerun of quantize still verifies every
-    shard (nothing rewritten), and the scales vLLM reads are exactly 1.0."""
+    """The k/v choice's "scale 1.0" rewrites only the k/v shard, to exactly 1.0; a rerun of quantize verifies
+    every other shard and writes the measured k/v scales again."""
     from ray_calib.convert.quantize import KV_SHARD, set_kv_scales
 
     result = run_quantize(tmp_path, tiny_llama, scale_method="maxabs_pow2", fp8_kv=True)
@@ -395,6 +395,7 @@ def test_kv_scales_set_to_one_keep_the_checkpoint_verifiable(tmp_path, tiny_llam
     assert after == dict.fromkeys(before, 1.0)
     assert {s: file_sha256(out / s) for s in others} == others
     rerun = run_quantize(tmp_path, tiny_llama, scale_method="maxabs_pow2", fp8_kv=True)
-    assert rerun.summary.shards_written == [] and KV_SHARD in rerun.summary.shards_skipped
+    assert rerun.summary.shards_written == [KV_SHARD] and set(rerun.summary.shards_skipped) == set(others)
+    assert {name: float(t) for name, t in tensors(out).items() if name in before} == before
     plain = run_quantize(tmp_path / "plain", tiny_llama, scale_method="maxabs_pow2", fp8_kv=False)
     assert set_kv_scales(plain.summary.out, 1.0) == 0

@@ -119,3 +119,26 @@ def test_unify_refuses_a_rank_file_of_another_run(tmp_path, tiny_llama, run_cli)
     error = one_line_error(run_cli("unify", "--run-dir", run, "--to-tp", 1))
     assert "_1_2." in error and "run-1" in error and "sha256" in error
     assert not (run / "unified-tp1").exists()
+
+
+def test_kv_scales_unit_or_calibrated_and_auto_without_a_validation_split(tmp_path, tiny_llama, run_cli):
+    """--kv-scales unit writes 1.0 and records it; auto on a run whose dataset is unknown keeps the calibrated
+    scales and says how to compare them (the scored choice runs in tests/measure/test_fp8_kv_chain.py)."""
+    from tests.convert.test_quantize import tensors
+
+    def kv_values(checkpoint: Path) -> list[float]:
+        return [float(t) for name, t in tensors(checkpoint).items() if name.endswith(("k_scale", "v_scale"))]
+
+    run = start_run(tmp_path / "run", tiny_llama)
+    result = run_cli("quantize", "--run-dir", run, "--scale-method", "maxabs_pow2")
+    assert result.exit_code == 0, result.stderr
+    assert "no passages beyond the calibrated ones; pass --kv-validation TEXTS" in result.stdout
+    calibrated = kv_values(run / "fp8")
+    assert calibrated and 1.0 not in calibrated and read_record(run).value("kv_scales") is None
+    result = run_cli("quantize", "--run-dir", run, "--scale-method", "maxabs_pow2", "--kv-scales", "unit")
+    assert result.exit_code == 0, result.stderr
+    assert kv_values(run / "fp8") == [1.0] * len(calibrated) and "k/v scales: 1.0" in result.stdout
+    assert read_record(run).value("kv_scales") == {"chosen": "unit", "by": "--kv-scales unit"}
+    result = run_cli("quantize", "--run-dir", run, "--scale-method", "maxabs_pow2", "--kv-scales", "calibrated")
+    assert result.exit_code == 0, result.stderr
+    assert kv_values(run / "fp8") == calibrated, "a rerun writes the measured scales again"

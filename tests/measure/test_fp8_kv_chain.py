@@ -1,7 +1,8 @@
 """The FP8-KV chain end to end with real vLLM on the tiny Llama: measure --fp8-kv (the session's run), unify,
 quantize without --fp8-kv, infer (SmolLM2's chain is the demo's, tests/test_demo.py). The run's record
 carries FP8 KV from measure to the engine; the chain used to write no k/v scales and serve an FP8 cache at
-scale 1.0. The engine's scale audit then reads back that every calibrated scale is in use."""
+scale 1.0 unasked. Quantize now scores calibrated k/v scales against 1.0 on a validation split and writes the
+better; the engine's scale audit then reads back that every scale the checkpoint carries is in use."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from ray_calib.inc import read_meta
 from ray_calib.runrecord import read_record
+from tests.convert.test_quantize import tensors
 
 
 @pytest.mark.slow
@@ -32,6 +34,14 @@ def test_fp8_kv_chain_measure_unify_quantize_infer(measured, tmp_path, run_cli, 
     assert result.exit_code == 0, result.stderr
     config = json.loads((run / "fp8" / "config.json").read_text())
     assert config["quantization_config"]["kv_cache_scheme"] is not None
+    # calibrated k/v scales or 1.0, scored on the dataset's passages after the calibrated ones (real engines)
+    choice = read_record(run).value("kv_scales")
+    kl = choice["mean_kl"]
+    assert choice["texts"] > 0 and kl["calibrated"] != kl["unit"], choice  # the FP8 cache acts either way
+    assert choice["chosen"] == ("unit" if kl["unit"] < kl["calibrated"] else "calibrated"), choice
+    assert f"k/v scales: {'1.0' if choice['chosen'] == 'unit' else 'calibrated'}: " in result.stdout
+    kv = [float(t) for name, t in tensors(run / "fp8").items() if name.endswith(("k_scale", "v_scale"))]
+    assert len(kv) == 8 and (set(kv) == {1.0}) == (choice["chosen"] == "unit"), kv
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     result = run_cli("infer", "--run-dir", run, "--max-new-tokens", 4, "--enforce-eager")
