@@ -168,8 +168,6 @@ def prepare(config: EngineConfig) -> int | None:
     os.environ.update(env)
     if config.device == "cpu":
         os.environ.pop(CPU_KV_ENV, None)  # --kv-cache-gib is the one source of the CPU KV size
-        # the engine core in this process: a spawned one imports vLLM again (~7 s of CPU) to drive the same ranks
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if config.host_ip:
         os.environ["VLLM_HOST_IP"] = config.host_ip
     if config.resolved_executor != "ray":

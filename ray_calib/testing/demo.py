@@ -133,7 +133,7 @@ def _run_to_the_end(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     ended after STOP_GRACE_S is killed with everything below it, so the interrupt's clean-up is bounded."""
     with subprocess.Popen(args, **kwargs) as proc:
         try:
-            return subprocess.CompletedProcess(args, proc.wait())
+            return subprocess.CompletedProcess(args, _wait(proc))
         except KeyboardInterrupt:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
@@ -142,6 +142,16 @@ def _run_to_the_end(args: list[str], **kwargs) -> subprocess.CompletedProcess:
             except subprocess.TimeoutExpired:
                 _kill_tree(proc.pid)
             raise
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    """proc.wait(), back in Python every second: a Ctrl-C that lands on another thread of the demo (the hub
+    stand-in's) is only seen by the main thread when it runs Python, never while it sleeps in waitpid."""
+    while True:
+        try:
+            return proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _kill_tree(pid: int) -> None:
