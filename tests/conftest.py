@@ -6,11 +6,16 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# A suite started in the background (`make test &`, nohup) inherits SIGINT ignored, and so would every process
+# it starts: the interrupt tests, which send SIGINT on purpose, would wait for an exit that never comes.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures"
