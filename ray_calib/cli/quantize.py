@@ -153,6 +153,7 @@ def _choose_kv_scales(run: RunDir, result: QuantizeResult, out: Path, mode: str,
             "holds no passages beyond the calibrated ones; pass --kv-validation TEXTS, or --kv-scales calibrated|unit"
         )
         return
+    ui.library_logs(run.root, "quantize")  # the scoring engines' logs go to <run dir>/logs/, not the screen
     device = detect_device()
     kv_cache_gib = default_kv_cache_gib()
     tp_size = runner.choose_tp(
