@@ -54,22 +54,22 @@ PROMPTS = (
 # 366 s in all; stage 8's import estimated). The first line scales their sum by how long a fixed loop takes
 # here against there (PROBE_S, 0.058 s there): a slower or busier machine shows it.
 STAGE_SECONDS = {
-    1: 5,
-    2: 12,
-    3: 59,
+    1: 4,
+    2: 11,
+    3: 64,
     4: 1,
     5: 3,
     6: 32,
-    7: 34,
-    8: 10,
-    9: 72,
+    7: 25,
+    8: 19,
+    9: 85,
     10: 2,
-    11: 15,
-    12: 27,
-    13: 93,
+    11: 50,
+    12: 22,
+    13: 60,
     14: 1,
     15: 1,
-    16: 1,
+    16: 2,
 }
 STAGES = len(STAGE_SECONDS)
 PROBE_S = 0.058
