@@ -50,8 +50,8 @@ PROMPTS = (
     "Water is made of hydrogen and",
     "The first president of the United States was",
 )
-# Seconds each stage took on the README's reference machine (2-core AMD EPYC, quiet, SmolLM2's import cached:
-# 366 s in all; stage 8's import estimated). The first line scales their sum by how long a fixed loop takes
+# Seconds each stage took on the README's reference machine (2-core AMD EPYC, quiet, fresh caches: 382 s in
+# all; stages 7, 11 and 13 re-timed after eval's forkserver and quantize's k/v choice). The first line scales their sum by how long a fixed loop takes
 # here against there (PROBE_S, 0.058 s there): a slower or busier machine shows it.
 STAGE_SECONDS = {
     1: 4,
