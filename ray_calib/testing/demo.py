@@ -51,7 +51,8 @@ PROMPTS = (
     "The first president of the United States was",
 )
 # Seconds each stage took on the README's reference machine (2-core AMD EPYC, quiet, fresh caches: 382 s in
-# all; stages 7, 11 and 13 re-timed after eval's forkserver and quantize's k/v choice). The first line scales their sum by how long a fixed loop takes
+# all; stages 7, 11 and 13 re-timed after eval's forkserver and quantize's k/v choice).
+# The first line scales their sum by how long a fixed loop takes
 # here against there (PROBE_S, 0.058 s there): a slower or busier machine shows it.
 STAGE_SECONDS = {
     1: 4,
