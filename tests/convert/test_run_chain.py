@@ -142,3 +142,13 @@ def test_kv_scales_unit_or_calibrated_and_auto_without_a_validation_split(tmp_pa
     result = run_cli("quantize", "--run-dir", run, "--scale-method", "maxabs_pow2", "--kv-scales", "calibrated")
     assert result.exit_code == 0, result.stderr
     assert kv_values(run / "fp8") == calibrated, "a rerun writes the measured scales again"
+
+
+def test_an_empty_kv_validation_file_is_one_line(tmp_path, tiny_llama, run_cli):
+    run = start_run(tmp_path / "run", tiny_llama)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    result = run_cli("quantize", "--run-dir", run, "--scale-method", "maxabs_pow2", "--kv-validation", empty)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 1 and errors == [f"error: {empty}: holds no prompts; write one prompt per line."]
+    assert "Traceback" not in result.stderr
