@@ -197,7 +197,7 @@ def infer(
         f"start-up wait {config.startup_timeout_s or timeout_s} s, step timeout {timeout_s} s"
     )
     if serve:
-        _serve(runner, config, host, port, detach, run)
+        _serve(runner, config, host, port, detach, run, allow_scale_loss)
         return
     if baseline is not None:
         _side_by_side(config, baseline, runner.load_prompts(prompts), max_new_tokens, run, allow_scale_loss)
@@ -210,7 +210,7 @@ def infer(
         run.root / "infer" / "completions.json", [completion.__dict__ for completion in completions]
     )
     click.echo(f"completions saved to {out}")
-    _report_audit(audit.to_json() if audit else None, allow_scale_loss)
+    _report_audit(_json(audit), allow_scale_loss)
 
 
 def _report_audit(found: dict | None, allow_scale_loss: bool) -> None:
@@ -386,10 +386,14 @@ def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, 
     )
 
 
-def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> None:
+def _json(audit: ScaleAudit | None) -> dict | None:
+    return audit.to_json() if audit else None
+
+
+def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir, allow_scale_loss: bool) -> None:
     if not detach:
         signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to us unwinds like Ctrl-C, through the `finally`
-    shown = {k: v for k, v in runner.serve_env(config).items() if k in _SHOWN_ENV}
+    shown = {k: v for k, v in runner.serve_env(config, host).items() if k in _SHOWN_ENV}
     click.echo(
         "serving with: "
         + "".join(f"{key}={value} " for key, value in shown.items())
@@ -408,6 +412,13 @@ def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> N
             f"serving {config.model} at {server.url}/v1 (model '{server.model_name}', pid {server.pid}); "
             f"smoke test completion: {reply.strip()!r}; log {server.log}"
         )
+        if runner.audits_served(config, host):
+            _report_audit(_json(runner.audit_served(server, config)), allow_scale_loss)
+        elif config.device != "hpu" and runner.checkpoint_kv_scales(config.model) is not None:
+            ui.note(
+                f"scale audit skipped: it reads the engine through vLLM's development endpoints, opened on a "
+                f"loopback host only (not {host}); `ray-calib infer` or `eval` audits the same checkpoint"
+            )
         if detach:
             click.echo(f"stop it with: kill {server.pid}")
             stop_server = False
@@ -419,7 +430,7 @@ def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir) -> N
             runner.stop(server.pid)
 
 
-_SHOWN_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "QUANT_CONFIG")
+_SHOWN_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "QUANT_CONFIG", runner.DEV_MODE_ENV)
 
 
 def _interrupt(signum: int, frame) -> None:

@@ -2,8 +2,9 @@
 
 vLLM drops a checkpoint scale it cannot place with a log line only: k/v scales of an attention layer whose
 quantization method has no KV-cache scheme stay at 1.0, and the engine serves a silently wrong model. So
-after `infer` and `eval` load an FP8 checkpoint, the engine itself is read back (`ScaleAuditExtension`,
-driven over `collective_rpc` like measure's observers):
+after `infer`, `eval` and `infer --serve` load an FP8 checkpoint, the engine itself is read back
+(`ScaleAuditExtension`, driven over `collective_rpc` like measure's observers; a server over vLLM's dev
+endpoint /collective_rpc, on a loopback host only):
 
     weight / input   every quantized linear module of the checkpoint (in the module vLLM fuses it into,
                      `model.names`) holds a weight_scale (and input_scale when the checkpoint has one)
@@ -210,12 +211,16 @@ def check(result: ScaleAudit, *, allow_scale_loss: bool) -> None:
         )
 
 
+def is_quantized(checkpoint: Path) -> bool:
+    """Whether the checkpoint carries a quantization config (only those have scales to audit)."""
+    try:
+        return "quantization_config" in model_config(checkpoint)
+    except Exception:  # noqa: BLE001 - an unreadable config was reported where the model was loaded
+        return False
+
+
 def audit_engine(llm, checkpoint: Path) -> ScaleAudit | None:
     """Read the scales back from a running engine; None when the model carries no quantization config."""
-    try:
-        quantized = "quantization_config" in model_config(checkpoint)
-    except Exception:  # noqa: BLE001 - an unreadable config was reported where the model was loaded
-        quantized = False
-    if not quantized:
+    if not is_quantized(checkpoint):
         return None
     return audit(carried_scales(checkpoint), llm.collective_rpc("ray_calib_scales"))

@@ -7,6 +7,7 @@ On Gaudi INC quantizes the measured model at load with QUANT_CONFIG in the env (
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from ray_calib.engine.memory import memory_check
 from ray_calib.errors import ConfigError, EngineError, ModelError
 from ray_calib.inc import RunMeta
 from ray_calib.infer import gaudi
-from ray_calib.infer.audit import AUDIT_EXTENSION, audit_engine
+from ray_calib.infer.audit import AUDIT_EXTENSION, ScaleAudit, audit, audit_engine, carried_scales, is_quantized
 from ray_calib.infer.gaudi import compressed_tensors_fp8_kv
 from ray_calib.model.config import model_config, num_routed_experts
 
@@ -236,6 +237,8 @@ def serve_args(config: InferConfig, *, host: str, port: int) -> list[str]:
     args = ["serve", str(config.model), "--host", host, "--port", str(port), "--served-model-name", config.model.name]
     if engine.resolved_executor == "ray":  # --conf: the ranks are Ray actors spread over the cluster
         args += ["--distributed-executor-backend", "ray"]
+    if audits_served(config, host):
+        args += ["--worker-extension-cls", AUDIT_EXTENSION]
     for key, value in engine_settings(engine).items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -251,16 +254,52 @@ def serve_command(config: InferConfig, *, host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "ray_calib.infer.vllm_cli", *serve_args(config, host=host, port=port)]
 
 
-def serve_env(config: InferConfig) -> dict[str, str]:
+def serve_env(config: InferConfig, host: str = "127.0.0.1") -> dict[str, str]:
     """The variables `serve` adds to the environment (shown to the user with the arguments)."""
-    return worker_env(engine_config(config))
+    env = worker_env(engine_config(config))
+    if audits_served(config, host):
+        env[DEV_MODE_ENV] = "1"
+    return env
+
+
+DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"  # opens vLLM's /collective_rpc, which the scale audit reads the engine through
+
+
+def audits_served(config: InferConfig, host: str) -> bool:
+    """Whether `serve` audits the engine's scales: an FP8 checkpoint on CPU/CUDA, served on a loopback host
+    only, because the audit needs vLLM's development endpoints (/collective_rpc and friends), which nobody
+    outside this machine should reach."""
+    if config.device == "hpu" or checkpoint_kv_scales(config.model) is None:
+        return False
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
+
+
+def audit_served(server: Server, config: InferConfig) -> ScaleAudit | None:
+    """The scale audit of a running server: every rank's scales over /collective_rpc, against the checkpoint."""
+    if not is_quantized(config.model):
+        return None
+    body = json.dumps({"method": "ray_calib_scales", "timeout": 120}).encode()
+    request = urllib.request.Request(
+        f"{server.url}/collective_rpc", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=180) as response:
+            ranks = json.loads(response.read())["results"]
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, KeyError) as err:
+        raise EngineError(
+            f"vllm serve at {server.url}: the scale audit could not read the engine ({err})", fix=f"see {server.log}"
+        ) from None
+    return audit(carried_scales(config.model), ranks)
 
 
 def serve(config: InferConfig, *, host: str = "127.0.0.1", port: int = 8000, log: Path) -> Server:
     """Start `vllm serve` with `serve_args` and wait until /health answers."""
     check_model_dir(config.model)
 
-    env = {**os.environ, **serve_env(config)}
+    env = {**os.environ, **serve_env(config, host)}
     if config.device == "cpu":
         env.pop(CPU_KV_ENV, None)  # it would override --kv-cache-memory-bytes
     args = serve_command(config, host=host, port=port)

@@ -1,9 +1,13 @@
 """The scale audit's comparison (pure): the checkpoint's scales, as `quantize` writes them, against engine
-read-backs shaped like vLLM 0.32's (the slow FP8-KV chain in tests/measure reads a real engine)."""
+read-backs shaped like vLLM 0.32's; then a real server read back over /collective_rpc (the FP8-KV chain in
+tests/measure reads a real offline engine)."""
 
 from __future__ import annotations
 
 import copy
+import os
+import re
+import signal
 
 import pytest
 
@@ -83,3 +87,43 @@ def test_per_expert_scales_collapsed_or_ignored_are_drops():
     held["model.layers.1.mlp.experts.routed_experts"]["expert_scales"] = 1
     (line,) = audit(carried, [{"rank": 0, "modules": held}]).dropped
     assert "8 experts carry weight scales, the engine holds 1 per rank (collapsed" in line
+
+
+@pytest.fixture
+def fp8_llama(tiny_model, tmp_path):
+    """The tiny Llama quantized with FP8 k/v scales from synthetic measurements (no engine needed to write it)."""
+    run = RunDir(tmp_path / "run")
+    write_measurements(run.measure, tiny_model("llama"), world_size=1)
+    quantize_run(QuantizeRequest(run=run, scale_method="maxabs_pow2", fp8_kv=True))
+    return run
+
+
+@pytest.mark.slow
+def test_serve_reads_the_scales_back_from_the_running_server(fp8_llama, run_cli, monkeypatch):
+    """`infer --serve` audits the server it started, through vLLM's /collective_rpc (loopback only)."""
+    from ray_calib.testing.localnodes import free_ports
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    port = free_ports(1)[0]
+    args = ("infer", "--run-dir", fp8_llama.root, "--serve", "--detach", "--port", port, "--kv-cache-gib", 0.25)
+    result = run_cli(*args, "--timeout", 600, "--enforce-eager")
+    assert result.exit_code == 0, result.stderr
+    pid = int(result.stdout.split("kill ")[-1].split()[0])
+    try:
+        assert "VLLM_SERVER_DEV_MODE=1" in result.stdout and "--worker-extension-cls" in result.stdout
+        audit_line = re.search(r"scale audit: (\d+)/(\d+) weight, (\d+)/(\d+) input, 4/4 kv in use", result.stdout)
+        assert audit_line and audit_line[1] == audit_line[2] and audit_line[3] == audit_line[4], result.stdout
+    finally:
+        os.killpg(pid, signal.SIGTERM)
+
+
+def test_vllms_dev_endpoints_are_opened_for_the_audit_on_loopback_only(fp8_llama, tiny_model):
+    from ray_calib.infer.runner import DEV_MODE_ENV, InferConfig, audits_served, serve_args, serve_env
+
+    fp8 = InferConfig(model=fp8_llama.fp8, tp_size=1, device="cpu", fp8_kv=True)
+    for host, audited in (("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False), ("h", False)):
+        assert audits_served(fp8, host) is audited, host
+        assert (DEV_MODE_ENV in serve_env(fp8, host)) is audited, host
+        assert ("--worker-extension-cls" in serve_args(fp8, host=host, port=1)) is audited, host
+    bf16 = InferConfig(model=tiny_model("llama"), tp_size=1, device="cpu", fp8_kv=False)
+    assert not audits_served(bf16, "127.0.0.1") and DEV_MODE_ENV not in serve_env(bf16)
