@@ -1,30 +1,23 @@
-"""`ray-calib infer` and `ray-calib eval`: thin commands over `infer.runner` and `infer.fidelity`."""
+"""`ray-calib infer` and `ray-calib eval`: thin commands over `infer.stage` (serving stays here: it waits on
+the user's Ctrl-C)."""
 
 from __future__ import annotations
 
 import signal
-from dataclasses import replace
 from pathlib import Path
 
 import click
 
-from ray_calib import atomic, ui
+from ray_calib import ui
 from ray_calib.cli import options
 from ray_calib.cli.engine_options import enforce_eager_option, kv_cache_gib_option, max_model_len_option
 from ray_calib.cli.options import run_dir_option
-from ray_calib.cluster import connect, devices
 from ray_calib.data.texts import default_heldout
-from ray_calib.engine.device import GiB, detect_device, detect_target
-from ray_calib.engine.plan import EnginePlan, local_node, nodes_from_conf
-from ray_calib.errors import EngineError
-from ray_calib.inc import read_meta
-from ray_calib.inc.quant_config import read_config
-from ray_calib.infer import fidelity, gaudi, runner
+from ray_calib.engine.device import detect_target
+from ray_calib.infer import fidelity, runner, stage
 from ray_calib.infer.audit import ScaleAudit, check
-from ray_calib.infer.compare import format_side_by_side, side_by_side
-from ray_calib.infer.runner import check_model_dir
+from ray_calib.infer.compare import format_side_by_side
 from ray_calib.rundir import RunDir
-from ray_calib.runrecord import checkpoint_digest, read_record, record_facts, run_measurements
 
 _dir = click.Path(file_okay=False, path_type=Path)
 _file = click.Path(dir_okay=False, path_type=Path)
@@ -33,14 +26,6 @@ allow_scale_loss_option = click.option(
     is_flag=True,
     help="Go on when the engine does not use a scale the FP8 checkpoint carries (the audit names it).",
 )
-
-
-def _run_meta(run: RunDir, model: Path):
-    """The sidecar that describes the scales in use: next to the checkpoint, else the run's measurements."""
-    for directory in (model, run_measurements(run), run.measure):
-        if directory is not None and (meta := read_meta(directory)) is not None:
-            return meta, directory
-    return None, model
 
 
 @options.command()
@@ -135,82 +120,51 @@ def infer(
         options.deprecated("--one-node", "nothing (one node is the default; --conf spreads over a cluster)")
     if one_node and conf:
         raise click.UsageError("--one-node and --conf exclude each other.")
-    tp = tp_size
-    run = RunDir.resolve(run_dir)
-    target = detect_target(device)
-    device = target.device
-    meta, meta_dir = _run_meta(run, model or ((run_measurements(run) or run.measure) if target.is_gaudi else run.fp8))
-    runner.check_device_type(meta, target.device_type, allow_mismatch=allow_device_mismatch, where=meta_dir)
-    extra_env = {}
-    if conf and not dry_run:
-        extra_env["RAY_ADDRESS"] = connect(conf)
-    elif conf:
-        extra_env["RAY_ADDRESS"] = devices.load(conf).address  # shown, not joined
-    if target.is_gaudi:
-        config, serve_plan = _gaudi_config(
-            run,
-            meta,
-            model,
-            tp,
-            quant_config,
-            fp8_kv,
-            conf,
-            timeout_s,
-            extra_env,
-            write=not dry_run,
-            card_bytes=target.memory_bytes,
-            limits=(max_model_len, max_num_seqs, startup_timeout, skip_warmup, enforce_eager),
-        )
-    else:
-        serve_plan = None
-        if conf and devices_conf_quant_config(conf):
-            ui.warn(
-                f"{conf}: INC_QUANT_CONFIG_FILENAME applies to Gaudi only; {target.device_type} serves the FP8 "
-                "checkpoint and ignores it (remove it there, or pass --device gaudi2/gaudi3)"
-            )
-        model = model or run.fp8
-        runner.check_model_dir(model)
-        unified_tp = meta.tp_size if meta and meta.tp_size and meta.unified_from else None
-        tp_size = runner.choose_tp(
-            model, tp, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len, preferred=unified_tp
-        )
-        config = runner.InferConfig(
-            model=model,
-            tp_size=tp_size,
-            device=device,
-            fp8_kv=runner.resolve_fp8_kv(model, fp8_kv),
-            quant_config=quant_config,
-            timeout_s=timeout_s,
-            max_model_len=max_model_len,
-            kv_cache_gib=kv_cache_gib,
-            enforce_eager=enforce_eager,
-            extra_env=extra_env,
-            max_num_seqs=max_num_seqs,
-            startup_timeout_s=startup_timeout,
-        )
+    request = stage.InferRequest(
+        run=RunDir.resolve(run_dir),
+        target=detect_target(device),
+        model=model,
+        tp=tp_size,
+        conf=conf,
+        fp8_kv=fp8_kv,
+        quant_config=quant_config,
+        timeout_s=timeout_s,
+        startup_timeout_s=startup_timeout,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        kv_cache_gib=kv_cache_gib,
+        skip_warmup=skip_warmup,
+        enforce_eager=enforce_eager,
+        allow_device_mismatch=allow_device_mismatch,
+        dry_run=dry_run,
+    )
+    infer_plan = stage.plan(request)
+    for line in infer_plan.resolved.warnings:
+        ui.warn(line)
+    for line in infer_plan.resolved.notes:
+        click.echo(line)
     if dry_run:
-        click.echo(_plan(config, target, serve, host, port, conf, serve_plan).render())
+        click.echo(stage.dry_run(infer_plan, serve=serve, host=host, port=port).render())
         return
+    config, run = infer_plan.config, request.run
     ui.library_logs(run.root, "infer")
     ui.note(
-        f"vLLM on {target.device_type}, TP={config.tp_size}, KV cache {runner.engine_config(config).kv_cache_dtype}; "
-        f"start-up wait {config.startup_timeout_s or timeout_s} s, step timeout {timeout_s} s"
+        f"vLLM on {request.target.device_type}, TP={config.tp_size}, KV cache "
+        f"{runner.engine_config(config).kv_cache_dtype}; start-up wait {config.startup_timeout_s or timeout_s} s, "
+        f"step timeout {timeout_s} s"
     )
     if serve:
-        _serve(runner, config, host, port, detach, run, allow_scale_loss)
+        _serve(config, host, port, detach, run, allow_scale_loss)
         return
+    result = stage.run(infer_plan, runner.load_prompts(prompts), max_new_tokens=max_new_tokens, baseline=baseline)
     if baseline is not None:
-        _side_by_side(config, baseline, runner.load_prompts(prompts), max_new_tokens, run, allow_scale_loss)
-        return
-    completions, audit = runner.generate_audited(config, runner.load_prompts(prompts), max_new_tokens=max_new_tokens)
-    for completion in completions:
-        click.echo(f"> {completion.prompt}\n  {completion.text.strip()!r} ({completion.num_tokens} tokens)")
-
-    out = atomic.write_json(
-        run.root / "infer" / "completions.json", [completion.__dict__ for completion in completions]
-    )
-    click.echo(f"completions saved to {out}")
-    _report_audit(_json(audit), allow_scale_loss)
+        click.echo(format_side_by_side(result.completions))
+        click.echo(f"{sum(r.same for r in result.completions)} of {len(result.completions)} answers identical")
+    else:
+        for completion in result.completions:
+            click.echo(f"> {completion.prompt}\n  {completion.text.strip()!r} ({completion.num_tokens} tokens)")
+    click.echo(f"completions saved to {result.saved}")
+    _report_audit(result.audit, allow_scale_loss)
 
 
 def _report_audit(found: dict | None, allow_scale_loss: bool) -> None:
@@ -226,171 +180,11 @@ def _report_audit(found: dict | None, allow_scale_loss: bool) -> None:
     check(result, allow_scale_loss=allow_scale_loss)
 
 
-def _side_by_side(
-    config, baseline: Path, prompts: list[str], max_new_tokens: int, run: RunDir, allow_scale_loss: bool
-) -> None:
-    check_model_dir(baseline)
-    rows, audit = side_by_side(config, baseline, prompts, max_new_tokens=max_new_tokens)
-    click.echo(format_side_by_side(rows))
-    click.echo(f"{sum(r.same for r in rows)} of {len(rows)} answers identical")
-    out = atomic.write_json(run.root / "infer" / "completions.json", [row.__dict__ for row in rows])
-    click.echo(f"completions saved to {out}")
-    _report_audit(audit, allow_scale_loss)
-
-
-def _verdict(candidate: Path, worst: float, min_agreement: float | None, dropped: int, allow_loss: bool) -> dict:
-    """What `push` checks before publishing: this checkpoint (by digest) met a threshold with its scales in use."""
-    return {
-        "candidate": str(candidate.absolute()),
-        "candidate_digest": checkpoint_digest(candidate),
-        "min_agreement": min_agreement,
-        "worst_agreement": worst,
-        "dropped_scales": dropped,
-        "allow_scale_loss": allow_loss,
-        "passed": min_agreement is not None and worst >= min_agreement and (dropped == 0 or allow_loss),
-    }
-
-
-def devices_conf_quant_config(conf: Path) -> str | None:
-    path = devices.load(conf).extras.get("INC_QUANT_CONFIG_FILENAME")  # a "path" key: str when set
-    return path if isinstance(path, str) else None
-
-
-def _gaudi_config(
-    run: RunDir,
-    meta,
-    model,
-    tp,
-    quant_config,
-    fp8_kv,
-    conf,
-    timeout_s: int,
-    extra_env: dict,
-    *,
-    write: bool,
-    card_bytes: int | None,
-    limits: tuple[int | None, int | None, int | None, bool, bool],
-):
-    """Gaudi defaults from the run: the measured model, its TP, the one-node QUANT_CONFIG, KV dtype and EP,
-    a bounded context and batch, and a start-up wait of its own. A compressed-tensors checkpoint (`--model
-    <run>/fp8-gaudi2`) needs none of INC's: vllm-gaudi loads it as it is."""
-    ct_kv = gaudi.compressed_tensors_fp8_kv(model) if model is not None else None
-    if ct_kv is not None:
-        plan = gaudi.GaudiServe(
-            model=model,
-            tp_size=tp or (meta.tp_size if meta and meta.tp_size else 8),
-            quant_config=None,
-            fp8_kv=ct_kv,
-            expert_parallel=bool(meta and meta.ep_size and meta.ep_size > 1),
-            measurements=run.measure,
-            generated=False,
-            config={},
-        )
-        return _gaudi_limits(plan, meta, extra_env, timeout_s, limits, write, card_bytes)
-    conf_quant = devices_conf_quant_config(conf) if conf else None
-    plan = gaudi.resolve(
-        run,
-        meta,
-        model=model,
-        tp=tp,
-        quant_config=quant_config,
-        fp8_kv=fp8_kv,
-        conf_quant_config=conf_quant,
-        write=write,
-    )
-    if plan.generated and write:
-        click.echo(f"wrote {plan.quant_config} (QUANTIZE, measurements in {plan.measurements})")
-    return _gaudi_limits(plan, meta, extra_env, timeout_s, limits, write, card_bytes)
-
-
-def _gaudi_limits(plan, meta, extra_env: dict, timeout_s: int, limits, write: bool, card_bytes: int | None):
-    """The InferConfig of a Gaudi plan with its bounded context and batch, start-up wait and fit check."""
-    max_model_len, max_num_seqs, startup, skip_warmup, enforce_eager = limits
-    config = runner.InferConfig(
-        model=plan.model,
-        tp_size=plan.tp_size,
-        device="hpu",
-        fp8_kv=plan.fp8_kv,
-        quant_config=plan.quant_config,
-        timeout_s=timeout_s,
-        extra_env=extra_env,
-        expert_parallel=plan.expert_parallel,
-        skip_warmup=skip_warmup,
-        enforce_eager=enforce_eager,
-    )
-    context, seqs, context_why = gaudi.serve_limits(
-        plan.model, meta, max_model_len=max_model_len, max_num_seqs=max_num_seqs
-    )
-    config = replace(config, max_model_len=context, max_num_seqs=seqs)
-    wait, wait_why = gaudi.startup_timeout(config, startup)
-    config = replace(config, startup_timeout_s=wait)
-    plan = replace(plan, limits=(f"{context} ({context_why}); max_num_seqs {seqs}", f"{wait} s ({wait_why})"))
-    if write:  # a dry run shows the fit instead of refusing
-        gaudi.check_serve_fit(config, target_bytes=card_bytes)
-    return config, plan
-
-
-def _kv_source(target, config) -> str:
-    if not target.is_gaudi:
-        return ""
-    return " (from the QUANT_CONFIG's blocklist)" if config.quant_config else " (from the checkpoint's kv_cache_scheme)"
-
-
-def _plan(config, target, serve: bool, host: str, port: int, conf: Path | None, gaudi_plan=None):
-    """What `infer` would start, per node (the ranks run on this node unless --conf)."""
-    engine = runner.engine_config(config)
-    facts = [
-        ("model", str(config.model)),
-        (
-            "device",
-            f"{target.device_type} [{target.device}]"
-            + (f", {target.memory_bytes / GiB:.0f} GiB per device" if target.memory_bytes else "")
-            + f" ({target.source})",
-        ),
-        ("parallel", f"TP {config.tp_size}{', expert parallel' if config.expert_parallel else ''}"),
-        ("KV cache", engine.kv_cache_dtype + _kv_source(target, config)),
-    ]
-    if gaudi_plan is not None and gaudi_plan.limits:
-        facts += [("context", gaudi_plan.limits[0]), ("start-up wait", gaudi_plan.limits[1])]
-    quant = gaudi_plan.config if gaudi_plan else (read_config(config.quant_config) if config.quant_config else None)
-    quant = quant or None  # a compressed-tensors checkpoint on Gaudi has none
-    note = None
-    if gaudi_plan is not None:
-        note = (
-            "would be written by the run" if gaudi_plan.generated else "as it is"
-        ) + f"; measurements {gaudi_plan.measurements}"
-    nodes = local_node(config.tp_size)
-    if conf:
-        nodes = nodes_from_conf(devices.load(conf), config.tp_size)
-    args = runner.serve_command(config, host=host, port=port) if serve else None
-    warnings = []
-    if target.is_gaudi:
-        _, fit = gaudi.serve_fit(config, target.memory_bytes)
-        facts.append(("memory", "\n".join(fit.lines())))
-        warnings += [f"does not fit: {problem}" for problem in fit.problems()]
-    if conf and target.is_gaudi:
-        warnings.append(
-            f"the QUANT_CONFIG and the measurements it names must be at the same paths on every node "
-            f"(ranks on other nodes read {config.quant_config})"
-        )
-    return EnginePlan(
-        warnings=warnings,
-        title="ray-calib infer --dry-run: nothing is started, no device is opened",
-        facts=facts,
-        engine=engine,
-        quant_config=quant,
-        quant_config_path=str(config.quant_config) if quant else None,
-        nodes=nodes,
-        serve_args=args,
-        quant_config_note=note,
-    )
-
-
 def _json(audit: ScaleAudit | None) -> dict | None:
     return audit.to_json() if audit else None
 
 
-def _serve(runner, config, host: str, port: int, detach: bool, run: RunDir, allow_scale_loss: bool) -> None:
+def _serve(config, host: str, port: int, detach: bool, run: RunDir, allow_scale_loss: bool) -> None:
     if not detach:
         signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM to us unwinds like Ctrl-C, through the `finally`
     shown = {k: v for k, v in runner.serve_env(config, host).items() if k in _SHOWN_ENV}
@@ -497,46 +291,29 @@ def eval_command(
     Example:
       ray-calib eval --baseline models/r1-bf16 --candidate calib-run/fp8 --min-agreement 0.9
     """
-    tp = tp_size
     run = RunDir.resolve(run_dir)
     ui.library_logs(run.root, "eval")
-    candidate = candidate or run.fp8
-    if baseline is None:
-        meta, _ = _run_meta(run, candidate)
-        if not (meta and meta.model):
-            raise click.UsageError("no --baseline and no model recorded in the run's meta; pass --baseline.")
-        baseline = Path(meta.model)
-    for model in (baseline, candidate):
-        runner.check_model_dir(model)
-    with_fp8_kv = runner.resolve_fp8_kv(candidate, with_fp8_kv)
-    device = detect_device()
-    # One engine at a time, so the larger (BF16) baseline decides; the candidate must allow the same TP.
-    tp_size = runner.choose_tp(baseline, tp, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
-    runner.choose_tp(candidate, tp_size, device=device, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len)
-    report = fidelity.evaluate(
-        baseline,
-        candidate,
-        _eval_texts(texts),
-        tp_size=tp_size,
-        device=device,
+    request = stage.EvalRequest(
+        run=run,
+        texts=_eval_texts(texts),
+        baseline=baseline,
+        candidate=candidate,
+        tp=tp_size,
         with_fp8_kv=with_fp8_kv,
         max_model_len=max_model_len,
-        engine_options={"kv_cache_gib": kv_cache_gib, "enforce_eager": enforce_eager},
+        min_agreement=min_agreement,
+        out=out,
+        allow_scale_loss=allow_scale_loss,
+        kv_cache_gib=kv_cache_gib,
+        enforce_eager=enforce_eager,
     )
-    dropped = sum(len(audit["dropped"]) for audit in report.scale_audit.values())
-    verdict = _verdict(candidate, report.worst_agreement(), min_agreement, dropped, allow_scale_loss)
-    path = fidelity.write_report(report, out or run.eval_json, verdict)
-    if (record := read_record(run.root)) is not None and out is None:
-        record_facts(record, "eval", {"eval": verdict})
+    result = stage.evaluate(request)
+    report = result.report
     for note in report.notes:
         click.echo(f"note: {note}")
     click.echo(fidelity.format_table(report))
-    click.echo(f"{report.num_positions} positions over {report.num_texts} texts; saved {path}")
+    click.echo(f"{report.num_positions} positions over {report.num_texts} texts; saved {result.saved}")
     for name, audit in report.scale_audit.items():
         click.echo(f"{name}: ", nl=False)
         _report_audit(audit, allow_scale_loss)
-    if min_agreement is not None and report.worst_agreement() < min_agreement:
-        raise EngineError(
-            f"top-1 agreement {report.worst_agreement():.3f} is below --min-agreement {min_agreement}",
-            fix="inspect the ranges (`ray-calib report`), try another --scale-method, or measure more samples.",
-        )
+    result.check(min_agreement)

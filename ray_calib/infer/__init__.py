@@ -1,5 +1,8 @@
 """One-node inference with the FP8 result and the fidelity check against BF16.
 
+stage      the stage as a library: plan / dry_run / run (infer) and evaluate (eval) of a typed request
+request    InferRequest and EvalRequest, what the CLI builds
+backends   the device families behind one interface: FP8 checkpoint (CPU/CUDA) or Gaudi
 runner     offline generation and `vllm serve` with the run's engine settings; device-type guard
 fidelity   same texts through BF16 and FP8: top-1 agreement, KL, perplexity (ray-calib eval)
 audit      every scale the FP8 checkpoint carries is in use in the engine (read back over collective_rpc)

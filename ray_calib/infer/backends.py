@@ -1,0 +1,182 @@
+"""The device families `infer` serves on, behind one interface: what each makes of a request.
+
+    FP8Checkpoint   CPU / CUDA: vLLM loads the FP8 checkpoint `quantize` wrote (its own quantization config)
+    Gaudi           INC quantizes the measured model at load with the run's QUANTIZE config, or vllm-gaudi
+                    loads a compressed-tensors checkpoint as it is; bounded context and batch, a start-up
+                    wait of its own and a fit check (`infer.gaudi`)
+
+`backend_for(target)` picks one; the stage (`infer.stage`) never branches on the device family itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+from ray_calib.cluster import devices
+from ray_calib.engine.device import Target
+from ray_calib.inc import RunMeta
+from ray_calib.infer import gaudi, runner
+from ray_calib.infer.request import InferRequest
+from ray_calib.infer.runner import InferConfig
+
+
+@dataclass
+class Resolved:
+    """What a backend made of the request: the engine's config, the Gaudi serve plan, lines for the user."""
+
+    config: InferConfig
+    serve_plan: gaudi.GaudiServe | None = None
+    notes: list[str] = field(default_factory=list)  # what was done (a QUANT_CONFIG written)
+    warnings: list[str] = field(default_factory=list)  # what the user should change
+
+
+class Backend(Protocol):
+    def resolve(self, request: InferRequest, meta: RunMeta | None, extra_env: dict[str, str]) -> Resolved: ...
+
+    def kv_source(self, config: InferConfig) -> str:
+        """Where the KV-cache dtype came from, for `infer --dry-run` ("" when it is the checkpoint's)."""
+        ...
+
+    def dry_run_facts(self, resolved: Resolved, target: Target, conf: Path | None) -> tuple[list, list[str]]:
+        """Facts and warnings this family adds to `infer --dry-run`."""
+        ...
+
+
+def devices_conf_quant_config(conf: Path) -> str | None:
+    path = devices.load(conf).extras.get("INC_QUANT_CONFIG_FILENAME")  # a "path" key: str when set
+    return path if isinstance(path, str) else None
+
+
+class FP8Checkpoint:
+    """CPU / CUDA: the checkpoint carries its scales; the TP is the run's target when it fits."""
+
+    def resolve(self, request: InferRequest, meta: RunMeta | None, extra_env: dict[str, str]) -> Resolved:
+        warnings = []
+        if request.conf and devices_conf_quant_config(request.conf):
+            warnings.append(
+                f"{request.conf}: INC_QUANT_CONFIG_FILENAME applies to Gaudi only; {request.target.device_type} "
+                "serves the FP8 checkpoint and ignores it (remove it there, or pass --device gaudi2/gaudi3)"
+            )
+        model = request.model or request.run.fp8
+        runner.check_model_dir(model)
+        unified_tp = meta.tp_size if meta and meta.tp_size and meta.unified_from else None
+        device = request.target.device
+        tp_size = runner.choose_tp(
+            model,
+            request.tp,
+            device=device,
+            kv_cache_gib=request.kv_cache_gib,
+            max_model_len=request.max_model_len,
+            preferred=unified_tp,
+        )
+        config = InferConfig(
+            model=model,
+            tp_size=tp_size,
+            device=device,
+            fp8_kv=runner.resolve_fp8_kv(model, request.fp8_kv),
+            quant_config=request.quant_config,
+            timeout_s=request.timeout_s,
+            max_model_len=request.max_model_len,
+            kv_cache_gib=request.kv_cache_gib,
+            enforce_eager=request.enforce_eager,
+            extra_env=extra_env,
+            max_num_seqs=request.max_num_seqs,
+            startup_timeout_s=request.startup_timeout_s,
+        )
+        return Resolved(config, warnings=warnings)
+
+    def kv_source(self, config: InferConfig) -> str:
+        return ""
+
+    def dry_run_facts(self, resolved: Resolved, target: Target, conf: Path | None) -> tuple[list, list[str]]:
+        return [], []
+
+
+class Gaudi:
+    """Gaudi: the measured model, its TP, the one-node QUANT_CONFIG, KV dtype and EP, a bounded context and
+    batch, and a start-up wait of its own. A compressed-tensors checkpoint (`--model <run>/fp8-gaudi2`)
+    needs none of INC's: vllm-gaudi loads it as it is."""
+
+    def resolve(self, request: InferRequest, meta: RunMeta | None, extra_env: dict[str, str]) -> Resolved:
+        model, write = request.model, not request.dry_run
+        ct_kv = gaudi.compressed_tensors_fp8_kv(model) if model is not None else None
+        notes = []
+        if model is not None and ct_kv is not None:
+            plan = gaudi.GaudiServe(
+                model=model,
+                tp_size=request.tp or (meta.tp_size if meta and meta.tp_size else 8),
+                quant_config=None,
+                fp8_kv=ct_kv,
+                expert_parallel=bool(meta and meta.ep_size and meta.ep_size > 1),
+                measurements=request.run.measure,
+                generated=False,
+                config={},
+            )
+        else:
+            plan = gaudi.resolve(
+                request.run,
+                meta,
+                model=model,
+                tp=request.tp,
+                quant_config=request.quant_config,
+                fp8_kv=request.fp8_kv,
+                conf_quant_config=devices_conf_quant_config(request.conf) if request.conf else None,
+                write=write,
+            )
+            if plan.generated and write:
+                notes.append(f"wrote {plan.quant_config} (QUANTIZE, measurements in {plan.measurements})")
+        config, plan = self._limits(request, plan, meta, extra_env)
+        return Resolved(config, plan, notes)
+
+    def _limits(self, request: InferRequest, plan: gaudi.GaudiServe, meta: RunMeta | None, extra_env: dict):
+        """The InferConfig of a Gaudi plan with its bounded context and batch, start-up wait and fit check."""
+        config = InferConfig(
+            model=plan.model,
+            tp_size=plan.tp_size,
+            device="hpu",
+            fp8_kv=plan.fp8_kv,
+            quant_config=plan.quant_config,
+            timeout_s=request.timeout_s,
+            extra_env=extra_env,
+            expert_parallel=plan.expert_parallel,
+            skip_warmup=request.skip_warmup,
+            enforce_eager=request.enforce_eager,
+        )
+        context, seqs, context_why = gaudi.serve_limits(
+            plan.model, meta, max_model_len=request.max_model_len, max_num_seqs=request.max_num_seqs
+        )
+        config = replace(config, max_model_len=context, max_num_seqs=seqs)
+        wait, wait_why = gaudi.startup_timeout(config, request.startup_timeout_s)
+        config = replace(config, startup_timeout_s=wait)
+        plan = replace(plan, limits=(f"{context} ({context_why}); max_num_seqs {seqs}", f"{wait} s ({wait_why})"))
+        if not request.dry_run:  # a dry run shows the fit instead of refusing
+            gaudi.check_serve_fit(config, target_bytes=request.target.memory_bytes)
+        return config, plan
+
+    def kv_source(self, config: InferConfig) -> str:
+        return (
+            " (from the QUANT_CONFIG's blocklist)"
+            if config.quant_config
+            else " (from the checkpoint's kv_cache_scheme)"
+        )
+
+    def dry_run_facts(self, resolved: Resolved, target: Target, conf: Path | None) -> tuple[list, list[str]]:
+        config, plan = resolved.config, resolved.serve_plan
+        facts = []
+        if plan is not None and plan.limits:
+            facts += [("context", plan.limits[0]), ("start-up wait", plan.limits[1])]
+        _, fit = gaudi.serve_fit(config, target.memory_bytes)
+        facts.append(("memory", "\n".join(fit.lines())))
+        warnings = [f"does not fit: {problem}" for problem in fit.problems()]
+        if conf:
+            warnings.append(
+                f"the QUANT_CONFIG and the measurements it names must be at the same paths on every node "
+                f"(ranks on other nodes read {config.quant_config})"
+            )
+        return facts, warnings
+
+
+def backend_for(target: Target) -> Backend:
+    return Gaudi() if target.is_gaudi else FP8Checkpoint()
