@@ -1,4 +1,4 @@
-"""`ray-calib unify`, `expand` and `inspect`: thin commands over `measurements.pipeline`."""
+"""`ray-calib unify`, `expand` and `inspect`: thin commands over `measurements.stage` and `.pipeline`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import click
 
 from ray_calib import ui
 from ray_calib.cli.options import override_run_option, run_dir_option
-from ray_calib.measurements.pipeline import expand_dir, inspect_dir, unify_dir
+from ray_calib.measurements import stage
+from ray_calib.measurements.pipeline import expand_dir, inspect_dir
 from ray_calib.rundir import RunDir
-from ray_calib.runrecord import RunRecord, decide, read_record, record_facts
 
 _dir = click.Path(file_okay=False, path_type=Path)
 
@@ -54,26 +54,20 @@ def unify(
     Example:
       ray-calib unify --to-tp 8 --in runs/r1/measure --out runs/r1/unified-tp8
     """
-    run = RunDir.resolve(run_dir)
-    source = (in_dir or run.measure).absolute()
-    record = read_record(run.root) if source == run.measure else None  # the run's own measurements
-    ep = decide(
-        record,
-        "expert_parallel",
-        expert_parallel,
-        flag="--expert-parallel" if expert_parallel else "--no-expert-parallel",
-        stage="unify",
-        override=override_run,
+    result = stage.run(
+        stage.UnifyRequest(
+            run=RunDir.resolve(run_dir),
+            to_tp=to_tp,
+            in_dir=in_dir,
+            out_dir=out_dir,
+            force=force,
+            expert_parallel=expert_parallel,
+            model=model,
+            set_target=set_target,
+            override_run=override_run,
+        )
     )
-    summary = unify_dir(
-        source,
-        out_dir or run.unified(to_tp),
-        to_tp,
-        force=force,
-        expert_parallel=expert_parallel,
-        model=model or _recorded_model(record),
-        record=record,
-    )
+    summary = result.summary
     rows = [
         ("ranks", summary.ranks_in, summary.ranks_out),
         ("nodes per rank", summary.nodes_in, summary.nodes_out),
@@ -83,28 +77,8 @@ def unify(
     mode = "expert-parallel (experts concatenated)" if summary.expert_parallel else "element-wise max"
     extra = f"; scale files unified too: {', '.join(summary.scale_methods)}" if summary.scale_methods else ""
     click.echo(f"{mode} ({summary.ep_reason}){extra}; {summary.seconds:.2f} s")
-    if record is not None and out_dir is None:
-        _record_target(record, run, to_tp, set_target, [ep.override] if ep.override else [])
-
-
-def _recorded_model(record: RunRecord | None) -> Path | None:
-    """The measured model's directory from run.json, when its config.json is readable on this machine."""
-    model = record.value("model") if record else None
-    return Path(model) if model and (Path(model) / "config.json").is_file() else None
-
-
-def _record_target(record: RunRecord, run: RunDir, to_tp: int, set_target: bool, overrides: list[dict]) -> None:
-    recorded = record.value("target_tp")
-    if recorded is not None and recorded != to_tp and not set_target:
-        ui.note(
-            f"the run's target stays TP {recorded} ({run.unified(recorded).name}, run.json): quantize and infer "
-            f"read that; --set-target makes TP {to_tp} the target"
-        )
-        record_facts(record, "unify", {}, overrides)
-        return
-    if recorded is not None and recorded != to_tp:
-        overrides.append({"fact": "target_tp", "was": recorded, "now": to_tp, "by": "unify", "flag": "--set-target"})
-    record_facts(record, "unify", {"target_tp": to_tp}, overrides)
+    for note in result.notes:
+        ui.note(note)
 
 
 @click.command()

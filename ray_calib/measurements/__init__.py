@@ -5,6 +5,7 @@
     postprocess  cache-read matmul and SDPA-output alignment of INC's Gaudi measurements (upstream step 3)
     match        which checkpoint weights a measurement covers (the rule `measure` checks and `quantize` uses)
     pipeline     directory-level unify/expand/inspect used by the CLI
+    stage        the unify stage: a typed request, the run's record consulted and its target TP recorded
     hessians     input second moments of linear layers, for GPTQ rounding
 
 Every stage that reads measurements (measure, scales, convert, report) uses these; they import only
