@@ -20,6 +20,8 @@ from ray_calib.inc import RunMeta
 from ray_calib.infer import gaudi, runner
 from ray_calib.infer.request import InferRequest
 from ray_calib.infer.runner import InferConfig
+from ray_calib.rundir import RunDir
+from ray_calib.runrecord import run_measurements
 
 
 @dataclass
@@ -33,6 +35,10 @@ class Resolved:
 
 
 class Backend(Protocol):
+    def default_model(self, run: RunDir) -> Path:
+        """Where the scales in use are described when the user names no --model."""
+        ...
+
     def resolve(self, request: InferRequest, meta: RunMeta | None, extra_env: dict[str, str]) -> Resolved: ...
 
     def kv_source(self, config: InferConfig) -> str:
@@ -51,6 +57,9 @@ def devices_conf_quant_config(conf: Path) -> str | None:
 
 class FP8Checkpoint:
     """CPU / CUDA: the checkpoint carries its scales; the TP is the run's target when it fits."""
+
+    def default_model(self, run: RunDir) -> Path:
+        return run.fp8
 
     def resolve(self, request: InferRequest, meta: RunMeta | None, extra_env: dict[str, str]) -> Resolved:
         warnings = []
@@ -98,6 +107,9 @@ class Gaudi:
     """Gaudi: the measured model, its TP, the one-node QUANT_CONFIG, KV dtype and EP, a bounded context and
     batch, and a start-up wait of its own. A compressed-tensors checkpoint (`--model <run>/fp8-gaudi2`)
     needs none of INC's: vllm-gaudi loads it as it is."""
+
+    def default_model(self, run: RunDir) -> Path:
+        return run_measurements(run) or run.measure
 
     def resolve(self, request: InferRequest, meta: RunMeta | None, extra_env: dict[str, str]) -> Resolved:
         model, write = request.model, not request.dry_run

@@ -52,14 +52,12 @@ def run_meta(run: RunDir, model: Path) -> tuple[RunMeta | None, Path]:
 
 def plan(request: InferRequest) -> InferPlan:
     """Resolve the request into the engine's settings (a dry run joins no cluster and writes nothing)."""
-    run, target = request.run, request.target
-    default = (run_measurements(run) or run.measure) if target.is_gaudi else run.fp8
-    meta, meta_dir = run_meta(run, request.model or default)
+    run, target, backend = request.run, request.target, backend_for(request.target)
+    meta, meta_dir = run_meta(run, request.model or backend.default_model(run))
     runner.check_device_type(meta, target.device_type, allow_mismatch=request.allow_device_mismatch, where=meta_dir)
     extra_env = {}
     if request.conf:  # a dry run shows the address without joining
         extra_env["RAY_ADDRESS"] = devices.load(request.conf).address if request.dry_run else connect(request.conf)
-    backend = backend_for(target)
     return InferPlan(request, backend, backend.resolve(request, meta, extra_env))
 
 
