@@ -34,7 +34,11 @@ class QuantPlan:
         return tensor in self.group_of
 
 
-def build_plan(checkpoint: Checkpoint, measurement: RankFile, *, fp8_kv: bool) -> QuantPlan:
+def build_plan(
+    checkpoint: Checkpoint, measurement: RankFile, *, fp8_kv: bool, one_expert_input_scale: bool = True
+) -> QuantPlan:
+    """`one_expert_input_scale`: vLLM's checkpoint (see `_share_expert_input_ranges`); False keeps each
+    expert's own range (vllm-gaudi keeps down-projection input scales per expert)."""
     nodes = measurement.nodes
     match = match_measurement(checkpoint.tensors, nodes)
     if not match.complete:
@@ -45,7 +49,7 @@ def build_plan(checkpoint: Checkpoint, measurement: RankFile, *, fp8_kv: bool) -
         )
     groups = match.groups
     plan = QuantPlan(groups, {member: i for i, g in enumerate(groups) for member in g.members})
-    plan.filled_experts = _fill_idle_experts(groups)
+    plan.filled_experts = _expert_input_ranges(groups, shared=one_expert_input_scale)
     if fp8_kv:
         plan.kv_maxabs = kv_ranges(nodes)
         if not plan.kv_maxabs:
@@ -56,21 +60,28 @@ def build_plan(checkpoint: Checkpoint, measurement: RankFile, *, fp8_kv: bool) -
     return plan
 
 
-def _fill_idle_experts(groups: list[QuantGroup]) -> list[str]:
-    """Experts no calibration token reached have no range: give them the largest of their layer's."""
+def _expert_input_ranges(groups: list[QuantGroup], *, shared: bool) -> list[str]:
+    """Experts no calibration token reached get their layer's largest input range (per projection), and with
+    `shared` every expert does.
+
+    vLLM keeps one static input scale per MoE layer and projection, the max of the per-expert ones over a
+    rank's experts (all of them at TP, the CPU/CUDA route's serving mode), so per-expert values would be
+    collapsed at load anyway: writing that max is what the engine runs, and lets the scale audit tell a
+    collapsed scale of another writer from ours. Returns the experts that had no range of their own."""
     by_op: dict[tuple[str, str], list[QuantGroup]] = {}
     for group in groups:
         child = expert_child(group.module)
         if child:
             by_op.setdefault((child[0], child[1]), []).append(group)
-    filled = []
+    idle = []
     for members in by_op.values():
         layer_max = max(g.input_maxabs for g in members)
         for group in members:
             if group.input_maxabs == 0.0 and layer_max > 0.0:
+                idle.append(group.module)
+            if group.input_maxabs == 0.0 or shared:
                 group.input_maxabs = layer_max
-                filled.append(group.module)
-    return filled
+    return idle
 
 
 def kv_ranges(nodes: dict) -> dict[str, tuple[float, float]]:

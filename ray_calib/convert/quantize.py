@@ -102,7 +102,12 @@ def quantize_checkpoint(job: QuantizeJob) -> QuantizeSummary:
         )
     mla = "kv_lora_rank" in checkpoint.config
     # vllm-gaudi loads MLA latent-cache scales (k and v: one latent range); vLLM 0.32 loads none
-    plan = build_plan(checkpoint, job.measurement, fp8_kv=job.fp8_kv and (not mla or job.device.is_gaudi))
+    plan = build_plan(
+        checkpoint,
+        job.measurement,
+        fp8_kv=job.fp8_kv and (not mla or job.device.is_gaudi),
+        one_expert_input_scale=not job.device.is_gaudi,
+    )
     summary = QuantizeSummary(out=job.out, filled_experts=plan.filled_experts, input_bytes=checkpoint.nbytes)
     if job.fp8_kv and mla and not job.device.is_gaudi:
         summary.notes.append(

@@ -9,6 +9,8 @@ endpoint /collective_rpc, on a loopback host only):
     weight / input   every quantized linear module of the checkpoint (in the module vLLM fuses it into,
                      `model.names`) holds a weight_scale (and input_scale when the checkpoint has one)
     experts          every MoE layer with per-expert scales holds expert weight scales
+    expert_input     per-expert static input scales (gate/up and down): the engine keeps one per layer and
+                     projection (their max), so differing ones are collapsed; `quantize` writes that max
     k/v              every attention layer with k/v scales runs with exactly those values (not 1.0)
                      when the KV cache is FP8; a BF16 cache uses none, by the user's choice
 
@@ -31,7 +33,7 @@ from ray_calib.model.safetensors_io import ShardReader
 
 AUDIT_EXTENSION = "ray_calib.infer.audit.ScaleAuditExtension"
 _EXPERT_RE = re.compile(r"^(.*\.experts)\.(\d+)\.[^.]+$")
-_KINDS = ("weight", "input", "experts", "kv")
+_KINDS = ("weight", "input", "experts", "expert_input", "kv")
 
 
 @dataclass
@@ -40,6 +42,8 @@ class CarriedScales:
 
     linear: dict[str, set[str]] = field(default_factory=dict)  # checkpoint module -> {"weight", "input"}
     experts: dict[str, set[int]] = field(default_factory=dict)  # MoE module (…mlp.experts) -> experts with scales
+    # MoE module -> {"w13" (gate/up) | "w2" (down): {expert: input scale}}
+    expert_inputs: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
     # attention prefix (…self_attn; compressed-tensors names them …self_attn.k_proj.k_scale) -> {"k": .., "v": ..}
     kv: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -61,6 +65,10 @@ def carried_scales(checkpoint: Path) -> CarriedScales:
                 elif leaf in ("weight_scale", "input_scale"):
                     if (expert := _EXPERT_RE.match(module)) is not None:
                         carried.experts.setdefault(expert[1], set()).add(int(expert[2]))
+                        if leaf == "input_scale":
+                            kind = "w2" if module.endswith("down_proj") else "w13"
+                            values = carried.expert_inputs.setdefault(expert[1], {}).setdefault(kind, {})
+                            values[int(expert[2])] = float(reader.read(name).float().max())
                     else:
                         carried.linear.setdefault(module, set()).add(leaf.split("_")[0])
     return carried
@@ -93,6 +101,8 @@ def _module_scales(module) -> dict[str, Any]:
     expert_scales = own.get("w13_weight_scale")
     if expert_scales is not None:  # fused MoE: one weight scale (or row of them) per local expert
         entry["expert_scales"] = int(expert_scales.shape[0]) if expert_scales.dim() else 1
+        inputs = {kind: own.get(f"{kind}_input_scale") for kind in ("w13", "w2")}
+        entry["expert_input_scales"] = {kind: int(t.numel()) for kind, t in inputs.items() if t is not None}
     if hasattr(module, "_k_scale_float"):
         impl = getattr(module, "impl", None)
         entry["kv"] = {"k": float(module._k_scale_float), "v": float(module._v_scale_float)}
@@ -145,6 +155,15 @@ def audit(carried: CarriedScales, ranks: list[dict[str, Any]]) -> ScaleAudit:
                 f"{module}: {len(experts)} experts carry weight scales, the engine holds {max(per_rank)} per rank "
                 f"({'ignored' if not max(per_rank) else 'collapsed'}; {where})"
             )
+    for moe, projections in sorted(carried.expert_inputs.items()):
+        for kind, per_expert in sorted(projections.items()):
+            counts["expert_input"]["carried"] += 1
+            kept = [_expert_inputs(r["modules"], moe, kind) for r in ranks]
+            problem = _expert_input_problem(kind, per_expert, kept)
+            if problem:
+                dropped.append(f"{moe}: {problem} ({where})")
+            else:
+                counts["expert_input"]["in_use"] += 1
     for prefix, values in sorted(carried.kv.items()):
         counts["kv"]["carried"] += 1
         layers = [_attention(r["modules"], prefix) for r in ranks]
@@ -184,6 +203,32 @@ def _expert_scales(modules: dict[str, Any], name: str) -> int:
         ),
         default=0,
     )
+
+
+def _expert_inputs(modules: dict[str, Any], name: str, kind: str) -> int:
+    """How many static input scales of projection `kind` the engine's MoE module `name` keeps (0: none)."""
+    return max(
+        (
+            entry.get("expert_input_scales", {}).get(kind, 0)
+            for key, entry in modules.items()
+            if key == name or key.startswith(name + ".") or key.endswith("." + name) or f".{name}." in key
+        ),
+        default=0,
+    )
+
+
+def _expert_input_problem(kind: str, values: dict[int, float], held: list[int]) -> str | None:
+    """Per-expert input scales the engine ignores, or keeps fewer of than differ (collapsed to their max)."""
+    what = f"{len(values)} experts carry {_PROJECTIONS[kind]} input scales"
+    low, high = min(values.values()), max(values.values())
+    if not all(held):
+        return f"{what}, the engine keeps none (ignored)"
+    if min(held) < len(values) and not math.isclose(low, high, rel_tol=1e-6):
+        return f"{what} from {low:.6g} to {high:.6g}, the engine keeps {min(held)} per rank (collapsed to their max)"
+    return None
+
+
+_PROJECTIONS = {"w13": "gate/up", "w2": "down"}
 
 
 def _attention(modules: dict[str, Any], prefix: str) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from ray_calib.convert.plan import kv_ranges, load_measurement  # noqa: E402
 from ray_calib.errors import ConfigError  # noqa: E402
 from ray_calib.inc.devices import get_device  # noqa: E402
 from ray_calib.inc.methods import leaf_max  # noqa: E402
+from ray_calib.infer.audit import carried_scales  # noqa: E402
 from ray_calib.model import names  # noqa: E402
 from ray_calib.rundir import RunDir  # noqa: E402
 from tests.convert.synthetic import write_measurements  # noqa: E402
@@ -160,6 +161,17 @@ def test_one_run_writes_both_checkpoints_and_says_which_is_which(tmp_path, tiny_
     assert "serve on Gaudi: vllm serve" in result.stdout and "--kv-cache-dtype fp8_inc" in result.stdout
     cuda = json.loads((tmp_path / "run" / "fp8" / "config.json").read_text())["quantization_config"]
     assert "fp8_dtype_flavor" not in cuda
+    # MoE input scales: vLLM keeps one per layer and projection (so that is what the CPU/CUDA checkpoint
+    # holds); vllm-gaudi keeps down-projection ones per expert (so the Gaudi checkpoint keeps each expert's)
+    distinct = {
+        name: [
+            len(set(values.values()))
+            for kinds in carried_scales(run).expert_inputs.values()
+            for values in kinds.values()
+        ]
+        for name, run in (("cuda", tmp_path / "run" / "fp8"), ("gaudi", tmp_path / "run" / "fp8-gaudi2"))
+    }
+    assert distinct["cuda"] and set(distinct["cuda"]) == {1} and max(distinct["gaudi"]) > 1, distinct
 
 
 @pytest.mark.parametrize(

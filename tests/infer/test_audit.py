@@ -127,3 +127,51 @@ def test_vllms_dev_endpoints_are_opened_for_the_audit_on_loopback_only(fp8_llama
         assert ("--worker-extension-cls" in serve_args(fp8, host=host, port=1)) is audited, host
     bf16 = InferConfig(model=tiny_model("llama"), tp_size=1, device="cpu", fp8_kv=False)
     assert not audits_served(bf16, "127.0.0.1") and DEV_MODE_ENV not in serve_env(bf16)
+
+
+def _spread_expert_input_scales(checkpoint, layer: int) -> int:
+    """Give the experts of one MoE layer their own gate/up input scales (halved for every other expert), as a
+    writer that keeps per-expert values does. Returns how many experts the layer has."""
+    from safetensors.torch import load_file, save_file
+
+    pattern = re.compile(rf"^model\.layers\.{layer}\.mlp\.experts\.(\d+)\.(gate|up)_proj\.input_scale$")
+    experts = set()
+    for shard in checkpoint.glob("*.safetensors"):
+        tensors = load_file(shard)
+        hits = {name: int(m[1]) for name in tensors if (m := pattern.match(name))}
+        for name, expert in hits.items():
+            tensors[name] = tensors[name] * (0.5 if expert % 2 else 1.0)
+            experts.add(expert)
+        if hits:
+            save_file(tensors, shard, metadata={"format": "pt"})
+    assert len(experts) > 1, f"no per-expert input scales of layer {layer} in {checkpoint}"
+    return len(experts)
+
+
+@pytest.mark.slow
+def test_per_expert_input_scales_the_real_engine_collapses_fail_the_audit(tiny_model, tmp_path, run_cli, monkeypatch):
+    """vLLM keeps one static input scale per MoE layer and projection (their max). Ours writes that max, so
+    the audit is clean; a checkpoint with differing per-expert values loses them in the real engine."""
+    deepseek = tiny_model("deepseek_v3")
+    run = RunDir(tmp_path / "run")
+    write_measurements(run.measure, deepseek, world_size=1)
+    quantize_run(QuantizeRequest(run=run, scale_method="maxabs_pow2"))
+    carried = carried_scales(run.fp8)
+    assert carried.expert_inputs and all(
+        len(set(values.values())) == 1 for kinds in carried.expert_inputs.values() for values in kinds.values()
+    ), "quantize writes one input scale per MoE layer and projection"
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    args = ("infer", "--run-dir", run.root, "--max-new-tokens", 2, "--enforce-eager")
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    clean = re.search(r"(\d+)/(\d+) expert_input", result.stdout)
+    assert clean and clean[1] == clean[2] != "0", result.stdout
+
+    moe_layer = int(next(iter(carried.expert_inputs)).split(".")[2])
+    experts = _spread_expert_input_scales(run.fp8, moe_layer)
+    result = run_cli(*args)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.exit_code != 0 and len(errors) == 1, result.stderr
+    assert f"model.layers.{moe_layer}.mlp.experts: {experts} experts carry gate/up input scales from" in errors[0]
+    assert "the engine keeps 1 per rank (collapsed to their max) (vLLM backend " in errors[0]
+    assert run_cli(*args, "--allow-scale-loss").exit_code == 0
