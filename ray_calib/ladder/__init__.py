@@ -5,5 +5,7 @@ rungs       the rungs, in ladder order
 nodes       rung a: every node has what the head has
 inc_tp2     rung b: INC MEASURE in vLLM at TP 2, one rank file per rank
 allreduce   rung c: one all-reduce across every node over its IFNAME
+inc_quantize  rung e: rung b's files unified to one rank, loaded by INC QUANTIZE
+inc_generate  INC QUANTIZE in vLLM on CPU for one generation (rung e where there is no Gaudi)
 compressed  rung f: the compressed-tensors route loads and generates
 """

@@ -26,7 +26,7 @@ def run_compressed(context: LadderContext) -> str:
     if not (measure / "ray_calib_meta.json").is_file():
         raise RungFailed(host, f"no measurements of rung b in {measure}", fix="run rung b first (--rungs bf).")
     work = context.run_dir / "ladder" / "f-compressed-tensors"
-    gaudi = _gaudi_type(measure) if kind == "hpu" else "gaudi2"
+    gaudi = gaudi_type(measure) if kind == "hpu" else "gaudi2"
     checkpoint = work / f"fp8-{gaudi}"
     env = rung_env(kind)
     quantize = ["--model", model, "--measurements", measure, "--device", gaudi, "--format", "compressed-tensors"]
@@ -43,6 +43,7 @@ def run_compressed(context: LadderContext) -> str:
     return f"{checkpoint.name} ({gaudi}) loaded by {where}, generated {completions[0]['num_tokens']} tokens"
 
 
-def _gaudi_type(measure) -> str:
+def gaudi_type(measure) -> str:
+    """The Gaudi generation rung b measured on (its meta), Gaudi2 when it does not say."""
     meta = read_meta(measure)
     return meta.device_type if meta and meta.device_type in ("gaudi2", "gaudi3") else "gaudi2"

@@ -11,10 +11,12 @@ seconds, result) printed and written to `<run dir>/ladder/` (ladder.txt, ladder.
                rank file per rank named _<rank>_<world>
     c  all-reduce  one process per node over SSH joins a torch.distributed group at the head (gloo on CPU,
                HCCL on Gaudi) with the node's IFNAME and all-reduces once
+    e  inc-quantize  rung b's files unified to one rank (`unify`), the one-node QUANT_CONFIG `quantize` writes
+               for them, loaded by INC QUANTIZE for one short generation (vllm-gaudi; INC in vLLM's CPU workers)
     f  compressed-tensors  rung b's measurements written by `quantize --format compressed-tensors` for this
                Gaudi type and loaded by `infer` for one short generation (vllm-gaudi; vLLM on CPU)
-Not built yet (d, e): the engine at the full TP over Ray with its rank files gathered, a tiny MoE with EP, the
-full-TP files unified to one node and loaded by INC QUANTIZE.
+Not built yet (d): a tiny MoE with EP (INC on CPU patches linear layers only), and the engine at the full TP
+over Ray with its rank files gathered (rung c all-reduces across the nodes without an engine).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ray_calib.errors import ConfigError
 from ray_calib.ladder.allreduce import run_allreduce
 from ray_calib.ladder.compressed import run_compressed
+from ray_calib.ladder.inc_quantize import run_inc_quantize
 from ray_calib.ladder.inc_tp2 import run_inc_tp2
 from ray_calib.ladder.nodes import run_nodes
 from ray_calib.ladder.run import Rung
@@ -13,6 +14,12 @@ RUNGS = [
     Rung("a", "nodes", "versions, devices, memory, disk and the model equal on every node", run_nodes),
     Rung("b", "inc-tp2", "INC MEASURE in vLLM at TP 2 on one node: one rank file per rank", run_inc_tp2),
     Rung("c", "all-reduce", "one all-reduce across every node over its IFNAME (gloo / HCCL)", run_allreduce),
+    Rung(
+        "e",
+        "inc-quantize",
+        "rung b's files unified to one rank and loaded by INC QUANTIZE: generate",
+        run_inc_quantize,
+    ),
     Rung(
         "f",
         "compressed-tensors",

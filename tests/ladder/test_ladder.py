@@ -118,20 +118,21 @@ def test_version_skew_fails_rung_a_naming_the_host(workdir, sshd, run_cli, tiny_
 
 @pytest.mark.cluster
 @pytest.mark.slow
-@pytest.mark.extended  # ~2.5 min (rung b starts vLLM at TP 2); each rung's failure is in make test
+@pytest.mark.extended  # ~3 min (rung b starts vLLM at TP 2, e and f at TP 1); each rung's failure is in make test
 def test_ladder_green_on_the_two_local_nodes(workdir, sshd, run_cli, tiny_model, tmp_path):
     """Every rung built so far, for real: SSH to both nodes, INC MEASURE in vLLM's CPU workers at TP 2, one
-    all-reduce across both nodes, and those measurements as a Gaudi2 compressed-tensors checkpoint that vLLM
-    loads and generates with."""
+    all-reduce across both nodes, those measurements unified to TP 1 and loaded by INC QUANTIZE, and as a
+    Gaudi2 compressed-tensors checkpoint that vLLM loads and generates with."""
     conf = ladder_conf(workdir, sshd, "green")
     result = run_cli("ladder", "--conf", conf, "-m", tiny_model("llama"), "--run-dir", tmp_path / "run")
     assert result.exit_code == 0, result.stderr + result.stdout
     assert "ok: 2 nodes like the head" in result.stdout and "ok: INC MEASURE at TP 2" in result.stdout
     assert "ok: all-reduce of 2 nodes (gloo)" in result.stdout
+    assert "ok: TP 2 files unified to TP 1, loaded by INC QUANTIZE in vLLM's CPU workers (" in result.stdout
     assert "ok: fp8-gaudi2 (gaudi2) loaded by vLLM on CPU, generated 4 tokens" in result.stdout
     table = (tmp_path / "run" / "ladder" / "ladder.txt").read_text()
     assert table.startswith("rung") and "seconds" in table and "b inc-tp2" in table
-    assert [r["ok"] for r in json.loads((tmp_path / "run" / "ladder" / "ladder.json").read_text())] == [True] * 4
+    assert [r["ok"] for r in json.loads((tmp_path / "run" / "ladder" / "ladder.json").read_text())] == [True] * 5
     from ray_calib.inc import read_meta
 
     meta = read_meta(tmp_path / "run" / "ladder" / "b-inc-tp2" / "measure")
@@ -182,3 +183,40 @@ def test_rung_f_needs_rung_b_first(workdir, sshd, run_cli, tmp_path):
         result.exit_code == 1
         and f"ladder rung f compressed-tensors: head ({HEAD_IP}): no measurements of rung b" in (result.stderr)
     )
+
+
+def one_node_conf(tmp_path):
+    """A devices.conf of this machine's two local node addresses (rungs b, e and f run on the head alone)."""
+    for name in ("head.sh", "worker.sh"):
+        (tmp_path / name).write_text("")
+    conf = tmp_path / "devices.conf"
+    conf.write_text(
+        f"HEAD_NODE_IP={HEAD_IP}\nHEAD_NODE_IFNAME=lo\nHEAD_NODE_SOURCE_FILENAME=head.sh\n"
+        f"WORKER_NODE_IP={WORKER_IP}\nWORKER_NODE_IFNAME=lo\nWORKER_NODE_SOURCE_FILENAME=worker.sh\n"
+        "DEVICE_KIND=cpu\nDEVICES_PER_NODE=2\n"
+    )
+    return conf
+
+
+def test_rung_e_needs_rung_b_first(tmp_path, run_cli):
+    result = run_cli("ladder", "--conf", one_node_conf(tmp_path), "--rungs", "e", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 1
+    assert f"ladder rung e inc-quantize: head ({HEAD_IP}): no measurements of rung b" in result.stderr
+
+
+@pytest.mark.slow
+def test_rung_e_fails_on_unified_files_inc_cannot_quantize_with(tmp_path, run_cli, tiny_model):
+    """Rank files that unify cleanly but that INC's QUANTIZE cannot use (here: our test writer's, which lack
+    fields INC reads) fail rung e in under a minute, naming INC, instead of at the first serve of the real job."""
+    from tests.convert.synthetic import write_measurements
+
+    rung_b = tmp_path / "run" / "ladder" / "b-inc-tp2"
+    model = rung_b / "tiny-llama"
+    rung_b.mkdir(parents=True)
+    model.symlink_to(tiny_model("llama"), target_is_directory=True)
+    write_measurements(rung_b / "measure", model, world_size=2, device_type="cpu")
+    result = run_cli("ladder", "--conf", one_node_conf(tmp_path), "--rungs", "e", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 1, result.stdout
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert error.startswith(f"error: ladder rung e inc-quantize: head ({HEAD_IP}): INC QUANTIZE of the unified files")
+    assert (tmp_path / "run" / "ladder" / "e-inc-quantize" / "unified-tp1").is_dir()  # unify itself passed

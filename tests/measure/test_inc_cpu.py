@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from ray_calib.inc import MeasurementSet, read_meta
+from ray_calib.ladder.inc_generate import read_result
 from ray_calib.measurements.pipeline import unify_dir
 from tests.measure.conftest import REPO, measure_args, measure_env, run_measure
 from tests.measure.test_reshard_invariant import Diff
@@ -116,7 +117,7 @@ def test_inc_measure_gather_unify_quantize(tiny_models, calib_set, tmp_path, two
     cpu_config = tmp_path / "quant_cpu.json"
     cpu_config.write_text(json.dumps({**gaudi_config, "scale_method": "maxabs_pow2", "use_qdq": True}))
     generated = subprocess.run(
-        [sys.executable, "-m", "tests.measure.inc_generate", str(model), str(cpu_config)],
+        [sys.executable, "-m", "ray_calib.ladder.inc_generate", str(model), str(cpu_config)],
         cwd=REPO,
         env={**measure_env(), **INC_ON_CPU},
         capture_output=True,
@@ -124,7 +125,7 @@ def test_inc_measure_gather_unify_quantize(tiny_models, calib_set, tmp_path, two
         timeout=600,
     )
     assert generated.returncode == 0, generated.stderr[-3000:]
-    result = json.loads(generated.stdout.strip().splitlines()[-1])
+    result = read_result(generated.stdout)
     assert result["patched"] >= 16 and all(result["completions"])
     scale_files = sorted(p.name for p in (run_dir / "unified-tp1").glob("*MAXABS_POW2*.json"))
     assert scale_files, "INC's QUANTIZE computed and saved scales from the unified measurements"
