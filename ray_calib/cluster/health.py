@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from ray_calib.cluster.devices import ClusterConfig
+from ray_calib.cluster.preflight import TOKEN_AUTH_FIX, no_token_auth
 from ray_calib.cluster.ray_nodes import LABEL_KEY
 from ray_calib.errors import ClusterError
 
@@ -48,8 +49,11 @@ def _reload_ray_auth() -> None:
     """Ray reads its auth mode and token once per process; one that used Ray before (another cluster, or
     none) would go on sending what it read then and be refused. A connected driver is left alone."""
     import ray
-    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+    except ImportError:  # Ray < 2.52
+        raise ClusterError("this machine", no_token_auth(ray.__version__), fix=TOKEN_AUTH_FIX) from None
     if not ray.is_initialized():
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()

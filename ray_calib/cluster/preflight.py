@@ -3,7 +3,8 @@
 Each host runs one small probe with the node's own Python after sourcing its env file (so a node whose
 env points at another interpreter shows up as a version mismatch). The probe imports nothing heavy: package
 versions come from installed metadata. Checks, compared with the head where it matters:
-reachable; same Python, Ray, torch, vLLM, neural-compressor, ray-calib, and on Gaudi vllm-gaudi, the
+reachable; a Ray with token authentication; same Python, Ray, torch, vLLM, neural-compressor, ray-calib, and on
+Gaudi vllm-gaudi, the
 Habana torch plugin and the driver (`hl-smi`, which reads the driver without opening a card); devices
 per kind; IFNAME holds the IP; the work directory exists at the same path; free disk in it.
 The model's presence on every node is checked by `measure` (it knows the model), with a Ray task per node.
@@ -71,11 +72,19 @@ def gaudi():
                          text=True, timeout=60)
     rows = [[f.strip() for f in line.split(",")] for line in res.stdout.splitlines() if line.strip()]
     return {"names": sorted({r[0] for r in rows}), "driver": sorted({r[1] for r in rows if len(r) > 1})}
+def ray_token_auth():
+    # Ray >= 2.52 ships ray/_private/authentication (RAY_AUTH_MODE=token); found without importing Ray
+    import importlib.util
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.origin:
+        return None
+    return os.path.isdir(os.path.join(os.path.dirname(spec.origin), "_private", "authentication"))
 exists = os.path.isdir(work_dir)
 free = shutil.disk_usage(work_dir).free / 2**30 if exists else 0.0
 print(mark + json.dumps({"python": platform.python_version(), "executable": sys.executable,
     "packages": {k: version(v) for k, v in packages.items()}, "ifaces": ifaces(), "devices": devices(),
-    "work_dir": exists, "free_gb": round(free, 1), "hostname": socket.gethostname(), "gaudi": gaudi()}))
+    "work_dir": exists, "free_gb": round(free, 1), "hostname": socket.gethostname(), "gaudi": gaudi(),
+    "ray_token_auth": ray_token_auth()}))
 """
 
 
@@ -144,6 +153,8 @@ def judge(node: NodeConfig, facts: dict, head: dict, config: ClusterConfig) -> l
             mine, ref = facts["packages"].get(name), head["packages"].get(name)
             if mine != ref and (mine or name not in REQUIRED):
                 problems.append(f"{name} {mine or 'missing'} != head {ref or 'missing'}")
+    if facts["packages"].get("ray") and facts.get("ray_token_auth") is False:
+        problems.append(f"{no_token_auth(facts['packages']['ray'])}: {TOKEN_AUTH_FIX}")
     found = facts["devices"].get(node.device_kind, 0)
     # A CPU "device" is a rank process sharing the node's cores (and RAM, which measure/infer check):
     # more ranks than cores is slow but runs, e.g. TP=16 over two 2-core nodes.
@@ -158,6 +169,21 @@ def judge(node: NodeConfig, facts: dict, head: dict, config: ClusterConfig) -> l
             f"{facts['free_gb']} GiB free in {config.work_dir} < MIN_FREE_DISK_GB={config.min_free_disk_gb}"
         )
     return problems
+
+
+MIN_RAY = "2.52"  # the first Ray with token authentication (RAY_AUTH_MODE=token)
+
+
+def no_token_auth(version: str) -> str:
+    """Why an older Ray is refused: `up` starts every node with RAY_AUTH_MODE=token, which an older Ray
+    ignores, serving its GCS and raylet ports to anyone who reaches them (Gaudi images may carry one)."""
+    return (
+        f"ray {version} has no token authentication (RAY_AUTH_MODE=token, ray >= {MIN_RAY}; an older Ray ignores "
+        "it and runs code for anyone who reaches its ports)"
+    )
+
+
+TOKEN_AUTH_FIX = f"install ray>={MIN_RAY} on every node (the same version everywhere)"
 
 
 def _check_gaudi(node: NodeConfig, mine: dict | None, head: dict | None) -> list[str]:
