@@ -243,7 +243,12 @@ def _eval_texts(path: Path | None) -> list[str]:
 
 @options.command(name="eval")
 @click.option("--baseline", type=_dir, help="The BF16 model [default: the model in the run's meta].")
-@click.option("--candidate", type=_dir, help="The FP8 model [default: <run-dir>/fp8].")
+@click.option(
+    "--candidate",
+    type=_dir,
+    help="The FP8 model [default: <run-dir>/fp8; on Gaudi the measured model under INC's QUANTIZE, or a "
+    "compressed-tensors checkpoint given here].",
+)
 @click.option(
     "--texts",
     type=_file,
@@ -268,6 +273,13 @@ def _eval_texts(path: Path | None) -> list[str]:
 @click.option("--min-agreement", type=float, help="Fail when top-1 agreement falls below this (0-1).")
 @options.out_option("Results JSON [default: <run-dir>/eval.json].", file=True)
 @allow_scale_loss_option
+@click.option(
+    "--quant-config",
+    type=_file,
+    help="Gaudi: the candidate's QUANTIZE QUANT_CONFIG [default: the run's one-node config, written if absent].",
+)
+@options.device_option(runtime=True, help="Target device [env RAY_CALIB_DEVICE]; gaudi2/gaudi3 taken as given.")
+@click.option("--dry-run", is_flag=True, help="Print the settings of both engines; score nothing.")
 @kv_cache_gib_option
 @enforce_eager_option
 @run_dir_option
@@ -281,6 +293,9 @@ def eval_command(
     min_agreement: float | None,
     out: Path | None,
     allow_scale_loss: bool,
+    quant_config: Path | None,
+    device: str,
+    dry_run: bool,
     kv_cache_gib: float,
     enforce_eager: bool,
     run_dir: str | None,
@@ -292,10 +307,9 @@ def eval_command(
       ray-calib eval --baseline models/r1-bf16 --candidate calib-run/fp8 --min-agreement 0.9
     """
     run = RunDir.resolve(run_dir)
-    ui.library_logs(run.root, "eval")
     request = stage.EvalRequest(
         run=run,
-        texts=_eval_texts(texts),
+        texts=[] if dry_run else _eval_texts(texts),
         baseline=baseline,
         candidate=candidate,
         tp=tp_size,
@@ -306,7 +320,17 @@ def eval_command(
         allow_scale_loss=allow_scale_loss,
         kv_cache_gib=kv_cache_gib,
         enforce_eager=enforce_eager,
+        target=detect_target(device),
+        quant_config=quant_config,
+        dry_run=dry_run,
     )
+    if dry_run:
+        plan = stage.eval_plan(request)
+        click.echo(f"ray-calib eval --dry-run: nothing is started; TP {plan.tp_size} on {plan.device}")
+        for name, settings in stage.eval_engines(request, plan).items():
+            click.echo(f"{name}: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None))
+        return
+    ui.library_logs(run.root, "eval")
     result = stage.evaluate(request)
     report = result.report
     for note in report.notes:

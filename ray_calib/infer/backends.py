@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Protocol
 
 from ray_calib.cluster import devices
-from ray_calib.engine.device import Target
+from ray_calib.engine.device import Target, detect_device
+from ray_calib.errors import ConfigError
 from ray_calib.inc import RunMeta
 from ray_calib.infer import gaudi, runner
-from ray_calib.infer.request import InferRequest
+from ray_calib.infer.request import EvalRequest, InferRequest
 from ray_calib.infer.runner import InferConfig
 from ray_calib.rundir import RunDir
 from ray_calib.runrecord import run_measurements
@@ -32,6 +33,20 @@ class Resolved:
     serve_plan: gaudi.GaudiServe | None = None
     notes: list[str] = field(default_factory=list)  # what was done (a QUANT_CONFIG written)
     warnings: list[str] = field(default_factory=list)  # what the user should change
+
+
+@dataclass
+class EvalPlan:
+    """The two engines `eval` scores: the BF16 baseline and the FP8 candidate, with what each engine alone gets."""
+
+    baseline: Path
+    candidate: Path
+    tp_size: int
+    device: str
+    with_fp8_kv: bool  # also the candidate on an FP8 cache, calibrated and at 1.0 (CPU/CUDA rows)
+    candidate_fp8_kv: bool = False  # the candidate's own cache (Gaudi: what its QUANT_CONFIG decides)
+    baseline_options: dict = field(default_factory=dict)
+    candidate_options: dict = field(default_factory=dict)
 
 
 class Backend(Protocol):
@@ -48,6 +63,18 @@ class Backend(Protocol):
     def dry_run_facts(self, resolved: Resolved, target: Target, conf: Path | None) -> tuple[list, list[str]]:
         """Facts and warnings this family adds to `infer --dry-run`."""
         ...
+
+    def eval_plan(self, request: EvalRequest, meta: RunMeta | None) -> EvalPlan:
+        """What `eval` compares on this family, from the flags and the run."""
+        ...
+
+
+def _baseline(request: EvalRequest, meta: RunMeta | None) -> Path:
+    if request.baseline is not None:
+        return request.baseline
+    if not (meta and meta.model):
+        raise ConfigError("no --baseline and no model recorded in the run's meta", fix="pass --baseline.")
+    return Path(meta.model)
 
 
 def devices_conf_quant_config(conf: Path) -> str | None:
@@ -99,6 +126,18 @@ class FP8Checkpoint:
     def kv_source(self, config: InferConfig) -> str:
         return ""
 
+    def eval_plan(self, request: EvalRequest, meta: RunMeta | None) -> EvalPlan:
+        candidate = request.candidate or request.run.fp8
+        baseline = _baseline(request, meta)
+        for model in (baseline, candidate):
+            runner.check_model_dir(model)
+        device = request.target.device if request.target else detect_device()
+        kv_gib, context = request.kv_cache_gib, request.max_model_len
+        # One engine at a time, so the larger (BF16) baseline decides; the candidate must allow the same TP.
+        tp_size = runner.choose_tp(baseline, request.tp, device=device, kv_cache_gib=kv_gib, max_model_len=context)
+        runner.choose_tp(candidate, tp_size, device=device, kv_cache_gib=kv_gib, max_model_len=context)
+        return EvalPlan(baseline, candidate, tp_size, device, runner.resolve_fp8_kv(candidate, request.with_fp8_kv))
+
     def dry_run_facts(self, resolved: Resolved, target: Target, conf: Path | None) -> tuple[list, list[str]]:
         return [], []
 
@@ -110,6 +149,9 @@ class Gaudi:
 
     def default_model(self, run: RunDir) -> Path:
         return run_measurements(run) or run.measure
+
+    def eval_plan(self, request: EvalRequest, meta: RunMeta | None) -> EvalPlan:
+        return _gaudi_eval_plan(request, meta)
 
     def resolve(self, request: InferRequest, meta: RunMeta | None, extra_env: dict[str, str]) -> Resolved:
         model, write = request.model, not request.dry_run
@@ -188,6 +230,36 @@ class Gaudi:
                 f"(ranks on other nodes read {config.quant_config})"
             )
         return facts, warnings
+
+
+def _gaudi_eval_plan(request: EvalRequest, meta: RunMeta | None) -> EvalPlan:
+    """On Gaudi the candidate is the measured model under INC's QUANTIZE (the run's one-node QUANT_CONFIG, as
+    `infer` serves it), or a compressed-tensors checkpoint given as --candidate; the baseline runs as it is."""
+    run, candidate = request.run, request.candidate
+    ct_kv = gaudi.compressed_tensors_fp8_kv(candidate) if candidate is not None else None
+    if candidate is not None and ct_kv is not None:
+        tp = request.tp or (meta.tp_size if meta and meta.tp_size else 8)
+        baseline = _baseline(request, meta)
+        return EvalPlan(baseline, candidate, tp, "hpu", False, ct_kv, baseline_options={"bf16": True})
+    plan = gaudi.resolve(
+        run,
+        meta,
+        model=candidate,
+        tp=request.tp,
+        quant_config=request.quant_config,
+        fp8_kv=request.with_fp8_kv,
+        write=not request.dry_run,
+    )
+    return EvalPlan(
+        request.baseline or plan.model,
+        plan.model,
+        plan.tp_size,
+        "hpu",
+        False,
+        plan.fp8_kv,
+        baseline_options={"bf16": True},
+        candidate_options={"quant_config": plan.quant_config, "expert_parallel": plan.expert_parallel},
+    )
 
 
 def backend_for(target: Target) -> Backend:

@@ -44,6 +44,7 @@ class Variant:
     name: str  # "baseline", "candidate", "candidate_fp8_kv", UNIT_KV
     model: Path
     fp8_kv: bool = False
+    options: dict = field(default_factory=dict)  # InferConfig fields of this variant's engine alone
 
 
 @dataclass
@@ -146,14 +147,21 @@ def evaluate(
     with_fp8_kv: bool = True,
     max_model_len: int = 1024,
     engine_options: dict | None = None,
+    baseline_options: dict | None = None,
+    candidate_options: dict | None = None,
+    candidate_fp8_kv: bool = False,
 ) -> FidelityReport:
     """Score baseline and candidate (both on a BF16 cache) on the same token windows; `with_fp8_kv`
     adds the candidate on an FP8 cache with its calibrated k/v scales and, when it has some, without them
     (`UNIT_KV`: vLLM's scale 1.0, `unit_kv`). `engine_options`: further `InferConfig` fields for every
-    engine (e.g. kv_cache_gib, enforce_eager)."""
+    engine (e.g. kv_cache_gib, enforce_eager); `baseline_options` / `candidate_options` those of one engine
+    (Gaudi: the baseline as it is, the candidate with INC's QUANT_CONFIG and the KV cache it decides)."""
     windows, notice = token_windows(tokenize(baseline, texts), max_model_len)
     notes = [notice] if notice else []
-    variants = [Variant("baseline", baseline), Variant("candidate", candidate)]
+    variants = [
+        Variant("baseline", baseline, options=baseline_options or {}),
+        Variant("candidate", candidate, fp8_kv=candidate_fp8_kv, options=candidate_options or {}),
+    ]
     options = {**(engine_options or {}), "max_model_len": max_model_len}
     with tempfile.TemporaryDirectory(prefix="ray-calib-kv-scale-1-") as scratch:
         if with_fp8_kv:
@@ -202,7 +210,7 @@ def score(variant: Variant, windows: list[list[int]], *, tp_size: int, device: s
         windows,
         tp_size,
         device,
-        engine_options,
+        {**engine_options, **variant.options},
         what=f"scoring {variant.name} ({variant.model})",
         device=device,
     )

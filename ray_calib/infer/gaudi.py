@@ -258,13 +258,14 @@ def check_serve_fit(config, target_bytes: int | None) -> None:
 
 
 def engine_config(config):
-    """EngineConfig for an InferConfig on Gaudi: INC QUANTIZE through QUANT_CONFIG, graphs on."""
+    """EngineConfig for an InferConfig on Gaudi: INC QUANTIZE through QUANT_CONFIG, graphs on (`bf16`: the model
+    as it is, no INC: eval's baseline)."""
     route = gaudi.route_for(model_config(config.model), str(config.model))
     env = gaudi.engine_env(
         measure=False,
         tp_size=config.tp_size,
         route=route,
-        quant_config=str(config.quant_config.absolute()) if config.quant_config else None,
+        quant_config=str(config.quant_config.absolute()) if config.quant_config and not config.bf16 else None,
         timeout_s=config.timeout_s,
         expert_parallel=config.expert_parallel,
         ready_timeout_s=config.startup_timeout_s,
@@ -275,7 +276,7 @@ def engine_config(config):
         model=str(config.model),
         tp_size=config.tp_size,
         device="hpu",
-        quantization=route.quantization,
+        quantization=None if config.bf16 else route.quantization,
         ray_address=config.extra_env.get("RAY_ADDRESS"),
         kv_cache_dtype="fp8_inc" if config.fp8_kv else "auto",
         max_model_len=config.max_model_len,

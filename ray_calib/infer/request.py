@@ -43,3 +43,6 @@ class EvalRequest:
     allow_scale_loss: bool = False
     kv_cache_gib: float = 1.0
     enforce_eager: bool = False
+    target: Target | None = None  # None: this machine's device
+    quant_config: Path | None = None  # Gaudi: the QUANTIZE QUANT_CONFIG of the candidate [default: the run's]
+    dry_run: bool = False  # show each engine's settings; score nothing, write nothing

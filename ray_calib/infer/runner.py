@@ -78,6 +78,7 @@ class InferConfig:
     max_num_seqs: int | None = None  # None: vLLM's default (Gaudi: set by `infer.gaudi`)
     startup_timeout_s: int | None = None  # how long `serve` waits for /health [None: timeout_s]
     skip_warmup: bool = False  # Gaudi: VLLM_SKIP_WARMUP (faster start, graphs compiled on first use)
+    bf16: bool = False  # Gaudi: the model as it is, no INC (eval's BF16 baseline)
 
     def timeout_env(self) -> dict[str, str]:
         """vLLM aborts a slow start (large weights) or a long first step (FP8 compiles) unless these are raised."""
@@ -107,7 +108,7 @@ def check_device_type(meta: RunMeta | None, device_type: str, *, allow_mismatch:
 def engine_config(config: InferConfig):
     env = {**config.timeout_env(), **config.extra_env}
     if config.device == "hpu":
-        if config.quant_config is None and compressed_tensors_fp8_kv(config.model) is None:
+        if config.quant_config is None and not config.bf16 and compressed_tensors_fp8_kv(config.model) is None:
             raise ModelError("Gaudi inference needs the QUANTIZE QUANT_CONFIG", fix="pass --quant-config FILE.")
 
         return gaudi.engine_config(config)

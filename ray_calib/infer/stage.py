@@ -18,13 +18,14 @@ from typing import Any
 
 from ray_calib import atomic
 from ray_calib.cluster import connect, devices
-from ray_calib.engine.device import GiB, detect_device
+from ray_calib.engine.device import GiB, detect_target
+from ray_calib.engine.launch import engine_settings
 from ray_calib.engine.plan import EnginePlan, local_node, nodes_from_conf
-from ray_calib.errors import ConfigError, EngineError
+from ray_calib.errors import EngineError
 from ray_calib.inc import RunMeta, read_meta
 from ray_calib.inc.quant_config import read_config
 from ray_calib.infer import fidelity, runner
-from ray_calib.infer.backends import Backend, Resolved, backend_for
+from ray_calib.infer.backends import Backend, EvalPlan, Resolved, backend_for
 from ray_calib.infer.compare import side_by_side
 from ray_calib.infer.request import EvalRequest, InferRequest
 from ray_calib.rundir import RunDir
@@ -130,36 +131,57 @@ class EvalResult:
             )
 
 
+def eval_plan(request: EvalRequest) -> EvalPlan:
+    """The baseline and candidate engines of this device family (`infer.backends`)."""
+    target = request.target or detect_target()
+    backend = backend_for(target)
+    meta, _ = run_meta(request.run, request.candidate or backend.default_model(request.run))
+    return backend.eval_plan(request, meta)
+
+
+def eval_engines(request: EvalRequest, plan: EvalPlan) -> dict[str, Any]:
+    """`eval --dry-run`: the engine settings and environment each scored model would get."""
+    engines = {}
+    for name, model, fp8_kv, options in (
+        ("baseline", plan.baseline, False, plan.baseline_options),
+        ("candidate", plan.candidate, plan.candidate_fp8_kv, plan.candidate_options),
+    ):
+        config = runner.InferConfig(
+            model=model,
+            tp_size=plan.tp_size,
+            device=plan.device,
+            fp8_kv=fp8_kv,
+            max_model_len=request.max_model_len,
+            kv_cache_gib=request.kv_cache_gib,
+            enforce_eager=request.enforce_eager,
+            **options,
+        )
+        engine = runner.engine_config(config)
+        env = {k: v for k, v in engine.extra_env.items() if k in ("QUANT_CONFIG", "PT_HPU_WEIGHT_SHARING")}
+        engines[name] = {"model": str(model), **engine_settings(engine), "quantization": engine.quantization, **env}
+    return engines
+
+
 def evaluate(request: EvalRequest) -> EvalResult:
     """Score BF16 and FP8 on the same windows, write eval.json with the verdict `push` checks."""
-    run = request.run
-    candidate = request.candidate or run.fp8
-    baseline = request.baseline
-    if baseline is None:
-        meta, _ = run_meta(run, candidate)
-        if not (meta and meta.model):
-            raise ConfigError("no --baseline and no model recorded in the run's meta", fix="pass --baseline.")
-        baseline = Path(meta.model)
-    for model in (baseline, candidate):
-        runner.check_model_dir(model)
-    with_fp8_kv = runner.resolve_fp8_kv(candidate, request.with_fp8_kv)
-    device = detect_device()
-    # One engine at a time, so the larger (BF16) baseline decides; the candidate must allow the same TP.
-    kv_gib, context = request.kv_cache_gib, request.max_model_len
-    tp_size = runner.choose_tp(baseline, request.tp, device=device, kv_cache_gib=kv_gib, max_model_len=context)
-    runner.choose_tp(candidate, tp_size, device=device, kv_cache_gib=kv_gib, max_model_len=context)
+    plan = eval_plan(request)
     report = fidelity.evaluate(
-        baseline,
-        candidate,
+        plan.baseline,
+        plan.candidate,
         request.texts,
-        tp_size=tp_size,
-        device=device,
-        with_fp8_kv=with_fp8_kv,
+        tp_size=plan.tp_size,
+        device=plan.device,
+        with_fp8_kv=plan.with_fp8_kv,
         max_model_len=request.max_model_len,
         engine_options={"kv_cache_gib": request.kv_cache_gib, "enforce_eager": request.enforce_eager},
+        baseline_options=plan.baseline_options,
+        candidate_options=plan.candidate_options,
+        candidate_fp8_kv=plan.candidate_fp8_kv,
     )
     dropped = sum(len(audit["dropped"]) for audit in report.scale_audit.values())
+    candidate = plan.candidate
     verdict = _verdict(candidate, report.worst_agreement(), request.min_agreement, dropped, request.allow_scale_loss)
+    run = request.run
     saved = fidelity.write_report(report, request.out or run.eval_json, verdict)
     if (record := read_record(run.root)) is not None and request.out is None:
         record_facts(record, "eval", {"eval": verdict})

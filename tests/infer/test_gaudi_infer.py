@@ -316,3 +316,33 @@ def test_a_quant_config_reading_other_measurements_is_refused(tmp_path, run_cli,
     dump = json.loads(template.read_text())["dump_stats_path"]
     assert dump in result.stderr and str(run.unified(8)) in result.stderr
     assert ("INC_QUANT_CONFIG_FILENAME" if via == "devices.conf" else "--quant-config") in result.stderr
+
+
+def test_eval_on_gaudi_scores_the_measured_model_under_inc_against_itself_as_it_is(tmp_path, run_cli):
+    """`eval` on Gaudi (no `<run>/fp8` there): the candidate is the measured model with the run's one-node
+    QUANTIZE config, as `infer` serves it; the baseline is the same model without INC. A compressed-tensors
+    checkpoint given as --candidate is loaded as it is."""
+    source = model(tmp_path, fp8=False)
+    run, _ = run_with(tmp_path, source, fp8_kv=True)
+    result = run_cli("eval", "--device", "gaudi2", "--run-dir", run.root, "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines()[1:])
+    assert "TP 8 on hpu" in result.stdout.splitlines()[0]
+    config = run.configs / "inc_quant_with_fp8kv_one_node_config.json"
+    assert f"model={source}" in lines["candidate"] and f"QUANT_CONFIG={config}" in lines["candidate"]
+    assert "quantization=inc" in lines["candidate"] and "kv_cache_dtype=fp8_inc" in lines["candidate"]
+    assert "enable_expert_parallel=True" in lines["candidate"]
+    assert f"model={source}" in lines["baseline"] and "QUANT_CONFIG" not in lines["baseline"]
+    assert "quantization" not in lines["baseline"] and "kv_cache_dtype" not in lines["baseline"]
+    assert not config.exists()  # a dry run writes nothing
+
+    checkpoint = tmp_path / "run" / "fp8-gaudi2"
+    checkpoint.mkdir()
+    ct = json.loads((source / "config.json").read_text())
+    ct["quantization_config"] = {"quant_method": "compressed-tensors", "kv_cache_scheme": {"type": "float"}}
+    (checkpoint / "config.json").write_text(json.dumps(ct))
+    result = run_cli("eval", "--device", "gaudi2", "--run-dir", run.root, "--candidate", checkpoint, "--dry-run")
+    assert result.exit_code == 0, result.stderr
+    candidate = next(line for line in result.stdout.splitlines() if line.startswith("candidate: "))
+    assert f"model={checkpoint}" in candidate and "QUANT_CONFIG" not in candidate
+    assert "kv_cache_dtype=fp8_inc" in candidate and "quantization=" not in candidate
