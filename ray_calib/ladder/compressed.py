@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import json
 
-from ray_calib.cluster import devices
 from ray_calib.inc import read_meta
-from ray_calib.ladder.inc_tp2 import WORLD, run_step, rung_b_dir, rung_env
+from ray_calib.ladder.inc_tp2 import WORLD, run_step, rung_b_output, rung_env
 from ray_calib.ladder.run import LadderContext, RungFailed
 
 PROMPT = "The capital of France is"
 
 
 def run_compressed(context: LadderContext) -> str:
-    config = devices.load(context.conf)
-    host, kind = config.head.label, config.head.device_kind
-    source = rung_b_dir(context)
-    measure, model = source / "measure", source / "tiny-llama"
-    if not (measure / "ray_calib_meta.json").is_file():
-        raise RungFailed(host, f"no measurements of rung b in {measure}", fix="run rung b first (--rungs bf).")
+    host, kind, measure, model = rung_b_output(context, "bf")
     work = context.run_dir / "ladder" / "f-compressed-tensors"
     gaudi = gaudi_type(measure) if kind == "hpu" else "gaudi2"
     checkpoint = work / f"fp8-{gaudi}"

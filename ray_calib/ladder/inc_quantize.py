@@ -16,22 +16,16 @@ import sys
 from pathlib import Path
 
 from ray_calib import atomic
-from ray_calib.cluster import devices
 from ray_calib.ladder.compressed import PROMPT, gaudi_type
 from ray_calib.ladder.inc_generate import read_result
-from ray_calib.ladder.inc_tp2 import STEP_TIMEOUT_S, WORLD, run_step, rung_b_dir, rung_env
+from ray_calib.ladder.inc_tp2 import STEP_TIMEOUT_S, WORLD, run_step, rung_b_output, rung_env
 from ray_calib.ladder.run import LadderContext, RungFailed
 
 UNIFIED_TP = WORLD // 2
 
 
 def run_inc_quantize(context: LadderContext) -> str:
-    config = devices.load(context.conf)
-    host, kind = config.head.label, config.head.device_kind
-    source = rung_b_dir(context)
-    measure, model = source / "measure", source / "tiny-llama"
-    if not (measure / "ray_calib_meta.json").is_file():
-        raise RungFailed(host, f"no measurements of rung b in {measure}", fix="run rung b first (--rungs be).")
+    host, kind, measure, model = rung_b_output(context, "be")
     work = context.run_dir / "ladder" / "e-inc-quantize"
     unified, configs = work / f"unified-tp{UNIFIED_TP}", work / "configs"
     env = rung_env(kind)

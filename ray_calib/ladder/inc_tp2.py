@@ -42,6 +42,18 @@ def rung_b_dir(context: LadderContext) -> Path:
     return context.run_dir / "ladder" / "b-inc-tp2"
 
 
+def rung_b_output(context: LadderContext, rungs: str) -> tuple[str, str, Path, Path]:
+    """(head label, device kind, measurements, tiny model) rung b left for a later rung; refused without them."""
+    head = devices.load(context.conf).head
+    source = rung_b_dir(context)
+    measure = source / "measure"
+    if not (measure / "ray_calib_meta.json").is_file():
+        raise RungFailed(
+            head.label, f"no measurements of rung b in {measure}", fix=f"run rung b first (--rungs {rungs})."
+        )
+    return head.label, head.device_kind, measure, source / "tiny-llama"
+
+
 def rung_env(kind: str) -> dict[str, str]:
     """The user's env without a Ray address (this rung is one node, mp), INC in vLLM's CPU workers on CPU."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_CALIB_DEVICE")}
