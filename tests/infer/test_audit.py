@@ -149,7 +149,7 @@ def _spread_expert_input_scales(checkpoint, layer: int) -> int:
 
 
 @pytest.mark.slow
-def test_per_expert_input_scales_the_real_engine_collapses_fail_the_audit(tiny_model, tmp_path, run_cli, monkeypatch):
+def test_per_expert_input_scales_the_real_engine_collapses_fail_the_audit(tiny_model, tmp_path, run_cli):
     """vLLM keeps one static input scale per MoE layer and projection (their max). Ours writes that max, so
     the audit is clean; a checkpoint with differing per-expert values loses them in the real engine."""
     deepseek = tiny_model("deepseek_v3")
@@ -160,7 +160,8 @@ def test_per_expert_input_scales_the_real_engine_collapses_fail_the_audit(tiny_m
     assert carried.expert_inputs and all(
         len(set(values.values())) == 1 for kinds in carried.expert_inputs.values() for values in kinds.values()
     ), "quantize writes one input scale per MoE layer and projection"
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # the engine core in its own process: an earlier in-process engine of this test worker (a dense model) would
+    # leave vLLM's parallel state without the expert-parallel group this MoE model needs
     args = ("infer", "--run-dir", run.root, "--max-new-tokens", 2, "--enforce-eager")
     result = run_cli(*args)
     assert result.exit_code == 0, result.stderr
