@@ -5,6 +5,8 @@
     dry_run(plan, ...)       what `infer --dry-run` prints, per node
     run(plan, prompts, ...)  offline generation (or side by side with a BF16 baseline), the scale audit,
                              completions saved in the run directory
+    eval_plan(EvalRequest)   the baseline and candidate engines of the device family (Gaudi: the measured
+                             model under INC's QUANTIZE); eval_engines shows them (`eval --dry-run`)
     evaluate(EvalRequest)    BF16 against FP8 on held-out text, the verdict `push` checks, eval.json
 
 `cli/infer.py` parses the options into these requests and prints what comes back.
