@@ -76,6 +76,7 @@ def test_demo_smollm2_answers_and_figures(demo):
     # variant in eval.json (a BF16-cache variant carries k/v scales it cannot use: a note, not a drop)
     audits = [line for line in result.stdout.splitlines() if line.startswith("scale audit: ")]
     assert len(audits) == 2 and "30/30 kv" in audits[-1], audits
+    assert re.search(r"\b(\d+)/\1 expert_input", audits[0]), audits  # the tiny DeepSeek's MoE input scales in use
     for line in audits:
         assert all(used == carried for used, carried in re.findall(r"(\d+)/(\d+)", line)), line
     for run in (root / "run", smol):

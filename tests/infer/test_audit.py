@@ -99,6 +99,7 @@ def fp8_llama(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # a second `vllm serve` start (make test serves the BF16 tiny Llama)
 def test_serve_reads_the_scales_back_from_the_running_server(fp8_llama, run_cli, monkeypatch):
     """`infer --serve` audits the server it started, through vLLM's /collective_rpc (loopback only)."""
     from ray_calib.testing.localnodes import free_ports
@@ -160,19 +161,14 @@ def test_per_expert_input_scales_the_real_engine_collapses_fail_the_audit(tiny_m
     assert carried.expert_inputs and all(
         len(set(values.values())) == 1 for kinds in carried.expert_inputs.values() for values in kinds.values()
     ), "quantize writes one input scale per MoE layer and projection"
-    # the engine core in its own process: an earlier in-process engine of this test worker (a dense model) would
-    # leave vLLM's parallel state without the expert-parallel group this MoE model needs
-    args = ("infer", "--run-dir", run.root, "--max-new-tokens", 2, "--enforce-eager")
-    result = run_cli(*args)
-    assert result.exit_code == 0, result.stderr
-    clean = re.search(r"(\d+)/(\d+) expert_input", result.stdout)
-    assert clean and clean[1] == clean[2] != "0", result.stdout
-
+    # our checkpoint's audit is clean in the real engine: the demo's tiny DeepSeek `infer` and `eval` show it
     moe_layer = int(next(iter(carried.expert_inputs)).split(".")[2])
     experts = _spread_expert_input_scales(run.fp8, moe_layer)
-    result = run_cli(*args)
+    # the engine core in its own process: an earlier in-process engine of this test worker (a dense model) would
+    # leave vLLM's parallel state without the expert-parallel group this MoE model needs
+    result = run_cli("infer", "--run-dir", run.root, "--max-new-tokens", 2, "--enforce-eager")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.exit_code != 0 and len(errors) == 1, result.stderr
     assert f"model.layers.{moe_layer}.mlp.experts: {experts} experts carry gate/up input scales from" in errors[0]
     assert "the engine keeps 1 per rank (collapsed to their max) (vLLM backend " in errors[0]
-    assert run_cli(*args, "--allow-scale-loss").exit_code == 0
+    assert "--allow-scale-loss" in errors[0]
