@@ -208,7 +208,7 @@ def _serve(config, host: str, port: int, detach: bool, run: RunDir, allow_scale_
         )
         if runner.audits_served(config, host):
             _report_audit(_json(runner.audit_served(server, config)), allow_scale_loss)
-        elif config.device != "hpu" and runner.checkpoint_kv_scales(config.model) is not None:
+        elif runner.auditable(config):
             ui.note(
                 f"scale audit skipped: it reads the engine through vLLM's development endpoints, opened on a "
                 f"loopback host only (not {host}); `ray-calib infer` or `eval` audits the same checkpoint"

@@ -151,7 +151,33 @@ class Gaudi:
         return run_measurements(run) or run.measure
 
     def eval_plan(self, request: EvalRequest, meta: RunMeta | None) -> EvalPlan:
-        return _gaudi_eval_plan(request, meta)
+        """On Gaudi the candidate is the measured model under INC's QUANTIZE (the run's one-node QUANT_CONFIG, as
+        `infer` serves it), or a compressed-tensors checkpoint given as --candidate; the baseline runs as it is."""
+        run, candidate = request.run, request.candidate
+        ct_kv = gaudi.compressed_tensors_fp8_kv(candidate) if candidate is not None else None
+        if candidate is not None and ct_kv is not None:
+            tp = gaudi.measured_tp(request.tp, meta)
+            baseline = _baseline(request, meta)
+            return EvalPlan(baseline, candidate, tp, "hpu", False, ct_kv, baseline_options={"bf16": True})
+        plan = gaudi.resolve(
+            run,
+            meta,
+            model=candidate,
+            tp=request.tp,
+            quant_config=request.quant_config,
+            fp8_kv=request.with_fp8_kv,
+            write=not request.dry_run,
+        )
+        return EvalPlan(
+            request.baseline or plan.model,
+            plan.model,
+            plan.tp_size,
+            "hpu",
+            False,
+            plan.fp8_kv,
+            baseline_options={"bf16": True},
+            candidate_options={"quant_config": plan.quant_config, "expert_parallel": plan.expert_parallel},
+        )
 
     def resolve(self, request: InferRequest, meta: RunMeta | None, extra_env: dict[str, str]) -> Resolved:
         model, write = request.model, not request.dry_run
@@ -160,7 +186,7 @@ class Gaudi:
         if model is not None and ct_kv is not None:
             plan = gaudi.GaudiServe(
                 model=model,
-                tp_size=request.tp or (meta.tp_size if meta and meta.tp_size else 8),
+                tp_size=gaudi.measured_tp(request.tp, meta),
                 quant_config=None,
                 fp8_kv=ct_kv,
                 expert_parallel=bool(meta and meta.ep_size and meta.ep_size > 1),
@@ -230,36 +256,6 @@ class Gaudi:
                 f"(ranks on other nodes read {config.quant_config})"
             )
         return facts, warnings
-
-
-def _gaudi_eval_plan(request: EvalRequest, meta: RunMeta | None) -> EvalPlan:
-    """On Gaudi the candidate is the measured model under INC's QUANTIZE (the run's one-node QUANT_CONFIG, as
-    `infer` serves it), or a compressed-tensors checkpoint given as --candidate; the baseline runs as it is."""
-    run, candidate = request.run, request.candidate
-    ct_kv = gaudi.compressed_tensors_fp8_kv(candidate) if candidate is not None else None
-    if candidate is not None and ct_kv is not None:
-        tp = request.tp or (meta.tp_size if meta and meta.tp_size else 8)
-        baseline = _baseline(request, meta)
-        return EvalPlan(baseline, candidate, tp, "hpu", False, ct_kv, baseline_options={"bf16": True})
-    plan = gaudi.resolve(
-        run,
-        meta,
-        model=candidate,
-        tp=request.tp,
-        quant_config=request.quant_config,
-        fp8_kv=request.with_fp8_kv,
-        write=not request.dry_run,
-    )
-    return EvalPlan(
-        request.baseline or plan.model,
-        plan.model,
-        plan.tp_size,
-        "hpu",
-        False,
-        plan.fp8_kv,
-        baseline_options={"bf16": True},
-        candidate_options={"quant_config": plan.quant_config, "expert_parallel": plan.expert_parallel},
-    )
 
 
 def backend_for(target: Target) -> Backend:

@@ -52,6 +52,11 @@ class GaudiServe:
     limits: tuple[str, str] | None = None  # (context and batch, start-up wait), each with why: shown by --dry-run
 
 
+def measured_tp(tp: int | None, meta: RunMeta | None) -> int:
+    """--tp, else the TP the run's measurements are for, else one 8-card node."""
+    return tp or (meta.tp_size if meta and meta.tp_size else 8)
+
+
 def resolve(
     run: RunDir,
     meta: RunMeta | None,
@@ -72,7 +77,7 @@ def resolve(
                 fix="pass --model (the BF16 model or the FP8 checkpoint that was measured).",
             )
         model = Path(meta.model)
-    tp_size = tp or (meta.tp_size if meta and meta.tp_size else 8)
+    tp_size = measured_tp(tp, meta)
     measurements = _measurements_at(run, tp_size)
     measured = (measurements and _read_meta(measurements)) or meta
     path = quant_config or (Path(conf_quant_config) if conf_quant_config else None)

@@ -266,11 +266,16 @@ def serve_env(config: InferConfig, host: str = "127.0.0.1") -> dict[str, str]:
 DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"  # opens vLLM's /collective_rpc, which the scale audit reads the engine through
 
 
+def auditable(config: InferConfig) -> bool:
+    """An FP8 checkpoint on CPU/CUDA: its engine can be read back (on Gaudi INC keeps its own modules)."""
+    return config.device != "hpu" and checkpoint_kv_scales(config.model) is not None
+
+
 def audits_served(config: InferConfig, host: str) -> bool:
     """Whether `serve` audits the engine's scales: an FP8 checkpoint on CPU/CUDA, served on a loopback host
     only, because the audit needs vLLM's development endpoints (/collective_rpc and friends), which nobody
     outside this machine should reach."""
-    if config.device == "hpu" or checkpoint_kv_scales(config.model) is None:
+    if not auditable(config):
         return False
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
