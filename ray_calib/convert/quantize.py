@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_calib import atomic
+from ray_calib.convert import gptq
 from ray_calib.convert.cast import Scratch, chunks, fp8_weight, stream, to_torch, weight_maxabs
 from ray_calib.convert.plan import QuantPlan, build_plan
 from ray_calib.convert.qconfig import GAUDI2_FP8_FLAVOR, compressed_tensors_config
@@ -175,7 +176,7 @@ def _fingerprint(checkpoint: Checkpoint, job: QuantizeJob) -> str:
     digest.update(json.dumps(job.measurement.nodes, sort_keys=True).encode())
     digest.update(repr((job.method, job.device, job.fp8_kv, job.kv_rule, _FORMAT_VERSION)).encode())
     if job.hessians is not None:
-        digest.update(f"gptq {job.hessians.tokens} {sorted(job.hessians.matrices)}".encode())
+        digest.update(f"gptq {job.hessians.tokens} {gptq.DAMP} {sorted(job.hessians.matrices)}".encode())
     return digest.hexdigest()
 
 
