@@ -91,7 +91,7 @@ DEFAULTS = {"batch_size": 16}  # without devices.conf
 @click.option(
     "--expert-parallel/--no-expert-parallel",
     default=None,
-    help="Partition routed experts over the ranks (EP = TP) [default: on for MoE models on Gaudi].",
+    help="Partition routed experts over the ranks (EP = TP) [default: on for MoE models measured by INC (Gaudi)].",
 )
 @options.engine_timeout_option()
 @click.option("--enforce-eager", is_flag=True, help="Gaudi: run without HPU graphs (CPU/CUDA always run eager).")

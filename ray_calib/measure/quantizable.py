@@ -27,10 +27,17 @@ _FIX = (
 
 
 def check_quantizable(
-    model: Path, rank_files: Sequence[RankFile], backends: dict[str, list[str]], block_names: Sequence[str] = ()
+    model: Path,
+    rank_files: Sequence[RankFile],
+    backends: dict[str, list[str]],
+    block_names: Sequence[str] = (),
+    *,
+    expert_parallel: bool = False,
 ) -> None:
     """Raise a one-line ModelError naming the first module quantize would find without a range."""
-    merged = rank_files[0] if len(rank_files) == 1 else unify_ranks(list(rank_files), 1, expert_parallel=False)[0]
+    merged = rank_files[0]
+    if len(rank_files) > 1:
+        merged = unify_ranks(list(rank_files), 1, expert_parallel=expert_parallel)[0]
     match = match_measurement(Checkpoint.open(model).tensors, merged.nodes)
     if match.complete:
         return

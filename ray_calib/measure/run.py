@@ -205,7 +205,13 @@ class ObserverBackend:
 
     def check(self, rank_files: list) -> None:
         """Every module quantize will convert has an input range, or the run fails naming it and the backend."""
-        check_quantizable(self.plan.info.path, rank_files, self.backends, self.plan.block_names)
+        check_quantizable(
+            self.plan.info.path,
+            rank_files,
+            self.backends,
+            self.plan.block_names,
+            expert_parallel=self.plan.ep_size > 1,
+        )
 
     def finish(self, llm) -> None: ...
 
