@@ -49,6 +49,8 @@ def test_demo_runs_the_whole_pipeline(demo):
     assert result.stdout.startswith("make demo: 16 stages, about ")  # the first line says how long it takes
     run = root / "run"
     assert len(list((run / "measure").glob("inc_measure_output_hooks_maxabs_*_4.npz"))) == 4
+    ladder = (run / "ladder" / "ladder.txt").read_text()  # rung c on the cluster `up` started
+    assert "c all-reduce" in ladder and "INC MEASURE of a tiny llama at TP 4 over Ray on 2 nodes: ranks 0..3" in ladder
     assert len(list((run / "unified-tp2").glob("inc_measure_output_hooks_maxabs_*_2.npz"))) == 2
     config = json.loads((run / "fp8" / "config.json").read_text())
     assert config["quantization_config"]

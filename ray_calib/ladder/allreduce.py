@@ -1,4 +1,5 @@
-"""Rung c: one all-reduce across every node over the NIC devices.conf names (IFNAME), before any engine.
+"""Rung c: one all-reduce across every node over the NIC devices.conf names (IFNAME), then (when the
+cluster is up) the engine at the full TP over Ray (`ladder.ray_engine`).
 
 One process per node, started over SSH with the node's Python after sourcing its env file (the env a rank
 gets), joins a torch.distributed group at the head's IP: gloo on CPU nodes, HCCL on Gaudi (the scale-out
@@ -19,6 +20,7 @@ from ray_calib.cluster.devices import ClusterConfig, NodeConfig
 from ray_calib.cluster.ray_nodes import node_prelude
 from ray_calib.cluster.ssh import SSHRunner
 from ray_calib.errors import ClusterError
+from ray_calib.ladder.ray_engine import cluster_up, run_engine_over_ray
 from ray_calib.ladder.run import LadderContext, RungFailed
 
 JOIN_TIMEOUT_S = 60  # joining takes seconds; a node that cannot reach the store fails well before
@@ -48,7 +50,10 @@ def run_allreduce(context: LadderContext) -> str:
     port = random.randint(20000, 29999)
     with SSHRunner(config, accept_new_host_keys=context.accept_new_host_keys) as runner:
         results = runner.map(config.nodes, lambda node: _rank(runner, config, node, port))
-    return judge(config, results)
+    evidence = judge(config, results)
+    if not cluster_up(config):
+        return f"{evidence}; the engine over Ray not run: {config.path.name}'s cluster is not up (`ray-calib up`)"
+    return f"{evidence}; {run_engine_over_ray(context, config)}"
 
 
 def backend_for(node: NodeConfig) -> str:

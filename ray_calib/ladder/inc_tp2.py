@@ -31,9 +31,13 @@ def run_inc_tp2(context: LadderContext) -> str:
     env = rung_env(config.head.device_kind)
     run_step(host, work, "make-tiny-model", ["--arch", "llama", "--out", model, "--force"], env)
     run_step(host, work, "make-calib-set", ["--format", "pile", "--out", calib, "-n", "4"], env)
-    measure = ["-m", model, "-d", calib, "-t", str(WORLD), "-n", "4", "-l", "24", "--max-new-tokens", "1"]
-    measure += ["--executor", "mp", "-o", out, "--force", "--device", _device(config.head.device_kind)]
-    run_step(host, work, "measure", measure, {**env, "RAY_CALIB_RUN_DIR": str(work)})
+    run_step(
+        host,
+        work,
+        "measure",
+        measure_args(model, calib, out, config.head.device_kind),
+        {**env, "RAY_CALIB_RUN_DIR": str(work)},
+    )
     return check_rank_files(out, WORLD, host)
 
 
@@ -54,10 +58,16 @@ def rung_b_output(context: LadderContext, rungs: str) -> tuple[str, str, Path, P
     return head.label, head.device_kind, measure, source / "tiny-llama"
 
 
-def rung_env(kind: str) -> dict[str, str]:
-    """The user's env without a Ray address (this rung is one node, mp), INC in vLLM's CPU workers on CPU."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_CALIB_DEVICE")}
-    return {**env, **(INC_ON_CPU if kind == "cpu" else {}), "PYTHONUNBUFFERED": "1"}
+def rung_env(kind: str, *, inc_on_cpu: bool = True) -> dict[str, str]:
+    """The user's env without a Ray address (these rungs are one node, mp), INC in vLLM's CPU workers on CPU."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_CALIB_DEVICE", *INC_ON_CPU)}
+    return {**env, **(INC_ON_CPU if kind == "cpu" and inc_on_cpu else {}), "PYTHONUNBUFFERED": "1"}
+
+
+def measure_args(model: Path, calib: Path, out: Path, kind: str) -> list:
+    """`ray-calib measure` of a tiny model on this node at TP `WORLD`: four short prompts, one token each."""
+    measure = ["-m", model, "-d", calib, "-t", str(WORLD), "-n", "4", "-l", "24", "--max-new-tokens", "1"]
+    return measure + ["--executor", "mp", "-o", out, "--force", "--device", _device(kind)]
 
 
 def _device(kind: str) -> str:

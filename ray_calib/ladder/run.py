@@ -10,13 +10,14 @@ seconds, result) printed and written to `<run dir>/ladder/` (ladder.txt, ladder.
     b  inc-tp2 one node, TP 2, a tiny dense model made on the spot: INC MEASURE inside vLLM, finalize, one
                rank file per rank named _<rank>_<world>
     c  all-reduce  one process per node over SSH joins a torch.distributed group at the head (gloo on CPU,
-               HCCL on Gaudi) with the node's IFNAME and all-reduces once
+               HCCL on Gaudi) with the node's IFNAME and all-reduces once; then, when `up` started the conf's
+               cluster, INC MEASURE of a tiny model at the full TP over Ray, its rank files gathered to the head
+    d  inc-ep  one node, TP 2 with expert parallelism, a tiny DeepSeek made on the spot: each rank's own experts
+               in its rank file, ep_size in the meta, all experts back after `unify --to-tp 1`
     e  inc-quantize  rung b's files unified to one rank (`unify`), the one-node QUANT_CONFIG `quantize` writes
                for them, loaded by INC QUANTIZE for one short generation (vllm-gaudi; INC in vLLM's CPU workers)
     f  compressed-tensors  rung b's measurements written by `quantize --format compressed-tensors` for this
                Gaudi type and loaded by `infer` for one short generation (vllm-gaudi; vLLM on CPU)
-Not built yet (d): a tiny MoE with EP (INC on CPU patches linear layers only), and the engine at the full TP
-over Ray with its rank files gathered (rung c all-reduces across the nodes without an engine).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ray_calib.errors import ConfigError
 from ray_calib.ladder.allreduce import run_allreduce
 from ray_calib.ladder.compressed import run_compressed
+from ray_calib.ladder.inc_ep import run_inc_ep
 from ray_calib.ladder.inc_quantize import run_inc_quantize
 from ray_calib.ladder.inc_tp2 import run_inc_tp2
 from ray_calib.ladder.nodes import run_nodes
@@ -14,6 +15,7 @@ RUNGS = [
     Rung("a", "nodes", "versions, devices, memory, disk and the model equal on every node", run_nodes),
     Rung("b", "inc-tp2", "INC MEASURE in vLLM at TP 2 on one node: one rank file per rank", run_inc_tp2),
     Rung("c", "all-reduce", "one all-reduce across every node over its IFNAME (gloo / HCCL)", run_allreduce),
+    Rung("d", "inc-ep", "a tiny MoE at TP 2 with expert parallelism: per-expert files, EP in the meta", run_inc_ep),
     Rung(
         "e",
         "inc-quantize",

@@ -2,7 +2,8 @@
 real trained model (SmolLM2-135M-Instruct), both calibrated across two Ray nodes.
 
      1  make a tiny DeepSeek-V3 and a calibration set
-     2  up: two Ray nodes on 127.0.0.3 and 127.0.0.4 (2 devices each), over a local sshd started for the demo
+     2  up: two Ray nodes on 127.0.0.3 and 127.0.0.4 (2 devices each), over a local sshd started for the demo;
+        ladder rung c on them (an all-reduce across both, INC MEASURE of a tiny llama at TP 4 over Ray)
      3  tiny DeepSeek: measure --fp8-kv at TP=4 across both nodes
      4  unify --to-tp 2
      5  quantize --low-cpu-mem
@@ -56,7 +57,7 @@ PROMPTS = (
 # here against there (PROBE_S, 0.058 s there): a slower or busier machine shows it.
 STAGE_SECONDS = {
     1: 4,
-    2: 11,
+    2: 80,
     3: 64,
     4: 1,
     5: 3,
@@ -188,6 +189,8 @@ def run(root: Path) -> None:
         conf = write_conf(root / "cluster", sshd, devices_per_node=2, memory="4G", fast_failure_detection=False)
         try:  # `down` also cleans up after a partial `up`
             demo.stage(2, "up: two Ray nodes (127.0.0.3, 127.0.0.4)", ["up", "--conf", conf])
+            rung_c = "ladder rung c: all-reduce over the NIC, then the engine at TP 4 over Ray"
+            demo.stage(2, rung_c, ["ladder", "--conf", conf, "--rungs", "c"])
             demo.stage(
                 3,
                 "tiny DeepSeek: measure --fp8-kv at TP=4 across both nodes",

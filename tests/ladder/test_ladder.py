@@ -118,21 +118,23 @@ def test_version_skew_fails_rung_a_naming_the_host(workdir, sshd, run_cli, tiny_
 
 @pytest.mark.cluster
 @pytest.mark.slow
-@pytest.mark.extended  # ~3 min (rung b starts vLLM at TP 2, e and f at TP 1); each rung's failure is in make test
+@pytest.mark.extended  # ~4 min (b and d start vLLM at TP 2, e and f at TP 1); each rung's failure is in make test
 def test_ladder_green_on_the_two_local_nodes(workdir, sshd, run_cli, tiny_model, tmp_path):
-    """Every rung built so far, for real: SSH to both nodes, INC MEASURE in vLLM's CPU workers at TP 2, one
-    all-reduce across both nodes, those measurements unified to TP 1 and loaded by INC QUANTIZE, and as a
-    Gaudi2 compressed-tensors checkpoint that vLLM loads and generates with."""
+    """Every rung, for real: SSH to both nodes, INC MEASURE in vLLM's CPU workers at TP 2, one all-reduce across
+    both nodes (the engine over Ray needs `up`: the demo runs that half), a tiny MoE measured expert parallel,
+    rung b's measurements unified to TP 1 and loaded by INC QUANTIZE, and as a Gaudi2 compressed-tensors
+    checkpoint that vLLM loads and generates with."""
     conf = ladder_conf(workdir, sshd, "green")
     result = run_cli("ladder", "--conf", conf, "-m", tiny_model("llama"), "--run-dir", tmp_path / "run")
     assert result.exit_code == 0, result.stderr + result.stdout
     assert "ok: 2 nodes like the head" in result.stdout and "ok: INC MEASURE at TP 2" in result.stdout
     assert "ok: all-reduce of 2 nodes (gloo)" in result.stdout
+    assert "ok: MoE at TP 2 with EP 2: 4 of 8 experts per rank, ep_size 2 in the meta" in result.stdout
     assert "ok: TP 2 files unified to TP 1, loaded by INC QUANTIZE in vLLM's CPU workers (" in result.stdout
     assert "ok: fp8-gaudi2 (gaudi2) loaded by vLLM on CPU, generated 4 tokens" in result.stdout
     table = (tmp_path / "run" / "ladder" / "ladder.txt").read_text()
     assert table.startswith("rung") and "seconds" in table and "b inc-tp2" in table
-    assert [r["ok"] for r in json.loads((tmp_path / "run" / "ladder" / "ladder.json").read_text())] == [True] * 5
+    assert [r["ok"] for r in json.loads((tmp_path / "run" / "ladder" / "ladder.json").read_text())] == [True] * 6
     from ray_calib.inc import read_meta
 
     meta = read_meta(tmp_path / "run" / "ladder" / "b-inc-tp2" / "measure")
@@ -164,6 +166,7 @@ def test_rung_c_all_reduces_over_the_nic_and_a_wrong_nic_fails_it(workdir, sshd,
     result = run_cli("ladder", "--conf", conf, "--rungs", "c", "--run-dir", tmp_path / "run")
     assert result.exit_code == 0, result.stderr
     assert f"ok: all-reduce of 2 nodes (gloo) gave 3 on each, over head ({HEAD_IP}) lo" in result.stdout
+    assert "the engine over Ray not run: devices.conf's cluster is not up (`ray-calib up`)" in result.stdout
     from ray_calib.ladder import allreduce
 
     monkeypatch.setattr(allreduce, "JOIN_TIMEOUT_S", 15)  # the head waits this long for the worker that failed
@@ -220,3 +223,46 @@ def test_rung_e_fails_on_unified_files_inc_cannot_quantize_with(tmp_path, run_cl
     error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
     assert error.startswith(f"error: ladder rung e inc-quantize: head ({HEAD_IP}): INC QUANTIZE of the unified files")
     assert (tmp_path / "run" / "ladder" / "e-inc-quantize" / "unified-tp1").is_dir()  # unify itself passed
+
+
+@pytest.mark.slow
+def test_rung_d_needs_each_rank_to_hold_its_own_experts(tmp_path, run_cli, monkeypatch):
+    """Rung d for real on the tiny DeepSeek at TP 2: with expert parallelism each rank dumps 4 of the 8 routed
+    experts and unify gives back all 8. An engine that runs the experts TP-sharded though EP was asked (here:
+    measure asked without it) leaves all 8 on every rank and fails the rung. Both runs measured the same tokens,
+    so after unify each expert has the same weight range (max |W| of the same bf16 weights: exact; a wrong
+    global expert id would pair an expert with another's weights), and in the first MoE layer, whose input both
+    runs compute alike (EP changes only the MoE layers), the same input and intermediate ranges up to one bf16
+    rounding (2^-8 relative) of the recomputed intermediate. Later layers are not compared: EP sums the expert
+    outputs in another order, and a near-tie of the random router then sends a token to another expert."""
+    from ray_calib.inc.runset import MeasurementSet
+    from ray_calib.ladder import inc_ep
+    from ray_calib.measurements.pipeline import unify_dir
+
+    conf = one_node_conf(tmp_path)
+    work = tmp_path / "run" / "ladder" / "d-inc-ep"
+    monkeypatch.setattr(inc_ep, "EP_FLAG", "--no-expert-parallel")
+    result = run_cli("ladder", "--conf", conf, "--rungs", "d", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 1, result.stdout
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+    assert error.startswith(f"error: ladder rung d inc-ep: head ({HEAD_IP}): with --no-expert-parallel at TP 2, ")
+    assert "ranks hold [8, 8] of 8 routed experts (all of them: the engine ran TP-sharded experts)" in error
+    sharded = tmp_path / "tp-sharded"
+    (work / "measure").rename(tmp_path / "tp-measure")
+    unify_dir(tmp_path / "tp-measure", sharded, 1)
+
+    monkeypatch.undo()
+    result = run_cli("ladder", "--conf", conf, "--rungs", "d", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    assert "ok: MoE at TP 2 with EP 2: 4 of 8 experts per rank, ep_size 2 in the meta, unified to TP 1 with all 8" in (
+        result.stdout
+    )
+    ep = MeasurementSet.discover(work / "unified").read(0).nodes
+    tp = MeasurementSet.discover(sharded).read(0).nodes
+    experts = [name for name in tp if ".w13_list." in name or ".w2_list." in name]
+    assert len(experts) == 3 * 2 * 8 and set(experts) <= set(ep)  # 3 MoE layers x (w13, w2) x 8 experts
+    for name in experts:
+        assert ep[name]["params"] == tp[name]["params"], name
+        if name.startswith("model.layers.1."):
+            (ep_input,), (tp_input,) = ep[name]["inputs"][0][0], tp[name]["inputs"][0][0]
+            assert ep_input == pytest.approx(tp_input, rel=2**-8), name
