@@ -368,12 +368,43 @@ def _warnings(plan: MeasurePlan) -> list[str]:
         warnings.append("VLLM_TRACE_FUNCTION=1 in this shell: every rank would trace each Python call")
     if plan.fit is not None:
         warnings += [f"does not fit: {problem}" for problem in plan.fit.problems()]
+        warnings += _one_node_serving(plan)
     if plan.backend == INC and not plan.target.is_gaudi:
         warnings.append(
             "INC runs in vLLM's CPU workers (RAY_CALIB_INC_ON_CPU=1): linear layers only, "
             "quantize-dequantize mode; not a Gaudi run"
         )
     return warnings
+
+
+def _one_node_serving(plan: MeasurePlan) -> list[str]:
+    """Measured across nodes on Gaudi: will the same checkpoint serve on one node (one card per rank, the
+    fork's 16k context)? Said now, not after the hour of measuring (a BF16 DeepSeek-R1 fits 16 cards, not 8)."""
+    cards = plan.conf.head.devices if plan.conf else None
+    if not cards or plan.engine.tp_size <= cards or plan.route is None or plan.target.memory_bytes is None:
+        return []
+    hf_config = model_config(plan.info.path)
+    kv = gaudi.KvNeed(
+        gaudi.kv_token_bytes(hf_config, cards, plan.fp8_kv),
+        gaudi.SERVE_CONTEXT,
+        gaudi.SERVE_MAX_NUM_SEQS,
+        "fp8_inc" if plan.fp8_kv else "bf16",
+    )
+    fit = gaudi.serve_fit(
+        plan.info.path,
+        plan.route,
+        tp_size=cards,
+        moe=plan.info.moe,
+        card_bytes=plan.target.memory_bytes,
+        host_available=None,
+        kv=kv,
+    )
+    return [
+        f"measured at TP {plan.engine.tp_size}, this checkpoint ({plan.route.name}) will not serve on one node at "
+        f"TP {cards}: {problem}; serve the model's FP8 checkpoint on one node (`infer -m <its FP8 dir>`) or serve "
+        "across nodes (`infer --serve --conf`)"
+        for problem in fit.problems()
+    ]
 
 
 def _describe(facts) -> str:

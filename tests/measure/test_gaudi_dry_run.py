@@ -354,3 +354,17 @@ def test_hpu_conf_without_a_detectable_gaudi_asks_for_the_generation(tmp_path, c
     assert result.exit_code == 2 and result.stderr.count("error: ") == 1, result.stderr
     error = result.stderr.splitlines()[-1]
     assert "DEVICE_KIND=hpu" in error and "--device gaudi2 or --device gaudi3" in error
+
+
+def test_a_checkpoint_measured_across_nodes_that_cannot_serve_on_one_node_is_said_before_measuring(tmp_path, cluster):
+    """BF16 DeepSeek-R1 measures at TP 16 over two nodes but cannot serve at TP 8 on one: the plan says so (a
+    warning, printed in real runs too), naming the FP8 checkpoint and serving across nodes. The FP8 block
+    checkpoint at TP 16 serves on one node at the fork's 16k context: no such warning."""
+    bf16 = {k: v for k, v in DEEPSEEK_R1.items() if k != "quantization_config"}
+    plan = plan_for(model_dir(tmp_path, "DeepSeek-R1-bf16", bf16), cluster, 16)
+    one_node = [w for w in plan.warnings if "will not serve on one node" in w]
+    assert len(one_node) == 1, plan.warnings
+    assert one_node[0].startswith("measured at TP 16, this checkpoint (bf16) will not serve on one node at TP 8: ")
+    assert "GiB per card" in one_node[0] and "`infer -m <its FP8 dir>`" in one_node[0], one_node
+    fp8 = plan_for(model_dir(tmp_path, "DeepSeek-R1", DEEPSEEK_R1), cluster, 16)
+    assert not [w for w in fp8.warnings if "will not serve on one node" in w], fp8.warnings
