@@ -117,8 +117,7 @@ def test_version_skew_fails_rung_a_naming_the_host(workdir, sshd, run_cli, tiny_
 
 
 @pytest.mark.cluster
-@pytest.mark.slow
-@pytest.mark.extended  # ~4 min (b and d start vLLM at TP 2, e and f at TP 1); each rung's failure is in make test
+@pytest.mark.slow  # ~4 min: b and d start vLLM at TP 2, e and f at TP 1
 def test_ladder_green_on_the_two_local_nodes(workdir, sshd, run_cli, tiny_model, tmp_path):
     """Every rung, for real: SSH to both nodes, INC MEASURE in vLLM's CPU workers at TP 2, one all-reduce across
     both nodes (the engine over Ray needs `up`: the demo runs that half), a tiny MoE measured expert parallel,
