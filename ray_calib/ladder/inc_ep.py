@@ -17,7 +17,7 @@ from ray_calib.cluster import devices
 from ray_calib.inc import read_meta
 from ray_calib.inc.experts import expert_layout
 from ray_calib.inc.runset import MeasurementSet
-from ray_calib.ladder.inc_tp2 import WORLD, check_rank_files, measure_args, run_step, rung_env
+from ray_calib.ladder.inc_tp2 import WORLD, check_rank_files, make_inputs, measure_args, run_step, rung_env
 from ray_calib.ladder.run import LadderContext, RungFailed
 
 EP_FLAG = "--expert-parallel"  # what the rung asks measure for
@@ -27,10 +27,9 @@ def run_inc_ep(context: LadderContext) -> str:
     config = devices.load(context.conf)
     host, kind = config.head.label, config.head.device_kind
     work = context.run_dir / "ladder" / "d-inc-ep"
-    model, calib, out, unified = work / "tiny-moe", work / "calib.jsonl", work / "measure", work / "unified"
+    model, out, unified = work / "tiny-moe", work / "measure", work / "unified"
     env = rung_env(kind, inc_on_cpu=False)  # INC on CPU has no patched module for vLLM's fused MoE op
-    run_step(host, work, "make-tiny-model", ["--arch", "deepseek_v3", "--out", model, "--force"], env)
-    run_step(host, work, "make-calib-set", ["--format", "pile", "--out", calib, "-n", "4"], env)
+    calib = make_inputs(host, work, "deepseek_v3", model, env)
     measure = [*measure_args(model, calib, out, kind), EP_FLAG]
     run_step(host, work, "measure", measure, {**env, "RAY_CALIB_RUN_DIR": str(work)})
     check_rank_files(out, WORLD, host)

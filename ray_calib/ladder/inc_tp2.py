@@ -27,17 +27,11 @@ def run_inc_tp2(context: LadderContext) -> str:
     config = devices.load(context.conf)
     host = config.head.label
     work = rung_b_dir(context)
-    model, calib, out = work / "tiny-llama", work / "calib.jsonl", work / "measure"
+    model, out = work / "tiny-llama", work / "measure"
     env = rung_env(config.head.device_kind)
-    run_step(host, work, "make-tiny-model", ["--arch", "llama", "--out", model, "--force"], env)
-    run_step(host, work, "make-calib-set", ["--format", "pile", "--out", calib, "-n", "4"], env)
-    run_step(
-        host,
-        work,
-        "measure",
-        measure_args(model, calib, out, config.head.device_kind),
-        {**env, "RAY_CALIB_RUN_DIR": str(work)},
-    )
+    calib = make_inputs(host, work, "llama", model, env)
+    measure = measure_args(model, calib, out, config.head.device_kind)
+    run_step(host, work, "measure", measure, {**env, "RAY_CALIB_RUN_DIR": str(work)})
     return check_rank_files(out, WORLD, host)
 
 
@@ -64,10 +58,18 @@ def rung_env(kind: str, *, inc_on_cpu: bool = True) -> dict[str, str]:
     return {**env, **(INC_ON_CPU if kind == "cpu" and inc_on_cpu else {}), "PYTHONUNBUFFERED": "1"}
 
 
-def measure_args(model: Path, calib: Path, out: Path, kind: str) -> list:
-    """`ray-calib measure` of a tiny model on this node at TP `WORLD`: four short prompts, one token each."""
-    measure = ["-m", model, "-d", calib, "-t", str(WORLD), "-n", "4", "-l", "24", "--max-new-tokens", "1"]
-    return measure + ["--executor", "mp", "-o", out, "--force", "--device", _device(kind)]
+def make_inputs(host: str, work: Path, arch: str, model: Path, env: dict[str, str]) -> Path:
+    """A tiny `arch` model made at `model` and a calibration set of four short prompts (returned) in `work`."""
+    calib = work / "calib.jsonl"
+    run_step(host, work, "make-tiny-model", ["--arch", arch, "--out", model, "--force"], env)
+    run_step(host, work, "make-calib-set", ["--format", "pile", "--out", calib, "-n", "4"], env)
+    return calib
+
+
+def measure_args(model: Path, calib: Path, out: Path, kind: str, *, tp: int = WORLD, executor: str = "mp") -> list:
+    """`ray-calib measure` of a tiny model at TP `tp` (on this node with mp): four short prompts, one token each."""
+    measure = ["-m", model, "-d", calib, "-t", str(tp), "-n", "4", "-l", "24", "--max-new-tokens", "1"]
+    return measure + ["--executor", executor, "-o", out, "--force", "--device", _device(kind)]
 
 
 def _device(kind: str) -> str:

@@ -16,7 +16,7 @@ from ray_calib.cluster import state
 from ray_calib.cluster.devices import ClusterConfig
 from ray_calib.cluster.ssh import SSHRunner
 from ray_calib.errors import ClusterError
-from ray_calib.ladder.inc_tp2 import check_rank_files, run_step, rung_env
+from ray_calib.ladder.inc_tp2 import check_rank_files, make_inputs, measure_args, run_step, rung_env
 from ray_calib.ladder.run import LadderContext, RungFailed
 
 HEADS = {"llama": 4, "deepseek_r1": 16}  # attention heads of each tiny model (testing/tiny/model.py)
@@ -38,14 +38,11 @@ def run_engine_over_ray(context: LadderContext, config: ClusterConfig) -> str:
             fix="run rung c with a TENSOR_PARALLEL_SIZE of 1, 2, 4, 8 or 16.",
         )
     work = context.run_dir / "ladder" / "c-engine"
-    model, calib, out = work / f"tiny-{arch}", work / "calib.jsonl", work / "measure"
+    model, out = work / f"tiny-{arch}", work / "measure"
     env = rung_env(kind)
-    run_step(host, work, "make-tiny-model", ["--arch", arch, "--out", model, "--force"], env)
-    run_step(host, work, "make-calib-set", ["--format", "pile", "--out", calib, "-n", "4"], env)
+    calib = make_inputs(host, work, arch, model, env)
     _copy_to_workers(context, config, model)
-    measure = ["-m", model, "-d", calib, "-t", str(tp), "-n", "4", "-l", "24", "--max-new-tokens", "1"]
-    measure += ["--conf", config.path, "--executor", "ray", "-o", out, "--force"]
-    measure += ["--device", "cpu"] if kind == "cpu" else []
+    measure = [*measure_args(model, calib, out, kind, tp=tp, executor="ray"), "--conf", config.path]
     run_step(host, work, "measure", measure, {**env, "RAY_CALIB_RUN_DIR": str(work)})
     check_rank_files(out, tp, host)
     return (
