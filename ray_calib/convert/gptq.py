@@ -5,9 +5,10 @@ layer's output error on inputs like those (||(W - Q) X||) shrinks, not just each
 The per-tensor scale is chosen first (as without GPTQ) and kept: Q = scale * fp8(W' / scale) with W'
 the error-corrected weights, so the checkpoint format does not change. Columns are visited in order of
 decreasing H diagonal (the inputs that carry the most energy first), in blocks of 128 with the
-Cholesky factor of H⁻¹ (Frantar et al., GPTQ, 2022). H gets 10 % of its mean diagonal as damping (GPTQ's
-usual 1 % fits the calibration text closer and scored worse on held-out text of other kinds, README),
-and inputs that never fired (zero diagonal) are pinned at 1 so H stays invertible.
+Cholesky factor of H⁻¹ (Frantar et al., GPTQ, 2022). H gets 1 % of its mean diagonal as damping (GPTQ's
+usual value, and the one a validation split of the calibration source picks among 1, 3, 10 and 30 %:
+`benchmarks/bench_choices.py`), and inputs that never fired (zero diagonal) are pinned at 1 so H stays
+invertible.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from ray_calib.convert import fp8
 
 BLOCK = 128
-DAMP = 0.1
+DAMP = 0.01
 
 
 def gptq_fp8(weight: Any, hessian: Any, scale: Any, out: Any = None) -> Any:
