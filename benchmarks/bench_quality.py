@@ -12,7 +12,7 @@ without an FP8 KV cache, on held-out text of three kinds; and the calibration wa
     2 ray-calib  `ray-calib measure --fp8-kv` at TP1 on the calibration texts (recording hessians, the default
                  for a model this size), then `quantize`: the CPU/CUDA default (GPTQ rounding) and the same
                  scales rounded to nearest, each with and without k/v scales (the other candidates of
-                 convert/scale_choice.py are weighed on the validation split by bench_choices.py)
+                 convert/scale_choice.py are weighed on the validation split by bench_quality_choices.py)
     3 peer       llm-compressor oneshot with each of its recipes (`RECIPES`: round to nearest, GPTQ, and
                  SmoothQuant 0.5 / 0.8 + GPTQ; scheme FP8, ignore lm_head, documented defaults), same texts
                  and count, truncated to the same length; each once more with its FP8 kv_cache_scheme
@@ -252,7 +252,7 @@ def _ray_calib(model: Path, calib: Path, work: Path, args) -> list[Model]:
     hessians = load_model_hessians(measure)  # measure records them by default for a model this small
     if hessians is None:
         sys.exit(f"{measure} holds no hessians: ray-calib's default (GPTQ rounding) cannot be scored")
-    runs = [(DEFAULT, True), (DEFAULT, False)]  # (scales, GPTQ); the other candidates: bench_choices.py
+    runs = [(DEFAULT, True), (DEFAULT, False)]  # (scales, GPTQ); the other candidates: bench_quality_choices.py
     models = []
     with _locked(None):  # a 135M checkpoint quantizes in seconds: no need to queue for the heavy lock
         for choice, gptq in runs:

@@ -7,7 +7,7 @@ the error-corrected weights, so the checkpoint format does not change. Columns a
 decreasing H diagonal (the inputs that carry the most energy first), in blocks of 128 with the
 Cholesky factor of H⁻¹ (Frantar et al., GPTQ, 2022). H gets 1 % of its mean diagonal as damping (GPTQ's
 usual value, and the one a validation split of the calibration source picks among 1, 3, 10 and 30 %:
-`benchmarks/bench_choices.py`), and inputs that never fired (zero diagonal) are pinned at 1 so H stays
+`benchmarks/bench_quality_choices.py`), and inputs that never fired (zero diagonal) are pinned at 1 so H stays
 invertible.
 """
 

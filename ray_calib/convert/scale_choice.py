@@ -3,7 +3,7 @@
 Gaudi keeps INC's methods and their semantics exactly (`inc.methods`). On CPU/CUDA the checkpoint
 is compressed-tensors FP8, which takes any float scale: there the choice is ours. Each candidate below is
 one `ScaleChoice`; `DEFAULT` is the one chosen on a real model (SmolLM2-135M-Instruct), on a validation
-split of its calibration source that no calibration saw (`benchmarks/bench_choices.py`; README): with GPTQ
+split of its calibration source that no calibration saw (`benchmarks/bench_quality_choices.py`; README): with GPTQ
 rounding (`convert.gptq`, used whenever `measure` recorded hessians) no weight/activation candidate beat the
 full range beyond the noise of the split (per-channel weights came within 1 % in KL at a higher
 perplexity, so weights stay per tensor), and a k/v backoff of 0.6 beat the full range and 0.5 beyond it.

@@ -1,7 +1,7 @@
 """ray-calib's own choices for the CPU/CUDA checkpoint, made on the validation split of `bench_quality.py`
 (never on held-out text): GPTQ's damping, the weight/activation scale rule, the k/v scale rule.
 
-    python benchmarks/bench_choices.py [--damping 0.01 0.03 0.1 0.3]
+    python benchmarks/bench_quality_choices.py [--damping 0.01 0.03 0.1 0.3]
 
 Run `bench_quality.py` first: this reuses its measurement of SmolLM2 (measure/ with the hessians) and draws
 the same validation split (the pydoc calibration-half passages after the calibrated ones). Three grids, each
