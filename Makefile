@@ -39,7 +39,7 @@ PYTEST_PAR := -n 2 --dist loadgroup
 test: lint-imports lint typecheck
 	$(PY) -m pytest -q $(PYTEST_PAR) -m "not extended"
 
-# the extended tier: TP4, every re-shard invariant, INC on CPU, the demo (~20 min here)
+# the extended tier: TP4, every re-shard invariant, INC on CPU, the demo (~16 min here)
 test-extended: setup
 	$(PY) -m pytest -q $(PYTEST_PAR) -m extended
 
