@@ -228,12 +228,11 @@ def test_rung_e_fails_on_unified_files_inc_cannot_quantize_with(tmp_path, run_cl
 def test_rung_d_needs_each_rank_to_hold_its_own_experts(tmp_path, run_cli, monkeypatch):
     """Rung d for real on the tiny DeepSeek at TP 2: with expert parallelism each rank dumps 4 of the 8 routed
     experts and unify gives back all 8. An engine that runs the experts TP-sharded though EP was asked (here:
-    measure asked without it) leaves all 8 on every rank and fails the rung. Both runs measured the same tokens,
-    so after unify each expert has the same weight range (max |W| of the same bf16 weights: exact; a wrong
-    global expert id would pair an expert with another's weights), and in the first MoE layer, whose input both
-    runs compute alike (EP changes only the MoE layers), the same input and intermediate ranges up to one bf16
-    rounding (2^-8 relative) of the recomputed intermediate. Later layers are not compared: EP sums the expert
-    outputs in another order, and a near-tie of the random router then sends a token to another expert."""
+    measure asked without it) leaves all 8 on every rank and fails the rung. After unify both runs give every
+    expert the same weight range (max |W| of the same bf16 weights: exact on any kernel), which a wrong global
+    expert id would not (it pairs an expert with another's weights). Input ranges are not compared: the engine
+    batches the prompts as it likes, a bf16 rounding of another batch shape moves a near-tie of the random
+    router, and a token goes to another expert in one of the runs."""
     from ray_calib.inc.runset import MeasurementSet
     from ray_calib.ladder import inc_ep
     from ray_calib.measurements.pipeline import unify_dir
@@ -262,6 +261,3 @@ def test_rung_d_needs_each_rank_to_hold_its_own_experts(tmp_path, run_cli, monke
     assert len(experts) == 3 * 2 * 8 and set(experts) <= set(ep)  # 3 MoE layers x (w13, w2) x 8 experts
     for name in experts:
         assert ep[name]["params"] == tp[name]["params"], name
-        if name.startswith("model.layers.1."):
-            (ep_input,), (tp_input,) = ep[name]["inputs"][0][0], tp[name]["inputs"][0][0]
-            assert ep_input == pytest.approx(tp_input, rel=2**-8), name
