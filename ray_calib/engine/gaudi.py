@@ -253,6 +253,16 @@ class KvNeed:
         return self.token_bytes * self.context
 
 
+def kv_need(config: dict, tp_size: int, fp8: bool, context: int, max_num_seqs: int | None = None) -> KvNeed:
+    """What one `context`-token sequence of this model needs in the KV cache per card at `tp_size`."""
+    return KvNeed(
+        kv_token_bytes(config, tp_size, fp8),
+        context,
+        max_num_seqs or SERVE_MAX_NUM_SEQS,
+        "fp8_inc" if fp8 else "bf16",
+    )
+
+
 def kv_token_bytes(config: dict, tp_size: int, fp8: bool) -> int:
     """KV-cache bytes per token per card. MLA keeps one latent (kv_lora_rank + rope dims) per layer on every
     rank; other attention splits its KV heads over the ranks (at least one each)."""

@@ -240,12 +240,7 @@ def serve_fit(config, target_bytes: int | None):
     route = gaudi.route_for(hf_config, str(config.model))
     kv = None
     if config.max_model_len:
-        kv = gaudi.KvNeed(
-            gaudi.kv_token_bytes(hf_config, config.tp_size, config.fp8_kv),
-            config.max_model_len,
-            config.max_num_seqs or gaudi.SERVE_MAX_NUM_SEQS,
-            "fp8_inc" if config.fp8_kv else "bf16",
-        )
+        kv = gaudi.kv_need(hf_config, config.tp_size, config.fp8_kv, config.max_model_len, config.max_num_seqs)
     return route, gaudi.serve_fit(
         config.model,
         route,

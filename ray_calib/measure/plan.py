@@ -383,13 +383,7 @@ def _one_node_serving(plan: MeasurePlan) -> list[str]:
     cards = plan.conf.head.devices if plan.conf else None
     if not cards or plan.engine.tp_size <= cards or plan.route is None or plan.target.memory_bytes is None:
         return []
-    hf_config = model_config(plan.info.path)
-    kv = gaudi.KvNeed(
-        gaudi.kv_token_bytes(hf_config, cards, plan.fp8_kv),
-        gaudi.SERVE_CONTEXT,
-        gaudi.SERVE_MAX_NUM_SEQS,
-        "fp8_inc" if plan.fp8_kv else "bf16",
-    )
+    kv = gaudi.kv_need(model_config(plan.info.path), cards, plan.fp8_kv, gaudi.SERVE_CONTEXT)
     fit = gaudi.serve_fit(
         plan.info.path,
         plan.route,
