@@ -43,7 +43,11 @@ def main() -> None:
     parser.add_argument("--fixture", type=Path, default=FIXTURE)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-mla-kv-"))
+    with tempfile.TemporaryDirectory(prefix="bench-mla-kv-") as work:
+        run(Path(work), args)
+
+
+def run(work: Path, args) -> None:
     model, calib = work / "tiny-deepseek-v3", work / "calib.jsonl"
     cli = [sys.executable, "-m", "ray_calib.cli"]
     subprocess.run([*cli, "make-tiny-model", "--arch", "deepseek_v3", "--out", model], check=True)
